@@ -1,0 +1,77 @@
+"""The error hierarchy of policy-server.
+
+Every error the server raises on purpose is a ``PolicyServerError``. Each class carries the HTTP
+status and the machine-readable ``code`` it is answered with; the gateway translates all of them
+(and the framework's own validation errors) into one JSON envelope at a single boundary
+(``policy_server.gateway.errors``)::
+
+    PolicyServerError                500 internal_error
+    ├── SchemaError                  (start-up only: schema.yaml or model file is wrong)
+    ├── InvalidRequest               422 invalid_request
+    ├── Forbidden                    403 forbidden
+    ├── NotFound                     404 not_found
+    ├── PayloadTooLarge              413 payload_too_large
+    ├── ModelError                   500 model_error
+    └── BackendUnavailable           503 backend_unavailable
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class FieldError:
+    """One invalid field: a dotted location such as ``body.observations.3.is_up_free``."""
+
+    field: str
+    message: str
+
+
+class PolicyServerError(Exception):
+    status: int = 500
+    code: str = "internal_error"
+
+    def __init__(self, message: str, fields: list[FieldError] | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.fields = fields or []
+
+
+class SchemaError(PolicyServerError):
+    """schema.yaml or its model is invalid; raised while the app is built, never per request."""
+
+    code = "schema_error"
+
+
+class InvalidRequest(PolicyServerError):
+    status = 422
+    code = "invalid_request"
+
+
+class Forbidden(PolicyServerError):
+    status = 403
+    code = "forbidden"
+
+
+class NotFound(PolicyServerError):
+    status = 404
+    code = "not_found"
+
+
+class PayloadTooLarge(PolicyServerError):
+    status = 413
+    code = "payload_too_large"
+
+
+class ModelError(PolicyServerError):
+    """The model raised or returned something unusable while answering a request."""
+
+    code = "model_error"
+
+
+class BackendUnavailable(PolicyServerError):
+    """The deployment serving a policy is not reachable (starting, restarting or gone)."""
+
+    status = 503
+    code = "backend_unavailable"

@@ -1,0 +1,84 @@
+"""Turn a user's ``nn.Module`` into a file the server loads, and write a matching schema."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import yaml
+from torch import nn
+
+ExportFormat = Literal["torchscript", "export"]
+_ACTIVATIONS = {"tanh": nn.Tanh, "relu": nn.ReLU, "elu": nn.ELU, "gelu": nn.GELU}
+
+
+class MLPPolicy(nn.Module):
+    """A small MLP policy: discrete logits, tuple of logits, or Gaussian mean and log-std."""
+
+    def __init__(
+        self,
+        obs_dim: int,
+        hidden: list[int],
+        nvec: list[int] | None = None,
+        box_dim: int | None = None,
+        activation: str = "tanh",
+    ) -> None:
+        super().__init__()
+        if (nvec is None) == (box_dim is None):
+            raise ValueError("give exactly one of nvec (discrete/tuple) or box_dim (continuous)")
+        layers: list[nn.Module] = []
+        width = obs_dim
+        for h in hidden:
+            layers += [nn.Linear(width, h), _ACTIVATIONS[activation]()]
+            width = h
+        self.body = nn.Sequential(*layers)
+        self.tuple_output = nvec is not None and len(nvec) > 1
+        self.heads = nn.ModuleList([nn.Linear(width, n) for n in (nvec or [box_dim])])
+        self.log_std = nn.Parameter(torch.zeros(box_dim)) if box_dim is not None else None
+
+    def forward(self, x: torch.Tensor) -> Any:
+        z = self.body(x)
+        if self.log_std is not None:
+            mean = self.heads[0](z)
+            return mean, self.log_std.expand_as(mean)
+        if self.tuple_output:
+            return tuple(head(z) for head in self.heads)
+        return self.heads[0](z)
+
+
+def export_module(module: nn.Module, obs_dim: int, path: Path, fmt: ExportFormat = "torchscript") -> Path:
+    """Save ``module`` (float ``(B, obs_dim)`` in) as TorchScript or a ``torch.export`` program."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    module = module.eval()
+    example = torch.zeros(2, obs_dim)
+    if fmt == "export":
+        batch = torch.export.Dim("batch", min=1, max=1 << 20)
+        program = torch.export.export(module, (example,), dynamic_shapes=({0: batch},))
+        torch.export.save(program, path.with_suffix(".pt2"))
+        return path.with_suffix(".pt2")
+    torch.jit.save(torch.jit.trace(module, example), path)
+    return path
+
+
+def write_schema(
+    path: Path,
+    observations: dict[str, dict[str, Any]],
+    action_space: dict[str, Any],
+    model: str,
+    api_key: str | None = None,
+) -> Path:
+    """Write a schema.yaml that serves ``model`` (a path relative to the schema's folder)."""
+    parameters: dict[str, Any] = {
+        "discrete": action_space["type"] != "box",
+        "tuple": action_space["type"] == "tuple",
+        "model": model,
+        "action_space": action_space,
+    }
+    if api_key:
+        parameters["api_key"] = api_key
+    doc = {"observations": observations, "parameters": parameters}
+    path = Path(path)
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return path

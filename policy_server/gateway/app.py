@@ -1,0 +1,162 @@
+"""The composition root: ``build_app(settings)`` builds the whole gateway from a schema."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import numpy as np
+from fastapi import APIRouter, FastAPI
+from fastapi.responses import JSONResponse
+
+from policy_server import __version__
+from policy_server.gateway.auth import api_key_checker
+from policy_server.gateway.errors import envelope, install_error_handlers
+from policy_server.gateway.limits import BodySizeLimit
+from policy_server.gateway.metrics import GatewayMetrics, MetricsMiddleware
+from policy_server.gateway.routes import policy_router
+from policy_server.gateway.service import PolicyService
+from policy_server.gateway.wire import Status
+from policy_server.policies.served import resolve_policy
+from policy_server.policies.torch_policy import TorchPolicy
+from policy_server.schema.config import ServerSchema, load_schema
+from policy_server.serving.backend import LocalBackend
+from policy_server.settings import Settings
+
+log = logging.getLogger(__name__)
+
+DESCRIPTION = """Serves the reinforcement-learning policies described by `schema.yaml`.
+
+Send observations to `/predict` (a sampled action), `/predict_deterministic` (the most likely
+action) or `/distribution` (the exact action distribution); each has a `/batch` form that answers
+many observations in one forward pass. Authenticate with the `access-token` header, query
+parameter or cookie. Every error is one JSON envelope: `{"error": {"code", "message", "status",
+"fields"}}`.
+"""
+
+
+def build_app(settings: Settings | None = None) -> FastAPI:
+    """Load and check the schema and its models, and build the gateway app.
+
+    Raises SchemaError (naming the field) when the schema and its models disagree. Ray is started
+    (or joined) by the app's lifespan, not here.
+    """
+    settings = settings or Settings()
+    schema = load_schema(settings.schema_path)
+    rng = np.random.default_rng(settings.seed)
+    resolved = {name: resolve_policy(spec) for name, spec in schema.policies.items()}
+    services = {name: PolicyService(served, rng) for name, (served, _) in resolved.items()}
+    local_models = {name: model for name, (_, model) in resolved.items()}
+    metrics = GatewayMetrics()
+    prefix = f"/{schema.url_path}" if schema.url_path else ""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        stop = await _start_backends(settings, schema, services, local_models, metrics)
+        metrics.serve(settings.gateway_metrics_port)
+        try:
+            yield
+        finally:
+            metrics.close()
+            await stop()
+
+    app = FastAPI(
+        title="policy-server",
+        version=__version__,
+        description=DESCRIPTION,
+        lifespan=lifespan,
+        docs_url=f"{prefix}/docs",
+        redoc_url=f"{prefix}/redoc",
+        openapi_url=f"{prefix}/openapi.json",
+    )
+    app.state.settings, app.state.schema, app.state.services = settings, schema, services
+    app.state.metrics = metrics
+    install_error_handlers(app)
+    app.include_router(_service_router(schema, services), prefix=prefix)
+    auth = api_key_checker(settings.api_key or schema.api_key)
+    for name, service in services.items():
+        router = policy_router(service, auth, settings.max_batch_observations)
+        app.include_router(router, prefix=f"{prefix}/policies/{name}")
+        if name == schema.default_policy:
+            app.include_router(router, prefix=prefix)
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(MetricsMiddleware, metrics=metrics)
+    return app
+
+
+async def _start_backends(
+    settings: Settings,
+    schema: ServerSchema,
+    services: dict[str, PolicyService],
+    local_models: dict[str, TorchPolicy],
+    metrics: GatewayMetrics,
+) -> Any:
+    """Attach a backend to every service; returns the coroutine function that stops them."""
+
+    def counter(name: str) -> Any:
+        return metrics.batch_rows.labels(name).observe
+
+    if settings.backend == "local":
+        for name, service in services.items():
+            service.attach(LocalBackend(local_models[name]), counter(name))
+
+        async def stop_nothing() -> None:
+            return None
+
+        return stop_nothing
+
+    from policy_server.serving.runtime import ServeRuntime  # Ray only where it is used
+
+    runtime = ServeRuntime(settings)
+    await asyncio.to_thread(runtime.start)
+    local_models.clear()  # the deployments hold the models now
+    for name, service in services.items():
+        await asyncio.to_thread(runtime.deploy, schema.policies[name])
+        service.attach(runtime.connect(schema.policies[name]), counter(name))
+        log.info("policy %s is served by Ray Serve app %s", name, runtime.apps[-1])
+
+    async def stop() -> None:
+        await asyncio.to_thread(runtime.stop)
+
+    return stop
+
+
+def _service_router(schema: ServerSchema, services: dict[str, PolicyService]) -> APIRouter:
+    """Status, health and schema: public, like the docs."""
+    router = APIRouter(tags=["service"])
+
+    @router.get("/", response_model=Status)
+    async def status() -> dict[str, Any]:
+        """What this server serves."""
+        return {
+            "status": "ok",
+            "version": __version__,
+            "default_policy": schema.default_policy,
+            "policies": {name: s.policy.describe() for name, s in services.items()},
+        }
+
+    @router.get("/health/live")
+    async def live() -> dict[str, str]:
+        """The gateway process answers."""
+        return {"status": "alive"}
+
+    @router.get("/health/ready", responses={503: {"description": "A policy is not ready."}})
+    async def ready() -> JSONResponse:
+        """Every policy's deployment answers."""
+        states = {
+            name: s.backend is not None and await s.backend.ready() for name, s in services.items()
+        }
+        if all(states.values()):
+            return JSONResponse({"status": "ready", "policies": states})
+        waiting = ", ".join(n for n, ok in states.items() if not ok)
+        return envelope(503, "not_ready", f"policies not ready: {waiting}")
+
+    @router.get("/schema")
+    async def get_schema() -> dict[str, Any]:
+        """The served schema, without the api key."""
+        return schema.public()
+
+    return router

@@ -1,0 +1,107 @@
+"""The endpoints of one policy, generated from its observation model. Handlers stay thin."""
+
+# No `from __future__ import annotations`: FastAPI must see the generated models as real types.
+
+from typing import Any
+
+from fastapi import APIRouter, Depends
+
+from policy_server.gateway.service import Mode, PolicyService
+from policy_server.gateway.wire import (
+    ActionResponse,
+    BatchActionResponse,
+    BatchDistributionResponse,
+    DistributionResponse,
+    ErrorEnvelope,
+    RawObservation,
+    batch_model,
+    raw_batch_model,
+)
+from policy_server.policies.spaces import ActionSample
+
+ERRORS: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorEnvelope, "description": text}
+    for status, text in {
+        403: "Missing or wrong api key.",
+        413: "Body too large.",
+        422: "Invalid observation: the envelope names each bad field.",
+        500: "The model failed.",
+        503: "The policy's deployment is not available.",
+    }.items()
+}
+
+
+def _action(sample: ActionSample) -> dict[str, Any]:
+    return {
+        "action": sample.action,
+        "action_name": sample.action_name,
+        "probability": sample.probability,
+        "log_prob": sample.log_prob,
+    }
+
+
+def policy_router(service: PolicyService, auth: Any, max_batch: int) -> APIRouter:
+    """All endpoints of one policy, relative to its prefix."""
+    policy = service.policy
+    router = APIRouter(
+        tags=[policy.name], dependencies=[Depends(auth)], responses=ERRORS
+    )
+
+    async def act(obs: Any, mode: Mode) -> dict[str, Any]:
+        samples, version = await service.act(obs, mode)
+        return _action(samples[0]) | {"model_version": version}
+
+    async def act_batch(obs: Any, mode: Mode) -> dict[str, Any]:
+        samples, version = await service.act(obs, mode)
+        return {"results": [_action(s) for s in samples], "model_version": version}
+
+    RawBatch = raw_batch_model(max_batch)
+
+    @router.post("/predict_raw", response_model=ActionResponse, response_model_exclude_none=True)
+    async def predict_raw(body: RawObservation) -> dict[str, Any]:
+        """Sample an action for a flat input vector (width checked, no field validation)."""
+        return await act(service.from_raw([body.obs]), "sample")
+
+    @router.post("/predict_raw/batch", response_model=BatchActionResponse, response_model_exclude_none=True)
+    async def predict_raw_batch(body: RawBatch) -> dict[str, Any]:  # type: ignore[valid-type]
+        """Sample one action per flat input vector, in one forward pass."""
+        return await act_batch(service.from_raw(body.obs), "sample")  # type: ignore[attr-defined]
+
+    if policy.observation_model is None:
+        return router
+    Observation = policy.observation_model
+    Batch = batch_model(Observation, max_batch)
+
+    @router.post("/predict", response_model=ActionResponse, response_model_exclude_none=True)
+    async def predict(obs: Observation) -> dict[str, Any]:  # type: ignore[valid-type]
+        """Sample an action from the policy; answers its probability and the model version."""
+        return await act(service.from_observations([obs]), "sample")
+
+    @router.post("/predict_deterministic", response_model=ActionResponse, response_model_exclude_none=True)
+    async def predict_deterministic(obs: Observation) -> dict[str, Any]:  # type: ignore[valid-type]
+        """The most likely action: argmax per component, the mean for a continuous action."""
+        return await act(service.from_observations([obs]), "deterministic")
+
+    @router.post("/distribution", response_model=DistributionResponse, response_model_exclude_none=True)
+    async def distribution(obs: Observation) -> dict[str, Any]:  # type: ignore[valid-type]
+        """The exact action distribution, computed from the model's logits."""
+        dists, version = await service.distribution(service.from_observations([obs]))
+        return dists[0] | {"model_version": version}
+
+    @router.post("/predict/batch", response_model=BatchActionResponse, response_model_exclude_none=True)
+    async def predict_batch(body: Batch) -> dict[str, Any]:  # type: ignore[valid-type]
+        """Sample one action per observation, all in one forward pass."""
+        return await act_batch(service.from_observations(body.observations), "sample")  # type: ignore[attr-defined]
+
+    @router.post("/predict_deterministic/batch", response_model=BatchActionResponse, response_model_exclude_none=True)
+    async def predict_deterministic_batch(body: Batch) -> dict[str, Any]:  # type: ignore[valid-type]
+        """The most likely action for each observation, in one forward pass."""
+        return await act_batch(service.from_observations(body.observations), "deterministic")  # type: ignore[attr-defined]
+
+    @router.post("/distribution/batch", response_model=BatchDistributionResponse, response_model_exclude_none=True)
+    async def distribution_batch(body: Batch) -> dict[str, Any]:  # type: ignore[valid-type]
+        """The exact action distribution for each observation, in one forward pass."""
+        dists, version = await service.distribution(service.from_observations(body.observations))  # type: ignore[attr-defined]
+        return {"results": dists, "model_version": version}
+
+    return router

@@ -1,0 +1,73 @@
+"""``PolicyService``: everything the endpoints of one policy do, with neither HTTP nor Ray.
+
+The service turns observations into the model's input array, sends it through the micro-batcher
+to a backend, and turns the model's raw outputs into actions or distributions.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import numpy as np
+from pydantic import BaseModel
+
+from policy_server.errors import BackendUnavailable, FieldError, InvalidRequest, ModelError
+from policy_server.policies.spaces import ActionSample, ActionSpace
+from policy_server.policies.served import ServedPolicy
+from policy_server.policies.torch_policy import PolicyOutput
+from policy_server.schema.observations import flatten
+from policy_server.serving.backend import PolicyBackend
+from policy_server.serving.batcher import MicroBatcher
+
+Mode = Literal["sample", "deterministic"]
+
+
+class PolicyService:
+    def __init__(self, policy: ServedPolicy, rng: np.random.Generator) -> None:
+        self.policy = policy
+        self.rng = rng
+        self._batcher: MicroBatcher | None = None
+        self.backend: PolicyBackend | None = None
+
+    def attach(self, backend: PolicyBackend, on_batch: Any = None) -> None:
+        res = self.policy.spec.resources
+        self.backend = backend
+        self._batcher = MicroBatcher(
+            backend.forward, res.max_batch_size, res.concurrent_batches, res.batch_wait_ms / 1000, on_batch
+        )
+
+    # --- inputs ---------------------------------------------------------------------------
+
+    def from_observations(self, observations: list[BaseModel]) -> np.ndarray:
+        return flatten(observations, self.policy.field_names)
+
+    def from_raw(self, rows: list[list[float]], field: str = "body.obs") -> np.ndarray:
+        width = self.policy.obs_dim
+        bad = [i for i, row in enumerate(rows) if len(row) != width]
+        if bad:
+            fields = [FieldError(f"{field}.{i}" if len(rows) > 1 else field,
+                                 f"expected {width} values, got {len(rows[i])}") for i in bad[:10]]
+            raise InvalidRequest(
+                f"{field}: each observation needs {width} values (the sum of the observation "
+                f"widths); got {len(rows[bad[0]])}", fields)
+        return np.asarray(rows, dtype=np.float32).reshape(len(rows), width)
+
+    # --- model calls ----------------------------------------------------------------------
+
+    async def forward(self, obs: np.ndarray) -> PolicyOutput:
+        if self._batcher is None:
+            raise BackendUnavailable(f"policy {self.policy.name!r} is still starting; retry shortly")
+        out = await self._batcher.submit(obs)
+        if not all(np.isfinite(h).all() for h in out.heads):
+            raise ModelError(f"policy {self.policy.name!r} returned non-finite outputs (NaN or inf)")
+        return out
+
+    async def act(self, obs: np.ndarray, mode: Mode) -> tuple[list[ActionSample], int]:
+        out = await self.forward(obs)
+        space = self.policy.space
+        samples = space.sample(out.heads, self.rng) if mode == "sample" else space.mode(out.heads)
+        return samples, out.version
+
+    async def distribution(self, obs: np.ndarray) -> tuple[list[dict[str, Any]], int]:
+        out = await self.forward(obs)
+        return self.policy.space.distribution(out.heads), out.version

@@ -1,0 +1,103 @@
+"""Request and response models of the policy endpoints (the observation models are generated)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from policy_server.schema.observations import FiniteFloat
+
+
+class _Wire(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Action(_Wire):
+    action: int | list[int] | list[float] = Field(
+        description="An action index (discrete), one index per component (tuple), or a vector (box)."
+    )
+    action_name: str | list[str] | None = Field(
+        None, description="The action's name(s) when the schema names them (discrete, tuple)."
+    )
+    probability: float | None = Field(
+        None, description="Probability of the action (discrete, tuple); null for a box (a density)."
+    )
+    log_prob: float = Field(description="Log-probability (log-density for a box) of the action.")
+
+
+class ActionResponse(Action):
+    model_version: int = Field(description="Version of the weights that chose the action.")
+
+
+class BatchActionResponse(_Wire):
+    results: list[Action]
+    model_version: int
+
+
+class Distribution(_Wire):
+    probabilities: dict[str, float] | None = Field(
+        None, description="Discrete: probability of each action, keyed by name or index."
+    )
+    components: list[dict[str, float]] | None = Field(
+        None, description="Tuple: the probabilities of each component's actions."
+    )
+    mean: list[float] | None = Field(None, description="Box: the Gaussian's mean.")
+    std: list[float] | None = Field(None, description="Box: the Gaussian's standard deviation.")
+
+
+class DistributionResponse(Distribution):
+    model_version: int
+
+
+class BatchDistributionResponse(_Wire):
+    results: list[Distribution]
+    model_version: int
+
+
+class RawObservation(_Wire):
+    obs: list[FiniteFloat] = Field(description="The flat input vector, in schema order.")
+
+
+def raw_batch_model(max_items: int) -> type[BaseModel]:
+    class RawObservationBatch(_Wire):
+        obs: Annotated[list[list[FiniteFloat]], Field(min_length=1, max_length=max_items)] = Field(
+            description="One flat input vector per row."
+        )
+
+    return RawObservationBatch
+
+
+def batch_model(observation: type[BaseModel], max_items: int) -> type[BaseModel]:
+    from pydantic import create_model
+
+    return create_model(  # type: ignore[call-overload]
+        f"{observation.__name__}Batch",
+        __config__=ConfigDict(extra="forbid"),
+        observations=(Annotated[list[observation], Field(min_length=1, max_length=max_items)], ...),  # type: ignore[valid-type]
+    )
+
+
+class ErrorField(_Wire):
+    field: str
+    message: str
+
+
+class ErrorBody(_Wire):
+    code: str
+    message: str
+    status: int
+    fields: list[ErrorField] = []
+
+
+class ErrorEnvelope(_Wire):
+    """Every error the server answers has this shape."""
+
+    error: ErrorBody
+
+
+class Status(_Wire):
+    status: str
+    version: str
+    default_policy: str
+    policies: dict[str, dict[str, Any]]

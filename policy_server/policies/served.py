@@ -1,0 +1,95 @@
+"""Resolve a policy of the schema against its model file, once, at start-up.
+
+Every disagreement between schema and model is a ``SchemaError`` that names the schema field and
+both numbers, so a bad deployment never starts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from pydantic import BaseModel
+
+from policy_server.errors import SchemaError
+from policy_server.policies.spaces import ActionSpace, make_action_space
+from policy_server.policies.torch_policy import TorchPolicy, input_width
+from policy_server.schema.config import DEFAULT_POLICY, PolicySpec
+from policy_server.schema.observations import build_observation_model, resolve_widths
+
+
+@dataclass(frozen=True)
+class ServedPolicy:
+    """A policy as resolved at start-up: its spec, action space sizes and input width."""
+
+    spec: PolicySpec
+    space: ActionSpace
+    obs_dim: int
+    observation_model: type[BaseModel] | None
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def field_names(self) -> list[str]:
+        return list(self.spec.observations or {})
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "obs_dim": self.obs_dim,
+            "action_space": self.space.describe(),
+            "observations": self.field_names,
+        }
+
+
+def _where(spec: PolicySpec) -> str:
+    return "parameters" if spec.name == DEFAULT_POLICY else f"policies.{spec.name}"
+
+
+def resolve_policy(spec: PolicySpec) -> tuple[ServedPolicy, TorchPolicy]:
+    """Load the model, check it against the schema, build the observation model."""
+    where = _where(spec)
+    try:
+        policy = TorchPolicy.from_file(spec.model)
+    except Exception as exc:
+        raise SchemaError(f"{where}.model: cannot load {spec.model}: {exc}") from exc
+    model_width = input_width(policy.module)
+    obs_where = "observations" if spec.name == DEFAULT_POLICY else f"policies.{spec.name}.observations"
+    widths: dict[str, int] = {}
+    if spec.observations:
+        try:
+            widths = resolve_widths(spec.observations, model_width)
+        except ValueError as exc:
+            raise SchemaError(str(exc)) from exc
+        obs_dim = sum(widths.values())
+        if model_width is not None and model_width != obs_dim:
+            raise SchemaError(
+                f"{obs_where}: the observation widths sum to {obs_dim} but the model "
+                f"{spec.model.name} takes inputs of width {model_width}"
+            )
+    elif model_width is None:
+        raise SchemaError(f"{obs_where}: not given, and the input width of {spec.model.name} cannot be read")
+    else:
+        obs_dim = model_width
+    try:
+        out = policy.forward(np.zeros((2, obs_dim), dtype=np.float32))
+    except Exception as exc:
+        raise SchemaError(
+            f"{obs_where}: the model {spec.model.name} rejects a batch of width {obs_dim} "
+            f"(the sum of the observation widths): {exc}"
+        ) from exc
+    try:
+        space = make_action_space(spec.action_space, out.heads, f"{where}.action_space")
+    except ValueError as exc:
+        raise SchemaError(str(exc)) from exc
+    model = None
+    if spec.observations:
+        prefix = "" if spec.name == DEFAULT_POLICY else _title(spec.name)
+        model = build_observation_model(f"{prefix}Observation", spec.observations, widths)
+    return ServedPolicy(spec, space, obs_dim, model), policy
+
+
+def _title(name: str) -> str:
+    return "".join(part.capitalize() for part in name.replace("-", "_").split("_"))

@@ -1,0 +1,106 @@
+"""A torch policy as a plain object: load an exported module, run batches, swap weights.
+
+Two file formats: TorchScript (``torch.jit.save``, any suffix but ``.pt2``) and ``torch.export``
+programs (``torch.export.save``, suffix ``.pt2``). The module maps a float batch ``(B, obs_dim)``
+to logits ``(B, n)``, a tuple of logits, or ``(mean, log_std)``.
+"""
+
+from __future__ import annotations
+
+import io
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+
+ModelFormat = Literal["torchscript", "export"]
+
+
+@dataclass(frozen=True)
+class PolicyOutput:
+    """Raw outputs of one forward pass: one array per head, all ``(B, k)``, and the version."""
+
+    heads: list[np.ndarray]
+    version: int
+
+    def __len__(self) -> int:
+        return len(self.heads[0])
+
+    def slice(self, start: int, stop: int) -> PolicyOutput:
+        return PolicyOutput([h[start:stop] for h in self.heads], self.version)
+
+
+def model_format(path: Path) -> ModelFormat:
+    return "export" if path.suffix == ".pt2" else "torchscript"
+
+
+def load_module(data: bytes, fmt: ModelFormat, device: str = "cpu") -> torch.nn.Module:
+    """Load a policy module from the bytes of its file (so it can travel to any Ray node)."""
+    buffer = io.BytesIO(data)
+    if fmt == "export":
+        return torch.export.load(buffer).module().to(device)
+    return torch.jit.load(buffer, map_location=device)
+
+
+def input_width(module: torch.nn.Module) -> int | None:
+    """The input width the module was built for, where it can be read off (else None)."""
+    if isinstance(module, torch.fx.GraphModule):  # torch.export program: read the input spec
+        for node in module.graph.nodes:
+            if node.op == "placeholder" and hasattr(node.meta.get("val"), "shape"):
+                return int(node.meta["val"].shape[-1])
+    for param in module.parameters():
+        if param.ndim == 2:
+            return int(param.shape[1])
+    return None
+
+
+def _as_heads(out: object) -> list[torch.Tensor]:
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, (tuple, list)) and all(isinstance(t, torch.Tensor) for t in out):
+        return list(out)
+    raise TypeError(f"the model must return a tensor or a tuple of tensors, not {type(out).__name__}")
+
+
+class TorchPolicy:
+    """A loaded policy module with a version number; thread-safe forward and weight swaps."""
+
+    def __init__(self, module: torch.nn.Module, device: str = "cpu", version: int = 0) -> None:
+        self.module = module.eval() if hasattr(module, "eval") else module
+        self.device = device
+        self.version = version
+        self._lock = threading.Lock()
+
+    @classmethod
+    def from_bytes(cls, data: bytes, fmt: ModelFormat, device: str = "cpu") -> TorchPolicy:
+        return cls(load_module(data, fmt, device), device)
+
+    @classmethod
+    def from_file(cls, path: Path, device: str = "cpu") -> TorchPolicy:
+        return cls.from_bytes(Path(path).read_bytes(), model_format(Path(path)), device)
+
+    def forward(self, obs: np.ndarray) -> PolicyOutput:
+        """``(B, obs_dim)`` float32 → heads; a box's log-std is broadcast to ``(B, d)``."""
+        x = torch.from_numpy(np.ascontiguousarray(obs, dtype=np.float32)).to(self.device)
+        with self._lock, torch.inference_mode():
+            heads = _as_heads(self.module(x))
+            version = self.version
+        arrays = [h.detach().to("cpu", torch.float32).numpy() for h in heads]
+        if len(arrays) == 2 and arrays[1].ndim == 1:
+            arrays[1] = np.broadcast_to(arrays[1], arrays[0].shape).copy()
+        return PolicyOutput(arrays, version)
+
+    def get_weights(self) -> dict[str, np.ndarray]:
+        with self._lock:
+            return {k: v.detach().cpu().numpy().copy() for k, v in self.module.state_dict().items()}
+
+    def set_weights(self, weights: dict[str, np.ndarray], version: int) -> int:
+        """Load new weights (same names and shapes) and bump to ``version``, atomically."""
+        tensors = {k: torch.as_tensor(v) for k, v in weights.items()}
+        with self._lock:
+            self.module.load_state_dict(tensors, strict=True)
+            self.version = version
+        return version

@@ -1,0 +1,289 @@
+"""The typed form of schema.yaml.
+
+The Pathmind format (``observations`` + ``parameters: {discrete, tuple, api_key, url_path}``) is
+valid as it is. Everything else is an optional extension:
+
+* ``parameters.model``: the model file (default: the one ``.pt``/``.pt2`` file in ``models/``),
+* ``parameters.action_space``: the exact action space (discrete, tuple of discretes, box),
+* ``parameters.resources``: replicas, GPUs and batching of the policy's deployment,
+* ``policies``: several named policies, each with the keys above plus its own ``observations``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+
+from policy_server.errors import SchemaError
+
+OBSERVATION_TYPES = ("int", "float", "bool", "List[int]", "List[float]")
+MODEL_SUFFIXES = (".pt", ".pt2", ".ts", ".jit")
+DEFAULT_POLICY = "default"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ObservationSpec(_Strict):
+    """One observation field; its position in the mapping is its position in the input vector."""
+
+    type: Literal["int", "float", "bool", "List[int]", "List[float]"]
+    min_items: int | None = Field(None, ge=0)
+    max_items: int | None = Field(None, ge=0)
+    description: str | None = None
+
+    @property
+    def is_list(self) -> bool:
+        return self.type.startswith("List")
+
+    @property
+    def width(self) -> int | None:
+        """Number of input columns, or None for a list whose length the schema leaves open."""
+        if not self.is_list:
+            return 1
+        if self.min_items is not None and self.min_items == self.max_items:
+            return self.min_items
+        return None
+
+    @model_validator(mode="after")
+    def _check_items(self) -> ObservationSpec:
+        if not self.is_list and (self.min_items is not None or self.max_items is not None):
+            raise ValueError(f"min_items/max_items only apply to List types, not {self.type}")
+        if self.min_items is not None and self.max_items is not None:
+            if self.min_items > self.max_items:
+                raise ValueError(f"min_items {self.min_items} > max_items {self.max_items}")
+        return self
+
+
+class DiscreteSpec(_Strict):
+    """One categorical action out of ``n``; ``names`` label the actions in answers."""
+
+    type: Literal["discrete"] = "discrete"
+    n: int | None = Field(None, gt=0, description="Default: the model's number of outputs.")
+    names: list[str] | None = None
+
+    @model_validator(mode="after")
+    def _check_names(self) -> DiscreteSpec:
+        if self.names is not None:
+            if self.n is not None and len(self.names) != self.n:
+                raise ValueError(f"names has {len(self.names)} entries but n is {self.n}")
+            if len(set(self.names)) != len(self.names):
+                raise ValueError("names must be unique")
+        return self
+
+
+class TupleSpec(_Strict):
+    """A tuple of categorical actions, component ``i`` out of ``nvec[i]``."""
+
+    type: Literal["tuple"] = "tuple"
+    nvec: list[Annotated[int, Field(gt=0)]] | None = Field(
+        None, description="Default: the sizes of the model's output heads."
+    )
+    names: list[list[str]] | None = None
+
+    @model_validator(mode="after")
+    def _check_names(self) -> TupleSpec:
+        if self.names is not None and self.nvec is not None:
+            sizes = [len(n) for n in self.names]
+            if sizes != list(self.nvec):
+                raise ValueError(f"names have sizes {sizes} but nvec is {list(self.nvec)}")
+        return self
+
+
+class BoxSpec(_Strict):
+    """A continuous action: a diagonal Gaussian (model gives mean and log-std), clipped to bounds."""
+
+    type: Literal["box"] = "box"
+    shape: list[Annotated[int, Field(gt=0)]] | None = Field(
+        None, description="Default: the shape of the model's mean output."
+    )
+    low: float | list[float] | None = None
+    high: float | list[float] | None = None
+
+
+ActionSpaceSpec = Annotated[DiscreteSpec | TupleSpec | BoxSpec, Field(discriminator="type")]
+
+
+class ResourceSpec(_Strict):
+    """How the policy's Ray Serve deployment runs."""
+
+    num_replicas: int = Field(1, ge=1)
+    num_cpus: float = Field(1.0, ge=0)
+    num_gpus: float = Field(0.0, ge=0, description="GPUs per replica; used when present.")
+    max_batch_size: int = Field(256, ge=1, description="Most observations in one forward pass.")
+    batch_wait_ms: float = Field(
+        0.0,
+        ge=0,
+        description="Extra wait for a fuller batch. 0: a batch leaves as soon as a replica slot "
+        "is free, and requests that arrive meanwhile form the next one.",
+    )
+    max_concurrent_batches: int | None = Field(
+        None, ge=1, description="Batches in flight at once; default 2 per replica."
+    )
+
+    @property
+    def concurrent_batches(self) -> int:
+        return self.max_concurrent_batches or 2 * self.num_replicas
+
+
+class PolicySpec(_Strict):
+    """One served policy, as resolved from the schema (model path absolute)."""
+
+    name: str
+    observations: dict[str, ObservationSpec] | None
+    action_space: DiscreteSpec | TupleSpec | BoxSpec
+    model: Path
+    resources: ResourceSpec
+
+
+class ServerSchema(_Strict):
+    policies: dict[str, PolicySpec]
+    default_policy: str
+    api_key: SecretStr | None = None
+    url_path: str = ""
+
+    def public(self) -> dict[str, Any]:
+        """The schema as `/schema` shows it: everything but the api key."""
+        return {
+            "default_policy": self.default_policy,
+            "url_path": self.url_path,
+            "policies": {
+                name: p.model_dump(mode="json", exclude={"model"}) | {"model": p.model.name}
+                for name, p in self.policies.items()
+            },
+        }
+
+
+# --- the file format -------------------------------------------------------------------------
+
+
+class _PolicyFields(_Strict):
+    """Keys shared by `parameters` (single policy) and each entry of `policies`."""
+
+    discrete: bool | None = None
+    tuple: bool | None = None
+    model: str | None = None
+    action_space: ActionSpaceSpec | None = None
+    resources: ResourceSpec = ResourceSpec()
+
+
+class _Parameters(_PolicyFields):
+    api_key: str | None = None
+    url_path: str | None = None
+    default_policy: str | None = None
+
+
+class _PolicyEntry(_PolicyFields):
+    observations: dict[str, ObservationSpec] | None = None
+
+
+class _SchemaFile(_Strict):
+    observations: dict[str, ObservationSpec] | None = None
+    parameters: _Parameters = _Parameters()
+    policies: dict[str, _PolicyEntry] | None = None
+
+
+def load_schema(path: Path | str) -> ServerSchema:
+    """Read and validate a schema.yaml; raise SchemaError naming the offending field."""
+    path = Path(path)
+    if not path.is_file():
+        raise SchemaError(f"schema file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise SchemaError(f"{path}: not valid YAML: {exc}") from exc
+    return parse_schema(raw, base_dir=path.parent)
+
+
+def parse_schema(raw: Any, base_dir: Path) -> ServerSchema:
+    try:
+        parsed = _SchemaFile.model_validate(raw)
+    except ValidationError as exc:
+        raise SchemaError(_describe(exc)) from exc
+    params = parsed.parameters
+    if parsed.policies:
+        entries = parsed.policies
+        if parsed.observations is not None:
+            raise SchemaError("observations: with `policies`, give observations per policy")
+    else:
+        entries = {
+            DEFAULT_POLICY: _PolicyEntry(
+                observations=parsed.observations,
+                **params.model_dump(include=set(_PolicyFields.model_fields), exclude_unset=True),
+            )
+        }
+    default = params.default_policy or next(iter(entries))
+    if default not in entries:
+        raise SchemaError(
+            f"parameters.default_policy: {default!r} is not one of {sorted(entries)}"
+        )
+    policies = {name: _resolve(name, e, base_dir) for name, e in entries.items()}
+    return ServerSchema(
+        policies=policies,
+        default_policy=default,
+        api_key=SecretStr(params.api_key) if params.api_key else None,
+        url_path=(params.url_path or "").strip("/"),
+    )
+
+
+def _resolve(name: str, entry: _PolicyEntry, base_dir: Path) -> PolicySpec:
+    where = "parameters" if name == DEFAULT_POLICY else f"policies.{name}"
+    if not name.replace("_", "").replace("-", "").isalnum():
+        raise SchemaError(f"policies.{name}: a policy name may hold letters, digits, - and _")
+    space = entry.action_space or _legacy_space(entry, where)
+    if entry.discrete is False and space.type != "box" and entry.action_space is not None:
+        raise SchemaError(f"{where}.discrete is False but action_space.type is {space.type!r}")
+    return PolicySpec(
+        name=name,
+        observations=entry.observations,
+        action_space=space,
+        model=_find_model(entry.model, base_dir, where),
+        resources=entry.resources,
+    )
+
+
+def _legacy_space(entry: _PolicyEntry, where: str) -> DiscreteSpec | TupleSpec | BoxSpec:
+    """Pathmind's `discrete` / `tuple` flags: sizes come from the model's outputs."""
+    if entry.discrete is False:
+        if entry.tuple:
+            raise SchemaError(f"{where}: tuple of continuous actions is not supported")
+        return BoxSpec()
+    return TupleSpec() if entry.tuple else DiscreteSpec()
+
+
+def _find_model(model: str | None, base_dir: Path, where: str) -> Path:
+    if model is not None:
+        path = (base_dir / model).resolve()
+        if not path.is_file():
+            raise SchemaError(f"{where}.model: model file not found: {path}")
+        return path
+    folder = base_dir / "models"
+    found = sorted(p for p in folder.glob("*") if p.suffix in MODEL_SUFFIXES) if folder.is_dir() else []
+    if len(found) != 1:
+        what = "no model file" if not found else f"{len(found)} model files"
+        raise SchemaError(
+            f"{where}.model: not set, and {folder.resolve()} holds {what} "
+            f"({', '.join(MODEL_SUFFIXES)}); set `model:` to the file to serve"
+        )
+    return found[0].resolve()
+
+
+def _describe(exc: ValidationError) -> str:
+    lines = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"])
+        msg = err["msg"]
+        if err["type"] == "literal_error" and loc.endswith(".type"):
+            msg = (
+                f"unknown type {err['input']!r}; expected one of {', '.join(OBSERVATION_TYPES)}"
+                if loc.startswith(("observations", "policies")) and "action_space" not in loc
+                else msg
+            )
+        elif err["type"] == "extra_forbidden":
+            msg = "unknown key"
+        lines.append(f"{loc}: {msg}")
+    return "invalid schema: " + "; ".join(lines)

@@ -1,0 +1,76 @@
+"""The Ray Serve deployment of a torch policy: a thin adapter around ``TorchPolicy``."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+from ray import serve
+from ray.serve import Application
+from ray.util import metrics
+
+from policy_server.policies.torch_policy import ModelFormat, PolicyOutput, TorchPolicy
+from policy_server.schema.config import PolicySpec
+
+
+@serve.deployment
+class PolicyDeployment:
+    """Holds one ``TorchPolicy``; receives already-batched observations from the gateway."""
+
+    def __init__(self, policy_name: str, model_bytes: bytes, fmt: ModelFormat, use_gpu: bool) -> None:
+        import torch
+
+        device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
+        self.policy = TorchPolicy.from_bytes(model_bytes, fmt, device)
+        tags = {"policy": policy_name}
+        self._rows = metrics.Histogram(
+            "policy_server_replica_batch_rows",
+            description="Observations per forward pass on a replica.",
+            boundaries=[1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096],
+            tag_keys=("policy",),
+        )
+        self._seconds = metrics.Histogram(
+            "policy_server_replica_forward_seconds",
+            description="Forward-pass time on a replica.",
+            boundaries=[0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.5, 1.0],
+            tag_keys=("policy",),
+        )
+        self._version = metrics.Gauge(
+            "policy_server_model_version", description="Model version served.", tag_keys=("policy",)
+        )
+        for m in (self._rows, self._seconds, self._version):
+            m.set_default_tags(tags)
+        self._version.set(self.policy.version)
+
+    def forward(self, obs: np.ndarray) -> PolicyOutput:
+        start = time.perf_counter()
+        out = self.policy.forward(obs)
+        self._seconds.observe(time.perf_counter() - start)
+        self._rows.observe(len(obs))
+        return out
+
+    def version(self) -> int:
+        return self.policy.version
+
+    def get_weights(self) -> dict[str, np.ndarray]:
+        return self.policy.get_weights()
+
+    def set_weights(self, weights: dict[str, np.ndarray], version: int) -> int:
+        self._version.set(version)
+        return self.policy.set_weights(weights, version)
+
+
+def build_deployment(spec: PolicySpec, model_bytes: bytes, fmt: ModelFormat, gpus_available: bool) -> Application:
+    """The Serve application of one policy, with the schema's resources.
+
+    The model travels as bytes, so replicas on other nodes need no shared file system. GPUs are
+    requested only where the cluster has them: a schema asking for one still serves on CPU.
+    """
+    res = spec.resources
+    num_gpus = res.num_gpus if gpus_available else 0.0
+    return PolicyDeployment.options(
+        name=f"policy-{spec.name}",
+        num_replicas=res.num_replicas,
+        max_ongoing_requests=2 * res.concurrent_batches,
+        ray_actor_options={"num_cpus": res.num_cpus, "num_gpus": num_gpus},
+    ).bind(spec.name, model_bytes, fmt, num_gpus > 0)

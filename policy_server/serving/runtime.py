@@ -1,0 +1,70 @@
+"""Starting Ray and Serve, and deploying the policies of a schema on them."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import ray
+from ray import serve
+
+from policy_server.policies.torch_policy import model_format
+from policy_server.schema.config import PolicySpec
+from policy_server.serving.backend import ServeBackend
+from policy_server.serving.deployment import build_deployment
+from policy_server.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ServeRuntime:
+    """Owns what the gateway started on Ray: the Serve apps, and Ray itself if it started it."""
+
+    settings: Settings
+    started_ray: bool = False
+    apps: list[str] = field(default_factory=list)
+
+    def start(self) -> None:
+        if not ray.is_initialized():
+            if self.settings.ray_address:
+                ray.init(address=self.settings.ray_address, log_to_driver=False)
+            else:
+                ray.init(
+                    include_dashboard=False,
+                    log_to_driver=False,
+                    _metrics_export_port=self.settings.ray_metrics_port,
+                )
+            self.started_ray = True
+        serve.start(proxy_location="Disabled")
+
+    def deploy(self, spec: PolicySpec) -> str:
+        """Run the policy's Serve app and wait until it is healthy (blocking: seconds)."""
+        gpus = ray.cluster_resources().get("GPU", 0) > 0
+        if spec.resources.num_gpus > 0 and not gpus:
+            log.warning("policy %s asks for GPUs but the cluster has none: serving on CPU", spec.name)
+        app_name = f"{self.settings.serve_app_prefix}-{spec.name}"
+        app = build_deployment(spec, spec.model.read_bytes(), model_format(spec.model), gpus)
+        serve.run(app, name=app_name, route_prefix=None)
+        self.apps.append(app_name)
+        return app_name
+
+    def connect(self, spec: PolicySpec) -> ServeBackend:
+        """A backend on the deployed app; call it from the event loop that will use it."""
+        handle = serve.get_deployment_handle(
+            f"policy-{spec.name}", f"{self.settings.serve_app_prefix}-{spec.name}"
+        )
+        # Route in the caller's event loop: saves a thread hop per call (see DESIGN.md).
+        handle._init(_run_router_in_separate_loop=False)
+        return ServeBackend(handle)
+
+    def stop(self) -> None:
+        for name in self.apps:
+            try:
+                serve.delete(name)
+            except Exception as exc:  # noqa: BLE001 - shutting down; report and go on
+                log.warning("could not delete Serve app %s: %s", name, exc)
+        self.apps.clear()
+        if self.started_ray:
+            serve.shutdown()
+            ray.shutdown()

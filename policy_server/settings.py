@@ -1,0 +1,46 @@
+"""Server settings, read once from the environment (and ``.env``) and validated."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import AliasChoices, Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Settings of one gateway process. Environment variables use the ``POLICY_SERVER_`` prefix."""
+
+    model_config = SettingsConfigDict(env_prefix="POLICY_SERVER_", env_file=".env", extra="ignore")
+
+    schema_path: Path = Field(
+        Path("schema.yaml"),
+        validation_alias=AliasChoices("SCHEMA_PATH", "POLICY_SERVER_SCHEMA_PATH", "schema_path"),
+        description="The schema.yaml to serve; model paths in it are relative to its folder.",
+    )
+    api_key: SecretStr | None = Field(
+        None, description="Overrides `parameters.api_key` of the schema when set."
+    )
+    backend: Literal["serve", "local"] = Field(
+        "serve",
+        description="`serve` runs every policy on a Ray Serve deployment; `local` runs them in the "
+        "gateway process (development and tests without Ray).",
+    )
+    ray_address: str | None = Field(
+        None,
+        validation_alias=AliasChoices("RAY_ADDRESS", "POLICY_SERVER_RAY_ADDRESS", "ray_address"),
+        description="Join this Ray cluster instead of starting Ray in the process.",
+    )
+    ray_metrics_port: int = Field(8080, description="Port of Ray's (and Serve's) metrics export.")
+    gateway_metrics_port: int = Field(
+        8081, description="Port of the gateway's own Prometheus metrics; 0 turns them off."
+    )
+    serve_app_prefix: str = Field(
+        "policy-server", description="Serve application names are `<prefix>-<policy>`."
+    )
+    max_body_bytes: int = Field(4 * 1024 * 1024, gt=0, description="Larger bodies get a 413.")
+    max_batch_observations: int = Field(
+        4096, gt=0, description="Most observations accepted in one batch request."
+    )
+    seed: int | None = Field(None, description="Seed of the action sampler (reproducible runs).")
