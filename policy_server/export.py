@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any, Literal
 
@@ -47,8 +48,12 @@ class MLPPolicy(nn.Module):
         return self.heads[0](z)
 
 
-def export_module(module: nn.Module, obs_dim: int, path: Path, fmt: ExportFormat = "torchscript") -> Path:
-    """Save ``module`` (float ``(B, obs_dim)`` in) as TorchScript or a ``torch.export`` program."""
+def export_module(module: nn.Module, obs_dim: int, path: Path, fmt: ExportFormat = "export") -> Path:
+    """Save ``module`` (float ``(B, obs_dim)`` in) as a ``torch.export`` program or TorchScript.
+
+    ``export`` (the default) writes ``<path>.pt2`` with a dynamic batch dimension; TorchScript is
+    deprecated since torch 2.13 but still served, for models exported with older versions.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     module = module.eval()
@@ -58,7 +63,9 @@ def export_module(module: nn.Module, obs_dim: int, path: Path, fmt: ExportFormat
         program = torch.export.export(module, (example,), dynamic_shapes=({0: batch},))
         torch.export.save(program, path.with_suffix(".pt2"))
         return path.with_suffix(".pt2")
-    torch.jit.save(torch.jit.trace(module, example), path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.jit.save(torch.jit.trace(module, example), path)
     return path
 
 

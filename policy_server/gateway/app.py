@@ -78,10 +78,9 @@ def build_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(_service_router(schema, services), prefix=prefix)
     auth = api_key_checker(settings.api_key or schema.api_key)
     for name, service in services.items():
-        router = policy_router(service, auth, settings.max_batch_observations)
-        app.include_router(router, prefix=f"{prefix}/policies/{name}")
-        if name == schema.default_policy:
-            app.include_router(router, prefix=prefix)
+        prefixes = [f"{prefix}/policies/{name}"] + ([prefix] if name == schema.default_policy else [])
+        for route_prefix in prefixes:
+            app.include_router(policy_router(service, auth, settings.max_batch_observations, route_prefix))
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     return app

@@ -40,12 +40,10 @@ def _action(sample: ActionSample) -> dict[str, Any]:
     }
 
 
-def policy_router(service: PolicyService, auth: Any, max_batch: int) -> APIRouter:
-    """All endpoints of one policy, relative to its prefix."""
+def policy_router(service: PolicyService, auth: Any, max_batch: int, prefix: str) -> APIRouter:
+    """All endpoints of one policy under ``prefix`` (routes keep their full path, for metrics)."""
     policy = service.policy
-    router = APIRouter(
-        tags=[policy.name], dependencies=[Depends(auth)], responses=ERRORS
-    )
+    router = APIRouter(prefix=prefix, tags=[policy.name], dependencies=[Depends(auth)], responses=ERRORS)
 
     async def act(obs: Any, mode: Mode) -> dict[str, Any]:
         samples, version = await service.act(obs, mode)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import threading
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -42,7 +43,9 @@ def load_module(data: bytes, fmt: ModelFormat, device: str = "cpu") -> torch.nn.
     buffer = io.BytesIO(data)
     if fmt == "export":
         return torch.export.load(buffer).module().to(device)
-    return torch.jit.load(buffer, map_location=device)
+    with warnings.catch_warnings():  # TorchScript is deprecated in torch 2.13 but still loads
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return torch.jit.load(buffer, map_location=device).eval()
 
 
 def input_width(module: torch.nn.Module) -> int | None:
@@ -69,7 +72,7 @@ class TorchPolicy:
     """A loaded policy module with a version number; thread-safe forward and weight swaps."""
 
     def __init__(self, module: torch.nn.Module, device: str = "cpu", version: int = 0) -> None:
-        self.module = module.eval() if hasattr(module, "eval") else module
+        self.module = module  # callers put it in eval mode (exported programs have no train mode)
         self.device = device
         self.version = version
         self._lock = threading.Lock()

@@ -7,7 +7,13 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from policy_server.errors import BackendUnavailable, ModelError
 from policy_server.policies.torch_policy import PolicyOutput, TorchPolicy
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = [line for line in str(exc).strip().splitlines() if line.strip()]
+    return lines[-1].strip() if lines else type(exc).__name__
 
 
 class PolicyBackend(Protocol):
@@ -26,7 +32,10 @@ class LocalBackend:
         self.policy = policy
 
     async def forward(self, obs: np.ndarray) -> PolicyOutput:
-        return await asyncio.to_thread(self.policy.forward, obs)
+        try:
+            return await asyncio.to_thread(self.policy.forward, obs)
+        except Exception as exc:
+            raise ModelError(f"the model raised {type(exc).__name__}: {_first_line(exc)}") from exc
 
     async def ready(self) -> bool:
         return True
@@ -43,7 +52,17 @@ class ServeBackend:
         self._forward = handle.options(method_name="forward")
 
     async def forward(self, obs: np.ndarray) -> PolicyOutput:
-        return await self._forward.remote(obs)
+        from ray import exceptions as ray_errors
+        from ray.serve import exceptions as serve_errors
+
+        try:
+            return await self._forward.remote(obs)
+        except ray_errors.RayTaskError as exc:
+            cause = exc.cause if exc.cause is not None else exc
+            raise ModelError(f"the model raised {type(cause).__name__}: {_first_line(cause)}") from exc
+        except (ray_errors.RayActorError, serve_errors.BackPressureError,
+                serve_errors.DeploymentUnavailableError) as exc:
+            raise BackendUnavailable(f"the policy's deployment is unavailable: {_first_line(exc)}") from exc
 
     async def ready(self) -> bool:
         try:

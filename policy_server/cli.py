@@ -1,0 +1,99 @@
+"""The typed functions behind ``generate.py`` (a fire CLI): no logic lives in the CLI itself."""
+
+from __future__ import annotations
+
+import importlib
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from policy_server.errors import SchemaError
+from policy_server.export import MLPPolicy, export_module, write_schema
+from policy_server.policies.served import resolve_policy
+from policy_server.schema.config import load_schema
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def copy_server_files(example: str, target: str = ".") -> str:
+    """Copy an example's schema.yaml and models/ next to app.py, so `uvicorn app:app` serves it."""
+    source, dest = Path(example), Path(target)
+    if not (source / "schema.yaml").is_file():
+        raise SchemaError(f"{source}/schema.yaml not found; examples: {', '.join(_examples())}")
+    shutil.copy(source / "schema.yaml", dest / "schema.yaml")
+    if (source / "models").is_dir():
+        if (dest / "models").exists():
+            shutil.rmtree(dest / "models")
+        shutil.copytree(source / "models", dest / "models")
+    return f"copied {source} → {dest.resolve()}; start it with `uvicorn app:app`"
+
+
+def _examples() -> list[str]:
+    return sorted(str(p.parent.relative_to(ROOT)) for p in (ROOT / "examples").glob("*/schema.yaml"))
+
+
+def check(schema: str = "schema.yaml") -> dict[str, Any]:
+    """Validate a schema and its models without serving; raise SchemaError on the first problem."""
+    loaded = load_schema(schema)
+    return {name: resolve_policy(spec)[0].describe() for name, spec in loaded.policies.items()}
+
+
+def _load_user_module(module: str) -> torch.nn.Module:
+    """``package.module:factory`` → the nn.Module that calling ``factory()`` returns."""
+    path, _, attr = module.partition(":")
+    if not attr:
+        raise ValueError(f"--module must look like package.module:factory, got {module!r}")
+    factory = getattr(importlib.import_module(path), attr)
+    built = factory() if callable(factory) and not isinstance(factory, torch.nn.Module) else factory
+    if not isinstance(built, torch.nn.Module):
+        raise ValueError(f"{module} gave a {type(built).__name__}, not a torch.nn.Module")
+    return built
+
+
+def export(
+    out: str,
+    obs_dim: int,
+    module: str | None = None,
+    state_dict: str | None = None,
+    hidden: tuple[int, ...] = (64, 64),
+    nvec: tuple[int, ...] | None = None,
+    box_dim: int | None = None,
+    activation: str = "tanh",
+    fmt: str = "export",
+    schema: str | None = None,
+    action_names: tuple[str, ...] | None = None,
+    api_key: str | None = None,
+) -> str:
+    """Export a policy to a file the server loads, and optionally write a matching schema.
+
+    Either ``module`` (``package.module:factory`` returning an nn.Module), or an MLP spec
+    (``hidden``, and ``nvec`` for discrete/tuple or ``box_dim`` for continuous actions); in both
+    cases ``state_dict`` (a ``torch.save``d state dict) loads the trained weights.
+    """
+    net = _load_user_module(module) if module else MLPPolicy(obs_dim, list(hidden), _as_list(nvec), box_dim, activation)
+    if state_dict:
+        net.load_state_dict(torch.load(state_dict, map_location="cpu", weights_only=True))
+    path = export_module(net, obs_dim, Path(out), "export" if fmt == "export" else "torchscript")
+    if schema:
+        space: dict[str, Any]
+        if box_dim:
+            space = {"type": "box", "shape": [box_dim]}
+        elif nvec and len(_as_list(nvec) or []) > 1:
+            space = {"type": "tuple", "nvec": _as_list(nvec)}
+        else:
+            space = {"type": "discrete", "n": (_as_list(nvec) or [None])[0]}
+            if action_names:
+                space["names"] = list(action_names)
+        observations = {f"obs_{i}": {"type": "float"} for i in range(obs_dim)}
+        model_rel = Path(path).resolve().relative_to(Path(schema).resolve().parent)
+        write_schema(Path(schema), observations, space, str(model_rel), api_key)
+        check(schema)
+    return str(path)
+
+
+def _as_list(values: Any) -> list[int] | None:
+    if values is None:
+        return None
+    return [int(v) for v in (values if isinstance(values, (list, tuple)) else [values])]

@@ -1,0 +1,150 @@
+"""Shared fixtures: tiny policies of every kind, one Ray per session, a real uvicorn server."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import yaml
+from torch import nn
+
+from policy_server.export import MLPPolicy, export_module
+
+API_KEY = "test-key-123"
+LPOC_OBSERVATIONS = {
+    "id": {"type": "int"},
+    "coordinates_0": {"type": "int"},
+    "coordinates_1": {"type": "int"},
+    **{
+        f"{kind}_{side}_{what}": {"type": "bool"}
+        for side in ("up", "right", "down", "left")
+        for kind, what in (("has", "neighbour"), ("is", "free"))
+    },
+}
+LPOC_OBS = {name: (1 if spec["type"] == "int" else True) for name, spec in LPOC_OBSERVATIONS.items()}
+TUPLE_OBSERVATIONS = {"speed": {"type": "float"}, "sensors": {"type": "List[float]", "min_items": 3, "max_items": 3}}
+TUPLE_OBS = {"speed": 0.5, "sensors": [0.1, -0.2, 0.3]}
+BOX_OBSERVATIONS = {"x": {"type": "float"}, "y": {"type": "float"}, "flag": {"type": "bool"}}
+BOX_OBS = {"x": 0.1, "y": -0.3, "flag": False}
+FAULTY_OBSERVATIONS = {"a": {"type": "float"}, "b": {"type": "float"}}
+
+
+class Faulty(nn.Module):
+    """Raises at run time when an input exceeds 1000: stands for a model that breaks."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(2, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if bool((x[:, 0] > 1000).any()):
+            raise RuntimeError("boom: input out of range")
+        return self.lin(x)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Model files of a discrete, a tuple, a box and a faulty policy (fixed seeds)."""
+    root = tmp_path_factory.mktemp("models")
+    torch.manual_seed(0)
+    export_module(MLPPolicy(11, [16], nvec=[4]), 11, root / "lpoc.pt", fmt="torchscript")
+    export_module(MLPPolicy(4, [16], nvec=[3, 2]), 4, root / "tuple.pt2", fmt="export")
+    export_module(MLPPolicy(3, [16], box_dim=2), 3, root / "box.pt2")
+    with warnings.catch_warnings():  # TorchScript is deprecated in torch 2.13; still served
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.jit.save(torch.jit.script(Faulty()), root / "faulty.pt")
+    return root
+
+
+def multi_policy_schema(model_dir: Path, **parameters: Any) -> dict[str, Any]:
+    """One schema with all four policies; lpoc is the default (plain paths)."""
+    small = {"num_cpus": 0.1}
+    return {
+        "parameters": {"api_key": API_KEY, "default_policy": "lpoc", **parameters},
+        "policies": {
+            "lpoc": {
+                "observations": LPOC_OBSERVATIONS,
+                "discrete": True,
+                "tuple": False,
+                "model": str(model_dir / "lpoc.pt"),
+                "action_space": {"type": "discrete", "n": 4, "names": ["up", "right", "down", "left"]},
+                "resources": small,
+            },
+            "tuple": {
+                "observations": TUPLE_OBSERVATIONS,
+                "model": str(model_dir / "tuple.pt2"),
+                "action_space": {"type": "tuple", "nvec": [3, 2]},
+                "resources": small,
+            },
+            "box": {
+                "observations": BOX_OBSERVATIONS,
+                "model": str(model_dir / "box.pt2"),
+                "action_space": {"type": "box", "shape": [2], "low": -0.5, "high": 0.5},
+                "resources": small,
+            },
+            "faulty": {
+                "observations": FAULTY_OBSERVATIONS,
+                "model": str(model_dir / "faulty.pt"),
+                "resources": small,
+            },
+        },
+    }
+
+
+@pytest.fixture()
+def write_schema(tmp_path: Path) -> Callable[[dict[str, Any]], Path]:
+    def write(doc: dict[str, Any], name: str = "schema.yaml") -> Path:
+        path = tmp_path / name
+        path.write_text(yaml.safe_dump(doc, sort_keys=False))
+        return path
+
+    return write
+
+
+@pytest.fixture(scope="session")
+def ray_session() -> Iterator[int]:
+    """One local Ray (and Serve, proxies off) for the whole test session; yields its metrics port."""
+    import ray
+    from ray import serve
+
+    port = free_port()
+    ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False, _metrics_export_port=port)
+    serve.start(proxy_location="Disabled")
+    yield port
+    serve.shutdown()
+    ray.shutdown()
+
+
+@contextmanager
+def running_server(app: Any) -> Iterator[str]:
+    """Serve ``app`` with a real uvicorn on a free port in a thread; yields the base URL."""
+    import uvicorn
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 120
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError("uvicorn did not start")
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=60)

@@ -1,0 +1,332 @@
+"""The HTTP API in-process (TestClient), with the policies run in the gateway (no Ray)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+import torch
+from conftest import (
+    API_KEY,
+    BOX_OBS,
+    LPOC_OBS,
+    TUPLE_OBS,
+    free_port,
+    multi_policy_schema,
+)
+from fastapi.testclient import TestClient
+
+from policy_server.gateway.app import build_app
+from policy_server.policies.torch_policy import TorchPolicy
+from policy_server.settings import Settings
+
+AUTH = {"access-token": API_KEY}
+LPOC_NAMES = ["up", "right", "down", "left"]
+
+
+def make_client(schema: Path, **settings: Any) -> TestClient:
+    base = {"schema_path": schema, "backend": "local", "gateway_metrics_port": 0, "seed": 0}
+    return TestClient(build_app(Settings(**(base | settings))))
+
+
+@pytest.fixture(scope="module")
+def schema_path(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    import yaml
+
+    path = tmp_path_factory.mktemp("schema") / "schema.yaml"
+    path.write_text(yaml.safe_dump(multi_policy_schema(model_dir), sort_keys=False))
+    return path
+
+
+@pytest.fixture(scope="module")
+def client(schema_path: Path) -> Iterator[TestClient]:
+    with make_client(schema_path, max_batch_observations=8, max_body_bytes=20_000) as c:
+        yield c
+
+
+def module_output(model_dir: Path, name: str, obs: list[list[float]]) -> list[np.ndarray]:
+    module = TorchPolicy.from_file(model_dir / name).module
+    out = module(torch.tensor(obs, dtype=torch.float32))
+    heads = out if isinstance(out, (tuple, list)) else (out,)
+    return [h.detach().numpy().astype(np.float64) for h in heads]
+
+
+def softmax(x: np.ndarray) -> np.ndarray:
+    e = np.exp(x - x.max())
+    return e / e.sum()
+
+
+def lpoc_vector(obs: dict[str, Any]) -> list[float]:
+    return [float(v) for v in obs.values()]
+
+
+# --- discrete ------------------------------------------------------------------------------
+
+
+def test_predict_answers_a_named_action_with_its_probability(client: TestClient) -> None:
+    r = client.post("/predict", json=LPOC_OBS, headers=AUTH)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["action"] in range(4)
+    assert body["action_name"] == LPOC_NAMES[body["action"]]
+    assert body["probability"] == pytest.approx(math.exp(body["log_prob"]))
+    assert body["model_version"] == 0
+
+
+def test_distribution_is_the_exact_softmax_of_the_logits(client: TestClient, model_dir: Path) -> None:
+    r = client.post("/distribution", json=LPOC_OBS, headers=AUTH)
+    assert r.status_code == 200, r.text
+    probs = r.json()["probabilities"]
+    assert list(probs) == LPOC_NAMES
+    expected = softmax(module_output(model_dir, "lpoc.pt", [lpoc_vector(LPOC_OBS)])[0][0])
+    assert [probs[n] for n in LPOC_NAMES] == pytest.approx(expected, abs=1e-6)
+
+
+def test_deterministic_is_the_argmax_of_the_distribution(client: TestClient) -> None:
+    probs = client.post("/distribution", json=LPOC_OBS, headers=AUTH).json()["probabilities"]
+    r = client.post("/predict_deterministic", json=LPOC_OBS, headers=AUTH).json()
+    assert r["action_name"] == max(probs, key=probs.get)
+    assert r["probability"] == pytest.approx(max(probs.values()))
+
+
+def test_sampled_actions_follow_the_distribution(client: TestClient) -> None:
+    probs = client.post("/distribution", json=LPOC_OBS, headers=AUTH).json()["probabilities"]
+    n = 2000
+    body = {"observations": [LPOC_OBS] * 8}
+    counts = dict.fromkeys(LPOC_NAMES, 0)
+    for _ in range(n // 8):
+        for item in client.post("/predict/batch", json=body, headers=AUTH).json()["results"]:
+            counts[item["action_name"]] += 1
+    for name in LPOC_NAMES:
+        assert counts[name] / n == pytest.approx(probs[name], abs=0.04)
+
+
+def test_batch_forms_answer_every_observation_in_order(client: TestClient) -> None:
+    other = LPOC_OBS | {"coordinates_0": 7, "is_up_free": False}
+    body = {"observations": [LPOC_OBS, other, LPOC_OBS]}
+    det = client.post("/predict_deterministic/batch", json=body, headers=AUTH).json()
+    singles = [client.post("/predict_deterministic", json=o, headers=AUTH).json() for o in body["observations"]]
+    assert [d["action"] for d in det["results"]] == [s["action"] for s in singles]
+    dist = client.post("/distribution/batch", json=body, headers=AUTH).json()
+    single = client.post("/distribution", json=other, headers=AUTH).json()
+    assert dist["results"][1]["probabilities"] == pytest.approx(single["probabilities"])
+    assert len(client.post("/predict/batch", json=body, headers=AUTH).json()["results"]) == 3
+
+
+def test_predict_raw_checks_the_width(client: TestClient) -> None:
+    ok = client.post("/predict_raw", json={"obs": lpoc_vector(LPOC_OBS)}, headers=AUTH)
+    assert ok.status_code == 200 and ok.json()["action"] in range(4)
+    bad = client.post("/predict_raw", json={"obs": [0.0] * 10}, headers=AUTH)
+    assert bad.status_code == 422
+    assert "11" in bad.json()["error"]["message"] and "10" in bad.json()["error"]["message"]
+    batch = client.post("/predict_raw/batch", json={"obs": [lpoc_vector(LPOC_OBS)] * 5}, headers=AUTH)
+    assert batch.status_code == 200 and len(batch.json()["results"]) == 5
+    ragged = client.post("/predict_raw/batch", json={"obs": [[0.0] * 11, [0.0] * 12]}, headers=AUTH)
+    assert ragged.status_code == 422
+    assert ragged.json()["error"]["fields"][0]["field"] == "body.obs.1"
+
+
+# --- tuple and box ---------------------------------------------------------------------------
+
+
+def test_tuple_policy_answers_one_index_per_component(client: TestClient, model_dir: Path) -> None:
+    base = "/policies/tuple"
+    r = client.post(f"{base}/predict", json=TUPLE_OBS, headers=AUTH).json()
+    assert len(r["action"]) == 2 and r["action"][0] in range(3) and r["action"][1] in range(2)
+    dist = client.post(f"{base}/distribution", json=TUPLE_OBS, headers=AUTH).json()["components"]
+    heads = module_output(model_dir, "tuple.pt2", [[0.5, 0.1, -0.2, 0.3]])
+    for component, logits in zip(dist, heads):
+        assert list(component.values()) == pytest.approx(softmax(logits[0]), abs=1e-6)
+    joint = dist[0][str(r["action"][0])] * dist[1][str(r["action"][1])]
+    assert r["probability"] == pytest.approx(joint, rel=1e-5)
+    det = client.post(f"{base}/predict_deterministic", json=TUPLE_OBS, headers=AUTH).json()
+    assert det["action"] == [int(np.argmax(h[0])) for h in heads]
+
+
+def test_box_policy_answers_a_clipped_gaussian_action(client: TestClient, model_dir: Path) -> None:
+    base = "/policies/box"
+    mean, log_std = module_output(model_dir, "box.pt2", [[0.1, -0.3, 0.0]])
+    dist = client.post(f"{base}/distribution", json=BOX_OBS, headers=AUTH).json()
+    assert dist["mean"] == pytest.approx(mean[0], abs=1e-6)
+    assert dist["std"] == pytest.approx(np.exp(log_std[0]), abs=1e-6)
+    det = client.post(f"{base}/predict_deterministic", json=BOX_OBS, headers=AUTH).json()
+    assert det["action"] == pytest.approx(np.clip(mean[0], -0.5, 0.5), abs=1e-6)
+    assert "probability" not in det  # a density has no probability
+    for _ in range(20):
+        action = client.post(f"{base}/predict", json=BOX_OBS, headers=AUTH).json()["action"]
+        assert all(-0.5 <= a <= 0.5 for a in action)
+
+
+def test_default_policy_keeps_the_plain_paths(client: TestClient) -> None:
+    plain = client.post("/distribution", json=LPOC_OBS, headers=AUTH).json()
+    prefixed = client.post("/policies/lpoc/distribution", json=LPOC_OBS, headers=AUTH).json()
+    assert plain == prefixed
+    # the plain paths take the default policy's observations only
+    assert client.post("/predict", json=BOX_OBS, headers=AUTH).status_code == 422
+
+
+# --- auth --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("how", ["header", "query", "cookie"])
+def test_api_key_is_accepted_as_header_query_or_cookie(schema_path: Path, how: str) -> None:
+    with make_client(schema_path) as c:
+        kwargs: dict[str, Any] = {
+            "header": {"headers": AUTH},
+            "query": {"params": AUTH},
+            "cookie": {},
+        }[how]
+        if how == "cookie":
+            c.cookies.set("access-token", API_KEY)
+        assert c.post("/predict", json=LPOC_OBS, **kwargs).status_code == 200
+
+
+@pytest.mark.parametrize("headers", [{}, {"access-token": "wrong"}, {"access-token": ""}])
+def test_missing_or_wrong_key_is_403_in_the_envelope(client: TestClient, headers: dict[str, str]) -> None:
+    r = client.post("/predict", json=LPOC_OBS, headers=headers)
+    assert r.status_code == 403
+    assert r.json()["error"]["code"] == "forbidden"
+    assert API_KEY not in r.text
+
+
+def test_docs_health_status_and_schema_stay_public_and_never_show_the_key(client: TestClient) -> None:
+    for path in ["/docs", "/redoc", "/openapi.json", "/health/live", "/health/ready", "/", "/schema"]:
+        r = client.get(path)
+        assert r.status_code == 200, path
+        assert API_KEY not in r.text, path
+
+
+def test_environment_overrides_the_schema_key(schema_path: Path) -> None:
+    with make_client(schema_path, api_key="from-env") as c:
+        assert c.post("/predict", json=LPOC_OBS, headers=AUTH).status_code == 403
+        assert c.post("/predict", json=LPOC_OBS, headers={"access-token": "from-env"}).status_code == 200
+
+
+def test_url_path_serves_everything_under_the_prefix(model_dir: Path, write_schema: Any) -> None:
+    path = write_schema(multi_policy_schema(model_dir, url_path="/api/v1/"))
+    with make_client(path) as c:
+        assert c.post("/api/v1/predict", json=LPOC_OBS, headers=AUTH).status_code == 200
+        assert c.post("/api/v1/policies/box/predict", json=BOX_OBS, headers=AUTH).status_code == 200
+        assert c.get("/api/v1/docs").status_code == 200
+        assert "/api/v1/predict" in c.get("/api/v1/openapi.json").json()["paths"]
+        assert c.post("/predict", json=LPOC_OBS, headers=AUTH).status_code == 404
+
+
+# --- bad input ---------------------------------------------------------------------------------
+
+BAD_BODIES = {
+    "wrong type": (LPOC_OBS | {"coordinates_0": "east"}, "body.coordinates_0"),
+    "fraction for int": (LPOC_OBS | {"id": 1.5}, "body.id"),
+    "missing field": ({k: v for k, v in LPOC_OBS.items() if k != "is_up_free"}, "body.is_up_free"),
+    "unknown field": (LPOC_OBS | {"altitude": 3}, "body.altitude"),
+    "not an object": ([1, 2, 3], "body"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_BODIES))
+def test_invalid_observations_are_422_naming_the_field(client: TestClient, case: str) -> None:
+    body, field = BAD_BODIES[case]
+    r = client.post("/predict", json=body, headers=AUTH)
+    assert r.status_code == 422
+    error = r.json()["error"]
+    assert error["code"] == "invalid_request"
+    assert field in [f["field"] for f in error["fields"]]
+
+
+@pytest.mark.parametrize("raw", [b'{"speed": NaN, "sensors": [0, 0, 0]}', b'{"speed": 0, "sensors": [0, Infinity, 0]}'])
+def test_non_finite_numbers_are_refused(client: TestClient, raw: bytes) -> None:
+    r = client.post("/policies/tuple/predict", content=raw, headers=AUTH | {"content-type": "application/json"})
+    assert r.status_code == 422
+    assert "finite" in r.json()["error"]["message"]
+
+
+def test_wrong_list_length_is_refused(client: TestClient) -> None:
+    r = client.post("/policies/tuple/predict", json=TUPLE_OBS | {"sensors": [0.0, 1.0]}, headers=AUTH)
+    assert r.status_code == 422
+    assert r.json()["error"]["fields"][0]["field"] == "body.sensors"
+
+
+@pytest.mark.parametrize("raw", [b"", b"{not json", b'{"id": 1,}'])
+def test_empty_or_malformed_json_is_422(client: TestClient, raw: bytes) -> None:
+    r = client.post("/predict", content=raw, headers=AUTH | {"content-type": "application/json"})
+    assert r.status_code == 422
+    assert r.json()["error"]["code"] == "invalid_request"
+
+
+def test_batches_over_the_limit_or_empty_are_refused(client: TestClient) -> None:
+    too_many = client.post("/predict/batch", json={"observations": [LPOC_OBS] * 9}, headers=AUTH)
+    assert too_many.status_code == 422 and "8" in too_many.json()["error"]["message"]
+    empty = client.post("/predict/batch", json={"observations": []}, headers=AUTH)
+    assert empty.status_code == 422
+    bad_item = client.post("/predict/batch", json={"observations": [LPOC_OBS, {"id": 1}]}, headers=AUTH)
+    assert any(f["field"].startswith("body.observations.1") for f in bad_item.json()["error"]["fields"])
+
+
+def test_oversized_bodies_are_413_declared_or_streamed(client: TestClient) -> None:
+    big = b'{"obs": [' + b"0.0," * 10_000 + b"0.0]}"
+    r = client.post("/predict_raw", content=big, headers=AUTH | {"content-type": "application/json"})
+    assert r.status_code == 413 and r.json()["error"]["code"] == "payload_too_large"
+
+    def chunks() -> Iterator[bytes]:
+        yield big[:15_000]
+        yield big[15_000:]
+
+    r = client.post("/predict_raw", content=chunks(), headers=AUTH | {"content-type": "application/json"})
+    assert r.status_code == 413 and r.json()["error"]["code"] == "payload_too_large"
+
+
+def test_a_model_that_raises_answers_500_and_the_server_keeps_serving(client: TestClient) -> None:
+    r = client.post("/policies/faulty/predict", json={"a": 5000.0, "b": 0.0}, headers=AUTH)
+    assert r.status_code == 500
+    assert r.json()["error"]["code"] == "model_error"
+    assert "boom" in r.json()["error"]["message"]
+    assert client.post("/policies/faulty/predict", json={"a": 1.0, "b": 0.0}, headers=AUTH).status_code == 200
+
+
+def test_unknown_routes_and_methods_answer_the_envelope(client: TestClient) -> None:
+    r = client.get("/nope")
+    assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
+    r = client.get("/predict", headers=AUTH)
+    assert r.status_code == 405 and r.json()["error"]["code"] == "method_not_allowed"
+
+
+# --- documentation and metrics --------------------------------------------------------------
+
+
+def test_openapi_documents_the_generated_observation_models(client: TestClient) -> None:
+    spec = client.get("/openapi.json").json()
+    obs = spec["components"]["schemas"]["LpocObservation"]
+    assert list(obs["properties"]) == list(LPOC_OBS)
+    assert obs["additionalProperties"] is False
+    assert obs["properties"]["is_up_free"]["examples"] == [False]
+    assert "TupleObservation" in spec["components"]["schemas"]
+    sensors = spec["components"]["schemas"]["TupleObservation"]["properties"]["sensors"]
+    assert sensors["minItems"] == sensors["maxItems"] == 3
+    for path in ["/predict", "/predict_deterministic", "/distribution", "/predict_raw", "/predict/batch",
+                 "/policies/box/distribution/batch", "/policies/tuple/predict_raw/batch"]:
+        assert path in spec["paths"], path
+    assert {"APIKeyHeader", "APIKeyQuery", "APIKeyCookie"} <= set(spec["components"]["securitySchemes"])
+
+
+def test_status_describes_every_policy(client: TestClient) -> None:
+    body = client.get("/").json()
+    assert body["default_policy"] == "lpoc"
+    assert body["policies"]["tuple"]["action_space"] == {"type": "tuple", "nvec": [3, 2], "names": [["0", "1", "2"], ["0", "1"]]}
+    assert body["policies"]["box"]["obs_dim"] == 3
+
+
+def test_gateway_metrics_count_requests_per_policy_endpoint_and_status(schema_path: Path) -> None:
+    port = free_port()
+    with make_client(schema_path, gateway_metrics_port=port) as c:
+        c.post("/predict", json=LPOC_OBS, headers=AUTH)
+        c.post("/policies/box/predict", json=BOX_OBS)
+        text = httpx.get(f"http://127.0.0.1:{port}/metrics").text
+    assert 'policy_server_requests_total{endpoint="/predict",policy="lpoc",status="200"} 1.0' in text
+    assert 'policy_server_errors_total{endpoint="/policies/box/predict",policy="box",status="403"} 1.0' in text
+    assert 'policy_server_batch_rows_count{policy="lpoc"} 1.0' in text
+    assert "policy_server_request_seconds_bucket" in text
