@@ -1,0 +1,353 @@
+"""Loading schema.yaml: the Pathmind format unchanged, each extension, and named errors."""
+
+from __future__ import annotations
+
+import json
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from policy_server.errors import SchemaError
+from policy_server.export import MLPPolicy, export_module
+from policy_server.policies.served import resolve_policy
+from policy_server.schema.config import (
+    OBSERVATION_TYPES,
+    BoxSpec,
+    DiscreteSpec,
+    ResourceSpec,
+    TupleSpec,
+    load_schema,
+)
+
+API_KEY = "1234567asdfgh-secret"
+
+LPOC = {
+    "id": "int",
+    "coordinates_0": "int",
+    "coordinates_1": "int",
+    "has_up_neighbour": "bool",
+    "is_up_free": "bool",
+    "has_right_neighbour": "bool",
+    "is_right_free": "bool",
+    "has_down_neighbour": "bool",
+    "is_down_free": "bool",
+    "has_left_neighbour": "bool",
+    "is_left_free": "bool",
+}
+
+PATHMIND_SCHEMA = (
+    "observations:\n"
+    + "".join(f"  {name}:\n    type: {kind}\n" for name, kind in LPOC.items())
+    + textwrap.dedent(
+        f"""\
+        parameters:
+          discrete: True
+          tuple: False
+          api_key: "{API_KEY}"
+          url_path: "/my_lpoc_model/"
+        """
+    )
+)
+
+
+def write(folder: Path, text: str, models: tuple[str, ...] = ("model.pt",)) -> Path:
+    """A schema.yaml in ``folder`` with placeholder model files under ``models/``."""
+    (folder / "models").mkdir(exist_ok=True)
+    for name in models:
+        (folder / "models" / name).write_bytes(b"placeholder")
+    path = folder / "schema.yaml"
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+def schema_error(path: Path) -> str:
+    with pytest.raises(SchemaError) as info:
+        load_schema(path)
+    return info.value.message
+
+
+# --- the Pathmind format --------------------------------------------------------------------
+
+
+def test_pathmind_schema_loads_unchanged(tmp_path: Path) -> None:
+    schema = load_schema(write(tmp_path, PATHMIND_SCHEMA))
+    assert list(schema.policies) == ["default"] and schema.default_policy == "default"
+    policy = schema.policies["default"]
+    assert policy.observations is not None
+    assert list(policy.observations) == list(LPOC)
+    assert {n: o.type for n, o in policy.observations.items()} == LPOC
+    assert all(o.width == 1 for o in policy.observations.values())
+    assert policy.action_space == DiscreteSpec()
+    assert policy.model == (tmp_path / "models" / "model.pt").resolve()
+    assert policy.resources == ResourceSpec()
+    assert schema.api_key is not None and schema.api_key.get_secret_value() == API_KEY
+    assert schema.url_path == "my_lpoc_model"
+
+
+def test_pathmind_tuple_flag_gives_a_tuple_space(tmp_path: Path) -> None:
+    text = PATHMIND_SCHEMA.replace("tuple: False", "tuple: True")
+    assert load_schema(write(tmp_path, text)).policies["default"].action_space == TupleSpec()
+
+
+def test_public_schema_never_shows_the_api_key(tmp_path: Path) -> None:
+    schema = load_schema(write(tmp_path, PATHMIND_SCHEMA))
+    public = schema.public()
+    text = json.dumps(public)
+    assert API_KEY not in text
+    assert "api_key" not in text
+    assert API_KEY not in repr(schema) and API_KEY not in str(schema)
+    assert public["url_path"] == "my_lpoc_model"
+    assert public["policies"]["default"]["model"] == "model.pt"  # the file name, not the path
+    assert list(public["policies"]["default"]["observations"]) == list(LPOC)
+
+
+# --- extensions -----------------------------------------------------------------------------
+
+
+def test_discrete_action_space_with_names(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        """\
+        observations:
+          x: {type: float}
+        parameters:
+          action_space: {type: discrete, n: 4, names: [up, right, down, left]}
+        """,
+    )
+    space = load_schema(path).policies["default"].action_space
+    assert space == DiscreteSpec(n=4, names=["up", "right", "down", "left"])
+
+
+def test_discrete_names_must_match_n(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        """\
+        parameters:
+          action_space: {type: discrete, n: 3, names: [a, b]}
+        """,
+    )
+    message = schema_error(path)
+    assert "parameters.action_space" in message and "2" in message and "3" in message
+
+
+def test_tuple_action_space_with_nvec(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        """\
+        observations:
+          x: {type: float}
+        parameters:
+          action_space: {type: tuple, nvec: [3, 2]}
+        """,
+    )
+    assert load_schema(path).policies["default"].action_space == TupleSpec(nvec=[3, 2])
+
+
+def test_box_action_space_with_shape_and_bounds(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        """\
+        observations:
+          x: {type: "List[float]", min_items: 3, max_items: 3}
+        parameters:
+          discrete: False
+          action_space: {type: box, shape: [2], low: -1, high: [1.0, 2.5]}
+        """,
+    )
+    policy = load_schema(path).policies["default"]
+    assert policy.action_space == BoxSpec(shape=[2], low=-1.0, high=[1.0, 2.5])
+    assert policy.observations is not None and policy.observations["x"].width == 3
+
+
+def test_pathmind_continuous_flag_gives_a_box(tmp_path: Path) -> None:
+    path = write(tmp_path, "parameters:\n  discrete: False\n")
+    assert load_schema(path).policies["default"].action_space == BoxSpec()
+
+
+def test_model_path_relative_to_the_schema(tmp_path: Path) -> None:
+    (tmp_path / "trained").mkdir()
+    (tmp_path / "trained" / "policy.pt2").write_bytes(b"placeholder")
+    # two files in models/ would be ambiguous: an explicit model path wins
+    path = write(tmp_path, "parameters:\n  model: trained/policy.pt2\n", models=("a.pt", "b.pt"))
+    assert load_schema(path).policies["default"].model == (tmp_path / "trained" / "policy.pt2").resolve()
+
+
+def test_resources(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        """\
+        parameters:
+          resources: {num_replicas: 3, num_gpus: 0.5, max_batch_size: 64, batch_wait_ms: 2}
+        """,
+    )
+    resources = load_schema(path).policies["default"].resources
+    assert resources == ResourceSpec(num_replicas=3, num_gpus=0.5, max_batch_size=64, batch_wait_ms=2.0)
+    assert resources.num_cpus == 1.0
+    assert resources.concurrent_batches == 6
+
+
+def test_several_policies_with_default_policy(tmp_path: Path) -> None:
+    (tmp_path / "b.pt").write_bytes(b"placeholder")
+    path = write(
+        tmp_path,
+        """\
+        parameters:
+          default_policy: beta
+          api_key: key
+        policies:
+          alpha:
+            observations:
+              x: {type: int}
+            action_space: {type: discrete, names: [l, r]}
+          beta:
+            model: b.pt
+            tuple: true
+            observations:
+              y: {type: "List[float]", min_items: 2, max_items: 2}
+              z: {type: bool}
+            resources: {num_replicas: 2}
+        """,
+    )
+    schema = load_schema(path)
+    assert list(schema.policies) == ["alpha", "beta"]
+    assert schema.default_policy == "beta"
+    alpha, beta = schema.policies["alpha"], schema.policies["beta"]
+    assert alpha.name == "alpha" and beta.name == "beta"
+    assert alpha.action_space == DiscreteSpec(names=["l", "r"])
+    assert alpha.model == (tmp_path / "models" / "model.pt").resolve()
+    assert beta.action_space == TupleSpec()
+    assert beta.model == (tmp_path / "b.pt").resolve()
+    assert alpha.observations is not None and list(alpha.observations) == ["x"]
+    assert beta.observations is not None and list(beta.observations) == ["y", "z"]
+    assert beta.resources.num_replicas == 2 and alpha.resources.num_replicas == 1
+
+
+def test_first_policy_is_the_default_when_none_is_named(tmp_path: Path) -> None:
+    path = write(tmp_path, "policies:\n  second: {}\n  first: {}\n")
+    assert load_schema(path).default_policy == "second"
+
+
+# --- errors name the field ------------------------------------------------------------------
+
+
+def test_unknown_observation_type_lists_the_valid_types(tmp_path: Path) -> None:
+    message = schema_error(write(tmp_path, "observations:\n  speed: {type: double}\n"))
+    assert "observations.speed.type" in message and "'double'" in message
+    assert all(t in message for t in OBSERVATION_TYPES)
+
+
+def test_unknown_observation_type_in_a_named_policy(tmp_path: Path) -> None:
+    message = schema_error(
+        write(tmp_path, "policies:\n  a:\n    observations:\n      speed: {type: integer}\n")
+    )
+    assert "policies.a.observations.speed.type" in message
+    assert all(t in message for t in OBSERVATION_TYPES)
+
+
+@pytest.mark.parametrize(
+    "text,field",
+    [
+        ("parameters:\n  discrete: true\n  bogus: 1\n", "parameters.bogus"),
+        ("observations:\n  x: {type: int, unit: m}\n", "observations.x.unit"),
+        ("policy:\n  a: {}\n", "policy"),
+        ("parameters:\n  resources: {replicas: 2}\n", "parameters.resources.replicas"),
+    ],
+)
+def test_unknown_key(tmp_path: Path, text: str, field: str) -> None:
+    assert f"{field}: unknown key" in schema_error(write(tmp_path, text))
+
+
+def test_missing_model_file(tmp_path: Path) -> None:
+    message = schema_error(write(tmp_path, "parameters:\n  model: nowhere/policy.pt\n"))
+    assert "parameters.model" in message and "not found" in message
+    assert str((tmp_path / "nowhere" / "policy.pt").resolve()) in message
+
+
+def test_missing_model_file_of_a_named_policy(tmp_path: Path) -> None:
+    message = schema_error(write(tmp_path, "policies:\n  a:\n    model: gone.pt\n"))
+    assert "policies.a.model" in message and "gone.pt" in message
+
+
+@pytest.mark.parametrize("models", [(), ("notes.txt",)])
+def test_no_model_in_models_folder(tmp_path: Path, models: tuple[str, ...]) -> None:
+    message = schema_error(write(tmp_path, PATHMIND_SCHEMA, models=models))
+    assert "parameters.model" in message and "no model file" in message
+    assert str((tmp_path / "models").resolve()) in message
+
+
+def test_two_models_in_models_folder(tmp_path: Path) -> None:
+    message = schema_error(write(tmp_path, PATHMIND_SCHEMA, models=("a.pt", "b.pt2")))
+    assert "parameters.model" in message and "2 model files" in message
+
+
+def test_default_policy_not_among_policies(tmp_path: Path) -> None:
+    message = schema_error(
+        write(tmp_path, "parameters:\n  default_policy: gamma\npolicies:\n  alpha: {}\n  beta: {}\n")
+    )
+    assert "parameters.default_policy" in message
+    assert "'gamma'" in message and "alpha" in message and "beta" in message
+
+
+def test_top_level_observations_with_policies(tmp_path: Path) -> None:
+    message = schema_error(write(tmp_path, "observations:\n  x: {type: int}\npolicies:\n  a: {}\n"))
+    assert message.startswith("observations:")
+
+
+def test_tuple_of_continuous_actions(tmp_path: Path) -> None:
+    message = schema_error(write(tmp_path, "parameters:\n  discrete: false\n  tuple: true\n"))
+    assert message.startswith("parameters:") and "tuple" in message
+
+
+def test_min_items_on_a_scalar(tmp_path: Path) -> None:
+    message = schema_error(write(tmp_path, "observations:\n  x: {type: int, min_items: 2}\n"))
+    assert "observations.x" in message and "min_items" in message
+
+
+def test_invalid_yaml(tmp_path: Path) -> None:
+    path = tmp_path / "schema.yaml"
+    path.write_text("observations:\n  id: {type: int\n  x: [\n")
+    message = schema_error(path)
+    assert "not valid YAML" in message and str(path) in message
+
+
+def test_missing_schema_file(tmp_path: Path) -> None:
+    path = tmp_path / "absent.yaml"
+    message = schema_error(path)
+    assert "schema file not found" in message and str(path) in message
+
+
+# --- two open-length lists: refused at start-up, when the schema meets its model ------------
+
+
+@pytest.fixture
+def real_model(tmp_path: Path) -> Path:
+    torch.manual_seed(0)
+    return export_module(MLPPolicy(6, [], nvec=[2]), 6, tmp_path / "real.pt2")
+
+
+OPEN_LISTS = """\
+  a: {type: "List[float]"}
+  n: {type: int}
+  b: {type: "List[int]", min_items: 1}
+"""
+
+
+def test_two_open_length_lists(tmp_path: Path, real_model: Path) -> None:
+    path = write(tmp_path, "observations:\n" + OPEN_LISTS + "parameters:\n  model: real.pt2\n", models=())
+    spec = load_schema(path).policies["default"]
+    with pytest.raises(SchemaError) as info:
+        resolve_policy(spec)
+    assert info.value.message.startswith("observations.b: more than one list")
+    assert "(a, b)" in info.value.message
+
+
+def test_two_open_length_lists_in_a_named_policy(tmp_path: Path, real_model: Path) -> None:
+    observations = textwrap.indent(OPEN_LISTS, "    ")
+    text = "policies:\n  grid:\n    model: real.pt2\n    observations:\n" + observations
+    spec = load_schema(write(tmp_path, text, models=())).policies["grid"]
+    with pytest.raises(SchemaError) as info:
+        resolve_policy(spec)
+    # the field lives under the policy, as every other error of a named policy says
+    assert info.value.message.startswith("policies.grid.observations.b: more than one list")
