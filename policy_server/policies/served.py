@@ -60,7 +60,7 @@ def resolve_policy(spec: PolicySpec) -> tuple[ServedPolicy, TorchPolicy]:
     widths: dict[str, int] = {}
     if spec.observations:
         try:
-            widths = resolve_widths(spec.observations, model_width)
+            widths = resolve_widths(spec.observations, model_width, obs_where)
         except ValueError as exc:
             raise SchemaError(str(exc)) from exc
         obs_dim = sum(widths.values())

@@ -91,7 +91,8 @@ class TorchPolicy:
         with self._lock, torch.inference_mode():
             heads = _as_heads(self.module(x))
             version = self.version
-        arrays = [h.detach().to("cpu", torch.float32).numpy() for h in heads]
+        # copies: an answer must not change when the weights do (a log-std head is a parameter)
+        arrays = [h.detach().to("cpu", torch.float32).clone().numpy() for h in heads]
         if len(arrays) == 2 and arrays[1].ndim == 1:
             arrays[1] = np.broadcast_to(arrays[1], arrays[0].shape).copy()
         return PolicyOutput(arrays, version)
@@ -101,9 +102,23 @@ class TorchPolicy:
             return {k: v.detach().cpu().numpy().copy() for k, v in self.module.state_dict().items()}
 
     def set_weights(self, weights: dict[str, np.ndarray], version: int) -> int:
-        """Load new weights (same names and shapes) and bump to ``version``, atomically."""
+        """Load new weights (same names and shapes) and bump to ``version``, atomically.
+
+        Raises ValueError, changing nothing, when names or shapes differ from the model's.
+        """
         tensors = {k: torch.as_tensor(v) for k, v in weights.items()}
         with self._lock:
+            _check_same_layout(self.module.state_dict(), tensors)
             self.module.load_state_dict(tensors, strict=True)
             self.version = version
         return version
+
+
+def _check_same_layout(current: dict[str, torch.Tensor], new: dict[str, torch.Tensor]) -> None:
+    """Refuse an update before touching any weight (load_state_dict copies, then raises)."""
+    if set(current) != set(new):
+        missing, unknown = sorted(set(current) - set(new)), sorted(set(new) - set(current))
+        raise ValueError(f"weights do not match the model: missing {missing}, unknown {unknown}")
+    wrong = {k: (list(new[k].shape), list(v.shape)) for k, v in current.items() if new[k].shape != v.shape}
+    if wrong:
+        raise ValueError(f"weights have the wrong shapes (given, expected): {wrong}")

@@ -209,6 +209,11 @@ def parse_schema(raw: Any, base_dir: Path) -> ServerSchema:
         entries = parsed.policies
         if parsed.observations is not None:
             raise SchemaError("observations: with `policies`, give observations per policy")
+        per_policy = sorted(set(_PolicyFields.model_fields) & params.model_fields_set)
+        if per_policy:
+            raise SchemaError(
+                f"parameters.{per_policy[0]}: with `policies`, set {', '.join(per_policy)} per policy"
+            )
     else:
         entries = {
             DEFAULT_POLICY: _PolicyEntry(
@@ -275,7 +280,7 @@ def _find_model(model: str | None, base_dir: Path, where: str) -> Path:
 def _describe(exc: ValidationError) -> str:
     lines = []
     for err in exc.errors():
-        loc = ".".join(str(p) for p in err["loc"])
+        loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
         msg = err["msg"]
         if err["type"] == "literal_error" and loc.endswith(".type"):
             msg = (

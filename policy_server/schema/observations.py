@@ -20,7 +20,7 @@ _EXAMPLES: dict[str, Any] = {"int": 0, "float": 0.0, "bool": False}
 
 
 def resolve_widths(
-    observations: dict[str, ObservationSpec], model_width: int | None
+    observations: dict[str, ObservationSpec], model_width: int | None, where: str = "observations"
 ) -> dict[str, int]:
     """Width of each field; one list of open length takes the columns the model has left.
 
@@ -30,20 +30,20 @@ def resolve_widths(
     fixed = sum(spec.width or 0 for spec in observations.values())
     if len(open_fields) > 1:
         raise ValueError(
-            f"observations.{open_fields[1]}: more than one list without a fixed length "
+            f"{where}.{open_fields[1]}: more than one list without a fixed length "
             f"({', '.join(open_fields)}); set min_items = max_items on all but one"
         )
     widths = {name: spec.width or 0 for name, spec in observations.items()}
     if open_fields:
         name = open_fields[0]
         if model_width is None:
-            raise ValueError(f"observations.{name}: set min_items = max_items (length unknown)")
+            raise ValueError(f"{where}.{name}: set min_items = max_items (length unknown)")
         widths[name] = model_width - fixed
         spec = observations[name]
         lo, hi = spec.min_items or 0, spec.max_items
         if not lo <= widths[name] <= (hi if hi is not None else widths[name]):
             raise ValueError(
-                f"observations.{name}: the model leaves {widths[name]} columns for this list, "
+                f"{where}.{name}: the model leaves {widths[name]} columns for this list, "
                 f"outside min_items={spec.min_items} / max_items={spec.max_items}"
             )
     return widths

@@ -74,10 +74,12 @@ class MicroBatcher:
             if self._on_batch is not None:
                 self._on_batch(len(obs))
             out = await self._forward(obs)
-        except Exception as exc:  # every waiting request gets the failure
+        except BaseException as exc:  # every waiting request gets the failure, cancellation too
             for _, future in batch:
                 if not future.done():
                     future.set_exception(exc)
+            if not isinstance(exc, Exception):
+                raise
         else:
             start = 0
             for o, future in batch:

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 import ray
 from ray import serve
+from ray.serve.handle import DeploymentHandle
 
 from policy_server.policies.torch_policy import model_format
 from policy_server.schema.config import PolicySpec
@@ -51,10 +52,11 @@ class ServeRuntime:
 
     def connect(self, spec: PolicySpec) -> ServeBackend:
         """A backend on the deployed app; call it from the event loop that will use it."""
-        handle = serve.get_deployment_handle(
-            f"policy-{spec.name}", f"{self.settings.serve_app_prefix}-{spec.name}"
-        )
-        # Route in the caller's event loop: saves a thread hop per call (see DESIGN.md).
+        app_name = f"{self.settings.serve_app_prefix}-{spec.name}"
+        serve.get_deployment_handle(f"policy-{spec.name}", app_name)  # raises if it is missing
+        # A private handle (serve.get_deployment_handle's are shared and cached) whose router runs
+        # in the caller's event loop: saves a thread hop per call (see DESIGN.md).
+        handle = DeploymentHandle(f"policy-{spec.name}", app_name)
         handle._init(_run_router_in_separate_loop=False)
         return ServeBackend(handle)
 

@@ -1,0 +1,107 @@
+"""`uvicorn app:app` with RAY_ADDRESS joins an existing cluster (`ray start --head`) and serves."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+from conftest import API_KEY, LPOC_OBS, free_port, multi_policy_schema
+
+ROOT = Path(__file__).resolve().parents[2]
+# A throw-away test cluster: no usage stats, and no token auth (a real cluster keeps its own setting).
+CLUSTER_ENV = os.environ | {"RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
+
+
+def _wait_for(predicate, timeout: float, what: str, proc: subprocess.Popen | None = None) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"{what}: process exited with {proc.returncode}")
+        try:
+            if predicate():
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+@pytest.fixture()
+def ray_cluster() -> Iterator[str]:
+    """A real Ray head node in its own processes, on its own ports and temp dir."""
+    temp_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
+    port = free_port()
+    ports = {
+        "--port": port,
+        "--dashboard-agent-listen-port": free_port(),
+        "--dashboard-agent-grpc-port": free_port(),
+        "--runtime-env-agent-port": free_port(),
+        "--metrics-export-port": free_port(),
+        "--node-manager-port": free_port(),
+        "--object-manager-port": free_port(),
+        "--ray-client-server-port": free_port(),
+    }
+    cmd = [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block", "--num-cpus=2",
+           "--include-dashboard=false", f"--temp-dir={temp_dir}"]
+    cmd += [f"{flag}={value}" for flag, value in ports.items()]
+    head = subprocess.Popen(cmd, env=CLUSTER_ENV, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    address = f"127.0.0.1:{port}"
+    try:
+        check = [sys.executable, "-c", f"import ray; ray.init(address='{address}'); print(ray.cluster_resources()['CPU'])"]
+        ready = lambda: subprocess.run(check, env=CLUSTER_ENV, capture_output=True, timeout=60).returncode == 0  # noqa: E731
+        _wait_for(ready, 120, "ray head", head)
+        yield address
+    finally:
+        _stop(head)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def test_app_joins_an_existing_ray_cluster(ray_cluster: str, model_dir: Path, tmp_path: Path) -> None:
+    schema = tmp_path / "schema.yaml"
+    schema.write_text(yaml.safe_dump(multi_policy_schema(model_dir), sort_keys=False))
+    port = free_port()
+    env = CLUSTER_ENV | {
+        "RAY_ADDRESS": ray_cluster,
+        "SCHEMA_PATH": str(schema),
+        "POLICY_SERVER_GATEWAY_METRICS_PORT": "0",
+        "POLICY_SERVER_SERVE_APP_PREFIX": "cluster-test",
+    }
+    gateway = subprocess.Popen(
+        [sys.executable, "-m", "uvicorn", "app:app", "--port", str(port)],
+        cwd=ROOT, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_for(lambda: httpx.get(f"{url}/health/ready").status_code == 200, 180, "gateway", gateway)
+        r = httpx.post(f"{url}/predict", json=LPOC_OBS, headers={"access-token": API_KEY})
+        assert r.status_code == 200, r.text
+        assert r.json()["action_name"] in {"up", "right", "down", "left"}
+        # the deployments run on the cluster, not in the gateway's process
+        check = (
+            "import ray; from ray import serve; ray.init(address='%s'); "
+            "print(sorted(serve.status().applications))" % ray_cluster
+        )
+        apps = subprocess.run([sys.executable, "-c", check], env=CLUSTER_ENV, capture_output=True, text=True, timeout=120)
+        assert "cluster-test-lpoc" in apps.stdout, apps.stderr[-2000:]
+    finally:
+        _stop(gateway)

@@ -1,0 +1,166 @@
+"""End to end: a real uvicorn gateway in front of real Ray Serve deployments (one Ray per session)."""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+import yaml
+from conftest import API_KEY, BOX_OBS, LPOC_OBS, TUPLE_OBS, free_port, multi_policy_schema, running_server
+
+from policy_server.gateway.app import build_app
+from policy_server.settings import Settings
+
+AUTH = {"access-token": API_KEY}
+PREFIX = "it-serving"
+POLICY_BODIES = {"lpoc": LPOC_OBS, "tuple": TUPLE_OBS, "box": BOX_OBS}
+
+
+@pytest.fixture(scope="module")
+def server(ray_session: int, model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    path = tmp_path_factory.mktemp("serve") / "schema.yaml"
+    path.write_text(yaml.safe_dump(multi_policy_schema(model_dir), sort_keys=False))
+    metrics_port = free_port()
+    settings = Settings(schema_path=path, gateway_metrics_port=metrics_port, serve_app_prefix=PREFIX, seed=0)
+    app = build_app(settings)
+    with running_server(app) as url, httpx.Client(base_url=url, headers=AUTH, timeout=30) as client:
+        yield {"url": url, "client": client, "metrics_port": metrics_port, "ray_metrics_port": ray_session}
+
+
+@pytest.mark.parametrize("policy", list(POLICY_BODIES))
+def test_every_endpoint_answers_for_every_kind_of_policy(server: dict[str, Any], policy: str) -> None:
+    client: httpx.Client = server["client"]
+    obs = POLICY_BODIES[policy]
+    base = f"/policies/{policy}"
+    for endpoint in ["predict", "predict_deterministic", "distribution"]:
+        single = client.post(f"{base}/{endpoint}", json=obs)
+        assert single.status_code == 200, single.text
+        assert single.json()["model_version"] == 0
+        batch = client.post(f"{base}/{endpoint}/batch", json={"observations": [obs] * 5})
+        assert batch.status_code == 200, batch.text
+        assert len(batch.json()["results"]) == 5
+    width = client.get("/").json()["policies"][policy]["obs_dim"]
+    raw = client.post(f"{base}/predict_raw", json={"obs": [0.0] * width})
+    assert raw.status_code == 200, raw.text
+    raw_batch = client.post(f"{base}/predict_raw/batch", json={"obs": [[0.0] * width] * 3})
+    assert len(raw_batch.json()["results"]) == 3
+
+
+def test_answers_over_serve_match_the_in_process_model(server: dict[str, Any], model_dir: Path) -> None:
+    from policy_server.policies.torch_policy import TorchPolicy
+
+    client: httpx.Client = server["client"]
+    probs = client.post("/distribution", json=LPOC_OBS).json()["probabilities"]
+    logits = TorchPolicy.from_file(model_dir / "lpoc.pt").forward(np.array([[float(v) for v in LPOC_OBS.values()]])).heads[0][0]
+    expected = np.exp(logits - logits.max()) / np.exp(logits - logits.max()).sum()
+    assert list(probs.values()) == pytest.approx(expected, abs=1e-6)
+    sample = client.post("/predict", json=LPOC_OBS).json()
+    assert sample["probability"] == pytest.approx(math.exp(sample["log_prob"]))
+
+
+def test_concurrent_requests_are_batched_and_all_answered(server: dict[str, Any]) -> None:
+    url = server["url"]
+    statuses: list[int] = []
+
+    def worker() -> None:
+        with httpx.Client(base_url=url, headers=AUTH, timeout=30) as c:
+            statuses.extend(c.post("/predict", json=LPOC_OBS).status_code for _ in range(20))
+
+    threads = [threading.Thread(target=worker) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert statuses == [200] * 160
+    metrics = httpx.get(f"http://127.0.0.1:{server['metrics_port']}/metrics").text
+    rows = _metric(metrics, 'policy_server_batch_rows_sum{policy="lpoc"}')
+    calls = _metric(metrics, 'policy_server_batch_rows_count{policy="lpoc"}')
+    assert rows >= 160 and calls < rows  # some calls carried several requests
+
+
+def test_auth_and_bad_input_over_http(server: dict[str, Any]) -> None:
+    url = server["url"]
+    assert httpx.post(f"{url}/predict", json=LPOC_OBS).status_code == 403
+    assert httpx.post(f"{url}/predict", json=LPOC_OBS, params=AUTH).status_code == 200
+    assert httpx.post(f"{url}/predict", json=LPOC_OBS, cookies=AUTH).status_code == 200
+    bad = httpx.post(f"{url}/predict", json=LPOC_OBS | {"is_up_free": "maybe"}, headers=AUTH)
+    assert bad.status_code == 422 and bad.json()["error"]["fields"][0]["field"] == "body.is_up_free"
+    malformed = httpx.post(f"{url}/predict", content=b"{oops", headers=AUTH | {"content-type": "application/json"})
+    assert malformed.status_code == 422
+
+
+def test_a_model_error_in_a_replica_is_500_and_the_replica_keeps_serving(server: dict[str, Any]) -> None:
+    client: httpx.Client = server["client"]
+    r = client.post("/policies/faulty/predict", json={"a": 5000.0, "b": 0.0})
+    assert r.status_code == 500
+    assert r.json()["error"]["code"] == "model_error" and "boom" in r.json()["error"]["message"]
+    for _ in range(3):
+        assert client.post("/policies/faulty/predict", json={"a": 1.0, "b": 0.0}).status_code == 200
+
+
+def test_weights_hot_swap_on_every_replica_without_failing_requests(server: dict[str, Any]) -> None:
+    from ray import serve
+
+    handle = serve.get_deployment_handle("policy-box", f"{PREFIX}-box")
+    original = handle.get_weights.remote().result()
+    url, statuses, versions = server["url"], [], []
+    stop = threading.Event()
+
+    def load() -> None:
+        with httpx.Client(base_url=url, headers=AUTH, timeout=30) as c:
+            while not stop.is_set():
+                r = c.post("/policies/box/predict_deterministic", json=BOX_OBS)
+                statuses.append(r.status_code)
+                versions.append(r.json().get("model_version"))
+
+    threads = [threading.Thread(target=load) for _ in range(4)]
+    for t in threads:
+        t.start()
+    try:
+        for version in range(1, 6):
+            shifted = {k: v + 0.01 * version for k, v in original.items()}
+            assert handle.broadcast("set_weights", shifted, version).results() == [version]
+            time.sleep(0.1)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    assert statuses and set(statuses) == {200}
+    assert versions == sorted(versions)  # a version never goes back
+    final = server["client"].post("/policies/box/distribution", json=BOX_OBS).json()
+    assert final["model_version"] == 5
+    handle.broadcast("set_weights", original, 6).results()
+
+
+def test_readiness_and_status(server: dict[str, Any]) -> None:
+    ready = httpx.get(f"{server['url']}/health/ready")
+    assert ready.status_code == 200
+    assert ready.json()["policies"] == {"lpoc": True, "tuple": True, "box": True, "faulty": True}
+
+
+def test_ray_metrics_export_serves_serve_and_replica_metrics(server: dict[str, Any]) -> None:
+    server["client"].post("/predict", json=LPOC_OBS)
+    url = f"http://127.0.0.1:{server['ray_metrics_port']}/metrics"
+    deadline = time.monotonic() + 90
+    text = ""
+    while time.monotonic() < deadline:  # Ray exports metrics every few seconds
+        text = httpx.get(url, timeout=10).text
+        if "ray_serve_" in text and "ray_policy_server_replica_forward_seconds" in text:
+            break
+        time.sleep(2)
+    assert "ray_serve_" in text
+    assert "ray_policy_server_replica_forward_seconds" in text
+
+
+def _metric(text: str, name: str) -> float:
+    for line in text.splitlines():
+        if line.startswith(name):
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"{name} not in metrics")
