@@ -1,0 +1,88 @@
+"""generate.py and the functions behind it (policy_server.cli)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from policy_server import cli
+from policy_server.errors import SchemaError
+from policy_server.export import MLPPolicy
+from policy_server.policies.torch_policy import TorchPolicy
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_copy_server_files_copies_an_example_next_to_app(tmp_path: Path) -> None:
+    message = cli.copy_server_files(str(ROOT / "examples" / "lpoc"), str(tmp_path))
+    assert "uvicorn app:app" in message
+    assert (tmp_path / "schema.yaml").read_text() == (ROOT / "examples/lpoc/schema.yaml").read_text()
+    described = cli.check(str(tmp_path / "schema.yaml"))
+    assert described["default"]["obs_dim"] == 11
+    assert described["default"]["action_space"]["n"] == 4
+
+
+def test_copy_server_files_names_the_examples_when_the_folder_is_wrong(tmp_path: Path) -> None:
+    with pytest.raises(SchemaError, match="examples/cartpole"):
+        cli.copy_server_files(str(tmp_path / "nope"), str(tmp_path))
+
+
+def test_export_from_a_state_dict_and_mlp_spec_writes_a_checked_schema(tmp_path: Path) -> None:
+    torch.manual_seed(1)
+    trained = MLPPolicy(5, [8], nvec=[3])
+    torch.save(trained.state_dict(), tmp_path / "weights.pt")
+    out = cli.export(
+        str(tmp_path / "models" / "policy"), obs_dim=5, state_dict=str(tmp_path / "weights.pt"),
+        hidden=(8,), nvec=3, schema=str(tmp_path / "schema.yaml"), action_names=("a", "b", "c"),
+    )
+    x = torch.randn(4, 5)
+    expected = trained(x).detach().numpy()
+    assert TorchPolicy.from_file(Path(out)).forward(x.numpy()).heads[0] == pytest.approx(expected, abs=1e-6)
+    described = cli.check(str(tmp_path / "schema.yaml"))["default"]
+    assert described["action_space"] == {"type": "discrete", "n": 3, "names": ["a", "b", "c"]}
+
+
+def test_export_a_user_module_from_its_factory(tmp_path: Path) -> None:
+    factory = tmp_path / "my_policy.py"
+    factory.write_text(
+        "import torch\n"
+        "def make():\n"
+        "    torch.manual_seed(0)\n"
+        "    return torch.nn.Sequential(torch.nn.Linear(3, 2))\n"
+    )
+    sys.path.insert(0, str(tmp_path))
+    try:
+        out = cli.export(str(tmp_path / "user.pt2"), obs_dim=3, module="my_policy:make", fmt="export",
+                         schema=str(tmp_path / "schema.yaml"))
+    finally:
+        sys.path.remove(str(tmp_path))
+    assert Path(out).suffix == ".pt2"
+    assert cli.check(str(tmp_path / "schema.yaml"))["default"]["obs_dim"] == 3
+
+
+def test_check_refuses_a_schema_that_contradicts_its_model(tmp_path: Path) -> None:
+    cli.export(str(tmp_path / "models" / "p"), obs_dim=4, nvec=2, schema=str(tmp_path / "schema.yaml"))
+    text = (tmp_path / "schema.yaml").read_text().replace("n: 2", "n: 3")
+    (tmp_path / "schema.yaml").write_text(text)
+    with pytest.raises(SchemaError, match=r"parameters\.action_space\.n: .*3.*2"):
+        cli.check(str(tmp_path / "schema.yaml"))
+
+
+def test_the_cli_runs_and_documents_its_commands() -> None:
+    help_text = subprocess.run(
+        [sys.executable, "generate.py", "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120,
+        env={"PAGER": "cat", "PATH": "/usr/bin:/bin"},
+    )
+    assert help_text.returncode == 0, help_text.stderr
+    for command in ["copy_server_files", "check", "export", "serve"]:
+        assert command in help_text.stdout + help_text.stderr  # fire prints help on stderr
+    check = subprocess.run(
+        [sys.executable, "generate.py", "check", "examples/cartpole/schema.yaml"], cwd=ROOT,
+        capture_output=True, text=True, timeout=120, env={"PAGER": "cat", "PATH": "/usr/bin:/bin"},
+    )
+    assert check.returncode == 0, check.stderr
+    assert "obs_dim" in check.stdout
