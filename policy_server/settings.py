@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import AliasChoices, Field, SecretStr
+from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -44,3 +44,8 @@ class Settings(BaseSettings):
         4096, gt=0, description="Most observations accepted in one batch request."
     )
     seed: int | None = Field(None, description="Seed of the action sampler (reproducible runs).")
+
+    @field_validator("api_key", "ray_address", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: object) -> object:
+        return None if value == "" else value
