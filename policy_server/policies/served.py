@@ -14,7 +14,7 @@ from pydantic import BaseModel
 
 from policy_server.errors import SchemaError
 from policy_server.policies.spaces import ActionSpace, make_action_space
-from policy_server.policies.torch_policy import TorchPolicy, input_width
+from policy_server.policies.torch_policy import TorchPolicy, input_width, is_exact_width
 from policy_server.schema.config import DEFAULT_POLICY, PolicySpec
 from policy_server.schema.observations import build_observation_model, resolve_widths
 
@@ -64,7 +64,7 @@ def resolve_policy(spec: PolicySpec) -> tuple[ServedPolicy, TorchPolicy]:
         except ValueError as exc:
             raise SchemaError(str(exc)) from exc
         obs_dim = sum(widths.values())
-        if model_width is not None and model_width != obs_dim:
+        if model_width is not None and model_width != obs_dim and is_exact_width(policy.module):
             raise SchemaError(
                 f"{obs_where}: the observation widths sum to {obs_dim} but the model "
                 f"{spec.model.name} takes inputs of width {model_width}"
@@ -76,9 +76,10 @@ def resolve_policy(spec: PolicySpec) -> tuple[ServedPolicy, TorchPolicy]:
     try:
         out = policy.forward(np.zeros((2, obs_dim), dtype=np.float32))
     except Exception as exc:
+        hint = f" (its first layer takes inputs of width {model_width})" if model_width not in (None, obs_dim) else ""
         raise SchemaError(
-            f"{obs_where}: the model {spec.model.name} rejects a batch of width {obs_dim} "
-            f"(the sum of the observation widths): {exc}"
+            f"{obs_where}: the observation widths sum to {obs_dim} but the model "
+            f"{spec.model.name} rejects inputs of that width{hint}: {str(exc).strip().splitlines()[-1]}"
         ) from exc
     try:
         space = make_action_space(spec.action_space, out.heads, f"{where}.action_space")

@@ -49,7 +49,11 @@ def load_module(data: bytes, fmt: ModelFormat, device: str = "cpu") -> torch.nn.
 
 
 def input_width(module: torch.nn.Module) -> int | None:
-    """The input width the module was built for, where it can be read off (else None)."""
+    """The input width the module was built for, where it can be read off (else None).
+
+    Exact for ``torch.export`` programs (their input spec); for TorchScript a guess, the width
+    of the first matrix parameter, which ``is_exact_width`` tells apart.
+    """
     if isinstance(module, torch.fx.GraphModule):  # torch.export program: read the input spec
         for node in module.graph.nodes:
             if node.op == "placeholder" and hasattr(node.meta.get("val"), "shape"):
@@ -58,6 +62,10 @@ def input_width(module: torch.nn.Module) -> int | None:
         if param.ndim == 2:
             return int(param.shape[1])
     return None
+
+
+def is_exact_width(module: torch.nn.Module) -> bool:
+    return isinstance(module, torch.fx.GraphModule)
 
 
 def _as_heads(out: object) -> list[torch.Tensor]:
