@@ -32,6 +32,11 @@ class Settings(BaseSettings):
         validation_alias=AliasChoices("RAY_ADDRESS", "POLICY_SERVER_RAY_ADDRESS", "ray_address"),
         description="Join this Ray cluster instead of starting Ray in the process.",
     )
+    direct_transport: bool = Field(
+        True,
+        description="Send batches straight to the replicas over TCP (binary, token-checked), with "
+        "the Serve handle as fallback; false: every batch goes through the Serve handle.",
+    )
     ray_metrics_port: int = Field(8080, description="Port of Ray's (and Serve's) metrics export.")
     gateway_metrics_port: int = Field(
         8081, description="Port of the gateway's own Prometheus metrics; 0 turns them off."

@@ -114,10 +114,11 @@ async def _start_backends(
     local_models.clear()  # the deployments hold the models now
     for name, service in services.items():
         await asyncio.to_thread(runtime.deploy, schema.policies[name])
-        service.attach(runtime.connect(schema.policies[name]), counter(name))
+        service.attach(await runtime.connect(schema.policies[name]), counter(name))
         log.info("policy %s is served by Ray Serve app %s", name, runtime.apps[-1])
 
     async def stop() -> None:
+        runtime.close_connections()
         await asyncio.to_thread(runtime.stop)
 
     return stop

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import Any, Protocol
 
 import numpy as np
 
 from policy_server.errors import BackendUnavailable, ModelError
 from policy_server.policies.torch_policy import PolicyOutput, TorchPolicy
+from policy_server.serving.transport import RemoteModelError, TransportClient, TransportError
+
+log = logging.getLogger(__name__)
 
 
 def _first_line(exc: BaseException) -> str:
@@ -73,3 +77,70 @@ class ServeBackend:
 
     async def set_weights(self, weights: dict[str, np.ndarray], version: int) -> None:
         await self.handle.broadcast("set_weights", weights, version).results_async()
+
+
+class DirectBackend:
+    """Sends batches straight to the replicas' transport ports (see ``transport``).
+
+    Holds up to ``connections`` connections spread over the replicas, one batch in flight on
+    each. When none is free, or a connection breaks, the batch goes through the Serve handle
+    instead, and lost connections are re-opened to the replicas Serve reports now.
+    """
+
+    def __init__(self, serve: ServeBackend, token: str, connections: int) -> None:
+        self.serve, self._token, self._target = serve, token, connections
+        self._idle: asyncio.Queue[TransportClient] = asyncio.Queue()
+        self._open = 0
+        self._replenishing: asyncio.Task[None] | None = None
+        self.fallbacks = 0
+
+    async def start(self) -> None:
+        await self._replenish()
+
+    async def _replenish(self) -> None:
+        endpoints = [e for e in await self.serve.handle.broadcast("transport_endpoint").results_async() if e]
+        for i in range(self._target - self._open):
+            if not endpoints:
+                break
+            host, port = endpoints[i % len(endpoints)]
+            try:
+                client = await TransportClient.connect(host, port, self._token)
+            except (OSError, asyncio.TimeoutError) as exc:
+                log.warning("cannot reach replica at %s:%s (%s); using the Serve handle", host, port, exc)
+                continue
+            self._open += 1
+            self._idle.put_nowait(client)
+
+    def _schedule_replenish(self) -> None:
+        if self._replenishing is None or self._replenishing.done():
+            self._replenishing = asyncio.create_task(self._replenish())
+
+    async def forward(self, obs: np.ndarray) -> PolicyOutput:
+        try:
+            client = self._idle.get_nowait()
+        except asyncio.QueueEmpty:
+            self.fallbacks += 1
+            return await self.serve.forward(obs)
+        try:
+            out = await client.forward(obs)
+        except RemoteModelError as exc:
+            self._idle.put_nowait(client)
+            raise ModelError(f"the model raised {_first_line(exc)}") from exc
+        except TransportError:
+            client.close()
+            self._open -= 1
+            self._schedule_replenish()
+            self.fallbacks += 1
+            return await self.serve.forward(obs)
+        self._idle.put_nowait(client)
+        return out
+
+    async def ready(self) -> bool:
+        return await self.serve.ready()
+
+    async def set_weights(self, weights: dict[str, np.ndarray], version: int) -> None:
+        await self.serve.set_weights(weights, version)
+
+    def close(self) -> None:
+        while not self._idle.empty():
+            self._idle.get_nowait().close()

@@ -5,23 +5,30 @@ from __future__ import annotations
 import time
 
 import numpy as np
+import ray
 from ray import serve
 from ray.serve import Application
 from ray.util import metrics
 
 from policy_server.policies.torch_policy import ModelFormat, PolicyOutput, TorchPolicy
 from policy_server.schema.config import PolicySpec
+from policy_server.serving.transport import TransportServer
 
 
 @serve.deployment
 class PolicyDeployment:
     """Holds one ``TorchPolicy``; receives already-batched observations from the gateway."""
 
-    def __init__(self, policy_name: str, model_bytes: bytes, fmt: ModelFormat, use_gpu: bool) -> None:
+    def __init__(
+        self, policy_name: str, model_bytes: bytes, fmt: ModelFormat, use_gpu: bool, transport_token: str | None
+    ) -> None:
         import torch
 
         device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
         self.policy = TorchPolicy.from_bytes(model_bytes, fmt, device)
+        self._transport = None
+        if transport_token is not None:
+            self._transport = TransportServer(self.forward, transport_token, ray.util.get_node_ip_address())
         tags = {"policy": policy_name}
         self._rows = metrics.Histogram(
             "policy_server_replica_batch_rows",
@@ -49,6 +56,10 @@ class PolicyDeployment:
         self._rows.observe(len(obs))
         return out
 
+    def transport_endpoint(self) -> tuple[str, int] | None:
+        """Where this replica takes batches directly (None when the direct path is off)."""
+        return self._transport.address if self._transport is not None else None
+
     def version(self) -> int:
         return self.policy.version
 
@@ -60,7 +71,13 @@ class PolicyDeployment:
         return self.policy.set_weights(weights, version)
 
 
-def build_deployment(spec: PolicySpec, model_bytes: bytes, fmt: ModelFormat, gpus_available: bool) -> Application:
+def build_deployment(
+    spec: PolicySpec,
+    model_bytes: bytes,
+    fmt: ModelFormat,
+    gpus_available: bool,
+    transport_token: str | None = None,
+) -> Application:
     """The Serve application of one policy, with the schema's resources.
 
     The model travels as bytes, so replicas on other nodes need no shared file system. GPUs are
@@ -73,4 +90,4 @@ def build_deployment(spec: PolicySpec, model_bytes: bytes, fmt: ModelFormat, gpu
         num_replicas=res.num_replicas,
         max_ongoing_requests=2 * res.concurrent_batches,
         ray_actor_options={"num_cpus": res.num_cpus, "num_gpus": num_gpus},
-    ).bind(spec.name, model_bytes, fmt, num_gpus > 0)
+    ).bind(spec.name, model_bytes, fmt, num_gpus > 0, transport_token)

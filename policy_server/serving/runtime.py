@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import secrets
 from dataclasses import dataclass, field
 
 import ray
@@ -11,8 +12,9 @@ from ray.serve.handle import DeploymentHandle
 
 from policy_server.policies.torch_policy import model_format
 from policy_server.schema.config import PolicySpec
-from policy_server.serving.backend import ServeBackend
+from policy_server.serving.backend import DirectBackend, PolicyBackend, ServeBackend
 from policy_server.serving.deployment import build_deployment
+from policy_server.serving.transport import TOKEN_BYTES
 from policy_server.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -25,6 +27,9 @@ class ServeRuntime:
     settings: Settings
     started_ray: bool = False
     apps: list[str] = field(default_factory=list)
+    # one random secret per gateway start: replicas accept direct connections only with it
+    transport_token: str = field(default_factory=lambda: secrets.token_hex(TOKEN_BYTES))
+    backends: list[DirectBackend] = field(default_factory=list)
 
     def start(self) -> None:
         if not ray.is_initialized():
@@ -45,20 +50,33 @@ class ServeRuntime:
         if spec.resources.num_gpus > 0 and not gpus:
             log.warning("policy %s asks for GPUs but the cluster has none: serving on CPU", spec.name)
         app_name = f"{self.settings.serve_app_prefix}-{spec.name}"
-        app = build_deployment(spec, spec.model.read_bytes(), model_format(spec.model), gpus)
+        token = self.transport_token if self.settings.direct_transport else None
+        app = build_deployment(spec, spec.model.read_bytes(), model_format(spec.model), gpus, token)
         serve.run(app, name=app_name, route_prefix=None)
         self.apps.append(app_name)
         return app_name
 
-    def connect(self, spec: PolicySpec) -> ServeBackend:
-        """A backend on the deployed app; call it from the event loop that will use it."""
+    async def connect(self, spec: PolicySpec) -> PolicyBackend:
+        """A backend on the deployed app, for the event loop that calls this."""
         app_name = f"{self.settings.serve_app_prefix}-{spec.name}"
         serve.get_deployment_handle(f"policy-{spec.name}", app_name)  # raises if it is missing
         # A private handle (serve.get_deployment_handle's are shared and cached) whose router runs
         # in the caller's event loop: saves a thread hop per call (see DESIGN.md).
         handle = DeploymentHandle(f"policy-{spec.name}", app_name)
         handle._init(_run_router_in_separate_loop=False)
-        return ServeBackend(handle)
+        backend = ServeBackend(handle)
+        if not self.settings.direct_transport:
+            return backend
+        direct = DirectBackend(backend, self.transport_token, spec.resources.concurrent_batches)
+        await direct.start()
+        self.backends.append(direct)
+        return direct
+
+    def close_connections(self) -> None:
+        """Close the direct connections; from the event loop that opened them."""
+        for backend in self.backends:
+            backend.close()
+        self.backends.clear()
 
     def stop(self) -> None:
         for name in self.apps:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -31,7 +32,8 @@ def server(ray_session: int, model_dir: Path, tmp_path_factory: pytest.TempPathF
     settings = Settings(schema_path=path, gateway_metrics_port=metrics_port, serve_app_prefix=PREFIX, seed=0)
     app = build_app(settings)
     with running_server(app) as url, httpx.Client(base_url=url, headers=AUTH, timeout=30) as client:
-        yield {"url": url, "client": client, "metrics_port": metrics_port, "ray_metrics_port": ray_session}
+        yield {"url": url, "client": client, "app": app, "metrics_port": metrics_port,
+               "ray_metrics_port": ray_session}
 
 
 @pytest.mark.parametrize("policy", list(POLICY_BODIES))
@@ -164,3 +166,29 @@ def _metric(text: str, name: str) -> float:
         if line.startswith(name):
             return float(line.rsplit(" ", 1)[1])
     raise AssertionError(f"{name} not in metrics")
+
+
+def test_batches_take_the_direct_path_and_survive_a_broken_link(server: dict[str, Any]) -> None:
+    from policy_server.serving.backend import DirectBackend
+
+    client: httpx.Client = server["client"]
+    backend = server["app"].state.services["lpoc"].backend
+    assert isinstance(backend, DirectBackend)
+    before = backend.fallbacks
+    for _ in range(10):
+        assert client.post("/predict", json=LPOC_OBS).status_code == 200
+    assert backend.fallbacks == before  # sequential requests never needed the Serve handle
+    for conn in list(backend._idle._queue):  # break every link, as a restarted replica would
+        fd = conn._writer.get_extra_info("socket").fileno()
+        with socket.fromfd(fd, socket.AF_INET, socket.SOCK_STREAM) as dup:  # thread-safe, unlike the loop's
+            dup.shutdown(socket.SHUT_RDWR)
+    answers = [client.post("/predict", json=LPOC_OBS).status_code for _ in range(10)]
+    assert answers == [200] * 10
+    assert backend.fallbacks > before  # the broken links fell back to the handle ...
+    deadline = time.monotonic() + 30
+    while backend._open < 2 and time.monotonic() < deadline:  # ... and were re-opened
+        time.sleep(0.1)
+    fallbacks = backend.fallbacks
+    for _ in range(5):
+        assert client.post("/predict", json=LPOC_OBS).status_code == 200
+    assert backend.fallbacks == fallbacks

@@ -1,0 +1,171 @@
+"""A direct data path from the gateway to the replicas of a policy deployment.
+
+A Serve handle call costs about 3 ms on a 2-core machine, most of it Serve's router and request
+bookkeeping (DESIGN.md); a forward pass of a small policy costs 0.1 ms. So each replica also
+listens on a TCP port of its node, and the gateway sends batches there: Serve stays the control
+plane (placement, replicas, health, weight broadcasts) and the handle stays the fallback.
+
+The wire format is plain binary, never pickle: a replica only ever parses numbers, so a peer
+that reaches the port cannot run code. A connection starts with the deployment's random token
+(compared in constant time); then each request is a float32 matrix and each answer the model's
+heads and version::
+
+    hello     b"PSv1" | token (32 bytes)
+    request   uint32 rows | uint32 cols | rows*cols float32
+    answer    b"\\x00" | int64 version | uint32 n_heads | n × (uint32 rows | uint32 cols | float32 data)
+    failure   b"\\x01" | uint32 length | utf-8 message
+
+All integers little-endian.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import socket
+import socketserver
+import struct
+import threading
+from collections.abc import Callable
+
+import numpy as np
+
+from policy_server.policies.torch_policy import PolicyOutput
+
+MAGIC = b"PSv1"
+TOKEN_BYTES = 32
+MAX_CELLS = 1 << 26  # refuse frames over 256 MB of float32 before allocating them
+_DIMS = struct.Struct("<II")
+_VERSION_HEADS = struct.Struct("<qI")
+_LENGTH = struct.Struct("<I")
+
+
+class TransportError(Exception):
+    """The peer broke the protocol or went away."""
+
+
+class RemoteModelError(Exception):
+    """The model raised on the replica; the message says what."""
+
+
+# --- pure encoding ---------------------------------------------------------------------------
+
+
+def encode_request(obs: np.ndarray) -> bytes:
+    obs = np.ascontiguousarray(obs, dtype="<f4")
+    rows, cols = obs.shape
+    return _DIMS.pack(rows, cols) + obs.tobytes()
+
+
+def encode_answer(out: PolicyOutput) -> bytes:
+    parts = [b"\x00", _VERSION_HEADS.pack(out.version, len(out.heads))]
+    for head in out.heads:
+        head = np.ascontiguousarray(head, dtype="<f4")
+        parts += [_DIMS.pack(*head.shape), head.tobytes()]
+    return b"".join(parts)
+
+
+def encode_failure(message: str) -> bytes:
+    data = message.encode()[:65536]
+    return b"\x01" + _LENGTH.pack(len(data)) + data
+
+
+def _matrix(rows: int, cols: int, data: bytes) -> np.ndarray:
+    return np.frombuffer(data, dtype="<f4").reshape(rows, cols).astype(np.float32)
+
+
+# --- replica side ----------------------------------------------------------------------------
+
+
+class _Handler(socketserver.BaseRequestHandler):
+    server: _Server
+
+    def handle(self) -> None:
+        sock: socket.socket = self.request
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        stream = sock.makefile("rb")
+        hello = stream.read(len(MAGIC) + TOKEN_BYTES)
+        if len(hello) != len(MAGIC) + TOKEN_BYTES or not hmac.compare_digest(hello, MAGIC + self.server.token):
+            return  # wrong peer: close without a word
+        while header := stream.read(_DIMS.size):
+            if len(header) < _DIMS.size:
+                return
+            rows, cols = _DIMS.unpack(header)
+            if rows * cols > MAX_CELLS:
+                sock.sendall(encode_failure(f"batch of {rows}×{cols} values is over the limit"))
+                return
+            data = stream.read(4 * rows * cols)
+            if len(data) < 4 * rows * cols:
+                return
+            try:
+                answer = encode_answer(self.server.forward(_matrix(rows, cols, data)))
+            except Exception as exc:  # the model's failure goes back to the caller, not to the log
+                answer = encode_failure(f"{type(exc).__name__}: {exc}")
+            sock.sendall(answer)
+
+
+class _Server(socketserver.ThreadingTCPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self, host: str, token: bytes, forward: Callable[[np.ndarray], PolicyOutput]) -> None:
+        super().__init__((host, 0), _Handler)
+        self.token, self.forward = token, forward
+
+
+class TransportServer:
+    """Serves ``forward`` on an ephemeral port of ``host`` in daemon threads."""
+
+    def __init__(self, forward: Callable[[np.ndarray], PolicyOutput], token: str, host: str) -> None:
+        self._server = _Server(host, bytes.fromhex(token), forward)
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._thread.start()
+
+    @property
+    def address(self) -> tuple[str, int]:
+        host, port = self._server.server_address[:2]
+        return str(host), int(port)
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+
+# --- gateway side ------------------------------------------------------------------------------
+
+
+class TransportClient:
+    """One asyncio connection to one replica; one request at a time."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._reader, self._writer = reader, writer
+
+    @classmethod
+    async def connect(cls, host: str, port: int, token: str, timeout: float = 5.0) -> TransportClient:
+        reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
+        sock = writer.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        writer.write(MAGIC + bytes.fromhex(token))
+        return cls(reader, writer)
+
+    async def forward(self, obs: np.ndarray) -> PolicyOutput:
+        """Raises RemoteModelError when the model failed, TransportError when the link did."""
+        read = self._reader.readexactly
+        try:
+            self._writer.write(encode_request(obs))
+            await self._writer.drain()
+            if await read(1) == b"\x01":
+                (length,) = _LENGTH.unpack(await read(_LENGTH.size))
+                raise RemoteModelError((await read(length)).decode(errors="replace"))
+            version, n_heads = _VERSION_HEADS.unpack(await read(_VERSION_HEADS.size))
+            heads = []
+            for _ in range(n_heads):
+                rows, cols = _DIMS.unpack(await read(_DIMS.size))
+                heads.append(_matrix(rows, cols, await read(4 * rows * cols)))
+        except (OSError, asyncio.IncompleteReadError) as exc:
+            raise TransportError(f"replica connection lost: {exc!r}") from exc
+        return PolicyOutput(heads, version)
+
+    def close(self) -> None:
+        self._writer.close()

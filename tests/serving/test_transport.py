@@ -1,0 +1,103 @@
+"""The direct gateway → replica data path: a real TCP server on loopback, no Ray."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import struct
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+
+from policy_server.policies.torch_policy import PolicyOutput
+from policy_server.serving.transport import (
+    MAGIC,
+    RemoteModelError,
+    TransportClient,
+    TransportError,
+    TransportServer,
+    encode_request,
+)
+
+TOKEN = "ab" * 32
+
+
+def forward(obs: np.ndarray) -> PolicyOutput:
+    """Echo-like model: head 0 = obs * 2, head 1 = row sums; raises on a 999."""
+    if (obs == 999).any():
+        raise RuntimeError("boom: 999 is out of range")
+    return PolicyOutput([obs * 2, obs.sum(axis=1, keepdims=True)], version=7)
+
+
+@pytest.fixture()
+def server() -> Iterator[TransportServer]:
+    srv = TransportServer(forward, TOKEN, "127.0.0.1")
+    yield srv
+    srv.close()
+
+
+def test_batches_round_trip_exactly(server: TransportServer) -> None:
+    async def run() -> list[PolicyOutput]:
+        client = await TransportClient.connect(*server.address, TOKEN)
+        try:
+            return [await client.forward(np.arange(r * 3, dtype=np.float32).reshape(r, 3) / 7) for r in (1, 5, 300)]
+        finally:
+            client.close()
+
+    for out, rows in zip(asyncio.run(run()), (1, 5, 300)):
+        obs = np.arange(rows * 3, dtype=np.float32).reshape(rows, 3) / 7
+        assert out.version == 7
+        np.testing.assert_array_equal(out.heads[0], obs * 2)
+        np.testing.assert_array_equal(out.heads[1], obs.sum(axis=1, keepdims=True))
+
+
+def test_a_model_error_comes_back_and_the_connection_stays_usable(server: TransportServer) -> None:
+    async def run() -> PolicyOutput:
+        client = await TransportClient.connect(*server.address, TOKEN)
+        with pytest.raises(RemoteModelError, match="boom"):
+            await client.forward(np.full((2, 2), 999, dtype=np.float32))
+        out = await client.forward(np.ones((1, 2), dtype=np.float32))
+        client.close()
+        return out
+
+    assert asyncio.run(run()).heads[0].tolist() == [[2.0, 2.0]]
+
+
+def test_a_wrong_token_gets_no_answer(server: TransportServer) -> None:
+    async def run() -> None:
+        client = await TransportClient.connect(*server.address, "cd" * 32)
+        try:
+            await client.forward(np.ones((1, 2), dtype=np.float32))
+        finally:
+            client.close()
+
+    with pytest.raises(TransportError):
+        asyncio.run(run())
+
+
+def test_an_oversized_frame_is_refused_before_allocation(server: TransportServer) -> None:
+    with socket.create_connection(server.address, timeout=5) as sock:
+        sock.sendall(MAGIC + bytes.fromhex(TOKEN) + struct.pack("<II", 1 << 20, 1 << 20))
+        reply = sock.recv(1024)
+    assert reply[:1] == b"\x01" and b"over the limit" in reply
+
+
+def test_many_connections_at_once(server: TransportServer) -> None:
+    async def one(i: int) -> float:
+        client = await TransportClient.connect(*server.address, TOKEN)
+        try:
+            out = await client.forward(np.full((4, 3), i, dtype=np.float32))
+        finally:
+            client.close()
+        return float(out.heads[1][0, 0])
+
+    async def run() -> list[float]:
+        return await asyncio.gather(*(one(i) for i in range(16)))
+
+    assert asyncio.run(run()) == [3.0 * i for i in range(16)]
+
+
+def test_request_encoding_is_little_endian_float32() -> None:
+    frame = encode_request(np.array([[1.5, -2.0]], dtype=np.float64))
+    assert frame == struct.pack("<II", 1, 2) + np.array([1.5, -2.0], dtype="<f4").tobytes()
