@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
+import signal
+import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -57,6 +60,11 @@ def build_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         stop = await _start_backends(settings, schema, services, local_models, metrics)
         metrics.serve(settings.gateway_metrics_port)
+        _restore_python_signal_handlers()
+        # What start-up allocated (torch, Ray, the app) lives as long as the process: move it
+        # out of the collector's way, or full collections of it stall requests 80-130 ms.
+        gc.collect()
+        gc.freeze()
         try:
             yield
         finally:
@@ -122,6 +130,14 @@ async def _start_backends(
         await asyncio.to_thread(runtime.stop)
 
     return stop
+
+
+def _restore_python_signal_handlers() -> None:
+    """ray.init puts its own SIGTERM handler in front of uvicorn's, which then aborts the process
+    mid-shutdown and leaves Ray's processes behind; give the signals back to Python's handlers."""
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, signal.getsignal(sig))
 
 
 def _service_router(schema: ServerSchema, services: dict[str, PolicyService]) -> APIRouter:

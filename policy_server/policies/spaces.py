@@ -50,22 +50,21 @@ def _labels(names: list[str] | None, n: int) -> list[str]:
     return list(names) if names else [str(i) for i in range(n)]
 
 
-def _categorical_samples(logits: list[np.ndarray], actions: list[np.ndarray], labels: list[list[str]], single: bool) -> list[ActionSample]:
-    logps = [D.gather(D.log_softmax(lg), a) for lg, a in zip(logits, actions)]
-    joint = np.sum(logps, axis=0)
-    out = []
-    for b in range(len(joint)):
-        acts = [int(a[b]) for a in actions]
-        names = [lab[i] for lab, i in zip(labels, acts)]
-        out.append(
-            ActionSample(
-                action=acts[0] if single else acts,
-                log_prob=float(joint[b]),
-                probability=float(np.exp(joint[b])),
-                action_name=names[0] if single else names,
-            )
-        )
-    return out
+def _categorical_samples(
+    logits: list[np.ndarray], actions: list[np.ndarray], labels: list[list[str]], single: bool
+) -> list[ActionSample]:
+    """Answers for chosen actions ``(B,)`` per component; probabilities are of the joint action."""
+    joint = np.sum([D.gather(D.log_softmax(lg), a) for lg, a in zip(logits, actions)], axis=0)
+    rows = np.stack(actions, axis=1).tolist()  # one bulk conversion, not B × k int() calls
+    if single:
+        return [
+            ActionSample(row[0], lp, p, labels[0][row[0]])
+            for row, lp, p in zip(rows, joint.tolist(), np.exp(joint).tolist())
+        ]
+    return [
+        ActionSample(row, lp, p, [lab[i] for lab, i in zip(labels, row)])
+        for row, lp, p in zip(rows, joint.tolist(), np.exp(joint).tolist())
+    ]
 
 
 class DiscreteSpace(ActionSpace):
@@ -81,8 +80,8 @@ class DiscreteSpace(ActionSpace):
         return _categorical_samples(heads, [heads[0].argmax(axis=-1)], [self.labels], True)
 
     def distribution(self, heads):
-        probs = np.exp(D.log_softmax(heads[0]))
-        return [{"probabilities": dict(zip(self.labels, map(float, row)))} for row in probs]
+        probs = np.exp(D.log_softmax(heads[0])).tolist()
+        return [{"probabilities": dict(zip(self.labels, row))} for row in probs]
 
     def describe(self):
         return {"type": "discrete", "n": self.n, "names": self.labels}
@@ -102,9 +101,9 @@ class TupleSpace(ActionSpace):
         return _categorical_samples(heads, [h.argmax(axis=-1) for h in heads], self.labels, False)
 
     def distribution(self, heads):
-        probs = [np.exp(D.log_softmax(h)) for h in heads]
+        probs = [np.exp(D.log_softmax(h)).tolist() for h in heads]
         return [
-            {"components": [dict(zip(lab, map(float, p[b]))) for lab, p in zip(self.labels, probs)]}
+            {"components": [dict(zip(lab, p[b])) for lab, p in zip(self.labels, probs)]}
             for b in range(len(probs[0]))
         ]
 
@@ -121,9 +120,9 @@ class BoxSpace(ActionSpace):
         self.dim, self.low, self.high = dim, low, high
 
     def _answer(self, raw: np.ndarray, mean: np.ndarray, log_std: np.ndarray) -> list[ActionSample]:
-        logp = D.gaussian_log_prob(raw, mean, log_std)
-        clipped = np.clip(raw, self.low, self.high)
-        return [ActionSample(action=[float(v) for v in a], log_prob=float(lp), probability=None) for a, lp in zip(clipped, logp)]
+        logp = D.gaussian_log_prob(raw, mean, log_std).tolist()
+        clipped = np.clip(raw, self.low, self.high).tolist()
+        return [ActionSample(action=a, log_prob=lp, probability=None) for a, lp in zip(clipped, logp)]
 
     def sample(self, heads, rng):
         mean, log_std = heads
@@ -135,8 +134,7 @@ class BoxSpace(ActionSpace):
 
     def distribution(self, heads):
         mean, log_std = heads
-        std = np.exp(log_std)
-        return [{"mean": [float(v) for v in m], "std": [float(v) for v in s]} for m, s in zip(mean, std)]
+        return [{"mean": m, "std": s} for m, s in zip(mean.tolist(), np.exp(log_std).tolist())]
 
     def describe(self):
         finite = lambda a: [float(v) if np.isfinite(v) else None for v in a]  # noqa: E731

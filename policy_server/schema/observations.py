@@ -6,6 +6,8 @@ them, lists expanded in place and booleans as 0/1.
 
 from __future__ import annotations
 
+from itertools import chain
+from operator import attrgetter
 from typing import Annotated, Any
 
 import numpy as np
@@ -71,14 +73,10 @@ def build_observation_model(
 
 def flatten(observations: list[BaseModel], names: list[str]) -> np.ndarray:
     """Observations → float32 array ``(B, obs_dim)`` in schema order."""
-    rows = []
-    for obs in observations:
-        row: list[float] = []
-        for name in names:
-            value = getattr(obs, name)
-            if isinstance(value, list):
-                row.extend(value)
-            else:
-                row.append(value)
-        rows.append(row)
+    get = attrgetter(*names)
+    rows = [get(obs) for obs in observations]
+    if len(names) == 1:
+        rows = [(value,) for value in rows]
+    if any(isinstance(value, list) for value in rows[0]):
+        rows = [list(chain.from_iterable(v if isinstance(v, list) else (v,) for v in row)) for row in rows]
     return np.asarray(rows, dtype=np.float32)

@@ -330,3 +330,19 @@ def test_gateway_metrics_count_requests_per_policy_endpoint_and_status(schema_pa
     assert 'policy_server_errors_total{endpoint="/policies/box/predict",policy="box",status="403"} 1.0' in text
     assert 'policy_server_batch_rows_count{policy="lpoc"} 1.0' in text
     assert "policy_server_request_seconds_bucket" in text
+
+
+def test_answers_match_their_documented_response_models(client: TestClient) -> None:
+    from policy_server.gateway import wire
+
+    cases = [
+        ("/predict", LPOC_OBS, wire.ActionResponse),
+        ("/policies/box/predict_deterministic", BOX_OBS, wire.ActionResponse),
+        ("/policies/tuple/distribution", TUPLE_OBS, wire.DistributionResponse),
+        ("/policies/box/distribution", BOX_OBS, wire.DistributionResponse),
+        ("/policies/tuple/predict/batch", {"observations": [TUPLE_OBS] * 2}, wire.BatchActionResponse),
+        ("/distribution/batch", {"observations": [LPOC_OBS] * 2}, wire.BatchDistributionResponse),
+    ]
+    for path, body, model in cases:
+        answer = client.post(path, json=body, headers=AUTH).json()
+        assert model.model_validate(answer).model_dump(exclude_none=True) == answer, path
