@@ -68,6 +68,7 @@ def build_app(settings: Settings | None = None) -> FastAPI:
         try:
             yield
         finally:
+            gc.unfreeze()
             metrics.close()
             await stop()
 

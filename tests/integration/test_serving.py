@@ -87,15 +87,44 @@ def test_concurrent_requests_are_batched_and_all_answered(server: dict[str, Any]
     assert rows >= 160 and calls < rows  # some calls carried several requests
 
 
-def test_auth_and_bad_input_over_http(server: dict[str, Any]) -> None:
+def test_auth_over_http(server: dict[str, Any]) -> None:
     url = server["url"]
     assert httpx.post(f"{url}/predict", json=LPOC_OBS).status_code == 403
+    assert httpx.post(f"{url}/predict", json=LPOC_OBS, headers={"access-token": "nope"}).status_code == 403
+    assert httpx.post(f"{url}/predict", json=LPOC_OBS, headers=AUTH).status_code == 200
     assert httpx.post(f"{url}/predict", json=LPOC_OBS, params=AUTH).status_code == 200
     assert httpx.post(f"{url}/predict", json=LPOC_OBS, cookies=AUTH).status_code == 200
-    bad = httpx.post(f"{url}/predict", json=LPOC_OBS | {"is_up_free": "maybe"}, headers=AUTH)
-    assert bad.status_code == 422 and bad.json()["error"]["fields"][0]["field"] == "body.is_up_free"
-    malformed = httpx.post(f"{url}/predict", content=b"{oops", headers=AUTH | {"content-type": "application/json"})
-    assert malformed.status_code == 422
+
+
+JSON = {"content-type": "application/json"}
+BAD_REQUESTS = {
+    "wrong type": ("/predict", {"json": LPOC_OBS | {"is_up_free": "maybe"}}, 422, "body.is_up_free"),
+    "missing field": ("/predict", {"json": {"id": 1}}, 422, "body.coordinates_0"),
+    "unknown field": ("/predict", {"json": LPOC_OBS | {"z": 1}}, 422, "body.z"),
+    "wrong list length": ("/policies/tuple/predict", {"json": TUPLE_OBS | {"sensors": [1.0]}}, 422, "body.sensors"),
+    "NaN": ("/policies/box/predict", {"content": b'{"x": NaN, "y": 0, "flag": true}', "headers": JSON}, 422, "body.x"),
+    "inf": ("/policies/box/predict", {"content": b'{"x": 0, "y": -Infinity, "flag": true}', "headers": JSON}, 422, "body.y"),
+    "malformed JSON": ("/predict", {"content": b"{oops", "headers": JSON}, 422, None),
+    "empty body": ("/predict", {"content": b"", "headers": JSON}, 422, None),
+    "raw width": ("/predict_raw", {"json": {"obs": [0.0] * 3}}, 422, "body.obs"),
+    "batch over limit": ("/predict/batch", {"json": {"observations": [LPOC_OBS] * 4097}}, 422, "body.observations"),
+    "oversized body": ("/predict_raw", {"content": b'{"obs": [' + b"0," * 3_000_000 + b"0]}", "headers": JSON}, 413, None),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_REQUESTS))
+def test_bad_input_over_http_is_a_4xx_envelope_and_the_server_keeps_serving(server: dict[str, Any], case: str) -> None:
+    client: httpx.Client = server["client"]
+    path, kwargs, status, field = BAD_REQUESTS[case]
+    if "headers" in kwargs:
+        kwargs = kwargs | {"headers": AUTH | kwargs["headers"]}
+    r = client.post(path, **kwargs)
+    assert r.status_code == status, r.text[:500]
+    error = r.json()["error"]
+    assert error["status"] == status and error["message"]
+    if field is not None:
+        assert field in [f["field"] for f in error["fields"]]
+    assert client.post("/predict", json=LPOC_OBS).status_code == 200
 
 
 def test_a_model_error_in_a_replica_is_500_and_the_replica_keeps_serving(server: dict[str, Any]) -> None:
