@@ -107,6 +107,7 @@ class _Handler(socketserver.BaseRequestHandler):
 class _Server(socketserver.ThreadingTCPServer):
     daemon_threads = True
     allow_reuse_address = True
+    request_queue_size = 128  # socketserver's default backlog of 5 resets gateways that connect at once
 
     def __init__(self, host: str, token: bytes, forward: Callable[[np.ndarray], PolicyOutput]) -> None:
         super().__init__((host, 0), _Handler)
