@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import importlib
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
@@ -15,6 +17,7 @@ from policy_server.policies.served import resolve_policy
 from policy_server.schema.config import load_schema
 
 ROOT = Path(__file__).resolve().parent.parent
+T = TypeVar("T")
 
 
 def copy_server_files(example: str, target: str = ".") -> str:
@@ -91,6 +94,15 @@ def export(
         write_schema(Path(schema), observations, space, str(model_rel), api_key)
         check(schema)
     return str(path)
+
+
+def parse_dataclass_args(cls: type[T], description: str | None = None, argv: list[str] | None = None) -> T:
+    """A ``--flag`` per field of the dataclass ``cls`` (``total_timesteps`` → ``--total-timesteps``),
+    typed and defaulted as the field is: the command line of the training scripts."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for field in dataclasses.fields(cls):  # type: ignore[arg-type]
+        parser.add_argument("--" + field.name.replace("_", "-"), type=type(field.default), default=field.default)
+    return cls(**vars(parser.parse_args(argv)))
 
 
 def _as_list(values: Any) -> list[int] | None:

@@ -14,8 +14,6 @@ TorchScript to ``models/cartpole.pt`` next to a matching ``schema.yaml``.
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
 import random
 import sys
 import time
@@ -30,6 +28,7 @@ from torch.distributions import Categorical
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parents[1]))  # the repository root: runs from a checkout, uninstalled
+from policy_server.cli import parse_dataclass_args  # noqa: E402
 from policy_server.export import MLPPolicy, export_module, write_schema  # noqa: E402
 
 OBSERVATIONS = ["cart_position", "cart_velocity", "pole_angle", "pole_angular_velocity"]
@@ -245,16 +244,5 @@ def main(args: Args) -> None:
     export(actor, Path(args.out_dir))
 
 
-def parse_args() -> Args:
-    """Each field of ``Args`` as a ``--flag`` (``total_timesteps`` -> ``--total-timesteps``)."""
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    for field in dataclasses.fields(Args):
-        flag = "--" + field.name.replace("_", "-")
-        parser.add_argument(flag, type=type(field.default), default=field.default)
-    return Args(**vars(parser.parse_args()))
-
-
 if __name__ == "__main__":
-    main(parse_args())
+    main(parse_dataclass_args(Args, __doc__))

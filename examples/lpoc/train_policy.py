@@ -24,8 +24,6 @@ success rate beside the expert's (the upper bound) and two random baselines.
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
 import random
 import sys
 import time
@@ -40,6 +38,7 @@ from torch import nn
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parents[1]))  # the repository root: runs from a checkout, uninstalled
+from policy_server.cli import parse_dataclass_args  # noqa: E402
 from policy_server.export import MLPPolicy, export_module, write_schema  # noqa: E402
 
 ACTIONS = ["up", "right", "down", "left"]
@@ -273,16 +272,5 @@ def main(args: Args) -> None:
     export(policy, Path(args.out_dir))
 
 
-def parse_args() -> Args:
-    """Each field of ``Args`` as a ``--flag`` (``total_timesteps`` -> ``--total-timesteps``)."""
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    for field in dataclasses.fields(Args):
-        flag = "--" + field.name.replace("_", "-")
-        parser.add_argument(flag, type=type(field.default), default=field.default)
-    return Args(**vars(parser.parse_args()))
-
-
 if __name__ == "__main__":
-    main(parse_args())
+    main(parse_dataclass_args(Args, __doc__))
