@@ -12,8 +12,8 @@ import numpy as np
 from pydantic import BaseModel
 
 from policy_server.errors import BackendUnavailable, FieldError, InvalidRequest, ModelError
-from policy_server.policies.spaces import ActionSample, ActionSpace
 from policy_server.policies.served import ServedPolicy
+from policy_server.policies.spaces import ActionSample
 from policy_server.policies.torch_policy import PolicyOutput
 from policy_server.schema.observations import flatten
 from policy_server.serving.backend import PolicyBackend

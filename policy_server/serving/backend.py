@@ -105,7 +105,7 @@ class DirectBackend:
             host, port = endpoints[i % len(endpoints)]
             try:
                 client = await TransportClient.connect(host, port, self._token)
-            except (OSError, asyncio.TimeoutError) as exc:
+            except (TimeoutError, OSError) as exc:
                 log.warning("cannot reach replica at %s:%s (%s); using the Serve handle", host, port, exc)
                 continue
             self._open += 1
