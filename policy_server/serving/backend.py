@@ -87,8 +87,8 @@ class DirectBackend:
     instead, and lost connections are re-opened to the replicas Serve reports now.
     """
 
-    def __init__(self, serve: ServeBackend, token: str, connections: int) -> None:
-        self.serve, self._token, self._target = serve, token, connections
+    def __init__(self, serve: ServeBackend, connections: int) -> None:
+        self.serve, self._target = serve, connections
         self._idle: asyncio.Queue[TransportClient] = asyncio.Queue()
         self._open = 0
         self._replenishing: asyncio.Task[None] | None = None
@@ -98,13 +98,13 @@ class DirectBackend:
         await self._replenish()
 
     async def _replenish(self) -> None:
-        endpoints = [e for e in await self.serve.handle.broadcast("transport_endpoint").results_async() if e]
+        endpoints = await self.serve.handle.broadcast("transport_endpoint").results_async()
         for i in range(self._target - self._open):
             if not endpoints:
                 break
-            host, port = endpoints[i % len(endpoints)]
+            host, port, token = endpoints[i % len(endpoints)]
             try:
-                client = await TransportClient.connect(host, port, self._token)
+                client = await TransportClient.connect(host, port, token)
             except (TimeoutError, OSError) as exc:
                 log.warning("cannot reach replica at %s:%s (%s); using the Serve handle", host, port, exc)
                 continue

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import secrets
 import time
 
 import numpy as np
@@ -12,7 +13,7 @@ from ray.util import metrics
 
 from policy_server.policies.torch_policy import ModelFormat, PolicyOutput, TorchPolicy
 from policy_server.schema.config import PolicySpec
-from policy_server.serving.transport import TransportServer
+from policy_server.serving.transport import TOKEN_BYTES, TransportServer
 
 
 @serve.deployment
@@ -20,15 +21,15 @@ class PolicyDeployment:
     """Holds one ``TorchPolicy``; receives already-batched observations from the gateway."""
 
     def __init__(
-        self, policy_name: str, model_bytes: bytes, fmt: ModelFormat, use_gpu: bool, transport_token: str | None
+        self, policy_name: str, model_bytes: bytes, fmt: ModelFormat, use_gpu: bool
     ) -> None:
         import torch
 
         device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
         self.policy = TorchPolicy.from_bytes(model_bytes, fmt, device)
-        self._transport = None
-        if transport_token is not None:
-            self._transport = TransportServer(self.forward, transport_token, ray.util.get_node_ip_address())
+        # The direct data path (see transport): its secret reaches gateways only through Serve.
+        self._token = secrets.token_hex(TOKEN_BYTES)
+        self._transport = TransportServer(self.forward, self._token, ray.util.get_node_ip_address())
         tags = {"policy": policy_name}
         self._rows = metrics.Histogram(
             "policy_server_replica_batch_rows",
@@ -56,9 +57,9 @@ class PolicyDeployment:
         self._rows.observe(len(obs))
         return out
 
-    def transport_endpoint(self) -> tuple[str, int] | None:
-        """Where this replica takes batches directly (None when the direct path is off)."""
-        return self._transport.address if self._transport is not None else None
+    def transport_endpoint(self) -> tuple[str, int, str]:
+        """Host, port and token where this replica takes batches directly."""
+        return (*self._transport.address, self._token)
 
     def version(self) -> int:
         return self.policy.version
@@ -76,7 +77,6 @@ def build_deployment(
     model_bytes: bytes,
     fmt: ModelFormat,
     gpus_available: bool,
-    transport_token: str | None = None,
 ) -> Application:
     """The Serve application of one policy, with the schema's resources.
 
@@ -90,4 +90,4 @@ def build_deployment(
         num_replicas=res.num_replicas,
         max_ongoing_requests=2 * res.concurrent_batches,
         ray_actor_options={"num_cpus": res.num_cpus, "num_gpus": num_gpus},
-    ).bind(spec.name, model_bytes, fmt, num_gpus > 0, transport_token)
+    ).bind(spec.name, model_bytes, fmt, num_gpus > 0)

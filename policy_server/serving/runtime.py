@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import secrets
 from dataclasses import dataclass, field
 
 import ray
@@ -14,7 +13,6 @@ from policy_server.policies.torch_policy import model_format
 from policy_server.schema.config import PolicySpec
 from policy_server.serving.backend import DirectBackend, PolicyBackend, ServeBackend
 from policy_server.serving.deployment import build_deployment
-from policy_server.serving.transport import TOKEN_BYTES
 from policy_server.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -27,8 +25,6 @@ class ServeRuntime:
     settings: Settings
     started_ray: bool = False
     apps: list[str] = field(default_factory=list)
-    # one random secret per gateway start: replicas accept direct connections only with it
-    transport_token: str = field(default_factory=lambda: secrets.token_hex(TOKEN_BYTES))
     backends: list[DirectBackend] = field(default_factory=list)
 
     def start(self) -> None:
@@ -50,8 +46,7 @@ class ServeRuntime:
         if spec.resources.num_gpus > 0 and not gpus:
             log.warning("policy %s asks for GPUs but the cluster has none: serving on CPU", spec.name)
         app_name = f"{self.settings.serve_app_prefix}-{spec.name}"
-        token = self.transport_token if self.settings.direct_transport else None
-        app = build_deployment(spec, spec.model.read_bytes(), model_format(spec.model), gpus, token)
+        app = build_deployment(spec, spec.model.read_bytes(), model_format(spec.model), gpus)
         serve.run(app, name=app_name, route_prefix=None)
         self.apps.append(app_name)
         return app_name
@@ -67,7 +62,7 @@ class ServeRuntime:
         backend = ServeBackend(handle)
         if not self.settings.direct_transport:
             return backend
-        direct = DirectBackend(backend, self.transport_token, spec.resources.concurrent_batches)
+        direct = DirectBackend(backend, spec.resources.concurrent_batches)
         await direct.start()
         self.backends.append(direct)
         return direct

@@ -6,7 +6,7 @@ listens on a TCP port of its node, and the gateway sends batches there: Serve st
 plane (placement, replicas, health, weight broadcasts) and the handle stays the fallback.
 
 The wire format is plain binary, never pickle: a replica only ever parses numbers, so a peer
-that reaches the port cannot run code. A connection starts with the deployment's random token
+that reaches the port cannot run code. A connection starts with the replica's random token
 (compared in constant time); then each request is a float32 matrix and each answer the model's
 heads and version::
 
