@@ -32,7 +32,7 @@ ERRORS: dict[int | str, dict[str, Any]] = {
 }
 
 
-def _action(sample: ActionSample) -> JSONResponse:
+def _action(sample: ActionSample) -> dict[str, Any]:
     answer = {"action": sample.action, "log_prob": sample.log_prob}
     if sample.action_name is not None:
         answer["action_name"] = sample.action_name
@@ -42,9 +42,9 @@ def _action(sample: ActionSample) -> JSONResponse:
 
 
 def _answer(content: dict[str, Any]) -> JSONResponse:
-    """Answers are built from the model's arrays by our own code and match the documented
-    response models; returning them directly skips re-validating them, a third of the gateway's
-    time per request for large batches."""
+    """Answers are built by our own code to match the documented response models (a test checks
+    them); returning them directly skips re-validating them, about a tenth of the gateway's time
+    for a 256-observation request."""
     return JSONResponse(content)
 
 
