@@ -1,0 +1,1 @@
+"""Training the served policies (issue 3 builds the trainers on these pure functions)."""
