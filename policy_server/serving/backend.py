@@ -98,7 +98,11 @@ class DirectBackend:
         await self._replenish()
 
     async def _replenish(self) -> None:
-        endpoints = await self.serve.handle.broadcast("transport_endpoint").results_async()
+        try:
+            endpoints = await self.serve.handle.broadcast("transport_endpoint").results_async()
+        except Exception as exc:  # noqa: BLE001 - replicas restarting: the handle serves meanwhile
+            log.warning("cannot list the replicas' direct endpoints (%s); using the Serve handle", exc)
+            return
         for i in range(self._target - self._open):
             if not endpoints:
                 break
