@@ -12,7 +12,7 @@ from typing import Any, TypeVar
 import torch
 
 from policy_server.errors import SchemaError
-from policy_server.export import MLPPolicy, export_module, write_schema
+from policy_server.export import ExportFormat, MLPPolicy, export_module, write_schema
 from policy_server.policies.served import resolve_policy
 from policy_server.schema.config import load_schema
 
@@ -64,7 +64,7 @@ def export(
     nvec: tuple[int, ...] | None = None,
     box_dim: int | None = None,
     activation: str = "tanh",
-    fmt: str = "export",
+    fmt: ExportFormat = "export",
     schema: str | None = None,
     action_names: tuple[str, ...] | None = None,
     api_key: str | None = None,
@@ -75,10 +75,12 @@ def export(
     (``hidden``, and ``nvec`` for discrete/tuple or ``box_dim`` for continuous actions); in both
     cases ``state_dict`` (a ``torch.save``d state dict) loads the trained weights.
     """
+    if fmt not in ("export", "torchscript"):
+        raise ValueError(f"--fmt must be export or torchscript, not {fmt!r}")
     net = _load_user_module(module) if module else MLPPolicy(obs_dim, list(hidden), _as_list(nvec), box_dim, activation)
     if state_dict:
         net.load_state_dict(torch.load(state_dict, map_location="cpu", weights_only=True))
-    path = export_module(net, obs_dim, Path(out), "export" if fmt == "export" else "torchscript")
+    path = export_module(net, obs_dim, Path(out), fmt)
     if schema:
         space: dict[str, Any]
         if box_dim:
