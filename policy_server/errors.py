@@ -28,6 +28,12 @@ class FieldError:
     message: str
 
 
+def summary(exc: BaseException) -> str:
+    """The last non-empty line of an exception's message (where torch and Ray put the cause)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return lines[-1] if lines else type(exc).__name__
+
+
 class PolicyServerError(Exception):
     status: int = 500
     code: str = "internal_error"

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel
 
-from policy_server.errors import SchemaError
+from policy_server.errors import SchemaError, summary
 from policy_server.policies.spaces import ActionSpace, make_action_space
 from policy_server.policies.torch_policy import TorchPolicy, input_width, is_exact_width
 from policy_server.schema.config import DEFAULT_POLICY, PolicySpec
@@ -79,7 +79,7 @@ def resolve_policy(spec: PolicySpec) -> tuple[ServedPolicy, TorchPolicy]:
         hint = f" (its first layer takes inputs of width {model_width})" if model_width not in (None, obs_dim) else ""
         raise SchemaError(
             f"{obs_where}: the observation widths sum to {obs_dim} but the model "
-            f"{spec.model.name} rejects inputs of that width{hint}: {str(exc).strip().splitlines()[-1]}"
+            f"{spec.model.name} rejects inputs of that width{hint}: {summary(exc)}"
         ) from exc
     try:
         space = make_action_space(spec.action_space, out.heads, f"{where}.action_space")

@@ -8,16 +8,11 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from policy_server.errors import BackendUnavailable, ModelError
+from policy_server.errors import BackendUnavailable, ModelError, summary
 from policy_server.policies.torch_policy import PolicyOutput, TorchPolicy
 from policy_server.serving.transport import RemoteModelError, TransportClient, TransportError
 
 log = logging.getLogger(__name__)
-
-
-def _first_line(exc: BaseException) -> str:
-    lines = [line for line in str(exc).strip().splitlines() if line.strip()]
-    return lines[-1].strip() if lines else type(exc).__name__
 
 
 class PolicyBackend(Protocol):
@@ -39,7 +34,7 @@ class LocalBackend:
         try:
             return await asyncio.to_thread(self.policy.forward, obs)
         except Exception as exc:
-            raise ModelError(f"the model raised {type(exc).__name__}: {_first_line(exc)}") from exc
+            raise ModelError(f"the model raised {type(exc).__name__}: {summary(exc)}") from exc
 
     async def ready(self) -> bool:
         return True
@@ -63,10 +58,10 @@ class ServeBackend:
             return await self._forward.remote(obs)
         except ray_errors.RayTaskError as exc:
             cause = exc.cause if exc.cause is not None else exc
-            raise ModelError(f"the model raised {type(cause).__name__}: {_first_line(cause)}") from exc
+            raise ModelError(f"the model raised {type(cause).__name__}: {summary(cause)}") from exc
         except (ray_errors.RayActorError, serve_errors.BackPressureError,
                 serve_errors.DeploymentUnavailableError) as exc:
-            raise BackendUnavailable(f"the policy's deployment is unavailable: {_first_line(exc)}") from exc
+            raise BackendUnavailable(f"the policy's deployment is unavailable: {summary(exc)}") from exc
 
     async def ready(self) -> bool:
         try:
@@ -129,7 +124,7 @@ class DirectBackend:
             out = await client.forward(obs)
         except RemoteModelError as exc:
             self._idle.put_nowait(client)
-            raise ModelError(f"the model raised {_first_line(exc)}") from exc
+            raise ModelError(f"the model raised {summary(exc)}") from exc
         except TransportError:
             client.close()
             self._open -= 1
