@@ -72,6 +72,10 @@ class PolicyDeployment:
         return self.policy.set_weights(weights, version)
 
 
+def deployment_name(policy: str) -> str:
+    return f"policy-{policy}"
+
+
 def build_deployment(
     spec: PolicySpec,
     model_bytes: bytes,
@@ -86,7 +90,7 @@ def build_deployment(
     res = spec.resources
     num_gpus = res.num_gpus if gpus_available else 0.0
     return PolicyDeployment.options(
-        name=f"policy-{spec.name}",
+        name=deployment_name(spec.name),
         num_replicas=res.num_replicas,
         max_ongoing_requests=2 * res.concurrent_batches,
         ray_actor_options={"num_cpus": res.num_cpus, "num_gpus": num_gpus},

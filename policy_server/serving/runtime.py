@@ -12,7 +12,7 @@ from ray.serve.handle import DeploymentHandle
 from policy_server.policies.torch_policy import model_format
 from policy_server.schema.config import PolicySpec
 from policy_server.serving.backend import DirectBackend, PolicyBackend, ServeBackend
-from policy_server.serving.deployment import build_deployment
+from policy_server.serving.deployment import build_deployment, deployment_name
 from policy_server.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -40,12 +40,15 @@ class ServeRuntime:
             self.started_ray = True
         serve.start(proxy_location="Disabled")
 
+    def app_name(self, spec: PolicySpec) -> str:
+        return f"{self.settings.serve_app_prefix}-{spec.name}"
+
     def deploy(self, spec: PolicySpec) -> str:
         """Run the policy's Serve app and wait until it is healthy (blocking: seconds)."""
         gpus = ray.cluster_resources().get("GPU", 0) > 0
         if spec.resources.num_gpus > 0 and not gpus:
             log.warning("policy %s asks for GPUs but the cluster has none: serving on CPU", spec.name)
-        app_name = f"{self.settings.serve_app_prefix}-{spec.name}"
+        app_name = self.app_name(spec)
         app = build_deployment(spec, spec.model.read_bytes(), model_format(spec.model), gpus)
         serve.run(app, name=app_name, route_prefix=None)
         self.apps.append(app_name)
@@ -53,11 +56,11 @@ class ServeRuntime:
 
     async def connect(self, spec: PolicySpec) -> PolicyBackend:
         """A backend on the deployed app, for the event loop that calls this."""
-        app_name = f"{self.settings.serve_app_prefix}-{spec.name}"
-        serve.get_deployment_handle(f"policy-{spec.name}", app_name)  # raises if it is missing
+        app_name, name = self.app_name(spec), deployment_name(spec.name)
+        serve.get_deployment_handle(name, app_name)  # raises if it is missing
         # A private handle (serve.get_deployment_handle's are shared and cached) whose router runs
         # in the caller's event loop: saves a thread hop per call (see DESIGN.md).
-        handle = DeploymentHandle(f"policy-{spec.name}", app_name)
+        handle = DeploymentHandle(name, app_name)
         handle._init(_run_router_in_separate_loop=False)
         backend = ServeBackend(handle)
         if not self.settings.direct_transport:
