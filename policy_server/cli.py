@@ -77,7 +77,8 @@ def export(
     """
     if fmt not in ("export", "torchscript"):
         raise ValueError(f"--fmt must be export or torchscript, not {fmt!r}")
-    net = _load_user_module(module) if module else MLPPolicy(obs_dim, list(hidden), _as_list(nvec), box_dim, activation)
+    sizes = _as_list(nvec)
+    net = _load_user_module(module) if module else MLPPolicy(obs_dim, list(hidden), sizes, box_dim, activation)
     if state_dict:
         net.load_state_dict(torch.load(state_dict, map_location="cpu", weights_only=True))
     path = export_module(net, obs_dim, Path(out), fmt)
@@ -85,10 +86,10 @@ def export(
         space: dict[str, Any]
         if box_dim:
             space = {"type": "box", "shape": [box_dim]}
-        elif nvec and len(_as_list(nvec) or []) > 1:
-            space = {"type": "tuple", "nvec": _as_list(nvec)}
+        elif sizes and len(sizes) > 1:
+            space = {"type": "tuple", "nvec": sizes}
         else:
-            space = {"type": "discrete", "n": (_as_list(nvec) or [None])[0]}
+            space = {"type": "discrete", "n": sizes[0] if sizes else None}
             if action_names:
                 space["names"] = list(action_names)
         observations = {f"obs_{i}": {"type": "float"} for i in range(obs_dim)}
