@@ -10,6 +10,10 @@ status and the machine-readable ``code`` it is answered with; the gateway transl
     ├── InvalidRequest               422 invalid_request
     ├── Forbidden                    403 forbidden
     ├── NotFound                     404 not_found
+    │   └── NotTrainable             404 not_trainable
+    ├── Conflict                     409 conflict
+    │   ├── StaleSamples             409 stale_samples
+    │   └── TrainingNotRunning       409 training_not_running
     ├── PayloadTooLarge              413 payload_too_large
     ├── ModelError                   500 model_error
     └── BackendUnavailable           503 backend_unavailable
@@ -63,6 +67,31 @@ class Forbidden(PolicyServerError):
 class NotFound(PolicyServerError):
     status = 404
     code = "not_found"
+
+
+class NotTrainable(NotFound):
+    """The policy has no ``training`` section in the schema."""
+
+    code = "not_trainable"
+
+
+class Conflict(PolicyServerError):
+    """The request is valid but conflicts with the server's current state."""
+
+    status = 409
+    code = "conflict"
+
+
+class StaleSamples(Conflict):
+    """Every sample was acted by a model version older than the trainer accepts."""
+
+    code = "stale_samples"
+
+
+class TrainingNotRunning(Conflict):
+    """Training is paused or stopped: experience is not stored."""
+
+    code = "training_not_running"
 
 
 class PayloadTooLarge(PolicyServerError):

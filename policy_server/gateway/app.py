@@ -22,12 +22,15 @@ from policy_server.gateway.limits import BodySizeLimit
 from policy_server.gateway.metrics import GatewayMetrics, MetricsMiddleware
 from policy_server.gateway.routes import policy_router
 from policy_server.gateway.service import PolicyService
+from policy_server.gateway.training import LocalTrainerLink, RayTrainerLink, TrainingService
+from policy_server.gateway.training_routes import model_router, training_router, untrainable_router
 from policy_server.gateway.wire import Status
 from policy_server.policies.served import resolve_policy
-from policy_server.policies.torch_policy import TorchPolicy
-from policy_server.schema.config import ServerSchema, load_schema
+from policy_server.policies.torch_policy import TorchPolicy, load_module, model_format
+from policy_server.schema.config import PolicySpec, ServerSchema, load_schema
 from policy_server.serving.backend import LocalBackend
 from policy_server.settings import Settings
+from policy_server.training.trainer import Trainer, build_trainer
 
 log = logging.getLogger(__name__)
 
@@ -53,12 +56,17 @@ def build_app(settings: Settings | None = None) -> FastAPI:
     resolved = {name: resolve_policy(spec) for name, spec in schema.policies.items()}
     services = {name: PolicyService(served, rng) for name, (served, _) in resolved.items()}
     local_models = {name: model for name, (_, model) in resolved.items()}
+    trainings = {
+        name: TrainingService(served, settings.max_batch_observations)
+        for name, (served, _) in resolved.items()
+        if served.spec.training is not None
+    }
     metrics = GatewayMetrics()
     prefix = f"/{schema.url_path}" if schema.url_path else ""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        stop = await _start_backends(settings, schema, services, local_models, metrics)
+        stop = await _start_backends(settings, schema, services, trainings, local_models, metrics)
         metrics.serve(settings.gateway_metrics_port)
         _restore_python_signal_handlers()
         # What start-up allocated (torch, Ray, the app) lives as long as the process: move it
@@ -82,14 +90,21 @@ def build_app(settings: Settings | None = None) -> FastAPI:
         openapi_url=f"{prefix}/openapi.json",
     )
     app.state.settings, app.state.schema, app.state.services = settings, schema, services
-    app.state.metrics = metrics
+    app.state.metrics, app.state.trainings = metrics, trainings
     install_error_handlers(app)
     app.include_router(_service_router(schema, services), prefix=prefix)
     auth = api_key_checker(settings.api_key or schema.api_key)
     for name, service in services.items():
         prefixes = [f"{prefix}/policies/{name}"] + ([prefix] if name == schema.default_policy else [])
+        spec = schema.policies[name]
+        model = spec.model.read_bytes()
         for route_prefix in prefixes:
             app.include_router(policy_router(service, auth, settings.max_batch_observations, route_prefix))
+            app.include_router(model_router(service, auth, route_prefix, model, model_format(spec.model)))
+            if name in trainings:
+                app.include_router(training_router(trainings[name], auth, route_prefix))
+            else:
+                app.include_router(untrainable_router(name, auth, route_prefix))
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     return app
@@ -99,10 +114,12 @@ async def _start_backends(
     settings: Settings,
     schema: ServerSchema,
     services: dict[str, PolicyService],
+    trainings: dict[str, TrainingService],
     local_models: dict[str, TorchPolicy],
     metrics: GatewayMetrics,
 ) -> Any:
-    """Attach a backend to every service; returns the coroutine function that stops them."""
+    """Attach a backend to every service and a trainer to every trainable policy; returns the
+    coroutine function that stops them."""
 
     def counter(name: str) -> Any:
         return metrics.batch_rows.labels(name).observe
@@ -110,11 +127,15 @@ async def _start_backends(
     if settings.backend == "local":
         for name, service in services.items():
             service.attach(LocalBackend(local_models[name]), counter(name))
+        for name, training in trainings.items():
+            training.attach(LocalTrainerLink(_local_trainer(schema.policies[name], training, local_models[name])))
 
-        async def stop_nothing() -> None:
-            return None
+        async def stop_local() -> None:
+            for training in trainings.values():
+                if training.link is not None:
+                    await training.link.close()
 
-        return stop_nothing
+        return stop_local
 
     from policy_server.serving.runtime import ServeRuntime  # Ray only where it is used
 
@@ -125,12 +146,27 @@ async def _start_backends(
         await asyncio.to_thread(runtime.deploy, schema.policies[name])
         service.attach(await runtime.connect(schema.policies[name]), counter(name))
         log.info("policy %s is served by Ray Serve app %s", name, runtime.apps[-1])
+    for name, training in trainings.items():
+        served = training.policy
+        actor = await asyncio.to_thread(runtime.start_trainer, schema.policies[name], served.space, served.obs_dim)
+        training.attach(RayTrainerLink(actor))
 
     async def stop() -> None:
+        for training in trainings.values():
+            if training.link is not None:
+                await training.link.close()
         runtime.close_connections()
         await asyncio.to_thread(runtime.stop)
 
     return stop
+
+
+def _local_trainer(spec: PolicySpec, training: TrainingService, served: TorchPolicy) -> Trainer:
+    """A trainer in this process, on its own copy of the model, publishing to ``served``."""
+    assert spec.training is not None
+    module = load_module(spec.model.read_bytes(), model_format(spec.model))
+    policy = training.policy
+    return build_trainer(spec.name, spec.training, module, policy.space, policy.obs_dim, served.set_weights)
 
 
 def _restore_python_signal_handlers() -> None:

@@ -36,6 +36,11 @@ class PolicyService:
             backend.forward, res.max_batch_size, res.concurrent_batches, res.batch_wait_ms / 1000, on_batch
         )
 
+    def require_backend(self) -> PolicyBackend:
+        if self.backend is None:
+            raise BackendUnavailable(f"policy {self.policy.name!r} is still starting; retry shortly")
+        return self.backend
+
     # --- inputs ---------------------------------------------------------------------------
 
     def from_observations(self, observations: list[BaseModel]) -> np.ndarray:

@@ -106,8 +106,13 @@ class TorchPolicy:
         return PolicyOutput(arrays, version)
 
     def get_weights(self) -> dict[str, np.ndarray]:
+        return self.snapshot()[0]
+
+    def snapshot(self) -> tuple[dict[str, np.ndarray], int]:
+        """The weights and the version they belong to, read together."""
         with self._lock:
-            return {k: v.detach().cpu().numpy().copy() for k, v in self.module.state_dict().items()}
+            weights = {k: v.detach().cpu().numpy().copy() for k, v in self.module.state_dict().items()}
+            return weights, self.version
 
     def set_weights(self, weights: dict[str, np.ndarray], version: int) -> int:
         """Load new weights (same names and shapes) and bump to ``version``, atomically.

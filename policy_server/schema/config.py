@@ -6,18 +6,21 @@ valid as it is. Everything else is an optional extension:
 * ``parameters.model``: the model file (default: the one ``.pt``/``.pt2`` file in ``models/``),
 * ``parameters.action_space``: the exact action space (discrete, tuple of discretes, box),
 * ``parameters.resources``: replicas, GPUs and batching of the policy's deployment,
+* ``parameters.training``: train the policy online from clients' experience (PPO or DQN),
 * ``policies``: several named policies, each with the keys above plus its own ``observations``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, TypeAdapter, ValidationError, model_validator
 
 from policy_server.errors import SchemaError
+from policy_server.training.config import TrainingSpec
 
 OBSERVATION_TYPES = ("int", "float", "bool", "List[int]", "List[float]")
 MODEL_SUFFIXES = (".pt", ".pt2", ".ts", ".jit")
@@ -138,6 +141,7 @@ class PolicySpec(_Strict):
     action_space: DiscreteSpec | TupleSpec | BoxSpec
     model: Path
     resources: ResourceSpec
+    training: TrainingSpec | None = None
 
 
 class ServerSchema(_Strict):
@@ -152,10 +156,19 @@ class ServerSchema(_Strict):
             "default_policy": self.default_policy,
             "url_path": self.url_path,
             "policies": {
-                name: p.model_dump(mode="json", exclude={"model"}) | {"model": p.model.name}
+                name: p.model_dump(mode="json", exclude={"model", "training"})
+                | {"model": p.model.name, "training": _public_training(p.training)}
                 for name, p in self.policies.items()
             },
         }
+
+
+def _public_training(training: TrainingSpec | None) -> dict[str, Any] | None:
+    if training is None:
+        return None
+    public = TypeAdapter(TrainingSpec).dump_python(training, mode="json")
+    public["checkpoint_dir"] = training.checkpoint_dir.name  # not the server's file system layout
+    return public
 
 
 # --- the file format -------------------------------------------------------------------------
@@ -169,6 +182,7 @@ class _PolicyFields(_Strict):
     model: str | None = None
     action_space: ActionSpaceSpec | None = None
     resources: ResourceSpec = ResourceSpec()
+    training: TrainingSpec | None = None
 
 
 class _Parameters(_PolicyFields):
@@ -248,7 +262,20 @@ def _resolve(name: str, entry: _PolicyEntry, base_dir: Path) -> PolicySpec:
         action_space=space,
         model=_find_model(entry.model, base_dir, where),
         resources=entry.resources,
+        training=_resolve_training(entry.training, space, base_dir, where),
     )
+
+
+def _resolve_training(
+    training: TrainingSpec | None, space: DiscreteSpec | TupleSpec | BoxSpec, base_dir: Path, where: str
+) -> TrainingSpec | None:
+    if training is None:
+        return None
+    if training.algorithm == "dqn" and space.type != "discrete":
+        raise SchemaError(
+            f"{where}.training.algorithm: dqn needs a discrete action space, not {space.type!r}; use ppo"
+        )
+    return dataclasses.replace(training, checkpoint_dir=(base_dir / training.checkpoint_dir).resolve())
 
 
 def _legacy_space(entry: _PolicyEntry, where: str) -> DiscreteSpec | TupleSpec | BoxSpec:

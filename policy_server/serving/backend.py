@@ -23,6 +23,12 @@ class PolicyBackend(Protocol):
     async def set_weights(self, weights: dict[str, np.ndarray], version: int) -> None:
         """Publish new weights to every replica; requests in flight finish on the old ones."""
 
+    async def version(self) -> int:
+        """The model version served (of one replica)."""
+
+    async def snapshot(self) -> tuple[dict[str, np.ndarray], int]:
+        """The served weights and their version, read together (from one replica)."""
+
 
 class LocalBackend:
     """The policy in the gateway's own process (development, tests, and the benchmark floor)."""
@@ -41,6 +47,12 @@ class LocalBackend:
 
     async def set_weights(self, weights: dict[str, np.ndarray], version: int) -> None:
         self.policy.set_weights(weights, version)
+
+    async def version(self) -> int:
+        return self.policy.version
+
+    async def snapshot(self) -> tuple[dict[str, np.ndarray], int]:
+        return self.policy.snapshot()
 
 
 class ServeBackend:
@@ -72,6 +84,20 @@ class ServeBackend:
 
     async def set_weights(self, weights: dict[str, np.ndarray], version: int) -> None:
         await self.handle.broadcast("set_weights", weights, version).results_async()
+
+    async def version(self) -> int:
+        return await self._call("version")
+
+    async def snapshot(self) -> tuple[dict[str, np.ndarray], int]:
+        return await self._call("snapshot")
+
+    async def _call(self, method: str) -> Any:
+        from ray import exceptions as ray_errors
+
+        try:
+            return await self.handle.options(method_name=method).remote()
+        except ray_errors.RayError as exc:
+            raise BackendUnavailable(f"the policy's deployment is unavailable: {summary(exc)}") from exc
 
 
 class DirectBackend:
@@ -139,6 +165,12 @@ class DirectBackend:
 
     async def set_weights(self, weights: dict[str, np.ndarray], version: int) -> None:
         await self.serve.set_weights(weights, version)
+
+    async def version(self) -> int:
+        return await self.serve.version()
+
+    async def snapshot(self) -> tuple[dict[str, np.ndarray], int]:
+        return await self.serve.snapshot()
 
     def close(self) -> None:
         while not self._idle.empty():

@@ -67,6 +67,9 @@ class PolicyDeployment:
     def get_weights(self) -> dict[str, np.ndarray]:
         return self.policy.get_weights()
 
+    def snapshot(self) -> tuple[dict[str, np.ndarray], int]:
+        return self.policy.snapshot()
+
     def set_weights(self, weights: dict[str, np.ndarray], version: int) -> int:
         self._version.set(version)
         return self.policy.set_weights(weights, version)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from typing import Any
 
 import ray
 from ray import serve
@@ -16,6 +17,7 @@ from policy_server.serving.deployment import build_deployment, deployment_name
 from policy_server.settings import Settings
 
 log = logging.getLogger(__name__)
+TRAINER_START_TIMEOUT_S = 120.0
 
 
 @dataclass
@@ -69,6 +71,32 @@ class ServeRuntime:
         await direct.start()
         self.backends.append(direct)
         return direct
+
+    def start_trainer(self, spec: PolicySpec, space: Any, obs_dim: int) -> Any:
+        """The policy's ``TrainerActor``, publishing to its deployment (blocking: seconds)."""
+        from policy_server.training.actor import TrainerActor  # torch training code only here
+
+        assert spec.training is not None
+        gpus = spec.training.num_gpus if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+        actor = TrainerActor.options(
+            name=f"{self.app_name(spec)}-trainer",
+            num_cpus=spec.training.num_cpus,
+            num_gpus=gpus,
+            max_concurrency=32,
+        ).remote(
+            spec.name, spec.training, spec.model.read_bytes(), model_format(spec.model), space, obs_dim,
+            deployment_name(spec.name), self.app_name(spec), gpus > 0,
+        )
+        try:
+            ray.get(actor.call.remote("status"), timeout=TRAINER_START_TIMEOUT_S)
+        except ray.exceptions.GetTimeoutError as exc:
+            ray.kill(actor)
+            raise RuntimeError(
+                f"the trainer of policy {spec.name} did not start within {TRAINER_START_TIMEOUT_S:.0f} s: "
+                f"does the cluster have {spec.training.num_cpus} CPUs and {gpus} GPUs free "
+                f"(training.num_cpus / training.num_gpus in the schema)?"
+            ) from exc
+        return actor
 
     def close_connections(self) -> None:
         """Close the direct connections; from the event loop that opened them."""

@@ -1,0 +1,204 @@
+"""Experience on the wire, and its conversion into a validated ``ExperienceBatch``.
+
+Clients send episode fragments (T+1 observations, T actions and rewards: nothing sent twice) or
+single steps (each with its next observation). Observations come raw (a flat list) or in the
+schema's own form. Every field is checked before anything reaches a trainer: one bad value and
+the whole request is refused with a 422 that names it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from policy_server.errors import FieldError, InvalidRequest
+from policy_server.policies.served import ServedPolicy
+from policy_server.policies.spaces import BoxSpace, DiscreteSpace, TupleSpace
+from policy_server.schema.observations import FiniteFloat, flatten
+from policy_server.training.experience import ExperienceBatch
+
+Observation = list[FiniteFloat] | dict[str, Any]
+ActionValue = int | list[FiniteFloat]
+CLIENT_ID = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.:-]+$")
+
+
+class _Wire(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Fragment(_Wire):
+    """Consecutive steps of one episode, acted by one model version."""
+
+    model_version: int = Field(ge=0, description="The model version that chose these actions.")
+    observations: list[Observation] = Field(
+        min_length=2, description="T+1 observations: the last is the one after the last step."
+    )
+    actions: list[ActionValue] = Field(min_length=1, description="T actions.")
+    rewards: list[FiniteFloat] = Field(min_length=1, description="T rewards.")
+    log_probs: list[FiniteFloat] | None = Field(
+        None, description="T log-probabilities of the actions under the acting model (PPO needs them)."
+    )
+    terminated: bool = Field(False, description="The last step ended the episode in a terminal state.")
+    truncated: bool = Field(False, description="The last step ended the episode by a limit (bootstraps).")
+
+    @model_validator(mode="after")
+    def _lengths(self) -> Fragment:
+        t = len(self.actions)
+        if len(self.observations) != t + 1 or len(self.rewards) != t:
+            raise ValueError(
+                f"a fragment of {t} actions needs {t + 1} observations and {t} rewards; "
+                f"got {len(self.observations)} and {len(self.rewards)}"
+            )
+        if self.log_probs is not None and len(self.log_probs) != t:
+            raise ValueError(f"log_probs has {len(self.log_probs)} entries for {t} actions")
+        return self
+
+
+class Step(_Wire):
+    """One transition."""
+
+    obs: Observation
+    action: ActionValue
+    reward: FiniteFloat
+    next_obs: Observation
+    terminated: bool = False
+    truncated: bool = False
+    log_prob: FiniteFloat | None = None
+    model_version: int = Field(ge=0)
+
+
+class ExperienceRequest(_Wire):
+    client_id: str = CLIENT_ID
+    fragments: list[Fragment] = Field(default_factory=list)
+    steps: list[Step] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _not_empty(self) -> ExperienceRequest:
+        if not self.fragments and not self.steps:
+            raise ValueError("send at least one fragment or step")
+        return self
+
+    @property
+    def rows(self) -> int:
+        return sum(len(f.actions) for f in self.fragments) + len(self.steps)
+
+
+def to_batch(request: ExperienceRequest, policy: ServedPolicy, max_rows: int) -> ExperienceBatch:
+    """Validate every observation and action against the policy; raise InvalidRequest naming them."""
+    if request.rows > max_rows:
+        raise InvalidRequest(f"body: {request.rows} steps in one request; at most {max_rows}")
+    errors: list[FieldError] = []
+    parts = [_fragment(f, f"body.fragments.{i}", policy, errors) for i, f in enumerate(request.fragments)]
+    if request.steps:
+        parts.append(_steps(request.steps, policy, errors))
+    if errors:
+        raise InvalidRequest(f"invalid experience: {errors[0].field}: {errors[0].message}", errors[:20])
+    return dataclasses.replace(ExperienceBatch.concat(parts), client_id=request.client_id)  # type: ignore[arg-type]
+
+
+def _fragment(f: Fragment, where: str, policy: ServedPolicy, errors: list[FieldError]) -> ExperienceBatch | None:
+    obs = _observations(f.observations, f"{where}.observations", policy, errors)
+    actions = _actions(f.actions, f"{where}.actions", policy, errors)
+    if obs is None or actions is None:
+        return None
+    t = len(f.actions)
+    last = np.zeros(t, dtype=bool)
+    last[-1] = True
+    log_probs = np.asarray(f.log_probs if f.log_probs is not None else [np.nan] * t, dtype=np.float32)
+    return ExperienceBatch(
+        obs=obs[:-1],
+        next_obs=obs[1:],
+        actions=actions,
+        rewards=np.asarray(f.rewards, dtype=np.float32),
+        terminated=last & f.terminated,
+        truncated=last & (f.truncated and not f.terminated),
+        segment_end=last,
+        log_probs=log_probs,
+        versions=np.full(t, f.model_version, dtype=np.int64),
+    )
+
+
+def _steps(steps: list[Step], policy: ServedPolicy, errors: list[FieldError]) -> ExperienceBatch | None:
+    obs = _observations([s.obs for s in steps], "body.steps.*.obs", policy, errors)
+    next_obs = _observations([s.next_obs for s in steps], "body.steps.*.next_obs", policy, errors)
+    actions = _actions([s.action for s in steps], "body.steps.*.action", policy, errors)
+    if obs is None or next_obs is None or actions is None:
+        return None
+    terminated = np.array([s.terminated for s in steps])
+    truncated = np.array([s.truncated and not s.terminated for s in steps])
+    # consecutive steps form one piece when each one's next observation is the following obs
+    follows = np.zeros(len(steps), dtype=bool)
+    follows[:-1] = (next_obs[:-1] == obs[1:]).all(axis=1)
+    return ExperienceBatch(
+        obs=obs,
+        next_obs=next_obs,
+        actions=actions,
+        rewards=np.array([s.reward for s in steps], dtype=np.float32),
+        terminated=terminated,
+        truncated=truncated,
+        segment_end=terminated | truncated | ~follows,
+        log_probs=np.array([np.nan if s.log_prob is None else s.log_prob for s in steps], dtype=np.float32),
+        versions=np.array([s.model_version for s in steps], dtype=np.int64),
+    )
+
+
+def _observations(
+    rows: list[Observation], where: str, policy: ServedPolicy, errors: list[FieldError]
+) -> np.ndarray | None:
+    width, n_before = policy.obs_dim, len(errors)
+    out = np.empty((len(rows), width), dtype=np.float32)
+    for i, row in enumerate(rows):
+        here = where.replace("*", str(i)) if "*" in where else f"{where}.{i}"
+        if isinstance(row, list):
+            if len(row) != width:
+                errors.append(FieldError(here, f"expected {width} values, got {len(row)}"))
+            else:
+                out[i] = row
+            continue
+        if policy.observation_model is None:
+            errors.append(FieldError(here, "this policy's schema has no named observations; send a list"))
+            continue
+        try:
+            parsed = policy.observation_model.model_validate(row)
+        except ValidationError as exc:
+            errors.extend(
+                FieldError(".".join([here, *map(str, e["loc"])]), "unknown field" if e["type"] == "extra_forbidden" else e["msg"])
+                for e in exc.errors()
+            )
+            continue
+        out[i] = flatten([parsed], policy.field_names)[0]
+    return out if len(errors) == n_before else None
+
+
+def _actions(values: list[ActionValue], where: str, policy: ServedPolicy, errors: list[FieldError]) -> np.ndarray | None:
+    space, n_before = policy.space, len(errors)
+
+    def bad(i: int, message: str) -> None:
+        errors.append(FieldError(where.replace("*", str(i)) if "*" in where else f"{where}.{i}", message))
+
+    if isinstance(space, BoxSpace):
+        out = np.empty((len(values), space.dim), dtype=np.float32)
+        for i, v in enumerate(values):
+            vec = [v] if isinstance(v, int) else v
+            if len(vec) != space.dim:
+                bad(i, f"expected an action of {space.dim} values, got {len(vec)}")
+            else:
+                out[i] = vec
+        return out if len(errors) == n_before else None
+    sizes = [space.n] if isinstance(space, DiscreteSpace) else list(space.nvec)
+    assert isinstance(space, (DiscreteSpace, TupleSpace))
+    out_i = np.empty((len(values), len(sizes)), dtype=np.int64)
+    for i, v in enumerate(values):
+        vec = [v] if isinstance(v, int) else v
+        if len(vec) != len(sizes):
+            bad(i, f"expected {len(sizes)} action index(es), got {len(vec)}")
+        elif any(float(a) != int(a) for a in vec):
+            bad(i, f"action indices must be integers, got {vec}")
+        elif any(not 0 <= int(a) < n for a, n in zip(vec, sizes)):
+            bad(i, f"action {[int(a) for a in vec] if len(vec) > 1 else int(vec[0])} is out of range: sizes {sizes}")
+        else:
+            out_i[i] = [int(a) for a in vec]
+    return out_i if len(errors) == n_before else None

@@ -1,0 +1,127 @@
+"""The trainer of a policy as a Ray actor, beside the policy's Serve deployment.
+
+A thin adapter: it loads its own copy of the model from the file's bytes (no shared files between
+nodes), builds a ``Trainer`` whose publications reach every serving replica through the
+deployment's ``broadcast``, and reports to Ray's metrics export (``ray_policy_server_training_*``
+on :8080). Its methods run in a thread pool, so requests never wait for an update.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import ray
+from ray import serve
+from ray.util import metrics as ray_metrics
+
+from policy_server.policies.torch_policy import ModelFormat, load_module
+from policy_server.training.config import TrainingSpec
+from policy_server.training.trainer import Trainer, TrainerMetrics, build_trainer
+
+API = frozenset(
+    {"register", "heartbeat", "submit", "count_malformed", "status", "start", "pause", "stop", "save",
+     "resume", "checkpoints"}
+)
+PUBLISH_TIMEOUT_S = 60.0
+
+
+class RayTrainerMetrics(TrainerMetrics):
+    """The trainer's numbers as Ray metrics, tagged with the policy."""
+
+    def __init__(self, policy: str) -> None:
+        keys = ("policy",)
+        self._samples = ray_metrics.Counter(
+            "policy_server_training_samples", description="Samples accepted for training.", tag_keys=keys
+        )
+        self._rejected = ray_metrics.Counter(
+            "policy_server_training_samples_rejected",
+            description="Samples rejected, by reason (stale, malformed).",
+            tag_keys=(*keys, "reason"),
+        )
+        self._rate = ray_metrics.Gauge(
+            "policy_server_training_samples_per_second", description="Samples received per second.", tag_keys=keys
+        )
+        self._clients = ray_metrics.Gauge(
+            "policy_server_training_active_clients", description="Clients seen within the timeout.", tag_keys=keys
+        )
+        self._update = ray_metrics.Histogram(
+            "policy_server_training_update_seconds",
+            description="Time of one trainer update.",
+            boundaries=[0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10, 30],
+            tag_keys=keys,
+        )
+        self._version = ray_metrics.Gauge(
+            "policy_server_training_model_version", description="Last version the trainer published.", tag_keys=keys
+        )
+        self._last = ray_metrics.Gauge(
+            "policy_server_training_episode_return", description="Return of the last episode.", tag_keys=keys
+        )
+        self._best = ray_metrics.Gauge(
+            "policy_server_training_best_mean_return",
+            description="Best moving average of the episode return.",
+            tag_keys=keys,
+        )
+        for m in (self._samples, self._rejected, self._rate, self._clients, self._update, self._version,
+                  self._last, self._best):
+            m.set_default_tags({"policy": policy})
+
+    def received(self, accepted: int, stale: int) -> None:
+        if accepted:
+            self._samples.inc(accepted)
+        if stale:
+            self._rejected.inc(stale, tags={"reason": "stale"})
+
+    def malformed(self, n: int) -> None:
+        self._rejected.inc(n, tags={"reason": "malformed"})
+
+    def updated(self, seconds: float, version: int) -> None:
+        self._update.observe(seconds)
+        self._version.set(version)
+
+    def returns(self, last: float | None, best: float | None) -> None:
+        if last is not None:
+            self._last.set(last)
+        if best is not None:
+            self._best.set(best)
+
+    def gauges(self, active_clients: int, samples_per_second: float) -> None:
+        self._clients.set(active_clients)
+        self._rate.set(samples_per_second)
+
+
+@ray.remote
+class TrainerActor:
+    def __init__(
+        self,
+        policy: str,
+        spec: TrainingSpec,
+        model_bytes: bytes,
+        fmt: ModelFormat,
+        space: Any,
+        obs_dim: int,
+        deployment: str,
+        app_name: str,
+        use_gpu: bool,
+    ) -> None:
+        import torch
+
+        device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
+        handle = serve.get_deployment_handle(deployment, app_name)
+
+        def publish(weights: dict[str, np.ndarray], version: int) -> None:
+            handle.broadcast("set_weights", weights, version).results(timeout_s=PUBLISH_TIMEOUT_S)
+
+        module = load_module(model_bytes, fmt, device)
+        self.trainer: Trainer = build_trainer(
+            policy, spec, module, space, obs_dim, publish, RayTrainerMetrics(policy), device
+        )
+        self.trainer.open()
+
+    def call(self, method: str, *args: Any) -> Any:
+        if method not in API:
+            raise AttributeError(f"the trainer has no API method {method!r}")
+        return getattr(self.trainer, method)(*args)
+
+    def close(self) -> None:
+        self.trainer.close()
