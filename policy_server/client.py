@@ -22,7 +22,6 @@ Imports only numpy, httpx, torch and policy-server's model modules (no Ray, no F
 
 from __future__ import annotations
 
-import base64
 import random
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -32,6 +31,7 @@ from typing import Any, Literal, NamedTuple, Self
 import httpx
 import numpy as np
 
+from policy_server.policies.codec import decode_weights
 from policy_server.policies.spaces import ActionSpace, BoxSpace, DiscreteSpace, TupleSpace
 from policy_server.policies.torch_policy import TorchPolicy, load_module
 
@@ -356,7 +356,7 @@ class PolicyClient:
         if response.status_code == 304:
             return False
         body = response.json()
-        policy.set_weights({k: _decode(v) for k, v in body["weights"].items()}, int(body["model_version"]))
+        policy.set_weights(decode_weights(body["weights"]), int(body["model_version"]))
         self.server_version = max(self.server_version or 0, policy.version)
         self.stats.weight_refreshes += 1
         return True
@@ -664,13 +664,6 @@ def _space(description: Mapping[str, Any]) -> ActionSpace:
 def _bounds(values: list[float | None], unbounded: float) -> np.ndarray:
     """Bounds as ``GET /`` writes them (None where infinite) → a float array."""
     return np.array([unbounded if v is None else v for v in values], dtype=np.float64)
-
-
-def _decode(weight: Mapping[str, Any]) -> np.ndarray:
-    """One ``/weights`` entry (base64 of little-endian bytes) → an array of its dtype and shape."""
-    dtype = np.dtype(weight["dtype"]).newbyteorder("<")
-    data = np.frombuffer(base64.b64decode(weight["data"]), dtype=dtype)
-    return data.reshape(weight["shape"]).astype(dtype.newbyteorder("="))
 
 
 def _retry_after(response: httpx.Response) -> float | None:
