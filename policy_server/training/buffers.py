@@ -1,0 +1,101 @@
+"""Where experience waits for an update: a rollout buffer (PPO) and a replay ring buffer (DQN)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from policy_server.training.experience import ExperienceBatch
+
+_TRANSITION = ("obs", "actions", "rewards", "next_obs", "terminated")
+
+
+class RolloutBuffer:
+    """Batches in arrival order until an update takes them all."""
+
+    def __init__(self) -> None:
+        self._batches: list[ExperienceBatch] = []
+        self._rows = 0
+
+    def __len__(self) -> int:
+        return self._rows
+
+    def add(self, batch: ExperienceBatch) -> None:
+        if len(batch):
+            self._batches.append(batch)
+            self._rows += len(batch)
+
+    def take(self) -> ExperienceBatch:
+        """All rows in arrival order (each batch's last row ends a fragment); empties the buffer.
+
+        Raises ValueError when the buffer is empty.
+        """
+        if not self._batches:
+            raise ValueError("the rollout buffer is empty")
+        batch = ExperienceBatch.concat(self._batches)
+        self._batches, self._rows = [], 0
+        return batch
+
+
+class ReplayBuffer:
+    """The newest ``capacity`` transitions ``(obs, action, reward, next_obs, terminated)``.
+
+    A ring of numpy arrays; truncated transitions are stored with ``terminated`` false, so the
+    TD target bootstraps them.
+    """
+
+    def __init__(self, capacity: int, obs_dim: int, action_dim: int = 1, action_dtype: type = np.int64) -> None:
+        self.capacity = capacity
+        self.obs = np.zeros((capacity, obs_dim), dtype=np.float32)
+        self.next_obs = np.zeros((capacity, obs_dim), dtype=np.float32)
+        self.actions = np.zeros((capacity, action_dim), dtype=action_dtype)
+        self.rewards = np.zeros(capacity, dtype=np.float32)
+        self.terminated = np.zeros(capacity, dtype=bool)
+        self._pos = 0  # where the next transition goes
+        self._size = 0
+
+    def __len__(self) -> int:
+        return self._size
+
+    def add(self, batch: ExperienceBatch) -> None:
+        self._put({name: getattr(batch, name) for name in _TRANSITION})
+
+    def _put(self, rows: dict[str, np.ndarray]) -> None:
+        n = len(rows["rewards"])
+        if n > self.capacity:  # only the newest capacity rows would survive anyway
+            rows, n = {k: v[-self.capacity :] for k, v in rows.items()}, self.capacity
+        index = (self._pos + np.arange(n)) % self.capacity
+        for name, values in rows.items():
+            getattr(self, name)[index] = values
+        self._pos = (self._pos + n) % self.capacity
+        self._size = min(self._size + n, self.capacity)
+
+    def sample(self, batch_size: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        """``batch_size`` transitions drawn uniformly with replacement, as CPU tensors.
+
+        ``obs``, ``next_obs`` float32 (B, obs_dim); ``actions`` (B, action_dim); ``rewards``
+        and ``terminated`` float32 (B,).
+        """
+        if not self._size:
+            raise ValueError("the replay buffer is empty")
+        index = torch.randint(self._size, (batch_size,), generator=generator).numpy()
+        out = {name: torch.from_numpy(getattr(self, name)[index]) for name in _TRANSITION}
+        out["terminated"] = out["terminated"].float()
+        return out
+
+    def _ordered(self) -> np.ndarray:
+        """Indices of the stored transitions, oldest first."""
+        start = self._pos if self._size == self.capacity else 0
+        return (start + np.arange(self._size)) % self.capacity
+
+    def state_dict(self) -> dict[str, Any]:
+        """The stored transitions, oldest first, as tensors (loadable with ``weights_only``)."""
+        order = self._ordered()
+        return {name: torch.from_numpy(getattr(self, name)[order]) for name in _TRANSITION}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Replace the contents; a smaller capacity keeps the newest transitions."""
+        self._pos = self._size = 0
+        self._put({name: state[name].numpy() for name in _TRANSITION})
