@@ -35,6 +35,9 @@ TUPLE_OBS = {"speed": 0.5, "sensors": [0.1, -0.2, 0.3]}
 BOX_OBSERVATIONS = {"x": {"type": "float"}, "y": {"type": "float"}, "flag": {"type": "bool"}}
 BOX_OBS = {"x": 0.1, "y": -0.3, "flag": False}
 FAULTY_OBSERVATIONS = {"a": {"type": "float"}, "b": {"type": "float"}}
+CART_OBSERVATIONS = {
+    name: {"type": "float"} for name in ("cart_position", "cart_velocity", "pole_angle", "pole_angular_velocity")
+}
 
 
 class Faulty(nn.Module):
@@ -64,6 +67,7 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     export_module(MLPPolicy(11, [16], nvec=[4]), 11, root / "lpoc.pt", fmt="torchscript")
     export_module(MLPPolicy(4, [16], nvec=[3, 2]), 4, root / "tuple.pt2", fmt="export")
     export_module(MLPPolicy(3, [16], box_dim=2), 3, root / "box.pt2")
+    export_module(MLPPolicy(4, [32], nvec=[2]), 4, root / "cart.pt2")
     with warnings.catch_warnings():  # TorchScript is deprecated in torch 2.13; still served
         warnings.simplefilter("ignore", DeprecationWarning)
         torch.jit.save(torch.jit.script(Faulty()), root / "faulty.pt")
@@ -101,6 +105,24 @@ def multi_policy_schema(model_dir: Path, **parameters: Any) -> dict[str, Any]:
                 "model": str(model_dir / "faulty.pt"),
                 "resources": small,
             },
+        },
+    }
+
+
+def training_schema(model_dir: Path, checkpoint_dir: Path, **training: Any) -> dict[str, Any]:
+    """A trainable CartPole policy `cart` (the default) beside the untrained `lpoc` policy."""
+    plain = multi_policy_schema(model_dir)["policies"]["lpoc"]
+    return {
+        "parameters": {"api_key": API_KEY, "default_policy": "cart"},
+        "policies": {
+            "cart": {
+                "observations": CART_OBSERVATIONS,
+                "model": str(model_dir / "cart.pt2"),
+                "action_space": {"type": "discrete", "n": 2, "names": ["left", "right"]},
+                "resources": {"num_cpus": 0.1},
+                "training": {"checkpoint_dir": str(checkpoint_dir), "num_cpus": 0.1, "seed": 0, **training},
+            },
+            "lpoc": plain,
         },
     }
 

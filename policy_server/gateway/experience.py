@@ -22,7 +22,7 @@ from policy_server.training.experience import ExperienceBatch
 
 Observation = list[FiniteFloat] | dict[str, Any]
 ActionValue = int | list[FiniteFloat]
-CLIENT_ID = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.:-]+$")
+CLIENT_ID_PATTERN = r"^[A-Za-z0-9_.:-]+$"
 
 
 class _Wire(BaseModel):
@@ -71,7 +71,7 @@ class Step(_Wire):
 
 
 class ExperienceRequest(_Wire):
-    client_id: str = CLIENT_ID
+    client_id: str = Field(min_length=1, max_length=128, pattern=CLIENT_ID_PATTERN)
     fragments: list[Fragment] = Field(default_factory=list)
     steps: list[Step] = Field(default_factory=list)
 

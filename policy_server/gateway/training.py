@@ -8,6 +8,7 @@ local backend and tests) or as a Ray actor (``RayTrainerLink``).
 from __future__ import annotations
 
 import asyncio
+import json
 import uuid
 from typing import Any, Protocol
 
@@ -88,3 +89,17 @@ class TrainingService:
             await self.call("count_malformed", request.rows, request.client_id)
             raise
         return await self.call("submit", batch)
+
+    async def count_malformed(self, body: bytes) -> None:
+        """Count the samples of a body that failed validation (as far as it can be read)."""
+        if self.link is not None:
+            await self.call("count_malformed", _rows_of(body), None)
+
+
+def _rows_of(body: bytes) -> int:
+    try:
+        doc = json.loads(body)
+        rows = sum(len(f.get("actions") or []) for f in doc.get("fragments") or []) + len(doc.get("steps") or [])
+    except (ValueError, TypeError, AttributeError):
+        return 1
+    return max(rows, 1)

@@ -6,14 +6,17 @@ in the README's training section and in the generated OpenAPI document.
 
 # No `from __future__ import annotations`: FastAPI must see the models as real types.
 
+from collections.abc import Callable, Coroutine
 from typing import Any
 
-from fastapi import APIRouter, Depends, Header, Response
+from fastapi import APIRouter, Depends, Header, Path, Request, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.routing import APIRoute
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from policy_server.errors import NotTrainable
-from policy_server.gateway.experience import CLIENT_ID, ExperienceRequest
+from policy_server.gateway.experience import CLIENT_ID_PATTERN, ExperienceRequest
 from policy_server.gateway.routes import ERRORS
 from policy_server.gateway.service import PolicyService
 from policy_server.gateway.training import TrainingService
@@ -36,7 +39,7 @@ class _Wire(BaseModel):
 
 
 class Registration(_Wire):
-    client_id: str | None = Field(None, min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.:-]+$",
+    client_id: str | None = Field(None, min_length=1, max_length=128, pattern=CLIENT_ID_PATTERN,
                                   description="Your id; the server makes one when it is null.")
     info: dict[str, Any] | None = Field(None, description="Anything that describes the client.")
 
@@ -106,11 +109,31 @@ class Version(BaseModel):
     model_version: int
 
 
+def _counting_route(service: TrainingService) -> type[APIRoute]:
+    """Routes whose bodies fail validation still count as malformed samples in the trainer."""
+
+    class CountingRoute(APIRoute):
+        def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+            handler = super().get_route_handler()
+
+            async def counted(request: Request) -> Response:
+                try:
+                    return await handler(request)
+                except RequestValidationError:
+                    await service.count_malformed(await request.body())
+                    raise
+
+            return counted
+
+    return CountingRoute
+
+
 def training_router(service: TrainingService, auth: Any, prefix: str) -> APIRouter:
     router = APIRouter(
         prefix=f"{prefix}/train", tags=[f"{service.policy.name}: training"], dependencies=[Depends(auth)],
         responses=TRAINING_ERRORS,
     )
+    experience_router = APIRouter(route_class=_counting_route(service))
 
     @router.post("/clients", response_model=ClientAnswer)
     async def register(body: Registration) -> Any:
@@ -119,15 +142,17 @@ def training_router(service: TrainingService, auth: Any, prefix: str) -> APIRout
         return await service.register(body.client_id, body.info)
 
     @router.post("/clients/{client_id}/heartbeat", response_model=ClientAnswer)
-    async def heartbeat(client_id: str = CLIENT_ID) -> Any:
+    async def heartbeat(client_id: str = Path(min_length=1, max_length=128, pattern=CLIENT_ID_PATTERN)) -> Any:
         """Tell the server the client is alive; answers the current version and state."""
         return await service.call("heartbeat", client_id)
 
-    @router.post("/experience", response_model=ExperienceAnswer)
+    @experience_router.post("/experience", response_model=ExperienceAnswer)
     async def experience(body: ExperienceRequest) -> Any:
         """Send experience: episode fragments and/or single steps. All of it is validated first;
         one malformed sample refuses the request (422) and stores nothing."""
         return await service.experience(body)
+
+    router.include_router(experience_router)
 
     @router.get("/status", response_model=TrainingStatus)
     async def status() -> Any:

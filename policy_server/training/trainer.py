@@ -20,6 +20,7 @@ import numpy as np
 from pydantic import TypeAdapter
 
 from policy_server.errors import InvalidRequest, NotFound, StaleSamples, TrainingNotRunning, summary
+from policy_server.training.checkpoint import periodic_name
 from policy_server.training.config import TrainingSpec
 from policy_server.training.experience import ExperienceBatch
 from policy_server.training.telemetry import Telemetry
@@ -127,6 +128,8 @@ class Trainer:
         with self._cond:
             newest = int(batch.versions.max()) if len(batch) else 0
             if newest > self.version:
+                self.rejected["malformed"] += len(batch)
+                self.metrics.malformed(len(batch))
                 raise InvalidRequest(
                     f"model_version {newest} is newer than the current version {self.version}"
                 )
@@ -268,7 +271,7 @@ class Trainer:
         self._publish_weights()
         self.metrics.updated(seconds, self.version)
         if self.updates % self.spec.checkpoint_every == 0:
-            self._checkpoint(f"update-{self.updates:08d}")
+            self._checkpoint(periodic_name(self.updates))
 
     def _publish_weights(self) -> None:
         try:

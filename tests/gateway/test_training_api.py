@@ -1,0 +1,148 @@
+"""The training and model-download endpoints in-process (TestClient; trainer in the gateway, no Ray)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import yaml
+from conftest import API_KEY, training_schema
+from fastapi.testclient import TestClient
+
+from policy_server.gateway.app import build_app
+from policy_server.policies.codec import decode_weights
+from policy_server.policies.torch_policy import TorchPolicy, load_module
+from policy_server.settings import Settings
+
+AUTH = {"access-token": API_KEY}
+
+
+@pytest.fixture()
+def client(model_dir: Path, tmp_path: Path) -> Iterator[TestClient]:
+    schema = training_schema(model_dir, tmp_path / "ckpt", ppo={"rollout_samples": 16, "num_minibatches": 2})
+    path = tmp_path / "schema.yaml"
+    path.write_text(yaml.safe_dump(schema, sort_keys=False))
+    settings = Settings(schema_path=path, backend="local", gateway_metrics_port=0, seed=0)
+    with TestClient(build_app(settings), headers=AUTH) as c:
+        yield c
+
+
+def fragment(version: int = 0, steps: int = 16, **over: Any) -> dict[str, Any]:
+    rng = np.random.default_rng(steps)
+    return {
+        "model_version": version,
+        "observations": rng.uniform(-0.05, 0.05, (steps + 1, 4)).tolist(),
+        "actions": rng.integers(0, 2, steps).tolist(),
+        "rewards": [1.0] * steps,
+        "log_probs": [-0.69] * steps,
+        "terminated": True,
+    } | over
+
+
+def send(client: TestClient, *fragments: dict[str, Any], client_id: str = "c1") -> Any:
+    return client.post("/train/experience", json={"client_id": client_id, "fragments": list(fragments)})
+
+
+def wait_version(client: TestClient, version: int) -> None:
+    deadline = time.monotonic() + 20
+    while client.get("/train/status").json()["model_version"] < version:
+        assert time.monotonic() < deadline, "no update"
+        time.sleep(0.02)
+
+
+def test_experience_trains_the_policy_and_predict_answers_the_new_version(client: TestClient) -> None:
+    registered = client.post("/train/clients", json={"client_id": None, "info": {"env": "CartPole-v1"}}).json()
+    assert registered["model_version"] == 0 and registered["algorithm"] == "ppo" and registered["client_id"]
+    answer = send(client, fragment(), client_id=registered["client_id"])
+    assert answer.status_code == 200, answer.text
+    assert answer.json() == {"accepted": 16, "rejected": 0, "model_version": 0, "state": "running"}
+    wait_version(client, 1)
+    obs = {"cart_position": 0.0, "cart_velocity": 0.0, "pole_angle": 0.01, "pole_angular_velocity": 0.0}
+    assert client.post("/predict", json=obs).json()["model_version"] == 1
+    assert client.get("/version").json() == {"model_version": 1}
+    status = client.get("/train/status").json()
+    assert status["episodes"] == 1 and status["last_return"] == 16.0 and status["active_clients"] == 1
+
+
+def test_malformed_experience_is_422_and_never_reaches_the_trainer(client: TestClient) -> None:
+    bad = [
+        fragment(actions=[2] + [0] * 15),  # out of range
+        fragment(observations=[[0.0] * 3] * 17),  # wrong width
+        fragment(rewards=[1.0] * 15),  # length mismatch
+        fragment(version=5),  # newer than the current version
+    ]
+    for body in bad:
+        response = send(client, body)
+        assert response.status_code == 422, response.text
+        assert response.json()["error"]["code"] == "invalid_request"
+    nan = client.post(
+        "/train/experience",
+        content=b'{"client_id": "c1", "fragments": [{"model_version": 0, "observations": [[NaN, 0, 0, 0], [0, 0, 0, 0]], '
+        b'"actions": [0], "rewards": [1.0]}]}',
+        headers={"content-type": "application/json"},
+    )
+    assert nan.status_code == 422
+    status = client.get("/train/status").json()
+    assert status["samples_received"] == 0 and status["samples_rejected"]["malformed"] == 4 * 16 + 1
+
+
+def test_stale_and_paused_are_409_with_distinct_codes(client: TestClient) -> None:
+    send(client, fragment())
+    wait_version(client, 1)
+    send(client, fragment(version=1))
+    wait_version(client, 2)
+    stale = send(client, fragment(version=0))
+    assert stale.status_code == 409 and stale.json()["error"]["code"] == "stale_samples"
+    assert client.post("/train/pause").json()["state"] == "paused"
+    paused = send(client, fragment(version=2))
+    assert paused.status_code == 409 and paused.json()["error"]["code"] == "training_not_running"
+    assert client.post("/train/start").json()["state"] == "running"
+    assert send(client, fragment(version=2)).status_code == 200
+
+
+def test_save_list_resume_and_bad_checkpoint_names(client: TestClient) -> None:
+    send(client, fragment())
+    wait_version(client, 1)
+    saved = client.post("/train/save").json()
+    assert saved["model_version"] == 1
+    names = [c["name"] for c in client.get("/train/checkpoints").json()["checkpoints"]]
+    assert saved["checkpoint"] in names
+    resumed = client.post("/train/resume", json={"checkpoint": saved["checkpoint"]}).json()
+    assert resumed["model_version"] == 2 and resumed["updates"] == 1  # the same weights, a new version
+    assert client.post("/train/resume", json={"checkpoint": "nope"}).status_code == 404
+    bad = client.post("/train/resume", json={"checkpoint": "../../etc/passwd"})
+    assert bad.status_code == 422 and "invalid checkpoint name" in bad.json()["error"]["message"]
+    stopped = client.post("/train/stop").json()
+    assert stopped["state"] == "stopped" and stopped["last_checkpoint"] == "final"
+
+
+def test_model_and_weights_download_reproduce_the_served_policy(client: TestClient, model_dir: Path) -> None:
+    send(client, fragment())
+    wait_version(client, 1)
+    model = client.get("/model")
+    assert model.headers["x-model-format"] == "export"
+    weights = client.get("/weights")
+    assert weights.headers["etag"] == '"1"'
+    body = weights.json()
+    local = TorchPolicy(load_module(model.content, "export"))
+    local.set_weights(decode_weights(body["weights"]), body["model_version"])
+    obs = np.array([[0.01, -0.02, 0.03, 0.0]], dtype=np.float32)
+    served = client.post("/predict_raw", json={"obs": obs[0].tolist()}).json()
+    logits = local.forward(obs).heads[0][0]
+    expected = logits[served["action"]] - np.log(np.exp(logits).sum())
+    assert served["log_prob"] == pytest.approx(expected, abs=1e-5)
+    assert client.get("/weights", headers={"If-None-Match": '"1"'}).status_code == 304
+    assert client.get("/weights", headers={"If-None-Match": '"0"'}).status_code == 200
+
+
+def test_untrained_policies_say_so_and_training_needs_the_key(client: TestClient) -> None:
+    response = client.get("/policies/lpoc/train/status")
+    assert response.status_code == 404 and response.json()["error"]["code"] == "not_trainable"
+    assert client.get("/policies/lpoc/weights").status_code == 200
+    assert client.get("/train/status", headers={"access-token": "wrong"}).status_code == 403
+    public = client.get("/schema").json()["policies"]["cart"]["training"]
+    assert public["algorithm"] == "ppo" and public["checkpoint_dir"] == "ckpt"

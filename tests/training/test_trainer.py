@@ -1,0 +1,173 @@
+"""The trainer without Ray or HTTP: staleness, states, updates and publication, checkpoints, resume."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from policy_server.errors import InvalidRequest, NotFound, StaleSamples, TrainingNotRunning
+from policy_server.export import MLPPolicy, export_module
+from policy_server.policies.spaces import DiscreteSpace
+from policy_server.policies.torch_policy import load_module
+from policy_server.training.config import PPOConfig, TrainingSpec
+from policy_server.training.experience import ExperienceBatch
+from policy_server.training.trainer import Trainer, build_trainer
+
+OBS_DIM, N_ACTIONS = 4, 2
+
+
+@pytest.fixture(scope="module")
+def model_bytes(tmp_path_factory: pytest.TempPathFactory) -> bytes:
+    torch.manual_seed(0)
+    path = export_module(MLPPolicy(OBS_DIM, [8], nvec=[N_ACTIONS]), OBS_DIM, tmp_path_factory.mktemp("m") / "p.pt2")
+    return path.read_bytes()
+
+
+class Published:
+    """Collects what the trainer publishes (the serving side's `set_weights`)."""
+
+    def __init__(self) -> None:
+        self.versions: list[int] = []
+        self.fail = False
+
+    def __call__(self, weights: dict[str, np.ndarray], version: int) -> None:
+        if self.fail:
+            raise ConnectionError("replicas restarting")
+        self.versions.append(version)
+
+
+def make_trainer(model_bytes: bytes, tmp_path: Path, published: Published, **spec: Any) -> Trainer:
+    options = {"ppo": PPOConfig(rollout_samples=32, num_minibatches=2, update_epochs=1), "seed": 0,
+               "checkpoint_dir": tmp_path, "checkpoint_every": 2, "return_window": 2} | spec
+    training = TrainingSpec(**options)
+    return build_trainer("p", training, load_module(model_bytes, "export"), DiscreteSpace(N_ACTIONS), OBS_DIM, published)
+
+
+@pytest.fixture()
+def published() -> Published:
+    return Published()
+
+
+@pytest.fixture()
+def trainer(model_bytes: bytes, tmp_path: Path, published: Published) -> Iterator[Trainer]:
+    t = make_trainer(model_bytes, tmp_path, published)
+    t.open()
+    yield t
+    t.close()
+
+
+def steps(n: int, version: int = 0, client: str = "c1", reward: float = 1.0, episode_every: int = 8) -> ExperienceBatch:
+    rng = np.random.default_rng(n + version)
+    ends = (np.arange(n) % episode_every) == episode_every - 1
+    return ExperienceBatch(
+        obs=rng.standard_normal((n, OBS_DIM)).astype(np.float32),
+        next_obs=rng.standard_normal((n, OBS_DIM)).astype(np.float32),
+        actions=rng.integers(0, N_ACTIONS, (n, 1)),
+        rewards=np.full(n, reward, dtype=np.float32),
+        terminated=ends,
+        truncated=np.zeros(n, dtype=bool),
+        segment_end=ends | (np.arange(n) == n - 1),
+        log_probs=np.full(n, np.log(0.5), dtype=np.float32),
+        versions=np.full(n, version, dtype=np.int64),
+        client_id=client,
+    )
+
+
+def wait_for(predicate: Any, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached")
+        time.sleep(0.01)
+
+
+def test_enough_samples_update_the_policy_and_publish_the_next_version(trainer: Trainer, published: Published) -> None:
+    assert trainer.submit(steps(32))["accepted"] == 32
+    wait_for(lambda: trainer.status()["model_version"] == 1)
+    assert published.versions == [1]
+    status = trainer.status()
+    assert status["updates"] == 1 and status["samples_accepted"] == 32 and "pg_loss" in status["last_update"]
+
+
+def test_samples_older_than_the_allowed_delay_are_rejected_and_counted(trainer: Trainer) -> None:
+    trainer.submit(steps(32))
+    wait_for(lambda: trainer.status()["model_version"] == 1)
+    trainer.submit(steps(32, version=1))
+    wait_for(lambda: trainer.status()["model_version"] == 2)
+    with pytest.raises(StaleSamples, match="older than 1"):  # PPO accepts one version of delay
+        trainer.submit(steps(4, version=0))
+    mixed = ExperienceBatch.concat([steps(3, version=0), steps(5, version=2)])
+    answer = trainer.submit(mixed)
+    assert (answer["accepted"], answer["rejected"]) == (5, 3)
+    assert trainer.status()["samples_rejected"]["stale"] == 7
+
+
+def test_a_version_from_the_future_is_invalid(trainer: Trainer) -> None:
+    with pytest.raises(InvalidRequest, match="newer than the current version 0"):
+        trainer.submit(steps(4, version=3))
+
+
+def test_a_paused_trainer_refuses_experience_but_still_counts_returns(trainer: Trainer) -> None:
+    trainer.pause()
+    with pytest.raises(TrainingNotRunning):
+        trainer.submit(steps(8))
+    assert trainer.status()["episodes"] == 1 and trainer.status()["samples_accepted"] == 0
+    trainer.start()
+    assert trainer.submit(steps(8))["accepted"] == 8
+
+
+def test_checkpoints_every_n_updates_best_and_final(trainer: Trainer, tmp_path: Path) -> None:
+    for version in range(2):
+        trainer.submit(steps(32, version=version, reward=float(version + 1)))
+        wait_for(lambda v=version: trainer.status()["model_version"] == v + 1)
+    wait_for(lambda: trainer.status()["last_checkpoint"] is not None)
+    trainer.stop()
+    names = {c["name"] for c in trainer.checkpoints()["checkpoints"]}
+    assert {"update-00000002", "best", "final"} <= names
+    assert trainer.status()["state"] == "stopped"
+
+
+def test_resume_restores_weights_counters_and_continues_the_version(model_bytes: bytes, tmp_path: Path) -> None:
+    first_published = Published()
+    first = make_trainer(model_bytes, tmp_path, first_published)
+    first.open()
+    first.submit(steps(32))
+    wait_for(lambda: first.status()["model_version"] == 1)
+    saved = first.save()
+    weights = first.learner.actor_weights()
+    first.close()
+
+    published = Published()
+    second = make_trainer(model_bytes, tmp_path, published, resume=True)
+    second.open()
+    try:
+        status = second.status()
+        assert status["updates"] == 1 and status["model_version"] == 1 and status["last_checkpoint"] == saved["checkpoint"]
+        assert published.versions == [1]
+        for name, value in second.learner.actor_weights().items():
+            np.testing.assert_array_equal(value, weights[name])
+        with pytest.raises(NotFound):
+            second.resume("no-such-checkpoint")
+    finally:
+        second.close()
+
+
+def test_a_failed_publication_is_reported_and_retried(trainer: Trainer, published: Published) -> None:
+    published.fail = True
+    trainer.submit(steps(32))
+    wait_for(lambda: trainer.status()["last_error"] is not None)
+    assert "publishing version 1 failed" in trainer.status()["last_error"]
+    published.fail = False
+    wait_for(lambda: published.versions == [1])
+
+
+def test_registration_answers_the_version_and_counts_active_clients(trainer: Trainer) -> None:
+    answer = trainer.register("robot-7", {"env": "CartPole-v1"})
+    assert answer["client_id"] == "robot-7" and answer["model_version"] == 0 and answer["state"] == "running"
+    assert trainer.status()["active_clients"] == 1
