@@ -1,0 +1,162 @@
+"""DQN (Mnih et al. 2015), double DQN by default, as cleanrl's ``dqn.py`` does it, on experience
+clients send. The served model's logits are the Q-values; clients act epsilon-greedily with the
+epsilon the learner publishes.
+
+cleanrl's schedule counts environment steps; here it counts transitions received: after
+``learning_starts``, one gradient step per ``train_frequency`` transitions and a target update
+per ``target_network_frequency``. The caller publishes after each ``update``, which runs all due
+gradient steps, so ``ready`` waits until ``publish_frequency`` of them are due.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from policy_server.policies.spaces import ActionSpace, DiscreteSpace
+from policy_server.training.base import Learner, copy_module, make_generator
+from policy_server.training.buffers import ReplayBuffer
+from policy_server.training.config import DQNConfig
+from policy_server.training.distributions import as_heads
+from policy_server.training.experience import ExperienceBatch
+from policy_server.training.functional import td_target
+
+
+def q_values(module: nn.Module, obs: torch.Tensor) -> torch.Tensor:
+    """``(B, obs_dim) → (B, A)``: the module's logits head."""
+    return as_heads(module(obs))[0]
+
+
+def linear_schedule(start: float, end: float, duration: int, t: int) -> float:
+    """``start`` moving linearly to ``end`` over ``duration`` steps, then ``end``."""
+    frac = min(1.0, t / duration)
+    return (1.0 - frac) * start + frac * end
+
+
+class DQNLearner(Learner):
+    algorithm = "dqn"
+
+    def __init__(
+        self,
+        actor: torch.nn.Module,
+        obs_dim: int,
+        space: ActionSpace,
+        config: DQNConfig,
+        seed: int | None = None,
+        device: str = "cpu",
+    ) -> None:
+        if not isinstance(space, DiscreteSpace):
+            raise ValueError(
+                f"DQN learns one Q-value per action of a discrete action space; this policy's action "
+                f"space is {space.kind!r}: train it with algorithm 'ppo'"
+            )
+        super().__init__(actor, device)
+        self.config = config
+        self.generator = make_generator(seed)
+        self.target = copy_module(actor)  # used under no_grad only
+        self.optimizer = torch.optim.Adam(actor.parameters(), lr=config.learning_rate)
+        self.buffer = ReplayBuffer(config.buffer_size, obs_dim)
+        self.gradient_steps = 0
+        self.target_updates = 0
+
+    def add(self, batch: ExperienceBatch) -> None:
+        self.samples += len(batch)
+        self.buffer.add(batch)
+
+    def _due(self) -> int:
+        """Gradient steps due: one per ``train_frequency`` transitions received after ``learning_starts``."""
+        c = self.config
+        return max(0, self.samples // c.train_frequency - c.learning_starts // c.train_frequency - self.gradient_steps)
+
+    def ready(self) -> bool:
+        """``publish_frequency`` gradient steps are due (the first update comes as soon as one is)."""
+        due = self._due()
+        return due >= self.config.publish_frequency or (due > 0 and self.gradient_steps == 0)
+
+    def update(self) -> dict[str, float]:
+        """Every due gradient step, then the due target-network updates.
+
+        Raises ValueError when no gradient step is due.
+        """
+        steps = self._due()
+        if steps == 0:
+            raise ValueError(f"no gradient step is due after {self.samples} transitions")
+        losses, q = np.array([self._gradient_step() for _ in range(steps)]).T
+        self.gradient_steps += steps
+        self._update_target()
+        self.updates += 1
+        return {
+            "loss": float(losses.mean()),
+            "q_values": float(q.mean()),
+            "gradient_steps": float(steps),
+            "epsilon": self.epsilon(),
+            "learning_rate": self.config.learning_rate,
+            "samples": float(self.samples),
+            "updates": float(self.updates),
+        }
+
+    def _gradient_step(self) -> tuple[float, float]:
+        """One step on a sampled minibatch; returns its loss and mean Q-value of the taken actions."""
+        c = self.config
+        data = {k: v.to(self.device) for k, v in self.buffer.sample(c.batch_size, self.generator).items()}
+        with torch.no_grad():
+            next_q_online = q_values(self.actor, data["next_obs"]) if c.double_dqn else None
+            target = td_target(data["rewards"], q_values(self.target, data["next_obs"]), data["terminated"],
+                               c.gamma, next_q_online)
+        old_val = q_values(self.actor, data["obs"]).gather(1, data["actions"]).squeeze(1)
+        loss = F.mse_loss(old_val, target)
+
+        self.optimizer.zero_grad()
+        loss.backward()
+        nn.utils.clip_grad_norm_(self.actor.parameters(), c.max_grad_norm)
+        self.optimizer.step()
+        return loss.item(), old_val.mean().item()
+
+    def _update_target(self) -> None:
+        """The soft updates due since the last one, at once: ``k`` updates with rate tau are one
+        with rate ``1 - (1 - tau)^k`` (tau = 1: a copy)."""
+        due = self.samples // self.config.target_network_frequency - self.target_updates
+        if due <= 0:
+            return
+        tau = 1.0 - (1.0 - self.config.tau) ** due
+        with torch.no_grad():
+            for target_param, param in zip(self.target.parameters(), self.actor.parameters()):
+                target_param.copy_(tau * param + (1.0 - tau) * target_param)
+        self.target_updates += due
+
+    def epsilon(self) -> float:
+        c = self.config
+        return linear_schedule(c.start_epsilon, c.end_epsilon, c.exploration_samples, self.samples)
+
+    def exploration(self) -> dict[str, float]:
+        return {"epsilon": self.epsilon()}
+
+    def state_dict(self) -> dict[str, Any]:
+        """Actor, target network, optimiser, replay buffer, counters and the sampling generator."""
+        return copy.deepcopy({
+            "algorithm": self.algorithm,
+            "actor": self.actor.state_dict(),
+            "target": self.target.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "replay_buffer": self.buffer.state_dict(),
+            "samples": self.samples,
+            "updates": self.updates,
+            "gradient_steps": self.gradient_steps,
+            "target_updates": self.target_updates,
+            "generator": self.generator.get_state(),
+        })
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._check_algorithm(state)
+        self.actor.load_state_dict(state["actor"])
+        self.target.load_state_dict(state["target"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.buffer.load_state_dict(state["replay_buffer"])
+        self.samples, self.updates = int(state["samples"]), int(state["updates"])
+        self.gradient_steps, self.target_updates = int(state["gradient_steps"]), int(state["target_updates"])
+        self.generator.set_state(state["generator"])

@@ -1,0 +1,265 @@
+"""PPO and DQN learners on the served module itself: every parameter trains, state round-trips.
+
+Synthetic CartPole-shaped experience (4 observations); the models are exported and re-loaded
+exactly as the server loads them, in both file formats.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from policy_server.export import MLPPolicy, export_module
+from policy_server.policies.spaces import ActionSpace, BoxSpace, DiscreteSpace, TupleSpace
+from policy_server.policies.torch_policy import TorchPolicy, load_module, model_format
+from policy_server.training.checkpoint import CheckpointStore
+from policy_server.training.config import DQNConfig, PPOConfig, TrainingSpec
+from policy_server.training.distributions import as_heads, log_prob_entropy
+from policy_server.training.experience import ExperienceBatch
+from policy_server.training.learners import DQNLearner, Learner, PPOLearner, make_learner
+from policy_server.training.ppo import explained_variance, value_loss
+
+OBS_DIM = 4
+SPACES: dict[str, ActionSpace] = {
+    "discrete": DiscreteSpace(2),
+    "tuple": TupleSpace([3, 2]),
+    "box": BoxSpace(2, np.full(2, -1.0), np.full(2, 1.0)),
+}
+MODELS = {  # name: (action space, MLPPolicy keyword, file name)
+    "discrete-export": ("discrete", {"nvec": [2]}, "discrete.pt2"),
+    "discrete-torchscript": ("discrete", {"nvec": [2]}, "discrete.pt"),
+    "tuple-torchscript": ("tuple", {"nvec": [3, 2]}, "tuple.pt"),
+    "box-export": ("box", {"box_dim": 2}, "box.pt2"),
+}
+PPO = PPOConfig(rollout_samples=64, num_minibatches=2, update_epochs=2, critic_hidden=[16])
+DQN = DQNConfig(buffer_size=100, batch_size=16, learning_starts=32, train_frequency=4,
+                target_network_frequency=32, publish_frequency=4, exploration_samples=100, end_epsilon=0.1)
+
+
+@pytest.fixture(scope="module")
+def model_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("models")
+    files = {}
+    for name, (_, kind, file) in MODELS.items():
+        torch.manual_seed(0)
+        fmt = "export" if file.endswith(".pt2") else "torchscript"
+        files[name] = export_module(MLPPolicy(OBS_DIM, [8], **kind), OBS_DIM, root / file, fmt=fmt)
+    return files
+
+
+def load(model_files: dict[str, Path], name: str) -> torch.nn.Module:
+    path = model_files[name]
+    return load_module(path.read_bytes(), model_format(path))
+
+
+def learner_for(model_files: dict[str, Path], name: str, seed: int = 0, **spec: Any) -> Learner:
+    training = TrainingSpec(**({"ppo": PPO, "dqn": DQN, "seed": seed} | spec))
+    return make_learner(load(model_files, name), OBS_DIM, SPACES[MODELS[name][0]], training)
+
+
+def experience(learner: Learner, space: ActionSpace, n: int, seed: int, known_log_probs: bool = True,
+               client_id: str = "c") -> ExperienceBatch:
+    """``n`` random steps acted by the learner's model; log-probs a little off (older acting model)."""
+    rng = np.random.default_rng(seed)
+    obs = rng.normal(size=(n + 1, OBS_DIM)).astype(np.float32)
+    if isinstance(space, BoxSpace):
+        actions = rng.normal(size=(n, space.dim)).astype(np.float32)
+    else:
+        actions = np.stack([rng.integers(k, size=n) for k in getattr(space, "nvec", [2])], axis=1)
+    with torch.no_grad():
+        heads = as_heads(learner.actor(torch.from_numpy(obs[:-1])))
+        log_probs, _ = log_prob_entropy(space, heads, torch.from_numpy(actions))
+    terminated = rng.random(n) < 0.1
+    truncated = (rng.random(n) < 0.05) & ~terminated
+    segment_end = terminated | truncated
+    segment_end[-1] = True
+    return ExperienceBatch(
+        obs=obs[:-1], next_obs=obs[1:], actions=actions, rewards=rng.normal(1.0, 1.0, n).astype(np.float32),
+        terminated=terminated, truncated=truncated, segment_end=segment_end,
+        log_probs=(log_probs.numpy() + rng.normal(0, 0.1, n) if known_log_probs else np.full(n, np.nan))
+        .astype(np.float32),
+        versions=np.zeros(n, dtype=np.int64), client_id=client_id,
+    )
+
+
+def feed(learner: Learner, name: str, n: int, seed: int) -> None:
+    learner.add(experience(learner, SPACES[MODELS[name][0]], n, seed))
+
+
+def snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def assert_all_changed(before: dict[str, torch.Tensor], module: torch.nn.Module) -> None:
+    after = module.state_dict()
+    unchanged = [k for k in before if torch.equal(before[k], after[k])]
+    assert not unchanged, f"parameters unchanged by the update: {unchanged}"
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_one_ppo_update_changes_every_parameter_of_actor_and_critic(model_files: dict[str, Path], name: str) -> None:
+    learner = learner_for(model_files, name)
+    assert isinstance(learner, PPOLearner) and learner.exploration() == {}
+    actor, critic = snapshot(learner.actor), snapshot(learner.critic)
+    feed(learner, name, 40, seed=1)
+    assert not learner.ready()
+    feed(learner, name, 30, seed=2)
+    assert learner.ready()
+    stats = learner.update()
+    assert_all_changed(actor, learner.actor)
+    assert_all_changed(critic, learner.critic)
+    assert not learner.ready() and stats["batch_size"] == 70 and stats["samples"] == 70
+    assert stats["epochs"] == 2 and stats["learning_rate"] == PPO.learning_rate
+    assert all(isinstance(v, float) and math.isfinite(v) for v in stats.values()), stats
+    assert stats["clipfrac"] > 0 and stats["approx_kl"] > 0 and stats["v_loss"] > 0
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_actor_weights_are_the_served_modules_and_load_into_a_torch_policy(
+    model_files: dict[str, Path], name: str
+) -> None:
+    learner = learner_for(model_files, name)
+    feed(learner, name, 64, seed=1)
+    learner.update()
+    weights = learner.actor_weights()
+    served = load(model_files, name)
+    assert {k: v.shape for k, v in weights.items()} == {k: tuple(v.shape) for k, v in served.state_dict().items()}
+    policy = TorchPolicy(served)
+    policy.set_weights(weights, version=1)
+    obs = np.random.default_rng(0).normal(size=(5, OBS_DIM)).astype(np.float32)
+    with torch.no_grad():
+        expected = [h.numpy() for h in as_heads(learner.actor(torch.from_numpy(obs)))]
+    for got, want in zip(policy.forward(obs).heads, expected):
+        np.testing.assert_array_equal(got, want)
+    weights[next(iter(weights))] += 1.0  # copies: changing them leaves the learner alone
+    assert not np.array_equal(weights[next(iter(weights))], learner.actor_weights()[next(iter(weights))])
+
+
+def round_trip(learner: Learner, tmp_path: Path) -> dict[str, Any]:
+    """The learner's state through a real checkpoint file (weights-only load)."""
+    store = CheckpointStore(tmp_path, keep=1)
+    store.save("state", learner.state_dict())
+    return store.load("state")
+
+
+@pytest.mark.parametrize(("name", "options"), [
+    ("discrete-export", {}),
+    ("box-export", {"normalize_rewards": True, "anneal_lr_samples": 1000}),
+])
+def test_ppo_state_round_trip_gives_identical_outputs_and_continues_identically(
+    model_files: dict[str, Path], tmp_path: Path, name: str, options: dict[str, Any]
+) -> None:
+    ppo = PPOConfig(**{**PPO.__dict__, **options})
+    a = learner_for(model_files, name, ppo=ppo)
+    feed(a, name, 64, seed=1)
+    a.update()
+    feed(a, name, 10, seed=2)  # waiting rows are not part of the state
+    b = learner_for(model_files, name, seed=99, ppo=ppo)
+    b.load_state_dict(round_trip(a, tmp_path))
+    a.buffer.take()
+    obs = torch.randn(6, OBS_DIM)
+    with torch.no_grad():
+        for x, y in zip(as_heads(a.actor(obs)), as_heads(b.actor(obs))):
+            assert torch.equal(x, y)
+        assert torch.equal(a.critic(obs), b.critic(obs))
+    batch = experience(a, SPACES[MODELS[name][0]], 64, seed=3)
+    a.add(batch)
+    b.add(batch)
+    assert a.update() == b.update()
+    assert all(np.array_equal(v, b.actor_weights()[k]) for k, v in a.actor_weights().items())
+
+
+def test_ppo_uses_the_current_model_where_the_log_prob_is_unknown(model_files: dict[str, Path]) -> None:
+    ppo = PPOConfig(rollout_samples=32, num_minibatches=1, update_epochs=1, critic_hidden=[16])
+    learner = learner_for(model_files, "discrete-export", ppo=ppo)
+    learner.add(experience(learner, SPACES["discrete"], 32, seed=1, known_log_probs=False))
+    stats = learner.update()  # the one step starts at ratio 1: nothing clipped, no divergence
+    assert stats["clipfrac"] == 0.0 and stats["approx_kl"] == pytest.approx(0.0, abs=1e-6)
+    far_off = experience(learner, SPACES["discrete"], 32, seed=1)
+    learner.add(ExperienceBatch(**{**far_off.__dict__, "log_probs": far_off.log_probs - 1.0}))
+    assert learner.update()["clipfrac"] == 1.0  # every ratio is about e > 1 + clip_coef
+
+
+def test_ppo_anneals_the_learning_rate_by_samples_and_stops_early_on_kl(model_files: dict[str, Path]) -> None:
+    ppo = PPOConfig(**{**PPO.__dict__, "anneal_lr_samples": 128, "target_kl": 1e-12, "update_epochs": 4})
+    learner = learner_for(model_files, "discrete-export", ppo=ppo)
+    rates = []
+    for seed in range(3):
+        feed(learner, "discrete-export", 64, seed=seed)
+        stats = learner.update()
+        rates.append(stats["learning_rate"])
+        assert stats["epochs"] == 1
+    assert rates == [PPO.learning_rate, PPO.learning_rate / 2, 0.0]
+
+
+def test_value_loss_and_explained_variance_match_their_definitions() -> None:
+    new, old, ret = torch.tensor([1.0, 0.0, 3.0]), torch.tensor([0.0, 0.0, 2.5]), torch.tensor([2.0, 1.0, 0.0])
+    assert value_loss(new, old, ret, None).item() == pytest.approx(0.5 * (1 + 1 + 9) / 3)
+    # clipped to old ± 0.2: 0.2, 0.0, 2.7 → squared errors 3.24, 1, 7.29; the max per row: 3.24, 1, 9
+    assert value_loss(new, old, ret, 0.2).item() == pytest.approx(0.5 * (3.24 + 1 + 9) / 3)
+    assert explained_variance(ret, ret) == 1.0 and explained_variance(new, torch.ones(3)) == 0.0
+    assert explained_variance(torch.zeros(3), ret) == pytest.approx(0.0)
+
+
+def test_dqn_trains_on_due_steps_publishes_every_few_and_syncs_the_target(model_files: dict[str, Path]) -> None:
+    learner = learner_for(model_files, "discrete-torchscript", algorithm="dqn")
+    assert isinstance(learner, DQNLearner)
+    before = snapshot(learner.actor)
+    feed(learner, "discrete-torchscript", 32, seed=1)
+    assert not learner.ready()  # learning starts after 32 transitions
+    feed(learner, "discrete-torchscript", 4, seed=2)
+    assert learner.ready()  # the first gradient step is published at once
+    assert learner.update()["gradient_steps"] == 1
+    feed(learner, "discrete-torchscript", 8, seed=3)
+    assert not learner.ready()  # 2 steps due, 4 per publication
+    feed(learner, "discrete-torchscript", 28, seed=4)
+    stats = learner.update()
+    assert stats["gradient_steps"] == 9 and stats["samples"] == 72
+    assert_all_changed(before, learner.actor)
+    # the target update due at 64 transitions comes after the update's gradient steps: a copy
+    assert all(torch.equal(v, learner.target.state_dict()[k]) for k, v in learner.actor.state_dict().items())
+    assert all(math.isfinite(v) for v in stats.values())
+
+
+def test_dqn_decays_epsilon_linearly_by_samples(model_files: dict[str, Path]) -> None:
+    learner = learner_for(model_files, "discrete-export", algorithm="dqn")
+    assert learner.exploration() == {"epsilon": 1.0}
+    feed(learner, "discrete-export", 50, seed=1)
+    assert learner.exploration()["epsilon"] == pytest.approx(0.55)
+    feed(learner, "discrete-export", 100, seed=2)
+    assert learner.exploration() == {"epsilon": 0.1}
+
+
+def test_dqn_state_round_trip_continues_identically(model_files: dict[str, Path], tmp_path: Path) -> None:
+    a = learner_for(model_files, "discrete-export", algorithm="dqn")
+    feed(a, "discrete-export", 130, seed=1)  # more than the replay capacity: the ring has wrapped
+    a.update()
+    b = learner_for(model_files, "discrete-export", seed=5, algorithm="dqn")
+    b.load_state_dict(round_trip(a, tmp_path))
+    assert b.exploration() == a.exploration() and len(b.buffer) == len(a.buffer) == 100
+    batch = experience(a, SPACES["discrete"], 40, seed=2)
+    a.add(batch)
+    b.add(batch)
+    assert a.update() == b.update()
+    for k, v in a.state_dict()["target"].items():
+        assert torch.equal(v, b.state_dict()["target"][k])
+    assert all(np.array_equal(v, b.actor_weights()[k]) for k, v in a.actor_weights().items())
+
+
+@pytest.mark.parametrize("name", ["box-export", "tuple-torchscript"])
+def test_dqn_refuses_a_space_without_one_q_value_per_action(model_files: dict[str, Path], name: str) -> None:
+    kind = MODELS[name][0]
+    with pytest.raises(ValueError, match=f"action space is '{kind}'.*ppo"):
+        learner_for(model_files, name, algorithm="dqn")
+
+
+def test_a_checkpoint_of_one_algorithm_does_not_load_into_the_other(model_files: dict[str, Path]) -> None:
+    ppo = learner_for(model_files, "discrete-export")
+    dqn = learner_for(model_files, "discrete-export", algorithm="dqn")
+    with pytest.raises(ValueError, match="'ppo' checkpoint cannot resume a 'dqn' learner"):
+        dqn.load_state_dict(ppo.state_dict())
