@@ -1,0 +1,143 @@
+"""Training through a real uvicorn gateway and a trainer actor on real Ray Serve (one Ray per session)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+import yaml
+from conftest import API_KEY, running_server, training_schema
+
+from policy_server.gateway.app import build_app
+from policy_server.settings import Settings
+
+AUTH = {"access-token": API_KEY}
+OBS = {"cart_position": 0.0, "cart_velocity": 0.1, "pole_angle": -0.02, "pole_angular_velocity": 0.0}
+PPO = {"rollout_samples": 32, "num_minibatches": 2, "update_epochs": 1}
+
+
+@contextmanager
+def training_server(model_dir: Path, folder: Path, prefix: str, **training: Any) -> Iterator[httpx.Client]:
+    path = folder / "schema.yaml"
+    path.write_text(yaml.safe_dump(training_schema(model_dir, folder / "ckpt", **training), sort_keys=False))
+    settings = Settings(schema_path=path, gateway_metrics_port=0, serve_app_prefix=prefix, seed=0)
+    with running_server(build_app(settings)) as url, httpx.Client(base_url=url, headers=AUTH, timeout=60) as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def server(ray_session: int, model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[httpx.Client]:
+    with training_server(model_dir, tmp_path_factory.mktemp("train"), "it-train", ppo=PPO, checkpoint_every=5) as c:
+        yield c
+
+
+def fragment(version: int, steps: int = 32, seed: int = 0) -> dict[str, Any]:
+    rng = np.random.default_rng(seed)
+    return {
+        "model_version": version,
+        "observations": rng.uniform(-0.05, 0.05, (steps + 1, 4)).tolist(),
+        "actions": rng.integers(0, 2, steps).tolist(),
+        "rewards": [1.0] * steps,
+        "log_probs": [-0.69] * steps,
+        "terminated": True,
+    }
+
+
+def train_one_update(client: httpx.Client, seed: int) -> int:
+    """Send one rollout acted by the current version; wait until the trainer published the next."""
+    version = client.get("/train/status").json()["model_version"]
+    answer = client.post("/train/experience", json={"client_id": "driver", "fragments": [fragment(version, seed=seed)]})
+    assert answer.status_code == 200, answer.text
+    deadline = time.monotonic() + 30
+    while client.get("/version").json()["model_version"] <= version:
+        assert time.monotonic() < deadline, "the update was not published"
+        time.sleep(0.02)
+    return version + 1
+
+
+def test_twenty_updates_hot_swap_into_serving_without_a_failed_request(server: httpx.Client) -> None:
+    url = str(server.base_url)
+    stop = threading.Event()
+    results: list[tuple[int, int]] = []  # (status, version)
+
+    def load() -> None:
+        with httpx.Client(base_url=url, headers=AUTH, timeout=30) as c:
+            while not stop.is_set():
+                r = c.post("/predict", json=OBS)
+                results.append((r.status_code, r.json().get("model_version", -1)))
+
+    threads = [threading.Thread(target=load) for _ in range(4)]
+    for t in threads:
+        t.start()
+    try:
+        start_version = server.get("/version").json()["model_version"]
+        for i in range(20):
+            train_one_update(server, seed=i)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    statuses = [s for s, _ in results]
+    versions = {v for _, v in results}
+    assert statuses.count(200) == len(statuses) and len(statuses) > 100
+    assert server.get("/version").json()["model_version"] == start_version + 20
+    assert len(versions) >= 10, f"answers came from only {sorted(versions)}"
+    status = server.get("/train/status").json()
+    assert status["updates"] >= 20 and status["last_checkpoint"] is not None
+
+
+def test_stale_and_malformed_samples_are_refused_over_ray(server: httpx.Client) -> None:
+    train_one_update(server, seed=100)
+    current = train_one_update(server, seed=101)
+    stale = server.post("/train/experience", json={"client_id": "late", "fragments": [fragment(current - 2)]})
+    assert stale.status_code == 409 and stale.json()["error"]["code"] == "stale_samples"
+    bad = fragment(current)
+    bad["actions"][3] = 7
+    before = server.get("/train/status").json()
+    malformed = server.post("/train/experience", json={"client_id": "bad", "fragments": [bad]})
+    assert malformed.status_code == 422 and "actions.3" in malformed.json()["error"]["fields"][0]["field"]
+    after = server.get("/train/status").json()
+    assert after["samples_received"] == before["samples_received"]
+    assert after["samples_rejected"]["malformed"] == before["samples_rejected"]["malformed"] + 32
+
+
+def test_training_metrics_reach_rays_export(server: httpx.Client, ray_session: int) -> None:
+    train_one_update(server, seed=200)
+    wanted = [
+        "ray_policy_server_training_samples_total",
+        "ray_policy_server_training_update_seconds",
+        "ray_policy_server_training_active_clients",
+        "ray_policy_server_training_model_version",
+        "ray_policy_server_training_samples_rejected_total",
+    ]
+    deadline, text = time.monotonic() + 60, ""
+    while time.monotonic() < deadline:  # Ray exports metrics every few seconds
+        text = httpx.get(f"http://127.0.0.1:{ray_session}/metrics", timeout=10).text
+        if all(name in text for name in wanted):
+            return
+        time.sleep(1)
+    missing = [name for name in wanted if name not in text]
+    raise AssertionError(f"missing from Ray's metrics: {missing}")
+
+
+def test_a_restarted_server_resumes_from_the_last_checkpoint(
+    ray_session: int, model_dir: Path, tmp_path: Path
+) -> None:
+    with training_server(model_dir, tmp_path, "it-resume-a", ppo=PPO) as first:
+        for i in range(3):
+            train_one_update(first, seed=300 + i)
+        weights = first.get("/weights").json()
+        assert first.post("/train/stop").json()["last_checkpoint"] == "final"
+    with training_server(model_dir, tmp_path, "it-resume-b", ppo=PPO, resume=True) as second:
+        status = second.get("/train/status").json()
+        assert status["updates"] == 3 and status["model_version"] == 3 and status["last_checkpoint"] == "final"
+        resumed = second.get("/weights").json()
+        assert resumed["model_version"] == 3 and resumed["weights"] == weights["weights"]
+        assert train_one_update(second, seed=400) == 4
