@@ -14,13 +14,14 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
-from typing import Any, Literal, Protocol
+from typing import Any, Literal
 
 import numpy as np
 from pydantic import TypeAdapter
 
 from policy_server.errors import InvalidRequest, NotFound, StaleSamples, TrainingNotRunning, summary
-from policy_server.training.checkpoint import periodic_name
+from policy_server.training.base import Learner
+from policy_server.training.checkpoint import CheckpointStore, periodic_name
 from policy_server.training.config import TrainingSpec
 from policy_server.training.experience import ExperienceBatch
 from policy_server.training.telemetry import Telemetry
@@ -29,25 +30,6 @@ log = logging.getLogger(__name__)
 
 State = Literal["running", "paused", "stopped"]
 Publish = Callable[[dict[str, np.ndarray], int], None]
-
-
-class Learner(Protocol):
-    algorithm: str
-
-    def add(self, batch: ExperienceBatch) -> None: ...
-    def ready(self) -> bool: ...
-    def update(self) -> dict[str, float]: ...
-    def actor_weights(self) -> dict[str, np.ndarray]: ...
-    def exploration(self) -> dict[str, float]: ...
-    def state_dict(self) -> dict[str, Any]: ...
-    def load_state_dict(self, state: dict[str, Any]) -> None: ...
-
-
-class Store(Protocol):
-    def save(self, name: str, state: dict[str, Any]) -> Any: ...
-    def load(self, name: str) -> dict[str, Any]: ...
-    def latest(self) -> str | None: ...
-    def list(self) -> list[dict[str, Any]]: ...
 
 
 class TrainerMetrics:
@@ -69,7 +51,7 @@ class Trainer:
         spec: TrainingSpec,
         learner: Learner,
         publish: Publish,
-        store: Store,
+        store: CheckpointStore,
         version: int = 0,
         metrics: TrainerMetrics | None = None,
         clock: Callable[[], float] = time.monotonic,
@@ -241,7 +223,7 @@ class Trainer:
                     future.set_exception(exc)
             try:
                 self._step()
-            except Exception as exc:  # noqa: BLE001 - the loop must survive; status reports it
+            except Exception as exc:
                 log.exception("trainer of policy %s failed", self.policy)
                 with self._cond:
                     self.last_error = f"{type(exc).__name__}: {summary(exc)}"
@@ -342,7 +324,6 @@ def build_trainer(
     """A trainer for ``module`` (its own copy of the served model, loaded from the same file)."""
     import torch
 
-    from policy_server.training.checkpoint import CheckpointStore
     from policy_server.training.learners import make_learner
 
     if spec.seed is not None:

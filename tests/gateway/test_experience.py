@@ -73,7 +73,7 @@ def test_observations_in_the_schema_form_are_flattened_in_schema_order(tuple_pol
 
 
 def test_steps_that_follow_each_other_form_one_piece(box_policy: ServedPolicy) -> None:
-    s = lambda o, n, **kw: {"obs": o, "action": [0.1, -0.1], "reward": 1.0, "next_obs": n, "model_version": 0} | kw  # noqa: E731
+    s = lambda o, n, **kw: {"obs": o, "action": [0.1, -0.1], "reward": 1.0, "next_obs": n, "model_version": 0} | kw
     steps = [s([0, 0, 0], [1, 1, 1]), s([1, 1, 1], [2, 2, 2]), s([5, 5, 5], [6, 6, 6], terminated=True), s([7, 7, 7], [8, 8, 8])]
     batch = _batch(box_policy, steps=steps)
     assert batch.segment_end.tolist() == [False, True, True, True]
