@@ -50,8 +50,8 @@ class DQNLearner(Learner):
         seed: int | None = None,
         device: str = "cpu",
     ) -> None:
-        if not isinstance(space, DiscreteSpace):
-            raise ValueError(
+        if not isinstance(space, DiscreteSpace):  # a wrong schema, not a wrong argument type
+            raise ValueError(  # noqa: TRY004
                 f"DQN learns one Q-value per action of a discrete action space; this policy's action "
                 f"space is {space.kind!r}: train it with algorithm 'ppo'"
             )

@@ -7,6 +7,7 @@ exactly as the server loads them, in both file formats.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,7 @@ from policy_server.training.config import DQNConfig, PPOConfig, TrainingSpec
 from policy_server.training.distributions import as_heads, log_prob_entropy
 from policy_server.training.experience import ExperienceBatch
 from policy_server.training.learners import DQNLearner, Learner, PPOLearner, make_learner
-from policy_server.training.ppo import explained_variance, value_loss
+from policy_server.training.ppo import explained_variance, layer_init, value_loss
 
 OBS_DIM = 4
 SPACES: dict[str, ActionSpace] = {
@@ -263,3 +264,72 @@ def test_a_checkpoint_of_one_algorithm_does_not_load_into_the_other(model_files:
     dqn = learner_for(model_files, "discrete-export", algorithm="dqn")
     with pytest.raises(ValueError, match="'ppo' checkpoint cannot resume a 'dqn' learner"):
         dqn.load_state_dict(ppo.state_dict())
+
+
+@pytest.fixture()
+def one_torch_thread() -> Iterator[None]:
+    """Tiny networks: one thread is much faster, and immune to a busy machine's other processes."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def cartpole_actor(tmp_path: Path, generator: torch.Generator) -> torch.nn.Module:
+    """examples/cartpole's actor (cleanrl's initialisation), exported and loaded as the server does."""
+    actor = MLPPolicy(OBS_DIM, [64, 64], nvec=[2])
+    for layer in actor.body:
+        if isinstance(layer, torch.nn.Linear):
+            layer_init(layer, math.sqrt(2), generator)
+    layer_init(actor.heads[0], 0.01, generator)
+    path = export_module(actor, OBS_DIM, tmp_path / "cartpole.pt", fmt="torchscript")
+    return load_module(path.read_bytes(), "torchscript")
+
+
+def play(envs: list[Any], obs: np.ndarray, actor: torch.nn.Module, steps: int, g: torch.Generator
+         ) -> tuple[list[ExperienceBatch], np.ndarray, list[float]]:
+    """``steps`` steps of every environment, sampled from ``actor``: one fragment per environment."""
+    rows: list[list[tuple[Any, ...]]] = [[] for _ in envs]
+    returns = []
+    for _ in range(steps):
+        with torch.no_grad():
+            logp = torch.log_softmax(actor(torch.from_numpy(obs)), dim=-1)
+        actions = torch.multinomial(logp.exp(), 1, generator=g)
+        chosen = logp.gather(1, actions)[:, 0].numpy()
+        next_obs = obs.copy()
+        for i, env in enumerate(envs):
+            o, r, term, trunc, info = env.step(int(actions[i]))
+            rows[i].append((obs[i], o, int(actions[i]), r, term, trunc, chosen[i]))
+            if term or trunc:
+                returns.append(float(info["episode"]["r"]))
+                o, _ = env.reset()
+            next_obs[i] = o
+        obs = next_obs
+    fragments = []
+    for i, env_rows in enumerate(rows):
+        o, no, a, r, te, tr, lp = map(np.array, zip(*env_rows))
+        fragments.append(ExperienceBatch(
+            obs=o.astype(np.float32), next_obs=no.astype(np.float32), actions=a[:, None], rewards=r.astype(np.float32),
+            terminated=te, truncated=tr, segment_end=te | tr, log_probs=lp.astype(np.float32),
+            versions=np.zeros(len(a), dtype=np.int64), client_id=f"env-{i}"))
+    return fragments, obs, returns
+
+
+def test_ppo_learns_cartpole_from_client_fragments(tmp_path: Path, one_torch_thread: None) -> None:
+    """12k steps (24 updates of cleanrl's defaults) take the return from random (~22) past 60."""
+    gym = pytest.importorskip("gymnasium")
+    g = torch.Generator().manual_seed(0)
+    actor = cartpole_actor(tmp_path, g)
+    learner = make_learner(actor, OBS_DIM, SPACES["discrete"], TrainingSpec(seed=0))
+    envs = [gym.wrappers.RecordEpisodeStatistics(gym.make("CartPole-v1")) for _ in range(4)]
+    obs = np.stack([env.reset(seed=i)[0] for i, env in enumerate(envs)]).astype(np.float32)
+    returns: list[float] = []
+    for _ in range(24):
+        fragments, obs, finished = play(envs, obs, actor, 128, g)
+        returns += finished
+        for fragment in fragments:
+            learner.add(fragment)
+        assert learner.ready()
+        learner.update()
+    first, last = np.mean(returns[:20]), np.mean(returns[-20:])
+    assert first < 35 and last > 60 and last > 2 * first, (first, last)
