@@ -107,6 +107,9 @@ class TrainerActor:
         import torch
 
         device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
+        # torch's default of one thread per core makes the small ops of RL updates slower, not faster,
+        # when the node's cores are shared with clients, replicas and Ray (measured: ms per op)
+        torch.set_num_threads(max(1, int(spec.num_cpus)))
         handle = serve.get_deployment_handle(deployment, app_name)
 
         def publish(weights: dict[str, np.ndarray], version: int) -> None:
