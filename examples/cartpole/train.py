@@ -38,8 +38,8 @@ from tqdm import tqdm
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
-sys.path.insert(0, str(ROOT))  # the repository root: runs from a checkout, uninstalled
-from train_policy import OBSERVATIONS, make_actor  # noqa: E402  (this folder, and the root on sys.path)
+sys.path[:0] = [str(ROOT), str(HERE)]  # the repository root (runs from a checkout) and train_policy.py
+from train_policy import OBSERVATIONS, make_actor  # noqa: E402
 
 from policy_server.cli import parse_dataclass_args  # noqa: E402
 from policy_server.client import PolicyClient, PolicyClientError, run_env  # noqa: E402
@@ -66,6 +66,8 @@ class Args:
     """stop when the server's mean return of the last 20 episodes reaches this"""
     max_steps: int = 1_000_000
     """stop after this many environment steps (over all clients) in any case"""
+    model_format: str = "export"
+    """the fresh model's file format: export (torch.export, .pt2) or torchscript (.pt)"""
     fragment_steps: int = 128
     """environment steps per experience post of each client"""
     inference: str = "local"
@@ -113,7 +115,9 @@ class Summary:
     samples_received: int
     """experience steps the server had received by then"""
     wall_s: float
-    """from the clients' start to the target (or the step limit)"""
+    """from the first client's first step to the target (or the step limit)"""
+    clients_start_s: float
+    """from starting the client processes to the first client's first step"""
     server_start_s: float | None
     """starting the server until ready (None: --server)"""
     model_version: int
@@ -136,7 +140,8 @@ def write_fresh_policy(args: Args, workdir: Path) -> Path:
         print(f"removing the checkpoints of an earlier run in {checkpoints}")
         shutil.rmtree(checkpoints)
     torch.manual_seed(args.seed)
-    model = export_module(make_actor(4, 2), 4, workdir / "models" / "cartpole.pt2", fmt="export")
+    fmt = {"export": "export", "torchscript": "torchscript"}[args.model_format]
+    model = export_module(make_actor(4, 2), 4, workdir / "models" / "cartpole.pt", fmt=fmt)
     schema = {
         "observations": {name: {"type": "float"} for name in OBSERVATIONS},
         "parameters": {
@@ -224,7 +229,10 @@ class StepCounter(gym.Wrapper):
         return self.env.step(action)
 
 
-def rollout_client(args: Args, url: str, index: int, stop: Event, counts: ctypes.Array[ctypes.c_longlong]) -> None:
+def rollout_client(
+    args: Args, url: str, index: int, stop: Event, counts: ctypes.Array[ctypes.c_longlong],
+    started: ctypes.Array[ctypes.c_double],
+) -> None:
     """One client process: play CartPole-v1 with the server's policy until told to stop."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the parent, which stops us
     torch.set_num_threads(1)
@@ -233,6 +241,8 @@ def rollout_client(args: Args, url: str, index: int, stop: Event, counts: ctypes
                           client_id=f"cartpole-{index}", fragment_steps=args.fragment_steps,
                           seed=args.seed + index, info={"env": "CartPole-v1", "index": index})
     try:
+        client.act([0.0] * 4)  # loads the model (local inference) before the clock starts
+        started[index] = time.time()
         run_env(client, env, stop=stop.is_set, seed=args.seed + index)
     except PolicyClientError:
         if not stop.is_set():  # refusals after the stop (the trainer stopping) are expected
@@ -279,9 +289,10 @@ def train(args: Args) -> Summary:
 def run_clients(args: Args, control: PolicyClient, url: str, server_start_s: float | None) -> Summary:
     ctx = mp.get_context("spawn")
     stop, counts = ctx.Event(), ctx.Array("q", args.clients, lock=False)
-    workers = [ctx.Process(target=rollout_client, args=(args, url, i, stop, counts), name=f"cartpole-client-{i}")
-               for i in range(args.clients)]
-    start = time.monotonic()
+    started = ctx.Array("d", args.clients, lock=False)  # time.time() of each client's first step
+    workers = [ctx.Process(target=rollout_client, args=(args, url, i, stop, counts, started),
+                           name=f"cartpole-client-{i}") for i in range(args.clients)]
+    spawned = time.time()
     for worker in workers:
         worker.start()
     status: dict[str, Any] = {}
@@ -300,7 +311,7 @@ def run_clients(args: Args, control: PolicyClient, url: str, server_start_s: flo
             if dead or not any(w.is_alive() for w in workers):
                 raise RuntimeError(f"rollout clients failed: {dead or 'all exited'}")
     finally:
-        wall_s = time.monotonic() - start
+        end = time.time()
         bar.close()
         stop.set()
         for worker in workers:
@@ -308,9 +319,11 @@ def run_clients(args: Args, control: PolicyClient, url: str, server_start_s: flo
             if worker.is_alive():
                 worker.terminate()
                 worker.join(5)
+    first_step = min((t for t in started if t > 0), default=end)
     return Summary(
         solved=solved(status, args.target_return), target_return=args.target_return, env_steps=steps,
-        samples_received=status["samples_received"], wall_s=round(wall_s, 2), server_start_s=server_start_s,
+        samples_received=status["samples_received"], wall_s=round(end - first_step, 2),
+        clients_start_s=round(first_step - spawned, 2), server_start_s=server_start_s,
         model_version=status["model_version"], updates=status["updates"], mean_return=status["mean_return"],
         episodes=status["episodes"], samples_rejected=status["samples_rejected"], clients=args.clients, url=url,
     )
