@@ -146,3 +146,26 @@ def test_untrained_policies_say_so_and_training_needs_the_key(client: TestClient
     assert client.get("/train/status", headers={"access-token": "wrong"}).status_code == 403
     public = client.get("/schema").json()["policies"]["cart"]["training"]
     assert public["algorithm"] == "ppo" and public["checkpoint_dir"] == "ckpt"
+
+
+def test_dqn_trains_from_steps_and_hands_out_a_decaying_epsilon(model_dir: Path, tmp_path: Path) -> None:
+    dqn = {"learning_starts": 32, "batch_size": 16, "train_frequency": 4, "publish_frequency": 2,
+           "exploration_samples": 128, "buffer_size": 256}
+    path = tmp_path / "schema.yaml"
+    path.write_text(yaml.safe_dump(training_schema(model_dir, tmp_path / "ckpt", algorithm="dqn", dqn=dqn)))
+    settings = Settings(schema_path=path, backend="local", gateway_metrics_port=0, seed=0)
+    with TestClient(build_app(settings), headers=AUTH) as client:
+        first = client.post("/train/clients", json={"client_id": "q"}).json()
+        assert first["algorithm"] == "dqn" and first["exploration"]["epsilon"] == 1.0
+        rng = np.random.default_rng(0)
+        obs = rng.uniform(-0.05, 0.05, (65, 4))
+        steps = [
+            {"obs": obs[i].tolist(), "action": int(rng.integers(2)), "reward": 1.0, "next_obs": obs[i + 1].tolist(),
+             "terminated": i % 16 == 15, "model_version": 0}
+            for i in range(64)
+        ]
+        assert client.post("/train/experience", json={"client_id": "q", "steps": steps}).json()["accepted"] == 64
+        wait_version(client, 1)
+        status = client.get("/train/status").json()
+        assert status["last_update"]["gradient_steps"] >= 2 and status["episodes"] == 4
+        assert 0.05 <= client.post("/train/clients/q/heartbeat").json()["exploration"]["epsilon"] < 1.0
