@@ -137,7 +137,7 @@ class PolicyClient:
 
     Nothing is sent until the first call; ``register()`` happens by itself on the first
     ``log_step``. Use it as a context manager, or call ``close()``; neither flushes pending
-    experience (call ``flush()``).
+    experience (call ``flush()``). Not thread-safe: one client per thread or process.
     """
 
     def __init__(
@@ -182,6 +182,7 @@ class PolicyClient:
         self.info = info
         self.stats = ClientStats()
         self.algorithm: str | None = None
+        """"ppo" or "dqn" for a trained policy, "" for one that is only served; None: not asked yet."""
         self.training_state: str | None = None
         self.epsilon: float | None = None
         self.server_version: int | None = None
@@ -201,6 +202,7 @@ class PolicyClient:
         self._open: _Fragment | None = None
         self._closed: list[_Fragment] = []
         self._last_act_version: int | None = None
+        self._last_next_obs: Any = None
 
     # --- plumbing -------------------------------------------------------------------------
 
@@ -218,7 +220,9 @@ class PolicyClient:
     ) -> httpx.Response:
         """Send one request, retrying connection errors, 429 and 503; raise on any other error.
 
-        A 304 is returned, not raised. Raises PolicyClientError after the last retry.
+        A 304 is returned, not raised. Raises PolicyClientError after the last retry. A request
+        whose answer was lost (a read timeout) is sent again, so the server may get an experience
+        post twice.
         """
         for attempt in range(self.max_retries + 1):
             last_try = attempt == self.max_retries
@@ -255,6 +259,8 @@ class PolicyClient:
 
         A DQN policy acts epsilon-greedily (the server's epsilon); others sample from the policy.
         """
+        if self.algorithm is None:
+            self.algorithm = (self.describe().get("training") or {}).get("algorithm", "")
         if self.inference == "local":
             result = self._act_local(obs)
         elif self.algorithm == "dqn":
@@ -321,14 +327,15 @@ class PolicyClient:
 
     def describe(self) -> dict[str, Any]:
         """The policy as the server resolved it: ``obs_dim``, ``action_space`` (sizes from the
-        model), ``observations`` (field names in input order) and ``fields`` (name → (type,
-        columns), columns None for a scalar)."""
+        model), ``observations`` (field names in input order), ``fields`` (name → (type,
+        columns), columns None for a scalar) and ``training`` (the schema's section, or None)."""
         if self._description is None:
             status = self.request("GET", "/").json()
             name = self.policy or status["default_policy"]
             described = dict(status["policies"][name])
-            observations = self.request("GET", "/schema").json()["policies"][name].get("observations") or {}
-            described["fields"] = _fields(observations, described["obs_dim"])
+            schema = self.request("GET", "/schema").json()["policies"][name]
+            described["fields"] = _fields(schema.get("observations") or {}, described["obs_dim"])
+            described["training"] = schema.get("training")
             self._description = described
         return self._description
 
@@ -420,14 +427,17 @@ class PolicyClient:
         version = model_version if model_version is not None else self._last_act_version
         if version is None:
             raise ValueError("log_step needs the model_version that acted (no act() call yet)")
-        wire_obs = _wire_obs(obs)
         frag = self._open
-        if frag is not None and (frag.model_version != version or frag.observations[-1] != wire_obs):
+        # run_env hands the previous next_obs back as obs: then it is converted and continuous already
+        follows = frag is not None and obs is self._last_next_obs
+        wire_obs = frag.observations[-1] if follows else _wire_obs(obs)  # type: ignore[union-attr]
+        if frag is not None and (frag.model_version != version or not (follows or frag.observations[-1] == wire_obs)):
             self._close_open()
             frag = None
         if frag is None:
             frag = self._open = _Fragment(version, [wire_obs])
         frag.observations.append(_wire_obs(next_obs))
+        self._last_next_obs = next_obs
         frag.actions.append(_wire_action(action))
         frag.rewards.append(float(reward))
         frag.log_probs.append(None if log_prob is None else float(log_prob))
