@@ -156,18 +156,18 @@ def check_targets(runs: list[Run]) -> list[tuple[str, bool | None, str]]:
 
 
 def markdown(runs: list[Run], meta: dict[str, Any]) -> str:
-    single_wall = median_of(runs, "single", "wall_s")
+    single_wall = {r.repeat: r.wall_s for r in runs if r.design == "single"}
     out = [
         (f"CartPole-v1 to a mean return ≥ {TARGET_RETURN:g} over the last 20 training episodes; "
          f"{meta['date']}, {meta['cpus']} CPUs, commit {meta['commit']}, {meta['repeats']} repeat(s), "
          f"{meta['clients']} clients, backend {meta['backend']}"),
         "",
-        ("| design | repeat | seed | solved | env steps | wall-clock s | steps/s | wall / single "
+        ("| design | repeat | seed | solved | env steps | wall-clock s | steps/s | wall / same repeat's single "
          "| machine cores | other cores before |"),
         "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in runs:
-        ratio = f"{r.wall_s / single_wall:.2f}×" if single_wall else "–"
+        ratio = f"{r.wall_s / single_wall[r.repeat]:.2f}×" if r.repeat in single_wall else "–"
         out.append(f"| {DESIGNS[r.design]} | {r.repeat} | {r.seed} | {'yes' if r.solved else 'no'} | "
                    f"{r.env_steps:,} | {r.wall_s:.1f} | {r.steps_per_s:,.0f} | {ratio} | "
                    f"{r.busy_cores:.2f} | {r.quiet_before:.2f} |")
