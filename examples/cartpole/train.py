@@ -368,5 +368,13 @@ def parse_args(argv: list[str] | None = None) -> Args:
     return args
 
 
+def _exit_on_signal(signum: int, _frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
 if __name__ == "__main__":
+    # Ctrl-C and SIGTERM both unwind through train()'s cleanup, which stops a server it started
+    # (that server runs in its own session, so no signal reaches it directly).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, _exit_on_signal)
     train(parse_args())
