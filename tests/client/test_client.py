@@ -199,6 +199,18 @@ def test_retries_with_backoff_until_a_briefly_down_server_answers(model_dir: Pat
         client.close()
 
 
+def test_a_503_while_a_policy_is_unavailable_is_retried(model_dir: Path, tmp_path: Path) -> None:
+    app = local_app(multi_policy_schema(model_dir), tmp_path)
+    with running_server(app) as url, PolicyClient(url, API_KEY, policy="box", max_retries=20,
+                                                  backoff_base_s=0.05, backoff_cap_s=0.2) as client:
+        service = app.state.services["box"]
+        backend, service.backend = service.backend, None  # as while its deployment starts: 503
+        assert httpx.get(f"{url}/policies/box/version", headers=AUTH).status_code == 503
+        threading.Timer(0.5, lambda: setattr(service, "backend", backend)).start()
+        assert client.version() == 0
+        assert client.stats.retries >= 2
+
+
 def test_gives_up_after_max_retries_with_a_connection_error() -> None:
     client = PolicyClient(f"http://127.0.0.1:{free_port()}", API_KEY, max_retries=2,
                           backoff_base_s=0.01, backoff_cap_s=0.02)
