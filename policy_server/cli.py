@@ -101,10 +101,15 @@ def export(
 
 def parse_dataclass_args(cls: type[T], description: str | None = None, argv: list[str] | None = None) -> T:
     """A ``--flag`` per field of the dataclass ``cls`` (``total_timesteps`` → ``--total-timesteps``),
-    typed and defaulted as the field is: the command line of the training scripts."""
+    typed and defaulted as the field is (a bool is a ``--flag`` / ``--no-flag`` switch): the
+    command line of the training scripts."""
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     for field in dataclasses.fields(cls):  # type: ignore[arg-type]
-        parser.add_argument("--" + field.name.replace("_", "-"), type=type(field.default), default=field.default)
+        flag = "--" + field.name.replace("_", "-")
+        if isinstance(field.default, bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=field.default)
+        else:
+            parser.add_argument(flag, type=type(field.default), default=field.default)
     return cls(**vars(parser.parse_args(argv)))
 
 

@@ -360,12 +360,7 @@ def serve_until_interrupted(url: str, args: Args) -> None:
 
 
 def parse_args(argv: list[str] | None = None) -> Args:
-    """The dataclass's flags, plus the switch ``--no-keep-serving``."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    keep_serving = "--no-keep-serving" not in argv
-    args = parse_dataclass_args(Args, __doc__, [a for a in argv if a != "--no-keep-serving"])
-    args.keep_serving = keep_serving and args.keep_serving
-    return args
+    return parse_dataclass_args(Args, __doc__, argv)
 
 
 def _exit_on_signal(signum: int, _frame: object) -> None:

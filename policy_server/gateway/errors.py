@@ -27,6 +27,9 @@ _HTTP_CODES = {
 }
 
 
+RETRY_AFTER_S = 1  # what 429 and 503 answers suggest: the overload or restart is usually brief
+
+
 def envelope(status: int, code: str, message: str, fields: list[FieldError] | None = None) -> JSONResponse:
     body = {
         "error": {
@@ -36,7 +39,8 @@ def envelope(status: int, code: str, message: str, fields: list[FieldError] | No
             "fields": [{"field": f.field, "message": f.message} for f in fields or []],
         }
     }
-    return JSONResponse(body, status_code=status)
+    headers = {"Retry-After": str(RETRY_AFTER_S)} if status in (429, 503) else None
+    return JSONResponse(body, status_code=status, headers=headers)
 
 
 def error_response(exc: PolicyServerError) -> JSONResponse:

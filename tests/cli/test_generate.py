@@ -86,3 +86,19 @@ def test_the_cli_runs_and_documents_its_commands() -> None:
     )
     assert check.returncode == 0, check.stderr
     assert "obs_dim" in check.stdout
+
+
+def test_dataclass_flags_are_typed_and_bools_are_switches() -> None:
+    import dataclasses
+
+    from policy_server.cli import parse_dataclass_args
+
+    @dataclasses.dataclass
+    class Args:
+        steps: int = 10
+        rate: float = 0.5
+        keep: bool = True
+
+    assert parse_dataclass_args(Args, argv=[]) == Args()
+    assert parse_dataclass_args(Args, argv=["--steps", "3", "--no-keep"]) == Args(steps=3, keep=False)
+    assert parse_dataclass_args(Args, argv=["--keep", "--rate", "2"]).rate == 2.0

@@ -199,16 +199,18 @@ def test_retries_with_backoff_until_a_briefly_down_server_answers(model_dir: Pat
         client.close()
 
 
-def test_a_503_while_a_policy_is_unavailable_is_retried(model_dir: Path, tmp_path: Path) -> None:
+def test_a_503_while_a_policy_is_unavailable_is_retried_after_its_retry_hint(model_dir: Path, tmp_path: Path) -> None:
     app = local_app(multi_policy_schema(model_dir), tmp_path)
     with running_server(app) as url, PolicyClient(url, API_KEY, policy="box", max_retries=20,
                                                   backoff_base_s=0.05, backoff_cap_s=0.2) as client:
         service = app.state.services["box"]
         backend, service.backend = service.backend, None  # as while its deployment starts: 503
-        assert httpx.get(f"{url}/policies/box/version", headers=AUTH).status_code == 503
-        threading.Timer(0.5, lambda: setattr(service, "backend", backend)).start()
+        unavailable = httpx.get(f"{url}/policies/box/version", headers=AUTH)
+        assert unavailable.status_code == 503 and unavailable.headers["retry-after"] == "1"
+        threading.Timer(1.5, lambda: setattr(service, "backend", backend)).start()
+        start = time.monotonic()
         assert client.version() == 0
-        assert client.stats.retries >= 2
+        assert client.stats.retries >= 2 and time.monotonic() - start >= 1.5  # waited as told, not 0.05 s
 
 
 def test_gives_up_after_max_retries_with_a_connection_error() -> None:
