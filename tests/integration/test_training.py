@@ -24,9 +24,13 @@ PPO = {"rollout_samples": 32, "num_minibatches": 2, "update_epochs": 1}
 
 
 @contextmanager
-def training_server(model_dir: Path, folder: Path, prefix: str, **training: Any) -> Iterator[httpx.Client]:
+def training_server(
+    model_dir: Path, folder: Path, prefix: str, replicas: int = 1, **training: Any
+) -> Iterator[httpx.Client]:
+    schema = training_schema(model_dir, folder / "ckpt", **training)
+    schema["policies"]["cart"]["resources"]["num_replicas"] = replicas
     path = folder / "schema.yaml"
-    path.write_text(yaml.safe_dump(training_schema(model_dir, folder / "ckpt", **training), sort_keys=False))
+    path.write_text(yaml.safe_dump(schema, sort_keys=False))
     settings = Settings(schema_path=path, gateway_metrics_port=0, serve_app_prefix=prefix, seed=0)
     with running_server(build_app(settings)) as url, httpx.Client(base_url=url, headers=AUTH, timeout=60) as client:
         yield client
@@ -34,7 +38,8 @@ def training_server(model_dir: Path, folder: Path, prefix: str, **training: Any)
 
 @pytest.fixture(scope="module")
 def server(ray_session: int, model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[httpx.Client]:
-    with training_server(model_dir, tmp_path_factory.mktemp("train"), "it-train", ppo=PPO, checkpoint_every=5) as c:
+    folder = tmp_path_factory.mktemp("train")
+    with training_server(model_dir, folder, "it-train", replicas=2, ppo=PPO, checkpoint_every=5) as c:
         yield c
 
 
@@ -62,7 +67,7 @@ def train_one_update(client: httpx.Client, seed: int) -> int:
     return version + 1
 
 
-def test_twenty_updates_hot_swap_into_serving_without_a_failed_request(server: httpx.Client) -> None:
+def test_twenty_updates_hot_swap_into_every_replica_without_a_failed_request(server: httpx.Client) -> None:
     url = str(server.base_url)
     stop = threading.Event()
     results: list[tuple[int, int]] = []  # (status, version)
@@ -91,6 +96,9 @@ def test_twenty_updates_hot_swap_into_serving_without_a_failed_request(server: h
     assert len(versions) >= 10, f"answers came from only {sorted(versions)}"
     status = server.get("/train/status").json()
     assert status["updates"] >= 20 and status["last_checkpoint"] is not None
+    final = start_version + 20
+    served = {server.post("/predict", json=OBS).json()["model_version"] for _ in range(40)}
+    assert served == {final}, f"a replica still serves {served - {final}}"  # both replicas swapped
 
 
 def test_stale_and_malformed_samples_are_refused_over_ray(server: httpx.Client) -> None:
