@@ -8,6 +8,7 @@ status and the machine-readable ``code`` it is answered with; the gateway transl
     PolicyServerError                500 internal_error
     ├── SchemaError                  (start-up only: schema.yaml or model file is wrong)
     ├── InvalidRequest               422 invalid_request
+    ├── Unauthorized                 401 unauthorized
     ├── Forbidden                    403 forbidden
     ├── NotFound                     404 not_found
     │   └── NotTrainable             404 not_trainable
@@ -16,6 +17,7 @@ status and the machine-readable ``code`` it is answered with; the gateway transl
     │   └── TrainingNotRunning       409 training_not_running
     ├── PayloadTooLarge              413 payload_too_large
     ├── ModelError                   500 model_error
+    ├── Overloaded                   429 overloaded
     └── BackendUnavailable           503 backend_unavailable
 """
 
@@ -57,6 +59,11 @@ class SchemaError(PolicyServerError):
 class InvalidRequest(PolicyServerError):
     status = 422
     code = "invalid_request"
+
+
+class Unauthorized(PolicyServerError):
+    status = 401
+    code = "unauthorized"
 
 
 class Forbidden(PolicyServerError):
@@ -103,6 +110,13 @@ class ModelError(PolicyServerError):
     """The model raised or returned something unusable while answering a request."""
 
     code = "model_error"
+
+
+class Overloaded(PolicyServerError):
+    """Too much work is queued; retry after a moment (the answer carries Retry-After)."""
+
+    status = 429
+    code = "overloaded"
 
 
 class BackendUnavailable(PolicyServerError):

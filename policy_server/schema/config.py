@@ -20,6 +20,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, TypeAdapter, ValidationError, model_validator
 
 from policy_server.errors import SchemaError
+from policy_server.llm.config import LLMSection
 from policy_server.training.config import TrainingSpec
 
 OBSERVATION_TYPES = ("int", "float", "bool", "List[int]", "List[float]")
@@ -146,7 +147,8 @@ class PolicySpec(_Strict):
 
 class ServerSchema(_Strict):
     policies: dict[str, PolicySpec]
-    default_policy: str
+    default_policy: str | None
+    llm: LLMSection | None = None
     api_key: SecretStr | None = None
     url_path: str = ""
 
@@ -160,6 +162,7 @@ class ServerSchema(_Strict):
                 | {"model": p.model.name, "training": _public_training(p.training)}
                 for name, p in self.policies.items()
             },
+            "llm": _public_llm(self.llm),
         }
 
 
@@ -168,6 +171,18 @@ def _public_training(training: TrainingSpec | None) -> dict[str, Any] | None:
         return None
     public = TypeAdapter(TrainingSpec).dump_python(training, mode="json")
     public["checkpoint_dir"] = training.checkpoint_dir.name  # not the server's file system layout
+    return public
+
+
+def _public_llm(llm: LLMSection | None) -> dict[str, Any] | None:
+    """The LLM section without the server's folder layout."""
+    if llm is None:
+        return None
+    public = llm.model_dump(mode="json")
+    for key, spec in (("policy", llm.policy), ("value", llm.value)):
+        if spec is not None:
+            public[key]["path"] = spec.path.name
+            public[key]["adapter"] = spec.adapter.name if spec.adapter else None
     return public
 
 
@@ -199,6 +214,7 @@ class _SchemaFile(_Strict):
     observations: dict[str, ObservationSpec] | None = None
     parameters: _Parameters = _Parameters()
     policies: dict[str, _PolicyEntry] | None = None
+    llm: LLMSection | None = None
 
 
 def load_schema(path: Path | str) -> ServerSchema:
@@ -228,6 +244,8 @@ def parse_schema(raw: Any, base_dir: Path) -> ServerSchema:
             raise SchemaError(
                 f"parameters.{per_policy[0]}: with `policies`, set {', '.join(per_policy)} per policy"
             )
+    elif parsed.llm is not None and parsed.observations is None and params.model is None:
+        entries = {}  # an LLM-only server
     else:
         entries = {
             DEFAULT_POLICY: _PolicyEntry(
@@ -235,8 +253,8 @@ def parse_schema(raw: Any, base_dir: Path) -> ServerSchema:
                 **params.model_dump(include=set(_PolicyFields.model_fields), exclude_unset=True),
             )
         }
-    default = params.default_policy or next(iter(entries))
-    if default not in entries:
+    default = params.default_policy or next(iter(entries), None)
+    if entries and default not in entries:
         raise SchemaError(
             f"parameters.default_policy: {default!r} is not one of {sorted(entries)}"
         )
@@ -244,9 +262,24 @@ def parse_schema(raw: Any, base_dir: Path) -> ServerSchema:
     return ServerSchema(
         policies=policies,
         default_policy=default,
+        llm=_resolve_llm(parsed.llm, base_dir),
         api_key=SecretStr(params.api_key) if params.api_key else None,
         url_path=(params.url_path or "").strip("/"),
     )
+
+
+def _resolve_llm(llm: LLMSection | None, base_dir: Path) -> LLMSection | None:
+    if llm is None:
+        return None
+    llm = llm.resolved(base_dir)
+    for key, spec in (("policy", llm.policy), ("value", llm.value)):
+        if spec is None:
+            continue
+        if not (spec.path / "config.json").is_file():
+            raise SchemaError(f"llm.{key}.path: {spec.path} is not a save_pretrained model folder (no config.json)")
+        if spec.adapter is not None and not (spec.adapter / "adapter_config.json").is_file():
+            raise SchemaError(f"llm.{key}.adapter: {spec.adapter} is not a peft adapter folder (no adapter_config.json)")
+    return llm
 
 
 def _resolve(name: str, entry: _PolicyEntry, base_dir: Path) -> PolicySpec:

@@ -1,0 +1,116 @@
+"""The ``llm:`` section of schema.yaml: a causal-LM policy and an LLM value model.
+
+Folders are ``save_pretrained`` outputs on local disk (relative to the schema's folder); nothing
+is downloaded. This module imports neither torch nor transformers.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+STEP_TOKEN = "<|eois_id|>"
+END_TOKEN = "<|eot_id|>"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+
+
+class LLMLimits(_Strict):
+    """What one request may ask for; beyond it a request gets a 422 naming the field."""
+
+    max_input_length: int = Field(1024, gt=0)
+    """Most prompt tokens a request may set as its `max_input_length`."""
+    max_new_tokens: int = Field(512, gt=0)
+    """Most tokens generated per sample."""
+    max_num_samples: int = Field(16, gt=0)
+    """Most samples (`num_samples`, OpenAI `n`) per request."""
+    max_queued: int = Field(256, gt=0)
+    """Requests waiting for generation; beyond it 429 with Retry-After."""
+    max_batch_prompts: int = Field(64, gt=0)
+    """Most prompts × samples in one batched generate call."""
+    batch_wait_ms: float = Field(2.0, ge=0)
+    """How long a batch waits for more compatible requests."""
+    task_ttl_s: float = Field(600.0, gt=0)
+    """How long `/forward` results wait to be fetched."""
+
+
+class LLMResources(_Strict):
+    num_replicas: int = Field(1, ge=1)
+    """Serve replicas of the model."""
+    num_cpus: float = Field(1.0, ge=0)
+    """CPUs per replica."""
+    num_gpus: float = Field(0.0, ge=0)
+    """GPUs per replica; used when the cluster has them."""
+
+
+class _ModelSpec(_Strict):
+    path: Path
+    """The `save_pretrained` folder of the model and its tokenizer."""
+    adapter: Path | None = None
+    """A peft LoRA adapter folder for it."""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """Weights' dtype."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """`auto`: the GPU when the replica has one."""
+    resources: LLMResources = LLMResources()
+    """Replicas, CPUs and GPUs of the deployment."""
+
+
+class LLMPolicySpec(_ModelSpec):
+    """A causal LM that generates steps: x1's policy server, plus token records and OpenAI routes."""
+
+    route_prefix: str = "llm"
+    """Paths of its endpoints: `/<route_prefix>/...`."""
+    served_name: str | None = None
+    """Its model id on the OpenAI routes (default: the folder's name)."""
+    step_token: str = STEP_TOKEN
+    """Ends one reasoning step."""
+    end_token: str = END_TOKEN
+    """Ends the answer."""
+    limits: LLMLimits = LLMLimits()
+    """Request limits and queueing."""
+
+    @property
+    def model_id(self) -> str:
+        return self.served_name or self.path.name
+
+
+class LLMValueSpec(_ModelSpec):
+    """An LM with a value head: messages → scores in [-1, 1] (x1's value server)."""
+
+    route_prefix: str = "value"
+    """Paths of its endpoints: `/<route_prefix>/...`."""
+    position: Literal["last"] | int = "last"
+    """The token whose hidden state is scored: the last one, or an index (negative from the end)."""
+    max_conversations: int = Field(64, gt=0)
+    """Most conversations per request."""
+    max_input_length: int = Field(2048, gt=0)
+    """Most tokens per conversation."""
+
+
+class LLMSection(_Strict):
+    policy: LLMPolicySpec | None = None
+    value: LLMValueSpec | None = None
+
+    @model_validator(mode="after")
+    def _distinct_prefixes(self) -> LLMSection:
+        if self.policy and self.value and self.policy.route_prefix == self.value.route_prefix:
+            raise ValueError(f"policy and value share the route_prefix {self.policy.route_prefix!r}")
+        return self
+
+    def resolved(self, base_dir: Path) -> LLMSection:
+        """Folders relative to the schema's folder made absolute."""
+        def fix(spec: _ModelSpec | None) -> dict[str, Path | None]:
+            if spec is None:
+                return {}
+            return {"path": (base_dir / spec.path).resolve(),
+                    "adapter": (base_dir / spec.adapter).resolve() if spec.adapter else None}
+
+        return LLMSection(
+            policy=self.policy.model_copy(update=fix(self.policy)) if self.policy else None,
+            value=self.value.model_copy(update=fix(self.value)) if self.value else None,
+        )
