@@ -170,3 +170,16 @@ def running_server(app: Any) -> Iterator[str]:
     finally:
         server.should_exit = True
         thread.join(timeout=60)
+
+
+@pytest.fixture(scope="session")
+def llm_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Tiny Llama policy, value model and LoRA adapter built once per session (examples/llm/build_tiny_model.py)."""
+    import importlib.util
+
+    script = Path(__file__).parents[1] / "examples" / "llm" / "build_tiny_model.py"
+    spec = importlib.util.spec_from_file_location("build_tiny_model", script)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.build(tmp_path_factory.mktemp("llm"), seed=0, lora=True)
