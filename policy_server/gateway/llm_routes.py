@@ -1,0 +1,150 @@
+"""Endpoints of the LLM policy (x1's policy server), the value model (x1's value server) and the
+OpenAI-compatible routes. Thin handlers over ``LLMService`` and ``ValueService``."""
+
+# No `from __future__ import annotations`: FastAPI must see the models as real types.
+
+from typing import Any
+
+from fastapi import APIRouter, Depends
+from fastapi.responses import JSONResponse
+from starlette.background import BackgroundTask
+
+from policy_server.errors import InvalidRequest
+from policy_server.gateway.llm_service import LLMService, ValueService
+from policy_server.gateway.llm_wire import (
+    ChatRequest,
+    CompletionRequest,
+    DirectForward,
+    DirectForwardAnswer,
+    Forward,
+    Status,
+    TaskCreated,
+    TaskPending,
+    TaskResult,
+    ValueAnswer,
+    ValueForward,
+)
+from policy_server.gateway.wire import ErrorEnvelope
+
+LLM_ERRORS: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorEnvelope, "description": text}
+    for status, text in {
+        403: "Missing or wrong api key.",
+        404: "Unknown task or session.",
+        422: "Invalid request: the envelope names each bad field.",
+        429: "Too much work queued: retry after `Retry-After` seconds.",
+        500: "The model failed.",
+        503: "The model's deployment is not available.",
+    }.items()
+}
+
+
+def _status(model: str, version: int) -> dict[str, Any]:
+    # training lands with the LLM training issue; until then it is honestly off
+    return {
+        "status": "Server is running, ALLOW_TRAINING: False, STOP_TRAINING_FLAG: False",
+        "allow_training": False,
+        "stop_training_flag": False,
+        "allow_inference": True,
+        "model": model,
+        "model_version": version,
+    }
+
+
+def llm_router(service: LLMService, auth: Any, prefix: str) -> APIRouter:
+    router = APIRouter(prefix=prefix, tags=["LLM policy"], dependencies=[Depends(auth)], responses=LLM_ERRORS)
+
+    @router.get("/", response_model=Status)
+    async def status() -> Any:
+        """x1's status: whether inference and training are allowed."""
+        return _status(service.spec.model_id, await service.require_backend().version())
+
+    @router.post("/direct_forward", response_model=DirectForwardAnswer, response_model_exclude_none=True)
+    async def direct_forward(body: DirectForward) -> Any:
+        """Generate for a prompt and answer at once: the texts and the stop string each ended on."""
+        return await service.direct_forward(body)
+
+    @router.post("/forward", status_code=201, response_model=TaskCreated)
+    async def forward(body: Forward) -> Any:
+        """Queue one step (or, with `full_simulation`, the whole answer) for a question and the
+        steps so far; fetch it from `GET /forward/{task_id}`."""
+        return {"task_id": await service.submit_task(body)}
+
+    @router.get(
+        "/forward/{task_id}",
+        response_model=TaskResult,
+        response_model_exclude_none=True,
+        responses={202: {"model": TaskPending, "description": "Still generating: ask again."}},
+    )
+    async def forward_result(task_id: str) -> Any:
+        """The result of a queued task (kept until fetched, or until it expires). A task still
+        generating answers 202 `pending`; an unknown or expired id 404."""
+        view = service.tasks.get(task_id)
+        if view.state == "pending":
+            return JSONResponse({"task_id": task_id, "status": "pending"}, status_code=202)
+        if view.state == "failed":
+            raise InvalidRequest(f"task {task_id} failed: {view.error}")
+        # forgotten only once the answer went out: a fetch that fails keeps the result
+        return JSONResponse(
+            {k: v for k, v in view.result.items() if v is not None},
+            background=BackgroundTask(service.tasks.ack, task_id),
+        )
+
+    @router.get("/sessions/{session_id}")
+    async def session(session_id: str) -> Any:
+        """The session's token records, ready for training (prompt positions masked)."""
+        return {"session_id": session_id, "nodes": service.sessions.nodes(session_id)}
+
+    @router.delete("/sessions/{session_id}")
+    async def reset_session(session_id: str) -> Any:
+        """Forget the session's nodes."""
+        service.sessions.reset(session_id)
+        return {"session_id": session_id, "nodes": []}
+
+    return router
+
+
+def value_router(service: ValueService, auth: Any, prefix: str) -> APIRouter:
+    router = APIRouter(prefix=prefix, tags=["LLM value"], dependencies=[Depends(auth)], responses=LLM_ERRORS)
+
+    @router.get("/", response_model=Status)
+    async def status() -> Any:
+        """x1's status of the value server."""
+        return _status(service.spec.path.name, 0)
+
+    @router.post("/forward", response_model=ValueAnswer)
+    async def forward(body: ValueForward) -> Any:
+        """Score one conversation or a batch of them: one value in [-1, 1] each."""
+        return await service.score(body.messages)
+
+    return router
+
+
+def openai_router(service: LLMService, auth: Any, prefix: str) -> APIRouter:
+    router = APIRouter(prefix=f"{prefix}/v1", tags=["OpenAI-compatible"], dependencies=[Depends(auth)])
+
+    @router.get("/models")
+    async def models() -> Any:
+        """The served model, as OpenAI's model list."""
+        return {"object": "list", "data": [
+            {"id": service.spec.model_id, "object": "model", "created": 0, "owned_by": "policy-server"}
+        ]}
+
+    @router.post("/completions")
+    async def completions(body: CompletionRequest) -> Any:
+        """OpenAI's completions: `prompt`, `n`, `temperature`, `top_p`, `max_tokens`, `stop`, `logprobs`."""
+        _no_stream(body.stream)
+        return await service.completions(body)
+
+    @router.post("/chat/completions")
+    async def chat(body: ChatRequest) -> Any:
+        """OpenAI's chat completions: `messages`, `n`, `temperature`, `top_p`, `max_tokens`, `stop`, `logprobs`."""
+        _no_stream(body.stream)
+        return await service.chat(body)
+
+    return router
+
+
+def _no_stream(stream: bool) -> None:
+    if stream:
+        raise InvalidRequest("body.stream: streaming is not supported; send stream=false")

@@ -1,0 +1,388 @@
+"""``LLMService`` and ``ValueService``: the LLM endpoints with neither HTTP nor Ray.
+
+The gateway tokenises (it loads only the tokenizer): it checks lengths and stop strings before
+anything is queued, builds x1's step prompts and chat prompts, tracks sessions and queued tasks,
+and sends token ids to a backend, the Serve deployment or an in-process engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from policy_server.errors import BackendUnavailable, FieldError, InvalidRequest, ModelError, PolicyServerError, summary
+from policy_server.gateway.llm_wire import ChatRequest, CompletionRequest, DirectForward, Forward
+from policy_server.llm.config import LLMPolicySpec, LLMValueSpec
+from policy_server.llm.generation import GenerationParams, Sample
+from policy_server.llm.records import SessionStore, record_from_sample
+from policy_server.llm.tasks import TaskStore
+
+log = logging.getLogger(__name__)
+
+
+class LLMBackend(Protocol):
+    async def generate(self, prompt_ids: list[int], params: GenerationParams) -> tuple[list[Sample], int]: ...
+
+    async def version(self) -> int: ...
+
+
+class ValueBackend(Protocol):
+    async def score(self, conversations: list[list[dict[str, str]]]) -> tuple[list[float], int]: ...
+
+
+class HandleBackend:
+    """A Serve deployment, reached through its handle; our own errors come back as themselves."""
+
+    def __init__(self, handle: Any) -> None:
+        self.handle = handle
+
+    async def call(self, method: str, *args: Any) -> Any:
+        from ray import exceptions as ray_errors
+
+        try:
+            return await self.handle.options(method_name=method).remote(*args)
+        except ray_errors.RayTaskError as exc:
+            cause = exc.cause if exc.cause is not None else exc
+            if isinstance(cause, PolicyServerError):
+                raise cause from None
+            raise ModelError(f"the model raised {type(cause).__name__}: {summary(cause)}") from exc
+        except ray_errors.RayError as exc:
+            raise BackendUnavailable(f"the LLM deployment is unavailable: {summary(exc)}") from exc
+
+    async def generate(self, prompt_ids: list[int], params: GenerationParams) -> tuple[list[Sample], int]:
+        return await self.call("generate", prompt_ids, params)
+
+    async def score(self, conversations: list[list[dict[str, str]]]) -> tuple[list[float], int]:
+        return await self.call("score", conversations)
+
+    async def version(self) -> int:
+        return await self.call("version")
+
+
+class LocalBackend:
+    """An engine in the gateway's process (development and tests without Ray)."""
+
+    def __init__(self, engine: Any) -> None:
+        self.engine = engine
+
+    async def generate(self, prompt_ids: list[int], params: GenerationParams) -> tuple[list[Sample], int]:
+        try:
+            return await self.engine.generate(prompt_ids, params)
+        except PolicyServerError:
+            raise
+        except Exception as exc:
+            raise ModelError(f"the model raised {type(exc).__name__}: {summary(exc)}") from exc
+
+    async def score(self, conversations: list[list[dict[str, str]]]) -> tuple[list[float], int]:
+        try:
+            return await self.engine.score(conversations)
+        except PolicyServerError:
+            raise
+        except ValueError as exc:
+            raise InvalidRequest(str(exc)) from exc
+
+    async def version(self) -> int:
+        return self.engine.version
+
+
+@dataclass
+class Generated:
+    """One request's samples with their texts, ready for any of the answer formats."""
+
+    prompt_ids: list[int]
+    samples: list[Sample]
+    texts: list[str]
+    version: int
+
+
+def load_tokenizer(path: Path) -> Any:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+
+
+class LLMService:
+    def __init__(self, spec: LLMPolicySpec, tokenizer: Any) -> None:
+        self.spec, self.tokenizer = spec, tokenizer
+        self.limits = spec.limits
+        self.sessions = SessionStore()
+        self.tasks = TaskStore(ttl_s=self.limits.task_ttl_s, max_tasks=4 * self.limits.max_queued)
+        self.backend: LLMBackend | None = None
+        self._running: set[asyncio.Task[None]] = set()
+
+    def attach(self, backend: LLMBackend) -> None:
+        self.backend = backend
+
+    def require_backend(self) -> LLMBackend:
+        if self.backend is None:
+            raise BackendUnavailable("the LLM policy is still starting; retry shortly")
+        return self.backend
+
+    # --- text and tokens ------------------------------------------------------------------------
+
+    def encode(self, text: str, special: bool = True) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=special)["input_ids"])
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def chat_prompt(self, messages: list[dict[str, str]], continuation: str = "") -> str:
+        try:
+            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        except Exception as exc:  # noqa: BLE001 - a template error is the request's fault
+            raise InvalidRequest(f"body.messages: cannot apply the chat template: {summary(exc)}") from exc
+        return text + continuation
+
+    def stop_strings(self, given: list[str] | str | None, field: str) -> tuple[str, ...]:
+        """The request's stop strings, each one the tokenizer can represent (else a 422)."""
+        if given is None:
+            return (self.spec.step_token, self.spec.end_token)
+        stops = (given,) if isinstance(given, str) else tuple(given)
+        bad = [
+            FieldError(f"{field}.{i}", "empty" if not s else "the tokenizer cannot represent it")
+            for i, s in enumerate(stops)
+            if not s or self.decode(self.encode(s, special=False), skip_special_tokens=False) != s
+        ]
+        if bad:
+            raise InvalidRequest(f"{bad[0].field}: {bad[0].message}", bad)
+        return stops
+
+    def prompt_ids(self, text: str, max_input_length: int, truncate: bool, field: str, special: bool = True) -> list[int]:
+        if max_input_length > self.limits.max_input_length:
+            raise InvalidRequest(
+                f"body.max_input_length: at most {self.limits.max_input_length}, got {max_input_length}"
+            )
+        ids = self.encode(text, special)
+        if len(ids) > max_input_length:
+            if not truncate:
+                raise InvalidRequest(
+                    f"{field}: the prompt has {len(ids)} tokens, more than max_input_length {max_input_length} "
+                    "(send truncate=true to keep its end)",
+                    [FieldError(field, f"{len(ids)} tokens > {max_input_length}")],
+                )
+            ids = ids[-max_input_length:]
+        return ids
+
+    def params(
+        self, prompt_len: int, max_new_tokens: int, num_samples: int, stop: tuple[str, ...], **kw: Any
+    ) -> GenerationParams:
+        if num_samples > self.limits.max_num_samples:
+            raise InvalidRequest(f"body.num_samples: at most {self.limits.max_num_samples}, got {num_samples}")
+        if max_new_tokens < 1:
+            raise InvalidRequest(
+                f"body.max_output_length: the prompt already has {prompt_len} tokens; nothing is left to generate"
+            )
+        if max_new_tokens > self.limits.max_new_tokens:
+            raise InvalidRequest(
+                f"body.max_output_length: at most {self.limits.max_new_tokens} new tokens, asked for {max_new_tokens}"
+            )
+        return GenerationParams(num_samples=num_samples, max_new_tokens=max_new_tokens, stop_strings=stop, **kw)
+
+    async def generate(self, prompt_ids: list[int], params: GenerationParams, skip_special: bool = True) -> Generated:
+        samples, version = await self.require_backend().generate(prompt_ids, params)
+        texts = [self.decode(s.completion_ids, skip_special) for s in samples]
+        return Generated(prompt_ids, samples, texts, version)
+
+    # --- x1 -----------------------------------------------------------------------------------
+
+    async def direct_forward(self, body: DirectForward) -> dict[str, Any]:
+        stops = self.stop_strings(body.stop_strings, "body.stop_strings")
+        prompt = self.prompt_ids(body.input_string, body.max_input_length, body.truncate, "body.input_string")
+        parent = None
+        if body.session_id is not None:
+            prompt, parent = self.sessions.prefix_for(
+                body.session_id, body.input_string, self.encode, lambda t: self.encode(t, special=False)
+            )
+        total = body.max_output_length or body.max_input_length + 256
+        params = self.params(
+            len(prompt), total - len(prompt), body.num_samples, stops, temperature=body.temperature,
+            strategy=body.decoding_strategy, safe_logits=body.safe_logits, seed=body.seed,
+        )
+        out = await self.generate(prompt, params, body.skip_special_tokens)
+        records = [record_from_sample(s, out.version) for s in out.samples]
+        if body.session_id is not None:
+            for record, sample in zip(records, out.samples):
+                text = body.input_string + self.decode(sample.completion_ids, skip_special_tokens=False)
+                self.sessions.add(body.session_id, parent, record, text, mode=body.session_mode)
+        return {
+            "result": out.texts,
+            "stop_strings": [s.stop_string or "" for s in out.samples],
+            "finish_reasons": [s.finish_reason for s in out.samples],
+            "model_version": out.version,
+            "records": [r.to_dict() for r in records] if body.return_tokens else None,
+            "session_id": body.session_id,
+        }
+
+    def step_prompt(self, body: Forward) -> str:
+        return self.chat_prompt([{"role": "user", "content": body.question}], continuation=body.context)
+
+    async def submit_task(self, body: Forward) -> str:
+        """Queue x1's `/forward`: one step (or the whole answer) for a question and its context."""
+        text = self.step_prompt(body)
+        prompt = self.prompt_ids(text, self.limits.max_input_length, False, "body.question", special=False)
+        stops = (self.spec.end_token,) if body.full_simulation else (self.spec.step_token, self.spec.end_token)
+        total = body.max_output_length or len(prompt) + self.limits.max_new_tokens
+        params = self.params(
+            len(prompt), min(total - len(prompt), self.limits.max_new_tokens), body.num_samples, stops,
+            temperature=body.temperature, strategy=body.decoding_strategy, safe_logits=body.safe_logits,
+            seed=body.seed,
+        )
+        task_id = self.tasks.create({"prompt": text})
+        task = asyncio.create_task(self._run_task(task_id, text, prompt, params, body.return_tokens))
+        self._running.add(task)
+        task.add_done_callback(self._running.discard)
+        return task_id
+
+    async def _run_task(
+        self, task_id: str, text: str, prompt: list[int], params: GenerationParams, records: bool
+    ) -> None:
+        try:
+            out = await self.generate(prompt, params)
+        except PolicyServerError as exc:
+            self.tasks.fail(task_id, exc.message)
+            return
+        except Exception as exc:  # noqa: BLE001 - reported to whoever fetches the task
+            log.exception("task %s failed", task_id)
+            self.tasks.fail(task_id, f"{type(exc).__name__}: {summary(exc)}")
+            return
+        end = self.spec.end_token
+        self.tasks.complete(task_id, {
+            "result": out.texts,
+            "prompt": [text] * len(out.samples),
+            "stop_string_found": [s.stop_string or "" for s in out.samples],
+            "is_final_step": [s.stop_string == end for s in out.samples],
+            "model_version": out.version,
+            "records": [record_from_sample(s, out.version).to_dict() for s in out.samples] if records else None,
+        })
+
+    async def close(self) -> None:
+        for task in list(self._running):
+            task.cancel()
+
+    # --- OpenAI ---------------------------------------------------------------------------------
+
+    def _openai_params(self, body: CompletionRequest | ChatRequest, prompt_len: int) -> GenerationParams:
+        stops = self.stop_strings(body.stop, "body.stop") if body.stop else (self.spec.end_token,)
+        max_tokens = body.max_tokens or min(self.limits.max_new_tokens, 256)
+        return self.params(
+            prompt_len, max_tokens, body.n, stops, temperature=body.temperature, top_p=body.top_p, seed=body.seed
+        )
+
+    async def completions(self, body: CompletionRequest) -> dict[str, Any]:
+        prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+        if not prompts:
+            raise InvalidRequest("body.prompt: give at least one prompt")
+        outs = []
+        for i, text in enumerate(prompts):
+            ids = self.prompt_ids(text, self.limits.max_input_length, False, f"body.prompt.{i}" if len(prompts) > 1 else "body.prompt")
+            outs.append((text, ids, self._openai_params(body, len(ids))))
+        generated = await asyncio.gather(*(self.generate(ids, params, False) for _, ids, params in outs))
+        choices = []
+        for (text, _, _), out in zip(outs, generated):
+            for sample, raw in zip(out.samples, out.texts):
+                completion = _before_stop(raw, sample)
+                choice: dict[str, Any] = {
+                    "index": len(choices),
+                    "text": (text + completion) if body.echo else completion,
+                    "finish_reason": sample.finish_reason,
+                    "logprobs": self._completion_logprobs(sample) if body.logprobs is not None else None,
+                }
+                choices.append(choice)
+        return self._openai_answer("text_completion", "cmpl", choices, generated)
+
+    async def chat(self, body: ChatRequest) -> dict[str, Any]:
+        text = self.chat_prompt([m.model_dump() for m in body.messages])
+        ids = self.prompt_ids(text, self.limits.max_input_length, False, "body.messages", special=False)
+        out = await self.generate(ids, self._openai_params(body, len(ids)), False)
+        choices = []
+        for i, (sample, raw) in enumerate(zip(out.samples, out.texts)):
+            content = self.decode(self.encode(_before_stop(raw, sample), special=False), skip_special_tokens=True)
+            choices.append({
+                "index": i,
+                "message": {"role": "assistant", "content": content},
+                "finish_reason": sample.finish_reason,
+                "logprobs": {"content": self._chat_logprobs(sample)} if body.logprobs else None,
+            })
+        return self._openai_answer("chat.completion", "chatcmpl", choices, [out])
+
+    def _tokens(self, sample: Sample) -> list[str]:
+        return [self.decode([t], skip_special_tokens=False) for t in sample.completion_ids]
+
+    def _completion_logprobs(self, sample: Sample) -> dict[str, Any]:
+        tokens = self._tokens(sample)
+        offsets, at = [], 0
+        for tok in tokens:
+            offsets.append(at)
+            at += len(tok)
+        return {"tokens": tokens, "token_logprobs": list(sample.logprobs), "top_logprobs": None, "text_offset": offsets}
+
+    def _chat_logprobs(self, sample: Sample) -> list[dict[str, Any]]:
+        return [
+            {"token": tok, "logprob": lp, "bytes": list(tok.encode()), "top_logprobs": []}
+            for tok, lp in zip(self._tokens(sample), sample.logprobs)
+        ]
+
+    def _openai_answer(self, kind: str, prefix: str, choices: list[dict[str, Any]], outs: list[Generated]) -> dict[str, Any]:
+        prompt_tokens = sum(len(o.prompt_ids) for o in outs)
+        completion_tokens = sum(len(s.completion_ids) for o in outs for s in o.samples)
+        return {
+            "id": f"{prefix}-{uuid.uuid4().hex}",
+            "object": kind,
+            "created": int(time.time()),
+            "model": self.spec.model_id,
+            "choices": choices,
+            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                      "total_tokens": prompt_tokens + completion_tokens},
+            "system_fingerprint": f"policy-server-v{max(o.version for o in outs)}",
+        }
+
+
+def _before_stop(text: str, sample: Sample) -> str:
+    """OpenAI leaves the stop sequence out of the answer."""
+    if sample.stop_string and sample.stop_string in text:
+        return text[: text.index(sample.stop_string)]
+    return text
+
+
+class ValueService:
+    def __init__(self, spec: LLMValueSpec) -> None:
+        self.spec = spec
+        self.backend: ValueBackend | None = None
+
+    def attach(self, backend: ValueBackend) -> None:
+        self.backend = backend
+
+    async def score(self, messages: list[Any]) -> dict[str, Any]:
+        if self.backend is None:
+            raise BackendUnavailable("the value model is still starting; retry shortly")
+        conversations = messages if messages and isinstance(messages[0], list) else [messages]
+        if not conversations or len(conversations) > self.spec.max_conversations:
+            raise InvalidRequest(
+                f"body.messages: give 1 to {self.spec.max_conversations} conversations, got {len(conversations)}"
+            )
+        errors = [
+            FieldError(f"body.messages.{i}.{j}" if len(conversations) > 1 else f"body.messages.{j}", problem)
+            for i, conv in enumerate(conversations)
+            for j, problem in _message_problems(conv)
+        ]
+        if errors:
+            raise InvalidRequest(f"invalid messages: {errors[0].field}: {errors[0].message}", errors)
+        scores, version = await self.backend.score(conversations)
+        return {"result": scores, "model_version": version}
+
+
+def _message_problems(conversation: list[Any]) -> list[tuple[int | str, str]]:
+    if not conversation:
+        return [("", "an empty conversation")]
+    problems: list[tuple[int | str, str]] = []
+    for j, message in enumerate(conversation):
+        if not isinstance(message, dict) or set(message) - {"role", "content"} or "role" not in message:
+            problems.append((j, "a message is an object with `role` and `content`"))
+        elif not isinstance(message.get("content"), str) or not isinstance(message["role"], str):
+            problems.append((j, "`role` and `content` must be strings"))
+    return problems

@@ -1,0 +1,104 @@
+"""What an LLM replica holds, as plain objects: the policy engine and the value scorer.
+
+``LLMEngine`` owns the loaded policy, its generator and the queue that batches compatible
+requests into one generate call; ``ValueScorer`` owns a value model. A Serve deployment (or the
+gateway's local backend) holds one of each; neither knows about Ray or HTTP.
+
+Model folders travel as bytes (``pack_folder`` / ``unpack_folder``), so a replica on another
+node needs no shared file system.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import tempfile
+import threading
+from pathlib import Path
+
+from policy_server.llm.batching import GenerationQueue
+from policy_server.llm.config import LLMPolicySpec, LLMValueSpec
+from policy_server.llm.generation import GenerationParams, Generator, Sample
+from policy_server.llm.models import load_policy, load_value, score_messages
+
+Folder = dict[str, bytes]
+
+
+def pack_folder(path: Path) -> Folder:
+    """Every file under ``path``, by its relative path."""
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def unpack_folder(files: Folder, dest: Path) -> Path:
+    for name, data in files.items():
+        target = (dest / name).resolve()
+        if dest.resolve() not in target.parents:
+            raise ValueError(f"refusing to write {name!r} outside {dest}")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(data)
+    return dest
+
+
+def resolve_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+class LLMEngine:
+    """A policy LM: batched generation behind a bounded queue, and its model version."""
+
+    def __init__(self, spec: LLMPolicySpec, folder: Path, adapter: Path | None, device: str) -> None:
+        self.spec = spec
+        self.lm = load_policy(
+            folder, adapter, spec.dtype, resolve_device(device), step_token=spec.step_token, end_token=spec.end_token
+        )
+        self.generator = Generator(self.lm)
+        limits = spec.limits
+        self.queue = GenerationQueue(
+            self.generator.generate,
+            max_queued=limits.max_queued,
+            max_batch_prompts=limits.max_batch_prompts,
+            batch_wait_ms=limits.batch_wait_ms,
+        )
+        self.version = 0
+
+    @classmethod
+    def from_files(cls, spec: LLMPolicySpec, model: Folder, adapter: Folder | None, device: str) -> LLMEngine:
+        root = Path(tempfile.mkdtemp(prefix="policy-server-llm-"))
+        folder = unpack_folder(model, root / "model")
+        lora = unpack_folder(adapter, root / "adapter") if adapter is not None else None
+        return cls(spec, folder, lora, device)
+
+    async def generate(self, prompt_ids: list[int], params: GenerationParams) -> tuple[list[Sample], int]:
+        """``num_samples`` samples for one prompt, and the version of the weights that made them."""
+        version = self.version
+        return await self.queue.submit(prompt_ids, params), version
+
+    def close(self) -> None:
+        self.queue.close()
+
+
+class ValueScorer:
+    """A value model: conversations → scores in [-1, 1]; one forward at a time."""
+
+    def __init__(self, spec: LLMValueSpec, folder: Path, adapter: Path | None, device: str) -> None:
+        self.spec = spec
+        self.value = load_value(folder, adapter, spec.dtype, resolve_device(device), position=spec.position)
+        self.version = 0
+        self._lock = threading.Lock()
+
+    @classmethod
+    def from_files(cls, spec: LLMValueSpec, model: Folder, adapter: Folder | None, device: str) -> ValueScorer:
+        root = Path(tempfile.mkdtemp(prefix="policy-server-value-"))
+        folder = unpack_folder(model, root / "model")
+        lora = unpack_folder(adapter, root / "adapter") if adapter is not None else None
+        return cls(spec, folder, lora, device)
+
+    def score_sync(self, conversations: list[list[dict[str, str]]]) -> list[float]:
+        with self._lock:
+            return score_messages(self.value, conversations)
+
+    async def score(self, conversations: list[list[dict[str, str]]]) -> tuple[list[float], int]:
+        return await asyncio.to_thread(self.score_sync, conversations), self.version

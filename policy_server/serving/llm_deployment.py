@@ -1,0 +1,62 @@
+"""Ray Serve deployments of the LLM policy and value model: thin adapters around the engines."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ray import serve
+from ray.serve import Application
+
+from policy_server.llm.config import LLMPolicySpec, LLMValueSpec
+from policy_server.llm.engine import Folder, LLMEngine, ValueScorer
+from policy_server.llm.generation import GenerationParams, Sample
+
+
+@serve.deployment
+class LLMPolicyDeployment:
+    def __init__(self, spec: LLMPolicySpec, model: Folder, adapter: Folder | None, device: str) -> None:
+        self.engine = LLMEngine.from_files(spec, model, adapter, device)
+
+    async def generate(self, prompt_ids: list[int], params: GenerationParams) -> tuple[list[Sample], int]:
+        return await self.engine.generate(prompt_ids, params)
+
+    def version(self) -> int:
+        return self.engine.version
+
+
+@serve.deployment
+class ValueDeployment:
+    def __init__(self, spec: LLMValueSpec, model: Folder, adapter: Folder | None, device: str) -> None:
+        self.scorer = ValueScorer.from_files(spec, model, adapter, device)
+
+    async def score(self, conversations: list[list[dict[str, str]]]) -> tuple[list[float], int]:
+        return await self.scorer.score(conversations)
+
+    def version(self) -> int:
+        return self.scorer.version
+
+
+LLM_POLICY = "llm-policy"
+LLM_VALUE = "llm-value"
+
+
+def build_llm_deployment(
+    spec: LLMPolicySpec | LLMValueSpec, model: Folder, adapter: Folder | None, gpus_available: bool
+) -> Application:
+    """The Serve application of the LLM policy or value model, with the schema's resources; GPUs
+    only where the cluster has them (``device: auto`` then picks the GPU)."""
+    res = spec.resources
+    num_gpus = res.num_gpus if gpus_available else 0.0
+    device = "cpu" if num_gpus == 0 and spec.device == "auto" else spec.device
+    if isinstance(spec, LLMPolicySpec):
+        cls: Any = LLMPolicyDeployment
+        name = LLM_POLICY
+        ongoing = spec.limits.max_queued + spec.limits.max_batch_prompts  # never caps the queue
+    else:
+        cls, name, ongoing = ValueDeployment, LLM_VALUE, 64
+    return cls.options(
+        name=name,
+        num_replicas=res.num_replicas,
+        max_ongoing_requests=ongoing,
+        ray_actor_options={"num_cpus": res.num_cpus, "num_gpus": num_gpus},
+    ).bind(spec, model, adapter, device)

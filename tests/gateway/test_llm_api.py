@@ -1,0 +1,156 @@
+"""The LLM endpoints in-process (TestClient; the tiny models in the gateway, no Ray)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from conftest import API_KEY
+from fastapi.testclient import TestClient
+
+from policy_server.gateway.app import build_app
+from policy_server.settings import Settings
+
+AUTH = {"access-token": API_KEY}
+STEP, END = "<|eois_id|>", "<|eot_id|>"
+
+
+def llm_schema(llm_dirs: dict[str, Path], **limits: Any) -> dict[str, Any]:
+    return {
+        "parameters": {"api_key": API_KEY},
+        "llm": {
+            "policy": {"path": str(llm_dirs["policy"]), "served_name": "tiny", "limits": {"max_new_tokens": 64, **limits}},
+            "value": {"path": str(llm_dirs["value"])},
+        },
+    }
+
+
+def make_client(tmp_path: Path, schema: dict[str, Any]) -> TestClient:
+    path = tmp_path / "schema.yaml"
+    path.write_text(yaml.safe_dump(schema, sort_keys=False))
+    return TestClient(build_app(Settings(schema_path=path, backend="local", gateway_metrics_port=0)), headers=AUTH)
+
+
+@pytest.fixture(scope="module")
+def client(llm_dirs: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestClient]:
+    with make_client(tmp_path_factory.mktemp("llm"), llm_schema(llm_dirs)) as c:
+        yield c
+
+
+def direct(client: TestClient, **body: Any) -> Any:
+    return client.post("/llm/direct_forward", json={"input_string": "What is 2 + 3?", "max_output_length": 40} | body)
+
+
+def test_status_is_x1s(client: TestClient) -> None:
+    status = client.get("/llm/").json()
+    assert status["allow_inference"] is True and status["allow_training"] is False
+    assert status["stop_training_flag"] is False and "ALLOW_TRAINING" in status["status"]
+
+
+@pytest.mark.parametrize("strategy", ["temperature", "beam_search", "diverse_beam_search"])
+def test_every_decoding_strategy_answers_num_samples_texts(client: TestClient, strategy: str) -> None:
+    answer = direct(client, decoding_strategy=strategy, num_samples=3, seed=0)
+    assert answer.status_code == 200, answer.text
+    body = answer.json()
+    assert len(body["result"]) == 3 and len(body["stop_strings"]) == 3 and body["model_version"] == 0
+    assert all(s in ("", STEP, END) for s in body["stop_strings"])
+    assert all(r in ("stop", "length") for r in body["finish_reasons"])
+
+
+def test_token_records_mask_the_prompt(client: TestClient) -> None:
+    body = direct(client, return_tokens=True, num_samples=2, seed=1).json()
+    for record in body["records"]:
+        n = record["prompt_length"]
+        assert n > 0 and len(record["tokens"]) == len(record["masked_tokens"]) == len(record["logprobs"])
+        assert record["masked_tokens"][:n] == [-100] * n and record["logprobs"][:n] == [1.0] * n
+        assert record["masked_tokens"][n:] == record["tokens"][n:] and all(lp <= 0 for lp in record["logprobs"][n:])
+        assert record["model_version"] == 0 and record["finish_reason"] in ("stop", "length")
+
+
+def test_returned_logprobs_equal_a_teacher_forced_pass(client: TestClient) -> None:
+    record = direct(client, return_tokens=True, seed=2, temperature=1.0).json()["records"][0]
+    n = record["prompt_length"]
+    engine = client.app.state.llm.policy.backend.engine  # the in-process engine of the local backend
+    forced = engine.generator.logprobs(record["tokens"][:n], record["tokens"][n:])
+    assert forced == pytest.approx(record["logprobs"][n:], abs=1e-4)
+
+
+def test_a_session_continues_the_earlier_nodes_tokens(client: TestClient) -> None:
+    first = direct(client, session_id="s1", return_tokens=True, seed=3, stop_strings=[STEP], skip_special_tokens=False).json()
+    prompt2 = "What is 2 + 3?" + first["result"][0] + " And then?"
+    second = direct(client, input_string=prompt2, session_id="s1", return_tokens=True, seed=4, max_output_length=80).json()
+    earlier, later = first["records"][0]["tokens"], second["records"][0]["tokens"]
+    assert later[: len(earlier)] == earlier  # continued, not re-tokenised
+    nodes = client.get("/llm/sessions/s1").json()["nodes"]
+    assert len(nodes) == 1 and nodes[0]["tokens"] == later
+    assert client.delete("/llm/sessions/s1").json()["nodes"] == []
+
+
+def test_a_queued_forward_is_fetched_once_done(client: TestClient) -> None:
+    created = client.post("/llm/forward", json={"question": "Sort these letters: c a b", "num_samples": 2})
+    assert created.status_code == 201, created.text
+    task_id = created.json()["task_id"]
+    deadline = time.monotonic() + 30
+    while (answer := client.get(f"/llm/forward/{task_id}")).status_code == 202:
+        assert answer.json()["status"] == "pending" and time.monotonic() < deadline
+        time.sleep(0.05)
+    body = answer.json()
+    assert answer.status_code == 200 and len(body["result"]) == 2 and len(body["is_final_step"]) == 2
+    assert body["prompt"][0].endswith("assistant<|end_header_id|>\n\n") or "Sort these letters" in body["prompt"][0]
+    assert client.get(f"/llm/forward/{task_id}").status_code == 404  # fetched: gone
+    missing = client.get("/llm/forward/nope")
+    assert missing.status_code == 404 and missing.json()["error"]["code"] == "not_found"
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"input_string": "x " * 300, "max_input_length": 16}, "body.input_string"),
+        ({"num_samples": 99}, "body.num_samples"),
+        ({"max_output_length": 5000}, "body.max_output_length"),
+        ({"decoding_strategy": "nucleus"}, "body.decoding_strategy"),
+        ({"stop_strings": [""]}, "body.stop_strings.0"),
+        ({"max_input_length": 10**6}, "body.max_input_length"),
+    ],
+)
+def test_bad_generation_requests_are_422_naming_the_field(client: TestClient, body: dict[str, Any], field: str) -> None:
+    answer = direct(client, **body)
+    assert answer.status_code == 422, answer.text
+    error = answer.json()["error"]
+    assert field in error["message"] or any(f["field"].startswith(field) for f in error["fields"])
+
+
+def test_a_long_prompt_is_truncated_when_asked(client: TestClient) -> None:
+    answer = direct(client, input_string="x " * 300, max_input_length=16, truncate=True, return_tokens=True)
+    assert answer.status_code == 200 and answer.json()["records"][0]["prompt_length"] == 16
+
+
+def test_value_scores_one_or_many_conversations(client: TestClient) -> None:
+    conv = [{"role": "user", "content": "What is 2 + 3?"}, {"role": "assistant", "content": "2 + 3 = 5"}]
+    one = client.post("/value/forward", json={"messages": conv}).json()
+    many = client.post("/value/forward", json={"messages": [conv, conv[:1]]}).json()
+    assert len(one["result"]) == 1 and len(many["result"]) == 2
+    assert all(-1 <= v <= 1 for v in many["result"]) and many["result"][0] == pytest.approx(one["result"][0], abs=1e-5)
+    bad = client.post("/value/forward", json={"messages": [{"role": "user"}]})
+    assert bad.status_code == 422 and bad.json()["error"]["fields"][0]["field"] == "body.messages.0"
+    assert client.post("/value/forward", json={"messages": []}).status_code == 422
+
+
+def test_a_full_queue_answers_429_with_a_retry_hint(llm_dirs: dict[str, Path], tmp_path: Path) -> None:
+    with make_client(tmp_path, llm_schema(llm_dirs, max_queued=1, batch_wait_ms=50)) as small:
+        with ThreadPoolExecutor(8) as pool:
+            answers = list(pool.map(lambda _: direct(small, max_output_length=60, stop_strings=["@@@"]), range(8)))
+    statuses = [a.status_code for a in answers]
+    assert 200 in statuses and 429 in statuses, statuses
+    limited = next(a for a in answers if a.status_code == 429)
+    assert limited.headers["retry-after"] and limited.json()["error"]["status"] == 429
+
+
+def test_the_llm_needs_the_key(client: TestClient) -> None:
+    assert client.post("/llm/direct_forward", json={"input_string": "hi"}, headers={"access-token": "no"}).status_code == 403
+    assert client.get("/v1/models", headers={"access-token": "", "authorization": "Bearer nope"}).status_code == 401

@@ -1,0 +1,87 @@
+"""The LLM policy and value model on real Ray Serve, behind a real uvicorn; the real `openai` client."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+import yaml
+from conftest import API_KEY, running_server
+
+from policy_server.gateway.app import build_app
+from policy_server.settings import Settings
+
+AUTH = {"access-token": API_KEY}
+
+
+@pytest.fixture(scope="module")
+def server(ray_session: int, llm_dirs: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    schema = {
+        "parameters": {"api_key": API_KEY},
+        "llm": {
+            "policy": {"path": str(llm_dirs["policy"]), "adapter": str(llm_dirs["policy_lora"]), "served_name": "tiny",
+                       "resources": {"num_cpus": 0.5}, "limits": {"max_new_tokens": 64}},
+            "value": {"path": str(llm_dirs["value"]), "resources": {"num_cpus": 0.5}},
+        },
+    }
+    path = tmp_path_factory.mktemp("llm-serve") / "schema.yaml"
+    path.write_text(yaml.safe_dump(schema, sort_keys=False))
+    settings = Settings(schema_path=path, gateway_metrics_port=0, serve_app_prefix="it-llm")
+    with running_server(build_app(settings)) as url:
+        yield url
+
+
+@pytest.fixture()
+def oai(server: str) -> Iterator[openai.OpenAI]:
+    with openai.OpenAI(base_url=f"{server}/v1", api_key=API_KEY, max_retries=0) as client:
+        yield client
+
+
+def test_the_openai_client_lists_the_model_and_completes(oai: openai.OpenAI) -> None:
+    assert [m.id for m in oai.models.list().data] == ["tiny"]
+    completion = oai.completions.create(model="tiny", prompt="What is 2 + 3?", n=2, max_tokens=8, temperature=0.8,
+                                        logprobs=1, seed=0)
+    assert len(completion.choices) == 2 and completion.usage.completion_tokens > 0
+    choice = completion.choices[0]
+    assert choice.finish_reason in ("stop", "length")
+    assert len(choice.logprobs.tokens) == len(choice.logprobs.token_logprobs) > 0
+
+
+def test_the_openai_client_chats_with_logprobs_and_stop(oai: openai.OpenAI) -> None:
+    chat = oai.chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "Sort these letters: b a"}],
+        max_tokens=12, temperature=0.5, top_p=0.9, stop=["\n"], logprobs=True,
+    )
+    choice = chat.choices[0]
+    assert choice.message.role == "assistant" and "\n" not in choice.message.content
+    assert all(item.logprob <= 0 for item in choice.logprobs.content)
+
+
+def test_the_openai_client_is_refused_with_a_wrong_key(server: str) -> None:
+    with openai.OpenAI(base_url=f"{server}/v1", api_key="wrong", max_retries=0) as bad:
+        with pytest.raises(openai.AuthenticationError):
+            bad.models.list()
+
+
+def test_sixteen_concurrent_direct_forwards_all_answer(server: str) -> None:
+    def one(i: int) -> Any:
+        body = {"input_string": f"What is {i} + 1?", "max_output_length": 40, "seed": i, "return_tokens": True}
+        return httpx.post(f"{server}/llm/direct_forward", json=body, headers=AUTH, timeout=120)
+
+    with ThreadPoolExecutor(16) as pool:
+        answers = list(pool.map(one, range(16)))
+    assert [a.status_code for a in answers] == [200] * 16
+    assert all(a.json()["records"][0]["model_version"] == 0 for a in answers)
+
+
+def test_value_model_over_serve(server: str) -> None:
+    conv = [{"role": "user", "content": "What is 2 + 3?"}, {"role": "assistant", "content": "5"}]
+    answer = httpx.post(f"{server}/value/forward", json={"messages": [conv, conv]}, headers=AUTH, timeout=60)
+    assert answer.status_code == 200, answer.text
+    scores = answer.json()["result"]
+    assert len(scores) == 2 and scores[0] == pytest.approx(scores[1], abs=1e-5) and -1 <= scores[0] <= 1
