@@ -1,0 +1,142 @@
+"""Queued tasks for x1's ``POST /forward`` + ``GET /forward/{task_id}``: results kept until fetched.
+
+A result is never lost to a failed fetch: ``get`` only reads; the caller deletes a task with
+``ack`` once its answer has reached the client (for instance in a response background task).
+What is never acknowledged expires: a pending task ``ttl_s`` after it was created, a finished
+one ``ttl_s`` after it finished. The store holds at most ``max_tasks`` tasks; beyond that
+``create`` raises ``QueueFull`` (429).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from policy_server.errors import Conflict, NotFound
+from policy_server.llm.batching import QueueFull
+
+TaskState = Literal["pending", "done", "failed"]
+
+
+@dataclass(frozen=True)
+class TaskView:
+    """A task as ``get`` sees it; ``result`` is set when done, ``error`` when failed."""
+
+    task_id: str
+    state: TaskState
+    meta: Mapping[str, Any]
+    result: Any = None
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class TaskStats:
+    pending: int
+    done: int
+    failed: int
+
+
+@dataclass
+class _Task:
+    meta: Mapping[str, Any]
+    expires_at: float
+    state: TaskState = "pending"
+    result: Any = None
+    error: str | None = None
+
+
+class TaskStore:
+    """Thread-safe task table with expiry by an injectable monotonic ``clock``."""
+
+    def __init__(
+        self, ttl_s: float = 600.0, max_tasks: int = 1024, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        if ttl_s <= 0 or max_tasks < 1:
+            raise ValueError(f"ttl_s must be > 0 and max_tasks >= 1, not {ttl_s}, {max_tasks}")
+        self.ttl_s = ttl_s
+        self.max_tasks = max_tasks
+        self._clock = clock
+        self._lock = threading.Lock()
+        # Ordered by expiry: every write sets expires_at = now + ttl_s and moves the task to the end.
+        self._tasks: OrderedDict[str, _Task] = OrderedDict()
+
+    def create(self, meta: Mapping[str, Any] | None = None) -> str:
+        """A new pending task; ``meta`` (the request, say) comes back with every ``get``."""
+        with self._lock:
+            now = self._purge()
+            if len(self._tasks) >= self.max_tasks:
+                raise QueueFull(
+                    f"{len(self._tasks)} queued tasks are pending or waiting to be fetched "
+                    f"(max_tasks={self.max_tasks}); fetch finished tasks or retry shortly"
+                )
+            task_id = uuid.uuid4().hex
+            self._tasks[task_id] = _Task(dict(meta or {}), now + self.ttl_s)
+            return task_id
+
+    def complete(self, task_id: str, result: Any) -> None:
+        """Store a pending task's result. Raises ``NotFound`` if it expired meanwhile."""
+        self._finish(task_id, "done", result, None)
+
+    def fail(self, task_id: str, message: str) -> None:
+        """Mark a pending task failed; ``message`` is what the client reads."""
+        self._finish(task_id, "failed", None, message)
+
+    def get(self, task_id: str) -> TaskView:
+        """The task's state and result. Does not delete it: ``ack`` does, once the answer is out."""
+        with self._lock:
+            self._purge()
+            task = self._require(task_id)
+            return TaskView(task_id, task.state, task.meta, task.result, task.error)
+
+    def ack(self, task_id: str) -> None:
+        """Delete a finished task whose answer reached the client. A pending task cannot be acked."""
+        with self._lock:
+            self._purge()
+            if self._require(task_id).state == "pending":
+                raise Conflict(f"task {task_id} is still pending: fetch it once it is done")
+            del self._tasks[task_id]
+
+    def stats(self) -> TaskStats:
+        with self._lock:
+            self._purge()
+            states = [task.state for task in self._tasks.values()]
+            return TaskStats(states.count("pending"), states.count("done"), states.count("failed"))
+
+    def __len__(self) -> int:
+        with self._lock:
+            self._purge()
+            return len(self._tasks)
+
+    def _finish(self, task_id: str, state: TaskState, result: Any, error: str | None) -> None:
+        with self._lock:
+            now = self._purge()
+            task = self._require(task_id)
+            if task.state != "pending":
+                raise Conflict(f"task {task_id} is already {task.state}")
+            task.state, task.result, task.error = state, result, error
+            task.expires_at = now + self.ttl_s
+            self._tasks.move_to_end(task_id)
+
+    def _require(self, task_id: str) -> _Task:
+        task = self._tasks.get(task_id)
+        if task is None:
+            raise NotFound(
+                f"no task {task_id!r}: it never existed, its result was already fetched, or it expired "
+                f"(results are kept {self.ttl_s:g} s after they are ready)"
+            )
+        return task
+
+    def _purge(self) -> float:
+        """Drop expired tasks (lock held); returns the current time."""
+        now = self._clock()
+        while self._tasks:
+            task_id, task = next(iter(self._tasks.items()))
+            if task.expires_at > now:
+                break
+            del self._tasks[task_id]
+        return now
