@@ -1,0 +1,413 @@
+"""Batched generation with a policy LM: temperature sampling, beam search, diverse beam search.
+
+One ``Generator.generate`` call decodes every prompt × sample as one left-padded batch over one KV
+cache: the prompts are prefilled once, their rows copied per sample, and each step is one forward
+of all unfinished rows. Every sample stops on its own, on the first stop string its decoded text
+reaches (or the model's end token) or at its token limit. Log-probs are always those of the
+model's raw distribution (temperature 1, no top-p), so that a teacher-forced forward reproduces
+them; that is what a PPO/GRPO trainer needs as the behaviour policy's log-probs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal, get_args
+
+import torch
+from transformers import DynamicCache
+
+from policy_server.llm.diverse_beam import Hypothesis, group_beam_search
+from policy_server.llm.stopping import StopMatcher
+
+if TYPE_CHECKING:
+    from policy_server.llm.models import LoadedLM
+
+Strategy = Literal["temperature", "beam_search", "diverse_beam_search"]
+FinishReason = Literal["stop", "length"]
+
+POS_INF_LOGIT = 1.0e30
+"""What ``safe_logits`` puts in place of a +inf logit: finite, and far above any real logit."""
+MIN_BEAMS = 2
+"""Plain beam search keeps ``max(num_samples, MIN_BEAMS)`` beams and returns the best ``num_samples``."""
+LENGTH_PENALTY = 1.0
+"""Beams are ranked by their summed log-prob / length ** LENGTH_PENALTY (transformers' default)."""
+
+
+@dataclass(frozen=True)
+class GenerationParams:
+    """How to decode; validated on construction (``ValueError``)."""
+
+    num_samples: int = 1
+    """Completions per prompt (beams returned, for the beam strategies)."""
+    temperature: float = 0.7
+    """Sampling temperature; 0 decodes greedily. Beam strategies ignore it."""
+    top_p: float = 1.0
+    """Nucleus sampling: sample among the most likely tokens whose probability adds up to top_p."""
+    max_new_tokens: int = 256
+    """At most this many tokens per completion (fewer if the model's context ends first)."""
+    strategy: Strategy = "temperature"
+    stop_strings: tuple[str, ...] | None = None
+    """A completion ends right after the token that completes one of these in its decoded text.
+    None: the model's step and end tokens. The end token always ends a completion."""
+    safe_logits: bool = False
+    """Replace NaN (-inf) and +inf (large) logits and go on; a row with no finite logit becomes
+    uniform. Off: a non-finite logit raises ``ValueError``."""
+    diversity_penalty: float = 0.5
+    """Diverse beam search: subtracted from a token's log-prob once per earlier group that chose it at this step."""
+    num_beam_groups: int | None = None
+    """Diverse beam search: groups of ``num_samples / num_beam_groups`` beams; None: ``num_samples`` groups of one."""
+    seed: int | None = None
+    """Seeds sampling. Sample j of a prompt draws from its own stream seeded by (seed, j), so a seeded
+    request gets the same samples whatever else shares its batch (up to float rounding of the batch)."""
+
+    def __post_init__(self) -> None:
+        if self.stop_strings is not None:
+            object.__setattr__(self, "stop_strings", tuple(self.stop_strings))
+        problems = [
+            (self.num_samples < 1, f"num_samples must be >= 1, not {self.num_samples}"),
+            (not 0 <= self.temperature < float("inf"), f"temperature must be >= 0 and finite, not {self.temperature}"),
+            (not 0 < self.top_p <= 1, f"top_p must be in (0, 1], not {self.top_p}"),
+            (self.max_new_tokens < 1, f"max_new_tokens must be >= 1, not {self.max_new_tokens}"),
+            (self.strategy not in get_args(Strategy), f"strategy must be one of {get_args(Strategy)}, not {self.strategy!r}"),
+            (not 0 <= self.diversity_penalty < float("inf"), f"diversity_penalty must be >= 0, not {self.diversity_penalty}"),
+            (any(not isinstance(s, str) or not s for s in self.stop_strings or ()), "stop strings must be non-empty strings"),
+        ]
+        groups = self.num_beam_groups
+        if groups is not None and groups < 1:
+            problems.append((True, f"num_beam_groups must be >= 1, not {groups}"))
+        elif self.strategy == "diverse_beam_search" and self.num_samples % self.groups:
+            problems.append((True, f"num_samples ({self.num_samples}) must be a multiple of num_beam_groups ({groups})"))
+        messages = [message for bad, message in problems if bad]
+        if messages:
+            raise ValueError("; ".join(messages))
+
+    @property
+    def groups(self) -> int:
+        """Diverse beam search's number of groups."""
+        return self.num_beam_groups or self.num_samples
+
+    def batch_key(self) -> tuple[Any, ...]:
+        """Requests with equal keys can share one ``generate`` call and get what they would get alone.
+
+        Every field counts except those the strategy ignores: the beam strategies ignore temperature,
+        top_p and seed, greedy decoding (temperature 0) ignores top_p and seed, sampling ignores the
+        beam fields, plain beam search ignores diversity. The seed counts: requests with one seed
+        share a call and still draw from their own per-sample streams.
+        """
+        ignored: set[str] = set()
+        if self.strategy == "temperature":
+            ignored |= {"diversity_penalty", "num_beam_groups"}
+            if self.temperature == 0:
+                ignored |= {"top_p", "seed"}
+        else:
+            ignored |= {"temperature", "top_p", "seed"}
+            if self.strategy == "beam_search":
+                ignored |= {"diversity_penalty", "num_beam_groups"}
+        return tuple(
+            (f.name, None if f.name in ignored else getattr(self, f.name)) for f in dataclasses.fields(self)
+        )
+
+
+@dataclass
+class Sample:
+    """One completion of one prompt."""
+
+    prompt_ids: list[int]
+    completion_ids: list[int]
+    """Generated tokens, including the tokens of the stop string that ended it."""
+    logprobs: list[float]
+    """log p(token | prefix) of each completion token under the model's raw distribution (temperature 1)."""
+    finish_reason: FinishReason
+    stop_string: str | None
+    """The stop string it ended on; None when it ran to its token limit."""
+    nonfinite_logits: int = 0
+    """Non-finite logits replaced while it was generated (``safe_logits``)."""
+    score: float | None = field(default=None, compare=False)
+    """Beam strategies: the beam's score (penalised log-prob sum / length); None for sampling."""
+
+    def text(self, tokenizer: Any, skip_special_tokens: bool = True) -> str:
+        """The decoded completion (stop string included unless it is a skipped special token)."""
+        return tokenizer.decode(self.completion_ids, skip_special_tokens=skip_special_tokens)
+
+
+def sanitize_logits(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Replace non-finite logits: NaN → -inf, +inf → ``POS_INF_LOGIT``; a row with no token left → zeros.
+
+    (R, V) float → (cleaned (R, V), entries changed per row (R,)). -inf stays -inf (probability 0)
+    unless its whole row is -inf/NaN, which becomes uniform.
+    """
+    nan, pos_inf = torch.isnan(logits), torch.isposinf(logits)
+    clean = logits.masked_fill(nan, float("-inf")).masked_fill(pos_inf, POS_INF_LOGIT)
+    dead = ~torch.isfinite(clean).any(dim=-1)  # (R,)
+    clean = torch.where(dead[:, None], torch.zeros_like(clean), clean)
+    changed = (nan | pos_inf).sum(-1) + torch.where(dead, torch.isneginf(logits).sum(-1), 0)
+    return clean, changed
+
+
+def check_finite(logits: torch.Tensor, step: int) -> None:
+    """Raise ``ValueError`` naming the problem if a row has a NaN or +inf logit, or no finite one."""
+    if bool(torch.isfinite(logits).all()):
+        return
+    problems = []
+    if torch.isnan(logits).any():
+        problems.append("NaN")
+    if torch.isposinf(logits).any():
+        problems.append("+inf")
+    if not problems and (~torch.isfinite(logits).any(dim=-1)).any():
+        problems.append("all -inf")
+    if problems:
+        raise ValueError(
+            f"the model produced {' and '.join(problems)} logits at generated token {step}; "
+            "send safe_logits=true to replace non-finite logits and go on"
+        )
+
+
+def top_p_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Keep the fewest most likely tokens whose probability reaches ``top_p``; renormalise.
+
+    (R, V) → (R, V). The most likely token is always kept.
+    """
+    if top_p >= 1.0:
+        return probs
+    sorted_probs, order = probs.sort(dim=-1, descending=True)
+    before = sorted_probs.cumsum(-1) - sorted_probs  # mass of the more likely tokens
+    sorted_probs = sorted_probs.masked_fill(before >= top_p, 0.0)
+    kept = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
+    return kept / kept.sum(-1, keepdim=True)
+
+
+def sample_tokens(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """Inverse-CDF sampling: (R, V) probabilities, (R,) uniforms in [0, 1) → (R,) token ids.
+
+    Picks the first token whose cumulative probability exceeds ``u * total``; a zero-probability
+    token is never picked.
+    """
+    cdf = probs.cumsum(-1)
+    target = uniforms.to(cdf.dtype)[:, None] * cdf[:, -1:]
+    return torch.searchsorted(cdf, target, right=True).squeeze(-1).clamp(max=probs.shape[-1] - 1)
+
+
+def _stream_seed(seed: int, sample: int) -> int:
+    return (seed * 0x9E3779B97F4A7C15 + sample * 0xBF58476D1CE4E5B9 + 1) % 2**63
+
+
+class _Uniforms:
+    """One uniform per row per step: from one stream per sample index when seeded, else one shared stream."""
+
+    def __init__(self, seed: int | None, sample_of_row: list[int]) -> None:
+        if seed is None:
+            self.shared: torch.Generator | None = torch.Generator().manual_seed(int.from_bytes(os.urandom(8), "little") >> 1)
+            self.streams: list[torch.Generator] = []
+        else:
+            self.shared = None
+            self.streams = [torch.Generator().manual_seed(_stream_seed(seed, j)) for j in sample_of_row]
+
+    def draw(self, rows: list[int]) -> torch.Tensor:
+        """(len(rows),) uniforms for the given (original) row indices."""
+        if self.shared is not None:
+            return torch.rand(len(rows), generator=self.shared)
+        return torch.cat([torch.rand(1, generator=self.streams[r]) for r in rows])
+
+
+class _Rows:
+    """Rows of a left-padded batch decoding in lock-step over one KV cache."""
+
+    def __init__(self, model: Any, prompts: list[list[int]], pad_id: int, device: torch.device) -> None:
+        width = max(len(p) for p in prompts)
+        self.model = model
+        self.device = device
+        self.ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts], device=device)
+        self.mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+        self.cache = DynamicCache(config=model.config)
+        self.next_pos = torch.tensor([len(p) for p in prompts], device=device)
+
+    def prefill(self) -> torch.Tensor:
+        """(R, V) float32 logits of the token after each prompt."""
+        positions = (self.mask.cumsum(-1) - 1).clamp(min=0)
+        return self._forward(self.ids, positions)
+
+    def select(self, index: torch.Tensor) -> None:
+        """Row r becomes old row ``index[r]`` (reorders, copies or drops rows)."""
+        self.cache.reorder_cache(index)
+        self.mask = self.mask[index]
+        self.next_pos = self.next_pos[index]
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Append one token per row; (R,) → (R, V) float32 logits of the next token."""
+        self.mask = torch.cat([self.mask, torch.ones_like(self.mask[:, :1])], dim=1)
+        logits = self._forward(tokens[:, None], self.next_pos[:, None])
+        self.next_pos = self.next_pos + 1
+        return logits
+
+    def _forward(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        out = self.model(
+            input_ids=ids, attention_mask=self.mask, position_ids=positions, cache=self.cache, use_cache=True,
+            logits_to_keep=1,
+        )
+        return out.logits[:, -1].float()
+
+
+class Generator:
+    """Generates completions of token prompts with a loaded policy LM (see the module docstring)."""
+
+    def __init__(self, lm: LoadedLM) -> None:
+        self.lm = lm
+        self.model = lm.model
+        self.tokenizer = lm.tokenizer
+        self.device = torch.device(lm.device)
+        config = self.model.config.get_text_config()
+        self.max_positions: int | None = getattr(config, "max_position_embeddings", None)
+        pad = self.tokenizer.pad_token_id
+        self.pad_id: int = pad if pad is not None else (self.tokenizer.eos_token_id or 0)
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of ``text`` as the model's tokenizer makes them (with bos if it adds one)."""
+        return list(self.tokenizer(text)["input_ids"])
+
+    def generate(self, prompts: list[list[int]], params: GenerationParams) -> list[list[Sample]]:
+        """``params.num_samples`` samples for each prompt, in prompt order, from one batched decode."""
+        if not prompts:
+            return []
+        limits = [self._token_limit(p, params.max_new_tokens) for p in prompts]
+        stop = StopMatcher(self.tokenizer, self._stop_strings(params))
+        with torch.inference_mode():
+            if params.strategy == "temperature":
+                return self._sample(prompts, params, limits, stop)
+            return self._beam(prompts, params, limits, stop)
+
+    def logprobs(self, prompt_ids: list[int], completion_ids: list[int]) -> list[float]:
+        """Teacher-forced log p(completion token | prefix) of each completion token, in one forward."""
+        if not completion_ids:
+            return []
+        self._token_limit(prompt_ids, 1)
+        ids = torch.tensor([prompt_ids + completion_ids], device=self.device)
+        with torch.inference_mode():
+            logits = self.model(input_ids=ids, use_cache=False).logits[0, len(prompt_ids) - 1 : -1].float()
+        picked = torch.log_softmax(logits, -1).gather(-1, ids[0, len(prompt_ids) :, None])
+        return picked.squeeze(-1).tolist()
+
+    def _token_limit(self, prompt: list[int], max_new_tokens: int) -> int:
+        if not prompt:
+            raise ValueError("the prompt is empty; give at least one token")
+        if self.max_positions is None:
+            return max_new_tokens
+        room = self.max_positions - len(prompt)
+        if room < 1:
+            raise ValueError(
+                f"the prompt has {len(prompt)} tokens; the model takes at most {self.max_positions} positions, "
+                "leaving no room to generate: shorten the prompt"
+            )
+        return min(max_new_tokens, room)
+
+    def _stop_strings(self, params: GenerationParams) -> tuple[str, ...]:
+        stops = params.stop_strings if params.stop_strings is not None else (self.lm.step_token, self.lm.end_token)
+        return (*stops, self.lm.end_token)
+
+    def _logprobs(self, logits: torch.Tensor, safe: bool, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(R, V) logits → (log-probs (R, V), replaced logits per row (R,)), sanitising or checking first."""
+        if safe:
+            logits, changed = sanitize_logits(logits)
+        else:
+            check_finite(logits, step)
+            changed = torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)
+        return torch.log_softmax(logits, -1), changed
+
+    def _sample(
+        self, prompts: list[list[int]], params: GenerationParams, limits: list[int], stop: StopMatcher
+    ) -> list[list[Sample]]:
+        greedy = params.temperature == 0
+        n = 1 if greedy else params.num_samples  # greedy samples are all the same: decode one
+        rows = _Rows(self.model, prompts, self.pad_id, self.device)
+        logits = rows.prefill()
+        expand = torch.arange(len(prompts), device=self.device).repeat_interleave(n)
+        if n > 1:
+            rows.select(expand)
+            logits = logits[expand]
+        prompt_of = expand.tolist()
+        total = len(prompt_of)
+        uniforms = _Uniforms(params.seed, [r % n for r in range(total)])
+        tokens: list[list[int]] = [[] for _ in range(total)]
+        lps: list[list[float]] = [[] for _ in range(total)]
+        nonfinite = [0] * total
+        ended: list[tuple[FinishReason, str | None] | None] = [None] * total
+        active = list(range(total))  # original row index of each live row
+        step = 0
+        while True:
+            logp, changed = self._logprobs(logits, params.safe_logits, step)
+            if greedy:
+                chosen = logp.argmax(-1)
+            else:
+                probs = top_p_filter(torch.softmax(logp / params.temperature, -1), params.top_p)
+                chosen = sample_tokens(probs, uniforms.draw(active).to(self.device))
+            chosen_lp = logp.gather(-1, chosen[:, None]).squeeze(-1).tolist()
+            keep = []
+            for i, (r, token, lp, nf) in enumerate(zip(active, chosen.tolist(), chosen_lp, changed.tolist())):
+                tokens[r].append(token)
+                lps[r].append(lp)
+                nonfinite[r] += nf
+                found = stop(tokens[r])
+                if found is not None:
+                    ended[r] = ("stop", found)
+                elif len(tokens[r]) >= limits[prompt_of[r]]:
+                    ended[r] = ("length", None)
+                else:
+                    keep.append(i)
+            step += 1
+            if not keep:
+                break
+            if len(keep) < len(active):
+                index = torch.tensor(keep, device=self.device)
+                rows.select(index)
+                chosen = chosen[index]
+                active = [active[i] for i in keep]
+            logits = rows.step(chosen)
+
+        samples = []
+        for r in range(total):
+            reason, found = ended[r] or ("length", None)
+            samples.append(Sample(prompts[prompt_of[r]], tokens[r], lps[r], reason, found, nonfinite[r]))
+        per_prompt = [samples[i * n : (i + 1) * n] for i in range(len(prompts))]
+        if greedy and params.num_samples > 1:
+            per_prompt = [
+                [dataclasses.replace(s, completion_ids=list(s.completion_ids), logprobs=list(s.logprobs))
+                 for _ in range(params.num_samples) for s in group]
+                for group in per_prompt
+            ]
+        return per_prompt
+
+    def _beam(
+        self, prompts: list[list[int]], params: GenerationParams, limits: list[int], stop: StopMatcher
+    ) -> list[list[Sample]]:
+        if params.strategy == "beam_search":
+            groups, size, penalty = 1, max(params.num_samples, MIN_BEAMS), 0.0
+        else:
+            groups, size, penalty = params.groups, params.num_samples // params.groups, params.diversity_penalty
+        width = groups * size
+        rows = _Rows(self.model, prompts, self.pad_id, self.device)
+        expand = torch.arange(len(prompts), device=self.device).repeat_interleave(width)
+        logits = rows.prefill()[expand]
+        rows.select(expand)
+        step = 0
+
+        def advance(parents: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            nonlocal step
+            step += 1
+            rows.select(parents)
+            return self._logprobs(rows.step(tokens), params.safe_logits, step)
+
+        logp, changed = self._logprobs(logits, params.safe_logits, step)
+        found = group_beam_search(
+            logp, changed, advance, num_groups=groups, group_size=size, max_new_tokens=limits, stop=stop,
+            diversity_penalty=penalty, length_penalty=LENGTH_PENALTY,
+        )
+        return [
+            [_from_hypothesis(prompt, h) for h in hyps[: params.num_samples]]
+            for prompt, hyps in zip(prompts, found)
+        ]
+
+
+def _from_hypothesis(prompt: list[int], h: Hypothesis) -> Sample:
+    reason: FinishReason = "stop" if h.stop_string is not None else "length"
+    return Sample(prompt, h.tokens, h.logprobs, reason, h.stop_string, h.nonfinite, h.score)
