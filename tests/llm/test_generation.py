@@ -1,0 +1,240 @@
+"""Generation with the tiny Llama policy (policy_server.llm.generation)."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from policy_server.llm.generation import (
+    POS_INF_LOGIT,
+    GenerationParams,
+    Generator,
+    Sample,
+    check_finite,
+    sample_tokens,
+    sanitize_logits,
+    top_p_filter,
+)
+from policy_server.llm.models import LoadedLM, load_policy
+
+END, STEP = "<|eot_id|>", "<|eois_id|>"
+QUESTIONS = ["What is 3 + 4?", "What is 12 + 25 and then 7 + 8?", "Hi"]
+
+
+@pytest.fixture(scope="module")
+def lm(llm_dirs: dict[str, Path]) -> LoadedLM:
+    return load_policy(llm_dirs["policy"])
+
+
+@pytest.fixture(scope="module")
+def gen(lm: LoadedLM) -> Generator:
+    return Generator(lm)
+
+
+@pytest.fixture(scope="module")
+def prompts(lm: LoadedLM) -> list[list[int]]:
+    """Three chat prompts of different lengths."""
+    chats = [[{"role": "user", "content": q}] for q in QUESTIONS]
+    return [lm.tokenizer.apply_chat_template(c, add_generation_prompt=True, return_dict=False) for c in chats]
+
+
+def assert_teacher_forced(gen: Generator, samples: list[Sample]) -> None:
+    for s in samples:
+        assert len(s.logprobs) == len(s.completion_ids) > 0
+        forced = gen.logprobs(s.prompt_ids, s.completion_ids)
+        assert forced == pytest.approx(s.logprobs, abs=1e-4)
+
+
+def test_sampled_logprobs_are_the_raw_model_logprobs(gen: Generator, prompts: list[list[int]]) -> None:
+    params = GenerationParams(num_samples=3, temperature=1.3, top_p=0.9, max_new_tokens=24, seed=0)
+    out = gen.generate(prompts, params)
+    assert [len(samples) for samples in out] == [3, 3, 3]
+    for prompt, samples in zip(prompts, out):
+        assert all(s.prompt_ids == prompt for s in samples)
+        assert_teacher_forced(gen, samples)
+
+
+def test_beam_logprobs_are_the_raw_model_logprobs(gen: Generator, prompts: list[list[int]]) -> None:
+    for strategy in ("beam_search", "diverse_beam_search"):
+        out = gen.generate(prompts[:2], GenerationParams(num_samples=2, strategy=strategy, max_new_tokens=16))
+        for samples in out:
+            assert len(samples) == 2
+            assert_teacher_forced(gen, samples)
+            for s in samples:  # the beam score is the mean log-prob (no penalty met in group 0 / plain)
+                if strategy == "beam_search":
+                    assert s.score == pytest.approx(sum(s.logprobs) / len(s.logprobs), abs=1e-5)
+
+
+def test_default_stop_strings_end_steps(gen: Generator, lm: LoadedLM, prompts: list[list[int]]) -> None:
+    [samples] = gen.generate(prompts[:1], GenerationParams(num_samples=4, temperature=0.7, max_new_tokens=64, seed=1))
+    for s in samples:
+        assert s.finish_reason == "stop" and s.stop_string in (STEP, END)
+        assert s.completion_ids[-1] == lm.tokenizer.convert_tokens_to_ids(s.stop_string)
+        assert s.stop_string not in s.text(lm.tokenizer) and s.text(lm.tokenizer, False).endswith(s.stop_string)
+
+
+def test_multi_token_stop_string_stops_right_after_the_token_that_completes_it(
+    gen: Generator, lm: LoadedLM, prompts: list[list[int]]
+) -> None:
+    [[free]] = gen.generate(prompts[:1], GenerationParams(temperature=0, max_new_tokens=12))
+    text = free.text(lm.tokenizer, False)
+    stop = text[3:9]  # a piece of what greedy decoding writes, spanning tokens
+    assert len(lm.tokenizer(stop, add_special_tokens=False)["input_ids"]) > 1
+    [[s]] = gen.generate(prompts[:1], GenerationParams(temperature=0, max_new_tokens=12, stop_strings=(stop,)))
+    assert (s.finish_reason, s.stop_string) == ("stop", stop)
+    assert stop in s.text(lm.tokenizer, False)
+    assert stop not in lm.tokenizer.decode(s.completion_ids[:-1])
+    assert s.completion_ids == free.completion_ids[: len(s.completion_ids)]
+
+
+def test_end_token_always_stops(gen: Generator, lm: LoadedLM, prompts: list[list[int]]) -> None:
+    [samples] = gen.generate(
+        prompts[:1], GenerationParams(num_samples=3, temperature=0.7, max_new_tokens=200, stop_strings=("QQQ",), seed=0)
+    )
+    for s in samples:
+        assert s.finish_reason == "stop" and s.stop_string == END  # went through step tokens to the end
+        assert STEP in s.text(lm.tokenizer, False)
+
+
+def test_length_limit(gen: Generator, prompts: list[list[int]]) -> None:
+    for strategy in ("temperature", "beam_search", "diverse_beam_search"):
+        out = gen.generate(prompts, GenerationParams(num_samples=2, strategy=strategy, max_new_tokens=3, seed=0))
+        for s in (s for samples in out for s in samples):
+            assert (len(s.completion_ids), s.finish_reason, s.stop_string) == (3, "length", None)
+
+
+def test_generation_stops_at_the_models_context(gen: Generator, lm: LoadedLM) -> None:
+    limit = lm.model.config.max_position_embeddings
+    token = lm.tokenizer.convert_tokens_to_ids("4")
+    [[s]] = gen.generate([[token] * (limit - 2)], GenerationParams(temperature=0, max_new_tokens=50))
+    assert len(s.completion_ids) <= 2
+    with pytest.raises(ValueError, match=f"at most {limit} positions"):
+        gen.generate([[token] * limit], GenerationParams(max_new_tokens=5))
+    with pytest.raises(ValueError, match="empty"):
+        gen.generate([[]], GenerationParams())
+
+
+def test_batched_greedy_equals_one_by_one(gen: Generator, prompts: list[list[int]]) -> None:
+    assert len({len(p) for p in prompts}) == 3
+    for strategy in ("temperature", "beam_search"):
+        params = GenerationParams(num_samples=2, temperature=0, strategy=strategy, max_new_tokens=20)
+        batched = gen.generate(prompts, params)
+        alone = [gen.generate([p], params)[0] for p in prompts]
+        assert [[s.completion_ids for s in ss] for ss in batched] == [[s.completion_ids for s in ss] for ss in alone]
+        for b, a in zip(batched, alone):
+            assert b[0].logprobs == pytest.approx(a[0].logprobs, abs=1e-4)
+
+
+def test_greedy_samples_are_equal_copies(gen: Generator, prompts: list[list[int]]) -> None:
+    [samples] = gen.generate(prompts[:1], GenerationParams(num_samples=3, temperature=0, max_new_tokens=8))
+    assert samples[0] == samples[1] == samples[2] and samples[0].completion_ids is not samples[1].completion_ids
+
+
+def test_seed_reproduces_samples_whatever_the_batch(gen: Generator, prompts: list[list[int]]) -> None:
+    params = GenerationParams(num_samples=4, temperature=1.5, max_new_tokens=12, seed=7)
+
+    def ids(out: list[list[Sample]]) -> list[list[list[int]]]:
+        return [[s.completion_ids for s in ss] for ss in out]
+
+    first = gen.generate(prompts, params)
+    assert ids(gen.generate(prompts, params)) == ids(first)
+    assert ids(gen.generate(prompts[1:2], params)) == ids(first[1:2])  # alone, or beside other prompts
+    assert len({tuple(s.completion_ids) for s in first[0]}) > 1  # samples of one prompt differ
+    other = gen.generate(prompts, dataclasses.replace(params, seed=8))
+    assert ids(other) != ids(first)
+
+
+@pytest.fixture()
+def nan_logits(lm: LoadedLM) -> Iterator[list[int]]:
+    """A real forward hook on the LM head that writes NaN into the logits of two tokens; yields their ids."""
+    bad = [lm.tokenizer.convert_tokens_to_ids(t) for t in ("5", "6")]
+
+    def hook(module: torch.nn.Module, args: tuple[torch.Tensor, ...], out: torch.Tensor) -> torch.Tensor:
+        return out.index_fill(-1, torch.tensor(bad, device=out.device), float("nan"))
+
+    handle = lm.model.get_output_embeddings().register_forward_hook(hook)
+    yield bad
+    handle.remove()
+
+
+def test_nan_logits_raise_without_safe_logits(gen: Generator, prompts: list[list[int]], nan_logits: list[int]) -> None:
+    for strategy in ("temperature", "beam_search"):
+        with pytest.raises(ValueError, match="NaN logits at generated token 0; send safe_logits=true"):
+            gen.generate(prompts, GenerationParams(strategy=strategy, max_new_tokens=4))
+
+
+def test_safe_logits_replace_and_count_nan(gen: Generator, prompts: list[list[int]], nan_logits: list[int]) -> None:
+    for strategy in ("temperature", "beam_search", "diverse_beam_search"):
+        params = GenerationParams(num_samples=2, strategy=strategy, temperature=1.0, max_new_tokens=8, safe_logits=True, seed=0)
+        for s in (s for samples in gen.generate(prompts, params) for s in samples):
+            assert s.nonfinite_logits == 2 * len(s.completion_ids)  # two NaN logits per generated token
+            assert not set(nan_logits) & set(s.completion_ids)  # NaN became -inf: never chosen
+            assert all(math.isfinite(lp) for lp in s.logprobs)
+
+
+def test_sanitize_logits() -> None:
+    nan, inf = float("nan"), float("inf")
+    logits = torch.tensor([[1.0, nan, -inf, 2.0], [0.0, inf, 3.0, -inf], [nan, -inf, nan, -inf], [1.0, 2.0, 3.0, 4.0]])
+    clean, changed = sanitize_logits(logits)
+    assert changed.tolist() == [1, 1, 4, 0]
+    assert torch.equal(clean[0], torch.tensor([1.0, -inf, -inf, 2.0]))
+    assert torch.equal(clean[1], torch.tensor([0.0, POS_INF_LOGIT, 3.0, -inf]))
+    assert clean[2].tolist() == [0.0] * 4  # nothing left: uniform
+    probs = torch.softmax(clean, -1)
+    assert probs[1].tolist() == pytest.approx([0, 1, 0, 0]) and probs[2].tolist() == pytest.approx([0.25] * 4)
+    check_finite(torch.tensor([[0.0, -inf]]), 0)  # -inf alone is a valid logit
+    for bad, word in ((logits[:1], "NaN"), (logits[1:2], r"\+inf"), (torch.full((1, 3), -inf), "all -inf")):
+        with pytest.raises(ValueError, match=word):
+            check_finite(bad, 3)
+
+
+def test_top_p_filter_against_naive() -> None:
+    probs = torch.softmax(torch.randn(6, 20, generator=torch.Generator().manual_seed(0)), -1)
+    for top_p in (0.05, 0.5, 0.9, 1.0):
+        filtered = top_p_filter(probs, top_p)
+        for row, out in zip(probs.tolist(), filtered.tolist()):
+            order = sorted(range(len(row)), key=lambda i: -row[i])
+            kept, mass = [], 0.0
+            for i in order:
+                if mass >= top_p:
+                    break
+                kept.append(i)
+                mass += row[i]
+            expected = [row[i] / mass if i in kept else 0.0 for i in range(len(row))]
+            assert out == pytest.approx(expected, abs=1e-6)
+
+
+def test_sample_tokens_follows_the_distribution() -> None:
+    probs = torch.tensor([[0.0, 0.5, 0.0, 0.3, 0.2]])
+    u = torch.rand(20000, generator=torch.Generator().manual_seed(0))
+    picks = sample_tokens(probs.expand(len(u), -1), u)
+    freq = torch.bincount(picks, minlength=5) / len(u)
+    assert freq.tolist() == pytest.approx(probs[0].tolist(), abs=0.015)
+    edges = sample_tokens(probs.expand(3, -1), torch.tensor([0.0, 0.5, 1.0 - 1e-7]))
+    assert edges.tolist() == [1, 3, 4]  # zero-probability tokens never picked
+
+
+def test_params_validation_and_batch_key() -> None:
+    for bad, word in [
+        ({"num_samples": 0}, "num_samples"),
+        ({"temperature": -1}, "temperature"),
+        ({"top_p": 0}, "top_p"),
+        ({"max_new_tokens": 0}, "max_new_tokens"),
+        ({"strategy": "nucleus"}, "strategy"),
+        ({"stop_strings": ("",)}, "stop strings"),
+        ({"strategy": "diverse_beam_search", "num_samples": 3, "num_beam_groups": 2}, "multiple"),
+    ]:
+        with pytest.raises(ValueError, match=word):
+            GenerationParams(**bad)
+    assert GenerationParams(stop_strings=["a"]).stop_strings == ("a",)  # type: ignore[arg-type]
+    key = GenerationParams(seed=1).batch_key()
+    assert key != GenerationParams(seed=2).batch_key() and hash(key)
+    assert GenerationParams(temperature=0, seed=1).batch_key() == GenerationParams(temperature=0, seed=2).batch_key()
+    beam = GenerationParams(strategy="beam_search", temperature=0.2, seed=3, diversity_penalty=2.0)
+    assert beam.batch_key() == GenerationParams(strategy="beam_search").batch_key()
+    assert GenerationParams(max_new_tokens=5).batch_key() != GenerationParams(max_new_tokens=6).batch_key()
