@@ -114,16 +114,23 @@ def fit(model: LlamaForCausalLM, stream: torch.Tensor, seed: int, steps: int = T
     """A few hundred AdamW steps on random windows of the token stream; returns the last loss."""
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    threads = torch.get_num_threads()
+    # Matrices this small gain nothing from a second thread, and on a busy 2-core machine
+    # two threads were 5x slower than one (51 s against 9 s); one thread is also the same on every machine.
+    torch.set_num_threads(1)
     model.train()
     loss = torch.tensor(float("nan"))
-    for _ in range(steps):
-        starts = torch.randint(0, len(stream) - TRAIN_WINDOW, (TRAIN_BATCH,), generator=gen)
-        batch = torch.stack([stream[s : s + TRAIN_WINDOW] for s in starts.tolist()])  # (B, T)
-        loss = model(input_ids=batch, labels=batch).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    model.eval()
+    try:
+        for _ in range(steps):
+            starts = torch.randint(0, len(stream) - TRAIN_WINDOW, (TRAIN_BATCH,), generator=gen)
+            batch = torch.stack([stream[s : s + TRAIN_WINDOW] for s in starts.tolist()])  # (B, T)
+            loss = model(input_ids=batch, labels=batch).loss
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    finally:
+        torch.set_num_threads(threads)
+        model.eval()
     return loss.item()
 
 
