@@ -14,7 +14,7 @@ Per prompt and step, the groups choose in order. Group ``g`` scores token ``v`` 
     running[b] + log p(v | beam b) - diversity_penalty * count_v
 
 where ``count_v`` is how many beams of groups ``0..g-1`` chose ``v`` at this step (Hamming
-diversity). Of the ``2B`` best candidates, those among the best ``B`` that end the beam (a stop
+diversity; a group's chosen beams are those that go on, or on the last step those that finish). Of the ``2B`` best candidates, those among the best ``B`` that end the beam (a stop
 string, or the last allowed token) join the group's pool of finished hypotheses with score
 ``sum / length ** length_penalty``, the pool keeping its best ``B``; the best ``B`` candidates that
 do not end continue. A group closes when its pool is full and its best running beam, normalised by
@@ -147,7 +147,8 @@ def group_beam_search(
                     parents[base + b], next_tokens[base + b] = parent, token
                     beams.logprobs[base + b], beams.nonfinite[base + b] = history, nf  # rows of this group only
                     picked[p][b] = token
-                if last:
+                if last:  # nothing goes on: the beams this group chose are the ones it finished
+                    picked[p][: len(finished)] = [h.tokens[-1] for h in finished]
                     group.open = False
                 elif len(group.pool) == B:  # transformers' early_stopping=False heuristic
                     group.open = kept[0][0] / (t + 1) ** length_penalty > group.pool[-1].score
