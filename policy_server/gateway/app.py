@@ -7,6 +7,7 @@ import gc
 import logging
 import signal
 import threading
+from dataclasses import dataclass
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -16,9 +17,12 @@ from fastapi import APIRouter, FastAPI
 from fastapi.responses import JSONResponse
 
 from policy_server import __version__
-from policy_server.gateway.auth import api_key_checker
+from policy_server.gateway.auth import api_key_checker, bearer_checker
 from policy_server.gateway.errors import envelope, install_error_handlers
 from policy_server.gateway.limits import BodySizeLimit
+from policy_server.gateway.llm_routes import llm_router, openai_router, value_router
+from policy_server.gateway.llm_service import HandleBackend, LLMService, ValueService, load_tokenizer
+from policy_server.gateway.llm_service import LocalBackend as LLMLocalBackend
 from policy_server.gateway.metrics import GatewayMetrics, MetricsMiddleware
 from policy_server.gateway.routes import policy_router
 from policy_server.gateway.service import PolicyService
@@ -66,7 +70,7 @@ def build_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        stop = await _start_backends(settings, schema, services, trainings, local_models, metrics)
+        stop = await _start_backends(settings, schema, services, trainings, local_models, metrics, llm)
         metrics.serve(settings.gateway_metrics_port)
         _restore_python_signal_handlers()
         # What start-up allocated (torch, Ray, the app) lives as long as the process: move it
@@ -105,6 +109,13 @@ def build_app(settings: Settings | None = None) -> FastAPI:
                 app.include_router(training_router(trainings[name], auth, route_prefix))
             else:
                 app.include_router(untrainable_router(name, auth, route_prefix))
+    llm = _llm_services(schema)
+    app.state.llm = llm
+    if llm.policy is not None:
+        app.include_router(llm_router(llm.policy, auth, f"{prefix}/{llm.policy.spec.route_prefix}"))
+        app.include_router(openai_router(llm.policy, bearer_checker(settings.api_key or schema.api_key), prefix))
+    if llm.value is not None:
+        app.include_router(value_router(llm.value, auth, f"{prefix}/{llm.value.spec.route_prefix}"))
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     return app
@@ -117,6 +128,7 @@ async def _start_backends(
     trainings: dict[str, TrainingService],
     local_models: dict[str, TorchPolicy],
     metrics: GatewayMetrics,
+    llm: LLMServices,
 ) -> Any:
     """Attach a backend to every service and a trainer to every trainable policy; returns the
     coroutine function that stops them."""
@@ -129,11 +141,15 @@ async def _start_backends(
             service.attach(LocalBackend(local_models[name]), counter(name))
         for name, training in trainings.items():
             training.attach(LocalTrainerLink(_local_trainer(schema.policies[name], training, local_models[name])))
+        engines = await asyncio.to_thread(llm.attach_local)
 
         async def stop_local() -> None:
             for training in trainings.values():
                 if training.link is not None:
                     await training.link.close()
+            await llm.close()
+            for engine in engines:
+                engine.close()
 
         return stop_local
 
@@ -150,8 +166,11 @@ async def _start_backends(
         served = training.policy
         actor = await asyncio.to_thread(runtime.start_trainer, schema.policies[name], served.space, served.obs_dim)
         training.attach(RayTrainerLink(actor))
+    for spec, service in llm.pairs():
+        service.attach(HandleBackend(await asyncio.to_thread(runtime.deploy_llm, spec)))
 
     async def stop() -> None:
+        await llm.close()
         for training in trainings.values():
             if training.link is not None:
                 await training.link.close()
@@ -159,6 +178,46 @@ async def _start_backends(
         await asyncio.to_thread(runtime.stop)
 
     return stop
+
+
+@dataclass
+class LLMServices:
+    """The LLM policy and value services of a schema (None where it has none)."""
+
+    policy: LLMService | None = None
+    value: ValueService | None = None
+
+    def pairs(self) -> list[tuple[Any, Any]]:
+        return [(s.spec, s) for s in (self.policy, self.value) if s is not None]
+
+    def attach_local(self) -> list[Any]:
+        """Load the models into this process (blocking); returns the engines to close."""
+        from policy_server.llm.engine import LLMEngine, ValueScorer
+
+        engines: list[Any] = []
+        if self.policy is not None:
+            spec = self.policy.spec
+            engines.append(LLMEngine(spec, spec.path, spec.adapter, spec.device))
+            self.policy.attach(LLMLocalBackend(engines[-1]))
+        if self.value is not None:
+            spec = self.value.spec
+            scorer = ValueScorer(spec, spec.path, spec.adapter, spec.device)
+            self.value.attach(LLMLocalBackend(scorer))
+        return engines
+
+    async def close(self) -> None:
+        if self.policy is not None:
+            await self.policy.close()
+
+
+def _llm_services(schema: ServerSchema) -> LLMServices:
+    if schema.llm is None:
+        return LLMServices()
+    policy, value = schema.llm.policy, schema.llm.value
+    return LLMServices(
+        policy=LLMService(policy, load_tokenizer(policy.path)) if policy else None,
+        value=ValueService(value) if value else None,
+    )
 
 
 def _local_trainer(spec: PolicySpec, training: TrainingService, served: TorchPolicy) -> Trainer:

@@ -93,12 +93,12 @@ def llm_router(service: LLMService, auth: Any, prefix: str) -> APIRouter:
     @router.get("/sessions/{session_id}")
     async def session(session_id: str) -> Any:
         """The session's token records, ready for training (prompt positions masked)."""
-        return {"session_id": session_id, "nodes": service.sessions.nodes(session_id)}
+        return {"session_id": session_id, "nodes": service.session_nodes(session_id)}
 
     @router.delete("/sessions/{session_id}")
     async def reset_session(session_id: str) -> Any:
         """Forget the session's nodes."""
-        service.sessions.reset(session_id)
+        service.reset_session(session_id)
         return {"session_id": session_id, "nodes": []}
 
     return router

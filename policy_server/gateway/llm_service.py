@@ -15,7 +15,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from policy_server.errors import BackendUnavailable, FieldError, InvalidRequest, ModelError, PolicyServerError, summary
+from policy_server.errors import (
+    BackendUnavailable,
+    FieldError,
+    InvalidRequest,
+    ModelError,
+    NotFound,
+    PolicyServerError,
+    summary,
+)
 from policy_server.gateway.llm_wire import ChatRequest, CompletionRequest, DirectForward, Forward
 from policy_server.llm.config import LLMPolicySpec, LLMValueSpec
 from policy_server.llm.generation import GenerationParams, Sample
@@ -110,7 +118,7 @@ class LLMService:
     def __init__(self, spec: LLMPolicySpec, tokenizer: Any) -> None:
         self.spec, self.tokenizer = spec, tokenizer
         self.limits = spec.limits
-        self.sessions = SessionStore()
+        self.sessions = {mode: SessionStore(mode) for mode in ("linear", "tree")}
         self.tasks = TaskStore(ttl_s=self.limits.task_ttl_s, max_tasks=4 * self.limits.max_queued)
         self.backend: LLMBackend | None = None
         self._running: set[asyncio.Task[None]] = set()
@@ -193,14 +201,19 @@ class LLMService:
     async def direct_forward(self, body: DirectForward) -> dict[str, Any]:
         stops = self.stop_strings(body.stop_strings, "body.stop_strings")
         prompt = self.prompt_ids(body.input_string, body.max_input_length, body.truncate, "body.input_string")
-        parent = None
+        parent, sessions = None, self.sessions[body.session_mode]
         if body.session_id is not None:
-            prompt, parent = self.sessions.prefix_for(
+            prompt, parent = sessions.prefix_for(
                 body.session_id, body.input_string, self.encode, lambda t: self.encode(t, special=False)
             )
-        total = body.max_output_length or body.max_input_length + 256
+        # x1's default (max_input_length + 256 in all) is capped by the server's limit; an explicit
+        # max_output_length beyond it is refused
+        new_tokens = (
+            body.max_output_length - len(prompt) if body.max_output_length
+            else min(body.max_input_length + 256 - len(prompt), self.limits.max_new_tokens)
+        )
         params = self.params(
-            len(prompt), total - len(prompt), body.num_samples, stops, temperature=body.temperature,
+            len(prompt), new_tokens, body.num_samples, stops, temperature=body.temperature,
             strategy=body.decoding_strategy, safe_logits=body.safe_logits, seed=body.seed,
         )
         out = await self.generate(prompt, params, body.skip_special_tokens)
@@ -208,7 +221,7 @@ class LLMService:
         if body.session_id is not None:
             for record, sample in zip(records, out.samples):
                 text = body.input_string + self.decode(sample.completion_ids, skip_special_tokens=False)
-                self.sessions.add(body.session_id, parent, record, text, mode=body.session_mode)
+                sessions.add(body.session_id, parent, record, text)
         return {
             "result": out.texts,
             "stop_strings": [s.stop_string or "" for s in out.samples],
@@ -217,6 +230,23 @@ class LLMService:
             "records": [r.to_dict() for r in records] if body.return_tokens else None,
             "session_id": body.session_id,
         }
+
+    def session_nodes(self, session_id: str) -> list[dict[str, Any]]:
+        """The session's records, from whichever mode it was created in."""
+        for store in self.sessions.values():
+            try:
+                return store.nodes(session_id)
+            except NotFound:
+                continue
+        raise NotFound(f"no session {session_id!r} (never used, reset or expired)")
+
+    def reset_session(self, session_id: str) -> None:
+        self.session_nodes(session_id)  # 404 when unknown
+        for store in self.sessions.values():
+            try:
+                store.delete(session_id)
+            except NotFound:
+                continue
 
     def step_prompt(self, body: Forward) -> str:
         return self.chat_prompt([{"role": "user", "content": body.question}], continuation=body.context)

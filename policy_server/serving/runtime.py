@@ -10,6 +10,7 @@ import ray
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
+from policy_server.llm.config import LLMPolicySpec, LLMValueSpec
 from policy_server.policies.torch_policy import model_format
 from policy_server.schema.config import PolicySpec
 from policy_server.serving.backend import DirectBackend, PolicyBackend, ServeBackend
@@ -97,6 +98,19 @@ class ServeRuntime:
                 f"(training.num_cpus / training.num_gpus in the schema)?"
             ) from exc
         return actor
+
+    def deploy_llm(self, spec: LLMPolicySpec | LLMValueSpec) -> Any:
+        """Run the LLM policy's or value model's Serve app (blocking); returns its handle."""
+        from policy_server.llm.engine import pack_folder
+        from policy_server.serving.llm_deployment import LLM_POLICY, LLM_VALUE, build_llm_deployment
+
+        gpus = ray.cluster_resources().get("GPU", 0) > 0
+        name = LLM_POLICY if isinstance(spec, LLMPolicySpec) else LLM_VALUE
+        app_name = f"{self.settings.serve_app_prefix}-{name}"
+        adapter = pack_folder(spec.adapter) if spec.adapter else None
+        serve.run(build_llm_deployment(spec, pack_folder(spec.path), adapter, gpus), name=app_name, route_prefix=None)
+        self.apps.append(app_name)
+        return serve.get_deployment_handle(name, app_name)
 
     def close_connections(self) -> None:
         """Close the direct connections; from the event loop that opened them."""
