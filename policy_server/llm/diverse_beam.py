@@ -135,17 +135,31 @@ def group_beam_search(
                 base = (p * G + g) * B
                 last = t + 1 >= max_new_tokens[p]
                 kept, finished = _choose(
-                    list(zip(top_values, top_index, top_raw)), B, V, base, last, t, length_penalty, beams, step_nf, stop
+                    list(zip(top_values, top_index, top_raw)),
+                    B,
+                    V,
+                    base,
+                    last,
+                    t,
+                    length_penalty,
+                    beams,
+                    step_nf,
+                    stop,
                 )
                 if not last and len(kept) < B:  # more than B of the best 2B ended: look further
                     values_p, index_p = candidates[p].topk(B * V)
                     ranked = list(zip(values_p.tolist(), index_p.tolist(), rows[p][index_p].tolist()))
-                    kept, finished = _choose(ranked, B, V, base, last, t, length_penalty, beams, step_nf, stop)
+                    kept, finished = _choose(
+                        ranked, B, V, base, last, t, length_penalty, beams, step_nf, stop
+                    )
                 group.pool = sorted(group.pool + finished, key=lambda h: h.score, reverse=True)[:B]
                 for b, (score, parent, token, history, nf) in enumerate(kept):
                     scores_g[p][b] = score
                     parents[base + b], next_tokens[base + b] = parent, token
-                    beams.logprobs[base + b], beams.nonfinite[base + b] = history, nf  # rows of this group only
+                    beams.logprobs[base + b], beams.nonfinite[base + b] = (
+                        history,
+                        nf,
+                    )  # rows of this group only
                     picked[p][b] = token
                 if last:  # nothing goes on: the beams this group chose are the ones it finished
                     picked[p][: len(finished)] = [h.tokens[-1] for h in finished]
@@ -158,7 +172,9 @@ def group_beam_search(
         t += 1
         if not any(group.open for prompt in groups for group in prompt):
             break
-        logp, step_nonfinite = advance(torch.tensor(parents, device=device), torch.tensor(next_tokens, device=device))
+        logp, step_nonfinite = advance(
+            torch.tensor(parents, device=device), torch.tensor(next_tokens, device=device)
+        )
     return [[h for group in prompt for h in group.pool] for prompt in groups]
 
 

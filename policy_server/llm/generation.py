@@ -67,18 +67,32 @@ class GenerationParams:
             object.__setattr__(self, "stop_strings", tuple(self.stop_strings))
         problems = [
             (self.num_samples < 1, f"num_samples must be >= 1, not {self.num_samples}"),
-            (not 0 <= self.temperature < float("inf"), f"temperature must be >= 0 and finite, not {self.temperature}"),
+            (
+                not 0 <= self.temperature < float("inf"),
+                f"temperature must be >= 0 and finite, not {self.temperature}",
+            ),
             (not 0 < self.top_p <= 1, f"top_p must be in (0, 1], not {self.top_p}"),
             (self.max_new_tokens < 1, f"max_new_tokens must be >= 1, not {self.max_new_tokens}"),
-            (self.strategy not in get_args(Strategy), f"strategy must be one of {get_args(Strategy)}, not {self.strategy!r}"),
-            (not 0 <= self.diversity_penalty < float("inf"), f"diversity_penalty must be >= 0, not {self.diversity_penalty}"),
-            (any(not isinstance(s, str) or not s for s in self.stop_strings or ()), "stop strings must be non-empty strings"),
+            (
+                self.strategy not in get_args(Strategy),
+                f"strategy must be one of {get_args(Strategy)}, not {self.strategy!r}",
+            ),
+            (
+                not 0 <= self.diversity_penalty < float("inf"),
+                f"diversity_penalty must be >= 0, not {self.diversity_penalty}",
+            ),
+            (
+                any(not isinstance(s, str) or not s for s in self.stop_strings or ()),
+                "stop strings must be non-empty strings",
+            ),
         ]
         groups = self.num_beam_groups
         if groups is not None and groups < 1:
             problems.append((True, f"num_beam_groups must be >= 1, not {groups}"))
         elif self.strategy == "diverse_beam_search" and self.num_samples % self.groups:
-            problems.append((True, f"num_samples ({self.num_samples}) must be a multiple of num_beam_groups ({groups})"))
+            problems.append(
+                (True, f"num_samples ({self.num_samples}) must be a multiple of num_beam_groups ({groups})")
+            )
         messages = [message for bad, message in problems if bad]
         if messages:
             raise ValueError("; ".join(messages))
@@ -198,7 +212,9 @@ class _Uniforms:
 
     def __init__(self, seed: int | None, sample_of_row: list[int]) -> None:
         if seed is None:
-            self.shared: torch.Generator | None = torch.Generator().manual_seed(int.from_bytes(os.urandom(8), "little") >> 1)
+            self.shared: torch.Generator | None = torch.Generator().manual_seed(
+                int.from_bytes(os.urandom(8), "little") >> 1
+            )
             self.streams: list[torch.Generator] = []
         else:
             self.shared = None
@@ -243,7 +259,11 @@ class _Rows:
 
     def _forward(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         out = self.model(
-            input_ids=ids, attention_mask=self.mask, position_ids=positions, cache=self.cache, use_cache=True,
+            input_ids=ids,
+            attention_mask=self.mask,
+            position_ids=positions,
+            cache=self.cache,
+            use_cache=True,
             logits_to_keep=1,
         )
         return out.logits[:, -1].float()
@@ -302,7 +322,11 @@ class Generator:
         return min(max_new_tokens, room)
 
     def _stop_strings(self, params: GenerationParams) -> tuple[str, ...]:
-        stops = params.stop_strings if params.stop_strings is not None else (self.lm.step_token, self.lm.end_token)
+        stops = (
+            params.stop_strings
+            if params.stop_strings is not None
+            else (self.lm.step_token, self.lm.end_token)
+        )
         return (*stops, self.lm.end_token)
 
     def _logprobs(self, logits: torch.Tensor, safe: bool, step: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -371,8 +395,11 @@ class Generator:
         per_prompt = [samples[i * n : (i + 1) * n] for i in range(len(prompts))]
         if greedy and params.num_samples > 1:
             per_prompt = [
-                [dataclasses.replace(s, completion_ids=list(s.completion_ids), logprobs=list(s.logprobs))
-                 for _ in range(params.num_samples) for s in group]
+                [
+                    dataclasses.replace(s, completion_ids=list(s.completion_ids), logprobs=list(s.logprobs))
+                    for _ in range(params.num_samples)
+                    for s in group
+                ]
                 for group in per_prompt
             ]
         return per_prompt
@@ -383,7 +410,11 @@ class Generator:
         if params.strategy == "beam_search":
             groups, size, penalty = 1, max(params.num_samples, MIN_BEAMS), 0.0
         else:
-            groups, size, penalty = params.groups, params.num_samples // params.groups, params.diversity_penalty
+            groups, size, penalty = (
+                params.groups,
+                params.num_samples // params.groups,
+                params.diversity_penalty,
+            )
         width = groups * size
         rows = _Rows(self.model, prompts, self.pad_id, self.device)
         expand = torch.arange(len(prompts), device=self.device).repeat_interleave(width)
@@ -399,8 +430,15 @@ class Generator:
 
         logp, changed = self._logprobs(logits, params.safe_logits, step)
         found = group_beam_search(
-            logp, changed, advance, num_groups=groups, group_size=size, max_new_tokens=limits, stop=stop,
-            diversity_penalty=penalty, length_penalty=LENGTH_PENALTY,
+            logp,
+            changed,
+            advance,
+            num_groups=groups,
+            group_size=size,
+            max_new_tokens=limits,
+            stop=stop,
+            diversity_penalty=penalty,
+            length_penalty=LENGTH_PENALTY,
         )
         return [
             [_from_hypothesis(prompt, h) for h in hyps[: params.num_samples]]

@@ -27,7 +27,9 @@ def gen(lm: LoadedLM) -> Generator:
 
 @pytest.fixture(scope="module")
 def prompts(lm: LoadedLM) -> list[list[int]]:
-    chats = [[{"role": "user", "content": q}] for q in ("What is 3 + 4?", "What is 12 + 25?", "Name a colour.")]
+    chats = [
+        [{"role": "user", "content": q}] for q in ("What is 3 + 4?", "What is 12 + 25?", "Name a colour.")
+    ]
     return [lm.tokenizer.apply_chat_template(c, add_generation_prompt=True, return_dict=False) for c in chats]
 
 
@@ -45,8 +47,14 @@ def unigram_search(penalty: float, groups: int = 2, size: int = 1, steps: int = 
     logp = torch.tensor(UNIGRAM).log().expand(rows, -1)
     none = torch.zeros(rows, dtype=torch.long)
     return group_beam_search(
-        logp, none, lambda parents, tokens: (logp, none), num_groups=groups, group_size=size,
-        max_new_tokens=[steps], stop=lambda seq: None, diversity_penalty=penalty,
+        logp,
+        none,
+        lambda parents, tokens: (logp, none),
+        num_groups=groups,
+        group_size=size,
+        max_new_tokens=[steps],
+        stop=lambda seq: None,
+        diversity_penalty=penalty,
     )[0]
 
 
@@ -58,7 +66,9 @@ def unigram_search(penalty: float, groups: int = 2, size: int = 1, steps: int = 
         (1.0, [1, 1, 1], math.log(0.3)),  # log 0.5 - 1 < log 0.3: the second group takes token 1
     ],
 )
-def test_hamming_diversity_on_a_fixed_distribution(penalty: float, second: list[int], second_score: float) -> None:
+def test_hamming_diversity_on_a_fixed_distribution(
+    penalty: float, second: list[int], second_score: float
+) -> None:
     first, other = unigram_search(penalty)
     assert (first.tokens, first.score) == ([0, 0, 0], pytest.approx(math.log(0.5)))
     assert (other.tokens, other.score) == (second, pytest.approx(second_score))
@@ -78,7 +88,12 @@ def test_finished_beams_fill_the_pool_best_first() -> None:
     after = torch.tensor([[0.1, 0.1, 0.1, 0.7], [0.6, 0.2, 0.1, 0.1], [0.25] * 4, [0.25] * 4]).log()
     none = torch.zeros(2, dtype=torch.long)
     [pool] = group_beam_search(
-        first, none, lambda parents, tokens: (after[tokens], none), num_groups=1, group_size=2, max_new_tokens=[3],
+        first,
+        none,
+        lambda parents, tokens: (after[tokens], none),
+        num_groups=1,
+        group_size=2,
+        max_new_tokens=[3],
         stop=lambda seq: "<stop>" if seq[-1] == 3 else None,
     )
     assert [(h.tokens, h.stop_string) for h in pool] == [([0, 3], "<stop>"), ([1, 0, 3], "<stop>")]
@@ -86,31 +101,49 @@ def test_finished_beams_fill_the_pool_best_first() -> None:
     assert pool[1].logprobs == pytest.approx([math.log(0.3), math.log(0.6), math.log(0.7)])
 
 
-def test_one_group_is_transformers_beam_search(gen: Generator, lm: LoadedLM, prompts: list[list[int]]) -> None:
+def test_one_group_is_transformers_beam_search(
+    gen: Generator, lm: LoadedLM, prompts: list[list[int]]
+) -> None:
     eos = [lm.tokenizer.convert_tokens_to_ids(t) for t in (lm.step_token, lm.end_token)]
     for beams, max_new in ((4, 40), (3, 6)):
-        plain = gen.generate(prompts, GenerationParams(num_samples=beams, strategy="beam_search", max_new_tokens=max_new))
+        plain = gen.generate(
+            prompts, GenerationParams(num_samples=beams, strategy="beam_search", max_new_tokens=max_new)
+        )
         one_group = gen.generate(
             prompts,
-            GenerationParams(num_samples=beams, strategy="diverse_beam_search", num_beam_groups=1, max_new_tokens=max_new),
+            GenerationParams(
+                num_samples=beams, strategy="diverse_beam_search", num_beam_groups=1, max_new_tokens=max_new
+            ),
         )
         assert one_group == plain
         for prompt, samples in zip(prompts, plain):
             with torch.inference_mode():
                 hf = lm.model.generate(
-                    torch.tensor([prompt]), num_beams=beams, num_return_sequences=beams, do_sample=False,
-                    early_stopping=False, length_penalty=1.0, max_new_tokens=max_new, eos_token_id=eos,
-                    pad_token_id=lm.tokenizer.pad_token_id, output_scores=True, return_dict_in_generate=True,
+                    torch.tensor([prompt]),
+                    num_beams=beams,
+                    num_return_sequences=beams,
+                    do_sample=False,
+                    early_stopping=False,
+                    length_penalty=1.0,
+                    max_new_tokens=max_new,
+                    eos_token_id=eos,
+                    pad_token_id=lm.tokenizer.pad_token_id,
+                    output_scores=True,
+                    return_dict_in_generate=True,
                 )
             completions = [seq[len(prompt) :].tolist() for seq in hf.sequences]
-            completions = [c[: next((i + 1 for i, t in enumerate(c) if t in eos), len(c))] for c in completions]
+            completions = [
+                c[: next((i + 1 for i, t in enumerate(c) if t in eos), len(c))] for c in completions
+            ]
             assert [s.completion_ids for s in samples] == completions
             assert [s.score for s in samples] == pytest.approx(hf.sequences_scores.tolist(), abs=1e-5)
 
 
 def test_groups_differ_with_a_penalty(gen: Generator, lm: LoadedLM, prompts: list[list[int]]) -> None:
     def completions(penalty: float) -> list[list[list[int]]]:
-        params = GenerationParams(num_samples=3, strategy="diverse_beam_search", diversity_penalty=penalty, max_new_tokens=16)
+        params = GenerationParams(
+            num_samples=3, strategy="diverse_beam_search", diversity_penalty=penalty, max_new_tokens=16
+        )
         return [[s.completion_ids for s in samples] for samples in gen.generate(prompts, params)]
 
     for same in completions(0.0):  # groups of one beam without a penalty: three copies of one search
@@ -120,8 +153,12 @@ def test_groups_differ_with_a_penalty(gen: Generator, lm: LoadedLM, prompts: lis
 
 
 def test_diverse_groups_of_two(gen: Generator, prompts: list[list[int]]) -> None:
-    params = GenerationParams(num_samples=4, num_beam_groups=2, strategy="diverse_beam_search", max_new_tokens=16)
+    params = GenerationParams(
+        num_samples=4, num_beam_groups=2, strategy="diverse_beam_search", max_new_tokens=16
+    )
     for samples in gen.generate(prompts, params):
         assert len(samples) == 4
-        assert samples[0].score >= samples[1].score and samples[2].score >= samples[3].score  # best first per group
+        assert (
+            samples[0].score >= samples[1].score and samples[2].score >= samples[3].score
+        )  # best first per group
         assert len({tuple(s.completion_ids) for s in samples}) == 4

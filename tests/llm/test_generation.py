@@ -70,12 +70,29 @@ def test_beam_logprobs_are_the_raw_model_logprobs(gen: Generator, prompts: list[
                     assert s.score == pytest.approx(sum(s.logprobs) / len(s.logprobs), abs=1e-5)
 
 
+def test_generation_through_an_unmerged_lora_adapter(
+    llm_dirs: dict[str, Path], prompts: list[list[int]]
+) -> None:
+    lora = Generator(
+        load_policy(llm_dirs["policy"], adapter=llm_dirs["policy_lora"])
+    )  # a peft model: the cache passes through
+    for strategy in ("temperature", "beam_search"):
+        [samples] = lora.generate(
+            prompts[:1], GenerationParams(num_samples=2, strategy=strategy, max_new_tokens=12, seed=0)
+        )
+        assert_teacher_forced(lora, samples)
+
+
 def test_default_stop_strings_end_steps(gen: Generator, lm: LoadedLM, prompts: list[list[int]]) -> None:
-    [samples] = gen.generate(prompts[:1], GenerationParams(num_samples=4, temperature=0.7, max_new_tokens=64, seed=1))
+    [samples] = gen.generate(
+        prompts[:1], GenerationParams(num_samples=4, temperature=0.7, max_new_tokens=64, seed=1)
+    )
     for s in samples:
         assert s.finish_reason == "stop" and s.stop_string in (STEP, END)
         assert s.completion_ids[-1] == lm.tokenizer.convert_tokens_to_ids(s.stop_string)
-        assert s.stop_string not in s.text(lm.tokenizer) and s.text(lm.tokenizer, False).endswith(s.stop_string)
+        assert s.stop_string not in s.text(lm.tokenizer) and s.text(lm.tokenizer, False).endswith(
+            s.stop_string
+        )
 
 
 def test_multi_token_stop_string_stops_right_after_the_token_that_completes_it(
@@ -85,7 +102,9 @@ def test_multi_token_stop_string_stops_right_after_the_token_that_completes_it(
     text = free.text(lm.tokenizer, False)
     stop = text[3:9]  # a piece of what greedy decoding writes, spanning tokens
     assert len(lm.tokenizer(stop, add_special_tokens=False)["input_ids"]) > 1
-    [[s]] = gen.generate(prompts[:1], GenerationParams(temperature=0, max_new_tokens=12, stop_strings=(stop,)))
+    [[s]] = gen.generate(
+        prompts[:1], GenerationParams(temperature=0, max_new_tokens=12, stop_strings=(stop,))
+    )
     assert (s.finish_reason, s.stop_string) == ("stop", stop)
     assert stop in s.text(lm.tokenizer, False)
     assert stop not in lm.tokenizer.decode(s.completion_ids[:-1])
@@ -94,7 +113,8 @@ def test_multi_token_stop_string_stops_right_after_the_token_that_completes_it(
 
 def test_end_token_always_stops(gen: Generator, lm: LoadedLM, prompts: list[list[int]]) -> None:
     [samples] = gen.generate(
-        prompts[:1], GenerationParams(num_samples=3, temperature=0.7, max_new_tokens=200, stop_strings=("QQQ",), seed=0)
+        prompts[:1],
+        GenerationParams(num_samples=3, temperature=0.7, max_new_tokens=200, stop_strings=("QQQ",), seed=0),
     )
     for s in samples:
         assert s.finish_reason == "stop" and s.stop_string == END  # went through step tokens to the end
@@ -103,7 +123,9 @@ def test_end_token_always_stops(gen: Generator, lm: LoadedLM, prompts: list[list
 
 def test_length_limit(gen: Generator, prompts: list[list[int]]) -> None:
     for strategy in ("temperature", "beam_search", "diverse_beam_search"):
-        out = gen.generate(prompts, GenerationParams(num_samples=2, strategy=strategy, max_new_tokens=3, seed=0))
+        out = gen.generate(
+            prompts, GenerationParams(num_samples=2, strategy=strategy, max_new_tokens=3, seed=0)
+        )
         for s in (s for samples in out for s in samples):
             assert (len(s.completion_ids), s.finish_reason, s.stop_string) == (3, "length", None)
 
@@ -125,14 +147,18 @@ def test_batched_greedy_equals_one_by_one(gen: Generator, prompts: list[list[int
         params = GenerationParams(num_samples=2, temperature=0, strategy=strategy, max_new_tokens=20)
         batched = gen.generate(prompts, params)
         alone = [gen.generate([p], params)[0] for p in prompts]
-        assert [[s.completion_ids for s in ss] for ss in batched] == [[s.completion_ids for s in ss] for ss in alone]
+        assert [[s.completion_ids for s in ss] for ss in batched] == [
+            [s.completion_ids for s in ss] for ss in alone
+        ]
         for b, a in zip(batched, alone):
             assert b[0].logprobs == pytest.approx(a[0].logprobs, abs=1e-4)
 
 
 def test_greedy_samples_are_equal_copies(gen: Generator, prompts: list[list[int]]) -> None:
     [samples] = gen.generate(prompts[:1], GenerationParams(num_samples=3, temperature=0, max_new_tokens=8))
-    assert samples[0] == samples[1] == samples[2] and samples[0].completion_ids is not samples[1].completion_ids
+    assert (
+        samples[0] == samples[1] == samples[2] and samples[0].completion_ids is not samples[1].completion_ids
+    )
 
 
 def test_seed_reproduces_samples_whatever_the_batch(gen: Generator, prompts: list[list[int]]) -> None:
@@ -162,15 +188,21 @@ def nan_logits(lm: LoadedLM) -> Iterator[list[int]]:
     handle.remove()
 
 
-def test_nan_logits_raise_without_safe_logits(gen: Generator, prompts: list[list[int]], nan_logits: list[int]) -> None:
+def test_nan_logits_raise_without_safe_logits(
+    gen: Generator, prompts: list[list[int]], nan_logits: list[int]
+) -> None:
     for strategy in ("temperature", "beam_search"):
         with pytest.raises(ValueError, match="NaN logits at generated token 0; send safe_logits=true"):
             gen.generate(prompts, GenerationParams(strategy=strategy, max_new_tokens=4))
 
 
-def test_safe_logits_replace_and_count_nan(gen: Generator, prompts: list[list[int]], nan_logits: list[int]) -> None:
+def test_safe_logits_replace_and_count_nan(
+    gen: Generator, prompts: list[list[int]], nan_logits: list[int]
+) -> None:
     for strategy in ("temperature", "beam_search", "diverse_beam_search"):
-        params = GenerationParams(num_samples=2, strategy=strategy, temperature=1.0, max_new_tokens=8, safe_logits=True, seed=0)
+        params = GenerationParams(
+            num_samples=2, strategy=strategy, temperature=1.0, max_new_tokens=8, safe_logits=True, seed=0
+        )
         for s in (s for samples in gen.generate(prompts, params) for s in samples):
             assert s.nonfinite_logits == 2 * len(s.completion_ids)  # two NaN logits per generated token
             assert not set(nan_logits) & set(s.completion_ids)  # NaN became -inf: never chosen
@@ -179,7 +211,9 @@ def test_safe_logits_replace_and_count_nan(gen: Generator, prompts: list[list[in
 
 def test_sanitize_logits() -> None:
     nan, inf = float("nan"), float("inf")
-    logits = torch.tensor([[1.0, nan, -inf, 2.0], [0.0, inf, 3.0, -inf], [nan, -inf, nan, -inf], [1.0, 2.0, 3.0, 4.0]])
+    logits = torch.tensor(
+        [[1.0, nan, -inf, 2.0], [0.0, inf, 3.0, -inf], [nan, -inf, nan, -inf], [1.0, 2.0, 3.0, 4.0]]
+    )
     clean, changed = sanitize_logits(logits)
     assert changed.tolist() == [1, 1, 4, 0]
     assert torch.equal(clean[0], torch.tensor([1.0, -inf, -inf, 2.0]))
@@ -234,7 +268,10 @@ def test_params_validation_and_batch_key() -> None:
     assert GenerationParams(stop_strings=["a"]).stop_strings == ("a",)  # type: ignore[arg-type]
     key = GenerationParams(seed=1).batch_key()
     assert key != GenerationParams(seed=2).batch_key() and hash(key)
-    assert GenerationParams(temperature=0, seed=1).batch_key() == GenerationParams(temperature=0, seed=2).batch_key()
+    assert (
+        GenerationParams(temperature=0, seed=1).batch_key()
+        == GenerationParams(temperature=0, seed=2).batch_key()
+    )
     beam = GenerationParams(strategy="beam_search", temperature=0.2, seed=3, diversity_penalty=2.0)
     assert beam.batch_key() == GenerationParams(strategy="beam_search").batch_key()
     assert GenerationParams(max_new_tokens=5).batch_key() != GenerationParams(max_new_tokens=6).batch_key()
