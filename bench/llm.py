@@ -78,8 +78,9 @@ async def concurrent(url: str, texts: list[str], new_tokens: int) -> dict[str, A
     async with httpx.AsyncClient(base_url=url, headers={"access-token": KEY}, timeout=600) as client:
         async def one(text: str) -> tuple[int, float]:
             t0 = time.perf_counter()
-            body = {"input_string": text, "max_input_length": 256, "max_output_length": 256 + new_tokens,
-                    "stop_strings": [NEVER], "return_tokens": True, "temperature": 0.7}
+            # no max_output_length: the server's max_new_tokens (= new_tokens) caps every sample
+            body = {"input_string": text, "max_input_length": 256, "stop_strings": [NEVER],
+                    "return_tokens": True, "temperature": 0.7}
             answer = await client.post("/llm/direct_forward", json=body)
             answer.raise_for_status()
             record = answer.json()["records"][0]
@@ -126,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     spec = ServerSpec("ours-llm", "app:app", env=env, ready_path="/health/ready")
     ours_runs, base_runs = [], []
     with running_server(spec, ROOT, RESULTS / "logs") as server:
-        asyncio.run(concurrent(server.base_url, texts[:2], 4))  # warm-up
+        asyncio.run(concurrent(server.base_url, texts[:2], args.new_tokens))  # warm-up
         for _ in range(args.rounds):
             ours_runs.append(asyncio.run(concurrent(server.base_url, texts, args.new_tokens)))
     code = (

@@ -297,6 +297,8 @@ class LLMService:
     # --- OpenAI ---------------------------------------------------------------------------------
 
     def _openai_params(self, body: CompletionRequest | ChatRequest, prompt_len: int) -> GenerationParams:
+        if body.model is not None and body.model != self.spec.model_id:
+            raise NotFound(f"body.model: no model {body.model!r}; this server serves {self.spec.model_id!r}")
         stops = self.stop_strings(body.stop, "body.stop") if body.stop else (self.spec.end_token,)
         max_tokens = body.max_tokens or min(self.limits.max_new_tokens, 256)
         return self.params(

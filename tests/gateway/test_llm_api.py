@@ -155,3 +155,12 @@ def test_a_full_queue_answers_429_with_a_retry_hint(llm_dirs: dict[str, Path], t
 def test_the_llm_needs_the_key(client: TestClient) -> None:
     assert client.post("/llm/direct_forward", json={"input_string": "hi"}, headers={"access-token": "no"}).status_code == 403
     assert client.get("/v1/models", headers={"access-token": "", "authorization": "Bearer nope"}).status_code == 401
+
+
+def test_openai_routes_refuse_an_unknown_model_and_streaming(client: TestClient) -> None:
+    unknown = client.post("/v1/completions", json={"model": "gpt-9", "prompt": "hi"})
+    assert unknown.status_code == 404 and "tiny" in unknown.json()["error"]["message"]
+    stream = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}], "stream": True})
+    assert stream.status_code == 422
+    empty = client.post("/v1/chat/completions", json={"messages": []})
+    assert empty.status_code == 422
