@@ -116,6 +116,7 @@ def test_one_group_is_transformers_beam_search(
             ),
         )
         assert one_group == plain
+        assert [[s.score for s in ss] for ss in one_group] == [[s.score for s in ss] for ss in plain]
         for prompt, samples in zip(prompts, plain):
             with torch.inference_mode():
                 hf = lm.model.generate(
