@@ -274,12 +274,12 @@ class GenerationQueue(Generic[S]):
 
     def _run(self, batch: list[_Request[S]]) -> None:
         started = time.monotonic()
-        failed = True
         try:
             results = self._generate([r.prompt_ids for r in batch], batch[0].params)
             if len(results) != len(batch):
                 raise ModelError(f"the generator returned {len(results)} results for {len(batch)} prompts")
         except BaseException as exc:
+            self._count_batch(len(batch), time.monotonic() - started, failed=True)
             error = (
                 exc
                 if isinstance(exc, PolicyServerError)
@@ -293,14 +293,15 @@ class GenerationQueue(Generic[S]):
                 self.close(timeout_s=0)
                 raise
         else:
-            failed = False
+            self._count_batch(len(batch), time.monotonic() - started, failed=False)
             for request, samples in zip(batch, results, strict=True):
                 request.future.set_result(samples)
-        finally:
-            with self._cond:
-                elapsed = time.monotonic() - started
-                self._batch_s = elapsed if not self._batches else 0.8 * self._batch_s + 0.2 * elapsed
-                self._running = 0
-                self._batches += 1
-                self._failed_batches += failed
-                self._batched_prompts += len(batch)
+
+    def _count_batch(self, size: int, elapsed_s: float, failed: bool) -> None:
+        """Book a finished call before its callers wake, so that they see it in ``stats()``."""
+        with self._cond:
+            self._batch_s = elapsed_s if not self._batches else 0.8 * self._batch_s + 0.2 * elapsed_s
+            self._running = 0
+            self._batches += 1
+            self._failed_batches += failed
+            self._batched_prompts += size
