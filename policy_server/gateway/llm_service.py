@@ -215,6 +215,7 @@ class LLMService:
         params = self.params(
             len(prompt), new_tokens, body.num_samples, stops, temperature=body.temperature,
             strategy=body.decoding_strategy, safe_logits=body.safe_logits, seed=body.seed,
+            min_new_tokens=min(body.min_new_tokens, max(new_tokens, 0)),
         )
         out = await self.generate(prompt, params, body.skip_special_tokens)
         records = [record_from_sample(s, out.version) for s in out.samples]

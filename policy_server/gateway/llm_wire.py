@@ -33,6 +33,9 @@ class DirectForward(_Sampling):
     stop_strings: list[str] | None = Field(None, description="Default: the step and end tokens.")
     skip_special_tokens: bool = Field(True, description="Leave special tokens out of the answered text.")
     truncate: bool = Field(False, description="Keep the last max_input_length prompt tokens instead of a 422.")
+    min_new_tokens: int = Field(
+        0, ge=0, description="Sampling: generate at least this many tokens before a stop string can end a sample."
+    )
     session_id: str | None = Field(
         None, pattern=SESSION_ID, description="Track this generation in a session (multi-turn token records)."
     )

@@ -47,6 +47,8 @@ class GenerationParams:
     """Nucleus sampling: sample among the most likely tokens whose probability adds up to top_p."""
     max_new_tokens: int = 256
     """At most this many tokens per completion (fewer if the model's context ends first)."""
+    min_new_tokens: int = 0
+    """Sampling: no stop string (nor the end token) ends a completion before this many tokens."""
     strategy: Strategy = "temperature"
     stop_strings: tuple[str, ...] | None = None
     """A completion ends right after the token that completes one of these in its decoded text.
@@ -73,6 +75,10 @@ class GenerationParams:
             ),
             (not 0 < self.top_p <= 1, f"top_p must be in (0, 1], not {self.top_p}"),
             (self.max_new_tokens < 1, f"max_new_tokens must be >= 1, not {self.max_new_tokens}"),
+            (
+                not 0 <= self.min_new_tokens <= self.max_new_tokens,
+                f"min_new_tokens must be in [0, max_new_tokens], not {self.min_new_tokens}",
+            ),
             (
                 self.strategy not in get_args(Strategy),
                 f"strategy must be one of {get_args(Strategy)}, not {self.strategy!r}",
@@ -371,7 +377,7 @@ class Generator:
                 tokens[r].append(token)
                 lps[r].append(lp)
                 nonfinite[r] += nf
-                found = stop(tokens[r])
+                found = stop(tokens[r]) if len(tokens[r]) >= params.min_new_tokens else None
                 if found is not None:
                     ended[r] = ("stop", found)
                 elif len(tokens[r]) >= limits[prompt_of[r]]:

@@ -275,3 +275,14 @@ def test_params_validation_and_batch_key() -> None:
     beam = GenerationParams(strategy="beam_search", temperature=0.2, seed=3, diversity_penalty=2.0)
     assert beam.batch_key() == GenerationParams(strategy="beam_search").batch_key()
     assert GenerationParams(max_new_tokens=5).batch_key() != GenerationParams(max_new_tokens=6).batch_key()
+
+
+def test_min_new_tokens_keeps_stop_strings_from_ending_a_sample_early(llm_dirs: dict) -> None:
+    from policy_server.llm.generation import GenerationParams, Generator
+    from policy_server.llm.models import load_policy
+
+    generator = Generator(load_policy(llm_dirs["policy"]))
+    prompt = generator.encode("What is 2 + 3?")
+    params = GenerationParams(temperature=1.0, max_new_tokens=12, min_new_tokens=12, seed=0, stop_strings=("1",))
+    sample = generator.generate([prompt], params)[0][0]
+    assert len(sample.completion_ids) == 12 and sample.finish_reason in ("length", "stop")
