@@ -7,9 +7,9 @@ import gc
 import logging
 import signal
 import threading
-from dataclasses import dataclass
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -21,7 +21,14 @@ from policy_server.gateway.auth import api_key_checker, bearer_checker
 from policy_server.gateway.errors import envelope, install_error_handlers
 from policy_server.gateway.limits import BodySizeLimit
 from policy_server.gateway.llm_routes import llm_router, openai_router, value_router
-from policy_server.gateway.llm_service import HandleBackend, LLMService, ValueService, load_tokenizer
+from policy_server.gateway.llm_service import (
+    HandleBackend,
+    HandleState,
+    LLMService,
+    LocalState,
+    ValueService,
+    load_tokenizer,
+)
 from policy_server.gateway.llm_service import LocalBackend as LLMLocalBackend
 from policy_server.gateway.metrics import GatewayMetrics, MetricsMiddleware
 from policy_server.gateway.routes import policy_router
@@ -147,7 +154,6 @@ async def _start_backends(
             for training in trainings.values():
                 if training.link is not None:
                     await training.link.close()
-            await llm.close()
             for engine in engines:
                 engine.close()
 
@@ -166,11 +172,15 @@ async def _start_backends(
         served = training.policy
         actor = await asyncio.to_thread(runtime.start_trainer, schema.policies[name], served.space, served.obs_dim)
         training.attach(RayTrainerLink(actor))
-    for spec, service in llm.pairs():
-        service.attach(HandleBackend(await asyncio.to_thread(runtime.deploy_llm, spec)))
+    if llm.policy is not None:
+        spec = llm.policy.spec
+        backend = HandleBackend(await asyncio.to_thread(runtime.deploy_llm, spec))
+        state = HandleState(await asyncio.to_thread(runtime.deploy_llm_state, spec, llm.policy.tokenizer))
+        llm.policy.attach(backend, state)
+    if llm.value is not None:
+        llm.value.attach(HandleBackend(await asyncio.to_thread(runtime.deploy_llm, llm.value.spec)))
 
     async def stop() -> None:
-        await llm.close()
         for training in trainings.values():
             if training.link is not None:
                 await training.link.close()
@@ -187,9 +197,6 @@ class LLMServices:
     policy: LLMService | None = None
     value: ValueService | None = None
 
-    def pairs(self) -> list[tuple[Any, Any]]:
-        return [(s.spec, s) for s in (self.policy, self.value) if s is not None]
-
     def attach_local(self) -> list[Any]:
         """Load the models into this process (blocking); returns the engines to close."""
         from policy_server.llm.engine import LLMEngine, ValueScorer
@@ -198,16 +205,16 @@ class LLMServices:
         if self.policy is not None:
             spec = self.policy.spec
             engines.append(LLMEngine(spec, spec.path, spec.adapter, spec.device))
-            self.policy.attach(LLMLocalBackend(engines[-1]))
+            backend = LLMLocalBackend(engines[-1])
+            state = self.policy.new_state(backend.generate)
+            engines.append(state)
+            self.policy.attach(backend, LocalState(state))
         if self.value is not None:
             spec = self.value.spec
             scorer = ValueScorer(spec, spec.path, spec.adapter, spec.device)
             self.value.attach(LLMLocalBackend(scorer))
         return engines
 
-    async def close(self) -> None:
-        if self.policy is not None:
-            await self.policy.close()
 
 
 def _llm_services(schema: ServerSchema) -> LLMServices:

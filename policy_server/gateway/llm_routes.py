@@ -9,7 +9,7 @@ from fastapi import APIRouter, Depends
 from fastapi.responses import JSONResponse
 from starlette.background import BackgroundTask
 
-from policy_server.errors import InvalidRequest
+from policy_server.errors import InvalidRequest, ModelError
 from policy_server.gateway.llm_service import LLMService, ValueService
 from policy_server.gateway.llm_wire import (
     ChatRequest,
@@ -79,26 +79,26 @@ def llm_router(service: LLMService, auth: Any, prefix: str) -> APIRouter:
     async def forward_result(task_id: str) -> Any:
         """The result of a queued task (kept until fetched, or until it expires). A task still
         generating answers 202 `pending`; an unknown or expired id 404."""
-        view = service.tasks.get(task_id)
-        if view.state == "pending":
+        view = await service.call_state("task", task_id)
+        if view["state"] == "pending":
             return JSONResponse({"task_id": task_id, "status": "pending"}, status_code=202)
-        if view.state == "failed":
-            raise InvalidRequest(f"task {task_id} failed: {view.error}")
+        if view["state"] == "failed":
+            raise ModelError(f"task {task_id} failed: {view['error']}")
         # forgotten only once the answer went out: a fetch that fails keeps the result
         return JSONResponse(
-            {k: v for k, v in view.result.items() if v is not None},
-            background=BackgroundTask(service.tasks.ack, task_id),
+            {k: v for k, v in view["result"].items() if v is not None},
+            background=BackgroundTask(service.call_state, "ack", task_id),
         )
 
     @router.get("/sessions/{session_id}")
     async def session(session_id: str) -> Any:
         """The session's token records, ready for training (prompt positions masked)."""
-        return {"session_id": session_id, "nodes": service.session_nodes(session_id)}
+        return {"session_id": session_id, "nodes": await service.call_state("session_nodes", session_id)}
 
     @router.delete("/sessions/{session_id}")
     async def reset_session(session_id: str) -> Any:
         """Forget the session's nodes."""
-        service.reset_session(session_id)
+        await service.call_state("reset_session", session_id)
         return {"session_id": session_id, "nodes": []}
 
     return router

@@ -27,8 +27,8 @@ from policy_server.errors import (
 from policy_server.gateway.llm_wire import ChatRequest, CompletionRequest, DirectForward, Forward
 from policy_server.llm.config import LLMPolicySpec, LLMValueSpec
 from policy_server.llm.generation import GenerationParams, Sample
-from policy_server.llm.records import SessionStore, record_from_sample
-from policy_server.llm.tasks import TaskStore
+from policy_server.llm.records import record_from_sample
+from policy_server.llm.state import LLMState
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +37,21 @@ class LLMBackend(Protocol):
     async def generate(self, prompt_ids: list[int], params: GenerationParams) -> tuple[list[Sample], int]: ...
 
     async def version(self) -> int: ...
+
+
+class StateLink(Protocol):
+    async def call(self, method: str, *args: Any) -> Any: ...
+
+
+class LocalState:
+    """``LLMState`` in the gateway's process (the local backend)."""
+
+    def __init__(self, state: LLMState) -> None:
+        self.state = state
+
+    async def call(self, method: str, *args: Any) -> Any:
+        result = getattr(self.state, method)(*args)
+        return await result if asyncio.iscoroutine(result) else result
 
 
 class ValueBackend(Protocol):
@@ -70,6 +85,13 @@ class HandleBackend:
 
     async def version(self) -> int:
         return await self.call("version")
+
+
+class HandleState(HandleBackend):
+    """The state deployment (tasks and sessions), whose one entry point is ``call``."""
+
+    async def call(self, method: str, *args: Any) -> Any:
+        return await super().call("call", method, *args)
 
 
 class LocalBackend:
@@ -118,13 +140,20 @@ class LLMService:
     def __init__(self, spec: LLMPolicySpec, tokenizer: Any) -> None:
         self.spec, self.tokenizer = spec, tokenizer
         self.limits = spec.limits
-        self.sessions = {mode: SessionStore(mode) for mode in ("linear", "tree")}
-        self.tasks = TaskStore(ttl_s=self.limits.task_ttl_s, max_tasks=4 * self.limits.max_queued)
         self.backend: LLMBackend | None = None
-        self._running: set[asyncio.Task[None]] = set()
+        self.state: StateLink | None = None
 
-    def attach(self, backend: LLMBackend) -> None:
-        self.backend = backend
+    def attach(self, backend: LLMBackend, state: StateLink) -> None:
+        self.backend, self.state = backend, state
+
+    def new_state(self, generate: Any) -> LLMState:
+        """The tasks and sessions of this model, generating through ``generate``."""
+        return LLMState(self.tokenizer, generate, self.spec.end_token, self.limits.task_ttl_s, 4 * self.limits.max_queued)
+
+    async def call_state(self, method: str, *args: Any) -> Any:
+        if self.state is None:
+            raise BackendUnavailable("the LLM policy is still starting; retry shortly")
+        return await self.state.call(method, *args)
 
     def require_backend(self) -> LLMBackend:
         if self.backend is None:
@@ -201,11 +230,9 @@ class LLMService:
     async def direct_forward(self, body: DirectForward) -> dict[str, Any]:
         stops = self.stop_strings(body.stop_strings, "body.stop_strings")
         prompt = self.prompt_ids(body.input_string, body.max_input_length, body.truncate, "body.input_string")
-        parent, sessions = None, self.sessions[body.session_mode]
+        parent = None
         if body.session_id is not None:
-            prompt, parent = sessions.prefix_for(
-                body.session_id, body.input_string, self.encode, lambda t: self.encode(t, special=False)
-            )
+            prompt, parent = await self.call_state("session_prompt", body.session_id, body.session_mode, body.input_string)
         # x1's default (max_input_length + 256 in all) is capped by the server's limit; an explicit
         # max_output_length beyond it is refused
         new_tokens = (
@@ -218,36 +245,18 @@ class LLMService:
             min_new_tokens=min(body.min_new_tokens, max(new_tokens, 0)),
         )
         out = await self.generate(prompt, params, body.skip_special_tokens)
-        records = [record_from_sample(s, out.version) for s in out.samples]
         if body.session_id is not None:
-            for record, sample in zip(records, out.samples):
-                text = body.input_string + self.decode(sample.completion_ids, skip_special_tokens=False)
-                sessions.add(body.session_id, parent, record, text)
+            await self.call_state(
+                "session_add", body.session_id, body.session_mode, parent, body.input_string, out.samples, out.version
+            )
         return {
             "result": out.texts,
             "stop_strings": [s.stop_string or "" for s in out.samples],
             "finish_reasons": [s.finish_reason for s in out.samples],
             "model_version": out.version,
-            "records": [r.to_dict() for r in records] if body.return_tokens else None,
+            "records": [record_from_sample(s, out.version).to_dict() for s in out.samples] if body.return_tokens else None,
             "session_id": body.session_id,
         }
-
-    def session_nodes(self, session_id: str) -> list[dict[str, Any]]:
-        """The session's records, from whichever mode it was created in."""
-        for store in self.sessions.values():
-            try:
-                return store.nodes(session_id)
-            except NotFound:
-                continue
-        raise NotFound(f"no session {session_id!r} (never used, reset or expired)")
-
-    def reset_session(self, session_id: str) -> None:
-        self.session_nodes(session_id)  # 404 when unknown
-        for store in self.sessions.values():
-            try:
-                store.delete(session_id)
-            except NotFound:
-                continue
 
     def step_prompt(self, body: Forward) -> str:
         return self.chat_prompt([{"role": "user", "content": body.question}], continuation=body.context)
@@ -263,37 +272,7 @@ class LLMService:
             temperature=body.temperature, strategy=body.decoding_strategy, safe_logits=body.safe_logits,
             seed=body.seed,
         )
-        task_id = self.tasks.create({"prompt": text})
-        task = asyncio.create_task(self._run_task(task_id, text, prompt, params, body.return_tokens))
-        self._running.add(task)
-        task.add_done_callback(self._running.discard)
-        return task_id
-
-    async def _run_task(
-        self, task_id: str, text: str, prompt: list[int], params: GenerationParams, records: bool
-    ) -> None:
-        try:
-            out = await self.generate(prompt, params)
-        except PolicyServerError as exc:
-            self.tasks.fail(task_id, exc.message)
-            return
-        except Exception as exc:  # noqa: BLE001 - reported to whoever fetches the task
-            log.exception("task %s failed", task_id)
-            self.tasks.fail(task_id, f"{type(exc).__name__}: {summary(exc)}")
-            return
-        end = self.spec.end_token
-        self.tasks.complete(task_id, {
-            "result": out.texts,
-            "prompt": [text] * len(out.samples),
-            "stop_string_found": [s.stop_string or "" for s in out.samples],
-            "is_final_step": [s.stop_string == end for s in out.samples],
-            "model_version": out.version,
-            "records": [record_from_sample(s, out.version).to_dict() for s in out.samples] if records else None,
-        })
-
-    async def close(self) -> None:
-        for task in list(self._running):
-            task.cancel()
+        return await self.call_state("start_task", text, prompt, params, body.return_tokens)
 
     # --- OpenAI ---------------------------------------------------------------------------------
 

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
+import tempfile
+from pathlib import Path
 from typing import Any
 
 from ray import serve
 from ray.serve import Application
 
 from policy_server.llm.config import LLMPolicySpec, LLMValueSpec
-from policy_server.llm.engine import Folder, LLMEngine, ValueScorer
+from policy_server.llm.engine import Folder, LLMEngine, ValueScorer, unpack_folder
 from policy_server.llm.generation import GenerationParams, Sample
+from policy_server.llm.state import LLMState
 
 
 def _limit_threads(cpus: float) -> None:
@@ -46,8 +50,35 @@ class ValueDeployment:
         return self.scorer.version
 
 
+@serve.deployment(num_replicas=1, max_ongoing_requests=1024, ray_actor_options={"num_cpus": 0})
+class LLMStateDeployment:
+    """The one holder of queued tasks and sessions, whichever gateway a request comes through;
+    it generates through the policy deployment's handle."""
+
+    def __init__(self, spec: LLMPolicySpec, tokenizer: Folder, policy_app: str) -> None:
+        from transformers import AutoTokenizer
+
+        folder = unpack_folder(tokenizer, Path(tempfile.mkdtemp(prefix="policy-server-tokenizer-")))
+        self.policy = serve.get_deployment_handle(LLM_POLICY, policy_app)
+        self.state = LLMState(
+            AutoTokenizer.from_pretrained(str(folder), local_files_only=True), self._generate, spec.end_token,
+            spec.limits.task_ttl_s, 4 * spec.limits.max_queued,
+        )
+
+    async def _generate(self, prompt_ids: list[int], params: GenerationParams) -> tuple[list[Sample], int]:
+        return await self.policy.generate.remote(prompt_ids, params)
+
+    async def call(self, method: str, *args: Any) -> Any:
+        if method not in STATE_API:
+            raise AttributeError(f"LLMState has no API method {method!r}")
+        result = getattr(self.state, method)(*args)
+        return await result if asyncio.iscoroutine(result) else result
+
+
+STATE_API = frozenset({"start_task", "task", "ack", "session_prompt", "session_add", "session_nodes", "reset_session"})
 LLM_POLICY = "llm-policy"
 LLM_VALUE = "llm-value"
+LLM_STATE = "llm-state"
 
 
 def build_llm_deployment(

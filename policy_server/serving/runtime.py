@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import ray
@@ -111,6 +112,22 @@ class ServeRuntime:
         serve.run(build_llm_deployment(spec, pack_folder(spec.path), adapter, gpus), name=app_name, route_prefix=None)
         self.apps.append(app_name)
         return serve.get_deployment_handle(name, app_name)
+
+    def deploy_llm_state(self, spec: LLMPolicySpec, tokenizer: Any) -> Any:
+        """The deployment that keeps the LLM's tasks and sessions (one replica for all gateways)."""
+        import tempfile
+
+        from policy_server.llm.engine import pack_folder
+        from policy_server.serving.llm_deployment import LLM_POLICY, LLM_STATE, LLMStateDeployment
+
+        with tempfile.TemporaryDirectory() as folder:
+            tokenizer.save_pretrained(folder)
+            files = pack_folder(Path(folder))
+        app_name = f"{self.settings.serve_app_prefix}-{LLM_STATE}"
+        policy_app = f"{self.settings.serve_app_prefix}-{LLM_POLICY}"
+        serve.run(LLMStateDeployment.options(name=LLM_STATE).bind(spec, files, policy_app), name=app_name, route_prefix=None)
+        self.apps.append(app_name)
+        return serve.get_deployment_handle(LLM_STATE, app_name)
 
     def close_connections(self) -> None:
         """Close the direct connections; from the event loop that opened them."""

@@ -143,9 +143,8 @@ def test_value_scores_one_or_many_conversations(client: TestClient) -> None:
 
 
 def test_a_full_queue_answers_429_with_a_retry_hint(llm_dirs: dict[str, Path], tmp_path: Path) -> None:
-    with make_client(tmp_path, llm_schema(llm_dirs, max_queued=1, batch_wait_ms=50)) as small:
-        with ThreadPoolExecutor(8) as pool:
-            answers = list(pool.map(lambda _: direct(small, max_output_length=60, stop_strings=["@@@"]), range(8)))
+    with make_client(tmp_path, llm_schema(llm_dirs, max_queued=1, batch_wait_ms=50)) as small, ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(lambda _: direct(small, max_output_length=60, stop_strings=["@@@"]), range(8)))
     statuses = [a.status_code for a in answers]
     assert 200 in statuses and 429 in statuses, statuses
     limited = next(a for a in answers if a.status_code == 429)

@@ -63,9 +63,9 @@ def test_the_openai_client_chats_with_logprobs_and_stop(oai: openai.OpenAI) -> N
 
 
 def test_the_openai_client_is_refused_with_a_wrong_key(server: str) -> None:
-    with openai.OpenAI(base_url=f"{server}/v1", api_key="wrong", max_retries=0) as bad:
-        with pytest.raises(openai.AuthenticationError):
-            bad.models.list()
+    with openai.OpenAI(base_url=f"{server}/v1", api_key="wrong", max_retries=0) as bad, \
+            pytest.raises(openai.AuthenticationError):
+        bad.models.list()
 
 
 def test_sixteen_concurrent_direct_forwards_all_answer(server: str) -> None:
@@ -85,3 +85,22 @@ def test_value_model_over_serve(server: str) -> None:
     assert answer.status_code == 200, answer.text
     scores = answer.json()["result"]
     assert len(scores) == 2 and scores[0] == pytest.approx(scores[1], abs=1e-5) and -1 <= scores[0] <= 1
+
+
+def test_queued_tasks_and_sessions_live_in_their_own_deployment(server: str) -> None:
+    import time
+
+    with httpx.Client(base_url=server, headers=AUTH, timeout=60) as client:
+        task_id = client.post("/llm/forward", json={"question": "What is 4 + 4?", "num_samples": 2}).json()["task_id"]
+        deadline = time.monotonic() + 60
+        while (answer := client.get(f"/llm/forward/{task_id}")).status_code == 202:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        assert answer.status_code == 200 and len(answer.json()["result"]) == 2
+        assert client.get(f"/llm/forward/{task_id}").status_code == 404  # fetched once, then forgotten
+        first = client.post("/llm/direct_forward", json={"input_string": "Hi", "session_id": "it-s",
+                                                         "return_tokens": True, "skip_special_tokens": False}).json()
+        nodes = client.get("/llm/sessions/it-s").json()["nodes"]
+        assert nodes[0]["tokens"] == first["records"][0]["tokens"]
+        assert client.delete("/llm/sessions/it-s").status_code == 200
+        assert client.get("/llm/sessions/it-s").status_code == 404
