@@ -110,7 +110,7 @@ def value_router(service: ValueService, auth: Any, prefix: str) -> APIRouter:
     @router.get("/", response_model=Status)
     async def status() -> Any:
         """x1's status of the value server."""
-        return _status(service.spec.path.name, 0)
+        return _status(service.spec.path.name, await service.require_backend().version())
 
     @router.post("/forward", response_model=ValueAnswer)
     async def forward(body: ValueForward) -> Any:

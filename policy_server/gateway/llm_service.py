@@ -57,6 +57,8 @@ class LocalState:
 class ValueBackend(Protocol):
     async def score(self, conversations: list[list[dict[str, str]]]) -> tuple[list[float], int]: ...
 
+    async def version(self) -> int: ...
+
 
 class HandleBackend:
     """A Serve deployment, reached through its handle; our own errors come back as themselves."""
@@ -369,9 +371,13 @@ class ValueService:
     def attach(self, backend: ValueBackend) -> None:
         self.backend = backend
 
-    async def score(self, messages: list[Any]) -> dict[str, Any]:
+    def require_backend(self) -> ValueBackend:
         if self.backend is None:
             raise BackendUnavailable("the value model is still starting; retry shortly")
+        return self.backend
+
+    async def score(self, messages: list[Any]) -> dict[str, Any]:
+        backend = self.require_backend()
         conversations = messages if messages and isinstance(messages[0], list) else [messages]
         if not conversations or len(conversations) > self.spec.max_conversations:
             raise InvalidRequest(
@@ -384,7 +390,7 @@ class ValueService:
         ]
         if errors:
             raise InvalidRequest(f"invalid messages: {errors[0].field}: {errors[0].message}", errors)
-        scores, version = await self.backend.score(conversations)
+        scores, version = await backend.score(conversations)
         return {"result": scores, "model_version": version}
 
 

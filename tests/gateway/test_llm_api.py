@@ -50,6 +50,7 @@ def test_status_is_x1s(client: TestClient) -> None:
     status = client.get("/llm/").json()
     assert status["allow_inference"] is True and status["allow_training"] is False
     assert status["stop_training_flag"] is False and "ALLOW_TRAINING" in status["status"]
+    assert client.get("/value/").json()["model_version"] == 0
 
 
 @pytest.mark.parametrize("strategy", ["temperature", "beam_search", "diverse_beam_search"])
