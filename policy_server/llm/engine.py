@@ -11,9 +11,11 @@ node needs no shared file system.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import tempfile
 import threading
 from pathlib import Path
+from typing import Any
 
 from policy_server.llm.batching import GenerationQueue
 from policy_server.llm.config import LLMPolicySpec, LLMValueSpec
@@ -55,9 +57,10 @@ class LLMEngine:
             folder, adapter, spec.dtype, resolve_device(device), step_token=spec.step_token, end_token=spec.end_token
         )
         self.generator = Generator(self.lm)
+        self._weights_lock = threading.Lock()  # a batch never sees two versions of the weights
         limits = spec.limits
         self.queue = GenerationQueue(
-            self.generator.generate,
+            self._generate,
             max_queued=limits.max_queued,
             max_batch_prompts=limits.max_batch_prompts,
             batch_wait_ms=limits.batch_wait_ms,
@@ -71,10 +74,32 @@ class LLMEngine:
         lora = unpack_folder(adapter, root / "adapter") if adapter is not None else None
         return cls(spec, folder, lora, device)
 
+    def _generate(self, prompts: list[list[int]], params: GenerationParams) -> list[list[Sample]]:
+        with self._weights_lock:
+            samples = self.generator.generate(prompts, params)
+            version = self.version
+        return [[dataclasses.replace(s, model_version=version) for s in group] for group in samples]
+
     async def generate(self, prompt_ids: list[int], params: GenerationParams) -> tuple[list[Sample], int]:
         """``num_samples`` samples for one prompt, and the version of the weights that made them."""
-        version = self.version
-        return await self.queue.submit(prompt_ids, params), version
+        samples = await self.queue.submit(prompt_ids, params)
+        return samples, samples[0].model_version
+
+    def set_weights(self, weights: dict[str, Any], version: int) -> int:
+        """Load new values for some of the model's parameters (an adapter's, or all of them) and
+        move to ``version``, between two generate calls. Unknown names or shapes change nothing."""
+        import torch
+
+        params = dict(self.lm.model.named_parameters())
+        unknown = sorted(set(weights) - set(params))
+        wrong = [n for n, v in weights.items() if n in params and tuple(params[n].shape) != tuple(v.shape)]
+        if unknown or wrong:
+            raise ValueError(f"weights do not fit the model: unknown {unknown[:5]}, wrong shapes {wrong[:5]}")
+        with self._weights_lock, torch.no_grad():
+            for name, value in weights.items():
+                params[name].copy_(torch.as_tensor(value, dtype=params[name].dtype))
+            self.version = version
+        return version
 
     def close(self) -> None:
         self.queue.close()

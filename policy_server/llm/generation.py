@@ -146,6 +146,8 @@ class Sample:
     """Non-finite logits replaced while it was generated (``safe_logits``)."""
     score: float | None = field(default=None, compare=False)
     """Beam strategies: the beam's score (penalised log-prob sum / length); None for sampling."""
+    model_version: int = field(default=0, compare=False)
+    """The version of the weights that generated it (set by the engine that serves them)."""
 
     def text(self, tokenizer: Any, skip_special_tokens: bool = True) -> str:
         """The decoded completion (stop string included unless it is a skipped special token)."""

@@ -36,6 +36,9 @@ class LLMPolicyDeployment:
     def version(self) -> int:
         return self.engine.version
 
+    def set_weights(self, weights: dict[str, Any], version: int) -> int:
+        return self.engine.set_weights(weights, version)
+
 
 @serve.deployment
 class ValueDeployment:

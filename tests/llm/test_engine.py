@@ -1,0 +1,55 @@
+"""LLMEngine: batched generation through its queue, and weight swaps between batches."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+import torch
+
+from policy_server.llm.config import LLMPolicySpec
+from policy_server.llm.engine import LLMEngine, pack_folder, unpack_folder
+from policy_server.llm.generation import GenerationParams
+
+
+@pytest.fixture(scope="module")
+def engine(llm_dirs: dict[str, Path]) -> LLMEngine:
+    spec = LLMPolicySpec(path=llm_dirs["policy"])
+    engine = LLMEngine(spec, spec.path, llm_dirs["policy_lora"], "cpu")
+    yield engine
+    engine.close()
+
+
+def test_set_weights_swaps_the_adapter_and_answers_carry_the_new_version(engine: LLMEngine) -> None:
+    params = GenerationParams(temperature=0, max_new_tokens=6)
+    prompt = engine.generator.encode("What is 2 + 3?")
+    before, version = asyncio.run(engine.generate(prompt, params))
+    assert version == 0 and before[0].model_version == 0
+    lora = {n: torch.zeros_like(p) for n, p in engine.lm.model.named_parameters() if "lora_B" in n}
+    assert lora and engine.set_weights(lora, 1) == 1
+    after, version = asyncio.run(engine.generate(prompt, params))
+    assert version == 1 and after[0].model_version == 1
+    # lora_B = 0 turns the adapter off: the answer is the base model's
+    with engine.lm.model.disable_adapter():
+        base = engine.generator.generate([prompt], params)[0][0]
+    assert after[0].completion_ids == base.completion_ids
+
+
+def test_weights_that_do_not_fit_change_nothing(engine: LLMEngine) -> None:
+    version = engine.version
+    with pytest.raises(ValueError, match="unknown"):
+        engine.set_weights({"nope": torch.zeros(1)}, version + 1)
+    name, param = next(iter(engine.lm.model.named_parameters()))
+    with pytest.raises(ValueError, match="wrong shapes"):
+        engine.set_weights({name: torch.zeros(param.numel() + 1)}, version + 1)
+    assert engine.version == version
+
+
+def test_folders_travel_as_bytes_and_refuse_escapes(llm_dirs: dict[str, Path], tmp_path: Path) -> None:
+    files = pack_folder(llm_dirs["value"])
+    assert "value_head.safetensors" in files
+    unpack_folder(files, tmp_path / "copy")
+    assert (tmp_path / "copy" / "config.json").read_bytes() == (llm_dirs["value"] / "config.json").read_bytes()
+    with pytest.raises(ValueError, match="outside"):
+        unpack_folder({"../evil": b"x"}, tmp_path / "other")
