@@ -47,6 +47,23 @@ class LLMResources(_Strict):
     """GPUs per replica; used when the cluster has them."""
 
 
+class LLMTrainingSpec(_Strict):
+    """x1's `/train_from_dataset` on this model (PPO for the policy, MSE for the value model)."""
+
+    allow_training: bool = True
+    """Accept training requests."""
+    data_dir: Path = Path("data")
+    """`dataset_path` is read from here (relative to the schema); nothing outside it."""
+    samples_dir: Path = Path("datasets")
+    """Where `save_samples` stores a request's samples."""
+    save_dir: Path = Path("trained")
+    """Where trained models (or adapters) are saved."""
+    num_cpus: float = Field(1.0, ge=0)
+    """CPUs of the trainer's Ray actor."""
+    num_gpus: float = Field(0.0, ge=0)
+    """GPUs of the trainer's Ray actor; used when the cluster has them."""
+
+
 class _ModelSpec(_Strict):
     path: Path
     """The `save_pretrained` folder of the model and its tokenizer."""
@@ -58,6 +75,8 @@ class _ModelSpec(_Strict):
     """`auto`: the GPU when the replica has one."""
     resources: LLMResources = LLMResources()
     """Replicas, CPUs and GPUs of the deployment."""
+    training: LLMTrainingSpec | None = None
+    """Training through the server; None: no training endpoints."""
 
 
 class LLMPolicySpec(_ModelSpec):
@@ -104,11 +123,18 @@ class LLMSection(_Strict):
 
     def resolved(self, base_dir: Path) -> LLMSection:
         """Folders relative to the schema's folder made absolute."""
-        def fix(spec: _ModelSpec | None) -> dict[str, Path | None]:
+        def fix(spec: _ModelSpec | None) -> dict[str, object]:
             if spec is None:
                 return {}
+            training = spec.training
+            if training is not None:
+                training = training.model_copy(update={
+                    key: (base_dir / getattr(training, key)).resolve()
+                    for key in ("data_dir", "samples_dir", "save_dir")
+                })
             return {"path": (base_dir / spec.path).resolve(),
-                    "adapter": (base_dir / spec.adapter).resolve() if spec.adapter else None}
+                    "adapter": (base_dir / spec.adapter).resolve() if spec.adapter else None,
+                    "training": training}
 
         return LLMSection(
             policy=self.policy.model_copy(update=fix(self.policy)) if self.policy else None,

@@ -183,6 +183,9 @@ def _public_llm(llm: LLMSection | None) -> dict[str, Any] | None:
         if spec is not None:
             public[key]["path"] = spec.path.name
             public[key]["adapter"] = spec.adapter.name if spec.adapter else None
+            if spec.training is not None:  # folder names, not the server's file system layout
+                for folder in ("data_dir", "samples_dir", "save_dir"):
+                    public[key]["training"][folder] = getattr(spec.training, folder).name
     return public
 
 
