@@ -250,8 +250,10 @@ RunState = Literal["running", "finished"]
 class GRPORun:
     """One GRPO run over one policy (see the module docstring). It owns ``lm`` and changes it.
 
-    ``base_path`` (the base model's folder) is recorded in LoRA checkpoints so that ``resume``
-    can find the base again; full fine-tuning checkpoints hold the whole model.
+    ``base_path`` (the folder ``lm`` was loaded from) is recorded in the checkpoints: ``resume``
+    loads the base under a LoRA adapter from it, and, for full fine-tuning, the frozen reference.
+    ``reference`` is the frozen reference of full fine-tuning (default: a copy of ``lm`` as given);
+    a LoRA run's reference is its base with the adapter disabled.
     """
 
     def __init__(
@@ -261,6 +263,7 @@ class GRPORun:
         settings: GRPOSettings,
         checkpoint_dir: str | Path,
         base_path: str | Path | None = None,
+        reference: LoadedLM | None = None,
     ) -> None:
         self.run_id = run_id
         self.lm = lm
@@ -273,7 +276,7 @@ class GRPORun:
         self._pending: OrderedDict[str, _Group] = OrderedDict()
         self._lock = threading.Lock()
         self._reference: Any = None
-        self._prepare_model()
+        self._prepare_model(reference)
         self.generator = Generator(lm)
         params = [p for p in lm.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=settings.lr)
@@ -395,7 +398,8 @@ class GRPORun:
     ) -> GRPORun:
         """The run as its newest checkpoint left it: weights or adapter, optimiser, cycle, counters.
 
-        A LoRA run needs its base model: ``base_path``, or the one its checkpoint recorded.
+        A LoRA run needs its base model, and full fine-tuning with a KL penalty its reference (the
+        model it started from): ``base_path``, or the one the checkpoint recorded.
         """
         folder = latest_checkpoint(checkpoint_dir)
         if folder is None:
@@ -404,14 +408,21 @@ class GRPORun:
         if state["run_id"] != run_id:
             raise ValueError(f"the checkpoints in {checkpoint_dir} belong to run {state['run_id']}, not {run_id}")
         settings = GRPOSettings.from_dict(state["settings"])
-        base = (base_path or state.get("base_path")) if settings.lora else None
-        if settings.lora:
+        base = base_path or state.get("base_path")
+        reference = None
+        if settings.lora or settings.beta > 0:
             if base is None:
-                raise ValueError(f"run {run_id} trains a LoRA adapter: give base_path, the base model's folder")
+                raise ValueError(
+                    f"run {run_id} needs the model it started from (LoRA base or KL reference): "
+                    "give base_path, that model's folder"
+                )
+        if settings.lora:
             lm = load_policy(base, adapter=folder / MODEL_FOLDER, dtype=dtype, device=device)
         else:
             lm = load_policy(folder / MODEL_FOLDER, dtype=dtype, device=device)
-        run = cls(run_id, lm, settings, checkpoint_dir, base_path=base)
+            if settings.beta > 0:
+                reference = load_policy(base, dtype=dtype, device=device)
+        run = cls(run_id, lm, settings, checkpoint_dir, base_path=base, reference=reference)
         run.cycle = state["cycle"]
         run._counters = _Counters(**state["counters"])
         optimizer_state = torch.load(folder / OPTIMIZER_FILE, map_location=lm.device, weights_only=True)
@@ -420,7 +431,7 @@ class GRPORun:
 
     # -- internals ------------------------------------------------------------------------------
 
-    def _prepare_model(self) -> None:
+    def _prepare_model(self, reference: LoadedLM | None) -> None:
         """Make the trainable parameters and the frozen reference."""
         s, lm = self.settings, self.lm
         is_peft = hasattr(lm.model, "peft_config")
@@ -446,7 +457,8 @@ class GRPORun:
             for param in lm.model.parameters():
                 param.requires_grad_(True)
             if s.beta > 0:
-                self._reference = copy.deepcopy(lm.model).eval().requires_grad_(False)
+                model = reference.model if reference is not None else copy.deepcopy(lm.model)
+                self._reference = model.eval().requires_grad_(False)
         lm.model.eval()
 
     def _reference_logprobs(self, group: _Group) -> torch.Tensor | None:

@@ -1,0 +1,302 @@
+"""GRPO with client-side rewards (policy_server.llm.grpo): the math against naive loops, runs on the tiny model."""
+
+from __future__ import annotations
+
+import io
+import math
+import random
+import tarfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from policy_server.errors import Conflict, InvalidRequest, NotFound
+from policy_server.llm.grpo import (
+    GRPORun,
+    GRPOSettings,
+    RunFinished,
+    StaleGroup,
+    completion_logprobs,
+    group_advantages,
+    grpo_loss,
+    kl_k3,
+    latest_checkpoint,
+)
+from policy_server.llm.models import LoadedLM, load_policy
+
+PROMPT = "What is 3 + 4?"
+
+
+@pytest.fixture(autouse=True)
+def one_thread() -> Iterator[None]:
+    # Tiny matrices: a second thread only adds contention (and nondeterminism) on a 2-core machine.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# -- the math against naive references -------------------------------------------------------------
+
+
+def naive_advantages(rewards: list[float], eps: float, scale: bool) -> list[float]:
+    g = len(rewards)
+    mean = sum(rewards) / g
+    if all(r == rewards[0] for r in rewards):
+        return [0.0] * g
+    std = math.sqrt(sum((r - mean) ** 2 for r in rewards) / (g - 1))
+    return [(r - mean) / (std + eps) if scale else r - mean for r in rewards]
+
+
+@pytest.mark.parametrize("scale", [True, False])
+@pytest.mark.parametrize("seed", range(5))
+def test_group_advantages_match_naive(seed: int, scale: bool) -> None:
+    rng = random.Random(seed)
+    rewards = [rng.uniform(-2, 3) for _ in range(rng.randint(2, 9))]
+    got = group_advantages(torch.tensor(rewards, dtype=torch.float64), eps=1e-4, scale=scale)
+    assert got.tolist() == pytest.approx(naive_advantages(rewards, 1e-4, scale), rel=1e-5, abs=1e-6)
+
+
+def test_group_advantages_equal_rewards_are_zero() -> None:
+    for rewards in ([0.1, 0.1, 0.1], [5.0], [0.0, 0.0]):
+        assert group_advantages(torch.tensor(rewards)).tolist() == [0.0] * len(rewards)
+
+
+def test_group_advantages_sum_to_zero_and_refuse_bad_shapes() -> None:
+    adv = group_advantages(torch.tensor([1.0, 0.0, 0.0, 0.0]))
+    assert float(adv.sum()) == pytest.approx(0.0, abs=1e-6)
+    assert float(adv[0]) == pytest.approx(1.5, rel=1e-3)  # (1 - 0.25) / std=0.5
+    with pytest.raises(ValueError, match="1-D"):
+        group_advantages(torch.zeros(2, 2))
+
+
+def naive_grpo_loss(new, old, ref, adv, mask, clip_eps, beta) -> float:  # noqa: ANN001
+    per_seq = []
+    for b in range(len(new)):
+        total, n = 0.0, 0
+        for t in range(len(new[b])):
+            if not mask[b][t]:
+                continue
+            ratio = math.exp(new[b][t] - old[b][t])
+            clipped = min(max(ratio, 1 - clip_eps), 1 + clip_eps)
+            term = min(ratio * adv[b], clipped * adv[b])
+            if ref is not None:
+                d = ref[b][t] - new[b][t]
+                term -= beta * (math.exp(d) - d - 1)
+            total += -term
+            n += 1
+        per_seq.append(total / max(n, 1))
+    return sum(per_seq) / len(per_seq)
+
+
+@pytest.mark.parametrize("with_ref", [True, False])
+@pytest.mark.parametrize("seed", range(4))
+def test_grpo_loss_matches_naive(seed: int, with_ref: bool) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    b, t = 4, 7
+    old = -torch.rand(b, t, generator=gen, dtype=torch.float64) * 3
+    new = old + torch.randn(b, t, generator=gen, dtype=torch.float64) * 0.4  # some ratios outside the clip
+    ref = old + torch.randn(b, t, generator=gen, dtype=torch.float64) * 0.3 if with_ref else None
+    adv = torch.randn(b, generator=gen, dtype=torch.float64)
+    lengths = [7, 3, 1, 5]
+    mask = torch.tensor([[1] * n + [0] * (t - n) for n in lengths])
+    loss, stats = grpo_loss(new, old, ref, adv, mask, clip_eps=0.2, beta=0.1)
+    expected = naive_grpo_loss(
+        new.tolist(), old.tolist(), None if ref is None else ref.tolist(), adv.tolist(), mask.tolist(), 0.2, 0.1
+    )
+    assert loss.item() == pytest.approx(expected, rel=1e-9)
+    assert stats["loss"] == pytest.approx(expected, rel=1e-9)
+    assert 0 < stats["clip_fraction"] < 1
+
+
+def test_grpo_loss_gradient_on_policy_is_advantage_weighted() -> None:
+    # On policy (new == old) the clip is inactive: d loss / d logp[b, t] = -A_b / |o_b|.
+    new = torch.zeros(2, 3, dtype=torch.float64, requires_grad=True)
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1]])
+    loss, _ = grpo_loss(new, new.detach(), None, torch.tensor([1.0, -2.0], dtype=torch.float64), mask)
+    loss.backward()
+    expected = torch.tensor([[-1 / 2, -1 / 2, 0], [2 / 3, 2 / 3, 2 / 3]], dtype=torch.float64) / 2
+    torch.testing.assert_close(new.grad, expected)
+
+
+def test_kl_k3_matches_naive_and_is_nonnegative() -> None:
+    logp = torch.tensor([-1.0, -0.5, -3.0, -0.1], dtype=torch.float64)
+    ref = torch.tensor([-1.0, -2.0, -0.2, -0.3], dtype=torch.float64)
+    expected = [math.exp(r - p) - (r - p) - 1 for p, r in zip(logp.tolist(), ref.tolist())]
+    assert kl_k3(logp, ref).tolist() == pytest.approx(expected, rel=1e-12)
+    assert kl_k3(logp, ref)[0].item() == 0.0
+    assert bool((kl_k3(logp, ref) >= 0).all())
+
+
+# -- runs on the tiny model --------------------------------------------------------------------------
+
+
+def seven_reward(lm: LoadedLM, completion: dict) -> float:
+    """The fraction of a completion's tokens that are " 7": rare at first, easy to make frequent."""
+    (seven,) = lm.tokenizer.encode(" 7", add_special_tokens=False)
+    ids = completion["token_ids"]
+    return sum(t == seven for t in ids) / len(ids)
+
+
+def full_settings(**overrides: object) -> GRPOSettings:
+    base = dict(group_size=8, lr=1e-3, lora=False, chat=True, max_completion_length=16, checkpoint_every=1000)
+    return GRPOSettings(**{**base, **overrides})  # type: ignore[arg-type]
+
+
+def play(run: GRPORun, lm: LoadedLM, cycles: int) -> list[float]:
+    curve = []
+    for _ in range(cycles):
+        group = run.complete(PROMPT)
+        answer = run.submit_rewards(group["group_id"], [seven_reward(lm, c) for c in group["completions"]])
+        curve.append(answer["mean_reward"])
+    return curve
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_mean_reward_rises(llm_dirs: dict[str, Path], tmp_path: Path, seed: int) -> None:
+    lm = load_policy(llm_dirs["policy"])
+    run = GRPORun("rise", lm, full_settings(seed=seed), tmp_path)
+    curve = play(run, lm, 50)
+    first, last = sum(curve[:10]) / 10, sum(curve[-10:]) / 10
+    # Seen over seeds 0-4: first 0.03-0.07, last 0.35-0.82.
+    assert first < 0.1
+    assert last > 0.25
+    assert last > first + 0.2
+    status = run.status()
+    assert status["cycle"] == 50 and status["rewards_received"] == 50 and status["groups_handed_out"] == 50
+    assert status["reward_history"] == curve
+    assert status["mean_reward"] == pytest.approx(sum(curve[-20:]) / 20)
+
+
+def test_complete_returns_a_versioned_group_with_sampling_logprobs(llm_dirs: dict[str, Path], tmp_path: Path) -> None:
+    lm = load_policy(llm_dirs["policy"])
+    run = GRPORun("r", lm, full_settings(group_size=4), tmp_path)
+    group = run.complete(PROMPT)
+    assert group["model_version"] == ["r", 0] and group["prompt"] == PROMPT
+    assert len(group["completions"]) == 4
+    prompt_ids = run._encode(PROMPT)
+    completions = [c["token_ids"] for c in group["completions"]]
+    for c in group["completions"]:
+        assert len(c["token_ids"]) == len(c["logprobs"]) <= 16
+        assert c["text"] == lm.tokenizer.decode(c["token_ids"], skip_special_tokens=True)
+    # The trainer's teacher-forced log-probs reproduce the sampling ones: the first step is on policy.
+    with torch.no_grad():
+        logp, mask = completion_logprobs(lm.model, prompt_ids, completions, lm.device)
+    for row, c in zip(range(4), group["completions"]):
+        n = len(c["logprobs"])
+        assert mask[row].sum() == n
+        assert logp[row, :n].tolist() == pytest.approx(c["logprobs"], abs=1e-4)
+
+
+def test_one_step_changes_every_parameter_and_not_the_reference(llm_dirs: dict[str, Path], tmp_path: Path) -> None:
+    lm = load_policy(llm_dirs["policy"])
+    run = GRPORun("r", lm, full_settings(group_size=4), tmp_path)
+    before = {k: v.clone() for k, v in lm.model.state_dict().items()}
+    group = run.complete(PROMPT)
+    answer = run.submit_rewards(group["group_id"], [1.0, 0.0, 0.5, 0.0])
+    assert answer["model_version"] == ["r", 1] and answer["mean_reward"] == 0.375
+    after = lm.model.state_dict()
+    assert [k for k in before if torch.equal(before[k], after[k])] == []
+    for k, v in run._reference.state_dict().items():
+        assert torch.equal(v, before[k])
+
+
+def test_lora_run_trains_only_the_adapter(llm_dirs: dict[str, Path], tmp_path: Path) -> None:
+    lm = load_policy(llm_dirs["policy"], adapter=llm_dirs["policy_lora"])
+    run = GRPORun("lora", lm, full_settings(lora=True, group_size=4), tmp_path)
+    before = {k: v.clone() for k, v in lm.model.state_dict().items()}
+    group = run.complete(PROMPT)
+    run.submit_rewards(group["group_id"], [1.0, 0.0, 0.0, 0.0])
+    changed = {k for k, v in lm.model.state_dict().items() if not torch.equal(v, before[k])}
+    assert changed == {k for k in before if "lora_" in k}
+
+
+def test_stale_group_is_rejected_and_counted(llm_dirs: dict[str, Path], tmp_path: Path) -> None:
+    lm = load_policy(llm_dirs["policy"])
+    run = GRPORun("stale", lm, full_settings(group_size=2), tmp_path)
+    a, b = run.complete(PROMPT), run.complete(PROMPT)
+    run.submit_rewards(a["group_id"], [1.0, 0.0])
+    with pytest.raises(StaleGroup, match="cycle 0.*cycle 1") as caught:
+        run.submit_rewards(b["group_id"], [1.0, 0.0])
+    assert isinstance(caught.value, Conflict) and caught.value.status == 409 and caught.value.code == "stale_group"
+    status = run.status()
+    assert status["rejected_stale"] == 1 and status["rewards_received"] == 1 and status["cycle"] == 1
+    with pytest.raises(NotFound):  # a rejected group is forgotten
+        run.submit_rewards(b["group_id"], [1.0, 0.0])
+
+    lagging = GRPORun("lag", load_policy(llm_dirs["policy"]), full_settings(group_size=2, max_version_lag=1), tmp_path / "lag")
+    a, b = lagging.complete(PROMPT), lagging.complete(PROMPT)
+    lagging.submit_rewards(a["group_id"], [1.0, 0.0])
+    assert lagging.submit_rewards(b["group_id"], [0.0, 1.0])["model_version"] == ["lag", 2]
+
+
+def test_unknown_group_and_bad_rewards(llm_dirs: dict[str, Path], tmp_path: Path) -> None:
+    run = GRPORun("r", load_policy(llm_dirs["policy"]), full_settings(group_size=2), tmp_path)
+    with pytest.raises(NotFound, match="no group 'nope'") as caught:
+        run.submit_rewards("nope", [1.0, 0.0])
+    assert caught.value.status == 404
+    group = run.complete(PROMPT)
+    for bad in ([1.0], [1.0, float("nan")], [1.0, "x"]):
+        with pytest.raises(InvalidRequest):
+            run.submit_rewards(group["group_id"], bad)  # type: ignore[arg-type]
+    run.submit_rewards(group["group_id"], [1.0, 0.0])  # still pending after the refusals
+    with pytest.raises(NotFound):  # rewarded once only
+        run.submit_rewards(group["group_id"], [1.0, 0.0])
+
+
+def test_finished_run_refuses_and_checkpoints(llm_dirs: dict[str, Path], tmp_path: Path) -> None:
+    run = GRPORun("fin", load_policy(llm_dirs["policy"]), full_settings(group_size=2), tmp_path)
+    group = run.complete(PROMPT)
+    run.submit_rewards(group["group_id"], [1.0, 0.0])
+    status = run.stop()
+    assert status["state"] == "finished" and status["cycle"] == 1
+    assert latest_checkpoint(tmp_path) == tmp_path / "cycle-00000001"
+    assert run.stop()["state"] == "finished"  # idempotent
+    for call in (lambda: run.complete(PROMPT), lambda: run.submit_rewards(group["group_id"], [1.0, 0.0])):
+        with pytest.raises(RunFinished) as caught:
+            call()
+        assert caught.value.status == 409 and caught.value.code == "run_finished"
+
+
+def test_save_archive_holds_the_model_folder(llm_dirs: dict[str, Path], tmp_path: Path) -> None:
+    run = GRPORun("arc", load_policy(llm_dirs["policy"], adapter=llm_dirs["policy_lora"]), full_settings(lora=True), tmp_path)
+    with tarfile.open(fileobj=io.BytesIO(run.save_archive()), mode="r:gz") as tar:
+        names = {Path(n).name for n in tar.getnames()}
+    assert {"adapter_config.json", "adapter_model.safetensors", "tokenizer.json"} <= names
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_resume_continues_the_cycle_count_and_reproduces_the_weights(
+    llm_dirs: dict[str, Path], tmp_path: Path, lora: bool
+) -> None:
+    adapter = llm_dirs["policy_lora"] if lora else None
+    lm = load_policy(llm_dirs["policy"], adapter=adapter)
+    settings = full_settings(lora=lora, group_size=4, checkpoint_every=3, lr=1e-3)
+    run = GRPORun("res", lm, settings, tmp_path, base_path=llm_dirs["policy"])
+    curve = play(run, lm, 3)
+    assert latest_checkpoint(tmp_path) == tmp_path / "cycle-00000003"
+    at_checkpoint = {k: v.clone() for k, v in lm.model.state_dict().items()}
+    play(run, lm, 1)
+    at_cycle_4 = {k: v.clone() for k, v in lm.model.state_dict().items()}
+    pending = run.complete(PROMPT)
+
+    resumed = GRPORun.resume("res", tmp_path)  # a "restart": everything from disk
+    status = resumed.status()
+    assert status["cycle"] == 3 and status["reward_history"] == curve and status["groups_handed_out"] == 3
+    state = resumed.lm.model.state_dict()
+    assert state.keys() == at_checkpoint.keys()
+    for k, v in at_checkpoint.items():
+        torch.testing.assert_close(state[k], v, rtol=0, atol=0)
+    with pytest.raises(NotFound):  # groups handed out before the restart are forgotten
+        resumed.submit_rewards(pending["group_id"], [0.0] * 4)
+
+    # The next cycle repeats the original run's: same samples, same update (the optimiser's
+    # moments and the sampling seed's counter were restored too).
+    assert play(resumed, resumed.lm, 1) == run.status()["reward_history"][3:4]
+    assert resumed.status()["model_version"] == ["res", 4]
+    for k, v in resumed.lm.model.state_dict().items():
+        torch.testing.assert_close(v, at_cycle_4[k])
+    with pytest.raises(ValueError, match="belong to run res"):
+        GRPORun.resume("other", tmp_path)
