@@ -1,0 +1,161 @@
+"""x1 training on the tiny models (policy_server.llm.x1_training): PPO, MSE, LoRA, stop, save."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from policy_server.errors import InvalidRequest
+from policy_server.llm.datasets import PolicySample, ValueSample, encode_last_message, parse_samples
+from policy_server.llm.losses import token_logprobs
+from policy_server.llm.models import LoadedLM, load_policy, load_value
+from policy_server.llm.x1_training import LoraSettings, TrainingRun, X1TrainingConfig
+
+QUESTION = {"role": "user", "content": "What is 2 + 2?"}
+GOOD = [QUESTION, {"role": "assistant", "content": "The answer is 4."}]
+BAD = [QUESTION, {"role": "assistant", "content": "The answer is 5."}]
+OTHER = [{"role": "user", "content": "Sort the letters of cab."}, {"role": "assistant", "content": "abc"}]
+# Positive advantages only: GOOD and BAD share all tokens but the last digit, so pushing BAD down
+# would push most of GOOD down too.
+POLICY_SAMPLES = [PolicySample(GOOD, 1.0), PolicySample(OTHER, 0.5)]
+VALUE_SAMPLES = [ValueSample(GOOD, 0.8), ValueSample(OTHER, -0.8)]
+# One minibatch holds the whole dataset, so the losses of successive steps compare.
+FAST = {"lr": 3e-3, "batch_size": 2, "num_epochs": 4}
+
+
+@pytest.fixture(autouse=True)
+def one_thread() -> Iterator[None]:
+    # Tiny matrices gain nothing from a second thread on a 2-core machine (see build_tiny_model.fit).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def snapshot(run: TrainingRun) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in run.module.named_parameters() if p.requires_grad}
+
+
+def assert_all_changed(before: dict[str, torch.Tensor], run: TrainingRun) -> None:
+    after = dict(run.module.named_parameters())
+    unchanged = [name for name, value in before.items() if torch.equal(value, after[name].detach())]
+    assert before and not unchanged, f"parameters that did not change: {unchanged}"
+
+
+def answer_logprob(lm: LoadedLM, messages: list[dict[str, str]]) -> float:
+    ids, mask = encode_last_message(lm.tokenizer, messages, 512)
+    batch = torch.tensor([ids])
+    with torch.no_grad():
+        logp = token_logprobs(lm.model(input_ids=batch).logits, batch)[0]
+    return float((logp * torch.tensor(mask[1:])).sum())
+
+
+def train(run: TrainingRun, samples: list[Any], **kwargs: Any) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    steps: list[dict[str, Any]] = []
+    summary = run.run(samples, on_step=steps.append, **kwargs)
+    return summary, steps
+
+
+def test_ppo_full_fine_tuning_reinforces_the_good_answer(llm_dirs: dict[str, Path]) -> None:
+    lm = load_policy(llm_dirs["policy"])
+    run = TrainingRun(lm, X1TrainingConfig(**FAST))
+    before, good = snapshot(run), answer_logprob(lm, GOOD)
+    assert len(before) == len(list(lm.model.parameters()))  # full fine-tuning
+    summary, steps = train(run, POLICY_SAMPLES)
+    assert summary == {"step": 4, "total_steps": 4, "epoch": 3, "loss": steps[-1]["loss"], "running": False, "stopped": False}
+    losses = [step["loss"] for step in steps]
+    assert losses[-1] < losses[0], losses
+    assert {"pg_loss", "kl", "approx_kl", "clip_frac", "entropy"} <= set(steps[0])
+    assert_all_changed(before, run)
+    assert not lm.model.training
+    assert answer_logprob(lm, GOOD) > good
+
+
+def test_ppo_with_adapter_trains_only_the_adapter_and_saves_it(llm_dirs: dict[str, Path], tmp_path: Path) -> None:
+    lm = load_policy(llm_dirs["policy"], adapter=llm_dirs["policy_lora"])
+    run = TrainingRun(lm, X1TrainingConfig(**FAST))
+    base = {n: p.detach().clone() for n, p in lm.model.named_parameters() if "lora_" not in n}
+    before, good = snapshot(run), answer_logprob(lm, GOOD)
+    assert before and all("lora_" in name for name in before)
+    _, steps = train(run, POLICY_SAMPLES)
+    losses = [step["loss"] for step in steps]
+    assert losses[-1] < losses[0], losses
+    assert steps[0]["kl"] > 0  # the reference is the base model without the adapter
+    assert_all_changed(before, run)
+    assert all(torch.equal(p, dict(lm.model.named_parameters())[n]) for n, p in base.items())
+    assert answer_logprob(lm, GOOD) > good
+
+    saved = run.save(tmp_path / "adapter")
+    assert (saved / "adapter_config.json").is_file() and not (saved / "config.json").exists()
+    reloaded = load_policy(llm_dirs["policy"], adapter=saved)
+    assert answer_logprob(reloaded, GOOD) == pytest.approx(answer_logprob(lm, GOOD), abs=1e-4)
+
+
+def test_new_lora_wraps_a_plain_policy(llm_dirs: dict[str, Path], tmp_path: Path) -> None:
+    lm = load_policy(llm_dirs["policy"])
+    settings = LoraSettings(r=2, alpha=4, dropout=0.0, target_modules=r".*\.(q_proj|v_proj)")
+    run = TrainingRun(lm, X1TrainingConfig(lora=settings, **FAST))
+    before = snapshot(run)
+    assert before and all("lora_" in name for name in before)
+    _, steps = train(run, POLICY_SAMPLES)
+    assert steps[-1]["loss"] < steps[0]["loss"]
+    # peft starts B at zero, so A only moves after B has: every adapter tensor still changes in 4 steps.
+    assert_all_changed(before, run)
+    reloaded = load_policy(llm_dirs["policy"], adapter=run.save(tmp_path / "new-adapter"))
+    assert answer_logprob(reloaded, GOOD) == pytest.approx(answer_logprob(lm, GOOD), abs=1e-4)
+
+
+def test_value_mse_moves_scores_to_targets_and_reloads(llm_dirs: dict[str, Path], tmp_path: Path) -> None:
+    value = load_value(llm_dirs["value"])
+    run = TrainingRun(value, X1TrainingConfig(lr=3e-4, batch_size=2, num_epochs=6))
+    before = snapshot(run)
+    assert len(before) == len(list(value.model.parameters()))
+    _, steps = train(run, VALUE_SAMPLES)
+    losses = [step["loss"] for step in steps]
+    assert losses[-1] < losses[0] / 4, losses
+    assert_all_changed(before, run)
+
+    saved = run.save(tmp_path / "value")
+    reloaded = load_value(saved)
+    batch = value.tokenizer([value.tokenizer.apply_chat_template(m, tokenize=False) for m in (GOOD, OTHER)],
+                            add_special_tokens=False, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        trained = value.model.scores(batch["input_ids"], batch["attention_mask"])
+        again = reloaded.model.scores(batch["input_ids"], batch["attention_mask"])
+    torch.testing.assert_close(again, trained)
+    assert trained[0] > 0 > trained[1]
+
+
+def test_stop_interrupts_within_one_step_and_save_replaces_atomically(llm_dirs: dict[str, Path], tmp_path: Path) -> None:
+    lm = load_policy(llm_dirs["policy"], adapter=llm_dirs["policy_lora"])
+    run = TrainingRun(lm, X1TrainingConfig(lr=1e-3, batch_size=1, num_epochs=5))
+    steps: list[dict[str, Any]] = []
+    summary = run.run(POLICY_SAMPLES, should_stop=lambda: len(steps) >= 1, on_step=steps.append)
+    assert summary["stopped"] and summary["step"] == 1 and summary["total_steps"] == 10
+    assert run.progress() == {"step": 1, "total_steps": 10, "epoch": 0, "loss": steps[0]["loss"], "running": False}
+
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "stale.txt").write_text("from an earlier save")
+    assert run.save(folder) == folder
+    assert not (folder / "stale.txt").exists() and (folder / "adapter_config.json").is_file()
+    assert [p.name for p in tmp_path.iterdir()] == ["model"]  # no temporary folder left
+    reloaded = load_policy(llm_dirs["policy"], adapter=folder)
+    assert answer_logprob(reloaded, GOOD) == pytest.approx(answer_logprob(lm, GOOD), abs=1e-4)
+
+
+def test_sample_logprobs_are_the_old_policy(llm_dirs: dict[str, Path]) -> None:
+    lm = load_policy(llm_dirs["policy"])
+    run = TrainingRun(lm, X1TrainingConfig(batch_size=2))
+    _, mask = encode_last_message(lm.tokenizer, GOOD, 512)
+    count = sum(mask)
+    # The generating policy gave the answer a far lower probability: every ratio is clipped at once.
+    low = parse_samples([{"messages": GOOD, "GAE": 1.0, "logprobs": [-20.0] * count}], "policy")
+    _, steps = train(run, low)
+    assert steps[0]["clip_frac"] == 1.0
+    with pytest.raises(InvalidRequest, match=r"body\.dataset\.0\.logprobs: has 1 values"):
+        run.run(parse_samples([{"messages": GOOD, "GAE": 1.0, "logprobs": [-1.0]}], "policy"))
