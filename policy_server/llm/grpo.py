@@ -346,7 +346,11 @@ class GRPORun:
             self.cycle += 1
             if self.cycle % self.settings.checkpoint_every == 0:
                 self._checkpoint()
-            return {"model_version": [self.run_id, self.cycle], "loss": stats["loss"], "mean_reward": mean_reward}
+            return {
+                "model_version": [self.run_id, self.cycle],
+                "loss": stats["loss"],
+                "mean_reward": mean_reward,
+            }
 
     def status(self) -> dict[str, Any]:
         with self._lock:
@@ -406,16 +410,17 @@ class GRPORun:
             raise NotFound(f"run {run_id} has no checkpoint in {checkpoint_dir}: it cannot be resumed")
         state = json.loads((folder / STATE_FILE).read_text())
         if state["run_id"] != run_id:
-            raise ValueError(f"the checkpoints in {checkpoint_dir} belong to run {state['run_id']}, not {run_id}")
+            raise ValueError(
+                f"the checkpoints in {checkpoint_dir} belong to run {state['run_id']}, not {run_id}"
+            )
         settings = GRPOSettings.from_dict(state["settings"])
         base = base_path or state.get("base_path")
         reference = None
-        if settings.lora or settings.beta > 0:
-            if base is None:
-                raise ValueError(
-                    f"run {run_id} needs the model it started from (LoRA base or KL reference): "
-                    "give base_path, that model's folder"
-                )
+        if (settings.lora or settings.beta > 0) and base is None:
+            raise ValueError(
+                f"run {run_id} needs the model it started from (LoRA base or KL reference): "
+                "give base_path, that model's folder"
+            )
         if settings.lora:
             lm = load_policy(base, adapter=folder / MODEL_FOLDER, dtype=dtype, device=device)
         else:
@@ -466,9 +471,13 @@ class GRPORun:
             return None
         with torch.no_grad():
             if self._reference is not None:
-                return completion_logprobs(self._reference, group.prompt_ids, group.completions, self.lm.device)[0]
+                return completion_logprobs(
+                    self._reference, group.prompt_ids, group.completions, self.lm.device
+                )[0]
             with self.lm.model.disable_adapter():
-                return completion_logprobs(self.lm.model, group.prompt_ids, group.completions, self.lm.device)[0]
+                return completion_logprobs(
+                    self.lm.model, group.prompt_ids, group.completions, self.lm.device
+                )[0]
 
     def _step(self, group: _Group, rewards: list[float]) -> dict[str, float]:
         s, device = self.settings, self.lm.device
@@ -494,7 +503,10 @@ class GRPORun:
         tokenizer = self.lm.tokenizer
         if self.settings.chat:
             ids = tokenizer.apply_chat_template(
-                [{"role": "user", "content": prompt}], tokenize=True, add_generation_prompt=True, return_dict=False
+                [{"role": "user", "content": prompt}],
+                tokenize=True,
+                add_generation_prompt=True,
+                return_dict=False,
             )
         else:
             ids = self.generator.encode(prompt)
@@ -507,7 +519,9 @@ class GRPORun:
 
     def _require_running(self) -> None:
         if self.state != "running":
-            raise RunFinished(f"run {self.run_id} is finished (stopped at cycle {self.cycle}); start a new run")
+            raise RunFinished(
+                f"run {self.run_id} is finished (stopped at cycle {self.cycle}); start a new run"
+            )
 
     def _save_model(self, folder: Path) -> None:
         self.lm.model.save_pretrained(folder)

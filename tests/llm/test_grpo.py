@@ -6,6 +6,7 @@ import io
 import math
 import random
 import tarfile
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -72,7 +73,7 @@ def test_group_advantages_sum_to_zero_and_refuse_bad_shapes() -> None:
         group_advantages(torch.zeros(2, 2))
 
 
-def naive_grpo_loss(new, old, ref, adv, mask, clip_eps, beta) -> float:  # noqa: ANN001
+def naive_grpo_loss(new, old, ref, adv, mask, clip_eps, beta) -> float:
     per_seq = []
     for b in range(len(new)):
         total, n = 0.0, 0
@@ -104,7 +105,13 @@ def test_grpo_loss_matches_naive(seed: int, with_ref: bool) -> None:
     mask = torch.tensor([[1] * n + [0] * (t - n) for n in lengths])
     loss, stats = grpo_loss(new, old, ref, adv, mask, clip_eps=0.2, beta=0.1)
     expected = naive_grpo_loss(
-        new.tolist(), old.tolist(), None if ref is None else ref.tolist(), adv.tolist(), mask.tolist(), 0.2, 0.1
+        new.tolist(),
+        old.tolist(),
+        None if ref is None else ref.tolist(),
+        adv.tolist(),
+        mask.tolist(),
+        0.2,
+        0.1,
     )
     assert loss.item() == pytest.approx(expected, rel=1e-9)
     assert stats["loss"] == pytest.approx(expected, rel=1e-9)
@@ -141,7 +148,14 @@ def seven_reward(lm: LoadedLM, completion: dict) -> float:
 
 
 def full_settings(**overrides: object) -> GRPOSettings:
-    base = dict(group_size=8, lr=1e-3, lora=False, chat=True, max_completion_length=16, checkpoint_every=1000)
+    base = {
+        "group_size": 8,
+        "lr": 1e-3,
+        "lora": False,
+        "chat": True,
+        "max_completion_length": 16,
+        "checkpoint_every": 1000,
+    }
     return GRPOSettings(**{**base, **overrides})  # type: ignore[arg-type]
 
 
@@ -170,7 +184,9 @@ def test_mean_reward_rises(llm_dirs: dict[str, Path], tmp_path: Path, seed: int)
     assert status["mean_reward"] == pytest.approx(sum(curve[-20:]) / 20)
 
 
-def test_complete_returns_a_versioned_group_with_sampling_logprobs(llm_dirs: dict[str, Path], tmp_path: Path) -> None:
+def test_complete_returns_a_versioned_group_with_sampling_logprobs(
+    llm_dirs: dict[str, Path], tmp_path: Path
+) -> None:
     lm = load_policy(llm_dirs["policy"])
     run = GRPORun("r", lm, full_settings(group_size=4), tmp_path)
     group = run.complete(PROMPT)
@@ -190,7 +206,9 @@ def test_complete_returns_a_versioned_group_with_sampling_logprobs(llm_dirs: dic
         assert logp[row, :n].tolist() == pytest.approx(c["logprobs"], abs=1e-4)
 
 
-def test_one_step_changes_every_parameter_and_not_the_reference(llm_dirs: dict[str, Path], tmp_path: Path) -> None:
+def test_one_step_changes_every_parameter_and_not_the_reference(
+    llm_dirs: dict[str, Path], tmp_path: Path
+) -> None:
     lm = load_policy(llm_dirs["policy"])
     run = GRPORun("r", lm, full_settings(group_size=4), tmp_path)
     before = {k: v.clone() for k, v in lm.model.state_dict().items()}
@@ -220,13 +238,22 @@ def test_stale_group_is_rejected_and_counted(llm_dirs: dict[str, Path], tmp_path
     run.submit_rewards(a["group_id"], [1.0, 0.0])
     with pytest.raises(StaleGroup, match="cycle 0.*cycle 1") as caught:
         run.submit_rewards(b["group_id"], [1.0, 0.0])
-    assert isinstance(caught.value, Conflict) and caught.value.status == 409 and caught.value.code == "stale_group"
+    assert (
+        isinstance(caught.value, Conflict)
+        and caught.value.status == 409
+        and caught.value.code == "stale_group"
+    )
     status = run.status()
     assert status["rejected_stale"] == 1 and status["rewards_received"] == 1 and status["cycle"] == 1
     with pytest.raises(NotFound):  # a rejected group is forgotten
         run.submit_rewards(b["group_id"], [1.0, 0.0])
 
-    lagging = GRPORun("lag", load_policy(llm_dirs["policy"]), full_settings(group_size=2, max_version_lag=1), tmp_path / "lag")
+    lagging = GRPORun(
+        "lag",
+        load_policy(llm_dirs["policy"]),
+        full_settings(group_size=2, max_version_lag=1),
+        tmp_path / "lag",
+    )
     a, b = lagging.complete(PROMPT), lagging.complete(PROMPT)
     lagging.submit_rewards(a["group_id"], [1.0, 0.0])
     assert lagging.submit_rewards(b["group_id"], [0.0, 1.0])["model_version"] == ["lag", 2]
@@ -261,7 +288,12 @@ def test_finished_run_refuses_and_checkpoints(llm_dirs: dict[str, Path], tmp_pat
 
 
 def test_save_archive_holds_the_model_folder(llm_dirs: dict[str, Path], tmp_path: Path) -> None:
-    run = GRPORun("arc", load_policy(llm_dirs["policy"], adapter=llm_dirs["policy_lora"]), full_settings(lora=True), tmp_path)
+    run = GRPORun(
+        "arc",
+        load_policy(llm_dirs["policy"], adapter=llm_dirs["policy_lora"]),
+        full_settings(lora=True),
+        tmp_path,
+    )
     with tarfile.open(fileobj=io.BytesIO(run.save_archive()), mode="r:gz") as tar:
         names = {Path(n).name for n in tar.getnames()}
     assert {"adapter_config.json", "adapter_model.safetensors", "tokenizer.json"} <= names
@@ -300,3 +332,27 @@ def test_resume_continues_the_cycle_count_and_reproduces_the_weights(
         torch.testing.assert_close(v, at_cycle_4[k])
     with pytest.raises(ValueError, match="belong to run res"):
         GRPORun.resume("other", tmp_path)
+
+
+def test_concurrent_clients_and_periodic_checkpoints(llm_dirs: dict[str, Path], tmp_path: Path) -> None:
+    lm = load_policy(llm_dirs["policy"])
+    run = GRPORun("par", lm, full_settings(group_size=2, max_version_lag=100, checkpoint_every=2), tmp_path)
+    errors: list[BaseException] = []
+
+    def client() -> None:
+        try:
+            for _ in range(3):
+                group = run.complete(PROMPT)
+                run.submit_rewards(group["group_id"], [seven_reward(lm, c) for c in group["completions"]])
+        except BaseException as exc:  # noqa: BLE001 - reported by the assertion below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=client) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    status = run.status()
+    assert status["cycle"] == 12 and status["groups_handed_out"] == 12 and status["rewards_received"] == 12
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cycle-00000010", "cycle-00000012"]
