@@ -88,7 +88,9 @@ def _messages(value: Any, field: str) -> list[Message]:
     messages = []
     for j, message in enumerate(value):
         if not isinstance(message, dict):
-            raise _invalid(f"{field}.{j}", f"must be an object with role and content, got {type(message).__name__}")
+            raise _invalid(
+                f"{field}.{j}", f"must be an object with role and content, got {type(message).__name__}"
+            )
         extra = sorted(set(message) - {"role", "content"})
         if extra:
             raise _invalid(f"{field}.{j}", f"unknown keys {extra}; a message has role and content")
@@ -113,7 +115,9 @@ def _check_keys(raw: Any, allowed: frozenset[str], where: str) -> dict[str, Any]
     form = DOCUMENTED_KEYS if "question" in raw or "current_node" in raw else allowed
     extra = sorted(set(raw) - form)
     if extra:
-        raise _invalid(where, f"unknown keys {extra}; expected {sorted(allowed)} or {sorted(DOCUMENTED_KEYS)}")
+        raise _invalid(
+            where, f"unknown keys {extra}; expected {sorted(allowed)} or {sorted(DOCUMENTED_KEYS)}"
+        )
     return raw
 
 
@@ -124,7 +128,9 @@ def parse_policy_sample(raw: Any, where: str) -> PolicySample:
         return PolicySample(messages, advantage, judged_from)
     messages = _messages(raw.get("messages"), f"{where}.messages")
     if messages[-1]["role"] != "assistant":
-        raise _invalid(f"{where}.messages.{len(messages) - 1}.role", "the last message must be the assistant's")
+        raise _invalid(
+            f"{where}.messages.{len(messages) - 1}.role", "the last message must be the assistant's"
+        )
     if ("GAE" in raw) == ("advantage" in raw):
         raise _invalid(f"{where}.GAE", "give the advantage as GAE (or advantage), exactly once")
     key = "GAE" if "GAE" in raw else "advantage"
@@ -146,13 +152,19 @@ def parse_value_sample(raw: Any, where: str) -> ValueSample:
         field = f"{where}.value"
     else:
         messages = _messages(raw.get("messages"), f"{where}.messages")
-        target, judged_from, field = _number(raw.get("value_target"), f"{where}.value_target"), 0, f"{where}.value_target"
+        target, judged_from, field = (
+            _number(raw.get("value_target"), f"{where}.value_target"),
+            0,
+            f"{where}.value_target",
+        )
     if not -1.0 <= target <= 1.0:
         raise _invalid(field, f"must be in [-1, 1] (the value head's range), got {target}")
     return ValueSample(messages, target, judged_from)
 
 
-def parse_samples(raw: Any, kind: Kind, field: str = "body.dataset") -> list[PolicySample] | list[ValueSample]:
+def parse_samples(
+    raw: Any, kind: Kind, field: str = "body.dataset"
+) -> list[PolicySample] | list[ValueSample]:
     """Validate a list of x1 samples for the policy (PPO) or the value model (MSE)."""
     if not isinstance(raw, list) or not raw:
         raise _invalid(field, "must be a non-empty list of samples")
@@ -169,7 +181,9 @@ def resolve_under(data_dir: Path, relative: str, field: str = "body.dataset_path
     return candidate
 
 
-def load_dataset_file(data_dir: Path, relative: str, field: str = "body.dataset_path") -> list[dict[str, Any]]:
+def load_dataset_file(
+    data_dir: Path, relative: str, field: str = "body.dataset_path"
+) -> list[dict[str, Any]]:
     """Samples from a JSON file (a list) or a JSONL file (one object a line) under ``data_dir``."""
     path = resolve_under(data_dir, relative, field)
     if not path.is_file():

@@ -112,7 +112,13 @@ class TrainingRun:
         self.config = config or X1TrainingConfig()
         self.kind = "value" if isinstance(model, LoadedValue) else "policy"
         self._lock = threading.Lock()
-        self._progress: dict[str, Any] = {"step": 0, "total_steps": 0, "epoch": 0, "loss": None, "running": False}
+        self._progress: dict[str, Any] = {
+            "step": 0,
+            "total_steps": 0,
+            "epoch": 0,
+            "loss": None,
+            "running": False,
+        }
         if self.kind == "policy" and self.config.lora is not None and not is_peft(model.model):
             model.model = _wrap_lora(model.model, self.config.lora)
         self.parameters = self._make_trainable()
@@ -142,10 +148,16 @@ class TrainingRun:
         encoded = []
         for i, sample in enumerate(samples):
             if not isinstance(sample, expected):
-                raise TypeError(f"a {self.kind} run takes {expected.__name__}s, sample {i} is {type(sample).__name__}")
+                raise TypeError(
+                    f"a {self.kind} run takes {expected.__name__}s, sample {i} is {type(sample).__name__}"
+                )
             where = f"body.dataset.{i}"
             ids, mask = encode_last_message(
-                self.loaded.tokenizer, sample.messages, self.config.max_length, sample.judged_from, f"{where}.messages"
+                self.loaded.tokenizer,
+                sample.messages,
+                self.config.max_length,
+                sample.judged_from,
+                f"{where}.messages",
             )
             item = _Encoded(torch.tensor(ids), torch.tensor(mask[1:], dtype=torch.float32), 0.0)
             if isinstance(sample, PolicySample):
@@ -166,7 +178,9 @@ class TrainingRun:
         cfg = self.config
         data = self.encode(samples)
         steps_per_epoch = math.ceil(len(data) / cfg.batch_size)
-        self._set_progress(step=0, total_steps=cfg.num_epochs * steps_per_epoch, epoch=0, loss=None, running=True)
+        self._set_progress(
+            step=0, total_steps=cfg.num_epochs * steps_per_epoch, epoch=0, loss=None, running=True
+        )
         try:
             if self.kind == "policy":
                 self._fill_logprobs(data)
@@ -182,7 +196,9 @@ class TrainingRun:
                         stopped = True
                         break
                     batch = [data[i] for i in order[start : start + cfg.batch_size]]
-                    loss_t, stats = self._policy_loss(batch) if self.kind == "policy" else self._value_loss(batch)
+                    loss_t, stats = (
+                        self._policy_loss(batch) if self.kind == "policy" else self._value_loss(batch)
+                    )
                     optimizer.zero_grad(set_to_none=True)
                     loss_t.backward()
                     if cfg.max_grad_norm is not None:

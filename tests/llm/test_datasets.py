@@ -25,7 +25,12 @@ CHAT = [
     {"role": "user", "content": "What is 1 + 2?"},
     {"role": "assistant", "content": "Add the units.<|eois_id|>The answer is 3."},
 ]
-DOCUMENTED = {"question": "What is 1 + 2?", "context": "Add the units.<|eois_id|>", "current_node": "The answer is 3.", "value": 0.5}
+DOCUMENTED = {
+    "question": "What is 1 + 2?",
+    "context": "Add the units.<|eois_id|>",
+    "current_node": "The answer is 3.",
+    "value": 0.5,
+}
 
 
 @pytest.fixture(scope="module")

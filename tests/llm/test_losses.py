@@ -73,7 +73,7 @@ def test_kl_k3_matches_formula_and_is_non_negative(gen: torch.Generator) -> None
     assert torch.equal(kl_k3(logp, logp), torch.zeros(B, T))
 
 
-def naive_ppo(new, old, ref, adv, mask, entropy, clip, kl_coef, ent_coef) -> float:  # noqa: ANN001
+def naive_ppo(new, old, ref, adv, mask, entropy, clip, kl_coef, ent_coef) -> float:
     terms = []
     for b in range(new.shape[0]):
         for t in range(new.shape[1]):
@@ -89,8 +89,12 @@ def naive_ppo(new, old, ref, adv, mask, entropy, clip, kl_coef, ent_coef) -> flo
     return sum(terms) / len(terms)
 
 
-@pytest.mark.parametrize(("clip", "kl_coef", "ent_coef"), [(0.2, 0.01, 0.01), (0.1, 0.5, 0.0), (0.3, 0.0, 0.2)])
-def test_ppo_token_loss_matches_loop(gen: torch.Generator, clip: float, kl_coef: float, ent_coef: float) -> None:
+@pytest.mark.parametrize(
+    ("clip", "kl_coef", "ent_coef"), [(0.2, 0.01, 0.01), (0.1, 0.5, 0.0), (0.3, 0.0, 0.2)]
+)
+def test_ppo_token_loss_matches_loop(
+    gen: torch.Generator, clip: float, kl_coef: float, ent_coef: float
+) -> None:
     old = -torch.rand(B, T, generator=gen) * 2
     new = old + torch.randn(B, T, generator=gen) * 0.4  # ratios on both sides of the clip range
     ref = -torch.rand(B, T, generator=gen) * 2
@@ -98,7 +102,9 @@ def test_ppo_token_loss_matches_loop(gen: torch.Generator, clip: float, kl_coef:
     mask = (torch.rand(B, T, generator=gen) > 0.3).float()
     entropy = torch.rand(B, T, generator=gen)
     loss, stats = ppo_token_loss(new, old, ref, adv, mask, clip, kl_coef, ent_coef, entropy)
-    assert loss.item() == pytest.approx(naive_ppo(new, old, ref, adv, mask, entropy, clip, kl_coef, ent_coef), abs=1e-5)
+    assert loss.item() == pytest.approx(
+        naive_ppo(new, old, ref, adv, mask, entropy, clip, kl_coef, ent_coef), abs=1e-5
+    )
     assert stats["kl"] == pytest.approx(naive_masked_mean(kl_k3(new, ref), mask), abs=1e-6)
     assert 0.0 < stats["clip_frac"] < 1.0
     assert set(stats) == {"pg_loss", "kl", "approx_kl", "clip_frac", "entropy"}

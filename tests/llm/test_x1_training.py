@@ -66,7 +66,14 @@ def test_ppo_full_fine_tuning_reinforces_the_good_answer(llm_dirs: dict[str, Pat
     before, good = snapshot(run), answer_logprob(lm, GOOD)
     assert len(before) == len(list(lm.model.parameters()))  # full fine-tuning
     summary, steps = train(run, POLICY_SAMPLES)
-    assert summary == {"step": 4, "total_steps": 4, "epoch": 3, "loss": steps[-1]["loss"], "running": False, "stopped": False}
+    assert summary == {
+        "step": 4,
+        "total_steps": 4,
+        "epoch": 3,
+        "loss": steps[-1]["loss"],
+        "running": False,
+        "stopped": False,
+    }
     losses = [step["loss"] for step in steps]
     assert losses[-1] < losses[0], losses
     assert {"pg_loss", "kl", "approx_kl", "clip_frac", "entropy"} <= set(steps[0])
@@ -75,7 +82,9 @@ def test_ppo_full_fine_tuning_reinforces_the_good_answer(llm_dirs: dict[str, Pat
     assert answer_logprob(lm, GOOD) > good
 
 
-def test_ppo_with_adapter_trains_only_the_adapter_and_saves_it(llm_dirs: dict[str, Path], tmp_path: Path) -> None:
+def test_ppo_with_adapter_trains_only_the_adapter_and_saves_it(
+    llm_dirs: dict[str, Path], tmp_path: Path
+) -> None:
     lm = load_policy(llm_dirs["policy"], adapter=llm_dirs["policy_lora"])
     run = TrainingRun(lm, X1TrainingConfig(**FAST))
     base = {n: p.detach().clone() for n, p in lm.model.named_parameters() if "lora_" not in n}
@@ -121,8 +130,12 @@ def test_value_mse_moves_scores_to_targets_and_reloads(llm_dirs: dict[str, Path]
 
     saved = run.save(tmp_path / "value")
     reloaded = load_value(saved)
-    batch = value.tokenizer([value.tokenizer.apply_chat_template(m, tokenize=False) for m in (GOOD, OTHER)],
-                            add_special_tokens=False, padding=True, return_tensors="pt")
+    batch = value.tokenizer(
+        [value.tokenizer.apply_chat_template(m, tokenize=False) for m in (GOOD, OTHER)],
+        add_special_tokens=False,
+        padding=True,
+        return_tensors="pt",
+    )
     with torch.no_grad():
         trained = value.model.scores(batch["input_ids"], batch["attention_mask"])
         again = reloaded.model.scores(batch["input_ids"], batch["attention_mask"])
@@ -130,13 +143,21 @@ def test_value_mse_moves_scores_to_targets_and_reloads(llm_dirs: dict[str, Path]
     assert trained[0] > 0 > trained[1]
 
 
-def test_stop_interrupts_within_one_step_and_save_replaces_atomically(llm_dirs: dict[str, Path], tmp_path: Path) -> None:
+def test_stop_interrupts_within_one_step_and_save_replaces_atomically(
+    llm_dirs: dict[str, Path], tmp_path: Path
+) -> None:
     lm = load_policy(llm_dirs["policy"], adapter=llm_dirs["policy_lora"])
     run = TrainingRun(lm, X1TrainingConfig(lr=1e-3, batch_size=1, num_epochs=5))
     steps: list[dict[str, Any]] = []
     summary = run.run(POLICY_SAMPLES, should_stop=lambda: len(steps) >= 1, on_step=steps.append)
     assert summary["stopped"] and summary["step"] == 1 and summary["total_steps"] == 10
-    assert run.progress() == {"step": 1, "total_steps": 10, "epoch": 0, "loss": steps[0]["loss"], "running": False}
+    assert run.progress() == {
+        "step": 1,
+        "total_steps": 10,
+        "epoch": 0,
+        "loss": steps[0]["loss"],
+        "running": False,
+    }
 
     folder = tmp_path / "model"
     folder.mkdir()
