@@ -1,0 +1,85 @@
+"""``GRPORuns``: the GRPO runs of one served LLM policy (grpo_server's control-flow reversal).
+
+A client starts a run, asks for groups of completions, scores them locally and sends the
+rewards back; each reward submission is one training cycle. Each run trains its own copy of
+the model, checkpoints under ``root/<run_id>``, and is resumed from its newest checkpoint when
+it is asked for after a restart. A plain object: a Serve deployment holds one (or the gateway,
+with the local backend).
+"""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from pathlib import Path
+from typing import Any
+
+from policy_server.errors import Conflict, InvalidRequest, NotFound
+from policy_server.llm.grpo import GRPORun, GRPOSettings, latest_checkpoint
+from policy_server.llm.models import load_policy
+
+RUN_ID = r"^[A-Za-z0-9_-]{1,64}$"
+
+
+class TooManyRuns(Conflict):
+    code = "too_many_runs"
+
+
+class GRPORuns:
+    def __init__(
+        self, model: Path, adapter: Path | None, root: Path, dtype: str = "float32", device: str = "cpu",
+        max_runs: int = 2,
+    ) -> None:
+        self.model, self.adapter, self.root = model, adapter, root
+        self.dtype, self.device, self.max_runs = dtype, device, max_runs
+        self._runs: dict[str, GRPORun] = {}
+        self._lock = threading.Lock()
+
+    def start(self, settings: dict[str, Any]) -> dict[str, Any]:
+        """A new run with these settings (GRPOSettings' fields); returns its status."""
+        try:
+            parsed = GRPOSettings.from_dict(settings)
+        except (TypeError, ValueError) as exc:
+            raise InvalidRequest(f"body: invalid GRPO settings: {exc}") from exc
+        with self._lock:
+            running = [r for r in self._runs.values() if r.state == "running"]
+            if len(running) >= self.max_runs:
+                raise TooManyRuns(
+                    f"{len(running)} runs are going (at most {self.max_runs}): stop one first"
+                )
+            run_id = uuid.uuid4().hex[:16]
+            lm = load_policy(self.model, self.adapter, self.dtype, self.device)
+            run = GRPORun(run_id, lm, parsed, self.root / run_id, base_path=self.model)
+            self._runs[run_id] = run
+        return run.status() | {"settings": parsed.to_dict()}
+
+    def run(self, run_id: str) -> GRPORun:
+        """The run, resumed from its newest checkpoint when this process has not seen it yet."""
+        with self._lock:
+            if run_id in self._runs:
+                return self._runs[run_id]
+            folder = self.root / run_id
+            if not folder.resolve().is_relative_to(self.root.resolve()) or latest_checkpoint(folder) is None:
+                raise NotFound(f"no GRPO run {run_id!r}")
+            run = GRPORun.resume(run_id, folder, base_path=self.model, dtype=self.dtype, device=self.device)
+            self._runs[run_id] = run
+            return run
+
+    def complete(self, run_id: str, prompt: str) -> dict[str, Any]:
+        return self.run(run_id).complete(prompt)
+
+    def rewards(self, run_id: str, group_id: str, rewards: list[float]) -> dict[str, Any]:
+        return self.run(run_id).submit_rewards(group_id, rewards)
+
+    def status(self, run_id: str) -> dict[str, Any]:
+        return self.run(run_id).status()
+
+    def stop(self, run_id: str) -> dict[str, Any]:
+        return self.run(run_id).stop()
+
+    def archive(self, run_id: str) -> bytes:
+        return self.run(run_id).save_archive()
+
+    def list(self) -> list[dict[str, Any]]:
+        with self._lock:
+            return [{"run_id": r.run_id, "state": r.state, "cycle": r.cycle} for r in self._runs.values()]
