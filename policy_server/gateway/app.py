@@ -20,12 +20,14 @@ from policy_server import __version__
 from policy_server.gateway.auth import api_key_checker, bearer_checker
 from policy_server.gateway.errors import envelope, install_error_handlers
 from policy_server.gateway.limits import BodySizeLimit
-from policy_server.gateway.llm_routes import llm_router, openai_router, value_router
+from policy_server.gateway.llm_routes import grpo_router, llm_router, openai_router, value_router
 from policy_server.gateway.llm_service import (
+    GRPOService,
     HandleBackend,
     HandleState,
     LLMService,
     LocalState,
+    ThreadLink,
     ValueService,
     load_tokenizer,
 )
@@ -120,6 +122,8 @@ def build_app(settings: Settings | None = None) -> FastAPI:
     app.state.llm = llm
     if llm.policy is not None:
         app.include_router(llm_router(llm.policy, auth, f"{prefix}/{llm.policy.spec.route_prefix}"))
+        if llm.grpo is not None:
+            app.include_router(grpo_router(llm.grpo, auth, f"{prefix}/{llm.policy.spec.route_prefix}"))
         app.include_router(openai_router(llm.policy, bearer_checker(settings.api_key or schema.api_key), prefix))
     if llm.value is not None:
         app.include_router(value_router(llm.value, auth, f"{prefix}/{llm.value.spec.route_prefix}"))
@@ -177,6 +181,8 @@ async def _start_backends(
         backend = HandleBackend(await asyncio.to_thread(runtime.deploy_llm, spec))
         state = HandleState(await asyncio.to_thread(runtime.deploy_llm_state, spec, llm.policy.tokenizer))
         llm.policy.attach(backend, state)
+        if llm.grpo is not None:
+            llm.grpo.attach(HandleState(await asyncio.to_thread(runtime.deploy_grpo, spec)))
     if llm.value is not None:
         llm.value.attach(HandleBackend(await asyncio.to_thread(runtime.deploy_llm, llm.value.spec)))
 
@@ -196,10 +202,12 @@ class LLMServices:
 
     policy: LLMService | None = None
     value: ValueService | None = None
+    grpo: GRPOService | None = None
 
     def attach_local(self) -> list[Any]:
         """Load the models into this process (blocking); returns the engines to close."""
         from policy_server.llm.engine import LLMEngine, ValueScorer
+        from policy_server.llm.grpo_runs import GRPORuns
 
         engines: list[Any] = []
         if self.policy is not None:
@@ -209,6 +217,9 @@ class LLMServices:
             state = self.policy.new_state(backend.generate)
             engines.append(state)
             self.policy.attach(backend, LocalState(state))
+            if self.grpo is not None:
+                assert spec.training is not None
+                self.grpo.attach(ThreadLink(GRPORuns(spec.path, spec.adapter, spec.training.save_dir / "grpo")))
         if self.value is not None:
             spec = self.value.spec
             scorer = ValueScorer(spec, spec.path, spec.adapter, spec.device)
@@ -221,9 +232,11 @@ def _llm_services(schema: ServerSchema) -> LLMServices:
     if schema.llm is None:
         return LLMServices()
     policy, value = schema.llm.policy, schema.llm.value
+    trainable = policy is not None and policy.training is not None and policy.training.allow_training
     return LLMServices(
         policy=LLMService(policy, load_tokenizer(policy.path)) if policy else None,
         value=ValueService(value) if value else None,
+        grpo=GRPOService() if trainable else None,
     )
 
 

@@ -54,6 +54,31 @@ class LocalState:
         return await result if asyncio.iscoroutine(result) else result
 
 
+class ThreadLink:
+    """A plain object with blocking methods, called in a worker thread (the local backend)."""
+
+    def __init__(self, target: Any) -> None:
+        self.target = target
+
+    async def call(self, method: str, *args: Any) -> Any:
+        return await asyncio.to_thread(getattr(self.target, method), *args)
+
+
+class GRPOService:
+    """The GRPO runs of the LLM policy, wherever they run."""
+
+    def __init__(self) -> None:
+        self.link: StateLink | None = None
+
+    def attach(self, link: StateLink) -> None:
+        self.link = link
+
+    async def call(self, method: str, *args: Any) -> Any:
+        if self.link is None:
+            raise BackendUnavailable("GRPO training is still starting; retry shortly")
+        return await self.link.call(method, *args)
+
+
 class ValueBackend(Protocol):
     async def score(self, conversations: list[list[dict[str, str]]]) -> tuple[list[float], int]: ...
 

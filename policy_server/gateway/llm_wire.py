@@ -57,6 +57,27 @@ class ValueForward(_Wire):
     )
 
 
+class TrainFromDataset(_Wire):
+    """x1's `/train_from_dataset`: PPO for the policy, MSE for the value model."""
+
+    dataset: list[dict[str, Any]] | None = Field(
+        None, description="Samples: {messages, GAE} (policy) or {messages, value_target} (value), "
+        "or x1's documented {question, context, current_node, value}."
+    )
+    dataset_path: str | None = Field(None, description="A JSON or JSONL file under the server's data folder.")
+    num_epochs: int = Field(1, ge=1, le=1000)
+    percent_of_data: float = Field(1.0, gt=0, le=1)
+    save_samples: bool = Field(False, description="Store the samples under the server's samples folder.")
+    lr: float = Field(1e-5, gt=0, le=1)
+    clip: float = Field(0.2, gt=0, description="PPO: ratio clipping.")
+    kl_coef: float = Field(0.01, ge=0, description="PPO: KL penalty to the reference model.")
+    entropy_coef: float = Field(0.01, ge=0, description="PPO: entropy bonus.")
+
+
+class Message(BaseModel):
+    message: str
+
+
 class Status(BaseModel):
     status: str
     allow_training: bool
@@ -64,6 +85,7 @@ class Status(BaseModel):
     allow_inference: bool
     model: str
     model_version: int
+    training: dict[str, Any] | None = Field(None, description="Progress of the running or last training run.")
 
 
 class DirectForwardAnswer(BaseModel):
@@ -131,3 +153,36 @@ class ChatRequest(_OpenAI):
     messages: list[ChatMessage] = Field(min_length=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
+
+
+# --- GRPO (the client computes the reward) --------------------------------------------------------
+
+
+class GRPOStart(_Wire):
+    """A run's settings; every field has a default (see GRPOSettings)."""
+
+    group_size: int = Field(4, ge=2, le=64)
+    lr: float = Field(1e-5, gt=0, le=1)
+    beta: float = Field(0.04, ge=0)
+    clip_eps: float = Field(0.2, gt=0, lt=1)
+    max_prompt_length: int = Field(512, ge=1)
+    max_completion_length: int = Field(64, ge=1, le=4096)
+    temperature: float = Field(1.0, gt=0, le=10)
+    stop_strings: list[str] = Field(default_factory=list)
+    chat: bool = Field(False, description="Wrap each prompt in the chat template.")
+    lora: bool = Field(True, description="Train a LoRA adapter (else the full model).")
+    lora_r: int = Field(8, ge=1)
+    lora_alpha: int = Field(16, ge=1)
+    lora_dropout: float = Field(0.0, ge=0, lt=1)
+    checkpoint_every: int = Field(10, ge=1)
+    max_version_lag: int = Field(0, ge=0, description="Accept rewards for groups this many cycles old.")
+    seed: int = 0
+
+
+class GRPOPrompt(_Wire):
+    prompt: str = Field(min_length=1)
+
+
+class GRPORewards(_Wire):
+    group_id: str = Field(min_length=1, max_length=64)
+    rewards: list[float] = Field(min_length=1, description="One reward per completion of the group, in order.")

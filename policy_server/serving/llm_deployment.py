@@ -11,8 +11,9 @@ from ray import serve
 from ray.serve import Application
 
 from policy_server.llm.config import LLMPolicySpec, LLMValueSpec
-from policy_server.llm.engine import Folder, LLMEngine, ValueScorer, unpack_folder
+from policy_server.llm.engine import Folder, LLMEngine, ValueScorer, resolve_device, unpack_folder
 from policy_server.llm.generation import GenerationParams, Sample
+from policy_server.llm.grpo_runs import GRPORuns
 from policy_server.llm.state import LLMState
 
 
@@ -104,3 +105,24 @@ def build_llm_deployment(
         max_ongoing_requests=ongoing,
         ray_actor_options={"num_cpus": res.num_cpus, "num_gpus": num_gpus},
     ).bind(spec, model, adapter, device)
+
+
+@serve.deployment(num_replicas=1, max_ongoing_requests=64)
+class GRPODeployment:
+    """The GRPO runs of the LLM policy, beside its serving deployment (each run its own model copy)."""
+
+    def __init__(self, spec: LLMPolicySpec, model: Folder, adapter: Folder | None, root: str, device: str) -> None:
+        _limit_threads(spec.training.num_cpus if spec.training else 1)
+        base = Path(tempfile.mkdtemp(prefix="policy-server-grpo-"))
+        folder = unpack_folder(model, base / "model")
+        lora = unpack_folder(adapter, base / "adapter") if adapter is not None else None
+        self.runs = GRPORuns(folder, lora, Path(root), spec.dtype, resolve_device(device))
+
+    async def call(self, method: str, *args: Any) -> Any:
+        if method not in GRPO_API:
+            raise AttributeError(f"GRPORuns has no API method {method!r}")
+        return await asyncio.to_thread(getattr(self.runs, method), *args)
+
+
+GRPO_API = frozenset({"start", "complete", "rewards", "status", "stop", "archive", "list"})
+LLM_GRPO = "llm-grpo"

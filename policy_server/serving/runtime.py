@@ -129,6 +129,23 @@ class ServeRuntime:
         self.apps.append(app_name)
         return serve.get_deployment_handle(LLM_STATE, app_name)
 
+    def deploy_grpo(self, spec: LLMPolicySpec) -> Any:
+        """The deployment of the LLM policy's GRPO runs (blocking); returns its handle."""
+        from policy_server.llm.engine import pack_folder
+        from policy_server.serving.llm_deployment import LLM_GRPO, GRPODeployment
+
+        assert spec.training is not None
+        gpus = spec.training.num_gpus if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+        device = spec.device if gpus > 0 else "cpu"
+        adapter = pack_folder(spec.adapter) if spec.adapter else None
+        app = GRPODeployment.options(
+            name=LLM_GRPO, ray_actor_options={"num_cpus": spec.training.num_cpus, "num_gpus": gpus}
+        ).bind(spec, pack_folder(spec.path), adapter, str(spec.training.save_dir / "grpo"), device)
+        app_name = f"{self.settings.serve_app_prefix}-{LLM_GRPO}"
+        serve.run(app, name=app_name, route_prefix=None)
+        self.apps.append(app_name)
+        return serve.get_deployment_handle(LLM_GRPO, app_name)
+
     def close_connections(self) -> None:
         """Close the direct connections; from the event loop that opened them."""
         for backend in self.backends:
