@@ -10,6 +10,7 @@ import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -22,11 +23,11 @@ from policy_server.gateway.errors import envelope, install_error_handlers
 from policy_server.gateway.limits import BodySizeLimit
 from policy_server.gateway.llm_routes import grpo_router, llm_router, openai_router, value_router
 from policy_server.gateway.llm_service import (
-    GRPOService,
     HandleBackend,
     HandleState,
     LLMService,
     LocalState,
+    Remote,
     ThreadLink,
     ValueService,
     load_tokenizer,
@@ -121,12 +122,12 @@ def build_app(settings: Settings | None = None) -> FastAPI:
     llm = _llm_services(schema)
     app.state.llm = llm
     if llm.policy is not None:
-        app.include_router(llm_router(llm.policy, auth, f"{prefix}/{llm.policy.spec.route_prefix}"))
+        app.include_router(llm_router(llm.policy, auth, f"{prefix}/{llm.policy.spec.route_prefix}", llm.x1_policy))
         if llm.grpo is not None:
             app.include_router(grpo_router(llm.grpo, auth, f"{prefix}/{llm.policy.spec.route_prefix}"))
         app.include_router(openai_router(llm.policy, bearer_checker(settings.api_key or schema.api_key), prefix))
     if llm.value is not None:
-        app.include_router(value_router(llm.value, auth, f"{prefix}/{llm.value.spec.route_prefix}"))
+        app.include_router(value_router(llm.value, auth, f"{prefix}/{llm.value.spec.route_prefix}", llm.x1_value))
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     return app
@@ -183,8 +184,13 @@ async def _start_backends(
         llm.policy.attach(backend, state)
         if llm.grpo is not None:
             llm.grpo.attach(HandleState(await asyncio.to_thread(runtime.deploy_grpo, spec)))
+        if llm.x1_policy is not None:
+            llm.x1_policy.attach(HandleState(await asyncio.to_thread(runtime.deploy_x1_trainer, "policy", spec)))
     if llm.value is not None:
         llm.value.attach(HandleBackend(await asyncio.to_thread(runtime.deploy_llm, llm.value.spec)))
+        if llm.x1_value is not None:
+            handle = await asyncio.to_thread(runtime.deploy_x1_trainer, "value", llm.value.spec)
+            llm.x1_value.attach(HandleState(handle))
 
     async def stop() -> None:
         for training in trainings.values():
@@ -202,12 +208,16 @@ class LLMServices:
 
     policy: LLMService | None = None
     value: ValueService | None = None
-    grpo: GRPOService | None = None
+    grpo: Remote | None = None
+    x1_policy: Remote | None = None
+    x1_value: Remote | None = None
 
     def attach_local(self) -> list[Any]:
         """Load the models into this process (blocking); returns the engines to close."""
-        from policy_server.llm.engine import LLMEngine, ValueScorer
+        from policy_server.llm.engine import LLMEngine, ValueScorer, resolve_device
         from policy_server.llm.grpo_runs import GRPORuns
+        from policy_server.llm.models import load_policy, load_value
+        from policy_server.llm.x1_trainer import X1Trainer
 
         engines: list[Any] = []
         if self.policy is not None:
@@ -220,10 +230,18 @@ class LLMServices:
             if self.grpo is not None:
                 assert spec.training is not None
                 self.grpo.attach(ThreadLink(GRPORuns(spec.path, spec.adapter, spec.training.save_dir / "grpo")))
+            if self.x1_policy is not None:
+                assert spec.training is not None
+                load = partial(load_policy, spec.path, spec.adapter, spec.dtype, resolve_device(spec.device))
+                self.x1_policy.attach(ThreadLink(X1Trainer("policy", load, spec.training, engines[0].set_weights)))
         if self.value is not None:
             spec = self.value.spec
             scorer = ValueScorer(spec, spec.path, spec.adapter, spec.device)
             self.value.attach(LLMLocalBackend(scorer))
+            if self.x1_value is not None:
+                assert spec.training is not None
+                load = partial(load_value, spec.path, spec.adapter, spec.dtype, resolve_device(spec.device), position=spec.position)
+                self.x1_value.attach(ThreadLink(X1Trainer("value", load, spec.training, scorer.set_weights)))
         return engines
 
 
@@ -232,12 +250,18 @@ def _llm_services(schema: ServerSchema) -> LLMServices:
     if schema.llm is None:
         return LLMServices()
     policy, value = schema.llm.policy, schema.llm.value
-    trainable = policy is not None and policy.training is not None and policy.training.allow_training
+    trainable = policy is not None and _allows_training(policy)
     return LLMServices(
         policy=LLMService(policy, load_tokenizer(policy.path)) if policy else None,
         value=ValueService(value) if value else None,
-        grpo=GRPOService() if trainable else None,
+        grpo=Remote("GRPO training") if trainable else None,
+        x1_policy=Remote("the policy's trainer") if trainable else None,
+        x1_value=Remote("the value model's trainer") if value is not None and _allows_training(value) else None,
     )
+
+
+def _allows_training(spec: Any) -> bool:
+    return spec.training is not None and spec.training.allow_training
 
 
 def _local_trainer(spec: PolicySpec, training: TrainingService, served: TorchPolicy) -> Trainer:

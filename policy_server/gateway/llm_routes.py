@@ -20,10 +20,12 @@ from policy_server.gateway.llm_wire import (
     GRPOPrompt,
     GRPORewards,
     GRPOStart,
+    Message,
     Status,
     TaskCreated,
     TaskPending,
     TaskResult,
+    TrainFromDataset,
     ValueAnswer,
     ValueForward,
 )
@@ -42,25 +44,48 @@ LLM_ERRORS: dict[int | str, dict[str, Any]] = {
 }
 
 
-def _status(model: str, version: int) -> dict[str, Any]:
-    # training lands with the LLM training issue; until then it is honestly off
+async def _status(model: str, version: int, trainer: Any) -> dict[str, Any]:
+    """x1's status, from the trainer when the model has one."""
+    training = await trainer.call("status") if trainer is not None else None
+    allow = bool(training and training["allow_training"])
+    flag = bool(training and training["stop_training_flag"])
     return {
-        "status": "Server is running, ALLOW_TRAINING: False, STOP_TRAINING_FLAG: False",
-        "allow_training": False,
-        "stop_training_flag": False,
+        "status": f"Server is running, ALLOW_TRAINING: {allow}, STOP_TRAINING_FLAG: {flag}",
+        "allow_training": allow,
+        "stop_training_flag": flag,
         "allow_inference": True,
         "model": model,
         "model_version": version,
+        "training": training,
     }
 
 
-def llm_router(service: LLMService, auth: Any, prefix: str) -> APIRouter:
+def _training_routes(router: APIRouter, trainer: Any) -> None:
+    """x1's `/train_from_dataset` and `/stop_training` on a model that has a trainer."""
+
+    @router.post("/train_from_dataset", status_code=201, response_model=Message,
+                 responses={403: {"model": ErrorEnvelope, "description": "A training run is already going."}})
+    async def train_from_dataset(body: TrainFromDataset) -> Any:
+        """Train on the samples (or a dataset file under the server's data folder) in the
+        background; serving goes on, and the trained weights become the next model version."""
+        return await trainer.call("start", body.model_dump())
+
+    @router.post("/stop_training", response_model=Message)
+    async def stop_training() -> Any:
+        """Interrupt the run before its next step, save the model and publish it."""
+        return await trainer.call("stop")
+
+
+def llm_router(service: LLMService, auth: Any, prefix: str, trainer: Any = None) -> APIRouter:
     router = APIRouter(prefix=prefix, tags=["LLM policy"], dependencies=[Depends(auth)], responses=LLM_ERRORS)
 
     @router.get("/", response_model=Status)
     async def status() -> Any:
-        """x1's status: whether inference and training are allowed."""
-        return _status(service.spec.model_id, await service.require_backend().version())
+        """x1's status: whether inference and training are allowed, and the training progress."""
+        return await _status(service.spec.model_id, await service.require_backend().version(), trainer)
+
+    if trainer is not None:
+        _training_routes(router, trainer)
 
     @router.post("/direct_forward", response_model=DirectForwardAnswer, response_model_exclude_none=True)
     async def direct_forward(body: DirectForward) -> Any:
@@ -107,13 +132,16 @@ def llm_router(service: LLMService, auth: Any, prefix: str) -> APIRouter:
     return router
 
 
-def value_router(service: ValueService, auth: Any, prefix: str) -> APIRouter:
+def value_router(service: ValueService, auth: Any, prefix: str, trainer: Any = None) -> APIRouter:
     router = APIRouter(prefix=prefix, tags=["LLM value"], dependencies=[Depends(auth)], responses=LLM_ERRORS)
 
     @router.get("/", response_model=Status)
     async def status() -> Any:
-        """x1's status of the value server."""
-        return _status(service.spec.path.name, await service.require_backend().version())
+        """x1's status of the value server, and the training progress."""
+        return await _status(service.spec.path.name, await service.require_backend().version(), trainer)
+
+    if trainer is not None:
+        _training_routes(router, trainer)
 
     @router.post("/forward", response_model=ValueAnswer)
     async def forward(body: ValueForward) -> Any:

@@ -64,10 +64,12 @@ class ThreadLink:
         return await asyncio.to_thread(getattr(self.target, method), *args)
 
 
-class GRPOService:
-    """The GRPO runs of the LLM policy, wherever they run."""
+class Remote:
+    """An object of ours reached through a link (a deployment's handle, or a worker thread):
+    the GRPO runs, and x1's trainers."""
 
-    def __init__(self) -> None:
+    def __init__(self, what: str) -> None:
+        self.what = what
         self.link: StateLink | None = None
 
     def attach(self, link: StateLink) -> None:
@@ -75,7 +77,7 @@ class GRPOService:
 
     async def call(self, method: str, *args: Any) -> Any:
         if self.link is None:
-            raise BackendUnavailable("GRPO training is still starting; retry shortly")
+            raise BackendUnavailable(f"{self.what} is still starting; retry shortly")
         return await self.link.call(method, *args)
 
 

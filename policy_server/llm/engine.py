@@ -48,6 +48,20 @@ def resolve_device(device: str) -> str:
     return device
 
 
+def _copy_into(module: Any, weights: dict[str, Any]) -> None:
+    """Copy ``weights`` into ``module``'s parameters of those names; check all before changing any."""
+    import torch
+
+    params = dict(module.named_parameters())
+    unknown = sorted(set(weights) - set(params))
+    wrong = [n for n, v in weights.items() if n in params and tuple(params[n].shape) != tuple(v.shape)]
+    if unknown or wrong:
+        raise ValueError(f"weights do not fit the model: unknown {unknown[:5]}, wrong shapes {wrong[:5]}")
+    with torch.no_grad():
+        for name, value in weights.items():
+            params[name].copy_(torch.as_tensor(value, dtype=params[name].dtype, device=params[name].device))
+
+
 class LLMEngine:
     """A policy LM: batched generation behind a bounded queue, and its model version."""
 
@@ -88,16 +102,8 @@ class LLMEngine:
     def set_weights(self, weights: dict[str, Any], version: int) -> int:
         """Load new values for some of the model's parameters (an adapter's, or all of them) and
         move to ``version``, between two generate calls. Unknown names or shapes change nothing."""
-        import torch
-
-        params = dict(self.lm.model.named_parameters())
-        unknown = sorted(set(weights) - set(params))
-        wrong = [n for n, v in weights.items() if n in params and tuple(params[n].shape) != tuple(v.shape)]
-        if unknown or wrong:
-            raise ValueError(f"weights do not fit the model: unknown {unknown[:5]}, wrong shapes {wrong[:5]}")
-        with self._weights_lock, torch.no_grad():
-            for name, value in weights.items():
-                params[name].copy_(torch.as_tensor(value, dtype=params[name].dtype))
+        with self._weights_lock:
+            _copy_into(self.lm.model, weights)
             self.version = version
         return version
 
@@ -120,6 +126,13 @@ class ValueScorer:
         folder = unpack_folder(model, root / "model")
         lora = unpack_folder(adapter, root / "adapter") if adapter is not None else None
         return cls(spec, folder, lora, device)
+
+    def set_weights(self, weights: dict[str, Any], version: int) -> int:
+        """New values for some of the value model's parameters, between two scoring calls."""
+        with self._lock:
+            _copy_into(self.value.model, weights)
+            self.version = version
+        return version
 
     def score_sync(self, conversations: list[list[dict[str, str]]]) -> list[float]:
         with self._lock:

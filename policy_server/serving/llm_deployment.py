@@ -14,6 +14,7 @@ from policy_server.llm.config import LLMPolicySpec, LLMValueSpec
 from policy_server.llm.engine import Folder, LLMEngine, ValueScorer, resolve_device, unpack_folder
 from policy_server.llm.generation import GenerationParams, Sample
 from policy_server.llm.grpo_runs import GRPORuns
+from policy_server.llm.x1_trainer import X1Trainer
 from policy_server.llm.state import LLMState
 
 
@@ -52,6 +53,9 @@ class ValueDeployment:
 
     def version(self) -> int:
         return self.scorer.version
+
+    def set_weights(self, weights: dict[str, Any], version: int) -> int:
+        return self.scorer.set_weights(weights, version)
 
 
 @serve.deployment(num_replicas=1, max_ongoing_requests=1024, ray_actor_options={"num_cpus": 0})
@@ -126,3 +130,46 @@ class GRPODeployment:
 
 GRPO_API = frozenset({"start", "complete", "rewards", "status", "stop", "archive", "list"})
 LLM_GRPO = "llm-grpo"
+
+
+@serve.deployment(num_replicas=1, max_ongoing_requests=16)
+class X1TrainingDeployment:
+    """x1's training of the policy or the value model, beside its serving deployment; new weights
+    reach every serving replica through ``broadcast("set_weights")``."""
+
+    def __init__(
+        self, kind: str, spec: LLMPolicySpec | LLMValueSpec, model: Folder, adapter: Folder | None, serving_app: str,
+        device: str,
+    ) -> None:
+        assert spec.training is not None
+        _limit_threads(spec.training.num_cpus)
+        base = Path(tempfile.mkdtemp(prefix=f"policy-server-x1-{kind}-"))
+        folder = unpack_folder(model, base / "model")
+        lora = unpack_folder(adapter, base / "adapter") if adapter is not None else None
+        serving = serve.get_deployment_handle(LLM_POLICY if kind == "policy" else LLM_VALUE, serving_app)
+
+        def publish(weights: dict[str, Any], version: int) -> None:
+            serving.broadcast("set_weights", weights, version).results(timeout_s=300)
+
+        self.trainer = X1Trainer(kind, load_for(kind, spec, folder, lora, resolve_device(device)), spec.training, publish)  # type: ignore[arg-type]
+
+    async def call(self, method: str, *args: Any) -> Any:
+        if method not in X1_API:
+            raise AttributeError(f"X1Trainer has no API method {method!r}")
+        return await asyncio.to_thread(getattr(self.trainer, method), *args)
+
+
+def load_for(kind: str, spec: LLMPolicySpec | LLMValueSpec, folder: Path, adapter: Path | None, device: str) -> Any:
+    """A loader of the trainer's own copy of the model (loaded on the first training request)."""
+    from policy_server.llm.models import load_policy, load_value
+
+    if kind == "policy":
+        return lambda: load_policy(folder, adapter, spec.dtype, device)
+    return lambda: load_value(folder, adapter, spec.dtype, device, position=getattr(spec, "position", None))
+
+
+X1_API = frozenset({"start", "stop", "status"})
+
+
+def x1_app_name(prefix: str, kind: str) -> str:
+    return f"{prefix}-llm-x1-{kind}"

@@ -146,6 +146,25 @@ class ServeRuntime:
         self.apps.append(app_name)
         return serve.get_deployment_handle(LLM_GRPO, app_name)
 
+    def deploy_x1_trainer(self, kind: str, spec: LLMPolicySpec | LLMValueSpec) -> Any:
+        """The deployment of x1's training of the policy or value model (blocking); its handle."""
+        from policy_server.llm.engine import pack_folder
+        from policy_server.serving.llm_deployment import LLM_POLICY, LLM_VALUE, X1TrainingDeployment, x1_app_name
+
+        assert spec.training is not None
+        gpus = spec.training.num_gpus if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+        device = spec.device if gpus > 0 else "cpu"
+        serving_app = f"{self.settings.serve_app_prefix}-{LLM_POLICY if kind == 'policy' else LLM_VALUE}"
+        adapter = pack_folder(spec.adapter) if spec.adapter else None
+        name = f"llm-x1-{kind}"
+        app = X1TrainingDeployment.options(
+            name=name, ray_actor_options={"num_cpus": spec.training.num_cpus, "num_gpus": gpus}
+        ).bind(kind, spec, pack_folder(spec.path), adapter, serving_app, device)
+        app_name = x1_app_name(self.settings.serve_app_prefix, kind)
+        serve.run(app, name=app_name, route_prefix=None)
+        self.apps.append(app_name)
+        return serve.get_deployment_handle(name, app_name)
+
     def close_connections(self) -> None:
         """Close the direct connections; from the event loop that opened them."""
         for backend in self.backends:

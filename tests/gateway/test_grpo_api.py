@@ -63,7 +63,8 @@ def test_rewards_sent_by_the_client_raise_the_mean_reward(client: TestClient) ->
     assert status["cycle"] == 50 and status["model_version"] == [run_id, 50]
     archive = client.get(f"/llm/grpo/runs/{run_id}/model")
     assert archive.headers["content-type"] == "application/gzip"
-    names = tarfile.open(fileobj=io.BytesIO(archive.content)).getnames()
+    with tarfile.open(fileobj=io.BytesIO(archive.content)) as tar:
+        names = tar.getnames()
     assert any(n.endswith("config.json") for n in names)
 
 

@@ -42,3 +42,19 @@ def test_a_grpo_run_over_serve_trains_while_the_policy_keeps_serving(client: htt
         assert served.status_code == 200  # serving answers while the run trains
     assert client.post(f"/llm/grpo/runs/{run_id}/stop").json()["state"] == "finished"
     assert client.get(f"/llm/grpo/runs/{run_id}/model").content[:2] == b"\x1f\x8b"  # gzip
+
+
+def test_train_from_dataset_over_serve_publishes_the_trained_weights(client: httpx.Client) -> None:
+    import time
+
+    chat = [{"role": "user", "content": "What is 2 + 3?"}, {"role": "assistant", "content": "5"}]
+    before = client.get("/llm/").json()["model_version"]
+    started = client.post("/llm/train_from_dataset", json={"dataset": [{"messages": chat, "GAE": 1.0}] * 4, "lr": 1e-3})
+    assert started.status_code == 201, started.text
+    deadline = time.monotonic() + 120
+    while (status := client.get("/llm/").json())["training"]["running"] or status["model_version"] == before:
+        assert time.monotonic() < deadline, status
+        time.sleep(0.1)
+    assert status["model_version"] == before + 1 and status["training"]["last_run"]["error"] is None
+    answer = client.post("/llm/direct_forward", json={"input_string": "Hi", "max_output_length": 8})
+    assert answer.json()["model_version"] == before + 1

@@ -1,0 +1,117 @@
+"""``X1Trainer``: x1's `/train_from_dataset` and `/stop_training` for one LLM (policy or value).
+
+A plain object that owns its own copy of the model. ``start`` validates the whole request (so
+a bad dataset is a 422, never a half-started run), then trains in a background thread; the
+served model keeps answering meanwhile. When the run ends (finished or stopped) the model is
+saved atomically and its trainable weights are published to the serving replicas as the next
+model version. ``stop`` interrupts before the next optimiser step and waits for the save.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from typing import Any, Literal
+
+import torch
+
+from policy_server.errors import Forbidden, InvalidRequest, summary
+from policy_server.llm.config import LLMTrainingSpec
+from policy_server.llm.datasets import load_dataset_file, parse_samples, save_samples, subset
+from policy_server.llm.x1_training import TrainingRun, X1TrainingConfig
+
+log = logging.getLogger(__name__)
+
+Kind = Literal["policy", "value"]
+Publish = Callable[[dict[str, Any], int], None]
+STOPPED = "Training stopped and model saved"
+
+
+class X1Trainer:
+    def __init__(self, kind: Kind, load: Callable[[], Any], training: LLMTrainingSpec, publish: Publish) -> None:
+        self.kind, self.training, self._load, self._publish = kind, training, load, publish
+        self.version = 0
+        self._model: Any = None
+        self._run: TrainingRun | None = None
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self.last: dict[str, Any] | None = None
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def start(self, request: dict[str, Any]) -> dict[str, str]:
+        """Validate the request, then train in the background; 403 while a run is going."""
+        with self._lock:
+            if self.running:
+                raise Forbidden("a training run is already going: POST /stop_training first")
+            samples = self._samples(request)
+            if self._model is None:
+                self._model = self._load()
+            config = X1TrainingConfig(
+                num_epochs=request.get("num_epochs", 1), percent_of_data=request.get("percent_of_data", 1.0),
+                lr=request.get("lr", 1e-5), clip=request.get("clip", 0.2), kl_coef=request.get("kl_coef", 0.01),
+                ent_coef=request.get("entropy_coef", 0.01),
+            )
+            run = TrainingRun(self._model, config)
+            run.encode(samples)  # every sample checked before the 201
+            self._stop.clear()
+            self._run = run
+            self._thread = threading.Thread(target=self._train, args=(run, samples), name=f"x1-{self.kind}", daemon=True)
+            self._thread.start()
+        gpus = torch.cuda.device_count()
+        return {"message": f"Training started with {torch.get_num_threads()} cores and {gpus} GPUs"}
+
+    def _samples(self, request: dict[str, Any]) -> list[Any]:
+        dataset, path = request.get("dataset"), request.get("dataset_path")
+        if (dataset is None) == (path is None):
+            raise InvalidRequest("body: give exactly one of `dataset` and `dataset_path`")
+        raw = dataset if dataset is not None else load_dataset_file(self.training.data_dir, path)
+        if not raw:
+            raise InvalidRequest("body.dataset: no samples")
+        samples = parse_samples(raw, self.kind)
+        if request.get("save_samples"):  # the samples as sent (valid, since they parsed)
+            save_samples(raw, self.training.samples_dir / self.kind)
+        return subset(samples, request.get("percent_of_data", 1.0), seed=0)
+
+    def _train(self, run: TrainingRun, samples: list[Any]) -> None:
+        try:
+            result = run.run(samples, should_stop=self._stop.is_set)
+            saved = run.save(self.training.save_dir / self.kind)
+            self.version += 1
+            self._publish(_trainable_weights(run.module), self.version)
+            self.last = {**result, "saved": str(saved.name), "model_version": self.version, "error": None}
+        except Exception as exc:  # noqa: BLE001 - the run ends; status reports why
+            log.exception("x1 %s training failed", self.kind)
+            self.last = {"error": f"{type(exc).__name__}: {summary(exc)}"}
+
+    def stop(self) -> dict[str, str]:
+        """Interrupt the run before its next step and wait until the model is saved."""
+        if not self.running:
+            return {"message": "No training run is going"}
+        self._stop.set()
+        assert self._thread is not None
+        self._thread.join()
+        return {"message": STOPPED}
+
+    def status(self) -> dict[str, Any]:
+        progress = self._run.progress() if self._run is not None else None
+        return {
+            "allow_training": self.training.allow_training,
+            "stop_training_flag": self._stop.is_set() and self.running,
+            "running": self.running,
+            "progress": progress,
+            "last_run": self.last,
+            "model_version": self.version,
+        }
+
+
+def _trainable_weights(module: torch.nn.Module) -> dict[str, Any]:
+    """What training changed: the adapter's weights (or every weight), as CPU tensors."""
+    names = [n for n, p in module.named_parameters() if p.requires_grad]
+    state = dict(module.named_parameters())
+    return {n: state[n].detach().cpu().clone() for n in names}
+
