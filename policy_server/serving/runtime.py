@@ -149,7 +149,12 @@ class ServeRuntime:
     def deploy_x1_trainer(self, kind: str, spec: LLMPolicySpec | LLMValueSpec) -> Any:
         """The deployment of x1's training of the policy or value model (blocking); its handle."""
         from policy_server.llm.engine import pack_folder
-        from policy_server.serving.llm_deployment import LLM_POLICY, LLM_VALUE, X1TrainingDeployment, x1_app_name
+        from policy_server.serving.llm_deployment import (
+            LLM_POLICY,
+            LLM_VALUE,
+            X1TrainingDeployment,
+            x1_app_name,
+        )
 
         assert spec.training is not None
         gpus = spec.training.num_gpus if ray.cluster_resources().get("GPU", 0) > 0 else 0.0

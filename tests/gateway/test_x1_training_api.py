@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -79,6 +80,6 @@ def test_bad_datasets_are_refused_before_anything_starts(client: TestClient, tmp
     assert bad.status_code == 422 and "body.dataset.0" in bad.text
     both = client.post("/llm/train_from_dataset", json={})
     assert both.status_code == 422
-    (tmp_path / "data" / "d.jsonl").write_text('{"messages": %s, "value_target": 0.5}\n' % __import__("json").dumps(CHAT))
+    (tmp_path / "data" / "d.jsonl").write_text(json.dumps({"messages": CHAT, "value_target": 0.5}) + "\n")
     assert client.post("/value/train_from_dataset", json={"dataset_path": "d.jsonl"}).status_code == 201
     assert client.get("/llm/").json()["training"]["running"] is False
