@@ -177,7 +177,7 @@ def trl_repeat(policy: Path, work: Path, steps: int, seed: int) -> dict[str, Any
     log.parent.mkdir(parents=True, exist_ok=True)
     out = subprocess.run(
         [sys.executable, "-c", code % (str(ROOT), str(policy), steps, seed, str(work / f"trl-{seed}"))],
-        capture_output=True, text=True, env=env,
+        check=False, capture_output=True, text=True, env=env,
     )
     log.write_text(out.stdout + out.stderr)
     if out.returncode != 0:
@@ -261,7 +261,8 @@ def main(argv: list[str] | None = None) -> int:
         for name in ("trl", "ours"):
             if len(runs[name][-1]["rewards"]) != args.steps:
                 raise RuntimeError(f"{name} recorded {len(runs[name][-1]['rewards'])} rewards for {args.steps} steps")
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                            check=False)
     results = {
         "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "machine": f"{os.cpu_count()} CPUs, {platform.machine()}, commit {commit.stdout.strip()}",
