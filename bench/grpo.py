@@ -27,6 +27,7 @@ import datetime as dt
 import json
 import os
 import platform
+import resource
 import statistics
 import subprocess
 import sys
@@ -42,6 +43,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from bench.cpu import machine_busy_s, processes_busy_s
 from bench.servers import ServerSpec, running_server
 
 RESULTS = ROOT / "bench" / "results"
@@ -71,6 +73,16 @@ def build_model(out: Path) -> Path:
     return build_tiny_model.build(out, seed=0, lora=False)["policy"]
 
 
+def own_busy_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def cores(wall: float, design_busy: float, machine_busy: float) -> dict[str, float]:
+    """Average cores used by the design and by everything else on the machine (a busy neighbour)."""
+    return {"design_cores": design_busy / wall, "other_cores": max(0.0, (machine_busy - design_busy) / wall)}
+
+
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
@@ -80,7 +92,7 @@ def percentile(values: list[float], q: float) -> float:
 # Ours: a client of the HTTP API.
 
 
-def run_ours(url: str, steps: int, seed: int) -> dict[str, Any]:
+def run_ours(url: str, server_pids: list[int], steps: int, seed: int) -> dict[str, Any]:
     settings = {"group_size": GROUP, "lr": LR, "beta": BETA, "clip_eps": CLIP_EPS, "lora": False, "chat": True,
                 "max_completion_length": MAX_NEW_TOKENS, "temperature": TEMPERATURE, "seed": seed,
                 "checkpoint_every": steps + 1}  # no checkpoint inside the timed cycles, as TRL's save_strategy="no"
@@ -91,6 +103,7 @@ def run_ours(url: str, steps: int, seed: int) -> dict[str, Any]:
         run_id = answer.json()["run_id"]
         started = time.perf_counter() - start
         times, rewards = [], []
+        loop, m0, o0, s0 = time.perf_counter(), machine_busy_s(), own_busy_s(), processes_busy_s(server_pids)
         for _ in range(steps):
             t0 = time.perf_counter()
             group = client.post(f"/llm/grpo/runs/{run_id}/completions", json={"prompt": PROMPT})
@@ -101,9 +114,12 @@ def run_ours(url: str, steps: int, seed: int) -> dict[str, Any]:
             done.raise_for_status()
             times.append(time.perf_counter() - t0)
             rewards.append(sum(scores) / len(scores))
+        s1 = processes_busy_s(server_pids)
+        busy = own_busy_s() - o0 + sum(s1[p] - s0[p] for p in s1.keys() & s0.keys())
+        cpu = cores(time.perf_counter() - loop, busy, machine_busy_s() - m0)
         wall = time.perf_counter() - start
         client.post(f"/llm/grpo/runs/{run_id}/stop").raise_for_status()
-    return {"cycle_s": times, "rewards": rewards, "wall_s": wall, "setup_s": started}
+    return {"cycle_s": times, "rewards": rewards, "wall_s": wall, "setup_s": started} | cpu
 
 
 def ours_repeat(policy: Path, work: Path, steps: int, seed: int, backend: str) -> dict[str, Any]:
@@ -114,7 +130,7 @@ def ours_repeat(policy: Path, work: Path, steps: int, seed: int, backend: str) -
            "POLICY_SERVER_GATEWAY_METRICS_PORT": "0", "POLICY_SERVER_RAY_METRICS_PORT": "0"}
     spec = ServerSpec(f"ours-grpo-{backend}", "app:app", env=env, ready_path="/health/ready")
     with running_server(spec, ROOT, RESULTS / "logs") as server:
-        return run_ours(server.base_url, steps, seed)
+        return run_ours(server.base_url, server.pids(), steps, seed)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -160,10 +176,12 @@ def run_trl(policy: str, steps: int, seed: int, out_dir: str) -> dict[str, Any]:
     trainer = GRPOTrainer(model=policy, reward_funcs=[reward], args=config, train_dataset=dataset,
                           processing_class=tokenizer, callbacks=[timer])
     setup = time.perf_counter() - start
+    m0, o0 = machine_busy_s(), own_busy_s()
     trainer.train()
     wall = time.perf_counter() - start - setup
+    cpu = cores(wall, own_busy_s() - o0, machine_busy_s() - m0)
     rewards = [entry["reward"] for entry in trainer.state.log_history if "reward" in entry]
-    return {"cycle_s": timer.times, "rewards": rewards, "wall_s": wall, "setup_s": setup}
+    return {"cycle_s": timer.times, "rewards": rewards, "wall_s": wall, "setup_s": setup} | cpu
 
 
 def trl_repeat(policy: Path, work: Path, steps: int, seed: int) -> dict[str, Any]:
@@ -217,12 +235,13 @@ def report(results: dict[str, Any]) -> bool:
     for row in (trl, ours):
         print(f"| {row['design']} | {row['steps']} | {row['mean_s']:.3f} | {row['p50_s']:.3f} | {row['p90_s']:.3f} | "
               f"{row['wall_s']:.1f} | {row['reward_first']:.3f} | {row['reward_last']:.3f} |")
-    print(f"\n| repeat | seed | design | mean cycle s | reward first {WINDOW} | reward last {WINDOW} |\n"
-          "|---:|---:|---|---:|---:|---:|")
+    print(f"\n| repeat | seed | design | mean cycle s | p90 s | reward first {WINDOW} | reward last {WINDOW} | "
+          "design cores | other cores |\n|---:|---:|---|---:|---:|---:|---:|---:|---:|")
     for r, (o, t) in enumerate(zip(results["runs"]["ours"], results["runs"]["trl"], strict=True)):
         for name, run in (("TRL", t), ("ours", o)):
             print(f"| {r} | {a['seed'] + r} | {name} | {statistics.fmean(run['cycle_s']):.3f} | "
-                  f"{statistics.fmean(run['rewards'][:WINDOW]):.3f} | {statistics.fmean(run['rewards'][-WINDOW:]):.3f} |")
+                  f"{percentile(run['cycle_s'], 0.9):.3f} | {statistics.fmean(run['rewards'][:WINDOW]):.3f} | "
+                  f"{statistics.fmean(run['rewards'][-WINDOW:]):.3f} | {run['design_cores']:.2f} | {run['other_cores']:.2f} |")
     ratio = ours["mean_s"] / trl["mean_s"]
     time_ok = ours["mean_s"] <= trl["mean_s"]
     reward_ok = ours["reward_last"] >= trl["reward_last"] - a["reward_tolerance"]
