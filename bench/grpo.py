@@ -16,6 +16,8 @@ with β 0.04 against the initial model, one torch thread, CPU.
   step; timed by a ``TrainerCallback`` from ``on_step_begin`` to ``on_step_end``.
 
 Repeat ``r`` seeds both with ``seed + r``; the designs run one after the other within a repeat.
+Before each design the script waits (up to ``--quiet-wait``, 60 s) until other processes use under
+0.3 cores, and it records the cores each design and everything else used while it trained.
 Targets: our mean cycle time ≤ TRL's, and our mean reward over the last 10 cycles ≥ TRL's minus
 ``--reward-tolerance`` (both over all repeats). Results: ``bench/results/grpo.json``.
 """
@@ -43,7 +45,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench.cpu import machine_busy_s, processes_busy_s
+from bench.cpu import machine_busy_s, processes_busy_s, wait_for_quiet
 from bench.servers import ServerSpec, running_server
 
 RESULTS = ROOT / "bench" / "results"
@@ -58,6 +60,7 @@ CLIP_EPS = 0.2
 WEIGHT_DECAY = 0.01
 """torch.optim.AdamW's default, which our run uses; TRL's own default is 0."""
 WINDOW = 10
+QUIET_CORES = 0.3
 """Cycles averaged for the first and last reward."""
 
 
@@ -122,7 +125,7 @@ def run_ours(url: str, server_pids: list[int], steps: int, seed: int) -> dict[st
     return {"cycle_s": times, "rewards": rewards, "wall_s": wall, "setup_s": started} | cpu
 
 
-def ours_repeat(policy: Path, work: Path, steps: int, seed: int, backend: str) -> dict[str, Any]:
+def ours_repeat(policy: Path, work: Path, steps: int, seed: int, backend: str, quiet_wait: float) -> dict[str, Any]:
     schema = {"parameters": {"api_key": KEY},
               "llm": {"policy": {"path": str(policy), "training": {"save_dir": str(work / f"trained-{seed}")}}}}
     (work / "schema.yaml").write_text(yaml.safe_dump(schema, sort_keys=False))
@@ -130,7 +133,8 @@ def ours_repeat(policy: Path, work: Path, steps: int, seed: int, backend: str) -
            "POLICY_SERVER_GATEWAY_METRICS_PORT": "0", "POLICY_SERVER_RAY_METRICS_PORT": "0"}
     spec = ServerSpec(f"ours-grpo-{backend}", "app:app", env=env, ready_path="/health/ready")
     with running_server(spec, ROOT, RESULTS / "logs") as server:
-        return run_ours(server.base_url, server.pids(), steps, seed)
+        quiet = wait_for_quiet(server.pids(), quiet_wait, QUIET_CORES) if quiet_wait > 0 else float("nan")
+        return run_ours(server.base_url, server.pids(), steps, seed) | {"other_cores_before": quiet}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -184,7 +188,7 @@ def run_trl(policy: str, steps: int, seed: int, out_dir: str) -> dict[str, Any]:
     return {"cycle_s": timer.times, "rewards": rewards, "wall_s": wall, "setup_s": setup} | cpu
 
 
-def trl_repeat(policy: Path, work: Path, steps: int, seed: int) -> dict[str, Any]:
+def trl_repeat(policy: Path, work: Path, steps: int, seed: int, quiet_wait: float) -> dict[str, Any]:
     code = (
         "import json, sys; sys.path.insert(0, %r); from bench.grpo import run_trl; "
         "print('RESULT ' + json.dumps(run_trl(%r, %d, %d, %r)))"
@@ -193,6 +197,7 @@ def trl_repeat(policy: Path, work: Path, steps: int, seed: int) -> dict[str, Any
            "TRANSFORMERS_OFFLINE": "1", "WANDB_DISABLED": "true"}
     log = RESULTS / "logs" / f"trl-grpo-{seed}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
+    quiet = wait_for_quiet([], quiet_wait, QUIET_CORES) if quiet_wait > 0 else float("nan")
     out = subprocess.run(
         [sys.executable, "-c", code % (str(ROOT), str(policy), steps, seed, str(work / f"trl-{seed}"))],
         check=False, capture_output=True, text=True, env=env,
@@ -201,7 +206,7 @@ def trl_repeat(policy: Path, work: Path, steps: int, seed: int) -> dict[str, Any
     if out.returncode != 0:
         raise RuntimeError(f"TRL run failed ({out.returncode}); log {log}:\n{out.stderr[-3000:]}")
     line = next(x for x in reversed(out.stdout.splitlines()) if x.startswith("RESULT "))
-    return json.loads(line[len("RESULT "):])
+    return json.loads(line[len("RESULT "):]) | {"other_cores_before": quiet}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -259,6 +264,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--backend", choices=["local", "serve"], default="local")
+    parser.add_argument("--quiet-wait", type=float, default=60.0,
+                        help="before each design, wait up to this long for other processes to use < 0.3 cores")
     parser.add_argument("--reward-tolerance", type=float, default=0.02)
     parser.add_argument("--json", type=Path, default=RESULTS / "grpo.json")
     parser.add_argument("--report", type=Path, help="measure nothing: re-print a results file")
@@ -273,9 +280,9 @@ def main(argv: list[str] | None = None) -> int:
     runs: dict[str, list[dict[str, Any]]] = {"ours": [], "trl": []}
     for r in range(args.repeats):
         seed = args.seed + r
-        runs["trl"].append(trl_repeat(policy, work, args.steps, seed))
+        runs["trl"].append(trl_repeat(policy, work, args.steps, seed, args.quiet_wait))
         print(f"repeat {r}: TRL done, {statistics.fmean(runs['trl'][-1]['cycle_s']):.3f} s per step", flush=True)
-        runs["ours"].append(ours_repeat(policy, work, args.steps, seed, args.backend))
+        runs["ours"].append(ours_repeat(policy, work, args.steps, seed, args.backend, args.quiet_wait))
         print(f"repeat {r}: ours done, {statistics.fmean(runs['ours'][-1]['cycle_s']):.3f} s per cycle", flush=True)
         for name in ("trl", "ours"):
             if len(runs[name][-1]["rewards"]) != args.steps:
