@@ -9,8 +9,6 @@ import signal
 import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
-from functools import partial
 from typing import Any
 
 import numpy as np
@@ -22,17 +20,7 @@ from policy_server.gateway.auth import api_key_checker, bearer_checker
 from policy_server.gateway.errors import envelope, install_error_handlers
 from policy_server.gateway.limits import BodySizeLimit
 from policy_server.gateway.llm_routes import grpo_router, llm_router, openai_router, value_router
-from policy_server.gateway.llm_service import (
-    HandleBackend,
-    HandleState,
-    LLMService,
-    LocalState,
-    Remote,
-    ThreadLink,
-    ValueService,
-    load_tokenizer,
-)
-from policy_server.gateway.llm_service import LocalBackend as LLMLocalBackend
+from policy_server.gateway.llm_setup import LLMServices, llm_services
 from policy_server.gateway.metrics import GatewayMetrics, MetricsMiddleware
 from policy_server.gateway.routes import policy_router
 from policy_server.gateway.service import PolicyService
@@ -119,7 +107,7 @@ def build_app(settings: Settings | None = None) -> FastAPI:
                 app.include_router(training_router(trainings[name], auth, route_prefix))
             else:
                 app.include_router(untrainable_router(name, auth, route_prefix))
-    llm = _llm_services(schema)
+    llm = llm_services(schema)
     app.state.llm = llm
     if llm.policy is not None:
         app.include_router(llm_router(llm.policy, auth, f"{prefix}/{llm.policy.spec.route_prefix}", llm.x1_policy))
@@ -177,20 +165,7 @@ async def _start_backends(
         served = training.policy
         actor = await asyncio.to_thread(runtime.start_trainer, schema.policies[name], served.space, served.obs_dim)
         training.attach(RayTrainerLink(actor))
-    if llm.policy is not None:
-        spec = llm.policy.spec
-        backend = HandleBackend(await asyncio.to_thread(runtime.deploy_llm, spec))
-        state = HandleState(await asyncio.to_thread(runtime.deploy_llm_state, spec, llm.policy.tokenizer))
-        llm.policy.attach(backend, state)
-        if llm.grpo is not None:
-            llm.grpo.attach(HandleState(await asyncio.to_thread(runtime.deploy_grpo, spec)))
-        if llm.x1_policy is not None:
-            llm.x1_policy.attach(HandleState(await asyncio.to_thread(runtime.deploy_x1_trainer, "policy", spec)))
-    if llm.value is not None:
-        llm.value.attach(HandleBackend(await asyncio.to_thread(runtime.deploy_llm, llm.value.spec)))
-        if llm.x1_value is not None:
-            handle = await asyncio.to_thread(runtime.deploy_x1_trainer, "value", llm.value.spec)
-            llm.x1_value.attach(HandleState(handle))
+    await llm.attach_serve(runtime)
 
     async def stop() -> None:
         for training in trainings.values():
@@ -200,68 +175,6 @@ async def _start_backends(
         await asyncio.to_thread(runtime.stop)
 
     return stop
-
-
-@dataclass
-class LLMServices:
-    """The LLM policy and value services of a schema (None where it has none)."""
-
-    policy: LLMService | None = None
-    value: ValueService | None = None
-    grpo: Remote | None = None
-    x1_policy: Remote | None = None
-    x1_value: Remote | None = None
-
-    def attach_local(self) -> list[Any]:
-        """Load the models into this process (blocking); returns the engines to close."""
-        from policy_server.llm.engine import LLMEngine, ValueScorer, resolve_device
-        from policy_server.llm.grpo_runs import GRPORuns
-        from policy_server.llm.models import load_policy, load_value
-        from policy_server.llm.x1_trainer import X1Trainer
-
-        engines: list[Any] = []
-        if self.policy is not None:
-            spec = self.policy.spec
-            engines.append(LLMEngine(spec, spec.path, spec.adapter, spec.device))
-            backend = LLMLocalBackend(engines[-1])
-            state = self.policy.new_state(backend.generate)
-            engines.append(state)
-            self.policy.attach(backend, LocalState(state))
-            if self.grpo is not None:
-                assert spec.training is not None
-                self.grpo.attach(ThreadLink(GRPORuns(spec.path, spec.adapter, spec.training.save_dir / "grpo")))
-            if self.x1_policy is not None:
-                assert spec.training is not None
-                load = partial(load_policy, spec.path, spec.adapter, spec.dtype, resolve_device(spec.device))
-                self.x1_policy.attach(ThreadLink(X1Trainer("policy", load, spec.training, engines[0].set_weights)))
-        if self.value is not None:
-            spec = self.value.spec
-            scorer = ValueScorer(spec, spec.path, spec.adapter, spec.device)
-            self.value.attach(LLMLocalBackend(scorer))
-            if self.x1_value is not None:
-                assert spec.training is not None
-                load = partial(load_value, spec.path, spec.adapter, spec.dtype, resolve_device(spec.device), position=spec.position)
-                self.x1_value.attach(ThreadLink(X1Trainer("value", load, spec.training, scorer.set_weights)))
-        return engines
-
-
-
-def _llm_services(schema: ServerSchema) -> LLMServices:
-    if schema.llm is None:
-        return LLMServices()
-    policy, value = schema.llm.policy, schema.llm.value
-    trainable = policy is not None and _allows_training(policy)
-    return LLMServices(
-        policy=LLMService(policy, load_tokenizer(policy.path)) if policy else None,
-        value=ValueService(value) if value else None,
-        grpo=Remote("GRPO training") if trainable else None,
-        x1_policy=Remote("the policy's trainer") if trainable else None,
-        x1_value=Remote("the value model's trainer") if value is not None and _allows_training(value) else None,
-    )
-
-
-def _allows_training(spec: Any) -> bool:
-    return spec.training is not None and spec.training.allow_training
 
 
 def _local_trainer(spec: PolicySpec, training: TrainingService, served: TorchPolicy) -> Trainer:
