@@ -1,7 +1,7 @@
 """Teach the tiny policy to sort letters with GRPO through the server, the reward computed here.
 
     python examples/alphabetical/pretrain.py --seconds 60   # once: build and pre-train the policy
-    python examples/alphabetical/alphabetical.py --cycles 100
+    python examples/alphabetical/alphabetical.py --cycles 300
 
 grpo_server's control-flow reversal: the server samples and trains, this client only scores. The
 script starts ``uvicorn app:app`` on ``schema.yaml`` next to it (or uses ``--server URL``), starts a
@@ -25,6 +25,7 @@ import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -70,7 +71,7 @@ def score(answer: str, letters: list[str]) -> float:
         return 1.0
     wanted = set(letters)
     seq = [c for c in text.lower() if c in wanted]
-    order = sum(a < b for a, b in zip(seq, seq[1:])) / (len(seq) - 1) if len(seq) >= 2 else 0.0
+    order = sum(a < b for a, b in pairwise(seq)) / (len(seq) - 1) if len(seq) >= 2 else 0.0
     coverage = len(set(seq)) / len(wanted)
     extra = max(0, len(text) - len(expected))
     return max(0.0, PARTIAL_MAX * order * coverage - LENGTH_PENALTY * extra)
@@ -81,14 +82,14 @@ def score(answer: str, letters: list[str]) -> float:
 
 @dataclass
 class Args:
-    cycles: int = 100
+    cycles: int = 300
     """GRPO cycles: one group of completions, scored and trained on, per cycle"""
     group_size: int = 8
     """completions per prompt"""
-    lr: float = 2e-4
+    lr: float = 1e-5
     """the run's AdamW learning rate"""
-    beta: float = 0.04
-    """KL penalty to the starting policy"""
+    beta: float = 0.0
+    """KL penalty to the starting policy (0: none, and no reference forward pass)"""
     temperature: float = 1.0
     """sampling temperature of the completions"""
     max_completion_length: int = 24

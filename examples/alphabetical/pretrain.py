@@ -27,9 +27,9 @@ from transformers import AutoTokenizer, LlamaForCausalLM, PreTrainedTokenizerBas
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 sys.path[:0] = [str(ROOT), str(HERE)]
-from alphabetical import make_problem  # noqa: E402
+from alphabetical import make_problem
 
-from policy_server.cli import parse_dataclass_args  # noqa: E402
+from policy_server.cli import parse_dataclass_args
 
 IGNORE = -100
 """Label of the tokens the loss skips (the prompt and the padding)."""
@@ -41,9 +41,9 @@ class Args:
     """where the tiny model is built; the pre-trained policy replaces ``<out-dir>/policy``"""
     seconds: float = 60.0
     """wall-clock seconds of pre-training"""
-    lr: float = 1e-3
+    lr: float = 2e-4
     """AdamW learning rate"""
-    batch_size: int = 32
+    batch_size: int = 16
     """problems per step"""
     seed: int = 0
     """seeds the model's construction, the problems and the batches"""
