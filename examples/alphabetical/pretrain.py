@@ -1,6 +1,6 @@
-"""Build the tiny policy and pre-train it on the alphabetical task for about a minute on CPU.
+"""Build the tiny policy and pre-train it on the alphabetical task for 20 seconds on CPU.
 
-    python examples/alphabetical/pretrain.py --seconds 60
+    python examples/alphabetical/pretrain.py [--seconds 20]
 
 Builds the tiny Llama of ``examples/llm/build_tiny_model.py`` into ``--out-dir`` (its corpus has
 step-wise letter-sorting puzzles, in another format), then trains it with AdamW on chats
@@ -39,7 +39,7 @@ IGNORE = -100
 class Args:
     out_dir: str = str(HERE / "models")
     """where the tiny model is built; the pre-trained policy replaces ``<out-dir>/policy``"""
-    seconds: float = 60.0
+    seconds: float = 20.0
     """wall-clock seconds of pre-training"""
     lr: float = 2e-4
     """AdamW learning rate"""
