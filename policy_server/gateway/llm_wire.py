@@ -57,6 +57,14 @@ class ValueForward(_Wire):
     )
 
 
+class LoraRequest(_Wire):
+    """Train a new LoRA adapter on a policy served without one (merged into the served weights)."""
+
+    r: int = Field(8, ge=1, le=256)
+    alpha: int = Field(16, ge=1)
+    dropout: float = Field(0.05, ge=0, lt=1)
+
+
 class TrainFromDataset(_Wire):
     """x1's `/train_from_dataset`: PPO for the policy, MSE for the value model."""
 
@@ -72,6 +80,10 @@ class TrainFromDataset(_Wire):
     clip: float = Field(0.2, gt=0, description="PPO: ratio clipping.")
     kl_coef: float = Field(0.01, ge=0, description="PPO: KL penalty to the reference model.")
     entropy_coef: float = Field(0.01, ge=0, description="PPO: entropy bonus.")
+    lora: LoraRequest | None = Field(
+        None, description="Policy without an adapter: train a new LoRA adapter instead of every weight. "
+        "A policy with an adapter always trains its adapter."
+    )
 
 
 class Message(BaseModel):

@@ -9,6 +9,7 @@ model version. ``stop`` interrupts before the next optimiser step and waits for 
 
 from __future__ import annotations
 
+import copy
 import logging
 import threading
 from collections.abc import Callable
@@ -19,7 +20,7 @@ import torch
 from policy_server.errors import Forbidden, InvalidRequest, summary
 from policy_server.llm.config import LLMTrainingSpec
 from policy_server.llm.datasets import load_dataset_file, parse_samples, save_samples, subset
-from policy_server.llm.x1_training import TrainingRun, X1TrainingConfig
+from policy_server.llm.x1_training import LoraSettings, TrainingRun, X1TrainingConfig, is_peft
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +34,7 @@ class X1Trainer:
         self.kind, self.training, self._load, self._publish = kind, training, load, publish
         self.version = 0
         self._model: Any = None
+        self._serves_plain = False  # the served model has no adapter (a new one must be merged)
         self._run: TrainingRun | None = None
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
@@ -51,10 +53,13 @@ class X1Trainer:
             samples = self._samples(request)
             if self._model is None:
                 self._model = self._load()
+                self._serves_plain = not is_peft(self._model.model)
+            lora = request.get("lora")
             config = X1TrainingConfig(
                 num_epochs=request.get("num_epochs", 1), percent_of_data=request.get("percent_of_data", 1.0),
                 lr=request.get("lr", 1e-5), clip=request.get("clip", 0.2), kl_coef=request.get("kl_coef", 0.01),
                 ent_coef=request.get("entropy_coef", 0.01),
+                lora=LoraSettings(r=lora["r"], alpha=lora["alpha"], dropout=lora["dropout"]) if lora else None,
             )
             run = TrainingRun(self._model, config)
             run.encode(samples)  # every sample checked before the 201
@@ -82,7 +87,7 @@ class X1Trainer:
             result = run.run(samples, should_stop=self._stop.is_set)
             saved = run.save(self.training.save_dir / self.kind)
             self.version += 1
-            self._publish(_trainable_weights(run.module), self.version)
+            self._publish(self._publishable(run.module), self.version)
             self.last = {**result, "saved": str(saved.name), "model_version": self.version, "error": None}
         except Exception as exc:  # noqa: BLE001 - the run ends; status reports why
             log.exception("x1 %s training failed", self.kind)
@@ -109,9 +114,11 @@ class X1Trainer:
         }
 
 
-def _trainable_weights(module: torch.nn.Module) -> dict[str, Any]:
-    """What training changed: the adapter's weights (or every weight), as CPU tensors."""
-    names = [n for n, p in module.named_parameters() if p.requires_grad]
-    state = dict(module.named_parameters())
-    return {n: state[n].detach().cpu().clone() for n in names}
+    def _publishable(self, module: torch.nn.Module) -> dict[str, Any]:
+        """What the serving replicas need: the trained parameters under the served model's names.
+        A new adapter on a plain served model is merged into a copy of the weights first."""
+        if self._serves_plain and is_peft(module):
+            module = copy.deepcopy(module).merge_and_unload()
+            return {n: p.detach().cpu().clone() for n, p in module.named_parameters()}
+        return {n: p.detach().cpu().clone() for n, p in module.named_parameters() if p.requires_grad}
 

@@ -83,3 +83,19 @@ def test_bad_datasets_are_refused_before_anything_starts(client: TestClient, tmp
     (tmp_path / "data" / "d.jsonl").write_text(json.dumps({"messages": CHAT, "value_target": 0.5}) + "\n")
     assert client.post("/value/train_from_dataset", json={"dataset_path": "d.jsonl"}).status_code == 201
     assert client.get("/llm/").json()["training"]["running"] is False
+
+
+def test_a_new_lora_adapter_is_trained_and_merged_into_the_served_weights(client: TestClient, tmp_path: Path) -> None:
+    before = client.post("/llm/direct_forward", json={"input_string": "What is 2 + 3?", "return_tokens": True,
+                                                      "temperature": 0, "max_output_length": 20}).json()
+    dataset = [{"messages": CHAT, "GAE": 1.0}] * 4
+    lora = {"r": 4, "alpha": 8, "dropout": 0.0}
+    assert client.post("/llm/train_from_dataset", json={"dataset": dataset, "lr": 1e-2, "lora": lora}).status_code == 201
+    status = wait_idle(client, "/llm")
+    assert status["training"]["last_run"]["error"] is None and status["model_version"] == 1
+    assert (tmp_path / "trained" / "policy" / "adapter_config.json").is_file()
+    after = client.post("/llm/direct_forward", json={"input_string": "What is 2 + 3?", "return_tokens": True,
+                                                     "temperature": 0, "max_output_length": 20}).json()
+    n = before["records"][0]["prompt_length"]
+    assert after["model_version"] == 1
+    assert after["records"][0]["logprobs"][n:] != before["records"][0]["logprobs"][n:]  # the merged update serves
