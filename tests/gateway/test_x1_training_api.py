@@ -63,6 +63,9 @@ def test_stop_interrupts_saves_and_a_second_run_is_refused_meanwhile(client: Tes
     assert client.post("/value/train_from_dataset", json={"dataset": dataset, "num_epochs": 500}).status_code == 201
     busy = client.post("/value/train_from_dataset", json={"dataset": dataset})
     assert busy.status_code == 403
+    during = client.post("/value/forward", json={"messages": CHAT})  # serving goes on, on version 0
+    assert during.status_code == 200 and during.json()["model_version"] == 0
+    assert client.get("/value/").json()["training"]["running"] is True
     stopped = client.post("/value/stop_training")
     assert stopped.json() == {"message": "Training stopped and model saved"}
     status = wait_idle(client, "/value")
