@@ -15,15 +15,11 @@ at the end the reward curve (mean per block of ``--block`` cycles) is printed (a
 from __future__ import annotations
 
 import json
-import os
 import random
 import signal
-import socket
 import string
-import subprocess
 import sys
 import tempfile
-import time
 from dataclasses import asdict, dataclass, field
 from itertools import pairwise
 from pathlib import Path
@@ -34,6 +30,9 @@ from tqdm import tqdm
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
+if str(ROOT) not in sys.path:  # policy_server from a checkout
+    sys.path.insert(0, str(ROOT))
+from policy_server.launch import start_server, stop_server, wait_ready  # noqa: E402
 
 MIN_LETTERS, MAX_LETTERS = 4, 8
 PARTIAL_MAX = 0.8
@@ -145,6 +144,8 @@ def run(args: Args, client: httpx.Client | None = None) -> Curve:
         with _client(args.server, args.api_key) as remote:
             return train(args, remote)
     log = Path(tempfile.mkstemp(prefix="alphabetical-server-", suffix=".log")[1])
+    if not (HERE / "models" / "policy" / "config.json").is_file():
+        raise SystemExit(f"no policy under {HERE / 'models'}: run examples/alphabetical/pretrain.py first")
     process, url = start_server(HERE / "schema.yaml", args.backend, log)
     try:
         wait_ready(url, process, log, timeout_s=300)
@@ -200,71 +201,11 @@ def _ok(response: httpx.Response) -> dict[str, Any]:
     return response.json()
 
 
-# --- the server this script starts ----------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def start_server(schema: Path, backend: str, log_path: Path) -> tuple[subprocess.Popen[bytes], str]:
-    """``uvicorn app:app`` from the repository root on free ports; returns it and its URL."""
-    if not (schema.parent / "models" / "policy" / "config.json").is_file():
-        raise SystemExit(f"no policy under {schema.parent / 'models'}: run examples/alphabetical/pretrain.py first")
-    port = free_port()
-    env = {
-        **os.environ,
-        "SCHEMA_PATH": str(schema),
-        "POLICY_SERVER_BACKEND": backend,
-        "POLICY_SERVER_RAY_METRICS_PORT": str(free_port()),
-        "POLICY_SERVER_GATEWAY_METRICS_PORT": str(free_port()),
-    }
-    cmd = [sys.executable, "-m", "uvicorn", "app:app", "--host", "127.0.0.1", "--port", str(port),
-           "--log-level", "warning", "--no-access-log"]
-    with log_path.open("wb") as log:
-        # its own session: a Ctrl-C here reaches only this script, which then stops the server
-        process = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                   start_new_session=True)
-    return process, f"http://127.0.0.1:{port}"
-
-
-def wait_ready(url: str, process: subprocess.Popen[bytes], log_path: Path, timeout_s: float) -> None:
-    """Poll ``/health/ready`` until 200; fail with the server's log if it exits first."""
-    deadline, last = time.monotonic() + timeout_s, "no answer"
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            tail = log_path.read_text(errors="replace")[-3000:]
-            raise RuntimeError(f"the server exited with status {process.returncode} while starting:\n{tail}")
-        try:
-            response = httpx.get(f"{url}/health/ready", timeout=5)
-            if response.status_code == 200:
-                return
-            last = f"HTTP {response.status_code}"
-        except httpx.TransportError as exc:
-            last = repr(exc)
-        time.sleep(0.5)
-    raise TimeoutError(f"{url} not ready after {timeout_s:.0f} s ({last}); its log: {log_path}")
-
-
-def stop_server(process: subprocess.Popen[bytes], grace_s: float = 60.0) -> None:
-    """SIGINT (uvicorn's graceful path), then SIGKILL to its process group."""
-    if process.poll() is None:
-        process.send_signal(signal.SIGINT)
-        try:
-            process.wait(grace_s)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait(10)
-
-
 def _exit_on_signal(signum: int, _frame: object) -> None:
     raise SystemExit(128 + signum)
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(ROOT))  # policy_server from a checkout
     from policy_server.cli import parse_dataclass_args
 
     signal.signal(signal.SIGINT, signal.default_int_handler)

@@ -18,11 +18,8 @@ from __future__ import annotations
 import ctypes
 import json
 import multiprocessing as mp
-import os
 import shutil
 import signal
-import socket
-import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -31,7 +28,6 @@ from pathlib import Path
 from typing import Any
 
 import gymnasium as gym
-import httpx
 import torch
 import yaml
 from tqdm import tqdm
@@ -44,6 +40,7 @@ from train_policy import OBSERVATIONS, make_actor  # noqa: E402
 from policy_server.cli import parse_dataclass_args  # noqa: E402
 from policy_server.client import PolicyClient, PolicyClientError, run_env  # noqa: E402
 from policy_server.export import export_module  # noqa: E402
+from policy_server.launch import start_server, stop_server, wait_ready  # noqa: E402
 
 POLL_S = 0.5
 
@@ -160,59 +157,6 @@ def write_fresh_policy(args: Args, workdir: Path) -> Path:
     path = workdir / "schema.yaml"
     path.write_text(yaml.safe_dump(schema, sort_keys=False))
     return path
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def start_server(schema: Path, backend: str, log_path: Path) -> tuple[subprocess.Popen[bytes], str]:
-    """``uvicorn app:app`` from the repository root on free ports; returns it and its URL."""
-    port = free_port()
-    env = {
-        **os.environ,
-        "SCHEMA_PATH": str(schema),
-        "POLICY_SERVER_BACKEND": backend,
-        "POLICY_SERVER_RAY_METRICS_PORT": str(free_port()),
-        "POLICY_SERVER_GATEWAY_METRICS_PORT": str(free_port()),
-    }
-    cmd = [sys.executable, "-m", "uvicorn", "app:app", "--host", "127.0.0.1", "--port", str(port),
-           "--log-level", "warning", "--no-access-log"]
-    with log_path.open("wb") as log:
-        # its own session: a Ctrl-C here reaches only this script, which then stops the server
-        process = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                   start_new_session=True)
-    return process, f"http://127.0.0.1:{port}"
-
-
-def wait_ready(url: str, process: subprocess.Popen[bytes] | None, log_path: Path | None, timeout_s: float) -> None:
-    deadline, last = time.monotonic() + timeout_s, "no answer"
-    while time.monotonic() < deadline:
-        if process is not None and process.poll() is not None:
-            tail = log_path.read_text(errors="replace")[-3000:] if log_path else ""
-            raise RuntimeError(f"the server exited with status {process.returncode} while starting:\n{tail}")
-        try:
-            response = httpx.get(f"{url}/health/ready", timeout=5)
-            if response.status_code == 200:
-                return
-            last = f"HTTP {response.status_code}"
-        except httpx.TransportError as exc:
-            last = repr(exc)
-        time.sleep(0.5)
-    raise TimeoutError(f"{url} not ready after {timeout_s:.0f} s ({last})")
-
-
-def stop_server(process: subprocess.Popen[bytes], grace_s: float = 60.0) -> None:
-    """SIGINT (uvicorn's graceful path, which also shuts its Ray down), then SIGKILL to its group."""
-    if process.poll() is None:
-        process.send_signal(signal.SIGINT)
-        try:
-            process.wait(grace_s)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait(10)
 
 
 # --- rollout clients --------------------------------------------------------------------------------
