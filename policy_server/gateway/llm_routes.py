@@ -29,19 +29,16 @@ from policy_server.gateway.llm_wire import (
     ValueAnswer,
     ValueForward,
 )
-from policy_server.gateway.wire import ErrorEnvelope
+from policy_server.gateway.wire import error_docs
 
-LLM_ERRORS: dict[int | str, dict[str, Any]] = {
-    status: {"model": ErrorEnvelope, "description": text}
-    for status, text in {
-        403: "Missing or wrong api key.",
-        404: "Unknown task or session.",
-        422: "Invalid request: the envelope names each bad field.",
-        429: "Too much work queued: retry after `Retry-After` seconds.",
-        500: "The model failed.",
-        503: "The model's deployment is not available.",
-    }.items()
-}
+LLM_ERRORS = error_docs({
+    403: "Missing or wrong api key.",
+    404: "Unknown task or session.",
+    422: "Invalid request: the envelope names each bad field.",
+    429: "Too much work queued: retry after `Retry-After` seconds.",
+    500: "The model failed.",
+    503: "The model's deployment is not available.",
+})
 
 
 async def _status(model: str, version: int, trainer: Any) -> dict[str, Any]:
@@ -64,7 +61,7 @@ def _training_routes(router: APIRouter, trainer: Any) -> None:
     """x1's `/train_from_dataset` and `/stop_training` on a model that has a trainer."""
 
     @router.post("/train_from_dataset", status_code=201, response_model=Message,
-                 responses={403: {"model": ErrorEnvelope, "description": "A training run is already going."}})
+                 responses=error_docs({403: "A training run is already going."}))
     async def train_from_dataset(body: TrainFromDataset) -> Any:
         """Train on the samples (or a dataset file under the server's data folder) in the
         background; serving goes on, and the trained weights become the next model version."""
@@ -185,8 +182,7 @@ def grpo_router(service: Any, auth: Any, prefix: str) -> APIRouter:
     """grpo_server's control-flow reversal: the server hands out completions, the client scores
     them and sends the rewards back, and each reward submission is one training cycle."""
     router = APIRouter(prefix=f"{prefix}/grpo/runs", tags=["LLM GRPO"], dependencies=[Depends(auth)],
-                       responses=LLM_ERRORS | {409: {"model": ErrorEnvelope, "description": "Run finished, "
-                                               "rewards for a stale group, or too many runs."}})
+                       responses=LLM_ERRORS | error_docs({409: "Run finished, stale group, or too many runs."}))
 
     @router.post("", status_code=201)
     async def start(body: GRPOStart) -> Any:

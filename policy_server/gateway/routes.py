@@ -13,23 +13,20 @@ from policy_server.gateway.wire import (
     BatchActionResponse,
     BatchDistributionResponse,
     DistributionResponse,
-    ErrorEnvelope,
     RawObservation,
     batch_model,
+    error_docs,
     raw_batch_model,
 )
 from policy_server.policies.spaces import ActionSample
 
-ERRORS: dict[int | str, dict[str, Any]] = {
-    status: {"model": ErrorEnvelope, "description": text}
-    for status, text in {
-        403: "Missing or wrong api key.",
-        413: "Body too large.",
-        422: "Invalid observation: the envelope names each bad field.",
-        500: "The model failed.",
-        503: "The policy's deployment is not available.",
-    }.items()
-}
+ERRORS = error_docs({
+    403: "Missing or wrong api key.",
+    413: "Body too large.",
+    422: "Invalid observation: the envelope names each bad field.",
+    500: "The model failed.",
+    503: "The policy's deployment is not available.",
+})
 
 
 def _action(sample: ActionSample) -> dict[str, Any]:

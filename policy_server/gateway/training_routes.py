@@ -20,18 +20,14 @@ from policy_server.gateway.experience import CLIENT_ID_PATTERN, ExperienceReques
 from policy_server.gateway.routes import ERRORS
 from policy_server.gateway.service import PolicyService
 from policy_server.gateway.training import TrainingService
-from policy_server.gateway.wire import ErrorEnvelope
+from policy_server.gateway.wire import error_docs
 from policy_server.policies.codec import encode_weights
 
-TRAINING_ERRORS: dict[int | str, dict[str, Any]] = {
-    **ERRORS,
-    404: {"model": ErrorEnvelope, "description": "Unknown checkpoint."},
-    409: {
-        "model": ErrorEnvelope,
-        "description": "`stale_samples`: every sample came from too old a model version; "
-        "`training_not_running`: training is paused or stopped.",
-    },
-}
+TRAINING_ERRORS = ERRORS | error_docs({
+    404: "Unknown checkpoint.",
+    409: "`stale_samples`: every sample came from too old a model version; "
+    "`training_not_running`: training is paused or stopped.",
+})
 
 
 class _Wire(BaseModel):

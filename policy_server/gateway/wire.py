@@ -96,6 +96,11 @@ class ErrorEnvelope(_Wire):
     error: ErrorBody
 
 
+def error_docs(descriptions: dict[int, str]) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI `responses` for error statuses: each is an ``ErrorEnvelope`` with its description."""
+    return {status: {"model": ErrorEnvelope, "description": text} for status, text in descriptions.items()}
+
+
 class Status(_Wire):
     status: str
     version: str
