@@ -11,6 +11,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -125,6 +126,20 @@ def training_schema(model_dir: Path, checkpoint_dir: Path, **training: Any) -> d
             "lpoc": plain,
         },
     }
+
+
+def cart_fragment(version: int = 0, steps: int = 16, seed: int | None = None, **over: Any) -> dict[str, Any]:
+    """An episode fragment of `steps` CartPole-shaped steps on the wire (terminated at its end);
+    `over` replaces fields. The random observations and actions are seeded by `seed` (default: `steps`)."""
+    rng = np.random.default_rng(steps if seed is None else seed)
+    return {
+        "model_version": version,
+        "observations": rng.uniform(-0.05, 0.05, (steps + 1, 4)).tolist(),
+        "actions": rng.integers(0, 2, steps).tolist(),
+        "rewards": [1.0] * steps,
+        "log_probs": [-0.69] * steps,
+        "terminated": True,
+    } | over
 
 
 @pytest.fixture()

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import pytest
 import yaml
-from conftest import API_KEY, training_schema
+from conftest import API_KEY, cart_fragment, training_schema
 from fastapi.testclient import TestClient
 
 from policy_server.gateway.app import build_app
@@ -31,18 +31,6 @@ def client(model_dir: Path, tmp_path: Path) -> Iterator[TestClient]:
         yield c
 
 
-def fragment(version: int = 0, steps: int = 16, **over: Any) -> dict[str, Any]:
-    rng = np.random.default_rng(steps)
-    return {
-        "model_version": version,
-        "observations": rng.uniform(-0.05, 0.05, (steps + 1, 4)).tolist(),
-        "actions": rng.integers(0, 2, steps).tolist(),
-        "rewards": [1.0] * steps,
-        "log_probs": [-0.69] * steps,
-        "terminated": True,
-    } | over
-
-
 def send(client: TestClient, *fragments: dict[str, Any], client_id: str = "c1") -> Any:
     return client.post("/train/experience", json={"client_id": client_id, "fragments": list(fragments)})
 
@@ -57,7 +45,7 @@ def wait_version(client: TestClient, version: int) -> None:
 def test_experience_trains_the_policy_and_predict_answers_the_new_version(client: TestClient) -> None:
     registered = client.post("/train/clients", json={"client_id": None, "info": {"env": "CartPole-v1"}}).json()
     assert registered["model_version"] == 0 and registered["algorithm"] == "ppo" and registered["client_id"]
-    answer = send(client, fragment(), client_id=registered["client_id"])
+    answer = send(client, cart_fragment(), client_id=registered["client_id"])
     assert answer.status_code == 200, answer.text
     assert answer.json() == {"accepted": 16, "rejected": 0, "model_version": 0, "state": "running"}
     wait_version(client, 1)
@@ -70,10 +58,10 @@ def test_experience_trains_the_policy_and_predict_answers_the_new_version(client
 
 def test_malformed_experience_is_422_and_never_reaches_the_trainer(client: TestClient) -> None:
     bad = [
-        fragment(actions=[2] + [0] * 15),  # out of range
-        fragment(observations=[[0.0] * 3] * 17),  # wrong width
-        fragment(rewards=[1.0] * 15),  # length mismatch
-        fragment(version=5),  # newer than the current version
+        cart_fragment(actions=[2] + [0] * 15),  # out of range
+        cart_fragment(observations=[[0.0] * 3] * 17),  # wrong width
+        cart_fragment(rewards=[1.0] * 15),  # length mismatch
+        cart_fragment(version=5),  # newer than the current version
     ]
     for body in bad:
         response = send(client, body)
@@ -91,21 +79,21 @@ def test_malformed_experience_is_422_and_never_reaches_the_trainer(client: TestC
 
 
 def test_stale_and_paused_are_409_with_distinct_codes(client: TestClient) -> None:
-    send(client, fragment())
+    send(client, cart_fragment())
     wait_version(client, 1)
-    send(client, fragment(version=1))
+    send(client, cart_fragment(version=1))
     wait_version(client, 2)
-    stale = send(client, fragment(version=0))
+    stale = send(client, cart_fragment(version=0))
     assert stale.status_code == 409 and stale.json()["error"]["code"] == "stale_samples"
     assert client.post("/train/pause").json()["state"] == "paused"
-    paused = send(client, fragment(version=2))
+    paused = send(client, cart_fragment(version=2))
     assert paused.status_code == 409 and paused.json()["error"]["code"] == "training_not_running"
     assert client.post("/train/start").json()["state"] == "running"
-    assert send(client, fragment(version=2)).status_code == 200
+    assert send(client, cart_fragment(version=2)).status_code == 200
 
 
 def test_save_list_resume_and_bad_checkpoint_names(client: TestClient) -> None:
-    send(client, fragment())
+    send(client, cart_fragment())
     wait_version(client, 1)
     saved = client.post("/train/save").json()
     assert saved["model_version"] == 1
@@ -121,7 +109,7 @@ def test_save_list_resume_and_bad_checkpoint_names(client: TestClient) -> None:
 
 
 def test_model_and_weights_download_reproduce_the_served_policy(client: TestClient, model_dir: Path) -> None:
-    send(client, fragment())
+    send(client, cart_fragment())
     wait_version(client, 1)
     model = client.get("/model")
     assert model.headers["x-model-format"] == "export"

@@ -10,10 +10,9 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import numpy as np
 import pytest
 import yaml
-from conftest import API_KEY, running_server, training_schema
+from conftest import API_KEY, cart_fragment, running_server, training_schema
 
 from policy_server.gateway.app import build_app
 from policy_server.settings import Settings
@@ -43,22 +42,10 @@ def server(ray_session: int, model_dir: Path, tmp_path_factory: pytest.TempPathF
         yield c
 
 
-def fragment(version: int, steps: int = 32, seed: int = 0) -> dict[str, Any]:
-    rng = np.random.default_rng(seed)
-    return {
-        "model_version": version,
-        "observations": rng.uniform(-0.05, 0.05, (steps + 1, 4)).tolist(),
-        "actions": rng.integers(0, 2, steps).tolist(),
-        "rewards": [1.0] * steps,
-        "log_probs": [-0.69] * steps,
-        "terminated": True,
-    }
-
-
 def train_one_update(client: httpx.Client, seed: int) -> int:
     """Send one rollout acted by the current version; wait until the trainer published the next."""
     version = client.get("/train/status").json()["model_version"]
-    answer = client.post("/train/experience", json={"client_id": "driver", "fragments": [fragment(version, seed=seed)]})
+    answer = client.post("/train/experience", json={"client_id": "driver", "fragments": [cart_fragment(version, steps=32, seed=seed)]})
     assert answer.status_code == 200, answer.text
     deadline = time.monotonic() + 30
     while client.get("/version").json()["model_version"] <= version:
@@ -104,9 +91,9 @@ def test_twenty_updates_hot_swap_into_every_replica_without_a_failed_request(ser
 def test_stale_and_malformed_samples_are_refused_over_ray(server: httpx.Client) -> None:
     train_one_update(server, seed=100)
     current = train_one_update(server, seed=101)
-    stale = server.post("/train/experience", json={"client_id": "late", "fragments": [fragment(current - 2)]})
+    stale = server.post("/train/experience", json={"client_id": "late", "fragments": [cart_fragment(current - 2, steps=32, seed=0)]})
     assert stale.status_code == 409 and stale.json()["error"]["code"] == "stale_samples"
-    bad = fragment(current)
+    bad = cart_fragment(current, steps=32, seed=0)
     bad["actions"][3] = 7
     before = server.get("/train/status").json()
     malformed = server.post("/train/experience", json={"client_id": "bad", "fragments": [bad]})
