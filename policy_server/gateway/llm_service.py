@@ -339,10 +339,10 @@ class LLMService:
     async def chat(self, body: ChatRequest) -> dict[str, Any]:
         text = self.chat_prompt([m.model_dump() for m in body.messages])
         ids = self.prompt_ids(text, self.limits.max_input_length, False, "body.messages", special=False)
-        out = await self.generate(ids, self._openai_params(body, len(ids)), False)
+        out = await self.generate(ids, self._openai_params(body, len(ids)))  # special tokens left out
         choices = []
-        for i, (sample, raw) in enumerate(zip(out.samples, out.texts)):
-            content = self.decode(self.encode(_before_stop(raw, sample), special=False), skip_special_tokens=True)
+        for i, (sample, text) in enumerate(zip(out.samples, out.texts)):
+            content = _before_stop(text, sample)
             choices.append({
                 "index": i,
                 "message": {"role": "assistant", "content": content},
