@@ -6,10 +6,15 @@ FROM ${BASE}
 ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1
 
-RUN if ! command -v python3 >/dev/null; then \
-        apt-get update && apt-get install -y --no-install-recommends python3 python3-pip python3-venv \
-        && rm -rf /var/lib/apt/lists/*; \
-    fi \
+# A Java runtime for GET /clients (openapi-generator's jar writes the non-Python SDKs); Python
+# itself only where the base lacks it (the CUDA images). The man folder: Debian's slim images drop
+# it and the JRE's post-install step links a man page into it.
+RUN packages="default-jre-headless" \
+    && if ! command -v python3 >/dev/null; then packages="$packages python3 python3-pip python3-venv"; fi \
+    && mkdir -p /usr/share/man/man1 \
+    && apt-get update \
+    && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends $packages \
+    && rm -rf /var/lib/apt/lists/* \
     && python3 -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 
@@ -17,7 +22,9 @@ WORKDIR /app
 COPY requirements.txt .
 RUN pip install --extra-index-url "${TORCH_INDEX}" -r requirements.txt
 
-RUN useradd --create-home --uid 1000 policy
+# uid 10001: the Ubuntu (CUDA) bases already have a uid 1000. The user owns /app, where training
+# writes its checkpoints (`checkpoint_dir` is relative to the schema's folder).
+RUN useradd --create-home --uid 10001 policy && chown policy:policy /app
 COPY --chown=policy:policy . .
 USER policy
 

@@ -70,7 +70,21 @@ class MetricsMiddleware:
         try:
             await self.app(scope, receive, send_status)
         finally:
-            route = scope.get("route")
-            tags = getattr(route, "tags", None) or ["-"]
-            endpoint = getattr(route, "path", "unmatched")
-            self.metrics.record(str(tags[0]), endpoint, status, time.perf_counter() - start)
+            policy, endpoint = route_labels(scope)
+            self.metrics.record(policy, endpoint, status, time.perf_counter() - start)
+
+
+def route_labels(scope: Scope) -> tuple[str, str]:
+    """(policy, path template) of the route that answered; the policy is the route's first tag
+    up to ": " (a policy's training routes are tagged "<policy>: training").
+
+    FastAPI 0.16x keeps an included router's routes as they were declared, so ``scope["route"]``
+    of a nested router lacks its parents' prefixes and tags; the effective route FastAPI matched
+    has both. Older FastAPI copies routes on inclusion, and the route itself is complete.
+    """
+    route = scope.get("fastapi", {}).get("effective_route_context") or scope.get("route")
+    if route is None:
+        return "-", "unmatched"
+    tags = getattr(route, "tags", None) or ["-"]
+    policy = str(tags[0]).split(": ")[0]
+    return policy, getattr(route, "path_format", None) or getattr(route, "path", "unmatched")

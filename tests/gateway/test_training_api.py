@@ -10,7 +10,8 @@ from typing import Any
 import numpy as np
 import pytest
 import yaml
-from conftest import API_KEY, cart_fragment, training_schema
+import httpx
+from conftest import API_KEY, cart_fragment, free_port, training_schema
 from fastapi.testclient import TestClient
 
 from policy_server.gateway.app import build_app
@@ -157,3 +158,18 @@ def test_dqn_trains_from_steps_and_hands_out_a_decaying_epsilon(model_dir: Path,
         status = client.get("/train/status").json()
         assert status["last_update"]["gradient_steps"] >= 2 and status["episodes"] == 4
         assert 0.05 <= client.post("/train/clients/q/heartbeat").json()["exploration"]["epsilon"] < 1.0
+
+
+def test_gateway_metrics_label_training_routes_with_their_full_path_and_policy(
+    model_dir: Path, tmp_path: Path
+) -> None:
+    path = tmp_path / "schema.yaml"
+    path.write_text(yaml.safe_dump(training_schema(model_dir, tmp_path / "ckpt"), sort_keys=False))
+    port = free_port()
+    settings = Settings(schema_path=path, backend="local", gateway_metrics_port=port, seed=0)
+    with TestClient(build_app(settings), headers=AUTH) as c:
+        assert send(c, cart_fragment()).status_code == 200
+        assert c.get("/train/status").status_code == 200
+        text = httpx.get(f"http://127.0.0.1:{port}/metrics").text
+    assert 'policy_server_requests_total{endpoint="/train/experience",policy="cart",status="200"} 1.0' in text
+    assert 'policy_server_requests_total{endpoint="/train/status",policy="cart",status="200"} 1.0' in text
