@@ -4,6 +4,7 @@
     python generate.py check schema.yaml
     python generate.py export models/policy.pt --obs_dim 4 --nvec 2 --state_dict w.pt --schema schema.yaml
     python generate.py serve --port 8000
+    python generate.py clients --out clients --languages python,java
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ if __name__ == "__main__":
             "copy_server_files": cli.copy_server_files,
             "check": cli.check,
             "export": cli.export,
+            "clients": cli.clients,
             "serve": serve,
         }
     )

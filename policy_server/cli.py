@@ -11,7 +11,7 @@ from typing import Any, TypeVar
 
 import torch
 
-from policy_server.errors import SchemaError
+from policy_server.errors import ClientGenerationFailed, SchemaError
 from policy_server.export import ExportFormat, MLPPolicy, export_module, write_schema
 from policy_server.policies.served import resolve_policy
 from policy_server.schema.config import load_schema
@@ -97,6 +97,38 @@ def export(
         write_schema(Path(schema), observations, space, str(model_rel), api_key)
         check(schema)
     return str(path)
+
+
+def clients(
+    schema: str = "schema.yaml",
+    out: str = "clients",
+    languages: str | tuple[str, ...] | None = None,
+    cache_dir: str | None = None,
+) -> str:
+    """Write client SDKs for a schema's API to ``out``: Python, and Java, Scala, R, TypeScript and Go
+    when `java` is on PATH. ``languages``: a comma-separated subset (default: all). Ray is not started."""
+    from tqdm import tqdm
+
+    from policy_server.clients import ClientSDKs, parse_languages
+    from policy_server.gateway.app import build_app
+    from policy_server.settings import Settings
+
+    chosen = parse_languages(languages, field="languages")
+    # the server's own settings otherwise, so the document (and the cache key) is the one it serves
+    app = build_app(Settings(schema_path=Path(schema), backend="local", gateway_metrics_port=0))
+    sdks = ClientSDKs(Path(cache_dir) if cache_dir else None, languages=chosen)
+    with tqdm(total=len(chosen), desc="client SDKs", unit="language") as bar:
+        def advance(language: str, state: str) -> None:
+            bar.set_postfix_str(f"{language}: {state}")
+            bar.update()
+
+        progress = sdks.generate(app.openapi(), advance)
+    if progress.status == "failed":
+        raise ClientGenerationFailed(f"client SDK generation failed: {progress.error}")
+    target = sdks.export(Path(out), chosen).resolve()
+    lines = [f"wrote {', '.join(progress.done()) or 'no SDK'} to {target} (see its README.md)"]
+    lines += [f"{', '.join(langs)} {state}: {note}" for state, langs, note in progress.problems()]
+    return "\n".join(lines)
 
 
 def parse_dataclass_args(cls: type[T], description: str | None = None, argv: list[str] | None = None) -> T:

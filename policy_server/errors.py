@@ -17,8 +17,10 @@ status and the machine-readable ``code`` it is answered with; the gateway transl
     │   └── TrainingNotRunning       409 training_not_running
     ├── PayloadTooLarge              413 payload_too_large
     ├── ModelError                   500 model_error
+    ├── ClientGenerationFailed       500 client_generation_failed
     ├── Overloaded                   429 overloaded
-    └── BackendUnavailable           503 backend_unavailable
+    ├── BackendUnavailable           503 backend_unavailable
+    └── ClientsNotReady              503 clients_not_ready
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ def summary(exc: BaseException) -> str:
 class PolicyServerError(Exception):
     status: int = 500
     code: str = "internal_error"
+    retry_after_s: int | None = None  # a 429 or 503 answer's Retry-After, when not the default
 
     def __init__(self, message: str, fields: list[FieldError] | None = None) -> None:
         super().__init__(message)
@@ -112,6 +115,12 @@ class ModelError(PolicyServerError):
     code = "model_error"
 
 
+class ClientGenerationFailed(PolicyServerError):
+    """Generating the client SDKs failed (a generator crashed, timed out or is missing)."""
+
+    code = "client_generation_failed"
+
+
 class Overloaded(PolicyServerError):
     """Too much work is queued; retry after a moment (the answer carries Retry-After)."""
 
@@ -124,3 +133,11 @@ class BackendUnavailable(PolicyServerError):
 
     status = 503
     code = "backend_unavailable"
+
+
+class ClientsNotReady(PolicyServerError):
+    """The client SDKs are still being generated; retry after the answer's Retry-After."""
+
+    status = 503
+    code = "clients_not_ready"
+    retry_after_s = 5

@@ -49,6 +49,21 @@ class Settings(BaseSettings):
         4096, gt=0, description="Most observations accepted in one batch request."
     )
     seed: int | None = Field(None, description="Seed of the action sampler (reproducible runs).")
+    clients_enabled: bool = Field(
+        True, description="Serve `GET /clients`: client SDKs generated from this server's OpenAPI document."
+    )
+    clients_prebuild: bool = Field(
+        False,
+        description="Start generating the client SDKs at start-up (once the backends are up); false: on "
+        "the first `GET /clients`, which answers 503 with Retry-After until they are ready.",
+    )
+    clients_cache_dir: Path | None = Field(
+        None, description="Where generated SDKs are cached; default `~/.cache/policy-server/clients`."
+    )
+    clients_java: str = Field(
+        "java", description="The Java that runs openapi-generator (Java, Scala, R, TypeScript and Go SDKs)."
+    )
+    clients_timeout_s: float = Field(300.0, gt=0, description="Most seconds one language's generator runs.")
 
     @field_validator("api_key", "ray_address", mode="before")
     @classmethod

@@ -16,7 +16,9 @@ from fastapi import APIRouter, FastAPI
 from fastapi.responses import JSONResponse
 
 from policy_server import __version__
+from policy_server.clients import ClientSDKs
 from policy_server.gateway.auth import api_key_checker, bearer_checker
+from policy_server.gateway.clients_routes import clients_router
 from policy_server.gateway.errors import envelope, install_error_handlers
 from policy_server.gateway.limits import BodySizeLimit
 from policy_server.gateway.llm_routes import grpo_router, llm_router, openai_router, value_router
@@ -70,6 +72,8 @@ def build_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         stop = await _start_backends(settings, schema, services, trainings, local_models, metrics, llm)
         metrics.serve(settings.gateway_metrics_port)
+        if sdks is not None and settings.clients_prebuild:
+            sdks.start(app.openapi())
         _restore_python_signal_handlers()
         # What start-up allocated (torch, Ray, the app) lives as long as the process: move it
         # out of the collector's way, or full collections of it stall requests 80-130 ms.
@@ -80,6 +84,8 @@ def build_app(settings: Settings | None = None) -> FastAPI:
         finally:
             gc.unfreeze()
             metrics.close()
+            if sdks is not None:
+                sdks.close()
             await stop()
 
     app = FastAPI(
@@ -116,6 +122,10 @@ def build_app(settings: Settings | None = None) -> FastAPI:
         app.include_router(openai_router(llm.policy, bearer_checker(settings.api_key or schema.api_key), prefix))
     if llm.value is not None:
         app.include_router(value_router(llm.value, auth, f"{prefix}/{llm.value.spec.route_prefix}", llm.x1_value))
+    sdks = _client_sdks(settings)
+    app.state.clients = sdks
+    if sdks is not None:
+        app.include_router(clients_router(sdks, app.openapi, auth), prefix=prefix)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     return app
@@ -183,6 +193,13 @@ def _local_trainer(spec: PolicySpec, training: TrainingService, served: TorchPol
     module = load_module(spec.model.read_bytes(), model_format(spec.model))
     policy = training.policy
     return build_trainer(spec.name, spec.training, module, policy.space, policy.obs_dim, served.set_weights)
+
+
+def _client_sdks(settings: Settings) -> ClientSDKs | None:
+    """The client SDK generator behind ``GET /clients`` (None when turned off); generates nothing yet."""
+    if not settings.clients_enabled:
+        return None
+    return ClientSDKs(settings.clients_cache_dir, settings.clients_java, settings.clients_timeout_s)
 
 
 def _restore_python_signal_handlers() -> None:

@@ -44,7 +44,10 @@ def envelope(status: int, code: str, message: str, fields: list[FieldError] | No
 
 
 def error_response(exc: PolicyServerError) -> JSONResponse:
-    return envelope(exc.status, exc.code, exc.message, exc.fields)
+    response = envelope(exc.status, exc.code, exc.message, exc.fields)
+    if exc.retry_after_s is not None:
+        response.headers["Retry-After"] = str(exc.retry_after_s)
+    return response
 
 
 def _validation_fields(exc: RequestValidationError) -> list[FieldError]:

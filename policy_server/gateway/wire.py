@@ -104,5 +104,5 @@ def error_docs(descriptions: dict[int, str]) -> dict[int | str, dict[str, Any]]:
 class Status(_Wire):
     status: str
     version: str
-    default_policy: str
+    default_policy: str | None = Field(description="None when the schema serves only LLM models.")
     policies: dict[str, dict[str, Any]]

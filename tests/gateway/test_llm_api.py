@@ -46,6 +46,12 @@ def direct(client: TestClient, **body: Any) -> Any:
     return client.post("/llm/direct_forward", json={"input_string": "What is 2 + 3?", "max_output_length": 40} | body)
 
 
+def test_the_server_status_of_an_llm_only_schema_has_no_default_policy(client: TestClient) -> None:
+    status = client.get("/")
+    assert status.status_code == 200, status.text
+    assert status.json()["default_policy"] is None and status.json()["policies"] == {}
+
+
 def test_status_is_x1s(client: TestClient) -> None:
     status = client.get("/llm/").json()
     assert status["allow_inference"] is True and status["allow_training"] is False
