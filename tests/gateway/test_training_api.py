@@ -7,10 +7,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import numpy as np
 import pytest
 import yaml
-import httpx
 from conftest import API_KEY, cart_fragment, free_port, training_schema
 from fastapi.testclient import TestClient
 
