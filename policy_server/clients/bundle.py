@@ -17,7 +17,7 @@ ZIP_NAME = "policy-server-clients.zip"
 USAGE: dict[Language, str] = {
     "python": "openapi-python-client; `pip install ./python`, then `AuthenticatedClient(base_url=URL, "
     'token=KEY, prefix="", auth_header_name="access-token")` and the functions under '
-    "`policy_server_client.api` (`predict_predict_post.sync(client=..., body=Observation(...))`).",
+    "`policy_server_client.api` (`api.<tag>.predict.sync(client=..., body=...)`; one module per operation, named after its method and path).",
     "java": "openapi-generator `java`, library `native` (java.net.http + Jackson 2); build with the "
     f"pom.xml, or compile `src/main/java` against {', '.join(JAVA_CLASSPATH_JARS)}. Set the key with "
     '`apiClient.setRequestInterceptor(b -> b.header("access-token", KEY))`.',

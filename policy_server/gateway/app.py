@@ -28,7 +28,7 @@ from policy_server.gateway.routes import policy_router
 from policy_server.gateway.service import PolicyService
 from policy_server.gateway.training import LocalTrainerLink, RayTrainerLink, TrainingService
 from policy_server.gateway.training_routes import model_router, training_router, untrainable_router
-from policy_server.gateway.wire import Status
+from policy_server.gateway.wire import Status, operation_ids
 from policy_server.policies.served import resolve_policy
 from policy_server.policies.torch_policy import TorchPolicy, load_module, model_format
 from policy_server.schema.config import PolicySpec, ServerSchema, load_schema
@@ -96,6 +96,7 @@ def build_app(settings: Settings | None = None) -> FastAPI:
         docs_url=f"{prefix}/docs",
         redoc_url=f"{prefix}/redoc",
         openapi_url=f"{prefix}/openapi.json",
+        generate_unique_id_function=operation_ids(prefix),
     )
     app.state.settings, app.state.schema, app.state.services = settings, schema, services
     app.state.metrics, app.state.trainings = metrics, trainings

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import re
+from collections.abc import Callable
 from typing import Annotated, Any
 
+from fastapi.routing import APIRoute
 from pydantic import BaseModel, ConfigDict, Field
 
 from policy_server.schema.observations import FiniteFloat
@@ -106,3 +109,21 @@ class Status(_Wire):
     version: str
     default_policy: str | None = Field(description="None when the schema serves only LLM models.")
     policies: dict[str, dict[str, Any]]
+
+
+def operation_ids(url_prefix: str) -> Callable[[APIRoute], str]:
+    """OpenAPI operation ids from method and path, so the generated SDKs read well:
+    ``POST /predict`` → ``predict``, ``POST /policies/cart/predict/batch`` →
+    ``policies_cart_predict_batch``, ``GET /train/status`` → ``get_train_status``,
+    ``DELETE /llm/sessions/{session_id}`` → ``delete_llm_sessions_by_session_id``. The
+    schema's ``url_path`` is left out: it is where the server lives, not what an operation does.
+    """
+
+    def operation_id(route: APIRoute) -> str:
+        path = route.path_format.removeprefix(url_prefix)
+        words = [f"by_{w[1:-1]}" if w.startswith("{") else w for w in path.split("/") if w]
+        stem = re.sub(r"\W+", "_", "_".join(words)).strip("_") or "root"
+        method = min(route.methods or {"GET"}).lower()
+        return stem if method == "post" else f"{method}_{stem}"
+
+    return operation_id

@@ -78,7 +78,7 @@ def test_when_ready_the_zip_has_one_folder_per_language_and_a_readme(
     archive = unzip(final)
     top = {name.split("/")[0] for name in archive.namelist()}
     assert top == set(LANGUAGE_FOLDERS) | {"README.md", "openapi.json"}
-    assert "python/policy_server_client/api/lpoc/predict_api_v1_predict_post.py" in archive.namelist()
+    assert "python/policy_server_client/api/lpoc/predict.py" in archive.namelist()
     assert not [name for name in archive.namelist() if "/.ruff_cache/" in name]
     readme = archive.read("README.md").decode()
     assert all(f"- `{lang}/`" in readme for lang in LANGUAGE_FOLDERS) and "Missing" not in readme

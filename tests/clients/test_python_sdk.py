@@ -23,21 +23,20 @@ SCRIPT = """
 import json, sys
 import policy_server_client
 from policy_server_client import AuthenticatedClient
-from policy_server_client.api.lpoc import distribution_distribution_post, predict_predict_post
-from policy_server_client.api.lpoc import predict_raw_predict_raw_post
+from policy_server_client.api.lpoc import distribution, predict, predict_raw
 from policy_server_client.models import LpocObservation, RawObservation
 
 url, key, obs = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
 client = AuthenticatedClient(base_url=url, token=key, prefix="", auth_header_name="access-token")
-action = predict_predict_post.sync(client=client, body=LpocObservation.from_dict(obs))
-distribution = distribution_distribution_post.sync(client=client, body=LpocObservation.from_dict(obs))
-raw = predict_raw_predict_raw_post.sync(client=client, body=RawObservation(obs=[0.5] * 11))
+action = predict.sync(client=client, body=LpocObservation.from_dict(obs))
+dist = distribution.sync(client=client, body=LpocObservation.from_dict(obs))
+raw = predict_raw.sync(client=client, body=RawObservation(obs=[0.5] * 11))
 wrong = AuthenticatedClient(base_url=url, token="wrong-key", prefix="", auth_header_name="access-token")
-denied = predict_predict_post.sync_detailed(client=wrong, body=LpocObservation.from_dict(obs))
+denied = predict.sync_detailed(client=wrong, body=LpocObservation.from_dict(obs))
 print(json.dumps({
     "module": policy_server_client.__file__,
     "action": action.to_dict(),
-    "distribution": distribution.to_dict(),
+    "distribution": dist.to_dict(),
     "raw": raw.to_dict(),
     "denied": [denied.status_code, denied.parsed.error.code],
 }))

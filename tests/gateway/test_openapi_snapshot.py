@@ -11,6 +11,8 @@ import json
 import os
 from pathlib import Path
 
+import yaml
+from conftest import training_schema
 from fastapi.testclient import TestClient
 
 from policy_server.gateway.app import build_app
@@ -28,3 +30,21 @@ def test_openapi_matches_the_snapshot() -> None:
     if os.environ.get("UPDATE_SNAPSHOTS") == "1":
         SNAPSHOT.write_text(text)
     assert SNAPSHOT.read_text() == text, "the API changed: review, then refresh the snapshot (see docstring)"
+
+
+def test_operation_ids_are_unique_and_named_after_method_and_path(
+    model_dir: Path, llm_dirs: dict[str, Path], tmp_path: Path
+) -> None:
+    schema = training_schema(model_dir, tmp_path / "ckpt")
+    schema["parameters"]["url_path"] = "api/v1"
+    schema["llm"] = {"policy": {"path": str(llm_dirs["policy"])}, "value": {"path": str(llm_dirs["value"])}}
+    path = tmp_path / "schema.yaml"
+    path.write_text(yaml.safe_dump(schema, sort_keys=False))
+    document = build_app(Settings(schema_path=path, backend="local", gateway_metrics_port=0)).openapi()
+    ids = {(method, route): op["operationId"] for route, ops in document["paths"].items() for method, op in ops.items()}
+    assert len(set(ids.values())) == len(ids) > 60
+    assert ids["post", "/api/v1/predict"] == "predict"
+    assert ids["post", "/api/v1/policies/cart/predict/batch"] == "policies_cart_predict_batch"
+    assert ids["get", "/api/v1/train/status"] == "get_train_status"
+    assert ids["delete", "/api/v1/llm/sessions/{session_id}"] == "delete_llm_sessions_by_session_id"
+    assert ids["post", "/api/v1/v1/chat/completions"] == "v1_chat_completions"
