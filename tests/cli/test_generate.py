@@ -78,8 +78,17 @@ def test_the_cli_runs_and_documents_its_commands() -> None:
         env={"PAGER": "cat", "PATH": "/usr/bin:/bin"},
     )
     assert help_text.returncode == 0, help_text.stderr
-    for command in ["copy_server_files", "check", "export", "serve"]:
+    commands = ["copy_server_files", "check", "export", "serve", "clients"]
+    for command in commands:
         assert command in help_text.stdout + help_text.stderr  # fire prints help on stderr
+    for command in commands:
+        shown = subprocess.run(
+            [sys.executable, "generate.py", command, "--help"], cwd=ROOT, capture_output=True, text=True,
+            timeout=120, env={"PAGER": "cat", "PATH": "/usr/bin:/bin"},
+        )
+        assert shown.returncode == 0, shown.stderr
+        text = shown.stdout + shown.stderr
+        assert f"generate.py {command} - " in text and "SYNOPSIS" in text, text
     check = subprocess.run(
         [sys.executable, "generate.py", "check", "examples/cartpole/schema.yaml"], cwd=ROOT,
         capture_output=True, text=True, timeout=120, env={"PAGER": "cat", "PATH": "/usr/bin:/bin"},
