@@ -12,7 +12,7 @@ from typing import Any
 import httpx
 import pytest
 import yaml
-from conftest import API_KEY, multi_policy_schema, running_server
+from conftest import API_KEY, LPOC_OBS, multi_policy_schema, running_server
 from fastapi.testclient import TestClient
 
 from policy_server.gateway.app import build_app
@@ -46,12 +46,15 @@ def answers(server: str) -> dict[str, Any]:
     """The first GET /clients (it starts the generation), the status right after, the final zip."""
     first = httpx.get(f"{server}/clients", headers=AUTH, timeout=30)
     during = httpx.get(f"{server}/clients/status", headers=AUTH).json()
-    deadline = time.monotonic() + 300
+    deadline, served_meanwhile = time.monotonic() + 300, []
     while httpx.get(f"{server}/clients/status", headers=AUTH).json()["status"] == "running":
         assert time.monotonic() < deadline, "the SDKs were not generated within 300 s"
-        time.sleep(0.5)
+        predicted = httpx.post(f"{server}/predict", json=LPOC_OBS, headers=AUTH, timeout=30)
+        still_running = httpx.get(f"{server}/clients/status", headers=AUTH).json()["status"] == "running"
+        served_meanwhile.append((predicted.status_code, still_running))
+        time.sleep(0.2)
     final = httpx.get(f"{server}/clients", headers=AUTH, timeout=30)
-    return {"first": first, "during": during, "final": final}
+    return {"first": first, "during": during, "final": final, "served_meanwhile": served_meanwhile}
 
 
 def unzip(response: httpx.Response) -> zipfile.ZipFile:
@@ -66,6 +69,12 @@ def test_the_first_request_starts_the_generation_and_answers_503(answers: dict[s
     assert error["code"] == "clients_not_ready" and "languages done" in error["message"]
     assert answers["during"]["status"] == "running"
     assert set(answers["during"]["languages"]) == set(LANGUAGE_FOLDERS)
+
+
+def test_serving_goes_on_while_the_sdks_are_generated(answers: dict[str, Any]) -> None:
+    served = answers["served_meanwhile"]
+    assert served and all(status == 200 for status, _ in served)
+    assert any(still_running for _, still_running in served), "no /predict answered during the generation"
 
 
 def test_when_ready_the_zip_has_one_folder_per_language_and_a_readme(
