@@ -168,3 +168,12 @@ def test_dockerfile_installs_a_java_runtime_for_the_sdk_generator() -> None:
     (apt,) = [run for run in runs if "apt-get install" in run]
     assert "default-jre-headless" in apt and "--no-install-recommends" in apt
     assert "rm -rf /var/lib/apt/lists/*" in apt
+
+
+def test_the_demo_runs_frontend_py_from_the_server_image_against_the_server(compose: dict[str, Any]) -> None:
+    services = compose["services"]
+    demo, server = services["demo"], services["policy-server"]
+    assert demo["image"] == server["image"] and (ROOT / demo["command"][2]).is_file()
+    target = urlparse(demo["environment"]["POLICY_SERVER_URL"])
+    assert target.hostname in services and target.port == container_port(server["ports"][0])
+    assert container_port(demo["ports"][0]) == int(demo["command"][demo["command"].index("--server.port") + 1])
