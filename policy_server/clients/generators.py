@@ -117,7 +117,7 @@ class Toolchain:
             if self._closed:
                 raise ClientGenerationFailed("generation was stopped (the server is shutting down)")
             process = self._running = subprocess.Popen(
-                command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+                _niced(command), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
             )
         try:
             output, _ = process.communicate(timeout=self.timeout_s)
@@ -143,6 +143,12 @@ class Toolchain:
     def reopen(self) -> None:
         with self._lock:
             self._closed = False
+
+
+def _niced(command: list[str]) -> list[str]:
+    """At a lower CPU priority where ``nice`` exists: requests being served come first."""
+    nice = shutil.which("nice")
+    return [nice, "-n", "10", *command] if nice else command
 
 
 def trim(output: str) -> str:
