@@ -15,6 +15,8 @@ from policy_server.policies.torch_policy import ModelFormat, PolicyOutput, Torch
 from policy_server.schema.config import PolicySpec
 from policy_server.serving.transport import TOKEN_BYTES, TransportServer
 
+TAG_KEYS = ("policy", "application")
+
 
 @serve.deployment
 class PolicyDeployment:
@@ -30,21 +32,22 @@ class PolicyDeployment:
         # The direct data path (see transport): its secret reaches gateways only through Serve.
         self._token = secrets.token_hex(TOKEN_BYTES)
         self._transport = TransportServer(self.forward, self._token, ray.util.get_node_ip_address())
-        tags = {"policy": policy_name}
+        # the Serve application tells two servers' same-named policies apart on one Ray cluster
+        tags = {"policy": policy_name, "application": serve.get_replica_context().app_name}
         self._rows = metrics.Histogram(
             "policy_server_replica_batch_rows",
             description="Observations per forward pass on a replica.",
             boundaries=[1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096],
-            tag_keys=("policy",),
+            tag_keys=TAG_KEYS,
         )
         self._seconds = metrics.Histogram(
             "policy_server_replica_forward_seconds",
             description="Forward-pass time on a replica.",
             boundaries=[0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.5, 1.0],
-            tag_keys=("policy",),
+            tag_keys=TAG_KEYS,
         )
         self._version = metrics.Gauge(
-            "policy_server_model_version", description="Model version served.", tag_keys=("policy",)
+            "policy_server_model_version", description="Model version served.", tag_keys=TAG_KEYS
         )
         for m in (self._rows, self._seconds, self._version):
             m.set_default_tags(tags)

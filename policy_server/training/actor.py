@@ -27,10 +27,10 @@ PUBLISH_TIMEOUT_S = 60.0
 
 
 class RayTrainerMetrics(TrainerMetrics):
-    """The trainer's numbers as Ray metrics, tagged with the policy."""
+    """The trainer's numbers as Ray metrics, tagged with the policy and its Serve application."""
 
-    def __init__(self, policy: str) -> None:
-        keys = ("policy",)
+    def __init__(self, policy: str, application: str) -> None:
+        keys = ("policy", "application")
         self._samples = ray_metrics.Counter(
             "policy_server_training_samples", description="Samples accepted for training.", tag_keys=keys
         )
@@ -64,7 +64,7 @@ class RayTrainerMetrics(TrainerMetrics):
         )
         for m in (self._samples, self._rejected, self._rate, self._clients, self._update, self._version,
                   self._last, self._best):
-            m.set_default_tags({"policy": policy})
+            m.set_default_tags({"policy": policy, "application": application})
 
     def received(self, accepted: int, stale: int) -> None:
         if accepted:
@@ -117,7 +117,7 @@ class TrainerActor:
 
         module = load_module(model_bytes, fmt, device)
         self.trainer: Trainer = build_trainer(
-            policy, spec, module, space, obs_dim, publish, RayTrainerMetrics(policy), device
+            policy, spec, module, space, obs_dim, publish, RayTrainerMetrics(policy, app_name), device
         )
         self.trainer.open()
 

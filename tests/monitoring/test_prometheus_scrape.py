@@ -165,10 +165,12 @@ def test_prometheus_scrapes_the_server_and_every_dashboard_query_has_data(
         exercise(client)
         deadline = time.monotonic() + TIMEOUT_S
         poll("targets not up", lambda: targets_down(prometheus), deadline)
+        # the session's Ray also holds the series of other tests' servers: pick this server's own
+        mine = 'application="it-monitoring-cart"'
         counters = [
             'sum(policy_server_requests_total{endpoint="/predict", status="200"})',  # the gateway's
-            "sum(ray_policy_server_replica_batch_rows_count)",  # the replicas'
-            "sum(ray_policy_server_training_samples_total)",  # the trainer's
+            f"sum(ray_policy_server_replica_batch_rows_count{{{mine}}})",  # the replicas'
+            f"sum(ray_policy_server_training_samples_total{{{mine}}})",  # the trainer's
             "sum(ray_serve_deployment_request_counter_total)",  # Serve's
         ]
         poll("no counts yet", lambda: [c for c in counters if value(prometheus, c) <= 0], deadline)
@@ -182,6 +184,6 @@ def test_prometheus_scrapes_the_server_and_every_dashboard_query_has_data(
             lambda: [f"{title}: {expr}" for title, expr in queries if not query(prometheus, expr)],
             deadline,
         )
-        rejected = 'sum(ray_policy_server_training_samples_rejected_total{reason="malformed"})'
+        rejected = f'sum(ray_policy_server_training_samples_rejected_total{{reason="malformed", {mine}}})'
         assert value(prometheus, rejected) == 8
-        assert value(prometheus, "max(ray_policy_server_training_model_version)") >= 1
+        assert value(prometheus, f"max(ray_policy_server_training_model_version{{{mine}}})") >= 1
