@@ -23,7 +23,13 @@ from typing import Any
 
 from policy_server.clients import bundle
 from policy_server.clients.generators import OPTIONS, Toolchain, tool_versions
-from policy_server.clients.java import drop_java_time, java_document, uses_time_formats
+from policy_server.clients.java import (
+    JAVA_PATCHES,
+    drop_java_time,
+    java_document,
+    use_http_1_1,
+    uses_time_formats,
+)
 from policy_server.clients.languages import LANGUAGES, Language
 from policy_server.clients.progress import LanguageState, Progress, RunStatus
 from policy_server.errors import ClientGenerationFailed, ClientsNotReady
@@ -39,8 +45,9 @@ def default_cache_dir() -> Path:
 
 
 def cache_key(document: dict[str, Any], versions: dict[str, str]) -> str:
-    """sha256 of the OpenAPI document, the generators' versions and options (first 24 hex digits)."""
-    text = json.dumps([document, versions, OPTIONS], sort_keys=True, separators=(",", ":"))
+    """sha256 of the OpenAPI document, the generators' versions, options and our Java patches
+    (first 24 hex digits)."""
+    text = json.dumps([document, versions, OPTIONS, JAVA_PATCHES], sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()[:24]
 
 
@@ -204,8 +211,10 @@ class ClientSDKs:
         try:
             self.toolchain.run(self.toolchain.command(lang, document, scratch))
             shutil.rmtree(scratch / ".ruff_cache", ignore_errors=True)  # openapi-python-client's formatter
-            if lang == "java" and not self._keep_java_time:
-                drop_java_time(scratch)
+            if lang == "java":
+                use_http_1_1(scratch)
+                if not self._keep_java_time:
+                    drop_java_time(scratch)
             _publish(scratch, self.folder / lang)
         finally:
             shutil.rmtree(scratch, ignore_errors=True)

@@ -1,14 +1,16 @@
-"""The generated Java SDK compiles offline: javac against the Jackson jars Debian packages."""
+"""The generated Java SDK compiles offline (javac against the Jackson jars Debian packages) and,
+run by ``java``, calls a running server."""
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
 import yaml
-from conftest import multi_policy_schema
+from conftest import API_KEY, LPOC_OBS, multi_policy_schema, running_server
 
 from policy_server.clients import ClientSDKs
 from policy_server.clients.java import JAVA_CLASSPATH_JARS
@@ -16,6 +18,41 @@ from policy_server.gateway.app import build_app
 from policy_server.settings import Settings
 
 JARS = Path("/usr/share/java")
+MAIN = """
+import java.math.BigDecimal;
+import java.util.Collections;
+import java.util.Map;
+import policyserver.client.ApiClient;
+import policyserver.client.ApiException;
+import policyserver.client.api.LpocApi;
+import policyserver.client.model.*;
+
+public class Main {
+  static ApiClient client(String url, String key) {
+    ApiClient client = new ApiClient();
+    client.updateBaseUri(url);
+    client.setRequestInterceptor(request -> request.header("access-token", key));
+    return client;
+  }
+
+  public static void main(String[] args) throws Exception {
+    ApiClient client = client(args[0], args[1]);
+    LpocApi api = new LpocApi(client);
+    LpocObservation obs = client.getObjectMapper().readValue(args[2], LpocObservation.class);
+    ActionResponse action = api.predict(obs);
+    DistributionResponse distribution = api.distribution(obs);
+    ActionResponse raw = api.predictRaw(new RawObservation().obs(Collections.nCopies(11, new BigDecimal("0.5"))));
+    int denied = 0;
+    try {
+      new LpocApi(client(args[0], "wrong-key")).predict(obs);
+    } catch (ApiException e) {
+      denied = e.getCode();
+    }
+    System.out.println(client.getObjectMapper().writeValueAsString(
+        Map.of("action", action, "distribution", distribution, "raw", raw, "denied", denied)));
+  }
+}
+"""
 INSTALL = (
     ".ci/packages.txt lists them; install with `apt-get install default-jdk-headless "
     "libjackson2-databind-java libjsr305-java libgeronimo-annotation-1.3-spec-java`"
@@ -37,7 +74,8 @@ def test_the_java_sdk_compiles_with_javac(model_dir: Path, tmp_path: Path) -> No
     assert any(s.endswith("policyserver/client/api/LpocApi.java") for s in sources)
 
     classpath = ":".join(str(JARS / jar) for jar in JAVA_CLASSPATH_JARS)
-    (tmp_path / "sources.txt").write_text("\n".join(sources))
+    (tmp_path / "Main.java").write_text(MAIN)
+    (tmp_path / "sources.txt").write_text("\n".join([*sources, str(tmp_path / "Main.java")]))
     javac = subprocess.run(
         [
             "javac",
@@ -55,6 +93,19 @@ def test_the_java_sdk_compiles_with_javac(model_dir: Path, tmp_path: Path) -> No
     )
     assert javac.returncode == 0, javac.stderr[-4000:]
     assert (tmp_path / "classes/policyserver/client/api/LpocApi.class").is_file()
+
+    # the compiled SDK, run by java, against a running server
+    with running_server(app) as url:
+        run = subprocess.run(
+            ["java", "-cp", f"{tmp_path / 'classes'}:{classpath}", "Main", url, API_KEY, json.dumps(LPOC_OBS)],
+            check=False, capture_output=True, text=True, timeout=120,
+        )
+    assert run.returncode == 0, run.stderr[-4000:]
+    answer = json.loads(run.stdout)
+    assert answer["action"]["action"] in range(4) and answer["action"]["model_version"] == 0
+    assert sum(answer["distribution"]["probabilities"].values()) == pytest.approx(1.0, abs=1e-5)
+    assert answer["raw"]["action"] in range(4)
+    assert answer["denied"] == 403
 
 
 @pytest.mark.parametrize("jar", JAVA_CLASSPATH_JARS)
