@@ -14,6 +14,8 @@ import asyncio
 import dataclasses
 import tempfile
 import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +25,22 @@ from policy_server.llm.generation import GenerationParams, Generator, Sample
 from policy_server.llm.models import load_policy, load_value, score_messages
 
 Folder = dict[str, bytes]
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchReport:
+    """One generate call, as the engine reports it (to metrics)."""
+
+    prompts: int
+    new_tokens: int
+    """Completion tokens of every sample of every prompt."""
+    seconds: float
+    queued: int
+    """Requests still waiting when the call ended."""
+    version: int
+
+
+BatchObserver = Callable[[BatchReport], None]
 
 
 def pack_folder(path: Path) -> Folder:
@@ -65,8 +83,12 @@ def _copy_into(module: Any, weights: dict[str, Any]) -> None:
 class LLMEngine:
     """A policy LM: batched generation behind a bounded queue, and its model version."""
 
-    def __init__(self, spec: LLMPolicySpec, folder: Path, adapter: Path | None, device: str) -> None:
+    def __init__(
+        self, spec: LLMPolicySpec, folder: Path, adapter: Path | None, device: str,
+        on_batch: BatchObserver | None = None,
+    ) -> None:
         self.spec = spec
+        self.on_batch = on_batch
         self.lm = load_policy(
             folder, adapter, spec.dtype, resolve_device(device), step_token=spec.step_token, end_token=spec.end_token
         )
@@ -82,16 +104,24 @@ class LLMEngine:
         self.version = 0
 
     @classmethod
-    def from_files(cls, spec: LLMPolicySpec, model: Folder, adapter: Folder | None, device: str) -> LLMEngine:
+    def from_files(
+        cls, spec: LLMPolicySpec, model: Folder, adapter: Folder | None, device: str,
+        on_batch: BatchObserver | None = None,
+    ) -> LLMEngine:
         root = Path(tempfile.mkdtemp(prefix="policy-server-llm-"))
         folder = unpack_folder(model, root / "model")
         lora = unpack_folder(adapter, root / "adapter") if adapter is not None else None
-        return cls(spec, folder, lora, device)
+        return cls(spec, folder, lora, device, on_batch)
 
     def _generate(self, prompts: list[list[int]], params: GenerationParams) -> list[list[Sample]]:
+        started = time.perf_counter()
         with self._weights_lock:
             samples = self.generator.generate(prompts, params)
             version = self.version
+        if self.on_batch is not None:
+            tokens = sum(len(s.completion_ids) for group in samples for s in group)
+            seconds = time.perf_counter() - started
+            self.on_batch(BatchReport(len(prompts), tokens, seconds, self.queue.stats().queued, version))
         return [[dataclasses.replace(s, model_version=version) for s in group] for group in samples]
 
     async def generate(self, prompt_ids: list[int], params: GenerationParams) -> tuple[list[Sample], int]:

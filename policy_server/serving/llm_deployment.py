@@ -16,6 +16,7 @@ from policy_server.llm.generation import GenerationParams, Sample
 from policy_server.llm.grpo_runs import GRPORuns
 from policy_server.llm.state import LLMState
 from policy_server.llm.x1_trainer import X1Trainer
+from policy_server.serving.llm_metrics import GRPOMetrics, LLMServingMetrics
 
 
 def _limit_threads(cpus: float) -> None:
@@ -30,7 +31,8 @@ def _limit_threads(cpus: float) -> None:
 class LLMPolicyDeployment:
     def __init__(self, spec: LLMPolicySpec, model: Folder, adapter: Folder | None, device: str) -> None:
         _limit_threads(spec.resources.num_cpus)
-        self.engine = LLMEngine.from_files(spec, model, adapter, device)
+        self.metrics = LLMServingMetrics(spec.model_id, serve.get_replica_context().app_name)
+        self.engine = LLMEngine.from_files(spec, model, adapter, device, on_batch=self.metrics.on_batch)
 
     async def generate(self, prompt_ids: list[int], params: GenerationParams) -> tuple[list[Sample], int]:
         return await self.engine.generate(prompt_ids, params)
@@ -39,7 +41,8 @@ class LLMPolicyDeployment:
         return self.engine.version
 
     def set_weights(self, weights: dict[str, Any], version: int) -> int:
-        return self.engine.set_weights(weights, version)
+        self.metrics.on_version(self.engine.set_weights(weights, version))
+        return self.engine.version
 
 
 @serve.deployment
@@ -121,11 +124,15 @@ class GRPODeployment:
         folder = unpack_folder(model, base / "model")
         lora = unpack_folder(adapter, base / "adapter") if adapter is not None else None
         self.runs = GRPORuns(folder, lora, Path(root), spec.dtype, resolve_device(device))
+        self.metrics = GRPOMetrics(spec.model_id, serve.get_replica_context().app_name)
 
     async def call(self, method: str, *args: Any) -> Any:
         if method not in GRPO_API:
             raise AttributeError(f"GRPORuns has no API method {method!r}")
-        return await asyncio.to_thread(getattr(self.runs, method), *args)
+        answer = await asyncio.to_thread(getattr(self.runs, method), *args)
+        if method == "rewards":
+            self.metrics.on_rewards(args[0], answer)
+        return answer
 
 
 GRPO_API = frozenset({"start", "complete", "rewards", "status", "stop", "archive", "list"})

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from policy_server.llm.config import LLMPolicySpec
-from policy_server.llm.engine import LLMEngine, pack_folder, unpack_folder
+from policy_server.llm.engine import BatchReport, LLMEngine, pack_folder, unpack_folder
 from policy_server.llm.generation import GenerationParams
 
 
@@ -53,3 +53,23 @@ def test_folders_travel_as_bytes_and_refuse_escapes(llm_dirs: dict[str, Path], t
     assert (tmp_path / "copy" / "config.json").read_bytes() == (llm_dirs["value"] / "config.json").read_bytes()
     with pytest.raises(ValueError, match="outside"):
         unpack_folder({"../evil": b"x"}, tmp_path / "other")
+
+
+def test_every_generate_call_is_reported_with_its_prompts_tokens_and_version(llm_dirs: dict[str, Path]) -> None:
+    reports: list[BatchReport] = []
+    spec = LLMPolicySpec(path=llm_dirs["policy"])
+    engine = LLMEngine(spec, spec.path, None, "cpu", on_batch=reports.append)
+    try:
+        params = GenerationParams(temperature=0.7, max_new_tokens=5, min_new_tokens=5, num_samples=3, seed=1)
+        prompt = engine.generator.encode("What is 2 + 3?")
+
+        async def two_at_once() -> list[tuple[list, int]]:
+            return await asyncio.gather(engine.generate(prompt, params), engine.generate(prompt, params))
+
+        answers = asyncio.run(two_at_once())
+    finally:
+        engine.close()
+    generated = sum(len(s.completion_ids) for samples, _ in answers for s in samples)
+    assert generated == 2 * 3 * 5
+    assert sum(r.prompts for r in reports) == 2 and sum(r.new_tokens for r in reports) == generated
+    assert all(r.seconds > 0 and r.queued >= 0 and r.version == 0 for r in reports)

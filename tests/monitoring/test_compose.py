@@ -140,7 +140,7 @@ def test_every_panel_has_a_unique_id_and_a_query(dashboard: dict[str, Any]) -> N
         assert panel["targets"], panel["title"]
         for target in panel["targets"]:
             assert target["expr"].strip(), f"{panel['title']}: a target without a query"
-    assert [row["title"] for row in rows] == ["Serving", "Training"]
+    assert [row["title"] for row in rows] == ["Serving", "Training", "LLM"]
 
 
 def dockerfile_instructions() -> list[tuple[str, str]]:

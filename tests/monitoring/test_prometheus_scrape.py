@@ -128,7 +128,8 @@ def poll(what: str, check: Callable[[], list[str]], deadline: float) -> None:
 
 
 def exercise(client: httpx.Client) -> None:
-    """Predictions, an error, a training update, two finished episodes and a rejected fragment."""
+    """Predictions, an error, a training update, two finished episodes and a rejected fragment;
+    LLM generation and one GRPO cycle."""
     for _ in range(10):
         assert client.post("/predict", json=OBS).status_code == 200
     assert client.post("/predict/batch", json={"observations": [OBS] * 5}).status_code == 200
@@ -141,6 +142,15 @@ def exercise(client: httpx.Client) -> None:
     malformed["actions"][0] = 7
     refused = client.post("/train/experience", json={"client_id": "monitor", "fragments": [malformed]})
     assert refused.status_code == 422, refused.text
+    generated = client.post("/llm/direct_forward", json={"input_string": "What is 2 + 3?", "num_samples": 2,
+                                                          "max_output_length": 24})
+    assert generated.status_code == 200, generated.text
+    run = client.post("/llm/grpo/runs", json={"group_size": 2, "max_completion_length": 6, "chat": True})
+    assert run.status_code == 201, run.text
+    runs = f"/llm/grpo/runs/{run.json()['run_id']}"
+    group = client.post(f"{runs}/completions", json={"prompt": "Sort: b a"}).json()
+    rewarded = client.post(f"{runs}/rewards", json={"group_id": group["group_id"], "rewards": [0.0, 1.0]})
+    assert rewarded.status_code == 200, rewarded.text
 
 
 def targets_down(prometheus: httpx.Client) -> list[str]:
@@ -150,9 +160,12 @@ def targets_down(prometheus: httpx.Client) -> list[str]:
 
 
 def test_prometheus_scrapes_the_server_and_every_dashboard_query_has_data(
-    ray_session: int, gateway_port: int, prometheus: httpx.Client, model_dir: Path, tmp_path: Path
+    ray_session: int, gateway_port: int, prometheus: httpx.Client, model_dir: Path, llm_dirs: dict[str, Path],
+    tmp_path: Path,
 ) -> None:
     schema = training_schema(model_dir, tmp_path / "ckpt", ppo=PPO, return_window=2)
+    schema["llm"] = {"policy": {"path": str(llm_dirs["policy"]), "resources": {"num_cpus": 0.5},
+                                "training": {"save_dir": str(tmp_path / "llm"), "num_cpus": 0.5}}}
     path = tmp_path / "schema.yaml"
     path.write_text(yaml.safe_dump(schema, sort_keys=False))
     settings = Settings(
