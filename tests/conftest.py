@@ -168,12 +168,18 @@ def ray_session() -> Iterator[int]:
 
 @contextmanager
 def running_server(app: Any) -> Iterator[str]:
-    """Serve ``app`` with a real uvicorn on a free port in a thread; yields the base URL."""
+    """Serve ``app`` with a real uvicorn on a free port in a thread; yields the base URL.
+
+    The socket is bound here and handed to uvicorn, so no other process (a Ray worker picking
+    ports, say) can take the port between choosing it and listening on it.
+    """
     import uvicorn
 
-    port = free_port()
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + 120
     while not server.started:
@@ -185,6 +191,7 @@ def running_server(app: Any) -> Iterator[str]:
     finally:
         server.should_exit = True
         thread.join(timeout=60)
+        sock.close()
 
 
 @pytest.fixture(scope="session")
