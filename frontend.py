@@ -15,7 +15,7 @@ from typing import Any
 import streamlit as st
 
 from policy_server.frontend import charts, forms
-from policy_server.frontend.client import DemoClient, DemoError, ServerError
+from policy_server.frontend.client import DemoClient, DemoError, ServerError, policy_path
 from policy_server.frontend.example import ExampleServer, start_example
 
 DEFAULT_URL = "http://127.0.0.1:8000"
@@ -121,7 +121,7 @@ def policies_tab(client: DemoClient, schema: dict[str, Any], status: dict[str, A
     public = schema["policies"][policy]
     described = ((status or {}).get("policies") or {}).get(policy, {})
     space = described.get("action_space") or public.get("action_space")
-    path = "/predict" if policy == default else f"/policies/{policy}/predict"
+    path = policy_path(policy, default, "predict")
     st.caption(f"`POST {path}` · action space: {charts.space_text(space)} · model `{public.get('model')}`")
     specs = forms.field_specs(public.get("observations"), described.get("obs_dim"))
     if not specs:

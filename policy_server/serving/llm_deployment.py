@@ -41,8 +41,9 @@ class LLMPolicyDeployment:
         return self.engine.version
 
     def set_weights(self, weights: dict[str, Any], version: int) -> int:
-        self.metrics.on_version(self.engine.set_weights(weights, version))
-        return self.engine.version
+        version = self.engine.set_weights(weights, version)
+        self.metrics.on_version(version)
+        return version
 
 
 @serve.deployment
