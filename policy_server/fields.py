@@ -1,0 +1,79 @@
+"""Field types of our request models: numbers at the precision the models compute in, text that a
+tokenizer can read, and JSON types taken strictly.
+
+A JSON number such as ``1e39`` is a finite 64-bit float but overflows the float32 tensors every
+model here uses; an integer such as ``10**400`` does not fit a float at all. Both are refused with
+a 422 that names the field before they reach a tensor. JSON strings are refused where a number or a
+boolean is expected, and numbers where a boolean is expected (``strict``); an integer is still a
+valid float. The OpenAI-compatible models keep OpenAI's leniency and use only ``Float32`` and
+``Text``.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Annotated
+
+from pydantic import AfterValidator, ConfigDict, Field, Strict
+
+FLOAT32_MAX = float.fromhex("0x1.fffffep+127")  # numpy.finfo(numpy.float32).max
+EXACT_INT_MAX = 2**24  # float32 holds every integer in [-2**24, 2**24] exactly
+
+STRICT = ConfigDict(extra="forbid", strict=True)
+"""The config of our own request models: unknown fields refused, JSON types taken strictly."""
+
+
+def check_float32(value: float) -> float:
+    """``value`` itself when it is finite as a float32; raises ValueError otherwise.
+
+    ``struct`` rounds to float32 exactly as a tensor cast does, and raises where that gives inf.
+    """
+    try:
+        struct.pack("<f", value)
+    except OverflowError:
+        raise ValueError(
+            f"{value!r} overflows float32 (largest magnitude {FLOAT32_MAX:.7g}): the model computes in float32"
+        ) from None
+    return value
+
+
+def check_text(value: str) -> str:
+    """``value`` itself when it is valid Unicode; raises ValueError at a lone UTF-16 surrogate
+    (``"\\ud800"`` is valid JSON but no tokenizer can encode it)."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(
+            f"not valid Unicode: a lone surrogate {value[exc.start]!r} at position {exc.start}"
+        ) from None
+    return value
+
+
+Float32 = Annotated[
+    float,
+    Strict(),
+    Field(allow_inf_nan=False, json_schema_extra={"minimum": -FLOAT32_MAX, "maximum": FLOAT32_MAX}),
+    AfterValidator(check_float32),
+]
+"""A JSON number (integer or not, never a string or boolean) that is finite as a float32."""
+
+ExactInt = Annotated[int, Strict(), Field(ge=-EXACT_INT_MAX, le=EXACT_INT_MAX)]
+"""A JSON integer that a float32 input column holds exactly (|x| ≤ 2**24)."""
+
+StrictBool = Annotated[bool, Strict()]
+"""A JSON boolean; 0, 1, "yes" and "off" are refused."""
+
+Text = Annotated[str, AfterValidator(check_text)]
+"""A string a tokenizer can encode (valid Unicode)."""
+
+__all__ = [
+    "EXACT_INT_MAX",
+    "FLOAT32_MAX",
+    "STRICT",
+    "ExactInt",
+    "Float32",
+    "StrictBool",
+    "Text",
+    "check_float32",
+    "check_text",
+]
