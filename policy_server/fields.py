@@ -12,7 +12,7 @@ valid float. The OpenAI-compatible models keep OpenAI's leniency and use only ``
 from __future__ import annotations
 
 import struct
-from typing import Annotated
+from typing import Annotated, Any
 
 from pydantic import AfterValidator, ConfigDict, Field, Strict
 
@@ -49,10 +49,18 @@ def check_text(value: str) -> str:
     return value
 
 
+def _float32_bounds(schema: dict[str, Any]) -> None:
+    """Document the float32 range where the field declares no tighter bound of its own."""
+    if "minimum" not in schema and "exclusiveMinimum" not in schema:
+        schema["minimum"] = -FLOAT32_MAX
+    if "maximum" not in schema and "exclusiveMaximum" not in schema:
+        schema["maximum"] = FLOAT32_MAX
+
+
 Float32 = Annotated[
     float,
     Strict(),
-    Field(allow_inf_nan=False, json_schema_extra={"minimum": -FLOAT32_MAX, "maximum": FLOAT32_MAX}),
+    Field(allow_inf_nan=False, json_schema_extra=_float32_bounds),
     AfterValidator(check_float32),
 ]
 """A JSON number (integer or not, never a string or boolean) that is finite as a float32."""
