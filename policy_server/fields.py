@@ -14,7 +14,9 @@ from __future__ import annotations
 import struct
 from typing import Annotated, Any
 
-from pydantic import AfterValidator, ConfigDict, Field, Strict
+from pydantic import AfterValidator, ConfigDict, Field, Strict, ValidationError
+
+from policy_server.errors import FieldError
 
 FLOAT32_MAX = float.fromhex("0x1.fffffep+127")  # numpy.finfo(numpy.float32).max
 EXACT_INT_MAX = 2**24  # float32 holds every integer in [-2**24, 2**24] exactly
@@ -74,6 +76,17 @@ StrictBool = Annotated[bool, Strict()]
 Text = Annotated[str, AfterValidator(check_text)]
 """A string a tokenizer can encode (valid Unicode)."""
 
+def field_errors(exc: ValidationError, where: str, unknown: str = "unknown field") -> list[FieldError]:
+    """pydantic's errors of a value validated by hand (not as a request body), named from ``where``
+    on, e.g. ``body.dataset.3.value_target``; ``unknown`` is the message for a field the model lacks."""
+    return [
+        FieldError(
+            ".".join([where, *map(str, err["loc"])]), unknown if err["type"] == "extra_forbidden" else err["msg"]
+        )
+        for err in exc.errors()
+    ]
+
+
 __all__ = [
     "EXACT_INT_MAX",
     "FLOAT32_MAX",
@@ -84,4 +97,5 @@ __all__ = [
     "Text",
     "check_float32",
     "check_text",
+    "field_errors",
 ]

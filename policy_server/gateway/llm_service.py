@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from pydantic import TypeAdapter, ValidationError
+
 from policy_server.errors import (
     BackendUnavailable,
     FieldError,
@@ -24,13 +26,16 @@ from policy_server.errors import (
     PolicyServerError,
     summary,
 )
-from policy_server.gateway.llm_wire import ChatRequest, CompletionRequest, DirectForward, Forward
+from policy_server.fields import field_errors
+from policy_server.gateway.llm_wire import ChatRequest, CompletionRequest, DirectForward, Forward, ValueMessage
 from policy_server.llm.config import LLMPolicySpec, LLMValueSpec
 from policy_server.llm.generation import GenerationParams, Sample
 from policy_server.llm.records import record_from_sample
 from policy_server.llm.state import LLMState
 
 log = logging.getLogger(__name__)
+
+_CONVERSATION = TypeAdapter(list[ValueMessage])
 
 
 class LLMBackend(Protocol):
@@ -201,7 +206,7 @@ class LLMService:
         try:
             text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         except Exception as exc:  # noqa: BLE001 - a template error is the request's fault
-            raise InvalidRequest(f"body.messages: cannot apply the chat template: {summary(exc)}") from exc
+            raise _invalid("body.messages", f"cannot apply the chat template: {summary(exc)}") from exc
         return text + continuation
 
     def stop_strings(self, given: list[str] | str | None, field: str) -> tuple[str, ...]:
@@ -220,9 +225,7 @@ class LLMService:
 
     def prompt_ids(self, text: str, max_input_length: int, truncate: bool, field: str, special: bool = True) -> list[int]:
         if max_input_length > self.limits.max_input_length:
-            raise InvalidRequest(
-                f"body.max_input_length: at most {self.limits.max_input_length}, got {max_input_length}"
-            )
+            raise _invalid("body.max_input_length", f"at most {self.limits.max_input_length}, got {max_input_length}")
         ids = self.encode(text, special)
         if len(ids) > max_input_length:
             if not truncate:
@@ -235,18 +238,18 @@ class LLMService:
         return ids
 
     def params(
-        self, prompt_len: int, max_new_tokens: int, num_samples: int, stop: tuple[str, ...], **kw: Any
+        self, prompt_len: int, max_new_tokens: int, num_samples: int, stop: tuple[str, ...],
+        names: tuple[str, str] = ("body.num_samples", "body.max_output_length"), **kw: Any,
     ) -> GenerationParams:
+        """Generation parameters within the server's limits; ``names`` are the request's fields for
+        the number of samples and the length (x1's or OpenAI's), named by a 422."""
+        samples_field, length_field = names
         if num_samples > self.limits.max_num_samples:
-            raise InvalidRequest(f"body.num_samples: at most {self.limits.max_num_samples}, got {num_samples}")
+            raise _invalid(samples_field, f"at most {self.limits.max_num_samples}, got {num_samples}")
         if max_new_tokens < 1:
-            raise InvalidRequest(
-                f"body.max_output_length: the prompt already has {prompt_len} tokens; nothing is left to generate"
-            )
+            raise _invalid(length_field, f"the prompt already has {prompt_len} tokens; nothing is left to generate")
         if max_new_tokens > self.limits.max_new_tokens:
-            raise InvalidRequest(
-                f"body.max_output_length: at most {self.limits.max_new_tokens} new tokens, asked for {max_new_tokens}"
-            )
+            raise _invalid(length_field, f"at most {self.limits.max_new_tokens} new tokens, asked for {max_new_tokens}")
         return GenerationParams(num_samples=num_samples, max_new_tokens=max_new_tokens, stop_strings=stop, **kw)
 
     async def generate(self, prompt_ids: list[int], params: GenerationParams, skip_special: bool = True) -> Generated:
@@ -311,13 +314,14 @@ class LLMService:
         stops = self.stop_strings(body.stop, "body.stop") if body.stop else (self.spec.end_token,)
         max_tokens = body.max_tokens or min(self.limits.max_new_tokens, 256)
         return self.params(
-            prompt_len, max_tokens, body.n, stops, temperature=body.temperature, top_p=body.top_p, seed=body.seed
+            prompt_len, max_tokens, body.n, stops, ("body.n", "body.max_tokens"),
+            temperature=body.temperature, top_p=body.top_p, seed=body.seed,
         )
 
     async def completions(self, body: CompletionRequest) -> dict[str, Any]:
         prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
         if not prompts:
-            raise InvalidRequest("body.prompt: give at least one prompt")
+            raise _invalid("body.prompt", "give at least one prompt")
         outs = []
         for i, text in enumerate(prompts):
             ids = self.prompt_ids(text, self.limits.max_input_length, False, f"body.prompt.{i}" if len(prompts) > 1 else "body.prompt")
@@ -411,9 +415,9 @@ class ValueService:
                 f"body.messages: give 1 to {self.spec.max_conversations} conversations, got {len(conversations)}"
             )
         errors = [
-            FieldError(f"body.messages.{i}.{j}" if len(conversations) > 1 else f"body.messages.{j}", problem)
+            error
             for i, conv in enumerate(conversations)
-            for j, problem in _message_problems(conv)
+            for error in _conversation_errors(conv, f"body.messages.{i}" if len(conversations) > 1 else "body.messages")
         ]
         if errors:
             raise InvalidRequest(f"invalid messages: {errors[0].field}: {errors[0].message}", errors)
@@ -421,13 +425,16 @@ class ValueService:
         return {"result": scores, "model_version": version}
 
 
-def _message_problems(conversation: list[Any]) -> list[tuple[int | str, str]]:
+def _conversation_errors(conversation: list[Any], where: str) -> list[FieldError]:
+    """What is wrong with one conversation: a message that is no {role, content} of valid texts."""
     if not conversation:
-        return [("", "an empty conversation")]
-    problems: list[tuple[int | str, str]] = []
-    for j, message in enumerate(conversation):
-        if not isinstance(message, dict) or set(message) - {"role", "content"} or "role" not in message:
-            problems.append((j, "a message is an object with `role` and `content`"))
-        elif not isinstance(message.get("content"), str) or not isinstance(message["role"], str):
-            problems.append((j, "`role` and `content` must be strings"))
-    return problems
+        return [FieldError(where, "an empty conversation")]
+    try:
+        _CONVERSATION.validate_python(conversation)
+    except ValidationError as exc:
+        return field_errors(exc, where, "unknown field; a message has `role` and `content`")
+    return []
+
+
+def _invalid(field: str, message: str) -> InvalidRequest:
+    return InvalidRequest(f"{field}: {message}", [FieldError(field, message)])

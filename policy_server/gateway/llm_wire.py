@@ -3,21 +3,25 @@ token-record and session extensions, and the OpenAI-compatible subset."""
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+
+from policy_server.fields import STRICT, Float32, Text, check_text
 
 Strategy = Literal["temperature", "beam_search", "diverse_beam_search"]
 SESSION_ID = r"^[A-Za-z0-9_.:-]{1,128}$"
 
 
 class _Wire(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    """Our own request models: unknown fields refused, JSON types taken strictly ("5" is no int)."""
+
+    model_config = STRICT
 
 
 class _Sampling(_Wire):
     num_samples: int = Field(1, ge=1, description="Samples to generate.")
-    temperature: float = Field(0.7, ge=0, le=10, description="Sampling temperature (0: greedy).")
+    temperature: Float32 = Field(0.7, ge=0, le=10, description="Sampling temperature (0: greedy).")
     decoding_strategy: Strategy = Field("temperature", description="temperature, beam_search or diverse_beam_search.")
     safe_logits: bool = Field(False, description="Replace NaN/inf logits (and report how many) instead of failing.")
     seed: int | None = Field(None, description="Seed of the sampler (reproducible samples).")
@@ -25,12 +29,12 @@ class _Sampling(_Wire):
 
 
 class DirectForward(_Sampling):
-    input_string: str = Field(min_length=1, description="The prompt, as text (no template applied).")
+    input_string: Text = Field(min_length=1, description="The prompt, as text (no template applied).")
     max_input_length: int = Field(1024, ge=1, description="Most prompt tokens (longer: 422, or `truncate`).")
     max_output_length: int | None = Field(
         None, ge=1, description="Most tokens of prompt and completion together; default max_input_length + 256."
     )
-    stop_strings: list[str] | None = Field(None, description="Default: the step and end tokens.")
+    stop_strings: list[Text] | None = Field(None, description="Default: the step and end tokens.")
     skip_special_tokens: bool = Field(True, description="Leave special tokens out of the answered text.")
     truncate: bool = Field(False, description="Keep the last max_input_length prompt tokens instead of a 422.")
     min_new_tokens: int = Field(
@@ -45,10 +49,18 @@ class DirectForward(_Sampling):
 
 
 class Forward(_Sampling):
-    question: str = Field(min_length=1, description="The problem.")
-    context: str = Field("", description="The steps so far, as text.")
+    question: Text = Field(min_length=1, description="The problem.")
+    context: Text = Field("", description="The steps so far, as text.")
     full_simulation: bool = Field(False, description="Generate to the end token instead of one step.")
     max_output_length: int | None = Field(None, ge=1, description="Most tokens of prompt and completion together.")
+
+
+class ValueMessage(_Wire):
+    """One message of a conversation the value model scores (checked by ``ValueService``, so
+    that a bad message is named ``body.messages.<i>.<j>.content`` rather than by union branch)."""
+
+    role: Text
+    content: Text
 
 
 class ValueForward(_Wire):
@@ -62,7 +74,7 @@ class LoraRequest(_Wire):
 
     r: int = Field(8, ge=1, le=256)
     alpha: int = Field(16, ge=1)
-    dropout: float = Field(0.05, ge=0, lt=1)
+    dropout: Float32 = Field(0.05, ge=0, lt=1)
 
 
 class TrainFromDataset(_Wire):
@@ -72,14 +84,14 @@ class TrainFromDataset(_Wire):
         None, description="Samples: {messages, GAE} (policy) or {messages, value_target} (value), "
         "or x1's documented {question, context, current_node, value}."
     )
-    dataset_path: str | None = Field(None, description="A JSON or JSONL file under the server's data folder.")
+    dataset_path: Text | None = Field(None, description="A JSON or JSONL file under the server's data folder.")
     num_epochs: int = Field(1, ge=1, le=1000)
-    percent_of_data: float = Field(1.0, gt=0, le=1)
+    percent_of_data: Float32 = Field(1.0, gt=0, le=1)
     save_samples: bool = Field(False, description="Store the samples under the server's samples folder.")
-    lr: float = Field(1e-5, gt=0, le=1)
-    clip: float = Field(0.2, gt=0, description="PPO: ratio clipping.")
-    kl_coef: float = Field(0.01, ge=0, description="PPO: KL penalty to the reference model.")
-    entropy_coef: float = Field(0.01, ge=0, description="PPO: entropy bonus.")
+    lr: Float32 = Field(1e-5, gt=0, le=1)
+    clip: Float32 = Field(0.2, gt=0, description="PPO: ratio clipping.")
+    kl_coef: Float32 = Field(0.01, ge=0, description="PPO: KL penalty to the reference model.")
+    entropy_coef: Float32 = Field(0.01, ge=0, description="PPO: entropy bonus.")
     lora: LoraRequest | None = Field(
         None, description="Policy without an adapter: train a new LoRA adapter instead of every weight. "
         "A policy with an adapter always trains its adapter."
@@ -135,21 +147,41 @@ class ValueAnswer(BaseModel):
 # --- OpenAI-compatible ---------------------------------------------------------------------------
 
 
+def _check_texts(value: str | list[str]) -> str | list[str]:
+    """``check_text`` on one string or on each of a list. One check after the union, so that a bad
+    text is named ``body.prompt`` (with its index), not once per union member."""
+    if isinstance(value, str):
+        return check_text(value)
+    for i, text in enumerate(value):
+        try:
+            check_text(text)
+        except ValueError as exc:
+            raise ValueError(f"item {i}: {exc}") from None
+    return value
+
+
+TextOrTexts = Annotated[str | list[str], AfterValidator(_check_texts)]
+"""OpenAI's prompt or stop: one text or a list of them, each valid Unicode."""
+
+
 class _OpenAI(BaseModel):
+    """OpenAI's leniency (unknown fields ignored, lax types), but numbers still finite as float32
+    and texts valid Unicode: both reach the model."""
+
     model_config = ConfigDict(extra="ignore")  # clients send fields we do not use (user, ...)
 
     model: str | None = None
     n: int = Field(1, ge=1)
-    temperature: float = Field(1.0, ge=0, le=2)
-    top_p: float = Field(1.0, gt=0, le=1)
+    temperature: Float32 = Field(1.0, ge=0, le=2)
+    top_p: Float32 = Field(1.0, gt=0, le=1)
     max_tokens: int | None = Field(None, ge=1)
-    stop: str | list[str] | None = None
+    stop: TextOrTexts | None = None
     seed: int | None = None
     stream: bool = False
 
 
 class CompletionRequest(_OpenAI):
-    prompt: str | list[str]
+    prompt: TextOrTexts
     logprobs: int | None = Field(None, ge=0, le=5)
     echo: bool = False
 
@@ -158,7 +190,7 @@ class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     role: Literal["system", "user", "assistant", "tool", "developer"]
-    content: str
+    content: Text
 
 
 class ChatRequest(_OpenAI):
@@ -174,27 +206,29 @@ class GRPOStart(_Wire):
     """A run's settings; every field has a default (see GRPOSettings)."""
 
     group_size: int = Field(4, ge=2, le=64)
-    lr: float = Field(1e-5, gt=0, le=1)
-    beta: float = Field(0.04, ge=0)
-    clip_eps: float = Field(0.2, gt=0, lt=1)
+    lr: Float32 = Field(1e-5, gt=0, le=1)
+    beta: Float32 = Field(0.04, ge=0)
+    clip_eps: Float32 = Field(0.2, gt=0, lt=1)
     max_prompt_length: int = Field(512, ge=1)
     max_completion_length: int = Field(64, ge=1, le=4096)
-    temperature: float = Field(1.0, gt=0, le=10)
-    stop_strings: list[str] = Field(default_factory=list)
+    temperature: Float32 = Field(1.0, gt=0, le=10)
+    stop_strings: list[Text] = Field(default_factory=list)
     chat: bool = Field(False, description="Wrap each prompt in the chat template.")
     lora: bool = Field(True, description="Train a LoRA adapter (else the full model).")
     lora_r: int = Field(8, ge=1)
     lora_alpha: int = Field(16, ge=1)
-    lora_dropout: float = Field(0.0, ge=0, lt=1)
+    lora_dropout: Float32 = Field(0.0, ge=0, lt=1)
     checkpoint_every: int = Field(10, ge=1)
     max_version_lag: int = Field(0, ge=0, description="Accept rewards for groups this many cycles old.")
     seed: int = 0
 
 
 class GRPOPrompt(_Wire):
-    prompt: str = Field(min_length=1)
+    prompt: Text = Field(min_length=1)
 
 
 class GRPORewards(_Wire):
     group_id: str = Field(min_length=1, max_length=64)
-    rewards: list[float] = Field(min_length=1, description="One reward per completion of the group, in order.")
+    rewards: list[Float32] = Field(
+        min_length=1, description="One reward per completion of the group, in order: JSON numbers, finite as float32."
+    )

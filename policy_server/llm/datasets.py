@@ -9,14 +9,16 @@ asks the question and the assistant's last message is ``context + current_node``
 ``current_node`` (the step being judged) is trained; ``value`` is the policy's advantage or the
 value model's target.
 
-Every error is an ``InvalidRequest`` naming ``body.dataset.<i>.<field>``; a sample with a key
-neither form knows is refused, so a misspelt field never trains silently on a default.
+The accepted forms are pydantic models (``PolicyForm``, ``ValueForm``, ``DocumentedForm``): texts must
+be valid Unicode (a tokenizer reads them) and numbers JSON numbers finite as float32 (the loss is
+computed in float32). Every error is an ``InvalidRequest`` naming ``<field>.<i>.<key>`` (by default
+``body.dataset.<i>.<key>``); a sample with a key its form does not know is refused, so a misspelt
+field never trains silently on a default.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import os
 import random
 import tempfile
@@ -25,16 +27,72 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
+
+from pydantic import BaseModel, Field, ValidationError
 
 from policy_server.errors import FieldError, Forbidden, InvalidRequest, NotFound
+from policy_server.fields import STRICT, Float32, Text, field_errors
 
 Message = dict[str, str]
 Kind = Literal["policy", "value"]
-DOCUMENTED_KEYS = frozenset({"question", "context", "current_node", "value"})
-POLICY_KEYS = frozenset({"messages", "GAE", "advantage", "logprobs"})
-VALUE_KEYS = frozenset({"messages", "value_target"})
 T = TypeVar("T")
+
+LogProb = Annotated[Float32, Field(le=0, description="A log-probability: <= 0.")]
+ValueTarget = Annotated[Float32, Field(ge=-1, le=1, description="In [-1, 1], the range of the value head's tanh.")]
+
+
+class _Form(BaseModel):
+    model_config = STRICT
+
+
+class SampleMessage(_Form):
+    role: Text
+    content: Text
+
+
+class PolicyForm(_Form):
+    """A policy sample: the chat, whose last message (the assistant's) is trained, and its advantage."""
+
+    messages: list[SampleMessage] = Field(min_length=1)
+    GAE: Float32 | None = Field(None, description="x1's advantage; give it as GAE or as advantage.")
+    advantage: Float32 | None = None
+    logprobs: list[LogProb] | None = Field(
+        None, min_length=1, description="The generating policy's log-prob of each trained token."
+    )
+
+
+class ValueForm(_Form):
+    """A value sample: the chat and the score the value model should give it."""
+
+    messages: list[SampleMessage] = Field(min_length=1)
+    value_target: ValueTarget
+
+
+class DocumentedForm(_Form):
+    """x1's documented form: ``context + current_node`` answers ``question``; ``value`` is the
+    policy's advantage (for the value model: its target, see ``DocumentedValueForm``)."""
+
+    question: Text
+    context: Text = ""
+    current_node: Text = Field(min_length=1, description="The step being judged: never empty.")
+    value: Float32
+
+
+class DocumentedValueForm(DocumentedForm):
+    value: ValueTarget
+
+
+_FORMS: dict[Kind, tuple[type[_Form], type[DocumentedForm]]] = {
+    "policy": (PolicyForm, DocumentedForm),
+    "value": (ValueForm, DocumentedValueForm),
+}
+_UNKNOWN: dict[Kind, str] = {
+    "policy": "unknown field; a policy sample has messages, GAE (or advantage) and logprobs, "
+    "or question, context, current_node and value",
+    "value": "unknown field; a value sample has messages and value_target, "
+    "or question, context, current_node and value",
+}
 
 
 @dataclass(frozen=True)
@@ -70,102 +128,56 @@ def _invalid(field: str, message: str) -> InvalidRequest:
     return InvalidRequest(f"{field}: {message}", [FieldError(field, message)])
 
 
-def _number(value: Any, field: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise _invalid(field, f"must be a finite number, got {value!r}")
-    return float(value)
+def _validate(raw: Any, kind: Kind, where: str) -> _Form:
+    """The sample as its form: x1's documented one when it has a question or a current_node."""
+    plain, documented = _FORMS[kind]
+    form = documented if isinstance(raw, dict) and ("question" in raw or "current_node" in raw) else plain
+    try:
+        return form.model_validate(raw)
+    except ValidationError as exc:
+        errors = field_errors(exc, where, _UNKNOWN[kind])
+        raise InvalidRequest(f"{errors[0].field}: {errors[0].message}", errors) from None
 
 
-def _string(value: Any, field: str) -> str:
-    if not isinstance(value, str):
-        raise _invalid(field, f"must be a string, got {type(value).__name__}")
-    return value
+def _from_documented(form: DocumentedForm) -> tuple[list[Message], int]:
+    """The user asks the question; the assistant answers context + current_node, judged from the node on."""
+    answer = form.context + form.current_node
+    return [{"role": "user", "content": form.question}, {"role": "assistant", "content": answer}], len(form.context)
 
 
-def _messages(value: Any, field: str) -> list[Message]:
-    if not isinstance(value, list) or not value:
-        raise _invalid(field, "must be a non-empty list of {role, content} messages")
-    messages = []
-    for j, message in enumerate(value):
-        if not isinstance(message, dict):
-            raise _invalid(
-                f"{field}.{j}", f"must be an object with role and content, got {type(message).__name__}"
-            )
-        extra = sorted(set(message) - {"role", "content"})
-        if extra:
-            raise _invalid(f"{field}.{j}", f"unknown keys {extra}; a message has role and content")
-        messages.append({key: _string(message.get(key), f"{field}.{j}.{key}") for key in ("role", "content")})
-    return messages
-
-
-def _documented(raw: dict[str, Any], where: str) -> tuple[list[Message], float, int]:
-    """x1's (question, context, current_node, value) → messages, value, where the judged step starts."""
-    question = _string(raw.get("question"), f"{where}.question")
-    context = _string(raw.get("context", ""), f"{where}.context")
-    node = _string(raw.get("current_node"), f"{where}.current_node")
-    if not node:
-        raise _invalid(f"{where}.current_node", "must not be empty: it is the step being judged")
-    messages = [{"role": "user", "content": question}, {"role": "assistant", "content": context + node}]
-    return messages, _number(raw.get("value"), f"{where}.value"), len(context)
-
-
-def _check_keys(raw: Any, allowed: frozenset[str], where: str) -> dict[str, Any]:
-    if not isinstance(raw, dict):
-        raise _invalid(where, f"must be an object, got {type(raw).__name__}")
-    form = DOCUMENTED_KEYS if "question" in raw or "current_node" in raw else allowed
-    extra = sorted(set(raw) - form)
-    if extra:
-        raise _invalid(
-            where, f"unknown keys {extra}; expected {sorted(allowed)} or {sorted(DOCUMENTED_KEYS)}"
-        )
-    return raw
+def _messages(messages: list[SampleMessage]) -> list[Message]:
+    return [m.model_dump() for m in messages]
 
 
 def parse_policy_sample(raw: Any, where: str) -> PolicySample:
-    raw = _check_keys(raw, POLICY_KEYS, where)
-    if "question" in raw or "current_node" in raw:
-        messages, advantage, judged_from = _documented(raw, where)
-        return PolicySample(messages, advantage, judged_from)
-    messages = _messages(raw.get("messages"), f"{where}.messages")
-    if messages[-1]["role"] != "assistant":
-        raise _invalid(
-            f"{where}.messages.{len(messages) - 1}.role", "the last message must be the assistant's"
-        )
-    if ("GAE" in raw) == ("advantage" in raw):
+    form = _validate(raw, "policy", where)
+    if isinstance(form, DocumentedForm):
+        messages, judged_from = _from_documented(form)
+        return PolicySample(messages, form.value, judged_from)
+    assert isinstance(form, PolicyForm)
+    if form.messages[-1].role != "assistant":
+        raise _invalid(f"{where}.messages.{len(form.messages) - 1}.role", "the last message must be the assistant's")
+    if (form.GAE is None) == (form.advantage is None):
         raise _invalid(f"{where}.GAE", "give the advantage as GAE (or advantage), exactly once")
-    key = "GAE" if "GAE" in raw else "advantage"
-    advantage = _number(raw[key], f"{where}.{key}")
-    logprobs = raw.get("logprobs")
-    if logprobs is not None:
-        if not isinstance(logprobs, list) or not logprobs:
-            raise _invalid(f"{where}.logprobs", "must be a non-empty list of log-probabilities")
-        logprobs = [_number(p, f"{where}.logprobs.{k}") for k, p in enumerate(logprobs)]
-        if any(p > 0 for p in logprobs):
-            raise _invalid(f"{where}.logprobs", "log-probabilities must be <= 0")
-    return PolicySample(messages, advantage, 0, logprobs)
+    advantage = form.GAE if form.GAE is not None else form.advantage
+    assert advantage is not None
+    return PolicySample(_messages(form.messages), advantage, 0, form.logprobs)
 
 
 def parse_value_sample(raw: Any, where: str) -> ValueSample:
-    raw = _check_keys(raw, VALUE_KEYS, where)
-    if "question" in raw or "current_node" in raw:
-        messages, target, judged_from = _documented(raw, where)
-        field = f"{where}.value"
-    else:
-        messages = _messages(raw.get("messages"), f"{where}.messages")
-        target, judged_from, field = (
-            _number(raw.get("value_target"), f"{where}.value_target"),
-            0,
-            f"{where}.value_target",
-        )
-    if not -1.0 <= target <= 1.0:
-        raise _invalid(field, f"must be in [-1, 1] (the value head's range), got {target}")
-    return ValueSample(messages, target, judged_from)
+    form = _validate(raw, "value", where)
+    if isinstance(form, DocumentedForm):
+        messages, judged_from = _from_documented(form)
+        return ValueSample(messages, form.value, judged_from)
+    assert isinstance(form, ValueForm)
+    return ValueSample(_messages(form.messages), form.value_target)
 
 
 def parse_samples(
     raw: Any, kind: Kind, field: str = "body.dataset"
 ) -> list[PolicySample] | list[ValueSample]:
-    """Validate a list of x1 samples for the policy (PPO) or the value model (MSE)."""
+    """Validate a list of x1 samples for the policy (PPO) or the value model (MSE); the first bad
+    sample is refused with an ``InvalidRequest`` naming ``<field>.<i>.<key>``."""
     if not isinstance(raw, list) or not raw:
         raise _invalid(field, "must be a non-empty list of samples")
     parse = parse_policy_sample if kind == "policy" else parse_value_sample
@@ -188,7 +200,10 @@ def load_dataset_file(
     path = resolve_under(data_dir, relative, field)
     if not path.is_file():
         raise NotFound(f"{field}: no file {relative!r} in the data folder")
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise _invalid(field, f"{relative} is not UTF-8 text: {exc}") from exc
     stripped = text.lstrip()
     if stripped.startswith("["):
         try:

@@ -32,8 +32,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from pydantic import TypeAdapter, ValidationError
 
-from policy_server.errors import Conflict, InvalidRequest, NotFound
+from policy_server.errors import Conflict, FieldError, InvalidRequest, NotFound
+from policy_server.fields import Float32, field_errors
 from policy_server.llm.generation import GenerationParams, Generator
 from policy_server.llm.models import Dtype, LoadedLM, load_policy
 
@@ -574,10 +576,18 @@ def latest_checkpoint(checkpoint_dir: str | Path) -> Path | None:
     return found[-1] if found else None
 
 
+_REWARDS = TypeAdapter(list[Float32])
+"""Rewards as the HTTP model takes them (JSON numbers finite as float32, no booleans), so that a
+caller of ``submit_rewards`` in Python is held to the same."""
+
+
 def _check_rewards(rewards: list[float], group_size: int) -> None:
-    if not isinstance(rewards, (list, tuple)) or len(rewards) != group_size:
-        got = len(rewards) if isinstance(rewards, (list, tuple)) else type(rewards).__name__
-        raise InvalidRequest(f"expected {group_size} rewards, one per completion of the group, got {got}")
-    for i, r in enumerate(rewards):
-        if isinstance(r, bool) or not isinstance(r, (int, float)) or not math.isfinite(r):
-            raise InvalidRequest(f"reward {i} is {r!r}: every reward must be a finite number")
+    """One reward per completion of the group, each a number finite as float32; else InvalidRequest."""
+    try:
+        _REWARDS.validate_python(rewards)
+    except ValidationError as exc:
+        errors = field_errors(exc, "body.rewards")
+        raise InvalidRequest(f"{errors[0].field}: {errors[0].message}", errors) from None
+    if len(rewards) != group_size:
+        message = f"expected {group_size} rewards, one per completion of the group, got {len(rewards)}"
+        raise InvalidRequest(f"body.rewards: {message}", [FieldError("body.rewards", message)])

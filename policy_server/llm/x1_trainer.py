@@ -77,7 +77,7 @@ class X1Trainer:
         raw = dataset if dataset is not None else load_dataset_file(self.training.data_dir, path)
         if not raw:
             raise InvalidRequest("body.dataset: no samples")
-        samples = parse_samples(raw, self.kind)
+        samples = parse_samples(raw, self.kind, "body.dataset" if dataset is not None else "body.dataset_path")
         if request.get("save_samples"):  # the samples as sent (valid, since they parsed)
             save_samples(raw, self.training.samples_dir / self.kind)
         return subset(samples, request.get("percent_of_data", 1.0), seed=0)

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import openai
 import pytest
 import yaml
 from conftest import API_KEY
@@ -145,7 +147,7 @@ def test_value_scores_one_or_many_conversations(client: TestClient) -> None:
     assert len(one["result"]) == 1 and len(many["result"]) == 2
     assert all(-1 <= v <= 1 for v in many["result"]) and many["result"][0] == pytest.approx(one["result"][0], abs=1e-5)
     bad = client.post("/value/forward", json={"messages": [{"role": "user"}]})
-    assert bad.status_code == 422 and bad.json()["error"]["fields"][0]["field"] == "body.messages.0"
+    assert bad.status_code == 422 and bad.json()["error"]["fields"][0]["field"] == "body.messages.0.content"
     assert client.post("/value/forward", json={"messages": []}).status_code == 422
 
 
@@ -170,3 +172,103 @@ def test_openai_routes_refuse_an_unknown_model_and_streaming(client: TestClient)
     assert stream.status_code == 422
     empty = client.post("/v1/chat/completions", json={"messages": []})
     assert empty.status_code == 422
+
+
+def post_raw(client: TestClient, path: str, body: Any) -> Any:
+    """POST ``body`` as JSON with ASCII escapes: a lone surrogate travels as ``\\ud800`` (valid JSON,
+    not valid Unicode) and NaN as the bare token ``NaN`` that Python's JSON reader accepts."""
+    return client.post(path, content=json.dumps(body), headers={"content-type": "application/json"})
+
+
+def assert_422_naming(answer: Any, field: str) -> dict[str, Any]:
+    assert answer.status_code == 422, answer.text
+    error = answer.json()["error"]
+    assert error["code"] == "invalid_request" and error["fields"][0]["field"] == field, error
+    return error
+
+
+CONV = [{"role": "user", "content": "What is 2 + 3?"}, {"role": "assistant", "content": "5"}]
+CHAT_BODY = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4}
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "field"),
+    [
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "\ud800"}]}, "body.messages.0.content"),
+        ("/v1/chat/completions", {"messages": [{"role": "system", "content": "Be brief."},
+                                               {"role": "user", "content": "Hi \udfff there"}]}, "body.messages.1.content"),
+        ("/v1/chat/completions", CHAT_BODY | {"stop": ["\n", "end\ud83d"]}, "body.stop"),
+        ("/v1/completions", {"prompt": "\ud800"}, "body.prompt"),
+        ("/v1/completions", {"prompt": ["fine", "x\udc00"]}, "body.prompt"),
+        ("/v1/completions", {"prompt": "fine", "stop": "\ud800"}, "body.stop"),
+        ("/llm/direct_forward", {"input_string": "\ud800"}, "body.input_string"),
+        ("/llm/direct_forward", {"input_string": "Hi", "stop_strings": ["\ud800"]}, "body.stop_strings.0"),
+        ("/llm/forward", {"question": "What is \ud800?"}, "body.question"),
+        ("/llm/forward", {"question": "Hi", "context": "step one\udbff"}, "body.context"),
+        ("/value/forward", {"messages": [{"role": "user", "content": "\ud800"}]}, "body.messages.0.content"),
+        ("/value/forward", {"messages": [{"role": "\ud800", "content": "Hi"}]}, "body.messages.0.role"),
+        ("/value/forward", {"messages": [CONV, [CONV[0], {"role": "assistant", "content": "\ud800"}]]},
+         "body.messages.1.1.content"),
+    ],
+)
+def test_a_lone_surrogate_in_any_text_for_the_tokenizer_is_422_naming_the_field(
+    client: TestClient, path: str, body: dict[str, Any], field: str
+) -> None:
+    error = assert_422_naming(post_raw(client, path, body), field)
+    assert field in error["message"]
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "field"),
+    [
+        ("/llm/direct_forward", {"max_output_length": "5"}, "body.max_output_length"),
+        ("/llm/direct_forward", {"max_output_length": True}, "body.max_output_length"),
+        ("/llm/direct_forward", {"max_input_length": "16"}, "body.max_input_length"),
+        ("/llm/direct_forward", {"num_samples": True}, "body.num_samples"),
+        ("/llm/direct_forward", {"seed": "1"}, "body.seed"),
+        ("/llm/direct_forward", {"temperature": "0.5"}, "body.temperature"),
+        ("/llm/direct_forward", {"temperature": False}, "body.temperature"),
+        ("/llm/direct_forward", {"temperature": float("nan")}, "body.temperature"),
+        ("/llm/direct_forward", {"temperature": 1e39}, "body.temperature"),
+        ("/llm/direct_forward", {"truncate": 1}, "body.truncate"),
+        ("/llm/direct_forward", {"return_tokens": "yes"}, "body.return_tokens"),
+        ("/llm/direct_forward", {"input_string": 5}, "body.input_string"),
+        ("/llm/forward", {"question": "Hi", "full_simulation": "off"}, "body.full_simulation"),
+        ("/llm/forward", {"question": "Hi", "num_samples": "2"}, "body.num_samples"),
+        ("/value/forward", {"messages": [{"role": "user", "content": 5}]}, "body.messages.0.content"),
+        ("/value/forward", {"messages": [{"role": "user", "content": "Hi", "name": "x"}]}, "body.messages.0.name"),
+    ],
+)
+def test_x1_routes_take_json_types_strictly(client: TestClient, path: str, body: dict[str, Any], field: str) -> None:
+    full = ({"input_string": "Hi"} | body) if path == "/llm/direct_forward" else body
+    assert_422_naming(post_raw(client, path, full), field)
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "field"),
+    [
+        ("/v1/completions", {"prompt": "Hi", "temperature": 1e39}, "body.temperature"),
+        ("/v1/completions", {"prompt": "Hi", "top_p": float("nan")}, "body.top_p"),
+        ("/v1/chat/completions", CHAT_BODY | {"temperature": float("inf")}, "body.temperature"),
+        ("/v1/completions", {"prompt": "Hi", "n": 99}, "body.n"),
+        ("/v1/completions", {"prompt": "Hi", "max_tokens": 10**30}, "body.max_tokens"),
+    ],
+)
+def test_openai_numbers_are_checked_at_float32_and_named(
+    client: TestClient, path: str, body: dict[str, Any], field: str
+) -> None:
+    assert_422_naming(post_raw(client, path, body), field)
+
+
+def test_openai_routes_keep_openais_leniency(client: TestClient) -> None:
+    lenient = {"prompt": "Hi", "max_tokens": "4", "n": "1", "echo": "false", "user": "someone", "seed": 3}
+    answer = post_raw(client, "/v1/completions", lenient)
+    assert answer.status_code == 200, answer.text
+    assert len(answer.json()["choices"]) == 1 and answer.json()["usage"]["completion_tokens"] <= 4
+
+
+def test_the_openai_client_gets_a_422_for_a_temperature_beyond_float32(client: TestClient) -> None:
+    with openai.OpenAI(base_url=f"{client.base_url}/v1", api_key=API_KEY, max_retries=0, http_client=client) as oai, \
+            pytest.raises(openai.UnprocessableEntityError) as caught:
+        oai.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hi"}], temperature=1e39)
+    assert caught.value.status_code == 422 and "body.temperature" in caught.value.message
