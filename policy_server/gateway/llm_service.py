@@ -27,7 +27,13 @@ from policy_server.errors import (
     summary,
 )
 from policy_server.fields import field_errors
-from policy_server.gateway.llm_wire import ChatRequest, CompletionRequest, DirectForward, Forward, ValueMessage
+from policy_server.gateway.llm_wire import (
+    ChatRequest,
+    CompletionRequest,
+    DirectForward,
+    Forward,
+    ValueMessage,
+)
 from policy_server.llm.config import LLMPolicySpec, LLMValueSpec
 from policy_server.llm.generation import GenerationParams, Sample
 from policy_server.llm.records import record_from_sample

@@ -73,7 +73,7 @@ class LoraRequest(_Wire):
     """Train a new LoRA adapter on a policy served without one (merged into the served weights)."""
 
     r: int = Field(8, ge=1, le=256)
-    alpha: int = Field(16, ge=1)
+    alpha: int = Field(16, ge=1, le=4096, description="The update is scaled by alpha / r.")
     dropout: Float32 = Field(0.05, ge=0, lt=1)
 
 
@@ -215,8 +215,8 @@ class GRPOStart(_Wire):
     stop_strings: list[Text] = Field(default_factory=list)
     chat: bool = Field(False, description="Wrap each prompt in the chat template.")
     lora: bool = Field(True, description="Train a LoRA adapter (else the full model).")
-    lora_r: int = Field(8, ge=1)
-    lora_alpha: int = Field(16, ge=1)
+    lora_r: int = Field(8, ge=1, le=256)
+    lora_alpha: int = Field(16, ge=1, le=4096)
     lora_dropout: Float32 = Field(0.0, ge=0, lt=1)
     checkpoint_every: int = Field(10, ge=1)
     max_version_lag: int = Field(0, ge=0, description="Accept rewards for groups this many cycles old.")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import tarfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -91,3 +92,73 @@ def test_a_restarted_server_resumes_the_run_and_its_cycle_count(llm_dirs: dict[s
     with make_client(llm_dirs, tmp_path) as second:  # a new process would see the same folder
         assert second.get(f"/llm/grpo/runs/{run_id}").json()["cycle"] == 4
         assert cycle(second, run_id)["model_version"] == [run_id, 5]
+
+
+def post_raw(client: TestClient, path: str, body: Any) -> Any:
+    """POST with ASCII escapes, so that a lone surrogate (``\\ud800``) and NaN reach the server."""
+    return client.post(path, content=json.dumps(body), headers={"content-type": "application/json"})
+
+
+def field_of(answer: Any) -> str:
+    assert answer.status_code == 422, answer.text
+    return answer.json()["error"]["fields"][0]["field"]
+
+
+BAD_REWARDS = [
+    ([True, False], "body.rewards.0"),  # JSON booleans are no rewards (pydantic made them 1.0 and 0.0)
+    ([1.0, False], "body.rewards.1"),
+    ([1e39, 0.0], "body.rewards.0"),  # finite as float64, inf as the float32 the advantages are
+    ([0.0, -3.5e38], "body.rewards.1"),
+    ([float("nan"), 0.0], "body.rewards.0"),
+    ([0.0, float("-inf")], "body.rewards.1"),
+    (["1", 0.0], "body.rewards.0"),
+    ([None, 0.0], "body.rewards.0"),
+    ([1.0], "body.rewards"),  # one reward per completion
+    ([], "body.rewards"),
+]
+
+
+def test_bad_rewards_are_422_naming_the_reward_and_the_group_still_trains(client: TestClient) -> None:
+    run_id = client.post("/llm/grpo/runs", json=SETTINGS | {"group_size": 2}).json()["run_id"]
+    group = client.post(f"/llm/grpo/runs/{run_id}/completions", json={"prompt": PROMPT}).json()
+    path = f"/llm/grpo/runs/{run_id}/rewards"
+    for rewards, field in BAD_REWARDS:
+        answer = post_raw(client, path, {"group_id": group["group_id"], "rewards": rewards})
+        assert field_of(answer) == field, rewards
+    status = client.get(f"/llm/grpo/runs/{run_id}").json()
+    assert status["cycle"] == 0 and status["rewards_received"] == 0
+    good = client.post(path, json={"group_id": group["group_id"], "rewards": [1, 0.0]})  # an integer is a number
+    assert good.status_code == 200, good.text
+    assert good.json()["model_version"] == [run_id, 1]
+
+
+BAD_SETTINGS = [
+    ({"group_size": "4"}, "body.group_size"),
+    ({"group_size": 4.0}, "body.group_size"),
+    ({"chat": 1}, "body.chat"),
+    ({"lora": "false"}, "body.lora"),
+    ({"lr": True}, "body.lr"),
+    ({"beta": 1e39}, "body.beta"),
+    ({"beta": float("nan")}, "body.beta"),
+    ({"temperature": float("inf")}, "body.temperature"),
+    ({"stop_strings": ["\n", "\ud800"]}, "body.stop_strings.1"),
+    ({"stop_strings": "\n"}, "body.stop_strings"),
+    ({"seed": "0"}, "body.seed"),
+    ({"lora": True, "lora_alpha": 10**400}, "body.lora_alpha"),
+    ({"lora": True, "lora_r": 10**9}, "body.lora_r"),
+]
+
+
+def test_bad_run_settings_are_422_naming_the_field(client: TestClient) -> None:
+    for settings, field in BAD_SETTINGS:
+        assert field_of(post_raw(client, "/llm/grpo/runs", SETTINGS | settings)) == field, settings
+    assert client.get("/llm/grpo/runs").json()["runs"] == []
+
+
+def test_a_prompt_the_tokenizer_cannot_encode_is_422(client: TestClient) -> None:
+    run_id = client.post("/llm/grpo/runs", json=SETTINGS | {"group_size": 2}).json()["run_id"]
+    for prompt in ("\ud800", "What is 3 + 4?\udfff"):
+        answer = post_raw(client, f"/llm/grpo/runs/{run_id}/completions", {"prompt": prompt})
+        assert field_of(answer) == "body.prompt"
+    assert field_of(post_raw(client, f"/llm/grpo/runs/{run_id}/completions", {"prompt": 7})) == "body.prompt"
+    assert client.get(f"/llm/grpo/runs/{run_id}").json()["groups_handed_out"] == 0

@@ -102,3 +102,68 @@ def test_a_new_lora_adapter_is_trained_and_merged_into_the_served_weights(client
     n = before["records"][0]["prompt_length"]
     assert after["model_version"] == 1
     assert after["records"][0]["logprobs"][n:] != before["records"][0]["logprobs"][n:]  # the merged update serves
+
+
+def post_raw(client: TestClient, path: str, body: Any) -> Any:
+    """POST with ASCII escapes, so that a lone surrogate (``\\ud800``) and NaN reach the server."""
+    return client.post(path, content=json.dumps(body), headers={"content-type": "application/json"})
+
+
+def field_of(answer: Any) -> str:
+    assert answer.status_code == 422, answer.text
+    return answer.json()["error"]["fields"][0]["field"]
+
+
+DOC = {"question": "What is 1 + 1?", "context": "", "current_node": "2", "value": 0.5}
+BAD_REQUESTS = [
+    # a number that overflows the float32 loss, or is no number, in a sample
+    ("/value", {"dataset": [{"messages": CHAT, "value_target": 1e39}]}, "body.dataset.0.value_target"),
+    ("/value", {"dataset": [{"messages": CHAT, "value_target": 0.5}, {"messages": CHAT, "value_target": float("nan")}]},
+     "body.dataset.1.value_target"),
+    ("/value", {"dataset": [DOC | {"value": True}]}, "body.dataset.0.value"),
+    ("/llm", {"dataset": [{"messages": CHAT, "GAE": 1e39}]}, "body.dataset.0.GAE"),
+    ("/llm", {"dataset": [{"messages": CHAT, "GAE": False}]}, "body.dataset.0.GAE"),
+    ("/llm", {"dataset": [{"messages": CHAT, "advantage": "1.0"}]}, "body.dataset.0.advantage"),
+    ("/llm", {"dataset": [{"messages": CHAT, "GAE": 1.0, "logprobs": [-1e39]}]}, "body.dataset.0.logprobs.0"),
+    ("/llm", {"dataset": [DOC | {"value": float("-inf")}]}, "body.dataset.0.value"),
+    # a text no tokenizer can encode, in a sample
+    ("/llm", {"dataset": [{"messages": [{"role": "user", "content": "\ud800"}, CHAT[1]], "GAE": 1.0}]},
+     "body.dataset.0.messages.0.content"),
+    ("/value", {"dataset": [DOC | {"current_node": "x\udfff"}]}, "body.dataset.0.current_node"),
+    # the request's own fields, taken strictly
+    ("/llm", {"dataset": [DOC], "num_epochs": "2"}, "body.num_epochs"),
+    ("/llm", {"dataset": [DOC], "num_epochs": True}, "body.num_epochs"),
+    ("/llm", {"dataset": [DOC], "save_samples": 1}, "body.save_samples"),
+    ("/llm", {"dataset": [DOC], "kl_coef": 1e39}, "body.kl_coef"),
+    ("/llm", {"dataset": [DOC], "clip": float("nan")}, "body.clip"),
+    ("/llm", {"dataset": [DOC], "lr": "1e-3"}, "body.lr"),
+    ("/llm", {"dataset": [DOC], "lora": {"r": "4"}}, "body.lora.r"),
+    ("/llm", {"dataset": [DOC], "lora": {"dropout": True}}, "body.lora.dropout"),
+    ("/llm", {"dataset": [DOC], "lora": {"alpha": 10**400}}, "body.lora.alpha"),
+    ("/llm", {"dataset_path": "\ud800.jsonl"}, "body.dataset_path"),
+]
+
+
+def test_bad_samples_and_settings_are_422_naming_the_sample_and_field(client: TestClient) -> None:
+    for prefix, body, field in BAD_REQUESTS:
+        assert field_of(post_raw(client, f"{prefix}/train_from_dataset", body)) == field, body
+    assert client.get("/llm/").json()["training"]["running"] is False
+    assert client.get("/value/").json()["training"]["running"] is False
+
+
+def test_bad_samples_in_a_dataset_file_are_422_naming_the_sample_and_field(client: TestClient, tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    files = {
+        "huge.jsonl": [{"messages": CHAT, "value_target": 0.5}, {"messages": CHAT, "value_target": 1e39}],
+        "nan.json": [{"messages": CHAT, "value_target": float("nan")}],  # Python's JSON reads NaN
+        "surrogate.jsonl": [DOC, DOC | {"question": "\ud800"}],  # written as the escape \ud800
+    }
+    for name, samples in files.items():
+        text = json.dumps(samples) if name.endswith(".json") else "".join(json.dumps(x) + "\n" for x in samples)
+        (data / name).write_text(text)
+    (data / "latin1.jsonl").write_bytes(json.dumps(DOC).replace("What", "W\xe4t").encode("latin-1"))
+    expected = {"huge.jsonl": "body.dataset_path.1.value_target", "nan.json": "body.dataset_path.0.value_target",
+                "surrogate.jsonl": "body.dataset_path.1.question", "latin1.jsonl": "body.dataset_path"}
+    for name, field in expected.items():
+        assert field_of(client.post("/value/train_from_dataset", json={"dataset_path": name})) == field, name
+    assert client.get("/value/").json()["training"]["running"] is False

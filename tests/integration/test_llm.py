@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -104,3 +105,28 @@ def test_queued_tasks_and_sessions_live_in_their_own_deployment(server: str) -> 
         assert nodes[0]["tokens"] == first["records"][0]["tokens"]
         assert client.delete("/llm/sessions/it-s").status_code == 200
         assert client.get("/llm/sessions/it-s").status_code == 404
+
+
+BAD_INPUTS = [
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "\ud800"}]}, "body.messages.0.content"),
+    ("/v1/completions", {"prompt": ["Hi", "x\udfff"]}, "body.prompt"),
+    ("/v1/completions", {"prompt": "Hi", "stop": "\ud800"}, "body.stop"),
+    ("/value/forward", {"messages": [{"role": "user", "content": "\udc00"}]}, "body.messages.0.content"),
+    ("/llm/forward", {"question": "Hi", "context": "\ud800"}, "body.context"),
+    ("/llm/direct_forward", {"input_string": "Hi", "max_output_length": "5"}, "body.max_output_length"),
+    ("/llm/direct_forward", {"input_string": "Hi", "num_samples": True}, "body.num_samples"),
+    ("/llm/direct_forward", {"input_string": "Hi", "temperature": 1e39}, "body.temperature"),
+]
+
+
+def test_bad_inputs_are_422_naming_the_field_and_the_model_keeps_serving(server: str, oai: openai.OpenAI) -> None:
+    with httpx.Client(base_url=server, headers=AUTH | {"content-type": "application/json"}, timeout=60) as client:
+        for path, body, field in BAD_INPUTS:  # ASCII escapes: the lone surrogates reach the server
+            answer = client.post(path, content=json.dumps(body))
+            assert answer.status_code == 422, (path, answer.text)
+            assert answer.json()["error"]["fields"][0]["field"] == field, answer.text
+    with pytest.raises(openai.UnprocessableEntityError) as caught:
+        oai.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hi"}], temperature=1e39)
+    assert "body.temperature" in caught.value.message
+    chat = oai.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hi"}], max_tokens=4)
+    assert chat.choices[0].message.role == "assistant"
