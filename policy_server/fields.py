@@ -11,7 +11,6 @@ valid float. The OpenAI-compatible models keep OpenAI's leniency and use only ``
 
 from __future__ import annotations
 
-import struct
 from typing import Annotated, Any
 
 from pydantic import AfterValidator, ConfigDict, Field, Strict, ValidationError
@@ -26,16 +25,12 @@ STRICT = ConfigDict(extra="forbid", strict=True)
 
 
 def check_float32(value: float) -> float:
-    """``value`` itself when it is finite as a float32; raises ValueError otherwise.
-
-    ``struct`` rounds to float32 exactly as a tensor cast does, and raises where that gives inf.
-    """
-    try:
-        struct.pack("<f", value)
-    except OverflowError:
+    """``value`` itself when a float32 holds it (|value| <= FLOAT32_MAX, the documented bound);
+    raises ValueError otherwise (a tensor cast would give inf)."""
+    if abs(value) > FLOAT32_MAX:
         raise ValueError(
-            f"{value!r} overflows float32 (largest magnitude {FLOAT32_MAX:.7g}): the model computes in float32"
-        ) from None
+            f"{value!r} overflows float32 (largest magnitude {FLOAT32_MAX:.8g}): the model computes in float32"
+        )
     return value
 
 
@@ -75,6 +70,7 @@ StrictBool = Annotated[bool, Strict()]
 
 Text = Annotated[str, AfterValidator(check_text)]
 """A string a tokenizer can encode (valid Unicode)."""
+
 
 def field_errors(exc: ValidationError, where: str, unknown: str = "unknown field") -> list[FieldError]:
     """pydantic's errors of a value validated by hand (not as a request body), named from ``where``
