@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from pydantic import AfterValidator, ConfigDict, Field, Strict, ValidationError
+from pydantic import AfterValidator, BeforeValidator, ConfigDict, Field, Strict, ValidationError
 
 from policy_server.errors import FieldError
 
@@ -26,10 +26,12 @@ STRICT = ConfigDict(extra="forbid", strict=True)
 
 def check_float32(value: float) -> float:
     """``value`` itself when a float32 holds it (|value| <= FLOAT32_MAX, the documented bound);
-    raises ValueError otherwise (a tensor cast would give inf)."""
-    if abs(value) > FLOAT32_MAX:
+    raises ValueError otherwise (a tensor cast would give inf). Runs before and after pydantic's
+    float check, so that a JSON integer too large for any float gets the same message."""
+    if not isinstance(value, bool) and isinstance(value, (int, float)) and abs(value) > FLOAT32_MAX:
+        text = repr(value) if len(repr(value)) <= 24 else f"{repr(value)[:12]}... ({len(repr(value))} digits)"
         raise ValueError(
-            f"{value!r} overflows float32 (largest magnitude {FLOAT32_MAX:.8g}): the model computes in float32"
+            f"{text} overflows float32 (largest magnitude {FLOAT32_MAX:.8g}): the model computes in float32"
         )
     return value
 
@@ -58,6 +60,7 @@ Float32 = Annotated[
     float,
     Strict(),
     Field(allow_inf_nan=False, json_schema_extra=_float32_bounds),
+    BeforeValidator(check_float32),
     AfterValidator(check_float32),
 ]
 """A JSON number (integer or not, never a string or boolean) that is finite as a float32."""
