@@ -27,6 +27,7 @@ ModelVersion = Annotated[int, Field(ge=0, le=np.iinfo(np.int64).max)]
 
 
 def _form(value: Any) -> str | None:
+    # the JSON type picks the form, so a bad value gets one error (its form's), not one per form
     return "raw" if isinstance(value, list) else "named" if isinstance(value, dict) else None
 
 
@@ -43,7 +44,9 @@ def observation_type(width: int | None = None) -> Any:
 
 
 def _kind(value: Any) -> str | None:
-    return "vector" if isinstance(value, list) else "index" if isinstance(value, int) and not isinstance(value, bool) else None
+    if isinstance(value, list):
+        return "vector"
+    return "index" if isinstance(value, int) and not isinstance(value, bool) else None
 
 
 ActionValue = Annotated[
@@ -190,7 +193,7 @@ def _steps(steps: list[Step], policy: ServedPolicy, errors: list[FieldError]) ->
 
 
 def _observations(
-    rows: list[Observation], where: str, policy: ServedPolicy, errors: list[FieldError]
+    rows: list[list[float] | dict[str, Any]], where: str, policy: ServedPolicy, errors: list[FieldError]
 ) -> np.ndarray | None:
     width, n_before = policy.obs_dim, len(errors)
     out = np.empty((len(rows), width), dtype=np.float32)

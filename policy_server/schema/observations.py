@@ -120,16 +120,17 @@ def _field(name: str, spec: ObservationSpec, width: int | None, left: int, examp
 def _check_open_widths(open_fields: dict[str, str], left: int, obs_dim: int) -> Callable[[BaseModel], BaseModel]:
     """The model validator of a schema with several open lists: their lengths fill ``left`` columns."""
 
+    why = f"its input width {obs_dim} less {obs_dim - left} for the other observations" if left < obs_dim else "its input width"
+
     def check(obs: BaseModel) -> BaseModel:
         lengths = {name: len(getattr(obs, attribute)) for attribute, name in open_fields.items()}
         if sum(lengths.values()) != left:
             raise PydanticCustomError(
                 "observation_width",
-                "the open-length lists {lists} hold {total} values; the model needs {left} from them "
-                "(its input width {obs_dim} less {fixed} for the other observations)",
+                "the open-length lists {lists} hold {total} values; the model needs {left} from them ({why})",
                 {
                     "lists": ", ".join(f"{name} ({n})" for name, n in lengths.items()),
-                    "total": sum(lengths.values()), "left": left, "obs_dim": obs_dim, "fixed": obs_dim - left,
+                    "total": sum(lengths.values()), "left": left, "why": why,
                 },
             )
         return obs
