@@ -36,6 +36,17 @@ def check_float32(value: float) -> float:
     return value
 
 
+def check_exact_int(value: int) -> int:
+    """``value`` itself when float32 holds it exactly (|value| ≤ 2**24); raises ValueError otherwise."""
+    if not -EXACT_INT_MAX <= value <= EXACT_INT_MAX:
+        shown = str(value) if abs(value) < 10**20 else f"an integer of {len(str(abs(value)))} digits"
+        raise ValueError(
+            f"{shown} is outside [-{EXACT_INT_MAX}, {EXACT_INT_MAX}] (±2**24): the model reads its "
+            "input as float32, which holds integers exactly only in that range"
+        )
+    return value
+
+
 def check_text(value: str) -> str:
     """``value`` itself when it is valid Unicode; raises ValueError at a lone UTF-16 surrogate
     (``"\\ud800"`` is valid JSON but no tokenizer can encode it)."""
@@ -65,7 +76,12 @@ Float32 = Annotated[
 ]
 """A JSON number (integer or not, never a string or boolean) that is finite as a float32."""
 
-ExactInt = Annotated[int, Strict(), Field(ge=-EXACT_INT_MAX, le=EXACT_INT_MAX)]
+ExactInt = Annotated[
+    int,
+    Strict(),
+    Field(json_schema_extra={"minimum": -EXACT_INT_MAX, "maximum": EXACT_INT_MAX}),
+    AfterValidator(check_exact_int),
+]
 """A JSON integer that a float32 input column holds exactly (|x| ≤ 2**24)."""
 
 StrictBool = Annotated[bool, Strict()]
@@ -94,6 +110,7 @@ __all__ = [
     "Float32",
     "StrictBool",
     "Text",
+    "check_exact_int",
     "check_float32",
     "check_text",
     "field_errors",

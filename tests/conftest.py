@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import socket
 import threading
 import time
@@ -140,6 +141,84 @@ def cart_fragment(version: int = 0, steps: int = 16, seed: int | None = None, **
         "log_probs": [-0.69] * steps,
         "terminated": True,
     } | over
+
+
+# --- issue 11: what users send ------------------------------------------------------------------
+
+BIG_INT = 10**400  # "1 followed by 400 zeros": no float holds it
+BAD_POLICY_INPUTS: dict[str, tuple[str, bytes, str]] = {
+    # numbers that overflow the models' float32 input, integers float32 cannot hold exactly, and
+    # JSON strings or booleans where numbers or booleans belong: (path, body, the field named)
+    "1e39 float": ("/policies/box/predict", json.dumps(BOX_OBS | {"x": 1e39}).encode(), "body.x"),
+    "-1e39 in a float list": (
+        "/policies/tuple/predict", json.dumps(TUPLE_OBS | {"sensors": [0.1, -1e39, 0.3]}).encode(), "body.sensors.1"
+    ),
+    "3.4028236e38 rounds to inf": ("/policies/box/predict", json.dumps(BOX_OBS | {"y": 3.4028236e38}).encode(), "body.y"),
+    "1e999 is inf in JSON": ("/policies/box/predict", b'{"x": 1e999, "y": 0, "flag": true}', "body.x"),
+    "10**400 int": ("/predict", json.dumps(LPOC_OBS | {"id": BIG_INT}).encode(), "body.id"),
+    "-(10**400) int": ("/predict", json.dumps(LPOC_OBS | {"coordinates_1": -BIG_INT}).encode(), "body.coordinates_1"),
+    "2**24+1 int": ("/predict", json.dumps(LPOC_OBS | {"coordinates_0": 2**24 + 1}).encode(), "body.coordinates_0"),
+    "true as int": ("/predict", json.dumps(LPOC_OBS | {"id": True}).encode(), "body.id"),
+    "'5' as int": ("/predict", json.dumps(LPOC_OBS | {"id": "5"}).encode(), "body.id"),
+    "'yes' as bool": ("/predict", json.dumps(LPOC_OBS | {"is_up_free": "yes"}).encode(), "body.is_up_free"),
+    "'off' as bool": ("/predict", json.dumps(LPOC_OBS | {"is_up_free": "off"}).encode(), "body.is_up_free"),
+    "1 as bool": ("/predict", json.dumps(LPOC_OBS | {"has_up_neighbour": 1}).encode(), "body.has_up_neighbour"),
+    "'0.5' as float": ("/policies/box/predict", json.dumps(BOX_OBS | {"x": "0.5"}).encode(), "body.x"),
+    "false as float": ("/policies/tuple/predict", json.dumps(TUPLE_OBS | {"sensors": [False, 0, 0]}).encode(), "body.sensors.0"),
+    "1e39 raw": ("/predict_raw", json.dumps({"obs": [1e39] + [0.0] * 10}).encode(), "body.obs.0"),
+    "10**400 raw": ("/predict_raw", json.dumps({"obs": [0.0] * 10 + [BIG_INT]}).encode(), "body.obs.10"),
+    "'1' raw": ("/predict_raw", json.dumps({"obs": ["1"] + [0.0] * 10}).encode(), "body.obs.0"),
+    "1e39 in a raw batch row": (
+        "/predict_raw/batch", json.dumps({"obs": [[0.0] * 11, [0.0] * 3 + [1e39] + [0.0] * 7]}).encode(), "body.obs.1.3"
+    ),
+    "10**400 in a batch": (
+        "/predict/batch", json.dumps({"observations": [LPOC_OBS, LPOC_OBS | {"id": BIG_INT}]}).encode(),
+        "body.observations.1.id",
+    ),
+}
+
+# Pathmind's examples/lpoc_tuple schema: twelve one-hot List[int] observations with no
+# min_items/max_items, discrete tuple actions; here each list has 5 items (60 inputs in all).
+ONEHOT_OBSERVATIONS = {
+    f"table_{table}_{kind}": {"type": "List[int]"} for kind in ("node", "target_node") for table in range(1, 7)
+}
+ONEHOT_OBS = {name: [int(i % 5 == j) for j in range(5)] for i, name in enumerate(ONEHOT_OBSERVATIONS)}
+# names that are no Python identifiers or that BaseModel already uses, and Pathmind's action mask
+ODD_OBSERVATIONS = {
+    "pos.x": {"type": "float"},
+    "schema": {"type": "int"},
+    "a b": {"type": "bool"},
+    "größe": {"type": "float"},
+    "_id": {"type": "int"},
+    "1": {"type": "int"},
+    "model_config": {"type": "float"},
+    "actionMask": {"type": "List[bool]", "min_items": 4, "max_items": 4},
+}
+ODD_OBS = {"pos.x": 0.5, "schema": 2, "a b": True, "größe": -1.5, "_id": 7, "1": 1, "model_config": 0.0,
+           "actionMask": [True, False, True, True]}
+
+
+@pytest.fixture(scope="session")
+def inputs_models(model_dir: Path) -> Path:
+    """``model_dir`` with the models of ``inputs_schema``'s `onehot` (60 → tuple 6×5) and `odd` (11 → 4)."""
+    torch.manual_seed(0)
+    export_module(MLPPolicy(60, [16], nvec=[6, 5]), 60, model_dir / "onehot.pt2")
+    export_module(MLPPolicy(11, [16], nvec=[4]), 11, model_dir / "odd.pt2")
+    return model_dir
+
+
+def inputs_schema(model_dir: Path, checkpoint_dir: Path) -> dict[str, Any]:
+    """Pathmind's one-hot policy (`onehot`), odd names with an action mask (`odd`) and the
+    trainable CartPole policy (`cart`, the default); ``model_dir`` from the ``inputs_models`` fixture."""
+    schema = training_schema(model_dir, checkpoint_dir)
+    small = {"num_cpus": 0.1}
+    schema["policies"] = {
+        "cart": schema["policies"]["cart"],
+        "onehot": {"observations": ONEHOT_OBSERVATIONS, "discrete": True, "tuple": True,
+                   "model": str(model_dir / "onehot.pt2"), "resources": small},
+        "odd": {"observations": ODD_OBSERVATIONS, "model": str(model_dir / "odd.pt2"), "resources": small},
+    }
+    return schema
 
 
 @pytest.fixture()

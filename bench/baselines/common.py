@@ -41,7 +41,7 @@ class BaselinePolicy:
 
     def to_input(self, obs: BaseModel) -> np.ndarray:
         """One observation → ``(1, obs_dim)`` float32, in schema order."""
-        return flatten([obs], self.served.field_names)
+        return flatten([obs])
 
     def answer(self, out: PolicyOutput, rng: np.random.Generator) -> dict[str, Any]:
         """The server's `/predict` answer: a sampled action, its probability and the version."""

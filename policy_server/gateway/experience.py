@@ -9,40 +9,71 @@ the whole request is refused with a 422 that names it.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from copy import copy
+from typing import Annotated, Any
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, Discriminator, Field, Tag, ValidationError, create_model, model_validator
 
 from policy_server.errors import FieldError, InvalidRequest
+from policy_server.fields import STRICT, ExactInt, Float32, StrictBool
 from policy_server.policies.served import ServedPolicy
 from policy_server.policies.spaces import BoxSpace, DiscreteSpace, TupleSpace
-from policy_server.schema.observations import FiniteFloat, flatten
+from policy_server.schema.observations import flatten
 from policy_server.training.experience import ExperienceBatch
 
-Observation = list[FiniteFloat] | dict[str, Any]
-ActionValue = int | list[FiniteFloat]
 CLIENT_ID_PATTERN = r"^[A-Za-z0-9_.:-]+$"
+ModelVersion = Annotated[int, Field(ge=0, le=np.iinfo(np.int64).max)]
+
+
+def _form(value: Any) -> str | None:
+    # the JSON type picks the form, so a bad value gets one error (its form's), not one per form
+    return "raw" if isinstance(value, list) else "named" if isinstance(value, dict) else None
+
+
+def observation_type(width: int | None = None) -> Any:
+    """An observation: raw (a flat list of ``width`` numbers) or in the schema's own form (an object,
+    checked against the policy's observation model in ``to_batch``). Errors in a raw one carry
+    ``raw`` in their location (``observations.3.raw.1``): pydantic names the form it checked."""
+    raw = list[Float32] if width is None else Annotated[list[Float32], Field(min_length=width, max_length=width)]
+    return Annotated[
+        Annotated[raw, Tag("raw")] | Annotated[dict[str, Any], Tag("named")],
+        Discriminator(_form, custom_error_type="observation_form",
+                      custom_error_message="an observation is a list of numbers or an object of the schema's fields"),
+    ]
+
+
+def _kind(value: Any) -> str | None:
+    if isinstance(value, list):
+        return "vector"
+    return "index" if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+ActionValue = Annotated[
+    Annotated[ExactInt, Tag("index")] | Annotated[list[Float32], Tag("vector")],
+    Discriminator(_kind, custom_error_type="action_form",
+                  custom_error_message="an action is an integer index or a list of numbers"),
+]
 
 
 class _Wire(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT
 
 
 class Fragment(_Wire):
     """Consecutive steps of one episode, acted by one model version."""
 
-    model_version: int = Field(ge=0, description="The model version that chose these actions.")
-    observations: list[Observation] = Field(
+    model_version: ModelVersion = Field(description="The model version that chose these actions.")
+    observations: list[observation_type()] = Field(  # type: ignore[valid-type]
         min_length=2, description="T+1 observations: the last is the one after the last step."
     )
     actions: list[ActionValue] = Field(min_length=1, description="T actions.")
-    rewards: list[FiniteFloat] = Field(min_length=1, description="T rewards.")
-    log_probs: list[FiniteFloat] | None = Field(
+    rewards: list[Float32] = Field(min_length=1, description="T rewards.")
+    log_probs: list[Float32] | None = Field(
         None, description="T log-probabilities of the actions under the acting model (PPO needs them)."
     )
-    terminated: bool = Field(False, description="The last step ended the episode in a terminal state.")
-    truncated: bool = Field(False, description="The last step ended the episode by a limit (bootstraps).")
+    terminated: StrictBool = Field(False, description="The last step ended the episode in a terminal state.")
+    truncated: StrictBool = Field(False, description="The last step ended the episode by a limit (bootstraps).")
 
     @model_validator(mode="after")
     def _lengths(self) -> Fragment:
@@ -60,14 +91,14 @@ class Fragment(_Wire):
 class Step(_Wire):
     """One transition."""
 
-    obs: Observation
+    obs: observation_type()  # type: ignore[valid-type]
     action: ActionValue
-    reward: FiniteFloat
-    next_obs: Observation
-    terminated: bool = False
-    truncated: bool = False
-    log_prob: FiniteFloat | None = None
-    model_version: int = Field(ge=0)
+    reward: Float32
+    next_obs: observation_type()  # type: ignore[valid-type]
+    terminated: StrictBool = False
+    truncated: StrictBool = False
+    log_prob: Float32 | None = None
+    model_version: ModelVersion
 
 
 class ExperienceRequest(_Wire):
@@ -84,6 +115,22 @@ class ExperienceRequest(_Wire):
     @property
     def rows(self) -> int:
         return sum(len(f.actions) for f in self.fragments) + len(self.steps)
+
+
+def experience_model(policy: ServedPolicy) -> type[ExperienceRequest]:
+    """``{prefix}ExperienceRequest``: ``ExperienceRequest`` whose raw observations declare the
+    policy's input width, so that its OpenAPI document says how many values they take."""
+    prefix, obs = policy.model_prefix, observation_type(policy.obs_dim)
+    fragment = create_model(
+        f"{prefix}Fragment", __base__=Fragment, __doc__=Fragment.__doc__,
+        observations=(list[obs], copy(Fragment.model_fields["observations"])),  # type: ignore[valid-type]
+    )
+    step = create_model(f"{prefix}Step", __base__=Step, __doc__=Step.__doc__, obs=(obs, ...), next_obs=(obs, ...))
+    return create_model(  # type: ignore[no-any-return]
+        f"{prefix}ExperienceRequest", __base__=ExperienceRequest,
+        fragments=(list[fragment], Field(default_factory=list)),  # type: ignore[valid-type]
+        steps=(list[step], Field(default_factory=list)),  # type: ignore[valid-type]
+    )
 
 
 def to_batch(request: ExperienceRequest, policy: ServedPolicy, max_rows: int) -> ExperienceBatch:
@@ -146,7 +193,7 @@ def _steps(steps: list[Step], policy: ServedPolicy, errors: list[FieldError]) ->
 
 
 def _observations(
-    rows: list[Observation], where: str, policy: ServedPolicy, errors: list[FieldError]
+    rows: list[list[float] | dict[str, Any]], where: str, policy: ServedPolicy, errors: list[FieldError]
 ) -> np.ndarray | None:
     width, n_before = policy.obs_dim, len(errors)
     out = np.empty((len(rows), width), dtype=np.float32)
@@ -169,7 +216,7 @@ def _observations(
                 for e in exc.errors()
             )
             continue
-        out[i] = flatten([parsed], policy.field_names)[0]
+        out[i] = flatten([parsed])[0]
     return out if len(errors) == n_before else None
 
 

@@ -13,10 +13,10 @@ from policy_server.gateway.wire import (
     BatchActionResponse,
     BatchDistributionResponse,
     DistributionResponse,
-    RawObservation,
     batch_model,
     error_docs,
     raw_batch_model,
+    raw_model,
 )
 from policy_server.policies.spaces import ActionSample
 
@@ -58,12 +58,13 @@ def policy_router(service: PolicyService, auth: Any, max_batch: int, prefix: str
         samples, version = await service.act(obs, mode)
         return _answer({"results": [_action(s) for s in samples], "model_version": version})
 
-    RawBatch = raw_batch_model(max_batch)
+    Raw = raw_model(policy.model_prefix, policy.obs_dim)
+    RawBatch = raw_batch_model(policy.model_prefix, policy.obs_dim, max_batch)
 
     @router.post("/predict_raw", response_model=ActionResponse)
-    async def predict_raw(body: RawObservation) -> JSONResponse:
+    async def predict_raw(body: Raw) -> JSONResponse:  # type: ignore[valid-type]
         """Sample an action for a flat input vector (width checked, no field validation)."""
-        return await act(service.from_raw([body.obs]), "sample")
+        return await act(service.from_raw([body.obs]), "sample")  # type: ignore[attr-defined]
 
     @router.post("/predict_raw/batch", response_model=BatchActionResponse)
     async def predict_raw_batch(body: RawBatch) -> JSONResponse:  # type: ignore[valid-type]

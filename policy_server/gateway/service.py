@@ -44,9 +44,12 @@ class PolicyService:
     # --- inputs ---------------------------------------------------------------------------
 
     def from_observations(self, observations: list[BaseModel]) -> np.ndarray:
-        return flatten(observations, self.policy.field_names)
+        """Validated observations of the policy's model → float32 ``(B, obs_dim)``."""
+        return flatten(observations)
 
     def from_raw(self, rows: list[list[float]], field: str = "body.obs") -> np.ndarray:
+        """Flat input vectors (each value already checked finite as float32) → float32 ``(B, obs_dim)``;
+        raises InvalidRequest naming each row of the wrong width."""
         width = self.policy.obs_dim
         bad = [i for i, row in enumerate(rows) if len(row) != width]
         if bad:

@@ -13,10 +13,11 @@ from fastapi import APIRouter, Depends, Header, Path, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
 
 from policy_server.errors import NotTrainable
-from policy_server.gateway.experience import CLIENT_ID_PATTERN, ExperienceRequest
+from policy_server.fields import STRICT
+from policy_server.gateway.experience import CLIENT_ID_PATTERN, experience_model
 from policy_server.gateway.routes import ERRORS
 from policy_server.gateway.service import PolicyService
 from policy_server.gateway.training import TrainingService
@@ -30,11 +31,11 @@ TRAINING_ERRORS = ERRORS | error_docs({
 })
 
 
-class _Wire(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class _Request(BaseModel):
+    model_config = STRICT
 
 
-class Registration(_Wire):
+class Registration(_Request):
     client_id: str | None = Field(None, min_length=1, max_length=128, pattern=CLIENT_ID_PATTERN,
                                   description="Your id; the server makes one when it is null.")
     info: dict[str, Any] | None = Field(None, description="Anything that describes the client.")
@@ -81,7 +82,7 @@ class TrainingStatus(BaseModel):
     exploration: dict[str, float]
 
 
-class Resume(_Wire):
+class Resume(_Request):
     checkpoint: str | None = Field(None, description="A checkpoint's name; null: the newest.")
 
 
@@ -130,6 +131,7 @@ def training_router(service: TrainingService, auth: Any, prefix: str) -> APIRout
         responses=TRAINING_ERRORS,
     )
     experience_router = APIRouter(route_class=_counting_route(service))
+    ExperienceRequest = experience_model(service.policy)
 
     @router.post("/clients", response_model=ClientAnswer)
     async def register(body: Registration) -> Any:
@@ -143,7 +145,7 @@ def training_router(service: TrainingService, auth: Any, prefix: str) -> APIRout
         return await service.call("heartbeat", client_id)
 
     @experience_router.post("/experience", response_model=ExperienceAnswer)
-    async def experience(body: ExperienceRequest) -> Any:
+    async def experience(body: ExperienceRequest) -> Any:  # type: ignore[valid-type]
         """Send experience: episode fragments and/or single steps. All of it is validated first;
         one malformed sample refuses the request (422) and stores nothing."""
         return await service.experience(body)

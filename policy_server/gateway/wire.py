@@ -1,4 +1,8 @@
-"""Request and response models of the policy endpoints (the observation models are generated)."""
+"""Request and response models of the policy endpoints (the observation models are generated).
+
+Request models are strict (``fields.STRICT``): unknown fields, strings as numbers and numbers as
+booleans are refused, and every number must be finite as a float32.
+"""
 
 from __future__ import annotations
 
@@ -7,9 +11,9 @@ from collections.abc import Callable
 from typing import Annotated, Any
 
 from fastapi.routing import APIRoute
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, create_model
 
-from policy_server.schema.observations import FiniteFloat
+from policy_server.fields import STRICT, Float32
 
 
 class _Wire(BaseModel):
@@ -58,25 +62,35 @@ class BatchDistributionResponse(_Wire):
     model_version: int
 
 
-class RawObservation(_Wire):
-    obs: list[FiniteFloat] = Field(description="The flat input vector, in schema order.")
+class _Request(BaseModel):
+    model_config = STRICT
 
 
-def raw_batch_model(max_items: int) -> type[BaseModel]:
-    class RawObservationBatch(_Wire):
-        obs: Annotated[list[list[FiniteFloat]], Field(min_length=1, max_length=max_items)] = Field(
-            description="One flat input vector per row."
-        )
+def raw_model(prefix: str, width: int) -> type[BaseModel]:
+    """``{prefix}RawObservation``: one flat input vector of ``width`` values (the policy's obs_dim)."""
+    return create_model(  # type: ignore[call-overload]
+        f"{prefix}RawObservation",
+        __base__=_Request,
+        obs=(Annotated[list[Float32], Field(min_length=width, max_length=width)],
+             Field(description=f"The flat input vector of {width} values, in schema order.")),
+    )
 
-    return RawObservationBatch
+
+def raw_batch_model(prefix: str, width: int, max_items: int) -> type[BaseModel]:
+    """``{prefix}RawObservationBatch``: 1 to ``max_items`` flat input vectors of ``width`` values."""
+    row = Annotated[list[Float32], Field(min_length=width, max_length=width)]
+    return create_model(  # type: ignore[call-overload]
+        f"{prefix}RawObservationBatch",
+        __base__=_Request,
+        obs=(Annotated[list[row], Field(min_length=1, max_length=max_items)],  # type: ignore[valid-type]
+             Field(description=f"One flat input vector of {width} values per row.")),
+    )
 
 
 def batch_model(observation: type[BaseModel], max_items: int) -> type[BaseModel]:
-    from pydantic import create_model
-
     return create_model(  # type: ignore[call-overload]
         f"{observation.__name__}Batch",
-        __config__=ConfigDict(extra="forbid"),
+        __base__=_Request,
         observations=(Annotated[list[observation], Field(min_length=1, max_length=max_items)], ...),  # type: ignore[valid-type]
     )
 

@@ -16,7 +16,7 @@ from policy_server.errors import SchemaError, summary
 from policy_server.policies.spaces import ActionSpace, make_action_space
 from policy_server.policies.torch_policy import TorchPolicy, input_width, is_exact_width
 from policy_server.schema.config import DEFAULT_POLICY, PolicySpec
-from policy_server.schema.observations import build_observation_model, resolve_widths
+from policy_server.schema.observations import Widths, build_observation_model, resolve_widths
 
 
 @dataclass(frozen=True)
@@ -35,6 +35,10 @@ class ServedPolicy:
     @property
     def field_names(self) -> list[str]:
         return list(self.spec.observations or {})
+
+    @property
+    def model_prefix(self) -> str:
+        return model_prefix(self.spec.name)
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -57,13 +61,17 @@ def resolve_policy(spec: PolicySpec) -> tuple[ServedPolicy, TorchPolicy]:
         raise SchemaError(f"{where}.model: cannot load {spec.model}: {exc}") from exc
     model_width = input_width(policy.module)
     obs_where = "observations" if spec.name == DEFAULT_POLICY else f"policies.{spec.name}.observations"
-    widths: dict[str, int] = {}
+    widths: Widths = {}
     if spec.observations:
         try:
             widths = resolve_widths(spec.observations, model_width, obs_where)
         except ValueError as exc:
             raise SchemaError(str(exc)) from exc
-        obs_dim = sum(widths.values())
+        if None in widths.values():  # several open lists share the columns the model leaves
+            assert model_width is not None  # resolve_widths refuses them otherwise
+            obs_dim = model_width
+        else:
+            obs_dim = sum(width for width in widths.values() if width is not None)
         if model_width is not None and model_width != obs_dim and is_exact_width(policy.module):
             raise SchemaError(
                 f"{obs_where}: the observation widths sum to {obs_dim} but the model "
@@ -87,10 +95,13 @@ def resolve_policy(spec: PolicySpec) -> tuple[ServedPolicy, TorchPolicy]:
         raise SchemaError(str(exc)) from exc
     model = None
     if spec.observations:
-        prefix = "" if spec.name == DEFAULT_POLICY else _title(spec.name)
-        model = build_observation_model(f"{prefix}Observation", spec.observations, widths)
+        model = build_observation_model(f"{model_prefix(spec.name)}Observation", spec.observations, widths, obs_dim)
     return ServedPolicy(spec, space, obs_dim, model), policy
 
 
-def _title(name: str) -> str:
+def model_prefix(name: str) -> str:
+    """What the names of a policy's generated request models start with: nothing for the policy of
+    a single-policy schema, else its name in CamelCase (``cart-pole`` → ``CartPole``)."""
+    if name == DEFAULT_POLICY:
+        return ""
     return "".join(part.capitalize() for part in name.replace("-", "_").split("_"))

@@ -17,13 +17,24 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, TypeAdapter, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    SecretStr,
+    TypeAdapter,
+    ValidationError,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
 
 from policy_server.errors import SchemaError
+from policy_server.fields import check_text
 from policy_server.llm.config import LLMSection
 from policy_server.training.config import TrainingSpec
 
-OBSERVATION_TYPES = ("int", "float", "bool", "List[int]", "List[float]")
+OBSERVATION_TYPES = ("int", "float", "bool", "List[int]", "List[float]", "List[bool]")
 MODEL_SUFFIXES = (".pt", ".pt2", ".ts", ".jit")
 DEFAULT_POLICY = "default"
 
@@ -32,10 +43,36 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+def _observation_name(name: Any) -> str:
+    """A schema key as a JSON field name. YAML reads some unquoted keys as other types (``1:`` an
+    int, ``yes:`` a boolean, ``~:`` null); their text is ambiguous, so they are refused."""
+    if not isinstance(name, str):
+        kind = {bool: "a boolean (unquoted yes/no/on/off/true/false)", int: "an integer", type(None): "null"}
+        raise PydanticCustomError(
+            "observation_name",
+            "the name {name} is read by YAML as {kind}, not as text; quote it to use it as an "
+            "observation name",
+            {"name": yaml.safe_dump(name).removesuffix("\n...\n").strip(),  # as YAML writes it: true, null
+             "kind": kind.get(type(name), f"a {type(name).__name__}")},
+        )
+    if not name:
+        raise PydanticCustomError("observation_name", "an observation name cannot be empty")
+    try:
+        return check_text(name)
+    except ValueError as exc:
+        raise PydanticCustomError(
+            "observation_name", "the name {name} is {error}", {"name": ascii(name), "error": str(exc)}
+        ) from None
+
+
+ObservationName = Annotated[str, BeforeValidator(_observation_name)]
+"""Any text is a valid JSON field name: dots, spaces, dashes, unicode, leading underscores."""
+
+
 class ObservationSpec(_Strict):
     """One observation field; its position in the mapping is its position in the input vector."""
 
-    type: Literal["int", "float", "bool", "List[int]", "List[float]"]
+    type: Literal["int", "float", "bool", "List[int]", "List[float]", "List[bool]"]
     min_items: int | None = Field(None, ge=0)
     max_items: int | None = Field(None, ge=0)
     description: str | None = None
@@ -138,7 +175,7 @@ class PolicySpec(_Strict):
     """One served policy, as resolved from the schema (model path absolute)."""
 
     name: str
-    observations: dict[str, ObservationSpec] | None
+    observations: dict[ObservationName, ObservationSpec] | None
     action_space: DiscreteSpec | TupleSpec | BoxSpec
     model: Path
     resources: ResourceSpec
@@ -210,11 +247,11 @@ class _Parameters(_PolicyFields):
 
 
 class _PolicyEntry(_PolicyFields):
-    observations: dict[str, ObservationSpec] | None = None
+    observations: dict[ObservationName, ObservationSpec] | None = None
 
 
 class _SchemaFile(_Strict):
-    observations: dict[str, ObservationSpec] | None = None
+    observations: dict[ObservationName, ObservationSpec] | None = None
     parameters: _Parameters = _Parameters()
     policies: dict[str, _PolicyEntry] | None = None
     llm: LLMSection | None = None
@@ -343,7 +380,8 @@ def _find_model(model: str | None, base_dir: Path, where: str) -> Path:
 def _describe(exc: ValidationError) -> str:
     lines = []
     for err in exc.errors():
-        loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        parts = err["loc"][:-2] if err["loc"][-1:] == ("[key]",) else err["loc"]  # the message names a bad key
+        loc = ".".join(str(p) for p in parts) or "(top level)"
         msg = err["msg"]
         if err["type"] == "literal_error" and loc.endswith(".type"):
             msg = (

@@ -150,7 +150,7 @@ def test_a_422_is_raised_at_once_with_the_servers_envelope(serving: str) -> None
         with pytest.raises(PolicyClientError) as caught:
             client.act([0.1, 0.2])  # the policy takes 3 values
         assert caught.value.status == 422 and caught.value.code == "invalid_request"
-        assert "needs 3 values" in caught.value.message and caught.value.fields
+        assert "at least 3 items" in caught.value.message and caught.value.fields
         assert client.stats.retries == 0
 
 

@@ -41,7 +41,7 @@ public class Main {
     LpocObservation obs = client.getObjectMapper().readValue(args[2], LpocObservation.class);
     ActionResponse action = api.predict(obs);
     DistributionResponse distribution = api.distribution(obs);
-    ActionResponse raw = api.predictRaw(new RawObservation().obs(Collections.nCopies(11, new BigDecimal("0.5"))));
+    ActionResponse raw = api.predictRaw(new LpocRawObservation().obs(Collections.nCopies(11, new BigDecimal("0.5"))));
     int denied = 0;
     try {
       new LpocApi(client(args[0], "wrong-key")).predict(obs);

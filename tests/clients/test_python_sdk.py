@@ -24,13 +24,13 @@ import json, sys
 import policy_server_client
 from policy_server_client import AuthenticatedClient
 from policy_server_client.api.lpoc import distribution, predict, predict_raw
-from policy_server_client.models import LpocObservation, RawObservation
+from policy_server_client.models import LpocObservation, LpocRawObservation
 
 url, key, obs = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
 client = AuthenticatedClient(base_url=url, token=key, prefix="", auth_header_name="access-token")
 action = predict.sync(client=client, body=LpocObservation.from_dict(obs))
 dist = distribution.sync(client=client, body=LpocObservation.from_dict(obs))
-raw = predict_raw.sync(client=client, body=RawObservation(obs=[0.5] * 11))
+raw = predict_raw.sync(client=client, body=LpocRawObservation(obs=[0.5] * 11))
 wrong = AuthenticatedClient(base_url=url, token="wrong-key", prefix="", auth_header_name="access-token")
 denied = predict.sync_detailed(client=wrong, body=LpocObservation.from_dict(obs))
 print(json.dumps({

@@ -13,10 +13,15 @@ import pytest
 import torch
 from conftest import (
     API_KEY,
+    BAD_POLICY_INPUTS,
+    BIG_INT,
     BOX_OBS,
     LPOC_OBS,
+    ODD_OBS,
+    ONEHOT_OBS,
     TUPLE_OBS,
     free_port,
+    inputs_schema,
     multi_policy_schema,
 )
 from fastapi.testclient import TestClient
@@ -26,6 +31,7 @@ from policy_server.policies.torch_policy import TorchPolicy
 from policy_server.settings import Settings
 
 AUTH = {"access-token": API_KEY}
+JSON = {"content-type": "application/json"}
 LPOC_NAMES = ["up", "right", "down", "left"]
 
 
@@ -293,6 +299,156 @@ def test_unknown_routes_and_methods_answer_the_envelope(client: TestClient) -> N
     assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
     r = client.get("/predict", headers=AUTH)
     assert r.status_code == 405 and r.json()["error"]["code"] == "method_not_allowed"
+
+
+# --- issue 11: numbers at float32 precision, integers within ±2**24, JSON types strictly ---------
+
+
+@pytest.mark.parametrize("case", list(BAD_POLICY_INPUTS))
+def test_numbers_the_model_cannot_hold_and_wrong_json_types_are_422_naming_the_field(
+    client: TestClient, case: str
+) -> None:
+    path, body, field = BAD_POLICY_INPUTS[case]
+    r = client.post(path, content=body, headers=AUTH | JSON)
+    assert r.status_code == 422, r.text[:300]
+    error = r.json()["error"]
+    assert error["code"] == "invalid_request"
+    assert field in [f["field"] for f in error["fields"]], error["fields"]
+    assert client.post("/predict", json=LPOC_OBS, headers=AUTH).status_code == 200
+
+
+def test_the_refusals_say_what_range_and_why(client: TestClient) -> None:
+    big = client.post("/predict", content=BAD_POLICY_INPUTS["10**400 int"][1], headers=AUTH | JSON).json()["error"]
+    assert "[-16777216, 16777216]" in big["message"] and "float32" in big["message"]
+    assert "401 digits" in big["message"] and len(big["message"]) < 400  # not the 401 digits themselves
+    over = client.post("/policies/box/predict", json=BOX_OBS | {"x": 1e39}, headers=AUTH).json()["error"]
+    assert "overflows float32" in over["message"]
+
+
+@pytest.mark.parametrize(
+    "path,body",
+    [
+        ("/policies/box/predict", BOX_OBS | {"x": 3.4028235e38, "y": -3.4028235e38}),
+        ("/policies/tuple/predict", TUPLE_OBS | {"sensors": [1e-45, 3.4e38, -1e38]}),
+        ("/predict", LPOC_OBS | {"id": 2**24, "coordinates_0": -(2**24)}),
+        ("/predict_raw", {"obs": [3.4028235e38] + [0] * 10}),
+        ("/predict_raw/batch", {"obs": [[2**24] * 11, [-3.4028235e38] * 11]}),
+    ],
+)
+def test_the_largest_values_float32_holds_are_accepted(client: TestClient, path: str, body: dict[str, Any]) -> None:
+    r = client.post(path, json=body, headers=AUTH)
+    assert r.status_code == 200, r.text[:300]
+
+
+def test_an_integer_too_long_for_json_is_a_4xx(client: TestClient) -> None:
+    body = b'{"obs": [1' + b"0" * 5000 + b"]}"  # past Python's 4300-digit limit: the body cannot be read
+    r = client.post("/predict_raw", content=body, headers=AUTH | JSON)
+    assert r.status_code == 400 and r.json()["error"]["code"] == "bad_request"
+
+
+# --- Pathmind's one-hot lists, any-text names, action masks --------------------------------------
+
+
+@pytest.fixture(scope="module")
+def inputs_client(inputs_models: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestClient]:
+    import yaml
+
+    folder = tmp_path_factory.mktemp("inputs")
+    path = folder / "schema.yaml"
+    path.write_text(yaml.safe_dump(inputs_schema(inputs_models, folder / "ckpt"), sort_keys=False, allow_unicode=True))
+    with make_client(path) as c:
+        yield c
+
+
+def test_pathmind_one_hot_lists_of_open_length_are_served(inputs_client: TestClient) -> None:
+    assert inputs_client.get("/").json()["policies"]["onehot"]["obs_dim"] == 60
+    r = inputs_client.post("/policies/onehot/predict", json=ONEHOT_OBS, headers=AUTH)
+    assert r.status_code == 200, r.text
+    assert len(r.json()["action"]) == 2
+    # any split works as long as the lists add up to the model's 60 inputs
+    other = ONEHOT_OBS | {"table_1_node": [0, 0, 0, 1], "table_2_node": [1, 0, 0, 0, 0, 0]}
+    assert inputs_client.post("/policies/onehot/predict_deterministic", json=other, headers=AUTH).status_code == 200
+    flat = [v for values in ONEHOT_OBS.values() for v in values]
+    by_name = inputs_client.post("/policies/onehot/distribution", json=ONEHOT_OBS, headers=AUTH).json()
+    raw = inputs_client.post("/policies/onehot/predict_raw/batch", json={"obs": [flat]}, headers=AUTH)
+    assert raw.status_code == 200
+    assert by_name["components"] == inputs_client.post(
+        "/policies/onehot/distribution/batch", json={"observations": [ONEHOT_OBS]}, headers=AUTH
+    ).json()["results"][0]["components"]
+
+
+def test_one_hot_lists_that_do_not_add_up_are_422_naming_them_and_both_numbers(inputs_client: TestClient) -> None:
+    short = ONEHOT_OBS | {"table_3_target_node": [0, 1]}
+    r = inputs_client.post("/policies/onehot/predict", json=short, headers=AUTH)
+    assert r.status_code == 422
+    [field] = r.json()["error"]["fields"]
+    assert field["field"] == "body"
+    assert "table_1_node (5)" in field["message"] and "table_3_target_node (2)" in field["message"]
+    assert "hold 57 values; the model needs 60" in field["message"]
+    batch = inputs_client.post("/policies/onehot/predict/batch", json={"observations": [ONEHOT_OBS, short, ONEHOT_OBS]},
+                               headers=AUTH)
+    assert batch.status_code == 422
+    assert [f["field"] for f in batch.json()["error"]["fields"]] == ["body.observations.1"]
+    too_long = ONEHOT_OBS | {"table_1_node": [0] * 61}
+    r = inputs_client.post("/policies/onehot/predict", json=too_long, headers=AUTH)
+    assert r.status_code == 422 and r.json()["error"]["fields"][0]["field"] == "body.table_1_node"
+
+
+def test_any_text_is_an_observation_name_and_an_action_mask_is_fed_as_zeros_and_ones(inputs_client: TestClient) -> None:
+    r = inputs_client.post("/policies/odd/distribution", json=ODD_OBS, headers=AUTH)
+    assert r.status_code == 200, r.text
+    flat = [0.5, 2, 1, -1.5, 7, 1, 0.0, 1, 0, 1, 1]
+    raw = inputs_client.post("/policies/odd/distribution/batch", json={"observations": [ODD_OBS]}, headers=AUTH).json()
+    assert raw["results"][0]["probabilities"] == r.json()["probabilities"]
+    from policy_server.policies.torch_policy import TorchPolicy
+
+    served = inputs_client.app.state.services["odd"]  # type: ignore[attr-defined]
+    logits = TorchPolicy.from_file(served.policy.spec.model).forward(np.array([flat], dtype=np.float32)).heads[0][0]
+    assert list(r.json()["probabilities"].values()) == pytest.approx(softmax(logits.astype(np.float64)), abs=1e-6)
+
+
+@pytest.mark.parametrize(
+    "change,field",
+    [
+        ({"pos.x": 1e39}, "body.pos.x"),
+        ({"schema": "2"}, "body.schema"),
+        ({"a b": 1}, "body.a b"),
+        ({"1": BIG_INT}, "body.1"),
+        ({"actionMask": [True, "yes", False, True]}, "body.actionMask.1"),
+        ({"actionMask": [1, 0, 1, 1]}, "body.actionMask.0"),
+        ({"actionMask": [True, False]}, "body.actionMask"),
+        ({"pos": {"x": 0.5}}, "body.pos"),
+    ],
+)
+def test_bad_values_of_odd_names_are_422_naming_them(inputs_client: TestClient, change: dict[str, Any], field: str) -> None:
+    r = inputs_client.post("/policies/odd/predict", json=ODD_OBS | change, headers=AUTH)
+    assert r.status_code == 422
+    assert field in [f["field"] for f in r.json()["error"]["fields"]]
+
+
+def request_schema(spec: dict[str, Any], path: str) -> dict[str, Any]:
+    """The request body's schema of ``POST path`` in an OpenAPI document."""
+    ref = spec["paths"][path]["post"]["requestBody"]["content"]["application/json"]["schema"]["$ref"]
+    return spec["components"]["schemas"][ref.rsplit("/", 1)[1]]  # type: ignore[no-any-return]
+
+
+def test_openapi_declares_the_width_of_every_raw_vector(client: TestClient, inputs_client: TestClient) -> None:
+    for c, widths in ((client, {"": 11, "/policies/tuple": 4, "/policies/box": 3}), (inputs_client, {"/policies/onehot": 60})):
+        spec = c.get("/openapi.json").json()
+        schemas = spec["components"]["schemas"]
+        for prefix, width in widths.items():
+            obs = request_schema(spec, f"{prefix}/predict_raw")["properties"]["obs"]
+            assert obs["minItems"] == obs["maxItems"] == width, prefix
+            rows = request_schema(spec, f"{prefix}/predict_raw/batch")["properties"]["obs"]
+            assert rows["items"]["minItems"] == rows["items"]["maxItems"] == width, prefix
+            assert obs["items"]["maximum"] == rows["items"]["items"]["maximum"] == 3.4028234663852886e38
+    assert schemas["OnehotObservation"]["properties"]["table_1_node"]["maxItems"] == 60
+    assert "60 values" in schemas["OnehotObservation"]["properties"]["table_1_node"]["description"]
+    odd = schemas["OddObservation"]
+    assert list(odd["properties"]) == list(ODD_OBS) and odd["required"] == list(ODD_OBS)
+    assert odd["properties"]["actionMask"]["items"] == {"type": "boolean"}
+    assert odd["properties"]["actionMask"]["minItems"] == odd["properties"]["actionMask"]["maxItems"] == 4
+    assert odd["properties"]["schema"]["maximum"] == 2**24
 
 
 # --- documentation and metrics --------------------------------------------------------------

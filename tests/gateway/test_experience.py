@@ -7,11 +7,11 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest import BOX_OBSERVATIONS, TUPLE_OBSERVATIONS
+from conftest import BIG_INT, BOX_OBSERVATIONS, ODD_OBS, ONEHOT_OBS, TUPLE_OBSERVATIONS, inputs_schema
 from pydantic import ValidationError
 
 from policy_server.errors import InvalidRequest
-from policy_server.gateway.experience import ExperienceRequest, to_batch
+from policy_server.gateway.experience import ExperienceRequest, experience_model, to_batch
 from policy_server.policies.served import ServedPolicy, resolve_policy
 from policy_server.schema.config import parse_schema
 
@@ -130,3 +130,129 @@ def test_too_many_rows_in_one_request_are_refused(tuple_policy: ServedPolicy) ->
     request = ExperienceRequest.model_validate({"client_id": "c", "fragments": [_fragment()] * 3})
     with pytest.raises(InvalidRequest, match="at most 5"):
         to_batch(request, tuple_policy, max_rows=5)
+
+
+# --- issue 11: every number at float32 precision, JSON types strictly ----------------------------
+
+
+def _cart_like(steps: int = 8, **over: Any) -> dict[str, Any]:
+    return {"model_version": 0, "observations": [[0.0] * 4] * (steps + 1), "actions": [[0, 1]] * steps,
+            "rewards": [1.0] * steps, "log_probs": [-0.5] * steps} | over
+
+
+def _refused(policy: ServedPolicy, body: dict[str, Any]) -> list[str]:
+    """The fields the policy's experience model names, as the gateway writes them."""
+    with pytest.raises(ValidationError) as info:
+        experience_model(policy).model_validate({"client_id": "c1"} | body)
+    return [".".join(["body", *map(str, e["loc"])]) for e in info.value.errors()]
+
+
+def test_the_issue_fragment_whose_last_reward_is_1e39_is_refused_naming_it(tuple_policy: ServedPolicy) -> None:
+    fragment = _cart_like(rewards=[1.0] * 7 + [1e39])
+    assert _refused(tuple_policy, {"fragments": [fragment]}) == ["body.fragments.0.rewards.7"]
+
+
+STEP = {"obs": [0.0] * 4, "action": [0, 1], "reward": 1.0, "next_obs": [0.0] * 4, "model_version": 0}
+
+
+@pytest.mark.parametrize(
+    "body,field",
+    [
+        ({"fragments": [_cart_like(rewards=[-1e39] + [1.0] * 7)]}, "body.fragments.0.rewards.0"),
+        ({"fragments": [_cart_like(rewards=[3.4028236e38] * 8)]}, "body.fragments.0.rewards.0"),
+        ({"fragments": [_cart_like(log_probs=[-0.5] * 6 + [-1e39, -0.5])]}, "body.fragments.0.log_probs.6"),
+        ({"fragments": [_cart_like(observations=[[0.0] * 4] * 8 + [[0.0, 1e39, 0.0, 0.0]])]},
+         "body.fragments.0.observations.8.raw.1"),
+        ({"fragments": [_cart_like(observations=[[0.0] * 4] * 8 + [[0.0, BIG_INT, 0.0, 0.0]])]},
+         "body.fragments.0.observations.8.raw.1"),
+        ({"fragments": [_cart_like(observations=[[0.0] * 4] * 8 + [[0.0] * 3])]}, "body.fragments.0.observations.8.raw"),
+        ({"fragments": [_cart_like(observations=[[0.0] * 4] * 8 + [["0"] * 4])]}, "body.fragments.0.observations.8.raw.0"),
+        ({"fragments": [_cart_like(observations=[[0.0] * 4] * 8 + [5])]}, "body.fragments.0.observations.8"),
+        ({"fragments": [_cart_like(actions=[[0, 1]] * 7 + [[0, BIG_INT]])]}, "body.fragments.0.actions.7.vector.1"),
+        ({"fragments": [_cart_like(actions=[[0, 1]] * 7 + [True])]}, "body.fragments.0.actions.7"),
+        ({"fragments": [_cart_like(actions=[[0, 1]] * 7 + ["1"])]}, "body.fragments.0.actions.7"),
+        ({"fragments": [_cart_like(model_version=BIG_INT)]}, "body.fragments.0.model_version"),
+        ({"fragments": [_cart_like(model_version="0")]}, "body.fragments.0.model_version"),
+        ({"fragments": [_cart_like(terminated="yes")]}, "body.fragments.0.terminated"),
+        ({"fragments": [_cart_like(truncated=1)]}, "body.fragments.0.truncated"),
+        ({"fragments": [_cart_like(rewards=[True] * 8)]}, "body.fragments.0.rewards.0"),
+        ({"steps": [STEP | {"reward": 1e39}]}, "body.steps.0.reward"),
+        ({"steps": [STEP | {"log_prob": -1e39}]}, "body.steps.0.log_prob"),
+        ({"steps": [STEP, STEP | {"next_obs": [1e39] * 4}]}, "body.steps.1.next_obs.raw.0"),
+        ({"steps": [STEP | {"action": BIG_INT}]}, "body.steps.0.action.index"),
+        ({"steps": [STEP | {"terminated": "off"}]}, "body.steps.0.terminated"),
+        ({"steps": [STEP | {"reward": "1.0"}]}, "body.steps.0.reward"),
+        ({"fragments": [_cart_like()], "client_id": 5}, "body.client_id"),
+    ],
+)
+def test_numbers_the_model_cannot_hold_and_wrong_json_types_are_refused_naming_them(
+    tuple_policy: ServedPolicy, body: dict[str, Any], field: str
+) -> None:
+    assert field in _refused(tuple_policy, body)
+
+
+def test_box_actions_are_checked_at_float32(box_policy: ServedPolicy) -> None:
+    frag = {"model_version": 0, "observations": [[0.0] * 3] * 2, "actions": [[0.1, 1e39]], "rewards": [0.0]}
+    assert _refused(box_policy, {"fragments": [frag]}) == ["body.fragments.0.actions.0.vector.1"]
+    ok = experience_model(box_policy).model_validate({"client_id": "c", "fragments": [frag | {"actions": [[0.1, 3.4e38]]}]})
+    assert to_batch(ok, box_policy, max_rows=10).actions.tolist() == [[np.float32(0.1), np.float32(3.4e38)]]
+
+
+@pytest.mark.parametrize(
+    "named,field",
+    [
+        ({"speed": 1e39, "sensors": [0, 0, 0]}, "body.fragments.0.observations.0.speed"),
+        ({"speed": 0, "sensors": [0, -1e39, 0]}, "body.fragments.0.observations.0.sensors.1"),
+        ({"speed": "0", "sensors": [0, 0, 0]}, "body.fragments.0.observations.0.speed"),
+        ({"speed": 0, "sensors": [0, True, 0]}, "body.fragments.0.observations.0.sensors.1"),
+    ],
+)
+def test_schema_form_observations_are_checked_at_float32_and_strictly(
+    tuple_policy: ServedPolicy, named: dict[str, Any], field: str
+) -> None:
+    fragment = _fragment(observations=[named, [0.0] * 4, [0.0] * 4])
+    request = experience_model(tuple_policy).model_validate({"client_id": "c1", "fragments": [fragment]})
+    with pytest.raises(InvalidRequest) as info:
+        to_batch(request, tuple_policy, max_rows=100)
+    assert info.value.fields[0].field == field
+
+
+@pytest.fixture(scope="module")
+def inputs_policies(inputs_models: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, ServedPolicy]:
+    folder = tmp_path_factory.mktemp("inputs")
+    schema = parse_schema(inputs_schema(inputs_models, folder / "ckpt"), folder)
+    return {name: resolve_policy(spec)[0] for name, spec in schema.policies.items()}
+
+
+def test_schema_form_observations_with_odd_names_and_open_lists(inputs_policies: dict[str, ServedPolicy]) -> None:
+    odd, onehot = inputs_policies["odd"], inputs_policies["onehot"]
+    frag = {"model_version": 0, "observations": [ODD_OBS, [0.0] * 11], "actions": [3], "rewards": [1.0]}
+    batch = to_batch(experience_model(odd).model_validate({"client_id": "c", "fragments": [frag]}), odd, max_rows=10)
+    np.testing.assert_array_equal(batch.obs[0], [0.5, 2, 1, -1.5, 7, 1, 0.0, 1, 0, 1, 1])
+    bad = frag | {"observations": [ODD_OBS | {"pos.x": 1e39, "actionMask": [True, 0, True, True]}, [0.0] * 11]}
+    with pytest.raises(InvalidRequest) as info:
+        to_batch(experience_model(odd).model_validate({"client_id": "c", "fragments": [bad]}), odd, max_rows=10)
+    assert [f.field for f in info.value.fields] == [
+        "body.fragments.0.observations.0.pos.x", "body.fragments.0.observations.0.actionMask.1",
+    ]
+    split = ONEHOT_OBS | {"table_1_node": [1, 0, 0], "table_2_node": [0, 0, 0, 0, 0, 0, 1]}
+    frag = {"model_version": 0, "observations": [ONEHOT_OBS, split], "actions": [[0, 0]], "rewards": [1.0]}
+    request = experience_model(onehot).model_validate({"client_id": "c", "fragments": [frag]})
+    assert to_batch(request, onehot, max_rows=10).next_obs[0][:10].tolist() == [1, 0, 0, 0, 0, 0, 0, 0, 0, 1]
+    short = frag | {"observations": [ONEHOT_OBS, ONEHOT_OBS | {"table_6_target_node": []}]}
+    with pytest.raises(InvalidRequest) as info:
+        to_batch(experience_model(onehot).model_validate({"client_id": "c", "fragments": [short]}), onehot, max_rows=10)
+    [error] = info.value.fields
+    assert error.field == "body.fragments.0.observations.1"
+    assert "table_6_target_node (0)" in error.message and "hold 55 values; the model needs 60" in error.message
+
+
+def test_the_experience_model_declares_the_raw_width(tuple_policy: ServedPolicy, inputs_policies: dict[str, ServedPolicy]) -> None:
+    for policy, width, prefix in ((tuple_policy, 4, ""), (inputs_policies["onehot"], 60, "Onehot")):
+        model = experience_model(policy)
+        assert model.__name__ == f"{prefix}ExperienceRequest"
+        defs = model.model_json_schema()["$defs"]
+        raw, named = defs[f"{prefix}Fragment"]["properties"]["observations"]["items"]["oneOf"]
+        assert raw["minItems"] == raw["maxItems"] == width and named["type"] == "object"
+        step_raw = defs[f"{prefix}Step"]["properties"]["next_obs"]["oneOf"][0]
+        assert step_raw["minItems"] == step_raw["maxItems"] == width

@@ -11,7 +11,7 @@ import httpx
 import numpy as np
 import pytest
 import yaml
-from conftest import API_KEY, cart_fragment, free_port, training_schema
+from conftest import API_KEY, BIG_INT, cart_fragment, free_port, training_schema
 from fastapi.testclient import TestClient
 
 from policy_server.gateway.app import build_app
@@ -77,6 +77,80 @@ def test_malformed_experience_is_422_and_never_reaches_the_trainer(client: TestC
     assert nan.status_code == 422
     status = client.get("/train/status").json()
     assert status["samples_received"] == 0 and status["samples_rejected"]["malformed"] == 4 * 16 + 1
+
+
+CART_OBS = {"cart_position": 0.0, "cart_velocity": 0.0, "pole_angle": 0.01, "pole_angular_velocity": 0.0}
+
+
+def test_a_reward_of_1e39_is_422_naming_it_and_the_policy_keeps_training_and_serving(client: TestClient) -> None:
+    fragment = cart_fragment(steps=8)
+    fragment["rewards"][-1] = 1e39  # finite as a 64-bit float, inf as the float32 the trainer computes in
+    response = send(client, fragment)
+    assert response.status_code == 422, response.text
+    assert [f["field"] for f in response.json()["error"]["fields"]] == ["body.fragments.0.rewards.7"]
+    status = client.get("/train/status").json()
+    assert status["samples_received"] == 0 and status["samples_rejected"]["malformed"] == 8
+    assert send(client, cart_fragment(steps=8), cart_fragment(steps=8, seed=1)).status_code == 200
+    wait_version(client, 1)
+    answer = client.post("/distribution", json=CART_OBS)
+    assert answer.status_code == 200 and answer.json()["model_version"] == 1
+    assert all(np.isfinite(p) for p in answer.json()["probabilities"].values())
+
+
+def _with(steps: int = 4, **change: Any) -> dict[str, Any]:
+    return cart_fragment(steps=steps) | change
+
+
+@pytest.mark.parametrize(
+    "body,field",
+    [
+        ({"fragments": [_with(rewards=[-1e39, 1.0, 1.0, 1.0])]}, "body.fragments.0.rewards.0"),
+        ({"fragments": [_with(log_probs=[-0.7, -3.5e38, -0.7, -0.7])]}, "body.fragments.0.log_probs.1"),
+        ({"fragments": [_with(observations=[[0.0] * 4] * 4 + [[0.0, 0.0, 1e39, 0.0]])]},
+         "body.fragments.0.observations.4.raw.2"),
+        ({"fragments": [_with(observations=[CART_OBS] * 4 + [CART_OBS | {"pole_angle": 1e39}])]},
+         "body.fragments.0.observations.4.pole_angle"),
+        ({"fragments": [_with(observations=[CART_OBS] * 4 + [CART_OBS | {"pole_angle": "0.1"}])]},
+         "body.fragments.0.observations.4.pole_angle"),
+        ({"fragments": [_with(actions=[0, 1, True, 0])]}, "body.fragments.0.actions.2"),
+        ({"fragments": [_with(actions=[0, 1, BIG_INT, 0])]}, "body.fragments.0.actions.2.index"),
+        ({"fragments": [_with(model_version=BIG_INT)]}, "body.fragments.0.model_version"),
+        ({"fragments": [_with(terminated="yes")]}, "body.fragments.0.terminated"),
+        ({"steps": [{"obs": [0.0] * 4, "action": 0, "reward": 1e39, "next_obs": [0.0] * 4, "model_version": 0}]},
+         "body.steps.0.reward"),
+    ],
+)
+def test_experience_the_model_cannot_hold_is_422_naming_the_field(
+    client: TestClient, body: dict[str, Any], field: str
+) -> None:
+    response = client.post("/train/experience", json={"client_id": "c1"} | body)
+    assert response.status_code == 422, response.text
+    assert field in [f["field"] for f in response.json()["error"]["fields"]]
+    assert client.get("/train/status").json()["samples_received"] == 0
+
+
+@pytest.mark.parametrize(
+    "path,body,field",
+    [
+        ("/train/clients", {"client_id": 5}, "body.client_id"),
+        ("/train/clients", {"client_id": "c", "info": "x"}, "body.info"),
+        ("/train/resume", {"checkpoint": 1}, "body.checkpoint"),
+        ("/train/resume", {"checkpoint": None, "extra": 1}, "body.extra"),
+    ],
+)
+def test_training_requests_take_json_types_strictly(client: TestClient, path: str, body: dict[str, Any], field: str) -> None:
+    response = client.post(path, json=body)
+    assert response.status_code == 422 and field in [f["field"] for f in response.json()["error"]["fields"]]
+
+
+def test_openapi_declares_the_width_of_raw_experience_observations(client: TestClient) -> None:
+    spec = client.get("/openapi.json").json()
+    ref = spec["paths"]["/train/experience"]["post"]["requestBody"]["content"]["application/json"]["schema"]["$ref"]
+    assert ref.endswith("/CartExperienceRequest")
+    fragment = spec["components"]["schemas"]["CartFragment"]["properties"]
+    raw, named = fragment["observations"]["items"]["oneOf"]
+    assert raw["minItems"] == raw["maxItems"] == 4 and named["type"] == "object"
+    assert fragment["rewards"]["items"]["maximum"] == 3.4028234663852886e38
 
 
 def test_stale_and_paused_are_409_with_distinct_codes(client: TestClient) -> None:

@@ -14,7 +14,20 @@ import httpx
 import numpy as np
 import pytest
 import yaml
-from conftest import API_KEY, BOX_OBS, LPOC_OBS, TUPLE_OBS, free_port, multi_policy_schema, running_server
+from conftest import (
+    API_KEY,
+    BAD_POLICY_INPUTS,
+    BOX_OBS,
+    LPOC_OBS,
+    ODD_OBS,
+    ONEHOT_OBS,
+    TUPLE_OBS,
+    cart_fragment,
+    free_port,
+    inputs_schema,
+    multi_policy_schema,
+    running_server,
+)
 
 from policy_server.gateway.app import build_app
 from policy_server.settings import Settings
@@ -125,6 +138,54 @@ def test_bad_input_over_http_is_a_4xx_envelope_and_the_server_keeps_serving(serv
     if field is not None:
         assert field in [f["field"] for f in error["fields"]]
     assert client.post("/predict", json=LPOC_OBS).status_code == 200
+
+
+@pytest.mark.parametrize("case", list(BAD_POLICY_INPUTS))
+def test_numbers_the_model_cannot_hold_and_wrong_json_types_are_422_over_serve(server: dict[str, Any], case: str) -> None:
+    client: httpx.Client = server["client"]
+    path, body, field = BAD_POLICY_INPUTS[case]
+    r = client.post(path, content=body, headers=JSON)
+    assert r.status_code == 422, r.text[:300]
+    assert field in [f["field"] for f in r.json()["error"]["fields"]]
+    assert client.post("/predict", json=LPOC_OBS).status_code == 200
+
+
+@pytest.fixture(scope="module")
+def inputs_server(ray_session: int, inputs_models: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[httpx.Client]:
+    """Pathmind's one-hot schema, any-text names with an action mask, and a trainable policy, on Serve."""
+    folder = tmp_path_factory.mktemp("inputs")
+    path = folder / "schema.yaml"
+    path.write_text(yaml.safe_dump(inputs_schema(inputs_models, folder / "ckpt"), sort_keys=False, allow_unicode=True))
+    settings = Settings(schema_path=path, gateway_metrics_port=free_port(), serve_app_prefix="it-inputs", seed=0)
+    with running_server(build_app(settings)) as url, httpx.Client(base_url=url, headers=AUTH, timeout=60) as client:
+        yield client
+
+
+def test_pathmind_one_hot_lists_and_odd_names_over_serve(inputs_server: httpx.Client) -> None:
+    assert inputs_server.post("/policies/onehot/predict", json=ONEHOT_OBS).status_code == 200
+    split = ONEHOT_OBS | {"table_1_node": [0, 1], "table_2_node": [0, 0, 0, 0, 0, 0, 0, 1]}
+    assert inputs_server.post("/policies/onehot/predict/batch", json={"observations": [split, ONEHOT_OBS]}).status_code == 200
+    short = ONEHOT_OBS | {"table_1_node": [0, 1]}
+    r = inputs_server.post("/policies/onehot/predict/batch", json={"observations": [ONEHOT_OBS, short]})
+    assert r.status_code == 422
+    [field] = r.json()["error"]["fields"]
+    assert field["field"] == "body.observations.1" and "hold 57 values; the model needs 60" in field["message"]
+    assert inputs_server.post("/policies/odd/predict", json=ODD_OBS).status_code == 200
+    for change, name in (({"pos.x": 1e39}, "body.pos.x"), ({"actionMask": [True, 1, True, True]}, "body.actionMask.1")):
+        r = inputs_server.post("/policies/odd/predict", json=ODD_OBS | change)
+        assert r.status_code == 422 and name in [f["field"] for f in r.json()["error"]["fields"]]
+
+
+def test_a_reward_of_1e39_is_422_over_serve_and_training_goes_on(inputs_server: httpx.Client) -> None:
+    fragment = cart_fragment(steps=8)
+    fragment["rewards"][-1] = 1e39
+    r = inputs_server.post("/train/experience", json={"client_id": "c1", "fragments": [fragment]})
+    assert r.status_code == 422
+    assert [f["field"] for f in r.json()["error"]["fields"]] == ["body.fragments.0.rewards.7"]
+    ok = inputs_server.post("/train/experience", json={"client_id": "c1", "fragments": [cart_fragment(steps=8)]})
+    assert ok.status_code == 200 and ok.json()["accepted"] == 8
+    status = inputs_server.get("/train/status").json()
+    assert status["samples_rejected"]["malformed"] == 8 and status["last_error"] is None
 
 
 def test_a_model_error_in_a_replica_is_500_and_the_replica_keeps_serving(server: dict[str, Any]) -> None:

@@ -4,12 +4,19 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
+from typing import Any
 
+import pytest
 import torch
+import yaml
+from conftest import ODD_OBS, ODD_OBSERVATIONS, ONEHOT_OBSERVATIONS
 from torch import nn
 
+from policy_server.cli import check
+from policy_server.errors import SchemaError
 from policy_server.policies.served import resolve_policy
-from policy_server.schema.config import DiscreteSpec, ObservationSpec, PolicySpec, ResourceSpec
+from policy_server.schema.config import DiscreteSpec, ObservationSpec, PolicySpec, ResourceSpec, load_schema
+from policy_server.schema.observations import flatten
 
 
 class ScaleFirst(nn.Module):
@@ -38,3 +45,43 @@ def test_a_torchscript_model_whose_first_matrix_is_not_the_input_layer_still_loa
     served, _ = resolve_policy(spec)
     assert served.obs_dim == 3
     assert served.space.describe()["n"] == 2
+
+
+# --- issue 11: what start-up accepts, `generate.py check` accepts, and the other way round -------
+
+
+def _write_schema(tmp_path: Path, observations: dict[str, Any], model: Path, **parameters: Any) -> Path:
+    path = tmp_path / "schema.yaml"
+    doc = {"observations": observations, "parameters": {"model": str(model), **parameters}}
+    path.write_text(yaml.safe_dump(doc, allow_unicode=True, sort_keys=False))
+    return path
+
+
+def test_check_and_start_up_agree_on_any_text_as_a_name(tmp_path: Path, inputs_models: Path) -> None:
+    path = _write_schema(tmp_path, ODD_OBSERVATIONS, inputs_models / "odd.pt2")
+    assert check(str(path)) == {"default": {
+        "obs_dim": 11, "action_space": {"type": "discrete", "n": 4, "names": ["0", "1", "2", "3"]},
+        "observations": list(ODD_OBSERVATIONS),
+    }}
+    served, policy = resolve_policy(load_schema(path).policies["default"])
+    assert served.observation_model is not None
+    obs = served.observation_model.model_validate(ODD_OBS)
+    assert flatten([obs]).tolist() == [[0.5, 2, 1, -1.5, 7, 1, 0.0, 1, 0, 1, 1]]
+    assert policy.forward(flatten([obs])).heads[0].shape == (1, 4)
+
+
+def test_check_and_start_up_agree_on_pathmind_one_hot_lists(tmp_path: Path, inputs_models: Path) -> None:
+    path = _write_schema(tmp_path, ONEHOT_OBSERVATIONS, inputs_models / "onehot.pt2", discrete=True, tuple=True)
+    assert check(str(path))["default"]["obs_dim"] == 60
+    narrow = _write_schema(tmp_path, ONEHOT_OBSERVATIONS | {"extra": {"type": "List[float]", "min_items": 61}},
+                           inputs_models / "onehot.pt2", discrete=True, tuple=True)
+    with pytest.raises(SchemaError, match=r"^observations\.table_1_node: the model leaves 60 columns for the lists "):
+        check(str(narrow))
+
+
+@pytest.mark.parametrize("key", ["1", "yes", "~"])
+def test_check_refuses_a_name_yaml_reads_as_no_text(tmp_path: Path, model_dir: Path, key: str) -> None:
+    path = tmp_path / "schema.yaml"
+    path.write_text(f"observations:\n  {key}:\n    type: int\nparameters:\n  model: {model_dir / 'cart.pt2'}\n")
+    with pytest.raises(SchemaError, match=r"^invalid schema: observations: the name .* quote it"):
+        check(str(path))

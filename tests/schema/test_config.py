@@ -318,7 +318,7 @@ def test_missing_schema_file(tmp_path: Path) -> None:
     assert "schema file not found" in message and str(path) in message
 
 
-# --- two open-length lists: refused at start-up, when the schema meets its model ------------
+# --- several open-length lists: they share the columns the model leaves, request by request ----
 
 
 @pytest.fixture
@@ -334,20 +334,79 @@ OPEN_LISTS = """\
 """
 
 
-def test_two_open_length_lists(tmp_path: Path, real_model: Path) -> None:
+def test_two_open_length_lists_share_the_model_width(tmp_path: Path, real_model: Path) -> None:
     path = write(tmp_path, "observations:\n" + OPEN_LISTS + "parameters:\n  model: real.pt2\n", models=())
-    spec = load_schema(path).policies["default"]
+    served, _ = resolve_policy(load_schema(path).policies["default"])
+    assert served.obs_dim == 6
+    model = served.observation_model
+    assert model is not None
+    assert model.model_validate({"a": [0.5] * 4, "n": 1, "b": [2]}).a == [0.5] * 4
+    assert model.model_validate({"a": [], "n": 1, "b": [1, 0, 0, 0, 1]}).b == [1, 0, 0, 0, 1]
+
+
+def test_open_length_lists_that_cannot_fit_the_model_are_refused(tmp_path: Path, real_model: Path) -> None:
+    lists = OPEN_LISTS.replace("min_items: 1", "min_items: 6")
+    path = write(tmp_path, "observations:\n" + lists + "parameters:\n  model: real.pt2\n", models=())
     with pytest.raises(SchemaError) as info:
-        resolve_policy(spec)
-    assert info.value.message.startswith("observations.b: more than one list")
-    assert "(a, b)" in info.value.message
+        resolve_policy(load_schema(path).policies["default"])
+    assert info.value.message.startswith("observations.a: the model leaves 5 columns for the lists a, b")
+    assert "sum to 6" in info.value.message
 
 
-def test_two_open_length_lists_in_a_named_policy(tmp_path: Path, real_model: Path) -> None:
-    observations = textwrap.indent(OPEN_LISTS, "    ")
+def test_open_length_lists_of_a_named_policy_name_it(tmp_path: Path, real_model: Path) -> None:
+    observations = textwrap.indent(OPEN_LISTS.replace("min_items: 1", "min_items: 6"), "    ")
     text = "policies:\n  grid:\n    model: real.pt2\n    observations:\n" + observations
     spec = load_schema(write(tmp_path, text, models=())).policies["grid"]
     with pytest.raises(SchemaError) as info:
         resolve_policy(spec)
     # the field lives under the policy, as every other error of a named policy says
-    assert info.value.message.startswith("policies.grid.observations.b: more than one list")
+    assert info.value.message.startswith("policies.grid.observations.a: the model leaves 5 columns")
+
+
+# --- observation names: any text works as a JSON field name; YAML's non-text keys are refused ---
+
+
+@pytest.mark.parametrize(
+    "key,shown,kind",
+    [
+        ("1", "1", "an integer"),
+        ("yes", "true", "a boolean"),
+        ("off", "false", "a boolean"),
+        ("~", "null", "null"),
+        ("1.5", "1.5", "a float"),
+        ("2001-01-01", "2001-01-01", "a date"),
+    ],
+)
+def test_a_key_yaml_reads_as_no_text_is_refused_with_a_hint_to_quote_it(
+    tmp_path: Path, key: str, shown: str, kind: str
+) -> None:
+    message = schema_error(write(tmp_path, f"observations:\n  {key}:\n    type: int\n"))
+    assert message == (
+        f"invalid schema: observations: the name {shown} is read by YAML as {kind}"
+        + (" (unquoted yes/no/on/off/true/false)" if kind == "a boolean" else "")
+        + ", not as text; quote it to use it as an observation name"
+    )
+
+
+def test_a_key_yaml_reads_as_no_text_in_a_named_policy(tmp_path: Path) -> None:
+    message = schema_error(write(tmp_path, "policies:\n  grid:\n    observations:\n      1: {type: int}\n"))
+    assert message.startswith("invalid schema: policies.grid.observations: the name 1 is read by YAML as an integer")
+
+
+@pytest.mark.parametrize("key,problem", [('""', "cannot be empty"), ('"\\ud800"', "not valid Unicode")])
+def test_an_empty_or_invalid_unicode_name_is_refused(tmp_path: Path, key: str, problem: str) -> None:
+    message = schema_error(write(tmp_path, f"observations:\n  {key}:\n    type: int\n"))
+    assert message.startswith("invalid schema: observations: ") and problem in message
+
+
+@pytest.mark.parametrize("name", ["pos.x", "a b", "x-y", "größe", "schema", "model_config", "_id", "'1'", "'yes'"])
+def test_any_text_is_an_observation_name(tmp_path: Path, name: str) -> None:
+    policy = load_schema(write(tmp_path, f"observations:\n  {name}:\n    type: int\n")).policies["default"]
+    assert policy.observations is not None and list(policy.observations) == [name.strip("'")]
+
+
+def test_list_of_bool_is_an_observation_type(tmp_path: Path) -> None:
+    text = "observations:\n  actionMask:\n    type: List[bool]\n    min_items: 4\n    max_items: 4\n"
+    policy = load_schema(write(tmp_path, text)).policies["default"]
+    assert policy.observations is not None and policy.observations["actionMask"].width == 4
+    assert "List[bool]" in OBSERVATION_TYPES

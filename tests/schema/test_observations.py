@@ -94,7 +94,7 @@ def test_flatten_preserves_order_expands_lists_and_casts_bools(
     model: type[BaseModel], observations: dict[str, ObservationSpec]
 ) -> None:
     second = valid() | {"id": -1, "free": False, "position": [0.0, 3.0], "counts": [0, 1, 2]}
-    out = flatten([model(**valid()), model(**second)], list(observations))
+    out = flatten([model(**valid()), model(**second)])
     assert out.dtype == np.float32
     np.testing.assert_array_equal(
         out,
@@ -104,9 +104,9 @@ def test_flatten_preserves_order_expands_lists_and_casts_bools(
     )
 
 
-def test_flatten_uses_the_names_order_not_the_payload_order(model: type[BaseModel]) -> None:
+def test_flatten_uses_the_schema_order_not_the_payload_order(model: type[BaseModel]) -> None:
     payload = dict(reversed(list(valid().items())))
-    out = flatten([model(**payload)], ["id", "position", "free", "speed", "counts"])
+    out = flatten([model(**payload)])
     np.testing.assert_array_equal(out[0], [7, 1.5, -2.0, 1, 0.25, 4, 5, 6])
 
 
@@ -129,7 +129,7 @@ def test_lpoc_observations_flatten_to_eleven_columns() -> None:
     obs_specs = {n: ObservationSpec(type="int" if i < 3 else "bool") for i, n in enumerate(LPOC_NAMES)}
     model = build_observation_model("Lpoc", obs_specs, resolve_widths(obs_specs, None))
     values = {n: (10 * i if i < 3 else i % 2 == 0) for i, n in enumerate(LPOC_NAMES)}
-    out = flatten([model(**values)], LPOC_NAMES)
+    out = flatten([model(**values)])
     np.testing.assert_array_equal(out, [[0, 10, 20, 0, 1, 0, 1, 0, 1, 0, 1]])
 
 
@@ -173,13 +173,173 @@ def test_open_list_when_the_model_is_narrower_than_the_fixed_fields() -> None:
         resolve_widths(obs, 2)
 
 
-def test_two_open_lists_are_refused() -> None:
+def test_several_open_lists_are_left_open_for_each_request() -> None:
     obs = specs(a={"type": "List[float]"}, b={"type": "int"}, c={"type": "List[int]", "min_items": 1})
-    with pytest.raises(ValueError, match=r"observations\.c: more than one list .*\(a, c\)"):
+    assert resolve_widths(obs, 10) == {"a": None, "b": 1, "c": None}
+
+
+def test_several_open_lists_that_cannot_fill_the_model_are_refused() -> None:
+    obs = specs(a={"type": "List[float]", "max_items": 2}, b={"type": "int"}, c={"type": "List[int]", "max_items": 3})
+    with pytest.raises(ValueError, match=r"observations\.a: the model leaves 9 columns for the lists a, c, whose "
+                                         r"min_items/max_items sum to 0 / 5"):
         resolve_widths(obs, 10)
+    with pytest.raises(ValueError, match=r"observations\.a: set min_items = max_items"):
+        resolve_widths(obs, None)
 
 
 def test_open_list_without_a_model_width_is_refused() -> None:
     obs = specs(a={"type": "int"}, b={"type": "List[float]"})
     with pytest.raises(ValueError, match=r"observations\.b: set min_items = max_items"):
         resolve_widths(obs, None)
+
+
+# --- every value at the precision the model reads it, JSON types strictly ---------------------
+
+FLOAT32_MAX = 3.4028234663852886e38
+
+
+@pytest.mark.parametrize("value", [1e39, -1e39, 3.4028236e38, -3.4028236e38, 1e300, 10**39])
+def test_a_float_that_overflows_float32_is_refused(model: type[BaseModel], value: float) -> None:
+    with pytest.raises(ValidationError) as info:
+        model(**(valid() | {"speed": value}))
+    assert error_locs(info.value) == [("speed",)]
+    with pytest.raises(ValidationError) as info:
+        model(**(valid() | {"position": [0.0, value]}))
+    assert error_locs(info.value) == [("position", 1)]
+
+
+@pytest.mark.parametrize("value", [3.4028235e38, -3.4028235e38, FLOAT32_MAX, 1e-45, 5])
+def test_a_float_that_float32_holds_is_accepted(model: type[BaseModel], value: float) -> None:
+    out = flatten([model(**(valid() | {"speed": value, "position": [value, 0.0]}))])
+    assert np.isfinite(out).all() and out[0, 4] == np.float32(value) and out[0, 1] == np.float32(value)
+
+
+def test_an_overflowing_float_says_why(model: type[BaseModel]) -> None:
+    with pytest.raises(ValidationError) as info:
+        model(**(valid() | {"speed": 1e39}))
+    assert "overflows float32" in info.value.errors()[0]["msg"]
+
+
+@pytest.mark.parametrize("value", [10**400, -(10**400), 2**24 + 1, -(2**24) - 1, 2**63])
+def test_an_int_beyond_2_to_the_24_is_refused_with_its_range_and_why(model: type[BaseModel], value: int) -> None:
+    with pytest.raises(ValidationError) as info:
+        model(**(valid() | {"id": value}))
+    assert error_locs(info.value) == [("id",)]
+    message = info.value.errors()[0]["msg"]
+    assert "[-16777216, 16777216]" in message and "float32" in message and len(message) < 300
+    with pytest.raises(ValidationError) as info:
+        model(**(valid() | {"counts": [0, value, 0]}))
+    assert error_locs(info.value) == [("counts", 1)]
+
+
+@pytest.mark.parametrize("value", [2**24, -(2**24), 0])
+def test_an_int_within_2_to_the_24_is_held_exactly(model: type[BaseModel], value: int) -> None:
+    out = flatten([model(**(valid() | {"id": value, "counts": [value, 0, 0]}))])
+    assert int(out[0, 0]) == value and int(out[0, 5]) == value
+
+
+@pytest.mark.parametrize(
+    "field,value",
+    [
+        ("id", True), ("id", "5"), ("id", 5.0), ("id", "1e3"),
+        ("free", "yes"), ("free", "off"), ("free", 1), ("free", 0), ("free", "true"), ("free", "1"),
+        ("speed", "0.5"), ("speed", True), ("speed", "NaN"),
+        ("counts", [1, "2", 3]), ("counts", [1, True, 3]), ("position", [0.5, "1"]), ("position", [False, 0.0]),
+    ],
+)
+def test_strings_and_booleans_are_not_numbers_and_numbers_are_not_booleans(
+    model: type[BaseModel], field: str, value: object
+) -> None:
+    with pytest.raises(ValidationError) as info:
+        model(**(valid() | {field: value}))
+    assert all(loc[0] == field for loc in error_locs(info.value))
+
+
+def test_the_json_schema_declares_the_float32_and_int_ranges(model: type[BaseModel]) -> None:
+    props = model.model_json_schema()["properties"]
+    assert props["speed"]["maximum"] == FLOAT32_MAX and props["speed"]["minimum"] == -FLOAT32_MAX
+    assert props["id"]["maximum"] == 2**24 and props["counts"]["items"]["minimum"] == -(2**24)
+    assert props["counts"]["minItems"] == props["counts"]["maxItems"] == 3
+
+
+# --- List[bool] -------------------------------------------------------------------------------
+
+
+def test_a_list_of_bool_is_fed_as_zeros_and_ones() -> None:
+    obs = specs(actionMask={"type": "List[bool]", "min_items": 4, "max_items": 4}, x={"type": "float"})
+    model = build_observation_model("Masked", obs, resolve_widths(obs, None))
+    out = flatten([model(actionMask=[True, False, False, True], x=0.5)])
+    np.testing.assert_array_equal(out, [[1, 0, 0, 1, 0.5]])
+    for bad in ([1, 0, 0, 1], ["yes", "no", "no", "yes"], [True, False, True]):
+        with pytest.raises(ValidationError):
+            model(actionMask=bad, x=0.5)
+
+
+# --- names: any text is a field name --------------------------------------------------------
+
+ODD_NAMES = ["pos.x", "a b", "x-y", "größe", "schema", "json", "model_config", "copy", "_id", "1", "yes",
+             "class", "field_0", "model_dump", "__init__", "dict"]
+
+
+def test_any_name_is_a_json_field_name_and_flattens_in_schema_order() -> None:
+    obs = specs(**{name: {"type": "int"} for name in ODD_NAMES})
+    model = build_observation_model("Odd", obs, resolve_widths(obs, None))
+    payload = {name: i for i, name in enumerate(ODD_NAMES)}
+    parsed = model.model_validate(dict(reversed(list(payload.items()))))
+    np.testing.assert_array_equal(flatten([parsed, parsed]), [list(range(len(ODD_NAMES)))] * 2)
+    schema = model.model_json_schema()
+    assert list(schema["properties"]) == ODD_NAMES and schema["required"] == ODD_NAMES
+    attributes = list(model.model_fields)
+    assert len(set(attributes)) == len(ODD_NAMES) and all(a.isidentifier() for a in attributes)
+
+
+def test_a_name_is_read_only_as_itself() -> None:
+    obs = specs(**{"pos.x": {"type": "int"}, "schema": {"type": "int"}})
+    model = build_observation_model("Odd", obs, resolve_widths(obs, None))
+    with pytest.raises(ValidationError) as info:
+        model.model_validate({"field_0": 1, "field_1": 2})  # the attributes behind the names are not fields
+    assert {e["type"] for e in info.value.errors()} == {"missing", "extra_forbidden"}
+    with pytest.raises(ValidationError) as info:
+        model.model_validate({"pos.x": 1, "schema": 2, "pos": {"x": 1}})
+    assert error_locs(info.value) == [("pos",)]
+
+
+# --- several open-length lists (Pathmind's one-hot lists) --------------------------------------
+
+
+def open_model() -> type[BaseModel]:
+    obs = specs(
+        a={"type": "List[int]"}, n={"type": "float"}, b={"type": "List[int]", "min_items": 1}, c={"type": "List[bool]"}
+    )
+    return build_observation_model("Open", obs, resolve_widths(obs, 8), obs_dim=8)
+
+
+def test_open_lists_of_any_lengths_that_fill_the_model_are_accepted() -> None:
+    model = open_model()
+    rows = [model(a=[1, 0, 0], n=0.5, b=[0, 1], c=[True, False]), model(a=[], n=1.0, b=[1, 0, 0, 0, 0, 0], c=[True])]
+    np.testing.assert_array_equal(flatten(rows), [[1, 0, 0, 0.5, 0, 1, 1, 0], [1, 1, 0, 0, 0, 0, 0, 1]])
+
+
+@pytest.mark.parametrize("a,b,c,total", [([1, 0], [1], [], 3), ([1, 0, 0, 0], [0, 1, 0], [True], 8)])
+def test_open_lists_that_do_not_fill_the_model_are_refused_naming_them_and_both_numbers(
+    a: list[int], b: list[int], c: list[bool], total: int
+) -> None:
+    with pytest.raises(ValidationError) as info:
+        open_model()(a=a, n=0.0, b=b, c=c)
+    [error] = info.value.errors()
+    assert error["type"] == "observation_width" and error["loc"] == ()
+    assert error["msg"] == (
+        f"the open-length lists a ({len(a)}), b ({len(b)}), c ({len(c)}) hold {total} values; "
+        "the model needs 7 from them (its input width 8 less 1 for the other observations)"
+    )
+
+
+def test_open_lists_keep_their_own_bounds_and_document_the_shared_width() -> None:
+    model = open_model()
+    with pytest.raises(ValidationError) as info:
+        model(a=[1, 0, 0, 0, 0, 0, 0], n=0.0, b=[], c=[])
+    assert error_locs(info.value) == [("b",)]
+    props = model.model_json_schema()["properties"]
+    assert props["a"]["maxItems"] == 7 and props["b"]["minItems"] == 1 and "7 values" in props["a"]["description"]
+    example = sum(len(props[name]["examples"][0]) for name in "abc")
+    assert example == 7  # the documented example is a valid request
