@@ -13,11 +13,12 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from pydantic import AfterValidator, BeforeValidator, ConfigDict, Field, Strict, ValidationError
+from pydantic import AfterValidator, ConfigDict, Field, Strict, ValidationError
 
 from policy_server.errors import FieldError
 
 FLOAT32_MAX = float.fromhex("0x1.fffffep+127")  # numpy.finfo(numpy.float32).max
+FLOAT32_LIMIT = float.fromhex("0x1.ffffffp+127")  # half-way to 2**128: from here on, float32 rounds to inf
 EXACT_INT_MAX = 2**24  # float32 holds every integer in [-2**24, 2**24] exactly
 
 STRICT = ConfigDict(extra="forbid", strict=True)
@@ -25,15 +26,17 @@ STRICT = ConfigDict(extra="forbid", strict=True)
 
 
 def check_float32(value: float) -> float:
-    """``value`` itself when a float32 holds it (|value| <= FLOAT32_MAX, the documented bound);
-    raises ValueError otherwise (a tensor cast would give inf). Runs before and after pydantic's
-    float check, so that a JSON integer too large for any float gets the same message."""
-    if not isinstance(value, bool) and isinstance(value, (int, float)) and abs(value) > FLOAT32_MAX:
-        text = repr(value) if len(repr(value)) <= 24 else f"{repr(value)[:12]}... ({len(repr(value))} digits)"
-        raise ValueError(
-            f"{text} overflows float32 (largest magnitude {FLOAT32_MAX:.8g}): the model computes in float32"
-        )
+    """``value`` itself when a float32 holds it (rounds to a finite float32: |value| < FLOAT32_LIMIT);
+    raises ValueError otherwise."""
+    if not abs(value) < FLOAT32_LIMIT:
+        raise ValueError(float32_message(value))
     return value
+
+
+def float32_message(value: object) -> str:
+    text = repr(value)
+    shown = text if len(text) <= 24 else f"an integer of {len(text.lstrip('-'))} digits"
+    return f"{shown} overflows float32 (largest magnitude {FLOAT32_MAX:.8g}): the model computes in float32"
 
 
 def check_exact_int(value: int) -> int:
@@ -60,18 +63,19 @@ def check_text(value: str) -> str:
 
 
 def _float32_bounds(schema: dict[str, Any]) -> None:
-    """Document the float32 range where the field declares no tighter bound of its own."""
+    """Document the float32 bound on each side where the field declares none of its own."""
     if "minimum" not in schema and "exclusiveMinimum" not in schema:
-        schema["minimum"] = -FLOAT32_MAX
+        schema["exclusiveMinimum"] = -FLOAT32_LIMIT
     if "maximum" not in schema and "exclusiveMaximum" not in schema:
-        schema["maximum"] = FLOAT32_MAX
+        schema["exclusiveMaximum"] = FLOAT32_LIMIT
 
 
+# A Python check, not Field(gt=..., lt=...): a field's own bounds (Field(gt=0)) would replace those
+# of its type. It costs about 0.2 µs per number.
 Float32 = Annotated[
     float,
     Strict(),
     Field(allow_inf_nan=False, json_schema_extra=_float32_bounds),
-    BeforeValidator(check_float32),
     AfterValidator(check_float32),
 ]
 """A JSON number (integer or not, never a string or boolean) that is finite as a float32."""
@@ -91,12 +95,22 @@ Text = Annotated[str, AfterValidator(check_text)]
 """A string a tokenizer can encode (valid Unicode)."""
 
 
+def error_message(err: Any) -> str:
+    """The message of one pydantic error (``ErrorDetails``), in the words of the type that failed:
+    a JSON integer too large for any float overflows float32 too, not just "a valid number"."""
+    value = err.get("input")
+    if err["type"] in ("float_type", "finite_number") and isinstance(value, int) and not isinstance(value, bool):
+        return float32_message(value)  # strict floats take ints; this one does not fit a float
+    return str(err["msg"])
+
+
 def field_errors(exc: ValidationError, where: str, unknown: str = "unknown field") -> list[FieldError]:
     """pydantic's errors of a value validated by hand (not as a request body), named from ``where``
     on, e.g. ``body.dataset.3.value_target``; ``unknown`` is the message for a field the model lacks."""
     return [
         FieldError(
-            ".".join([where, *map(str, err["loc"])]), unknown if err["type"] == "extra_forbidden" else err["msg"]
+            ".".join([where, *map(str, err["loc"])]),
+            unknown if err["type"] == "extra_forbidden" else error_message(err),
         )
         for err in exc.errors()
     ]
@@ -104,6 +118,7 @@ def field_errors(exc: ValidationError, where: str, unknown: str = "unknown field
 
 __all__ = [
     "EXACT_INT_MAX",
+    "FLOAT32_LIMIT",
     "FLOAT32_MAX",
     "STRICT",
     "ExactInt",
@@ -113,5 +128,6 @@ __all__ = [
     "check_exact_int",
     "check_float32",
     "check_text",
+    "error_message",
     "field_errors",
 ]

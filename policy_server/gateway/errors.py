@@ -10,6 +10,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from policy_server.errors import FieldError, PolicyServerError
+from policy_server.fields import error_message
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +55,7 @@ def _validation_fields(exc: RequestValidationError) -> list[FieldError]:
     fields = []
     for err in exc.errors():
         loc = ".".join(str(p) for p in err.get("loc", ()))
-        msg = err.get("msg", "invalid")
+        msg = error_message(err)
         if err.get("type") == "extra_forbidden":
             msg = "unknown field"
         elif err.get("type") == "json_invalid":

@@ -16,7 +16,7 @@ import numpy as np
 from pydantic import BaseModel, Discriminator, Field, Tag, ValidationError, create_model, model_validator
 
 from policy_server.errors import FieldError, InvalidRequest
-from policy_server.fields import STRICT, ExactInt, Float32, StrictBool
+from policy_server.fields import STRICT, ExactInt, Float32, StrictBool, field_errors
 from policy_server.policies.served import ServedPolicy
 from policy_server.policies.spaces import BoxSpace, DiscreteSpace, TupleSpace
 from policy_server.schema.observations import flatten
@@ -211,10 +211,7 @@ def _observations(
         try:
             parsed = policy.observation_model.model_validate(row)
         except ValidationError as exc:
-            errors.extend(
-                FieldError(".".join([here, *map(str, e["loc"])]), "unknown field" if e["type"] == "extra_forbidden" else e["msg"])
-                for e in exc.errors()
-            )
+            errors.extend(field_errors(exc, here))
             continue
         out[i] = flatten([parsed])[0]
     return out if len(errors) == n_before else None

@@ -26,6 +26,7 @@ from conftest import (
 )
 from fastapi.testclient import TestClient
 
+from policy_server.fields import FLOAT32_LIMIT
 from policy_server.gateway.app import build_app
 from policy_server.policies.torch_policy import TorchPolicy
 from policy_server.settings import Settings
@@ -441,7 +442,7 @@ def test_openapi_declares_the_width_of_every_raw_vector(client: TestClient, inpu
             assert obs["minItems"] == obs["maxItems"] == width, prefix
             rows = request_schema(spec, f"{prefix}/predict_raw/batch")["properties"]["obs"]
             assert rows["items"]["minItems"] == rows["items"]["maxItems"] == width, prefix
-            assert obs["items"]["maximum"] == rows["items"]["items"]["maximum"] == 3.4028234663852886e38
+            assert obs["items"]["exclusiveMaximum"] == rows["items"]["items"]["exclusiveMaximum"] == FLOAT32_LIMIT
     assert schemas["OnehotObservation"]["properties"]["table_1_node"]["maxItems"] == 60
     assert "60 values" in schemas["OnehotObservation"]["properties"]["table_1_node"]["description"]
     odd = schemas["OddObservation"]

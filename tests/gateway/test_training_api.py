@@ -14,6 +14,7 @@ import yaml
 from conftest import API_KEY, BIG_INT, cart_fragment, free_port, training_schema
 from fastapi.testclient import TestClient
 
+from policy_server.fields import FLOAT32_LIMIT
 from policy_server.gateway.app import build_app
 from policy_server.policies.codec import decode_weights
 from policy_server.policies.torch_policy import TorchPolicy, load_module
@@ -150,7 +151,7 @@ def test_openapi_declares_the_width_of_raw_experience_observations(client: TestC
     fragment = spec["components"]["schemas"]["CartFragment"]["properties"]
     raw, named = fragment["observations"]["items"]["oneOf"]
     assert raw["minItems"] == raw["maxItems"] == 4 and named["type"] == "object"
-    assert fragment["rewards"]["items"]["maximum"] == 3.4028234663852886e38
+    assert fragment["rewards"]["items"]["exclusiveMaximum"] == FLOAT32_LIMIT
 
 
 def test_stale_and_paused_are_409_with_distinct_codes(client: TestClient) -> None:
