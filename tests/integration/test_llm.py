@@ -104,3 +104,27 @@ def test_queued_tasks_and_sessions_live_in_their_own_deployment(server: str) -> 
         assert nodes[0]["tokens"] == first["records"][0]["tokens"]
         assert client.delete("/llm/sessions/it-s").status_code == 200
         assert client.get("/llm/sessions/it-s").status_code == 404
+
+
+def test_concurrent_fetches_of_a_queued_task_get_its_result_exactly_once(server: str) -> None:
+    """Eight clients poll one queued task as fast as they can: one gets the result, the rest 202
+    while it runs and 404 once it is taken, never a second 200 (the task is taken atomically)."""
+    import time
+
+    with httpx.Client(base_url=server, headers=AUTH, timeout=60) as client:
+        task_id = client.post("/llm/forward", json={"question": "What is 5 + 5?"}).json()["task_id"]
+
+    def poll(_: int) -> list[int]:
+        seen: list[int] = []
+        deadline = time.monotonic() + 60
+        with httpx.Client(base_url=server, headers=AUTH, timeout=60) as client:
+            while not seen or seen[-1] == 202:
+                assert time.monotonic() < deadline, "the task never finished"
+                seen.append(client.get(f"/llm/forward/{task_id}").status_code)
+        return seen
+
+    with ThreadPoolExecutor(8) as pool:
+        polls = list(pool.map(poll, range(8)))
+    finals = sorted(seen[-1] for seen in polls)
+    assert finals == [200] + [404] * 7, polls
+    assert all(set(seen[:-1]) <= {202} for seen in polls), polls
