@@ -91,40 +91,45 @@ def test_a_pending_task_stays_when_taken_and_cannot_be_finished_twice(store: Tas
     assert store.take(task_id).result == 1
 
 
+def race(store: TaskStore, fetchers: int, result: int) -> tuple[list[object], int]:
+    """``fetchers`` threads poll one new task with ``take`` while another completes it, all let go
+    at once; returns the results the fetchers got and how many of them got a 404."""
+    task_id = store.create()
+    start = threading.Barrier(fetchers + 1)
+    got: list[object] = []
+    missed: list[int] = []
+
+    def poll() -> None:
+        start.wait()
+        while True:
+            try:
+                view = store.take(task_id)
+            except NotFound:
+                missed.append(1)
+                return
+            if view.state == "done":
+                got.append(view.result)
+                return
+
+    def finish() -> None:
+        start.wait()
+        store.complete(task_id, result)
+
+    threads = [threading.Thread(target=poll) for _ in range(fetchers)] + [threading.Thread(target=finish)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    return got, len(missed)
+
+
 @pytest.mark.parametrize("fetchers", [2, 8])
 def test_concurrent_fetches_as_a_task_finishes_hand_the_result_to_exactly_one(fetchers: int) -> None:
-    """x1's "fetched once, then forgotten" without a race: every round, ``fetchers`` threads poll
-    one task while another thread completes it; exactly one of them gets the result, every fetch
-    after it a 404, whatever the interleaving."""
+    """x1's "fetched once, then forgotten" without a race: whatever the interleaving, exactly one
+    fetch gets the result and every other one a 404."""
     store = TaskStore(max_tasks=10)
     for round_ in range(200):
-        task_id = store.create()
-        start = threading.Barrier(fetchers + 1)
-        got: list[object] = []
-        missed: list[int] = []
-
-        def poll() -> None:
-            start.wait()
-            while True:
-                try:
-                    view = store.take(task_id)
-                except NotFound:
-                    missed.append(1)
-                    return
-                if view.state == "done":
-                    got.append(view.result)
-                    return
-
-        def finish(result: int = round_) -> None:
-            start.wait()
-            store.complete(task_id, result)
-
-        threads = [threading.Thread(target=poll) for _ in range(fetchers)] + [threading.Thread(target=finish)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join(timeout=30)
-        assert got == [round_] and len(missed) == fetchers - 1, (round_, got, len(missed))
+        assert race(store, fetchers, round_) == ([round_], fetchers - 1), round_
     assert len(store) == 0
 
 
