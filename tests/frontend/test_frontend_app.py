@@ -139,8 +139,7 @@ def test_the_first_predict_against_the_bundled_example_needs_no_typed_key(monkey
     for name in ("POLICY_SERVER_API_KEY", "SCHEMA_PATH", "POLICY_SERVER_SCHEMA_PATH"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.chdir(ROOT)  # where both are started
-    settings = Settings(schema_path=ROOT / "schema.yaml", backend="local", gateway_metrics_port=0, seed=0,
-                        _env_file=None)  # type: ignore[call-arg]
+    settings = Settings(schema_path=ROOT / "schema.yaml", backend="local", gateway_metrics_port=0, seed=0)
     with running_server(build_app(settings)) as url:
         monkeypatch.setenv("POLICY_SERVER_URL", url)
         at = AppTest.from_file(str(FRONTEND), default_timeout=60).run()

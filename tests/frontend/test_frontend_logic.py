@@ -13,6 +13,7 @@ import yaml
 from policy_server.frontend import charts, forms
 from policy_server.frontend.client import DemoClient, ServerError, Unreachable, policy_path
 from policy_server.frontend.example import demo_api_key, is_local
+from policy_server.settings import Settings
 
 OBSERVATIONS = {
     "id": {"type": "int", "min_items": None, "max_items": None, "description": "who"},
@@ -232,6 +233,9 @@ def test_a_server_elsewhere_gets_no_key_unless_the_environment_has_one(
     assert demo_api_key(url) == "from-env" and demo_api_key("http://127.0.0.1:8000") == "from-env"
 
 
-def test_a_dot_env_beside_the_demo_gives_the_key_as_it_gives_it_to_the_server(no_key_settings: Path) -> None:
+def test_a_dot_env_beside_the_demo_gives_the_key_as_it_gives_it_to_the_server(
+    no_key_settings: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(Settings.model_config, "env_file", ".env")  # conftest keeps the machine's .env out
     (no_key_settings / ".env").write_text("POLICY_SERVER_API_KEY=dot-env-key\n")
     assert demo_api_key("http://policy-server:8000") == "dot-env-key"
