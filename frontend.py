@@ -2,7 +2,8 @@
 
 Only the page's layout lives here; it talks to the server over HTTP through
 ``policy_server.frontend`` (client, forms, charts) and starts the bundled example server with
-``policy_server.frontend.example``. Settings: ``POLICY_SERVER_URL`` and ``POLICY_SERVER_API_KEY``.
+``policy_server.frontend.example``. Settings: ``POLICY_SERVER_URL`` and ``POLICY_SERVER_API_KEY``;
+without the key, a server on this machine gets the local schema's (``SCHEMA_PATH`` or ./schema.yaml).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import streamlit as st
 
 from policy_server.frontend import charts, forms
 from policy_server.frontend.client import DemoClient, DemoError, ServerError, policy_path
-from policy_server.frontend.example import ExampleServer, start_example
+from policy_server.frontend.example import ExampleServer, demo_api_key, start_example
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 POLL_S = 2.0
@@ -44,13 +45,15 @@ def sidebar() -> tuple[str, str, bool]:
     """Server URL, api key, and whether a server answers there; starts the example on request."""
     state = st.session_state
     state.setdefault("server_url", os.environ.get("POLICY_SERVER_URL", DEFAULT_URL))
-    state.setdefault("api_key", os.environ.get("POLICY_SERVER_API_KEY", ""))
+    state.setdefault("api_key", demo_api_key(state.server_url))
     if started := state.pop("started_server", None):  # set before the widgets exist
         state.server_url, state.api_key = started
     bar = st.sidebar
     bar.title("policy-server")
     url = bar.text_input("Server URL", key="server_url", help="With the schema's url_path, if it has one.")
-    key = bar.text_input("API key", key="api_key", type="password", help="Sent as the `access-token` header.")
+    key = bar.text_input("API key", key="api_key", type="password",
+                         help="Sent as the `access-token` header. At first: POLICY_SERVER_API_KEY, or for a server "
+                         "on this machine the local schema's `parameters.api_key`.")
     with DemoClient(url, key) as client:
         alive = client.alive()
     if alive:

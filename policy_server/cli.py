@@ -5,8 +5,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib
+import importlib.util
 import shutil
+import sys
 from pathlib import Path
+from types import ModuleType
 from typing import Any, TypeVar
 
 import torch
@@ -20,17 +23,69 @@ ROOT = Path(__file__).resolve().parent.parent
 T = TypeVar("T")
 
 
+EXAMPLE_BUILDERS: dict[str, str] = {
+    "llm": "examples/llm/build_tiny_model.py",
+    "alphabetical": "examples/alphabetical/pretrain.py",
+}
+"""Examples whose models are built here rather than committed (no downloads): the script whose
+``build_models(out_dir, progress)`` writes them, by the example folder's name."""
+
+
 def copy_server_files(example: str, target: str = ".") -> str:
-    """Copy an example's schema.yaml and models/ next to app.py, so `uvicorn app:app` serves it."""
+    """Copy an example's schema.yaml and models/ next to app.py, so `uvicorn app:app` serves it.
+
+    An example whose models are built rather than committed (examples/llm, examples/alphabetical)
+    and not built yet gets them built into ``<target>/models``, offline, with a progress bar.
+    Raises ``SchemaError`` if the copy still cannot be served.
+    """
     source, dest = Path(example), Path(target)
     if not (source / "schema.yaml").is_file():
         raise SchemaError(f"{source}/schema.yaml not found; examples: {', '.join(_examples())}")
     shutil.copy(source / "schema.yaml", dest / "schema.yaml")
+    builds = source.name in EXAMPLE_BUILDERS
+    if ((source / "models").is_dir() or builds) and (dest / "models").exists():
+        shutil.rmtree(dest / "models")
     if (source / "models").is_dir():
-        if (dest / "models").exists():
-            shutil.rmtree(dest / "models")
         shutil.copytree(source / "models", dest / "models")
-    return f"copied {source} → {dest.resolve()}; start it with `uvicorn app:app`"
+    elif builds:
+        build_example_models(source.name, dest / "models")
+    load_schema(dest / "schema.yaml")  # what uvicorn would refuse, refused here
+    start = "uvicorn app:app" if dest.resolve() == ROOT else f"SCHEMA_PATH={dest.resolve() / 'schema.yaml'} uvicorn app:app"
+    return f"copied {source} → {dest.resolve()}; start it with `{start}`"
+
+
+def build_example_models(example: str, out_dir: Path) -> None:
+    """Run ``EXAMPLE_BUILDERS[example]`` into ``out_dir`` (created), with a tqdm bar per stage."""
+    from tqdm import tqdm
+    from transformers.utils import logging as hf_logging
+
+    builder = _load_script(ROOT / EXAMPLE_BUILDERS[example])
+    out_dir.mkdir(parents=True, exist_ok=True)
+    shown = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # one bar, ours, not one per file transformers writes
+    try:
+        with tqdm(desc=f"building the {example} models", unit="step") as bar:
+            def progress(stage: str, done: int, total: int) -> None:
+                if bar.desc != stage:
+                    bar.set_description_str(stage, refresh=False)
+                    bar.reset(total)
+                bar.update(done - bar.n)
+
+            builder.build_models(out_dir, progress)
+    finally:
+        if shown:
+            hf_logging.enable_progress_bar()
+
+
+def _load_script(path: Path) -> ModuleType:
+    """A script of examples/ (not a package) as a module."""
+    spec = importlib.util.spec_from_file_location(f"examples.{path.parent.name}.{path.stem}", path)
+    if spec is None or spec.loader is None:
+        raise FileNotFoundError(f"{path}: not a Python script")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # a dataclass looks its module up while the file executes
+    spec.loader.exec_module(module)
+    return module
 
 
 def _examples() -> list[str]:

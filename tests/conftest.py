@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import socket
+import tempfile
 import threading
 import time
 import warnings
@@ -19,6 +22,7 @@ import yaml
 from torch import nn
 
 from policy_server.export import MLPPolicy, export_module
+from policy_server.settings import Settings
 
 API_KEY = "test-key-123"
 LPOC_OBSERVATIONS = {
@@ -40,6 +44,36 @@ FAULTY_OBSERVATIONS = {"a": {"type": "float"}, "b": {"type": "float"}}
 CART_OBSERVATIONS = {
     name: {"type": "float"} for name in ("cart_position", "cart_velocity", "pole_angle", "pole_angular_velocity")
 }
+
+
+MACHINE_SETTINGS = ("SCHEMA_PATH", "RAY_ADDRESS")
+"""Variables, besides ``POLICY_SERVER_*``, through which a machine's own setup reaches the server."""
+_saved_environ: dict[str, str] = {}
+_scratch_home: list[str] = []
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """The suite sees what it sets up, never what this machine happens to have: none of the
+    server's settings from the environment or a ``.env`` (a user's own, gitignored), and empty
+    caches (``XDG_CACHE_HOME``: the client SDKs; ``HF_HOME``: Hugging Face) with downloads off,
+    so a test that needs a cached SDK or hub model fails everywhere, not only on a fresh machine.
+    Runs before collection, so before transformers reads ``HF_HOME``."""
+    _saved_environ.update(os.environ)
+    for name in list(os.environ):
+        if name.startswith("POLICY_SERVER_") or name in MACHINE_SETTINGS:
+            del os.environ[name]
+    home = tempfile.mkdtemp(prefix="policy-server-tests-")
+    _scratch_home.append(home)
+    os.environ.update(XDG_CACHE_HOME=f"{home}/cache", HF_HOME=f"{home}/huggingface", HF_HUB_OFFLINE="1")
+    # in this process; a server a test starts as a subprocess in the repository still reads a .env there
+    Settings.model_config["env_file"] = None
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    os.environ.clear()
+    os.environ.update(_saved_environ)
+    for home in _scratch_home:
+        shutil.rmtree(home, ignore_errors=True)
 
 
 class Faulty(nn.Module):
@@ -238,7 +272,8 @@ def ray_session() -> Iterator[int]:
     from ray import serve
 
     port = free_port()
-    ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False, _metrics_export_port=port)
+    # "local": a new Ray, never one this machine already runs (`ray start`), which ray.init() would join
+    ray.init(address="local", num_cpus=8, include_dashboard=False, log_to_driver=False, _metrics_export_port=port)
     serve.start(proxy_location="Disabled")
     yield port
     serve.shutdown()

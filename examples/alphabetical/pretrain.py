@@ -8,6 +8,9 @@ step-wise letter-sorting puzzles, in another format), then trains it with AdamW 
 for ``--seconds`` of wall time on one torch thread. The aim is a policy that is often close and
 sometimes right, so that GRPO (``alphabetical.py``) has something to improve. Saves the model and
 tokenizer over ``<out-dir>/policy`` and prints the greedy exact-match rate on held-out problems.
+
+``python generate.py copy_server_files examples/alphabetical`` calls ``build_models`` when the example
+has no ``models/`` yet.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import importlib.util
 import random
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -33,6 +37,8 @@ from policy_server.cli import parse_dataclass_args
 
 IGNORE = -100
 """Label of the tokens the loss skips (the prompt and the padding)."""
+Progress = Callable[[str, int, int], None]
+"""``progress(stage, done, total)``, as in ``build_tiny_model``."""
 
 
 @dataclass
@@ -97,10 +103,12 @@ def exact_match(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerBase, rng
     return right / n
 
 
-def pretrain(args: Args) -> dict[str, float]:
-    """Build, pre-train for ``args.seconds``, save; returns steps, last loss and exact-match rate."""
+def pretrain(args: Args, progress: Progress | None = None) -> dict[str, float]:
+    """Build, pre-train for ``args.seconds``, save; returns steps, last loss and exact-match rate.
+    With ``progress``, it hears the build's steps and the pre-training's whole seconds instead of
+    the printed log."""
     policy = Path(args.out_dir) / "policy"
-    load_builder().build(Path(args.out_dir), seed=args.seed, lora=False)
+    load_builder().build(Path(args.out_dir), seed=args.seed, lora=False, progress=progress)
     tokenizer = AutoTokenizer.from_pretrained(policy)
     model = LlamaForCausalLM.from_pretrained(policy)
     torch.manual_seed(args.seed)
@@ -115,7 +123,10 @@ def pretrain(args: Args) -> dict[str, float]:
         out.loss.backward()
         optimizer.step()
         steps, loss = steps + 1, out.loss.item()
-        if steps % 100 == 0:
+        if progress is not None:
+            progress("pre-training on sorting letters (s)", min(int(time.perf_counter() - start), int(args.seconds)),
+                     int(args.seconds))
+        elif steps % 100 == 0:
             print(f"step {steps:5d}  {time.perf_counter() - start:5.1f} s  loss {loss:.4f}", flush=True)
     model.eval()
     model.save_pretrained(policy)
@@ -125,6 +136,11 @@ def pretrain(args: Args) -> dict[str, float]:
     print(f"{steps} steps in {args.seconds:.0f} s, last loss {loss:.4f}, "
           f"greedy exact match {summary['exact_match']:.0%} on {args.eval_problems} held-out problems; saved {policy}")
     return summary
+
+
+def build_models(out_dir: Path, progress: Progress | None = None) -> None:
+    """What ``examples/alphabetical/schema.yaml`` serves, under ``out_dir``: the pre-trained policy."""
+    pretrain(Args(out_dir=str(out_dir)), progress)
 
 
 if __name__ == "__main__":

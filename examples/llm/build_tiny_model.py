@@ -15,6 +15,9 @@ The tokenizer adds ``<|begin_of_text|>`` in front of plain text, as Llama-3's do
 starts with it too, so tokenize a rendered chat with ``add_special_tokens=False``.
 
     python examples/llm/build_tiny_model.py --out-dir examples/llm/models
+
+``python generate.py copy_server_files examples/llm`` calls ``build_models`` when the example has no
+``models/`` yet.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import argparse
 import json
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -52,6 +56,8 @@ CHAT_TEMPLATE = (
 TRAIN_STEPS = 200
 TRAIN_BATCH = 16
 TRAIN_WINDOW = 128
+Progress = Callable[[str, int, int], None]
+"""``progress(stage, done, total)``: called after each unit of work of a named stage."""
 
 
 def read_problems(corpus: Path = CORPUS) -> list[list[str]]:
@@ -110,8 +116,11 @@ def tiny_config(tokenizer: PreTrainedTokenizerFast) -> LlamaConfig:
     )
 
 
-def fit(model: LlamaForCausalLM, stream: torch.Tensor, seed: int, steps: int = TRAIN_STEPS) -> float:
-    """A few hundred AdamW steps on random windows of the token stream; returns the last loss."""
+def fit(
+    model: LlamaForCausalLM, stream: torch.Tensor, seed: int, steps: int = TRAIN_STEPS, progress: Progress | None = None
+) -> float:
+    """A few hundred AdamW steps on random windows of the token stream; returns the last loss.
+    ``progress("training", step, steps)`` hears each step."""
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     threads = torch.get_num_threads()
@@ -121,13 +130,15 @@ def fit(model: LlamaForCausalLM, stream: torch.Tensor, seed: int, steps: int = T
     model.train()
     loss = torch.tensor(float("nan"))
     try:
-        for _ in range(steps):
+        for step in range(1, steps + 1):
             starts = torch.randint(0, len(stream) - TRAIN_WINDOW, (TRAIN_BATCH,), generator=gen)
             batch = torch.stack([stream[s : s + TRAIN_WINDOW] for s in starts.tolist()])  # (B, T)
             loss = model(input_ids=batch, labels=batch).loss
             opt.zero_grad()
             loss.backward()
             opt.step()
+            if progress is not None:
+                progress("training the tiny model", step, steps)
     finally:
         torch.set_num_threads(threads)
         model.eval()
@@ -154,8 +165,11 @@ def build_lora(model: LlamaForCausalLM, out: Path, seed: int) -> None:
     peft_model.unload()  # restores the plain model in place for the caller
 
 
-def build(out_dir: Path, seed: int = 0, lora: bool = True, train_steps: int = TRAIN_STEPS) -> dict[str, Path]:
-    """Write the policy, value model and (if ``lora``) adapter folders under ``out_dir``; deterministic per seed."""
+def build(
+    out_dir: Path, seed: int = 0, lora: bool = True, train_steps: int = TRAIN_STEPS, progress: Progress | None = None
+) -> dict[str, Path]:
+    """Write the policy, value model and (if ``lora``) adapter folders under ``out_dir``; deterministic per seed.
+    ``progress`` hears each training step."""
     out_dir = Path(out_dir)
     problems = read_problems()
     tokenizer = train_tokenizer(problems)
@@ -165,7 +179,7 @@ def build(out_dir: Path, seed: int = 0, lora: bool = True, train_steps: int = TR
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     if train_steps:
         ids = [tokenizer.apply_chat_template(chat(p), tokenize=True, return_dict=False) for p in problems]
-        fit(model, torch.tensor([i for seq in ids for i in seq]), seed, train_steps)
+        fit(model, torch.tensor([i for seq in ids for i in seq]), seed, train_steps, progress)
 
     paths = {"policy": out_dir / "policy", "value": out_dir / "value"}
     for key in ("policy", "value"):
@@ -184,6 +198,11 @@ def build(out_dir: Path, seed: int = 0, lora: bool = True, train_steps: int = TR
         paths["policy_lora"] = out_dir / "policy-lora"
         build_lora(model, paths["policy_lora"], seed)
     return paths
+
+
+def build_models(out_dir: Path, progress: Progress | None = None) -> dict[str, Path]:
+    """What ``examples/llm/schema.yaml`` serves, under ``out_dir``: policy, value model and LoRA adapter."""
+    return build(out_dir, progress=progress)
 
 
 def main() -> None:

@@ -7,7 +7,6 @@ from typing import Any
 
 from fastapi import APIRouter, Depends
 from fastapi.responses import JSONResponse, Response
-from starlette.background import BackgroundTask
 
 from policy_server.errors import InvalidRequest, ModelError
 from policy_server.gateway.llm_service import LLMService, ValueService
@@ -102,18 +101,15 @@ def llm_router(service: LLMService, auth: Any, prefix: str, trainer: Any = None)
         responses={202: {"model": TaskPending, "description": "Still generating: ask again."}},
     )
     async def forward_result(task_id: str) -> Any:
-        """The result of a queued task (kept until fetched, or until it expires). A task still
-        generating answers 202 `pending`; an unknown or expired id 404."""
+        """The result of a queued task, handed out once: kept until fetched, or until it expires. A
+        task still generating answers 202 `pending`; an unknown, expired or already fetched id 404."""
         view = await service.call_state("task", task_id)
         if view["state"] == "pending":
             return JSONResponse({"task_id": task_id, "status": "pending"}, status_code=202)
         if view["state"] == "failed":
             raise ModelError(f"task {task_id} failed: {view['error']}")
-        # forgotten only once the answer went out: a fetch that fails keeps the result
-        return JSONResponse(
-            {k: v for k, v in view["result"].items() if v is not None},
-            background=BackgroundTask(service.call_state, "ack", task_id),
-        )
+        # the state forgot the task as it handed it out: a second fetch is a 404
+        return JSONResponse({k: v for k, v in view["result"].items() if v is not None})
 
     @router.get("/sessions/{session_id}")
     async def session(session_id: str) -> Any:

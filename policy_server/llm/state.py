@@ -71,15 +71,10 @@ class LLMState:
             log.info("task %s expired before it finished", task_id)
 
     def task(self, task_id: str) -> dict[str, Any]:
-        view = self.tasks.get(task_id)
+        """The task's state and result; a finished task is forgotten by this very call (fetched once,
+        atomically: a second fetch, however soon, is ``NotFound``)."""
+        view = self.tasks.take(task_id)
         return {"state": view.state, "result": view.result, "error": view.error}
-
-    def ack(self, task_id: str) -> None:
-        """The answer went out: forget the task."""
-        try:
-            self.tasks.ack(task_id)
-        except NotFound:
-            pass
 
     # --- sessions ------------------------------------------------------------------------------
 

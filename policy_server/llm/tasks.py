@@ -1,10 +1,12 @@
 """Queued tasks for x1's ``POST /forward`` + ``GET /forward/{task_id}``: results kept until fetched.
 
-A result is never lost to a failed fetch: ``get`` only reads; the caller deletes a task with
-``ack`` once its answer has reached the client (for instance in a response background task).
-What is never acknowledged expires: a pending task ``ttl_s`` after it was created, a finished
-one ``ttl_s`` after it finished. The store holds at most ``max_tasks`` tasks; beyond that
-``create`` raises ``QueueFull`` (429).
+Fetched once, then forgotten: ``take`` hands out a finished (done or failed) task and removes it
+in the same locked step, so of any number of fetches, however close together, exactly one gets
+the result and the others a ``NotFound`` (404). The price: a result whose answer is lost on the
+way to the client (a dropped connection) is gone; generate it again. ``get`` only reads.
+What is never fetched expires: a pending task ``ttl_s`` after it was created, a finished one
+``ttl_s`` after it finished. The store holds at most ``max_tasks`` tasks; beyond that ``create``
+raises ``QueueFull`` (429).
 """
 
 from __future__ import annotations
@@ -87,19 +89,21 @@ class TaskStore:
         self._finish(task_id, "failed", None, message)
 
     def get(self, task_id: str) -> TaskView:
-        """The task's state and result. Does not delete it: ``ack`` does, once the answer is out."""
+        """The task's state and result, leaving it in place (``take`` is the fetch that forgets)."""
+        with self._lock:
+            self._purge()
+            return self._view(task_id, self._require(task_id))
+
+    def take(self, task_id: str) -> TaskView:
+        """The task's state and result; a finished task is removed under the same lock hold, so it
+        is handed out once. A pending task stays. Raises ``NotFound`` for an unknown, expired or
+        already taken id."""
         with self._lock:
             self._purge()
             task = self._require(task_id)
-            return TaskView(task_id, task.state, task.meta, task.result, task.error)
-
-    def ack(self, task_id: str) -> None:
-        """Delete a finished task whose answer reached the client. A pending task cannot be acked."""
-        with self._lock:
-            self._purge()
-            if self._require(task_id).state == "pending":
-                raise Conflict(f"task {task_id} is still pending: fetch it once it is done")
-            del self._tasks[task_id]
+            if task.state != "pending":
+                del self._tasks[task_id]
+            return self._view(task_id, task)
 
     def stats(self) -> TaskStats:
         with self._lock:
@@ -121,6 +125,10 @@ class TaskStore:
             task.state, task.result, task.error = state, result, error
             task.expires_at = now + self.ttl_s
             self._tasks.move_to_end(task_id)
+
+    @staticmethod
+    def _view(task_id: str, task: _Task) -> TaskView:
+        return TaskView(task_id, task.state, task.meta, task.result, task.error)
 
     def _require(self, task_id: str) -> _Task:
         task = self._tasks.get(task_id)

@@ -316,7 +316,11 @@ def _resolve_llm(llm: LLMSection | None, base_dir: Path) -> LLMSection | None:
         if spec is None:
             continue
         if not (spec.path / "config.json").is_file():
-            raise SchemaError(f"llm.{key}.path: {spec.path} is not a save_pretrained model folder (no config.json)")
+            raise SchemaError(
+                f"llm.{key}.path: {spec.path} is not a save_pretrained model folder (no config.json); "
+                f"for the examples' tiny models run `python examples/llm/build_tiny_model.py --out-dir {spec.path.parent}`"
+                " (or `python generate.py copy_server_files examples/llm`, which builds them)"
+            )
         if spec.adapter is not None and not (spec.adapter / "adapter_config.json").is_file():
             raise SchemaError(f"llm.{key}.adapter: {spec.adapter} is not a peft adapter folder (no adapter_config.json)")
     return llm

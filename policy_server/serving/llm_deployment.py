@@ -87,7 +87,7 @@ class LLMStateDeployment:
         return await result if asyncio.iscoroutine(result) else result
 
 
-STATE_API = frozenset({"start_task", "task", "ack", "session_prompt", "session_add", "session_nodes", "reset_session"})
+STATE_API = frozenset({"start_task", "task", "session_prompt", "session_add", "session_nodes", "reset_session"})
 LLM_POLICY = "llm-policy"
 LLM_VALUE = "llm-value"
 LLM_STATE = "llm-state"

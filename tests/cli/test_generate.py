@@ -2,19 +2,112 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
+import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
+import httpx
 import pytest
 import torch
+import yaml
+from fastapi.testclient import TestClient
 
 from policy_server import cli
 from policy_server.errors import SchemaError
 from policy_server.export import MLPPolicy
+from policy_server.gateway.app import build_app
+from policy_server.launch import start_server, stop_server, wait_ready
 from policy_server.policies.torch_policy import TorchPolicy
+from policy_server.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
+EXAMPLES = sorted(p.parent.name for p in (ROOT / "examples").glob("*/schema.yaml"))
+
+
+def fresh_example(name: str, root: Path) -> Path:
+    """examples/<name> as a fresh clone has it: without the models/ (gitignored) a previous build
+    left in this checkout, and without runs/."""
+    ignored = ("runs", "__pycache__") + (("models",) if name in cli.EXAMPLE_BUILDERS else ())
+    return Path(shutil.copytree(ROOT / "examples" / name, root / "examples" / name,
+                                ignore=shutil.ignore_patterns(*ignored)))
+
+
+@pytest.fixture(scope="module")
+def copied(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], tuple[Path, str]]:
+    """``copy_server_files`` of each example into its own folder, once per module:
+    the folder and what the command wrote to stderr (its progress bar)."""
+    done: dict[str, tuple[Path, str]] = {}
+
+    def copy(name: str) -> tuple[Path, str]:
+        if name not in done:
+            root = tmp_path_factory.mktemp(f"copied-{name}")
+            (root / "served").mkdir()
+            with contextlib.redirect_stderr(io.StringIO()) as err:
+                message = cli.copy_server_files(str(fresh_example(name, root)), str(root / "served"))
+            assert f"SCHEMA_PATH={(root / 'served' / 'schema.yaml').resolve()} uvicorn app:app" in message
+            done[name] = root / "served", err.getvalue()
+        return done[name]
+
+    return copy
+
+
+def api_key(schema: Path) -> str:
+    return str(yaml.safe_load(schema.read_text())["parameters"]["api_key"])
+
+
+def one_answer(client: httpx.Client | TestClient, schema: Path) -> dict[str, Any]:
+    """A chat completion from the schema's LLM, or an action of its default policy for zero
+    observations (as many as its model takes)."""
+    if "llm" in yaml.safe_load(schema.read_text()):
+        body = {"messages": [{"role": "user", "content": "Sort these letters: b a"}], "max_tokens": 4}
+        answer = client.post("/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {api_key(schema)}"})
+    else:
+        width = cli.check(str(schema))["default"]["obs_dim"]
+        answer = client.post("/predict_raw", json={"obs": [0.0] * width}, headers={"access-token": api_key(schema)})
+    assert answer.status_code == 200, answer.text
+    return answer.json()
+
+
+@pytest.mark.parametrize("example", EXAMPLES)
+def test_every_example_copies_into_a_folder_that_serves(
+    copied: Callable[[str], tuple[Path, str]], example: str
+) -> None:
+    served, _ = copied(example)
+    settings = Settings(schema_path=served / "schema.yaml", backend="local", gateway_metrics_port=0, seed=0)
+    with TestClient(build_app(settings)) as client:
+        answer = one_answer(client, served / "schema.yaml")
+    assert answer["choices"][0]["message"]["role"] == "assistant" if "choices" in answer else answer["action"] >= 0
+
+
+def test_the_copied_llm_example_is_built_with_a_progress_bar_and_uvicorn_serves_it(
+    copied: Callable[[str], tuple[Path, str]], tmp_path: Path
+) -> None:
+    served, progress = copied("llm")
+    assert "training the tiny model" in progress and "200/200" in progress, progress
+    for folder in ("policy", "value", "policy-lora"):
+        assert (served / "models" / folder).is_dir()
+    process, url = start_server(served / "schema.yaml", "local", tmp_path / "uvicorn.log")
+    try:
+        wait_ready(url, process, tmp_path / "uvicorn.log", timeout_s=180)
+        with httpx.Client(base_url=url, timeout=60) as client:
+            answer = one_answer(client, served / "schema.yaml")
+    finally:
+        stop_server(process)
+    assert answer["model"] == "tiny-llama" and answer["choices"][0]["finish_reason"] in ("stop", "length")
+
+
+def test_the_unbuilt_llm_example_names_the_command_that_builds_it(tmp_path: Path) -> None:
+    example = fresh_example("llm", tmp_path)
+    settings = Settings(schema_path=example / "schema.yaml", backend="local", gateway_metrics_port=0)
+    out_dir = example / "models"
+    with pytest.raises(SchemaError, match=rf"llm\.policy\.path: .* is not a save_pretrained model folder .*"
+                                          rf"`python examples/llm/build_tiny_model.py --out-dir {out_dir}`"):
+        build_app(settings)
 
 
 def test_copy_server_files_copies_an_example_next_to_app(tmp_path: Path) -> None:

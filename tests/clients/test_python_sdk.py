@@ -9,11 +9,13 @@ import os
 import subprocess
 import sys
 from collections.abc import Iterator
+from importlib import metadata
 from pathlib import Path
 
 import pytest
 import yaml
 from conftest import API_KEY, LPOC_OBS, multi_policy_schema, running_server
+from packaging import version
 
 from policy_server.clients import ClientSDKs
 from policy_server.gateway.app import build_app
@@ -56,16 +58,32 @@ def server_and_sdk(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) ->
         yield url, sdks.export(root / "clients")
 
 
-def venv_python(root: Path) -> Path:
-    """A fresh venv that sees this machine's packages (httpx, attrs, dateutil) but not the repo.
-
-    Without pip of its own: the venv's bundled setuptools would shadow the machine's newer one,
-    which builds the SDK's setup.py offline."""
-    subprocess.run(
-        [sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(root)],
-        check=True,
-        timeout=120,
+def pip(python: Path | str, *args: str, cwd: Path) -> None:
+    """``python -m pip args``, offline and blind to this machine's pip configuration and cache."""
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV") and not k.startswith("PIP_")}
+    done = subprocess.run(
+        [str(python), "-m", "pip", *args, "--isolated", "--no-index", "--no-cache-dir", "--no-deps",
+         "--disable-pip-version-check", "-q"],
+        check=False, capture_output=True, text=True, timeout=300, env=env, cwd=cwd,
     )
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def build_wheel(project: Path, out: Path) -> Path:
+    """The SDK's wheel, built by this environment's setuptools (no build isolation: nothing to
+    download). A new venv has only ensurepip's setuptools 65 and no ``wheel`` package, which
+    cannot build it ("invalid command 'bdist_wheel'"); setuptools >= 70.1 builds wheels itself."""
+    have = version.Version(metadata.version("setuptools"))
+    assert have >= version.Version("70.1"), f"setuptools {have} cannot build wheels without `wheel`: pip install -r requirements.txt"
+    pip(sys.executable, "wheel", "--no-build-isolation", "--wheel-dir", str(out), str(project), cwd=out)
+    [wheel] = out.glob("policy_server_client-*.whl")
+    return wheel
+
+
+def venv_python(root: Path) -> Path:
+    """A fresh venv, as ``python -m venv`` makes it (its own pip and old setuptools, no ``wheel``),
+    that sees this machine's packages (httpx, attrs, dateutil) but not the repo."""
+    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(root)], check=True, timeout=300)
     return root / "bin" / "python"
 
 
@@ -73,28 +91,11 @@ def test_the_python_sdk_installs_offline_and_calls_a_running_server(
     server_and_sdk: tuple[str, Path], tmp_path: Path
 ) -> None:
     url, clients = server_and_sdk
+    (tmp_path / "dist").mkdir()
+    wheel = build_wheel(clients / "python", tmp_path / "dist")
     python = venv_python(tmp_path / "venv")
+    pip(python, "install", str(wheel), cwd=tmp_path)
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
-    install = subprocess.run(
-        [
-            str(python),
-            "-m",
-            "pip",
-            "install",
-            "--no-index",
-            "--no-build-isolation",
-            "--no-deps",
-            "-q",
-            str(clients / "python"),
-        ],
-        check=False,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=env,
-        cwd=tmp_path,
-    )
-    assert install.returncode == 0, install.stdout + install.stderr
     run = subprocess.run(
         [str(python), "-c", SCRIPT, url, API_KEY, json.dumps(LPOC_OBS)],
         check=False,

@@ -17,7 +17,8 @@ from streamlit.testing.v1 import AppTest
 from policy_server.gateway.app import build_app
 from policy_server.settings import Settings
 
-FRONTEND = Path(__file__).resolve().parents[2] / "frontend.py"
+ROOT = Path(__file__).resolve().parents[2]
+FRONTEND = ROOT / "frontend.py"
 AUTH = {"access-token": API_KEY}
 
 
@@ -130,6 +131,24 @@ def test_no_server_offers_the_bundled_example_and_starts_it(monkeypatch: pytest.
         stop[0].click()
         at.run()
     assert "No server answers" in at.sidebar.warning[0].value
+
+
+def test_the_first_predict_against_the_bundled_example_needs_no_typed_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`uvicorn app:app` next to the bundled schema, then `streamlit run frontend.py`: the demo reads
+    the key from the same schema.yaml, so the first Predict is answered, not refused with a 403."""
+    for name in ("POLICY_SERVER_API_KEY", "SCHEMA_PATH", "POLICY_SERVER_SCHEMA_PATH"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.chdir(ROOT)  # where both are started
+    settings = Settings(schema_path=ROOT / "schema.yaml", backend="local", gateway_metrics_port=0, seed=0)
+    with running_server(build_app(settings)) as url:
+        monkeypatch.setenv("POLICY_SERVER_URL", url)
+        at = AppTest.from_file(str(FRONTEND), default_timeout=60).run()
+        assert not at.exception, [e.value for e in at.exception]
+        assert at.text_input(key="api_key").value == yaml.safe_load((ROOT / "schema.yaml").read_text())[
+            "parameters"]["api_key"]
+        submit(at, "Predict")
+    assert not at.error, [e.value for e in at.error]
+    assert metrics(at)["Action"].split(" ")[0] in ("up", "right", "down", "left")
 
 
 def test_training_shows_status_and_history(

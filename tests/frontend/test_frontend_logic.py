@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import httpx
 import pytest
+import yaml
 
 from policy_server.frontend import charts, forms
 from policy_server.frontend.client import DemoClient, ServerError, Unreachable, policy_path
+from policy_server.frontend.example import demo_api_key, is_local
+from policy_server.settings import Settings
 
 OBSERVATIONS = {
     "id": {"type": "int", "min_items": None, "max_items": None, "description": "who"},
@@ -181,3 +185,57 @@ def test_space_text_of_each_action_space() -> None:
     box = {"type": "box", "shape": [2], "low": [-1.0, -1.0], "high": [1.0, 0.5]}
     assert charts.space_text(box) == "box, shape [2], low [-1.0, -1.0], high [1.0, 0.5]"
     assert charts.space_text(None) == "read off the model"
+
+
+@pytest.fixture
+def no_key_settings(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
+    """A folder with no .env, as the demo's working directory, and no key or schema in the environment."""
+    for name in ("POLICY_SERVER_API_KEY", "SCHEMA_PATH", "POLICY_SERVER_SCHEMA_PATH"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+@pytest.mark.parametrize("url", ["http://127.0.0.1:8000", "http://localhost:8000/api/v1", "http://[::1]:9000",
+                                 "http://127.0.1.1:8000"])
+def test_a_server_on_this_machine_gets_the_local_schemas_key(no_key_settings: Path, url: str) -> None:
+    (no_key_settings / "schema.yaml").write_text("parameters:\n  api_key: local-key\n")
+    assert is_local(url) and demo_api_key(url) == "local-key"
+
+
+def test_schema_path_names_the_local_schema(no_key_settings: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (no_key_settings / "other.yaml").write_text("parameters:\n  api_key: other-key\n")
+    monkeypatch.setenv("SCHEMA_PATH", str(no_key_settings / "other.yaml"))
+    assert demo_api_key("http://127.0.0.1:8000") == "other-key"
+
+
+def test_without_a_schema_here_the_one_beside_frontend_py_is_read(no_key_settings: Path) -> None:
+    bundled = yaml.safe_load((Path(__file__).resolve().parents[2] / "schema.yaml").read_text())
+    assert demo_api_key("http://127.0.0.1:8000") == bundled["parameters"]["api_key"]
+
+
+@pytest.mark.parametrize("schema", ["observations: {}\n", "parameters: [1, 2\n", "- a list\n", ""])
+def test_a_local_schema_without_a_key_gives_none(no_key_settings: Path, schema: str) -> None:
+    (no_key_settings / "schema.yaml").write_text(schema)
+    assert demo_api_key("http://127.0.0.1:8000") == ""
+
+
+@pytest.mark.parametrize("url", ["http://policy-server:8000", "http://10.0.0.5:8000", "https://example.org"])
+def test_a_server_elsewhere_gets_no_key_unless_the_environment_has_one(
+    no_key_settings: Path, monkeypatch: pytest.MonkeyPatch, url: str
+) -> None:
+    """docker compose's demo talks to the server's container: the user types the key, or sets it."""
+    (no_key_settings / "schema.yaml").write_text("parameters:\n  api_key: local-key\n")
+    assert not is_local(url) and demo_api_key(url) == ""
+    monkeypatch.setenv("POLICY_SERVER_API_KEY", "")  # compose passes an unset variable as ""
+    assert demo_api_key(url) == ""
+    monkeypatch.setenv("POLICY_SERVER_API_KEY", "from-env")
+    assert demo_api_key(url) == "from-env" and demo_api_key("http://127.0.0.1:8000") == "from-env"
+
+
+def test_a_dot_env_beside_the_demo_gives_the_key_as_it_gives_it_to_the_server(
+    no_key_settings: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(Settings.model_config, "env_file", ".env")  # conftest keeps the machine's .env out
+    (no_key_settings / ".env").write_text("POLICY_SERVER_API_KEY=dot-env-key\n")
+    assert demo_api_key("http://policy-server:8000") == "dot-env-key"

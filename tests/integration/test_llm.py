@@ -130,3 +130,27 @@ def test_bad_inputs_are_422_naming_the_field_and_the_model_keeps_serving(server:
     assert "body.temperature" in caught.value.message
     chat = oai.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hi"}], max_tokens=4)
     assert chat.choices[0].message.role == "assistant"
+
+
+def test_concurrent_fetches_of_a_queued_task_get_its_result_exactly_once(server: str) -> None:
+    """Eight clients poll one queued task as fast as they can: one gets the result, the rest 202
+    while it runs and 404 once it is taken, never a second 200 (the task is taken atomically)."""
+    import time
+
+    with httpx.Client(base_url=server, headers=AUTH, timeout=60) as client:
+        task_id = client.post("/llm/forward", json={"question": "What is 5 + 5?"}).json()["task_id"]
+
+    def poll(_: int) -> list[int]:
+        seen: list[int] = []
+        deadline = time.monotonic() + 60
+        with httpx.Client(base_url=server, headers=AUTH, timeout=60) as client:
+            while not seen or seen[-1] == 202:
+                assert time.monotonic() < deadline, "the task never finished"
+                seen.append(client.get(f"/llm/forward/{task_id}").status_code)
+        return seen
+
+    with ThreadPoolExecutor(8) as pool:
+        polls = list(pool.map(poll, range(8)))
+    finals = sorted(seen[-1] for seen in polls)
+    assert finals == [200] + [404] * 7, polls
+    assert all(set(seen[:-1]) <= {202} for seen in polls), polls

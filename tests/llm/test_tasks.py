@@ -1,4 +1,4 @@
-"""TaskStore: states, 404s, results kept until acknowledged, expiry by a fake clock, the bound."""
+"""TaskStore: states, 404s, results handed out once (atomically), expiry by a fake clock, the bound."""
 
 from __future__ import annotations
 
@@ -59,32 +59,78 @@ def test_an_unknown_id_is_not_found(store: TaskStore) -> None:
     for call in (
         lambda: store.complete("nope", 1),
         lambda: store.fail("nope", "x"),
-        lambda: store.ack("nope"),
+        lambda: store.take("nope"),
     ):
         with pytest.raises(NotFound):
             call()
 
 
-def test_a_result_stays_until_acknowledged(store: TaskStore) -> None:
-    task_id = store.create()
-    store.complete(task_id, "answer")
-    assert store.get(task_id).result == "answer"  # this answer "got lost": the caller never acks
-    assert store.get(task_id).result == "answer"  # so the client can fetch it again
-    store.ack(task_id)
-    with pytest.raises(NotFound):
-        store.get(task_id)
-    with pytest.raises(NotFound):
-        store.ack(task_id)
+def test_a_finished_task_is_taken_once_then_forgotten(store: TaskStore) -> None:
+    done, failed = store.create(), store.create()
+    store.complete(done, "answer")
+    store.fail(failed, "out of memory")
+    assert store.get(done).result == "answer"  # get only reads
+    assert store.take(done).result == "answer"
+    taken = store.take(failed)
+    assert (taken.state, taken.error) == ("failed", "out of memory")
+    for task_id in (done, failed):
+        with pytest.raises(NotFound, match="already fetched"):
+            store.take(task_id)
+        with pytest.raises(NotFound):
+            store.get(task_id)
+    assert len(store) == 0
 
 
-def test_a_pending_task_cannot_be_acknowledged_or_finished_twice(store: TaskStore) -> None:
+def test_a_pending_task_stays_when_taken_and_cannot_be_finished_twice(store: TaskStore) -> None:
     task_id = store.create()
-    with pytest.raises(Conflict, match="still pending"):
-        store.ack(task_id)
+    assert store.take(task_id).state == "pending"
+    assert store.take(task_id).state == "pending"
     store.complete(task_id, 1)
     with pytest.raises(Conflict, match="already done"):
         store.fail(task_id, "late")
-    assert store.get(task_id).result == 1
+    assert store.take(task_id).result == 1
+
+
+def race(store: TaskStore, fetchers: int, result: int) -> tuple[list[object], int]:
+    """``fetchers`` threads poll one new task with ``take`` while another completes it, all let go
+    at once; returns the results the fetchers got and how many of them got a 404."""
+    task_id = store.create()
+    start = threading.Barrier(fetchers + 1)
+    got: list[object] = []
+    missed: list[int] = []
+
+    def poll() -> None:
+        start.wait()
+        while True:
+            try:
+                view = store.take(task_id)
+            except NotFound:
+                missed.append(1)
+                return
+            if view.state == "done":
+                got.append(view.result)
+                return
+
+    def finish() -> None:
+        start.wait()
+        store.complete(task_id, result)
+
+    threads = [threading.Thread(target=poll) for _ in range(fetchers)] + [threading.Thread(target=finish)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    return got, len(missed)
+
+
+@pytest.mark.parametrize("fetchers", [2, 8])
+def test_concurrent_fetches_as_a_task_finishes_hand_the_result_to_exactly_one(fetchers: int) -> None:
+    """x1's "fetched once, then forgotten" without a race: whatever the interleaving, exactly one
+    fetch gets the result and every other one a 404."""
+    store = TaskStore(max_tasks=10)
+    for round_ in range(200):
+        assert race(store, fetchers, round_) == ([round_], fetchers - 1), round_
+    assert len(store) == 0
 
 
 def test_pending_tasks_expire_ttl_after_creation_and_results_ttl_after_completion(
@@ -119,7 +165,7 @@ def test_beyond_max_tasks_create_raises_queue_full_until_room_is_made(
         store.create()
     assert (info.value.status, info.value.code) == (429, "queue_full")
     store.complete(ids[0], 0)
-    store.ack(ids[0])
+    store.take(ids[0])
     store.create()
     clock.now += 600
     store.create()  # the expired ones made room
