@@ -73,6 +73,8 @@ def test_ppo_full_fine_tuning_reinforces_the_good_answer(llm_dirs: dict[str, Pat
         "epoch": 3,
         "loss": steps[-1]["loss"],
         "running": False,
+        "skipped_steps": 0,
+        "last_error": None,
         "stopped": False,
     }
     losses = [step["loss"] for step in steps]
@@ -158,6 +160,8 @@ def test_stop_interrupts_within_one_step_and_save_replaces_atomically(
         "epoch": 0,
         "loss": steps[0]["loss"],
         "running": False,
+        "skipped_steps": 0,
+        "last_error": None,
     }
 
     folder = tmp_path / "model"
