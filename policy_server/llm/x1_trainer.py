@@ -86,6 +86,9 @@ class X1Trainer:
     def _train(self, run: TrainingRun, samples: list[Any]) -> None:
         try:
             result = run.run(samples, should_stop=self._stop.is_set)
+            if result["step"] and result["skipped_steps"] == result["step"]:  # nothing was trained
+                self.last = {**result, "saved": None, "model_version": self.version, "error": result["last_error"]}
+                return
             weights = self._publishable(run.module)
             check("weight", weights, "the trained model")  # every step was checked: never expected
             saved = run.save(self.training.save_dir / self.kind)
