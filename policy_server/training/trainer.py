@@ -24,7 +24,7 @@ from policy_server.training.base import Learner
 from policy_server.training.checkpoint import CheckpointStore, periodic_name
 from policy_server.training.config import TrainingSpec
 from policy_server.training.experience import ExperienceBatch
-from policy_server.training.guard import NonFiniteUpdate, Reason
+from policy_server.training.guard import NonFiniteUpdate, Reason, nonfinite
 from policy_server.training.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
@@ -305,6 +305,9 @@ class Trainer:
             raise InvalidRequest(
                 f"checkpoint {name!r} was written by {state.get('algorithm')!r}, not {self.spec.algorithm!r}"
             )
+        bad = nonfinite(state["learner"]["actor"])  # written before updates were guarded
+        if bad:
+            raise InvalidRequest(f"checkpoint {name!r} holds non-finite weights {bad[:3]}: resume from another one")
         self.learner.load_state_dict(state["learner"])
         with self._cond:
             self.telemetry.load_state_dict(state["telemetry"])

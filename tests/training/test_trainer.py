@@ -214,3 +214,17 @@ def test_a_non_finite_update_is_skipped_counted_and_never_published_or_saved(
         assert any(not np.array_equal(published.weights[0][k], initial[k]) for k in initial)
     finally:
         t.close()
+
+
+def test_a_checkpoint_with_non_finite_weights_is_not_resumed(trainer: Trainer, published: Published) -> None:
+    trainer.save()
+    name = trainer.store.latest()
+    assert name is not None
+    state = trainer.store.load(name)
+    first = next(iter(state["learner"]["actor"]))
+    state["learner"]["actor"][first].view(-1)[0] = float("nan")
+    trainer.store.save("poisoned", state)
+    with pytest.raises(InvalidRequest, match=rf"checkpoint 'poisoned' holds non-finite weights \['{first}'\]"):
+        trainer.resume("poisoned")
+    assert trainer.status()["model_version"] == 0 and published.versions == []
+    assert all(np.isfinite(w).all() for w in trainer.learner.actor_weights().values())
