@@ -63,7 +63,7 @@ def check_loss(loss: torch.Tensor, where: str) -> None:
 
 
 def check_gradients(named_params: Iterable[tuple[str, torch.nn.Parameter]], where: str) -> None:
-    """Before clipping and stepping: ``clip_grad_norm_`` turns one infinite gradient into NaN everywhere."""
+    """Before clipping: ``clip_grad_norm_`` makes one infinite gradient NaN and zeroes the others."""
     check("gradient", ((name, p.grad) for name, p in named_params), where)
 
 

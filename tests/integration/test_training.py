@@ -159,11 +159,11 @@ def test_a_poisoned_rollout_is_skipped_and_counted_and_replicas_refuse_nan_weigh
     assert status["model_version"] == version and "non-finite" in status["last_error"]
 
     weights = decode_weights(server.get("/weights").json()["weights"])
-    name = sorted(weights)[0]
+    name = min(weights)
     weights[name] = weights[name].copy()
     weights[name].flat[0] = np.nan
     handle = serve.get_deployment_handle(deployment_name("cart"), "it-train-cart")
-    with pytest.raises(Exception, match="hold NaN or infinite values"):  # noqa: PT011 - Ray wraps the ValueError
+    with pytest.raises(Exception, match="hold NaN or infinite values"):  # Ray wraps the ValueError
         handle.broadcast("set_weights", weights, version + 100).results(timeout_s=30)
     for _ in range(20):  # both replicas still serve the kept version, with finite answers
         answer = server.post("/predict", json=OBS)

@@ -54,7 +54,7 @@ def test_non_finite_weights_are_refused_and_the_served_ones_stay(engine: LLMEngi
     before, _ = asyncio.run(engine.generate(prompt, params))
     served = {n: p.detach().clone() for n, p in engine.lm.model.named_parameters()}
     lora = {n: p.detach().clone() + 0.5 for n, p in engine.lm.model.named_parameters() if "lora_" in n}
-    name = sorted(lora)[0]
+    name = min(lora)
     lora[name].view(-1)[0] = bad
     with pytest.raises(ValueError, match=rf"refused weights: \['{name}'\] hold NaN or infinite values"):
         engine.set_weights(lora, version + 1)

@@ -292,7 +292,7 @@ def test_set_weights_refuses_non_finite_tensors_and_keeps_serving_the_old_ones(
     obs = np.random.default_rng(0).normal(size=(3, OBS_DIM)).astype(np.float32)
     before, original = policy.forward(obs), policy.get_weights()
     poisoned = {k: v + 1.0 for k, v in original.items()}
-    name = sorted(poisoned)[-1]
+    name = max(poisoned)
     poisoned[name].flat[0] = bad_value
     with pytest.raises(ValueError, match=rf"refused weights of version 4: \['{name}'\] hold NaN or infinite"):
         policy.set_weights(poisoned, version=4)

@@ -82,9 +82,8 @@ def test_a_refused_step_restores_weights_and_adam_moments_exactly(reason: str, m
     model, optimizer = model_and_adam(lr)
     train_once(model, optimizer)  # moments exist: a refused step must not touch them
     before = state_of(model, optimizer)
-    with pytest.raises(NonFiniteUpdate) as caught:
-        with rollback(optimizer):
-            guarded_step(optimizer, list(model.named_parameters()), make_loss(model), "step 2")
+    with pytest.raises(NonFiniteUpdate) as caught, rollback(optimizer):
+        guarded_step(optimizer, list(model.named_parameters()), make_loss(model), "step 2")
     assert caught.value.reason == reason
     assert named in str(caught.value) and "step 2" in str(caught.value)
     assert_same_state(before, model, optimizer)
