@@ -63,6 +63,10 @@ class TrainingStatus(BaseModel):
     state: str = Field(description="running, paused or stopped.")
     model_version: int
     updates: int
+    skipped_updates: int = Field(
+        description="Updates refused because a loss, gradient or new weight was not finite; the model "
+        "version stayed, nothing was published or saved, and `last_error` says what and where."
+    )
     samples_received: int
     samples_accepted: int
     samples_rejected: dict[str, int]

@@ -67,14 +67,23 @@ def resolve_device(device: str) -> str:
 
 
 def _copy_into(module: Any, weights: dict[str, Any]) -> None:
-    """Copy ``weights`` into ``module``'s parameters of those names; check all before changing any."""
+    """Copy ``weights`` into ``module``'s parameters of those names; check all before changing any.
+
+    Raises ValueError, changing nothing, for unknown names, wrong shapes, or values that are NaN
+    or infinite in the parameter's dtype (a float32 1e5 is infinite in float16).
+    """
     import torch
+
+    from policy_server.training.guard import nonfinite
 
     params = dict(module.named_parameters())
     unknown = sorted(set(weights) - set(params))
     wrong = [n for n, v in weights.items() if n in params and tuple(params[n].shape) != tuple(v.shape)]
     if unknown or wrong:
         raise ValueError(f"weights do not fit the model: unknown {unknown[:5]}, wrong shapes {wrong[:5]}")
+    bad = nonfinite((n, torch.as_tensor(v).to(params[n].dtype)) for n, v in weights.items())
+    if bad:
+        raise ValueError(f"refused weights: {bad[:5]} hold NaN or infinite values; the served weights stay")
     with torch.no_grad():
         for name, value in weights.items():
             params[name].copy_(torch.as_tensor(value, dtype=params[name].dtype, device=params[name].device))

@@ -19,6 +19,7 @@ import copy
 import dataclasses
 import io
 import json
+import logging
 import math
 import os
 import shutil
@@ -38,6 +39,9 @@ from policy_server.errors import Conflict, FieldError, InvalidRequest, NotFound
 from policy_server.fields import Float32, field_errors
 from policy_server.llm.generation import GenerationParams, Generator
 from policy_server.llm.models import Dtype, LoadedLM, load_policy
+from policy_server.training.guard import NonFiniteUpdate, check, guarded_step, rollback
+
+log = logging.getLogger(__name__)
 
 MODEL_FOLDER = "model"
 """Inside a checkpoint: the adapter (LoRA) or the whole model (full fine-tuning), with the tokenizer."""
@@ -244,6 +248,9 @@ class _Counters:
     reward_history: list[float] = dataclasses.field(default_factory=list)
     """Mean reward of the group each cycle trained on, in cycle order."""
     last_loss: float | None = None
+    skipped_updates: int = 0
+    """Reward submissions whose step was refused as non-finite (the model stayed as it was)."""
+    last_error: str | None = None
 
 
 RunState = Literal["running", "finished"]
@@ -340,9 +347,12 @@ class GRPORun:
                     "ask for new completions"
                 )
             del self._pending[group_id]
-            stats = self._step(group, rewards)
-            self._counters.rewards_received += 1
             mean_reward = sum(rewards) / len(rewards)
+            try:
+                stats = self._step(group, rewards)
+            except NonFiniteUpdate as exc:  # rolled back: the cycle stays, nothing is checkpointed
+                return self._skipped(exc, mean_reward)
+            self._counters.rewards_received += 1
             self._counters.reward_history.append(mean_reward)
             self._counters.last_loss = stats["loss"]
             self.cycle += 1
@@ -352,7 +362,21 @@ class GRPORun:
                 "model_version": [self.run_id, self.cycle],
                 "loss": stats["loss"],
                 "mean_reward": mean_reward,
+                "skipped": False,
             }
+
+    def _skipped(self, exc: NonFiniteUpdate, mean_reward: float) -> dict[str, Any]:
+        self._counters.skipped_updates += 1
+        self._counters.last_error = f"step skipped at cycle {self.cycle}, model kept: {exc}"
+        log.warning("GRPO run %s: %s", self.run_id, self._counters.last_error)
+        return {
+            "model_version": [self.run_id, self.cycle],
+            "loss": None,
+            "mean_reward": mean_reward,
+            "skipped": True,
+            "reason": exc.reason,
+            "error": self._counters.last_error,
+        }
 
     def status(self) -> dict[str, Any]:
         with self._lock:
@@ -369,6 +393,8 @@ class GRPORun:
                 "pending_groups": len(self._pending),
                 "mean_reward": sum(recent) / len(recent) if recent else None,
                 "last_loss": c.last_loss,
+                "skipped_updates": c.skipped_updates,
+                "last_error": c.last_error,
                 "reward_history": list(c.reward_history),
             }
 
@@ -487,14 +513,15 @@ class GRPORun:
         width = max(len(c) for c in group.completions)
         old = torch.tensor([lp + [0.0] * (width - len(lp)) for lp in group.old_logprobs], device=device)
         ref = self._reference_logprobs(group)
+        check("data", [("the group's advantages", advantages)], "the rewards")
         model = self.lm.model
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         model.train()  # LoRA dropout, if any; the base model's own dropout too
         try:
-            new, mask = completion_logprobs(model, group.prompt_ids, group.completions, device)
-            loss, stats = grpo_loss(new, old, ref, advantages, mask, s.clip_eps, s.beta)
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            self.optimizer.step()
+            with rollback(self.optimizer):
+                new, mask = completion_logprobs(model, group.prompt_ids, group.completions, device)
+                loss, stats = grpo_loss(new, old, ref, advantages, mask, s.clip_eps, s.beta)
+                guarded_step(self.optimizer, named, loss, f"cycle {self.cycle}")
         finally:
             model.eval()
         return stats

@@ -21,6 +21,7 @@ from policy_server.errors import Forbidden, InvalidRequest, summary
 from policy_server.llm.config import LLMTrainingSpec
 from policy_server.llm.datasets import load_dataset_file, parse_samples, save_samples, subset
 from policy_server.llm.x1_training import LoraSettings, TrainingRun, X1TrainingConfig, is_peft
+from policy_server.training.guard import check
 
 log = logging.getLogger(__name__)
 
@@ -85,9 +86,14 @@ class X1Trainer:
     def _train(self, run: TrainingRun, samples: list[Any]) -> None:
         try:
             result = run.run(samples, should_stop=self._stop.is_set)
+            if result["step"] and result["skipped_steps"] == result["step"]:  # nothing was trained
+                self.last = {**result, "saved": None, "model_version": self.version, "error": result["last_error"]}
+                return
+            weights = self._publishable(run.module)
+            check("weight", weights, "the trained model")  # every step was checked: never expected
             saved = run.save(self.training.save_dir / self.kind)
             self.version += 1
-            self._publish(self._publishable(run.module), self.version)
+            self._publish(weights, self.version)
             self.last = {**result, "saved": str(saved.name), "model_version": self.version, "error": None}
         except Exception as exc:  # noqa: BLE001 - the run ends; status reports why
             log.exception("x1 %s training failed", self.kind)

@@ -15,6 +15,7 @@ optimiser step), reads ``progress()`` from any thread, and calls ``save`` once `
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import shutil
@@ -33,6 +34,9 @@ from policy_server.errors import FieldError, InvalidRequest
 from policy_server.llm.datasets import PolicySample, Sample, ValueSample, encode_last_message
 from policy_server.llm.losses import entropy_from_logits, ppo_token_loss, token_logprobs, value_mse
 from policy_server.llm.models import LoadedLM, LoadedValue, save_value
+from policy_server.training.guard import NonFiniteUpdate, guarded_step, rollback
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -118,6 +122,8 @@ class TrainingRun:
             "epoch": 0,
             "loss": None,
             "running": False,
+            "skipped_steps": 0,
+            "last_error": None,
         }
         if self.kind == "policy" and self.config.lora is not None and not is_peft(model.model):
             model.model = _wrap_lora(model.model, self.config.lora)
@@ -179,7 +185,8 @@ class TrainingRun:
         data = self.encode(samples)
         steps_per_epoch = math.ceil(len(data) / cfg.batch_size)
         self._set_progress(
-            step=0, total_steps=cfg.num_epochs * steps_per_epoch, epoch=0, loss=None, running=True
+            step=0, total_steps=cfg.num_epochs * steps_per_epoch, epoch=0, loss=None, running=True,
+            skipped_steps=0, last_error=None,
         )
         try:
             if self.kind == "policy":
@@ -196,15 +203,13 @@ class TrainingRun:
                         stopped = True
                         break
                     batch = [data[i] for i in order[start : start + cfg.batch_size]]
-                    loss_t, stats = (
-                        self._policy_loss(batch) if self.kind == "policy" else self._value_loss(batch)
-                    )
-                    optimizer.zero_grad(set_to_none=True)
-                    loss_t.backward()
-                    if cfg.max_grad_norm is not None:
-                        torch.nn.utils.clip_grad_norm_(self.parameters, cfg.max_grad_norm)
-                    optimizer.step()
-                    step, loss = step + 1, loss_t.item()
+                    step += 1
+                    try:
+                        loss, stats = self._train_step(optimizer, batch, f"epoch {epoch} step {step}")
+                    except NonFiniteUpdate as exc:  # rolled back; go on with the next minibatch
+                        self._skipped(exc)
+                        self._set_progress(step=step)
+                        continue
                     self._set_progress(step=step, loss=loss)
                     if on_step is not None:
                         on_step({**self.progress(), **stats})
@@ -214,6 +219,22 @@ class TrainingRun:
             self.module.eval()
             self._set_progress(running=False)
         return {**self.progress(), "stopped": stopped}
+
+    def _train_step(
+        self, optimizer: torch.optim.Optimizer, batch: list[_Encoded], where: str
+    ) -> tuple[float, dict[str, float]]:
+        """One optimiser step on a minibatch; raises ``NonFiniteUpdate`` having changed nothing."""
+        named = [(n, p) for n, p in self.module.named_parameters() if p.requires_grad]
+        with rollback(optimizer):
+            loss, stats = self._policy_loss(batch) if self.kind == "policy" else self._value_loss(batch)
+            guarded_step(optimizer, named, loss, where, self.config.max_grad_norm)
+        return loss.item(), stats
+
+    def _skipped(self, exc: NonFiniteUpdate) -> None:
+        log.warning("x1 %s training: step skipped: %s", self.kind, exc)
+        with self._lock:
+            self._progress["skipped_steps"] += 1
+            self._progress["last_error"] = f"step skipped, weights kept: {exc}"
 
     @torch.no_grad()
     def _fill_logprobs(self, data: list[_Encoded]) -> None:

@@ -17,6 +17,8 @@ from typing import Literal
 import numpy as np
 import torch
 
+from policy_server.training.guard import nonfinite
+
 ModelFormat = Literal["torchscript", "export"]
 
 
@@ -117,14 +119,25 @@ class TorchPolicy:
     def set_weights(self, weights: dict[str, np.ndarray], version: int) -> int:
         """Load new weights (same names and shapes) and bump to ``version``, atomically.
 
-        Raises ValueError, changing nothing, when names or shapes differ from the model's.
+        Raises ValueError, changing nothing, when names or shapes differ from the model's or a
+        tensor holds a NaN or an infinity (the served weights stay).
         """
         tensors = {k: torch.as_tensor(v) for k, v in weights.items()}
+        _check_finite(tensors, version)
         with self._lock:
             _check_same_layout(self.module.state_dict(), tensors)
             self.module.load_state_dict(tensors, strict=True)
             self.version = version
         return version
+
+
+def _check_finite(tensors: dict[str, torch.Tensor], version: int) -> None:
+    bad = nonfinite(tensors)
+    if bad:
+        raise ValueError(
+            f"refused weights of version {version}: {bad[:5]} hold NaN or infinite values; "
+            "the served weights stay"
+        )
 
 
 def _check_same_layout(current: dict[str, torch.Tensor], new: dict[str, torch.Tensor]) -> None:

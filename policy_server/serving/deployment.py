@@ -74,8 +74,11 @@ class PolicyDeployment:
         return self.policy.snapshot()
 
     def set_weights(self, weights: dict[str, np.ndarray], version: int) -> int:
+        """Serve these weights as ``version``; raises ValueError, serving the old ones, when they do
+        not fit the model or hold a NaN or an infinity."""
+        version = self.policy.set_weights(weights, version)
         self._version.set(version)
-        return self.policy.set_weights(weights, version)
+        return version
 
 
 def deployment_name(policy: str) -> str:

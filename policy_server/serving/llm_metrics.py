@@ -76,11 +76,19 @@ class GRPOMetrics:
         self._groups = metrics.Counter(
             "policy_server_grpo_groups", description="Groups whose rewards were trained on.", tag_keys=keys
         )
-        for m in (self._reward, self._cycle, self._groups):
+        self._skipped = metrics.Counter(
+            "policy_server_grpo_updates_skipped",
+            description="Reward submissions whose step was refused as non-finite, by what was non-finite.",
+            tag_keys=(*keys, "reason"),
+        )
+        for m in (self._reward, self._cycle, self._groups, self._skipped):
             m.set_default_tags({"model": model, "application": application})
 
     def on_rewards(self, run_id: str, answer: dict[str, Any]) -> None:
         tags = {"run": run_id}
+        if answer.get("skipped"):
+            self._skipped.inc(1, tags={**tags, "reason": answer["reason"]})
+            return
         self._reward.set(float(answer["mean_reward"]), tags=tags)
         self._cycle.set(int(answer["model_version"][1]), tags=tags)
         self._groups.inc(1, tags=tags)

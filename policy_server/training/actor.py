@@ -17,6 +17,7 @@ from ray.util import metrics as ray_metrics
 
 from policy_server.policies.torch_policy import ModelFormat, load_module
 from policy_server.training.config import TrainingSpec
+from policy_server.training.guard import Reason
 from policy_server.training.trainer import Trainer, TrainerMetrics, build_trainer
 
 API = frozenset(
@@ -62,8 +63,14 @@ class RayTrainerMetrics(TrainerMetrics):
             description="Best moving average of the episode return.",
             tag_keys=keys,
         )
+        self._skipped = ray_metrics.Counter(
+            "policy_server_training_updates_skipped",
+            description="Updates refused and rolled back, by what was non-finite "
+            "(data, loss, gradient, weight, optimizer_state).",
+            tag_keys=(*keys, "reason"),
+        )
         for m in (self._samples, self._rejected, self._rate, self._clients, self._update, self._version,
-                  self._last, self._best):
+                  self._last, self._best, self._skipped):
             m.set_default_tags({"policy": policy, "application": application})
 
     def received(self, accepted: int, stale: int) -> None:
@@ -78,6 +85,9 @@ class RayTrainerMetrics(TrainerMetrics):
     def updated(self, seconds: float, version: int) -> None:
         self._update.observe(seconds)
         self._version.set(version)
+
+    def skipped(self, reason: Reason) -> None:
+        self._skipped.inc(1, tags={"reason": reason})
 
     def returns(self, last: float | None, best: float | None) -> None:
         if last is not None:

@@ -78,12 +78,27 @@ class ReplayBuffer:
         ``obs``, ``next_obs`` float32 (B, obs_dim); ``actions`` (B, action_dim); ``rewards``
         and ``terminated`` float32 (B,).
         """
+        return self.rows(self.sample_index(batch_size, generator))
+
+    def sample_index(self, batch_size: int, generator: torch.Generator) -> np.ndarray:
+        """``(B,)`` slots drawn uniformly with replacement; raises ValueError when empty."""
         if not self._size:
             raise ValueError("the replay buffer is empty")
-        index = torch.randint(self._size, (batch_size,), generator=generator).numpy()
+        return torch.randint(self._size, (batch_size,), generator=generator).numpy()
+
+    def rows(self, index: np.ndarray) -> dict[str, torch.Tensor]:
+        """The transitions in these slots, as ``sample`` gives them."""
         out = {name: torch.from_numpy(getattr(self, name)[index]) for name in _TRANSITION}
         out["terminated"] = out["terminated"].float()
         return out
+
+    def drop(self, index: np.ndarray) -> None:
+        """Forget the transitions in these slots (the others keep their order)."""
+        order = self._ordered()
+        kept = order[~np.isin(order, index)]
+        rows = {name: getattr(self, name)[kept] for name in _TRANSITION}
+        self._pos = self._size = 0
+        self._put(rows)
 
     def _ordered(self) -> np.ndarray:
         """Indices of the stored transitions, oldest first."""

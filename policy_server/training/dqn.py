@@ -25,6 +25,7 @@ from policy_server.training.config import DQNConfig
 from policy_server.training.distributions import as_heads
 from policy_server.training.experience import ExperienceBatch
 from policy_server.training.functional import td_target
+from policy_server.training.guard import MAX_SQUARABLE, NonFiniteUpdate, guarded_step, rollback
 
 
 def q_values(module: nn.Module, obs: torch.Tensor) -> torch.Tensor:
@@ -36,6 +37,19 @@ def linear_schedule(start: float, end: float, duration: int, t: int) -> float:
     """``start`` moving linearly to ``end`` over ``duration`` steps, then ``end``."""
     frac = min(1.0, t / duration)
     return (1.0 - frac) * start + frac * end
+
+
+def culprits(td_errors: torch.Tensor) -> np.ndarray:
+    """Of a minibatch's ``(B,)`` TD errors, a boolean mask of those that made its loss non-finite.
+
+    A mean of B squares overflows float32 only if one square reaches ``max / B``, so those (and
+    NaN or infinite errors) are the culprits; without one, the largest error is.
+    """
+    squares = td_errors.detach().cpu().double().numpy() ** 2
+    mask = ~(squares < MAX_SQUARABLE**2 / len(squares))
+    if not mask.any():
+        mask[np.argmax(squares)] = True
+    return mask
 
 
 class DQNLearner(Learner):
@@ -76,18 +90,26 @@ class DQNLearner(Learner):
     def ready(self) -> bool:
         """``publish_frequency`` gradient steps are due (the first update comes as soon as one is)."""
         due = self._due()
+        if not len(self.buffer):  # every stored transition was dropped as poisoned
+            return False
         return due >= self.config.publish_frequency or (due > 0 and self.gradient_steps == 0)
 
     def update(self) -> dict[str, float]:
         """Every due gradient step, then the due target-network updates.
 
-        Raises ValueError when no gradient step is due.
+        Raises ValueError when no gradient step is due, and ``NonFiniteUpdate`` when a step met a
+        non-finite loss, gradient, weight or moment: then the network and the optimiser are as they
+        were, the due steps are skipped, and the transitions that caused it leave the replay buffer.
         """
         steps = self._due()
         if steps == 0:
             raise ValueError(f"no gradient step is due after {self.samples} transitions")
-        losses, q = np.array([self._gradient_step() for _ in range(steps)]).T
-        self.gradient_steps += steps
+        try:
+            with rollback(self.optimizer):
+                losses, q = np.array([self._gradient_step(f"gradient step {i + 1} of {steps}")
+                                      for i in range(steps)]).T
+        finally:
+            self.gradient_steps += steps  # a skipped update's steps are not due again
         self._update_target()
         self.updates += 1
         return {
@@ -100,21 +122,25 @@ class DQNLearner(Learner):
             "updates": float(self.updates),
         }
 
-    def _gradient_step(self) -> tuple[float, float]:
-        """One step on a sampled minibatch; returns its loss and mean Q-value of the taken actions."""
+    def _gradient_step(self, where: str) -> tuple[float, float]:
+        """One step on a sampled minibatch; returns its loss and mean Q-value of the taken actions.
+
+        On ``NonFiniteUpdate`` the minibatch's culprit transitions are dropped first (``culprits``).
+        """
         c = self.config
-        data = {k: v.to(self.device) for k, v in self.buffer.sample(c.batch_size, self.generator).items()}
+        index = self.buffer.sample_index(c.batch_size, self.generator)
+        data = {k: v.to(self.device) for k, v in self.buffer.rows(index).items()}
         with torch.no_grad():
             next_q_online = q_values(self.actor, data["next_obs"]) if c.double_dqn else None
             target = td_target(data["rewards"], q_values(self.target, data["next_obs"]), data["terminated"],
                                c.gamma, next_q_online)
         old_val = q_values(self.actor, data["obs"]).gather(1, data["actions"]).squeeze(1)
         loss = F.mse_loss(old_val, target)
-
-        self.optimizer.zero_grad()
-        loss.backward()
-        nn.utils.clip_grad_norm_(self.actor.parameters(), c.max_grad_norm)
-        self.optimizer.step()
+        try:
+            guarded_step(self.optimizer, list(self.actor.named_parameters()), loss, where, c.max_grad_norm)
+        except NonFiniteUpdate:
+            self.buffer.drop(index[culprits(old_val.detach() - target)])
+            raise
         return loss.item(), old_val.mean().item()
 
     def _update_target(self) -> None:

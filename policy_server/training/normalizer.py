@@ -12,6 +12,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from policy_server.training.guard import MAX_SQUARABLE
+
 
 class RunningMeanStd:
     """Mean and (population) variance of every sample seen, merged batch by batch.
@@ -61,6 +63,11 @@ class RewardScaler:
 
         The running return restarts after a row whose episode ended. The statistics take in the
         whole batch before it is scaled (gym updates them step by step; the same in the limit).
+        A batch with a return beyond ``MAX_SQUARABLE`` (whose squared error the learner's float32
+        value loss cannot hold, so its update is refused anyway) leaves the statistics and the
+        stream's running return as they were: one such reward would otherwise dominate the
+        variance for good and scale every later reward to nothing. Its rewards are scaled by the
+        statistics as they stand (an overflow to inf is left for the learner's guard to refuse).
         """
         returns = np.empty(len(rewards), dtype=np.float64)
         running = self.returns.get(stream, 0.0)
@@ -69,9 +76,11 @@ class RewardScaler:
             returns[t] = running
             if end:
                 running = 0.0
-        self.returns[stream] = running
-        self.return_rms.update(returns)
-        return (rewards / np.sqrt(self.return_rms.var + self.epsilon)).astype(np.float32)
+        if np.all(np.abs(returns) <= MAX_SQUARABLE):  # NaN fails the test too
+            self.returns[stream] = running
+            self.return_rms.update(returns)
+        with np.errstate(over="ignore"):
+            return (rewards / np.sqrt(self.return_rms.var + self.epsilon)).astype(np.float32)
 
     def state_dict(self) -> dict[str, Any]:
         return {"return_rms": self.return_rms.state_dict(), "returns": dict(self.returns)}

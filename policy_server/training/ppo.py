@@ -26,6 +26,7 @@ from policy_server.training.config import PPOConfig
 from policy_server.training.distributions import as_heads, log_prob_entropy
 from policy_server.training.experience import ExperienceBatch
 from policy_server.training.functional import gae, normalize, ppo_clip_loss
+from policy_server.training.guard import check, guarded_step, rollback
 from policy_server.training.normalizer import RewardScaler
 
 
@@ -113,11 +114,18 @@ class PPOLearner(Learner):
         return len(self.buffer) >= self.config.rollout_samples
 
     def update(self) -> dict[str, float]:
-        """One PPO update on every row in the buffer. Raises ValueError when it is empty."""
+        """One PPO update on every row in the buffer, which it empties.
+
+        Raises ValueError when the buffer is empty, and ``NonFiniteUpdate`` when the rows' returns or
+        advantages, a loss, a gradient, a weight or a moment is not finite: then the actor, the
+        critic and the optimiser are as they were, and the rows are dropped.
+        """
         batch = self.buffer.take()
         learning_rate = self._anneal_lr(samples_before=self.samples - len(batch))
-        b = self._rollout(batch)
-        stats = self._optimise(b)
+        with rollback(self.optimizer):
+            b = self._rollout(batch)
+            check("data", ((k, b[k]) for k in ("advantages", "returns", "logprobs")), "the rollout")
+            stats = self._optimise(b)
         self.updates += 1
         return {
             **stats,
@@ -164,10 +172,10 @@ class PPOLearner(Learner):
         num_minibatches = max(1, min(c.num_minibatches, n // 2))  # >= 2 rows: advantages get a std
         totals: dict[str, float] = {}
         steps = epochs = 0
-        for _ in range(c.update_epochs):
+        for epoch in range(c.update_epochs):
             b_inds = torch.randperm(n, generator=self.generator).to(self.device)
-            for mb_inds in torch.tensor_split(b_inds, num_minibatches):
-                step = self._step({k: v[mb_inds] for k, v in b.items()})
+            for i, mb_inds in enumerate(torch.tensor_split(b_inds, num_minibatches)):
+                step = self._step({k: v[mb_inds] for k, v in b.items()}, f"epoch {epoch} minibatch {i}")
                 totals = {k: totals.get(k, 0.0) + v for k, v in step.items()}
                 steps += 1
             epochs += 1
@@ -175,7 +183,7 @@ class PPOLearner(Learner):
                 break
         return {**{k: v / steps for k, v in totals.items()}, "epochs": float(epochs)}
 
-    def _step(self, mb: dict[str, torch.Tensor]) -> dict[str, float]:
+    def _step(self, mb: dict[str, torch.Tensor], where: str) -> dict[str, float]:
         c = self.config
         newlogprob, entropy = log_prob_entropy(self.space, as_heads(self.actor(mb["obs"])), mb["actions"])
         newvalue = self.critic(mb["obs"]).flatten()
@@ -185,10 +193,7 @@ class PPOLearner(Learner):
         entropy_loss = entropy.mean()
         loss = pg_loss - c.ent_coef * entropy_loss + c.vf_coef * v_loss
 
-        self.optimizer.zero_grad()
-        loss.backward()
-        nn.utils.clip_grad_norm_(self.params, c.max_grad_norm)
-        self.optimizer.step()
+        guarded_step(self.optimizer, self._named_params(), loss, where, c.max_grad_norm)
         return {
             "pg_loss": pg_loss.item(),
             "v_loss": v_loss.item(),
@@ -196,6 +201,10 @@ class PPOLearner(Learner):
             "approx_kl": approx_kl.item(),
             "clipfrac": clipfrac.item(),
         }
+
+    def _named_params(self) -> list[tuple[str, nn.Parameter]]:
+        return [*(("actor." + n, p) for n, p in self.actor.named_parameters()),
+                *(("critic." + n, p) for n, p in self.critic.named_parameters())]
 
     def state_dict(self) -> dict[str, Any]:
         """Actor, critic, optimiser, reward statistics, counters and the shuffling generator.

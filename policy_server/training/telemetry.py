@@ -52,11 +52,12 @@ class Telemetry:
         record.samples += len(rewards)
         self._arrivals.append((self.clock(), len(rewards)))
         start = 0
+        # float64: a few float32 rewards near float32's max sum to more than it holds
         for end in np.flatnonzero(episode_end):
-            record.running_return += float(rewards[start : end + 1].sum())
+            record.running_return += float(rewards[start : end + 1].sum(dtype=np.float64))
             self._finish_episode(record)
             start = end + 1
-        record.running_return += float(rewards[start:].sum())
+        record.running_return += float(rewards[start:].sum(dtype=np.float64))
         return self._improved_best()
 
     def _finish_episode(self, record: ClientRecord) -> None:

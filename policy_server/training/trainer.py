@@ -24,6 +24,7 @@ from policy_server.training.base import Learner
 from policy_server.training.checkpoint import CheckpointStore, periodic_name
 from policy_server.training.config import TrainingSpec
 from policy_server.training.experience import ExperienceBatch
+from policy_server.training.guard import NonFiniteUpdate, Reason, nonfinite
 from policy_server.training.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
@@ -38,6 +39,7 @@ class TrainerMetrics:
     def received(self, accepted: int, stale: int) -> None: ...
     def malformed(self, n: int) -> None: ...
     def updated(self, seconds: float, version: int) -> None: ...
+    def skipped(self, reason: Reason) -> None: ...
     def returns(self, last: float | None, best: float | None) -> None: ...
     def gauges(self, active_clients: int, samples_per_second: float) -> None: ...
 
@@ -62,6 +64,7 @@ class Trainer:
         self.state: State = "paused"
         self.telemetry = Telemetry(spec.return_window, spec.client_timeout_s, clock)
         self.updates = 0
+        self.skipped_updates = 0  # updates refused as non-finite (see training.guard)
         self.samples_received = self.samples_accepted = 0
         self.rejected = {"stale": 0, "malformed": 0}
         self.last_update: dict[str, float] = {}
@@ -151,6 +154,7 @@ class Trainer:
                 "state": self.state,
                 "model_version": self.version,
                 "updates": self.updates,
+                "skipped_updates": self.skipped_updates,
                 "samples_received": self.samples_received,
                 "samples_accepted": self.samples_accepted,
                 "samples_rejected": dict(self.rejected),
@@ -243,7 +247,11 @@ class Trainer:
 
     def _update(self) -> None:
         start = time.perf_counter()
-        stats = self.learner.update()
+        try:
+            stats = self.learner.update()
+        except NonFiniteUpdate as exc:  # rolled back: no new version, nothing published or saved
+            self._skipped(exc)
+            return
         seconds = time.perf_counter() - start
         with self._cond:
             self.version += 1
@@ -254,6 +262,13 @@ class Trainer:
         self.metrics.updated(seconds, self.version)
         if self.updates % self.spec.checkpoint_every == 0:
             self._checkpoint(periodic_name(self.updates))
+
+    def _skipped(self, exc: NonFiniteUpdate) -> None:
+        with self._cond:
+            self.skipped_updates += 1
+            self.last_error = f"update skipped, model version {self.version} kept: {exc}"
+        log.warning("policy %s: %s", self.policy, self.last_error)
+        self.metrics.skipped(exc.reason)
 
     def _publish_weights(self) -> None:
         try:
@@ -290,6 +305,9 @@ class Trainer:
             raise InvalidRequest(
                 f"checkpoint {name!r} was written by {state.get('algorithm')!r}, not {self.spec.algorithm!r}"
             )
+        bad = nonfinite(state["learner"]["actor"])  # written before updates were guarded
+        if bad:
+            raise InvalidRequest(f"checkpoint {name!r} holds non-finite weights {bad[:3]}: resume from another one")
         self.learner.load_state_dict(state["learner"])
         with self._cond:
             self.telemetry.load_state_dict(state["telemetry"])

@@ -248,3 +248,34 @@ def test_gateway_metrics_label_training_routes_with_their_full_path_and_policy(
         text = httpx.get(f"http://127.0.0.1:{port}/metrics").text
     assert 'policy_server_requests_total{endpoint="/train/experience",policy="cart",status="200"} 1.0' in text
     assert 'policy_server_requests_total{endpoint="/train/status",policy="cart",status="200"} 1.0' in text
+
+
+@pytest.mark.parametrize("rewards", [
+    [3e38] * 16,  # each valid float32 (the gateway accepts it); their discounted sums overflow
+    [1.0] * 15 + [3e38],  # the case: only the last one is huge
+])
+def test_huge_finite_rewards_skip_the_update_and_predict_keeps_answering(
+    client: TestClient, rewards: list[float]
+) -> None:
+    obs = {"cart_position": 0.0, "cart_velocity": 0.0, "pole_angle": 0.01, "pole_angular_velocity": 0.0}
+    before = client.post("/distribution", json=obs).json()
+    assert send(client, cart_fragment(rewards=rewards)).status_code == 200
+    deadline = time.monotonic() + 20
+    while (status := client.get("/train/status").json())["skipped_updates"] < 1:
+        assert time.monotonic() < deadline, "the update was neither taken nor skipped"
+        time.sleep(0.02)
+    assert status["model_version"] == 0 and status["updates"] == 0 and status["state"] == "running"
+    assert "update skipped, model version 0 kept: non-finite" in status["last_error"]
+    for _ in range(3):
+        answer = client.post("/predict", json=obs)
+        assert answer.status_code == 200 and answer.json()["model_version"] == 0
+    assert client.post("/distribution", json=obs).json() == before
+    assert all(0 < p < 1 for p in before["probabilities"].values())
+    # no periodic checkpoint; a "best" one holds the kept weights (tests/training/test_trainer.py)
+    assert {c["name"] for c in client.get("/train/checkpoints").json()["checkpoints"]} <= {"best"}
+
+    assert send(client, cart_fragment()).status_code == 200  # training goes on
+    wait_version(client, 1)
+    answer = client.post("/distribution", json=obs)
+    assert answer.status_code == 200 and answer.json() != before
+    assert client.get("/train/status").json()["skipped_updates"] == 1

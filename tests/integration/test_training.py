@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import numpy as np
 import pytest
 import yaml
 from conftest import API_KEY, cart_fragment, running_server, training_schema
@@ -136,3 +137,44 @@ def test_a_restarted_server_resumes_from_the_last_checkpoint(
         resumed = second.get("/weights").json()
         assert resumed["model_version"] == 3 and resumed["weights"] == weights["weights"]
         assert train_one_update(second, seed=400) == 4
+
+
+def test_a_poisoned_rollout_is_skipped_and_counted_and_replicas_refuse_nan_weights(
+    server: httpx.Client, ray_session: int
+) -> None:
+    from ray import serve
+
+    from policy_server.policies.codec import decode_weights
+    from policy_server.serving.deployment import deployment_name
+
+    status = server.get("/train/status").json()
+    version, skipped = status["model_version"], status["skipped_updates"]
+    # 3e38 is a valid float32 (the gateway accepts it); the discounted sums of it are not
+    poisoned = cart_fragment(version, steps=32, seed=500, rewards=[3e38] * 32)
+    assert server.post("/train/experience", json={"client_id": "poison", "fragments": [poisoned]}).status_code == 200
+    deadline = time.monotonic() + 30
+    while (status := server.get("/train/status").json())["skipped_updates"] == skipped:
+        assert time.monotonic() < deadline, "the poisoned update was not skipped"
+        time.sleep(0.05)
+    assert status["model_version"] == version and "non-finite" in status["last_error"]
+
+    weights = decode_weights(server.get("/weights").json()["weights"])
+    name = min(weights)
+    weights[name] = weights[name].copy()
+    weights[name].flat[0] = np.nan
+    handle = serve.get_deployment_handle(deployment_name("cart"), "it-train-cart")
+    with pytest.raises(Exception, match="hold NaN or infinite values"):  # Ray wraps the ValueError
+        handle.broadcast("set_weights", weights, version + 100).results(timeout_s=30)
+    for _ in range(20):  # both replicas still serve the kept version, with finite answers
+        answer = server.post("/predict", json=OBS)
+        assert answer.status_code == 200 and answer.json()["model_version"] == version
+
+    wanted = 'ray_policy_server_training_updates_skipped_total{'
+    deadline, text = time.monotonic() + 60, ""
+    while time.monotonic() < deadline:  # Ray exports metrics every few seconds
+        text = httpx.get(f"http://127.0.0.1:{ray_session}/metrics", timeout=10).text
+        lines = [line for line in text.splitlines() if line.startswith(wanted)]
+        if any('reason="data"' in line for line in lines):
+            return
+        time.sleep(1)
+    raise AssertionError(f"no skipped-update counter on Ray's export: {[n for n in text.splitlines() if 'skipped' in n]}")

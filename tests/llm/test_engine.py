@@ -46,6 +46,36 @@ def test_weights_that_do_not_fit_change_nothing(engine: LLMEngine) -> None:
     assert engine.version == version
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_weights_are_refused_and_the_served_ones_stay(engine: LLMEngine, bad: float) -> None:
+    version = engine.version
+    params = GenerationParams(temperature=0, max_new_tokens=6)
+    prompt = engine.generator.encode("What is 2 + 3?")
+    before, _ = asyncio.run(engine.generate(prompt, params))
+    served = {n: p.detach().clone() for n, p in engine.lm.model.named_parameters()}
+    lora = {n: p.detach().clone() + 0.5 for n, p in engine.lm.model.named_parameters() if "lora_" in n}
+    name = min(lora)
+    lora[name].view(-1)[0] = bad
+    with pytest.raises(ValueError, match=rf"refused weights: \['{name}'\] hold NaN or infinite values"):
+        engine.set_weights(lora, version + 1)
+    assert engine.version == version
+    assert all(torch.equal(p, served[n]) for n, p in engine.lm.model.named_parameters())
+    after, answered = asyncio.run(engine.generate(prompt, params))
+    assert answered == version and after[0].completion_ids == before[0].completion_ids
+
+
+def test_weights_are_checked_at_the_precision_of_the_parameter(engine: LLMEngine) -> None:
+    name, param = next((n, p) for n, p in engine.lm.model.named_parameters() if "lora_A" in n)
+    original, half = param.detach().clone(), param.detach().to(torch.float16)
+    param.data = half  # as in a float16 model, where 1e5 does not fit
+    try:
+        with pytest.raises(ValueError, match="NaN or infinite"):
+            engine.set_weights({name: torch.full(half.shape, 1e5)}, engine.version + 1)
+        assert torch.equal(param.detach(), half)
+    finally:
+        param.data = original
+
+
 def test_folders_travel_as_bytes_and_refuse_escapes(llm_dirs: dict[str, Path], tmp_path: Path) -> None:
     files = pack_folder(llm_dirs["value"])
     assert "value_head.safetensors" in files

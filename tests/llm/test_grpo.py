@@ -356,3 +356,47 @@ def test_concurrent_clients_and_periodic_checkpoints(llm_dirs: dict[str, Path], 
     status = run.status()
     assert status["cycle"] == 12 and status["groups_handed_out"] == 12 and status["rewards_received"] == 12
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cycle-00000010", "cycle-00000012"]
+
+
+# -- non-finite steps are refused -------------------------------------------------------------------
+
+
+def optimizer_state(run: GRPORun) -> dict:
+    return {i: {k: v.clone() for k, v in s.items()} for i, s in run.optimizer.state_dict()["state"].items()}
+
+
+@pytest.mark.parametrize("rewards", [
+    [3e38, 3e38, 3e38, -3e38],  # valid float32; their sum and spread overflow it
+    [1e39, 0.0, 0.0, 0.0],  # finite as a float64 (what JSON gives), infinite as a float32
+])
+def test_a_non_finite_step_is_skipped_counted_and_not_checkpointed(
+    llm_dirs: dict[str, Path], tmp_path: Path, rewards: list[float]
+) -> None:
+    lm = load_policy(llm_dirs["policy"])
+    run = GRPORun("nf", lm, full_settings(group_size=4, checkpoint_every=2), tmp_path)
+    group = run.complete(PROMPT)
+    run.submit_rewards(group["group_id"], [1.0, 0.0, 0.5, 0.0])  # Adam has moments now
+    weights, moments = {k: v.clone() for k, v in lm.model.state_dict().items()}, optimizer_state(run)
+
+    group = run.complete(PROMPT)
+    answer = run.submit_rewards(group["group_id"], rewards)
+    assert answer["skipped"] and answer["reason"] == "data" and answer["loss"] is None
+    assert answer["model_version"] == ["nf", 1]
+    assert all(torch.equal(v, weights[k]) for k, v in lm.model.state_dict().items())
+    now = optimizer_state(run)
+    assert now.keys() == moments.keys()
+    assert all(torch.equal(now[i][k], v) for i, s in moments.items() for k, v in s.items())
+    status = run.status()
+    assert status["skipped_updates"] == 1 and status["cycle"] == 1 and status["rewards_received"] == 1
+    assert status["last_error"].startswith("step skipped at cycle 1, model kept: non-finite data")
+    assert latest_checkpoint(tmp_path) is None  # cycle 2 would have been checkpointed
+    with pytest.raises(NotFound):  # the group was used up
+        run.submit_rewards(group["group_id"], [1.0, 0.0, 0.0, 0.0])
+
+    group = run.complete(PROMPT)
+    answer = run.submit_rewards(group["group_id"], [0.0, 1.0, 0.0, 0.0])
+    assert not answer["skipped"] and answer["model_version"] == ["nf", 2] and math.isfinite(answer["loss"])
+    assert all(not torch.equal(v, weights[k]) for k, v in lm.model.state_dict().items())
+    assert latest_checkpoint(tmp_path) == tmp_path / "cycle-00000002"
+    resumed = GRPORun.resume("nf", tmp_path, base_path=llm_dirs["policy"])
+    assert resumed.status()["skipped_updates"] == 1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -10,9 +11,11 @@ import pytest
 import torch
 
 from policy_server.errors import InvalidRequest
+from policy_server.llm.config import LLMTrainingSpec
 from policy_server.llm.datasets import PolicySample, ValueSample, encode_last_message, parse_samples
 from policy_server.llm.losses import token_logprobs
 from policy_server.llm.models import LoadedLM, load_policy, load_value
+from policy_server.llm.x1_trainer import X1Trainer
 from policy_server.llm.x1_training import LoraSettings, TrainingRun, X1TrainingConfig
 
 QUESTION = {"role": "user", "content": "What is 2 + 2?"}
@@ -73,6 +76,8 @@ def test_ppo_full_fine_tuning_reinforces_the_good_answer(llm_dirs: dict[str, Pat
         "epoch": 3,
         "loss": steps[-1]["loss"],
         "running": False,
+        "skipped_steps": 0,
+        "last_error": None,
         "stopped": False,
     }
     losses = [step["loss"] for step in steps]
@@ -158,6 +163,8 @@ def test_stop_interrupts_within_one_step_and_save_replaces_atomically(
         "epoch": 0,
         "loss": steps[0]["loss"],
         "running": False,
+        "skipped_steps": 0,
+        "last_error": None,
     }
 
     folder = tmp_path / "model"
@@ -181,3 +188,56 @@ def test_sample_logprobs_are_the_old_policy(llm_dirs: dict[str, Path]) -> None:
     assert steps[0]["clip_frac"] == 1.0
     with pytest.raises(InvalidRequest, match=r"body\.dataset\.0\.logprobs: has 1 values"):
         run.run(parse_samples([{"messages": GOOD, "GAE": 1.0, "logprobs": [-1.0]}], "policy"))
+
+
+# --- non-finite steps are refused -----------------------------------------------------------------
+
+HUGE = 3e38  # valid float32: a dataset may hold it; its square (the MSE) overflows
+
+
+def test_a_non_finite_value_step_is_skipped_and_the_weights_stay(llm_dirs: dict[str, Path]) -> None:
+    value = load_value(llm_dirs["value"])
+    run = TrainingRun(value, X1TrainingConfig(lr=3e-4, batch_size=1, num_epochs=2))
+    before = snapshot(run)
+    summary, steps = train(run, [ValueSample(GOOD, HUGE)])
+    assert steps == [] and summary["step"] == 2 and summary["skipped_steps"] == 2 and summary["loss"] is None
+    assert summary["last_error"] == "step skipped, weights kept: non-finite loss in the loss at epoch 1 step 2"
+    after = dict(run.module.named_parameters())
+    assert all(torch.equal(v, after[n].detach()) for n, v in before.items())
+    assert all(p.grad is None for p in run.parameters)
+
+
+@pytest.mark.parametrize("kind", ["policy", "value"])
+def test_training_goes_on_past_a_skipped_step(llm_dirs: dict[str, Path], kind: str) -> None:
+    if kind == "policy":
+        model = load_policy(llm_dirs["policy"], adapter=llm_dirs["policy_lora"])
+        samples: list[Any] = [PolicySample(GOOD, 1.0), PolicySample(OTHER, math.inf)]
+    else:
+        model = load_value(llm_dirs["value"])
+        samples = [ValueSample(GOOD, 0.8), ValueSample(OTHER, HUGE)]
+    run = TrainingRun(model, X1TrainingConfig(lr=1e-3, batch_size=1, num_epochs=2))
+    before = snapshot(run)
+    summary, steps = train(run, samples)
+    assert summary["step"] == 4 and summary["skipped_steps"] == 2 and len(steps) == 2
+    assert "non-finite" in summary["last_error"] and math.isfinite(summary["loss"])
+    assert_all_changed(before, run)
+    assert all(torch.isfinite(p).all() for p in run.parameters)
+
+
+def test_a_run_whose_every_step_was_skipped_publishes_and_saves_nothing(
+    llm_dirs: dict[str, Path], tmp_path: Path
+) -> None:
+    published: list[int] = []
+    trainer = X1Trainer(
+        "policy", lambda: load_policy(llm_dirs["policy"], adapter=llm_dirs["policy_lora"]),
+        LLMTrainingSpec(save_dir=tmp_path), lambda weights, version: published.append(version),
+    )
+    trainer.start({"dataset": [{"messages": GOOD, "GAE": HUGE}], "num_epochs": 1})  # valid float32
+    trainer._thread.join()  # type: ignore[union-attr]
+    status = trainer.status()
+    assert published == [] and status["model_version"] == 0 and not (tmp_path / "policy").exists()
+    assert status["last_run"]["skipped_steps"] == 1 and "non-finite loss" in status["last_run"]["error"]
+
+    trainer.start({"dataset": [{"messages": GOOD, "GAE": 1.0}], "num_epochs": 1})
+    trainer._thread.join()  # type: ignore[union-attr]
+    assert published == [1] and trainer.status()["last_run"]["error"] is None and (tmp_path / "policy").is_dir()

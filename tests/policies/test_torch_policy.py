@@ -281,3 +281,24 @@ def test_unloadable_model_names_the_model_field(tmp_path: Path) -> None:
     path = schema_for(tmp_path, tmp_path / "broken.pt2", {"x": {"type": "int"}})
     with pytest.raises(SchemaError, match=r"^parameters\.model: cannot load .*broken\.pt2"):
         resolve_policy(load_schema(path).policies["default"])
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("bad_value", [np.nan, np.inf, -np.inf])
+def test_set_weights_refuses_non_finite_tensors_and_keeps_serving_the_old_ones(
+    tmp_path: Path, fmt: str, bad_value: float
+) -> None:
+    policy = TorchPolicy.from_file(export_module(make_module("discrete"), OBS_DIM, tmp_path / "d.pt", fmt=fmt))
+    obs = np.random.default_rng(0).normal(size=(3, OBS_DIM)).astype(np.float32)
+    before, original = policy.forward(obs), policy.get_weights()
+    poisoned = {k: v + 1.0 for k, v in original.items()}
+    name = max(poisoned)
+    poisoned[name].flat[0] = bad_value
+    with pytest.raises(ValueError, match=rf"refused weights of version 4: \['{name}'\] hold NaN or infinite"):
+        policy.set_weights(poisoned, version=4)
+    after = policy.forward(obs)
+    assert policy.version == after.version == 0
+    for got, want in zip(after.heads, before.heads):
+        np.testing.assert_array_equal(got, want)
+    for key, value in policy.get_weights().items():
+        np.testing.assert_array_equal(value, original[key], err_msg=key)

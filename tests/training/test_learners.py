@@ -21,7 +21,9 @@ from policy_server.policies.torch_policy import TorchPolicy, load_module, model_
 from policy_server.training.checkpoint import CheckpointStore
 from policy_server.training.config import DQNConfig, PPOConfig, TrainingSpec
 from policy_server.training.distributions import as_heads, log_prob_entropy
+from policy_server.training.dqn import culprits
 from policy_server.training.experience import ExperienceBatch
+from policy_server.training.guard import NonFiniteUpdate
 from policy_server.training.learners import DQNLearner, Learner, PPOLearner, make_learner
 from policy_server.training.ppo import explained_variance, layer_init, value_loss
 
@@ -333,3 +335,118 @@ def test_ppo_learns_cartpole_from_client_fragments(tmp_path: Path, one_torch_thr
         learner.update()
     first, last = np.mean(returns[:20]), np.mean(returns[-20:])
     assert first < 35 and last > 60 and last > 2 * first, (first, last)
+
+
+# --- non-finite updates are refused and rolled back ----------------------------------------------
+
+
+def with_rewards(batch: ExperienceBatch, rewards: np.ndarray) -> ExperienceBatch:
+    return ExperienceBatch(**{**batch.__dict__, "rewards": rewards.astype(np.float32)})
+
+
+def learner_state(learner: Learner) -> dict[str, Any]:
+    """Everything an update may change: weights, optimiser moments, counters (a deep copy)."""
+    state = learner.state_dict()
+    state.pop("generator")  # shuffling draws go on: not state the update must keep
+    return state
+
+
+def assert_same(a: Any, b: Any, where: str = "state") -> None:
+    if isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for k in a:
+            assert_same(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same(x, y, f"{where}.{i}")
+    elif isinstance(a, torch.Tensor):
+        assert torch.equal(a, b), where
+    else:
+        assert a == b, where
+
+
+HUGE = 3e38  # finite in float32; discounted sums and squares of it are not
+
+
+@pytest.mark.parametrize(("rewards", "reason", "options"), [
+    ("all huge", "data", {}),  # GAE's sums of 3e38 overflow: infinite advantages
+    ("last huge", "loss", {}),  # finite returns, whose squared value error overflows
+    ("one nan", "data", {}),
+    ("last huge", "loss", {"normalize_rewards": True}),
+])
+def test_ppo_refuses_a_non_finite_update_keeps_everything_and_trains_on_the_next_batch(
+    model_files: dict[str, Path], rewards: str, reason: str, options: dict[str, Any]
+) -> None:
+    name = "discrete-export"
+    learner = learner_for(model_files, name, ppo=PPOConfig(**{**PPO.__dict__, **options}))
+    feed(learner, name, 64, seed=1)
+    learner.update()  # Adam has moments now: they must survive the refused update untouched
+    before = learner_state(learner)
+    batch = experience(learner, SPACES["discrete"], 64, seed=2)
+    poisoned = {
+        "all huge": np.full(64, HUGE),
+        "last huge": np.r_[np.ones(63), HUGE],
+        "one nan": np.r_[np.ones(10), np.nan, np.ones(53)],
+    }[rewards]
+    learner.add(with_rewards(batch, poisoned))
+    with pytest.raises(NonFiniteUpdate) as caught:
+        learner.update()
+    assert caught.value.reason == reason
+    after = learner_state(learner)
+    after["samples"] -= 64  # the rows were received (and dropped)
+    assert_same(before, after)
+    assert learner.updates == 1 and len(learner.buffer) == 0 and not learner.ready()
+    assert all(p.grad is None for p in learner.params)
+
+    actor, critic = snapshot(learner.actor), snapshot(learner.critic)
+    feed(learner, name, 64, seed=3)
+    stats = learner.update()
+    assert learner.updates == 2 and all(math.isfinite(v) for v in stats.values())
+    assert_all_changed(actor, learner.actor)
+    assert_all_changed(critic, learner.critic)
+
+
+def test_dqn_refuses_a_non_finite_update_and_drops_only_the_transitions_that_caused_it(
+    model_files: dict[str, Path]
+) -> None:
+    name = "discrete-export"
+    learner = learner_for(model_files, name, algorithm="dqn")
+    assert isinstance(learner, DQNLearner)
+    feed(learner, name, 48, seed=1)
+    learner.update()
+    before = learner_state(learner)
+    batch = experience(learner, SPACES["discrete"], 16, seed=2)
+    learner.add(with_rewards(batch, np.r_[np.ones(12), np.full(4, HUGE)]))
+    assert learner.ready()
+    with pytest.raises(NonFiniteUpdate, match="non-finite loss in the loss at gradient step"):
+        learner.update()
+    after = learner_state(learner)
+    rewards = learner.buffer.state_dict()["rewards"]
+    dropped = 64 - len(rewards)
+    assert 1 <= dropped <= 4 and int((rewards == HUGE).sum()) == 4 - dropped  # good rows all stay
+    assert_same(before["actor"], after["actor"]) and assert_same(before["target"], after["target"])
+    assert_same(before["optimizer"], after["optimizer"])
+    assert after["updates"] == before["updates"] and not learner.ready()  # the due steps were skipped
+
+    actor = snapshot(learner.actor)
+    skips = 0
+    for seed in range(3, 20):  # each refused update drops at least one culprit: a few at most
+        feed(learner, name, 16, seed=seed)
+        try:
+            stats = learner.update()
+        except NonFiniteUpdate:
+            skips += 1
+            continue
+        assert all(math.isfinite(v) for v in stats.values())
+        break
+    assert skips < 4 and learner.updates == 2
+    assert_all_changed(actor, learner.actor)
+
+
+def test_dqn_culprits_are_the_errors_whose_square_overflows_the_mean_or_else_the_largest() -> None:
+    errors = torch.tensor([1.0, math.nan, -math.inf, 2e19, 1e18, 3.0])
+    assert culprits(errors).tolist() == [False, True, True, True, False, False]
+    # no single square overflows, but their mean over 4 does: each reaches max / 4
+    assert culprits(torch.tensor([1.0e19, 1.0e19, -1.0e19, 1.0])).tolist() == [True, True, True, False]
+    assert culprits(torch.tensor([1.0, -5.0, 2.0])).tolist() == [False, True, False]

@@ -72,3 +72,40 @@ def test_reward_scaler_state_round_trips_through_a_weights_only_load() -> None:
     restored.load_state_dict(torch.load(buffer, weights_only=True))
     more, ends = np.ones(5, dtype=np.float32), np.zeros(5, dtype=bool)
     np.testing.assert_array_equal(restored(more, ends, "client-1"), scaler(more, ends, "client-1"))
+
+
+@pytest.mark.parametrize(("poison", "gamma"), [
+    (np.r_[np.ones(7), 3e38], 0.99),  # one huge reward, valid float32
+    (np.full(4, 1e19), 1.0),  # each squares finitely in float32; their return (4e19) does not
+    (np.r_[1.0, np.nan, 1.0], 0.99),
+])
+def test_a_batch_whose_returns_overflow_float32_squares_leaves_the_statistics_as_they_were(
+    poison: np.ndarray, gamma: float
+) -> None:
+    rng = np.random.default_rng(3)
+    good = [rng.normal(1.0, 1.0, size=n).astype(np.float32) for n in (20, 30)]
+    ends = [np.zeros(20, dtype=bool), np.zeros(30, dtype=bool)]
+    ends[0][9] = True
+    clean, poisoned = RewardScaler(gamma), RewardScaler(gamma)
+    clean(good[0], ends[0], "a")
+    poisoned(good[0], ends[0], "a")
+    before = poisoned.state_dict()
+
+    scaled = poisoned(poison.astype(np.float32), np.zeros(len(poison), dtype=bool), "a")
+    after = poisoned.state_dict()
+    assert after["returns"] == before["returns"] and after["return_rms"]["count"] == before["return_rms"]["count"]
+    assert torch.equal(after["return_rms"]["var"], before["return_rms"]["var"])
+    # scaled by the statistics as they stand (no overflow warning: warnings are errors here)
+    expected = poison / np.sqrt(before["return_rms"]["var"].item() + 1e-8)
+    np.testing.assert_allclose(scaled, expected.astype(np.float32), rtol=1e-6)
+
+    # the stream goes on exactly as if the poisoned batch had never come
+    np.testing.assert_array_equal(poisoned(good[1], ends[1], "a"), clean(good[1], ends[1], "a"))
+
+
+def test_returns_up_to_the_float32_squarable_limit_still_merge_in_float64() -> None:
+    scaler = RewardScaler(0.0)
+    big = np.array([1e19, -1e19, 1e19], dtype=np.float32)
+    scaled = scaler(big, np.zeros(3, dtype=bool), "a")
+    assert scaler.return_rms.count > 3 and np.isfinite(scaler.return_rms.var)
+    assert np.all(np.isfinite(scaled)) and np.all(np.abs(scaled) < 2)

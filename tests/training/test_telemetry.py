@@ -55,3 +55,10 @@ def test_state_round_trip_keeps_returns_and_best() -> None:
     other = Telemetry(window=2, client_timeout_s=30, clock=Clock())
     other.load_state_dict(t.state_dict())
     assert list(other.returns) == [3.0, 4.0] and other.best_mean_return == 3.5 and other.episodes == 2
+
+
+def test_returns_of_float32_rewards_near_its_max_are_summed_in_float64() -> None:
+    telemetry = Telemetry(window=1, client_timeout_s=30.0, clock=lambda: 0.0)
+    rewards = np.full(8, 3e38, dtype=np.float32)  # their float32 sum overflows (with a warning)
+    telemetry.record_steps("c", rewards, np.r_[np.zeros(7, dtype=bool), True])
+    assert telemetry.last_return == pytest.approx(8 * 3e38, rel=1e-6) and np.isfinite(telemetry.mean_return)

@@ -17,7 +17,7 @@ from policy_server.policies.spaces import DiscreteSpace
 from policy_server.policies.torch_policy import load_module
 from policy_server.training.config import PPOConfig, TrainingSpec
 from policy_server.training.experience import ExperienceBatch
-from policy_server.training.trainer import Trainer, build_trainer
+from policy_server.training.trainer import Trainer, TrainerMetrics, build_trainer
 
 OBS_DIM, N_ACTIONS = 4, 2
 
@@ -34,12 +34,14 @@ class Published:
 
     def __init__(self) -> None:
         self.versions: list[int] = []
+        self.weights: list[dict[str, np.ndarray]] = []
         self.fail = False
 
     def __call__(self, weights: dict[str, np.ndarray], version: int) -> None:
         if self.fail:
             raise ConnectionError("replicas restarting")
         self.versions.append(version)
+        self.weights.append(weights)
 
 
 def make_trainer(model_bytes: bytes, tmp_path: Path, published: Published, **spec: Any) -> Trainer:
@@ -171,3 +173,58 @@ def test_registration_answers_the_version_and_counts_active_clients(trainer: Tra
     answer = trainer.register("robot-7", {"env": "CartPole-v1"})
     assert answer["client_id"] == "robot-7" and answer["model_version"] == 0 and answer["state"] == "running"
     assert trainer.status()["active_clients"] == 1
+
+
+class Skips(TrainerMetrics):
+    """Records the reasons of skipped updates, as the Ray metrics would count them."""
+
+    def __init__(self) -> None:
+        self.reasons: list[str] = []
+
+    def skipped(self, reason: str) -> None:
+        self.reasons.append(reason)
+
+
+@pytest.mark.parametrize(("reward", "reason"), [(3e38, "data"), (float("nan"), "data")])
+def test_a_non_finite_update_is_skipped_counted_and_never_published_or_saved(
+    model_bytes: bytes, tmp_path: Path, published: Published, reward: float, reason: str
+) -> None:
+    skips = Skips()
+    t = make_trainer(model_bytes, tmp_path, published)
+    t.metrics = skips
+    t.open()
+    try:
+        initial = t.learner.actor_weights()
+        t.submit(steps(32, reward=reward))  # 3e38 is valid float32: only its sums overflow
+        wait_for(lambda: t.status()["skipped_updates"] == 1)
+        status = t.status()
+        assert status["model_version"] == 0 and status["updates"] == 0 and published.versions == []
+        assert status["last_error"].startswith("update skipped, model version 0 kept: non-finite")
+        assert skips.reasons == [reason] and status["state"] == "running"
+        for name, value in t.learner.actor_weights().items():
+            np.testing.assert_array_equal(value, initial[name])
+        for entry in t.checkpoints()["checkpoints"]:  # "best" may be written: with the kept weights
+            saved = t.store.load(entry["name"])["learner"]["actor"]
+            assert all(torch.equal(v, torch.as_tensor(initial[k])) for k, v in saved.items())
+
+        t.submit(steps(32, reward=1.0))
+        wait_for(lambda: t.status()["model_version"] == 1)
+        assert published.versions == [1] and t.status()["updates"] == 1
+        assert all(np.isfinite(w).all() for w in published.weights[0].values())
+        assert any(not np.array_equal(published.weights[0][k], initial[k]) for k in initial)
+    finally:
+        t.close()
+
+
+def test_a_checkpoint_with_non_finite_weights_is_not_resumed(trainer: Trainer, published: Published) -> None:
+    trainer.save()
+    name = trainer.store.latest()
+    assert name is not None
+    state = trainer.store.load(name)
+    first = next(iter(state["learner"]["actor"]))
+    state["learner"]["actor"][first].view(-1)[0] = float("nan")
+    trainer.store.save("poisoned", state)
+    with pytest.raises(InvalidRequest, match=rf"checkpoint 'poisoned' holds non-finite weights \['{first}'\]"):
+        trainer.resume("poisoned")
+    assert trainer.status()["model_version"] == 0 and published.versions == []
+    assert all(np.isfinite(w).all() for w in trainer.learner.actor_weights().values())
