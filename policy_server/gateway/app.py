@@ -24,6 +24,8 @@ from policy_server.gateway.limits import BodySizeLimit
 from policy_server.gateway.llm_routes import grpo_router, llm_router, openai_router, value_router
 from policy_server.gateway.llm_setup import LLMServices, llm_services
 from policy_server.gateway.metrics import GatewayMetrics, MetricsMiddleware
+from policy_server.gateway.paths import PathNormalizer, slash_routes
+from policy_server.gateway.redact import install_log_redaction
 from policy_server.gateway.routes import policy_router
 from policy_server.gateway.service import PolicyService
 from policy_server.gateway.training import LocalTrainerLink, RayTrainerLink, TrainingService
@@ -43,7 +45,9 @@ DESCRIPTION = """Serves the reinforcement-learning policies described by `schema
 Send observations to `/predict` (a sampled action), `/predict_deterministic` (the most likely
 action) or `/distribution` (the exact action distribution); each has a `/batch` form that answers
 many observations in one forward pass. Authenticate with the `access-token` header, query
-parameter or cookie. Every error is one JSON envelope: `{"error": {"code", "message", "status",
+parameter or cookie (prefer the header: a query parameter ends up in proxies' logs). Every path
+answers with or without a trailing slash, and with or without the schema's `url_path` (for a
+proxy that strips it). Every error is one JSON envelope: `{"error": {"code", "message", "status",
 "fields"}}`.
 """
 
@@ -54,6 +58,7 @@ def build_app(settings: Settings | None = None) -> FastAPI:
     Raises SchemaError (naming the field) when the schema and its models disagree. Ray is started
     (or joined) by the app's lifespan, not here.
     """
+    install_log_redaction()
     settings = settings or Settings()
     schema = load_schema(settings.schema_path)
     rng = np.random.default_rng(settings.seed)
@@ -70,6 +75,7 @@ def build_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        install_log_redaction()  # again: uvicorn may have (re)configured logging since the build
         stop = await _start_backends(settings, schema, services, trainings, local_models, metrics, llm)
         metrics.serve(settings.gateway_metrics_port)
         if sdks is not None and settings.clients_prebuild:
@@ -97,6 +103,7 @@ def build_app(settings: Settings | None = None) -> FastAPI:
         redoc_url=f"{prefix}/redoc",
         openapi_url=f"{prefix}/openapi.json",
         generate_unique_id_function=operation_ids(prefix),
+        redirect_slashes=False,  # PathNormalizer answers both spellings, without a redirect
     )
     app.state.settings, app.state.schema, app.state.services = settings, schema, services
     app.state.metrics, app.state.trainings = metrics, trainings
@@ -129,6 +136,7 @@ def build_app(settings: Settings | None = None) -> FastAPI:
         app.include_router(clients_router(sdks, app.openapi, auth), prefix=prefix)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
+    app.add_middleware(PathNormalizer, prefix=prefix, slash_routes=slash_routes(app))
     return app
 
 

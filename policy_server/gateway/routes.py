@@ -30,7 +30,8 @@ ERRORS = error_docs({
 
 
 def _action(sample: ActionSample) -> dict[str, Any]:
-    answer = {"action": sample.action, "log_prob": sample.log_prob}
+    actions = sample.action if isinstance(sample.action, list) else [sample.action]
+    answer = {"action": sample.action, "actions": actions, "log_prob": sample.log_prob}
     if sample.action_name is not None:
         answer["action_name"] = sample.action_name
     if sample.probability is not None:
