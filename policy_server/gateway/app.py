@@ -19,6 +19,7 @@ from policy_server import __version__
 from policy_server.clients import ClientSDKs
 from policy_server.gateway.auth import api_key_checker, bearer_checker
 from policy_server.gateway.clients_routes import clients_router
+from policy_server.gateway.collect_routes import collect_router
 from policy_server.gateway.errors import envelope, install_error_handlers
 from policy_server.gateway.limits import BodySizeLimit
 from policy_server.gateway.llm_routes import grpo_router, llm_router, openai_router, value_router
@@ -44,7 +45,8 @@ DESCRIPTION = """Serves the reinforcement-learning policies described by `schema
 
 Send observations to `/predict` (a sampled action), `/predict_deterministic` (the most likely
 action) or `/distribution` (the exact action distribution); each has a `/batch` form that answers
-many observations in one forward pass. Authenticate with the `access-token` header, query
+many observations in one forward pass. `/collect_experience` acts and, for a policy with a
+`training` section, learns from the steps a client sends (Pathmind's loop). Authenticate with the `access-token` header, query
 parameter or cookie (prefer the header: a query parameter ends up in proxies' logs). Every path
 answers with or without a trailing slash, and with or without the schema's `url_path` (for a
 proxy that strips it). Every error is one JSON envelope: `{"error": {"code", "message", "status",
@@ -116,6 +118,7 @@ def build_app(settings: Settings | None = None) -> FastAPI:
         model = spec.model.read_bytes()
         for route_prefix in prefixes:
             app.include_router(policy_router(service, auth, settings.max_batch_observations, route_prefix))
+            app.include_router(collect_router(service, trainings.get(name), auth, route_prefix))
             app.include_router(model_router(service, auth, route_prefix, model, model_format(spec.model)))
             if name in trainings:
                 app.include_router(training_router(trainings[name], auth, route_prefix))
