@@ -19,11 +19,14 @@ from policy_server import __version__
 from policy_server.clients import ClientSDKs
 from policy_server.gateway.auth import api_key_checker, bearer_checker
 from policy_server.gateway.clients_routes import clients_router
+from policy_server.gateway.collect_routes import collect_router
 from policy_server.gateway.errors import envelope, install_error_handlers
 from policy_server.gateway.limits import BodySizeLimit
 from policy_server.gateway.llm_routes import grpo_router, llm_router, openai_router, value_router
 from policy_server.gateway.llm_setup import LLMServices, llm_services
 from policy_server.gateway.metrics import GatewayMetrics, MetricsMiddleware
+from policy_server.gateway.paths import PathNormalizer, slash_routes
+from policy_server.gateway.redact import install_log_redaction
 from policy_server.gateway.routes import policy_router
 from policy_server.gateway.service import PolicyService
 from policy_server.gateway.training import LocalTrainerLink, RayTrainerLink, TrainingService
@@ -42,8 +45,11 @@ DESCRIPTION = """Serves the reinforcement-learning policies described by `schema
 
 Send observations to `/predict` (a sampled action), `/predict_deterministic` (the most likely
 action) or `/distribution` (the exact action distribution); each has a `/batch` form that answers
-many observations in one forward pass. Authenticate with the `access-token` header, query
-parameter or cookie. Every error is one JSON envelope: `{"error": {"code", "message", "status",
+many observations in one forward pass. `/collect_experience` acts and, for a policy with a
+`training` section, learns from the steps a client sends (Pathmind's loop). Authenticate with the `access-token` header, query
+parameter or cookie (prefer the header: a query parameter ends up in proxies' logs). Every path
+answers with or without a trailing slash, and with or without the schema's `url_path` (for a
+proxy that strips it). Every error is one JSON envelope: `{"error": {"code", "message", "status",
 "fields"}}`.
 """
 
@@ -54,6 +60,7 @@ def build_app(settings: Settings | None = None) -> FastAPI:
     Raises SchemaError (naming the field) when the schema and its models disagree. Ray is started
     (or joined) by the app's lifespan, not here.
     """
+    install_log_redaction()
     settings = settings or Settings()
     schema = load_schema(settings.schema_path)
     rng = np.random.default_rng(settings.seed)
@@ -70,6 +77,7 @@ def build_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        install_log_redaction()  # again: uvicorn may have (re)configured logging since the build
         stop = await _start_backends(settings, schema, services, trainings, local_models, metrics, llm)
         metrics.serve(settings.gateway_metrics_port)
         if sdks is not None and settings.clients_prebuild:
@@ -97,6 +105,7 @@ def build_app(settings: Settings | None = None) -> FastAPI:
         redoc_url=f"{prefix}/redoc",
         openapi_url=f"{prefix}/openapi.json",
         generate_unique_id_function=operation_ids(prefix),
+        redirect_slashes=False,  # PathNormalizer answers both spellings, without a redirect
     )
     app.state.settings, app.state.schema, app.state.services = settings, schema, services
     app.state.metrics, app.state.trainings = metrics, trainings
@@ -109,6 +118,7 @@ def build_app(settings: Settings | None = None) -> FastAPI:
         model = spec.model.read_bytes()
         for route_prefix in prefixes:
             app.include_router(policy_router(service, auth, settings.max_batch_observations, route_prefix))
+            app.include_router(collect_router(service, trainings.get(name), auth, route_prefix))
             app.include_router(model_router(service, auth, route_prefix, model, model_format(spec.model)))
             if name in trainings:
                 app.include_router(training_router(trainings[name], auth, route_prefix))
@@ -129,6 +139,7 @@ def build_app(settings: Settings | None = None) -> FastAPI:
         app.include_router(clients_router(sdks, app.openapi, auth), prefix=prefix)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
+    app.add_middleware(PathNormalizer, prefix=prefix, slash_routes=slash_routes(app))
     return app
 
 

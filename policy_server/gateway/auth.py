@@ -1,4 +1,8 @@
-"""The ``access-token`` api key: header, query parameter or cookie (as the Pathmind server took it)."""
+"""The ``access-token`` api key: header, query parameter or cookie (as the Pathmind server took it).
+
+Prefer the header: a query parameter is part of the URL, which proxies and access logs write down
+(our own logs mask it: ``gateway.redact``).
+"""
 
 from __future__ import annotations
 

@@ -30,7 +30,8 @@ ERRORS = error_docs({
 
 
 def _action(sample: ActionSample) -> dict[str, Any]:
-    answer = {"action": sample.action, "log_prob": sample.log_prob}
+    actions = sample.action if isinstance(sample.action, list) else [sample.action]
+    answer = {"action": sample.action, "actions": actions, "log_prob": sample.log_prob}
     if sample.action_name is not None:
         answer["action_name"] = sample.action_name
     if sample.probability is not None:
@@ -45,6 +46,11 @@ def _answer(content: dict[str, Any]) -> JSONResponse:
     return JSONResponse(content)
 
 
+def action_answer(sample: ActionSample, version: int) -> JSONResponse:
+    """The answer of ``/predict`` and its kin: one action, ``actions``, and the model version."""
+    return _answer(_action(sample) | {"model_version": version})
+
+
 def policy_router(service: PolicyService, auth: Any, max_batch: int, prefix: str) -> APIRouter:
     """All endpoints of one policy under ``prefix`` (routes keep their full path, for metrics)."""
     policy = service.policy
@@ -52,7 +58,7 @@ def policy_router(service: PolicyService, auth: Any, max_batch: int, prefix: str
 
     async def act(obs: Any, mode: Mode) -> JSONResponse:
         samples, version = await service.act(obs, mode)
-        return _answer(_action(samples[0]) | {"model_version": version})
+        return action_answer(samples[0], version)
 
     async def act_batch(obs: Any, mode: Mode) -> JSONResponse:
         samples, version = await service.act(obs, mode)

@@ -12,9 +12,13 @@ import json
 import uuid
 from typing import Any, Protocol
 
+import numpy as np
+
 from policy_server.errors import BackendUnavailable, InvalidRequest, PolicyServerError, summary
 from policy_server.gateway.experience import ExperienceRequest, to_batch
 from policy_server.policies.served import ServedPolicy
+from policy_server.policies.spaces import ActionSample, BoxSpace
+from policy_server.training.collect import Acted
 from policy_server.training.trainer import Trainer
 
 
@@ -89,6 +93,17 @@ class TrainingService:
             await self.call("count_malformed", request.rows, request.client_id)
             raise
         return await self.call("submit", batch)
+
+    async def collect(
+        self, client_id: str, obs: np.ndarray, sample: ActionSample, version: int, reward: float, done: bool
+    ) -> dict[str, Any]:
+        """Hand one ``/collect_experience`` call to the trainer: ``obs`` float32 (obs_dim,) and the
+        ``sample`` the server answered for it with ``version``; ``reward`` and ``done`` are of the
+        client's previous action."""
+        dtype = np.float32 if isinstance(self.policy.space, BoxSpace) else np.int64
+        action = np.asarray(sample.action if isinstance(sample.action, list) else [sample.action], dtype=dtype)
+        acted = Acted(np.asarray(obs, dtype=np.float32), action, sample.log_prob, version)
+        return await self.call("collect", client_id, acted, reward, done)
 
     async def count_malformed(self, body: bytes) -> None:
         """Count the samples of a body that failed validation (as far as it can be read)."""

@@ -24,6 +24,10 @@ class Action(_Wire):
     action: int | list[int] | list[float] = Field(
         description="An action index (discrete), one index per component (tuple), or a vector (box)."
     )
+    actions: list[int] | list[float] = Field(
+        description="The action as a list, as Pathmind's policy server answered it (its clients read "
+        "`actions[0]`): `[index]` (discrete), the indices (tuple), the vector (box)."
+    )
     action_name: str | list[str] | None = Field(
         None, description="The action's name(s) when the schema names them (discrete, tuple)."
     )

@@ -22,7 +22,7 @@ from policy_server.training.trainer import Trainer, TrainerMetrics, build_traine
 
 API = frozenset(
     {"register", "heartbeat", "submit", "count_malformed", "status", "start", "pause", "stop", "save",
-     "resume", "checkpoints"}
+     "resume", "checkpoints", "collect"}
 )
 PUBLISH_TIMEOUT_S = 60.0
 

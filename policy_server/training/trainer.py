@@ -9,6 +9,7 @@ with the next version number, and writes checkpoints. The request path never wai
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
@@ -22,6 +23,7 @@ from pydantic import TypeAdapter
 from policy_server.errors import InvalidRequest, NotFound, StaleSamples, TrainingNotRunning, summary
 from policy_server.training.base import Learner
 from policy_server.training.checkpoint import CheckpointStore, periodic_name
+from policy_server.training.collect import Acted, StepCollector
 from policy_server.training.config import TrainingSpec
 from policy_server.training.experience import ExperienceBatch
 from policy_server.training.guard import NonFiniteUpdate, Reason, nonfinite
@@ -190,6 +192,28 @@ class Trainer:
 
     def checkpoints(self) -> dict[str, Any]:
         return {"checkpoints": self.store.list()}
+
+    # --- acting clients (Pathmind's /collect_experience) ---------------------------------------
+
+    @functools.cached_property
+    def _collector(self) -> StepCollector:
+        return StepCollector(self.telemetry.clock)
+
+    def collect(self, client_id: str, acted: Acted, reward: float, done: bool) -> dict[str, Any]:
+        """One call of an acting client: ``acted`` is what the server just answered it; ``reward``
+        and ``done`` are of its previous action (see ``training.collect``). Fragments it completes
+        are submitted; while training is paused, or when they are stale, they are dropped (the
+        client only acts, it is not told). Answers the steps accepted now and the state."""
+        accepted = 0
+        with self._cond:
+            self.telemetry.seen(client_id)
+            for batch in self._collector.step(client_id, acted, reward, done):
+                try:
+                    accepted += self.submit(batch)["accepted"]
+                except (TrainingNotRunning, StaleSamples):
+                    pass  # counted by submit (stale) or refused as a whole (not running)
+            return {"accepted": accepted, "model_version": self.version, "state": self.state,
+                    "collecting_clients": len(self._collector)}
 
     # --- the loop thread ----------------------------------------------------------------------
 

@@ -66,3 +66,64 @@ def test_uvicorn_app_serves_the_bundled_example_with_metrics_and_stops_cleanly(t
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+
+
+def test_no_log_line_holds_the_api_key_with_workers_and_a_log_config(model_dir: Path, tmp_path: Path) -> None:
+    """`uvicorn app:app --workers 2 --log-config ...` (uvicorn configures logging in every worker
+    before it imports the app): keys sent as query parameter, cookie, header or bearer token, right
+    or wrong, on answers 200, 403, 404 and 500, never reach stdout or stderr."""
+    import json
+
+    import yaml
+    from conftest import API_KEY, LPOC_OBS, multi_policy_schema
+    from uvicorn.config import LOGGING_CONFIG
+
+    schema = tmp_path / "schema.yaml"
+    schema.write_text(yaml.safe_dump(multi_policy_schema(model_dir), sort_keys=False))
+    log_config = tmp_path / "logging.json"
+    log_config.write_text(json.dumps(LOGGING_CONFIG))
+    wrong = "wrong-key-987"
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("POLICY_SERVER_", "RAY_ADDRESS", "SCHEMA_PATH"))}
+    env |= {"SCHEMA_PATH": str(schema), "POLICY_SERVER_BACKEND": "local", "POLICY_SERVER_GATEWAY_METRICS_PORT": "0"}
+    out, err = tmp_path / "stdout.log", tmp_path / "stderr.log"
+    with out.open("wb") as stdout, err.open("wb") as stderr:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "uvicorn", "app:app", "--port", str(port), "--workers", "2",
+             "--log-config", str(log_config)],
+            cwd=ROOT, env=env, start_new_session=True, stdout=stdout, stderr=stderr,
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            assert proc.poll() is None, err.read_text()[-3000:]
+            try:
+                if httpx.get(f"{url}/health/ready").status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, "the server did not become ready"
+            time.sleep(0.5)
+        sent = [
+            httpx.post(f"{url}/predict?access-token={API_KEY}", json=LPOC_OBS),
+            httpx.post(f"{url}/predict/?access%2Dtoken={API_KEY}&x=1", json=LPOC_OBS),
+            httpx.post(f"{url}/predict_raw?access-token={wrong}", json={"obs": [0.0] * 11}),
+            httpx.post(f"{url}/policies/faulty/predict?access-token={API_KEY}", json={"a": 5000.0, "b": 0.0}),
+            httpx.get(f"{url}/nope?access-token={API_KEY}"),
+            httpx.post(f"{url}/predict", json=LPOC_OBS, headers={"access-token": API_KEY}),
+            httpx.post(f"{url}/predict", json=LPOC_OBS, headers={"authorization": f"Bearer {API_KEY}",
+                                                                  "cookie": f"access-token={API_KEY}"}),
+        ]
+        assert [r.status_code for r in sent] == [200, 200, 403, 500, 404, 200, 200], [r.text for r in sent]
+        os.kill(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    logs = out.read_text() + err.read_text()
+    assert logs.count('"POST /predict') >= 4, logs[-3000:]  # the access log was written...
+    assert "/predict?access-token=*** HTTP/1.1" in logs and "/nope?access-token=***" in logs
+    assert "policies/faulty/predict" in logs  # ...and so was the model error
+    assert API_KEY not in logs and wrong not in logs, logs[-3000:]

@@ -1,0 +1,92 @@
+"""``POST /collect_experience``: Pathmind's acting-and-learning loop, one call per environment step.
+
+The client sends the observation it sees with the reward and ``done`` of its previous action and
+gets the next action, in ``/predict``'s answer (Pathmind's clients read ``actions[0]``). When the
+policy has a ``training:`` section, its trainer pairs the calls of each client into steps
+(``policy_server.training.collect``); the pending step lives in the trainer, not in the gateway,
+so any number of gateway processes may serve one client.
+"""
+
+# No `from __future__ import annotations`: FastAPI must see the generated models as real types.
+
+import re
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field, create_model
+
+from policy_server.fields import STRICT, Float32, StrictBool
+from policy_server.gateway.experience import CLIENT_ID_PATTERN
+from policy_server.gateway.routes import ERRORS, action_answer
+from policy_server.gateway.service import PolicyService
+from policy_server.gateway.training import TrainingService
+from policy_server.gateway.wire import ActionResponse, error_docs
+from policy_server.policies.served import ServedPolicy
+
+DESCRIPTION = """Act for the observation (a sampled action, as `/predict` answers it) and learn from
+the step it ends: Pathmind's training loop, one call per environment step.
+
+Send the observation you see now with the `reward` and `done` of your previous action; read the
+next action from `actions[0]` (or `action`). The server pairs each call with your previous one
+into a step (obs, action, reward, next obs, done) and hands the steps of a policy with a
+`training` section to its trainer; `done` ends the episode (terminated), and the next call starts
+a new one. Send a distinct `client_id` per environment when several run from one address. This
+policy {trains}."""
+COLLECT_ERRORS = ERRORS | error_docs({503: "The policy's deployment or its trainer is not available."})
+ClientId = Annotated[str, Field(min_length=1, max_length=128, pattern=CLIENT_ID_PATTERN)]
+
+
+def collect_model(policy: ServedPolicy) -> type[BaseModel]:
+    """The body: ``observation`` (the schema's observation object, or a flat list of
+    ``obs_dim`` numbers when the schema names no observations), ``reward``, ``done``, and an
+    optional ``client_id``."""
+    if policy.observation_model is not None:
+        observation: Any = (policy.observation_model, Field(description="What the client sees now."))
+    else:
+        flat = Annotated[list[Float32], Field(min_length=policy.obs_dim, max_length=policy.obs_dim)]
+        observation = (flat, Field(description="What the client sees now: the flat input vector."))
+    return create_model(  # type: ignore[call-overload, no-any-return]
+        _model_name(policy),
+        __config__=STRICT,
+        __doc__="One environment step of an acting client (Pathmind's `/collect_experience`).",
+        observation=observation,
+        reward=(Float32, Field(0.0, description="Reward of the previous action (ignored on an episode's first call).")),
+        done=(StrictBool, Field(False, description="The previous action ended the episode (terminated): the next "
+                                               "call starts a new one.")),
+        client_id=(ClientId | None, Field(None, description="Which environment this is: its calls are paired "
+                                                           "into steps. Default: the client's IP address.")),
+    )
+
+
+def _model_name(policy: ServedPolicy) -> str:
+    """``LpocCollectExperience`` beside ``LpocObservation``; ``CartRawCollectExperience`` without one."""
+    if policy.observation_model is not None:
+        return policy.observation_model.__name__.removesuffix("Observation") + "CollectExperience"
+    return "".join(p.capitalize() for p in re.split(r"[-_]", policy.name)) + "RawCollectExperience"
+
+
+def client_key(request: Request) -> str:
+    """A client that sends no ``client_id`` is its address (behind a proxy: with uvicorn's
+    ``--proxy-headers``, the forwarded one)."""
+    host = request.client.host if request.client else "unknown"
+    return "addr-" + re.sub(r"[^A-Za-z0-9_.:-]", "_", host)
+
+
+def collect_router(service: PolicyService, training: TrainingService | None, auth: Any, prefix: str) -> APIRouter:
+    router = APIRouter(prefix=prefix, tags=[service.policy.name], dependencies=[Depends(auth)],
+                       responses=COLLECT_ERRORS)
+    Body = collect_model(service.policy)
+
+    @router.post("/collect_experience", response_model=ActionResponse, description=DESCRIPTION.format(
+        trains="feeds its trainer" if training is not None else "only acts: it has no `training` section"))
+    async def collect_experience(body: Body, request: Request) -> JSONResponse:  # type: ignore[valid-type]
+        obs = body.observation  # type: ignore[attr-defined]
+        rows = service.from_raw([obs], "body.observation") if isinstance(obs, list) else service.from_observations([obs])
+        samples, version = await service.act(rows, "sample")
+        if training is not None:
+            client_id = body.client_id or client_key(request)  # type: ignore[attr-defined]
+            await training.collect(client_id, rows[0], samples[0], version, body.reward, body.done)  # type: ignore[attr-defined]
+        return action_answer(samples[0], version)
+
+    return router
