@@ -365,13 +365,8 @@ def optimizer_state(run: GRPORun) -> dict:
     return {i: {k: v.clone() for k, v in s.items()} for i, s in run.optimizer.state_dict()["state"].items()}
 
 
-@pytest.mark.parametrize("rewards", [
-    [3e38, 3e38, 3e38, -3e38],  # valid float32; their sum and spread overflow it
-    [1e39, 0.0, 0.0, 0.0],  # finite as a float64 (what JSON gives), infinite as a float32
-])
-def test_a_non_finite_step_is_skipped_counted_and_not_checkpointed(
-    llm_dirs: dict[str, Path], tmp_path: Path, rewards: list[float]
-) -> None:
+def test_a_non_finite_step_is_skipped_counted_and_not_checkpointed(llm_dirs: dict[str, Path], tmp_path: Path) -> None:
+    rewards = [3e38, 3e38, 3e38, -3e38]  # valid float32 (1e39 is refused at submit); their spread overflows it
     lm = load_policy(llm_dirs["policy"])
     run = GRPORun("nf", lm, full_settings(group_size=4, checkpoint_every=2), tmp_path)
     group = run.complete(PROMPT)
