@@ -12,8 +12,8 @@ answer must hold to the contract:
 - its status code, content type, headers and body are the documented ones;
 - our own request models are strict: what the document forbids gets a 4xx (the OpenAI-compatible
   routes keep OpenAI's leniency);
-- on the routes that schema.yaml fixes completely (the observation routes and experience), what
-  the document allows is accepted: the document states every constraint, widths included.
+- on the routes that schema.yaml fixes completely (the observation routes), what the document
+  allows is accepted: the document states every constraint, widths included.
 
 The bundled example (top-level `schema.yaml`) runs with the most examples; the other examples, and
 one schema with every router (two policies, one of them trainable, an LLM policy with GRPO, a value
@@ -48,9 +48,7 @@ FUZZ_KEY = "fuzz-key-0123"
 AUTH = {"access-token": FUZZ_KEY, "Authorization": f"Bearer {FUZZ_KEY}"}
 ENVELOPE_KEYS = {"code", "message", "status", "fields"}
 OPENAI_ROUTES = re.compile(r"(^|/)v1/")
-SCHEMA_FIXED_ROUTES = re.compile(
-    r"/(predict|predict_raw|predict_deterministic|distribution)(/batch)?$|/train/experience$"
-)
+SCHEMA_FIXED_ROUTES = re.compile(r"/(predict|predict_raw|predict_deterministic|distribution)(/batch)?$")
 FUZZ = settings(
     deadline=None,
     derandomize=True,
@@ -109,9 +107,10 @@ def strict_request_models(ctx: CheckContext, response: Response, case: Case) -> 
 
 def documented_inputs_are_accepted(ctx: CheckContext, response: Response, case: Case) -> bool | None:
     """What the document allows is accepted (schemathesis's positive_data_acceptance) on the
-    routes whose every constraint the schema.yaml fixes (observation names, types, widths), so
-    the document can state them all. Elsewhere validity also depends on the model (a prompt's
-    length in tokens), which no JSON Schema can say."""
+    observation routes, whose every constraint the schema.yaml fixes (names, types, ranges,
+    widths), so the document can state them all. Elsewhere validity also depends on what no JSON
+    Schema can say: a prompt's length in tokens, a fragment's `observations` being one longer
+    than its `actions`."""
     if not SCHEMA_FIXED_ROUTES.search(case.operation.path):
         return None
     return schemathesis.checks.positive_data_acceptance(ctx, response, case)
