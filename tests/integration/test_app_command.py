@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -10,7 +11,9 @@ import time
 from pathlib import Path
 
 import httpx
-from conftest import free_port
+import yaml
+from conftest import API_KEY, LPOC_OBS, free_port, multi_policy_schema
+from uvicorn.config import LOGGING_CONFIG
 
 ROOT = Path(__file__).resolve().parents[2]
 BODY = {
@@ -18,6 +21,20 @@ BODY = {
     "has_up_neighbour": True, "is_up_free": True, "has_right_neighbour": True, "is_right_free": True,
     "has_down_neighbour": True, "is_down_free": False, "has_left_neighbour": True, "is_left_free": True,
 }
+
+
+def wait_ready(proc: subprocess.Popen[bytes], url: str, log: Path) -> None:
+    """Poll /health/ready until it answers 200; fail with the log's end if the server exits."""
+    deadline = time.monotonic() + 180
+    while True:
+        assert proc.poll() is None, log.read_text()[-3000:]
+        try:
+            if httpx.get(f"{url}/health/ready").status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        assert time.monotonic() < deadline, "the server did not become ready"
+        time.sleep(0.5)
 
 
 def test_uvicorn_app_serves_the_bundled_example_with_metrics_and_stops_cleanly(tmp_path: Path) -> None:
@@ -36,16 +53,7 @@ def test_uvicorn_app_serves_the_bundled_example_with_metrics_and_stops_cleanly(t
         )
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 180
-        while True:
-            assert proc.poll() is None, log.read_text()[-3000:]
-            try:
-                if httpx.get(f"{url}/health/ready").status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, "the server did not become ready"
-            time.sleep(0.5)
+        wait_ready(proc, url, log)
         answer = httpx.post(f"{url}/predict", json=BODY, headers={"access-token": "1234567asdfgh"})
         assert answer.status_code == 200, answer.text
         assert answer.json()["action_name"] in {"up", "right", "down", "left"}
@@ -54,7 +62,7 @@ def test_uvicorn_app_serves_the_bundled_example_with_metrics_and_stops_cleanly(t
         ours = httpx.get(f"http://127.0.0.1:{gateway_metrics}/metrics").text
         assert 'policy_server_requests_total{endpoint="/predict",policy="default",status="200"} 1.0' in ours
         deadline = time.monotonic() + 90
-        while "ray_serve_" not in (ray := httpx.get(f"http://127.0.0.1:{ray_metrics}/metrics", timeout=10).text):
+        while "ray_serve_" not in httpx.get(f"http://127.0.0.1:{ray_metrics}/metrics", timeout=10).text:
             assert time.monotonic() < deadline, "Serve's metrics never appeared on Ray's export port"
             time.sleep(2)
         # SIGTERM to the server process alone, as docker stop and Kubernetes send it
@@ -72,12 +80,6 @@ def test_no_log_line_holds_the_api_key_with_workers_and_a_log_config(model_dir: 
     """`uvicorn app:app --workers 2 --log-config ...` (uvicorn configures logging in every worker
     before it imports the app): keys sent as query parameter, cookie, header or bearer token, right
     or wrong, on answers 200, 403, 404 and 500, never reach stdout or stderr."""
-    import json
-
-    import yaml
-    from conftest import API_KEY, LPOC_OBS, multi_policy_schema
-    from uvicorn.config import LOGGING_CONFIG
-
     schema = tmp_path / "schema.yaml"
     schema.write_text(yaml.safe_dump(multi_policy_schema(model_dir), sort_keys=False))
     log_config = tmp_path / "logging.json"
@@ -95,16 +97,7 @@ def test_no_log_line_holds_the_api_key_with_workers_and_a_log_config(model_dir: 
         )
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 180
-        while True:
-            assert proc.poll() is None, err.read_text()[-3000:]
-            try:
-                if httpx.get(f"{url}/health/ready").status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, "the server did not become ready"
-            time.sleep(0.5)
+        wait_ready(proc, url, err)
         sent = [
             httpx.post(f"{url}/predict?access-token={API_KEY}", json=LPOC_OBS),
             httpx.post(f"{url}/predict/?access%2Dtoken={API_KEY}&x=1", json=LPOC_OBS),
