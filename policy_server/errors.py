@@ -8,6 +8,7 @@ status and the machine-readable ``code`` it is answered with; the gateway transl
     PolicyServerError                500 internal_error
     ├── SchemaError                  (start-up only: schema.yaml or model file is wrong)
     ├── InvalidRequest               422 invalid_request
+    │   └── ModelOverflow            422 model_overflow
     ├── Unauthorized                 401 unauthorized
     ├── Forbidden                    403 forbidden
     ├── NotFound                     404 not_found
@@ -62,6 +63,13 @@ class SchemaError(PolicyServerError):
 class InvalidRequest(PolicyServerError):
     status = 422
     code = "invalid_request"
+
+
+class ModelOverflow(InvalidRequest):
+    """A valid observation whose values overflow the model's float32 layers (NaN or inf outputs):
+    a bound that depends on the weights, so no request schema can state it."""
+
+    code = "model_overflow"
 
 
 class Unauthorized(PolicyServerError):

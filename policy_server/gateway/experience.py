@@ -46,6 +46,8 @@ def observation_type(width: int | None = None) -> Any:
 def _kind(value: Any) -> str | None:
     if isinstance(value, list):
         return "vector"
+    if isinstance(value, float) and value.is_integer():  # 2.0 is JSON Schema's integer 2
+        return "index"
     return "index" if isinstance(value, int) and not isinstance(value, bool) else None
 
 

@@ -25,6 +25,8 @@ from collections.abc import Iterable
 from urllib.parse import quote
 
 from fastapi import FastAPI, routing
+from starlette.applications import Starlette
+from starlette.routing import BaseRoute
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 
@@ -47,10 +49,14 @@ def slash_routes(app: FastAPI) -> frozenset[str]:
 
 
 def _route_paths(app: FastAPI) -> Iterable[str]:
-    # FastAPI 0.16x keeps included routers nested; its contexts give each route's full path
+    return [p for r in flat_routes(app) if isinstance(p := getattr(r, "path", None), str)]
+
+
+def flat_routes(app: Starlette) -> list[BaseRoute]:
+    """``app``'s routes, each under its full path (FastAPI 0.16x keeps included routers nested;
+    its route contexts give each route as routing sees it)."""
     contexts = getattr(routing, "iter_route_contexts", None)
-    routes = contexts(app.routes) if contexts is not None else app.routes
-    return [p for r in routes if isinstance(p := getattr(r, "path", None), str)]
+    return [c.route for c in contexts(app.routes)] if contexts is not None else list(app.routes)
 
 
 class PathNormalizer:
