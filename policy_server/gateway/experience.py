@@ -138,7 +138,7 @@ def experience_model(policy: ServedPolicy) -> type[ExperienceRequest]:
 def to_batch(request: ExperienceRequest, policy: ServedPolicy, max_rows: int) -> ExperienceBatch:
     """Validate every observation and action against the policy; raise InvalidRequest naming them."""
     if request.rows > max_rows:
-        raise InvalidRequest(f"body: {request.rows} steps in one request; at most {max_rows}")
+        raise InvalidRequest.at("body", f"{request.rows} steps in one request; at most {max_rows}")
     errors: list[FieldError] = []
     parts = [_fragment(f, f"body.fragments.{i}", policy, errors) for i, f in enumerate(request.fragments)]
     if request.steps:

@@ -199,6 +199,79 @@ class ChatRequest(_OpenAI):
     top_logprobs: int | None = Field(None, ge=0, le=20)
 
 
+class OpenAIModel(BaseModel):
+    id: str
+    object: Literal["model"]
+    created: int
+    owned_by: str
+
+
+class ModelList(BaseModel):
+    object: Literal["list"]
+    data: list[OpenAIModel]
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class _Completion(BaseModel):
+    id: str
+    created: int
+    model: str
+    usage: Usage
+    system_fingerprint: str = Field(description="`policy-server-v<model version>`.")
+
+
+class CompletionLogprobs(BaseModel):
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: None
+    text_offset: list[int]
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    finish_reason: str
+    logprobs: CompletionLogprobs | None
+
+
+class Completion(_Completion):
+    object: Literal["text_completion"]
+    choices: list[CompletionChoice]
+
+
+class TokenLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int]
+    top_logprobs: list[Any]
+
+
+class ChatLogprobs(BaseModel):
+    content: list[TokenLogprob]
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"]
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: AssistantMessage
+    finish_reason: str
+    logprobs: ChatLogprobs | None
+
+
+class ChatCompletion(_Completion):
+    object: Literal["chat.completion"]
+    choices: list[ChatChoice]
+
+
 # --- GRPO (the client computes the reward) --------------------------------------------------------
 
 

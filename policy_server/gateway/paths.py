@@ -22,11 +22,11 @@ with uvicorn's ``--root-path`` (ASGI ``root_path``), which this keeps.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 from urllib.parse import quote
 
 from fastapi import FastAPI, routing
 from starlette.applications import Starlette
-from starlette.routing import BaseRoute
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 
@@ -52,11 +52,11 @@ def _route_paths(app: FastAPI) -> Iterable[str]:
     return [p for r in flat_routes(app) if isinstance(p := getattr(r, "path", None), str)]
 
 
-def flat_routes(app: Starlette) -> list[BaseRoute]:
-    """``app``'s routes, each under its full path (FastAPI 0.16x keeps included routers nested;
-    its route contexts give each route as routing sees it)."""
+def flat_routes(app: Starlette) -> list[Any]:
+    """``app``'s routes, each as routing sees it: its full ``path``, ``methods`` and ``matches``
+    (FastAPI 0.16x keeps included routers nested; its route contexts stand for the routes)."""
     contexts = getattr(routing, "iter_route_contexts", None)
-    return [c.route for c in contexts(app.routes)] if contexts is not None else list(app.routes)
+    return list(contexts(app.routes)) if contexts is not None else list(app.routes)
 
 
 class PathNormalizer:

@@ -40,9 +40,10 @@ class CheckpointStore:
     def path(self, name: str) -> Path:
         """The file of checkpoint ``name``; raises InvalidRequest for a name that is not plain."""
         if not _NAME.fullmatch(name):
-            raise InvalidRequest(
+            raise InvalidRequest.at(
+                "body.checkpoint",
                 f"invalid checkpoint name {name!r}: use up to 128 letters, digits, '-', '_' and '.', "
-                "not starting with '.'"
+                "not starting with '.'",
             )
         return self.root / f"{name}{SUFFIX}"
 
@@ -85,12 +86,15 @@ class CheckpointStore:
         try:
             return torch.load(path, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as e:
-            raise InvalidRequest(
+            raise InvalidRequest.at(
+                "body.checkpoint",
                 f"checkpoint {name!r} cannot be loaded safely: {path} holds objects other than tensors "
-                "and plain data, or is not a checkpoint; only files this store wrote can be loaded"
+                "and plain data, or is not a checkpoint; only files this store wrote can be loaded",
             ) from e
         except (RuntimeError, EOFError) as e:
-            raise InvalidRequest(f"checkpoint {name!r} is not a readable checkpoint file: {summary(e)}") from e
+            raise InvalidRequest.at(
+                "body.checkpoint", f"checkpoint {name!r} is not a readable checkpoint file: {summary(e)}"
+            ) from e
 
     def list(self) -> list[dict[str, Any]]:
         """``{name, bytes, modified}`` of every checkpoint, newest first (``modified``: unix time)."""
