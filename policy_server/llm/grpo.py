@@ -208,6 +208,7 @@ class GRPOSettings:
             (0 < self.clip_eps < 1, f"clip_eps must be in (0, 1), not {self.clip_eps}"),
             (self.max_prompt_length >= 1, "max_prompt_length must be >= 1"),
             (self.max_completion_length >= 1, "max_completion_length must be >= 1"),
+            (all(isinstance(s, str) and s for s in self.stop_strings), "stop strings must be non-empty strings"),
             (0 < self.temperature < math.inf, f"temperature must be > 0, not {self.temperature}"),
             (self.lora_r >= 1, "lora_r must be >= 1"),
             (0 <= self.lora_dropout < 1, "lora_dropout must be in [0, 1)"),

@@ -21,7 +21,8 @@ import torch
 from policy_server.errors import InvalidRequest, NotFound, summary
 
 SUFFIX = ".pt"
-_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]{0,127}")  # no leading dot: hidden and '..'
+NAME_PATTERN = r"^[A-Za-z0-9_-][A-Za-z0-9_.-]{0,127}$"  # no leading dot: hidden and '..'
+_NAME = re.compile(NAME_PATTERN.strip("^$"))
 _PERIODIC = re.compile(r"update-\d{8}")
 _PLAIN = (torch.Tensor, int, float, str, bool, type(None))
 

@@ -9,7 +9,8 @@ answer must hold to the contract:
   `clients_not_ready` while the SDKs are generated);
 - every error is the JSON envelope `{"error": {"code", "message", "status", "fields"}}`, and a 422
   names the field;
-- its status code, content type, headers and body are the documented ones;
+- its status code, content type, headers and body are the documented ones; a method the path
+  does not answer gets 405 with `Allow` naming those it does (RFC 9110);
 - our own request models are strict: what the document forbids gets a 4xx (the OpenAI-compatible
   routes keep OpenAI's leniency);
 - on the routes that schema.yaml fixes completely (the observation routes), what the document
@@ -126,6 +127,8 @@ CHECKS: list[CheckFunction] = [
     schemathesis.checks.content_type_conformance,
     schemathesis.checks.response_headers_conformance,
     schemathesis.checks.response_schema_conformance,
+    schemathesis.checks.unsupported_method,
+    schemathesis.checks.allow_header_conformance,
     strict_request_models,
     documented_inputs_are_accepted,
 ]
