@@ -8,6 +8,7 @@ status and the machine-readable ``code`` it is answered with; the gateway transl
     PolicyServerError                500 internal_error
     ├── SchemaError                  (start-up only: schema.yaml or model file is wrong)
     ├── InvalidRequest               422 invalid_request
+    │   └── ModelOverflow            422 model_overflow
     ├── Unauthorized                 401 unauthorized
     ├── Forbidden                    403 forbidden
     ├── NotFound                     404 not_found
@@ -26,6 +27,7 @@ status and the machine-readable ``code`` it is answered with; the gateway transl
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -34,6 +36,13 @@ class FieldError:
 
     field: str
     message: str
+
+
+def _rebuilt(cls: type[BaseException], args: tuple[Any, ...], state: dict[str, Any]) -> BaseException:
+    exc = cls.__new__(cls, *args)
+    exc.args = args
+    exc.__dict__.update(state)
+    return exc
 
 
 def summary(exc: BaseException) -> str:
@@ -52,6 +61,10 @@ class PolicyServerError(Exception):
         self.message = message
         self.fields = fields or []
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        # pickled (across Ray) whole: the default calls ``cls(*args)`` and loses the fields
+        return _rebuilt, (type(self), self.args, self.__dict__)
+
 
 class SchemaError(PolicyServerError):
     """schema.yaml or its model is invalid; raised while the app is built, never per request."""
@@ -60,8 +73,28 @@ class SchemaError(PolicyServerError):
 
 
 class InvalidRequest(PolicyServerError):
+    """The request is invalid; names each bad field (a 422 always says which)."""
+
     status = 422
     code = "invalid_request"
+
+    def __init__(self, message: str, fields: list[FieldError]) -> None:
+        if not fields:
+            raise TypeError(f"{type(self).__name__} names at least one field: {message!r}")
+        super().__init__(message, fields)
+
+    @classmethod
+    def at(cls, field: str, message: str) -> InvalidRequest:
+        """One bad field, e.g. ``InvalidRequest.at("body.stream", "streaming is not supported")``;
+        the message says ``"body.stream: streaming is not supported"``."""
+        return cls(f"{field}: {message}", [FieldError(field, message)])
+
+
+class ModelOverflow(InvalidRequest):
+    """A valid observation whose values overflow the model's float32 layers (NaN or inf outputs):
+    a bound that depends on the weights, so no request schema can state it."""
+
+    code = "model_overflow"
 
 
 class Unauthorized(PolicyServerError):

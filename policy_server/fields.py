@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from pydantic import AfterValidator, ConfigDict, Field, Strict, ValidationError
+from pydantic import AfterValidator, BeforeValidator, ConfigDict, Field, Strict, ValidationError
 
 from policy_server.errors import FieldError
 
@@ -80,13 +80,22 @@ Float32 = Annotated[
 ]
 """A JSON number (integer or not, never a string or boolean) that is finite as a float32."""
 
+def integral(value: object) -> object:
+    """``5.0`` → ``5``; anything else as it is. JSON has one number type, and JSON Schema's
+    ``integer`` is any number with no fractional part, so a client (or a generator of clients)
+    may send ``5.0`` for an integer."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
 ExactInt = Annotated[
     int,
     Strict(),
+    BeforeValidator(integral),
     Field(json_schema_extra={"minimum": -EXACT_INT_MAX, "maximum": EXACT_INT_MAX}),
     AfterValidator(check_exact_int),
 ]
-"""A JSON integer that a float32 input column holds exactly (|x| ≤ 2**24)."""
+"""A JSON integer (``5`` or ``5.0``, never a string or boolean) that a float32 input column holds
+exactly (|x| ≤ 2**24)."""
 
 StrictBool = Annotated[bool, Strict()]
 """A JSON boolean; 0, 1, "yes" and "off" are refused."""
@@ -130,4 +139,5 @@ __all__ = [
     "check_text",
     "error_message",
     "field_errors",
+    "integral",
 ]

@@ -14,6 +14,7 @@ from fastapi import APIRouter, Depends, Query, Response
 from pydantic import BaseModel, Field
 
 from policy_server.clients import LANGUAGES, ClientSDKs, LanguageState, RunStatus, parse_languages
+from policy_server.clients.languages import LANGUAGES_PATTERN
 from policy_server.clients.bundle import ZIP_NAME
 from policy_server.gateway.wire import error_docs
 
@@ -53,6 +54,7 @@ def clients_router(sdks: ClientSDKs, openapi: Callable[[], dict[str, Any]], auth
             None,
             description=f"Comma-separated subset of {', '.join(LANGUAGES)}; default: all.",
             examples=["python,go"],
+            json_schema_extra={"pattern": LANGUAGES_PATTERN},  # checked by parse_languages, which names the unknown
         ),
     ) -> Response:
         """Client SDKs for this server (Python; Java, Scala, R, TypeScript and Go when the server

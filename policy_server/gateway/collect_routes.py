@@ -83,7 +83,7 @@ def collect_router(service: PolicyService, training: TrainingService | None, aut
     async def collect_experience(body: Body, request: Request) -> JSONResponse:  # type: ignore[valid-type]
         obs = body.observation  # type: ignore[attr-defined]
         rows = service.from_raw([obs], "body.observation") if isinstance(obs, list) else service.from_observations([obs])
-        samples, version = await service.act(rows, "sample")
+        samples, version = await service.act(rows, "sample", ["body.observation"])
         if training is not None:
             client_id = body.client_id or client_key(request)  # type: ignore[attr-defined]
             await training.collect(client_id, rows[0], samples[0], version, body.reward, body.done)  # type: ignore[attr-defined]

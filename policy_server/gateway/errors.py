@@ -8,9 +8,11 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from policy_server.errors import FieldError, PolicyServerError
 from policy_server.fields import error_message
+from policy_server.gateway.paths import flat_routes
 
 log = logging.getLogger(__name__)
 
@@ -80,13 +82,43 @@ async def _on_validation_error(request: Request, exc: Exception) -> JSONResponse
     return envelope(422, "invalid_request", f"invalid request: {summary}", fields)
 
 
+def _unreadable_body(cause: BaseException) -> FieldError:
+    """Why ``json.loads`` could not read a body that is not plain malformed JSON (FastAPI answers
+    those with a bare 400): bytes that are not UTF-8, an integer past Python's digit limit
+    (``sys.get_int_max_str_digits()``), nesting past the recursion limit."""
+    if isinstance(cause, UnicodeDecodeError):
+        reason = f"not UTF-8 (byte 0x{cause.object[cause.start]:02x} at position {cause.start})"
+    elif isinstance(cause, RecursionError):
+        reason = "nested too deeply"
+    else:
+        reason = str(cause).split(";")[0]  # drop Python's advice to the server (set_int_max_str_digits)
+    return FieldError("body", f"malformed JSON: {reason}")
+
+
 async def _on_http_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
+    if exc.status_code == 400 and exc.__cause__ is not None:  # FastAPI could not parse the body
+        field = _unreadable_body(exc.__cause__)
+        return envelope(422, "invalid_request", f"invalid request: {field.field}: {field.message}", [field])
     code = _HTTP_CODES.get(exc.status_code, "http_error")
     message = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
     if exc.status_code == 404:
         message = f"no route {request.method} {request.url.path}; see /docs for the endpoints"
-    return envelope(exc.status_code, code, message)
+    response = envelope(exc.status_code, code, message)
+    response.headers.update(exc.headers or {})
+    if exc.status_code == 405:
+        response.headers["Allow"] = _allowed_methods(request)
+    return response
+
+
+def _allowed_methods(request: Request) -> str:
+    """Every method the request's path answers, for a 405's ``Allow`` (RFC 9110). Starlette's own
+    names only the first route of the path, and a path may have one route per method."""
+    methods: set[str] = set()
+    for route in flat_routes(request.app):
+        if route.matches(request.scope)[0] is not Match.NONE:
+            methods |= getattr(route, "methods", None) or set()
+    return ", ".join(sorted(methods))
 
 
 async def _on_unexpected(request: Request, exc: Exception) -> JSONResponse:

@@ -46,6 +46,8 @@ def observation_type(width: int | None = None) -> Any:
 def _kind(value: Any) -> str | None:
     if isinstance(value, list):
         return "vector"
+    if isinstance(value, float) and value.is_integer():  # 2.0 is JSON Schema's integer 2
+        return "index"
     return "index" if isinstance(value, int) and not isinstance(value, bool) else None
 
 
@@ -136,7 +138,7 @@ def experience_model(policy: ServedPolicy) -> type[ExperienceRequest]:
 def to_batch(request: ExperienceRequest, policy: ServedPolicy, max_rows: int) -> ExperienceBatch:
     """Validate every observation and action against the policy; raise InvalidRequest naming them."""
     if request.rows > max_rows:
-        raise InvalidRequest(f"body: {request.rows} steps in one request; at most {max_rows}")
+        raise InvalidRequest.at("body", f"{request.rows} steps in one request; at most {max_rows}")
     errors: list[FieldError] = []
     parts = [_fragment(f, f"body.fragments.{i}", policy, errors) for i, f in enumerate(request.fragments)]
     if request.steps:

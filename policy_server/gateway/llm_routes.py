@@ -11,7 +11,9 @@ from fastapi.responses import JSONResponse, Response
 from policy_server.errors import InvalidRequest, ModelError
 from policy_server.gateway.llm_service import LLMService, ValueService
 from policy_server.gateway.llm_wire import (
+    ChatCompletion,
     ChatRequest,
+    Completion,
     CompletionRequest,
     DirectForward,
     DirectForwardAnswer,
@@ -20,6 +22,7 @@ from policy_server.gateway.llm_wire import (
     GRPORewards,
     GRPOStart,
     Message,
+    ModelList,
     Status,
     TaskCreated,
     TaskPending,
@@ -33,6 +36,14 @@ from policy_server.gateway.wire import error_docs
 LLM_ERRORS = error_docs({
     403: "Missing or wrong api key.",
     404: "Unknown task or session.",
+    422: "Invalid request: the envelope names each bad field.",
+    429: "Too much work queued: retry after `Retry-After` seconds.",
+    500: "The model failed.",
+    503: "The model's deployment is not available.",
+})
+OPENAI_ERRORS = error_docs({
+    401: "Missing or wrong api key: send `Authorization: Bearer <key>`.",
+    404: "`model` names a model this server does not serve.",
     422: "Invalid request: the envelope names each bad field.",
     429: "Too much work queued: retry after `Retry-After` seconds.",
     500: "The model failed.",
@@ -145,22 +156,23 @@ def value_router(service: ValueService, auth: Any, prefix: str, trainer: Any = N
 
 
 def openai_router(service: LLMService, auth: Any, prefix: str) -> APIRouter:
-    router = APIRouter(prefix=f"{prefix}/v1", tags=["OpenAI-compatible"], dependencies=[Depends(auth)])
+    router = APIRouter(prefix=f"{prefix}/v1", tags=["OpenAI-compatible"], dependencies=[Depends(auth)],
+                       responses=OPENAI_ERRORS)
 
-    @router.get("/models")
+    @router.get("/models", response_model=ModelList)
     async def models() -> Any:
         """The served model, as OpenAI's model list."""
         return {"object": "list", "data": [
             {"id": service.spec.model_id, "object": "model", "created": 0, "owned_by": "policy-server"}
         ]}
 
-    @router.post("/completions")
+    @router.post("/completions", response_model=Completion)
     async def completions(body: CompletionRequest) -> Any:
         """OpenAI's completions: `prompt`, `n`, `temperature`, `top_p`, `max_tokens`, `stop`, `logprobs`."""
         _no_stream(body.stream)
         return await service.completions(body)
 
-    @router.post("/chat/completions")
+    @router.post("/chat/completions", response_model=ChatCompletion)
     async def chat(body: ChatRequest) -> Any:
         """OpenAI's chat completions: `messages`, `n`, `temperature`, `top_p`, `max_tokens`, `stop`, `logprobs`."""
         _no_stream(body.stream)
@@ -171,7 +183,7 @@ def openai_router(service: LLMService, auth: Any, prefix: str) -> APIRouter:
 
 def _no_stream(stream: bool) -> None:
     if stream:
-        raise InvalidRequest("body.stream: streaming is not supported; send stream=false")
+        raise InvalidRequest.at("body.stream", "streaming is not supported; send stream=false")
 
 
 def grpo_router(service: Any, auth: Any, prefix: str) -> APIRouter:

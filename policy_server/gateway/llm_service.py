@@ -154,7 +154,7 @@ class LocalBackend:
         except PolicyServerError:
             raise
         except ValueError as exc:
-            raise InvalidRequest(str(exc)) from exc
+            raise InvalidRequest.at("body.messages", str(exc)) from exc
 
     async def version(self) -> int:
         return self.engine.version
@@ -212,7 +212,7 @@ class LLMService:
         try:
             text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         except Exception as exc:  # noqa: BLE001 - a template error is the request's fault
-            raise _invalid("body.messages", f"cannot apply the chat template: {summary(exc)}") from exc
+            raise InvalidRequest.at("body.messages", f"cannot apply the chat template: {summary(exc)}") from exc
         return text + continuation
 
     def stop_strings(self, given: list[str] | str | None, field: str) -> tuple[str, ...]:
@@ -231,8 +231,12 @@ class LLMService:
 
     def prompt_ids(self, text: str, max_input_length: int, truncate: bool, field: str, special: bool = True) -> list[int]:
         if max_input_length > self.limits.max_input_length:
-            raise _invalid("body.max_input_length", f"at most {self.limits.max_input_length}, got {max_input_length}")
+            raise InvalidRequest.at(
+                "body.max_input_length", f"at most {self.limits.max_input_length}, got {max_input_length}"
+            )
         ids = self.encode(text, special)
+        if not ids:
+            raise InvalidRequest.at(field, "the prompt has no tokens: send some text")
         if len(ids) > max_input_length:
             if not truncate:
                 raise InvalidRequest(
@@ -251,11 +255,15 @@ class LLMService:
         the number of samples and the length (x1's or OpenAI's), named by a 422."""
         samples_field, length_field = names
         if num_samples > self.limits.max_num_samples:
-            raise _invalid(samples_field, f"at most {self.limits.max_num_samples}, got {num_samples}")
+            raise InvalidRequest.at(samples_field, f"at most {self.limits.max_num_samples}, got {num_samples}")
         if max_new_tokens < 1:
-            raise _invalid(length_field, f"the prompt already has {prompt_len} tokens; nothing is left to generate")
+            raise InvalidRequest.at(
+                length_field, f"the prompt already has {prompt_len} tokens; nothing is left to generate"
+            )
         if max_new_tokens > self.limits.max_new_tokens:
-            raise _invalid(length_field, f"at most {self.limits.max_new_tokens} new tokens, asked for {max_new_tokens}")
+            raise InvalidRequest.at(
+                length_field, f"at most {self.limits.max_new_tokens} new tokens, asked for {max_new_tokens}"
+            )
         return GenerationParams(num_samples=num_samples, max_new_tokens=max_new_tokens, stop_strings=stop, **kw)
 
     async def generate(self, prompt_ids: list[int], params: GenerationParams, skip_special: bool = True) -> Generated:
@@ -327,7 +335,7 @@ class LLMService:
     async def completions(self, body: CompletionRequest) -> dict[str, Any]:
         prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
         if not prompts:
-            raise _invalid("body.prompt", "give at least one prompt")
+            raise InvalidRequest.at("body.prompt", "give at least one prompt")
         outs = []
         for i, text in enumerate(prompts):
             ids = self.prompt_ids(text, self.limits.max_input_length, False, f"body.prompt.{i}" if len(prompts) > 1 else "body.prompt")
@@ -415,15 +423,16 @@ class ValueService:
 
     async def score(self, messages: list[Any]) -> dict[str, Any]:
         backend = self.require_backend()
-        conversations = messages if messages and isinstance(messages[0], list) else [messages]
+        nested = bool(messages) and isinstance(messages[0], list)  # a list of conversations
+        conversations = messages if nested else [messages]
         if not conversations or len(conversations) > self.spec.max_conversations:
-            raise InvalidRequest(
-                f"body.messages: give 1 to {self.spec.max_conversations} conversations, got {len(conversations)}"
+            raise InvalidRequest.at(
+                "body.messages", f"give 1 to {self.spec.max_conversations} conversations, got {len(conversations)}"
             )
         errors = [
             error
             for i, conv in enumerate(conversations)
-            for error in _conversation_errors(conv, f"body.messages.{i}" if len(conversations) > 1 else "body.messages")
+            for error in _conversation_errors(conv, f"body.messages.{i}" if nested else "body.messages")
         ]
         if errors:
             raise InvalidRequest(f"invalid messages: {errors[0].field}: {errors[0].message}", errors)
@@ -442,5 +451,3 @@ def _conversation_errors(conversation: list[Any], where: str) -> list[FieldError
     return []
 
 
-def _invalid(field: str, message: str) -> InvalidRequest:
-    return InvalidRequest(f"{field}: {message}", [FieldError(field, message)])

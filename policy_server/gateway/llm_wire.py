@@ -10,6 +10,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 from policy_server.fields import STRICT, Float32, Text, check_text
 
 Strategy = Literal["temperature", "beam_search", "diverse_beam_search"]
+StopString = Annotated[Text, Field(min_length=1)]
 SESSION_ID = r"^[A-Za-z0-9_.:-]{1,128}$"
 
 
@@ -34,7 +35,7 @@ class DirectForward(_Sampling):
     max_output_length: int | None = Field(
         None, ge=1, description="Most tokens of prompt and completion together; default max_input_length + 256."
     )
-    stop_strings: list[Text] | None = Field(None, description="Default: the step and end tokens.")
+    stop_strings: list[StopString] | None = Field(None, description="Default: the step and end tokens.")
     skip_special_tokens: bool = Field(True, description="Leave special tokens out of the answered text.")
     truncate: bool = Field(False, description="Keep the last max_input_length prompt tokens instead of a 422.")
     min_new_tokens: int = Field(
@@ -199,6 +200,79 @@ class ChatRequest(_OpenAI):
     top_logprobs: int | None = Field(None, ge=0, le=20)
 
 
+class OpenAIModel(BaseModel):
+    id: str
+    object: Literal["model"]
+    created: int
+    owned_by: str
+
+
+class ModelList(BaseModel):
+    object: Literal["list"]
+    data: list[OpenAIModel]
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class _Completion(BaseModel):
+    id: str
+    created: int
+    model: str
+    usage: Usage
+    system_fingerprint: str = Field(description="`policy-server-v<model version>`.")
+
+
+class CompletionLogprobs(BaseModel):
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: None
+    text_offset: list[int]
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    finish_reason: str
+    logprobs: CompletionLogprobs | None
+
+
+class Completion(_Completion):
+    object: Literal["text_completion"]
+    choices: list[CompletionChoice]
+
+
+class TokenLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int]
+    top_logprobs: list[Any]
+
+
+class ChatLogprobs(BaseModel):
+    content: list[TokenLogprob]
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"]
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: AssistantMessage
+    finish_reason: str
+    logprobs: ChatLogprobs | None
+
+
+class ChatCompletion(_Completion):
+    object: Literal["chat.completion"]
+    choices: list[ChatChoice]
+
+
 # --- GRPO (the client computes the reward) --------------------------------------------------------
 
 
@@ -212,7 +286,7 @@ class GRPOStart(_Wire):
     max_prompt_length: int = Field(512, ge=1)
     max_completion_length: int = Field(64, ge=1, le=4096)
     temperature: Float32 = Field(1.0, gt=0, le=10)
-    stop_strings: list[Text] = Field(default_factory=list)
+    stop_strings: list[StopString] = Field(default_factory=list)
     chat: bool = Field(False, description="Wrap each prompt in the chat template.")
     lora: bool = Field(True, description="Train a LoRA adapter (else the full model).")
     lora_r: int = Field(8, ge=1, le=256)

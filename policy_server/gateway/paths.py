@@ -22,9 +22,11 @@ with uvicorn's ``--root-path`` (ASGI ``root_path``), which this keeps.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 from urllib.parse import quote
 
 from fastapi import FastAPI, routing
+from starlette.applications import Starlette
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 
@@ -47,10 +49,14 @@ def slash_routes(app: FastAPI) -> frozenset[str]:
 
 
 def _route_paths(app: FastAPI) -> Iterable[str]:
-    # FastAPI 0.16x keeps included routers nested; its contexts give each route's full path
+    return [p for r in flat_routes(app) if isinstance(p := getattr(r, "path", None), str)]
+
+
+def flat_routes(app: Starlette) -> list[Any]:
+    """``app``'s routes, each as routing sees it: its full ``path``, ``methods`` and ``matches``
+    (FastAPI 0.16x keeps included routers nested; its route contexts stand for the routes)."""
     contexts = getattr(routing, "iter_route_contexts", None)
-    routes = contexts(app.routes) if contexts is not None else app.routes
-    return [p for r in routes if isinstance(p := getattr(r, "path", None), str)]
+    return list(contexts(app.routes)) if contexts is not None else list(app.routes)
 
 
 class PathNormalizer:

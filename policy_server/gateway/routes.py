@@ -23,7 +23,8 @@ from policy_server.policies.spaces import ActionSample
 ERRORS = error_docs({
     403: "Missing or wrong api key.",
     413: "Body too large.",
-    422: "Invalid observation: the envelope names each bad field.",
+    422: "Invalid observation: the envelope names each bad field. Code `model_overflow`: valid "
+         "values that overflow the model's float32 layers (a bound of its weights).",
     500: "The model failed.",
     503: "The policy's deployment is not available.",
 })
@@ -46,6 +47,11 @@ def _answer(content: dict[str, Any]) -> JSONResponse:
     return JSONResponse(content)
 
 
+def rows_at(field: str, n: int) -> list[str]:
+    """Where each of ``n`` batched rows is in the request: ``body.observations.0``, ..."""
+    return [f"{field}.{i}" for i in range(n)]
+
+
 def action_answer(sample: ActionSample, version: int) -> JSONResponse:
     """The answer of ``/predict`` and its kin: one action, ``actions``, and the model version."""
     return _answer(_action(sample) | {"model_version": version})
@@ -56,12 +62,12 @@ def policy_router(service: PolicyService, auth: Any, max_batch: int, prefix: str
     policy = service.policy
     router = APIRouter(prefix=prefix, tags=[policy.name], dependencies=[Depends(auth)], responses=ERRORS)
 
-    async def act(obs: Any, mode: Mode) -> JSONResponse:
-        samples, version = await service.act(obs, mode)
+    async def act(obs: Any, mode: Mode, where: str = "body") -> JSONResponse:
+        samples, version = await service.act(obs, mode, [where])
         return action_answer(samples[0], version)
 
-    async def act_batch(obs: Any, mode: Mode) -> JSONResponse:
-        samples, version = await service.act(obs, mode)
+    async def act_batch(obs: Any, mode: Mode, where: str = "body.observations") -> JSONResponse:
+        samples, version = await service.act(obs, mode, rows_at(where, len(obs)))
         return _answer({"results": [_action(s) for s in samples], "model_version": version})
 
     Raw = raw_model(policy.model_prefix, policy.obs_dim)
@@ -70,12 +76,12 @@ def policy_router(service: PolicyService, auth: Any, max_batch: int, prefix: str
     @router.post("/predict_raw", response_model=ActionResponse)
     async def predict_raw(body: Raw) -> JSONResponse:  # type: ignore[valid-type]
         """Sample an action for a flat input vector (width checked, no field validation)."""
-        return await act(service.from_raw([body.obs]), "sample")  # type: ignore[attr-defined]
+        return await act(service.from_raw([body.obs]), "sample", "body.obs")  # type: ignore[attr-defined]
 
     @router.post("/predict_raw/batch", response_model=BatchActionResponse)
     async def predict_raw_batch(body: RawBatch) -> JSONResponse:  # type: ignore[valid-type]
         """Sample one action per flat input vector, in one forward pass."""
-        return await act_batch(service.from_raw(body.obs), "sample")  # type: ignore[attr-defined]
+        return await act_batch(service.from_raw(body.obs), "sample", "body.obs")  # type: ignore[attr-defined]
 
     if policy.observation_model is None:
         return router
@@ -95,7 +101,7 @@ def policy_router(service: PolicyService, auth: Any, max_batch: int, prefix: str
     @router.post("/distribution", response_model=DistributionResponse)
     async def distribution(obs: Observation) -> JSONResponse:  # type: ignore[valid-type]
         """The exact action distribution, computed from the model's logits."""
-        dists, version = await service.distribution(service.from_observations([obs]))
+        dists, version = await service.distribution(service.from_observations([obs]), ["body"])
         return _answer(dists[0] | {"model_version": version})
 
     @router.post("/predict/batch", response_model=BatchActionResponse)
@@ -111,7 +117,9 @@ def policy_router(service: PolicyService, auth: Any, max_batch: int, prefix: str
     @router.post("/distribution/batch", response_model=BatchDistributionResponse)
     async def distribution_batch(body: Batch) -> JSONResponse:  # type: ignore[valid-type]
         """The exact action distribution for each observation, in one forward pass."""
-        dists, version = await service.distribution(service.from_observations(body.observations))  # type: ignore[attr-defined]
+        observations = body.observations  # type: ignore[attr-defined]
+        dists, version = await service.distribution(
+            service.from_observations(observations), rows_at("body.observations", len(observations)))
         return _answer({"results": dists, "model_version": version})
 
     return router

@@ -6,12 +6,13 @@ to a backend, and turns the model's raw outputs into actions or distributions.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, Literal
 
 import numpy as np
 from pydantic import BaseModel
 
-from policy_server.errors import BackendUnavailable, FieldError, InvalidRequest, ModelError
+from policy_server.errors import BackendUnavailable, FieldError, InvalidRequest, ModelOverflow
 from policy_server.policies.served import ServedPolicy
 from policy_server.policies.spaces import ActionSample
 from policy_server.policies.torch_policy import PolicyOutput
@@ -62,20 +63,31 @@ class PolicyService:
 
     # --- model calls ----------------------------------------------------------------------
 
-    async def forward(self, obs: np.ndarray) -> PolicyOutput:
+    async def forward(self, obs: np.ndarray, where: Sequence[str]) -> PolicyOutput:
+        """The model's outputs for float32 ``(B, obs_dim)`` rows; ``where`` names each row's
+        field (``body.observations.3``).
+
+        Raises ModelOverflow naming each row whose outputs are not finite: the weights are
+        (replicas refuse others), so a finite input that overflows the model's float32 layers
+        (values near 1e38, say) is the only way there.
+        """
         if self._batcher is None:
             raise BackendUnavailable(f"policy {self.policy.name!r} is still starting; retry shortly")
         out = await self._batcher.submit(obs)
-        if not all(np.isfinite(h).all() for h in out.heads):
-            raise ModelError(f"policy {self.policy.name!r} returned non-finite outputs (NaN or inf)")
+        finite = np.logical_and.reduce([np.isfinite(h).reshape(len(h), -1).all(axis=1) for h in out.heads])
+        if not finite.all():
+            message = ("the model's outputs are not finite (NaN or inf) for this observation: its "
+                       "values overflow the model's float32 layers; scale them down")
+            fields = [FieldError(where[i], message) for i in np.flatnonzero(~finite)[:10]]
+            raise ModelOverflow(f"{fields[0].field}: {message}", fields)
         return out
 
-    async def act(self, obs: np.ndarray, mode: Mode) -> tuple[list[ActionSample], int]:
-        out = await self.forward(obs)
+    async def act(self, obs: np.ndarray, mode: Mode, where: Sequence[str]) -> tuple[list[ActionSample], int]:
+        out = await self.forward(obs, where)
         space = self.policy.space
         samples = space.sample(out.heads, self.rng) if mode == "sample" else space.mode(out.heads)
         return samples, out.version
 
-    async def distribution(self, obs: np.ndarray) -> tuple[list[dict[str, Any]], int]:
-        out = await self.forward(obs)
+    async def distribution(self, obs: np.ndarray, where: Sequence[str]) -> tuple[list[dict[str, Any]], int]:
+        out = await self.forward(obs, where)
         return self.policy.space.distribution(out.heads), out.version

@@ -23,6 +23,7 @@ from policy_server.gateway.service import PolicyService
 from policy_server.gateway.training import TrainingService
 from policy_server.gateway.wire import error_docs
 from policy_server.policies.codec import encode_weights
+from policy_server.training.checkpoint import NAME_PATTERN
 
 TRAINING_ERRORS = ERRORS | error_docs({
     404: "Unknown checkpoint.",
@@ -87,7 +88,10 @@ class TrainingStatus(BaseModel):
 
 
 class Resume(_Request):
-    checkpoint: str | None = Field(None, description="A checkpoint's name; null: the newest.")
+    checkpoint: str | None = Field(
+        None, description="A checkpoint's name; null: the newest.",
+        json_schema_extra={"pattern": NAME_PATTERN},  # checked by the store, whose 422 says what a name may hold
+    )
 
 
 class Saved(BaseModel):

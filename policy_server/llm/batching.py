@@ -143,7 +143,7 @@ class GenerationQueue(Generic[S]):
     def submit_future(self, prompt_ids: list[int], params: BatchParams) -> Future[list[S]]:
         """``submit`` for callers outside an event loop: a future of the prompt's samples."""
         if not prompt_ids:
-            raise InvalidRequest("the prompt has no tokens: send at least one token (a bos token will do)")
+            raise InvalidRequest.at("body", "the prompt has no tokens: send at least one token (a bos token will do)")
         tokens = request_tokens(prompt_ids, params)
         if self._max_tokens is not None and tokens > self._max_tokens:
             raise PayloadTooLarge(

@@ -31,7 +31,7 @@ from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import BaseModel, Field, ValidationError
 
-from policy_server.errors import FieldError, Forbidden, InvalidRequest, NotFound
+from policy_server.errors import Forbidden, InvalidRequest, NotFound
 from policy_server.fields import STRICT, Float32, Text, field_errors
 
 Message = dict[str, str]
@@ -124,8 +124,6 @@ class ValueSample:
 Sample = PolicySample | ValueSample
 
 
-def _invalid(field: str, message: str) -> InvalidRequest:
-    return InvalidRequest(f"{field}: {message}", [FieldError(field, message)])
 
 
 def _validate(raw: Any, kind: Kind, where: str) -> _Form:
@@ -156,9 +154,9 @@ def parse_policy_sample(raw: Any, where: str) -> PolicySample:
         return PolicySample(messages, form.value, judged_from)
     assert isinstance(form, PolicyForm)
     if form.messages[-1].role != "assistant":
-        raise _invalid(f"{where}.messages.{len(form.messages) - 1}.role", "the last message must be the assistant's")
+        raise InvalidRequest.at(f"{where}.messages.{len(form.messages) - 1}.role", "the last message must be the assistant's")
     if (form.GAE is None) == (form.advantage is None):
-        raise _invalid(f"{where}.GAE", "give the advantage as GAE (or advantage), exactly once")
+        raise InvalidRequest.at(f"{where}.GAE", "give the advantage as GAE (or advantage), exactly once")
     advantage = form.GAE if form.GAE is not None else form.advantage
     assert advantage is not None
     return PolicySample(_messages(form.messages), advantage, 0, form.logprobs)
@@ -179,7 +177,7 @@ def parse_samples(
     """Validate a list of x1 samples for the policy (PPO) or the value model (MSE); the first bad
     sample is refused with an ``InvalidRequest`` naming ``<field>.<i>.<key>``."""
     if not isinstance(raw, list) or not raw:
-        raise _invalid(field, "must be a non-empty list of samples")
+        raise InvalidRequest.at(field, "must be a non-empty list of samples")
     parse = parse_policy_sample if kind == "policy" else parse_value_sample
     return [parse(sample, f"{field}.{i}") for i, sample in enumerate(raw)]  # type: ignore[return-value]
 
@@ -203,13 +201,13 @@ def load_dataset_file(
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
-        raise _invalid(field, f"{relative} is not UTF-8 text: {exc}") from exc
+        raise InvalidRequest.at(field, f"{relative} is not UTF-8 text: {exc}") from exc
     stripped = text.lstrip()
     if stripped.startswith("["):
         try:
             samples = json.loads(text)
         except json.JSONDecodeError as exc:
-            raise _invalid(field, f"{relative} is not valid JSON: {exc}") from exc
+            raise InvalidRequest.at(field, f"{relative} is not valid JSON: {exc}") from exc
     else:
         samples = []
         for number, line in enumerate(text.splitlines(), start=1):
@@ -218,16 +216,16 @@ def load_dataset_file(
             try:
                 samples.append(json.loads(line))
             except json.JSONDecodeError as exc:
-                raise _invalid(field, f"{relative} line {number} is not valid JSON: {exc}") from exc
+                raise InvalidRequest.at(field, f"{relative} line {number} is not valid JSON: {exc}") from exc
     if not isinstance(samples, list) or not samples:
-        raise _invalid(field, f"{relative} holds no samples (expected a JSON list or JSONL lines)")
+        raise InvalidRequest.at(field, f"{relative} holds no samples (expected a JSON list or JSONL lines)")
     return samples
 
 
 def subset(samples: Sequence[T], percent_of_data: float, seed: int) -> list[T]:
     """A seeded random ``percent_of_data`` share of the samples (at least one), in their order."""
     if not 0.0 < percent_of_data <= 1.0:
-        raise _invalid("body.percent_of_data", f"must be in (0, 1], got {percent_of_data}")
+        raise InvalidRequest.at("body.percent_of_data", f"must be in (0, 1], got {percent_of_data}")
     count = max(1, round(len(samples) * percent_of_data))
     keep = sorted(random.Random(seed).sample(range(len(samples)), count))
     return [samples[i] for i in keep]
@@ -293,7 +291,7 @@ def encode_last_message(
     ids: list[int] = encoded["input_ids"]
     mask = [int(e > start and s < end) for s, e in encoded["offset_mapping"]]
     if len(ids) > max_length:
-        raise _invalid(field, f"the chat has {len(ids)} tokens, more than max_length={max_length}")
+        raise InvalidRequest.at(field, f"the chat has {len(ids)} tokens, more than max_length={max_length}")
     if not any(mask):
-        raise _invalid(field, "the last message has no tokens to train")
+        raise InvalidRequest.at(field, "the last message has no tokens to train")
     return ids, mask

@@ -35,7 +35,7 @@ from typing import Any, Literal
 import torch
 from pydantic import TypeAdapter, ValidationError
 
-from policy_server.errors import Conflict, FieldError, InvalidRequest, NotFound
+from policy_server.errors import Conflict, InvalidRequest, NotFound
 from policy_server.fields import Float32, field_errors
 from policy_server.llm.generation import GenerationParams, Generator
 from policy_server.llm.models import Dtype, LoadedLM, load_policy
@@ -208,6 +208,7 @@ class GRPOSettings:
             (0 < self.clip_eps < 1, f"clip_eps must be in (0, 1), not {self.clip_eps}"),
             (self.max_prompt_length >= 1, "max_prompt_length must be >= 1"),
             (self.max_completion_length >= 1, "max_completion_length must be >= 1"),
+            (all(isinstance(s, str) and s for s in self.stop_strings), "stop strings must be non-empty strings"),
             (0 < self.temperature < math.inf, f"temperature must be > 0, not {self.temperature}"),
             (self.lora_r >= 1, "lora_r must be >= 1"),
             (0 <= self.lora_dropout < 1, "lora_dropout must be in [0, 1)"),
@@ -528,7 +529,7 @@ class GRPORun:
 
     def _encode(self, prompt: str) -> list[int]:
         if not isinstance(prompt, str) or not prompt:
-            raise InvalidRequest("the prompt must be a non-empty string")
+            raise InvalidRequest.at("body.prompt", "must be a non-empty string")
         tokenizer = self.lm.tokenizer
         if self.settings.chat:
             ids = tokenizer.apply_chat_template(
@@ -540,9 +541,10 @@ class GRPORun:
         else:
             ids = self.generator.encode(prompt)
         if len(ids) > self.settings.max_prompt_length:
-            raise InvalidRequest(
+            raise InvalidRequest.at(
+                "body.prompt",
                 f"the prompt has {len(ids)} tokens, more than max_prompt_length={self.settings.max_prompt_length}: "
-                "shorten it"
+                "shorten it",
             )
         return list(ids)
 
@@ -617,4 +619,4 @@ def _check_rewards(rewards: list[float], group_size: int) -> None:
         raise InvalidRequest(f"{errors[0].field}: {errors[0].message}", errors) from None
     if len(rewards) != group_size:
         message = f"expected {group_size} rewards, one per completion of the group, got {len(rewards)}"
-        raise InvalidRequest(f"body.rewards: {message}", [FieldError("body.rewards", message)])
+        raise InvalidRequest.at("body.rewards", message)

@@ -40,7 +40,7 @@ class GRPORuns:
         try:
             parsed = GRPOSettings.from_dict(settings)
         except (TypeError, ValueError) as exc:
-            raise InvalidRequest(f"body: invalid GRPO settings: {exc}") from exc
+            raise InvalidRequest.at("body", f"invalid GRPO settings: {exc}") from exc
         with self._lock:
             running = [r for r in self._runs.values() if r.state == "running"]
             if len(running) >= self.max_runs:

@@ -74,10 +74,10 @@ class X1Trainer:
     def _samples(self, request: dict[str, Any]) -> list[Any]:
         dataset, path = request.get("dataset"), request.get("dataset_path")
         if (dataset is None) == (path is None):
-            raise InvalidRequest("body: give exactly one of `dataset` and `dataset_path`")
+            raise InvalidRequest.at("body", "give exactly one of `dataset` and `dataset_path`")
         raw = dataset if dataset is not None else load_dataset_file(self.training.data_dir, path)
         if not raw:
-            raise InvalidRequest("body.dataset: no samples")
+            raise InvalidRequest.at("body.dataset" if dataset is not None else "body.dataset_path", "no samples")
         samples = parse_samples(raw, self.kind, "body.dataset" if dataset is not None else "body.dataset_path")
         if request.get("save_samples"):  # the samples as sent (valid, since they parsed)
             save_samples(raw, self.training.samples_dir / self.kind)

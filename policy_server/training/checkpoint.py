@@ -21,7 +21,8 @@ import torch
 from policy_server.errors import InvalidRequest, NotFound, summary
 
 SUFFIX = ".pt"
-_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]{0,127}")  # no leading dot: hidden and '..'
+NAME_PATTERN = r"^[A-Za-z0-9_-][A-Za-z0-9_.-]{0,127}$"  # no leading dot: hidden and '..'
+_NAME = re.compile(NAME_PATTERN.strip("^$"))
 _PERIODIC = re.compile(r"update-\d{8}")
 _PLAIN = (torch.Tensor, int, float, str, bool, type(None))
 
@@ -40,9 +41,10 @@ class CheckpointStore:
     def path(self, name: str) -> Path:
         """The file of checkpoint ``name``; raises InvalidRequest for a name that is not plain."""
         if not _NAME.fullmatch(name):
-            raise InvalidRequest(
+            raise InvalidRequest.at(
+                "body.checkpoint",
                 f"invalid checkpoint name {name!r}: use up to 128 letters, digits, '-', '_' and '.', "
-                "not starting with '.'"
+                "not starting with '.'",
             )
         return self.root / f"{name}{SUFFIX}"
 
@@ -85,12 +87,15 @@ class CheckpointStore:
         try:
             return torch.load(path, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as e:
-            raise InvalidRequest(
+            raise InvalidRequest.at(
+                "body.checkpoint",
                 f"checkpoint {name!r} cannot be loaded safely: {path} holds objects other than tensors "
-                "and plain data, or is not a checkpoint; only files this store wrote can be loaded"
+                "and plain data, or is not a checkpoint; only files this store wrote can be loaded",
             ) from e
         except (RuntimeError, EOFError) as e:
-            raise InvalidRequest(f"checkpoint {name!r} is not a readable checkpoint file: {summary(e)}") from e
+            raise InvalidRequest.at(
+                "body.checkpoint", f"checkpoint {name!r} is not a readable checkpoint file: {summary(e)}"
+            ) from e
 
     def list(self) -> list[dict[str, Any]]:
         """``{name, bytes, modified}`` of every checkpoint, newest first (``modified``: unix time)."""

@@ -117,8 +117,8 @@ class Trainer:
             if newest > self.version:
                 self.rejected["malformed"] += len(batch)
                 self.metrics.malformed(len(batch))
-                raise InvalidRequest(
-                    f"model_version {newest} is newer than the current version {self.version}"
+                raise InvalidRequest.at(
+                    "body", f"model_version {newest} is newer than the current version {self.version}"
                 )
             improved = self.telemetry.record_steps(batch.client_id, batch.rewards, batch.episode_end)
             self._best_due |= improved
@@ -326,12 +326,15 @@ class Trainer:
             raise NotFound(f"policy {self.policy!r} has no checkpoint to resume from")
         state = self.store.load(name)
         if state.get("algorithm") != self.spec.algorithm:
-            raise InvalidRequest(
-                f"checkpoint {name!r} was written by {state.get('algorithm')!r}, not {self.spec.algorithm!r}"
+            raise InvalidRequest.at(
+                "body.checkpoint",
+                f"checkpoint {name!r} was written by {state.get('algorithm')!r}, not {self.spec.algorithm!r}",
             )
         bad = nonfinite(state["learner"]["actor"])  # written before updates were guarded
         if bad:
-            raise InvalidRequest(f"checkpoint {name!r} holds non-finite weights {bad[:3]}: resume from another one")
+            raise InvalidRequest.at(
+                "body.checkpoint", f"checkpoint {name!r} holds non-finite weights {bad[:3]}: resume from another one"
+            )
         self.learner.load_state_dict(state["learner"])
         with self._cond:
             self.telemetry.load_state_dict(state["telemetry"])

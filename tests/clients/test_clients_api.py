@@ -15,6 +15,7 @@ import yaml
 from conftest import API_KEY, LPOC_OBS, multi_policy_schema, running_server
 from fastapi.testclient import TestClient
 
+from policy_server.clients.languages import LANGUAGES_PATTERN
 from policy_server.gateway.app import build_app
 from policy_server.settings import Settings
 
@@ -134,6 +135,7 @@ def test_the_route_is_documented(server: str) -> None:
     assert "application/zip" in operation["responses"]["200"]["content"]
     assert {"403", "422", "503"} <= set(operation["responses"])
     assert operation["parameters"][0]["name"] == "languages"
+    assert operation["parameters"][0]["schema"]["pattern"] == LANGUAGES_PATTERN
 
 
 def test_a_restarted_server_prebuilds_from_the_cache(settings: Settings, answers: dict[str, Any]) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import shutil
 import stat
 import zipfile
@@ -15,6 +16,7 @@ import yaml
 from conftest import API_KEY, multi_policy_schema
 
 from policy_server.clients import ClientSDKs, cache_key, parse_languages
+from policy_server.clients.languages import LANGUAGES_PATTERN
 from policy_server.clients.generators import tool_versions
 from policy_server.clients.java import drop_java_time, java_document, uses_time_formats
 from policy_server.errors import ClientsNotReady, InvalidRequest
@@ -125,6 +127,18 @@ def test_the_languages_filter() -> None:
     assert caught.value.fields[0].field == "query.languages"
     with pytest.raises(InvalidRequest, match="no language given"):
         parse_languages(",")
+
+
+@pytest.mark.parametrize("value", ["python,go", "Go, python", " r ", "TypeScript", "python,,go", ",", "", "cobol",
+                                   "python;go", "py thon"])
+def test_the_documented_languages_pattern_is_what_the_filter_takes(value: str) -> None:
+    """`GET /clients` documents LANGUAGES_PATTERN; the filter takes exactly what it matches."""
+    try:
+        parse_languages(value)
+        taken = True
+    except InvalidRequest:
+        taken = False
+    assert taken == bool(re.search(LANGUAGES_PATTERN, value))
 
 
 def test_the_java_document_untypes_array_unions_only(document: dict[str, Any]) -> None:

@@ -303,6 +303,22 @@ def test_unknown_routes_and_methods_answer_the_envelope(client: TestClient) -> N
     assert r.status_code == 405 and r.json()["error"]["code"] == "method_not_allowed"
 
 
+@pytest.mark.parametrize(
+    "method,path,allow",
+    [
+        ("GET", "/predict", "POST"),
+        ("TRACE", "/", "GET"),
+        ("OPTIONS", "/policies/box/weights", "GET"),
+        ("DELETE", "/predict/", "POST"),  # Pathmind's spelling, normalised before routing
+        ("PUT", "/policies/box/train/status", "GET, POST"),  # one route answers both
+    ],
+)
+def test_a_405_says_which_methods_the_path_answers(client: TestClient, method: str, path: str, allow: str) -> None:
+    """RFC 9110: a 405 carries `Allow`."""
+    r = client.request(method, path, headers=AUTH)
+    assert r.status_code == 405 and r.headers["allow"] == allow and r.json()["error"]["status"] == 405
+
+
 # --- issue 11: numbers at float32 precision, integers within ±2**24, JSON types strictly ---------
 
 
@@ -342,10 +358,85 @@ def test_the_largest_values_float32_holds_are_accepted(client: TestClient, path:
     assert r.status_code == 200, r.text[:300]
 
 
-def test_an_integer_too_long_for_json_is_a_4xx(client: TestClient) -> None:
-    body = b'{"obs": [1' + b"0" * 5000 + b"]}"  # past Python's 4300-digit limit: the body cannot be read
-    r = client.post("/predict_raw", content=body, headers=AUTH | JSON)
-    assert r.status_code == 400 and r.json()["error"]["code"] == "bad_request"
+@pytest.mark.parametrize(
+    "raw,reason",
+    [
+        (b'{"obs": [1' + b"0" * 5000 + b"]}", "5001 digits"),  # past Python's 4300-digit limit
+        (b"\xff", "not UTF-8 (byte 0xff at position 0)"),
+        (b'{"obs": "\xe9t\xe9"}', "not UTF-8"),  # Latin-1, not UTF-8
+        (b"[" * 5000, "nested too deeply"),  # past Python's recursion limit
+    ],
+    ids=["5001-digit int", "0xff", "latin-1", "deep nesting"],
+)
+def test_a_body_json_cannot_read_is_422_naming_the_body(client: TestClient, raw: bytes, reason: str) -> None:
+    for path in ("/predict_raw", "/predict", "/predict/batch", "/collect_experience"):
+        r = client.post(path, content=raw, headers=AUTH | JSON)
+        assert r.status_code == 422, r.text[:300]
+        error = r.json()["error"]
+        assert error["code"] == "invalid_request" and len(error["fields"]) == 1, error
+        assert error["fields"][0]["field"] == "body" and error["fields"][0]["message"].startswith("malformed JSON")
+        assert reason in error["message"] and "set_int_max_str_digits" not in error["message"]
+
+
+@pytest.mark.parametrize(
+    "path,body",
+    [
+        ("/predict", LPOC_OBS | {"id": 303.0, "coordinates_0": -7.0}),
+        ("/predict/batch", {"observations": [LPOC_OBS | {"coordinates_1": 1e3}]}),
+    ],
+)
+def test_an_integer_written_as_a_whole_float_is_an_integer(client: TestClient, path: str, body: dict[str, Any]) -> None:
+    """JSON has one number type; JSON Schema's `integer` (what the document says) takes 303.0."""
+    r = client.post(path, json=body, headers=AUTH)
+    assert r.status_code == 200, r.text[:300]
+    half = client.post("/predict", json=LPOC_OBS | {"id": 303.5}, headers=AUTH).json()["error"]
+    assert [f["field"] for f in half["fields"]] == ["body.id"]
+
+
+@pytest.fixture(scope="module")
+def linear_client(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestClient]:
+    """A policy whose logits are x + y (both heads): 3e38 + 3e38 overflows float32 to inf."""
+    import yaml
+
+    from policy_server.export import MLPPolicy, export_module
+
+    root = tmp_path_factory.mktemp("linear")
+    module = MLPPolicy(2, [], nvec=[2])
+    with torch.no_grad():
+        module.heads[0].weight.fill_(1.0)
+        module.heads[0].bias.zero_()
+    export_module(module, 2, root / "linear.pt2")
+    observations = {"x": {"type": "float"}, "y": {"type": "float"}}
+    doc = {"parameters": {"api_key": API_KEY, "model": "linear.pt2"}, "observations": observations}
+    (root / "schema.yaml").write_text(yaml.safe_dump(doc))
+    with make_client(root / "schema.yaml") as c:
+        yield c
+
+
+@pytest.mark.parametrize(
+    "path,body,fields",
+    [
+        ("/predict", {"x": 3e38, "y": 3e38}, ["body"]),
+        ("/distribution", {"x": -3e38, "y": -3e38}, ["body"]),
+        ("/predict_raw", {"obs": [3e38, 3e38]}, ["body.obs"]),
+        ("/predict_raw/batch", {"obs": [[3e38, 3e38], [1.0, 2.0], [-3e38, -1e38]]}, ["body.obs.0", "body.obs.2"]),
+        ("/predict_deterministic/batch", {"observations": [{"x": 1.0, "y": 1.0}, {"x": 3e38, "y": 1e38}]},
+         ["body.observations.1"]),
+        ("/distribution/batch", {"observations": [{"x": 3e38, "y": 3e38}]}, ["body.observations.0"]),
+        ("/collect_experience", {"observation": {"x": 3e38, "y": 3e38}}, ["body.observation"]),
+    ],
+)
+def test_values_that_overflow_the_model_are_422_naming_the_observation(
+    linear_client: TestClient, path: str, body: dict[str, Any], fields: list[str]
+) -> None:
+    """Valid float32 values can overflow the model's float32 layers (inf or NaN outputs): a bound
+    of the weights, answered 422 `model_overflow` naming each such observation, never a 500."""
+    r = linear_client.post(path, json=body, headers=AUTH)
+    assert r.status_code == 422, r.text[:300]
+    error = r.json()["error"]
+    assert error["code"] == "model_overflow" and [f["field"] for f in error["fields"]] == fields
+    assert "overflow the model's float32 layers" in error["message"]
+    assert linear_client.post("/predict", json={"x": 3e38, "y": -3e38}, headers=AUTH).status_code == 200
 
 
 # --- Pathmind's one-hot lists, any-text names, action masks --------------------------------------

@@ -143,7 +143,9 @@ BAD_SETTINGS = [
     ({"temperature": float("inf")}, "body.temperature"),
     ({"stop_strings": ["\n", "\ud800"]}, "body.stop_strings.1"),
     ({"stop_strings": "\n"}, "body.stop_strings"),
+    ({"stop_strings": ["\n", ""]}, "body.stop_strings.1"),  # a run that ends every completion at once
     ({"seed": "0"}, "body.seed"),
+    ({"seed": False}, "body.seed"),
     ({"lora": True, "lora_alpha": 10**400}, "body.lora_alpha"),
     ({"lora": True, "lora_r": 10**9}, "body.lora_r"),
 ]

@@ -234,6 +234,7 @@ def test_a_lone_surrogate_in_any_text_for_the_tokenizer_is_422_naming_the_field(
         ("/llm/direct_forward", {"return_tokens": "yes"}, "body.return_tokens"),
         ("/llm/direct_forward", {"input_string": 5}, "body.input_string"),
         ("/llm/forward", {"question": "Hi", "full_simulation": "off"}, "body.full_simulation"),
+        ("/llm/forward", {"question": "Hi", "full_simulation": 0}, "body.full_simulation"),
         ("/llm/forward", {"question": "Hi", "num_samples": "2"}, "body.num_samples"),
         ("/value/forward", {"messages": [{"role": "user", "content": 5}]}, "body.messages.0.content"),
         ("/value/forward", {"messages": [{"role": "user", "content": "Hi", "name": "x"}]}, "body.messages.0.name"),
@@ -265,6 +266,52 @@ def test_openai_routes_keep_openais_leniency(client: TestClient) -> None:
     answer = post_raw(client, "/v1/completions", lenient)
     assert answer.status_code == 200, answer.text
     assert len(answer.json()["choices"]) == 1 and answer.json()["usage"]["completion_tokens"] <= 4
+
+
+# --- issue 11: every 422 names its field; the OpenAI routes document what they answer -----------
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "field"),
+    [
+        ("/v1/chat/completions", CHAT_BODY | {"stream": True}, "body.stream"),
+        ("/v1/completions", {"prompt": "Hi", "stream": True}, "body.stream"),
+        ("/v1/completions", {"prompt": []}, "body.prompt"),
+        ("/llm/direct_forward", {"input_string": "0", "max_output_length": 1}, "body.max_output_length"),
+        ("/llm/forward", {"question": "0", "context": "", "max_output_length": 1}, "body.max_output_length"),
+        ("/value/forward", {"messages": [[]]}, "body.messages.0"),
+        ("/value/forward", {"messages": [CONV, []]}, "body.messages.1"),
+        ("/value/forward", {"messages": []}, "body.messages"),
+        ("/llm/direct_forward", {"input_string": "Hi", "stop_strings": ["", "x"]}, "body.stop_strings.0"),
+    ],
+)
+def test_every_refusal_names_its_field(client: TestClient, path: str, body: dict[str, Any], field: str) -> None:
+    error = assert_422_naming(post_raw(client, path, body), field)
+    assert error["message"].startswith(field) or f" {field}:" in error["message"], error["message"]
+
+
+def test_openai_routes_document_every_status_they_answer_and_their_answers(client: TestClient) -> None:
+    paths = client.get("/openapi.json").json()["paths"]
+    for path, method, answer in [("/v1/models", "get", "ModelList"), ("/v1/completions", "post", "Completion"),
+                                 ("/v1/chat/completions", "post", "ChatCompletion")]:
+        responses = paths[path][method]["responses"]
+        assert {"200", "401", "404", "422", "429", "500", "503"} <= set(responses), (path, sorted(responses))
+        assert responses["200"]["content"]["application/json"]["schema"]["$ref"].endswith(f"/{answer}")
+    nameless = client.post("/v1/completions", json={"prompt": "Hi", "model": ""})
+    assert nameless.status_code == 404 and nameless.json()["error"]["code"] == "not_found"
+    keyless = client.post("/v1/completions", json={"prompt": "Hi"}, headers={"access-token": "", "authorization": "Bearer nope"})
+    assert keyless.status_code == 401
+
+
+def test_openai_answers_hold_to_their_models(client: TestClient) -> None:
+    from policy_server.gateway.llm_wire import ChatCompletion, Completion, ModelList
+
+    ModelList.model_validate(client.get("/v1/models").json())
+    completion = Completion.model_validate(client.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 3,
+                                                                               "logprobs": 1, "n": 2}).json())
+    assert len(completion.choices) == 2 and completion.choices[0].logprobs is not None
+    chat = ChatCompletion.model_validate(post_raw(client, "/v1/chat/completions", CHAT_BODY | {"logprobs": True}).json())
+    assert chat.choices[0].message.role == "assistant" and chat.choices[0].logprobs is not None
 
 
 def test_the_openai_client_gets_a_422_for_a_temperature_beyond_float32(client: TestClient) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -154,6 +155,13 @@ def test_openapi_declares_the_width_of_raw_experience_observations(client: TestC
     assert fragment["rewards"]["items"]["exclusiveMaximum"] == FLOAT32_LIMIT
 
 
+def test_a_model_version_from_the_future_is_422_naming_the_body(client: TestClient) -> None:
+    future = send(client, cart_fragment(version=7))
+    assert future.status_code == 422, future.text
+    error = future.json()["error"]
+    assert [f["field"] for f in error["fields"]] == ["body"] and "model_version 7 is newer" in error["message"]
+
+
 def test_stale_and_paused_are_409_with_distinct_codes(client: TestClient) -> None:
     send(client, cart_fragment())
     wait_version(client, 1)
@@ -180,6 +188,9 @@ def test_save_list_resume_and_bad_checkpoint_names(client: TestClient) -> None:
     assert client.post("/train/resume", json={"checkpoint": "nope"}).status_code == 404
     bad = client.post("/train/resume", json={"checkpoint": "../../etc/passwd"})
     assert bad.status_code == 422 and "invalid checkpoint name" in bad.json()["error"]["message"]
+    assert [f["field"] for f in bad.json()["error"]["fields"]] == ["body.checkpoint"]
+    documented = client.get("/openapi.json").json()["components"]["schemas"]["Resume"]["properties"]["checkpoint"]
+    assert re.search(documented["pattern"], saved["checkpoint"]) and not re.search(documented["pattern"], "../x")
     stopped = client.post("/train/stop").json()
     assert stopped["state"] == "stopped" and stopped["last_checkpoint"] == "final"
 

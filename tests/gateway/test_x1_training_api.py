@@ -81,8 +81,9 @@ def test_bad_datasets_are_refused_before_anything_starts(client: TestClient, tmp
     assert missing.status_code == 404
     bad = client.post("/llm/train_from_dataset", json={"dataset": [{"messages": CHAT}]})
     assert bad.status_code == 422 and "body.dataset.0" in bad.text
-    both = client.post("/llm/train_from_dataset", json={})
-    assert both.status_code == 422
+    for body, field in [({}, "body"), ({"dataset": [], "dataset_path": "d.jsonl"}, "body"), ({"dataset": []}, "body.dataset")]:
+        refused = client.post("/llm/train_from_dataset", json=body)
+        assert field_of(refused) == field and refused.json()["error"]["message"].startswith(f"{field}: "), body
     (tmp_path / "data" / "d.jsonl").write_text(json.dumps({"messages": CHAT, "value_target": 0.5}) + "\n")
     assert client.post("/value/train_from_dataset", json={"dataset_path": "d.jsonl"}).status_code == 201
     assert client.get("/llm/").json()["training"]["running"] is False
@@ -139,6 +140,7 @@ BAD_REQUESTS = [
     ("/llm", {"dataset": [DOC], "lr": "1e-3"}, "body.lr"),
     ("/llm", {"dataset": [DOC], "lora": {"r": "4"}}, "body.lora.r"),
     ("/llm", {"dataset": [DOC], "lora": {"dropout": True}}, "body.lora.dropout"),
+    ("/llm", {"dataset": [DOC], "lora": {"dropout": False}}, "body.lora.dropout"),
     ("/llm", {"dataset": [DOC], "lora": {"alpha": 10**400}}, "body.lora.alpha"),
     ("/llm", {"dataset_path": "\ud800.jsonl"}, "body.dataset_path"),
 ]

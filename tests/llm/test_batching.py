@@ -155,7 +155,7 @@ def test_a_failing_group_fails_only_its_own_requests(make_queue, gen) -> None:
 
 def test_a_policy_server_error_from_the_generator_passes_through_unchanged() -> None:
     def generate(prompts: list[list[int]], params: Params) -> list[list[int]]:
-        raise InvalidRequest("stop string longer than max_new_tokens")
+        raise InvalidRequest.at("body.stop", "stop string longer than max_new_tokens")
 
     queue: GenerationQueue[int] = GenerationQueue(generate)  # type: ignore[arg-type]
     try:
