@@ -62,7 +62,8 @@ class PolicyServerError(Exception):
         self.fields = fields or []
 
     def __reduce__(self) -> tuple[Any, ...]:
-        # pickled (across Ray) whole: the default calls ``cls(*args)`` and loses the fields
+        # pickled (across Ray) without calling __init__: the default calls ``cls(*args)``, which an
+        # InvalidRequest refuses (no fields) and a subclass with other arguments misreads
         return _rebuilt, (type(self), self.args, self.__dict__)
 
 

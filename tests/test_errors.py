@@ -29,9 +29,10 @@ def _calls_without_fields(path: Path) -> list[str]:
     """``InvalidRequest(message)`` calls (or a subclass's) in ``path`` that pass no fields."""
     found = []
     for node in ast.walk(ast.parse(path.read_text(), str(path))):
-        if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in INVALID:
-            if len(node.args) < 2 and not any(k.arg == "fields" for k in node.keywords):
-                found.append(f"{path.relative_to(PACKAGE.parent)}:{node.lineno}")
+        if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in INVALID):
+            continue
+        if len(node.args) < 2 and not any(k.arg == "fields" for k in node.keywords):
+            found.append(f"{path.relative_to(PACKAGE.parent)}:{node.lineno}")
     return found
 
 
@@ -54,8 +55,8 @@ def test_every_invalid_request_raised_in_the_package_passes_its_fields() -> None
     ids=lambda e: type(e).__name__,
 )
 def test_errors_cross_ray_whole(exc: PolicyServerError) -> None:
-    """Ray pickles an actor's error; the default pickling calls ``cls(message)``, which loses the
-    fields (and refuses an InvalidRequest)."""
+    """Ray pickles an actor's error; the default pickling calls ``cls(*args)``, which an
+    InvalidRequest refuses (no fields) and QueueFull misreads."""
     back = pickle.loads(pickle.dumps(exc))
     assert type(back) is type(exc) and str(back) == str(exc)
     assert vars(back) == vars(exc)

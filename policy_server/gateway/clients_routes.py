@@ -14,8 +14,8 @@ from fastapi import APIRouter, Depends, Query, Response
 from pydantic import BaseModel, Field
 
 from policy_server.clients import LANGUAGES, ClientSDKs, LanguageState, RunStatus, parse_languages
-from policy_server.clients.languages import LANGUAGES_PATTERN
 from policy_server.clients.bundle import ZIP_NAME
+from policy_server.clients.languages import LANGUAGES_PATTERN
 from policy_server.gateway.wire import error_docs
 
 CLIENTS_ERRORS = error_docs(

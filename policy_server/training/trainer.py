@@ -321,7 +321,7 @@ class Trainer:
         return name
 
     def _resume(self, name: str | None) -> None:
-        name = name or self.store.latest()
+        name = self.store.latest() if name is None else name  # "" is no name: refused, not the newest
         if name is None:
             raise NotFound(f"policy {self.policy!r} has no checkpoint to resume from")
         state = self.store.load(name)

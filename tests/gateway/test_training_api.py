@@ -189,6 +189,8 @@ def test_save_list_resume_and_bad_checkpoint_names(client: TestClient) -> None:
     bad = client.post("/train/resume", json={"checkpoint": "../../etc/passwd"})
     assert bad.status_code == 422 and "invalid checkpoint name" in bad.json()["error"]["message"]
     assert [f["field"] for f in bad.json()["error"]["fields"]] == ["body.checkpoint"]
+    empty = client.post("/train/resume", json={"checkpoint": ""})  # no name, not the newest
+    assert empty.status_code == 422 and empty.json()["error"]["fields"][0]["field"] == "body.checkpoint"
     documented = client.get("/openapi.json").json()["components"]["schemas"]["Resume"]["properties"]["checkpoint"]
     assert re.search(documented["pattern"], saved["checkpoint"]) and not re.search(documented["pattern"], "../x")
     stopped = client.post("/train/stop").json()

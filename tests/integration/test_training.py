@@ -102,6 +102,8 @@ def test_stale_and_malformed_samples_are_refused_over_ray(server: httpx.Client) 
     after = server.get("/train/status").json()
     assert after["samples_received"] == before["samples_received"]
     assert after["samples_rejected"]["malformed"] == before["samples_rejected"]["malformed"] + 32
+    future = server.post("/train/experience", json={"client_id": "early", "fragments": [cart_fragment(current + 5)]})
+    assert future.status_code == 422 and future.json()["error"]["fields"][0]["field"] == "body"  # from the actor
 
 
 def test_training_metrics_reach_rays_export(server: httpx.Client, ray_session: int) -> None:
