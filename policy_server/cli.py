@@ -164,8 +164,8 @@ def clients(
     when `java` is on PATH. ``languages``: a comma-separated subset (default: all). Ray is not started."""
     from tqdm import tqdm
 
-    from policy_server.clients import ClientSDKs, parse_languages
     from policy_server.gateway.app import build_app
+    from policy_server.sdks import ClientSDKs, parse_languages
     from policy_server.settings import Settings
 
     chosen = parse_languages(languages, field="languages")

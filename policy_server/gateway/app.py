@@ -12,29 +12,27 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import numpy as np
-from fastapi import APIRouter, FastAPI
-from fastapi.responses import JSONResponse
+from fastapi import FastAPI
 
 from policy_server import __version__
-from policy_server.clients import ClientSDKs
+from policy_server.gateway import grpo, openai, policy, training
+from policy_server.gateway import llm as gateway_llm
+from policy_server.gateway import sdks as gateway_sdks
 from policy_server.gateway.auth import api_key_checker, bearer_checker
-from policy_server.gateway.clients_routes import clients_router
-from policy_server.gateway.collect_routes import collect_router
-from policy_server.gateway.errors import envelope, install_error_handlers
+from policy_server.gateway.errors import install_error_handlers
+from policy_server.gateway.health import health_router
 from policy_server.gateway.limits import BodySizeLimit
-from policy_server.gateway.llm_routes import grpo_router, llm_router, openai_router, value_router
-from policy_server.gateway.llm_setup import LLMServices, llm_services
+from policy_server.gateway.llm.setup import LLMServices, llm_services
 from policy_server.gateway.metrics import GatewayMetrics, MetricsMiddleware
+from policy_server.gateway.openapi import operation_ids
 from policy_server.gateway.paths import PathNormalizer, slash_routes
+from policy_server.gateway.policy.service import PolicyService
 from policy_server.gateway.redact import install_log_redaction
-from policy_server.gateway.routes import policy_router
-from policy_server.gateway.service import PolicyService
-from policy_server.gateway.training import LocalTrainerLink, RayTrainerLink, TrainingService
-from policy_server.gateway.training_routes import model_router, training_router, untrainable_router
-from policy_server.gateway.wire import Status, operation_ids
+from policy_server.gateway.training.service import LocalTrainerLink, RayTrainerLink, TrainingService
 from policy_server.policies.served import resolve_policy
 from policy_server.policies.torch_policy import TorchPolicy, load_module, model_format
 from policy_server.schema.config import PolicySpec, ServerSchema, load_schema
+from policy_server.sdks import ClientSDKs
 from policy_server.serving.backend import LocalBackend
 from policy_server.settings import Settings
 from policy_server.training.trainer import Trainer, build_trainer
@@ -72,6 +70,8 @@ def build_app(settings: Settings | None = None) -> FastAPI:
         for name, (served, _) in resolved.items()
         if served.spec.training is not None
     }
+    llm = llm_services(schema)
+    sdks = _client_sdks(settings)
     metrics = GatewayMetrics()
     prefix = f"/{schema.url_path}" if schema.url_path else ""
 
@@ -96,7 +96,29 @@ def build_app(settings: Settings | None = None) -> FastAPI:
                 sdks.close()
             await stop()
 
-    app = FastAPI(
+    app = _fastapi(prefix, lifespan)
+    app.state.settings, app.state.schema, app.state.services = settings, schema, services
+    app.state.metrics, app.state.trainings, app.state.llm, app.state.clients = metrics, trainings, llm, sdks
+    install_error_handlers(app)
+    auth = api_key_checker(settings.api_key or schema.api_key)
+    app.include_router(health_router(schema, services), prefix=prefix)
+    for name, service in services.items():
+        prefixes = [f"{prefix}/policies/{name}"] + ([prefix] if name == schema.default_policy else [])
+        policy.mount(app, service, trainings.get(name), auth, settings.max_batch_observations, prefixes)
+        training.mount(app, name, trainings.get(name), auth, prefixes)
+    gateway_llm.mount(app, llm, auth, prefix)
+    grpo.mount(app, llm, auth, prefix)
+    openai.mount(app, llm.policy, bearer_checker(settings.api_key or schema.api_key), prefix)
+    gateway_sdks.mount(app, sdks, auth, prefix)
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(MetricsMiddleware, metrics=metrics)
+    app.add_middleware(PathNormalizer, prefix=prefix, slash_routes=slash_routes(app))
+    return app
+
+
+def _fastapi(prefix: str, lifespan: Any) -> FastAPI:
+    """The bare app: docs under the schema's ``url_path``, operation ids from the paths."""
+    return FastAPI(
         title="policy-server",
         version=__version__,
         description=DESCRIPTION,
@@ -107,40 +129,6 @@ def build_app(settings: Settings | None = None) -> FastAPI:
         generate_unique_id_function=operation_ids(prefix),
         redirect_slashes=False,  # PathNormalizer answers both spellings, without a redirect
     )
-    app.state.settings, app.state.schema, app.state.services = settings, schema, services
-    app.state.metrics, app.state.trainings = metrics, trainings
-    install_error_handlers(app)
-    app.include_router(_service_router(schema, services), prefix=prefix)
-    auth = api_key_checker(settings.api_key or schema.api_key)
-    for name, service in services.items():
-        prefixes = [f"{prefix}/policies/{name}"] + ([prefix] if name == schema.default_policy else [])
-        spec = schema.policies[name]
-        model = spec.model.read_bytes()
-        for route_prefix in prefixes:
-            app.include_router(policy_router(service, auth, settings.max_batch_observations, route_prefix))
-            app.include_router(collect_router(service, trainings.get(name), auth, route_prefix))
-            app.include_router(model_router(service, auth, route_prefix, model, model_format(spec.model)))
-            if name in trainings:
-                app.include_router(training_router(trainings[name], auth, route_prefix))
-            else:
-                app.include_router(untrainable_router(name, auth, route_prefix))
-    llm = llm_services(schema)
-    app.state.llm = llm
-    if llm.policy is not None:
-        app.include_router(llm_router(llm.policy, auth, f"{prefix}/{llm.policy.spec.route_prefix}", llm.x1_policy))
-        if llm.grpo is not None:
-            app.include_router(grpo_router(llm.grpo, auth, f"{prefix}/{llm.policy.spec.route_prefix}"))
-        app.include_router(openai_router(llm.policy, bearer_checker(settings.api_key or schema.api_key), prefix))
-    if llm.value is not None:
-        app.include_router(value_router(llm.value, auth, f"{prefix}/{llm.value.spec.route_prefix}", llm.x1_value))
-    sdks = _client_sdks(settings)
-    app.state.clients = sdks
-    if sdks is not None:
-        app.include_router(clients_router(sdks, app.openapi, auth), prefix=prefix)
-    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
-    app.add_middleware(MetricsMiddleware, metrics=metrics)
-    app.add_middleware(PathNormalizer, prefix=prefix, slash_routes=slash_routes(app))
-    return app
 
 
 async def _start_backends(
@@ -222,39 +210,3 @@ def _restore_python_signal_handlers() -> None:
             signal.signal(sig, signal.getsignal(sig))
 
 
-def _service_router(schema: ServerSchema, services: dict[str, PolicyService]) -> APIRouter:
-    """Status, health and schema: public, like the docs."""
-    router = APIRouter(tags=["service"])
-
-    @router.get("/", response_model=Status)
-    async def status() -> dict[str, Any]:
-        """What this server serves."""
-        return {
-            "status": "ok",
-            "version": __version__,
-            "default_policy": schema.default_policy,
-            "policies": {name: s.policy.describe() for name, s in services.items()},
-        }
-
-    @router.get("/health/live")
-    async def live() -> dict[str, str]:
-        """The gateway process answers."""
-        return {"status": "alive"}
-
-    @router.get("/health/ready", responses={503: {"description": "A policy is not ready."}})
-    async def ready() -> JSONResponse:
-        """Every policy's deployment answers."""
-        states = {
-            name: s.backend is not None and await s.backend.ready() for name, s in services.items()
-        }
-        if all(states.values()):
-            return JSONResponse({"status": "ready", "policies": states})
-        waiting = ", ".join(n for n, ok in states.items() if not ok)
-        return envelope(503, "not_ready", f"policies not ready: {waiting}")
-
-    @router.get("/schema")
-    async def get_schema() -> dict[str, Any]:
-        """The served schema, without the api key."""
-        return schema.public()
-
-    return router

@@ -582,7 +582,7 @@ def test_gateway_metrics_count_requests_per_policy_endpoint_and_status(schema_pa
 
 
 def test_answers_match_their_documented_response_models(client: TestClient) -> None:
-    from policy_server.gateway import wire
+    from policy_server.gateway.policy import wire
 
     cases = [
         ("/predict", LPOC_OBS, wire.ActionResponse),

@@ -11,7 +11,7 @@ from conftest import BIG_INT, BOX_OBSERVATIONS, ODD_OBS, ONEHOT_OBS, TUPLE_OBSER
 from pydantic import ValidationError
 
 from policy_server.errors import InvalidRequest
-from policy_server.gateway.experience import ExperienceRequest, experience_model, to_batch
+from policy_server.gateway.training.experience import ExperienceRequest, experience_model, to_batch
 from policy_server.policies.served import ServedPolicy, resolve_policy
 from policy_server.schema.config import parse_schema
 

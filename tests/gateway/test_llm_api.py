@@ -304,7 +304,7 @@ def test_openai_routes_document_every_status_they_answer_and_their_answers(clien
 
 
 def test_openai_answers_hold_to_their_models(client: TestClient) -> None:
-    from policy_server.gateway.llm_wire import ChatCompletion, Completion, ModelList
+    from policy_server.gateway.openai.wire import ChatCompletion, Completion, ModelList
 
     ModelList.model_validate(client.get("/v1/models").json())
     completion = Completion.model_validate(client.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 3,

@@ -12,9 +12,9 @@ import pytest
 import yaml
 from conftest import API_KEY, LPOC_OBS, multi_policy_schema, running_server
 
-from policy_server.clients import ClientSDKs
-from policy_server.clients.java import JAVA_CLASSPATH_JARS
 from policy_server.gateway.app import build_app
+from policy_server.sdks import ClientSDKs
+from policy_server.sdks.java import JAVA_CLASSPATH_JARS
 from policy_server.settings import Settings
 
 JARS = Path("/usr/share/java")

@@ -9,9 +9,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from policy_server import __version__
-from policy_server.clients.java import JAVA_CLASSPATH_JARS
-from policy_server.clients.languages import Language
-from policy_server.clients.progress import Progress
+from policy_server.sdks.java import JAVA_CLASSPATH_JARS
+from policy_server.sdks.languages import Language
+from policy_server.sdks.progress import Progress
 
 ZIP_NAME = "policy-server-clients.zip"
 USAGE: dict[Language, str] = {

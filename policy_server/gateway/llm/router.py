@@ -6,23 +6,15 @@ OpenAI-compatible routes. Thin handlers over ``LLMService`` and ``ValueService``
 from typing import Any
 
 from fastapi import APIRouter, Depends
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse
 
-from policy_server.errors import InvalidRequest, ModelError
-from policy_server.gateway.llm_service import LLMService, ValueService
-from policy_server.gateway.llm_wire import (
-    ChatCompletion,
-    ChatRequest,
-    Completion,
-    CompletionRequest,
+from policy_server.errors import ModelError
+from policy_server.gateway.llm.service import LLMService, ValueService
+from policy_server.gateway.llm.wire import (
     DirectForward,
     DirectForwardAnswer,
     Forward,
-    GRPOPrompt,
-    GRPORewards,
-    GRPOStart,
     Message,
-    ModelList,
     Status,
     TaskCreated,
     TaskPending,
@@ -31,19 +23,11 @@ from policy_server.gateway.llm_wire import (
     ValueAnswer,
     ValueForward,
 )
-from policy_server.gateway.wire import error_docs
+from policy_server.gateway.openapi import error_docs
 
 LLM_ERRORS = error_docs({
     403: "Missing or wrong api key.",
     404: "Unknown task or session.",
-    422: "Invalid request: the envelope names each bad field.",
-    429: "Too much work queued: retry after `Retry-After` seconds.",
-    500: "The model failed.",
-    503: "The model's deployment is not available.",
-})
-OPENAI_ERRORS = error_docs({
-    401: "Missing or wrong api key: send `Authorization: Bearer <key>`.",
-    404: "`model` names a model this server does not serve.",
     422: "Invalid request: the envelope names each bad field.",
     429: "Too much work queued: retry after `Retry-After` seconds.",
     500: "The model failed.",
@@ -155,81 +139,7 @@ def value_router(service: ValueService, auth: Any, prefix: str, trainer: Any = N
     return router
 
 
-def openai_router(service: LLMService, auth: Any, prefix: str) -> APIRouter:
-    router = APIRouter(prefix=f"{prefix}/v1", tags=["OpenAI-compatible"], dependencies=[Depends(auth)],
-                       responses=OPENAI_ERRORS)
-
-    @router.get("/models", response_model=ModelList)
-    async def models() -> Any:
-        """The served model, as OpenAI's model list."""
-        return {"object": "list", "data": [
-            {"id": service.spec.model_id, "object": "model", "created": 0, "owned_by": "policy-server"}
-        ]}
-
-    @router.post("/completions", response_model=Completion)
-    async def completions(body: CompletionRequest) -> Any:
-        """OpenAI's completions: `prompt`, `n`, `temperature`, `top_p`, `max_tokens`, `stop`, `logprobs`."""
-        _no_stream(body.stream)
-        return await service.completions(body)
-
-    @router.post("/chat/completions", response_model=ChatCompletion)
-    async def chat(body: ChatRequest) -> Any:
-        """OpenAI's chat completions: `messages`, `n`, `temperature`, `top_p`, `max_tokens`, `stop`, `logprobs`."""
-        _no_stream(body.stream)
-        return await service.chat(body)
-
-    return router
 
 
-def _no_stream(stream: bool) -> None:
-    if stream:
-        raise InvalidRequest.at("body.stream", "streaming is not supported; send stream=false")
 
 
-def grpo_router(service: Any, auth: Any, prefix: str) -> APIRouter:
-    """grpo_server's control-flow reversal: the server hands out completions, the client scores
-    them and sends the rewards back, and each reward submission is one training cycle."""
-    router = APIRouter(prefix=f"{prefix}/grpo/runs", tags=["LLM GRPO"], dependencies=[Depends(auth)],
-                       responses=LLM_ERRORS | error_docs({409: "Run finished, stale group, or too many runs."}))
-
-    @router.post("", status_code=201)
-    async def start(body: GRPOStart) -> Any:
-        """Start a run with these settings; answers its `run_id` and status."""
-        return await service.call("start", body.model_dump())
-
-    @router.get("")
-    async def runs() -> Any:
-        """The runs this server knows."""
-        return {"runs": await service.call("list")}
-
-    @router.post("/{run_id}/completions")
-    async def completions(run_id: str, body: GRPOPrompt) -> Any:
-        """A group of completions of the prompt, with their token ids and logprobs and the
-        `model_version` `[run_id, cycle]` that made them."""
-        return await service.call("complete", run_id, body.prompt)
-
-    @router.post("/{run_id}/rewards")
-    async def rewards(run_id: str, body: GRPORewards) -> Any:
-        """The rewards of a group (scored by the client): one training cycle; answers the version
-        now training, the loss and the group's mean reward."""
-        return await service.call("rewards", run_id, body.group_id, body.rewards)
-
-    @router.get("/{run_id}")
-    async def status(run_id: str) -> Any:
-        """Counters, cycle, mean reward and the reward history."""
-        return await service.call("status", run_id)
-
-    @router.post("/{run_id}/stop")
-    async def stop(run_id: str) -> Any:
-        """Write the final checkpoint and finish the run."""
-        return await service.call("stop", run_id)
-
-    @router.get("/{run_id}/model", response_class=Response,
-                responses={200: {"content": {"application/gzip": {}}}})
-    async def model(run_id: str) -> Response:
-        """The run's current model (for LoRA, the adapter) and tokenizer, as a .tar.gz."""
-        data = await service.call("archive", run_id)
-        return Response(data, media_type="application/gzip",
-                        headers={"Content-Disposition": f'attachment; filename="{run_id}.tar.gz"'})
-
-    return router

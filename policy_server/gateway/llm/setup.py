@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
-from policy_server.gateway.llm_service import (
+from policy_server.gateway.llm.service import (
     HandleBackend,
     HandleState,
     LLMService,
@@ -18,7 +18,7 @@ from policy_server.gateway.llm_service import (
     ValueService,
     load_tokenizer,
 )
-from policy_server.gateway.llm_service import LocalBackend as LLMLocalBackend
+from policy_server.gateway.llm.service import LocalBackend as LLMLocalBackend
 from policy_server.schema.config import ServerSchema
 
 

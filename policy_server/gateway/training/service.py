@@ -15,7 +15,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from policy_server.errors import BackendUnavailable, InvalidRequest, PolicyServerError, summary
-from policy_server.gateway.experience import ExperienceRequest, to_batch
+from policy_server.gateway.training.experience import ExperienceRequest, to_batch
 from policy_server.policies.served import ServedPolicy
 from policy_server.policies.spaces import ActionSample, BoxSpace
 from policy_server.training.collect import Acted

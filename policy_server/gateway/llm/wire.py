@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
 
-from policy_server.fields import STRICT, Float32, Text, check_text
+from policy_server.fields import STRICT, Float32, Text
 
 Strategy = Literal["temperature", "beam_search", "diverse_beam_search"]
 StopString = Annotated[Text, Field(min_length=1)]
@@ -148,161 +148,47 @@ class ValueAnswer(BaseModel):
 # --- OpenAI-compatible ---------------------------------------------------------------------------
 
 
-def _check_texts(value: str | list[str]) -> str | list[str]:
-    """``check_text`` on one string or on each of a list. One check after the union, so that a bad
-    text is named ``body.prompt`` (with its index), not once per union member."""
-    if isinstance(value, str):
-        return check_text(value)
-    for i, text in enumerate(value):
-        try:
-            check_text(text)
-        except ValueError as exc:
-            raise ValueError(f"item {i}: {exc}") from None
-    return value
 
 
-TextOrTexts = Annotated[str | list[str], AfterValidator(_check_texts)]
 """OpenAI's prompt or stop: one text or a list of them, each valid Unicode."""
 
 
-class _OpenAI(BaseModel):
-    """OpenAI's leniency (unknown fields ignored, lax types), but numbers still finite as float32
-    and texts valid Unicode: both reach the model."""
-
-    model_config = ConfigDict(extra="ignore")  # clients send fields we do not use (user, ...)
-
-    model: str | None = None
-    n: int = Field(1, ge=1)
-    temperature: Float32 = Field(1.0, ge=0, le=2)
-    top_p: Float32 = Field(1.0, gt=0, le=1)
-    max_tokens: int | None = Field(None, ge=1)
-    stop: TextOrTexts | None = None
-    seed: int | None = None
-    stream: bool = False
 
 
-class CompletionRequest(_OpenAI):
-    prompt: TextOrTexts
-    logprobs: int | None = Field(None, ge=0, le=5)
-    echo: bool = False
 
 
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
-    role: Literal["system", "user", "assistant", "tool", "developer"]
-    content: Text
 
 
-class ChatRequest(_OpenAI):
-    messages: list[ChatMessage] = Field(min_length=1)
-    logprobs: bool = False
-    top_logprobs: int | None = Field(None, ge=0, le=20)
 
 
-class OpenAIModel(BaseModel):
-    id: str
-    object: Literal["model"]
-    created: int
-    owned_by: str
 
 
-class ModelList(BaseModel):
-    object: Literal["list"]
-    data: list[OpenAIModel]
 
 
-class Usage(BaseModel):
-    prompt_tokens: int
-    completion_tokens: int
-    total_tokens: int
 
 
-class _Completion(BaseModel):
-    id: str
-    created: int
-    model: str
-    usage: Usage
-    system_fingerprint: str = Field(description="`policy-server-v<model version>`.")
 
 
-class CompletionLogprobs(BaseModel):
-    tokens: list[str]
-    token_logprobs: list[float]
-    top_logprobs: None
-    text_offset: list[int]
 
 
-class CompletionChoice(BaseModel):
-    index: int
-    text: str
-    finish_reason: str
-    logprobs: CompletionLogprobs | None
 
 
-class Completion(_Completion):
-    object: Literal["text_completion"]
-    choices: list[CompletionChoice]
 
 
-class TokenLogprob(BaseModel):
-    token: str
-    logprob: float
-    bytes: list[int]
-    top_logprobs: list[Any]
 
 
-class ChatLogprobs(BaseModel):
-    content: list[TokenLogprob]
 
 
-class AssistantMessage(BaseModel):
-    role: Literal["assistant"]
-    content: str
 
 
-class ChatChoice(BaseModel):
-    index: int
-    message: AssistantMessage
-    finish_reason: str
-    logprobs: ChatLogprobs | None
 
 
-class ChatCompletion(_Completion):
-    object: Literal["chat.completion"]
-    choices: list[ChatChoice]
 
 
 # --- GRPO (the client computes the reward) --------------------------------------------------------
 
 
-class GRPOStart(_Wire):
-    """A run's settings; every field has a default (see GRPOSettings)."""
-
-    group_size: int = Field(4, ge=2, le=64)
-    lr: Float32 = Field(1e-5, gt=0, le=1)
-    beta: Float32 = Field(0.04, ge=0)
-    clip_eps: Float32 = Field(0.2, gt=0, lt=1)
-    max_prompt_length: int = Field(512, ge=1)
-    max_completion_length: int = Field(64, ge=1, le=4096)
-    temperature: Float32 = Field(1.0, gt=0, le=10)
-    stop_strings: list[StopString] = Field(default_factory=list)
-    chat: bool = Field(False, description="Wrap each prompt in the chat template.")
-    lora: bool = Field(True, description="Train a LoRA adapter (else the full model).")
-    lora_r: int = Field(8, ge=1, le=256)
-    lora_alpha: int = Field(16, ge=1, le=4096)
-    lora_dropout: Float32 = Field(0.0, ge=0, lt=1)
-    checkpoint_every: int = Field(10, ge=1)
-    max_version_lag: int = Field(0, ge=0, description="Accept rewards for groups this many cycles old.")
-    seed: int = 0
 
 
-class GRPOPrompt(_Wire):
-    prompt: Text = Field(min_length=1)
 
 
-class GRPORewards(_Wire):
-    group_id: str = Field(min_length=1, max_length=64)
-    rewards: list[Float32] = Field(
-        min_length=1, description="One reward per completion of the group, in order: JSON numbers, finite as float32."
-    )

@@ -17,8 +17,8 @@ import yaml
 from conftest import API_KEY, LPOC_OBS, multi_policy_schema, running_server
 from packaging import version
 
-from policy_server.clients import ClientSDKs
 from policy_server.gateway.app import build_app
+from policy_server.sdks import ClientSDKs
 from policy_server.settings import Settings
 
 SCRIPT = """

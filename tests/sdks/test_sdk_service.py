@@ -15,12 +15,12 @@ import pytest
 import yaml
 from conftest import API_KEY, multi_policy_schema
 
-from policy_server.clients import ClientSDKs, cache_key, parse_languages
-from policy_server.clients.generators import tool_versions
-from policy_server.clients.java import drop_java_time, java_document, uses_time_formats
-from policy_server.clients.languages import LANGUAGES_PATTERN
 from policy_server.errors import ClientsNotReady, InvalidRequest
 from policy_server.gateway.app import build_app
+from policy_server.sdks import ClientSDKs, cache_key, parse_languages
+from policy_server.sdks.generators import tool_versions
+from policy_server.sdks.java import drop_java_time, java_document, uses_time_formats
+from policy_server.sdks.languages import LANGUAGES_PATTERN
 from policy_server.settings import Settings
 
 

@@ -12,9 +12,9 @@ from importlib import metadata
 from importlib.util import find_spec
 from pathlib import Path
 
-from policy_server.clients.java import JAVA_OPTIONS
-from policy_server.clients.languages import Language
 from policy_server.errors import ClientGenerationFailed
+from policy_server.sdks.java import JAVA_OPTIONS
+from policy_server.sdks.languages import Language
 
 GENERATOR_NAMES: dict[Language, str] = {
     "java": "java",

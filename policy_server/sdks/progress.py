@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from policy_server.clients.languages import Language
+from policy_server.sdks.languages import Language
 
 LanguageState = Literal["pending", "running", "done", "failed", "missing"]
 RunStatus = Literal["pending", "running", "ready", "failed"]

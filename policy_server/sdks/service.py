@@ -21,18 +21,18 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from policy_server.clients import bundle
-from policy_server.clients.generators import OPTIONS, Toolchain, tool_versions
-from policy_server.clients.java import (
+from policy_server.errors import ClientGenerationFailed, ClientsNotReady
+from policy_server.sdks import bundle
+from policy_server.sdks.generators import OPTIONS, Toolchain, tool_versions
+from policy_server.sdks.java import (
     JAVA_PATCHES,
     drop_java_time,
     java_document,
     use_http_1_1,
     uses_time_formats,
 )
-from policy_server.clients.languages import LANGUAGES, Language
-from policy_server.clients.progress import LanguageState, Progress, RunStatus
-from policy_server.errors import ClientGenerationFailed, ClientsNotReady
+from policy_server.sdks.languages import LANGUAGES, Language
+from policy_server.sdks.progress import LanguageState, Progress, RunStatus
 
 log = logging.getLogger(__name__)
 OnLanguage = Callable[[Language, LanguageState], None]

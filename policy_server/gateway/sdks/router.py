@@ -13,10 +13,10 @@ from typing import Any
 from fastapi import APIRouter, Depends, Query, Response
 from pydantic import BaseModel, Field
 
-from policy_server.clients import LANGUAGES, ClientSDKs, LanguageState, RunStatus, parse_languages
-from policy_server.clients.bundle import ZIP_NAME
-from policy_server.clients.languages import LANGUAGES_PATTERN
-from policy_server.gateway.wire import error_docs
+from policy_server.gateway.openapi import error_docs
+from policy_server.sdks import LANGUAGES, ClientSDKs, LanguageState, RunStatus, parse_languages
+from policy_server.sdks.bundle import ZIP_NAME
+from policy_server.sdks.languages import LANGUAGES_PATTERN
 
 CLIENTS_ERRORS = error_docs(
     {

@@ -6,11 +6,8 @@ booleans are refused, and every number must be finite as a float32.
 
 from __future__ import annotations
 
-import re
-from collections.abc import Callable
-from typing import Annotated, Any
+from typing import Annotated
 
-from fastapi.routing import APIRoute
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
 from policy_server.fields import STRICT, Float32
@@ -99,49 +96,13 @@ def batch_model(observation: type[BaseModel], max_items: int) -> type[BaseModel]
     )
 
 
-class ErrorField(_Wire):
-    field: str
-    message: str
 
 
-class ErrorBody(_Wire):
-    code: str
-    message: str
-    status: int
-    fields: list[ErrorField] = []
 
 
-class ErrorEnvelope(_Wire):
-    """Every error the server answers has this shape."""
-
-    error: ErrorBody
 
 
-def error_docs(descriptions: dict[int, str]) -> dict[int | str, dict[str, Any]]:
-    """OpenAPI `responses` for error statuses: each is an ``ErrorEnvelope`` with its description."""
-    return {status: {"model": ErrorEnvelope, "description": text} for status, text in descriptions.items()}
 
 
-class Status(_Wire):
-    status: str
-    version: str
-    default_policy: str | None = Field(description="None when the schema serves only LLM models.")
-    policies: dict[str, dict[str, Any]]
 
 
-def operation_ids(url_prefix: str) -> Callable[[APIRoute], str]:
-    """OpenAPI operation ids from method and path, so the generated SDKs read well:
-    ``POST /predict`` → ``predict``, ``POST /policies/cart/predict/batch`` →
-    ``policies_cart_predict_batch``, ``GET /train/status`` → ``get_train_status``,
-    ``DELETE /llm/sessions/{session_id}`` → ``delete_llm_sessions_by_session_id``. The
-    schema's ``url_path`` is left out: it is where the server lives, not what an operation does.
-    """
-
-    def operation_id(route: APIRoute) -> str:
-        path = route.path_format.removeprefix(url_prefix)
-        words = [f"by_{w[1:-1]}" if w.startswith("{") else w for w in path.split("/") if w]
-        stem = re.sub(r"\W+", "_", "_".join(words)).strip("_") or "root"
-        method = min(route.methods or {"GET"}).lower()
-        return stem if method == "post" else f"{method}_{stem}"
-
-    return operation_id

@@ -7,14 +7,14 @@ from typing import Any
 from fastapi import APIRouter, Depends
 from fastapi.responses import JSONResponse
 
-from policy_server.gateway.service import Mode, PolicyService
-from policy_server.gateway.wire import (
+from policy_server.gateway.openapi import error_docs
+from policy_server.gateway.policy.service import Mode, PolicyService
+from policy_server.gateway.policy.wire import (
     ActionResponse,
     BatchActionResponse,
     BatchDistributionResponse,
     DistributionResponse,
     batch_model,
-    error_docs,
     raw_batch_model,
     raw_model,
 )

@@ -17,11 +17,12 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field, create_model
 
 from policy_server.fields import STRICT, Float32, StrictBool
-from policy_server.gateway.experience import CLIENT_ID_PATTERN
-from policy_server.gateway.routes import ERRORS, action_answer
-from policy_server.gateway.service import PolicyService
-from policy_server.gateway.training import TrainingService
-from policy_server.gateway.wire import ActionResponse, error_docs
+from policy_server.gateway.openapi import error_docs
+from policy_server.gateway.policy.router import ERRORS, action_answer
+from policy_server.gateway.policy.service import PolicyService
+from policy_server.gateway.policy.wire import ActionResponse
+from policy_server.gateway.training.experience import CLIENT_ID_PATTERN
+from policy_server.gateway.training.service import TrainingService
 from policy_server.policies.served import ServedPolicy
 
 DESCRIPTION = """Act for the observation (a sampled action, as `/predict` answers it) and learn from

@@ -9,21 +9,24 @@ in the README's training section and in the generated OpenAPI document.
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-from fastapi import APIRouter, Depends, Header, Path, Request, Response
+from fastapi import APIRouter, Depends, Path, Request, Response
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
-from pydantic import BaseModel, Field
 
 from policy_server.errors import NotTrainable
-from policy_server.fields import STRICT
-from policy_server.gateway.experience import CLIENT_ID_PATTERN, experience_model
-from policy_server.gateway.routes import ERRORS
-from policy_server.gateway.service import PolicyService
-from policy_server.gateway.training import TrainingService
-from policy_server.gateway.wire import error_docs
-from policy_server.policies.codec import encode_weights
-from policy_server.training.checkpoint import NAME_PATTERN
+from policy_server.gateway.openapi import error_docs
+from policy_server.gateway.policy.router import ERRORS
+from policy_server.gateway.training.experience import CLIENT_ID_PATTERN, experience_model
+from policy_server.gateway.training.service import TrainingService
+from policy_server.gateway.training.wire import (
+    Checkpoints,
+    ClientAnswer,
+    ExperienceAnswer,
+    Registration,
+    Resume,
+    Saved,
+    TrainingStatus,
+)
 
 TRAINING_ERRORS = ERRORS | error_docs({
     404: "Unknown checkpoint.",
@@ -32,86 +35,24 @@ TRAINING_ERRORS = ERRORS | error_docs({
 })
 
 
-class _Request(BaseModel):
-    model_config = STRICT
 
 
-class Registration(_Request):
-    client_id: str | None = Field(None, min_length=1, max_length=128, pattern=CLIENT_ID_PATTERN,
-                                  description="Your id; the server makes one when it is null.")
-    info: dict[str, Any] | None = Field(None, description="Anything that describes the client.")
 
 
-class ClientAnswer(BaseModel):
-    client_id: str
-    model_version: int
-    algorithm: str
-    state: str
-    heartbeat_interval_s: float
-    exploration: dict[str, float] = Field(description="DQN: `epsilon` for epsilon-greedy acting.")
 
 
-class ExperienceAnswer(BaseModel):
-    accepted: int = Field(description="Steps stored for training.")
-    rejected: int = Field(description="Steps acted by too old a model version (not stored).")
-    model_version: int = Field(description="The current version: act with it next.")
-    state: str
 
 
-class TrainingStatus(BaseModel):
-    policy: str
-    algorithm: str
-    state: str = Field(description="running, paused or stopped.")
-    model_version: int
-    updates: int
-    skipped_updates: int = Field(
-        description="Updates refused because a loss, gradient or new weight was not finite; the model "
-        "version stayed, nothing was published or saved, and `last_error` says what and where."
-    )
-    samples_received: int
-    samples_accepted: int
-    samples_rejected: dict[str, int]
-    samples_per_second: float
-    active_clients: int
-    clients: dict[str, dict[str, Any]]
-    episodes: int
-    last_return: float | None
-    mean_return: float | None = Field(description="Mean return of the last `return_window` episodes.")
-    best_mean_return: float | None
-    return_window: int
-    recent_returns: list[float]
-    last_update_seconds: float | None
-    last_update: dict[str, float]
-    last_checkpoint: str | None
-    last_error: str | None
-    exploration: dict[str, float]
 
 
-class Resume(_Request):
-    checkpoint: str | None = Field(
-        None, description="A checkpoint's name; null: the newest.",
-        json_schema_extra={"pattern": NAME_PATTERN},  # checked by the store, whose 422 says what a name may hold
-    )
 
 
-class Saved(BaseModel):
-    checkpoint: str
-    model_version: int
 
 
-class Checkpoints(BaseModel):
-    checkpoints: list[dict[str, Any]]
 
 
-class Weights(BaseModel):
-    model_version: int
-    weights: dict[str, dict[str, Any]] = Field(
-        description="Per parameter: `dtype`, `shape`, and `data` (its little-endian bytes, base64)."
-    )
 
 
-class Version(BaseModel):
-    model_version: int
 
 
 def _counting_route(service: TrainingService) -> type[APIRoute]:
@@ -209,31 +150,3 @@ def untrainable_router(policy: str, auth: Any, prefix: str) -> APIRouter:
     return router
 
 
-def model_router(service: PolicyService, auth: Any, prefix: str, model: bytes, fmt: str) -> APIRouter:
-    """The model file and its current weights, for clients that act locally."""
-    router = APIRouter(prefix=prefix, tags=[service.policy.name], dependencies=[Depends(auth)], responses=ERRORS)
-
-    @router.get("/model", response_class=Response, responses={200: {"content": {"application/octet-stream": {}}}})
-    async def get_model() -> Response:
-        """The model file as served at version 0 (`X-Model-Format`: `export` or `torchscript`);
-        load it with `torch.export.load` or `torch.jit.load`, then apply `/weights`."""
-        return Response(model, media_type="application/octet-stream", headers={"X-Model-Format": fmt})
-
-    @router.get("/weights", response_model=Weights, responses={304: {"description": "Not modified."}})
-    async def get_weights(if_none_match: str | None = Header(None)) -> Response:
-        """The weights served now and their version. Send `If-None-Match: "<version>"` to get a
-        304 when the version has not changed."""
-        backend = service.require_backend()
-        if if_none_match is not None and if_none_match.strip('W/"') == str(await backend.version()):
-            return Response(status_code=304, headers={"ETag": if_none_match})
-        weights, version = await backend.snapshot()
-        return JSONResponse(
-            {"model_version": version, "weights": encode_weights(weights)}, headers={"ETag": f'"{version}"'}
-        )
-
-    @router.get("/version", response_model=Version)
-    async def get_version() -> Any:
-        """The model version served now."""
-        return {"model_version": await service.require_backend().version()}
-
-    return router

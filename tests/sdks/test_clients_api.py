@@ -15,8 +15,8 @@ import yaml
 from conftest import API_KEY, LPOC_OBS, multi_policy_schema, running_server
 from fastapi.testclient import TestClient
 
-from policy_server.clients.languages import LANGUAGES_PATTERN
 from policy_server.gateway.app import build_app
+from policy_server.sdks.languages import LANGUAGES_PATTERN
 from policy_server.settings import Settings
 
 AUTH = {"access-token": API_KEY}

@@ -1,0 +1,12 @@
+"""OpenAI's API on the LLM policy (``/v1/models``, ``/v1/completions``, ``/v1/chat/completions``)."""
+
+from fastapi import FastAPI
+
+from policy_server.gateway.llm.service import LLMService
+from policy_server.gateway.openai.router import openai_router
+from policy_server.gateway.openai.service import OpenAIService
+
+
+def mount(app: FastAPI, llm: LLMService | None, bearer: object, prefix: str) -> None:
+    if llm is not None:
+        app.include_router(openai_router(OpenAIService(llm), bearer, prefix))

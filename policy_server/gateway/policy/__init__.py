@@ -1,0 +1,22 @@
+"""A policy's endpoints: acting (``/predict``, ``/distribution`` and their batch and raw forms),
+``/collect_experience``, and the model file and weights."""
+
+from fastapi import FastAPI
+
+from policy_server.gateway.policy.collect import collect_router
+from policy_server.gateway.policy.model import model_router
+from policy_server.gateway.policy.router import policy_router
+from policy_server.gateway.policy.service import PolicyService
+from policy_server.gateway.training.service import TrainingService
+from policy_server.policies.torch_policy import model_format
+
+
+def mount(app: FastAPI, service: PolicyService, training: TrainingService | None, auth: object,
+          max_batch: int, prefixes: list[str]) -> None:
+    """The policy's routes under each of ``prefixes`` (``/policies/<name>``, and ``""`` for the default)."""
+    spec = service.policy.spec
+    model, fmt = spec.model.read_bytes(), model_format(spec.model)
+    for prefix in prefixes:
+        app.include_router(policy_router(service, auth, max_batch, prefix))
+        app.include_router(collect_router(service, training, auth, prefix))
+        app.include_router(model_router(service, auth, prefix, model, fmt))

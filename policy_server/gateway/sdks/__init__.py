@@ -1,0 +1,11 @@
+"""Client SDKs generated from the OpenAPI document (``/clients``)."""
+
+from fastapi import FastAPI
+
+from policy_server.gateway.sdks.router import clients_router
+from policy_server.sdks import ClientSDKs
+
+
+def mount(app: FastAPI, sdks: ClientSDKs | None, auth: object, prefix: str) -> None:
+    if sdks is not None:
+        app.include_router(clients_router(sdks, app.openapi, auth), prefix=prefix)
