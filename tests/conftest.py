@@ -319,3 +319,40 @@ def llm_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module.build(tmp_path_factory.mktemp("llm"), seed=0, lora=True)
+
+
+def llm_schema(llm_dirs: dict[str, Path], **limits: Any) -> dict[str, Any]:
+    return {
+        "parameters": {"api_key": API_KEY},
+        "llm": {
+            "policy": {"path": str(llm_dirs["policy"]), "served_name": "tiny", "limits": {"max_new_tokens": 64, **limits}},
+            "value": {"path": str(llm_dirs["value"])},
+        },
+    }
+
+
+def make_client(tmp_path: Path, schema: dict[str, Any]) -> Any:
+    """A TestClient (not entered) of the app of ``schema``, on the local backend, with the api key."""
+    from fastapi.testclient import TestClient
+
+    from policy_server.gateway.app import build_app
+
+    path = tmp_path / "schema.yaml"
+    path.write_text(yaml.safe_dump(schema, sort_keys=False))
+    return TestClient(build_app(Settings(schema_path=path, backend="local", gateway_metrics_port=0)), headers={"access-token": API_KEY})
+
+
+def post_raw(client: Any, path: str, body: Any) -> Any:
+    """POST ``body`` as JSON with ASCII escapes: a lone surrogate travels as ``\\ud800`` (valid JSON,
+    not valid Unicode) and NaN as the bare token ``NaN`` that Python's JSON reader accepts."""
+    return client.post(path, content=json.dumps(body), headers={"content-type": "application/json"})
+
+
+def assert_422_naming(answer: Any, field: str) -> dict[str, Any]:
+    assert answer.status_code == 422, answer.text
+    error = answer.json()["error"]
+    assert error["code"] == "invalid_request" and error["fields"][0]["field"] == field, error
+    return error
+
+
+CHAT_BODY = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4}

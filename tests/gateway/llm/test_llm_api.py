@@ -2,40 +2,22 @@
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-import openai
 import pytest
-import yaml
-from conftest import API_KEY
+from conftest import API_KEY, CHAT_BODY, assert_422_naming, llm_schema, make_client, post_raw
 from fastapi.testclient import TestClient
-
-from policy_server.gateway.app import build_app
-from policy_server.settings import Settings
 
 AUTH = {"access-token": API_KEY}
 STEP, END = "<|eois_id|>", "<|eot_id|>"
 
 
-def llm_schema(llm_dirs: dict[str, Path], **limits: Any) -> dict[str, Any]:
-    return {
-        "parameters": {"api_key": API_KEY},
-        "llm": {
-            "policy": {"path": str(llm_dirs["policy"]), "served_name": "tiny", "limits": {"max_new_tokens": 64, **limits}},
-            "value": {"path": str(llm_dirs["value"])},
-        },
-    }
 
 
-def make_client(tmp_path: Path, schema: dict[str, Any]) -> TestClient:
-    path = tmp_path / "schema.yaml"
-    path.write_text(yaml.safe_dump(schema, sort_keys=False))
-    return TestClient(build_app(Settings(schema_path=path, backend="local", gateway_metrics_port=0)), headers=AUTH)
 
 
 @pytest.fixture(scope="module")
@@ -165,30 +147,13 @@ def test_the_llm_needs_the_key(client: TestClient) -> None:
     assert client.get("/v1/models", headers={"access-token": "", "authorization": "Bearer nope"}).status_code == 401
 
 
-def test_openai_routes_refuse_an_unknown_model_and_streaming(client: TestClient) -> None:
-    unknown = client.post("/v1/completions", json={"model": "gpt-9", "prompt": "hi"})
-    assert unknown.status_code == 404 and "tiny" in unknown.json()["error"]["message"]
-    stream = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}], "stream": True})
-    assert stream.status_code == 422
-    empty = client.post("/v1/chat/completions", json={"messages": []})
-    assert empty.status_code == 422
 
 
-def post_raw(client: TestClient, path: str, body: Any) -> Any:
-    """POST ``body`` as JSON with ASCII escapes: a lone surrogate travels as ``\\ud800`` (valid JSON,
-    not valid Unicode) and NaN as the bare token ``NaN`` that Python's JSON reader accepts."""
-    return client.post(path, content=json.dumps(body), headers={"content-type": "application/json"})
 
 
-def assert_422_naming(answer: Any, field: str) -> dict[str, Any]:
-    assert answer.status_code == 422, answer.text
-    error = answer.json()["error"]
-    assert error["code"] == "invalid_request" and error["fields"][0]["field"] == field, error
-    return error
 
 
 CONV = [{"role": "user", "content": "What is 2 + 3?"}, {"role": "assistant", "content": "5"}]
-CHAT_BODY = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4}
 
 
 @pytest.mark.parametrize(
@@ -245,27 +210,8 @@ def test_x1_routes_take_json_types_strictly(client: TestClient, path: str, body:
     assert_422_naming(post_raw(client, path, full), field)
 
 
-@pytest.mark.parametrize(
-    ("path", "body", "field"),
-    [
-        ("/v1/completions", {"prompt": "Hi", "temperature": 1e39}, "body.temperature"),
-        ("/v1/completions", {"prompt": "Hi", "top_p": float("nan")}, "body.top_p"),
-        ("/v1/chat/completions", CHAT_BODY | {"temperature": float("inf")}, "body.temperature"),
-        ("/v1/completions", {"prompt": "Hi", "n": 99}, "body.n"),
-        ("/v1/completions", {"prompt": "Hi", "max_tokens": 10**30}, "body.max_tokens"),
-    ],
-)
-def test_openai_numbers_are_checked_at_float32_and_named(
-    client: TestClient, path: str, body: dict[str, Any], field: str
-) -> None:
-    assert_422_naming(post_raw(client, path, body), field)
 
 
-def test_openai_routes_keep_openais_leniency(client: TestClient) -> None:
-    lenient = {"prompt": "Hi", "max_tokens": "4", "n": "1", "echo": "false", "user": "someone", "seed": 3}
-    answer = post_raw(client, "/v1/completions", lenient)
-    assert answer.status_code == 200, answer.text
-    assert len(answer.json()["choices"]) == 1 and answer.json()["usage"]["completion_tokens"] <= 4
 
 
 # --- issue 11: every 422 names its field; the OpenAI routes document what they answer -----------
@@ -290,32 +236,7 @@ def test_every_refusal_names_its_field(client: TestClient, path: str, body: dict
     assert error["message"].startswith(field) or f" {field}:" in error["message"], error["message"]
 
 
-def test_openai_routes_document_every_status_they_answer_and_their_answers(client: TestClient) -> None:
-    paths = client.get("/openapi.json").json()["paths"]
-    for path, method, answer in [("/v1/models", "get", "ModelList"), ("/v1/completions", "post", "Completion"),
-                                 ("/v1/chat/completions", "post", "ChatCompletion")]:
-        responses = paths[path][method]["responses"]
-        assert {"200", "401", "404", "422", "429", "500", "503"} <= set(responses), (path, sorted(responses))
-        assert responses["200"]["content"]["application/json"]["schema"]["$ref"].endswith(f"/{answer}")
-    nameless = client.post("/v1/completions", json={"prompt": "Hi", "model": ""})
-    assert nameless.status_code == 404 and nameless.json()["error"]["code"] == "not_found"
-    keyless = client.post("/v1/completions", json={"prompt": "Hi"}, headers={"access-token": "", "authorization": "Bearer nope"})
-    assert keyless.status_code == 401
 
 
-def test_openai_answers_hold_to_their_models(client: TestClient) -> None:
-    from policy_server.gateway.openai.wire import ChatCompletion, Completion, ModelList
-
-    ModelList.model_validate(client.get("/v1/models").json())
-    completion = Completion.model_validate(client.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 3,
-                                                                               "logprobs": 1, "n": 2}).json())
-    assert len(completion.choices) == 2 and completion.choices[0].logprobs is not None
-    chat = ChatCompletion.model_validate(post_raw(client, "/v1/chat/completions", CHAT_BODY | {"logprobs": True}).json())
-    assert chat.choices[0].message.role == "assistant" and chat.choices[0].logprobs is not None
 
 
-def test_the_openai_client_gets_a_422_for_a_temperature_beyond_float32(client: TestClient) -> None:
-    with openai.OpenAI(base_url=f"{client.base_url}/v1", api_key=API_KEY, max_retries=0, http_client=client) as oai, \
-            pytest.raises(openai.UnprocessableEntityError) as caught:
-        oai.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hi"}], temperature=1e39)
-    assert caught.value.status_code == 422 and "body.temperature" in caught.value.message
