@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse
@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from policy_server import __version__
 from policy_server.gateway.errors import envelope
+from policy_server.gateway.openapi import error_docs
 from policy_server.gateway.policy.service import PolicyService
 from policy_server.schema.config import ServerSchema
 
@@ -23,6 +24,15 @@ class Status(_Wire):
     version: str
     default_policy: str | None = Field(description="None when the schema serves only LLM models.")
     policies: dict[str, dict[str, Any]]
+
+
+class Liveness(_Wire):
+    status: Literal["alive"]
+
+
+class Readiness(_Wire):
+    status: Literal["ready"]
+    policies: dict[str, bool] = Field(description="Each policy's deployment answers.")
 
 
 def health_router(schema: ServerSchema, services: dict[str, PolicyService]) -> APIRouter:
@@ -39,12 +49,13 @@ def health_router(schema: ServerSchema, services: dict[str, PolicyService]) -> A
             "policies": {name: s.policy.describe() for name, s in services.items()},
         }
 
-    @router.get("/health/live")
+    @router.get("/health/live", response_model=Liveness)
     async def live() -> dict[str, str]:
         """The gateway process answers."""
         return {"status": "alive"}
 
-    @router.get("/health/ready", responses={503: {"description": "A policy is not ready."}})
+    @router.get("/health/ready", response_model=Readiness,
+                responses=error_docs({503: "A policy is not ready (`not_ready`)."}))
     async def ready() -> JSONResponse:
         """Every policy's deployment answers."""
         states = {

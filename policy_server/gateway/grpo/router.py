@@ -7,9 +7,14 @@ from fastapi import APIRouter, Depends
 from fastapi.responses import Response
 
 from policy_server.gateway.grpo.wire import (
+    GRPOGroup,
     GRPOPrompt,
     GRPORewards,
+    GRPORunList,
     GRPOStart,
+    GRPOStarted,
+    GRPOStatus,
+    GRPOUpdate,
 )
 from policy_server.gateway.llm.router import LLM_ERRORS
 from policy_server.gateway.openapi import error_docs
@@ -21,34 +26,34 @@ def grpo_router(service: Any, auth: Any, prefix: str) -> APIRouter:
     router = APIRouter(prefix=f"{prefix}/grpo/runs", tags=["LLM GRPO"], dependencies=[Depends(auth)],
                        responses=LLM_ERRORS | error_docs({409: "Run finished, stale group, or too many runs."}))
 
-    @router.post("", status_code=201)
+    @router.post("", status_code=201, response_model=GRPOStarted)
     async def start(body: GRPOStart) -> Any:
         """Start a run with these settings; answers its `run_id` and status."""
         return await service.call("start", body.model_dump())
 
-    @router.get("")
+    @router.get("", response_model=GRPORunList)
     async def runs() -> Any:
         """The runs this server knows."""
         return {"runs": await service.call("list")}
 
-    @router.post("/{run_id}/completions")
+    @router.post("/{run_id}/completions", response_model=GRPOGroup)
     async def completions(run_id: str, body: GRPOPrompt) -> Any:
         """A group of completions of the prompt, with their token ids and logprobs and the
         `model_version` `[run_id, cycle]` that made them."""
         return await service.call("complete", run_id, body.prompt)
 
-    @router.post("/{run_id}/rewards")
+    @router.post("/{run_id}/rewards", response_model=GRPOUpdate, response_model_exclude_none=True)
     async def rewards(run_id: str, body: GRPORewards) -> Any:
         """The rewards of a group (scored by the client): one training cycle; answers the version
         now training, the loss and the group's mean reward."""
         return await service.call("rewards", run_id, body.group_id, body.rewards)
 
-    @router.get("/{run_id}")
+    @router.get("/{run_id}", response_model=GRPOStatus)
     async def status(run_id: str) -> Any:
         """Counters, cycle, mean reward and the reward history."""
         return await service.call("status", run_id)
 
-    @router.post("/{run_id}/stop")
+    @router.post("/{run_id}/stop", response_model=GRPOStatus)
     async def stop(run_id: str) -> Any:
         """Write the final checkpoint and finish the run."""
         return await service.call("stop", run_id)

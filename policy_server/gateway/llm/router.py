@@ -15,7 +15,8 @@ from policy_server.gateway.llm.wire import (
     DirectForwardAnswer,
     Forward,
     Message,
-    Status,
+    ModelStatus,
+    Session,
     TaskCreated,
     TaskPending,
     TaskResult,
@@ -70,7 +71,7 @@ def _training_routes(router: APIRouter, trainer: Any) -> None:
 def llm_router(service: LLMService, auth: Any, prefix: str, trainer: Any = None) -> APIRouter:
     router = APIRouter(prefix=prefix, tags=["LLM policy"], dependencies=[Depends(auth)], responses=LLM_ERRORS)
 
-    @router.get("/", response_model=Status)
+    @router.get("/", response_model=ModelStatus)
     async def status() -> Any:
         """x1's status: whether inference and training are allowed, and the training progress."""
         return await _status(service.spec.model_id, await service.require_backend().version(), trainer)
@@ -106,12 +107,12 @@ def llm_router(service: LLMService, auth: Any, prefix: str, trainer: Any = None)
         # the state forgot the task as it handed it out: a second fetch is a 404
         return JSONResponse({k: v for k, v in view["result"].items() if v is not None})
 
-    @router.get("/sessions/{session_id}")
+    @router.get("/sessions/{session_id}", response_model=Session)
     async def session(session_id: str) -> Any:
         """The session's token records, ready for training (prompt positions masked)."""
         return {"session_id": session_id, "nodes": await service.call_state("session_nodes", session_id)}
 
-    @router.delete("/sessions/{session_id}")
+    @router.delete("/sessions/{session_id}", response_model=Session)
     async def reset_session(session_id: str) -> Any:
         """Forget the session's nodes."""
         await service.call_state("reset_session", session_id)
@@ -123,7 +124,7 @@ def llm_router(service: LLMService, auth: Any, prefix: str, trainer: Any = None)
 def value_router(service: ValueService, auth: Any, prefix: str, trainer: Any = None) -> APIRouter:
     router = APIRouter(prefix=prefix, tags=["LLM value"], dependencies=[Depends(auth)], responses=LLM_ERRORS)
 
-    @router.get("/", response_model=Status)
+    @router.get("/", response_model=ModelStatus)
     async def status() -> Any:
         """x1's status of the value server, and the training progress."""
         return await _status(service.spec.path.name, await service.require_backend().version(), trainer)

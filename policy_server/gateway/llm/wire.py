@@ -103,7 +103,9 @@ class Message(BaseModel):
     message: str
 
 
-class Status(BaseModel):
+class ModelStatus(BaseModel):
+    """x1's status of the policy or value server."""
+
     status: str
     allow_training: bool
     stop_training_flag: bool
@@ -113,12 +115,28 @@ class Status(BaseModel):
     training: dict[str, Any] | None = Field(None, description="Progress of the running or last training run.")
 
 
+class TokenRecord(BaseModel):
+    """One sample as training data: prompt and completion token ids, the prompt masked."""
+
+    tokens: list[int] = Field(description="Prompt then completion token ids.")
+    masked_tokens: list[int] = Field(description="The same ids with the prompt's replaced by -100 (not trained).")
+    logprobs: list[float] = Field(description="The sampling policy's log-prob of each token (0 for prompt tokens).")
+    finish_reason: str
+    model_version: int
+    prompt_length: int
+
+
+class Session(BaseModel):
+    session_id: str
+    nodes: list[TokenRecord] = Field(description="The session's leaves, oldest first.")
+
+
 class DirectForwardAnswer(BaseModel):
     result: list[str]
     stop_strings: list[str] = Field(description="The stop string each sample ended on ('' when none).")
     finish_reasons: list[str]
     model_version: int
-    records: list[dict[str, Any]] | None = None
+    records: list[TokenRecord] | None = None
     session_id: str | None = None
 
 
@@ -132,7 +150,7 @@ class TaskResult(BaseModel):
     stop_string_found: list[str]
     is_final_step: list[bool]
     model_version: int
-    records: list[dict[str, Any]] | None = None
+    records: list[TokenRecord] | None = None
 
 
 class TaskPending(BaseModel):
