@@ -9,7 +9,7 @@ from fastapi import APIRouter, Depends
 from fastapi.responses import JSONResponse, Response
 
 from policy_server.errors import InvalidRequest, ModelError
-from policy_server.gateway.llm_service import LLMService, ValueService
+from policy_server.gateway.llm_service import LLMService, ValueService, in_body
 from policy_server.gateway.llm_wire import (
     ChatCompletion,
     ChatRequest,
@@ -75,7 +75,7 @@ def _training_routes(router: APIRouter, trainer: Any) -> None:
     async def train_from_dataset(body: TrainFromDataset) -> Any:
         """Train on the samples (or a dataset file under the server's data folder) in the
         background; serving goes on, and the trained weights become the next model version."""
-        return await trainer.call("start", body.model_dump())
+        return await in_body(trainer.call("start", body))
 
     @router.post("/stop_training", response_model=Message)
     async def stop_training() -> Any:
@@ -195,7 +195,7 @@ def grpo_router(service: Any, auth: Any, prefix: str) -> APIRouter:
     @router.post("", status_code=201)
     async def start(body: GRPOStart) -> Any:
         """Start a run with these settings; answers its `run_id` and status."""
-        return await service.call("start", body.model_dump())
+        return await service.call("start", body)
 
     @router.get("")
     async def runs() -> Any:
@@ -206,13 +206,13 @@ def grpo_router(service: Any, auth: Any, prefix: str) -> APIRouter:
     async def completions(run_id: str, body: GRPOPrompt) -> Any:
         """A group of completions of the prompt, with their token ids and logprobs and the
         `model_version` `[run_id, cycle]` that made them."""
-        return await service.call("complete", run_id, body.prompt)
+        return await in_body(service.call("complete", run_id, body.prompt))
 
     @router.post("/{run_id}/rewards")
     async def rewards(run_id: str, body: GRPORewards) -> Any:
         """The rewards of a group (scored by the client): one training cycle; answers the version
         now training, the loss and the group's mean reward."""
-        return await service.call("rewards", run_id, body.group_id, body.rewards)
+        return await in_body(service.call("rewards", run_id, body.group_id, body.rewards))
 
     @router.get("/{run_id}")
     async def status(run_id: str) -> Any:

@@ -11,9 +11,10 @@ import asyncio
 import logging
 import time
 import uuid
+from collections.abc import Awaitable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from pydantic import TypeAdapter, ValidationError
 
@@ -42,6 +43,27 @@ from policy_server.llm.state import LLMState
 log = logging.getLogger(__name__)
 
 _CONVERSATION = TypeAdapter(list[ValueMessage])
+T = TypeVar("T")
+
+
+def under_body(exc: InvalidRequest) -> InvalidRequest:
+    """A domain's ``InvalidRequest``, whose fields are named from its own input (``prompt``,
+    ``dataset.3.GAE``, ``""`` for the whole input), named from the request body instead
+    (``body.prompt``, ``body.dataset.3.GAE``, ``body``); the message's leading field too."""
+    fields = [FieldError(".".join(filter(None, ("body", f.field))), f.message) for f in exc.fields]
+    head = f"{exc.fields[0].field}: " if exc.fields[0].field else ""
+    message = exc.message
+    if message.startswith(head):
+        message = f"{fields[0].field}: {message[len(head):]}"
+    return type(exc)(message, fields)
+
+
+async def in_body(pending: Awaitable[T]) -> T:
+    """``await pending``, its ``InvalidRequest`` named from the request body (``under_body``)."""
+    try:
+        return await pending
+    except InvalidRequest as exc:
+        raise under_body(exc) from exc
 
 
 class LLMBackend(Protocol):
@@ -378,12 +400,12 @@ class LLMService:
         for tok in tokens:
             offsets.append(at)
             at += len(tok)
-        return {"tokens": tokens, "token_logprobs": list(sample.logprobs), "top_logprobs": None, "text_offset": offsets}
+        return {"tokens": tokens, "token_logprobs": list(sample.log_probs), "top_logprobs": None, "text_offset": offsets}
 
     def _chat_logprobs(self, sample: Sample) -> list[dict[str, Any]]:
         return [
             {"token": tok, "logprob": lp, "bytes": list(tok.encode()), "top_logprobs": []}
-            for tok, lp in zip(self._tokens(sample), sample.logprobs)
+            for tok, lp in zip(self._tokens(sample), sample.log_probs)
         ]
 
     def _openai_answer(self, kind: str, prefix: str, choices: list[dict[str, Any]], outs: list[Generated]) -> dict[str, Any]:

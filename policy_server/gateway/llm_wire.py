@@ -1,5 +1,9 @@
 """Request and response models of the LLM endpoints: x1's field names and defaults, plus the
-token-record and session extensions, and the OpenAI-compatible subset."""
+token-record and session extensions, and the OpenAI-compatible subset.
+
+The bodies that are a domain's own input are that domain's model, under the wire's component name:
+``TrainFromDataset`` is ``llm.x1_config.X1TrainingConfig``, ``LoraRequest`` its ``LoraSettings``,
+``GRPOStart`` is ``llm.grpo_settings.GRPOSettings``."""
 
 from __future__ import annotations
 
@@ -8,9 +12,10 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from policy_server.fields import STRICT, Float32, Text, check_text
+from policy_server.llm.grpo_settings import GRPOSettings, StopString
+from policy_server.llm.x1_config import LoraSettings, X1TrainingConfig
 
 Strategy = Literal["temperature", "beam_search", "diverse_beam_search"]
-StopString = Annotated[Text, Field(min_length=1)]
 SESSION_ID = r"^[A-Za-z0-9_.:-]{1,128}$"
 
 
@@ -70,29 +75,14 @@ class ValueForward(_Wire):
     )
 
 
-class LoraRequest(_Wire):
+class LoraRequest(LoraSettings):
     """Train a new LoRA adapter on a policy served without one (merged into the served weights)."""
 
-    r: int = Field(8, ge=1, le=256)
-    alpha: int = Field(16, ge=1, le=4096, description="The update is scaled by alpha / r.")
-    dropout: Float32 = Field(0.05, ge=0, lt=1)
 
-
-class TrainFromDataset(_Wire):
+class TrainFromDataset(X1TrainingConfig):
     """x1's `/train_from_dataset`: PPO for the policy, MSE for the value model."""
 
-    dataset: list[dict[str, Any]] | None = Field(
-        None, description="Samples: {messages, GAE} (policy) or {messages, value_target} (value), "
-        "or x1's documented {question, context, current_node, value}."
-    )
-    dataset_path: Text | None = Field(None, description="A JSON or JSONL file under the server's data folder.")
-    num_epochs: int = Field(1, ge=1, le=1000)
-    percent_of_data: Float32 = Field(1.0, gt=0, le=1)
-    save_samples: bool = Field(False, description="Store the samples under the server's samples folder.")
-    lr: Float32 = Field(1e-5, gt=0, le=1)
-    clip: Float32 = Field(0.2, gt=0, description="PPO: ratio clipping.")
-    kl_coef: Float32 = Field(0.01, ge=0, description="PPO: KL penalty to the reference model.")
-    entropy_coef: Float32 = Field(0.01, ge=0, description="PPO: entropy bonus.")
+    # the same field as X1TrainingConfig's, under the wire's component name
     lora: LoraRequest | None = Field(
         None, description="Policy without an adapter: train a new LoRA adapter instead of every weight. "
         "A policy with an adapter always trains its adapter."
@@ -276,25 +266,8 @@ class ChatCompletion(_Completion):
 # --- GRPO (the client computes the reward) --------------------------------------------------------
 
 
-class GRPOStart(_Wire):
+class GRPOStart(GRPOSettings):
     """A run's settings; every field has a default (see GRPOSettings)."""
-
-    group_size: int = Field(4, ge=2, le=64)
-    lr: Float32 = Field(1e-5, gt=0, le=1)
-    beta: Float32 = Field(0.04, ge=0)
-    clip_eps: Float32 = Field(0.2, gt=0, lt=1)
-    max_prompt_length: int = Field(512, ge=1)
-    max_completion_length: int = Field(64, ge=1, le=4096)
-    temperature: Float32 = Field(1.0, gt=0, le=10)
-    stop_strings: list[StopString] = Field(default_factory=list)
-    chat: bool = Field(False, description="Wrap each prompt in the chat template.")
-    lora: bool = Field(True, description="Train a LoRA adapter (else the full model).")
-    lora_r: int = Field(8, ge=1, le=256)
-    lora_alpha: int = Field(16, ge=1, le=4096)
-    lora_dropout: Float32 = Field(0.0, ge=0, lt=1)
-    checkpoint_every: int = Field(10, ge=1)
-    max_version_lag: int = Field(0, ge=0, description="Accept rewards for groups this many cycles old.")
-    seed: int = 0
 
 
 class GRPOPrompt(_Wire):
