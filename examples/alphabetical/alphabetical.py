@@ -129,7 +129,7 @@ class Curve:
 
 
 def grpo_settings(args: Args) -> dict[str, Any]:
-    """The run's settings (``GRPOStart`` on the server)."""
+    """The run's settings (``GRPOSettings`` on the server)."""
     return {"group_size": args.group_size, "lr": args.lr, "beta": args.beta, "temperature": args.temperature,
             "max_completion_length": args.max_completion_length, "chat": True, "lora": args.lora,
             "seed": args.seed}

@@ -9,11 +9,13 @@ asks the question and the assistant's last message is ``context + current_node``
 ``current_node`` (the step being judged) is trained; ``value`` is the policy's advantage or the
 value model's target.
 
-The accepted forms are pydantic models (``PolicyForm``, ``ValueForm``, ``DocumentedForm``): texts must
-be valid Unicode (a tokenizer reads them) and numbers JSON numbers finite as float32 (the loss is
-computed in float32). Every error is an ``InvalidRequest`` naming ``<field>.<i>.<key>`` (by default
-``body.dataset.<i>.<key>``); a sample with a key its form does not know is refused, so a misspelt
-field never trains silently on a default.
+The accepted forms are pydantic models (``PolicyForm``, ``ValueForm``, ``DocumentedForm``), one
+discriminated union per kind, which validates a whole dataset at once, whether it came in a request
+or from a file: texts must be valid Unicode (a tokenizer reads them) and numbers JSON numbers finite
+as float32 (the loss is computed in float32). Every error is an ``InvalidRequest`` naming
+``<where>.<i>.<key>`` (by default ``dataset.<i>.<key>``: the gateway names it from the body); a
+sample with a key its form does not know is refused, so a misspelt field never trains silently on a
+default.
 """
 
 from __future__ import annotations
@@ -29,10 +31,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, Discriminator, Field, Tag, TypeAdapter, ValidationError, model_validator
+from pydantic_core import InitErrorDetails, PydanticCustomError
 
-from policy_server.errors import Forbidden, InvalidRequest, NotFound
-from policy_server.fields import STRICT, Float32, Text, field_errors
+from policy_server.errors import FieldError, Forbidden, InvalidRequest, NotFound
+from policy_server.fields import STRICT, Float32, Text, error_message
 
 Message = dict[str, str]
 Kind = Literal["policy", "value"]
@@ -51,50 +54,6 @@ class SampleMessage(_Form):
     content: Text
 
 
-class PolicyForm(_Form):
-    """A policy sample: the chat, whose last message (the assistant's) is trained, and its advantage."""
-
-    messages: list[SampleMessage] = Field(min_length=1)
-    GAE: Float32 | None = Field(None, description="x1's advantage; give it as GAE or as advantage.")
-    advantage: Float32 | None = None
-    logprobs: list[LogProb] | None = Field(
-        None, min_length=1, description="The generating policy's log-prob of each trained token."
-    )
-
-
-class ValueForm(_Form):
-    """A value sample: the chat and the score the value model should give it."""
-
-    messages: list[SampleMessage] = Field(min_length=1)
-    value_target: ValueTarget
-
-
-class DocumentedForm(_Form):
-    """x1's documented form: ``context + current_node`` answers ``question``; ``value`` is the
-    policy's advantage (for the value model: its target, see ``DocumentedValueForm``)."""
-
-    question: Text
-    context: Text = ""
-    current_node: Text = Field(min_length=1, description="The step being judged: never empty.")
-    value: Float32
-
-
-class DocumentedValueForm(DocumentedForm):
-    value: ValueTarget
-
-
-_FORMS: dict[Kind, tuple[type[_Form], type[DocumentedForm]]] = {
-    "policy": (PolicyForm, DocumentedForm),
-    "value": (ValueForm, DocumentedValueForm),
-}
-_UNKNOWN: dict[Kind, str] = {
-    "policy": "unknown field; a policy sample has messages, GAE (or advantage) and logprobs, "
-    "or question, context, current_node and value",
-    "value": "unknown field; a value sample has messages and value_target, "
-    "or question, context, current_node and value",
-}
-
-
 @dataclass(frozen=True)
 class PolicySample:
     """One step to reinforce (positive advantage) or discourage (negative)."""
@@ -105,7 +64,7 @@ class PolicySample:
     """x1's ``GAE``: broadcast over the trained tokens."""
     judged_from: int = 0
     """Characters of the last message's content that are context, not trained."""
-    logprobs: list[float] | None = None
+    log_probs: list[float] | None = None
     """The generating policy's log-prob of each trained token (else the starting policy's)."""
 
 
@@ -124,65 +83,126 @@ class ValueSample:
 Sample = PolicySample | ValueSample
 
 
-
-
-def _validate(raw: Any, kind: Kind, where: str) -> _Form:
-    """The sample as its form: x1's documented one when it has a question or a current_node."""
-    plain, documented = _FORMS[kind]
-    form = documented if isinstance(raw, dict) and ("question" in raw or "current_node" in raw) else plain
-    try:
-        return form.model_validate(raw)
-    except ValidationError as exc:
-        errors = field_errors(exc, where, _UNKNOWN[kind])
-        raise InvalidRequest(f"{errors[0].field}: {errors[0].message}", errors) from None
-
-
-def _from_documented(form: DocumentedForm) -> tuple[list[Message], int]:
-    """The user asks the question; the assistant answers context + current_node, judged from the node on."""
-    answer = form.context + form.current_node
-    return [{"role": "user", "content": form.question}, {"role": "assistant", "content": answer}], len(form.context)
+def _refuse(loc: tuple[str | int, ...], message: str, value: Any) -> ValidationError:
+    """A validation error at ``loc`` inside the model being validated: pydantic nests it under the
+    sample's own location, as it does a field's."""
+    error = InitErrorDetails(type=PydanticCustomError("invalid_sample", message), loc=loc, input=value)
+    return ValidationError.from_exception_data("sample", [error])
 
 
 def _messages(messages: list[SampleMessage]) -> list[Message]:
     return [m.model_dump() for m in messages]
 
 
-def parse_policy_sample(raw: Any, where: str) -> PolicySample:
-    form = _validate(raw, "policy", where)
-    if isinstance(form, DocumentedForm):
-        messages, judged_from = _from_documented(form)
-        return PolicySample(messages, form.value, judged_from)
-    assert isinstance(form, PolicyForm)
-    if form.messages[-1].role != "assistant":
-        raise InvalidRequest.at(f"{where}.messages.{len(form.messages) - 1}.role", "the last message must be the assistant's")
-    if (form.GAE is None) == (form.advantage is None):
-        raise InvalidRequest.at(f"{where}.GAE", "give the advantage as GAE (or advantage), exactly once")
-    advantage = form.GAE if form.GAE is not None else form.advantage
-    assert advantage is not None
-    return PolicySample(_messages(form.messages), advantage, 0, form.logprobs)
+class PolicyForm(_Form):
+    """A policy sample: the chat, whose last message (the assistant's) is trained, and its advantage."""
+
+    messages: list[SampleMessage] = Field(min_length=1)
+    GAE: Float32 | None = Field(None, description="x1's advantage; give it as GAE or as advantage.")
+    advantage: Float32 | None = None
+    log_probs: list[LogProb] | None = Field(
+        None, alias="logprobs", min_length=1, description="The generating policy's log-prob of each trained token."
+    )
+
+    @model_validator(mode="after")
+    def _one_trained_answer(self) -> PolicyForm:
+        last = len(self.messages) - 1
+        if self.messages[last].role != "assistant":
+            raise _refuse(("messages", last, "role"), "the last message must be the assistant's", self.messages[last].role)
+        if (self.GAE is None) == (self.advantage is None):
+            raise _refuse(("GAE",), "give the advantage as GAE (or advantage), exactly once", self.GAE)
+        return self
+
+    def sample(self) -> PolicySample:
+        advantage = self.GAE if self.GAE is not None else self.advantage
+        assert advantage is not None  # checked above
+        return PolicySample(_messages(self.messages), advantage, 0, self.log_probs)
 
 
-def parse_value_sample(raw: Any, where: str) -> ValueSample:
-    form = _validate(raw, "value", where)
-    if isinstance(form, DocumentedForm):
-        messages, judged_from = _from_documented(form)
-        return ValueSample(messages, form.value, judged_from)
-    assert isinstance(form, ValueForm)
-    return ValueSample(_messages(form.messages), form.value_target)
+class ValueForm(_Form):
+    """A value sample: the chat and the score the value model should give it."""
+
+    messages: list[SampleMessage] = Field(min_length=1)
+    value_target: ValueTarget
+
+    def sample(self) -> ValueSample:
+        return ValueSample(_messages(self.messages), self.value_target)
 
 
-def parse_samples(
-    raw: Any, kind: Kind, field: str = "body.dataset"
-) -> list[PolicySample] | list[ValueSample]:
-    """Validate a list of x1 samples for the policy (PPO) or the value model (MSE); the first bad
-    sample is refused with an ``InvalidRequest`` naming ``<field>.<i>.<key>``."""
+class DocumentedForm(_Form):
+    """x1's documented form: ``context + current_node`` answers ``question``; ``value`` is the
+    policy's advantage (for the value model: its target, see ``DocumentedValueForm``). The user
+    asks the question; the assistant answers context + current_node, judged from the node on."""
+
+    question: Text
+    context: Text = ""
+    current_node: Text = Field(min_length=1, description="The step being judged: never empty.")
+    value: Float32
+
+    def chat(self) -> list[Message]:
+        return [{"role": "user", "content": self.question}, {"role": "assistant", "content": self.context + self.current_node}]
+
+    def sample(self) -> PolicySample:
+        return PolicySample(self.chat(), self.value, len(self.context))
+
+
+class DocumentedValueForm(DocumentedForm):
+    value: ValueTarget
+
+    def sample(self) -> ValueSample:  # type: ignore[override]
+        return ValueSample(self.chat(), self.value, len(self.context))
+
+
+def _form(raw: Any) -> str:
+    """Which form a sample is in: x1's documented one when it has a question or a current_node."""
+    return "documented" if isinstance(raw, dict) and ("question" in raw or "current_node" in raw) else "messages"
+
+
+_TAGS = ("messages", "documented")
+PolicySampleForm = Annotated[
+    Annotated[PolicyForm, Tag("messages")] | Annotated[DocumentedForm, Tag("documented")], Discriminator(_form)
+]
+ValueSampleForm = Annotated[
+    Annotated[ValueForm, Tag("messages")] | Annotated[DocumentedValueForm, Tag("documented")], Discriminator(_form)
+]
+_DATASETS: dict[Kind, TypeAdapter[Any]] = {
+    "policy": TypeAdapter(list[PolicySampleForm]),
+    "value": TypeAdapter(list[ValueSampleForm]),
+}
+_UNKNOWN: dict[Kind, str] = {
+    "policy": "unknown field; a policy sample has messages, GAE (or advantage) and logprobs, "
+    "or question, context, current_node and value",
+    "value": "unknown field; a value sample has messages and value_target, "
+    "or question, context, current_node and value",
+}
+
+
+def _sample_errors(exc: ValidationError, kind: Kind, where: str) -> list[FieldError]:
+    """pydantic's errors named ``<where>.<i>.<key>``: the form's tag (``(i, tag, key)``) left out."""
+    errors = []
+    for err in exc.errors():
+        loc = list(err["loc"])
+        if len(loc) > 1 and loc[1] in _TAGS:
+            del loc[1]
+        message = _UNKNOWN[kind] if err["type"] == "extra_forbidden" else error_message(err)
+        errors.append(FieldError(".".join([where, *map(str, loc)]), message))
+    return errors
+
+
+def parse_samples(raw: Any, kind: Kind, where: str = "dataset") -> list[PolicySample] | list[ValueSample]:
+    """Validate a list of x1 samples for the policy (PPO) or the value model (MSE), request bodies
+    and files alike; every bad sample is refused in one ``InvalidRequest`` naming ``<where>.<i>.<key>``."""
     if not isinstance(raw, list) or not raw:
-        raise InvalidRequest.at(field, "must be a non-empty list of samples")
-    parse = parse_policy_sample if kind == "policy" else parse_value_sample
-    return [parse(sample, f"{field}.{i}") for i, sample in enumerate(raw)]  # type: ignore[return-value]
+        raise InvalidRequest.at(where, "must be a non-empty list of samples")
+    try:
+        forms = _DATASETS[kind].validate_python(raw)
+    except ValidationError as exc:
+        errors = _sample_errors(exc, kind, where)
+        raise InvalidRequest(f"{errors[0].field}: {errors[0].message}", errors) from None
+    return [form.sample() for form in forms]
 
 
-def resolve_under(data_dir: Path, relative: str, field: str = "body.dataset_path") -> Path:
+def resolve_under(data_dir: Path, relative: str, field: str = "dataset_path") -> Path:
     """``data_dir / relative`` with every symlink resolved; Forbidden when that leaves ``data_dir``."""
     root = Path(data_dir).resolve()
     candidate = (root / relative).resolve()
@@ -192,7 +212,7 @@ def resolve_under(data_dir: Path, relative: str, field: str = "body.dataset_path
 
 
 def load_dataset_file(
-    data_dir: Path, relative: str, field: str = "body.dataset_path"
+    data_dir: Path, relative: str, field: str = "dataset_path"
 ) -> list[dict[str, Any]]:
     """Samples from a JSON file (a list) or a JSONL file (one object a line) under ``data_dir``."""
     path = resolve_under(data_dir, relative, field)
@@ -225,7 +245,7 @@ def load_dataset_file(
 def subset(samples: Sequence[T], percent_of_data: float, seed: int) -> list[T]:
     """A seeded random ``percent_of_data`` share of the samples (at least one), in their order."""
     if not 0.0 < percent_of_data <= 1.0:
-        raise InvalidRequest.at("body.percent_of_data", f"must be in (0, 1], got {percent_of_data}")
+        raise InvalidRequest.at("percent_of_data", f"must be in (0, 1], got {percent_of_data}")
     count = max(1, round(len(samples) * percent_of_data))
     keep = sorted(random.Random(seed).sample(range(len(samples)), count))
     return [samples[i] for i in keep]

@@ -20,7 +20,7 @@ string, or the last allowed token) join the group's pool of finished hypotheses 
 do not end continue. A group closes when its pool is full and its best running beam, normalised by
 the current length, cannot beat the pool's worst (transformers' ``early_stopping=False``
 heuristic), or at the last allowed token. Scores include the diversity penalties, as in the paper;
-``Hypothesis.logprobs`` are the model's own.
+``Hypothesis.log_probs`` are the model's own.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ class Hypothesis:
     """A finished beam."""
 
     tokens: list[int]
-    logprobs: list[float]
+    log_probs: list[float]
     """log p(token | prefix) of each token under the model (no diversity penalty)."""
     score: float
     """(sum of log-probs - diversity penalties) / len(tokens) ** length_penalty."""
@@ -78,7 +78,7 @@ class _Beams:
     """Per-row histories (python lists: they are read token by token for stop checks)."""
 
     tokens: list[list[int]]
-    logprobs: list[list[float]]
+    log_probs: list[list[float]]
     nonfinite: list[int]
 
 
@@ -87,7 +87,7 @@ Continuation = tuple[float, int, int, list[float], int]
 
 
 def group_beam_search(
-    first_logprobs: torch.Tensor,
+    first_log_probs: torch.Tensor,
     first_nonfinite: torch.Tensor,
     advance: Advance,
     *,
@@ -100,27 +100,27 @@ def group_beam_search(
 ) -> list[list[Hypothesis]]:
     """Diverse beam search for P prompts; for each prompt, the groups' pools in group order, best first.
 
-    ``first_logprobs`` (R, V) and ``first_nonfinite`` (R,) are the log-probs of the first token of
+    ``first_log_probs`` (R, V) and ``first_nonfinite`` (R,) are the log-probs of the first token of
     every row (R = P * num_groups * group_size; rows of one prompt start equal). ``max_new_tokens[p]``
     bounds prompt p's completions. Each returned list holds ``num_groups * group_size`` hypotheses.
     """
     P, G, B = len(max_new_tokens), num_groups, group_size
-    R, V = first_logprobs.shape
+    R, V = first_log_probs.shape
     if R != P * G * B:
         raise ValueError(f"expected {P} * {G} * {B} rows, got {R}")
-    device = first_logprobs.device
+    device = first_log_probs.device
     running = torch.full((P, G, B), NEG_INF_SCORE, device=device)
     running[:, :, 0] = 0.0
     beams = _Beams([[] for _ in range(R)], [[] for _ in range(R)], [0] * R)
     groups = [[_Group([]) for _ in range(G)] for _ in range(P)]
-    logp, step_nonfinite = first_logprobs, first_nonfinite
+    log_probs, step_nonfinite = first_log_probs, first_nonfinite
     t = 0
     while True:
         step_nf = step_nonfinite.tolist()
         parents, next_tokens = list(range(R)), [0] * R
         chosen = torch.zeros(P, 0, dtype=torch.long, device=device)  # this step's tokens of earlier groups
         for g in range(G):
-            rows = logp.view(P, G, B, V)[:, g].reshape(P, B * V)
+            rows = log_probs.view(P, G, B, V)[:, g].reshape(P, B * V)
             scores = rows - hamming_penalty(chosen, V, diversity_penalty).repeat(1, B) if g else rows
             candidates = scores + running[:, g].repeat_interleave(V, dim=1)  # (P, B*V)
             k = min(2 * B, B * V)
@@ -156,7 +156,7 @@ def group_beam_search(
                 for b, (score, parent, token, history, nf) in enumerate(kept):
                     scores_g[p][b] = score
                     parents[base + b], next_tokens[base + b] = parent, token
-                    beams.logprobs[base + b], beams.nonfinite[base + b] = (
+                    beams.log_probs[base + b], beams.nonfinite[base + b] = (
                         history,
                         nf,
                     )  # rows of this group only
@@ -172,7 +172,7 @@ def group_beam_search(
         t += 1
         if not any(group.open for prompt in groups for group in prompt):
             break
-        logp, step_nonfinite = advance(
+        log_probs, step_nonfinite = advance(
             torch.tensor(parents, device=device), torch.tensor(next_tokens, device=device)
         )
     return [[h for group in prompt for h in group.pool] for prompt in groups]
@@ -203,7 +203,7 @@ def _choose(
         parent, token = base + flat // V, flat % V
         seq = beams.tokens[parent] + [token]
         ended = stop(seq)
-        history = beams.logprobs[parent] + [lp]
+        history = beams.log_probs[parent] + [lp]
         nf = beams.nonfinite[parent] + step_nf[parent]
         if ended is not None or last:
             if rank < B:

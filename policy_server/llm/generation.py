@@ -137,7 +137,7 @@ class Sample:
     prompt_ids: list[int]
     completion_ids: list[int]
     """Generated tokens, including the tokens of the stop string that ended it."""
-    logprobs: list[float]
+    log_probs: list[float]
     """log p(token | prefix) of each completion token under the model's raw distribution (temperature 1)."""
     finish_reason: FinishReason
     stop_string: str | None
@@ -305,7 +305,7 @@ class Generator:
                 return self._sample(prompts, params, limits, stop)
             return self._beam(prompts, params, limits, stop)
 
-    def logprobs(self, prompt_ids: list[int], completion_ids: list[int]) -> list[float]:
+    def log_probs(self, prompt_ids: list[int], completion_ids: list[int]) -> list[float]:
         """Teacher-forced log p(completion token | prefix) of each completion token, in one forward."""
         if not completion_ids:
             return []
@@ -337,7 +337,7 @@ class Generator:
         )
         return (*stops, self.lm.end_token)
 
-    def _logprobs(self, logits: torch.Tensor, safe: bool, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _log_probs(self, logits: torch.Tensor, safe: bool, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(R, V) logits → (log-probs (R, V), replaced logits per row (R,)), sanitising or checking first."""
         if safe:
             logits, changed = sanitize_logits(logits)
@@ -367,13 +367,13 @@ class Generator:
         active = list(range(total))  # original row index of each live row
         step = 0
         while True:
-            logp, changed = self._logprobs(logits, params.safe_logits, step)
+            log_probs, changed = self._log_probs(logits, params.safe_logits, step)
             if greedy:
-                chosen = logp.argmax(-1)
+                chosen = log_probs.argmax(-1)
             else:
-                probs = top_p_filter(torch.softmax(logp / params.temperature, -1), params.top_p)
+                probs = top_p_filter(torch.softmax(log_probs / params.temperature, -1), params.top_p)
                 chosen = sample_tokens(probs, uniforms.draw(active).to(self.device))
-            chosen_lp = logp.gather(-1, chosen[:, None]).squeeze(-1).tolist()
+            chosen_lp = log_probs.gather(-1, chosen[:, None]).squeeze(-1).tolist()
             keep = []
             for i, (r, token, lp, nf) in enumerate(zip(active, chosen.tolist(), chosen_lp, changed.tolist())):
                 tokens[r].append(token)
@@ -404,7 +404,7 @@ class Generator:
         if greedy and params.num_samples > 1:
             per_prompt = [
                 [
-                    dataclasses.replace(s, completion_ids=list(s.completion_ids), logprobs=list(s.logprobs))
+                    dataclasses.replace(s, completion_ids=list(s.completion_ids), log_probs=list(s.log_probs))
                     for _ in range(params.num_samples)
                     for s in group
                 ]
@@ -434,11 +434,11 @@ class Generator:
             nonlocal step
             step += 1
             rows.select(parents)
-            return self._logprobs(rows.step(tokens), params.safe_logits, step)
+            return self._log_probs(rows.step(tokens), params.safe_logits, step)
 
-        logp, changed = self._logprobs(logits, params.safe_logits, step)
+        log_probs, changed = self._log_probs(logits, params.safe_logits, step)
         found = group_beam_search(
-            logp,
+            log_probs,
             changed,
             advance,
             num_groups=groups,
@@ -456,4 +456,4 @@ class Generator:
 
 def _from_hypothesis(prompt: list[int], h: Hypothesis) -> Sample:
     reason: FinishReason = "stop" if h.stop_string is not None else "length"
-    return Sample(prompt, h.tokens, h.logprobs, reason, h.stop_string, h.nonfinite, h.score)
+    return Sample(prompt, h.tokens, h.log_probs, reason, h.stop_string, h.nonfinite, h.score)

@@ -14,8 +14,10 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from policy_server.errors import Conflict, InvalidRequest, NotFound
-from policy_server.llm.grpo import GRPORun, GRPOSettings, latest_checkpoint
+from policy_server.errors import Conflict, NotFound
+from policy_server.llm.grpo import GRPORun
+from policy_server.llm.grpo_checkpoints import latest_checkpoint
+from policy_server.llm.grpo_settings import GRPOSettings
 from policy_server.llm.models import load_policy
 
 RUN_ID = r"^[A-Za-z0-9_-]{1,64}$"
@@ -35,12 +37,8 @@ class GRPORuns:
         self._runs: dict[str, GRPORun] = {}
         self._lock = threading.Lock()
 
-    def start(self, settings: dict[str, Any]) -> dict[str, Any]:
-        """A new run with these settings (GRPOSettings' fields); returns its status."""
-        try:
-            parsed = GRPOSettings.from_dict(settings)
-        except (TypeError, ValueError) as exc:
-            raise InvalidRequest.at("body", f"invalid GRPO settings: {exc}") from exc
+    def start(self, settings: GRPOSettings) -> dict[str, Any]:
+        """A new run with these settings; returns its status and its settings."""
         with self._lock:
             running = [r for r in self._runs.values() if r.state == "running"]
             if len(running) >= self.max_runs:
@@ -49,9 +47,9 @@ class GRPORuns:
                 )
             run_id = uuid.uuid4().hex[:16]
             lm = load_policy(self.model, self.adapter, self.dtype, self.device)
-            run = GRPORun(run_id, lm, parsed, self.root / run_id, base_path=self.model)
+            run = GRPORun(run_id, lm, settings, self.root / run_id, base_path=self.model)
             self._runs[run_id] = run
-        return run.status() | {"settings": parsed.to_dict()}
+        return run.status() | {"settings": settings.model_dump()}
 
     def run(self, run_id: str) -> GRPORun:
         """The run, resumed from its newest checkpoint when this process has not seen it yet."""

@@ -2,7 +2,7 @@
 
 A ``TokenRecord`` is one sequence as a trainer wants it: the token ids, the same ids with every
 position that is not to be trained replaced by ``MASK`` (-100), and per-position logprobs with
-``PROMPT_LOGPROB`` (1.0) on those positions.
+``PROMPT_LOG_PROB`` (1.0) on those positions.
 
 A ``SessionStore`` tracks conversations. Each node of a session is a full sequence (prompt +
 completion) and the text it decodes to. A later prompt whose text starts with a node's text
@@ -33,7 +33,7 @@ from policy_server.llm.batching import QueueFull
 
 MASK = -100
 """``masked_tokens`` value on positions that are not trained (prompts)."""
-PROMPT_LOGPROB = 1.0
+PROMPT_LOG_PROB = 1.0
 """``logprobs`` value on positions that are not trained."""
 
 SessionMode = Literal["linear", "tree"]
@@ -50,7 +50,7 @@ class SampleLike(Protocol):
     def completion_ids(self) -> list[int]: ...
 
     @property
-    def logprobs(self) -> list[float]: ...
+    def log_probs(self) -> list[float]: ...
 
     @property
     def finish_reason(self) -> str: ...
@@ -64,8 +64,8 @@ class TokenRecord:
     """Prompt + completion token ids."""
     masked_tokens: list[int]
     """``tokens`` with ``MASK`` on every position that is not trained."""
-    logprobs: list[float]
-    """The sampling logprob of each trained token, ``PROMPT_LOGPROB`` elsewhere."""
+    log_probs: list[float]
+    """The sampling logprob of each trained token, ``PROMPT_LOG_PROB`` elsewhere."""
     finish_reason: str
     """Why the last completion ended: ``"stop"`` or ``"length"``."""
     model_version: int
@@ -75,10 +75,10 @@ class TokenRecord:
 
     def __post_init__(self) -> None:
         n = len(self.tokens)
-        if len(self.masked_tokens) != n or len(self.logprobs) != n:
+        if len(self.masked_tokens) != n or len(self.log_probs) != n:
             raise ValueError(
                 f"a token record needs one mask and one logprob per token: {n} tokens, "
-                f"{len(self.masked_tokens)} masked tokens, {len(self.logprobs)} logprobs"
+                f"{len(self.masked_tokens)} masked tokens, {len(self.log_probs)} logprobs"
             )
         if not 0 <= self.prompt_length <= n:
             raise ValueError(f"prompt_length {self.prompt_length} is outside 0..{n}")
@@ -87,7 +87,7 @@ class TokenRecord:
         return {
             "tokens": list(self.tokens),
             "masked_tokens": list(self.masked_tokens),
-            "logprobs": list(self.logprobs),
+            "logprobs": list(self.log_probs),
             "finish_reason": self.finish_reason,
             "model_version": self.model_version,
             "prompt_length": self.prompt_length,
@@ -97,12 +97,12 @@ class TokenRecord:
 def record_from_sample(sample: SampleLike, model_version: int) -> TokenRecord:
     """The record of one generated sample: prompt masked, completion trainable."""
     prompt, completion = list(sample.prompt_ids), list(sample.completion_ids)
-    if len(sample.logprobs) != len(completion):
-        raise ValueError(f"{len(sample.logprobs)} logprobs for {len(completion)} completion tokens")
+    if len(sample.log_probs) != len(completion):
+        raise ValueError(f"{len(sample.log_probs)} logprobs for {len(completion)} completion tokens")
     return TokenRecord(
         tokens=prompt + completion,
         masked_tokens=[MASK] * len(prompt) + completion,
-        logprobs=[PROMPT_LOGPROB] * len(prompt) + [float(lp) for lp in sample.logprobs],
+        log_probs=[PROMPT_LOG_PROB] * len(prompt) + [float(lp) for lp in sample.log_probs],
         finish_reason=sample.finish_reason,
         model_version=model_version,
         prompt_length=len(prompt),
@@ -120,7 +120,7 @@ class _Node:
     parent: str | None
     tokens: list[int]  # the segment this node adds to its parent's sequence (and likewise below)
     masked_tokens: list[int]
-    logprobs: list[float]
+    log_probs: list[float]
     text: str
     finish_reason: str
     model_version: int
@@ -207,7 +207,7 @@ class SessionStore:
                 parent=parent_node_id,
                 tokens=record.tokens[start:],
                 masked_tokens=record.masked_tokens[start:],
-                logprobs=record.logprobs[start:],
+                log_probs=record.log_probs[start:],
                 text=text[text_start:],
                 finish_reason=record.finish_reason,
                 model_version=version,
@@ -294,7 +294,7 @@ class SessionStore:
             record=TokenRecord(
                 tokens=[t for n in path for t in n.tokens],
                 masked_tokens=[t for n in path for t in n.masked_tokens],
-                logprobs=[lp for n in path for lp in n.logprobs],
+                log_probs=[lp for n in path for lp in n.log_probs],
                 finish_reason=leaf.finish_reason,
                 model_version=leaf.model_version,
                 prompt_length=leaf.prompt_length,

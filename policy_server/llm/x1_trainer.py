@@ -1,7 +1,8 @@
 """``X1Trainer``: x1's `/train_from_dataset` and `/stop_training` for one LLM (policy or value).
 
 A plain object that owns its own copy of the model. ``start`` validates the whole request (so
-a bad dataset is a 422, never a half-started run), then trains in a background thread; the
+a bad dataset is a 422, never a half-started run; errors name the request's fields, such as
+``dataset.3.GAE``, and the gateway names them from the body), then trains in a background thread; the
 served model keeps answering meanwhile. When the run ends (finished or stopped) the model is
 saved atomically and its trainable weights are published to the serving replicas as the next
 model version. ``stop`` interrupts before the next optimiser step and waits for the save.
@@ -17,10 +18,11 @@ from typing import Any, Literal
 
 import torch
 
-from policy_server.errors import Forbidden, InvalidRequest, summary
+from policy_server.errors import FieldError, Forbidden, InvalidRequest, summary
 from policy_server.llm.config import LLMTrainingSpec
 from policy_server.llm.datasets import load_dataset_file, parse_samples, save_samples, subset
-from policy_server.llm.x1_training import LoraSettings, TrainingRun, X1TrainingConfig, is_peft
+from policy_server.llm.x1_config import X1TrainingConfig
+from policy_server.llm.x1_training import TrainingRun, is_peft
 from policy_server.training.guard import check
 
 log = logging.getLogger(__name__)
@@ -46,7 +48,7 @@ class X1Trainer:
     def running(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
-    def start(self, request: dict[str, Any]) -> dict[str, str]:
+    def start(self, request: X1TrainingConfig) -> dict[str, str]:
         """Validate the request, then train in the background; 403 while a run is going."""
         with self._lock:
             if self.running:
@@ -55,15 +57,8 @@ class X1Trainer:
             if self._model is None:
                 self._model = self._load()
                 self._serves_plain = not is_peft(self._model.model)
-            lora = request.get("lora")
-            config = X1TrainingConfig(
-                num_epochs=request.get("num_epochs", 1), percent_of_data=request.get("percent_of_data", 1.0),
-                lr=request.get("lr", 1e-5), clip=request.get("clip", 0.2), kl_coef=request.get("kl_coef", 0.01),
-                ent_coef=request.get("entropy_coef", 0.01),
-                lora=LoraSettings(r=lora["r"], alpha=lora["alpha"], dropout=lora["dropout"]) if lora else None,
-            )
-            run = TrainingRun(self._model, config)
-            run.encode(samples)  # every sample checked before the 201
+            run = TrainingRun(self._model, request)
+            run.encode(samples, self._source(request))  # every sample checked before the 201
             self._stop.clear()
             self._run = run
             self._thread = threading.Thread(target=self._train, args=(run, samples), name=f"x1-{self.kind}", daemon=True)
@@ -71,17 +66,23 @@ class X1Trainer:
         gpus = torch.cuda.device_count()
         return {"message": f"Training started with {torch.get_num_threads()} cores and {gpus} GPUs"}
 
-    def _samples(self, request: dict[str, Any]) -> list[Any]:
-        dataset, path = request.get("dataset"), request.get("dataset_path")
+    @staticmethod
+    def _source(request: X1TrainingConfig) -> str:
+        """The request's field the samples come from."""
+        return "dataset" if request.dataset is not None else "dataset_path"
+
+    def _samples(self, request: X1TrainingConfig) -> list[Any]:
+        dataset, path = request.dataset, request.dataset_path
         if (dataset is None) == (path is None):
-            raise InvalidRequest.at("body", "give exactly one of `dataset` and `dataset_path`")
+            message = "give exactly one of `dataset` and `dataset_path`"
+            raise InvalidRequest(message, [FieldError("", message)])  # the request as a whole
         raw = dataset if dataset is not None else load_dataset_file(self.training.data_dir, path)
         if not raw:
-            raise InvalidRequest.at("body.dataset" if dataset is not None else "body.dataset_path", "no samples")
-        samples = parse_samples(raw, self.kind, "body.dataset" if dataset is not None else "body.dataset_path")
-        if request.get("save_samples"):  # the samples as sent (valid, since they parsed)
+            raise InvalidRequest.at(self._source(request), "no samples")
+        samples = parse_samples(raw, self.kind, self._source(request))
+        if request.save_samples:  # the samples as sent (valid, since they parsed)
             save_samples(raw, self.training.samples_dir / self.kind)
-        return subset(samples, request.get("percent_of_data", 1.0), seed=0)
+        return subset(samples, request.percent_of_data, seed=0)
 
     def _train(self, run: TrainingRun, samples: list[Any]) -> None:
         try:

@@ -32,63 +32,12 @@ import torch
 
 from policy_server.errors import FieldError, InvalidRequest
 from policy_server.llm.datasets import PolicySample, Sample, ValueSample, encode_last_message
-from policy_server.llm.losses import entropy_from_logits, ppo_token_loss, token_logprobs, value_mse
+from policy_server.llm.losses import entropy_from_logits, ppo_token_loss, token_log_probs, value_mse
 from policy_server.llm.models import LoadedLM, LoadedValue, save_value
+from policy_server.llm.x1_config import LoraSettings, X1TrainingConfig
 from policy_server.training.guard import NonFiniteUpdate, guarded_step, rollback
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class LoraSettings:
-    """A new LoRA adapter to train instead of the full weights of a plain policy."""
-
-    r: int = 8
-    """Rank of the update matrices."""
-    alpha: int = 16
-    """Scaling: the update is multiplied by alpha / r."""
-    dropout: float = 0.05
-    """Dropout on the adapter's input."""
-    target_modules: str | list[str] = "all-linear"
-    """peft's target_modules: module names, a regex, or every linear layer but the output."""
-
-
-@dataclass(frozen=True)
-class X1TrainingConfig:
-    num_epochs: int = 1
-    """Passes over the (subset of the) dataset."""
-    percent_of_data: float = 1.0
-    """Share of the samples used, drawn with ``seed`` (applied by the caller, see ``datasets.subset``)."""
-    lr: float = 1e-5
-    """AdamW learning rate."""
-    batch_size: int = 8
-    """Samples per optimiser step."""
-    max_length: int = 1024
-    """Most tokens per sample; a longer sample is refused."""
-    clip: float = 0.2
-    """PPO ratio clip epsilon."""
-    kl_coef: float = 0.01
-    """Weight of the KL penalty to the reference model."""
-    ent_coef: float = 0.01
-    """Weight of the entropy bonus."""
-    max_grad_norm: float | None = 1.0
-    """Gradient norm clip; None for none."""
-    seed: int = 0
-    """Shuffling (and subset) seed."""
-    lora: LoraSettings | None = None
-    """Wrap a policy that has no adapter into this new one; ignored when it has one."""
-
-    def __post_init__(self) -> None:
-        positive = {"num_epochs": self.num_epochs, "lr": self.lr, "batch_size": self.batch_size}
-        positive["max_length"] = self.max_length
-        for name, value in positive.items():
-            if not value > 0:
-                raise ValueError(f"{name} must be > 0, got {value}")
-        if not 0.0 < self.percent_of_data <= 1.0:
-            raise ValueError(f"percent_of_data must be in (0, 1], got {self.percent_of_data}")
-        for name in ("clip", "kl_coef", "ent_coef"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
 
 
 @dataclass
@@ -99,9 +48,9 @@ class _Encoded:
     """(T-1,) 1 on the predicted tokens of the last message."""
     target: float
     """The advantage (policy) or the value target."""
-    old_logp: torch.Tensor | None = None
+    old_log_probs: torch.Tensor | None = None
     """(T-1,) the generating policy's log-probs, when the sample gave them."""
-    ref_logp: torch.Tensor | None = field(default=None, repr=False)
+    ref_log_probs: torch.Tensor | None = field(default=None, repr=False)
 
 
 def is_peft(model: Any) -> bool:
@@ -111,9 +60,24 @@ def is_peft(model: Any) -> bool:
 class TrainingRun:
     """One x1 training run over a loaded policy (PPO) or value model (MSE), updating it in place."""
 
-    def __init__(self, model: LoadedLM | LoadedValue, config: X1TrainingConfig | None = None) -> None:
+    def __init__(
+        self,
+        model: LoadedLM | LoadedValue,
+        config: X1TrainingConfig | None = None,
+        *,
+        batch_size: int = 8,
+        max_length: int = 1024,
+        max_grad_norm: float | None = 1.0,
+        seed: int = 0,
+        lora_target_modules: str | list[str] = "all-linear",
+    ) -> None:
+        """``config`` is what the run was asked for; the keywords are how the server runs it:
+        samples per optimiser step, most tokens per sample (a longer one is refused), the gradient
+        norm clip (None: none), the shuffling seed, and the modules a new LoRA adapter wraps
+        (peft's ``target_modules``: names, a regex, or every linear layer but the output)."""
         self.loaded = model
         self.config = config or X1TrainingConfig()
+        self.batch_size, self.max_length, self.max_grad_norm, self.seed = batch_size, max_length, max_grad_norm, seed
         self.kind = "value" if isinstance(model, LoadedValue) else "policy"
         self._lock = threading.Lock()
         self._progress: dict[str, Any] = {
@@ -126,7 +90,7 @@ class TrainingRun:
             "last_error": None,
         }
         if self.kind == "policy" and self.config.lora is not None and not is_peft(model.model):
-            model.model = _wrap_lora(model.model, self.config.lora)
+            model.model = _wrap_lora(model.model, self.config.lora, lora_target_modules)
         self.parameters = self._make_trainable()
 
     @property
@@ -148,8 +112,9 @@ class TrainingRun:
         with self._lock:
             self._progress.update(values)
 
-    def encode(self, samples: Sequence[Sample]) -> list[_Encoded]:
-        """Tokenize and mask every sample; raises InvalidRequest naming the first bad one."""
+    def encode(self, samples: Sequence[Sample], where: str = "dataset") -> list[_Encoded]:
+        """Tokenize and mask every sample; raises InvalidRequest naming the first bad one as
+        ``<where>.<i>.<key>``."""
         expected = PolicySample if self.kind == "policy" else ValueSample
         encoded = []
         for i, sample in enumerate(samples):
@@ -157,18 +122,18 @@ class TrainingRun:
                 raise TypeError(
                     f"a {self.kind} run takes {expected.__name__}s, sample {i} is {type(sample).__name__}"
                 )
-            where = f"body.dataset.{i}"
+            at = f"{where}.{i}"
             ids, mask = encode_last_message(
                 self.loaded.tokenizer,
                 sample.messages,
-                self.config.max_length,
+                self.max_length,
                 sample.judged_from,
-                f"{where}.messages",
+                f"{at}.messages",
             )
             item = _Encoded(torch.tensor(ids), torch.tensor(mask[1:], dtype=torch.float32), 0.0)
             if isinstance(sample, PolicySample):
                 item.target = sample.advantage
-                item.old_logp = _given_logprobs(sample.logprobs, item.loss_mask, f"{where}.logprobs")
+                item.old_log_probs = _given_log_probs(sample.log_probs, item.loss_mask, f"{at}.logprobs")
             else:
                 item.target = sample.value_target
             encoded.append(item)
@@ -183,26 +148,26 @@ class TrainingRun:
         """Train for ``num_epochs`` over minibatches; returns step, total_steps, epoch, loss, stopped."""
         cfg = self.config
         data = self.encode(samples)
-        steps_per_epoch = math.ceil(len(data) / cfg.batch_size)
+        steps_per_epoch = math.ceil(len(data) / self.batch_size)
         self._set_progress(
             step=0, total_steps=cfg.num_epochs * steps_per_epoch, epoch=0, loss=None, running=True,
             skipped_steps=0, last_error=None,
         )
         try:
             if self.kind == "policy":
-                self._fill_logprobs(data)
+                self._fill_log_probs(data)
             optimizer = torch.optim.AdamW(self.parameters, lr=cfg.lr, weight_decay=0.0)
-            generator = torch.Generator().manual_seed(cfg.seed)
+            generator = torch.Generator().manual_seed(self.seed)
             step, stopped, loss = 0, False, None
             self.module.train()
             for epoch in range(cfg.num_epochs):
                 self._set_progress(epoch=epoch)
                 order = torch.randperm(len(data), generator=generator).tolist()
-                for start in range(0, len(data), cfg.batch_size):
+                for start in range(0, len(data), self.batch_size):
                     if should_stop():
                         stopped = True
                         break
-                    batch = [data[i] for i in order[start : start + cfg.batch_size]]
+                    batch = [data[i] for i in order[start : start + self.batch_size]]
                     step += 1
                     try:
                         loss, stats = self._train_step(optimizer, batch, f"epoch {epoch} step {step}")
@@ -227,7 +192,7 @@ class TrainingRun:
         named = [(n, p) for n, p in self.module.named_parameters() if p.requires_grad]
         with rollback(optimizer):
             loss, stats = self._policy_loss(batch) if self.kind == "policy" else self._value_loss(batch)
-            guarded_step(optimizer, named, loss, where, self.config.max_grad_norm)
+            guarded_step(optimizer, named, loss, where, self.max_grad_norm)
         return loss.item(), stats
 
     def _skipped(self, exc: NonFiniteUpdate) -> None:
@@ -237,24 +202,24 @@ class TrainingRun:
             self._progress["last_error"] = f"step skipped, weights kept: {exc}"
 
     @torch.no_grad()
-    def _fill_logprobs(self, data: list[_Encoded]) -> None:
+    def _fill_log_probs(self, data: list[_Encoded]) -> None:
         """Old (starting policy, unless given) and reference log-probs, once, before any update."""
         model = self.module
         model.eval()
-        for start in range(0, len(data), self.config.batch_size):
-            batch = data[start : start + self.config.batch_size]
+        for start in range(0, len(data), self.batch_size):
+            batch = data[start : start + self.batch_size]
             ids, attention, _ = self._collate(batch)
-            start_logp = token_logprobs(model(input_ids=ids, attention_mask=attention).logits, ids)
+            start_log_probs = token_log_probs(model(input_ids=ids, attention_mask=attention).logits, ids)
             if is_peft(model):
                 with model.disable_adapter():
-                    ref_logp = token_logprobs(model(input_ids=ids, attention_mask=attention).logits, ids)
+                    ref_log_probs = token_log_probs(model(input_ids=ids, attention_mask=attention).logits, ids)
             else:
-                ref_logp = start_logp
+                ref_log_probs = start_log_probs
             for row, item in enumerate(batch):
                 length = len(item.loss_mask)
-                if item.old_logp is None:
-                    item.old_logp = start_logp[row, :length].clone()
-                item.ref_logp = ref_logp[row, :length].clone()
+                if item.old_log_probs is None:
+                    item.old_log_probs = start_log_probs[row, :length].clone()
+                item.ref_log_probs = ref_log_probs[row, :length].clone()
 
     def _collate(self, batch: list[_Encoded]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Right-padded (B, T) ids and attention mask, and the (B, T-1) loss mask, on the device."""
@@ -279,19 +244,19 @@ class TrainingRun:
     def _policy_loss(self, batch: list[_Encoded]) -> tuple[torch.Tensor, dict[str, float]]:
         ids, attention, mask = self._collate(batch)
         logits = self.module(input_ids=ids, attention_mask=attention).logits  # (B, T, V)
-        new_logp = token_logprobs(logits, ids)  # (B, T-1)
+        new_log_probs = token_log_probs(logits, ids)  # (B, T-1)
         entropy = entropy_from_logits(logits[:, :-1])  # (B, T-1)
         cfg, width = self.config, mask.shape[1]
         b_advantages = torch.tensor([item.target for item in batch], device=ids.device)
         return ppo_token_loss(
-            new_logp,
-            self._padded(batch, "old_logp", width),
-            self._padded(batch, "ref_logp", width),
+            new_log_probs,
+            self._padded(batch, "old_log_probs", width),
+            self._padded(batch, "ref_log_probs", width),
             b_advantages,
             mask,
             clip=cfg.clip,
             kl_coef=cfg.kl_coef,
-            ent_coef=cfg.ent_coef,
+            ent_coef=cfg.entropy_coef,
             entropy=entropy,
         )
 
@@ -308,27 +273,27 @@ class TrainingRun:
         return save_trained(self.loaded, folder)
 
 
-def _given_logprobs(logprobs: list[float] | None, mask: torch.Tensor, field_name: str) -> torch.Tensor | None:
+def _given_log_probs(log_probs: list[float] | None, mask: torch.Tensor, field_name: str) -> torch.Tensor | None:
     """The sample's per-token log-probs spread over the masked positions of a (T-1,) tensor."""
-    if logprobs is None:
+    if log_probs is None:
         return None
     positions = mask.nonzero().flatten()
-    if len(logprobs) != len(positions):
-        message = f"has {len(logprobs)} values, the last message has {len(positions)} trained tokens"
+    if len(log_probs) != len(positions):
+        message = f"has {len(log_probs)} values, the last message has {len(positions)} trained tokens"
         raise InvalidRequest(f"{field_name}: {message}", [FieldError(field_name, message)])
     out = torch.zeros_like(mask)
-    out[positions] = torch.tensor(logprobs, dtype=out.dtype)
+    out[positions] = torch.tensor(log_probs, dtype=out.dtype)
     return out
 
 
-def _wrap_lora(model: Any, settings: LoraSettings) -> Any:
+def _wrap_lora(model: Any, settings: LoraSettings, target_modules: str | list[str]) -> Any:
     from peft import LoraConfig, get_peft_model
 
     config = LoraConfig(
         r=settings.r,
         lora_alpha=settings.alpha,
         lora_dropout=settings.dropout,
-        target_modules=settings.target_modules,
+        target_modules=target_modules,
         task_type="CAUSAL_LM",
     )
     with warnings.catch_warnings():  # peft 0.21 reads a property transformers 5 deprecated

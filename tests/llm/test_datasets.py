@@ -56,38 +56,38 @@ def test_documented_form_maps_to_messages() -> None:
 @pytest.mark.parametrize(
     ("sample", "kind", "field"),
     [
-        ({"messages": CHAT}, "policy", "body.dataset.1.GAE"),
-        ({"messages": CHAT, "GAE": "high"}, "policy", "body.dataset.1.GAE"),
-        ({"messages": CHAT, "GAE": True}, "policy", "body.dataset.1.GAE"),
-        ({"messages": CHAT[:1], "GAE": 1.0}, "policy", "body.dataset.1.messages.0.role"),
-        ({"messages": [{"role": "user"}], "GAE": 1.0}, "policy", "body.dataset.1.messages.0.content"),
-        ({"messages": CHAT, "GAE": 1.0, "gea": 2}, "policy", "body.dataset.1.gea"),
-        ({"messages": CHAT, "GAE": 1.0, "logprobs": [0.5]}, "policy", "body.dataset.1.logprobs.0"),
-        ({"messages": CHAT, "value_target": 2.0}, "value", "body.dataset.1.value_target"),
-        ({**DOCUMENTED, "value": None}, "value", "body.dataset.1.value"),
-        ({**DOCUMENTED, "current_node": ""}, "policy", "body.dataset.1.current_node"),
-        ("text", "value", "body.dataset.1"),
+        ({"messages": CHAT}, "policy", "dataset.1.GAE"),
+        ({"messages": CHAT, "GAE": "high"}, "policy", "dataset.1.GAE"),
+        ({"messages": CHAT, "GAE": True}, "policy", "dataset.1.GAE"),
+        ({"messages": CHAT[:1], "GAE": 1.0}, "policy", "dataset.1.messages.0.role"),
+        ({"messages": [{"role": "user"}], "GAE": 1.0}, "policy", "dataset.1.messages.0.content"),
+        ({"messages": CHAT, "GAE": 1.0, "gea": 2}, "policy", "dataset.1.gea"),
+        ({"messages": CHAT, "GAE": 1.0, "logprobs": [0.5]}, "policy", "dataset.1.logprobs.0"),
+        ({"messages": CHAT, "value_target": 2.0}, "value", "dataset.1.value_target"),
+        ({**DOCUMENTED, "value": None}, "value", "dataset.1.value"),
+        ({**DOCUMENTED, "current_node": ""}, "policy", "dataset.1.current_node"),
+        ("text", "value", "dataset.1"),
         # numbers that are finite as float64 but not as the float32 the loss is computed in
-        ({"messages": CHAT, "GAE": 1e39}, "policy", "body.dataset.1.GAE"),
-        ({"messages": CHAT, "advantage": -1e39}, "policy", "body.dataset.1.advantage"),
-        ({"messages": CHAT, "GAE": float("nan")}, "policy", "body.dataset.1.GAE"),
-        ({"messages": CHAT, "GAE": 1.0, "logprobs": [-1e39]}, "policy", "body.dataset.1.logprobs.0"),
-        ({**DOCUMENTED, "value": 1e39}, "policy", "body.dataset.1.value"),
-        ({"messages": CHAT, "value_target": float("nan")}, "value", "body.dataset.1.value_target"),
-        ({"messages": CHAT, "value_target": 1e39}, "value", "body.dataset.1.value_target"),
-        ({**DOCUMENTED, "value": float("inf")}, "value", "body.dataset.1.value"),
+        ({"messages": CHAT, "GAE": 1e39}, "policy", "dataset.1.GAE"),
+        ({"messages": CHAT, "advantage": -1e39}, "policy", "dataset.1.advantage"),
+        ({"messages": CHAT, "GAE": float("nan")}, "policy", "dataset.1.GAE"),
+        ({"messages": CHAT, "GAE": 1.0, "logprobs": [-1e39]}, "policy", "dataset.1.logprobs.0"),
+        ({**DOCUMENTED, "value": 1e39}, "policy", "dataset.1.value"),
+        ({"messages": CHAT, "value_target": float("nan")}, "value", "dataset.1.value_target"),
+        ({"messages": CHAT, "value_target": 1e39}, "value", "dataset.1.value_target"),
+        ({**DOCUMENTED, "value": float("inf")}, "value", "dataset.1.value"),
         # strings and booleans are no numbers, numbers no strings
-        ({"messages": CHAT, "value_target": "0.5"}, "value", "body.dataset.1.value_target"),
-        ({"messages": CHAT, "value_target": False}, "value", "body.dataset.1.value_target"),
-        ({"messages": [{"role": 1, "content": "hi"}, CHAT[1]], "GAE": 1.0}, "policy", "body.dataset.1.messages.0.role"),
+        ({"messages": CHAT, "value_target": "0.5"}, "value", "dataset.1.value_target"),
+        ({"messages": CHAT, "value_target": False}, "value", "dataset.1.value_target"),
+        ({"messages": [{"role": 1, "content": "hi"}, CHAT[1]], "GAE": 1.0}, "policy", "dataset.1.messages.0.role"),
         # texts a tokenizer cannot encode: a lone UTF-16 surrogate
         ({"messages": [{"role": "user", "content": "\ud800"}, CHAT[1]], "GAE": 1.0}, "policy",
-         "body.dataset.1.messages.0.content"),
+         "dataset.1.messages.0.content"),
         ({"messages": [CHAT[0], {"role": "assistant", "content": "ok\udfff"}], "value_target": 0.0}, "value",
-         "body.dataset.1.messages.1.content"),
-        ({**DOCUMENTED, "question": "\ud800?"}, "policy", "body.dataset.1.question"),
-        ({**DOCUMENTED, "context": "\udc00"}, "value", "body.dataset.1.context"),
-        ({**DOCUMENTED, "current_node": "x\ud83d"}, "policy", "body.dataset.1.current_node"),
+         "dataset.1.messages.1.content"),
+        ({**DOCUMENTED, "question": "\ud800?"}, "policy", "dataset.1.question"),
+        ({**DOCUMENTED, "context": "\udc00"}, "value", "dataset.1.context"),
+        ({**DOCUMENTED, "current_node": "x\ud83d"}, "policy", "dataset.1.current_node"),
     ],
 )
 def test_invalid_samples_name_the_field(sample: Any, kind: str, field: str) -> None:
@@ -104,11 +104,11 @@ def test_a_bad_sample_in_a_file_is_named_under_the_given_field(tmp_path: Path) -
     (tmp_path / "d.jsonl").write_text("".join(json.dumps(sample) + "\n" for sample in lines))  # "\ud800" escaped
     raw = load_dataset_file(tmp_path, "d.jsonl")
     with pytest.raises(InvalidRequest) as info:
-        parse_samples(raw, "value", "body.dataset_path")
-    assert info.value.fields[0].field == "body.dataset_path.1.value_target"
+        parse_samples(raw, "value", "dataset_path")
+    assert info.value.fields[0].field == "dataset_path.1.value_target"
     with pytest.raises(InvalidRequest) as info:
-        parse_samples([good, raw[2]], "value", "body.dataset_path")
-    assert info.value.fields[0].field == "body.dataset_path.1.question"
+        parse_samples([good, raw[2]], "value", "dataset_path")
+    assert info.value.fields[0].field == "dataset_path.1.question"
     assert "surrogate" in info.value.fields[0].message
 
 
@@ -119,7 +119,7 @@ def test_a_file_that_is_not_utf8_is_refused(tmp_path: Path) -> None:
 
 
 def test_empty_dataset_is_refused() -> None:
-    with pytest.raises(InvalidRequest, match="body.dataset"):
+    with pytest.raises(InvalidRequest, match="^dataset: "):
         parse_samples([], "policy")
 
 
@@ -189,4 +189,4 @@ def test_mask_of_documented_form_covers_only_the_current_node(tokenizer: Any) ->
 
 def test_too_long_chat_is_refused(tokenizer: Any) -> None:
     with pytest.raises(InvalidRequest, match="max_length=8"):
-        encode_last_message(tokenizer, CHAT, max_length=8, field="body.dataset.0.messages")
+        encode_last_message(tokenizer, CHAT, max_length=8, field="dataset.0.messages")

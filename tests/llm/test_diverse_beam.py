@@ -72,7 +72,7 @@ def test_hamming_diversity_on_a_fixed_distribution(
     first, other = unigram_search(penalty)
     assert (first.tokens, first.score) == ([0, 0, 0], pytest.approx(math.log(0.5)))
     assert (other.tokens, other.score) == (second, pytest.approx(second_score))
-    assert other.logprobs == pytest.approx([math.log(UNIGRAM[t]) for t in second])  # never penalised
+    assert other.log_probs == pytest.approx([math.log(UNIGRAM[t]) for t in second])  # never penalised
     assert first.stop_string is None and other.stop_string is None
 
 
@@ -98,7 +98,7 @@ def test_finished_beams_fill_the_pool_best_first() -> None:
     )
     assert [(h.tokens, h.stop_string) for h in pool] == [([0, 3], "<stop>"), ([1, 0, 3], "<stop>")]
     assert [h.score for h in pool] == pytest.approx([math.log(0.35) / 2, math.log(0.126) / 3])
-    assert pool[1].logprobs == pytest.approx([math.log(0.3), math.log(0.6), math.log(0.7)])
+    assert pool[1].log_probs == pytest.approx([math.log(0.3), math.log(0.6), math.log(0.7)])
 
 
 def test_one_group_is_transformers_beam_search(

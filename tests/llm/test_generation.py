@@ -45,9 +45,9 @@ def prompts(lm: LoadedLM) -> list[list[int]]:
 
 def assert_teacher_forced(gen: Generator, samples: list[Sample]) -> None:
     for s in samples:
-        assert len(s.logprobs) == len(s.completion_ids) > 0
-        forced = gen.logprobs(s.prompt_ids, s.completion_ids)
-        assert forced == pytest.approx(s.logprobs, abs=1e-4)
+        assert len(s.log_probs) == len(s.completion_ids) > 0
+        forced = gen.log_probs(s.prompt_ids, s.completion_ids)
+        assert forced == pytest.approx(s.log_probs, abs=1e-4)
 
 
 def test_sampled_logprobs_are_the_raw_model_logprobs(gen: Generator, prompts: list[list[int]]) -> None:
@@ -67,7 +67,7 @@ def test_beam_logprobs_are_the_raw_model_logprobs(gen: Generator, prompts: list[
             assert_teacher_forced(gen, samples)
             for s in samples:  # the beam score is the mean log-prob (no penalty met in group 0 / plain)
                 if strategy == "beam_search":
-                    assert s.score == pytest.approx(sum(s.logprobs) / len(s.logprobs), abs=1e-5)
+                    assert s.score == pytest.approx(sum(s.log_probs) / len(s.log_probs), abs=1e-5)
 
 
 def test_generation_through_an_unmerged_lora_adapter(
@@ -151,7 +151,7 @@ def test_batched_greedy_equals_one_by_one(gen: Generator, prompts: list[list[int
             [s.completion_ids for s in ss] for ss in alone
         ]
         for b, a in zip(batched, alone):
-            assert b[0].logprobs == pytest.approx(a[0].logprobs, abs=1e-4)
+            assert b[0].log_probs == pytest.approx(a[0].log_probs, abs=1e-4)
 
 
 def test_greedy_samples_are_equal_copies(gen: Generator, prompts: list[list[int]]) -> None:
@@ -206,7 +206,7 @@ def test_safe_logits_replace_and_count_nan(
         for s in (s for samples in gen.generate(prompts, params) for s in samples):
             assert s.nonfinite_logits == 2 * len(s.completion_ids)  # two NaN logits per generated token
             assert not set(nan_logits) & set(s.completion_ids)  # NaN became -inf: never chosen
-            assert all(math.isfinite(lp) for lp in s.logprobs)
+            assert all(math.isfinite(lp) for lp in s.log_probs)
 
 
 def test_sanitize_logits() -> None:

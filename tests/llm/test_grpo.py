@@ -1,10 +1,10 @@
-"""GRPO with client-side rewards (policy_server.llm.grpo): the math against naive loops, runs on the tiny model."""
+"""GRPO runs with client-side rewards (policy_server.llm.grpo, grpo_step, grpo_checkpoints) on the tiny model;
+the maths are in test_losses.py."""
 
 from __future__ import annotations
 
 import io
 import math
-import random
 import tarfile
 import threading
 from collections.abc import Iterator
@@ -14,17 +14,10 @@ import pytest
 import torch
 
 from policy_server.errors import Conflict, InvalidRequest, NotFound
-from policy_server.llm.grpo import (
-    GRPORun,
-    GRPOSettings,
-    RunFinished,
-    StaleGroup,
-    completion_logprobs,
-    group_advantages,
-    grpo_loss,
-    kl_k3,
-    latest_checkpoint,
-)
+from policy_server.llm.grpo import GRPORun, RunFinished, StaleGroup
+from policy_server.llm.grpo_checkpoints import latest_checkpoint
+from policy_server.llm.grpo_settings import GRPOSettings
+from policy_server.llm.grpo_step import completion_log_probs
 from policy_server.llm.models import LoadedLM, load_policy
 
 PROMPT = "What is 3 + 4?"
@@ -37,104 +30,6 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-# -- the math against naive references -------------------------------------------------------------
-
-
-def naive_advantages(rewards: list[float], eps: float, scale: bool) -> list[float]:
-    g = len(rewards)
-    mean = sum(rewards) / g
-    if all(r == rewards[0] for r in rewards):
-        return [0.0] * g
-    std = math.sqrt(sum((r - mean) ** 2 for r in rewards) / (g - 1))
-    return [(r - mean) / (std + eps) if scale else r - mean for r in rewards]
-
-
-@pytest.mark.parametrize("scale", [True, False])
-@pytest.mark.parametrize("seed", range(5))
-def test_group_advantages_match_naive(seed: int, scale: bool) -> None:
-    rng = random.Random(seed)
-    rewards = [rng.uniform(-2, 3) for _ in range(rng.randint(2, 9))]
-    got = group_advantages(torch.tensor(rewards, dtype=torch.float64), eps=1e-4, scale=scale)
-    assert got.tolist() == pytest.approx(naive_advantages(rewards, 1e-4, scale), rel=1e-5, abs=1e-6)
-
-
-def test_group_advantages_equal_rewards_are_zero() -> None:
-    for rewards in ([0.1, 0.1, 0.1], [5.0], [0.0, 0.0]):
-        assert group_advantages(torch.tensor(rewards)).tolist() == [0.0] * len(rewards)
-
-
-def test_group_advantages_sum_to_zero_and_refuse_bad_shapes() -> None:
-    adv = group_advantages(torch.tensor([1.0, 0.0, 0.0, 0.0]))
-    assert float(adv.sum()) == pytest.approx(0.0, abs=1e-6)
-    assert float(adv[0]) == pytest.approx(1.5, rel=1e-3)  # (1 - 0.25) / std=0.5
-    with pytest.raises(ValueError, match="1-D"):
-        group_advantages(torch.zeros(2, 2))
-
-
-def naive_grpo_loss(new, old, ref, adv, mask, clip_eps, beta) -> float:
-    per_seq = []
-    for b in range(len(new)):
-        total, n = 0.0, 0
-        for t in range(len(new[b])):
-            if not mask[b][t]:
-                continue
-            ratio = math.exp(new[b][t] - old[b][t])
-            clipped = min(max(ratio, 1 - clip_eps), 1 + clip_eps)
-            term = min(ratio * adv[b], clipped * adv[b])
-            if ref is not None:
-                d = ref[b][t] - new[b][t]
-                term -= beta * (math.exp(d) - d - 1)
-            total += -term
-            n += 1
-        per_seq.append(total / max(n, 1))
-    return sum(per_seq) / len(per_seq)
-
-
-@pytest.mark.parametrize("with_ref", [True, False])
-@pytest.mark.parametrize("seed", range(4))
-def test_grpo_loss_matches_naive(seed: int, with_ref: bool) -> None:
-    gen = torch.Generator().manual_seed(seed)
-    b, t = 4, 7
-    old = -torch.rand(b, t, generator=gen, dtype=torch.float64) * 3
-    new = old + torch.randn(b, t, generator=gen, dtype=torch.float64) * 0.4  # some ratios outside the clip
-    ref = old + torch.randn(b, t, generator=gen, dtype=torch.float64) * 0.3 if with_ref else None
-    adv = torch.randn(b, generator=gen, dtype=torch.float64)
-    lengths = [7, 3, 1, 5]
-    mask = torch.tensor([[1] * n + [0] * (t - n) for n in lengths])
-    loss, stats = grpo_loss(new, old, ref, adv, mask, clip_eps=0.2, beta=0.1)
-    expected = naive_grpo_loss(
-        new.tolist(),
-        old.tolist(),
-        None if ref is None else ref.tolist(),
-        adv.tolist(),
-        mask.tolist(),
-        0.2,
-        0.1,
-    )
-    assert loss.item() == pytest.approx(expected, rel=1e-9)
-    assert stats["loss"] == pytest.approx(expected, rel=1e-9)
-    assert 0 < stats["clip_fraction"] < 1
-
-
-def test_grpo_loss_gradient_on_policy_is_advantage_weighted() -> None:
-    # On policy (new == old) the clip is inactive: d loss / d logp[b, t] = -A_b / |o_b|.
-    new = torch.zeros(2, 3, dtype=torch.float64, requires_grad=True)
-    mask = torch.tensor([[1, 1, 0], [1, 1, 1]])
-    loss, _ = grpo_loss(new, new.detach(), None, torch.tensor([1.0, -2.0], dtype=torch.float64), mask)
-    loss.backward()
-    expected = torch.tensor([[-1 / 2, -1 / 2, 0], [2 / 3, 2 / 3, 2 / 3]], dtype=torch.float64) / 2
-    torch.testing.assert_close(new.grad, expected)
-
-
-def test_kl_k3_matches_naive_and_is_nonnegative() -> None:
-    logp = torch.tensor([-1.0, -0.5, -3.0, -0.1], dtype=torch.float64)
-    ref = torch.tensor([-1.0, -2.0, -0.2, -0.3], dtype=torch.float64)
-    expected = [math.exp(r - p) - (r - p) - 1 for p, r in zip(logp.tolist(), ref.tolist())]
-    assert kl_k3(logp, ref).tolist() == pytest.approx(expected, rel=1e-12)
-    assert kl_k3(logp, ref)[0].item() == 0.0
-    assert bool((kl_k3(logp, ref) >= 0).all())
 
 
 # -- runs on the tiny model --------------------------------------------------------------------------
@@ -199,11 +94,11 @@ def test_complete_returns_a_versioned_group_with_sampling_logprobs(
         assert c["text"] == lm.tokenizer.decode(c["token_ids"], skip_special_tokens=True)
     # The trainer's teacher-forced log-probs reproduce the sampling ones: the first step is on policy.
     with torch.no_grad():
-        logp, mask = completion_logprobs(lm.model, prompt_ids, completions, lm.device)
+        log_probs, mask = completion_log_probs(lm.model, prompt_ids, completions, lm.device)
     for row, c in zip(range(4), group["completions"]):
         n = len(c["logprobs"])
         assert mask[row].sum() == n
-        assert logp[row, :n].tolist() == pytest.approx(c["logprobs"], abs=1e-4)
+        assert log_probs[row, :n].tolist() == pytest.approx(c["logprobs"], abs=1e-4)
 
 
 def test_one_step_changes_every_parameter_and_not_the_reference(

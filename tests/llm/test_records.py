@@ -18,7 +18,7 @@ BOS = 1
 class Sample:
     prompt_ids: list[int]
     completion_ids: list[int]
-    logprobs: list[float]
+    log_probs: list[float]
     finish_reason: str = "stop"
     stop_string: str | None = None
 
@@ -75,7 +75,7 @@ def test_a_record_masks_exactly_the_prompt_positions() -> None:
     record = record_from_sample(Sample([1, 5, 6], [7, 8], [-0.1, -0.2], "length"), model_version=4)
     assert record.tokens == [1, 5, 6, 7, 8]
     assert record.masked_tokens == [MASK, MASK, MASK, 7, 8]
-    assert record.logprobs == [1.0, 1.0, 1.0, -0.1, -0.2]
+    assert record.log_probs == [1.0, 1.0, 1.0, -0.1, -0.2]
     assert (record.prompt_length, record.finish_reason, record.model_version) == (3, "length", 4)
     assert all(m == MASK for m in record.masked_tokens[: record.prompt_length])
     assert json.loads(json.dumps(record.to_dict())) == record.to_dict()

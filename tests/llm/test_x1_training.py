@@ -13,10 +13,11 @@ import torch
 from policy_server.errors import InvalidRequest
 from policy_server.llm.config import LLMTrainingSpec
 from policy_server.llm.datasets import PolicySample, ValueSample, encode_last_message, parse_samples
-from policy_server.llm.losses import token_logprobs
+from policy_server.llm.losses import token_log_probs
 from policy_server.llm.models import LoadedLM, load_policy, load_value
+from policy_server.llm.x1_config import LoraSettings, X1TrainingConfig
 from policy_server.llm.x1_trainer import X1Trainer
-from policy_server.llm.x1_training import LoraSettings, TrainingRun, X1TrainingConfig
+from policy_server.llm.x1_training import TrainingRun
 
 QUESTION = {"role": "user", "content": "What is 2 + 2?"}
 GOOD = [QUESTION, {"role": "assistant", "content": "The answer is 4."}]
@@ -27,7 +28,8 @@ OTHER = [{"role": "user", "content": "Sort the letters of cab."}, {"role": "assi
 POLICY_SAMPLES = [PolicySample(GOOD, 1.0), PolicySample(OTHER, 0.5)]
 VALUE_SAMPLES = [ValueSample(GOOD, 0.8), ValueSample(OTHER, -0.8)]
 # One minibatch holds the whole dataset, so the losses of successive steps compare.
-FAST = {"lr": 3e-3, "batch_size": 2, "num_epochs": 4}
+FAST = {"lr": 3e-3, "num_epochs": 4}
+FAST_BATCH = 2
 
 
 @pytest.fixture(autouse=True)
@@ -49,12 +51,12 @@ def assert_all_changed(before: dict[str, torch.Tensor], run: TrainingRun) -> Non
     assert before and not unchanged, f"parameters that did not change: {unchanged}"
 
 
-def answer_logprob(lm: LoadedLM, messages: list[dict[str, str]]) -> float:
+def answer_log_prob(lm: LoadedLM, messages: list[dict[str, str]]) -> float:
     ids, mask = encode_last_message(lm.tokenizer, messages, 512)
     batch = torch.tensor([ids])
     with torch.no_grad():
-        logp = token_logprobs(lm.model(input_ids=batch).logits, batch)[0]
-    return float((logp * torch.tensor(mask[1:])).sum())
+        log_probs = token_log_probs(lm.model(input_ids=batch).logits, batch)[0]
+    return float((log_probs * torch.tensor(mask[1:])).sum())
 
 
 def train(run: TrainingRun, samples: list[Any], **kwargs: Any) -> tuple[dict[str, Any], list[dict[str, Any]]]:
@@ -66,8 +68,8 @@ def train(run: TrainingRun, samples: list[Any], **kwargs: Any) -> tuple[dict[str
 def test_ppo_full_fine_tuning_reinforces_the_good_answer(llm_dirs: dict[str, Path]) -> None:
     lm = load_policy(llm_dirs["policy"])
     # Every weight moves in full fine-tuning: a smaller step than the adapter's keeps the loss monotone.
-    run = TrainingRun(lm, X1TrainingConfig(**{**FAST, "lr": 3e-4}))
-    before, good = snapshot(run), answer_logprob(lm, GOOD)
+    run = TrainingRun(lm, X1TrainingConfig(**{**FAST, "lr": 3e-4}), batch_size=FAST_BATCH)
+    before, good = snapshot(run), answer_log_prob(lm, GOOD)
     assert len(before) == len(list(lm.model.parameters()))  # full fine-tuning
     summary, steps = train(run, POLICY_SAMPLES)
     assert summary == {
@@ -85,16 +87,16 @@ def test_ppo_full_fine_tuning_reinforces_the_good_answer(llm_dirs: dict[str, Pat
     assert {"pg_loss", "kl", "approx_kl", "clip_frac", "entropy"} <= set(steps[0])
     assert_all_changed(before, run)
     assert not lm.model.training
-    assert answer_logprob(lm, GOOD) > good
+    assert answer_log_prob(lm, GOOD) > good
 
 
 def test_ppo_with_adapter_trains_only_the_adapter_and_saves_it(
     llm_dirs: dict[str, Path], tmp_path: Path
 ) -> None:
     lm = load_policy(llm_dirs["policy"], adapter=llm_dirs["policy_lora"])
-    run = TrainingRun(lm, X1TrainingConfig(**FAST))
+    run = TrainingRun(lm, X1TrainingConfig(**FAST), batch_size=FAST_BATCH)
     base = {n: p.detach().clone() for n, p in lm.model.named_parameters() if "lora_" not in n}
-    before, good = snapshot(run), answer_logprob(lm, GOOD)
+    before, good = snapshot(run), answer_log_prob(lm, GOOD)
     assert before and all("lora_" in name for name in before)
     _, steps = train(run, POLICY_SAMPLES)
     losses = [step["loss"] for step in steps]
@@ -102,18 +104,20 @@ def test_ppo_with_adapter_trains_only_the_adapter_and_saves_it(
     assert steps[0]["kl"] > 0  # the reference is the base model without the adapter
     assert_all_changed(before, run)
     assert all(torch.equal(p, dict(lm.model.named_parameters())[n]) for n, p in base.items())
-    assert answer_logprob(lm, GOOD) > good
+    assert answer_log_prob(lm, GOOD) > good
 
     saved = run.save(tmp_path / "adapter")
     assert (saved / "adapter_config.json").is_file() and not (saved / "config.json").exists()
     reloaded = load_policy(llm_dirs["policy"], adapter=saved)
-    assert answer_logprob(reloaded, GOOD) == pytest.approx(answer_logprob(lm, GOOD), abs=1e-4)
+    assert answer_log_prob(reloaded, GOOD) == pytest.approx(answer_log_prob(lm, GOOD), abs=1e-4)
 
 
 def test_new_lora_wraps_a_plain_policy(llm_dirs: dict[str, Path], tmp_path: Path) -> None:
     lm = load_policy(llm_dirs["policy"])
-    settings = LoraSettings(r=2, alpha=4, dropout=0.0, target_modules=r".*\.(q_proj|v_proj)")
-    run = TrainingRun(lm, X1TrainingConfig(lora=settings, **FAST))
+    settings = LoraSettings(r=2, alpha=4, dropout=0.0)
+    run = TrainingRun(
+        lm, X1TrainingConfig(lora=settings, **FAST), batch_size=FAST_BATCH, lora_target_modules=r".*\.(q_proj|v_proj)"
+    )
     before = snapshot(run)
     assert before and all("lora_" in name for name in before)
     _, steps = train(run, POLICY_SAMPLES)
@@ -121,12 +125,12 @@ def test_new_lora_wraps_a_plain_policy(llm_dirs: dict[str, Path], tmp_path: Path
     # peft starts B at zero, so A only moves after B has: every adapter tensor still changes in 4 steps.
     assert_all_changed(before, run)
     reloaded = load_policy(llm_dirs["policy"], adapter=run.save(tmp_path / "new-adapter"))
-    assert answer_logprob(reloaded, GOOD) == pytest.approx(answer_logprob(lm, GOOD), abs=1e-4)
+    assert answer_log_prob(reloaded, GOOD) == pytest.approx(answer_log_prob(lm, GOOD), abs=1e-4)
 
 
 def test_value_mse_moves_scores_to_targets_and_reloads(llm_dirs: dict[str, Path], tmp_path: Path) -> None:
     value = load_value(llm_dirs["value"])
-    run = TrainingRun(value, X1TrainingConfig(lr=3e-4, batch_size=2, num_epochs=6))
+    run = TrainingRun(value, X1TrainingConfig(lr=3e-4, num_epochs=6), batch_size=2)
     before = snapshot(run)
     assert len(before) == len(list(value.model.parameters()))
     _, steps = train(run, VALUE_SAMPLES)
@@ -153,7 +157,7 @@ def test_stop_interrupts_within_one_step_and_save_replaces_atomically(
     llm_dirs: dict[str, Path], tmp_path: Path
 ) -> None:
     lm = load_policy(llm_dirs["policy"], adapter=llm_dirs["policy_lora"])
-    run = TrainingRun(lm, X1TrainingConfig(lr=1e-3, batch_size=1, num_epochs=5))
+    run = TrainingRun(lm, X1TrainingConfig(lr=1e-3, num_epochs=5), batch_size=1)
     steps: list[dict[str, Any]] = []
     summary = run.run(POLICY_SAMPLES, should_stop=lambda: len(steps) >= 1, on_step=steps.append)
     assert summary["stopped"] and summary["step"] == 1 and summary["total_steps"] == 10
@@ -174,19 +178,19 @@ def test_stop_interrupts_within_one_step_and_save_replaces_atomically(
     assert not (folder / "stale.txt").exists() and (folder / "adapter_config.json").is_file()
     assert [p.name for p in tmp_path.iterdir()] == ["model"]  # no temporary folder left
     reloaded = load_policy(llm_dirs["policy"], adapter=folder)
-    assert answer_logprob(reloaded, GOOD) == pytest.approx(answer_logprob(lm, GOOD), abs=1e-4)
+    assert answer_log_prob(reloaded, GOOD) == pytest.approx(answer_log_prob(lm, GOOD), abs=1e-4)
 
 
 def test_sample_logprobs_are_the_old_policy(llm_dirs: dict[str, Path]) -> None:
     lm = load_policy(llm_dirs["policy"])
-    run = TrainingRun(lm, X1TrainingConfig(batch_size=2))
+    run = TrainingRun(lm, X1TrainingConfig(), batch_size=2)
     _, mask = encode_last_message(lm.tokenizer, GOOD, 512)
     count = sum(mask)
     # The generating policy gave the answer a far lower probability: every ratio is clipped at once.
     low = parse_samples([{"messages": GOOD, "GAE": 1.0, "logprobs": [-20.0] * count}], "policy")
     _, steps = train(run, low)
     assert steps[0]["clip_frac"] == 1.0
-    with pytest.raises(InvalidRequest, match=r"body\.dataset\.0\.logprobs: has 1 values"):
+    with pytest.raises(InvalidRequest, match=r"^dataset\.0\.logprobs: has 1 values"):
         run.run(parse_samples([{"messages": GOOD, "GAE": 1.0, "logprobs": [-1.0]}], "policy"))
 
 
@@ -197,7 +201,7 @@ HUGE = 3e38  # valid float32: a dataset may hold it; its square (the MSE) overfl
 
 def test_a_non_finite_value_step_is_skipped_and_the_weights_stay(llm_dirs: dict[str, Path]) -> None:
     value = load_value(llm_dirs["value"])
-    run = TrainingRun(value, X1TrainingConfig(lr=3e-4, batch_size=1, num_epochs=2))
+    run = TrainingRun(value, X1TrainingConfig(lr=3e-4, num_epochs=2), batch_size=1)
     before = snapshot(run)
     summary, steps = train(run, [ValueSample(GOOD, HUGE)])
     assert steps == [] and summary["step"] == 2 and summary["skipped_steps"] == 2 and summary["loss"] is None
@@ -215,7 +219,7 @@ def test_training_goes_on_past_a_skipped_step(llm_dirs: dict[str, Path], kind: s
     else:
         model = load_value(llm_dirs["value"])
         samples = [ValueSample(GOOD, 0.8), ValueSample(OTHER, HUGE)]
-    run = TrainingRun(model, X1TrainingConfig(lr=1e-3, batch_size=1, num_epochs=2))
+    run = TrainingRun(model, X1TrainingConfig(lr=1e-3, num_epochs=2), batch_size=1)
     before = snapshot(run)
     summary, steps = train(run, samples)
     assert summary["step"] == 4 and summary["skipped_steps"] == 2 and len(steps) == 2
@@ -232,12 +236,12 @@ def test_a_run_whose_every_step_was_skipped_publishes_and_saves_nothing(
         "policy", lambda: load_policy(llm_dirs["policy"], adapter=llm_dirs["policy_lora"]),
         LLMTrainingSpec(save_dir=tmp_path), lambda weights, version: published.append(version),
     )
-    trainer.start({"dataset": [{"messages": GOOD, "GAE": HUGE}], "num_epochs": 1})  # valid float32
+    trainer.start(X1TrainingConfig(dataset=[{"messages": GOOD, "GAE": HUGE}], num_epochs=1))  # valid float32
     trainer._thread.join()  # type: ignore[union-attr]
     status = trainer.status()
     assert published == [] and status["model_version"] == 0 and not (tmp_path / "policy").exists()
     assert status["last_run"]["skipped_steps"] == 1 and "non-finite loss" in status["last_run"]["error"]
 
-    trainer.start({"dataset": [{"messages": GOOD, "GAE": 1.0}], "num_epochs": 1})
+    trainer.start(X1TrainingConfig(dataset=[{"messages": GOOD, "GAE": 1.0}], num_epochs=1))
     trainer._thread.join()  # type: ignore[union-attr]
     assert published == [1] and trainer.status()["last_run"]["error"] is None and (tmp_path / "policy").is_dir()

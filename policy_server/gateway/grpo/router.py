@@ -11,13 +11,14 @@ from policy_server.gateway.grpo.wire import (
     GRPOPrompt,
     GRPORewards,
     GRPORunList,
-    GRPOStart,
     GRPOStarted,
     GRPOStatus,
     GRPOUpdate,
 )
 from policy_server.gateway.llm.router import LLM_ERRORS
+from policy_server.gateway.llm.service import in_body
 from policy_server.gateway.openapi import error_docs
+from policy_server.llm.grpo_settings import GRPOSettings
 
 
 def grpo_router(service: Any, auth: Any, prefix: str) -> APIRouter:
@@ -27,9 +28,9 @@ def grpo_router(service: Any, auth: Any, prefix: str) -> APIRouter:
                        responses=LLM_ERRORS | error_docs({409: "Run finished, stale group, or too many runs."}))
 
     @router.post("", status_code=201, response_model=GRPOStarted)
-    async def start(body: GRPOStart) -> Any:
+    async def start(body: GRPOSettings) -> Any:
         """Start a run with these settings; answers its `run_id` and status."""
-        return await service.call("start", body.model_dump())
+        return await service.call("start", body)
 
     @router.get("", response_model=GRPORunList)
     async def runs() -> Any:
@@ -40,13 +41,13 @@ def grpo_router(service: Any, auth: Any, prefix: str) -> APIRouter:
     async def completions(run_id: str, body: GRPOPrompt) -> Any:
         """A group of completions of the prompt, with their token ids and logprobs and the
         `model_version` `[run_id, cycle]` that made them."""
-        return await service.call("complete", run_id, body.prompt)
+        return await in_body(service.call("complete", run_id, body.prompt))
 
     @router.post("/{run_id}/rewards", response_model=GRPOUpdate, response_model_exclude_none=True)
     async def rewards(run_id: str, body: GRPORewards) -> Any:
         """The rewards of a group (scored by the client): one training cycle; answers the version
         now training, the loss and the group's mean reward."""
-        return await service.call("rewards", run_id, body.group_id, body.rewards)
+        return await in_body(service.call("rewards", run_id, body.group_id, body.rewards))
 
     @router.get("/{run_id}", response_model=GRPOStatus)
     async def status(run_id: str) -> Any:

@@ -9,7 +9,7 @@ from fastapi import APIRouter, Depends
 from fastapi.responses import JSONResponse
 
 from policy_server.errors import ModelError
-from policy_server.gateway.llm.service import LLMService, ValueService
+from policy_server.gateway.llm.service import LLMService, ValueService, in_body
 from policy_server.gateway.llm.wire import (
     DirectForward,
     DirectForwardAnswer,
@@ -20,11 +20,11 @@ from policy_server.gateway.llm.wire import (
     TaskCreated,
     TaskPending,
     TaskResult,
-    TrainFromDataset,
     ValueAnswer,
     ValueForward,
 )
 from policy_server.gateway.openapi import error_docs
+from policy_server.llm.x1_config import X1TrainingConfig
 
 LLM_ERRORS = error_docs({
     403: "Missing or wrong api key.",
@@ -57,10 +57,10 @@ def _training_routes(router: APIRouter, trainer: Any) -> None:
 
     @router.post("/train_from_dataset", status_code=201, response_model=Message,
                  responses=error_docs({403: "A training run is already going."}))
-    async def train_from_dataset(body: TrainFromDataset) -> Any:
+    async def train_from_dataset(body: X1TrainingConfig) -> Any:
         """Train on the samples (or a dataset file under the server's data folder) in the
         background; serving goes on, and the trained weights become the next model version."""
-        return await trainer.call("start", body.model_dump())
+        return await in_body(trainer.call("start", body))
 
     @router.post("/stop_training", response_model=Message)
     async def stop_training() -> Any:

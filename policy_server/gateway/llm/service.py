@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from pydantic import TypeAdapter, ValidationError
 
@@ -37,6 +38,27 @@ from policy_server.llm.state import LLMState
 log = logging.getLogger(__name__)
 
 _CONVERSATION = TypeAdapter(list[ValueMessage])
+T = TypeVar("T")
+
+
+def under_body(exc: InvalidRequest) -> InvalidRequest:
+    """A domain's ``InvalidRequest``, whose fields are named from its own input (``prompt``,
+    ``dataset.3.GAE``, ``""`` for the whole input), named from the request body instead
+    (``body.prompt``, ``body.dataset.3.GAE``, ``body``); the message's leading field too."""
+    fields = [FieldError(".".join(filter(None, ("body", f.field))), f.message) for f in exc.fields]
+    head = f"{exc.fields[0].field}: " if exc.fields[0].field else ""
+    message = exc.message
+    if message.startswith(head):
+        message = f"{fields[0].field}: {message[len(head):]}"
+    return type(exc)(message, fields)
+
+
+async def in_body(pending: Awaitable[T]) -> T:
+    """``await pending``, its ``InvalidRequest`` named from the request body (``under_body``)."""
+    try:
+        return await pending
+    except InvalidRequest as exc:
+        raise under_body(exc) from exc
 
 
 class LLMBackend(Protocol):

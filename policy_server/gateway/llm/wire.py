@@ -1,16 +1,17 @@
-"""Request and response models of the LLM endpoints: x1's field names and defaults, plus the
-token-record and session extensions, and the OpenAI-compatible subset."""
+"""Request and response models of the x1 endpoints of the LLM policy and value model: x1's field
+names and defaults, plus the token-record and session extensions. The training bodies are the
+domain's own models (``llm.x1_config.X1TrainingConfig``, ``llm.grpo_settings.GRPOSettings``)."""
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
 from policy_server.fields import STRICT, Float32, Text
+from policy_server.llm.grpo_settings import StopString
 
 Strategy = Literal["temperature", "beam_search", "diverse_beam_search"]
-StopString = Annotated[Text, Field(min_length=1)]
 SESSION_ID = r"^[A-Za-z0-9_.:-]{1,128}$"
 
 
@@ -67,35 +68,6 @@ class ValueMessage(_Wire):
 class ValueForward(_Wire):
     messages: list[dict[str, Any]] | list[list[dict[str, Any]]] = Field(
         description="One conversation (a list of {role, content}) or a list of conversations."
-    )
-
-
-class LoraRequest(_Wire):
-    """Train a new LoRA adapter on a policy served without one (merged into the served weights)."""
-
-    r: int = Field(8, ge=1, le=256)
-    alpha: int = Field(16, ge=1, le=4096, description="The update is scaled by alpha / r.")
-    dropout: Float32 = Field(0.05, ge=0, lt=1)
-
-
-class TrainFromDataset(_Wire):
-    """x1's `/train_from_dataset`: PPO for the policy, MSE for the value model."""
-
-    dataset: list[dict[str, Any]] | None = Field(
-        None, description="Samples: {messages, GAE} (policy) or {messages, value_target} (value), "
-        "or x1's documented {question, context, current_node, value}."
-    )
-    dataset_path: Text | None = Field(None, description="A JSON or JSONL file under the server's data folder.")
-    num_epochs: int = Field(1, ge=1, le=1000)
-    percent_of_data: Float32 = Field(1.0, gt=0, le=1)
-    save_samples: bool = Field(False, description="Store the samples under the server's samples folder.")
-    lr: Float32 = Field(1e-5, gt=0, le=1)
-    clip: Float32 = Field(0.2, gt=0, description="PPO: ratio clipping.")
-    kl_coef: Float32 = Field(0.01, ge=0, description="PPO: KL penalty to the reference model.")
-    entropy_coef: Float32 = Field(0.01, ge=0, description="PPO: entropy bonus.")
-    lora: LoraRequest | None = Field(
-        None, description="Policy without an adapter: train a new LoRA adapter instead of every weight. "
-        "A policy with an adapter always trains its adapter."
     )
 
 

@@ -75,12 +75,12 @@ class OpenAIService:
         for tok in tokens:
             offsets.append(at)
             at += len(tok)
-        return {"tokens": tokens, "token_logprobs": list(sample.logprobs), "top_logprobs": None, "text_offset": offsets}
+        return {"tokens": tokens, "token_logprobs": list(sample.log_probs), "top_logprobs": None, "text_offset": offsets}
 
     def _chat_logprobs(self, sample: Sample) -> list[dict[str, Any]]:
         return [
             {"token": tok, "logprob": lp, "bytes": list(tok.encode()), "top_logprobs": []}
-            for tok, lp in zip(self._tokens(sample), sample.logprobs)
+            for tok, lp in zip(self._tokens(sample), sample.log_probs)
         ]
 
     def _openai_answer(self, kind: str, prefix: str, choices: list[dict[str, Any]], outs: list[Generated]) -> dict[str, Any]:

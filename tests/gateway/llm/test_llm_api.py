@@ -67,7 +67,7 @@ def test_returned_logprobs_equal_a_teacher_forced_pass(client: TestClient) -> No
     record = direct(client, return_tokens=True, seed=2, temperature=1.0).json()["records"][0]
     n = record["prompt_length"]
     engine = client.app.state.llm.policy.backend.engine  # the in-process engine of the local backend
-    forced = engine.generator.logprobs(record["tokens"][:n], record["tokens"][n:])
+    forced = engine.generator.log_probs(record["tokens"][:n], record["tokens"][n:])
     assert forced == pytest.approx(record["logprobs"][n:], abs=1e-4)
 
 
