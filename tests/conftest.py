@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import tempfile
 import threading
 import time
@@ -22,6 +21,7 @@ import yaml
 from torch import nn
 
 from policy_server.export import MLPPolicy, export_module
+from policy_server.net import bound_socket, free_port
 from policy_server.settings import Settings
 
 API_KEY = "test-key-123"
@@ -87,12 +87,6 @@ class Faulty(nn.Module):
         if bool((x[:, 0] > 1000).any()):
             raise RuntimeError("boom: input out of range")
         return self.lin(x)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session")
@@ -289,8 +283,7 @@ def running_server(app: Any) -> Iterator[str]:
     """
     import uvicorn
 
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
+    sock = bound_socket()
     port = sock.getsockname()[1]
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
