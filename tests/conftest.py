@@ -7,7 +7,6 @@ import os
 import shutil
 import tempfile
 import threading
-import time
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -18,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from support import wait_until
 from torch import nn
 
 from policy_server.export import MLPPolicy, export_module
@@ -288,11 +288,13 @@ def running_server(app: Any) -> Iterator[str]:
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
-    deadline = time.monotonic() + 120
-    while not server.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            raise RuntimeError("uvicorn did not start")
-        time.sleep(0.05)
+
+    def started() -> bool:
+        if not thread.is_alive():
+            raise RuntimeError("uvicorn exited while starting")
+        return server.started
+
+    wait_until(started, 120, message="uvicorn did not start")
     try:
         yield f"http://127.0.0.1:{port}"
     finally:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -14,6 +13,7 @@ import pytest
 import yaml
 from conftest import API_KEY
 from fastapi.testclient import TestClient
+from support import wait_until
 
 from policy_server.gateway.app import build_app
 from policy_server.settings import Settings
@@ -105,10 +105,13 @@ def test_a_queued_forward_is_fetched_once_done(client: TestClient) -> None:
     created = client.post("/llm/forward", json={"question": "Sort these letters: c a b", "num_samples": 2})
     assert created.status_code == 201, created.text
     task_id = created.json()["task_id"]
-    deadline = time.monotonic() + 30
-    while (answer := client.get(f"/llm/forward/{task_id}")).status_code == 202:
-        assert answer.json()["status"] == "pending" and time.monotonic() < deadline
-        time.sleep(0.05)
+
+    def done() -> Any:
+        answer = client.get(f"/llm/forward/{task_id}")
+        assert answer.status_code != 202 or answer.json()["status"] == "pending"
+        return answer if answer.status_code != 202 else None
+
+    answer = wait_until(done, 30, message="the queued forward never finished")
     body = answer.json()
     assert answer.status_code == 200 and len(body["result"]) == 2 and len(body["is_final_step"]) == 2
     assert body["prompt"][0].endswith("assistant<|end_header_id|>\n\n") or "Sort these letters" in body["prompt"][0]
