@@ -177,7 +177,8 @@ class PolicyClient(ActingClient):
         # run_env hands the previous next_obs back as obs: then it is converted and continuous already
         follows = frag is not None and obs is self._last_next_obs
         obs_json = frag.observations[-1] if follows else wire_obs(obs)  # type: ignore[union-attr]
-        if frag is not None and (frag.model_version != version or not (follows or frag.observations[-1] == obs_json)):
+        continues = follows or (frag is not None and frag.observations[-1] == obs_json)
+        if frag is not None and (frag.model_version != version or not continues):
             self._close_open()
             frag = None
         if frag is None:

@@ -35,7 +35,8 @@ def error_envelope(response: httpx.Response) -> ErrorEnvelope:
         code, message = str(error["code"]), str(error["message"])
         return ErrorEnvelope(response.status_code, code, message, list(error.get("fields") or []))
     except (ValueError, KeyError, TypeError, AttributeError):
-        return ErrorEnvelope(response.status_code, "http_error", response.text.strip()[:500] or response.reason_phrase, [])
+        text = response.text.strip()[:500] or response.reason_phrase
+        return ErrorEnvelope(response.status_code, "http_error", text, [])
 
 
 class PolicyClientError(Exception):

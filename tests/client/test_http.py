@@ -32,7 +32,8 @@ def test_the_envelope_is_read_with_its_fields() -> None:
     envelope = error_envelope(httpx.Response(422, json=ENVELOPE))
     assert envelope == ErrorEnvelope(422, "invalid_request", "invalid request: body.x: bad",
                                      [{"field": "body.x", "message": "bad"}])
-    assert error_envelope(httpx.Response(404, json={"error": {"code": "not_found", "message": "no"}})).fields == []
+    no_fields = {"error": {"code": "not_found", "message": "no"}}
+    assert error_envelope(httpx.Response(404, json=no_fields)).fields == []
 
 
 @pytest.mark.parametrize(
@@ -57,7 +58,8 @@ def test_a_long_foreign_page_is_cut_to_500_characters() -> None:
 
 def test_the_client_error_carries_the_envelope() -> None:
     error = PolicyClientError.from_response(httpx.Response(422, json=ENVELOPE))
-    assert (error.status, error.code, error.fields) == (422, "invalid_request", [{"field": "body.x", "message": "bad"}])
+    assert (error.status, error.code) == (422, "invalid_request")
+    assert error.fields == [{"field": "body.x", "message": "bad"}]
     assert str(error) == "422 invalid_request: invalid request: body.x: bad"
 
 
