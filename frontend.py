@@ -16,8 +16,8 @@ from typing import Any
 import streamlit as st
 
 from policy_server.frontend import charts, forms
-from policy_server.frontend.client import DemoClient, DemoError, ServerError, policy_path
 from policy_server.frontend.example import ExampleServer, demo_api_key, start_example
+from policy_server.frontend.gateway_api import DemoClient, DemoError, ServerError, policy_path
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 POLL_S = 2.0

@@ -21,6 +21,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from policy_server.net import free_port  # the repository root is on sys.path (see bench/serving.py)
+
 
 @dataclass(frozen=True)
 class ServerSpec:
@@ -48,12 +50,6 @@ class RunningServer:
         """The uvicorn process and every process seen below it (Ray's included)."""
         self.remember_tree()
         return [self.process.pid, *self.tree]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _proc_table() -> dict[int, tuple[int, str]]:

@@ -43,7 +43,8 @@ if str(ROOT) not in sys.path:  # `python bench/serving.py` as well as `python -m
 
 from bench.cpu import CpuShare, cpu_share, wait_for_quiet  # noqa: E402
 from bench.loadgen import WrkResult, find_wrk, run_wrk  # noqa: E402
-from bench.servers import RunningServer, ServerSpec, free_port, running_server  # noqa: E402
+from bench.servers import RunningServer, ServerSpec, running_server  # noqa: E402
+from policy_server.net import free_port
 
 EXAMPLE_SCHEMA = ROOT / "examples" / "cartpole" / "schema.yaml"
 RESULTS_DIR = ROOT / "bench" / "results"

@@ -5,10 +5,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import tempfile
 import threading
-import time
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -19,9 +17,11 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from support import wait_until
 from torch import nn
 
 from policy_server.export import MLPPolicy, export_module
+from policy_server.net import bound_socket, free_port
 from policy_server.settings import Settings
 
 API_KEY = "test-key-123"
@@ -87,12 +87,6 @@ class Faulty(nn.Module):
         if bool((x[:, 0] > 1000).any()):
             raise RuntimeError("boom: input out of range")
         return self.lin(x)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session")
@@ -289,17 +283,18 @@ def running_server(app: Any) -> Iterator[str]:
     """
     import uvicorn
 
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
+    sock = bound_socket()
     port = sock.getsockname()[1]
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
-    deadline = time.monotonic() + 120
-    while not server.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            raise RuntimeError("uvicorn did not start")
-        time.sleep(0.05)
+
+    def started() -> bool:
+        if not thread.is_alive():
+            raise RuntimeError("uvicorn exited while starting")
+        return server.started
+
+    wait_until(started, 120, message="uvicorn did not start")
     try:
         yield f"http://127.0.0.1:{port}"
     finally:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -13,6 +12,7 @@ import pytest
 import yaml
 from conftest import API_KEY, cart_fragment, free_port, multi_policy_schema, running_server, training_schema
 from streamlit.testing.v1 import AppTest
+from support import wait_until
 
 from policy_server.gateway.app import build_app
 from policy_server.settings import Settings
@@ -159,10 +159,8 @@ def test_training_shows_status_and_history(
         sent = httpx.post(f"{url}/train/experience", headers=AUTH,
                           json={"client_id": "c1", "fragments": [cart_fragment()]})
         assert sent.status_code == 200, sent.text
-        deadline = time.monotonic() + 30
-        while httpx.get(f"{url}/train/status", headers=AUTH).json()["model_version"] < 1:
-            assert time.monotonic() < deadline, "no update"
-            time.sleep(0.05)
+        wait_until(lambda: httpx.get(f"{url}/train/status", headers=AUTH).json()["model_version"] >= 1, 30,
+                   message="no update")
         at = page(monkeypatch, url)
     assert [t.label for t in at.tabs] == ["Policies", "Training"]
     shown = metrics(at)

@@ -5,15 +5,16 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
-from conftest import free_port, running_server
+from conftest import running_server
+from support import wait_until
 
 from policy_server.gateway.app import build_app
+from policy_server.net import free_port
 from policy_server.settings import Settings
 
 REPO = Path(__file__).resolve().parents[2]
@@ -25,17 +26,15 @@ KEY = "browser-key"
 
 
 def wait_healthy(url: str, process: subprocess.Popen[bytes], log: Path, timeout_s: float = 60) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
+    def healthy() -> bool:
         if process.poll() is not None:
             pytest.fail(f"streamlit exited with {process.returncode}:\n{log.read_text(errors='replace')[-3000:]}")
         try:
-            if httpx.get(f"{url}/_stcore/health", timeout=2).status_code == 200:
-                return
+            return httpx.get(f"{url}/_stcore/health", timeout=2).status_code == 200
         except httpx.TransportError:
-            pass  # not listening yet
-        time.sleep(0.2)
-    pytest.fail(f"streamlit not healthy after {timeout_s} s:\n{log.read_text(errors='replace')[-3000:]}")
+            return False  # not listening yet
+
+    wait_until(healthy, timeout_s, 0.2, lambda: f"streamlit not healthy:\n{log.read_text(errors='replace')[-3000:]}")
 
 
 @pytest.fixture()

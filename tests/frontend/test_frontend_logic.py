@@ -11,8 +11,8 @@ import pytest
 import yaml
 
 from policy_server.frontend import charts, forms
-from policy_server.frontend.client import DemoClient, ServerError, Unreachable, policy_path
 from policy_server.frontend.example import demo_api_key, is_local
+from policy_server.frontend.gateway_api import DemoClient, ServerError, Unreachable, policy_path
 from policy_server.settings import Settings
 
 OBSERVATIONS = {

@@ -7,13 +7,15 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
 import yaml
-from conftest import API_KEY, LPOC_OBS, free_port, multi_policy_schema
+from conftest import API_KEY, LPOC_OBS, multi_policy_schema
+from support import wait_until
 from uvicorn.config import LOGGING_CONFIG
+
+from policy_server.net import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 BODY = {
@@ -25,16 +27,14 @@ BODY = {
 
 def wait_ready(proc: subprocess.Popen[bytes], url: str, log: Path) -> None:
     """Poll /health/ready until it answers 200; fail with the log's end if the server exits."""
-    deadline = time.monotonic() + 180
-    while True:
+    def ready() -> bool:
         assert proc.poll() is None, log.read_text()[-3000:]
         try:
-            if httpx.get(f"{url}/health/ready").status_code == 200:
-                return
+            return httpx.get(f"{url}/health/ready").status_code == 200
         except httpx.HTTPError:
-            pass
-        assert time.monotonic() < deadline, "the server did not become ready"
-        time.sleep(0.5)
+            return False
+
+    wait_until(ready, 180, 0.5, "the server did not become ready")
 
 
 def test_uvicorn_app_serves_the_bundled_example_with_metrics_and_stops_cleanly(tmp_path: Path) -> None:
@@ -61,10 +61,8 @@ def test_uvicorn_app_serves_the_bundled_example_with_metrics_and_stops_cleanly(t
         assert httpx.get(f"{url}/redoc").status_code == 200
         ours = httpx.get(f"http://127.0.0.1:{gateway_metrics}/metrics").text
         assert 'policy_server_requests_total{endpoint="/predict",policy="default",status="200"} 1.0' in ours
-        deadline = time.monotonic() + 90
-        while "ray_serve_" not in httpx.get(f"http://127.0.0.1:{ray_metrics}/metrics", timeout=10).text:
-            assert time.monotonic() < deadline, "Serve's metrics never appeared on Ray's export port"
-            time.sleep(2)
+        wait_until(lambda: "ray_serve_" in httpx.get(f"http://127.0.0.1:{ray_metrics}/metrics", timeout=10).text,
+                   90, 2, "Serve's metrics never appeared on Ray's export port")
         # SIGTERM to the server process alone, as docker stop and Kubernetes send it
         os.kill(proc.pid, signal.SIGTERM)
         # uvicorn re-raises the signal once its graceful shutdown is done: -SIGTERM, not a crash

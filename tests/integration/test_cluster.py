@@ -8,32 +8,33 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 import yaml
-from conftest import API_KEY, LPOC_OBS, free_port, multi_policy_schema
+from conftest import API_KEY, LPOC_OBS, multi_policy_schema
+from support import wait_until
+
+from policy_server.net import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 # A throw-away test cluster: no usage stats, and no token auth (a real cluster keeps its own setting).
 CLUSTER_ENV = os.environ | {"RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
 
 
-def _wait_for(predicate, timeout: float, what: str, proc: subprocess.Popen | None = None) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
+def _up(predicate: Callable[[], bool], what: str, proc: subprocess.Popen) -> Callable[[], bool]:  # type: ignore[type-arg]
+    """``predicate`` as a ``wait_until`` check: an HTTP error is "not yet", an exited ``proc`` fails at once."""
+    def check() -> bool:
+        if proc.poll() is not None:
             raise AssertionError(f"{what}: process exited with {proc.returncode}")
         try:
-            if predicate():
-                return
+            return predicate()
         except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    raise AssertionError(f"timed out waiting for {what}")
+            return False
+
+    return check
 
 
 def _stop(proc: subprocess.Popen) -> None:
@@ -68,8 +69,8 @@ def ray_cluster() -> Iterator[str]:
     address = f"127.0.0.1:{port}"
     try:
         check = [sys.executable, "-c", f"import ray; ray.init(address='{address}'); print(ray.cluster_resources()['CPU'])"]
-        ready = lambda: subprocess.run(check, env=CLUSTER_ENV, capture_output=True, timeout=60).returncode == 0  # noqa: E731
-        _wait_for(ready, 120, "ray head", head)
+        ready = lambda: subprocess.run(check, env=CLUSTER_ENV, capture_output=True, timeout=60).returncode == 0
+        wait_until(_up(ready, "ray head", head), 120, 0.5, "timed out waiting for ray head")
         yield address
     finally:
         _stop(head)
@@ -92,7 +93,8 @@ def test_app_joins_an_existing_ray_cluster(ray_cluster: str, model_dir: Path, tm
     )
     url = f"http://127.0.0.1:{port}"
     try:
-        _wait_for(lambda: httpx.get(f"{url}/health/ready").status_code == 200, 180, "gateway", gateway)
+        ready = _up(lambda: httpx.get(f"{url}/health/ready").status_code == 200, "gateway", gateway)
+        wait_until(ready, 180, 0.5, "timed out waiting for gateway")
         r = httpx.post(f"{url}/predict", json=LPOC_OBS, headers={"access-token": API_KEY})
         assert r.status_code == 200, r.text
         assert r.json()["action_name"] in {"up", "right", "down", "left"}

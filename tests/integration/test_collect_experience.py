@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
+from typing import Any
 
 import gymnasium as gym
 import httpx
 import yaml
 from conftest import API_KEY, CART_OBSERVATIONS, running_server, training_schema
+from support import wait_until
 
 from policy_server.gateway.app import build_app
 from policy_server.settings import Settings
@@ -34,10 +35,12 @@ def test_a_pathmind_client_loop_feeds_the_ray_trainer(ray_session: int, model_di
                     break
                 obs, r, terminated, truncated, _ = env.step(answer.json()["actions"][0])
                 reward, done, steps = float(r), bool(terminated or truncated), steps + 1
-        deadline = time.monotonic() + 60
+
+        def updated() -> dict[str, Any] | None:
+            status = client.get("/train/status", headers={"access-token": API_KEY}).json()
+            return status if status["updates"] >= 1 else None
+
         # an update takes every row then waiting, so steps // 32 rows need not make as many updates
-        while (status := client.get("/train/status", headers={"access-token": API_KEY}).json())["updates"] < 1:
-            assert time.monotonic() < deadline, status
-            time.sleep(0.1)
+        status = wait_until(updated, 60, 0.1, lambda: str(client.get("/train/status", headers={"access-token": API_KEY}).json()))
     assert status["samples_received"] == steps and status["episodes"] == 4 and status["model_version"] >= 1
     assert status["samples_rejected"] == {"stale": 0, "malformed": 0}

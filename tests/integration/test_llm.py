@@ -13,6 +13,7 @@ import openai
 import pytest
 import yaml
 from conftest import API_KEY, running_server
+from support import wait_until
 
 from policy_server.gateway.app import build_app
 from policy_server.settings import Settings
@@ -89,14 +90,15 @@ def test_value_model_over_serve(server: str) -> None:
 
 
 def test_queued_tasks_and_sessions_live_in_their_own_deployment(server: str) -> None:
-    import time
 
     with httpx.Client(base_url=server, headers=AUTH, timeout=60) as client:
         task_id = client.post("/llm/forward", json={"question": "What is 4 + 4?", "num_samples": 2}).json()["task_id"]
-        deadline = time.monotonic() + 60
-        while (answer := client.get(f"/llm/forward/{task_id}")).status_code == 202:
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
+
+        def done() -> httpx.Response | None:
+            answer = client.get(f"/llm/forward/{task_id}")
+            return None if answer.status_code == 202 else answer
+
+        answer = wait_until(done, 60, message="the queued forward never finished")
         assert answer.status_code == 200 and len(answer.json()["result"]) == 2
         assert client.get(f"/llm/forward/{task_id}").status_code == 404  # fetched once, then forgotten
         first = client.post("/llm/direct_forward", json={"input_string": "Hi", "session_id": "it-s",

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 import yaml
 from conftest import API_KEY, running_server
+from support import wait_until
 
 from policy_server.gateway.app import build_app
 from policy_server.settings import Settings
@@ -45,16 +47,17 @@ def test_a_grpo_run_over_serve_trains_while_the_policy_keeps_serving(client: htt
 
 
 def test_train_from_dataset_over_serve_publishes_the_trained_weights(client: httpx.Client) -> None:
-    import time
 
     chat = [{"role": "user", "content": "What is 2 + 3?"}, {"role": "assistant", "content": "5"}]
     before = client.get("/llm/").json()["model_version"]
     started = client.post("/llm/train_from_dataset", json={"dataset": [{"messages": chat, "GAE": 1.0}] * 4, "lr": 1e-3})
     assert started.status_code == 201, started.text
-    deadline = time.monotonic() + 120
-    while (status := client.get("/llm/").json())["training"]["running"] or status["model_version"] == before:
-        assert time.monotonic() < deadline, status
-        time.sleep(0.1)
+
+    def trained() -> dict[str, Any] | None:
+        status = client.get("/llm/").json()
+        return None if status["training"]["running"] or status["model_version"] == before else status
+
+    status = wait_until(trained, 120, 0.1, lambda: str(client.get("/llm/").json()))
     assert status["model_version"] == before + 1 and status["training"]["last_run"]["error"] is None
     answer = client.post("/llm/direct_forward", json={"input_string": "Hi", "max_output_length": 8})
     assert answer.json()["model_version"] == before + 1

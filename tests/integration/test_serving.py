@@ -28,6 +28,7 @@ from conftest import (
     multi_policy_schema,
     running_server,
 )
+from support import wait_until
 
 from policy_server.gateway.app import build_app
 from policy_server.settings import Settings
@@ -242,13 +243,12 @@ def test_readiness_and_status(server: dict[str, Any]) -> None:
 def test_ray_metrics_export_serves_serve_and_replica_metrics(server: dict[str, Any]) -> None:
     server["client"].post("/predict", json=LPOC_OBS)
     url = f"http://127.0.0.1:{server['ray_metrics_port']}/metrics"
-    deadline = time.monotonic() + 90
-    text = ""
-    while time.monotonic() < deadline:  # Ray exports metrics every few seconds
+
+    def both_exported() -> str:
         text = httpx.get(url, timeout=10).text
-        if "ray_serve_" in text and "ray_policy_server_replica_forward_seconds" in text:
-            break
-        time.sleep(2)
+        return text if "ray_serve_" in text and "ray_policy_server_replica_forward_seconds" in text else ""
+
+    text = wait_until(both_exported, 90, 2, "Serve's or the replicas' metrics missing")  # exported every few seconds
     assert "ray_serve_" in text
     assert "ray_policy_server_replica_forward_seconds" in text
 
@@ -277,9 +277,7 @@ def test_batches_take_the_direct_path_and_survive_a_broken_link(server: dict[str
     answers = [client.post("/predict", json=LPOC_OBS).status_code for _ in range(10)]
     assert answers == [200] * 10
     assert backend.fallbacks > before  # the broken links fell back to the handle ...
-    deadline = time.monotonic() + 30
-    while backend._open < 2 and time.monotonic() < deadline:  # ... and were re-opened
-        time.sleep(0.1)
+    wait_until(lambda: backend._open >= 2, 30, 0.1, "the links were not re-opened")  # ... and were re-opened
     fallbacks = backend.fallbacks
     for _ in range(5):
         assert client.post("/predict", json=LPOC_OBS).status_code == 200

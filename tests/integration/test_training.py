@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -14,6 +13,7 @@ import numpy as np
 import pytest
 import yaml
 from conftest import API_KEY, cart_fragment, running_server, training_schema
+from support import wait_until
 
 from policy_server.gateway.app import build_app
 from policy_server.settings import Settings
@@ -48,10 +48,8 @@ def train_one_update(client: httpx.Client, seed: int) -> int:
     version = client.get("/train/status").json()["model_version"]
     answer = client.post("/train/experience", json={"client_id": "driver", "fragments": [cart_fragment(version, steps=32, seed=seed)]})
     assert answer.status_code == 200, answer.text
-    deadline = time.monotonic() + 30
-    while client.get("/version").json()["model_version"] <= version:
-        assert time.monotonic() < deadline, "the update was not published"
-        time.sleep(0.02)
+    wait_until(lambda: client.get("/version").json()["model_version"] > version, 30, 0.02,
+               "the update was not published")
     return version + 1
 
 
@@ -115,14 +113,13 @@ def test_training_metrics_reach_rays_export(server: httpx.Client, ray_session: i
         "ray_policy_server_training_model_version",
         "ray_policy_server_training_samples_rejected_total",
     ]
-    deadline, text = time.monotonic() + 60, ""
-    while time.monotonic() < deadline:  # Ray exports metrics every few seconds
+
+    def missing() -> list[str]:
         text = httpx.get(f"http://127.0.0.1:{ray_session}/metrics", timeout=10).text
-        if all(name in text for name in wanted):
-            return
-        time.sleep(1)
-    missing = [name for name in wanted if name not in text]
-    raise AssertionError(f"missing from Ray's metrics: {missing}")
+        return [name for name in wanted if name not in text]
+
+    # Ray exports metrics every few seconds
+    wait_until(lambda: not missing(), 60, 1, lambda: f"missing from Ray's metrics: {missing()}")
 
 
 def test_a_restarted_server_resumes_from_the_last_checkpoint(
@@ -154,10 +151,12 @@ def test_a_poisoned_rollout_is_skipped_and_counted_and_replicas_refuse_nan_weigh
     # 3e38 is a valid float32 (the gateway accepts it); the discounted sums of it are not
     poisoned = cart_fragment(version, steps=32, seed=500, rewards=[3e38] * 32)
     assert server.post("/train/experience", json={"client_id": "poison", "fragments": [poisoned]}).status_code == 200
-    deadline = time.monotonic() + 30
-    while (status := server.get("/train/status").json())["skipped_updates"] == skipped:
-        assert time.monotonic() < deadline, "the poisoned update was not skipped"
-        time.sleep(0.05)
+
+    def after_skip() -> dict[str, Any] | None:
+        status = server.get("/train/status").json()
+        return status if status["skipped_updates"] != skipped else None
+
+    status = wait_until(after_skip, 30, message="the poisoned update was not skipped")
     assert status["model_version"] == version and "non-finite" in status["last_error"]
 
     weights = decode_weights(server.get("/weights").json()["weights"])
@@ -172,11 +171,13 @@ def test_a_poisoned_rollout_is_skipped_and_counted_and_replicas_refuse_nan_weigh
         assert answer.status_code == 200 and answer.json()["model_version"] == version
 
     wanted = 'ray_policy_server_training_updates_skipped_total{'
-    deadline, text = time.monotonic() + 60, ""
-    while time.monotonic() < deadline:  # Ray exports metrics every few seconds
-        text = httpx.get(f"http://127.0.0.1:{ray_session}/metrics", timeout=10).text
-        lines = [line for line in text.splitlines() if line.startswith(wanted)]
-        if any('reason="data"' in line for line in lines):
-            return
-        time.sleep(1)
-    raise AssertionError(f"no skipped-update counter on Ray's export: {[n for n in text.splitlines() if 'skipped' in n]}")
+
+    def exported() -> list[str]:
+        return httpx.get(f"http://127.0.0.1:{ray_session}/metrics", timeout=10).text.splitlines()
+
+    def counted() -> bool:
+        return any(line.startswith(wanted) and 'reason="data"' in line for line in exported())
+
+    # Ray exports metrics every few seconds
+    wait_until(counted, 60, 1,
+               lambda: f"no skipped-update counter on Ray's export: {[n for n in exported() if 'skipped' in n]}")

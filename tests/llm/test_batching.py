@@ -9,6 +9,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import pytest
+from support import wait_until_async
 
 from policy_server.errors import (
     BackendUnavailable,
@@ -57,13 +58,6 @@ class RecordingGenerate:
         self.entered.clear()
 
 
-def wait_until(condition: Callable[[], bool], timeout_s: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, "condition not reached"
-        time.sleep(0.001)
-
-
 @pytest.fixture
 def gen() -> RecordingGenerate:
     return RecordingGenerate()
@@ -99,8 +93,7 @@ def test_equal_keys_share_one_call_and_different_keys_get_their_own(make_queue, 
         occupy_worker(queue, gen)
         order = [([1], a), ([2], b), ([3], a), ([4], b), ([5], a)]
         tasks = [asyncio.create_task(queue.submit(p, params)) for p, params in order]
-        while queue.stats().queued < len(order):
-            await asyncio.sleep(0.001)
+        await wait_until_async(lambda: queue.stats().queued >= len(order), timeout=5.0)
         gen.gate.set()
         return await asyncio.gather(*tasks)
 
@@ -138,8 +131,7 @@ def test_a_failing_group_fails_only_its_own_requests(make_queue, gen) -> None:
             asyncio.create_task(queue.submit([7], good)),
             asyncio.create_task(queue.submit([2], bad)),
         ]
-        while queue.stats().queued < 3:
-            await asyncio.sleep(0.001)
+        await wait_until_async(lambda: queue.stats().queued >= 3, timeout=5.0)
         gen.gate.set()
         return await asyncio.gather(*tasks, return_exceptions=True)
 
@@ -202,8 +194,7 @@ def test_close_fails_pending_requests_and_lets_the_running_one_finish(make_queue
     async def main() -> tuple[object, list[object]]:
         running = occupy_worker(queue, gen)
         pending = [asyncio.create_task(queue.submit([i], Params())) for i in (1, 2)]
-        while queue.stats().queued < 2:
-            await asyncio.sleep(0.001)
+        await wait_until_async(lambda: queue.stats().queued >= 2, timeout=5.0)
         queue.close(timeout_s=0)
         outcomes = await asyncio.gather(*pending, return_exceptions=True)
         gen.gate.set()
@@ -226,11 +217,9 @@ def test_a_cancelled_caller_is_withdrawn_before_its_batch_runs(make_queue, gen) 
         occupy_worker(queue, gen)
         gone = asyncio.create_task(queue.submit([1], Params()))
         kept = asyncio.create_task(queue.submit([2], Params()))
-        while queue.stats().queued < 2:
-            await asyncio.sleep(0.001)
+        await wait_until_async(lambda: queue.stats().queued >= 2, timeout=5.0)
         gone.cancel()
-        while queue.stats().queued > 1:
-            await asyncio.sleep(0.001)
+        await wait_until_async(lambda: queue.stats().queued <= 1, timeout=5.0)
         gen.gate.set()
         return await kept
 

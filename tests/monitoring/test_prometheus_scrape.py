@@ -20,9 +20,11 @@ from typing import Any
 import httpx
 import pytest
 import yaml
-from conftest import API_KEY, LPOC_OBS, cart_fragment, free_port, running_server, training_schema
+from conftest import API_KEY, LPOC_OBS, cart_fragment, running_server, training_schema
+from support import wait_until
 
 from policy_server.gateway.app import build_app
+from policy_server.net import free_port
 from policy_server.settings import Settings
 
 ROOT = Path(__file__).parents[2]
@@ -76,15 +78,13 @@ def prometheus(ray_session: int, gateway_port: int, tmp_path: Path) -> Iterator[
 
 
 def wait_ready(prometheus: httpx.Client, log: Path) -> None:
-    deadline = time.monotonic() + 30
-    while True:
+    def ready() -> bool:
         try:
-            if prometheus.get("/-/ready").status_code == 200:
-                return
+            return prometheus.get("/-/ready").status_code == 200
         except httpx.TransportError:
-            pass
-        assert time.monotonic() < deadline, f"Prometheus did not start:\n{log.read_text()[-2000:]}"
-        time.sleep(0.2)
+            return False
+
+    wait_until(ready, 30, 0.2, lambda: f"Prometheus did not start:\n{log.read_text()[-2000:]}")
 
 
 def query(prometheus: httpx.Client, expr: str) -> list[dict[str, Any]]:
@@ -121,10 +121,8 @@ def dashboard_queries() -> dict[str, list[str]]:
 
 def poll(what: str, check: Callable[[], list[str]], deadline: float) -> None:
     """Wait until ``check`` returns no complaints (Ray exports its metrics every few seconds)."""
-    while complaints := check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} after {TIMEOUT_S}s:\n" + "\n".join(complaints))
-        time.sleep(0.5)
+    wait_until(lambda: not check(), max(0.0, deadline - time.monotonic()), 0.5,
+               lambda: f"{what} after {TIMEOUT_S}s:\n" + "\n".join(check()))
 
 
 def exercise(client: httpx.Client) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -10,6 +9,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from support import wait_until
 
 from policy_server.errors import InvalidRequest, NotFound, StaleSamples, TrainingNotRunning
 from policy_server.export import MLPPolicy, export_module
@@ -81,17 +81,9 @@ def steps(n: int, version: int = 0, client: str = "c1", reward: float = 1.0, epi
     )
 
 
-def wait_for(predicate: Any, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached")
-        time.sleep(0.01)
-
-
 def test_enough_samples_update_the_policy_and_publish_the_next_version(trainer: Trainer, published: Published) -> None:
     assert trainer.submit(steps(32))["accepted"] == 32
-    wait_for(lambda: trainer.status()["model_version"] == 1)
+    wait_until(lambda: trainer.status()["model_version"] == 1)
     assert published.versions == [1]
     status = trainer.status()
     assert status["updates"] == 1 and status["samples_accepted"] == 32 and "pg_loss" in status["last_update"]
@@ -99,9 +91,9 @@ def test_enough_samples_update_the_policy_and_publish_the_next_version(trainer: 
 
 def test_samples_older_than_the_allowed_delay_are_rejected_and_counted(trainer: Trainer) -> None:
     trainer.submit(steps(32))
-    wait_for(lambda: trainer.status()["model_version"] == 1)
+    wait_until(lambda: trainer.status()["model_version"] == 1)
     trainer.submit(steps(32, version=1))
-    wait_for(lambda: trainer.status()["model_version"] == 2)
+    wait_until(lambda: trainer.status()["model_version"] == 2)
     with pytest.raises(StaleSamples, match="older than 1"):  # PPO accepts one version of delay
         trainer.submit(steps(4, version=0))
     mixed = ExperienceBatch.concat([steps(3, version=0), steps(5, version=2)])
@@ -127,8 +119,8 @@ def test_a_paused_trainer_refuses_experience_but_still_counts_returns(trainer: T
 def test_checkpoints_every_n_updates_best_and_final(trainer: Trainer, tmp_path: Path) -> None:
     for version in range(2):
         trainer.submit(steps(32, version=version, reward=float(version + 1)))
-        wait_for(lambda v=version: trainer.status()["model_version"] == v + 1)
-    wait_for(lambda: trainer.status()["last_checkpoint"] is not None)
+        wait_until(lambda v=version: trainer.status()["model_version"] == v + 1)
+    wait_until(lambda: trainer.status()["last_checkpoint"] is not None)
     trainer.stop()
     names = {c["name"] for c in trainer.checkpoints()["checkpoints"]}
     assert {"update-00000002", "best", "final"} <= names
@@ -140,7 +132,7 @@ def test_resume_restores_weights_counters_and_continues_the_version(model_bytes:
     first = make_trainer(model_bytes, tmp_path, first_published)
     first.open()
     first.submit(steps(32))
-    wait_for(lambda: first.status()["model_version"] == 1)
+    wait_until(lambda: first.status()["model_version"] == 1)
     saved = first.save()
     weights = first.learner.actor_weights()
     first.close()
@@ -163,10 +155,10 @@ def test_resume_restores_weights_counters_and_continues_the_version(model_bytes:
 def test_a_failed_publication_is_reported_and_retried(trainer: Trainer, published: Published) -> None:
     published.fail = True
     trainer.submit(steps(32))
-    wait_for(lambda: trainer.status()["last_error"] is not None)
+    wait_until(lambda: trainer.status()["last_error"] is not None)
     assert "publishing version 1 failed" in trainer.status()["last_error"]
     published.fail = False
-    wait_for(lambda: published.versions == [1])
+    wait_until(lambda: published.versions == [1])
 
 
 def test_registration_answers_the_version_and_counts_active_clients(trainer: Trainer) -> None:
@@ -196,7 +188,7 @@ def test_a_non_finite_update_is_skipped_counted_and_never_published_or_saved(
     try:
         initial = t.learner.actor_weights()
         t.submit(steps(32, reward=reward))  # 3e38 is valid float32: only its sums overflow
-        wait_for(lambda: t.status()["skipped_updates"] == 1)
+        wait_until(lambda: t.status()["skipped_updates"] == 1)
         status = t.status()
         assert status["model_version"] == 0 and status["updates"] == 0 and published.versions == []
         assert status["last_error"].startswith("update skipped, model version 0 kept: non-finite")
@@ -208,7 +200,7 @@ def test_a_non_finite_update_is_skipped_counted_and_never_published_or_saved(
             assert all(torch.equal(v, torch.as_tensor(initial[k])) for k, v in saved.items())
 
         t.submit(steps(32, reward=1.0))
-        wait_for(lambda: t.status()["model_version"] == 1)
+        wait_until(lambda: t.status()["model_version"] == 1)
         assert published.versions == [1] and t.status()["updates"] == 1
         assert all(np.isfinite(w).all() for w in published.weights[0].values())
         assert any(not np.array_equal(published.weights[0][k], initial[k]) for k in initial)

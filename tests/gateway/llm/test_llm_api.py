@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -11,6 +10,7 @@ from typing import Any
 import pytest
 from conftest import API_KEY, CHAT_BODY, assert_422_naming, llm_schema, make_client, post_raw
 from fastapi.testclient import TestClient
+from support import wait_until
 
 AUTH = {"access-token": API_KEY}
 STEP, END = "<|eois_id|>", "<|eot_id|>"
@@ -87,10 +87,13 @@ def test_a_queued_forward_is_fetched_once_done(client: TestClient) -> None:
     created = client.post("/llm/forward", json={"question": "Sort these letters: c a b", "num_samples": 2})
     assert created.status_code == 201, created.text
     task_id = created.json()["task_id"]
-    deadline = time.monotonic() + 30
-    while (answer := client.get(f"/llm/forward/{task_id}")).status_code == 202:
-        assert answer.json()["status"] == "pending" and time.monotonic() < deadline
-        time.sleep(0.05)
+
+    def done() -> Any:
+        answer = client.get(f"/llm/forward/{task_id}")
+        assert answer.status_code != 202 or answer.json()["status"] == "pending"
+        return answer if answer.status_code != 202 else None
+
+    answer = wait_until(done, 30, message="the queued forward never finished")
     body = answer.json()
     assert answer.status_code == 200 and len(body["result"]) == 2 and len(body["is_final_step"]) == 2
     assert body["prompt"][0].endswith("assistant<|end_header_id|>\n\n") or "Sort these letters" in body["prompt"][0]

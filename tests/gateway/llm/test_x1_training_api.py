@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -12,6 +11,7 @@ import pytest
 import yaml
 from conftest import API_KEY
 from fastapi.testclient import TestClient
+from support import wait_until
 
 from policy_server.gateway.app import build_app
 from policy_server.settings import Settings
@@ -35,11 +35,11 @@ def client(llm_dirs: dict[str, Path], tmp_path: Path) -> Iterator[TestClient]:
 
 
 def wait_idle(client: TestClient, prefix: str) -> dict[str, Any]:
-    deadline = time.monotonic() + 120
-    while (status := client.get(f"{prefix}/").json())["training"]["running"]:
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
-    return status
+    def idle() -> dict[str, Any] | None:
+        status = client.get(f"{prefix}/").json()
+        return None if status["training"]["running"] else status
+
+    return wait_until(idle, 120, message="training still running")
 
 
 def test_the_policy_trains_with_ppo_and_serves_the_new_version(client: TestClient, tmp_path: Path) -> None:

@@ -4,7 +4,6 @@ in every answer, and the ``/collect_experience`` loop (in-process, local backend
 from __future__ import annotations
 
 import re
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,7 @@ from conftest import (
     training_schema,
 )
 from fastapi.testclient import TestClient
+from support import wait_until
 
 from policy_server.gateway.app import build_app
 from policy_server.settings import Settings
@@ -217,10 +217,12 @@ def pathmind_episode(client: TestClient, env: gym.Env, seed: int) -> tuple[int, 
 def test_a_pathmind_client_loop_on_cartpole_feeds_the_trainer(trainable: TestClient) -> None:
     env = gym.make("CartPole-v1")
     steps = [pathmind_episode(trainable, env, seed)[0] for seed in range(8)]
-    deadline = time.monotonic() + 20
-    while (status := trainable.get("/train/status").json())["updates"] < 1:  # 64 rows arrived
-        assert time.monotonic() < deadline, status
-        time.sleep(0.05)
+
+    def updated() -> dict[str, Any] | None:  # 64 rows arrived
+        status = trainable.get("/train/status").json()
+        return status if status["updates"] >= 1 else None
+
+    status = wait_until(updated, 20, message=lambda: str(trainable.get("/train/status").json()))
     assert status["samples_received"] == status["samples_accepted"] == sum(steps)
     assert status["episodes"] == 8 and status["recent_returns"] == [float(s) for s in steps]
     assert status["model_version"] >= 1 and status["samples_rejected"] == {"stale": 0, "malformed": 0}

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -14,6 +13,7 @@ import pytest
 import yaml
 from conftest import API_KEY, BIG_INT, cart_fragment, free_port, training_schema
 from fastapi.testclient import TestClient
+from support import wait_until
 
 from policy_server.fields import FLOAT32_LIMIT
 from policy_server.gateway.app import build_app
@@ -39,10 +39,7 @@ def send(client: TestClient, *fragments: dict[str, Any], client_id: str = "c1") 
 
 
 def wait_version(client: TestClient, version: int) -> None:
-    deadline = time.monotonic() + 20
-    while client.get("/train/status").json()["model_version"] < version:
-        assert time.monotonic() < deadline, "no update"
-        time.sleep(0.02)
+    wait_until(lambda: client.get("/train/status").json()["model_version"] >= version, 20, 0.02, "no update")
 
 
 def test_experience_trains_the_policy_and_predict_answers_the_new_version(client: TestClient) -> None:
@@ -273,10 +270,12 @@ def test_huge_finite_rewards_skip_the_update_and_predict_keeps_answering(
     obs = {"cart_position": 0.0, "cart_velocity": 0.0, "pole_angle": 0.01, "pole_angular_velocity": 0.0}
     before = client.post("/distribution", json=obs).json()
     assert send(client, cart_fragment(rewards=rewards)).status_code == 200
-    deadline = time.monotonic() + 20
-    while (status := client.get("/train/status").json())["skipped_updates"] < 1:
-        assert time.monotonic() < deadline, "the update was neither taken nor skipped"
-        time.sleep(0.02)
+
+    def skipped() -> dict[str, Any] | None:
+        status = client.get("/train/status").json()
+        return status if status["skipped_updates"] >= 1 else None
+
+    status = wait_until(skipped, 20, 0.02, "the update was neither taken nor skipped")
     assert status["model_version"] == 0 and status["updates"] == 0 and status["state"] == "running"
     assert "update skipped, model version 0 kept: non-finite" in status["last_error"]
     for _ in range(3):

@@ -1,4 +1,4 @@
-"""``DemoClient``: the HTTP calls the streamlit demo makes, and the server's errors as exceptions."""
+"""``DemoClient``: the gateway's HTTP API as the streamlit demo calls it, and its errors as exceptions."""
 
 from __future__ import annotations
 
@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 from typing import Any, Self
 
 import httpx
+
+from policy_server.client.http import error_envelope
 
 KEY_HEADER = "access-token"
 
@@ -32,12 +34,8 @@ class ServerError(DemoError):
 
     @classmethod
     def from_response(cls, response: httpx.Response) -> ServerError:
-        try:
-            error = response.json()["error"]
-            return cls(int(error["status"]), str(error["code"]), str(error["message"]), list(error.get("fields") or []))
-        except (ValueError, KeyError, TypeError):  # not our envelope (a proxy's page, say)
-            text = response.text.strip()[:300] or response.reason_phrase
-            return cls(response.status_code, "http_error", text)
+        """The envelope of an error answer (``http_error`` when it is not our envelope)."""
+        return cls(*error_envelope(response))
 
 
 def policy_path(policy: str, default_policy: str | None, endpoint: str) -> str:

@@ -1,0 +1,331 @@
+"""Acting: ``ActingClient`` chooses actions for one policy, remotely (``/predict``) or with the
+policy's downloaded model and weights, and the conversions between observations and JSON.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal, NamedTuple, Self
+
+import httpx
+import numpy as np
+
+from policy_server.client.http import HttpSession, PolicyClientError
+from policy_server.policies.codec import decode_weights
+from policy_server.policies.spaces import ActionSpace, BoxSpace, DiscreteSpace, TupleSpace
+from policy_server.policies.torch_policy import TorchPolicy, load_module
+
+Inference = Literal["remote", "local"]
+ActionValue = int | list[int] | list[float]
+Observation = Sequence[float] | np.ndarray | Mapping[str, Any]
+
+
+class ActResult(NamedTuple):
+    """One chosen action, the log-probability of choosing it, and the model version that chose it."""
+
+    action: ActionValue
+    log_prob: float | None
+    model_version: int
+
+
+@dataclass
+class ClientStats:
+    """What the client did so far (counters only grow)."""
+
+    steps_logged: int = 0
+    posts: int = 0
+    samples_accepted: int = 0
+    samples_rejected: int = 0
+    stale_posts: int = 0
+    """Posts answered 409 stale_samples: their steps are dropped and the weights refreshed."""
+    dropped_steps: int = 0
+    """Steps refused as a whole (stale, or training not running) and not sent again."""
+    not_running_waits: int = 0
+    retries: int = 0
+    weight_refreshes: int = 0
+
+
+class _LocalModel:
+    """The policy's model in this process: forward passes and the server's action-space maths."""
+
+    def __init__(self, policy: TorchPolicy, space: ActionSpace, fields: list[str]) -> None:
+        self.policy, self.space, self.fields = policy, space, fields
+
+    def heads(self, obs: Observation) -> list[np.ndarray]:
+        return self.policy.forward(_flat(obs, self.fields)[None]).heads
+
+
+class ActingClient:
+    """Actions from one policy (``policy=None``: the server's default policy); no training.
+
+    Nothing is sent until the first call. Use it as a context manager, or call ``close()``.
+    Not thread-safe: one client per thread or process. ``PolicyClient`` adds experience and
+    training control.
+    """
+
+    def __init__(
+        self,
+        base_url: str,
+        api_key: str | None = None,
+        policy: str | None = None,
+        inference: Inference = "local",
+        refresh_every: int = 128,
+        timeout: float = 10.0,
+        max_retries: int = 8,
+        backoff_base_s: float = 0.1,
+        backoff_cap_s: float = 5.0,
+        seed: int | None = None,
+    ) -> None:
+        """
+        Args:
+            base_url: the server, with the schema's ``url_path`` if it has one.
+            inference: ask the server for every action, or act here with downloaded weights.
+            refresh_every: local inference checks the server's weight version every this many acts.
+            max_retries: retries of a request after a connection error, 429 or 503.
+            backoff_base_s, backoff_cap_s: retry ``k`` waits about ``min(cap, base * 2**k)``.
+            seed: seed of local action sampling and of the retry jitter.
+        """
+        if inference not in ("remote", "local"):
+            raise ValueError(f"inference must be 'remote' or 'local', not {inference!r}")
+        self.inference = inference
+        self.policy = policy
+        self.prefix = f"/policies/{policy}" if policy else ""
+        self.refresh_every = refresh_every
+        self.stats = ClientStats()
+        self.algorithm: str | None = None
+        """"ppo" or "dqn" for a trained policy, "" for one that is only served; None: not asked yet."""
+        self.epsilon: float | None = None
+        self.server_version: int | None = None
+        self._http = HttpSession(base_url, api_key, timeout, max_retries, backoff_base_s, backoff_cap_s, seed,
+                                on_retry=self._count_retry)
+        self._rng = np.random.default_rng(seed)
+        self._local: _LocalModel | None = None
+        self._description: dict[str, Any] | None = None
+        self._acts_since_check = 0
+        self._last_act_version: int | None = None
+
+    # --- plumbing -------------------------------------------------------------------------
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def request(
+        self, method: str, path: str, json: Any = None, headers: dict[str, str] | None = None
+    ) -> httpx.Response:
+        """``HttpSession.request``: retries connection errors, 429 and 503; raises
+        PolicyClientError on any other error (a 304 is returned)."""
+        return self._http.request(method, path, json=json, headers=headers)
+
+    def _count_retry(self) -> None:
+        self.stats.retries += 1
+
+    def _get(self, path: str) -> dict[str, Any]:
+        return self.request("GET", self.prefix + path).json()
+
+    def _post(self, path: str, json: Any = None) -> dict[str, Any]:
+        return self.request("POST", self.prefix + path, json=json).json()
+
+    def _maybe_heartbeat(self) -> None:
+        """Nothing: only a client that sends experience has a trainer to tell it is alive."""
+
+    # --- acting ---------------------------------------------------------------------------
+
+    def act(self, obs: Observation) -> ActResult:
+        """Choose an action for one observation: a flat vector or the schema's observation object.
+
+        A DQN policy acts epsilon-greedily (the server's epsilon); others sample from the policy.
+        """
+        if self.algorithm is None:
+            self.algorithm = (self.describe().get("training") or {}).get("algorithm", "")
+        if self.inference == "local":
+            result = self._act_local(obs)
+        elif self.algorithm == "dqn":
+            answer = self._predict(obs, "predict_deterministic")
+            result = self._epsilon_greedy(answer["action"], answer["model_version"])
+        else:
+            answer = self._predict(obs, "predict")
+            result = ActResult(answer["action"], answer["log_prob"], answer["model_version"])
+        self._last_act_version = result.model_version
+        self._maybe_heartbeat()
+        return result
+
+    def _predict(self, obs: Observation, endpoint: str) -> dict[str, Any]:
+        if isinstance(obs, Mapping):
+            return self._post(f"/{endpoint}", wire_obs(obs))
+        if endpoint == "predict":
+            return self._post("/predict_raw", {"obs": wire_obs(obs)})
+        # no raw form of the deterministic endpoint: the batch form takes flat vectors
+        answer = self._post(f"/{endpoint}/batch", {"observations": [self._as_object(obs)]})
+        return answer["results"][0] | {"model_version": answer["model_version"]}
+
+    def _as_object(self, obs: Observation) -> dict[str, Any]:
+        """A flat vector as the schema's observation object (remote DQN on a raw vector)."""
+        flat, out, i = wire_obs(obs), {}, 0
+        for name, (kind, width) in self.describe()["fields"].items():
+            cast = {"int": int, "bool": bool}.get(kind.removeprefix("List[").removesuffix("]"), float)
+            out[name] = cast(flat[i]) if width is None else [cast(v) for v in flat[i : i + width]]
+            i += width or 1
+        return out
+
+    def _act_local(self, obs: Observation) -> ActResult:
+        if self._local is None:
+            self.load_model()
+        elif self._acts_since_check >= self.refresh_every:
+            self.refresh()
+        self._acts_since_check += 1
+        local = self._local
+        assert local is not None
+        heads = local.heads(obs)
+        if self.algorithm == "dqn":
+            return self._epsilon_greedy(local.space.mode(heads)[0].action, local.policy.version)
+        sample = local.space.sample(heads, self._rng)[0]
+        return ActResult(sample.action, sample.log_prob, local.policy.version)
+
+    def _epsilon_greedy(self, greedy: ActionValue, version: int) -> ActResult:
+        """With probability epsilon a uniformly random action, else the greedy one; the log-prob
+        is that of the behaviour policy: ``eps / |A| + (1 - eps) [a = greedy]``."""
+        eps = self.epsilon or 0.0
+        sizes = self._action_sizes()
+        action: ActionValue = greedy
+        if self._rng.random() < eps:
+            drawn = [int(self._rng.integers(n)) for n in sizes]
+            action = drawn[0] if isinstance(greedy, int) else drawn
+        p = eps / float(np.prod(sizes)) + (1 - eps) * (action == greedy)
+        return ActResult(action, float(np.log(p)), version)
+
+    def _action_sizes(self) -> list[int]:
+        space = self.describe()["action_space"]
+        if space["type"] == "discrete":
+            return [int(space["n"])]
+        if space["type"] == "tuple":
+            return [int(n) for n in space["nvec"]]
+        raise PolicyClientError(None, "unsupported", "epsilon-greedy needs a discrete or tuple action space")
+
+    # --- the policy and its weights -------------------------------------------------------
+
+    def describe(self) -> dict[str, Any]:
+        """The policy as the server resolved it: ``obs_dim``, ``action_space`` (sizes from the
+        model), ``observations`` (field names in input order), ``fields`` (name → (type,
+        columns), columns None for a scalar) and ``training`` (the schema's section, or None)."""
+        if self._description is None:
+            status = self.request("GET", "/").json()
+            name = self.policy or status["default_policy"]
+            described = dict(status["policies"][name])
+            schema = self.request("GET", "/schema").json()["policies"][name]
+            described["fields"] = _fields(schema.get("observations") or {}, described["obs_dim"])
+            described["training"] = schema.get("training")
+            self._description = described
+        return self._description
+
+    def load_model(self) -> None:
+        """Download the model and its current weights (local inference)."""
+        response = self.request("GET", self.prefix + "/model")
+        fmt = response.headers.get("X-Model-Format", "export")
+        if fmt not in ("export", "torchscript"):
+            raise PolicyClientError(None, "unsupported", f"unknown model format {fmt!r} from the server")
+        description = self.describe()
+        policy = TorchPolicy(load_module(response.content, fmt), version=-1)  # type: ignore[arg-type]
+        fields = description["observations"] if description.get("observations") else []
+        self._local = _LocalModel(policy, _space(description["action_space"]), fields)
+        self.refresh()
+
+    def refresh(self) -> bool:
+        """Fetch the server's weights if its version differs from the local one; True if it did."""
+        if self._local is None:
+            self.load_model()
+            return True
+        self._acts_since_check = 0
+        policy = self._local.policy
+        headers = {"If-None-Match": f'"{policy.version}"'} if policy.version >= 0 else None
+        response = self.request("GET", self.prefix + "/weights", headers=headers)
+        if response.status_code == 304:
+            return False
+        body = response.json()
+        policy.set_weights(decode_weights(body["weights"]), int(body["model_version"]))
+        self.server_version = max(self.server_version or 0, policy.version)
+        self.stats.weight_refreshes += 1
+        return True
+
+    @property
+    def local_version(self) -> int | None:
+        """The version of the local weights (local inference), None before the first download."""
+        return None if self._local is None else self._local.policy.version
+
+    def version(self) -> int:
+        """The version of the weights the server serves now."""
+        return int(self._get("/version")["model_version"])
+
+
+# --- conversions ------------------------------------------------------------------------------
+
+
+def plain(value: Any) -> Any:
+    """numpy scalars and arrays → JSON values."""
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, (list, tuple)):
+        return [plain(v) for v in value]
+    return value
+
+
+def wire_obs(obs: Observation) -> Any:
+    """An observation as JSON: an object stays an object, anything else a flat float list."""
+    if isinstance(obs, Mapping):
+        return {str(k): plain(v) for k, v in obs.items()}
+    return np.asarray(obs, dtype=np.float64).ravel().tolist()
+
+
+def wire_action(action: Any) -> ActionValue:
+    """An action (numpy or plain) as JSON: an int or a list."""
+    value = plain(action)
+    return value if isinstance(value, (int, list)) else int(value)
+
+
+def _flat(obs: Observation, fields: list[str]) -> np.ndarray:
+    """An observation as the model's input row, float32; objects in schema field order."""
+    if not isinstance(obs, Mapping):
+        return np.asarray(obs, dtype=np.float32).ravel()
+    values: list[float] = []
+    for name in fields:
+        value = obs[name]
+        values.extend(np.asarray(value, dtype=np.float32).ravel().tolist())
+    return np.asarray(values, dtype=np.float32)
+
+
+def _fields(observations: Mapping[str, Mapping[str, Any]], obs_dim: int) -> dict[str, tuple[str, int | None]]:
+    """Type and columns of each observation field (None: a scalar); one open list takes the rest."""
+    fields: dict[str, tuple[str, int | None]] = {}
+    for name, spec in observations.items():
+        kind = str(spec["type"])
+        fixed = spec.get("min_items") if spec.get("min_items") == spec.get("max_items") else None
+        fields[name] = (kind, (fixed if fixed is not None else -1) if kind.startswith("List") else None)
+    for name, (kind, width) in fields.items():
+        if width == -1:
+            taken = sum(w or 1 for n, (_, w) in fields.items() if n != name)
+            fields[name] = (kind, obs_dim - taken)
+    return fields
+
+
+def _space(description: Mapping[str, Any]) -> ActionSpace:
+    """The action space from its resolved description (``GET /``: sizes are the model's)."""
+    kind = description["type"]
+    if kind == "discrete":
+        return DiscreteSpace(int(description["n"]), description.get("names"))
+    if kind == "tuple":
+        return TupleSpace([int(n) for n in description["nvec"]], description.get("names"))
+    dim = int(np.prod(description["shape"]))
+    return BoxSpace(dim, _bounds(description["low"], -np.inf), _bounds(description["high"], np.inf))
+
+
+def _bounds(values: list[float | None], unbounded: float) -> np.ndarray:
+    """Bounds as ``GET /`` writes them (None where infinite) → a float array."""
+    return np.array([unbounded if v is None else v for v in values], dtype=np.float64)

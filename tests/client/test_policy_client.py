@@ -1,0 +1,78 @@
+"""``PolicyClient``'s experience and training calls against a real server that trains (uvicorn in
+front of the local backend): fragments of consecutive steps, and the 409 answers of training."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import gymnasium as gym
+import httpx
+import pytest
+from client_support import AUTH, steps_of, trainable_server
+from conftest import API_KEY
+from support import wait_until
+
+from policy_server.client import PolicyClient, PolicyClientError, run_env
+
+
+@pytest.fixture()
+def trainable(tmp_path: Path) -> Iterator[tuple[str, Any]]:
+    """A CartPole policy that the server trains with PPO (64 samples per update)."""
+    with trainable_server(tmp_path) as server:
+        yield server
+
+
+def test_experience_is_posted_in_fragments_of_consecutive_steps(trainable: tuple[str, Any]) -> None:
+    url, _ = trainable
+    env = gym.make("CartPole-v1")
+    with PolicyClient(url, API_KEY, inference="remote", fragment_steps=16, client_id="frag-1") as client:
+        stats = run_env(client, env, max_steps=40, seed=0)
+        status = client.status()
+    env.close()
+    assert stats.steps == 40 and client.stats.posts == 3  # 16 + 16 + the final flush of 8
+    assert client.stats.samples_accepted == 40 and client.pending_steps == 0
+    assert status["samples_received"] == 40 and status["clients"]["frag-1"]["samples"] == 40
+    # the server found the episode ends where the client did: the fragments' flags were right
+    assert status["episodes"] == stats.episodes >= 1
+    assert status["recent_returns"] == pytest.approx(stats.returns)
+
+
+def test_stale_experience_is_dropped_and_the_weights_refreshed(trainable: tuple[str, Any]) -> None:
+    url, _ = trainable
+    env = gym.make("CartPole-v1")
+    with PolicyClient(url, API_KEY, inference="local", fragment_steps=64) as client:
+        run_env(client, env, stop=lambda: (client.server_version or 0) >= 2, seed=0)
+        wait_until(lambda: client.version() >= 2, 60, message="the server did not reach version 2")
+        steps_of(env, client, 10, seed=5, version=0)  # acted by version 0: older than 1 behind
+        assert client.flush() is None
+        assert client.stats.stale_posts == 1 and client.stats.dropped_steps == 10
+        assert client.local_version == client.version()
+    env.close()
+
+
+def test_experience_waits_while_training_is_paused(trainable: tuple[str, Any]) -> None:
+    url, _ = trainable
+    env = gym.make("CartPole-v1")
+    with PolicyClient(url, API_KEY, inference="remote", wait_for_training_s=0.3) as client:
+        client.act([0.0] * 4)
+        assert client.pause()["state"] == "paused"
+        steps_of(env, client, 5, seed=0)
+        with pytest.raises(PolicyClientError) as caught:
+            client.flush()
+        assert caught.value.status == 409 and caught.value.code == "training_not_running"
+        assert client.stats.not_running_waits == 1 and client.stats.dropped_steps == 5
+
+        client.wait_for_training_s = 30
+        threading.Timer(0.5, lambda: httpx.post(f"{url}/train/start", headers=AUTH)).start()
+        steps_of(env, client, 5, seed=1)
+        start = time.monotonic()
+        assert client.flush() is None  # dropped, then waited until training ran again
+        assert time.monotonic() - start >= 0.4 and client.training_state == "running"
+        assert client.stats.not_running_waits == 2 and client.stats.dropped_steps == 10
+        steps_of(env, client, 5, seed=2)
+        assert client.flush()["accepted"] == 5
+    env.close()

@@ -1,0 +1,42 @@
+"""Helpers the tests share that are not fixtures (those live in conftest.py): ``from support import ...``."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from typing import TypeVar
+
+T = TypeVar("T")
+Message = str | Callable[[], str]
+
+
+def wait_until(predicate: Callable[[], T], timeout: float = 30.0, interval: float = 0.05,
+               message: Message = "condition not met") -> T:
+    """Call ``predicate`` every ``interval`` seconds until it returns something truthy; return that.
+
+    Fails the test (AssertionError) after ``timeout`` seconds with ``message``, or with what
+    ``message()`` returns then (a log's tail, the last status). ``predicate`` may itself raise
+    to fail at once (a server process that exited, say).
+    """
+    deadline = time.monotonic() + timeout
+    while not (result := predicate()):
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"{_text(message)} (waited {timeout:g} s)")
+        time.sleep(interval)
+    return result
+
+
+async def wait_until_async(predicate: Callable[[], T], timeout: float = 30.0, interval: float = 0.001,
+                           message: Message = "condition not met") -> T:
+    """``wait_until`` inside an event loop: sleeps with ``asyncio.sleep`` so other tasks run."""
+    deadline = time.monotonic() + timeout
+    while not (result := predicate()):
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"{_text(message)} (waited {timeout:g} s)")
+        await asyncio.sleep(interval)
+    return result
+
+
+def _text(message: Message) -> str:
+    return message() if callable(message) else message
