@@ -202,7 +202,7 @@ def llm_tab(client: DemoClient, llm: dict[str, Any], status: dict[str, Any]) -> 
         for choice in answer["choices"]:
             st.markdown(f"**Sample {choice['index'] + 1}** (finish: {choice['finish_reason']})")
             st.code(choice["message"]["content"] or "(empty)", language=None, wrap_lines=True)
-            frame = charts.token_logprob_frame(choice)
+            frame = charts.token_log_prob_frame(choice)
             st.bar_chart(frame, x="label", y="logprob", sort=False, x_label="token", height=220)
             with st.expander("Per-token logprobs"):
                 st.dataframe(frame.drop(columns="label"), hide_index=True)

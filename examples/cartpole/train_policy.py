@@ -159,7 +159,7 @@ def train(args: Args) -> TrainResult:
 
     obs = torch.zeros((args.num_steps, args.num_envs, obs_dim))
     actions = torch.zeros((args.num_steps, args.num_envs), dtype=torch.long)
-    logprobs = torch.zeros((args.num_steps, args.num_envs))
+    log_probs = torch.zeros((args.num_steps, args.num_envs))
     rewards = torch.zeros((args.num_steps, args.num_envs))
     dones = torch.zeros((args.num_steps, args.num_envs))
     values = torch.zeros((args.num_steps, args.num_envs))
@@ -179,7 +179,7 @@ def train(args: Args) -> TrainResult:
                 dist = Categorical(logits=actor(next_obs))
                 action = dist.sample()
                 values[step] = critic(next_obs).flatten()
-            actions[step], logprobs[step] = action, dist.log_prob(action)
+            actions[step], log_probs[step] = action, dist.log_prob(action)
             next_obs_np, reward, terminated, truncated, info = envs.step(action.numpy())
             rewards[step] = torch.as_tensor(reward, dtype=torch.float32)
             next_obs = torch.as_tensor(next_obs_np, dtype=torch.float32)
@@ -208,7 +208,7 @@ def train(args: Args) -> TrainResult:
             returns = advantages + values
 
         b_obs, b_actions = obs.reshape(-1, obs_dim), actions.reshape(-1)
-        b_logprobs, b_advantages = logprobs.reshape(-1), advantages.reshape(-1)
+        b_log_probs, b_advantages = log_probs.reshape(-1), advantages.reshape(-1)
         b_returns = returns.reshape(-1)
 
         # --- PPO update: clipped surrogate + value loss - entropy bonus -------------------
@@ -218,9 +218,9 @@ def train(args: Args) -> TrainResult:
             for begin in range(0, batch_size, minibatch_size):
                 mb = b_inds[begin : begin + minibatch_size]
                 dist = Categorical(logits=actor(b_obs[mb]))
-                newlogprob, entropy = dist.log_prob(b_actions[mb]), dist.entropy()
+                new_log_prob, entropy = dist.log_prob(b_actions[mb]), dist.entropy()
                 newvalue = critic(b_obs[mb]).flatten()
-                ratio = (newlogprob - b_logprobs[mb]).exp()
+                ratio = (new_log_prob - b_log_probs[mb]).exp()
 
                 mb_advantages = b_advantages[mb]
                 mb_advantages = (mb_advantages - mb_advantages.mean()) / (mb_advantages.std() + 1e-8)

@@ -53,7 +53,7 @@ def distribution_frame(distribution: dict[str, Any]) -> pd.DataFrame:
     raise ValueError(f"not a distribution answer: {sorted(distribution)}")
 
 
-def token_logprob_frame(choice: dict[str, Any]) -> pd.DataFrame:
+def token_log_prob_frame(choice: dict[str, Any]) -> pd.DataFrame:
     """One chat completion choice's per-token logprobs: ``position``, ``token``, ``logprob``,
     ``probability``, and ``label`` (position and token, unique and in order, for a chart axis)."""
     content = (choice.get("logprobs") or {}).get("content") or []

@@ -120,9 +120,9 @@ class BoxSpace(ActionSpace):
         self.dim, self.low, self.high = dim, low, high
 
     def _answer(self, raw: np.ndarray, mean: np.ndarray, log_std: np.ndarray) -> list[ActionSample]:
-        logp = D.gaussian_log_prob(raw, mean, log_std).tolist()
+        log_probs = D.gaussian_log_prob(raw, mean, log_std).tolist()
         clipped = np.clip(raw, self.low, self.high).tolist()
-        return [ActionSample(action=a, log_prob=lp, probability=None) for a, lp in zip(clipped, logp)]
+        return [ActionSample(action=a, log_prob=lp, probability=None) for a, lp in zip(clipped, log_probs)]
 
     def sample(self, heads, rng):
         mean, log_std = heads

@@ -30,8 +30,8 @@ def categorical_log_prob(logits: torch.Tensor, actions: torch.Tensor) -> torch.T
 def categorical_entropy(logits: torch.Tensor) -> torch.Tensor:
     """``(B, n)`` logits → ``(B,)`` entropy ``-sum p log p``."""
     # a -inf logit (a masked action) would give 0 * -inf = nan; torch's Categorical clamps too
-    logp = torch.log_softmax(logits, dim=-1).clamp(min=torch.finfo(logits.dtype).min)
-    return -(logp.exp() * logp).sum(-1)
+    log_probs = torch.log_softmax(logits, dim=-1).clamp(min=torch.finfo(logits.dtype).min)
+    return -(log_probs.exp() * log_probs).sum(-1)
 
 
 def gaussian_log_prob(x: torch.Tensor, mean: torch.Tensor, log_std: torch.Tensor) -> torch.Tensor:

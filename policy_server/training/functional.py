@@ -44,7 +44,7 @@ def normalize(x: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
 
 
 def ppo_clip_loss(
-    new_logprob: torch.Tensor, old_logprob: torch.Tensor, advantages: torch.Tensor, clip_coef: float
+    new_log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages: torch.Tensor, clip_coef: float
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """PPO's clipped surrogate (Schulman et al. 2017), to minimise, over ``(B,)`` samples.
 
@@ -52,13 +52,13 @@ def ppo_clip_loss(
     1+eps)))`` with ``r = exp(new - old)``; the KL estimate ``mean((r - 1) - log r)``; the share
     of samples whose ratio was clipped. The last two carry no gradient.
     """
-    logratio = new_logprob - old_logprob
-    ratio = logratio.exp()
+    log_ratio = new_log_prob - old_log_prob
+    ratio = log_ratio.exp()
     pg_loss1 = -advantages * ratio
     pg_loss2 = -advantages * torch.clamp(ratio, 1.0 - clip_coef, 1.0 + clip_coef)
     pg_loss = torch.max(pg_loss1, pg_loss2).mean()
     with torch.no_grad():
-        approx_kl = ((ratio - 1.0) - logratio).mean()
+        approx_kl = ((ratio - 1.0) - log_ratio).mean()
         clipfrac = ((ratio - 1.0).abs() > clip_coef).float().mean()
     return pg_loss, approx_kl, clipfrac
 

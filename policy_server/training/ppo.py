@@ -75,7 +75,7 @@ def batch_tensors(batch: ExperienceBatch, device: str) -> dict[str, torch.Tensor
         "next_obs": batch.next_obs,
         "actions": batch.actions,
         "rewards": batch.rewards,
-        "logprobs": batch.log_probs,
+        "log_probs": batch.log_probs,
         "terminated": batch.terminated.astype(np.float32),
         "ends": (batch.episode_end | batch.segment_end).astype(np.float32),
     }
@@ -124,7 +124,7 @@ class PPOLearner(Learner):
         learning_rate = self._anneal_lr(samples_before=self.samples - len(batch))
         with rollback(self.optimizer):
             b = self._rollout(batch)
-            check("data", ((k, b[k]) for k in ("advantages", "returns", "logprobs")), "the rollout")
+            check("data", ((k, b[k]) for k in ("advantages", "returns", "log_probs")), "the rollout")
             stats = self._optimise(b)
         self.updates += 1
         return {
@@ -149,7 +149,7 @@ class PPOLearner(Learner):
         with torch.no_grad():
             values = self.critic(t["obs"]).flatten()
             next_values = self.critic(t["next_obs"]).flatten()
-            current_logprob, _ = log_prob_entropy(self.space, as_heads(self.actor(t["obs"])), t["actions"])
+            current_log_prob, _ = log_prob_entropy(self.space, as_heads(self.actor(t["obs"])), t["actions"])
         # the rows arrive as one sequence: a (N, 1) rollout whose fragments end at `ends`
         advantages, returns = gae(
             t["rewards"][:, None], values[:, None], next_values[:, None], t["terminated"][:, None],
@@ -159,7 +159,7 @@ class PPOLearner(Learner):
             "obs": t["obs"],
             "actions": t["actions"],
             # the acting model's log-probs where the client sent them, else the current model's
-            "logprobs": torch.where(torch.isnan(t["logprobs"]), current_logprob, t["logprobs"]),
+            "log_probs": torch.where(torch.isnan(t["log_probs"]), current_log_prob, t["log_probs"]),
             "advantages": advantages[:, 0],
             "returns": returns[:, 0],
             "values": values,
@@ -185,10 +185,10 @@ class PPOLearner(Learner):
 
     def _step(self, mb: dict[str, torch.Tensor], where: str) -> dict[str, float]:
         c = self.config
-        newlogprob, entropy = log_prob_entropy(self.space, as_heads(self.actor(mb["obs"])), mb["actions"])
+        new_log_prob, entropy = log_prob_entropy(self.space, as_heads(self.actor(mb["obs"])), mb["actions"])
         newvalue = self.critic(mb["obs"]).flatten()
         mb_advantages = normalize(mb["advantages"]) if c.norm_adv else mb["advantages"]
-        pg_loss, approx_kl, clipfrac = ppo_clip_loss(newlogprob, mb["logprobs"], mb_advantages, c.clip_coef)
+        pg_loss, approx_kl, clipfrac = ppo_clip_loss(new_log_prob, mb["log_probs"], mb_advantages, c.clip_coef)
         v_loss = value_loss(newvalue, mb["values"], mb["returns"], c.clip_coef if c.clip_vloss else None)
         entropy_loss = entropy.mean()
         loss = pg_loss - c.ent_coef * entropy_loss + c.vf_coef * v_loss

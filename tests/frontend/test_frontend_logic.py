@@ -91,12 +91,12 @@ def test_distribution_frames_of_each_action_space() -> None:
         charts.distribution_frame({"model_version": 0})
 
 
-def test_token_logprob_frame_keeps_order_and_repeated_tokens_apart() -> None:
+def test_token_log_prob_frame_keeps_order_and_repeated_tokens_apart() -> None:
     choice = {"logprobs": {"content": [{"token": " 7", "logprob": 0.0}, {"token": " 7", "logprob": math.log(0.5)}]}}
-    frame = charts.token_logprob_frame(choice)
+    frame = charts.token_log_prob_frame(choice)
     assert frame["label"].tolist() == ["000 ' 7'", "001 ' 7'"]
     assert frame["probability"].tolist() == pytest.approx([1.0, 0.5])
-    assert charts.token_logprob_frame({"logprobs": None}).empty
+    assert charts.token_log_prob_frame({"logprobs": None}).empty
 
 
 def status(version: int, returns: list[float]) -> dict[str, object]:
