@@ -20,9 +20,9 @@ from pathlib import Path
 from typing import Any
 
 from policy_server.llm.batching import GenerationQueue
-from policy_server.llm.config import LLMPolicySpec, LLMValueSpec
 from policy_server.llm.generation import GenerationParams, Generator, Sample
 from policy_server.llm.models import load_policy, load_value, score_messages
+from policy_server.schema.llm import LLMPolicySpec, LLMValueSpec
 
 Folder = dict[str, bytes]
 

@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
-from policy_server.llm.config import END_TOKEN, STEP_TOKEN
+from policy_server.schema.llm import END_TOKEN, STEP_TOKEN
 
 Dtype = Literal["float32", "bfloat16", "float16"]
 Position = Literal["last"] | int

@@ -18,9 +18,9 @@ from typing import Any, Literal
 import torch
 
 from policy_server.errors import Forbidden, InvalidRequest, summary
-from policy_server.llm.config import LLMTrainingSpec
 from policy_server.llm.datasets import load_dataset_file, parse_samples, save_samples, subset
 from policy_server.llm.x1_training import LoraSettings, TrainingRun, X1TrainingConfig, is_peft
+from policy_server.schema.llm import LLMTrainingSpec
 from policy_server.training.guard import check
 
 log = logging.getLogger(__name__)

@@ -10,12 +10,12 @@ from typing import Any
 from ray import serve
 from ray.serve import Application
 
-from policy_server.llm.config import LLMPolicySpec, LLMValueSpec
 from policy_server.llm.engine import Folder, LLMEngine, ValueScorer, resolve_device, unpack_folder
 from policy_server.llm.generation import GenerationParams, Sample
 from policy_server.llm.grpo_runs import GRPORuns
 from policy_server.llm.state import LLMState
 from policy_server.llm.x1_trainer import X1Trainer
+from policy_server.schema.llm import LLMPolicySpec, LLMValueSpec
 from policy_server.serving.llm_metrics import GRPOMetrics, LLMServingMetrics
 
 

@@ -11,9 +11,9 @@ import ray
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from policy_server.llm.config import LLMPolicySpec, LLMValueSpec
 from policy_server.policies.torch_policy import model_format
 from policy_server.schema.config import PolicySpec
+from policy_server.schema.llm import LLMPolicySpec, LLMValueSpec
 from policy_server.serving.backend import DirectBackend, PolicyBackend, ServeBackend
 from policy_server.serving.deployment import build_deployment, deployment_name
 from policy_server.settings import Settings

@@ -16,7 +16,7 @@ from ray import serve
 from ray.util import metrics as ray_metrics
 
 from policy_server.policies.torch_policy import ModelFormat, load_module
-from policy_server.training.config import TrainingSpec
+from policy_server.schema.training import TrainingSpec
 from policy_server.training.guard import Reason
 from policy_server.training.trainer import Trainer, TrainerMetrics, build_trainer
 

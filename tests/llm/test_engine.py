@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from policy_server.llm.config import LLMPolicySpec
 from policy_server.llm.engine import BatchReport, LLMEngine, pack_folder, unpack_folder
 from policy_server.llm.generation import GenerationParams
+from policy_server.schema.llm import LLMPolicySpec
 
 
 @pytest.fixture(scope="module")
