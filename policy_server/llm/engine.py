@@ -58,14 +58,6 @@ def unpack_folder(files: Folder, dest: Path) -> Path:
     return dest
 
 
-def resolve_device(device: str) -> str:
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
-
-
 def _copy_into(module: Any, weights: dict[str, Any]) -> None:
     """Copy ``weights`` into ``module``'s parameters of those names; check all before changing any.
 
@@ -99,7 +91,7 @@ class LLMEngine:
         self.spec = spec
         self.on_batch = on_batch
         self.lm = load_policy(
-            folder, adapter, spec.dtype, resolve_device(device), step_token=spec.step_token, end_token=spec.end_token
+            folder, adapter, spec.dtype, device, step_token=spec.step_token, end_token=spec.end_token
         )
         self.generator = Generator(self.lm)
         self._weights_lock = threading.Lock()  # a batch never sees two versions of the weights
@@ -155,7 +147,7 @@ class ValueScorer:
 
     def __init__(self, spec: LLMValueSpec, folder: Path, adapter: Path | None, device: str) -> None:
         self.spec = spec
-        self.value = load_value(folder, adapter, spec.dtype, resolve_device(device), position=spec.position)
+        self.value = load_value(folder, adapter, spec.dtype, device, position=spec.position)
         self.version = 0
         self._lock = threading.Lock()
 

@@ -10,7 +10,7 @@ from typing import Any
 from ray import serve
 from ray.serve import Application
 
-from policy_server.llm.engine import Folder, LLMEngine, ValueScorer, resolve_device, unpack_folder
+from policy_server.llm.engine import Folder, LLMEngine, ValueScorer, unpack_folder
 from policy_server.llm.generation import GenerationParams, Sample
 from policy_server.llm.grpo_runs import GRPORuns
 from policy_server.llm.state import LLMState
@@ -124,7 +124,7 @@ class GRPODeployment:
         base = Path(tempfile.mkdtemp(prefix="policy-server-grpo-"))
         folder = unpack_folder(model, base / "model")
         lora = unpack_folder(adapter, base / "adapter") if adapter is not None else None
-        self.runs = GRPORuns(folder, lora, Path(root), spec.dtype, resolve_device(device))
+        self.runs = GRPORuns(folder, lora, Path(root), spec.dtype, device)
         self.metrics = GRPOMetrics(spec.model_id, serve.get_replica_context().app_name)
 
     async def call(self, method: str, *args: Any) -> Any:
@@ -159,7 +159,7 @@ class X1TrainingDeployment:
         def publish(weights: dict[str, Any], version: int) -> None:
             serving.broadcast("set_weights", weights, version).results(timeout_s=300)
 
-        self.trainer = X1Trainer(kind, load_for(kind, spec, folder, lora, resolve_device(device)), spec.training, publish)  # type: ignore[arg-type]
+        self.trainer = X1Trainer(kind, load_for(kind, spec, folder, lora, device), spec.training, publish)  # type: ignore[arg-type]
 
     async def call(self, method: str, *args: Any) -> Any:
         if method not in X1_API:
