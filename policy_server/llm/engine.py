@@ -4,15 +4,14 @@
 requests into one generate call; ``ValueScorer`` owns a value model. A Serve deployment (or the
 gateway's local backend) holds one of each; neither knows about Ray or HTTP.
 
-Model folders travel as bytes (``pack_folder`` / ``unpack_folder``), so a replica on another
-node needs no shared file system.
+Model folders travel as bytes (``policy_server.llm.folders``), so a replica on another node
+needs no shared file system.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
-import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -20,12 +19,10 @@ from pathlib import Path
 from typing import Any
 
 from policy_server.llm.batching import GenerationQueue
+from policy_server.llm.folders import Folder, unpack_model
 from policy_server.llm.generation import GenerationParams, Generator, Sample
 from policy_server.llm.models import load_policy, load_value, score_messages
 from policy_server.schema.llm import LLMPolicySpec, LLMValueSpec
-
-Folder = dict[str, bytes]
-
 
 @dataclasses.dataclass(frozen=True)
 class BatchReport:
@@ -41,21 +38,6 @@ class BatchReport:
 
 
 BatchObserver = Callable[[BatchReport], None]
-
-
-def pack_folder(path: Path) -> Folder:
-    """Every file under ``path``, by its relative path."""
-    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
-
-
-def unpack_folder(files: Folder, dest: Path) -> Path:
-    for name, data in files.items():
-        target = (dest / name).resolve()
-        if dest.resolve() not in target.parents:
-            raise ValueError(f"refusing to write {name!r} outside {dest}")
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_bytes(data)
-    return dest
 
 
 def _copy_into(module: Any, weights: dict[str, Any]) -> None:
@@ -109,9 +91,7 @@ class LLMEngine:
         cls, spec: LLMPolicySpec, model: Folder, adapter: Folder | None, device: str,
         on_batch: BatchObserver | None = None,
     ) -> LLMEngine:
-        root = Path(tempfile.mkdtemp(prefix="policy-server-llm-"))
-        folder = unpack_folder(model, root / "model")
-        lora = unpack_folder(adapter, root / "adapter") if adapter is not None else None
+        folder, lora = unpack_model(model, adapter, "policy-server-llm-")
         return cls(spec, folder, lora, device, on_batch)
 
     def _generate(self, prompts: list[list[int]], params: GenerationParams) -> list[list[Sample]]:
@@ -153,9 +133,7 @@ class ValueScorer:
 
     @classmethod
     def from_files(cls, spec: LLMValueSpec, model: Folder, adapter: Folder | None, device: str) -> ValueScorer:
-        root = Path(tempfile.mkdtemp(prefix="policy-server-value-"))
-        folder = unpack_folder(model, root / "model")
-        lora = unpack_folder(adapter, root / "adapter") if adapter is not None else None
+        folder, lora = unpack_model(model, adapter, "policy-server-value-")
         return cls(spec, folder, lora, device)
 
     def set_weights(self, weights: dict[str, Any], version: int) -> int:

@@ -10,7 +10,8 @@ from typing import Any
 from ray import serve
 from ray.serve import Application
 
-from policy_server.llm.engine import Folder, LLMEngine, ValueScorer, unpack_folder
+from policy_server.llm.engine import LLMEngine, ValueScorer
+from policy_server.llm.folders import Folder, unpack_folder, unpack_model
 from policy_server.llm.generation import GenerationParams, Sample
 from policy_server.llm.grpo_runs import GRPORuns
 from policy_server.llm.state import LLMState
@@ -121,9 +122,7 @@ class GRPODeployment:
 
     def __init__(self, spec: LLMPolicySpec, model: Folder, adapter: Folder | None, root: str, device: str) -> None:
         _limit_threads(spec.training.num_cpus if spec.training else 1)
-        base = Path(tempfile.mkdtemp(prefix="policy-server-grpo-"))
-        folder = unpack_folder(model, base / "model")
-        lora = unpack_folder(adapter, base / "adapter") if adapter is not None else None
+        folder, lora = unpack_model(model, adapter, "policy-server-grpo-")
         self.runs = GRPORuns(folder, lora, Path(root), spec.dtype, device)
         self.metrics = GRPOMetrics(spec.model_id, serve.get_replica_context().app_name)
 
@@ -151,9 +150,7 @@ class X1TrainingDeployment:
     ) -> None:
         assert spec.training is not None
         _limit_threads(spec.training.num_cpus)
-        base = Path(tempfile.mkdtemp(prefix=f"policy-server-x1-{kind}-"))
-        folder = unpack_folder(model, base / "model")
-        lora = unpack_folder(adapter, base / "adapter") if adapter is not None else None
+        folder, lora = unpack_model(model, adapter, f"policy-server-x1-{kind}-")
         serving = serve.get_deployment_handle(LLM_POLICY if kind == "policy" else LLM_VALUE, serving_app)
 
         def publish(weights: dict[str, Any], version: int) -> None:
