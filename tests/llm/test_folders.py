@@ -14,12 +14,16 @@ def test_folders_travel_as_bytes_and_refuse_escapes(llm_dirs: dict[str, Path], t
     files = pack_folder(llm_dirs["value"])
     assert "value_head.safetensors" in files
     unpack_folder(files, tmp_path / "copy")
-    assert (tmp_path / "copy" / "config.json").read_bytes() == (llm_dirs["value"] / "config.json").read_bytes()
+    assert (tmp_path / "copy" / "config.json").read_bytes() == (
+        llm_dirs["value"] / "config.json"
+    ).read_bytes()
     with pytest.raises(ValueError, match="outside"):
         unpack_folder({"../evil": b"x"}, tmp_path / "other")
 
 
-def test_a_model_and_its_adapter_unpack_side_by_side_and_load(llm_dirs: dict[str, Path], tmp_path: Path) -> None:
+def test_a_model_and_its_adapter_unpack_side_by_side_and_load(
+    llm_dirs: dict[str, Path], tmp_path: Path
+) -> None:
     model, adapter = pack_folder(llm_dirs["policy"]), pack_folder(llm_dirs["policy_lora"])
     folder, lora = unpack_model(model, adapter, "test-unpack-", tmp_path)
     assert lora is not None and folder.parent == lora.parent and folder.parent.name.startswith("test-unpack-")
