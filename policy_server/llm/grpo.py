@@ -21,7 +21,6 @@ import io
 import json
 import logging
 import math
-import os
 import shutil
 import tarfile
 import tempfile
@@ -37,6 +36,7 @@ from pydantic import TypeAdapter, ValidationError
 
 from policy_server.errors import Conflict, InvalidRequest, NotFound
 from policy_server.fields import Float32, field_errors
+from policy_server.files import replacing_dir
 from policy_server.llm.generation import GenerationParams, Generator
 from policy_server.llm.models import Dtype, LoadedLM, load_policy
 from policy_server.training.guard import NonFiniteUpdate, check, guarded_step, rollback
@@ -562,8 +562,7 @@ class GRPORun:
         """Write ``cycle-<n>`` atomically and keep the newest ``KEEP_CHECKPOINTS``."""
         self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
         final = self.checkpoint_dir / f"{_CHECKPOINT_PREFIX}{self.cycle:08d}"
-        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=self.checkpoint_dir))
-        try:
+        with replacing_dir(final) as tmp:  # a stop right after a periodic checkpoint replaces it
             self._save_model(tmp / MODEL_FOLDER)
             torch.save(self.optimizer.state_dict(), tmp / OPTIMIZER_FILE)
             state = {
@@ -574,16 +573,6 @@ class GRPORun:
                 "counters": dataclasses.asdict(self._counters),
             }
             (tmp / STATE_FILE).write_text(json.dumps(state, indent=1) + "\n")
-            old = None
-            if final.exists():  # stop right after a periodic checkpoint: replace it
-                old = final.with_name(f".{final.name}.old-{uuid.uuid4().hex[:8]}")
-                final.rename(old)
-            os.replace(tmp, final)
-            if old is not None:
-                shutil.rmtree(old)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         for stale in _checkpoints(self.checkpoint_dir)[:-KEEP_CHECKPOINTS]:
             shutil.rmtree(stale, ignore_errors=True)
         return final
