@@ -21,9 +21,7 @@ default.
 from __future__ import annotations
 
 import json
-import os
 import random
-import tempfile
 import time
 import uuid
 from collections.abc import Sequence
@@ -36,6 +34,7 @@ from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from policy_server.errors import FieldError, Forbidden, InvalidRequest, NotFound
 from policy_server.fields import STRICT, Float32, Text, error_message
+from policy_server.files import atomic_file
 
 Message = dict[str, str]
 Kind = Literal["policy", "value"]
@@ -253,30 +252,12 @@ def subset(samples: Sequence[T], percent_of_data: float, seed: int) -> list[T]:
 
 def save_samples(samples: Sequence[dict[str, Any]], folder: Path) -> Path:
     """Write the raw samples to a new JSONL file in ``folder`` atomically; returns its path."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
     name = f"samples-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}-{uuid.uuid4().hex[:8]}.jsonl"
-    fd, tmp = tempfile.mkstemp(prefix=".samples-", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as out:
-            for sample in samples:
-                out.write(json.dumps(sample, ensure_ascii=False) + "\n")
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, folder / name)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(folder)
-    return folder / name
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    path = Path(folder) / name
+    with atomic_file(path, "w") as out:
+        for sample in samples:
+            out.write(json.dumps(sample, ensure_ascii=False) + "\n")
+    return path
 
 
 _SENTINEL = "\u2063x1-last-message\u2063"

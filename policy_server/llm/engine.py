@@ -4,27 +4,26 @@
 requests into one generate call; ``ValueScorer`` owns a value model. A Serve deployment (or the
 gateway's local backend) holds one of each; neither knows about Ray or HTTP.
 
-Model folders travel as bytes (``pack_folder`` / ``unpack_folder``), so a replica on another
-node needs no shared file system.
+Model folders travel as bytes (``policy_server.llm.folders``), so a replica on another node
+needs no shared file system.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
-import tempfile
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+
+import torch
 
 from policy_server.llm.batching import GenerationQueue
-from policy_server.llm.config import LLMPolicySpec, LLMValueSpec
+from policy_server.llm.folders import Folder, unpack_model
 from policy_server.llm.generation import GenerationParams, Generator, Sample
 from policy_server.llm.models import load_policy, load_value, score_messages
-
-Folder = dict[str, bytes]
+from policy_server.schema.llm import LLMPolicySpec, LLMValueSpec
+from policy_server.weights import VersionedWeights
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,66 +42,27 @@ class BatchReport:
 BatchObserver = Callable[[BatchReport], None]
 
 
-def pack_folder(path: Path) -> Folder:
-    """Every file under ``path``, by its relative path."""
-    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+class LLMEngine(VersionedWeights):
+    """A policy LM: batched generation behind a bounded queue, and its model version.
 
-
-def unpack_folder(files: Folder, dest: Path) -> Path:
-    for name, data in files.items():
-        target = (dest / name).resolve()
-        if dest.resolve() not in target.parents:
-            raise ValueError(f"refusing to write {name!r} outside {dest}")
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_bytes(data)
-    return dest
-
-
-def resolve_device(device: str) -> str:
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
-
-
-def _copy_into(module: Any, weights: dict[str, Any]) -> None:
-    """Copy ``weights`` into ``module``'s parameters of those names; check all before changing any.
-
-    Raises ValueError, changing nothing, for unknown names, wrong shapes, or values that are NaN
-    or infinite in the parameter's dtype (a float32 1e5 is infinite in float16).
+    ``set_weights`` loads new values for some of the model's parameters (an adapter's, or all of
+    them) between two generate calls; weights that do not fit change nothing.
     """
-    import torch
 
-    from policy_server.training.guard import nonfinite
-
-    params = dict(module.named_parameters())
-    unknown = sorted(set(weights) - set(params))
-    wrong = [n for n, v in weights.items() if n in params and tuple(params[n].shape) != tuple(v.shape)]
-    if unknown or wrong:
-        raise ValueError(f"weights do not fit the model: unknown {unknown[:5]}, wrong shapes {wrong[:5]}")
-    bad = nonfinite((n, torch.as_tensor(v).to(params[n].dtype)) for n, v in weights.items())
-    if bad:
-        raise ValueError(f"refused weights: {bad[:5]} hold NaN or infinite values; the served weights stay")
-    with torch.no_grad():
-        for name, value in weights.items():
-            params[name].copy_(torch.as_tensor(value, dtype=params[name].dtype, device=params[name].device))
-
-
-class LLMEngine:
-    """A policy LM: batched generation behind a bounded queue, and its model version."""
+    partial_updates = True  # a LoRA trainer sends its adapter alone
+    version_in_errors = False
 
     def __init__(
         self, spec: LLMPolicySpec, folder: Path, adapter: Path | None, device: str,
         on_batch: BatchObserver | None = None,
     ) -> None:
+        super().__init__()
         self.spec = spec
         self.on_batch = on_batch
         self.lm = load_policy(
-            folder, adapter, spec.dtype, resolve_device(device), step_token=spec.step_token, end_token=spec.end_token
+            folder, adapter, spec.dtype, device, step_token=spec.step_token, end_token=spec.end_token
         )
         self.generator = Generator(self.lm)
-        self._weights_lock = threading.Lock()  # a batch never sees two versions of the weights
         limits = spec.limits
         self.queue = GenerationQueue(
             self._generate,
@@ -110,21 +70,18 @@ class LLMEngine:
             max_batch_prompts=limits.max_batch_prompts,
             batch_wait_ms=limits.batch_wait_ms,
         )
-        self.version = 0
 
     @classmethod
     def from_files(
         cls, spec: LLMPolicySpec, model: Folder, adapter: Folder | None, device: str,
         on_batch: BatchObserver | None = None,
     ) -> LLMEngine:
-        root = Path(tempfile.mkdtemp(prefix="policy-server-llm-"))
-        folder = unpack_folder(model, root / "model")
-        lora = unpack_folder(adapter, root / "adapter") if adapter is not None else None
+        folder, lora = unpack_model(model, adapter, "policy-server-llm-")
         return cls(spec, folder, lora, device, on_batch)
 
     def _generate(self, prompts: list[list[int]], params: GenerationParams) -> list[list[Sample]]:
         started = time.perf_counter()
-        with self._weights_lock:
+        with self._lock:  # a batch never sees two versions of the weights
             samples = self.generator.generate(prompts, params)
             version = self.version
         if self.on_batch is not None:
@@ -138,40 +95,35 @@ class LLMEngine:
         samples = await self.queue.submit(prompt_ids, params)
         return samples, samples[0].model_version
 
-    def set_weights(self, weights: dict[str, Any], version: int) -> int:
-        """Load new values for some of the model's parameters (an adapter's, or all of them) and
-        move to ``version``, between two generate calls. Unknown names or shapes change nothing."""
-        with self._weights_lock:
-            _copy_into(self.lm.model, weights)
-            self.version = version
-        return version
+    def _named_weights(self) -> dict[str, torch.Tensor]:
+        return dict(self.lm.model.named_parameters())
 
     def close(self) -> None:
         self.queue.close()
 
 
-class ValueScorer:
-    """A value model: conversations → scores in [-1, 1]; one forward at a time."""
+class ValueScorer(VersionedWeights):
+    """A value model: conversations → scores in [-1, 1]; one forward at a time.
+
+    ``set_weights`` loads new values for some of the value model's parameters between two
+    scoring calls.
+    """
+
+    partial_updates = True
+    version_in_errors = False
 
     def __init__(self, spec: LLMValueSpec, folder: Path, adapter: Path | None, device: str) -> None:
+        super().__init__()
         self.spec = spec
-        self.value = load_value(folder, adapter, spec.dtype, resolve_device(device), position=spec.position)
-        self.version = 0
-        self._lock = threading.Lock()
+        self.value = load_value(folder, adapter, spec.dtype, device, position=spec.position)
 
     @classmethod
     def from_files(cls, spec: LLMValueSpec, model: Folder, adapter: Folder | None, device: str) -> ValueScorer:
-        root = Path(tempfile.mkdtemp(prefix="policy-server-value-"))
-        folder = unpack_folder(model, root / "model")
-        lora = unpack_folder(adapter, root / "adapter") if adapter is not None else None
+        folder, lora = unpack_model(model, adapter, "policy-server-value-")
         return cls(spec, folder, lora, device)
 
-    def set_weights(self, weights: dict[str, Any], version: int) -> int:
-        """New values for some of the value model's parameters, between two scoring calls."""
-        with self._lock:
-            _copy_into(self.value.model, weights)
-            self.version = version
-        return version
+    def _named_weights(self) -> dict[str, torch.Tensor]:
+        return dict(self.value.model.named_parameters())
 
     def score_sync(self, conversations: list[list[dict[str, str]]]) -> list[float]:
         with self._lock:

@@ -1,21 +1,20 @@
 """A GRPO run's checkpoints: folders ``cycle-<n>`` under the run's checkpoint folder, each with the
 model (``MODEL_FOLDER``), the optimiser's state and the run's state (``STATE_FILE``: run id, cycle,
-settings, counters). Each is written to a hidden temporary folder and renamed into place; the
+settings, counters). Each is built beside its name and swapped in atomically (``files.replacing_dir``); the
 newest ``KEEP_CHECKPOINTS`` are kept.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
-import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from policy_server.files import replacing_dir
 
 MODEL_FOLDER = "model"
 """Inside a checkpoint: the adapter (LoRA) or the whole model (full fine-tuning), with the tokenizer."""
@@ -36,21 +35,10 @@ def write_checkpoint(
     ``KEEP_CHECKPOINTS``; ``state`` is the run's JSON state."""
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
     final = checkpoint_dir / f"{_CHECKPOINT_PREFIX}{cycle:08d}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=checkpoint_dir))
-    try:
+    with replacing_dir(final) as tmp:  # a stop right after a periodic checkpoint replaces it
         save_model(tmp / MODEL_FOLDER)
         torch.save(optimizer.state_dict(), tmp / OPTIMIZER_FILE)
         (tmp / STATE_FILE).write_text(json.dumps(state, indent=1) + "\n")
-        old = None
-        if final.exists():  # stop right after a periodic checkpoint: replace it
-            old = final.with_name(f".{final.name}.old-{uuid.uuid4().hex[:8]}")
-            final.rename(old)
-        os.replace(tmp, final)
-        if old is not None:
-            shutil.rmtree(old)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     for stale in _checkpoints(checkpoint_dir)[:-KEEP_CHECKPOINTS]:
         shutil.rmtree(stale, ignore_errors=True)
     return final

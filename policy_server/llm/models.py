@@ -25,7 +25,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
-from policy_server.llm.config import END_TOKEN, STEP_TOKEN
+from policy_server.devices import resolve_device
+from policy_server.schema.llm import END_TOKEN, STEP_TOKEN
 
 Dtype = Literal["float32", "bfloat16", "float16"]
 Position = Literal["last"] | int
@@ -129,13 +130,6 @@ def token_index(attention_mask: torch.Tensor, position: Position) -> torch.Tenso
     return first + (position if position >= 0 else lengths + position)
 
 
-def resolve_device(device: str) -> torch.device:
-    """``"auto"`` → cuda when available, else cpu; anything else as torch reads it."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
 def resolve_dtype(dtype: Dtype | torch.dtype) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         return dtype
@@ -186,7 +180,7 @@ def load_policy(
     path: str | Path,
     adapter: str | Path | None = None,
     dtype: Dtype | torch.dtype = "float32",
-    device: str = "cpu",
+    device: str | torch.device = "cpu",
     step_token: str = STEP_TOKEN,
     end_token: str = END_TOKEN,
     merge_adapter: bool = False,
@@ -219,7 +213,7 @@ def load_value(
     path: str | Path,
     adapter: str | Path | None = None,
     dtype: Dtype | torch.dtype = "float32",
-    device: str = "cpu",
+    device: str | torch.device = "cpu",
     position: Position | None = None,
 ) -> LoadedValue:
     """A value model from ``path``; ``position`` overrides the one in ``value_head.json``.

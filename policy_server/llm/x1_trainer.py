@@ -19,10 +19,10 @@ from typing import Any, Literal
 import torch
 
 from policy_server.errors import FieldError, Forbidden, InvalidRequest, summary
-from policy_server.llm.config import LLMTrainingSpec
 from policy_server.llm.datasets import load_dataset_file, parse_samples, save_samples, subset
 from policy_server.llm.x1_config import X1TrainingConfig
 from policy_server.llm.x1_training import TrainingRun, is_peft
+from policy_server.schema.llm import LLMTrainingSpec
 from policy_server.training.guard import check
 
 log = logging.getLogger(__name__)

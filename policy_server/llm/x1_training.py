@@ -17,11 +17,7 @@ from __future__ import annotations
 
 import logging
 import math
-import os
-import shutil
-import tempfile
 import threading
-import uuid
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -31,6 +27,7 @@ from typing import Any
 import torch
 
 from policy_server.errors import FieldError, InvalidRequest
+from policy_server.files import replacing_dir
 from policy_server.llm.datasets import PolicySample, Sample, ValueSample, encode_last_message
 from policy_server.llm.losses import entropy_from_logits, ppo_token_loss, token_log_probs, value_mse
 from policy_server.llm.models import LoadedLM, LoadedValue, save_value
@@ -304,48 +301,17 @@ def _wrap_lora(model: Any, settings: LoraSettings, target_modules: str | list[st
 def save_trained(model: LoadedLM | LoadedValue, folder: str | Path) -> Path:
     """Write a policy's adapter (or its full weights and tokenizer) or a value model to ``folder``.
 
-    Everything is written and fsynced in a sibling temporary folder first, then renamed into place,
-    so ``folder`` always holds either the previous complete model or the new one, never a part.
+    Everything is written and fsynced in a sibling temporary folder first, then swapped into place
+    (``policy_server.files.replacing_dir``), so ``folder`` always holds either the previous
+    complete model or the new one, never a part, even if the process dies.
     ``load_policy(base, adapter=folder)``, ``load_policy(folder)`` or ``load_value(folder)`` reads it.
     """
     folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
-    try:
+    with replacing_dir(folder) as tmp:
         if isinstance(model, LoadedValue):
             save_value(model.model, model.tokenizer, tmp, model.position)
         else:
             model.model.save_pretrained(tmp)  # a PeftModel writes its adapter alone
             if not is_peft(model.model):
                 model.tokenizer.save_pretrained(tmp)
-        _fsync_tree(tmp)
-        _replace_dir(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return folder
-
-
-def _fsync_tree(root: Path) -> None:
-    for path in sorted(root.rglob("*"), reverse=True):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    fd = os.open(root, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _replace_dir(new: Path, dest: Path) -> None:
-    """Rename ``new`` to ``dest``; an existing ``dest`` is first moved aside, then removed."""
-    old = None
-    if dest.exists():
-        old = dest.with_name(f".{dest.name}.old-{uuid.uuid4().hex[:8]}")
-        os.rename(dest, old)
-    os.rename(new, dest)
-    if old is not None:
-        shutil.rmtree(old)

@@ -8,7 +8,6 @@ to logits ``(B, n)``, a tuple of logits, or ``(mean, log_std)``.
 from __future__ import annotations
 
 import io
-import threading
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +16,7 @@ from typing import Literal
 import numpy as np
 import torch
 
-from policy_server.training.guard import nonfinite
+from policy_server.weights import VersionedWeights
 
 ModelFormat = Literal["torchscript", "export"]
 
@@ -78,14 +77,17 @@ def _as_heads(out: object) -> list[torch.Tensor]:
     raise TypeError(f"the model must return a tensor or a tuple of tensors, not {type(out).__name__}")
 
 
-class TorchPolicy:
-    """A loaded policy module with a version number; thread-safe forward and weight swaps."""
+class TorchPolicy(VersionedWeights):
+    """A loaded policy module with a version number; thread-safe forward and weight swaps.
+
+    An update replaces the whole ``state_dict`` (same names, shapes and dtype kinds, finite);
+    ``set_weights``, ``snapshot`` and ``get_weights`` come from ``VersionedWeights``.
+    """
 
     def __init__(self, module: torch.nn.Module, device: str = "cpu", version: int = 0) -> None:
+        super().__init__(version)
         self.module = module  # callers put it in eval mode (exported programs have no train mode)
         self.device = device
-        self.version = version
-        self._lock = threading.Lock()
 
     @classmethod
     def from_bytes(cls, data: bytes, fmt: ModelFormat, device: str = "cpu") -> TorchPolicy:
@@ -107,44 +109,5 @@ class TorchPolicy:
             arrays[1] = np.broadcast_to(arrays[1], arrays[0].shape).copy()
         return PolicyOutput(arrays, version)
 
-    def get_weights(self) -> dict[str, np.ndarray]:
-        return self.snapshot()[0]
-
-    def snapshot(self) -> tuple[dict[str, np.ndarray], int]:
-        """The weights and the version they belong to, read together."""
-        with self._lock:
-            weights = {k: v.detach().cpu().numpy().copy() for k, v in self.module.state_dict().items()}
-            return weights, self.version
-
-    def set_weights(self, weights: dict[str, np.ndarray], version: int) -> int:
-        """Load new weights (same names and shapes) and bump to ``version``, atomically.
-
-        Raises ValueError, changing nothing, when names or shapes differ from the model's or a
-        tensor holds a NaN or an infinity (the served weights stay).
-        """
-        tensors = {k: torch.as_tensor(v) for k, v in weights.items()}
-        _check_finite(tensors, version)
-        with self._lock:
-            _check_same_layout(self.module.state_dict(), tensors)
-            self.module.load_state_dict(tensors, strict=True)
-            self.version = version
-        return version
-
-
-def _check_finite(tensors: dict[str, torch.Tensor], version: int) -> None:
-    bad = nonfinite(tensors)
-    if bad:
-        raise ValueError(
-            f"refused weights of version {version}: {bad[:5]} hold NaN or infinite values; "
-            "the served weights stay"
-        )
-
-
-def _check_same_layout(current: dict[str, torch.Tensor], new: dict[str, torch.Tensor]) -> None:
-    """Refuse an update before touching any weight (load_state_dict copies, then raises)."""
-    if set(current) != set(new):
-        missing, unknown = sorted(set(current) - set(new)), sorted(set(new) - set(current))
-        raise ValueError(f"weights do not match the model: missing {missing}, unknown {unknown}")
-    wrong = {k: (list(new[k].shape), list(v.shape)) for k, v in current.items() if new[k].shape != v.shape}
-    if wrong:
-        raise ValueError(f"weights have the wrong shapes (given, expected): {wrong}")
+    def _named_weights(self) -> dict[str, torch.Tensor]:
+        return self.module.state_dict()  # detached tensors that share the module's storage

@@ -31,8 +31,8 @@ from pydantic_core import PydanticCustomError
 
 from policy_server.errors import SchemaError
 from policy_server.fields import check_text
-from policy_server.llm.config import LLMSection
-from policy_server.training.config import TrainingSpec
+from policy_server.schema.llm import LLMSection
+from policy_server.schema.training import TrainingSpec
 
 OBSERVATION_TYPES = ("int", "float", "bool", "List[int]", "List[float]", "List[bool]")
 MODEL_SUFFIXES = (".pt", ".pt2", ".ts", ".jit")

@@ -15,13 +15,13 @@ import logging
 import os
 import shutil
 import threading
-import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from policy_server.errors import ClientGenerationFailed, ClientsNotReady
+from policy_server.files import atomic_write_text, replacing_dir
 from policy_server.sdks import bundle
 from policy_server.sdks.generators import OPTIONS, Toolchain, tool_versions
 from policy_server.sdks.java import (
@@ -160,8 +160,8 @@ class ClientSDKs:
         """Write the documents the generators read into the cache folder; cached languages are done."""
         folder = self.cache_root / cache_key(document, self.versions)
         folder.mkdir(parents=True, exist_ok=True)
-        _write_atomic(folder / "openapi.json", json.dumps(document, indent=2))
-        _write_atomic(folder / "openapi-java.json", json.dumps(java_document(document), indent=2))
+        atomic_write_text(folder / "openapi.json", json.dumps(document, indent=2))
+        atomic_write_text(folder / "openapi-java.json", json.dumps(java_document(document), indent=2))
         self._keep_java_time = uses_time_formats(document)
         with self._lock:
             self.folder = folder
@@ -206,18 +206,19 @@ class ClientSDKs:
 
     def _run_generator(self, lang: Language) -> None:
         assert self.folder is not None
-        scratch = self.folder / f".{lang}-{uuid.uuid4().hex[:8]}"
         document = self.folder / ("openapi-java.json" if lang == "java" else "openapi.json")
-        try:
+        # another process may generate the same language into the same folder: the last one wins
+        with replacing_dir(self.folder / lang) as build:
+            scratch = build / "sdk"  # the generators make their output folder themselves
             self.toolchain.run(self.toolchain.command(lang, document, scratch))
             shutil.rmtree(scratch / ".ruff_cache", ignore_errors=True)  # openapi-python-client's formatter
             if lang == "java":
                 use_http_1_1(scratch)
                 if not self._keep_java_time:
                     drop_java_time(scratch)
-            _publish(scratch, self.folder / lang)
-        finally:
-            shutil.rmtree(scratch, ignore_errors=True)
+            for child in scratch.iterdir():
+                child.rename(build / child.name)
+            scratch.rmdir()
 
     def _set_language(self, lang: Language, state: LanguageState, note: str | None = None) -> LanguageState:
         with self._lock:
@@ -231,18 +232,3 @@ class ClientSDKs:
             self._progress.status = status
             self._progress.error = error
         self._finished.set()
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    scratch = path.with_name(f".{path.name}-{uuid.uuid4().hex[:8]}")
-    scratch.write_text(text)
-    os.replace(scratch, path)
-
-
-def _publish(scratch: Path, final: Path) -> None:
-    """Rename the finished folder into place; another process may have put the same one there."""
-    try:
-        scratch.rename(final)
-    except OSError:
-        if not final.is_dir():
-            raise

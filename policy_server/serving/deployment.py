@@ -11,6 +11,7 @@ from ray import serve
 from ray.serve import Application
 from ray.util import metrics
 
+from policy_server.devices import AUTO, resolve_device
 from policy_server.policies.torch_policy import ModelFormat, PolicyOutput, TorchPolicy
 from policy_server.schema.config import PolicySpec
 from policy_server.serving.transport import TOKEN_BYTES, TransportServer
@@ -25,9 +26,7 @@ class PolicyDeployment:
     def __init__(
         self, policy_name: str, model_bytes: bytes, fmt: ModelFormat, use_gpu: bool
     ) -> None:
-        import torch
-
-        device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
+        device = str(resolve_device(AUTO, use_gpu))
         self.policy = TorchPolicy.from_bytes(model_bytes, fmt, device)
         # The direct data path (see transport): its secret reaches gateways only through Serve.
         self._token = secrets.token_hex(TOKEN_BYTES)

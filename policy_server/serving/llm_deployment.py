@@ -10,12 +10,13 @@ from typing import Any
 from ray import serve
 from ray.serve import Application
 
-from policy_server.llm.config import LLMPolicySpec, LLMValueSpec
-from policy_server.llm.engine import Folder, LLMEngine, ValueScorer, resolve_device, unpack_folder
+from policy_server.llm.engine import LLMEngine, ValueScorer
+from policy_server.llm.folders import Folder, unpack_folder, unpack_model
 from policy_server.llm.generation import GenerationParams, Sample
 from policy_server.llm.grpo_runs import GRPORuns
 from policy_server.llm.state import LLMState
 from policy_server.llm.x1_trainer import X1Trainer
+from policy_server.schema.llm import LLMPolicySpec, LLMValueSpec
 from policy_server.serving.llm_metrics import GRPOMetrics, LLMServingMetrics
 
 
@@ -121,10 +122,8 @@ class GRPODeployment:
 
     def __init__(self, spec: LLMPolicySpec, model: Folder, adapter: Folder | None, root: str, device: str) -> None:
         _limit_threads(spec.training.num_cpus if spec.training else 1)
-        base = Path(tempfile.mkdtemp(prefix="policy-server-grpo-"))
-        folder = unpack_folder(model, base / "model")
-        lora = unpack_folder(adapter, base / "adapter") if adapter is not None else None
-        self.runs = GRPORuns(folder, lora, Path(root), spec.dtype, resolve_device(device))
+        folder, lora = unpack_model(model, adapter, "policy-server-grpo-")
+        self.runs = GRPORuns(folder, lora, Path(root), spec.dtype, device)
         self.metrics = GRPOMetrics(spec.model_id, serve.get_replica_context().app_name)
 
     async def call(self, method: str, *args: Any) -> Any:
@@ -151,15 +150,13 @@ class X1TrainingDeployment:
     ) -> None:
         assert spec.training is not None
         _limit_threads(spec.training.num_cpus)
-        base = Path(tempfile.mkdtemp(prefix=f"policy-server-x1-{kind}-"))
-        folder = unpack_folder(model, base / "model")
-        lora = unpack_folder(adapter, base / "adapter") if adapter is not None else None
+        folder, lora = unpack_model(model, adapter, f"policy-server-x1-{kind}-")
         serving = serve.get_deployment_handle(LLM_POLICY if kind == "policy" else LLM_VALUE, serving_app)
 
         def publish(weights: dict[str, Any], version: int) -> None:
             serving.broadcast("set_weights", weights, version).results(timeout_s=300)
 
-        self.trainer = X1Trainer(kind, load_for(kind, spec, folder, lora, resolve_device(device)), spec.training, publish)  # type: ignore[arg-type]
+        self.trainer = X1Trainer(kind, load_for(kind, spec, folder, lora, device), spec.training, publish)  # type: ignore[arg-type]
 
     async def call(self, method: str, *args: Any) -> Any:
         if method not in X1_API:

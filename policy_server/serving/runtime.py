@@ -11,9 +11,9 @@ import ray
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from policy_server.llm.config import LLMPolicySpec, LLMValueSpec
 from policy_server.policies.torch_policy import model_format
 from policy_server.schema.config import PolicySpec
+from policy_server.schema.llm import LLMPolicySpec, LLMValueSpec
 from policy_server.serving.backend import DirectBackend, PolicyBackend, ServeBackend
 from policy_server.serving.deployment import build_deployment, deployment_name
 from policy_server.settings import Settings
@@ -102,7 +102,7 @@ class ServeRuntime:
 
     def deploy_llm(self, spec: LLMPolicySpec | LLMValueSpec) -> Any:
         """Run the LLM policy's or value model's Serve app (blocking); returns its handle."""
-        from policy_server.llm.engine import pack_folder
+        from policy_server.llm.folders import pack_folder
         from policy_server.serving.llm_deployment import LLM_POLICY, LLM_VALUE, build_llm_deployment
 
         gpus = ray.cluster_resources().get("GPU", 0) > 0
@@ -117,7 +117,7 @@ class ServeRuntime:
         """The deployment that keeps the LLM's tasks and sessions (one replica for all gateways)."""
         import tempfile
 
-        from policy_server.llm.engine import pack_folder
+        from policy_server.llm.folders import pack_folder
         from policy_server.serving.llm_deployment import LLM_POLICY, LLM_STATE, LLMStateDeployment
 
         with tempfile.TemporaryDirectory() as folder:
@@ -131,7 +131,7 @@ class ServeRuntime:
 
     def deploy_grpo(self, spec: LLMPolicySpec) -> Any:
         """The deployment of the LLM policy's GRPO runs (blocking); returns its handle."""
-        from policy_server.llm.engine import pack_folder
+        from policy_server.llm.folders import pack_folder
         from policy_server.serving.llm_deployment import LLM_GRPO, GRPODeployment
 
         assert spec.training is not None
@@ -148,7 +148,7 @@ class ServeRuntime:
 
     def deploy_x1_trainer(self, kind: str, spec: LLMPolicySpec | LLMValueSpec) -> Any:
         """The deployment of x1's training of the policy or value model (blocking); its handle."""
-        from policy_server.llm.engine import pack_folder
+        from policy_server.llm.folders import pack_folder
         from policy_server.serving.llm_deployment import (
             LLM_POLICY,
             LLM_VALUE,

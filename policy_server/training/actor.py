@@ -15,8 +15,9 @@ import ray
 from ray import serve
 from ray.util import metrics as ray_metrics
 
+from policy_server.devices import AUTO, resolve_device
 from policy_server.policies.torch_policy import ModelFormat, load_module
-from policy_server.training.config import TrainingSpec
+from policy_server.schema.training import TrainingSpec
 from policy_server.training.guard import Reason
 from policy_server.training.trainer import Trainer, TrainerMetrics, build_trainer
 
@@ -116,7 +117,7 @@ class TrainerActor:
     ) -> None:
         import torch
 
-        device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
+        device = str(resolve_device(AUTO, use_gpu))
         # torch's default of one thread per core makes the small ops of RL updates slower, not faster,
         # when the node's cores are shared with clients, replicas and Ray (measured: ms per op)
         torch.set_num_threads(max(1, int(spec.num_cpus)))

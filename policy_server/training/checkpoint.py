@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import pickle
 import re
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,7 @@ from typing import Any
 import torch
 
 from policy_server.errors import InvalidRequest, NotFound, summary
+from policy_server.files import atomic_file
 
 SUFFIX = ".pt"
 NAME_PATTERN = r"^[A-Za-z0-9_-][A-Za-z0-9_.-]{0,127}$"  # no leading dot: hidden and '..'
@@ -56,21 +56,12 @@ class CheckpointStore:
         """
         path = self.path(name)
         _check_plain(state, "state")
-        self.root.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=self.root)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                torch.save(state, f)
-                f.flush()
-                # the kernel stamps files from a coarse clock (ms): saves in a row could tie
-                now = time.time_ns()
-                os.utime(f.fileno(), ns=(now, now))
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        _fsync_dir(self.root)
+        with atomic_file(path) as f:
+            torch.save(state, f)
+            f.flush()
+            # the kernel stamps files from a coarse clock (ms): saves in a row could tie
+            now = time.time_ns()
+            os.utime(f.fileno(), ns=(now, now))
         if _PERIODIC.fullmatch(name):
             self._prune()
         return path
@@ -121,15 +112,6 @@ class CheckpointStore:
         periodic = [e["name"] for e in self.list() if _PERIODIC.fullmatch(e["name"])]
         for name in periodic[self.keep :]:
             self.path(name).unlink(missing_ok=True)
-
-
-def _fsync_dir(folder: Path) -> None:
-    """Make a rename in ``folder`` durable (POSIX: a folder opens read-only and syncs)."""
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _check_plain(value: Any, where: str) -> None:

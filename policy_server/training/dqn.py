@@ -19,9 +19,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from policy_server.policies.spaces import ActionSpace, DiscreteSpace
+from policy_server.schema.training import DQNConfig
 from policy_server.training.base import Learner, copy_module, make_generator
 from policy_server.training.buffers import ReplayBuffer
-from policy_server.training.config import DQNConfig
 from policy_server.training.distributions import as_heads
 from policy_server.training.experience import ExperienceBatch
 from policy_server.training.functional import td_target

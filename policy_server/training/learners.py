@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 
 from policy_server.policies.spaces import ActionSpace
+from policy_server.schema.training import TrainingSpec
 from policy_server.training.base import Learner
-from policy_server.training.config import TrainingSpec
 from policy_server.training.dqn import DQNLearner
 from policy_server.training.ppo import PPOLearner
 

@@ -20,9 +20,9 @@ import torch
 from torch import nn
 
 from policy_server.policies.spaces import ActionSpace
+from policy_server.schema.training import PPOConfig
 from policy_server.training.base import Learner, make_generator
 from policy_server.training.buffers import RolloutBuffer
-from policy_server.training.config import PPOConfig
 from policy_server.training.distributions import as_heads, log_prob_entropy
 from policy_server.training.experience import ExperienceBatch
 from policy_server.training.functional import gae, normalize, ppo_clip_loss

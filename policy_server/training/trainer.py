@@ -21,10 +21,10 @@ import numpy as np
 from pydantic import TypeAdapter
 
 from policy_server.errors import InvalidRequest, NotFound, StaleSamples, TrainingNotRunning, summary
+from policy_server.schema.training import TrainingSpec
 from policy_server.training.base import Learner
 from policy_server.training.checkpoint import CheckpointStore, periodic_name
 from policy_server.training.collect import Acted, StepCollector
-from policy_server.training.config import TrainingSpec
 from policy_server.training.experience import ExperienceBatch
 from policy_server.training.guard import NonFiniteUpdate, Reason, nonfinite
 from policy_server.training.telemetry import Telemetry

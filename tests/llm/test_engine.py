@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from policy_server.llm.config import LLMPolicySpec
-from policy_server.llm.engine import BatchReport, LLMEngine, pack_folder, unpack_folder
+from policy_server.llm.engine import BatchReport, LLMEngine
 from policy_server.llm.generation import GenerationParams
+from policy_server.schema.llm import LLMPolicySpec
 
 
 @pytest.fixture(scope="module")
@@ -74,15 +74,6 @@ def test_weights_are_checked_at_the_precision_of_the_parameter(engine: LLMEngine
         assert torch.equal(param.detach(), half)
     finally:
         param.data = original
-
-
-def test_folders_travel_as_bytes_and_refuse_escapes(llm_dirs: dict[str, Path], tmp_path: Path) -> None:
-    files = pack_folder(llm_dirs["value"])
-    assert "value_head.safetensors" in files
-    unpack_folder(files, tmp_path / "copy")
-    assert (tmp_path / "copy" / "config.json").read_bytes() == (llm_dirs["value"] / "config.json").read_bytes()
-    with pytest.raises(ValueError, match="outside"):
-        unpack_folder({"../evil": b"x"}, tmp_path / "other")
 
 
 def test_every_generate_call_is_reported_with_its_prompts_tokens_and_version(llm_dirs: dict[str, Path]) -> None:

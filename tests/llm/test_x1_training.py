@@ -11,13 +11,13 @@ import pytest
 import torch
 
 from policy_server.errors import InvalidRequest
-from policy_server.llm.config import LLMTrainingSpec
 from policy_server.llm.datasets import PolicySample, ValueSample, encode_last_message, parse_samples
 from policy_server.llm.losses import token_log_probs
 from policy_server.llm.models import LoadedLM, load_policy, load_value
 from policy_server.llm.x1_config import LoraSettings, X1TrainingConfig
 from policy_server.llm.x1_trainer import X1Trainer
 from policy_server.llm.x1_training import TrainingRun
+from policy_server.schema.llm import LLMTrainingSpec
 
 QUESTION = {"role": "user", "content": "What is 2 + 2?"}
 GOOD = [QUESTION, {"role": "assistant", "content": "The answer is 4."}]

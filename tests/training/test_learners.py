@@ -18,8 +18,8 @@ import torch
 from policy_server.export import MLPPolicy, export_module
 from policy_server.policies.spaces import ActionSpace, BoxSpace, DiscreteSpace, TupleSpace
 from policy_server.policies.torch_policy import TorchPolicy, load_module, model_format
+from policy_server.schema.training import DQNConfig, PPOConfig, TrainingSpec
 from policy_server.training.checkpoint import CheckpointStore
-from policy_server.training.config import DQNConfig, PPOConfig, TrainingSpec
 from policy_server.training.distributions import as_heads, log_prob_entropy
 from policy_server.training.dqn import culprits
 from policy_server.training.experience import ExperienceBatch

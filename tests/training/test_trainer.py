@@ -15,7 +15,7 @@ from policy_server.errors import InvalidRequest, NotFound, StaleSamples, Trainin
 from policy_server.export import MLPPolicy, export_module
 from policy_server.policies.spaces import DiscreteSpace
 from policy_server.policies.torch_policy import load_module
-from policy_server.training.config import PPOConfig, TrainingSpec
+from policy_server.schema.training import PPOConfig, TrainingSpec
 from policy_server.training.experience import ExperienceBatch
 from policy_server.training.trainer import Trainer, TrainerMetrics, build_trainer
 

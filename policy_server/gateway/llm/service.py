@@ -30,10 +30,10 @@ from policy_server.gateway.llm.wire import (
     Forward,
     ValueMessage,
 )
-from policy_server.llm.config import LLMPolicySpec, LLMValueSpec
 from policy_server.llm.generation import GenerationParams, Sample
 from policy_server.llm.records import record_from_sample
 from policy_server.llm.state import LLMState
+from policy_server.schema.llm import LLMPolicySpec, LLMValueSpec
 
 log = logging.getLogger(__name__)
 

@@ -52,7 +52,7 @@ class LLMServices:
 
     def attach_local(self) -> list[Any]:
         """Load the models into this process (blocking); returns the engines to close."""
-        from policy_server.llm.engine import LLMEngine, ValueScorer, resolve_device
+        from policy_server.llm.engine import LLMEngine, ValueScorer
         from policy_server.llm.grpo_runs import GRPORuns
         from policy_server.llm.models import load_policy, load_value
         from policy_server.llm.x1_trainer import X1Trainer
@@ -70,7 +70,7 @@ class LLMServices:
                 self.grpo.attach(ThreadLink(GRPORuns(spec.path, spec.adapter, spec.training.save_dir / "grpo")))
             if self.x1_policy is not None:
                 assert spec.training is not None
-                load = partial(load_policy, spec.path, spec.adapter, spec.dtype, resolve_device(spec.device))
+                load = partial(load_policy, spec.path, spec.adapter, spec.dtype, spec.device)
                 self.x1_policy.attach(ThreadLink(X1Trainer("policy", load, spec.training, engines[0].set_weights)))
         if self.value is not None:
             spec = self.value.spec
@@ -79,7 +79,7 @@ class LLMServices:
             if self.x1_value is not None:
                 assert spec.training is not None
                 load = partial(
-                    load_value, spec.path, spec.adapter, spec.dtype, resolve_device(spec.device), position=spec.position
+                    load_value, spec.path, spec.adapter, spec.dtype, spec.device, position=spec.position
                 )
                 self.x1_value.attach(ThreadLink(X1Trainer("value", load, spec.training, scorer.set_weights)))
         return engines
