@@ -14,15 +14,11 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from policy_server.errors import Conflict, InvalidRequest, NotFound
+from policy_server.errors import InvalidRequest, NotFound, TooManyRuns
 from policy_server.llm.grpo import GRPORun, GRPOSettings, latest_checkpoint
 from policy_server.llm.models import load_policy
 
 RUN_ID = r"^[A-Za-z0-9_-]{1,64}$"
-
-
-class TooManyRuns(Conflict):
-    code = "too_many_runs"
 
 
 class GRPORuns:
