@@ -27,6 +27,7 @@ _HTTP_CODES = {
     422: "invalid_request",
     429: "too_many_requests",
     503: "unavailable",
+    504: "gateway_timeout",
 }
 
 

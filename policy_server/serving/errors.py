@@ -34,14 +34,13 @@ _TIMEOUTS = ("GetTimeoutError", "ObjectFetchTimedOutError", "RayChannelTimeoutEr
 def domain_error(exc: BaseException, what: str = "the deployment") -> PolicyServerError:
     """``exc`` as the server's error; ``what`` names the remote side in the message ("the
     policy's deployment"). Never raises."""
-    if isinstance(exc, PolicyServerError):
-        return exc
     if not _from_ray(exc):
-        return ModelError(f"the model raised {type(exc).__name__}: {_text(exc)}")
+        return exc if isinstance(exc, PolicyServerError) else ModelError(f"the model raised {type(exc).__name__}: {_text(exc)}")
     from ray.exceptions import RayTaskError
 
     if isinstance(exc, RayTaskError):
-        # the replica or actor raised: map what it raised (a nested Ray error included)
+        # the replica or actor raised: map what it raised (a nested Ray error included). Ray may
+        # hand it out as a class deriving from both RayTaskError and the cause's: the cause is ours.
         return domain_error(exc.cause, what) if exc.cause is not None else ModelError(f"{what} failed: {_text(exc)}")
     names = {cls.__name__ for cls in type(exc).__mro__}
     if names & set(_MODEL_FAULTS):
