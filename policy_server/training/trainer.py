@@ -1,7 +1,7 @@
 """``Trainer``: trains one served policy from the experience its clients send.
 
-A plain object (no Ray, no HTTP): the Ray actor in ``training.actor`` and the in-process
-``LocalTrainerLink`` of the gateway both hold one. The API methods may be called from any thread
+A plain object (no Ray, no HTTP): the Ray actor in ``serving.trainer_actor`` and the local
+runtime (``serving.runtime.local``) both hold one. The API methods may be called from any thread
 and return at once; the learner is touched only by the trainer's own loop thread, which adds the
 received samples, runs an update whenever the learner has enough data, publishes the new weights
 with the next version number, and writes checkpoints. The request path never waits for an update.
