@@ -22,24 +22,15 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-import logging
 import socket
 import socketserver
 import struct
 import threading
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
 import numpy as np
 
-from policy_server.errors import ModelError, summary
 from policy_server.policies.torch_policy import PolicyOutput
-
-if TYPE_CHECKING:
-    from policy_server.serving.api import Weights
-    from policy_server.serving.runtime.remote import ServePolicyModel
-
-log = logging.getLogger(__name__)
 
 MAGIC = b"PSv1"
 TOKEN_BYTES = 32
@@ -179,80 +170,3 @@ class TransportClient:
 
     def close(self) -> None:
         self._writer.close()
-
-
-class DirectPolicyModel:
-    """Sends batches straight to the replicas' transport ports (see ``transport``).
-
-    Holds up to ``connections`` connections spread over the replicas, one batch in flight on
-    each. When none is free, or a connection breaks, the batch goes through the Serve handle
-    instead, and lost connections are re-opened to the replicas Serve reports now.
-    """
-
-    def __init__(self, serve: ServePolicyModel, connections: int) -> None:
-        self.serve, self._target = serve, connections
-        self._idle: asyncio.Queue[TransportClient] = asyncio.Queue()
-        self._open = 0
-        self._replenishing: asyncio.Task[None] | None = None
-        self.fallbacks = 0
-
-    async def start(self) -> None:
-        await self._replenish()
-
-    async def _replenish(self) -> None:
-        try:
-            endpoints = await self.serve.handle.broadcast("transport_endpoint").results_async()
-        except Exception as exc:  # noqa: BLE001 - replicas restarting: the handle serves meanwhile
-            log.warning("cannot list the replicas' direct endpoints (%s); using the Serve handle", exc)
-            return
-        for i in range(self._target - self._open):
-            if not endpoints:
-                break
-            host, port, token = endpoints[i % len(endpoints)]
-            try:
-                client = await TransportClient.connect(host, port, token)
-            except (TimeoutError, OSError) as exc:
-                log.warning("cannot reach replica at %s:%s (%s); using the Serve handle", host, port, exc)
-                continue
-            self._open += 1
-            self._idle.put_nowait(client)
-
-    def _schedule_replenish(self) -> None:
-        if self._replenishing is None or self._replenishing.done():
-            self._replenishing = asyncio.create_task(self._replenish())
-
-    async def forward(self, obs: np.ndarray) -> PolicyOutput:
-        try:
-            client = self._idle.get_nowait()
-        except asyncio.QueueEmpty:
-            self.fallbacks += 1
-            return await self.serve.forward(obs)
-        try:
-            out = await client.forward(obs)
-        except RemoteModelError as exc:
-            self._idle.put_nowait(client)
-            raise ModelError(f"the model raised {summary(exc)}") from exc
-        except TransportError:
-            client.close()
-            self._open -= 1
-            self._schedule_replenish()
-            self.fallbacks += 1
-            return await self.serve.forward(obs)
-        self._idle.put_nowait(client)
-        return out
-
-    async def ready(self) -> bool:
-        return await self.serve.ready()
-
-    async def set_weights(self, weights: Weights, version: int) -> None:
-        await self.serve.set_weights(weights, version)
-
-    async def version(self) -> int:
-        return await self.serve.version()
-
-    async def snapshot(self) -> tuple[Weights, int]:
-        return await self.serve.snapshot()
-
-    def close(self) -> None:
-        while not self._idle.empty():
-            self._idle.get_nowait().close()

@@ -3,10 +3,8 @@
 
 from __future__ import annotations
 
-import asyncio
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 from ray.actor import ActorHandle
 from ray.serve.handle import DeploymentHandle
 
@@ -15,42 +13,9 @@ from policy_server.serving.errors import remote
 if TYPE_CHECKING:
     from policy_server.llm.generation import GenerationParams, Sample
     from policy_server.llm.tasks import TaskView
-    from policy_server.policies.torch_policy import PolicyOutput
-    from policy_server.serving.api import Conversation, Weights
+    from policy_server.serving.api import Conversation
     from policy_server.training.collect import Acted
     from policy_server.training.experience import ExperienceBatch
-
-READY_TIMEOUT_S = 5.0
-
-
-class ServePolicyModel:
-    """A policy deployment, every batch through its handle."""
-
-    what = "the policy's deployment"
-
-    def __init__(self, handle: DeploymentHandle) -> None:
-        self.handle = handle
-        self._forward = handle.forward  # the hot path: one handle for all calls
-
-    async def forward(self, obs: np.ndarray) -> PolicyOutput:
-        return await remote(self.what, self._forward.remote, obs)
-
-    async def ready(self) -> bool:
-        try:
-            await asyncio.wait_for(self.handle.version.remote(), READY_TIMEOUT_S)
-        except Exception:  # noqa: BLE001 - any failure means "not ready"; the probe reports it
-            return False
-        return True
-
-    async def set_weights(self, weights: Weights, version: int) -> None:
-        await remote(self.what, self.handle.broadcast("set_weights", weights, version).results_async)
-
-    async def version(self) -> int:
-        return await remote(self.what, self.handle.version.remote)
-
-    async def snapshot(self) -> tuple[Weights, int]:
-        return await remote(self.what, self.handle.snapshot.remote)
-
 
 class ActorPolicyTrainer:
     """A ``TrainerActor``; our errors come back as themselves, others as ``serving.errors`` maps them."""

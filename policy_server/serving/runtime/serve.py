@@ -29,12 +29,11 @@ from policy_server.serving.runtime.remote import (
     ActorPolicyTrainer,
     ServeGRPORuns,
     ServeLLMModel,
-    ServePolicyModel,
     ServeTasksAndSessions,
     ServeValueModel,
     ServeX1Training,
 )
-from policy_server.serving.transport import DirectPolicyModel
+from policy_server.serving.runtime.transports import PolicyTransport, open_transport
 from policy_server.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -51,7 +50,7 @@ class ServeRuntime(Runtime):
         self.started_ray = False
         self.apps: list[str] = []
         self.actors: list[ActorHandle] = []
-        self.direct: list[DirectPolicyModel] = []
+        self.transports: list[PolicyTransport] = []
 
     async def start(self) -> None:
         await asyncio.to_thread(self._start)
@@ -91,13 +90,9 @@ class ServeRuntime(Runtime):
     async def connect(self, spec: PolicySpec) -> PolicyModel:
         """The deployed policy, for the event loop that calls this (its handle's router runs there)."""
         handle = serve.get_deployment_handle(deployment_name(spec.name), self.app_name(spec))
-        model = ServePolicyModel(handle)
-        if not self.settings.direct_transport:
-            return model
-        direct = DirectPolicyModel(model, spec.resources.concurrent_batches)
-        await direct.start()
-        self.direct.append(direct)
-        return direct
+        transport = await open_transport(handle, self.settings.direct_transport, spec.resources.concurrent_batches)
+        self.transports.append(transport)
+        return transport
 
     async def policy_trainer(self, spec: PolicySpec, space: ActionSpace, obs_dim: int) -> ActorPolicyTrainer:
         return ActorPolicyTrainer(await asyncio.to_thread(self.start_trainer, spec, space, obs_dim))
@@ -216,9 +211,9 @@ class ServeRuntime(Runtime):
         return serve.get_deployment_handle(name, app_name)
 
     async def stop(self) -> None:
-        for direct in self.direct:  # from the event loop that opened them
-            direct.close()
-        self.direct.clear()
+        for transport in self.transports:  # from the event loop that opened them
+            transport.close()
+        self.transports.clear()
         for actor in self.actors:
             await _close_actor(actor)
         self.actors.clear()
