@@ -10,8 +10,7 @@ import pytest
 
 import policy_server
 from policy_server import errors
-from policy_server.errors import FieldError, InvalidRequest, ModelOverflow, PolicyServerError
-from policy_server.llm.batching import QueueFull
+from policy_server.errors import FieldError, InvalidRequest, ModelOverflow, PolicyServerError, QueueFull
 
 PACKAGE = Path(policy_server.__file__).parent
 INVALID = {name for name, cls in vars(errors).items() if isinstance(cls, type) and issubclass(cls, InvalidRequest)}

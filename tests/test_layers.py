@@ -94,3 +94,16 @@ def test_no_module_is_over_500_lines() -> None:
     }
     long = {name: n for name, n in lengths.items() if n > MAX_LINES}
     assert long == {}, f"split these modules (over {MAX_LINES} lines): {long}"
+
+
+@pytest.mark.parametrize("package", DOMAIN)
+def test_the_domain_never_names_http_body_fields(package: str) -> None:
+    """Domain errors name fields from their own input (``checkpoint``, ``dataset.3.GAE``); the
+    gateway says where in the request they are (``gateway.errors.in_body``)."""
+    named = [
+        f"{path.relative_to(PACKAGE)}:{n}"
+        for path in sorted((PACKAGE / package).rglob("*.py"))
+        for n, line in enumerate(path.read_text().splitlines(), 1)
+        if '"body.' in line or "'body." in line or 'f"body' in line
+    ]
+    assert named == []

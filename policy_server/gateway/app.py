@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import gc
 import logging
 import signal
@@ -28,14 +27,12 @@ from policy_server.gateway.openapi import operation_ids
 from policy_server.gateway.paths import PathNormalizer, slash_routes
 from policy_server.gateway.policy.service import PolicyService
 from policy_server.gateway.redact import install_log_redaction
-from policy_server.gateway.training.service import LocalTrainerLink, RayTrainerLink, TrainingService
+from policy_server.gateway.training.service import TrainingService
 from policy_server.policies.served import resolve_policy
-from policy_server.policies.torch_policy import TorchPolicy, load_module, model_format
-from policy_server.schema.config import PolicySpec, ServerSchema, load_schema
+from policy_server.schema.config import ServerSchema, load_schema
 from policy_server.sdks import ClientSDKs
-from policy_server.serving.backend import LocalBackend
+from policy_server.serving.runtime import Runtime, make_runtime
 from policy_server.settings import Settings
-from policy_server.training.trainer import Trainer, build_trainer
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +61,6 @@ def build_app(settings: Settings | None = None) -> FastAPI:
     rng = np.random.default_rng(settings.seed)
     resolved = {name: resolve_policy(spec) for name, spec in schema.policies.items()}
     services = {name: PolicyService(served, rng) for name, (served, _) in resolved.items()}
-    local_models = {name: model for name, (_, model) in resolved.items()}
     trainings = {
         name: TrainingService(served, settings.max_batch_observations)
         for name, (served, _) in resolved.items()
@@ -78,7 +74,8 @@ def build_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         install_log_redaction()  # again: uvicorn may have (re)configured logging since the build
-        stop = await _start_backends(settings, schema, services, trainings, local_models, metrics, llm)
+        runtime = make_runtime(settings)
+        await _start_services(runtime, schema, services, trainings, metrics, llm)
         metrics.serve(settings.gateway_metrics_port)
         if sdks is not None and settings.clients_prebuild:
             sdks.start(app.openapi())
@@ -94,7 +91,7 @@ def build_app(settings: Settings | None = None) -> FastAPI:
             metrics.close()
             if sdks is not None:
                 sdks.close()
-            await stop()
+            await runtime.stop()
 
     app = _fastapi(prefix, lifespan)
     app.state.settings, app.state.schema, app.state.services = settings, schema, services
@@ -131,68 +128,23 @@ def _fastapi(prefix: str, lifespan: Any) -> FastAPI:
     )
 
 
-async def _start_backends(
-    settings: Settings,
+async def _start_services(
+    runtime: Runtime,
     schema: ServerSchema,
     services: dict[str, PolicyService],
     trainings: dict[str, TrainingService],
-    local_models: dict[str, TorchPolicy],
     metrics: GatewayMetrics,
     llm: LLMServices,
-) -> Any:
-    """Attach a backend to every service and a trainer to every trainable policy; returns the
-    coroutine function that stops them."""
-
-    def counter(name: str) -> Any:
-        return metrics.batch_rows.labels(name).observe
-
-    if settings.backend == "local":
-        for name, service in services.items():
-            service.attach(LocalBackend(local_models[name]), counter(name))
-        for name, training in trainings.items():
-            training.attach(LocalTrainerLink(_local_trainer(schema.policies[name], training, local_models[name])))
-        engines = await asyncio.to_thread(llm.attach_local)
-
-        async def stop_local() -> None:
-            for training in trainings.values():
-                if training.link is not None:
-                    await training.link.close()
-            for engine in engines:
-                engine.close()
-
-        return stop_local
-
-    from policy_server.serving.runtime import ServeRuntime  # Ray only where it is used
-
-    runtime = ServeRuntime(settings)
-    await asyncio.to_thread(runtime.start)
-    local_models.clear()  # the deployments hold the models now
+) -> None:
+    """Have the runtime start every service of the schema, and attach each to its gateway service
+    (each answers 503 until then)."""
+    await runtime.start()
     for name, service in services.items():
-        await asyncio.to_thread(runtime.deploy, schema.policies[name])
-        service.attach(await runtime.connect(schema.policies[name]), counter(name))
-        log.info("policy %s is served by Ray Serve app %s", name, runtime.apps[-1])
-    for name, training in trainings.items():
-        served = training.policy
-        actor = await asyncio.to_thread(runtime.start_trainer, schema.policies[name], served.space, served.obs_dim)
-        training.attach(RayTrainerLink(actor))
-    await llm.attach_serve(runtime)
-
-    async def stop() -> None:
-        for training in trainings.values():
-            if training.link is not None:
-                await training.link.close()
-        runtime.close_connections()
-        await asyncio.to_thread(runtime.stop)
-
-    return stop
-
-
-def _local_trainer(spec: PolicySpec, training: TrainingService, served: TorchPolicy) -> Trainer:
-    """A trainer in this process, on its own copy of the model, publishing to ``served``."""
-    assert spec.training is not None
-    module = load_module(spec.model.read_bytes(), model_format(spec.model))
-    policy = training.policy
-    return build_trainer(spec.name, spec.training, module, policy.space, policy.obs_dim, served.set_weights)
+        service.attach(await runtime.policy_model(schema.policies[name]), metrics.batch_rows.labels(name).observe)
+    for name, trainer in trainings.items():
+        policy = trainer.policy
+        trainer.attach(await runtime.policy_trainer(schema.policies[name], policy.space, policy.obs_dim))
+    await llm.start(runtime)
 
 
 def _client_sdks(settings: Settings) -> ClientSDKs | None:

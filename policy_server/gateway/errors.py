@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable
+from typing import TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -10,7 +12,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
-from policy_server.errors import FieldError, PolicyServerError
+from policy_server.errors import FieldError, InvalidRequest, PolicyServerError
 from policy_server.fields import error_message
 from policy_server.gateway.paths import flat_routes
 
@@ -27,6 +29,7 @@ _HTTP_CODES = {
     422: "invalid_request",
     429: "too_many_requests",
     503: "unavailable",
+    504: "gateway_timeout",
 }
 
 
@@ -131,3 +134,26 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(RequestValidationError, _on_validation_error)
     app.add_exception_handler(StarletteHTTPException, _on_http_error)
     app.add_exception_handler(Exception, _on_unexpected)
+
+
+T = TypeVar("T")
+
+
+def under_body(exc: InvalidRequest) -> InvalidRequest:
+    """A domain's ``InvalidRequest``, whose fields are named from its own input (``prompt``,
+    ``dataset.3.GAE``, ``""`` for the whole input), named from the request body instead
+    (``body.prompt``, ``body.dataset.3.GAE``, ``body``); the message's leading field too."""
+    fields = [FieldError(".".join(filter(None, ("body", f.field))), f.message) for f in exc.fields]
+    head = f"{exc.fields[0].field}: " if exc.fields[0].field else ""
+    message = exc.message
+    if message.startswith(head):
+        message = f"{fields[0].field}: {message[len(head):]}"
+    return type(exc)(message, fields)
+
+
+async def in_body(pending: Awaitable[T]) -> T:
+    """``await pending``, its ``InvalidRequest`` named from the request body (``under_body``)."""
+    try:
+        return await pending
+    except InvalidRequest as exc:
+        raise under_body(exc) from exc

@@ -29,21 +29,11 @@ from policy_server.errors import (
     ModelError,
     PayloadTooLarge,
     PolicyServerError,
+    QueueFull,
     summary,
 )
 
 S = TypeVar("S")
-
-
-class QueueFull(PolicyServerError):
-    """Too much work is already waiting; retry after ``retry_after_s`` seconds."""
-
-    status = 429
-    code = "queue_full"
-
-    def __init__(self, message: str, retry_after_s: int = 1) -> None:
-        super().__init__(message)
-        self.retry_after_s = retry_after_s
 
 
 class BatchParams(Protocol):

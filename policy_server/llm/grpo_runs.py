@@ -14,17 +14,13 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from policy_server.errors import Conflict, NotFound
+from policy_server.errors import NotFound, TooManyRuns
 from policy_server.llm.grpo import GRPORun
 from policy_server.llm.grpo_checkpoints import latest_checkpoint
 from policy_server.llm.grpo_settings import GRPOSettings
 from policy_server.llm.models import load_policy
 
 RUN_ID = r"^[A-Za-z0-9_-]{1,64}$"
-
-
-class TooManyRuns(Conflict):
-    code = "too_many_runs"
 
 
 class GRPORuns:

@@ -28,8 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal, NamedTuple, Protocol
 
-from policy_server.errors import Conflict, NotFound
-from policy_server.llm.batching import QueueFull
+from policy_server.errors import Conflict, NotFound, QueueFull
 
 MASK = -100
 """``masked_tokens`` value on positions that are not trained (prompts)."""

@@ -1,4 +1,4 @@
-"""``LLMState``: what must outlive one request and be the same for every gateway: x1's queued
+"""``TasksAndSessions``: what must outlive one request and be the same for every gateway: x1's queued
 ``/forward`` tasks and the token-tracking sessions.
 
 A plain object. On Ray Serve one replica of a small deployment holds it (so any gateway can
@@ -12,17 +12,17 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from policy_server.errors import NotFound, PolicyServerError, summary
+from policy_server.errors import ModelError, NotFound, PolicyServerError, summary
 from policy_server.llm.generation import GenerationParams, Sample
 from policy_server.llm.records import SessionStore, record_from_sample
-from policy_server.llm.tasks import TaskStore
+from policy_server.llm.tasks import TaskStore, TaskView
 
 log = logging.getLogger(__name__)
 
 Generate = Callable[[list[int], GenerationParams], Awaitable[tuple[list[Sample], int]]]
 
 
-class LLMState:
+class TasksAndSessions:
     def __init__(self, tokenizer: Any, generate: Generate, end_token: str, task_ttl_s: float, max_tasks: int) -> None:
         self.tokenizer, self.generate, self.end_token = tokenizer, generate, end_token
         self.tasks = TaskStore(ttl_s=task_ttl_s, max_tasks=max_tasks)
@@ -45,12 +45,12 @@ class LLMState:
     async def _run(self, task_id: str, text: str, prompt: list[int], params: GenerationParams, records: bool) -> None:
         try:
             samples, version = await self.generate(prompt, params)
-        except PolicyServerError as exc:
-            self._finish(task_id, error=exc.message)
+        except PolicyServerError as exc:  # kept whole: the fetch answers its class, code and status
+            self._finish(task_id, error=exc)
             return
         except Exception as exc:  # noqa: BLE001 - reported to whoever fetches the task
             log.exception("task %s failed", task_id)
-            self._finish(task_id, error=f"{type(exc).__name__}: {summary(exc)}")
+            self._finish(task_id, error=ModelError(f"the model raised {type(exc).__name__}: {summary(exc)}"))
             return
         self._finish(task_id, result={
             "result": [self.tokenizer.decode(s.completion_ids, skip_special_tokens=True) for s in samples],
@@ -61,7 +61,7 @@ class LLMState:
             "records": [record_from_sample(s, version).to_dict() for s in samples] if records else None,
         })
 
-    def _finish(self, task_id: str, result: dict[str, Any] | None = None, error: str | None = None) -> None:
+    def _finish(self, task_id: str, result: dict[str, Any] | None = None, error: PolicyServerError | None = None) -> None:
         try:
             if error is not None:
                 self.tasks.fail(task_id, error)
@@ -70,11 +70,10 @@ class LLMState:
         except NotFound:
             log.info("task %s expired before it finished", task_id)
 
-    def task(self, task_id: str) -> dict[str, Any]:
-        """The task's state and result; a finished task is forgotten by this very call (fetched once,
-        atomically: a second fetch, however soon, is ``NotFound``)."""
-        view = self.tasks.take(task_id)
-        return {"state": view.state, "result": view.result, "error": view.error}
+    def task(self, task_id: str) -> TaskView:
+        """The task's state and result (or error); a finished task is forgotten by this very call
+        (fetched once, atomically: a second fetch, however soon, is ``NotFound``)."""
+        return self.tasks.take(task_id)
 
     # --- sessions ------------------------------------------------------------------------------
 

@@ -19,10 +19,11 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from policy_server.errors import Conflict, NotFound
-from policy_server.llm.batching import QueueFull
+from policy_server.errors import Conflict, NotFound, PolicyServerError, QueueFull
 
 TaskState = Literal["pending", "done", "failed"]
+Failure = PolicyServerError | str
+"""Why a task failed: the error its fetcher gets (kept whole), or a message."""
 
 
 @dataclass(frozen=True)
@@ -33,7 +34,7 @@ class TaskView:
     state: TaskState
     meta: Mapping[str, Any]
     result: Any = None
-    error: str | None = None
+    error: Failure | None = None
 
 
 @dataclass(frozen=True)
@@ -49,7 +50,7 @@ class _Task:
     expires_at: float
     state: TaskState = "pending"
     result: Any = None
-    error: str | None = None
+    error: Failure | None = None
 
 
 class TaskStore:
@@ -84,9 +85,9 @@ class TaskStore:
         """Store a pending task's result. Raises ``NotFound`` if it expired meanwhile."""
         self._finish(task_id, "done", result, None)
 
-    def fail(self, task_id: str, message: str) -> None:
-        """Mark a pending task failed; ``message`` is what the client reads."""
-        self._finish(task_id, "failed", None, message)
+    def fail(self, task_id: str, error: Failure) -> None:
+        """Mark a pending task failed; ``error`` is what the client gets."""
+        self._finish(task_id, "failed", None, error)
 
     def get(self, task_id: str) -> TaskView:
         """The task's state and result, leaving it in place (``take`` is the fetch that forgets)."""
@@ -116,7 +117,7 @@ class TaskStore:
             self._purge()
             return len(self._tasks)
 
-    def _finish(self, task_id: str, state: TaskState, result: Any, error: str | None) -> None:
+    def _finish(self, task_id: str, state: TaskState, result: Any, error: Failure | None) -> None:
         with self._lock:
             now = self._purge()
             task = self._require(task_id)

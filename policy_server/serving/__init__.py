@@ -1,6 +1,6 @@
-"""Where the models run: backends (Ray Serve or in-process) and the gateway's micro-batcher."""
+"""Where the models run: the runtime plug point (``runtime``), the typed services it hands out
+(``api``), the one error map (``errors``), the Ray adapters, and the gateway's micro-batcher."""
 
-from policy_server.serving.backend import LocalBackend, PolicyBackend
 from policy_server.serving.batcher import MicroBatcher
 
-__all__ = ["LocalBackend", "MicroBatcher", "PolicyBackend"]
+__all__ = ["MicroBatcher"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ray import serve
 from ray.serve import Application
@@ -14,10 +14,16 @@ from policy_server.llm.engine import LLMEngine, ValueScorer
 from policy_server.llm.folders import Folder, unpack_folder, unpack_model
 from policy_server.llm.generation import GenerationParams, Sample
 from policy_server.llm.grpo_runs import GRPORuns
-from policy_server.llm.state import LLMState
+from policy_server.llm.state import TasksAndSessions
+from policy_server.llm.tasks import TaskView
 from policy_server.llm.x1_trainer import X1Trainer
 from policy_server.schema.llm import LLMPolicySpec, LLMValueSpec
 from policy_server.serving.llm_metrics import GRPOMetrics, LLMServingMetrics
+
+if TYPE_CHECKING:
+    from policy_server.llm.grpo_settings import GRPOSettings
+    from policy_server.llm.x1_config import X1TrainingConfig
+    from policy_server.serving.api import Conversation
 
 
 def _limit_threads(cpus: float) -> None:
@@ -53,8 +59,10 @@ class ValueDeployment:
         _limit_threads(spec.resources.num_cpus)
         self.scorer = ValueScorer.from_files(spec, model, adapter, device)
 
-    async def score(self, conversations: list[list[dict[str, str]]]) -> tuple[list[float], int]:
-        return await self.scorer.score(conversations)
+    async def score(self, conversations: list[Conversation]) -> tuple[list[float], int]:
+        from policy_server.serving.runtime.local import score_or_invalid
+
+        return await score_or_invalid(self.scorer, conversations)
 
     def version(self) -> int:
         return self.scorer.version
@@ -64,7 +72,7 @@ class ValueDeployment:
 
 
 @serve.deployment(num_replicas=1, max_ongoing_requests=1024, ray_actor_options={"num_cpus": 0})
-class LLMStateDeployment:
+class TasksAndSessionsDeployment:
     """The one holder of queued tasks and sessions, whichever gateway a request comes through;
     it generates through the policy deployment's handle."""
 
@@ -73,25 +81,41 @@ class LLMStateDeployment:
 
         folder = unpack_folder(tokenizer, Path(tempfile.mkdtemp(prefix="policy-server-tokenizer-")))
         self.policy = serve.get_deployment_handle(LLM_POLICY, policy_app)
-        self.state = LLMState(
+        self.state = TasksAndSessions(
             AutoTokenizer.from_pretrained(str(folder), local_files_only=True), self._generate, spec.end_token,
             spec.limits.task_ttl_s, 4 * spec.limits.max_queued,
         )
 
     async def _generate(self, prompt_ids: list[int], params: GenerationParams) -> tuple[list[Sample], int]:
-        return await self.policy.generate.remote(prompt_ids, params)
+        from policy_server.serving.errors import remote
 
-    async def call(self, method: str, *args: Any) -> Any:
-        if method not in STATE_API:
-            raise AttributeError(f"LLMState has no API method {method!r}")
-        result = getattr(self.state, method)(*args)
-        return await result if asyncio.iscoroutine(result) else result
+        # mapped here, so a task that fails keeps the domain error the policy replica raised
+        return await remote("the LLM deployment", self.policy.generate.remote, prompt_ids, params)
+
+    async def start_task(self, prompt_text: str, prompt_ids: list[int], params: GenerationParams, records: bool) -> str:
+        return await self.state.start_task(prompt_text, prompt_ids, params, records)
+
+    def task(self, task_id: str) -> TaskView:
+        return self.state.task(task_id)
+
+    def session_prompt(self, session_id: str, mode: str, text: str) -> tuple[list[int], str | None]:
+        return self.state.session_prompt(session_id, mode, text)
+
+    def session_add(
+        self, session_id: str, mode: str, parent: str | None, prompt_text: str, samples: list[Sample], version: int
+    ) -> None:
+        self.state.session_add(session_id, mode, parent, prompt_text, samples, version)
+
+    def session_nodes(self, session_id: str) -> list[dict[str, Any]]:
+        return self.state.session_nodes(session_id)
+
+    def reset_session(self, session_id: str) -> None:
+        self.state.reset_session(session_id)
 
 
-STATE_API = frozenset({"start_task", "task", "session_prompt", "session_add", "session_nodes", "reset_session"})
 LLM_POLICY = "llm-policy"
 LLM_VALUE = "llm-value"
-LLM_STATE = "llm-state"
+LLM_TASKS = "llm-tasks"
 
 
 def build_llm_deployment(
@@ -126,16 +150,30 @@ class GRPODeployment:
         self.runs = GRPORuns(folder, lora, Path(root), spec.dtype, device)
         self.metrics = GRPOMetrics(spec.model_id, serve.get_replica_context().app_name)
 
-    async def call(self, method: str, *args: Any) -> Any:
-        if method not in GRPO_API:
-            raise AttributeError(f"GRPORuns has no API method {method!r}")
-        answer = await asyncio.to_thread(getattr(self.runs, method), *args)
-        if method == "rewards":
-            self.metrics.on_rewards(args[0], answer)
+    async def start(self, settings: GRPOSettings) -> dict[str, Any]:
+        return await asyncio.to_thread(self.runs.start, settings)
+
+    async def complete(self, run_id: str, prompt: str) -> dict[str, Any]:
+        return await asyncio.to_thread(self.runs.complete, run_id, prompt)
+
+    async def rewards(self, run_id: str, group_id: str, rewards: list[float]) -> dict[str, Any]:
+        answer = await asyncio.to_thread(self.runs.rewards, run_id, group_id, rewards)
+        self.metrics.on_rewards(run_id, answer)
         return answer
 
+    async def status(self, run_id: str) -> dict[str, Any]:
+        return await asyncio.to_thread(self.runs.status, run_id)
 
-GRPO_API = frozenset({"start", "complete", "rewards", "status", "stop", "archive", "list"})
+    async def stop(self, run_id: str) -> dict[str, Any]:
+        return await asyncio.to_thread(self.runs.stop, run_id)
+
+    async def archive(self, run_id: str) -> bytes:
+        return await asyncio.to_thread(self.runs.archive, run_id)
+
+    async def list(self) -> list[dict[str, Any]]:
+        return await asyncio.to_thread(self.runs.list)
+
+
 LLM_GRPO = "llm-grpo"
 
 
@@ -158,10 +196,14 @@ class X1TrainingDeployment:
 
         self.trainer = X1Trainer(kind, load_for(kind, spec, folder, lora, device), spec.training, publish)  # type: ignore[arg-type]
 
-    async def call(self, method: str, *args: Any) -> Any:
-        if method not in X1_API:
-            raise AttributeError(f"X1Trainer has no API method {method!r}")
-        return await asyncio.to_thread(getattr(self.trainer, method), *args)
+    async def start(self, request: X1TrainingConfig) -> dict[str, str]:
+        return await asyncio.to_thread(self.trainer.start, request)
+
+    async def stop(self) -> dict[str, str]:
+        return await asyncio.to_thread(self.trainer.stop)
+
+    async def status(self) -> dict[str, Any]:
+        return await asyncio.to_thread(self.trainer.status)
 
 
 def load_for(kind: str, spec: LLMPolicySpec | LLMValueSpec, folder: Path, adapter: Path | None, device: str) -> Any:
@@ -171,9 +213,6 @@ def load_for(kind: str, spec: LLMPolicySpec | LLMValueSpec, folder: Path, adapte
     if kind == "policy":
         return lambda: load_policy(folder, adapter, spec.dtype, device)
     return lambda: load_value(folder, adapter, spec.dtype, device, position=getattr(spec, "position", None))
-
-
-X1_API = frozenset({"start", "stop", "status"})
 
 
 def x1_app_name(prefix: str, kind: str) -> str:

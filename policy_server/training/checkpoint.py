@@ -42,7 +42,7 @@ class CheckpointStore:
         """The file of checkpoint ``name``; raises InvalidRequest for a name that is not plain."""
         if not _NAME.fullmatch(name):
             raise InvalidRequest.at(
-                "body.checkpoint",
+                "checkpoint",
                 f"invalid checkpoint name {name!r}: use up to 128 letters, digits, '-', '_' and '.', "
                 "not starting with '.'",
             )
@@ -79,13 +79,13 @@ class CheckpointStore:
             return torch.load(path, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as e:
             raise InvalidRequest.at(
-                "body.checkpoint",
+                "checkpoint",
                 f"checkpoint {name!r} cannot be loaded safely: {path} holds objects other than tensors "
                 "and plain data, or is not a checkpoint; only files this store wrote can be loaded",
             ) from e
         except (RuntimeError, EOFError) as e:
             raise InvalidRequest.at(
-                "body.checkpoint", f"checkpoint {name!r} is not a readable checkpoint file: {summary(e)}"
+                "checkpoint", f"checkpoint {name!r} is not a readable checkpoint file: {summary(e)}"
             ) from e
 
     def list(self) -> list[dict[str, Any]]:

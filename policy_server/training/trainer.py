@@ -1,7 +1,7 @@
 """``Trainer``: trains one served policy from the experience its clients send.
 
-A plain object (no Ray, no HTTP): the Ray actor in ``training.actor`` and the in-process
-``LocalTrainerLink`` of the gateway both hold one. The API methods may be called from any thread
+A plain object (no Ray, no HTTP): the Ray actor in ``serving.trainer_actor`` and the local
+runtime (``serving.runtime.local``) both hold one. The API methods may be called from any thread
 and return at once; the learner is touched only by the trainer's own loop thread, which adds the
 received samples, runs an update whenever the learner has enough data, publishes the new weights
 with the next version number, and writes checkpoints. The request path never waits for an update.
@@ -327,13 +327,13 @@ class Trainer:
         state = self.store.load(name)
         if state.get("algorithm") != self.spec.algorithm:
             raise InvalidRequest.at(
-                "body.checkpoint",
+                "checkpoint",
                 f"checkpoint {name!r} was written by {state.get('algorithm')!r}, not {self.spec.algorithm!r}",
             )
         bad = nonfinite(state["learner"]["actor"])  # written before updates were guarded
         if bad:
             raise InvalidRequest.at(
-                "body.checkpoint", f"checkpoint {name!r} holds non-finite weights {bad[:3]}: resume from another one"
+                "checkpoint", f"checkpoint {name!r} holds non-finite weights {bad[:3]}: resume from another one"
             )
         self.learner.load_state_dict(state["learner"])
         with self._cond:

@@ -261,11 +261,11 @@ def _metric(text: str, name: str) -> float:
 
 
 def test_batches_take_the_direct_path_and_survive_a_broken_link(server: dict[str, Any]) -> None:
-    from policy_server.serving.backend import DirectBackend
+    from policy_server.serving.runtime.transports import DirectTransport
 
     client: httpx.Client = server["client"]
     backend = server["app"].state.services["lpoc"].backend
-    assert isinstance(backend, DirectBackend)
+    assert isinstance(backend, DirectTransport)
     before = backend.fallbacks
     for _ in range(10):
         assert client.post("/predict", json=LPOC_OBS).status_code == 200

@@ -17,8 +17,9 @@ from policy_server.errors import (
     ModelError,
     PayloadTooLarge,
     PolicyServerError,
+    QueueFull,
 )
-from policy_server.llm.batching import GenerationQueue, QueueFull
+from policy_server.llm.batching import GenerationQueue
 
 FAIL = -1  # a prompt starting with this token makes its whole generate call raise
 

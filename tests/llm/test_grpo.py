@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from policy_server.errors import Conflict, InvalidRequest, NotFound
-from policy_server.llm.grpo import GRPORun, RunFinished, StaleGroup
+from policy_server.errors import Conflict, InvalidRequest, NotFound, RunFinished, StaleGroup
+from policy_server.llm.grpo import GRPORun
 from policy_server.llm.grpo_checkpoints import latest_checkpoint
 from policy_server.llm.grpo_settings import GRPOSettings
 from policy_server.llm.grpo_step import completion_log_probs

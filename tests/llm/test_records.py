@@ -7,8 +7,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from policy_server.errors import Conflict, NotFound
-from policy_server.llm.batching import QueueFull
+from policy_server.errors import Conflict, NotFound, QueueFull
 from policy_server.llm.records import MASK, SessionStore, TokenRecord, record_from_sample
 
 BOS = 1

@@ -6,8 +6,7 @@ import threading
 
 import pytest
 
-from policy_server.errors import Conflict, NotFound
-from policy_server.llm.batching import QueueFull
+from policy_server.errors import Conflict, NotFound, QueueFull
 from policy_server.llm.tasks import TaskStore
 
 

@@ -3,13 +3,16 @@ OpenAI-compatible routes. Thin handlers over ``LLMService`` and ``ValueService``
 
 # No `from __future__ import annotations`: FastAPI must see the models as real types.
 
+import copy
 from typing import Any
 
 from fastapi import APIRouter, Depends
 from fastapi.responses import JSONResponse
 
-from policy_server.errors import ModelError
-from policy_server.gateway.llm.service import LLMService, ValueService, in_body
+from policy_server.errors import ModelError, PolicyServerError
+from policy_server.gateway.errors import in_body
+from policy_server.gateway.llm.service import LLMService, ValueService
+from policy_server.gateway.llm.setup import Starting
 from policy_server.gateway.llm.wire import (
     DirectForward,
     DirectForwardAnswer,
@@ -24,7 +27,9 @@ from policy_server.gateway.llm.wire import (
     ValueForward,
 )
 from policy_server.gateway.openapi import error_docs
+from policy_server.llm.tasks import Failure
 from policy_server.llm.x1_config import X1TrainingConfig
+from policy_server.serving.api import X1Training
 
 LLM_ERRORS = error_docs({
     403: "Missing or wrong api key.",
@@ -36,9 +41,9 @@ LLM_ERRORS = error_docs({
 })
 
 
-async def _status(model: str, version: int, trainer: Any) -> dict[str, Any]:
+async def _status(model: str, version: int, trainer: Starting[X1Training] | None) -> dict[str, Any]:
     """x1's status, from the trainer when the model has one."""
-    training = await trainer.call("status") if trainer is not None else None
+    training = await trainer.require().status() if trainer is not None else None
     allow = bool(training and training["allow_training"])
     flag = bool(training and training["stop_training_flag"])
     return {
@@ -52,7 +57,7 @@ async def _status(model: str, version: int, trainer: Any) -> dict[str, Any]:
     }
 
 
-def _training_routes(router: APIRouter, trainer: Any) -> None:
+def _training_routes(router: APIRouter, trainer: Starting[X1Training]) -> None:
     """x1's `/train_from_dataset` and `/stop_training` on a model that has a trainer."""
 
     @router.post("/train_from_dataset", status_code=201, response_model=Message,
@@ -60,15 +65,15 @@ def _training_routes(router: APIRouter, trainer: Any) -> None:
     async def train_from_dataset(body: X1TrainingConfig) -> Any:
         """Train on the samples (or a dataset file under the server's data folder) in the
         background; serving goes on, and the trained weights become the next model version."""
-        return await in_body(trainer.call("start", body))
+        return await in_body(trainer.require().start(body))
 
     @router.post("/stop_training", response_model=Message)
     async def stop_training() -> Any:
         """Interrupt the run before its next step, save the model and publish it."""
-        return await trainer.call("stop")
+        return await trainer.require().stop()
 
 
-def llm_router(service: LLMService, auth: Any, prefix: str, trainer: Any = None) -> APIRouter:
+def llm_router(service: LLMService, auth: Any, prefix: str, trainer: Starting[X1Training] | None = None) -> APIRouter:
     router = APIRouter(prefix=prefix, tags=["LLM policy"], dependencies=[Depends(auth)], responses=LLM_ERRORS)
 
     @router.get("/", response_model=ModelStatus)
@@ -99,29 +104,29 @@ def llm_router(service: LLMService, auth: Any, prefix: str, trainer: Any = None)
     async def forward_result(task_id: str) -> Any:
         """The result of a queued task, handed out once: kept until fetched, or until it expires. A
         task still generating answers 202 `pending`; an unknown, expired or already fetched id 404."""
-        view = await service.call_state("task", task_id)
-        if view["state"] == "pending":
+        view = await service.require_tasks().task(task_id)
+        if view.state == "pending":
             return JSONResponse({"task_id": task_id, "status": "pending"}, status_code=202)
-        if view["state"] == "failed":
-            raise ModelError(f"task {task_id} failed: {view['error']}")
-        # the state forgot the task as it handed it out: a second fetch is a 404
-        return JSONResponse({k: v for k, v in view["result"].items() if v is not None})
+        if view.state == "failed":
+            raise task_failure(task_id, view.error)
+        # the store forgot the task as it handed it out: a second fetch is a 404
+        return JSONResponse({k: v for k, v in view.result.items() if v is not None})
 
     @router.get("/sessions/{session_id}", response_model=Session)
     async def session(session_id: str) -> Any:
         """The session's token records, ready for training (prompt positions masked)."""
-        return {"session_id": session_id, "nodes": await service.call_state("session_nodes", session_id)}
+        return {"session_id": session_id, "nodes": await service.require_tasks().session_nodes(session_id)}
 
     @router.delete("/sessions/{session_id}", response_model=Session)
     async def reset_session(session_id: str) -> Any:
         """Forget the session's nodes."""
-        await service.call_state("reset_session", session_id)
+        await service.require_tasks().reset_session(session_id)
         return {"session_id": session_id, "nodes": []}
 
     return router
 
 
-def value_router(service: ValueService, auth: Any, prefix: str, trainer: Any = None) -> APIRouter:
+def value_router(service: ValueService, auth: Any, prefix: str, trainer: Starting[X1Training] | None = None) -> APIRouter:
     router = APIRouter(prefix=prefix, tags=["LLM value"], dependencies=[Depends(auth)], responses=LLM_ERRORS)
 
     @router.get("/", response_model=ModelStatus)
@@ -140,7 +145,12 @@ def value_router(service: ValueService, auth: Any, prefix: str, trainer: Any = N
     return router
 
 
-
-
-
-
+def task_failure(task_id: str, error: Failure | None) -> PolicyServerError:
+    """What a failed task answers: the error it failed with (class, code and status kept), its
+    message naming the task."""
+    if not isinstance(error, PolicyServerError):
+        return ModelError(f"task {task_id} failed: {error}")
+    failure = copy.copy(error)
+    failure.message = f"task {task_id} failed: {error.message}"
+    failure.args = (failure.message,)
+    return failure

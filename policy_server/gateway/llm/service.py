@@ -2,17 +2,15 @@
 
 The gateway tokenises (it loads only the tokenizer): it checks lengths and stop strings before
 anything is queued, builds x1's step prompts and chat prompts, tracks sessions and queued tasks,
-and sends token ids to a backend, the Serve deployment or an in-process engine.
+and sends token ids to the model (a ``serving.api.LLMModel`` the runtime started).
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
-from collections.abc import Awaitable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import Any
 
 from pydantic import TypeAdapter, ValidationError
 
@@ -20,8 +18,6 @@ from policy_server.errors import (
     BackendUnavailable,
     FieldError,
     InvalidRequest,
-    ModelError,
-    PolicyServerError,
     summary,
 )
 from policy_server.fields import field_errors
@@ -32,149 +28,16 @@ from policy_server.gateway.llm.wire import (
 )
 from policy_server.llm.generation import GenerationParams, Sample
 from policy_server.llm.records import record_from_sample
-from policy_server.llm.state import LLMState
 from policy_server.schema.llm import LLMPolicySpec, LLMValueSpec
+from policy_server.serving.api import LLMModel, TasksAndSessionsAPI, ValueModel
 
 log = logging.getLogger(__name__)
 
 _CONVERSATION = TypeAdapter(list[ValueMessage])
-T = TypeVar("T")
 
 
-def under_body(exc: InvalidRequest) -> InvalidRequest:
-    """A domain's ``InvalidRequest``, whose fields are named from its own input (``prompt``,
-    ``dataset.3.GAE``, ``""`` for the whole input), named from the request body instead
-    (``body.prompt``, ``body.dataset.3.GAE``, ``body``); the message's leading field too."""
-    fields = [FieldError(".".join(filter(None, ("body", f.field))), f.message) for f in exc.fields]
-    head = f"{exc.fields[0].field}: " if exc.fields[0].field else ""
-    message = exc.message
-    if message.startswith(head):
-        message = f"{fields[0].field}: {message[len(head):]}"
-    return type(exc)(message, fields)
 
 
-async def in_body(pending: Awaitable[T]) -> T:
-    """``await pending``, its ``InvalidRequest`` named from the request body (``under_body``)."""
-    try:
-        return await pending
-    except InvalidRequest as exc:
-        raise under_body(exc) from exc
-
-
-class LLMBackend(Protocol):
-    async def generate(self, prompt_ids: list[int], params: GenerationParams) -> tuple[list[Sample], int]: ...
-
-    async def version(self) -> int: ...
-
-
-class StateLink(Protocol):
-    async def call(self, method: str, *args: Any) -> Any: ...
-
-
-class LocalState:
-    """``LLMState`` in the gateway's process (the local backend)."""
-
-    def __init__(self, state: LLMState) -> None:
-        self.state = state
-
-    async def call(self, method: str, *args: Any) -> Any:
-        result = getattr(self.state, method)(*args)
-        return await result if asyncio.iscoroutine(result) else result
-
-
-class ThreadLink:
-    """A plain object with blocking methods, called in a worker thread (the local backend)."""
-
-    def __init__(self, target: Any) -> None:
-        self.target = target
-
-    async def call(self, method: str, *args: Any) -> Any:
-        return await asyncio.to_thread(getattr(self.target, method), *args)
-
-
-class Remote:
-    """An object of ours reached through a link (a deployment's handle, or a worker thread):
-    the GRPO runs, and x1's trainers."""
-
-    def __init__(self, what: str) -> None:
-        self.what = what
-        self.link: StateLink | None = None
-
-    def attach(self, link: StateLink) -> None:
-        self.link = link
-
-    async def call(self, method: str, *args: Any) -> Any:
-        if self.link is None:
-            raise BackendUnavailable(f"{self.what} is still starting; retry shortly")
-        return await self.link.call(method, *args)
-
-
-class ValueBackend(Protocol):
-    async def score(self, conversations: list[list[dict[str, str]]]) -> tuple[list[float], int]: ...
-
-    async def version(self) -> int: ...
-
-
-class HandleBackend:
-    """A Serve deployment, reached through its handle; our own errors come back as themselves."""
-
-    def __init__(self, handle: Any) -> None:
-        self.handle = handle
-
-    async def call(self, method: str, *args: Any) -> Any:
-        from ray import exceptions as ray_errors
-
-        try:
-            return await self.handle.options(method_name=method).remote(*args)
-        except ray_errors.RayTaskError as exc:
-            cause = exc.cause if exc.cause is not None else exc
-            if isinstance(cause, PolicyServerError):
-                raise cause from None
-            raise ModelError(f"the model raised {type(cause).__name__}: {summary(cause)}") from exc
-        except ray_errors.RayError as exc:
-            raise BackendUnavailable(f"the LLM deployment is unavailable: {summary(exc)}") from exc
-
-    async def generate(self, prompt_ids: list[int], params: GenerationParams) -> tuple[list[Sample], int]:
-        return await self.call("generate", prompt_ids, params)
-
-    async def score(self, conversations: list[list[dict[str, str]]]) -> tuple[list[float], int]:
-        return await self.call("score", conversations)
-
-    async def version(self) -> int:
-        return await self.call("version")
-
-
-class HandleState(HandleBackend):
-    """The state deployment (tasks and sessions), whose one entry point is ``call``."""
-
-    async def call(self, method: str, *args: Any) -> Any:
-        return await super().call("call", method, *args)
-
-
-class LocalBackend:
-    """An engine in the gateway's process (development and tests without Ray)."""
-
-    def __init__(self, engine: Any) -> None:
-        self.engine = engine
-
-    async def generate(self, prompt_ids: list[int], params: GenerationParams) -> tuple[list[Sample], int]:
-        try:
-            return await self.engine.generate(prompt_ids, params)
-        except PolicyServerError:
-            raise
-        except Exception as exc:
-            raise ModelError(f"the model raised {type(exc).__name__}: {summary(exc)}") from exc
-
-    async def score(self, conversations: list[list[dict[str, str]]]) -> tuple[list[float], int]:
-        try:
-            return await self.engine.score(conversations)
-        except PolicyServerError:
-            raise
-        except ValueError as exc:
-            raise InvalidRequest.at("body.messages", str(exc)) from exc
-
-    async def version(self) -> int:
-        return self.engine.version
 
 
 @dataclass
@@ -197,22 +60,19 @@ class LLMService:
     def __init__(self, spec: LLMPolicySpec, tokenizer: Any) -> None:
         self.spec, self.tokenizer = spec, tokenizer
         self.limits = spec.limits
-        self.backend: LLMBackend | None = None
-        self.state: StateLink | None = None
+        self.backend: LLMModel | None = None
+        self.tasks: TasksAndSessionsAPI | None = None
 
-    def attach(self, backend: LLMBackend, state: StateLink) -> None:
-        self.backend, self.state = backend, state
+    def attach(self, backend: LLMModel, tasks: TasksAndSessionsAPI) -> None:
+        self.backend, self.tasks = backend, tasks
 
-    def new_state(self, generate: Any) -> LLMState:
-        """The tasks and sessions of this model, generating through ``generate``."""
-        return LLMState(self.tokenizer, generate, self.spec.end_token, self.limits.task_ttl_s, 4 * self.limits.max_queued)
-
-    async def call_state(self, method: str, *args: Any) -> Any:
-        if self.state is None:
+    def require_tasks(self) -> TasksAndSessionsAPI:
+        """x1's tasks and sessions."""
+        if self.tasks is None:
             raise BackendUnavailable("the LLM policy is still starting; retry shortly")
-        return await self.state.call(method, *args)
+        return self.tasks
 
-    def require_backend(self) -> LLMBackend:
+    def require_backend(self) -> LLMModel:
         if self.backend is None:
             raise BackendUnavailable("the LLM policy is still starting; retry shortly")
         return self.backend
@@ -228,7 +88,7 @@ class LLMService:
     def chat_prompt(self, messages: list[dict[str, str]], continuation: str = "") -> str:
         try:
             text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        except Exception as exc:  # noqa: BLE001 - a template error is the request's fault
+        except Exception as exc:
             raise InvalidRequest.at("body.messages", f"cannot apply the chat template: {summary(exc)}") from exc
         return text + continuation
 
@@ -295,7 +155,7 @@ class LLMService:
         prompt = self.prompt_ids(body.input_string, body.max_input_length, body.truncate, "body.input_string")
         parent = None
         if body.session_id is not None:
-            prompt, parent = await self.call_state("session_prompt", body.session_id, body.session_mode, body.input_string)
+            prompt, parent = await self.require_tasks().session_prompt(body.session_id, body.session_mode, body.input_string)
         # x1's default (max_input_length + 256 in all) is capped by the server's limit; an explicit
         # max_output_length beyond it is refused
         new_tokens = (
@@ -309,8 +169,8 @@ class LLMService:
         )
         out = await self.generate(prompt, params, body.skip_special_tokens)
         if body.session_id is not None:
-            await self.call_state(
-                "session_add", body.session_id, body.session_mode, parent, body.input_string, out.samples, out.version
+            await self.require_tasks().session_add(
+                body.session_id, body.session_mode, parent, body.input_string, out.samples, out.version
             )
         return {
             "result": out.texts,
@@ -335,7 +195,7 @@ class LLMService:
             temperature=body.temperature, strategy=body.decoding_strategy, safe_logits=body.safe_logits,
             seed=body.seed,
         )
-        return await self.call_state("start_task", text, prompt, params, body.return_tokens)
+        return await self.require_tasks().start_task(text, prompt, params, body.return_tokens)
 
 
 
@@ -351,12 +211,12 @@ class LLMService:
 class ValueService:
     def __init__(self, spec: LLMValueSpec) -> None:
         self.spec = spec
-        self.backend: ValueBackend | None = None
+        self.backend: ValueModel | None = None
 
-    def attach(self, backend: ValueBackend) -> None:
+    def attach(self, backend: ValueModel) -> None:
         self.backend = backend
 
-    def require_backend(self) -> ValueBackend:
+    def require_backend(self) -> ValueModel:
         if self.backend is None:
             raise BackendUnavailable("the value model is still starting; retry shortly")
         return self.backend

@@ -1,12 +1,12 @@
 """``PolicyService``: everything the endpoints of one policy do, with neither HTTP nor Ray.
 
 The service turns observations into the model's input array, sends it through the micro-batcher
-to a backend, and turns the model's raw outputs into actions or distributions.
+to the policy's model (a ``serving.api.PolicyModel``), and turns the model's raw outputs into actions or distributions.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 import numpy as np
@@ -17,7 +17,7 @@ from policy_server.policies.served import ServedPolicy
 from policy_server.policies.spaces import ActionSample
 from policy_server.policies.torch_policy import PolicyOutput
 from policy_server.schema.observations import flatten
-from policy_server.serving.backend import PolicyBackend
+from policy_server.serving.api import PolicyModel
 from policy_server.serving.batcher import MicroBatcher
 
 Mode = Literal["sample", "deterministic"]
@@ -28,16 +28,16 @@ class PolicyService:
         self.policy = policy
         self.rng = rng
         self._batcher: MicroBatcher | None = None
-        self.backend: PolicyBackend | None = None
+        self.backend: PolicyModel | None = None
 
-    def attach(self, backend: PolicyBackend, on_batch: Any = None) -> None:
+    def attach(self, backend: PolicyModel, on_batch: Callable[[int], None] | None = None) -> None:
         res = self.policy.spec.resources
         self.backend = backend
         self._batcher = MicroBatcher(
             backend.forward, res.max_batch_size, res.concurrent_batches, res.batch_wait_ms / 1000, on_batch
         )
 
-    def require_backend(self) -> PolicyBackend:
+    def require_backend(self) -> PolicyModel:
         if self.backend is None:
             raise BackendUnavailable(f"policy {self.policy.name!r} is still starting; retry shortly")
         return self.backend

@@ -14,6 +14,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.routing import APIRoute
 
 from policy_server.errors import NotTrainable
+from policy_server.gateway.errors import in_body
 from policy_server.gateway.openapi import error_docs
 from policy_server.gateway.policy.router import ERRORS
 from policy_server.gateway.training.experience import CLIENT_ID_PATTERN, experience_model
@@ -91,7 +92,7 @@ def training_router(service: TrainingService, auth: Any, prefix: str) -> APIRout
     @router.post("/clients/{client_id}/heartbeat", response_model=ClientAnswer)
     async def heartbeat(client_id: str = Path(min_length=1, max_length=128, pattern=CLIENT_ID_PATTERN)) -> Any:
         """Tell the server the client is alive; answers the current version and state."""
-        return await service.call("heartbeat", client_id)
+        return await service.require_trainer().heartbeat(client_id)
 
     @experience_router.post("/experience", response_model=ExperienceAnswer)
     async def experience(body: ExperienceRequest) -> Any:  # type: ignore[valid-type]
@@ -104,37 +105,37 @@ def training_router(service: TrainingService, auth: Any, prefix: str) -> APIRout
     @router.get("/status", response_model=TrainingStatus)
     async def status() -> Any:
         """Progress: state, version, samples, clients, episode returns, last update."""
-        return await service.call("status")
+        return await service.require_trainer().status()
 
     @router.post("/start", response_model=TrainingStatus)
     async def start() -> Any:
         """Start (or continue) training."""
-        return await service.call("start")
+        return await service.require_trainer().start()
 
     @router.post("/pause", response_model=TrainingStatus)
     async def pause() -> Any:
         """Pause: no updates, and experience is refused (409) until started again."""
-        return await service.call("pause")
+        return await service.require_trainer().pause()
 
     @router.post("/stop", response_model=TrainingStatus)
     async def stop() -> Any:
         """Stop and write the checkpoint `final`; the policy keeps being served."""
-        return await service.call("stop")
+        return await service.require_trainer().stop()
 
     @router.post("/save", response_model=Saved)
     async def save() -> Any:
         """Write a checkpoint now (a "quicksave")."""
-        return await service.call("save")
+        return await service.require_trainer().save()
 
     @router.post("/resume", response_model=TrainingStatus)
     async def resume(body: Resume) -> Any:
         """Load a checkpoint (weights, optimiser, normaliser, statistics) and serve its weights."""
-        return await service.call("resume", body.checkpoint)
+        return await in_body(service.require_trainer().resume(body.checkpoint))
 
     @router.get("/checkpoints", response_model=Checkpoints)
     async def checkpoints() -> Any:
         """The checkpoints written so far."""
-        return await service.call("checkpoints")
+        return await service.require_trainer().checkpoints()
 
     return router
 

@@ -1,37 +1,61 @@
-"""Starting Ray and Serve, and deploying the policies of a schema on them."""
+"""``ServeRuntime``: the services on Ray Serve deployments (and each policy's trainer on a Ray
+actor), started by the gateway, reached through the typed adapters of ``runtime.remote``.
+
+Ray's documented ``RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP=0`` (set by ``runtime/__init__`` before
+Ray Serve is imported) runs every handle's router in the gateway's event loop: a thread hop less
+per call (DESIGN.md).
+"""
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import ray
 from ray import serve
+from ray.actor import ActorHandle
 from ray.serve.handle import DeploymentHandle
 
+from policy_server.policies.spaces import ActionSpace
 from policy_server.policies.torch_policy import model_format
 from policy_server.schema.config import PolicySpec
 from policy_server.schema.llm import LLMPolicySpec, LLMValueSpec
-from policy_server.serving.backend import DirectBackend, PolicyBackend, ServeBackend
+from policy_server.serving.api import PolicyModel
 from policy_server.serving.deployment import build_deployment, deployment_name
+from policy_server.serving.runtime.base import Runtime, X1Kind
+from policy_server.serving.runtime.remote import (
+    ActorPolicyTrainer,
+    ServeGRPORuns,
+    ServeLLMModel,
+    ServeTasksAndSessions,
+    ServeValueModel,
+    ServeX1Training,
+)
+from policy_server.serving.runtime.transports import PolicyTransport, open_transport
 from policy_server.settings import Settings
 
 log = logging.getLogger(__name__)
 TRAINER_START_TIMEOUT_S = 120.0
+TRAINER_CLOSE_TIMEOUT_S = 30.0
 
 
-@dataclass
-class ServeRuntime:
-    """Owns what the gateway started on Ray: the Serve apps, and Ray itself if it started it."""
+class ServeRuntime(Runtime):
+    """Owns what the gateway started on Ray: the Serve apps, the trainer actors, and Ray itself if
+    it started it. The blocking Ray calls (deploying: seconds) run in worker threads."""
 
-    settings: Settings
-    started_ray: bool = False
-    apps: list[str] = field(default_factory=list)
-    backends: list[DirectBackend] = field(default_factory=list)
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.started_ray = False
+        self.apps: list[str] = []
+        self.actors: list[ActorHandle] = []
+        self.transports: list[PolicyTransport] = []
 
-    def start(self) -> None:
+    async def start(self) -> None:
+        await asyncio.to_thread(self._start)
+
+    def _start(self) -> None:
         if not ray.is_initialized():
             if self.settings.ray_address:
                 ray.init(address=self.settings.ray_address, log_to_driver=False)
@@ -47,6 +71,11 @@ class ServeRuntime:
     def app_name(self, spec: PolicySpec) -> str:
         return f"{self.settings.serve_app_prefix}-{spec.name}"
 
+    async def policy_model(self, spec: PolicySpec) -> PolicyModel:
+        await asyncio.to_thread(self.deploy, spec)
+        log.info("policy %s is served by Ray Serve app %s", spec.name, self.apps[-1])
+        return await self.connect(spec)
+
     def deploy(self, spec: PolicySpec) -> str:
         """Run the policy's Serve app and wait until it is healthy (blocking: seconds)."""
         gpus = ray.cluster_resources().get("GPU", 0) > 0
@@ -58,25 +87,19 @@ class ServeRuntime:
         self.apps.append(app_name)
         return app_name
 
-    async def connect(self, spec: PolicySpec) -> PolicyBackend:
-        """A backend on the deployed app, for the event loop that calls this."""
-        app_name, name = self.app_name(spec), deployment_name(spec.name)
-        serve.get_deployment_handle(name, app_name)  # raises if it is missing
-        # A private handle (serve.get_deployment_handle's are shared and cached) whose router runs
-        # in the caller's event loop: saves a thread hop per call (see DESIGN.md).
-        handle = DeploymentHandle(name, app_name)
-        handle._init(_run_router_in_separate_loop=False)
-        backend = ServeBackend(handle)
-        if not self.settings.direct_transport:
-            return backend
-        direct = DirectBackend(backend, spec.resources.concurrent_batches)
-        await direct.start()
-        self.backends.append(direct)
-        return direct
+    async def connect(self, spec: PolicySpec) -> PolicyModel:
+        """The deployed policy, for the event loop that calls this (its handle's router runs there)."""
+        handle = serve.get_deployment_handle(deployment_name(spec.name), self.app_name(spec))
+        transport = await open_transport(handle, self.settings.direct_transport, spec.resources.concurrent_batches)
+        self.transports.append(transport)
+        return transport
 
-    def start_trainer(self, spec: PolicySpec, space: Any, obs_dim: int) -> Any:
+    async def policy_trainer(self, spec: PolicySpec, space: ActionSpace, obs_dim: int) -> ActorPolicyTrainer:
+        return ActorPolicyTrainer(await asyncio.to_thread(self.start_trainer, spec, space, obs_dim))
+
+    def start_trainer(self, spec: PolicySpec, space: ActionSpace, obs_dim: int) -> ActorHandle:
         """The policy's ``TrainerActor``, publishing to its deployment (blocking: seconds)."""
-        from policy_server.training.actor import TrainerActor  # torch training code only here
+        from policy_server.serving.trainer_actor import TrainerActor  # torch training code only here
 
         assert spec.training is not None
         gpus = spec.training.num_gpus if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
@@ -90,7 +113,7 @@ class ServeRuntime:
             deployment_name(spec.name), self.app_name(spec), gpus > 0,
         )
         try:
-            ray.get(actor.call.remote("status"), timeout=TRAINER_START_TIMEOUT_S)
+            ray.get(actor.status.remote(), timeout=TRAINER_START_TIMEOUT_S)
         except ray.exceptions.GetTimeoutError as exc:
             ray.kill(actor)
             raise RuntimeError(
@@ -98,9 +121,25 @@ class ServeRuntime:
                 f"does the cluster have {spec.training.num_cpus} CPUs and {gpus} GPUs free "
                 f"(training.num_cpus / training.num_gpus in the schema)?"
             ) from exc
+        self.actors.append(actor)
         return actor
 
-    def deploy_llm(self, spec: LLMPolicySpec | LLMValueSpec) -> Any:
+    async def llm_model(self, spec: LLMPolicySpec) -> ServeLLMModel:
+        return ServeLLMModel(await asyncio.to_thread(self.deploy_llm, spec))
+
+    async def value_model(self, spec: LLMValueSpec) -> ServeValueModel:
+        return ServeValueModel(await asyncio.to_thread(self.deploy_llm, spec))
+
+    async def tasks_and_sessions(self, spec: LLMPolicySpec, tokenizer: Any) -> ServeTasksAndSessions:
+        return ServeTasksAndSessions(await asyncio.to_thread(self.deploy_tasks_and_sessions, spec, tokenizer))
+
+    async def grpo_runs(self, spec: LLMPolicySpec) -> ServeGRPORuns:
+        return ServeGRPORuns(await asyncio.to_thread(self.deploy_grpo, spec))
+
+    async def x1_training(self, kind: X1Kind, spec: LLMPolicySpec | LLMValueSpec) -> ServeX1Training:
+        return ServeX1Training(await asyncio.to_thread(self.deploy_x1_trainer, kind, spec))
+
+    def deploy_llm(self, spec: LLMPolicySpec | LLMValueSpec) -> DeploymentHandle:
         """Run the LLM policy's or value model's Serve app (blocking); returns its handle."""
         from policy_server.llm.folders import pack_folder
         from policy_server.serving.llm_deployment import LLM_POLICY, LLM_VALUE, build_llm_deployment
@@ -113,23 +152,24 @@ class ServeRuntime:
         self.apps.append(app_name)
         return serve.get_deployment_handle(name, app_name)
 
-    def deploy_llm_state(self, spec: LLMPolicySpec, tokenizer: Any) -> Any:
+    def deploy_tasks_and_sessions(self, spec: LLMPolicySpec, tokenizer: Any) -> DeploymentHandle:
         """The deployment that keeps the LLM's tasks and sessions (one replica for all gateways)."""
         import tempfile
 
         from policy_server.llm.folders import pack_folder
-        from policy_server.serving.llm_deployment import LLM_POLICY, LLM_STATE, LLMStateDeployment
+        from policy_server.serving.llm_deployment import LLM_POLICY, LLM_TASKS, TasksAndSessionsDeployment
 
         with tempfile.TemporaryDirectory() as folder:
             tokenizer.save_pretrained(folder)
             files = pack_folder(Path(folder))
-        app_name = f"{self.settings.serve_app_prefix}-{LLM_STATE}"
+        app_name = f"{self.settings.serve_app_prefix}-{LLM_TASKS}"
         policy_app = f"{self.settings.serve_app_prefix}-{LLM_POLICY}"
-        serve.run(LLMStateDeployment.options(name=LLM_STATE).bind(spec, files, policy_app), name=app_name, route_prefix=None)
+        app = TasksAndSessionsDeployment.options(name=LLM_TASKS).bind(spec, files, policy_app)
+        serve.run(app, name=app_name, route_prefix=None)
         self.apps.append(app_name)
-        return serve.get_deployment_handle(LLM_STATE, app_name)
+        return serve.get_deployment_handle(LLM_TASKS, app_name)
 
-    def deploy_grpo(self, spec: LLMPolicySpec) -> Any:
+    def deploy_grpo(self, spec: LLMPolicySpec) -> DeploymentHandle:
         """The deployment of the LLM policy's GRPO runs (blocking); returns its handle."""
         from policy_server.llm.folders import pack_folder
         from policy_server.serving.llm_deployment import LLM_GRPO, GRPODeployment
@@ -146,7 +186,7 @@ class ServeRuntime:
         self.apps.append(app_name)
         return serve.get_deployment_handle(LLM_GRPO, app_name)
 
-    def deploy_x1_trainer(self, kind: str, spec: LLMPolicySpec | LLMValueSpec) -> Any:
+    def deploy_x1_trainer(self, kind: X1Kind, spec: LLMPolicySpec | LLMValueSpec) -> DeploymentHandle:
         """The deployment of x1's training of the policy or value model (blocking); its handle."""
         from policy_server.llm.folders import pack_folder
         from policy_server.serving.llm_deployment import (
@@ -170,13 +210,16 @@ class ServeRuntime:
         self.apps.append(app_name)
         return serve.get_deployment_handle(name, app_name)
 
-    def close_connections(self) -> None:
-        """Close the direct connections; from the event loop that opened them."""
-        for backend in self.backends:
-            backend.close()
-        self.backends.clear()
+    async def stop(self) -> None:
+        for transport in self.transports:  # from the event loop that opened them
+            transport.close()
+        self.transports.clear()
+        for actor in self.actors:
+            await _close_actor(actor)
+        self.actors.clear()
+        await asyncio.to_thread(self._stop)
 
-    def stop(self) -> None:
+    def _stop(self) -> None:
         for name in self.apps:
             try:
                 serve.delete(name)
@@ -186,3 +229,13 @@ class ServeRuntime:
         if self.started_ray:
             serve.shutdown()
             ray.shutdown()
+
+
+async def _close_actor(actor: ActorHandle) -> None:
+    """Let the trainer close (it may write a checkpoint), then end the actor either way."""
+    try:
+        await asyncio.wait_for(actor.close.remote(), TRAINER_CLOSE_TIMEOUT_S)
+    except Exception as exc:  # noqa: BLE001 - shutting down; report and go on
+        log.warning("the trainer did not close cleanly: %s", exc)
+    finally:
+        ray.kill(actor)

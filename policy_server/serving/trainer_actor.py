@@ -1,4 +1,4 @@
-"""The trainer of a policy as a Ray actor, beside the policy's Serve deployment.
+"""The trainer of a policy as a Ray actor (``TrainerActor``), beside the policy's Serve deployment.
 
 A thin adapter: it loads its own copy of the model from the file's bytes (no shared files between
 nodes), builds a ``Trainer`` whose publications reach every serving replica through the
@@ -18,13 +18,11 @@ from ray.util import metrics as ray_metrics
 from policy_server.devices import AUTO, resolve_device
 from policy_server.policies.torch_policy import ModelFormat, load_module
 from policy_server.schema.training import TrainingSpec
+from policy_server.training.collect import Acted
+from policy_server.training.experience import ExperienceBatch
 from policy_server.training.guard import Reason
 from policy_server.training.trainer import Trainer, TrainerMetrics, build_trainer
 
-API = frozenset(
-    {"register", "heartbeat", "submit", "count_malformed", "status", "start", "pause", "stop", "save",
-     "resume", "checkpoints", "collect"}
-)
 PUBLISH_TIMEOUT_S = 60.0
 
 
@@ -132,10 +130,43 @@ class TrainerActor:
         )
         self.trainer.open()
 
-    def call(self, method: str, *args: Any) -> Any:
-        if method not in API:
-            raise AttributeError(f"the trainer has no API method {method!r}")
-        return getattr(self.trainer, method)(*args)
+    # The API of ``serving.api.PolicyTrainer``, each method the trainer's own.
+
+    def register(self, client_id: str, info: dict[str, Any] | None) -> dict[str, Any]:
+        return self.trainer.register(client_id, info)
+
+    def heartbeat(self, client_id: str) -> dict[str, Any]:
+        return self.trainer.heartbeat(client_id)
+
+    def submit(self, batch: ExperienceBatch) -> dict[str, Any]:
+        return self.trainer.submit(batch)
+
+    def collect(self, client_id: str, acted: Acted, reward: float, done: bool) -> dict[str, Any]:
+        return self.trainer.collect(client_id, acted, reward, done)
+
+    def count_malformed(self, n: int, client_id: str | None) -> None:
+        self.trainer.count_malformed(n, client_id)
+
+    def status(self) -> dict[str, Any]:
+        return self.trainer.status()
+
+    def start(self) -> dict[str, Any]:
+        return self.trainer.start()
+
+    def pause(self) -> dict[str, Any]:
+        return self.trainer.pause()
+
+    def stop(self) -> dict[str, Any]:
+        return self.trainer.stop()
+
+    def save(self) -> dict[str, Any]:
+        return self.trainer.save()
+
+    def resume(self, name: str | None) -> dict[str, Any]:
+        return self.trainer.resume(name)
+
+    def checkpoints(self) -> dict[str, Any]:
+        return self.trainer.checkpoints()
 
     def close(self) -> None:
         self.trainer.close()

@@ -1,106 +1,93 @@
-"""Backends run a policy's forward pass: on a Ray Serve deployment, or in the gateway process."""
+"""How the gateway reaches a policy's replicas: a ``PolicyTransport`` (LitServe's plug point),
+chosen once from ``settings.direct_transport`` by ``open_transport``.
+
+``HandleTransport`` sends every batch through the deployment's Serve handle. ``DirectTransport``
+sends batches straight to the replicas' TCP ports (``serving.transport``: Serve's router and
+request bookkeeping cost milliseconds a call, a small policy's forward pass 0.1 ms; measured in
+bench/README.md) and falls back to the handle; Serve stays the control plane either way.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any, Protocol
+from abc import ABC, abstractmethod
 
 import numpy as np
+from ray.serve.handle import DeploymentHandle
 
-from policy_server.errors import BackendUnavailable, ModelError, summary
-from policy_server.policies.torch_policy import PolicyOutput, TorchPolicy
+from policy_server.errors import ModelError, summary
+from policy_server.policies.torch_policy import PolicyOutput
+from policy_server.serving.api import Weights
+from policy_server.serving.errors import remote
 from policy_server.serving.transport import RemoteModelError, TransportClient, TransportError
 
 log = logging.getLogger(__name__)
+READY_TIMEOUT_S = 5.0
 
 
-class PolicyBackend(Protocol):
+class PolicyTransport(ABC):
+    """A ``serving.api.PolicyModel`` on a Serve deployment; ``close`` from the loop that opened it."""
+
+    @abstractmethod
     async def forward(self, obs: np.ndarray) -> PolicyOutput: ...
 
+    @abstractmethod
     async def ready(self) -> bool: ...
 
-    async def set_weights(self, weights: dict[str, np.ndarray], version: int) -> None:
-        """Publish new weights to every replica; requests in flight finish on the old ones."""
+    @abstractmethod
+    async def set_weights(self, weights: Weights, version: int) -> None: ...
 
-    async def version(self) -> int:
-        """The model version served (of one replica)."""
+    @abstractmethod
+    async def version(self) -> int: ...
 
-    async def snapshot(self) -> tuple[dict[str, np.ndarray], int]:
-        """The served weights and their version, read together (from one replica)."""
+    @abstractmethod
+    async def snapshot(self) -> tuple[Weights, int]: ...
 
-
-class LocalBackend:
-    """The policy in the gateway's own process (development, tests, and the benchmark floor)."""
-
-    def __init__(self, policy: TorchPolicy) -> None:
-        self.policy = policy
-
-    async def forward(self, obs: np.ndarray) -> PolicyOutput:
-        try:
-            return await asyncio.to_thread(self.policy.forward, obs)
-        except Exception as exc:
-            raise ModelError(f"the model raised {type(exc).__name__}: {summary(exc)}") from exc
-
-    async def ready(self) -> bool:
-        return True
-
-    async def set_weights(self, weights: dict[str, np.ndarray], version: int) -> None:
-        self.policy.set_weights(weights, version)
-
-    async def version(self) -> int:
-        return self.policy.version
-
-    async def snapshot(self) -> tuple[dict[str, np.ndarray], int]:
-        return self.policy.snapshot()
+    def close(self) -> None:
+        """Release what the transport holds (connections)."""
 
 
-class ServeBackend:
-    """A policy deployment on Ray Serve, reached through its DeploymentHandle."""
+async def open_transport(handle: DeploymentHandle, direct: bool, connections: int) -> PolicyTransport:
+    """The direct transport with ``connections`` connections when ``direct``, else the handle's."""
+    through_handle = HandleTransport(handle)
+    if not direct:
+        return through_handle
+    transport = DirectTransport(through_handle, connections)
+    await transport.start()
+    return transport
 
-    def __init__(self, handle: Any) -> None:
+
+class HandleTransport(PolicyTransport):
+    """Every batch through the deployment's Serve handle."""
+
+    what = "the policy's deployment"
+
+    def __init__(self, handle: DeploymentHandle) -> None:
         self.handle = handle
-        self._forward = handle.options(method_name="forward")
+        self._forward = handle.forward  # the hot path: one handle for all calls
 
     async def forward(self, obs: np.ndarray) -> PolicyOutput:
-        from ray import exceptions as ray_errors
-        from ray.serve import exceptions as serve_errors
-
-        try:
-            return await self._forward.remote(obs)
-        except ray_errors.RayTaskError as exc:
-            cause = exc.cause if exc.cause is not None else exc
-            raise ModelError(f"the model raised {type(cause).__name__}: {summary(cause)}") from exc
-        except (ray_errors.RayActorError, serve_errors.BackPressureError,
-                serve_errors.DeploymentUnavailableError) as exc:
-            raise BackendUnavailable(f"the policy's deployment is unavailable: {summary(exc)}") from exc
+        return await remote(self.what, self._forward.remote, obs)
 
     async def ready(self) -> bool:
         try:
-            await asyncio.wait_for(self.handle.options(method_name="version").remote(), 5.0)
+            await asyncio.wait_for(self.handle.version.remote(), READY_TIMEOUT_S)
         except Exception:  # noqa: BLE001 - any failure means "not ready"; the probe reports it
             return False
         return True
 
-    async def set_weights(self, weights: dict[str, np.ndarray], version: int) -> None:
-        await self.handle.broadcast("set_weights", weights, version).results_async()
+    async def set_weights(self, weights: Weights, version: int) -> None:
+        await remote(self.what, self.handle.broadcast("set_weights", weights, version).results_async)
 
     async def version(self) -> int:
-        return await self._call("version")
+        return await remote(self.what, self.handle.version.remote)
 
-    async def snapshot(self) -> tuple[dict[str, np.ndarray], int]:
-        return await self._call("snapshot")
-
-    async def _call(self, method: str) -> Any:
-        from ray import exceptions as ray_errors
-
-        try:
-            return await self.handle.options(method_name=method).remote()
-        except ray_errors.RayError as exc:
-            raise BackendUnavailable(f"the policy's deployment is unavailable: {summary(exc)}") from exc
+    async def snapshot(self) -> tuple[Weights, int]:
+        return await remote(self.what, self.handle.snapshot.remote)
 
 
-class DirectBackend:
+class DirectTransport(PolicyTransport):
     """Sends batches straight to the replicas' transport ports (see ``transport``).
 
     Holds up to ``connections`` connections spread over the replicas, one batch in flight on
@@ -108,7 +95,7 @@ class DirectBackend:
     instead, and lost connections are re-opened to the replicas Serve reports now.
     """
 
-    def __init__(self, serve: ServeBackend, connections: int) -> None:
+    def __init__(self, serve: HandleTransport, connections: int) -> None:
         self.serve, self._target = serve, connections
         self._idle: asyncio.Queue[TransportClient] = asyncio.Queue()
         self._open = 0
@@ -163,13 +150,13 @@ class DirectBackend:
     async def ready(self) -> bool:
         return await self.serve.ready()
 
-    async def set_weights(self, weights: dict[str, np.ndarray], version: int) -> None:
+    async def set_weights(self, weights: Weights, version: int) -> None:
         await self.serve.set_weights(weights, version)
 
     async def version(self) -> int:
         return await self.serve.version()
 
-    async def snapshot(self) -> tuple[dict[str, np.ndarray], int]:
+    async def snapshot(self) -> tuple[Weights, int]:
         return await self.serve.snapshot()
 
     def close(self) -> None:

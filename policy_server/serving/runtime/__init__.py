@@ -1,0 +1,48 @@
+"""The runtime plug point: ``make_runtime(settings)`` picks where the services run, once."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+from policy_server.serving.runtime.base import Runtime
+from policy_server.settings import Settings
+
+log = logging.getLogger(__name__)
+ROUTER_LOOP = "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP"
+
+__all__ = ["Runtime", "make_runtime"]
+
+
+def make_runtime(settings: Settings) -> Runtime:
+    """``LocalRuntime`` for ``backend: local`` (no Ray imported), else ``ServeRuntime``."""
+    if settings.backend == "local":
+        from policy_server.serving.runtime.local import LocalRuntime
+
+        return LocalRuntime()
+    _route_in_callers_loop()
+    from policy_server.serving.runtime.serve import ServeRuntime
+
+    return ServeRuntime(settings)
+
+
+def _route_in_callers_loop() -> None:
+    """Ray Serve's documented ``RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP=0`` for the gateway: every
+    handle's router runs in the event loop that calls it, a thread hop less per call (DESIGN.md).
+
+    Serve reads it once, when ``ray.serve`` is first imported. It is for this process only:
+    replicas and trainer actors call handles synchronously from threads, which needs the router's
+    own loop, and Ray's workers inherit the environment of the process that starts Ray, so it is
+    removed again before Ray starts. A value the operator set is left as it is.
+    """
+    if ROUTER_LOOP in os.environ:
+        return
+    if "ray.serve" in sys.modules:
+        log.warning("ray.serve was imported before the runtime: Serve's routers run in their own loop")
+        return
+    os.environ[ROUTER_LOOP] = "0"
+    try:
+        import ray.serve  # noqa: F401 - reads the variable now
+    finally:
+        del os.environ[ROUTER_LOOP]

@@ -1,0 +1,261 @@
+"""``LocalRuntime``: every service in the gateway's own process (development, tests, the bench's
+floor). Blocking domain methods run in worker threads; errors come out as ``serving.errors`` maps them."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from policy_server.errors import InvalidRequest
+from policy_server.serving.errors import local, local_async
+from policy_server.serving.runtime.base import Runtime, X1Kind
+
+if TYPE_CHECKING:
+    from policy_server.llm.engine import LLMEngine, ValueScorer
+    from policy_server.llm.generation import GenerationParams, Sample
+    from policy_server.llm.grpo_runs import GRPORuns
+    from policy_server.llm.grpo_settings import GRPOSettings
+    from policy_server.llm.state import TasksAndSessions
+    from policy_server.llm.tasks import TaskView
+    from policy_server.llm.x1_config import X1TrainingConfig
+    from policy_server.llm.x1_trainer import X1Trainer
+    from policy_server.policies.spaces import ActionSpace
+    from policy_server.policies.torch_policy import PolicyOutput, TorchPolicy
+    from policy_server.schema.config import PolicySpec
+    from policy_server.schema.llm import LLMPolicySpec, LLMValueSpec
+    from policy_server.serving.api import Conversation, Weights
+    from policy_server.training.collect import Acted
+    from policy_server.training.experience import ExperienceBatch
+    from policy_server.training.trainer import Trainer
+
+
+class LocalPolicyModel:
+    def __init__(self, policy: TorchPolicy) -> None:
+        self.policy = policy
+
+    async def forward(self, obs: np.ndarray) -> PolicyOutput:
+        return await local(self.policy.forward, obs)
+
+    async def ready(self) -> bool:
+        return True
+
+    async def set_weights(self, weights: Weights, version: int) -> None:
+        self.policy.set_weights(weights, version)
+
+    async def version(self) -> int:
+        return self.policy.version
+
+    async def snapshot(self) -> tuple[Weights, int]:
+        return self.policy.snapshot()
+
+
+class LocalPolicyTrainer:
+    def __init__(self, trainer: Trainer) -> None:
+        self.trainer = trainer
+
+    async def register(self, client_id: str, info: dict[str, Any] | None) -> dict[str, Any]:
+        return await local(self.trainer.register, client_id, info)
+
+    async def heartbeat(self, client_id: str) -> dict[str, Any]:
+        return await local(self.trainer.heartbeat, client_id)
+
+    async def submit(self, batch: ExperienceBatch) -> dict[str, Any]:
+        return await local(self.trainer.submit, batch)
+
+    async def collect(self, client_id: str, acted: Acted, reward: float, done: bool) -> dict[str, Any]:
+        return await local(self.trainer.collect, client_id, acted, reward, done)
+
+    async def count_malformed(self, n: int, client_id: str | None) -> None:
+        await local(self.trainer.count_malformed, n, client_id)
+
+    async def status(self) -> dict[str, Any]:
+        return await local(self.trainer.status)
+
+    async def start(self) -> dict[str, Any]:
+        return await local(self.trainer.start)
+
+    async def pause(self) -> dict[str, Any]:
+        return await local(self.trainer.pause)
+
+    async def stop(self) -> dict[str, Any]:
+        return await local(self.trainer.stop)
+
+    async def save(self) -> dict[str, Any]:
+        return await local(self.trainer.save)
+
+    async def resume(self, name: str | None) -> dict[str, Any]:
+        return await local(self.trainer.resume, name)
+
+    async def checkpoints(self) -> dict[str, Any]:
+        return await local(self.trainer.checkpoints)
+
+
+class LocalLLMModel:
+    def __init__(self, engine: LLMEngine) -> None:
+        self.engine = engine
+
+    async def generate(self, prompt_ids: list[int], params: GenerationParams) -> tuple[list[Sample], int]:
+        return await local_async(self.engine.generate, prompt_ids, params)
+
+    async def version(self) -> int:
+        return self.engine.version
+
+
+class LocalValueModel:
+    def __init__(self, scorer: ValueScorer) -> None:
+        self.scorer = scorer
+
+    async def score(self, conversations: list[Conversation]) -> tuple[list[float], int]:
+        return await score_or_invalid(self.scorer, conversations)
+
+    async def version(self) -> int:
+        return self.scorer.version
+
+
+async def score_or_invalid(scorer: ValueScorer, conversations: list[Conversation]) -> tuple[list[float], int]:
+    """The scores; a conversation the model's chat template refuses (ValueError) is the request's fault."""
+    try:
+        return await scorer.score(conversations)
+    except ValueError as exc:
+        raise InvalidRequest.at("body.messages", str(exc)) from exc
+
+
+class LocalTasksAndSessions:
+    def __init__(self, state: TasksAndSessions) -> None:
+        self.state = state
+
+    async def start_task(self, prompt_text: str, prompt_ids: list[int], params: GenerationParams, records: bool) -> str:
+        return await local_async(self.state.start_task, prompt_text, prompt_ids, params, records)
+
+    async def task(self, task_id: str) -> TaskView:
+        return self.state.task(task_id)
+
+    async def session_prompt(self, session_id: str, mode: str, text: str) -> tuple[list[int], str | None]:
+        return self.state.session_prompt(session_id, mode, text)
+
+    async def session_add(
+        self, session_id: str, mode: str, parent: str | None, prompt_text: str, samples: list[Sample], version: int
+    ) -> None:
+        self.state.session_add(session_id, mode, parent, prompt_text, samples, version)
+
+    async def session_nodes(self, session_id: str) -> list[dict[str, Any]]:
+        return self.state.session_nodes(session_id)
+
+    async def reset_session(self, session_id: str) -> None:
+        self.state.reset_session(session_id)
+
+
+class LocalGRPORuns:
+    def __init__(self, runs: GRPORuns) -> None:
+        self.runs = runs
+
+    async def start(self, settings: GRPOSettings) -> dict[str, Any]:
+        return await local(self.runs.start, settings)
+
+    async def complete(self, run_id: str, prompt: str) -> dict[str, Any]:
+        return await local(self.runs.complete, run_id, prompt)
+
+    async def rewards(self, run_id: str, group_id: str, rewards: list[float]) -> dict[str, Any]:
+        return await local(self.runs.rewards, run_id, group_id, rewards)
+
+    async def status(self, run_id: str) -> dict[str, Any]:
+        return await local(self.runs.status, run_id)
+
+    async def stop(self, run_id: str) -> dict[str, Any]:
+        return await local(self.runs.stop, run_id)
+
+    async def archive(self, run_id: str) -> bytes:
+        return await local(self.runs.archive, run_id)
+
+    async def list(self) -> list[dict[str, Any]]:
+        return await local(self.runs.list)
+
+
+class LocalX1Training:
+    def __init__(self, trainer: X1Trainer) -> None:
+        self.trainer = trainer
+
+    async def start(self, request: X1TrainingConfig) -> dict[str, str]:
+        return await local(self.trainer.start, request)
+
+    async def stop(self) -> dict[str, str]:
+        return await local(self.trainer.stop)
+
+    async def status(self) -> dict[str, Any]:
+        return await local(self.trainer.status)
+
+
+class LocalRuntime(Runtime):
+    """Loads each model into this process; a trainer publishes straight to the model it trains."""
+
+    def __init__(self) -> None:
+        self._policies: dict[str, TorchPolicy] = {}
+        self._engine: LLMEngine | None = None
+        self._scorer: ValueScorer | None = None
+        self._closers: list[Callable[[], None]] = []
+
+    async def start(self) -> None:
+        return None
+
+    async def policy_model(self, spec: PolicySpec) -> LocalPolicyModel:
+        from policy_server.policies.torch_policy import TorchPolicy
+
+        self._policies[spec.name] = await local(TorchPolicy.from_file, spec.model)
+        return LocalPolicyModel(self._policies[spec.name])
+
+    async def policy_trainer(self, spec: PolicySpec, space: ActionSpace, obs_dim: int) -> LocalPolicyTrainer:
+        from policy_server.policies.torch_policy import load_module, model_format
+        from policy_server.training.trainer import build_trainer
+
+        assert spec.training is not None
+        module = load_module(spec.model.read_bytes(), model_format(spec.model))  # its own copy
+        publish = self._policies[spec.name].set_weights
+        trainer = build_trainer(spec.name, spec.training, module, space, obs_dim, publish)
+        trainer.open()
+        self._closers.append(trainer.close)
+        return LocalPolicyTrainer(trainer)
+
+    async def llm_model(self, spec: LLMPolicySpec) -> LocalLLMModel:
+        from policy_server.llm.engine import LLMEngine
+
+        self._engine = await local(LLMEngine, spec, spec.path, spec.adapter, spec.device)
+        self._closers.append(self._engine.close)
+        return LocalLLMModel(self._engine)
+
+    async def tasks_and_sessions(self, spec: LLMPolicySpec, tokenizer: Any) -> LocalTasksAndSessions:
+        from policy_server.llm.state import TasksAndSessions
+
+        assert self._engine is not None, "llm_model first"
+        limits = spec.limits
+        state = TasksAndSessions(tokenizer, self._engine.generate, spec.end_token, limits.task_ttl_s, 4 * limits.max_queued)
+        self._closers.append(state.close)
+        return LocalTasksAndSessions(state)
+
+    async def value_model(self, spec: LLMValueSpec) -> LocalValueModel:
+        from policy_server.llm.engine import ValueScorer
+
+        self._scorer = await local(ValueScorer, spec, spec.path, spec.adapter, spec.device)
+        return LocalValueModel(self._scorer)
+
+    async def grpo_runs(self, spec: LLMPolicySpec) -> LocalGRPORuns:
+        from policy_server.llm.grpo_runs import GRPORuns
+
+        assert spec.training is not None
+        return LocalGRPORuns(GRPORuns(spec.path, spec.adapter, spec.training.save_dir / "grpo"))
+
+    async def x1_training(self, kind: X1Kind, spec: LLMPolicySpec | LLMValueSpec) -> LocalX1Training:
+        from policy_server.llm.x1_trainer import X1Trainer
+        from policy_server.serving.llm_deployment import load_for
+
+        assert spec.training is not None
+        served = self._engine if kind == "policy" else self._scorer
+        assert served is not None, "the model before its trainer"
+        load = load_for(kind, spec, spec.path, spec.adapter, spec.device)
+        return LocalX1Training(X1Trainer(kind, load, spec.training, served.set_weights))
+
+    async def stop(self) -> None:
+        for close in reversed(self._closers):
+            await local(close)
+        self._closers.clear()
