@@ -22,12 +22,16 @@ _cookie = APIKeyCookie(name=KEY_NAME, auto_error=False)
 _bearer = HTTPBearer(auto_error=False)
 
 
+Auth = Callable[..., Awaitable[None]]
+"""A FastAPI dependency that refuses a request without the right key (403/401) and returns nothing."""
+
+
 def _matches(given: list[str], secret: bytes) -> bool:
     # compare_digest on every candidate: no early exit that would leak timing
     return any([hmac.compare_digest(k.encode(), secret) for k in given])
 
 
-def api_key_checker(expected: SecretStr | None) -> Callable[..., Awaitable[None]]:
+def api_key_checker(expected: SecretStr | None) -> Auth:
     """A dependency that lets a request through when any of its keys matches (or none is set)."""
     secret = expected.get_secret_value().encode() if expected else None
 
@@ -48,7 +52,7 @@ def api_key_checker(expected: SecretStr | None) -> Callable[..., Awaitable[None]
     return check
 
 
-def bearer_checker(expected: SecretStr | None) -> Callable[..., Awaitable[None]]:
+def bearer_checker(expected: SecretStr | None) -> Auth:
     """For the OpenAI-compatible routes: ``Authorization: Bearer <key>`` as OpenAI clients send
     it (401 when missing or wrong, as OpenAI answers), or the ``access-token`` header."""
     secret = expected.get_secret_value().encode() if expected else None

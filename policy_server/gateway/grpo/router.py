@@ -6,6 +6,7 @@ from typing import Any
 from fastapi import APIRouter, Depends
 from fastapi.responses import Response
 
+from policy_server.gateway.auth import Auth
 from policy_server.gateway.errors import in_body
 from policy_server.gateway.grpo.wire import (
     GRPOGroup,
@@ -23,7 +24,7 @@ from policy_server.llm.grpo_settings import GRPOSettings
 from policy_server.serving.api import GRPORunsAPI
 
 
-def grpo_router(service: Starting[GRPORunsAPI], auth: Any, prefix: str) -> APIRouter:
+def grpo_router(service: Starting[GRPORunsAPI], auth: Auth, prefix: str) -> APIRouter:
     """grpo_server's control-flow reversal: the server hands out completions, the client scores
     them and sends the rewards back, and each reward submission is one training cycle."""
     router = APIRouter(prefix=f"{prefix}/grpo/runs", tags=["LLM GRPO"], dependencies=[Depends(auth)],

@@ -10,6 +10,7 @@ from fastapi import APIRouter, Depends
 from fastapi.responses import JSONResponse
 
 from policy_server.errors import ModelError, PolicyServerError
+from policy_server.gateway.auth import Auth
 from policy_server.gateway.errors import in_body
 from policy_server.gateway.llm.service import LLMService, ValueService
 from policy_server.gateway.llm.setup import Starting
@@ -73,7 +74,7 @@ def _training_routes(router: APIRouter, trainer: Starting[X1Training]) -> None:
         return await trainer.require().stop()
 
 
-def llm_router(service: LLMService, auth: Any, prefix: str, trainer: Starting[X1Training] | None = None) -> APIRouter:
+def llm_router(service: LLMService, auth: Auth, prefix: str, trainer: Starting[X1Training] | None = None) -> APIRouter:
     router = APIRouter(prefix=prefix, tags=["LLM policy"], dependencies=[Depends(auth)], responses=LLM_ERRORS)
 
     @router.get("/", response_model=ModelStatus)
@@ -126,7 +127,7 @@ def llm_router(service: LLMService, auth: Any, prefix: str, trainer: Starting[X1
     return router
 
 
-def value_router(service: ValueService, auth: Any, prefix: str, trainer: Starting[X1Training] | None = None) -> APIRouter:
+def value_router(service: ValueService, auth: Auth, prefix: str, trainer: Starting[X1Training] | None = None) -> APIRouter:
     router = APIRouter(prefix=prefix, tags=["LLM value"], dependencies=[Depends(auth)], responses=LLM_ERRORS)
 
     @router.get("/", response_model=ModelStatus)

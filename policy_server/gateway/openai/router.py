@@ -6,6 +6,7 @@ from typing import Any
 from fastapi import APIRouter, Depends
 
 from policy_server.errors import InvalidRequest
+from policy_server.gateway.auth import Auth
 from policy_server.gateway.openai.service import OpenAIService
 from policy_server.gateway.openai.wire import (
     ChatCompletion,
@@ -26,7 +27,7 @@ OPENAI_ERRORS = error_docs({
 })
 
 
-def openai_router(service: OpenAIService, auth: Any, prefix: str) -> APIRouter:
+def openai_router(service: OpenAIService, auth: Auth, prefix: str) -> APIRouter:
     router = APIRouter(prefix=f"{prefix}/v1", tags=["OpenAI-compatible"], dependencies=[Depends(auth)],
                        responses=OPENAI_ERRORS)
 

@@ -3,6 +3,7 @@
 
 from fastapi import FastAPI
 
+from policy_server.gateway.auth import Auth
 from policy_server.gateway.policy.collect import collect_router
 from policy_server.gateway.policy.model import model_router
 from policy_server.gateway.policy.router import policy_router
@@ -11,7 +12,7 @@ from policy_server.gateway.training.service import TrainingService
 from policy_server.policies.torch_policy import model_format
 
 
-def mount(app: FastAPI, service: PolicyService, training: TrainingService | None, auth: object,
+def mount(app: FastAPI, service: PolicyService, training: TrainingService | None, auth: Auth,
           max_batch: int, prefixes: list[str]) -> None:
     """The policy's routes under each of ``prefixes`` (``/policies/<name>``, and ``""`` for the default)."""
     spec = service.policy.spec

@@ -17,6 +17,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field, create_model
 
 from policy_server.fields import STRICT, Float32, StrictBool
+from policy_server.gateway.auth import Auth
 from policy_server.gateway.openapi import error_docs
 from policy_server.gateway.policy.router import ERRORS, action_answer
 from policy_server.gateway.policy.service import PolicyService
@@ -74,7 +75,7 @@ def client_key(request: Request) -> str:
     return "addr-" + re.sub(r"[^A-Za-z0-9_.:-]", "_", host)
 
 
-def collect_router(service: PolicyService, training: TrainingService | None, auth: Any, prefix: str) -> APIRouter:
+def collect_router(service: PolicyService, training: TrainingService | None, auth: Auth, prefix: str) -> APIRouter:
     router = APIRouter(prefix=prefix, tags=[service.policy.name], dependencies=[Depends(auth)],
                        responses=COLLECT_ERRORS)
     Body = collect_model(service.policy)

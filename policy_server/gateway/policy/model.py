@@ -7,6 +7,7 @@ from fastapi import APIRouter, Depends, Header, Response
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
+from policy_server.gateway.auth import Auth
 from policy_server.gateway.policy.router import ERRORS
 from policy_server.gateway.policy.service import PolicyService
 from policy_server.policies.codec import encode_weights
@@ -23,7 +24,7 @@ class Version(BaseModel):
     model_version: int
 
 
-def model_router(service: PolicyService, auth: Any, prefix: str, model: bytes, fmt: str) -> APIRouter:
+def model_router(service: PolicyService, auth: Auth, prefix: str, model: bytes, fmt: str) -> APIRouter:
     """The model file and its current weights, for clients that act locally."""
     router = APIRouter(prefix=prefix, tags=[service.policy.name], dependencies=[Depends(auth)], responses=ERRORS)
 

@@ -7,6 +7,7 @@ from typing import Any
 from fastapi import APIRouter, Depends
 from fastapi.responses import JSONResponse
 
+from policy_server.gateway.auth import Auth
 from policy_server.gateway.openapi import error_docs
 from policy_server.gateway.policy.service import Mode, PolicyService
 from policy_server.gateway.policy.wire import (
@@ -57,7 +58,7 @@ def action_answer(sample: ActionSample, version: int) -> JSONResponse:
     return _answer(_action(sample) | {"model_version": version})
 
 
-def policy_router(service: PolicyService, auth: Any, max_batch: int, prefix: str) -> APIRouter:
+def policy_router(service: PolicyService, auth: Auth, max_batch: int, prefix: str) -> APIRouter:
     """All endpoints of one policy under ``prefix`` (routes keep their full path, for metrics)."""
     policy = service.policy
     router = APIRouter(prefix=prefix, tags=[policy.name], dependencies=[Depends(auth)], responses=ERRORS)

@@ -13,6 +13,7 @@ from typing import Any
 from fastapi import APIRouter, Depends, Query, Response
 from pydantic import BaseModel, Field
 
+from policy_server.gateway.auth import Auth
 from policy_server.gateway.openapi import error_docs
 from policy_server.sdks import LANGUAGES, ClientSDKs, LanguageState, RunStatus, parse_languages
 from policy_server.sdks.bundle import ZIP_NAME
@@ -44,7 +45,7 @@ class ClientsStatus(BaseModel):
     error: str | None = Field(description="Why the generation failed as a whole.")
 
 
-def clients_router(sdks: ClientSDKs, openapi: Callable[[], dict[str, Any]], auth: Any) -> APIRouter:
+def clients_router(sdks: ClientSDKs, openapi: Callable[[], dict[str, Any]], auth: Auth) -> APIRouter:
     """The SDK download and its progress, behind the api key."""
     router = APIRouter(tags=["clients"], dependencies=[Depends(auth)], responses=CLIENTS_ERRORS)
 

@@ -14,6 +14,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.routing import APIRoute
 
 from policy_server.errors import NotTrainable
+from policy_server.gateway.auth import Auth
 from policy_server.gateway.errors import in_body
 from policy_server.gateway.openapi import error_docs
 from policy_server.gateway.policy.router import ERRORS
@@ -75,7 +76,7 @@ def _counting_route(service: TrainingService) -> type[APIRoute]:
     return CountingRoute
 
 
-def training_router(service: TrainingService, auth: Any, prefix: str) -> APIRouter:
+def training_router(service: TrainingService, auth: Auth, prefix: str) -> APIRouter:
     router = APIRouter(
         prefix=f"{prefix}/train", tags=[f"{service.policy.name}: training"], dependencies=[Depends(auth)],
         responses=TRAINING_ERRORS,
@@ -140,7 +141,7 @@ def training_router(service: TrainingService, auth: Any, prefix: str) -> APIRout
     return router
 
 
-def untrainable_router(policy: str, auth: Any, prefix: str) -> APIRouter:
+def untrainable_router(policy: str, auth: Auth, prefix: str) -> APIRouter:
     """Training paths of a policy without a `training` section answer a clear 404."""
     router = APIRouter(prefix=prefix, dependencies=[Depends(auth)])
 
