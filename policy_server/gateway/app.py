@@ -74,19 +74,20 @@ def build_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         install_log_redaction()  # again: uvicorn may have (re)configured logging since the build
-        runtime = make_runtime(settings)
-        await _start_services(runtime, schema, services, trainings, metrics, llm)
+        # the metrics port first: a port in use fails start-up before anything runs on Ray
         metrics.serve(settings.gateway_metrics_port)
-        if sdks is not None and settings.clients_prebuild:
-            sdks.start(app.openapi())
-        _restore_python_signal_handlers()
-        # What start-up allocated (torch, Ray, the app) lives as long as the process: move it
-        # out of the collector's way, or full collections of it stall requests 80-130 ms.
-        gc.collect()
-        gc.freeze()
+        runtime = make_runtime(settings)
         try:
+            await _start_services(runtime, schema, services, trainings, metrics, llm)
+            if sdks is not None and settings.clients_prebuild:
+                sdks.start(app.openapi())
+            _restore_python_signal_handlers()
+            # What start-up allocated (torch, Ray, the app) lives as long as the process: move it
+            # out of the collector's way, or full collections of it stall requests 80-130 ms.
+            gc.collect()
+            gc.freeze()
             yield
-        finally:
+        finally:  # also when start-up fails half-way: what did start is stopped
             gc.unfreeze()
             metrics.close()
             if sdks is not None:

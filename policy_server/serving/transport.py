@@ -1,7 +1,7 @@
 """A direct data path from the gateway to the replicas of a policy deployment.
 
 A Serve handle call costs about 3 ms on a 2-core machine, most of it Serve's router and request
-bookkeeping (DESIGN.md); a forward pass of a small policy costs 0.1 ms. So each replica also
+bookkeeping (bench/README.md); a forward pass of a small policy costs 0.1 ms. So each replica also
 listens on a TCP port of its node, and the gateway sends batches there: Serve stays the control
 plane (placement, replicas, health, weight broadcasts) and the handle stays the fallback.
 

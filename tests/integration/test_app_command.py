@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -118,3 +119,24 @@ def test_no_log_line_holds_the_api_key_with_workers_and_a_log_config(model_dir: 
     assert "/predict?access-token=*** HTTP/1.1" in logs and "/nope?access-token=***" in logs
     assert "policies/faulty/predict" in logs  # ...and so was the model error
     assert API_KEY not in logs and wrong not in logs, logs[-3000:]
+
+
+def test_a_start_up_failure_exits_at_once_and_leaves_nothing_running(tmp_path: Path) -> None:
+    """The gateway's metrics port is taken: `uvicorn app:app` says so and exits non-zero, before
+    starting Ray (it used to start Ray first, then fail and hang with Ray still up)."""
+    taken = socket.socket()
+    taken.bind(("0.0.0.0", 0))
+    taken.listen()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("POLICY_SERVER_", "RAY_ADDRESS", "SCHEMA_PATH"))}
+    env |= {"POLICY_SERVER_GATEWAY_METRICS_PORT": str(taken.getsockname()[1]), "RAY_USAGE_STATS_ENABLED": "0"}
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "uvicorn", "app:app", "--port", str(free_port())],
+            cwd=ROOT, env=env, capture_output=True, timeout=120,
+        )
+    finally:
+        taken.close()
+    log = done.stderr.decode(errors="replace")
+    assert done.returncode != 0
+    assert "Address already in use" in log and "Application startup failed" in log
+    assert "Started a local Ray instance" not in log

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, Field
 
@@ -24,7 +24,7 @@ class GRPORewards(_Wire):
 
 # --- answers ------------------------------------------------------------------------------------
 
-RunVersion = tuple[str, int]
+RunVersion = Annotated[list[str | int], Field(min_length=2, max_length=2)]
 VERSION_DOC = "`[run_id, cycle]`: the run and the training cycle whose weights made or will use it."
 
 

@@ -29,7 +29,7 @@ def make_runtime(settings: Settings) -> Runtime:
 
 def _route_in_callers_loop() -> None:
     """Ray Serve's documented ``RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP=0`` for the gateway: every
-    handle's router runs in the event loop that calls it, a thread hop less per call (DESIGN.md).
+    handle's router runs in the event loop that calls it, a thread hop less per call.
 
     Serve reads it once, when ``ray.serve`` is first imported. It is for this process only:
     replicas and trainer actors call handles synchronously from threads, which needs the router's

@@ -3,7 +3,7 @@ actor), started by the gateway, reached through the typed adapters of ``runtime.
 
 Ray's documented ``RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP=0`` (set by ``runtime/__init__`` before
 Ray Serve is imported) runs every handle's router in the gateway's event loop: a thread hop less
-per call (DESIGN.md).
+per call.
 """
 
 from __future__ import annotations
