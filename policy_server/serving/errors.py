@@ -10,7 +10,7 @@ side), so the gateway only ever sees ``PolicyServerError``:
   ``BackendUnavailable`` (503, with Retry-After: retrying is the remedy);
 * a call that ran out of time: ``GatewayTimeout`` (504).
 
-``tests/serving/test_errors.py`` walks every exception class of ``ray.exceptions`` and
+``tests/serving/test_error_map.py`` walks every exception class of ``ray.exceptions`` and
 ``ray.serve.exceptions``: a class that a new Ray adds fails it until it is placed here.
 """
 
