@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 T = TypeVar("T")
@@ -27,15 +28,20 @@ def wait_until(predicate: Callable[[], T], timeout: float = 30.0, interval: floa
     return result
 
 
-async def wait_until_async(predicate: Callable[[], T], timeout: float = 30.0, interval: float = 0.001,
-                           message: Message = "condition not met") -> T:
-    """``wait_until`` inside an event loop: sleeps with ``asyncio.sleep`` so other tasks run."""
+async def wait_until_async(predicate: Callable[[], T | Awaitable[T]], timeout: float = 30.0,
+                           interval: float = 0.001, message: Message = "condition not met") -> T:
+    """``wait_until`` inside an event loop: sleeps with ``asyncio.sleep`` so other tasks run;
+    ``predicate`` may be a coroutine function."""
     deadline = time.monotonic() + timeout
-    while not (result := predicate()):
+    while True:
+        result = predicate()
+        if inspect.isawaitable(result):
+            result = await result
+        if result:
+            return result  # type: ignore[return-value]
         if time.monotonic() >= deadline:
             raise AssertionError(f"{_text(message)} (waited {timeout:g} s)")
         await asyncio.sleep(interval)
-    return result
 
 
 def _text(message: Message) -> str:

@@ -2,7 +2,7 @@
 
 The same distributions as ``policy_server.policies.distributions`` (numpy, for acting), written
 in torch so a loss can differentiate through them. Shapes: B batch, n actions, d action dims.
-Every function equals its ``torch.distributions`` counterpart (tests/training/test_distributions.py).
+Every function equals its ``torch.distributions`` counterpart (tests/training/test_action_distributions.py).
 """
 
 from __future__ import annotations

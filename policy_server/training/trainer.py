@@ -36,7 +36,7 @@ Publish = Callable[[dict[str, np.ndarray], int], None]
 
 
 class TrainerMetrics:
-    """Hooks the trainer reports through; this base reports nowhere (see ``training.metrics``)."""
+    """Hooks the trainer reports through; this base reports nowhere (``serving.trainer_actor.RayTrainerMetrics`` reports to Ray's metrics)."""
 
     def received(self, accepted: int, stale: int) -> None: ...
     def malformed(self, n: int) -> None: ...

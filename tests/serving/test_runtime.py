@@ -7,12 +7,14 @@ import re
 from pathlib import Path
 
 import pytest
+from support import wait_until_async
 
 import policy_server
 from policy_server.errors import ModelError, QueueFull
 from policy_server.gateway.llm.router import task_failure
 from policy_server.llm.generation import GenerationParams, Sample
 from policy_server.llm.state import Generate, TasksAndSessions
+from policy_server.llm.tasks import TaskView
 from policy_server.serving.runtime import make_runtime
 from policy_server.serving.runtime.local import LocalRuntime, LocalTasksAndSessions
 from policy_server.settings import Settings
@@ -41,12 +43,13 @@ def _failing(error: Exception) -> Generate:
 async def _failed_task(error: Exception) -> Exception:
     tasks = LocalTasksAndSessions(TasksAndSessions(None, _failing(error), "</s>", 60.0, 8))
     task_id = await tasks.start_task("2+2?", [1, 2], GenerationParams(num_samples=1, max_new_tokens=4), False)
-    for _ in range(100):
+
+    async def finished() -> TaskView | None:
         view = await tasks.task(task_id)
-        if view.state != "pending":
-            return task_failure(task_id, view.error)
-        await asyncio.sleep(0.01)
-    raise AssertionError("the task never finished")
+        return view if view.state != "pending" else None
+
+    view = await wait_until_async(finished, 1.0, 0.01, "the task never finished")
+    return task_failure(task_id, view.error)
 
 
 def test_a_queued_task_that_fails_keeps_its_error_class_code_and_status() -> None:

@@ -11,11 +11,11 @@ from collections.abc import Callable
 from typing import Any
 
 from fastapi import APIRouter, Depends, Query, Response
-from pydantic import BaseModel, Field
 
 from policy_server.gateway.auth import Auth
 from policy_server.gateway.openapi import error_docs
-from policy_server.sdks import LANGUAGES, ClientSDKs, LanguageState, RunStatus, parse_languages
+from policy_server.gateway.sdks.wire import ClientsStatus
+from policy_server.sdks import LANGUAGES, ClientSDKs, parse_languages
 from policy_server.sdks.bundle import ZIP_NAME
 from policy_server.sdks.languages import LANGUAGES_PATTERN
 
@@ -36,13 +36,6 @@ ZIP_DOC: dict[int | str, dict[str, Any]] = {
 }
 
 
-class ClientsStatus(BaseModel):
-    status: RunStatus = Field(description="pending (not started), running, ready or failed.")
-    languages: dict[str, LanguageState] = Field(
-        description="Per language; `missing`: a tool is not installed."
-    )
-    notes: dict[str, str] = Field(description="Why a language is missing or failed.")
-    error: str | None = Field(description="Why the generation failed as a whole.")
 
 
 def clients_router(sdks: ClientSDKs, openapi: Callable[[], dict[str, Any]], auth: Auth) -> APIRouter:

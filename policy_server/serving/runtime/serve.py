@@ -1,9 +1,10 @@
 """``ServeRuntime``: the services on Ray Serve deployments (and each policy's trainer on a Ray
 actor), started by the gateway, reached through the typed adapters of ``runtime.remote``.
 
-Ray's documented ``RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP=0`` (set by ``runtime/__init__`` before
-Ray Serve is imported) runs every handle's router in the gateway's event loop: a thread hop less
-per call.
+Policy batches travel by ``runtime.transports`` (direct to the replicas, or through the handle).
+When every batch goes through a handle (``direct_transport: false``), ``runtime/__init__`` sets
+Ray's documented ``RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP=0`` before Ray Serve is imported, so each
+handle's router runs in the gateway's event loop: a thread hop less per call.
 """
 
 from __future__ import annotations
