@@ -61,6 +61,7 @@ def build_app(settings: Settings | None = None) -> FastAPI:
     rng = np.random.default_rng(settings.seed)
     resolved = {name: resolve_policy(spec) for name, spec in schema.policies.items()}
     services = {name: PolicyService(served, rng) for name, (served, _) in resolved.items()}
+    local_models = {name: model for name, (_, model) in resolved.items()}  # loaded by the check
     trainings = {
         name: TrainingService(served, settings.max_batch_observations)
         for name, (served, _) in resolved.items()
@@ -76,7 +77,8 @@ def build_app(settings: Settings | None = None) -> FastAPI:
         install_log_redaction()  # again: uvicorn may have (re)configured logging since the build
         # the metrics port first: a port in use fails start-up before anything runs on Ray
         metrics.serve(settings.gateway_metrics_port)
-        runtime = make_runtime(settings)
+        runtime = make_runtime(settings, local_models)
+        local_models.clear()  # the runtime holds them now, or the replicas hold their own
         try:
             await _start_services(runtime, schema, services, trainings, metrics, llm)
             if sdks is not None and settings.clients_prebuild:

@@ -5,9 +5,13 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from typing import TYPE_CHECKING
 
 from policy_server.serving.runtime.base import Runtime
 from policy_server.settings import Settings
+
+if TYPE_CHECKING:
+    from policy_server.policies.torch_policy import TorchPolicy
 
 log = logging.getLogger(__name__)
 ROUTER_LOOP = "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP"
@@ -15,12 +19,13 @@ ROUTER_LOOP = "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP"
 __all__ = ["Runtime", "make_runtime"]
 
 
-def make_runtime(settings: Settings) -> Runtime:
-    """``LocalRuntime`` for ``backend: local`` (no Ray imported), else ``ServeRuntime``."""
+def make_runtime(settings: Settings, loaded: dict[str, TorchPolicy] | None = None) -> Runtime:
+    """``LocalRuntime`` for ``backend: local`` (no Ray imported), serving the policies already
+    ``loaded`` as they are, else ``ServeRuntime`` (whose replicas load their own)."""
     if settings.backend == "local":
         from policy_server.serving.runtime.local import LocalRuntime
 
-        return LocalRuntime()
+        return LocalRuntime(loaded)
     if not settings.direct_transport:
         _route_in_callers_loop()
     from policy_server.serving.runtime.serve import ServeRuntime

@@ -188,9 +188,14 @@ class LocalX1Training:
 
 
 class LocalRuntime(Runtime):
-    """Loads each model into this process; a trainer publishes straight to the model it trains."""
+    """Serves each model in this process; a trainer publishes straight to the model it trains.
 
-    def __init__(self) -> None:
+    ``loaded``: policies already loaded (``build_app`` loads each to check it against the schema),
+    served as they are instead of read from their files a second time.
+    """
+
+    def __init__(self, loaded: dict[str, TorchPolicy] | None = None) -> None:
+        self._loaded = dict(loaded or {})
         self._policies: dict[str, TorchPolicy] = {}
         self._engine: LLMEngine | None = None
         self._scorer: ValueScorer | None = None
@@ -202,7 +207,8 @@ class LocalRuntime(Runtime):
     async def policy_model(self, spec: PolicySpec) -> LocalPolicyModel:
         from policy_server.policies.torch_policy import TorchPolicy
 
-        self._policies[spec.name] = await local(TorchPolicy.from_file, spec.model)
+        policy = self._loaded.pop(spec.name, None)
+        self._policies[spec.name] = policy or await local(TorchPolicy.from_file, spec.model)
         return LocalPolicyModel(self._policies[spec.name])
 
     async def policy_trainer(self, spec: PolicySpec, space: ActionSpace, obs_dim: int) -> LocalPolicyTrainer:
