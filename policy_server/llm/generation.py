@@ -270,7 +270,7 @@ class _Rows:
             input_ids=ids,
             attention_mask=self.mask,
             position_ids=positions,
-            cache=self.cache,
+            past_key_values=self.cache,
             use_cache=True,
             logits_to_keep=1,
         )
