@@ -36,6 +36,15 @@ LENGTH_PENALTY = 1.0
 
 
 @dataclass(frozen=True)
+class StructuredOutput:
+    """OpenAI's ``response_format``: any JSON object, or JSON matching a schema."""
+
+    kind: Literal["json_object", "json_schema"]
+    json_schema: str | None = None
+    """The JSON Schema as text (``kind == "json_schema"``)."""
+
+
+@dataclass(frozen=True)
 class GenerationParams:
     """How to decode; validated on construction (``ValueError``)."""
 
@@ -63,6 +72,18 @@ class GenerationParams:
     seed: int | None = None
     """Seeds sampling. Sample j of a prompt draws from its own stream seeded by (seed, j), so a seeded
     request gets the same samples whatever else shares its batch (up to float rounding of the batch)."""
+    top_logprobs: int = 0
+    """Per completion token, the log-probs of the k most likely tokens (``Sample.top_logprobs``)."""
+    prompt_logprobs: bool = False
+    """Also the log-prob of each prompt token given the ones before it (``Sample.prompt_logprobs``; OpenAI's echo)."""
+    presence_penalty: float = 0.0
+    """Subtracted from a token's logit once it occurs in the completion (OpenAI's definition)."""
+    frequency_penalty: float = 0.0
+    """Subtracted from a token's logit once per occurrence in the completion (OpenAI's definition)."""
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    """(token id, bias) pairs added to the logits before sampling."""
+    structured: StructuredOutput | None = None
+    """Constrain the completion to JSON (vLLM's structured outputs); the transformers engine refuses it."""
 
     def __post_init__(self) -> None:
         if self.stop_strings is not None:
@@ -148,10 +169,31 @@ class Sample:
     """Beam strategies: the beam's score (penalised log-prob sum / length); None for sampling."""
     model_version: int = field(default=0, compare=False)
     """The version of the weights that generated it (set by the engine that serves them)."""
+    top_logprobs: list[dict[int, float]] | None = None
+    """Per completion token, {token id: log-prob} of the ``params.top_logprobs`` most likely tokens."""
+    prompt_logprobs: list[float | None] | None = None
+    """Per prompt token, its log-prob given the tokens before it (None for the first); ``params.prompt_logprobs``."""
 
     def text(self, tokenizer: Any, skip_special_tokens: bool = True) -> str:
         """The decoded completion (stop string included unless it is a skipped special token)."""
         return tokenizer.decode(self.completion_ids, skip_special_tokens=skip_special_tokens)
+
+
+@dataclass(frozen=True)
+class SampleChunk:
+    """What a streaming engine yields: the tokens sample ``index`` added since its previous chunk.
+
+    Its last chunk has ``finish_reason`` set (and ``stop_string``, when a stop string ended it).
+    Concatenating a sample's chunks gives the ``Sample`` that ``generate`` would have returned.
+    """
+
+    index: int
+    token_ids: list[int]
+    log_probs: list[float]
+    top_logprobs: list[dict[int, float]] | None
+    finish_reason: FinishReason | None
+    stop_string: str | None
+    model_version: int
 
 
 def sanitize_logits(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
