@@ -312,7 +312,7 @@ class _Rows:
             input_ids=ids,
             attention_mask=self.mask,
             position_ids=positions,
-            cache=self.cache,
+            past_key_values=self.cache,  # transformers 5.19 name; an unknown keyword is swallowed silently
             use_cache=True,
             logits_to_keep=1,
         )
