@@ -1,7 +1,8 @@
 """What an LLM replica holds, as plain objects: the policy engine and the value scorer.
 
 ``LLMEngine`` owns the loaded policy, its generator and the queue that batches compatible
-requests into one generate call; ``ValueScorer`` owns a value model. A Serve deployment (or the
+requests into one generate call (requests with different seeds included), and streams a request's
+tokens as they are decoded; ``ValueScorer`` owns a value model. A Serve deployment (or the
 gateway's local backend) holds one of each; neither knows about Ray or HTTP.
 
 Model folders travel as bytes (``policy_server.llm.folders``), so a replica on another node

@@ -4,8 +4,13 @@ One ``Generator.generate`` call decodes every prompt × sample as one left-padde
 cache: the prompts are prefilled once, their rows copied per sample, and each step is one forward
 of all unfinished rows. Every sample stops on its own, on the first stop string its decoded text
 reaches (or the model's end token) or at its token limit. Log-probs are always those of the
-model's raw distribution (temperature 1, no top-p), so that a teacher-forced forward reproduces
-them; that is what a PPO/GRPO trainer needs as the behaviour policy's log-probs.
+model's raw distribution (temperature 1, no top-p, no penalty or bias), so that a teacher-forced
+forward reproduces them; that is what a PPO/GRPO trainer needs as the behaviour policy's log-probs.
+
+Sampling also takes OpenAI's presence/frequency penalties and logit bias (``penalize``), and a
+seed per prompt: each seeded row draws from its own stream, so requests with different seeds
+share a decode. A prompt's tokens can stream out step by step (``ChunkSink``) and stop when
+their reader goes away.
 """
 
 from __future__ import annotations
