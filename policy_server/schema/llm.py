@@ -84,6 +84,9 @@ class LLMPolicySpec(_ModelSpec):
 
     route_prefix: str = "llm"
     """Paths of its endpoints: `/<route_prefix>/...`."""
+    engine: Literal["vllm", "transformers"] = "vllm"
+    """`vllm`: vLLM's async engine (continuous batching, paged KV cache, prefix caching);
+    `transformers`: our batched loop on transformers (exact raw log-probs, no vLLM needed)."""
     served_name: str | None = None
     """Its model id on the OpenAI routes (default: the folder's name)."""
     step_token: str = STEP_TOKEN

@@ -8,12 +8,13 @@ calls them; ``runtime.local`` implements them on objects in the gateway's proces
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
 if TYPE_CHECKING:
-    from policy_server.llm.generation import GenerationParams, Sample
+    from policy_server.llm.generation import GenerationParams, Sample, SampleChunk
     from policy_server.llm.grpo_settings import GRPOSettings
     from policy_server.llm.tasks import TaskView
     from policy_server.llm.x1_config import (
@@ -75,10 +76,15 @@ class PolicyTrainer(Protocol):
 
 
 class LLMModel(Protocol):
-    """The LLM policy's generation (``llm.engine.LLMEngine``): the plug point of the LLM engine."""
+    """The LLM policy's generation: the plug point of the LLM engine (``llm.engine.LLMEngine``,
+    our batched loop on transformers, or ``llm.vllm_engine.VLLMEngine``; ``llm.policy.engine``)."""
 
     async def generate(self, prompt_ids: list[int], params: GenerationParams) -> tuple[list[Sample], int]:
         """``params.num_samples`` samples for one prompt, and the model version that made them."""
+
+    def stream(self, prompt_ids: list[int], params: GenerationParams) -> AsyncIterator[SampleChunk]:
+        """The same samples as ``generate``, chunk by chunk as tokens are made; closing the
+        iterator (a client that disconnected) cancels the generation."""
 
     async def version(self) -> int: ...
 
