@@ -12,15 +12,34 @@ from __future__ import annotations
 import json
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from policy_server.errors import SchemaError
-from policy_server.schema.llm import LLMPolicySpec, LLMValueSpec
+from policy_server.schema.llm import LLMPolicySpec, LLMSection, LLMValueSpec
 
 WEIGHTS = ("*.safetensors", "pytorch_model*.bin", "*.safetensors.index.json", "pytorch_model.bin.index.json")
 """Names of the weights files ``from_pretrained`` reads (single or sharded with an index)."""
 TOKENIZER = ("tokenizer.json", "tokenizer.model", "vocab.json", "spiece.model", "vocab.txt")
 """Any one of them lets ``AutoTokenizer`` load a tokenizer from the folder."""
+
+
+def check_section(llm: LLMSection, backend: Literal["serve", "local"] = "serve") -> None:
+    """Check the folders of the `llm:` section's policy and value model (``check_checkpoint``)."""
+    for where, spec in (("llm.policy", llm.policy), ("llm.value", llm.value)):
+        if spec is not None:
+            check_checkpoint(spec, where, on_cpu=replicas_on_cpu(spec, backend))
+
+
+def replicas_on_cpu(spec: LLMPolicySpec | LLMValueSpec, backend: Literal["serve", "local"]) -> bool:
+    """Whether the model will run on CPU: asked for, or no GPU in this process (local backend), or
+    none in the schema's resources (a Serve replica gets a GPU only through ``num_gpus``)."""
+    if spec.device == "cpu":
+        return True
+    if backend == "local":
+        import torch
+
+        return not torch.cuda.is_available()
+    return spec.resources.num_gpus == 0
 
 
 def check_checkpoint(spec: LLMPolicySpec | LLMValueSpec, where: str, on_cpu: bool) -> None:

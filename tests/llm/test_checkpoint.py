@@ -13,7 +13,7 @@ import pytest
 from conftest import llm_schema, make_client
 
 from policy_server.errors import SchemaError
-from policy_server.llm.checkpoint import check_checkpoint, head_size
+from policy_server.llm.checkpoint import check_checkpoint, head_size, replicas_on_cpu
 from policy_server.schema.llm import LLMPolicySpec, LLMValueSpec
 
 
@@ -115,6 +115,16 @@ def test_head_size_reads_head_dim_else_hidden_over_heads() -> None:
     assert head_size({"head_dim": 64, "hidden_size": 128, "num_attention_heads": 8}) == 64
     assert head_size({"hidden_size": 2048, "num_attention_heads": 32}) == 64
     assert head_size({"hidden_size": 2048}) is None
+
+
+def test_serve_replicas_run_on_cpu_unless_the_schema_gives_them_gpus(tmp_path: Path) -> None:
+    import torch
+
+    gpu = {"resources": {"num_gpus": 1}}
+    assert replicas_on_cpu(LLMPolicySpec(path=tmp_path), "serve")
+    assert not replicas_on_cpu(LLMPolicySpec(path=tmp_path, **gpu), "serve")
+    assert replicas_on_cpu(LLMPolicySpec(path=tmp_path, device="cpu", **gpu), "serve")
+    assert replicas_on_cpu(LLMPolicySpec(path=tmp_path, **gpu), "local") == (not torch.cuda.is_available())
 
 
 def test_build_app_refuses_the_folder_before_anything_starts(copy_policy: Callable[[], Path], tmp_path: Path) -> None:

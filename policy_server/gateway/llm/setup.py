@@ -8,7 +8,7 @@ from typing import Generic, Literal, TypeVar
 
 from policy_server.errors import BackendUnavailable
 from policy_server.gateway.llm.service import LLMService, ValueService, load_tokenizer
-from policy_server.llm.checkpoint import check_checkpoint
+from policy_server.llm.checkpoint import check_section
 from policy_server.schema.config import ServerSchema
 from policy_server.schema.llm import LLMPolicySpec, LLMValueSpec
 from policy_server.serving.api import GRPORunsAPI, X1Training
@@ -66,9 +66,7 @@ def llm_services(schema: ServerSchema, backend: Literal["serve", "local"] = "ser
     if schema.llm is None:
         return LLMServices()
     policy, value = schema.llm.policy, schema.llm.value
-    for where, spec in (("llm.policy", policy), ("llm.value", value)):
-        if spec is not None:
-            check_checkpoint(spec, where, on_cpu=replicas_on_cpu(spec, backend))
+    check_section(schema.llm, backend)
     trainable = policy is not None and _allows_training(policy)
     return LLMServices(
         policy=LLMService(policy, load_tokenizer(policy.path)) if policy else None,
@@ -77,18 +75,6 @@ def llm_services(schema: ServerSchema, backend: Literal["serve", "local"] = "ser
         x1_policy=Starting("the policy's trainer") if trainable else None,
         x1_value=Starting("the value model's trainer") if value is not None and _allows_training(value) else None,
     )
-
-
-def replicas_on_cpu(spec: LLMPolicySpec | LLMValueSpec, backend: Literal["serve", "local"]) -> bool:
-    """Whether the model will run on CPU: asked for, or no GPU in this process (local backend), or
-    none in the schema's resources (a Serve replica gets a GPU only through ``num_gpus``)."""
-    if spec.device == "cpu":
-        return True
-    if backend == "local":
-        import torch
-
-        return not torch.cuda.is_available()
-    return spec.resources.num_gpus == 0
 
 
 def _allows_training(spec: LLMPolicySpec | LLMValueSpec) -> bool:
