@@ -95,6 +95,10 @@ def _examples() -> list[str]:
 def check(schema: str = "schema.yaml") -> dict[str, Any]:
     """Validate a schema and its models without serving; raise SchemaError on the first problem."""
     loaded = load_schema(schema)
+    if loaded.llm is not None:
+        from policy_server.llm.checkpoint import check_section
+
+        check_section(loaded.llm)
     return {name: resolve_policy(spec)[0].describe() for name, spec in loaded.policies.items()}
 
 

@@ -67,7 +67,7 @@ def build_app(settings: Settings | None = None) -> FastAPI:
         for name, (served, _) in resolved.items()
         if served.spec.training is not None
     }
-    llm = llm_services(schema)
+    llm = llm_services(schema, settings.backend)
     sdks = _client_sdks(settings)
     metrics = GatewayMetrics()
     prefix = f"/{schema.url_path}" if schema.url_path else ""

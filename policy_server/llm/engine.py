@@ -5,8 +5,7 @@ requests into one generate call (requests with different seeds included), and st
 tokens as they are decoded; ``ValueScorer`` owns a value model. A Serve deployment (or the
 gateway's local backend) holds one of each; neither knows about Ray or HTTP.
 
-Model folders travel as bytes (``policy_server.llm.folders``), so a replica on another node
-needs no shared file system.
+Both load from a model folder's path, which every node that runs a replica must read.
 """
 
 from __future__ import annotations
@@ -22,7 +21,6 @@ import torch
 
 from policy_server.errors import InvalidRequest
 from policy_server.llm.batching import GenerationQueue
-from policy_server.llm.folders import Folder, unpack_model
 from policy_server.llm.generation import GenerationParams, Generator, Sample, SampleChunk
 from policy_server.llm.models import load_policy, load_value, score_messages
 from policy_server.schema.llm import LLMPolicySpec, LLMValueSpec
@@ -118,14 +116,6 @@ class LLMEngine(VersionedWeights):
             batch_wait_ms=limits.batch_wait_ms,
         )
 
-    @classmethod
-    def from_files(
-        cls, spec: LLMPolicySpec, model: Folder, adapter: Folder | None, device: str,
-        on_batch: BatchObserver | None = None,
-    ) -> LLMEngine:
-        folder, lora = unpack_model(model, adapter, "policy-server-llm-")
-        return cls(spec, folder, lora, device, on_batch)
-
     def _generate(self, prompts: list[list[int]], jobs: list[_Job]) -> list[list[Sample]]:
         started = time.perf_counter()
         with self._lock:  # a batch never sees two versions of the weights
@@ -211,11 +201,6 @@ class ValueScorer(VersionedWeights):
         super().__init__()
         self.spec = spec
         self.value = load_value(folder, adapter, spec.dtype, device, position=spec.position)
-
-    @classmethod
-    def from_files(cls, spec: LLMValueSpec, model: Folder, adapter: Folder | None, device: str) -> ValueScorer:
-        folder, lora = unpack_model(model, adapter, "policy-server-value-")
-        return cls(spec, folder, lora, device)
 
     def _named_weights(self) -> dict[str, torch.Tensor]:
         return dict(self.value.model.named_parameters())

@@ -1,17 +1,20 @@
-"""Ray Serve deployments of the LLM policy and value model: thin adapters around the engines."""
+"""Ray Serve deployments of the LLM policy and value model: thin adapters around the engines.
+
+Every replica loads its model (and tokenizer) from the spec's path, which every node that runs one
+must read (a shared or network file system, or a copy at the same path on each node); no model
+bytes travel through Serve.
+"""
 
 from __future__ import annotations
 
 import asyncio
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ray import serve
 from ray.serve import Application
 
-from policy_server.llm.engine import LLMEngine, ValueScorer
-from policy_server.llm.folders import Folder, unpack_folder, unpack_model
+from policy_server.llm.engine import ValueScorer
 from policy_server.llm.generation import GenerationParams, Sample
 from policy_server.llm.grpo_runs import GRPORuns
 from policy_server.llm.state import TasksAndSessions
@@ -36,10 +39,12 @@ def _limit_threads(cpus: float) -> None:
 
 @serve.deployment
 class LLMPolicyDeployment:
-    def __init__(self, spec: LLMPolicySpec, model: Folder, adapter: Folder | None, device: str) -> None:
+    def __init__(self, spec: LLMPolicySpec, device: str) -> None:
+        from policy_server.serving.runtime.local import open_engine
+
         _limit_threads(spec.resources.num_cpus)
         self.metrics = LLMServingMetrics(spec.model_id, serve.get_replica_context().app_name)
-        self.engine = LLMEngine.from_files(spec, model, adapter, device, on_batch=self.metrics.on_batch)
+        self.engine = open_engine(spec, spec.path, spec.adapter, device, on_batch=self.metrics.on_batch)
 
     async def generate(self, prompt_ids: list[int], params: GenerationParams) -> tuple[list[Sample], int]:
         return await self.engine.generate(prompt_ids, params)
@@ -55,9 +60,9 @@ class LLMPolicyDeployment:
 
 @serve.deployment
 class ValueDeployment:
-    def __init__(self, spec: LLMValueSpec, model: Folder, adapter: Folder | None, device: str) -> None:
+    def __init__(self, spec: LLMValueSpec, device: str) -> None:
         _limit_threads(spec.resources.num_cpus)
-        self.scorer = ValueScorer.from_files(spec, model, adapter, device)
+        self.scorer = ValueScorer(spec, spec.path, spec.adapter, device)
 
     async def score(self, conversations: list[Conversation]) -> tuple[list[float], int]:
         from policy_server.serving.runtime.local import score_or_invalid
@@ -76,13 +81,12 @@ class TasksAndSessionsDeployment:
     """The one holder of queued tasks and sessions, whichever gateway a request comes through;
     it generates through the policy deployment's handle."""
 
-    def __init__(self, spec: LLMPolicySpec, tokenizer: Folder, policy_app: str) -> None:
+    def __init__(self, spec: LLMPolicySpec, policy_app: str) -> None:
         from transformers import AutoTokenizer
 
-        folder = unpack_folder(tokenizer, Path(tempfile.mkdtemp(prefix="policy-server-tokenizer-")))
         self.policy = serve.get_deployment_handle(LLM_POLICY, policy_app)
         self.state = TasksAndSessions(
-            AutoTokenizer.from_pretrained(str(folder), local_files_only=True), self._generate, spec.end_token,
+            AutoTokenizer.from_pretrained(str(spec.path), local_files_only=True), self._generate, spec.end_token,
             spec.limits.task_ttl_s, 4 * spec.limits.max_queued,
         )
 
@@ -118,9 +122,7 @@ LLM_VALUE = "llm-value"
 LLM_TASKS = "llm-tasks"
 
 
-def build_llm_deployment(
-    spec: LLMPolicySpec | LLMValueSpec, model: Folder, adapter: Folder | None, gpus_available: bool
-) -> Application:
+def build_llm_deployment(spec: LLMPolicySpec | LLMValueSpec, gpus_available: bool) -> Application:
     """The Serve application of the LLM policy or value model, with the schema's resources; GPUs
     only where the cluster has them (``device: auto`` then picks the GPU)."""
     res = spec.resources
@@ -137,17 +139,16 @@ def build_llm_deployment(
         num_replicas=res.num_replicas,
         max_ongoing_requests=ongoing,
         ray_actor_options={"num_cpus": res.num_cpus, "num_gpus": num_gpus},
-    ).bind(spec, model, adapter, device)
+    ).bind(spec, device)
 
 
 @serve.deployment(num_replicas=1, max_ongoing_requests=64)
 class GRPODeployment:
     """The GRPO runs of the LLM policy, beside its serving deployment (each run its own model copy)."""
 
-    def __init__(self, spec: LLMPolicySpec, model: Folder, adapter: Folder | None, root: str, device: str) -> None:
+    def __init__(self, spec: LLMPolicySpec, root: str, device: str) -> None:
         _limit_threads(spec.training.num_cpus if spec.training else 1)
-        folder, lora = unpack_model(model, adapter, "policy-server-grpo-")
-        self.runs = GRPORuns(folder, lora, Path(root), spec.dtype, device)
+        self.runs = GRPORuns(spec.path, spec.adapter, Path(root), spec.dtype, device)
         self.metrics = GRPOMetrics(spec.model_id, serve.get_replica_context().app_name)
 
     async def start(self, settings: GRPOSettings) -> dict[str, Any]:
@@ -183,18 +184,16 @@ class X1TrainingDeployment:
     reach every serving replica through ``broadcast("set_weights")``."""
 
     def __init__(
-        self, kind: str, spec: LLMPolicySpec | LLMValueSpec, model: Folder, adapter: Folder | None, serving_app: str,
-        device: str,
+        self, kind: str, spec: LLMPolicySpec | LLMValueSpec, serving_app: str, device: str
     ) -> None:
         assert spec.training is not None
         _limit_threads(spec.training.num_cpus)
-        folder, lora = unpack_model(model, adapter, f"policy-server-x1-{kind}-")
         serving = serve.get_deployment_handle(LLM_POLICY if kind == "policy" else LLM_VALUE, serving_app)
 
         def publish(weights: dict[str, Any], version: int) -> None:
             serving.broadcast("set_weights", weights, version).results(timeout_s=300)
 
-        self.trainer = X1Trainer(kind, load_for(kind, spec, folder, lora, device), spec.training, publish)  # type: ignore[arg-type]
+        self.trainer = X1Trainer(kind, load_for(kind, spec, spec.path, spec.adapter, device), spec.training, publish)  # type: ignore[arg-type]
 
     async def start(self, request: X1TrainingConfig) -> dict[str, str]:
         return await asyncio.to_thread(self.trainer.start, request)

@@ -165,6 +165,15 @@ def test_check_refuses_a_schema_that_contradicts_its_model(tmp_path: Path) -> No
         cli.check(str(tmp_path / "schema.yaml"))
 
 
+def test_check_refuses_an_llm_folder_that_cannot_be_served(llm_dirs: dict[str, Path], tmp_path: Path) -> None:
+    folder = Path(shutil.copytree(llm_dirs["policy"], tmp_path / "policy"))
+    (folder / "tokenizer.json").unlink()
+    schema = {"llm": {"policy": {"path": str(folder), "engine": "transformers"}}}
+    (tmp_path / "schema.yaml").write_text(yaml.safe_dump(schema))
+    with pytest.raises(SchemaError, match=rf"llm\.policy\.path: {folder}: no tokenizer"):
+        cli.check(str(tmp_path / "schema.yaml"))
+
+
 def test_the_cli_runs_and_documents_its_commands() -> None:
     help_text = subprocess.run(
         [sys.executable, "generate.py", "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120,

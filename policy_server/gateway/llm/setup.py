@@ -4,10 +4,11 @@ their models, tasks and sessions, and trainers (``LLMServices.start``)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Generic, TypeVar
+from typing import Generic, Literal, TypeVar
 
 from policy_server.errors import BackendUnavailable
 from policy_server.gateway.llm.service import LLMService, ValueService, load_tokenizer
+from policy_server.llm.checkpoint import check_section
 from policy_server.schema.config import ServerSchema
 from policy_server.schema.llm import LLMPolicySpec, LLMValueSpec
 from policy_server.serving.api import GRPORunsAPI, X1Training
@@ -58,10 +59,14 @@ class LLMServices:
                 self.x1_value.attach(await runtime.x1_training("value", self.value.spec))
 
 
-def llm_services(schema: ServerSchema) -> LLMServices:
+def llm_services(schema: ServerSchema, backend: Literal["serve", "local"] = "serve") -> LLMServices:
+    """The services of the schema's `llm:` section, after refusing a model folder that cannot be
+    served (SchemaError naming it and why). The gateway loads the policy's tokenizer only; replicas
+    load the models from their paths."""
     if schema.llm is None:
         return LLMServices()
     policy, value = schema.llm.policy, schema.llm.value
+    check_section(schema.llm, backend)
     trainable = policy is not None and _allows_training(policy)
     return LLMServices(
         policy=LLMService(policy, load_tokenizer(policy.path)) if policy else None,

@@ -47,7 +47,8 @@ class Runtime(ABC):
 
     @abstractmethod
     async def tasks_and_sessions(self, spec: LLMPolicySpec, tokenizer: Any) -> TasksAndSessionsAPI:
-        """x1's tasks and sessions, generating through the model ``llm_model`` started."""
+        """x1's tasks and sessions, generating through the model ``llm_model`` started; ``tokenizer``
+        is the gateway's (a Serve deployment loads its own from ``spec.path`` instead)."""
 
     @abstractmethod
     async def value_model(self, spec: LLMValueSpec) -> ValueModel: ...

@@ -4,6 +4,7 @@ floor). Blocking domain methods run in worker threads; errors come out as ``serv
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -13,7 +14,7 @@ from policy_server.serving.errors import local, local_async
 from policy_server.serving.runtime.base import Runtime, X1Kind
 
 if TYPE_CHECKING:
-    from policy_server.llm.engine import LLMEngine, ValueScorer
+    from policy_server.llm.engine import BatchObserver, LLMEngine, ValueScorer
     from policy_server.llm.generation import GenerationParams, Sample
     from policy_server.llm.grpo_runs import GRPORuns
     from policy_server.llm.grpo_settings import GRPOSettings
@@ -90,6 +91,16 @@ class LocalPolicyTrainer:
 
     async def checkpoints(self) -> dict[str, Any]:
         return await local(self.trainer.checkpoints)
+
+
+def open_engine(
+    spec: LLMPolicySpec, folder: Path, adapter: Path | None, device: str, on_batch: BatchObserver | None = None
+) -> LLMEngine:
+    """The policy engine of a Serve replica or of the local runtime, loaded from ``folder`` (and
+    its LoRA ``adapter``): the one place that picks the engine."""
+    from policy_server.llm.engine import LLMEngine
+
+    return LLMEngine(spec, folder, adapter, device, on_batch)
 
 
 class LocalLLMModel:
@@ -224,9 +235,7 @@ class LocalRuntime(Runtime):
         return LocalPolicyTrainer(trainer)
 
     async def llm_model(self, spec: LLMPolicySpec) -> LocalLLMModel:
-        from policy_server.llm.engine import LLMEngine
-
-        self._engine = await local(LLMEngine, spec, spec.path, spec.adapter, spec.device)
+        self._engine = await local(open_engine, spec, spec.path, spec.adapter, spec.device)
         self._closers.append(self._engine.close)
         return LocalLLMModel(self._engine)
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from pathlib import Path
 from typing import Any
 
 import ray
@@ -132,7 +131,7 @@ class ServeRuntime(Runtime):
         return ServeValueModel(await asyncio.to_thread(self.deploy_llm, spec))
 
     async def tasks_and_sessions(self, spec: LLMPolicySpec, tokenizer: Any) -> ServeTasksAndSessions:
-        return ServeTasksAndSessions(await asyncio.to_thread(self.deploy_tasks_and_sessions, spec, tokenizer))
+        return ServeTasksAndSessions(await asyncio.to_thread(self.deploy_tasks_and_sessions, spec))
 
     async def grpo_runs(self, spec: LLMPolicySpec) -> ServeGRPORuns:
         return ServeGRPORuns(await asyncio.to_thread(self.deploy_grpo, spec))
@@ -142,46 +141,37 @@ class ServeRuntime(Runtime):
 
     def deploy_llm(self, spec: LLMPolicySpec | LLMValueSpec) -> DeploymentHandle:
         """Run the LLM policy's or value model's Serve app (blocking); returns its handle."""
-        from policy_server.llm.folders import pack_folder
         from policy_server.serving.llm_deployment import LLM_POLICY, LLM_VALUE, build_llm_deployment
 
         gpus = ray.cluster_resources().get("GPU", 0) > 0
         name = LLM_POLICY if isinstance(spec, LLMPolicySpec) else LLM_VALUE
         app_name = f"{self.settings.serve_app_prefix}-{name}"
-        adapter = pack_folder(spec.adapter) if spec.adapter else None
-        serve.run(build_llm_deployment(spec, pack_folder(spec.path), adapter, gpus), name=app_name, route_prefix=None)
+        serve.run(build_llm_deployment(spec, gpus), name=app_name, route_prefix=None)
         self.apps.append(app_name)
         return serve.get_deployment_handle(name, app_name)
 
-    def deploy_tasks_and_sessions(self, spec: LLMPolicySpec, tokenizer: Any) -> DeploymentHandle:
-        """The deployment that keeps the LLM's tasks and sessions (one replica for all gateways)."""
-        import tempfile
-
-        from policy_server.llm.folders import pack_folder
+    def deploy_tasks_and_sessions(self, spec: LLMPolicySpec) -> DeploymentHandle:
+        """The deployment that keeps the LLM's tasks and sessions (one replica for all gateways);
+        it loads the tokenizer from the policy's path."""
         from policy_server.serving.llm_deployment import LLM_POLICY, LLM_TASKS, TasksAndSessionsDeployment
 
-        with tempfile.TemporaryDirectory() as folder:
-            tokenizer.save_pretrained(folder)
-            files = pack_folder(Path(folder))
         app_name = f"{self.settings.serve_app_prefix}-{LLM_TASKS}"
         policy_app = f"{self.settings.serve_app_prefix}-{LLM_POLICY}"
-        app = TasksAndSessionsDeployment.options(name=LLM_TASKS).bind(spec, files, policy_app)
+        app = TasksAndSessionsDeployment.options(name=LLM_TASKS).bind(spec, policy_app)
         serve.run(app, name=app_name, route_prefix=None)
         self.apps.append(app_name)
         return serve.get_deployment_handle(LLM_TASKS, app_name)
 
     def deploy_grpo(self, spec: LLMPolicySpec) -> DeploymentHandle:
         """The deployment of the LLM policy's GRPO runs (blocking); returns its handle."""
-        from policy_server.llm.folders import pack_folder
         from policy_server.serving.llm_deployment import LLM_GRPO, GRPODeployment
 
         assert spec.training is not None
         gpus = spec.training.num_gpus if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
         device = spec.device if gpus > 0 else "cpu"
-        adapter = pack_folder(spec.adapter) if spec.adapter else None
         app = GRPODeployment.options(
             name=LLM_GRPO, ray_actor_options={"num_cpus": spec.training.num_cpus, "num_gpus": gpus}
-        ).bind(spec, pack_folder(spec.path), adapter, str(spec.training.save_dir / "grpo"), device)
+        ).bind(spec, str(spec.training.save_dir / "grpo"), device)
         app_name = f"{self.settings.serve_app_prefix}-{LLM_GRPO}"
         serve.run(app, name=app_name, route_prefix=None)
         self.apps.append(app_name)
@@ -189,7 +179,6 @@ class ServeRuntime(Runtime):
 
     def deploy_x1_trainer(self, kind: X1Kind, spec: LLMPolicySpec | LLMValueSpec) -> DeploymentHandle:
         """The deployment of x1's training of the policy or value model (blocking); its handle."""
-        from policy_server.llm.folders import pack_folder
         from policy_server.serving.llm_deployment import (
             LLM_POLICY,
             LLM_VALUE,
@@ -201,11 +190,10 @@ class ServeRuntime(Runtime):
         gpus = spec.training.num_gpus if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
         device = spec.device if gpus > 0 else "cpu"
         serving_app = f"{self.settings.serve_app_prefix}-{LLM_POLICY if kind == 'policy' else LLM_VALUE}"
-        adapter = pack_folder(spec.adapter) if spec.adapter else None
         name = f"llm-x1-{kind}"
         app = X1TrainingDeployment.options(
             name=name, ray_actor_options={"num_cpus": spec.training.num_cpus, "num_gpus": gpus}
-        ).bind(kind, spec, pack_folder(spec.path), adapter, serving_app, device)
+        ).bind(kind, spec, serving_app, device)
         app_name = x1_app_name(self.settings.serve_app_prefix, kind)
         serve.run(app, name=app_name, route_prefix=None)
         self.apps.append(app_name)

@@ -1,0 +1,144 @@
+"""A real-size (> 1 GB) float32 checkpoint served by `uvicorn app:app` on Ray Serve (the default
+backend): replicas load it from its path, so start-up no longer stops with Ray's KVStoreError
+("Sent message larger than max") as it did when model folders travelled to `serve.run` as bytes.
+
+Prints start-up seconds and the peak RSS of the gateway and of each Serve replica (the README's
+numbers); asserts only sanity bounds on them.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import psutil
+import pytest
+import yaml
+from conftest import API_KEY
+from support import wait_until
+
+from policy_server.net import free_port
+
+ROOT = Path(__file__).resolve().parents[2]
+GB = 1 << 30
+ENGINES = ["transformers"]  # one parameter: the vLLM engine joins this list
+START_TIMEOUT_S = 240
+
+
+@pytest.fixture(scope="module")
+def big_model(llm_dirs: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A randomly initialised float32 Llama of ~1.2 GB (hidden 2048, 32 heads of 64, 6 layers) with
+    the tiny example's tokenizer, saved as safetensors."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    folder = tmp_path_factory.mktemp("real-size") / "policy"
+    tiny = llm_dirs["policy"]
+    config = LlamaConfig(
+        vocab_size=768, hidden_size=2048, intermediate_size=5632, num_hidden_layers=6, num_attention_heads=32,
+        num_key_value_heads=32, head_dim=64, max_position_embeddings=1024, bos_token_id=0, eos_token_id=1,
+        pad_token_id=3, tie_word_embeddings=True, dtype="float32",
+    )
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)  # allocated once, on the CPU
+    model.save_pretrained(folder)
+    del model
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        shutil.copy(tiny / name, folder / name)
+    return folder
+
+
+def folder_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.iterdir() if p.is_file())
+
+
+def peak_rss(process: psutil.Process) -> int:
+    """The process's peak resident set size in bytes (Linux's VmHWM)."""
+    status = Path(f"/proc/{process.pid}/status").read_text()
+    kb = next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM:"))
+    return int(kb) * 1024
+
+
+def replicas(gateway: psutil.Process) -> dict[str, int]:
+    """Peak RSS of each Serve replica the gateway's Ray runs, by its process title."""
+    found = {}
+    for child in gateway.children(recursive=True):
+        try:
+            title = " ".join(child.cmdline())
+            if "ServeReplica" in title:
+                found[title.split()[0]] = peak_rss(child)
+        except (psutil.NoSuchProcess, psutil.AccessDenied, FileNotFoundError):
+            continue
+    return found
+
+
+@pytest.fixture(params=ENGINES)
+def served(request: pytest.FixtureRequest, big_model: Path, tmp_path: Path) -> Iterator[tuple[str, psutil.Process, float]]:
+    """`uvicorn app:app` (backend serve) on a schema of the big model alone; yields the URL, the
+    gateway process and its start-up seconds."""
+    schema = tmp_path / "schema.yaml"
+    policy = {"path": str(big_model), "engine": request.param, "served_name": "big"}
+    schema.write_text(yaml.safe_dump({"parameters": {"api_key": API_KEY}, "llm": {"policy": policy}}))
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("POLICY_SERVER_", "RAY_ADDRESS", "SCHEMA_PATH"))}
+    env |= {"SCHEMA_PATH": str(schema), "POLICY_SERVER_GATEWAY_METRICS_PORT": "0", "RAY_USAGE_STATS_ENABLED": "0"}
+    log = tmp_path / "server.log"
+    started = time.monotonic()
+    with log.open("wb") as sink:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "uvicorn", "app:app", "--port", str(port)],
+            cwd=ROOT, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=sink,
+        )
+    url = f"http://127.0.0.1:{port}"
+
+    def ready() -> bool:
+        assert proc.poll() is None, log.read_text()[-3000:]
+        try:
+            return httpx.get(f"{url}/health/ready").status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    try:
+        wait_until(ready, START_TIMEOUT_S, 0.5, lambda: "not ready; log: " + log.read_text()[-3000:])
+        yield url, psutil.Process(proc.pid), time.monotonic() - started
+        os.kill(proc.pid, signal.SIGTERM)
+        assert proc.wait(timeout=60) in (0, -signal.SIGTERM), log.read_text()[-3000:]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert "KVStoreError" not in log.read_text()
+
+
+def test_a_real_size_checkpoint_serves_through_uvicorn(big_model: Path, served: tuple[str, psutil.Process, float]) -> None:
+    url, gateway, startup_s = served
+    size = folder_bytes(big_model)
+    assert size > GB
+    completion = httpx.post(
+        f"{url}/v1/completions", headers={"authorization": f"Bearer {API_KEY}"}, timeout=120,
+        json={"model": "big", "prompt": "What is 2 + 3?", "max_tokens": 4, "temperature": 1.0, "seed": 0},
+    )
+    assert completion.status_code == 200, completion.text
+    choice = completion.json()["choices"][0]
+    assert choice["finish_reason"] in ("stop", "length") and completion.json()["usage"]["completion_tokens"] > 0
+    forward = httpx.post(
+        f"{url}/llm/direct_forward", headers={"access-token": API_KEY}, timeout=120,
+        json={"input_string": "What is 2 + 3?", "max_input_length": 32, "max_output_length": 36, "num_samples": 2, "seed": 0},
+    )
+    assert forward.status_code == 200, forward.text
+    answer = forward.json()
+    assert len(answer["result"]) == 2 and answer["model_version"] == 0
+
+    gateway_peak, replica_peaks = peak_rss(gateway), replicas(gateway)
+    print(f"\ncheckpoint {size / GB:.2f} GiB; start-up {startup_s:.1f} s; gateway peak RSS {gateway_peak / GB:.2f} GiB; "
+          + "; ".join(f"{name} peak RSS {rss / GB:.2f} GiB" for name, rss in sorted(replica_peaks.items())))
+    assert gateway_peak < size  # the gateway loads the tokenizer, not the weights
+    policy_replicas = [rss for name, rss in replica_peaks.items() if "llm-policy" in name]
+    assert len(policy_replicas) == 1 and size <= policy_replicas[0] < 4 * size
