@@ -8,7 +8,7 @@ import asyncio
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -310,7 +310,7 @@ class _TextStream:
                     if text.endswith(s[:k])), default=0)
 
 
-async def _merged(streams: list[AsyncIterator[T]]) -> AsyncIterator[tuple[int, T]]:
+async def _merged(streams: list[AsyncIterator[T]]) -> AsyncGenerator[tuple[int, T], None]:
     """The items of several streams as they come, each with its stream's index. Closing this
     (a client that disconnected) cancels every stream's task, which closes the stream."""
     queue: asyncio.Queue[tuple[int, T | BaseException | None]] = asyncio.Queue()
