@@ -2,8 +2,9 @@
 
 Concurrent ``submit`` calls wait in one queue. A worker thread takes the oldest request, gathers
 every queued request whose ``params.batch_key()`` equals its key (up to ``max_batch_prompts``
-prompts), and runs them through one blocking ``generate_fn(prompts, params)`` call; requests with
-other keys wait for the next call, so the generator never sees mixed parameters. A failing call
+prompts), and runs them through one blocking ``generate_fn(prompts, params)`` call (``params[i]``:
+prompt i's request's, all with one batch key); requests with other keys wait for the next call, so
+the generator never sees parameters it cannot decode together. A failing call
 fails only the requests it carried. The queue is bounded in requests and, optionally, in tokens,
 so queued work can never exhaust memory: beyond the bound ``submit`` raises ``QueueFull`` (429).
 
@@ -21,7 +22,7 @@ from collections import deque
 from collections.abc import Callable, Hashable
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Generic, Protocol, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 from policy_server.errors import (
     BackendUnavailable,
@@ -48,7 +49,9 @@ class BatchParams(Protocol):
     def batch_key(self) -> Hashable: ...
 
 
-GenerateFn = Callable[[list[list[int]], BatchParams], list[list[S]]]
+GenerateFn = Callable[[list[list[int]], list[Any]], list[list[S]]]
+"""``generate_fn(prompts, params)``: each prompt's samples; ``params[i]`` is what prompt i's caller
+submitted (a ``BatchParams``; every one of a call has the same batch key)."""
 
 
 def request_tokens(prompt_ids: list[int], params: BatchParams) -> int:
@@ -265,7 +268,7 @@ class GenerationQueue(Generic[S]):
     def _run(self, batch: list[_Request[S]]) -> None:
         started = time.monotonic()
         try:
-            results = self._generate([r.prompt_ids for r in batch], batch[0].params)
+            results = self._generate([r.prompt_ids for r in batch], [r.params for r in batch])
             if len(results) != len(batch):
                 raise ModelError(f"the generator returned {len(results)} results for {len(batch)} prompts")
         except BaseException as exc:

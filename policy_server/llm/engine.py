@@ -13,14 +13,16 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import Future
 from pathlib import Path
 
 import torch
 
+from policy_server.errors import InvalidRequest
 from policy_server.llm.batching import GenerationQueue
 from policy_server.llm.folders import Folder, unpack_model
-from policy_server.llm.generation import GenerationParams, Generator, Sample
+from policy_server.llm.generation import GenerationParams, Generator, Sample, SampleChunk
 from policy_server.llm.models import load_policy, load_value, score_messages
 from policy_server.schema.llm import LLMPolicySpec, LLMValueSpec
 from policy_server.weights import VersionedWeights
@@ -40,6 +42,50 @@ class BatchReport:
 
 
 BatchObserver = Callable[[BatchReport], None]
+
+
+class _ChunkSink:
+    """A streaming request's chunks, handed from the generation thread to the caller's event loop."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.chunks: asyncio.Queue[SampleChunk | BaseException | None] = asyncio.Queue()
+        self.cancelled = False
+        self.version = 0
+        """The weights' version while its batch runs (set by the engine before the decode)."""
+
+    def push(self, chunk: SampleChunk) -> None:
+        self._put(dataclasses.replace(chunk, model_version=self.version))
+
+    def finish(self, future: Future[list[Sample]]) -> None:
+        """The request's future is done: end the stream, with its error if it failed."""
+        error = None if future.cancelled() else future.exception()
+        self._put(error)
+
+    def _put(self, item: SampleChunk | BaseException | None) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self.chunks.put_nowait, item)
+        except RuntimeError:  # the caller's loop is closed: nobody reads on
+            self.cancelled = True
+
+
+@dataclasses.dataclass(frozen=True)
+class _Job:
+    """One request as the queue carries it: its params, and its sink when it streams."""
+
+    params: GenerationParams
+    sink: _ChunkSink | None = None
+
+    @property
+    def num_samples(self) -> int:
+        return self.params.num_samples
+
+    @property
+    def max_new_tokens(self) -> int:
+        return self.params.max_new_tokens
+
+    def batch_key(self) -> tuple[object, ...]:
+        return self.params.batch_key()
 
 
 class LLMEngine(VersionedWeights):
@@ -79,11 +125,19 @@ class LLMEngine(VersionedWeights):
         folder, lora = unpack_model(model, adapter, "policy-server-llm-")
         return cls(spec, folder, lora, device, on_batch)
 
-    def _generate(self, prompts: list[list[int]], params: GenerationParams) -> list[list[Sample]]:
+    def _generate(self, prompts: list[list[int]], jobs: list[_Job]) -> list[list[Sample]]:
         started = time.perf_counter()
         with self._lock:  # a batch never sees two versions of the weights
-            samples = self.generator.generate(prompts, params)
             version = self.version
+            for job in jobs:
+                if job.sink is not None:
+                    job.sink.version = version
+            samples = self.generator.generate(
+                prompts,
+                jobs[0].params,
+                seeds=[job.params.seed for job in jobs],
+                sinks=[job.sink for job in jobs],
+            )
         if self.on_batch is not None:
             tokens = sum(len(s.completion_ids) for group in samples for s in group)
             seconds = time.perf_counter() - started
@@ -91,9 +145,49 @@ class LLMEngine(VersionedWeights):
         return [[dataclasses.replace(s, model_version=version) for s in group] for group in samples]
 
     async def generate(self, prompt_ids: list[int], params: GenerationParams) -> tuple[list[Sample], int]:
-        """``num_samples`` samples for one prompt, and the version of the weights that made them."""
-        samples = await self.queue.submit(prompt_ids, params)
+        """``num_samples`` samples for one prompt, and the version of the weights that made them.
+
+        Raises ``InvalidRequest`` for what this engine cannot do (``structured``; a ``logit_bias``
+        token outside the vocabulary), ``QueueFull`` when the queue is full.
+        """
+        self._check_supported(params)
+        samples = await self.queue.submit(prompt_ids, _Job(params))
         return samples, samples[0].model_version
+
+    async def stream(self, prompt_ids: list[int], params: GenerationParams) -> AsyncIterator[SampleChunk]:
+        """The samples ``generate`` would give, as chunks: one per sampled token as each decoding
+        step makes it (the beam strategies: one per sample at the end of the search).
+
+        The request queues with the others (``QueueFull`` raises at the first ``__anext__``);
+        closing the iterator (a client that disconnected) withdraws it if it has not started, or
+        stops its rows at the next step while the rest of its batch goes on.
+        """
+        self._check_supported(params)
+        sink = _ChunkSink(asyncio.get_running_loop())
+        future = self.queue.submit_future(prompt_ids, _Job(params, sink))
+        future.add_done_callback(sink.finish)
+        try:
+            while (item := await sink.chunks.get()) is not None:
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            sink.cancelled = True
+            future.cancel()
+
+    def _check_supported(self, params: GenerationParams) -> None:
+        if params.structured is not None:
+            raise InvalidRequest.at(
+                "body.response_format",
+                "the transformers engine cannot do structured outputs; "
+                "serve this policy with llm.policy.engine: vllm",
+            )
+        vocab = self.generator.vocab_size
+        outside = sorted({token for token, _ in params.logit_bias if token >= vocab})
+        if outside:
+            raise InvalidRequest.at(
+                "body.logit_bias", f"token ids {outside} are outside the model's vocabulary of {vocab} tokens"
+            )
 
     def _named_weights(self) -> dict[str, torch.Tensor]:
         return dict(self.lm.model.named_parameters())

@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal, get_args
+from typing import TYPE_CHECKING, Any, Literal, Protocol, get_args
 
 import torch
 from transformers import DynamicCache
@@ -33,6 +33,12 @@ MIN_BEAMS = 2
 """Plain beam search keeps ``max(num_samples, MIN_BEAMS)`` beams and returns the best ``num_samples``."""
 LENGTH_PENALTY = 1.0
 """Beams are ranked by their summed log-prob / length ** LENGTH_PENALTY (transformers' default)."""
+MAX_TOP_LOGPROBS = 20
+"""OpenAI's bound on ``top_logprobs``."""
+MAX_PENALTY = 2.0
+"""OpenAI's bound on ``presence_penalty`` and ``frequency_penalty`` (either sign)."""
+MAX_LOGIT_BIAS = 100.0
+"""OpenAI's bound on a ``logit_bias`` value (either sign)."""
 
 
 @dataclass(frozen=True)
@@ -113,6 +119,7 @@ class GenerationParams:
                 "stop strings must be non-empty strings",
             ),
         ]
+        problems += self._sampling_problems()
         groups = self.num_beam_groups
         if groups is not None and groups < 1:
             problems.append((True, f"num_beam_groups must be >= 1, not {groups}"))
@@ -124,6 +131,42 @@ class GenerationParams:
         if messages:
             raise ValueError("; ".join(messages))
 
+    def _sampling_problems(self) -> list[tuple[bool, str]]:
+        """The checks of the OpenAI-style fields: log-prob counts, penalties and biases."""
+        if not isinstance(self.logit_bias, tuple):  # a dict or a list of pairs
+            pairs = self.logit_bias.items() if isinstance(self.logit_bias, dict) else self.logit_bias
+            object.__setattr__(self, "logit_bias", tuple((int(t), float(b)) for t, b in pairs))
+        penalties = {"presence_penalty": self.presence_penalty, "frequency_penalty": self.frequency_penalty}
+        shaped = self.logit_bias != () or any(penalties.values())
+        return [
+            (
+                not 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS,
+                f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}], not {self.top_logprobs}",
+            ),
+            *(
+                (not -MAX_PENALTY <= value <= MAX_PENALTY, f"{name} must be in [-2, 2], not {value}")
+                for name, value in penalties.items()
+            ),
+            *(
+                (token < 0, f"logit_bias token ids must be >= 0, not {token}")
+                for token, _ in self.logit_bias
+            ),
+            *(
+                (
+                    not -MAX_LOGIT_BIAS <= bias <= MAX_LOGIT_BIAS,
+                    f"logit_bias values must be in [-100, 100], not {bias} (token {token})",
+                )
+                for token, bias in self.logit_bias
+            ),
+            (
+                shaped and self.strategy != "temperature",
+                (
+                    "presence_penalty, frequency_penalty and logit_bias shape sampling: "
+                    f"the {self.strategy} strategy cannot take them"
+                ),
+            ),
+        ]
+
     @property
     def groups(self) -> int:
         """Diverse beam search's number of groups."""
@@ -132,18 +175,18 @@ class GenerationParams:
     def batch_key(self) -> tuple[Any, ...]:
         """Requests with equal keys can share one ``generate`` call and get what they would get alone.
 
-        Every field counts except those the strategy ignores: the beam strategies ignore temperature,
-        top_p and seed, greedy decoding (temperature 0) ignores top_p and seed, sampling ignores the
-        beam fields, plain beam search ignores diversity. The seed counts: requests with one seed
-        share a call and still draw from their own per-sample streams.
+        Every field counts except the seed (each row draws from its own seeded stream, see
+        ``Generator.generate``) and those the strategy ignores: the beam strategies ignore
+        temperature and top_p, greedy decoding (temperature 0) ignores top_p, sampling ignores the
+        beam fields, plain beam search ignores diversity.
         """
-        ignored: set[str] = set()
+        ignored: set[str] = {"seed"}
         if self.strategy == "temperature":
             ignored |= {"diversity_penalty", "num_beam_groups"}
             if self.temperature == 0:
-                ignored |= {"top_p", "seed"}
+                ignored |= {"top_p"}
         else:
-            ignored |= {"temperature", "top_p", "seed"}
+            ignored |= {"temperature", "top_p"}
             if self.strategy == "beam_search":
                 ignored |= {"diversity_penalty", "num_beam_groups"}
         return tuple(
@@ -253,28 +296,82 @@ def sample_tokens(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
     return torch.searchsorted(cdf, target, right=True).squeeze(-1).clamp(max=probs.shape[-1] - 1)
 
 
+def penalize(
+    logits: torch.Tensor, counts: torch.Tensor, presence: float, frequency: float, bias: torch.Tensor
+) -> torch.Tensor:
+    """OpenAI's penalties and logit bias: (R, V) logits, (R, V) counts of each token in the
+    completion so far, (V,) bias → (R, V). Naive equivalent, per row and token ``v``:
+    ``logits[v] - frequency * counts[v] - presence * (counts[v] > 0) + bias[v]``."""
+    return logits - frequency * counts - presence * (counts > 0).to(logits.dtype) + bias
+
+
+def top_logprobs(log_probs: torch.Tensor, chosen: torch.Tensor, k: int) -> list[dict[int, float]]:
+    """Per row, {token id: log-prob} of its ``k`` most likely tokens, most likely first, then the
+    chosen token when it is not among them (as vLLM answers ``logprobs=k``): k or k + 1 entries.
+
+    (R, V) log-probs, (R,) chosen token ids → R dicts.
+    """
+    values, index = log_probs.topk(min(k, log_probs.shape[-1]), dim=-1)
+    picked = log_probs.gather(-1, chosen[:, None]).squeeze(-1)
+    out = []
+    for ids, lps, token, lp in zip(index.tolist(), values.tolist(), chosen.tolist(), picked.tolist()):
+        top = dict(zip(ids, lps))
+        top.setdefault(token, lp)
+        out.append(top)
+    return out
+
+
 def _stream_seed(seed: int, sample: int) -> int:
     return (seed * 0x9E3779B97F4A7C15 + sample * 0xBF58476D1CE4E5B9 + 1) % 2**63
 
 
 class _Uniforms:
-    """One uniform per row per step: from one stream per sample index when seeded, else one shared stream."""
+    """One uniform per row per step: a seeded row draws from its own stream, seeded by (seed, sample
+    index), so what it samples does not depend on the rows beside it; unseeded rows share one stream."""
 
-    def __init__(self, seed: int | None, sample_of_row: list[int]) -> None:
-        if seed is None:
-            self.shared: torch.Generator | None = torch.Generator().manual_seed(
-                int.from_bytes(os.urandom(8), "little") >> 1
-            )
-            self.streams: list[torch.Generator] = []
-        else:
-            self.shared = None
-            self.streams = [torch.Generator().manual_seed(_stream_seed(seed, j)) for j in sample_of_row]
+    def __init__(self, seeds: list[int | None], sample_of_row: list[int]) -> None:
+        self.shared = torch.Generator().manual_seed(int.from_bytes(os.urandom(8), "little") >> 1)
+        self.streams: list[torch.Generator | None] = [
+            None if seed is None else torch.Generator().manual_seed(_stream_seed(seed, j))
+            for seed, j in zip(seeds, sample_of_row)
+        ]
+        self.seeded = any(stream is not None for stream in self.streams)
 
     def draw(self, rows: list[int]) -> torch.Tensor:
         """(len(rows),) uniforms for the given (original) row indices."""
-        if self.shared is not None:
+        if not self.seeded:
             return torch.rand(len(rows), generator=self.shared)
-        return torch.cat([torch.rand(1, generator=self.streams[r]) for r in rows])
+        return torch.cat([torch.rand(1, generator=self.streams[r] or self.shared) for r in rows])
+
+
+class ChunkSink(Protocol):
+    """Where a streaming request's tokens go, called from the generation thread."""
+
+    @property
+    def cancelled(self) -> bool:
+        """True once nobody reads the chunks any more: the request's rows stop at the next step."""
+
+    def push(self, chunk: SampleChunk) -> None: ...
+
+
+class _Shaping:
+    """OpenAI's presence/frequency penalties and logit bias for the rows of one decode."""
+
+    def __init__(self, params: GenerationParams, rows: int, vocab: int, device: torch.device) -> None:
+        self.presence, self.frequency = params.presence_penalty, params.frequency_penalty
+        self.bias = torch.zeros(vocab, device=device)
+        for token, bias in params.logit_bias:
+            self.bias[token] += bias
+        self.counts = torch.zeros(rows, vocab, device=device)
+
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        return penalize(logits, self.counts, self.presence, self.frequency, self.bias)
+
+    def count(self, chosen: torch.Tensor) -> None:
+        self.counts.scatter_add_(1, chosen[:, None], torch.ones_like(self.counts[:, :1]))
+
+    def select(self, index: torch.Tensor) -> None:
+        self.counts = self.counts[index]
 
 
 class _Rows:
@@ -312,7 +409,7 @@ class _Rows:
             input_ids=ids,
             attention_mask=self.mask,
             position_ids=positions,
-            cache=self.cache,
+            past_key_values=self.cache,  # transformers 5.19 name; an unknown keyword is swallowed silently
             use_cache=True,
             logits_to_keep=1,
         )
@@ -336,27 +433,83 @@ class Generator:
         """Token ids of ``text`` as the model's tokenizer makes them (with bos if it adds one)."""
         return list(self.tokenizer(text)["input_ids"])
 
-    def generate(self, prompts: list[list[int]], params: GenerationParams) -> list[list[Sample]]:
-        """``params.num_samples`` samples for each prompt, in prompt order, from one batched decode."""
+    def generate(
+        self,
+        prompts: list[list[int]],
+        params: GenerationParams,
+        seeds: list[int | None] | None = None,
+        sinks: list[ChunkSink | None] | None = None,
+    ) -> list[list[Sample]]:
+        """``params.num_samples`` samples for each prompt, in prompt order, from one batched decode.
+
+        ``seeds[i]`` seeds prompt i's sampling in place of ``params.seed`` (requests with other
+        seeds share the decode). ``sinks[i]``, when given, receives prompt i's samples as
+        ``SampleChunk``s: one per sampled token as it is decoded (the beam strategies: one per
+        sample when the search ends); once it is ``cancelled``, prompt i's rows stop decoding and
+        its samples are cut where they stopped. Raises ``ValueError`` for a prompt that is empty
+        or leaves no room in the model's context, a ``logit_bias`` token outside the vocabulary,
+        a ``structured`` output, or non-finite logits (without ``safe_logits``).
+        """
         if not prompts:
             return []
+        self._check_supported(params)
         limits = [self._token_limit(p, params.max_new_tokens) for p in prompts]
+        seeds = seeds if seeds is not None else [params.seed] * len(prompts)
+        sinks = sinks if sinks is not None else [None] * len(prompts)
         stop = StopMatcher(self.tokenizer, self._stop_strings(params))
         with torch.inference_mode():
             if params.strategy == "temperature":
-                return self._sample(prompts, params, limits, stop)
-            return self._beam(prompts, params, limits, stop)
+                out = self._sample(prompts, params, limits, stop, seeds, sinks)
+            else:
+                out = self._beam(prompts, params, limits, stop)
+                self._emit_whole(out, sinks)
+            if params.prompt_logprobs:
+                for prompt, samples in zip(prompts, out):
+                    forced = self._prompt_log_probs(prompt)
+                    for s in samples:
+                        s.prompt_logprobs = list(forced)
+        return out
 
     def log_probs(self, prompt_ids: list[int], completion_ids: list[int]) -> list[float]:
         """Teacher-forced log p(completion token | prefix) of each completion token, in one forward."""
         if not completion_ids:
             return []
         self._token_limit(prompt_ids, 1)
-        ids = torch.tensor([prompt_ids + completion_ids], device=self.device)
+        ids = prompt_ids + completion_ids
         with torch.inference_mode():
-            logits = self.model(input_ids=ids, use_cache=False).logits[0, len(prompt_ids) - 1 : -1].float()
-        picked = torch.log_softmax(logits, -1).gather(-1, ids[0, len(prompt_ids) :, None])
+            log_probs = self._teacher_forced(ids)[len(prompt_ids) - 1 :]
+        picked = log_probs.gather(-1, torch.tensor(completion_ids, device=self.device)[:, None])
         return picked.squeeze(-1).tolist()
+
+    def _teacher_forced(self, ids: list[int]) -> torch.Tensor:
+        """(len(ids) - 1, V) float32 log-probs of each next token of ``ids``, in one forward."""
+        batch = torch.tensor([ids], device=self.device)
+        logits = self.model(input_ids=batch, use_cache=False).logits[0, :-1].float()
+        return torch.log_softmax(logits, -1)
+
+    def _prompt_log_probs(self, prompt: list[int]) -> list[float | None]:
+        """Each prompt token's teacher-forced log-prob; None for the first (nothing precedes it)."""
+        if len(prompt) == 1:
+            return [None]
+        log_probs = self._teacher_forced(prompt)
+        picked = log_probs.gather(-1, torch.tensor(prompt[1:], device=self.device)[:, None]).squeeze(-1)
+        return [None, *picked.tolist()]
+
+    def _check_supported(self, params: GenerationParams) -> None:
+        if params.structured is not None:
+            raise ValueError(
+                "the transformers engine cannot do structured outputs (response_format); "
+                "serve the policy with llm.policy.engine: vllm"
+            )
+        vocab = self.vocab_size
+        outside = [token for token, _ in params.logit_bias if token >= vocab]
+        if outside:
+            raise ValueError(f"logit_bias names tokens {outside} outside the vocabulary of {vocab} tokens")
+
+    @property
+    def vocab_size(self) -> int:
+        """Tokens of the model's output layer (the logits' last dimension)."""
+        return int(self.model.get_output_embeddings().weight.shape[0])
 
     def _token_limit(self, prompt: list[int], max_new_tokens: int) -> int:
         if not prompt:
@@ -389,7 +542,13 @@ class Generator:
         return torch.log_softmax(logits, -1), changed
 
     def _sample(
-        self, prompts: list[list[int]], params: GenerationParams, limits: list[int], stop: StopMatcher
+        self,
+        prompts: list[list[int]],
+        params: GenerationParams,
+        limits: list[int],
+        stop: StopMatcher,
+        seeds: list[int | None],
+        sinks: list[ChunkSink | None],
     ) -> list[list[Sample]]:
         greedy = params.temperature == 0
         n = 1 if greedy else params.num_samples  # greedy samples are all the same: decode one
@@ -401,32 +560,47 @@ class Generator:
             logits = logits[expand]
         prompt_of = expand.tolist()
         total = len(prompt_of)
-        uniforms = _Uniforms(params.seed, [r % n for r in range(total)])
+        uniforms = _Uniforms([seeds[p] for p in prompt_of], [r % n for r in range(total)])
+        shaped = params.logit_bias != () or params.presence_penalty != 0 or params.frequency_penalty != 0
+        shaping = _Shaping(params, total, logits.shape[-1], self.device) if shaped else None
         tokens: list[list[int]] = [[] for _ in range(total)]
         lps: list[list[float]] = [[] for _ in range(total)]
+        tops: list[list[dict[int, float]]] = [[] for _ in range(total)]
         nonfinite = [0] * total
         ended: list[tuple[FinishReason, str | None] | None] = [None] * total
         active = list(range(total))  # original row index of each live row
         step = 0
         while True:
             log_probs, changed = self._log_probs(logits, params.safe_logits, step)
+            scores = shaping(log_probs) if shaping is not None else log_probs  # log_probs stay raw
             if greedy:
-                chosen = log_probs.argmax(-1)
+                chosen = scores.argmax(-1)
             else:
-                probs = top_p_filter(torch.softmax(log_probs / params.temperature, -1), params.top_p)
+                probs = top_p_filter(torch.softmax(scores / params.temperature, -1), params.top_p)
                 chosen = sample_tokens(probs, uniforms.draw(active).to(self.device))
+            if shaping is not None:
+                shaping.count(chosen)
             chosen_lp = log_probs.gather(-1, chosen[:, None]).squeeze(-1).tolist()
+            step_tops = top_logprobs(log_probs, chosen, params.top_logprobs) if params.top_logprobs else None
             keep = []
             for i, (r, token, lp, nf) in enumerate(zip(active, chosen.tolist(), chosen_lp, changed.tolist())):
                 tokens[r].append(token)
                 lps[r].append(lp)
+                if step_tops is not None:
+                    tops[r].append(step_tops[i])
                 nonfinite[r] += nf
                 found = stop(tokens[r]) if len(tokens[r]) >= params.min_new_tokens else None
                 if found is not None:
                     ended[r] = ("stop", found)
                 elif len(tokens[r]) >= limits[prompt_of[r]]:
                     ended[r] = ("length", None)
-                else:
+                sink = sinks[prompt_of[r]]
+                if sink is not None:
+                    indices = range(params.num_samples) if greedy else [r % n]
+                    _push(sink, indices, token, lp, step_tops[i] if step_tops is not None else None, ended[r])
+                    if ended[r] is None and sink.cancelled:
+                        ended[r] = ("length", None)  # nobody reads it: cut where it is
+                if ended[r] is None:
                     keep.append(i)
             step += 1
             if not keep:
@@ -434,6 +608,8 @@ class Generator:
             if len(keep) < len(active):
                 index = torch.tensor(keep, device=self.device)
                 rows.select(index)
+                if shaping is not None:
+                    shaping.select(index)
                 chosen = chosen[index]
                 active = [active[i] for i in keep]
             logits = rows.step(chosen)
@@ -441,17 +617,13 @@ class Generator:
         samples = []
         for r in range(total):
             reason, found = ended[r] or ("length", None)
-            samples.append(Sample(prompts[prompt_of[r]], tokens[r], lps[r], reason, found, nonfinite[r]))
+            top = tops[r] if params.top_logprobs else None
+            samples.append(
+                Sample(prompts[prompt_of[r]], tokens[r], lps[r], reason, found, nonfinite[r], top_logprobs=top)
+            )
         per_prompt = [samples[i * n : (i + 1) * n] for i in range(len(prompts))]
         if greedy and params.num_samples > 1:
-            per_prompt = [
-                [
-                    dataclasses.replace(s, completion_ids=list(s.completion_ids), log_probs=list(s.log_probs))
-                    for _ in range(params.num_samples)
-                    for s in group
-                ]
-                for group in per_prompt
-            ]
+            per_prompt = [[_copy(s) for _ in range(params.num_samples) for s in group] for group in per_prompt]
         return per_prompt
 
     def _beam(
@@ -490,10 +662,57 @@ class Generator:
             diversity_penalty=penalty,
             length_penalty=LENGTH_PENALTY,
         )
-        return [
+        out = [
             [_from_hypothesis(prompt, h) for h in hyps[: params.num_samples]]
             for prompt, hyps in zip(prompts, found)
         ]
+        if params.top_logprobs:
+            for s in (s for samples in out for s in samples):
+                s.top_logprobs = self._forced_top(s.prompt_ids, s.completion_ids, params.top_logprobs)
+        return out
+
+    def _forced_top(self, prompt: list[int], completion: list[int], k: int) -> list[dict[int, float]]:
+        """``top_logprobs`` of a finished completion, from one teacher-forced forward."""
+        log_probs = self._teacher_forced(prompt + completion)[len(prompt) - 1 :]
+        return top_logprobs(log_probs, torch.tensor(completion, device=self.device), k)
+
+    @staticmethod
+    def _emit_whole(out: list[list[Sample]], sinks: list[ChunkSink | None]) -> None:
+        """Stream each finished sample as one chunk (a beam is only known once the search ends)."""
+        for samples, sink in zip(out, sinks):
+            if sink is None:
+                continue
+            for j, s in enumerate(samples):
+                sink.push(
+                    SampleChunk(
+                        j, list(s.completion_ids), list(s.log_probs), s.top_logprobs, s.finish_reason,
+                        s.stop_string, 0,
+                    )
+                )
+
+
+def _push(
+    sink: ChunkSink,
+    indices: range | list[int],
+    token: int,
+    log_prob: float,
+    top: dict[int, float] | None,
+    ended: tuple[FinishReason, str | None] | None,
+) -> None:
+    """One decoded token of a row, as a chunk for each sample index the row stands for."""
+    reason, found = ended or (None, None)
+    for j in indices:
+        top_list = [dict(top)] if top is not None else None
+        sink.push(SampleChunk(j, [token], [log_prob], top_list, reason, found, 0))
+
+
+def _copy(s: Sample) -> Sample:
+    return dataclasses.replace(
+        s,
+        completion_ids=list(s.completion_ids),
+        log_probs=list(s.log_probs),
+        top_logprobs=[dict(t) for t in s.top_logprobs] if s.top_logprobs is not None else None,
+    )
 
 
 def _from_hypothesis(prompt: list[int], h: Hypothesis) -> Sample:

@@ -35,7 +35,7 @@ class Params:
 
 
 class RecordingGenerate:
-    """Records each call's prompts and params; answers each prompt with ``num_samples`` tagged copies.
+    """Records each call's prompts and (shared) params; answers each prompt with ``num_samples`` tagged copies.
 
     While ``gate`` is closed, calls block, so requests pile up in the queue behind the first one.
     """
@@ -46,7 +46,9 @@ class RecordingGenerate:
         self.gate.set()
         self.entered = threading.Event()
 
-    def __call__(self, prompts: list[list[int]], params: Params) -> list[list[tuple[list[int], int]]]:
+    def __call__(self, prompts: list[list[int]], each: list[Params]) -> list[list[tuple[list[int], int]]]:
+        assert len(each) == len(prompts) and len({p.batch_key() for p in each}) == 1
+        params = each[0]
         self.calls.append(([list(p) for p in prompts], params))
         self.entered.set()
         assert self.gate.wait(5), "test gate never opened"
@@ -147,7 +149,7 @@ def test_a_failing_group_fails_only_its_own_requests(make_queue, gen) -> None:
 
 
 def test_a_policy_server_error_from_the_generator_passes_through_unchanged() -> None:
-    def generate(prompts: list[list[int]], params: Params) -> list[list[int]]:
+    def generate(prompts: list[list[int]], params: list[Params]) -> list[list[int]]:
         raise InvalidRequest.at("body.stop", "stop string longer than max_new_tokens")
 
     queue: GenerationQueue[int] = GenerationQueue(generate)  # type: ignore[arg-type]

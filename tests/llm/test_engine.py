@@ -1,15 +1,17 @@
-"""LLMEngine: batched generation through its queue, and weight swaps between batches."""
+"""LLMEngine: batched generation through its queue, streaming, and weight swaps between batches."""
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from pathlib import Path
 
 import pytest
 import torch
 
+from policy_server.errors import InvalidRequest, QueueFull
 from policy_server.llm.engine import BatchReport, LLMEngine
-from policy_server.llm.generation import GenerationParams
+from policy_server.llm.generation import GenerationParams, Sample, SampleChunk, StructuredOutput
 from policy_server.schema.llm import LLMPolicySpec
 
 
@@ -94,3 +96,140 @@ def test_every_generate_call_is_reported_with_its_prompts_tokens_and_version(llm
     assert generated == 2 * 3 * 5
     assert sum(r.prompts for r in reports) == 2 and sum(r.new_tokens for r in reports) == generated
     assert all(r.seconds > 0 and r.queued >= 0 and r.version == 0 for r in reports)
+
+
+def chat_prompt(engine: LLMEngine, question: str) -> list[int]:
+    chat = [{"role": "user", "content": question}]
+    return engine.lm.tokenizer.apply_chat_template(chat, add_generation_prompt=True, return_dict=False)
+
+
+def test_requests_with_different_seeds_share_a_batch_and_keep_their_samples(llm_dirs: dict[str, Path]) -> None:
+    reports: list[BatchReport] = []
+    spec = LLMPolicySpec(path=llm_dirs["policy"], limits={"batch_wait_ms": 500})
+    engine = LLMEngine(spec, spec.path, None, "cpu", on_batch=reports.append)
+    prompts = [chat_prompt(engine, q) for q in ("What is 3 + 4?", "Name a colour.")]
+    base = GenerationParams(num_samples=2, temperature=1.5, max_new_tokens=10)
+    requests = [(prompts[0], 1), (prompts[1], 2), (prompts[0], 3), (prompts[0], None)]
+    try:
+        async def together() -> list[tuple[list, int]]:
+            return await asyncio.gather(
+                *(engine.generate(p, dataclasses.replace(base, seed=seed)) for p, seed in requests)
+            )
+
+        batched = asyncio.run(together())
+        assert [r.prompts for r in reports] == [4]  # one decode for four seeds
+        alone = [engine.generator.generate([p], dataclasses.replace(base, seed=seed))[0] for p, seed in requests[:3]]
+    finally:
+        engine.close()
+    for (samples, _), reference in zip(batched, alone):
+        assert [s.completion_ids for s in samples] == [s.completion_ids for s in reference]
+    assert batched[0][0][0].completion_ids != batched[2][0][0].completion_ids  # one prompt, two seeds
+
+
+def collect(engine: LLMEngine, prompt: list[int], params: GenerationParams) -> list[SampleChunk]:
+    async def run() -> list[SampleChunk]:
+        return [chunk async for chunk in engine.stream(prompt, params)]
+
+    return asyncio.run(run())
+
+
+def joined(chunks: list[SampleChunk], index: int) -> Sample:
+    """A sample's chunks put together, as a Sample (what generate answers)."""
+    mine = [c for c in chunks if c.index == index]
+    assert all(c.finish_reason is None for c in mine[:-1]) and mine[-1].finish_reason is not None
+    tops = [t for c in mine for t in c.top_logprobs or []]
+    return Sample(
+        [], [t for c in mine for t in c.token_ids], [lp for c in mine for lp in c.log_probs],
+        mine[-1].finish_reason, mine[-1].stop_string, top_logprobs=tops or None, model_version=mine[-1].model_version,
+    )
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        GenerationParams(num_samples=3, temperature=1.2, max_new_tokens=20, seed=4, top_logprobs=2),
+        GenerationParams(num_samples=2, temperature=0, max_new_tokens=12, stop_strings=("+",)),
+        GenerationParams(num_samples=2, strategy="beam_search", max_new_tokens=8, top_logprobs=1),
+    ],
+    ids=["sampling", "greedy", "beam_search"],
+)
+def test_streamed_chunks_concatenate_to_the_generated_samples(engine: LLMEngine, params: GenerationParams) -> None:
+    prompt = chat_prompt(engine, "What is 12 + 25?")
+    samples, version = asyncio.run(engine.generate(prompt, params))
+    chunks = collect(engine, prompt, params)
+    if params.strategy == "temperature":
+        assert all(len(c.token_ids) == 1 for c in chunks)  # one chunk per decoding step
+    assert {c.index for c in chunks} == set(range(params.num_samples))
+    for j, s in enumerate(samples):
+        streamed = joined(chunks, j)
+        assert streamed.completion_ids == s.completion_ids and streamed.log_probs == s.log_probs
+        assert (streamed.finish_reason, streamed.stop_string) == (s.finish_reason, s.stop_string)
+        assert streamed.top_logprobs == s.top_logprobs and streamed.model_version == version
+
+
+def test_closing_a_stream_stops_its_rows_and_the_batch_goes_on(llm_dirs: dict[str, Path]) -> None:
+    reports: list[BatchReport] = []
+    spec = LLMPolicySpec(path=llm_dirs["policy"], limits={"batch_wait_ms": 500})
+    engine = LLMEngine(spec, spec.path, None, "cpu", on_batch=reports.append)
+    prompt = chat_prompt(engine, "What is 3 + 4?")
+    long = GenerationParams(num_samples=2, temperature=1.0, max_new_tokens=300, min_new_tokens=300, seed=0)
+
+    async def run() -> tuple[list[SampleChunk], list]:
+        other = asyncio.ensure_future(engine.generate(prompt, long))
+        stream = engine.stream(prompt, long)
+        read = [await anext(stream), await anext(stream), await anext(stream)]
+        await stream.aclose()  # the client went away
+        samples, _ = await other
+        return read, samples
+
+    try:
+        read, samples = asyncio.run(run())
+    finally:
+        engine.close()
+    assert [r.prompts for r in reports] == [2]  # both in one decode
+    assert [len(s.completion_ids) for s in samples] == [300, 300]  # the other request ran to its end
+    cut = reports[0].new_tokens - 600  # what the closed stream's two rows made
+    assert len(read) == 3 and 2 <= cut < 300  # they stopped soon after the close, not at 2 x 300
+
+
+def test_a_stream_that_does_not_fit_the_queue_is_refused(llm_dirs: dict[str, Path]) -> None:
+    spec = LLMPolicySpec(path=llm_dirs["policy"], limits={"max_queued": 1})
+    engine = LLMEngine(spec, spec.path, None, "cpu")
+    prompt = chat_prompt(engine, "What is 3 + 4?")
+    long = GenerationParams(temperature=1.0, max_new_tokens=200, min_new_tokens=200, seed=0)
+
+    async def run() -> None:
+        running = engine.stream(prompt, long)
+        await anext(running)  # decoding: the queue is empty again
+        waiting = engine.stream(prompt, long)
+        queued = asyncio.ensure_future(anext(waiting))
+        await asyncio.sleep(0)  # let it enter the queue
+        with pytest.raises(QueueFull, match="generation queue is full"):
+            await anext(engine.stream(prompt, long))
+        await running.aclose()
+        assert (await queued).index == 0
+        await waiting.aclose()
+
+    try:
+        asyncio.run(run())
+    finally:
+        engine.close()
+
+
+def test_what_the_transformers_engine_cannot_do_is_refused_naming_the_field(engine: LLMEngine) -> None:
+    prompt = chat_prompt(engine, "Hi")
+    structured = GenerationParams(structured=StructuredOutput("json_object"))
+    vocab = engine.generator.vocab_size
+    for params, field, words in [
+        (structured, "body.response_format", "transformers engine cannot do structured outputs"),
+        (GenerationParams(logit_bias=((vocab, 1.0), (1, 2.0))), "body.logit_bias", f"\\[{vocab}\\] are outside"),
+    ]:
+        with pytest.raises(InvalidRequest, match=words) as raised:
+            asyncio.run(engine.generate(prompt, params))
+        assert [f.field for f in raised.value.fields] == [field]
+
+        async def first_chunk(params: GenerationParams = params) -> SampleChunk:
+            return await anext(engine.stream(prompt, params))
+
+        with pytest.raises(InvalidRequest, match=words):
+            asyncio.run(first_chunk())

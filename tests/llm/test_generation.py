@@ -16,6 +16,7 @@ from policy_server.llm.generation import (
     Generator,
     Sample,
     check_finite,
+    penalize,
     sample_tokens,
     sanitize_logits,
     top_p_filter,
@@ -262,12 +263,29 @@ def test_params_validation_and_batch_key() -> None:
         ({"strategy": "nucleus"}, "strategy"),
         ({"stop_strings": ("",)}, "stop strings"),
         ({"strategy": "diverse_beam_search", "num_samples": 3, "num_beam_groups": 2}, "multiple"),
+        ({"top_logprobs": -1}, "top_logprobs"),
+        ({"top_logprobs": 21}, "top_logprobs"),
+        ({"presence_penalty": 2.5}, "presence_penalty"),
+        ({"presence_penalty": float("nan")}, "presence_penalty"),
+        ({"frequency_penalty": -2.01}, "frequency_penalty"),
+        ({"frequency_penalty": float("-inf")}, "frequency_penalty"),
+        ({"logit_bias": ((-1, 1.0),)}, "token ids must be >= 0"),
+        ({"logit_bias": ((5, 100.5),)}, "logit_bias values"),
+        ({"logit_bias": ((5, -101.0),)}, "logit_bias values"),
+        ({"logit_bias": ((5, float("nan")),)}, "logit_bias values"),
+        ({"logit_bias": ((5, float("inf")),)}, "logit_bias values"),
+        ({"strategy": "beam_search", "presence_penalty": 1.0}, "beam_search strategy cannot"),
+        ({"strategy": "diverse_beam_search", "logit_bias": ((5, 1.0),)}, "diverse_beam_search strategy cannot"),
     ]:
         with pytest.raises(ValueError, match=word):
             GenerationParams(**bad)
     assert GenerationParams(stop_strings=["a"]).stop_strings == ("a",)  # type: ignore[arg-type]
+    assert GenerationParams(logit_bias={5: 1}).logit_bias == ((5, 1.0),)  # type: ignore[arg-type]
+    for edge in ({"top_logprobs": 20}, {"presence_penalty": -2.0, "frequency_penalty": 2.0}, {"logit_bias": ((0, -100.0),)}):
+        GenerationParams(**edge)  # type: ignore[arg-type]
     key = GenerationParams(seed=1).batch_key()
-    assert key != GenerationParams(seed=2).batch_key() and hash(key)
+    assert key == GenerationParams(seed=2).batch_key() == GenerationParams().batch_key() and hash(key)
+    assert key != GenerationParams(top_logprobs=2).batch_key() != GenerationParams(logit_bias=((3, 1.0),)).batch_key()
     assert (
         GenerationParams(temperature=0, seed=1).batch_key()
         == GenerationParams(temperature=0, seed=2).batch_key()
@@ -286,3 +304,117 @@ def test_min_new_tokens_keeps_stop_strings_from_ending_a_sample_early(llm_dirs: 
     params = GenerationParams(temperature=1.0, max_new_tokens=12, min_new_tokens=12, seed=0, stop_strings=("1",))
     sample = generator.generate([prompt], params)[0][0]
     assert len(sample.completion_ids) == 12 and sample.finish_reason in ("length", "stop")
+
+
+def teacher_forced_log_softmax(lm: LoadedLM, ids: list[int]) -> torch.Tensor:
+    """(len(ids) - 1, V) log-probs of each next token of ``ids``: one plain forward, no cache."""
+    with torch.inference_mode():
+        logits = lm.model(input_ids=torch.tensor([ids]), use_cache=False).logits[0, :-1].float()
+    return torch.log_softmax(logits, -1)
+
+
+@pytest.mark.parametrize("strategy", ["temperature", "beam_search"])
+def test_top_logprobs_are_the_k_most_likely_and_the_chosen_token(
+    gen: Generator, lm: LoadedLM, prompts: list[list[int]], strategy: str
+) -> None:
+    k = 3
+    params = GenerationParams(
+        num_samples=2, temperature=1.5, max_new_tokens=16, seed=5, top_logprobs=k, strategy=strategy  # type: ignore[arg-type]
+    )
+    for s in (s for samples in gen.generate(prompts[:2], params) for s in samples):
+        assert s.top_logprobs is not None and len(s.top_logprobs) == len(s.completion_ids)
+        forced = teacher_forced_log_softmax(lm, s.prompt_ids + s.completion_ids)[len(s.prompt_ids) - 1 :]
+        for top, token, lp, row in zip(s.top_logprobs, s.completion_ids, s.log_probs, forced):
+            assert top[token] == pytest.approx(lp, abs=1e-5)  # the chosen token (beams: teacher-forced)
+            best = list(top.items())[:k]
+            assert [v for _, v in best] == sorted((v for _, v in best), reverse=True)
+            values, ids = row.topk(k)
+            assert [t for t, _ in best] == ids.tolist()
+            assert [v for _, v in best] == pytest.approx(values.tolist(), abs=1e-4)
+            assert len(top) == (k if token in ids.tolist() else k + 1)
+    [[plain]] = gen.generate(prompts[:1], dataclasses.replace(params, top_logprobs=0, num_samples=1))
+    assert plain.top_logprobs is None
+
+
+def test_top_logprobs_hold_the_sampled_token_beyond_the_top_k(gen: Generator, prompts: list[list[int]]) -> None:
+    params = GenerationParams(num_samples=8, temperature=2.0, max_new_tokens=16, seed=0, top_logprobs=1)
+    tops = [t for samples in gen.generate(prompts, params) for s in samples for t in s.top_logprobs or []]
+    assert {len(t) for t in tops} == {1, 2}  # at temperature 2, some sampled tokens are not the most likely
+
+
+def test_prompt_logprobs_are_teacher_forced(gen: Generator, lm: LoadedLM, prompts: list[list[int]]) -> None:
+    for strategy in ("temperature", "beam_search"):
+        params = GenerationParams(num_samples=2, max_new_tokens=4, seed=0, prompt_logprobs=True, strategy=strategy)  # type: ignore[arg-type]
+        for prompt, samples in zip(prompts, gen.generate(prompts, params)):
+            forced = teacher_forced_log_softmax(lm, prompt).gather(-1, torch.tensor(prompt[1:])[:, None])
+            for s in samples:
+                assert s.prompt_logprobs is not None and s.prompt_logprobs[0] is None
+                assert s.prompt_logprobs[1:] == pytest.approx(forced.squeeze(-1).tolist(), abs=1e-5)
+    [[one]] = gen.generate([prompts[0][:1]], GenerationParams(max_new_tokens=2, prompt_logprobs=True))
+    assert one.prompt_logprobs == [None]
+    [[off]] = gen.generate(prompts[:1], GenerationParams(max_new_tokens=2))
+    assert off.prompt_logprobs is None
+
+
+def test_penalize_against_naive() -> None:
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 6, generator=g)
+    counts = torch.randint(0, 3, (3, 6), generator=g).float()
+    bias = torch.tensor([0.0, 5.0, 0.0, -100.0, 0.0, 1.5])
+    out = penalize(logits, counts, 0.7, -0.4, bias)
+    naive = [
+        [l - (-0.4) * c - 0.7 * (c > 0) + b for l, c, b in zip(lr, cr, bias.tolist())]
+        for lr, cr in zip(logits.tolist(), counts.tolist())
+    ]
+    assert out.flatten().tolist() == pytest.approx([v for row in naive for v in row], abs=1e-5)
+
+
+def test_a_large_logit_bias_makes_every_token_that_one(
+    gen: Generator, lm: LoadedLM, prompts: list[list[int]]
+) -> None:
+    seven = lm.tokenizer.convert_tokens_to_ids("7")
+    params = GenerationParams(num_samples=3, temperature=1.0, max_new_tokens=8, seed=0, logit_bias=((seven, 100.0),))
+    for s in (s for samples in gen.generate(prompts, params) for s in samples):
+        assert s.completion_ids == [seven] * 8
+        assert s.log_probs == pytest.approx(gen.log_probs(s.prompt_ids, s.completion_ids), abs=1e-4)  # raw
+    [[free]] = gen.generate(prompts[:1], GenerationParams(temperature=0, max_new_tokens=8))
+    banned = free.completion_ids[0]
+    [[other]] = gen.generate(
+        prompts[:1], GenerationParams(temperature=0, max_new_tokens=8, logit_bias=((banned, -100.0),))
+    )
+    assert banned not in other.completion_ids
+
+
+@pytest.mark.parametrize(("presence", "frequency"), [(2.0, 0.0), (0.0, 1.5), (1.0, -0.5)])
+def test_penalties_follow_openais_definition(
+    gen: Generator, lm: LoadedLM, prompts: list[list[int]], presence: float, frequency: float
+) -> None:
+    """Greedy decoding with penalties picks, at each step, the argmax of the teacher-forced logits
+    minus ``frequency * count + presence * (count > 0)`` of the tokens generated so far."""
+    params = GenerationParams(
+        temperature=0, max_new_tokens=24, presence_penalty=presence, frequency_penalty=frequency,
+        stop_strings=("QQQ",),
+    )
+    for [s] in gen.generate(prompts, params):
+        forced = teacher_forced_log_softmax(lm, s.prompt_ids + s.completion_ids)[len(s.prompt_ids) - 1 :]
+        for t, row in enumerate(forced):
+            counts = torch.bincount(torch.tensor(s.completion_ids[:t], dtype=torch.long), minlength=row.shape[0])
+            scores = row - frequency * counts - presence * (counts > 0).float()
+            assert scores[s.completion_ids[t]] >= scores.max() - 1e-4
+        assert s.log_probs == pytest.approx(forced.gather(-1, torch.tensor(s.completion_ids)[:, None]).squeeze(-1).tolist(), abs=1e-4)
+    plain = gen.generate(prompts, dataclasses.replace(params, presence_penalty=0.0, frequency_penalty=0.0))
+    assert [ss[0].completion_ids for ss in plain] != [ss[0].completion_ids for ss in gen.generate(prompts, params)]
+
+
+def test_rows_with_different_seeds_share_a_decode_and_reproduce(gen: Generator, prompts: list[list[int]]) -> None:
+    params = GenerationParams(num_samples=3, temperature=1.5, max_new_tokens=12)
+
+    def ids(samples: list[Sample]) -> list[list[int]]:
+        return [s.completion_ids for s in samples]
+
+    together = gen.generate([prompts[0], prompts[0], prompts[1], prompts[2]], params, seeds=[7, 8, 7, None])
+    alone_7 = gen.generate(prompts[:1], dataclasses.replace(params, seed=7))[0]
+    assert ids(together[0]) == ids(alone_7)
+    assert ids(together[1]) == ids(gen.generate(prompts[:1], dataclasses.replace(params, seed=8))[0])
+    assert ids(together[1]) != ids(together[0])  # same prompt, other seed, same batch
+    assert ids(together[2]) == ids(gen.generate(prompts[1:2], dataclasses.replace(params, seed=7))[0])
