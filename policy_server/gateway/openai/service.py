@@ -155,7 +155,7 @@ class OpenAIService:
                 "index": i,
                 "message": {"role": "assistant", "content": content},
                 "finish_reason": sample.finish_reason,
-                "logprobs": {"content": self._chat_logprobs(sample.completion_ids, sample.log_probs, sample.top_logprobs)}
+                "logprobs": {"content": self._chat_logprobs(sample.completion_ids, sample.log_probs, sample.top_logprobs, body.top_logprobs or 0)}
                 if body.logprobs else None,
             }
             if body.return_token_ids:
@@ -213,13 +213,21 @@ class OpenAIService:
         return {"tokens": tokens, "token_logprobs": logprobs,
                 "top_logprobs": tops if sample.top_logprobs is not None or echo else None, "text_offset": offsets}
 
-    def _chat_logprobs(self, ids: list[int], logprobs: list[float], tops: list[dict[int, float]] | None) -> list[dict[str, Any]]:
+    def _chat_logprobs(
+        self, ids: list[int], logprobs: list[float], tops: list[dict[int, float]] | None, k: int
+    ) -> list[dict[str, Any]]:
+        """OpenAI's chat logprobs: per token, its ``k`` most likely alternatives (the engines add
+        the chosen token to them, as vLLM does; chat leaves it out unless it is among them)."""
+
+        def best(top: dict[int, float] | None) -> list[tuple[int, float]]:
+            return sorted((top or {}).items(), key=lambda item: -item[1])[:k]
+
         def entry(token_id: int, lp: float) -> dict[str, Any]:
             token = self._token(token_id)
             return {"token": token, "logprob": lp, "bytes": list(token.encode())}
 
         return [
-            entry(t, lp) | {"top_logprobs": [entry(a, alp) for a, alp in (top or {}).items()]}
+            entry(t, lp) | {"top_logprobs": [entry(a, alp) for a, alp in best(top)]}
             for t, lp, top in zip(ids, logprobs, tops or [None] * len(ids))
         ]
 
@@ -267,7 +275,7 @@ class OpenAIService:
             delta["content"] = text.add(chunk)
             choice: dict[str, Any] = {
                 "index": chunk.index, "delta": delta, "finish_reason": chunk.finish_reason,
-                "logprobs": {"content": self._chat_logprobs(chunk.token_ids, chunk.log_probs, chunk.top_logprobs)}
+                "logprobs": {"content": self._chat_logprobs(chunk.token_ids, chunk.log_probs, chunk.top_logprobs, body.top_logprobs or 0)}
                 if body.logprobs else None,
             }
             head = self._head(answer, chunk.model_version)

@@ -72,8 +72,12 @@ def test_completions_stream_and_the_text_excludes_the_stop_string(oai: openai.Op
     ids = whole.choices[0].model_extra["token_ids"]
     assert len(ids) >= 2
     stop = oai.completions.create(model="tiny", prompt="Once", max_tokens=1, temperature=0, echo=False).choices[0].text
-    pieces = list(oai.completions.create(model="tiny", prompt="Once", max_tokens=12, temperature=0, stream=True))
+    pieces = list(oai.completions.create(model="tiny", prompt="Once", max_tokens=12, temperature=0, stream=True,
+                                         logprobs=2))
     assert "".join(p.choices[0].text for p in pieces) == whole.choices[0].text
+    assert [t for p in pieces for t in p.choices[0].model_extra["token_ids"]] == ids
+    streamed = [lp for p in pieces for lp in p.choices[0].logprobs.token_logprobs]
+    assert len(streamed) == len(ids) and all(lp <= 0 for lp in streamed)
     if stop:  # the first token's text as a stop string ends the completion before it
         stopped = oai.completions.create(model="tiny", prompt="Once", max_tokens=12, temperature=0, stop=[stop, "zz"])
         assert stopped.choices[0].text == "" and stopped.choices[0].finish_reason == "stop"
