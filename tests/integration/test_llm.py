@@ -27,6 +27,7 @@ def server(ray_session: int, llm_dirs: dict[str, Path], tmp_path_factory: pytest
         "parameters": {"api_key": API_KEY},
         "llm": {
             "policy": {"path": str(llm_dirs["policy"]), "adapter": str(llm_dirs["policy_lora"]), "served_name": "tiny",
+                       "engine": "transformers",
                        "resources": {"num_cpus": 0.5}, "limits": {"max_new_tokens": 64}},
             "value": {"path": str(llm_dirs["value"]), "resources": {"num_cpus": 0.5}},
         },
@@ -62,6 +63,18 @@ def test_the_openai_client_chats_with_logprobs_and_stop(oai: openai.OpenAI) -> N
     choice = chat.choices[0]
     assert choice.message.role == "assistant" and "\n" not in choice.message.content
     assert all(item.logprob <= 0 for item in choice.logprobs.content)
+
+
+def test_the_openai_client_streams_through_the_serve_deployment(oai: openai.OpenAI) -> None:
+    """Chunks come from the replica's ``stream`` generator through a streaming handle."""
+    chunks = list(oai.chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "Hi"}], max_tokens=8, temperature=0, stream=True,
+        stream_options={"include_usage": True},
+    ))
+    whole = oai.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hi"}], max_tokens=8,
+                                        temperature=0)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks[:-1]) == whole.choices[0].message.content
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
 
 
 def test_the_openai_client_is_refused_with_a_wrong_key(server: str) -> None:

@@ -242,8 +242,8 @@ class OpenAIService:
             prompt, index = prompts[which], which * n + chunk.index
             first = index not in texts
             text = texts.setdefault(index, _TextStream(self.llm, prompt.params, False))
-            start_offset = len(prompt.text) if body.echo else 0
-            offsets = self._offsets(chunk.token_ids, start_offset, False, text.ids)
+            offsets = (self._offsets(chunk.token_ids, len(prompt.text) if body.echo else 0, False, text.ids)
+                       if body.logprobs is not None else [])
             delta = text.add(chunk)
             choice: dict[str, Any] = {
                 "index": index,
