@@ -8,7 +8,7 @@ import asyncio
 import json
 import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -25,6 +25,9 @@ from policy_server.llm.generation import GenerationParams, Sample, SampleChunk, 
 
 T = TypeVar("T")
 DEFAULT_MAX_TOKENS = 256  # when the request gives none (capped by the server's limit)
+OPENAI_NAMES = {"structured": "response_format", "max_new_tokens": "max_tokens", "num_samples": "n",
+                "min_new_tokens": "min_tokens", "stop_strings": "stop", "prompt_logprobs": "echo"}
+"""``GenerationParams``' names, as an engine's ``InvalidRequest`` names them, → OpenAI's."""
 
 
 @dataclass
@@ -128,7 +131,7 @@ class OpenAIService:
     # --- whole answers ------------------------------------------------------------------------
 
     async def completions(self, body: CompletionRequest, prompts: list[Prompt]) -> dict[str, Any]:
-        outs = await asyncio.gather(*(self.llm.require_backend().generate(p.ids, p.params) for p in prompts))
+        outs = await _named(asyncio.gather(*(self.llm.require_backend().generate(p.ids, p.params) for p in prompts)))
         choices = []
         for prompt, (samples, _) in zip(prompts, outs):
             for sample in samples:
@@ -147,7 +150,7 @@ class OpenAIService:
         return self._whole(answer, choices, sum(len(p.ids) for p in prompts), samples, max(v for _, v in outs))
 
     async def chat(self, body: ChatRequest, prompt: Prompt) -> dict[str, Any]:
-        samples, version = await self.llm.require_backend().generate(prompt.ids, prompt.params)
+        samples, version = await _named(self.llm.require_backend().generate(prompt.ids, prompt.params))
         choices = []
         for i, sample in enumerate(samples):
             content = _before_stop(self.llm.decode(sample.completion_ids), sample.stop_string)
@@ -238,7 +241,7 @@ class OpenAIService:
         answer = _Answer("text_completion", f"cmpl-{uuid.uuid4().hex}")
         n = body.n
         texts: dict[int, _TextStream] = {}
-        async for which, chunk in _merged([self.llm.stream(p.ids, p.params) for p in prompts]):
+        async for which, chunk in _merged([_named_stream(self.llm.stream(p.ids, p.params)) for p in prompts]):
             prompt, index = prompts[which], which * n + chunk.index
             first = index not in texts
             text = texts.setdefault(index, _TextStream(self.llm, prompt.params, False))
@@ -268,7 +271,7 @@ class OpenAIService:
         """OpenAI's ``chat.completion.chunk`` chunks (then the usage chunk, if asked for)."""
         answer = _Answer("chat.completion.chunk", f"chatcmpl-{uuid.uuid4().hex}")
         texts: dict[int, _TextStream] = {}
-        async for _, chunk in _merged([self.llm.stream(prompt.ids, prompt.params)]):
+        async for _, chunk in _merged([_named_stream(self.llm.stream(prompt.ids, prompt.params))]):
             first = chunk.index not in texts
             text = texts.setdefault(chunk.index, _TextStream(self.llm, prompt.params, True))
             delta: dict[str, Any] = {"role": "assistant"} if first else {}
@@ -347,6 +350,40 @@ async def _merged(streams: list[AsyncIterator[T]]) -> AsyncGenerator[tuple[int, 
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def _openai_named(exc: InvalidRequest) -> InvalidRequest:
+    """An engine's refusal, its fields named as the request named them (``body.response_format``)."""
+    def name(field: str) -> str:
+        if field.startswith("body"):
+            return field
+        head, _, rest = field.partition(".")
+        return ".".join(filter(None, ("body", OPENAI_NAMES.get(head, head), rest)))
+
+    fields = [FieldError(name(f.field), f.message) for f in exc.fields]
+    message = exc.message
+    if exc.fields and message.startswith(f"{exc.fields[0].field}: "):
+        message = f"{fields[0].field}: {message[len(exc.fields[0].field) + 2:]}"
+    return type(exc)(message, fields)
+
+
+async def _named(pending: Awaitable[T]) -> T:
+    try:
+        return await pending
+    except InvalidRequest as exc:
+        raise _openai_named(exc) from exc
+
+
+async def _named_stream(chunks: AsyncIterator[T]) -> AsyncGenerator[T, None]:
+    try:
+        async for chunk in chunks:
+            yield chunk
+    except InvalidRequest as exc:
+        raise _openai_named(exc) from exc
+    finally:
+        close = getattr(chunks, "aclose", None)
+        if close is not None:
+            await close()
 
 
 def _structured(fmt: ResponseFormat | None) -> StructuredOutput | None:

@@ -173,7 +173,7 @@ def test_json_schema_is_followed_or_refused_by_an_engine_without_it(oai: openai.
     if engine == "transformers":  # it has no structured outputs: a 400 that says so
         with pytest.raises(openai.BadRequestError) as caught:
             oai.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=4, response_format=fmt)
-        assert "transformers" in caught.value.message
+        assert "transformers" in caught.value.message and _error(caught.value)["param"] == "response_format"
     else:
         answer = oai.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=48, response_format=fmt)
         assert isinstance(json.loads(answer.choices[0].message.content or "")["a"], int)

@@ -73,3 +73,16 @@ def test_text_stream_holds_back_what_may_become_a_stop_string(llm: LLMService) -
     assert text.add(_chunk(llm, "ND", finish=True, stop="END")) == ""
     other = _TextStream(llm, params, False)
     assert other.add(_chunk(llm, "one E")) + other.add(_chunk(llm, "at")) == "one Eat"
+
+
+@pytest.mark.parametrize(
+    ("field", "named"),
+    [("structured", "body.response_format"), ("logit_bias", "body.logit_bias"), ("max_new_tokens", "body.max_tokens"),
+     ("stop_strings.1", "body.stop.1"), ("body.response_format", "body.response_format")],
+)
+def test_an_engines_refusal_is_named_as_the_openai_request_named_it(field: str, named: str) -> None:
+    from policy_server.errors import InvalidRequest
+    from policy_server.gateway.openai.service import _openai_named
+
+    renamed = _openai_named(InvalidRequest.at(field, "cannot"))
+    assert renamed.fields[0].field == named and renamed.message == f"{named}: cannot"
