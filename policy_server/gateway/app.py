@@ -99,7 +99,7 @@ def build_app(settings: Settings | None = None) -> FastAPI:
     app = _fastapi(prefix, lifespan)
     app.state.settings, app.state.schema, app.state.services = settings, schema, services
     app.state.metrics, app.state.trainings, app.state.llm, app.state.clients = metrics, trainings, llm, sdks
-    install_error_handlers(app)
+    install_error_handlers(app, f"{prefix}/v1/")
     auth = api_key_checker(settings.api_key or schema.api_key)
     app.include_router(health_router(schema, services), prefix=prefix)
     for name, service in services.items():

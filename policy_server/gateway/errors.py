@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import logging
-from collections.abc import Awaitable
-from typing import TypeVar
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -129,11 +130,48 @@ async def _on_unexpected(request: Request, exc: Exception) -> JSONResponse:
     return envelope(500, "internal_error", f"internal error ({type(exc).__name__}); see the server log")
 
 
-def install_error_handlers(app: FastAPI) -> None:
-    app.add_exception_handler(PolicyServerError, _on_policy_error)
-    app.add_exception_handler(RequestValidationError, _on_validation_error)
-    app.add_exception_handler(StarletteHTTPException, _on_http_error)
-    app.add_exception_handler(Exception, _on_unexpected)
+_OPENAI_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+                 404: "not_found_error", 429: "rate_limit_error"}
+
+
+def openai_error(status: int, code: str, message: str, field: str | None) -> dict[str, Any]:
+    """OpenAI's error object (``{"error": {message, type, param, code}}``) of one of our errors;
+    ``field`` is our name of the bad field (``body.messages.0.content``), ``param`` the request's
+    (``messages.0.content``). 422 is OpenAI's 400, so callers map the status themselves."""
+    param = field.removeprefix("body").removeprefix(".") if field is not None else None
+    kind = _OPENAI_TYPES.get(400 if status == 422 else status, "server_error" if status >= 500 else "invalid_request_error")
+    return {"error": {"message": message.replace("body.", ""), "type": kind, "param": param or None, "code": code}}
+
+
+def _as_openai(response: JSONResponse) -> JSONResponse:
+    """Our envelope rendered in OpenAI's shape (for its clients, on ``/v1``); 422 becomes 400."""
+    error = json.loads(response.body)["error"]
+    field = error["fields"][0]["field"] if error["fields"] else None
+    status = 400 if response.status_code == 422 else response.status_code
+    headers = {k: v for k, v in response.headers.items() if k.lower() not in ("content-length", "content-type")}
+    return JSONResponse(openai_error(status, error["code"], error["message"], field), status_code=status, headers=headers)
+
+
+Handler = Callable[[Request, Exception], Awaitable[JSONResponse]]
+
+
+def _shaped(handler: Handler, openai_prefix: str) -> Handler:
+    """``handler``, answering in OpenAI's shape on the paths under ``openai_prefix``."""
+
+    async def handle(request: Request, exc: Exception) -> JSONResponse:
+        response = await handler(request, exc)
+        path = request.url.path.removeprefix(request.scope.get("root_path", ""))
+        return _as_openai(response) if path.startswith(openai_prefix) else response
+
+    return handle
+
+
+def install_error_handlers(app: FastAPI, openai_prefix: str = "/v1/") -> None:
+    """Our envelope everywhere, OpenAI's error shape on its routes (paths under ``openai_prefix``)."""
+    app.add_exception_handler(PolicyServerError, _shaped(_on_policy_error, openai_prefix))
+    app.add_exception_handler(RequestValidationError, _shaped(_on_validation_error, openai_prefix))
+    app.add_exception_handler(StarletteHTTPException, _shaped(_on_http_error, openai_prefix))
+    app.add_exception_handler(Exception, _shaped(_on_unexpected, openai_prefix))
 
 
 T = TypeVar("T")

@@ -17,7 +17,7 @@ side), so the gateway only ever sees ``PolicyServerError``:
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import ParamSpec, TypeVar
 
 from policy_server.errors import BackendUnavailable, GatewayTimeout, ModelError, PolicyServerError, summary
@@ -80,6 +80,20 @@ async def local_async(call: Callable[P, Awaitable[T]], *args: P.args, **kwargs: 
         raise
     except Exception as exc:
         raise domain_error(exc) from exc
+
+
+async def mapped_stream(what: str, items: AsyncIterator[T]) -> AsyncIterator[T]:
+    """``items`` (a remote or local stream), raising only ``PolicyServerError``; closing this
+    closes ``items``."""
+    try:
+        async for item in items:
+            yield item
+    except Exception as exc:
+        raise domain_error(exc, what) from exc
+    finally:
+        close = getattr(items, "aclose", None)
+        if close is not None:
+            await close()
 
 
 def _from_ray(exc: BaseException) -> bool:

@@ -8,6 +8,8 @@ bytes travel through Serve.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
+from contextlib import aclosing
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -15,7 +17,7 @@ from ray import serve
 from ray.serve import Application
 
 from policy_server.llm.engine import ValueScorer
-from policy_server.llm.generation import GenerationParams, Sample
+from policy_server.llm.generation import GenerationParams, Sample, SampleChunk
 from policy_server.llm.grpo_runs import GRPORuns
 from policy_server.llm.state import TasksAndSessions
 from policy_server.llm.tasks import TaskView
@@ -48,6 +50,11 @@ class LLMPolicyDeployment:
 
     async def generate(self, prompt_ids: list[int], params: GenerationParams) -> tuple[list[Sample], int]:
         return await self.engine.generate(prompt_ids, params)
+
+    async def stream(self, prompt_ids: list[int], params: GenerationParams) -> AsyncIterator[SampleChunk]:
+        async with aclosing(self.engine.stream(prompt_ids, params)) as chunks:  # Serve cancels: the engine stops
+            async for chunk in chunks:
+                yield chunk
 
     def version(self) -> int:
         return self.engine.version

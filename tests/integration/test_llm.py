@@ -27,6 +27,7 @@ def server(ray_session: int, llm_dirs: dict[str, Path], tmp_path_factory: pytest
         "parameters": {"api_key": API_KEY},
         "llm": {
             "policy": {"path": str(llm_dirs["policy"]), "adapter": str(llm_dirs["policy_lora"]), "served_name": "tiny",
+                       "engine": "transformers",
                        "resources": {"num_cpus": 0.5}, "limits": {"max_new_tokens": 64}},
             "value": {"path": str(llm_dirs["value"]), "resources": {"num_cpus": 0.5}},
         },
@@ -62,6 +63,18 @@ def test_the_openai_client_chats_with_logprobs_and_stop(oai: openai.OpenAI) -> N
     choice = chat.choices[0]
     assert choice.message.role == "assistant" and "\n" not in choice.message.content
     assert all(item.logprob <= 0 for item in choice.logprobs.content)
+
+
+def test_the_openai_client_streams_through_the_serve_deployment(oai: openai.OpenAI) -> None:
+    """Chunks come from the replica's ``stream`` generator through a streaming handle."""
+    chunks = list(oai.chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "Hi"}], max_tokens=8, temperature=0, stream=True,
+        stream_options={"include_usage": True},
+    ))
+    whole = oai.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hi"}], max_tokens=8,
+                                        temperature=0)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks[:-1]) == whole.choices[0].message.content
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
 
 
 def test_the_openai_client_is_refused_with_a_wrong_key(server: str) -> None:
@@ -109,10 +122,12 @@ def test_queued_tasks_and_sessions_live_in_their_own_deployment(server: str) -> 
         assert client.get("/llm/sessions/it-s").status_code == 404
 
 
+OPENAI_BAD_INPUTS = [  # OpenAI's routes: its 400, `param` naming the field as the request did
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "\ud800"}]}, "messages.0.content"),
+    ("/v1/completions", {"prompt": ["Hi", "x\udfff"]}, "prompt"),
+    ("/v1/completions", {"prompt": "Hi", "stop": "\ud800"}, "stop"),
+]
 BAD_INPUTS = [
-    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "\ud800"}]}, "body.messages.0.content"),
-    ("/v1/completions", {"prompt": ["Hi", "x\udfff"]}, "body.prompt"),
-    ("/v1/completions", {"prompt": "Hi", "stop": "\ud800"}, "body.stop"),
     ("/value/forward", {"messages": [{"role": "user", "content": "\udc00"}]}, "body.messages.0.content"),
     ("/llm/forward", {"question": "Hi", "context": "\ud800"}, "body.context"),
     ("/llm/direct_forward", {"input_string": "Hi", "max_output_length": "5"}, "body.max_output_length"),
@@ -127,9 +142,12 @@ def test_bad_inputs_are_422_naming_the_field_and_the_model_keeps_serving(server:
             answer = client.post(path, content=json.dumps(body))
             assert answer.status_code == 422, (path, answer.text)
             assert answer.json()["error"]["fields"][0]["field"] == field, answer.text
-    with pytest.raises(openai.UnprocessableEntityError) as caught:
+        for path, body, param in OPENAI_BAD_INPUTS:
+            answer = client.post(path, content=json.dumps(body))
+            assert answer.status_code == 400 and answer.json()["error"]["param"] == param, (path, answer.text)
+    with pytest.raises(openai.BadRequestError) as caught:
         oai.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hi"}], temperature=1e39)
-    assert "body.temperature" in caught.value.message
+    assert "temperature" in caught.value.message
     chat = oai.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hi"}], max_tokens=4)
     assert chat.choices[0].message.role == "assistant"
 

@@ -8,6 +8,7 @@ and sends token ids to the model (a ``serving.api.LLMModel`` the runtime started
 from __future__ import annotations
 
 import logging
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,7 @@ from policy_server.gateway.llm.wire import (
     Forward,
     ValueMessage,
 )
-from policy_server.llm.generation import GenerationParams, Sample
+from policy_server.llm.generation import GenerationParams, Sample, SampleChunk
 from policy_server.llm.records import record_from_sample
 from policy_server.schema.llm import LLMPolicySpec, LLMValueSpec
 from policy_server.serving.api import LLMModel, TasksAndSessionsAPI, ValueModel
@@ -147,6 +148,10 @@ class LLMService:
         samples, version = await self.require_backend().generate(prompt_ids, params)
         texts = [self.decode(s.completion_ids, skip_special) for s in samples]
         return Generated(prompt_ids, samples, texts, version)
+
+    def stream(self, prompt_ids: list[int], params: GenerationParams) -> AsyncIterator[SampleChunk]:
+        """The samples chunk by chunk (``LLMModel.stream``); closing it cancels the generation."""
+        return self.require_backend().stream(prompt_ids, params)
 
     # --- x1 -----------------------------------------------------------------------------------
 

@@ -1,12 +1,18 @@
-"""The OpenAI-compatible routes: ``/v1/models``, ``/v1/completions``, ``/v1/chat/completions``. Thin handlers over ``OpenAIService``."""
+"""The OpenAI-compatible routes: ``/v1/models``, ``/v1/models/{id}``, ``/v1/completions``,
+``/v1/chat/completions``. Thin handlers over ``OpenAIService``; ``stream: true`` answers with
+server-sent events (``data: {chunk}`` ... ``data: [DONE]``)."""
 
-
+import json
+from collections.abc import AsyncIterator
+from contextlib import aclosing
 from typing import Any
 
 from fastapi import APIRouter, Depends
+from fastapi.responses import StreamingResponse
 
-from policy_server.errors import InvalidRequest
+from policy_server.errors import PolicyServerError
 from policy_server.gateway.auth import Auth
+from policy_server.gateway.errors import openai_error
 from policy_server.gateway.openai.service import OpenAIService
 from policy_server.gateway.openai.wire import (
     ChatCompletion,
@@ -14,17 +20,21 @@ from policy_server.gateway.openai.wire import (
     Completion,
     CompletionRequest,
     ModelList,
+    OpenAIError,
+    OpenAIModel,
 )
-from policy_server.gateway.openapi import error_docs
 
-OPENAI_ERRORS = error_docs({
-    401: "Missing or wrong api key: send `Authorization: Bearer <key>`.",
-    404: "`model` names a model this server does not serve.",
-    422: "Invalid request: the envelope names each bad field.",
-    429: "Too much work queued: retry after `Retry-After` seconds.",
-    500: "The model failed.",
-    503: "The model's deployment is not available.",
-})
+OPENAI_ERRORS: dict[int | str, dict[str, Any]] = {
+    status: {"model": OpenAIError, "description": text} for status, text in {
+        400: "Invalid request: `param` names the field as the request named it.",
+        401: "Missing or wrong api key: send `Authorization: Bearer <key>`.",
+        404: "`model` names a model this server does not serve.",
+        429: "Too much work queued: retry after `Retry-After` seconds.",
+        500: "The model failed.",
+        503: "The model's deployment is not available.",
+    }.items()
+}
+STREAMED = {"text/event-stream": {"description": "With `stream: true`: the chunks as server-sent events."}}
 
 
 def openai_router(service: OpenAIService, auth: Auth, prefix: str) -> APIRouter:
@@ -34,25 +44,58 @@ def openai_router(service: OpenAIService, auth: Auth, prefix: str) -> APIRouter:
     @router.get("/models", response_model=ModelList)
     async def models() -> Any:
         """The served model, as OpenAI's model list."""
-        return {"object": "list", "data": [
-            {"id": service.spec.model_id, "object": "model", "created": 0, "owned_by": "policy-server"}
-        ]}
+        return {"object": "list", "data": service.models()}
 
-    @router.post("/completions", response_model=Completion)
+    @router.get("/models/{model_id}", response_model=OpenAIModel)
+    async def model(model_id: str) -> Any:
+        """One served model; 404 for another id."""
+        return service.model(model_id)
+
+    @router.post("/completions", response_model=Completion, responses={200: {"content": STREAMED}})
     async def completions(body: CompletionRequest) -> Any:
-        """OpenAI's completions: `prompt`, `n`, `temperature`, `top_p`, `max_tokens`, `stop`, `logprobs`."""
-        _no_stream(body.stream)
-        return await service.completions(body)
+        """OpenAI's completions (see `CompletionRequest` for the fields; `stream: true` for events)."""
+        prompts = service.completion_prompts(body)
+        if body.stream:
+            return await _event_stream(service.completion_events(body, prompts))
+        return await service.completions(body, prompts)
 
-    @router.post("/chat/completions", response_model=ChatCompletion)
+    @router.post("/chat/completions", response_model=ChatCompletion, responses={200: {"content": STREAMED}})
     async def chat(body: ChatRequest) -> Any:
-        """OpenAI's chat completions: `messages`, `n`, `temperature`, `top_p`, `max_tokens`, `stop`, `logprobs`."""
-        _no_stream(body.stream)
-        return await service.chat(body)
+        """OpenAI's chat completions (see `ChatRequest` for the fields; `stream: true` for events)."""
+        prompt = service.chat_prompt(body)
+        if body.stream:
+            return await _event_stream(service.chat_events(body, prompt))
+        return await service.chat(body, prompt)
 
     return router
 
 
-def _no_stream(stream: bool) -> None:
-    if stream:
-        raise InvalidRequest.at("body.stream", "streaming is not supported; send stream=false")
+async def _event_stream(chunks: AsyncIterator[dict[str, Any]]) -> StreamingResponse:
+    """``chunks`` as server-sent events. The first chunk is awaited here, so that a request the
+    engine refuses still gets its HTTP error; a later error becomes an ``error`` event."""
+    try:
+        first = await anext(chunks)
+    except StopAsyncIteration:
+        first = None
+    except BaseException:
+        await chunks.aclose()  # type: ignore[attr-defined]
+        raise
+    return StreamingResponse(_events(first, chunks), media_type="text/event-stream")
+
+
+async def _events(first: dict[str, Any] | None, chunks: AsyncIterator[dict[str, Any]]) -> AsyncIterator[str]:
+    # closing `chunks` (also when the client disconnects: Starlette cancels this) ends generation
+    async with aclosing(chunks):  # type: ignore[type-var]
+        try:
+            if first is not None:
+                yield _event(first)
+            async for chunk in chunks:
+                yield _event(chunk)
+        except PolicyServerError as exc:
+            field = exc.fields[0].field if exc.fields else None
+            yield _event(openai_error(exc.status, exc.code, exc.message, field))
+    yield "data: [DONE]\n\n"
+
+
+def _event(data: dict[str, Any]) -> str:
+    return f"data: {json.dumps(data)}\n\n"

@@ -3,19 +3,19 @@ floor). Blocking domain methods run in worker threads; errors come out as ``serv
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from policy_server.errors import InvalidRequest
-from policy_server.serving.errors import local, local_async
+from policy_server.serving.errors import local, local_async, mapped_stream
 from policy_server.serving.runtime.base import Runtime, X1Kind
 
 if TYPE_CHECKING:
     from policy_server.llm.engine import BatchObserver, LLMEngine, ValueScorer
-    from policy_server.llm.generation import GenerationParams, Sample
+    from policy_server.llm.generation import GenerationParams, Sample, SampleChunk
     from policy_server.llm.grpo_runs import GRPORuns
     from policy_server.llm.grpo_settings import GRPOSettings
     from policy_server.llm.state import TasksAndSessions
@@ -109,6 +109,9 @@ class LocalLLMModel:
 
     async def generate(self, prompt_ids: list[int], params: GenerationParams) -> tuple[list[Sample], int]:
         return await local_async(self.engine.generate, prompt_ids, params)
+
+    def stream(self, prompt_ids: list[int], params: GenerationParams) -> AsyncIterator[SampleChunk]:
+        return mapped_stream("the LLM engine", self.engine.stream(prompt_ids, params))
 
     async def version(self) -> int:
         return self.engine.version

@@ -3,15 +3,16 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
 from ray.actor import ActorHandle
 from ray.serve.handle import DeploymentHandle
 
-from policy_server.serving.errors import remote
+from policy_server.serving.errors import mapped_stream, remote
 
 if TYPE_CHECKING:
-    from policy_server.llm.generation import GenerationParams, Sample
+    from policy_server.llm.generation import GenerationParams, Sample, SampleChunk
     from policy_server.llm.grpo_settings import GRPOSettings
     from policy_server.llm.tasks import TaskView
     from policy_server.llm.x1_config import X1TrainingConfig
@@ -72,6 +73,18 @@ class ServeLLMModel:
 
     async def generate(self, prompt_ids: list[int], params: GenerationParams) -> tuple[list[Sample], int]:
         return await remote(self.what, self.handle.generate.remote, prompt_ids, params)
+
+    async def stream(self, prompt_ids: list[int], params: GenerationParams) -> AsyncIterator[SampleChunk]:
+        """The replica's ``stream`` generator through a streaming handle; closing this cancels it there."""
+        chunks = self.handle.options(stream=True).stream.remote(prompt_ids, params)
+        finished = False
+        try:
+            async for chunk in mapped_stream(self.what, chunks):
+                yield chunk
+            finished = True
+        finally:
+            if not finished:
+                chunks.cancel()
 
     async def version(self) -> int:
         return await remote(self.what, self.handle.version.remote)

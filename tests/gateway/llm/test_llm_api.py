@@ -182,7 +182,11 @@ CONV = [{"role": "user", "content": "What is 2 + 3?"}, {"role": "assistant", "co
 def test_a_lone_surrogate_in_any_text_for_the_tokenizer_is_422_naming_the_field(
     client: TestClient, path: str, body: dict[str, Any], field: str
 ) -> None:
-    error = assert_422_naming(post_raw(client, path, body), field)
+    answer = post_raw(client, path, body)
+    if path.startswith("/v1/"):  # OpenAI's routes: its 400, the field named as the request named it
+        assert answer.status_code == 400 and answer.json()["error"]["param"] == field.removeprefix("body."), answer.text
+        return
+    error = assert_422_naming(answer, field)
     assert field in error["message"]
 
 
@@ -223,9 +227,6 @@ def test_x1_routes_take_json_types_strictly(client: TestClient, path: str, body:
 @pytest.mark.parametrize(
     ("path", "body", "field"),
     [
-        ("/v1/chat/completions", CHAT_BODY | {"stream": True}, "body.stream"),
-        ("/v1/completions", {"prompt": "Hi", "stream": True}, "body.stream"),
-        ("/v1/completions", {"prompt": []}, "body.prompt"),
         ("/llm/direct_forward", {"input_string": "0", "max_output_length": 1}, "body.max_output_length"),
         ("/llm/forward", {"question": "0", "context": "", "max_output_length": 1}, "body.max_output_length"),
         ("/value/forward", {"messages": [[]]}, "body.messages.0"),

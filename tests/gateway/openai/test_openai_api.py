@@ -8,39 +8,53 @@ from typing import Any
 
 import openai
 import pytest
-from conftest import API_KEY, CHAT_BODY, assert_422_naming, llm_schema, make_client, post_raw
+from conftest import API_KEY, CHAT_BODY, llm_schema, make_client, post_raw
 from fastapi.testclient import TestClient
 
 
 @pytest.fixture(scope="module")
 def client(llm_dirs: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestClient]:
-    with make_client(tmp_path_factory.mktemp("openai"), llm_schema(llm_dirs)) as c:
+    schema = llm_schema(llm_dirs)
+    schema["llm"]["policy"]["engine"] = "transformers"
+    with make_client(tmp_path_factory.mktemp("openai"), schema) as c:
         yield c
 
 
-def test_openai_routes_refuse_an_unknown_model_and_streaming(client: TestClient) -> None:
+def assert_400_naming(answer: Any, param: str) -> dict[str, Any]:
+    """OpenAI's error shape, naming the field as the request named it."""
+    assert answer.status_code == 400, answer.text
+    error = answer.json()["error"]
+    assert error["type"] == "invalid_request_error" and error["param"] == param, error
+    return error
+
+
+def test_openai_routes_refuse_an_unknown_model_and_no_messages(client: TestClient) -> None:
     unknown = client.post("/v1/completions", json={"model": "gpt-9", "prompt": "hi"})
     assert unknown.status_code == 404 and "tiny" in unknown.json()["error"]["message"]
-    stream = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}], "stream": True})
-    assert stream.status_code == 422
-    empty = client.post("/v1/chat/completions", json={"messages": []})
-    assert empty.status_code == 422
+    assert_400_naming(client.post("/v1/chat/completions", json={"messages": []}), "messages")
 
 
 @pytest.mark.parametrize(
     ("path", "body", "field"),
     [
-        ("/v1/completions", {"prompt": "Hi", "temperature": 1e39}, "body.temperature"),
-        ("/v1/completions", {"prompt": "Hi", "top_p": float("nan")}, "body.top_p"),
-        ("/v1/chat/completions", CHAT_BODY | {"temperature": float("inf")}, "body.temperature"),
-        ("/v1/completions", {"prompt": "Hi", "n": 99}, "body.n"),
-        ("/v1/completions", {"prompt": "Hi", "max_tokens": 10**30}, "body.max_tokens"),
+        ("/v1/completions", {"prompt": "Hi", "temperature": 1e39}, "temperature"),
+        ("/v1/completions", {"prompt": "Hi", "top_p": float("nan")}, "top_p"),
+        ("/v1/chat/completions", CHAT_BODY | {"temperature": float("inf")}, "temperature"),
+        ("/v1/completions", {"prompt": "Hi", "n": 99}, "n"),
+        ("/v1/completions", {"prompt": "Hi", "max_tokens": 10**30}, "max_tokens"),
+        ("/v1/completions", {"prompt": "Hi", "presence_penalty": 2.5}, "presence_penalty"),
+        ("/v1/completions", {"prompt": "Hi", "logprobs": 6}, "logprobs"),
+        ("/v1/completions", {"prompt": "Hi", "min_tokens": 9, "max_tokens": 3}, "min_tokens"),
+        ("/v1/completions", {"prompt": "Hi", "best_of": 2}, "best_of"),
+        ("/v1/completions", {"prompt": ["Hi", "\ud800"]}, "prompt"),
+        ("/v1/chat/completions", CHAT_BODY | {"top_logprobs": 21, "logprobs": True}, "top_logprobs"),
+        ("/v1/chat/completions", CHAT_BODY | {"stream_options": {"include_usage": True, "x": 1}}, "stream_options.x"),
     ],
 )
 def test_openai_numbers_are_checked_at_float32_and_named(
     client: TestClient, path: str, body: dict[str, Any], field: str
 ) -> None:
-    assert_422_naming(post_raw(client, path, body), field)
+    assert_400_naming(post_raw(client, path, body), field)
 
 
 def test_openai_routes_keep_openais_leniency(client: TestClient) -> None:
@@ -55,10 +69,10 @@ def test_openai_routes_document_every_status_they_answer_and_their_answers(clien
     for path, method, answer in [("/v1/models", "get", "ModelList"), ("/v1/completions", "post", "Completion"),
                                  ("/v1/chat/completions", "post", "ChatCompletion")]:
         responses = paths[path][method]["responses"]
-        assert {"200", "401", "404", "422", "429", "500", "503"} <= set(responses), (path, sorted(responses))
+        assert {"200", "400", "401", "404", "429", "500", "503"} <= set(responses), (path, sorted(responses))
         assert responses["200"]["content"]["application/json"]["schema"]["$ref"].endswith(f"/{answer}")
     nameless = client.post("/v1/completions", json={"prompt": "Hi", "model": ""})
-    assert nameless.status_code == 404 and nameless.json()["error"]["code"] == "not_found"
+    assert nameless.status_code == 404 and set(nameless.json()["error"]) == {"message", "type", "param", "code"}
     keyless = client.post("/v1/completions", json={"prompt": "Hi"}, headers={"access-token": "", "authorization": "Bearer nope"})
     assert keyless.status_code == 401
 
@@ -74,8 +88,9 @@ def test_openai_answers_hold_to_their_models(client: TestClient) -> None:
     assert chat.choices[0].message.role == "assistant" and chat.choices[0].logprobs is not None
 
 
-def test_the_openai_client_gets_a_422_for_a_temperature_beyond_float32(client: TestClient) -> None:
+def test_the_openai_client_gets_a_400_for_a_temperature_beyond_float32(client: TestClient) -> None:
     with openai.OpenAI(base_url=f"{client.base_url}/v1", api_key=API_KEY, max_retries=0, http_client=client) as oai, \
-            pytest.raises(openai.UnprocessableEntityError) as caught:
+            pytest.raises(openai.BadRequestError) as caught:
         oai.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hi"}], temperature=1e39)
-    assert caught.value.status_code == 422 and "body.temperature" in caught.value.message
+    assert caught.value.status_code == 400 and "temperature" in caught.value.message
+    assert caught.value.body["param"] == "temperature"  # type: ignore[index]
