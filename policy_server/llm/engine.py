@@ -21,8 +21,9 @@ import torch
 
 from policy_server.errors import InvalidRequest
 from policy_server.llm.batching import GenerationQueue
-from policy_server.llm.generation import GenerationParams, Generator, Sample, SampleChunk
+from policy_server.llm.generation import Generator
 from policy_server.llm.models import load_policy, load_value, score_messages
+from policy_server.llm.params import GenerationParams, Sample, SampleChunk
 from policy_server.schema.llm import LLMPolicySpec, LLMValueSpec
 from policy_server.weights import VersionedWeights
 
@@ -169,7 +170,7 @@ class LLMEngine(VersionedWeights):
     def _check_supported(self, params: GenerationParams) -> None:
         if params.structured is not None:
             raise InvalidRequest.at(
-                "body.response_format",
+                "structured",
                 "the transformers engine cannot do structured outputs; "
                 "serve this policy with llm.policy.engine: vllm",
             )
@@ -177,7 +178,7 @@ class LLMEngine(VersionedWeights):
         outside = sorted({token for token, _ in params.logit_bias if token >= vocab})
         if outside:
             raise InvalidRequest.at(
-                "body.logit_bias", f"token ids {outside} are outside the model's vocabulary of {vocab} tokens"
+                "logit_bias", f"token ids {outside} are outside the model's vocabulary of {vocab} tokens"
             )
 
     def _named_weights(self) -> dict[str, torch.Tensor]:

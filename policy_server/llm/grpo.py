@@ -32,7 +32,7 @@ from pydantic import TypeAdapter, ValidationError
 
 from policy_server.errors import InvalidRequest, NotFound, RunFinished, StaleGroup
 from policy_server.fields import Float32, field_errors
-from policy_server.llm.generation import GenerationParams, Generator
+from policy_server.llm.generation import Generator
 from policy_server.llm.grpo_checkpoints import (
     MODEL_FOLDER,
     OPTIMIZER_FILE,
@@ -43,6 +43,7 @@ from policy_server.llm.grpo_checkpoints import (
 from policy_server.llm.grpo_settings import GRPOSettings
 from policy_server.llm.grpo_step import Group, prepare_model, train_step
 from policy_server.llm.models import Dtype, LoadedLM, load_policy
+from policy_server.llm.params import GenerationParams
 from policy_server.training.guard import NonFiniteUpdate
 
 log = logging.getLogger(__name__)

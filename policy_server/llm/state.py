@@ -13,7 +13,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from policy_server.errors import ModelError, NotFound, PolicyServerError, summary
-from policy_server.llm.generation import GenerationParams, Sample
+from policy_server.llm.params import GenerationParams, Sample
 from policy_server.llm.records import SessionStore, record_from_sample
 from policy_server.llm.tasks import TaskStore, TaskView
 

@@ -14,8 +14,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 
 if TYPE_CHECKING:
-    from policy_server.llm.generation import GenerationParams, Sample, SampleChunk
     from policy_server.llm.grpo_settings import GRPOSettings
+    from policy_server.llm.params import GenerationParams, Sample, SampleChunk
     from policy_server.llm.tasks import TaskView
     from policy_server.llm.x1_config import (
         X1TrainingConfig,  # the types only: no torch or transformers import for the interfaces

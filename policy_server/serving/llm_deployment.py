@@ -17,8 +17,8 @@ from ray import serve
 from ray.serve import Application
 
 from policy_server.llm.engine import ValueScorer
-from policy_server.llm.generation import GenerationParams, Sample, SampleChunk
 from policy_server.llm.grpo_runs import GRPORuns
+from policy_server.llm.params import GenerationParams, Sample, SampleChunk
 from policy_server.llm.state import TasksAndSessions
 from policy_server.llm.tasks import TaskView
 from policy_server.llm.x1_trainer import X1Trainer

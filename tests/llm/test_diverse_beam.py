@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from policy_server.llm.diverse_beam import group_beam_search, hamming_penalty
-from policy_server.llm.generation import GenerationParams, Generator
+from policy_server.llm.generation import Generator
 from policy_server.llm.models import LoadedLM, load_policy
+from policy_server.llm.params import GenerationParams
 
 UNIGRAM = [0.5, 0.3, 0.1, 0.1]
 

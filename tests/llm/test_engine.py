@@ -11,7 +11,7 @@ import torch
 
 from policy_server.errors import InvalidRequest, QueueFull
 from policy_server.llm.engine import BatchReport, LLMEngine
-from policy_server.llm.generation import GenerationParams, Sample, SampleChunk, StructuredOutput
+from policy_server.llm.params import GenerationParams, Sample, SampleChunk, StructuredOutput
 from policy_server.schema.llm import LLMPolicySpec
 
 
@@ -221,8 +221,8 @@ def test_what_the_transformers_engine_cannot_do_is_refused_naming_the_field(engi
     structured = GenerationParams(structured=StructuredOutput("json_object"))
     vocab = engine.generator.vocab_size
     for params, field, words in [
-        (structured, "body.response_format", "transformers engine cannot do structured outputs"),
-        (GenerationParams(logit_bias=((vocab, 1.0), (1, 2.0))), "body.logit_bias", f"\\[{vocab}\\] are outside"),
+        (structured, "structured", "transformers engine cannot do structured outputs"),
+        (GenerationParams(logit_bias=((vocab, 1.0), (1, 2.0))), "logit_bias", f"\\[{vocab}\\] are outside"),
     ]:
         with pytest.raises(InvalidRequest, match=words) as raised:
             asyncio.run(engine.generate(prompt, params))

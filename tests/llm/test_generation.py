@@ -10,18 +10,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from policy_server.llm.generation import (
+from policy_server.llm.generation import Generator
+from policy_server.llm.models import LoadedLM, load_policy
+from policy_server.llm.params import GenerationParams, Sample
+from policy_server.llm.sampling import (
     POS_INF_LOGIT,
-    GenerationParams,
-    Generator,
-    Sample,
     check_finite,
     penalize,
     sample_tokens,
     sanitize_logits,
     top_p_filter,
 )
-from policy_server.llm.models import LoadedLM, load_policy
 
 END, STEP = "<|eot_id|>", "<|eois_id|>"
 QUESTIONS = ["What is 3 + 4?", "What is 12 + 25 and then 7 + 8?", "Hi"]
@@ -296,8 +295,9 @@ def test_params_validation_and_batch_key() -> None:
 
 
 def test_min_new_tokens_keeps_stop_strings_from_ending_a_sample_early(llm_dirs: dict) -> None:
-    from policy_server.llm.generation import GenerationParams, Generator
+    from policy_server.llm.generation import Generator
     from policy_server.llm.models import load_policy
+    from policy_server.llm.params import GenerationParams
 
     generator = Generator(load_policy(llm_dirs["policy"]))
     prompt = generator.encode("What is 2 + 3?")

@@ -12,7 +12,7 @@ from support import wait_until_async
 import policy_server
 from policy_server.errors import ModelError, QueueFull
 from policy_server.gateway.llm.router import task_failure
-from policy_server.llm.generation import GenerationParams, Sample
+from policy_server.llm.params import GenerationParams, Sample
 from policy_server.llm.state import Generate, TasksAndSessions
 from policy_server.llm.tasks import TaskView
 from policy_server.serving.runtime import make_runtime

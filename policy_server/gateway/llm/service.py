@@ -27,7 +27,7 @@ from policy_server.gateway.llm.wire import (
     Forward,
     ValueMessage,
 )
-from policy_server.llm.generation import GenerationParams, Sample, SampleChunk
+from policy_server.llm.params import GenerationParams, Sample, SampleChunk
 from policy_server.llm.records import record_from_sample
 from policy_server.schema.llm import LLMPolicySpec, LLMValueSpec
 from policy_server.serving.api import LLMModel, TasksAndSessionsAPI, ValueModel

@@ -16,7 +16,7 @@ from policy_server.gateway.auth import Auth
 from policy_server.gateway.llm.service import LLMService
 from policy_server.gateway.openai.wire import SEED_MAX, Penalty, TextOrTexts, _Forbid
 from policy_server.gateway.openapi import error_docs
-from policy_server.llm.generation import Sample
+from policy_server.llm.params import Sample
 
 DEFAULT_MAX_TOKENS = 16  # vLLM's SamplingParams default
 

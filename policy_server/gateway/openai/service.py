@@ -21,7 +21,7 @@ from policy_server.gateway.openai.wire import (
     JsonSchemaFormat,
     ResponseFormat,
 )
-from policy_server.llm.generation import GenerationParams, Sample, SampleChunk, StructuredOutput
+from policy_server.llm.params import GenerationParams, Sample, SampleChunk, StructuredOutput
 
 T = TypeVar("T")
 DEFAULT_MAX_TOKENS = 256  # when the request gives none (capped by the server's limit)

@@ -15,9 +15,9 @@ from policy_server.serving.runtime.base import Runtime, X1Kind
 
 if TYPE_CHECKING:
     from policy_server.llm.engine import BatchObserver, LLMEngine, ValueScorer
-    from policy_server.llm.generation import GenerationParams, Sample, SampleChunk
     from policy_server.llm.grpo_runs import GRPORuns
     from policy_server.llm.grpo_settings import GRPOSettings
+    from policy_server.llm.params import GenerationParams, Sample, SampleChunk
     from policy_server.llm.state import TasksAndSessions
     from policy_server.llm.tasks import TaskView
     from policy_server.llm.x1_config import X1TrainingConfig

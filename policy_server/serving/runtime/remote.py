@@ -12,8 +12,8 @@ from ray.serve.handle import DeploymentHandle
 from policy_server.serving.errors import mapped_stream, remote
 
 if TYPE_CHECKING:
-    from policy_server.llm.generation import GenerationParams, Sample, SampleChunk
     from policy_server.llm.grpo_settings import GRPOSettings
+    from policy_server.llm.params import GenerationParams, Sample, SampleChunk
     from policy_server.llm.tasks import TaskView
     from policy_server.llm.x1_config import X1TrainingConfig
     from policy_server.serving.api import Conversation

@@ -11,7 +11,7 @@ from transformers import AutoTokenizer
 
 from policy_server.gateway.llm.service import LLMService
 from policy_server.gateway.openai.service import _merged, _TextStream
-from policy_server.llm.generation import GenerationParams, SampleChunk
+from policy_server.llm.params import GenerationParams, SampleChunk
 from policy_server.schema.llm import LLMPolicySpec
 
 
