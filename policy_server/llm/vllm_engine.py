@@ -33,6 +33,7 @@ import torch
 from safetensors.torch import load_file, save, save_file
 from transformers import AutoConfig, AutoTokenizer
 from vllm import SamplingParams, TokensPrompt
+from vllm.config import StructuredOutputsConfig
 from vllm.engine.arg_utils import AsyncEngineArgs
 from vllm.lora.request import LoRARequest
 from vllm.outputs import CompletionOutput, RequestOutput
@@ -111,6 +112,8 @@ def engine_args(spec: LLMPolicySpec, folder: Path, adapter: Path | None, device:
         max_logprobs=max(MIN_MAX_LOGPROBS, 2 * limits.max_num_samples),
         worker_extension_cls=WORKER_EXTENSION,
         disable_log_stats=True,
+        # structured outputs as compact JSON: small models otherwise loop on whitespace until their limit
+        structured_outputs_config=StructuredOutputsConfig(backend="xgrammar", disable_any_whitespace=True),
         **lora,
     )
 
@@ -250,8 +253,11 @@ class VLLMEngine:
     def _sampling_params(self, params: GenerationParams, prompt_len: int, kind: RequestOutputKind) -> SamplingParams:
         structured = None
         if params.structured is not None:
-            structured = (StructuredOutputsParams(json=params.structured.json_schema)
-                          if params.structured.kind == "json_schema" else StructuredOutputsParams(json_object=True))
+            structured = (
+                StructuredOutputsParams(json=params.structured.json_schema)
+                if params.structured.kind == "json_schema"
+                else StructuredOutputsParams(json_object=True)
+            )
         return SamplingParams(
             n=params.num_samples,
             temperature=params.temperature,
@@ -260,12 +266,13 @@ class VLLMEngine:
             max_tokens=min(params.max_new_tokens, self.max_model_len - prompt_len),
             min_tokens=params.min_new_tokens,
             # our stop strings, matched on text with special tokens (the step and end tokens) spelled out;
-            # the model's eos stops nothing unless it is one of them, as in the transformers engine
+            # the model's eos stops nothing unless it is one of them, as in the transformers engine,
+            # except where a grammar ends: structured outputs end on eos
             stop=self._stops(params),
             include_stop_str_in_output=True,
             skip_special_tokens=False,
             spaces_between_special_tokens=False,
-            ignore_eos=True,
+            ignore_eos=structured is None,
             logprobs=params.top_logprobs,
             prompt_logprobs=0 if params.prompt_logprobs else None,
             presence_penalty=params.presence_penalty,
