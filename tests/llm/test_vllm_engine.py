@@ -178,20 +178,20 @@ def test_weights_swap_in_place_under_load_and_a_full_wait_list_answers_429(engin
     (before,), _ = generate(engine, ids, temperature=0.0, max_new_tokens=16, stop_strings=("@@@",))
     original = engine.get_weights()
     name = "model.norm.weight"
-    long = GenerationParams(temperature=1.0, max_new_tokens=48, stop_strings=("@@@",))
+    long = GenerationParams(temperature=1.0, max_new_tokens=64, min_new_tokens=64)
 
     async def swap_under_load() -> list[Any]:
         loads = [asyncio.ensure_future(engine.generate(ids, long)) for _ in range(16)]
-        await asyncio.sleep(0.3)
-        assert engine.unfinished_requests() > 0
+        while engine.unfinished_requests() == 0:  # swap as soon as vLLM holds them
+            await asyncio.sleep(0.002)
         await asyncio.to_thread(engine.set_weights, {name: -original[name]}, 1)
         return await asyncio.gather(*loads, return_exceptions=True)
 
     try:
         answers = asyncio.run(swap_under_load())
         assert [a for a in answers if isinstance(a, BaseException)] == []
-        assert {version for _, version in answers} <= {0, 1}
-        assert all(0 < len(samples[0].completion_ids) <= 48 for samples, _ in answers)
+        assert 1 in {version for _, version in answers} <= {0, 1}  # some were in flight across the swap
+        assert all(len(samples[0].completion_ids) == 64 for samples, _ in answers)
         (after,), version = generate(engine, ids, temperature=0.0, max_new_tokens=16, stop_strings=("@@@",))
         assert version == after.model_version == engine.version == 1
         assert after.completion_ids != before.completion_ids
