@@ -1,0 +1,467 @@
+"""The vLLM engine of an LLM policy: vLLM's V1 ``AsyncLLM`` behind ``LLMEngine``'s interface.
+
+vLLM schedules (continuous batching, paged KV cache, prefix caching, chunked prefill); this
+module maps ``GenerationParams`` to vLLM's ``SamplingParams`` and vLLM's outputs back to
+``Sample``s, and adds what vLLM lacks: a bounded wait list (``QueueFull``), the name of the stop
+string that ended each sample, beam search and diverse beam search (our ``group_beam_search`` on
+vLLM's per-step log-probs), and versioned in-place weight updates.
+
+vLLM runs on its own event loop in a thread of this process (its engine core is a separate
+process), so the engine answers callers on any loop or thread: the async methods hop onto that
+loop, and a cancelled caller cancels (and aborts) its vLLM request.
+
+Log-probs are vLLM's ``raw_logprobs``: those of the model's raw distribution (before temperature,
+top-p, penalties and bias), as ``Generator.log_probs`` computes them by teacher forcing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import dataclasses
+import json
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Coroutine, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, TypeVar
+
+import torch
+from safetensors.torch import load_file, save, save_file
+from transformers import AutoConfig, AutoTokenizer
+from vllm import SamplingParams, TokensPrompt
+from vllm.config import StructuredOutputsConfig
+from vllm.engine.arg_utils import AsyncEngineArgs
+from vllm.lora.request import LoRARequest
+from vllm.outputs import CompletionOutput, RequestOutput
+from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
+from vllm.v1.engine.async_llm import AsyncLLM
+
+from policy_server.errors import InvalidRequest, QueueFull
+from policy_server.llm.diverse_beam import group_beam_search
+from policy_server.llm.engine import BatchObserver, BatchReport
+from policy_server.llm.generation import (
+    LENGTH_PENALTY,
+    MIN_BEAMS,
+    FinishReason,
+    GenerationParams,
+    Sample,
+    SampleChunk,
+    _from_hypothesis,
+)
+from policy_server.llm.stopping import StopMatcher
+from policy_server.schema.llm import LLMPolicySpec
+from policy_server.weights import check_weights
+
+T = TypeVar("T")
+
+CPU_KV_CACHE_BYTES = 256 << 20
+"""KV cache of an engine on CPU (vLLM's default share of memory is refused on a small machine)."""
+MIN_MAX_LOGPROBS = 20
+"""vLLM's default ``max_logprobs`` (OpenAI's ``top_logprobs`` goes up to 20)."""
+ADAPTER_FILE = "adapter_model.safetensors"
+WORKER_EXTENSION = "policy_server.llm.vllm_worker.WeightLoader"
+
+
+class _Loop:
+    """An event loop in a daemon thread: vLLM's ``AsyncLLM`` lives and is called on it."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="vllm-engine", daemon=True)
+        self.thread.start()
+
+    def submit(self, coro: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop)
+
+    async def call(self, coro: Coroutine[Any, Any, T]) -> T:
+        """Await ``coro`` on the engine loop from another loop; cancelling the caller cancels it."""
+        return await asyncio.wrap_future(self.submit(coro))
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(timeout=30)
+
+
+def engine_args(spec: LLMPolicySpec, folder: Path, adapter: Path | None, device: str,
+                kv_cache_bytes: int = CPU_KV_CACHE_BYTES) -> AsyncEngineArgs:
+    """vLLM's engine arguments for a policy folder: prefix caching and chunked prefill on, raw log-probs,
+    a context of at most ``max_input_length + max_new_tokens``, eager mode and a fixed KV cache on CPU."""
+    config = AutoConfig.from_pretrained(folder, local_files_only=True).get_text_config()
+    limits = spec.limits
+    context = limits.max_input_length + limits.max_new_tokens
+    positions = getattr(config, "max_position_embeddings", None)
+    on_cpu = device != "cuda"
+    lora: dict[str, Any] = {}
+    if adapter is not None:
+        rank = json.loads((adapter / "adapter_config.json").read_text())["r"]
+        lora = {"enable_lora": True, "max_lora_rank": max(8, rank), "max_loras": 2}
+    return AsyncEngineArgs(
+        model=str(folder),
+        tokenizer=str(folder),
+        dtype=spec.dtype,
+        max_model_len=min(context, positions) if positions else context,
+        enable_prefix_caching=True,
+        enable_chunked_prefill=True,
+        enforce_eager=on_cpu,
+        kv_cache_memory_bytes=kv_cache_bytes if on_cpu else None,
+        logprobs_mode="raw_logprobs",
+        max_logprobs=max(MIN_MAX_LOGPROBS, 2 * limits.max_num_samples),
+        worker_extension_cls=WORKER_EXTENSION,
+        disable_log_stats=True,
+        # structured outputs as compact JSON: small models otherwise loop on whitespace until their limit
+        structured_outputs_config=StructuredOutputsConfig(backend="xgrammar", disable_any_whitespace=True),
+        **lora,
+    )
+
+
+class VLLMEngine:
+    """A policy LM on vLLM: ``generate``, ``stream`` and versioned ``set_weights`` (see the module docstring).
+
+    ``set_weights`` takes some or all of the served weights (checkpoint names, or a LoRA adapter's
+    names for a policy with an adapter), checks them like ``weights.VersionedWeights``, and loads
+    the whole set into vLLM's workers in place: generation pauses between two scheduler steps,
+    the weights load, caches computed with the old weights are dropped, and the requests in flight
+    go on (each sample names the version in force when it finished). An adapter is swapped for a
+    new vLLM ``LoRARequest`` per version (not merged).
+    """
+
+    partial_updates = True
+
+    def __init__(
+        self, spec: LLMPolicySpec, folder: Path, adapter: Path | None, device: str,
+        on_batch: BatchObserver | None = None, kv_cache_bytes: int = CPU_KV_CACHE_BYTES,
+    ) -> None:
+        self.spec = spec
+        self.on_batch = on_batch
+        self.version = 0
+        self.tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+        self.vocab_size: int = AutoConfig.from_pretrained(folder, local_files_only=True).get_text_config().vocab_size
+        self._lock = threading.Lock()  # one weight update at a time
+        self._active = 0  # requests in vLLM (counted on the engine loop)
+        self._adapter_dir = tempfile.TemporaryDirectory(prefix="policy-server-vllm-lora-") if adapter else None
+        self._adapter_config = adapter / "adapter_config.json" if adapter else None
+        self._weights = _read_weights(adapter if adapter else folder)
+        self._lora = LoRARequest("v0", 1, str(adapter)) if adapter else None
+        args = engine_args(spec, folder, adapter, device, kv_cache_bytes)
+        self._loop = _Loop()
+        self.llm: AsyncLLM = self._loop.submit(_start(args)).result()
+        self.max_model_len: int = self.llm.model_config.max_model_len
+
+    # ---- generation -------------------------------------------------------------------------
+
+    async def generate(self, prompt_ids: list[int], params: GenerationParams) -> tuple[list[Sample], int]:
+        """``num_samples`` samples for one prompt, and the version of the weights that made them.
+
+        Raises ``QueueFull`` when ``limits.max_queued`` requests are in the engine, ``InvalidRequest``
+        for ``safe_logits``, ``ValueError`` for a prompt that leaves no room to generate.
+        """
+        self._check(prompt_ids, params)
+        if params.strategy != "temperature":
+            samples = await self._loop.call(self._beam(prompt_ids, params))
+        else:
+            samples = await self._loop.call(self._sample(prompt_ids, params))
+        return samples, samples[0].model_version
+
+    async def stream(self, prompt_ids: list[int], params: GenerationParams) -> AsyncIterator[SampleChunk]:
+        """The samples of ``generate`` chunk by chunk; closing the iterator aborts the vLLM request.
+        Beam strategies yield each sample whole once the search ends."""
+        self._check(prompt_ids, params)
+        if params.strategy != "temperature":
+            samples, _ = await self.generate(prompt_ids, params)
+            for index, s in enumerate(samples):
+                yield SampleChunk(index, s.completion_ids, s.log_probs, s.top_logprobs, s.finish_reason,
+                                  s.stop_string, s.model_version)
+            return
+        chunks = self._chunks(prompt_ids, params)
+        try:
+            while (chunk := await self._loop.call(_next(chunks))) is not None:
+                yield chunk
+        finally:
+            await self._loop.call(_close(chunks))
+
+    def _check(self, prompt_ids: list[int], params: GenerationParams) -> None:
+        if params.safe_logits:
+            raise InvalidRequest.at(
+                "body.safe_logits",
+                "the vllm engine cannot replace non-finite logits; use the transformers engine "
+                "(llm.policy.engine: transformers) for safe_logits",
+            )
+        if not prompt_ids:
+            raise ValueError("the prompt is empty; give at least one token")
+        if len(prompt_ids) >= self.max_model_len:
+            raise ValueError(
+                f"the prompt has {len(prompt_ids)} tokens; the engine takes at most {self.max_model_len} "
+                "positions, leaving no room to generate: shorten the prompt"
+            )
+
+    @contextmanager
+    def _admitted(self) -> Iterator[None]:
+        """Count a request in the engine; ``QueueFull`` when ``max_queued`` are in already."""
+        limit = self.spec.limits.max_queued
+        if self._active >= limit:
+            raise QueueFull(f"{limit} generation requests are waiting; retry shortly")
+        self._active += 1
+        try:
+            yield
+        finally:
+            self._active -= 1
+
+    async def _sample(self, prompt_ids: list[int], params: GenerationParams) -> list[Sample]:
+        started = time.perf_counter()
+        with self._admitted():
+            final: RequestOutput | None = None
+            sampling = self._sampling_params(params, len(prompt_ids), RequestOutputKind.FINAL_ONLY)
+            async for final in self._request(prompt_ids, sampling):
+                pass
+        assert final is not None
+        version = self.version
+        prompt_lps = _prompt_logprobs(prompt_ids, final) if params.prompt_logprobs else None
+        samples = [self._to_sample(prompt_ids, out, params, version, prompt_lps)
+                   for out in sorted(final.outputs, key=lambda o: o.index)]
+        self._report(samples, time.perf_counter() - started, version)
+        return samples
+
+    async def _chunks(self, prompt_ids: list[int], params: GenerationParams) -> AsyncIterator[SampleChunk]:
+        started = time.perf_counter()
+        tokens = 0
+        with self._admitted():
+            sampling = self._sampling_params(params, len(prompt_ids), RequestOutputKind.DELTA)
+            async for output in self._request(prompt_ids, sampling):
+                for out in output.outputs:
+                    s = self._to_sample(prompt_ids, out, params, self.version, None)
+                    tokens += len(s.completion_ids)
+                    finish = s.finish_reason if out.finish_reason is not None else None
+                    yield SampleChunk(out.index, s.completion_ids, s.log_probs, s.top_logprobs, finish,
+                                      s.stop_string if finish else None, s.model_version)
+        if self.on_batch is not None:
+            self.on_batch(BatchReport(1, tokens, time.perf_counter() - started,
+                                      self.llm.get_num_unfinished_requests(), self.version))
+
+    def _request(self, prompt_ids: list[int], sampling: SamplingParams) -> AsyncIterator[RequestOutput]:
+        # vLLM aborts the request when this generator is closed or its task cancelled
+        return self.llm.generate(TokensPrompt(prompt_token_ids=prompt_ids), sampling, uuid.uuid4().hex,
+                                 lora_request=self._lora)
+
+    def _stops(self, params: GenerationParams) -> list[str]:
+        stops = params.stop_strings if params.stop_strings is not None else (self.spec.step_token, self.spec.end_token)
+        return list(dict.fromkeys((*stops, self.spec.end_token)))
+
+    def _sampling_params(self, params: GenerationParams, prompt_len: int, kind: RequestOutputKind) -> SamplingParams:
+        structured = None
+        if params.structured is not None:
+            structured = (
+                StructuredOutputsParams(json=params.structured.json_schema)
+                if params.structured.kind == "json_schema"
+                else StructuredOutputsParams(json_object=True)
+            )
+        return SamplingParams(
+            n=params.num_samples,
+            temperature=params.temperature,
+            top_p=params.top_p,
+            seed=params.seed,
+            max_tokens=min(params.max_new_tokens, self.max_model_len - prompt_len),
+            min_tokens=params.min_new_tokens,
+            # our stop strings, matched on text with special tokens (the step and end tokens) spelled out;
+            # the model's eos stops nothing unless it is one of them, as in the transformers engine,
+            # except where a grammar ends: structured outputs end on eos
+            stop=self._stops(params),
+            include_stop_str_in_output=True,
+            skip_special_tokens=False,
+            spaces_between_special_tokens=False,
+            ignore_eos=structured is None,
+            logprobs=params.top_logprobs,
+            prompt_logprobs=0 if params.prompt_logprobs else None,
+            presence_penalty=params.presence_penalty,
+            frequency_penalty=params.frequency_penalty,
+            logit_bias=dict(params.logit_bias) or None,
+            structured_outputs=structured,
+            output_kind=kind,
+        )
+
+    def _to_sample(self, prompt_ids: list[int], out: CompletionOutput, params: GenerationParams, version: int,
+                   prompt_lps: list[float | None] | None) -> Sample:
+        token_ids = list(out.token_ids)
+        entries = out.logprobs or []
+        log_probs = [entry[token].logprob for token, entry in zip(token_ids, entries)]
+        k = params.top_logprobs
+        top = ([{t: lp.logprob for t, lp in entry.items() if lp.rank is not None and lp.rank <= k} for entry in entries]
+               if k else None)
+        reason: FinishReason = "stop" if out.finish_reason == "stop" else "length"
+        stop_string = None
+        if reason == "stop":
+            stop_string = out.stop_reason if isinstance(out.stop_reason, str) else self._stop_named(token_ids, params)
+        return Sample(list(prompt_ids), token_ids, log_probs, reason, stop_string, model_version=version,
+                      top_logprobs=top, prompt_logprobs=prompt_lps)
+
+    def _stop_named(self, token_ids: list[int], params: GenerationParams) -> str | None:
+        """The stop string a sample that vLLM stopped on a token ends with (or that token's text)."""
+        found = StopMatcher(self.tokenizer, tuple(self._stops(params)))(token_ids)
+        return found if found is not None else self.tokenizer.decode(token_ids[-1:], skip_special_tokens=False)
+
+    def _report(self, samples: list[Sample], seconds: float, version: int) -> None:
+        if self.on_batch is not None:
+            tokens = sum(len(s.completion_ids) for s in samples)
+            self.on_batch(BatchReport(1, tokens, seconds, self.llm.get_num_unfinished_requests(), version))
+
+    # ---- beam strategies --------------------------------------------------------------------
+
+    async def _beam(self, prompt_ids: list[int], params: GenerationParams) -> list[Sample]:
+        """Beam search (one group, no penalty, as the transformers engine) and diverse beam search:
+        ``group_beam_search`` on the top log-probs of one-token vLLM requests, one per beam and step
+        (prefix caching makes each request's re-prefill cheap)."""
+        if params.strategy == "beam_search":
+            groups, size, penalty = 1, max(params.num_samples, MIN_BEAMS), 0.0
+        else:
+            groups, size, penalty = params.groups, params.num_samples // params.groups, params.diversity_penalty
+        # a token that can enter a group's 2B best after the Hamming penalty is among a row's
+        # 2B + (penalised tokens of earlier groups) best
+        k = min(self.vocab_size, 2 * size + (groups - 1) * size)
+        limit = min(params.max_new_tokens, self.max_model_len - len(prompt_ids))
+        width = groups * size
+        loop = asyncio.get_running_loop()
+        started = time.perf_counter()
+        with self._admitted():
+            first = await self._next_log_probs([prompt_ids], k)
+            rows: list[list[int]] = [[] for _ in range(width)]
+
+            def advance(parents: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                nonlocal rows
+                rows = [rows[p] + [t] for p, t in zip(parents.tolist(), tokens.tolist())]
+                future = asyncio.run_coroutine_threadsafe(
+                    self._next_log_probs([prompt_ids + r for r in rows], k), loop)
+                return future.result(), torch.zeros(width, dtype=torch.long)
+
+            stop = StopMatcher(self.tokenizer, tuple(self._stops(params)))
+            found = await asyncio.to_thread(
+                group_beam_search, first.expand(width, -1).clone(), torch.zeros(width, dtype=torch.long), advance,
+                num_groups=groups, group_size=size, max_new_tokens=[limit], stop=stop,
+                diversity_penalty=penalty, length_penalty=LENGTH_PENALTY,
+            )
+        version = self.version
+        samples = [dataclasses.replace(_from_hypothesis(list(prompt_ids), h), model_version=version)
+                   for h in found[0][: params.num_samples]]
+        self._report(samples, time.perf_counter() - started, version)
+        return samples
+
+    async def _next_log_probs(self, prefixes: list[list[int]], k: int) -> torch.Tensor:
+        """(R, V) float32 raw log-probs of the token after each prefix: its ``k`` best, -inf elsewhere."""
+        sampling = SamplingParams(max_tokens=1, temperature=0.0, logprobs=k, ignore_eos=True,
+                                  output_kind=RequestOutputKind.FINAL_ONLY)
+
+        async def one(prefix: list[int]) -> dict[int, float]:
+            final: RequestOutput | None = None
+            async for final in self._request(prefix, sampling):
+                pass
+            assert final is not None and final.outputs[0].logprobs
+            return {t: lp.logprob for t, lp in final.outputs[0].logprobs[0].items()}
+
+        found = await asyncio.gather(*(one(p) for p in prefixes))
+        out = torch.full((len(prefixes), self.vocab_size), float("-inf"))
+        for row, entry in enumerate(found):
+            out[row, list(entry)] = torch.tensor(list(entry.values()))
+        return out
+
+    # ---- weights ----------------------------------------------------------------------------
+
+    def set_weights(self, weights: dict[str, Any], version: int) -> int:
+        """Load new values for some or all weights in place and move to ``version``; returns it.
+
+        Raises ValueError, changing nothing, when a name is unknown, a shape or dtype kind differs,
+        or a value is NaN or infinite. Blocks until vLLM has the weights: call it off the caller's
+        event loop (``await asyncio.to_thread(engine.set_weights, ...)``).
+        """
+        with self._lock:
+            given = {_adapter_name(n): v for n, v in weights.items()} if self._lora else weights
+            merged = {**self._weights, **check_weights(self._weights, given, partial=True)}
+            self._loop.submit(self._load(merged, version)).result()
+            self._weights = merged
+            self.version = version
+        return version
+
+    async def _load(self, weights: dict[str, torch.Tensor], version: int) -> None:
+        """Pause vLLM's scheduler (requests in flight wait), load, drop stale caches, resume."""
+        lora = self._new_adapter(weights, version) if self._lora else None
+        await self.llm.pause_generation(mode="keep", clear_cache=True)
+        try:
+            if lora is not None:
+                await self.llm.add_lora(lora)
+                old, self._lora = self._lora, lora
+                if old is not None:
+                    await self.llm.remove_lora(old.lora_int_id)
+            else:
+                await self.llm.collective_rpc("load_safetensors", args=(save(weights),))
+        finally:
+            await self.llm.resume_generation()
+
+    def _new_adapter(self, weights: dict[str, torch.Tensor], version: int) -> LoRARequest:
+        assert self._adapter_dir is not None and self._adapter_config is not None
+        folder = Path(self._adapter_dir.name) / f"v{version}-{uuid.uuid4().hex[:8]}"
+        folder.mkdir()
+        (folder / "adapter_config.json").write_text(self._adapter_config.read_text())
+        save_file({n: t.contiguous() for n, t in weights.items()}, str(folder / ADAPTER_FILE))
+        return LoRARequest(f"v{version}-{folder.name}", _lora_id(), str(folder))
+
+    def snapshot(self) -> tuple[dict[str, Any], int]:
+        """The served weights (checkpoint or adapter names) as numpy arrays, and their version."""
+        with self._lock:
+            return {n: t.float().numpy().copy() if t.dtype == torch.bfloat16 else t.numpy().copy()
+                    for n, t in self._weights.items()}, self.version
+
+    def get_weights(self) -> dict[str, Any]:
+        return self.snapshot()[0]
+
+    def unfinished_requests(self) -> int:
+        """Requests vLLM holds now (waiting or running)."""
+        return self.llm.get_num_unfinished_requests()
+
+    def close(self) -> None:
+        """Shut vLLM's engine core down and stop the engine loop."""
+        self._loop.submit(_shutdown(self.llm)).result(timeout=60)
+        self._loop.close()
+        if self._adapter_dir is not None:
+            self._adapter_dir.cleanup()
+
+
+async def _start(args: AsyncEngineArgs) -> AsyncLLM:
+    return AsyncLLM.from_engine_args(args)
+
+
+async def _shutdown(llm: AsyncLLM) -> None:
+    llm.shutdown()
+
+
+async def _next(chunks: AsyncIterator[SampleChunk]) -> SampleChunk | None:
+    return await anext(chunks, None)
+
+
+async def _close(chunks: AsyncIterator[SampleChunk]) -> None:
+    await chunks.aclose()  # type: ignore[attr-defined]
+
+
+_lora_ids = iter(range(2, 2**31))
+
+
+def _lora_id() -> int:
+    return next(_lora_ids)
+
+
+def _read_weights(folder: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a folder's safetensors files, by checkpoint name (the master copy updates merge into)."""
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise ValueError(f"{folder} holds no .safetensors weights; the vllm engine updates weights from them")
+    return {name: t for f in files for name, t in load_file(f).items()}
+
+
+def _adapter_name(name: str) -> str:
+    """A peft parameter name (``...lora_A.default.weight``) as its adapter file names it (``...lora_A.weight``)."""
+    return name.replace(".default.", ".")
+
+
+def _prompt_logprobs(prompt_ids: list[int], output: RequestOutput) -> list[float | None]:
+    entries = output.prompt_logprobs or []
+    return [None if entry is None else entry[token].logprob for token, entry in zip(prompt_ids, entries)]

@@ -1,0 +1,237 @@
+"""VLLMEngine on the tiny Llama: one real vLLM engine (CPU) for the whole module, few fat tests.
+
+Run under ``flock /tmp/ray.lock``: a vLLM engine is as heavy as a Ray session on this machine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import jsonschema
+import numpy as np
+import pytest
+import torch
+
+from policy_server.errors import InvalidRequest, QueueFull
+from policy_server.llm.engine import BatchReport
+from policy_server.llm.engines import open_policy_engine
+from policy_server.llm.generation import GenerationParams, Generator, Sample, StructuredOutput
+from policy_server.llm.models import load_policy
+from policy_server.schema.llm import LLMPolicySpec
+
+if TYPE_CHECKING:  # importing vLLM at collection would hit the DeprecationWarning below outside its filter
+    from policy_server.llm.vllm_engine import VLLMEngine
+
+# vLLM's import runs torch.compile, which imports torch.utils.mkldnn and its deprecated torch.jit.script_method
+pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
+
+MAX_QUEUED = 20
+TOLERANCE = 1e-4
+
+
+@pytest.fixture(scope="module")
+def reports() -> list[BatchReport]:
+    return []
+
+
+@pytest.fixture(scope="module")
+def engine(llm_dirs: dict[str, Path], reports: list[BatchReport]) -> Iterator[Any]:
+    spec = LLMPolicySpec(path=llm_dirs["policy"], limits={"max_new_tokens": 64, "max_queued": MAX_QUEUED})
+    opened = open_policy_engine(spec, llm_dirs["policy"], None, "cpu", on_batch=reports.append)
+    assert type(opened).__name__ == "VLLMEngine"
+    yield opened
+    opened.close()
+
+
+@pytest.fixture(scope="module")
+def teacher(llm_dirs: dict[str, Path]) -> Generator:
+    """The same model on transformers, for teacher-forced log-probs and beam search."""
+    return Generator(load_policy(llm_dirs["policy"], dtype="float32", device="cpu"))
+
+
+def prompt(engine: VLLMEngine, question: str = "What is 2 + 3?") -> list[int]:
+    text = engine.tokenizer.apply_chat_template(
+        [{"role": "user", "content": question}], add_generation_prompt=True, tokenize=False
+    )
+    return list(engine.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def generate(engine: VLLMEngine, ids: list[int], **params: Any) -> tuple[list[Sample], int]:
+    return asyncio.run(engine.generate(ids, GenerationParams(**params)))
+
+
+def full_log_probs(teacher: Generator, ids: list[int]) -> torch.Tensor:
+    """(len(ids), V) log-probs of the token after each prefix of ``ids`` (teacher forcing)."""
+    with torch.inference_mode():
+        logits = teacher.model(input_ids=torch.tensor([ids]), use_cache=False).logits[0].float()
+    return torch.log_softmax(logits, -1)
+
+
+def test_samples_carry_raw_log_probs_stops_seeds_and_versions(
+    engine: VLLMEngine, teacher: Generator, reports: list[BatchReport]
+) -> None:
+    ids = prompt(engine)
+    samples, version = generate(engine, ids, num_samples=4, temperature=1.0, max_new_tokens=40, seed=11)
+    assert len(samples) == 4 and version == 0
+    assert len({tuple(s.completion_ids) for s in samples}) > 1
+    for s in samples:
+        assert s.prompt_ids == ids and s.model_version == 0
+        assert len(s.log_probs) == len(s.completion_ids) > 0
+        np.testing.assert_allclose(s.log_probs, teacher.log_probs(ids, s.completion_ids), atol=TOLERANCE)
+        if s.finish_reason == "stop":  # the default stops: the step and end tokens, their tokens kept
+            assert s.stop_string in (engine.spec.step_token, engine.spec.end_token)
+            assert s.text(engine.tokenizer, skip_special_tokens=False).endswith(s.stop_string)
+        else:
+            assert s.stop_string is None and len(s.completion_ids) == 40
+    again, _ = generate(engine, ids, num_samples=4, temperature=1.0, max_new_tokens=40, seed=11)
+    assert [s.completion_ids for s in again] == [s.completion_ids for s in samples]
+    assert reports and reports[-1].new_tokens == sum(len(s.completion_ids) for s in again)
+
+    # a stop string inside the greedy text ends the sample on the token that completes it
+    (greedy,), _ = generate(engine, ids, temperature=0.0, max_new_tokens=24, stop_strings=("@@",))
+    text = greedy.text(engine.tokenizer, skip_special_tokens=False)
+    stop = text[3:5]
+    (stopped,), _ = generate(engine, ids, temperature=0.0, max_new_tokens=24, stop_strings=(stop, "@@"))
+    assert stopped.finish_reason == "stop" and stopped.stop_string == stop
+    assert stopped.completion_ids == greedy.completion_ids[: len(stopped.completion_ids)]
+    stopped_text = stopped.text(engine.tokenizer, skip_special_tokens=False)
+    assert stop in stopped_text and stop not in engine.tokenizer.decode(
+        stopped.completion_ids[:-1], skip_special_tokens=False
+    )
+
+    with pytest.raises(InvalidRequest, match="safe_logits") as refused:
+        generate(engine, ids, safe_logits=True)
+    assert refused.value.fields[0].field == "body.safe_logits"
+
+
+def test_top_and_prompt_log_probs_are_the_models(engine: VLLMEngine, teacher: Generator) -> None:
+    ids = prompt(engine, "Tom has 3 apples and buys 4 more. How many?")
+    (s,), _ = generate(engine, ids, temperature=0.0, max_new_tokens=12, top_logprobs=3, prompt_logprobs=True)
+    full = full_log_probs(teacher, ids + s.completion_ids)
+    assert s.top_logprobs is not None and len(s.top_logprobs) == len(s.completion_ids)
+    for t, (token, top) in enumerate(zip(s.completion_ids, s.top_logprobs)):
+        expected = full[len(ids) - 1 + t].topk(3)
+        assert token in top and len(top) == 3
+        assert sorted(top) == sorted(expected.indices.tolist())
+        np.testing.assert_allclose(sorted(top.values()), sorted(expected.values.tolist()), atol=TOLERANCE)
+    assert s.prompt_logprobs is not None and s.prompt_logprobs[0] is None
+    expected_prompt = full[: len(ids) - 1].gather(-1, torch.tensor(ids[1:])[:, None]).squeeze(-1)
+    np.testing.assert_allclose(s.prompt_logprobs[1:], expected_prompt.tolist(), atol=TOLERANCE)
+
+
+def test_structured_output_follows_the_json_schema(engine: VLLMEngine) -> None:
+    schema = {"type": "object", "properties": {"answer": {"enum": ["yes", "no", "maybe"]}}, "required": ["answer"],
+              "additionalProperties": False}
+    structured = StructuredOutput("json_schema", json.dumps(schema))
+    samples, _ = generate(engine, prompt(engine), num_samples=3, temperature=1.0, seed=3, max_new_tokens=64,
+                          structured=structured)
+    for s in samples:
+        text = s.text(engine.tokenizer)
+        assert s.finish_reason == "stop", text
+        jsonschema.validate(json.loads(text), schema)
+    # no step-token stop: it could end a JSON string early
+    (obj,), _ = generate(engine, prompt(engine), temperature=0.0, max_new_tokens=64, stop_strings=(),
+                         structured=StructuredOutput("json_object"))
+    text = obj.text(engine.tokenizer)
+    assert obj.finish_reason == "stop", text
+    assert isinstance(json.loads(text), dict)
+
+
+def test_stream_concatenates_to_the_sample_and_closing_it_aborts(engine: VLLMEngine) -> None:
+    ids = prompt(engine)
+    params = GenerationParams(num_samples=2, temperature=1.0, seed=5, max_new_tokens=32, top_logprobs=2)
+
+    async def collect() -> list[list[Any]]:
+        chunks = [c async for c in engine.stream(ids, params)]
+        return [[c for c in chunks if c.index == i] for i in range(2)]
+
+    by_sample = asyncio.run(collect())
+    samples, _ = generate(engine, ids, num_samples=2, temperature=1.0, seed=5, max_new_tokens=32, top_logprobs=2)
+    for chunks, s in zip(by_sample, samples):
+        assert len(chunks) > 1 and all(c.finish_reason is None for c in chunks[:-1])
+        assert [t for c in chunks for t in c.token_ids] == s.completion_ids
+        assert [x for c in chunks for x in c.log_probs] == s.log_probs
+        assert [x for c in chunks for x in c.top_logprobs or []] == s.top_logprobs
+        assert (chunks[-1].finish_reason, chunks[-1].stop_string) == (s.finish_reason, s.stop_string)
+
+    async def close_early() -> int:
+        stream = engine.stream(ids, GenerationParams(temperature=1.0, max_new_tokens=64, stop_strings=("@@@",)))
+        await anext(stream)
+        running = engine.unfinished_requests()
+        await stream.aclose()  # type: ignore[attr-defined]
+        return running
+
+    assert asyncio.run(close_early()) == 1
+    deadline = time.monotonic() + 10
+    while engine.unfinished_requests() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert engine.unfinished_requests() == 0
+
+
+def test_weights_swap_in_place_under_load_and_a_full_wait_list_answers_429(engine: VLLMEngine) -> None:
+    ids = prompt(engine)
+    (before,), _ = generate(engine, ids, temperature=0.0, max_new_tokens=16, stop_strings=("@@@",))
+    original = engine.get_weights()
+    name = "model.norm.weight"
+    long = GenerationParams(temperature=1.0, max_new_tokens=64, min_new_tokens=64)
+
+    async def swap_under_load() -> list[Any]:
+        loads = [asyncio.ensure_future(engine.generate(ids, long)) for _ in range(16)]
+        while engine.unfinished_requests() == 0:  # swap as soon as vLLM holds them
+            await asyncio.sleep(0.002)
+        await asyncio.to_thread(engine.set_weights, {name: -original[name]}, 1)
+        return await asyncio.gather(*loads, return_exceptions=True)
+
+    try:
+        answers = asyncio.run(swap_under_load())
+        assert [a for a in answers if isinstance(a, BaseException)] == []
+        assert 1 in {version for _, version in answers} <= {0, 1}  # some were in flight across the swap
+        assert all(len(samples[0].completion_ids) == 64 for samples, _ in answers)
+        (after,), version = generate(engine, ids, temperature=0.0, max_new_tokens=16, stop_strings=("@@@",))
+        assert version == after.model_version == engine.version == 1
+        assert after.completion_ids != before.completion_ids
+
+        with pytest.raises(ValueError, match="NaN or infinite"):
+            engine.set_weights({name: np.full_like(original[name], np.nan)}, 2)
+        with pytest.raises(ValueError, match="unknown"):
+            engine.set_weights({"no.such.weight": original[name]}, 2)
+        assert engine.version == 1
+    finally:
+        assert engine.set_weights({name: original[name]}, 2) == 2
+    (restored,), version = generate(engine, ids, temperature=0.0, max_new_tokens=16, stop_strings=("@@@",))
+    assert (restored.completion_ids, version) == (before.completion_ids, 2)
+    np.testing.assert_allclose(restored.log_probs, before.log_probs, atol=TOLERANCE)
+
+    async def flood() -> list[Any]:
+        calls = [engine.generate(ids, long) for _ in range(MAX_QUEUED + 4)]
+        return await asyncio.gather(*calls, return_exceptions=True)
+
+    answers = asyncio.run(flood())
+    refused = [a for a in answers if isinstance(a, QueueFull)]
+    assert len(refused) == 4 and refused[0].status == 429 and refused[0].retry_after_s == 1
+    assert sum(isinstance(a, tuple) for a in answers) == MAX_QUEUED
+
+
+def test_beam_search_scores_teacher_forced_log_probs_and_one_group_equals_it(
+    engine: VLLMEngine, teacher: Generator
+) -> None:
+    ids = prompt(engine, "Tom has 3 apples and buys 4 more. How many?")
+    beam, _ = generate(engine, ids, num_samples=2, strategy="beam_search", max_new_tokens=10)
+    one_group, _ = generate(engine, ids, num_samples=2, strategy="diverse_beam_search", num_beam_groups=1,
+                            max_new_tokens=10, diversity_penalty=2.0)
+    assert [(s.completion_ids, s.score) for s in one_group] == [(s.completion_ids, s.score) for s in beam]
+    diverse, _ = generate(engine, ids, num_samples=4, strategy="diverse_beam_search", num_beam_groups=2,
+                          diversity_penalty=1.0, max_new_tokens=8)
+    assert len(diverse) == 4 and len({tuple(s.completion_ids) for s in diverse}) > 1
+    for s in beam + diverse:
+        forced = teacher.log_probs(ids, s.completion_ids)
+        np.testing.assert_allclose(s.log_probs, forced, atol=TOLERANCE)
+        assert s.score is not None and s.model_version == engine.version
+    for s in beam:  # plain beam search: the summed log-prob over the length (length penalty 1)
+        assert s.score == pytest.approx(sum(s.log_probs) / len(s.log_probs), abs=TOLERANCE)
+    assert beam[0].score >= beam[1].score
