@@ -320,7 +320,10 @@ def llm_schema(llm_dirs: dict[str, Path], **limits: Any) -> dict[str, Any]:
     return {
         "parameters": {"api_key": API_KEY},
         "llm": {
-            "policy": {"path": str(llm_dirs["policy"]), "served_name": "tiny", "limits": {"max_new_tokens": 64, **limits}},
+            # the transformers engine: a vLLM engine takes a minute of two cores to start, so the
+            # tests that need it share one per module (tests/gateway/openai, tests/llm/test_vllm_engine.py)
+            "policy": {"path": str(llm_dirs["policy"]), "served_name": "tiny", "engine": "transformers",
+                       "limits": {"max_new_tokens": 64, **limits}},
             "value": {"path": str(llm_dirs["value"])},
         },
     }

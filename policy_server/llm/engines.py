@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from policy_server.devices import resolve_device
 from policy_server.llm.engine import BatchObserver, LLMEngine
 from policy_server.schema.llm import LLMPolicySpec
 
@@ -21,9 +22,10 @@ def open_policy_engine(
     spec: LLMPolicySpec, folder: Path, adapter: Path | None, device: str, on_batch: BatchObserver | None = None
 ) -> LLMEngine | VLLMEngine:
     """The engine of ``spec.engine`` serving the model in ``folder`` (with its LoRA ``adapter``) on ``device``
-    (``"cuda"`` or ``"cpu"``); ``on_batch`` hears each generate call (vLLM: each finished request)."""
+    (``"auto"``: the GPU when torch sees one; ``"cuda"``; ``"cpu"``); ``on_batch`` hears each generate
+    call (vLLM: each finished request). The one place that picks the engine."""
     if spec.engine == "transformers":
         return LLMEngine(spec, folder, adapter, device, on_batch)
     from policy_server.llm.vllm_engine import VLLMEngine
 
-    return VLLMEngine(spec, folder, adapter, device, on_batch)
+    return VLLMEngine(spec, folder, adapter, resolve_device(device).type, on_batch)

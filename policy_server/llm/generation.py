@@ -336,7 +336,7 @@ class Generator:
             length_penalty=LENGTH_PENALTY,
         )
         out = [
-            [_from_hypothesis(prompt, h) for h in hyps[: params.num_samples]]
+            [sample_of_hypothesis(prompt, h) for h in hyps[: params.num_samples]]
             for prompt, hyps in zip(prompts, found)
         ]
         if params.top_logprobs:
@@ -388,6 +388,6 @@ def _copy(s: Sample) -> Sample:
     )
 
 
-def _from_hypothesis(prompt: list[int], h: Hypothesis) -> Sample:
+def sample_of_hypothesis(prompt: list[int], h: Hypothesis) -> Sample:
     reason: FinishReason = "stop" if h.stop_string is not None else "length"
     return Sample(prompt, h.tokens, h.log_probs, reason, h.stop_string, h.nonfinite, h.score)

@@ -48,7 +48,7 @@ class TasksAndSessions:
         except PolicyServerError as exc:  # kept whole: the fetch answers its class, code and status
             self._finish(task_id, error=exc)
             return
-        except Exception as exc:  # noqa: BLE001 - reported to whoever fetches the task
+        except Exception as exc:
             log.exception("task %s failed", task_id)
             self._finish(task_id, error=ModelError(f"the model raised {type(exc).__name__}: {summary(exc)}"))
             return

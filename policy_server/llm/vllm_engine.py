@@ -43,15 +43,8 @@ from vllm.v1.engine.async_llm import AsyncLLM
 from policy_server.errors import InvalidRequest, QueueFull
 from policy_server.llm.diverse_beam import group_beam_search
 from policy_server.llm.engine import BatchObserver, BatchReport
-from policy_server.llm.generation import (
-    LENGTH_PENALTY,
-    MIN_BEAMS,
-    FinishReason,
-    GenerationParams,
-    Sample,
-    SampleChunk,
-    _from_hypothesis,
-)
+from policy_server.llm.generation import LENGTH_PENALTY, MIN_BEAMS, sample_of_hypothesis
+from policy_server.llm.params import FinishReason, GenerationParams, Sample, SampleChunk
 from policy_server.llm.stopping import StopMatcher
 from policy_server.schema.llm import LLMPolicySpec
 from policy_server.weights import check_weights
@@ -342,7 +335,7 @@ class VLLMEngine:
                 diversity_penalty=penalty, length_penalty=LENGTH_PENALTY,
             )
         version = self.version
-        samples = [dataclasses.replace(_from_hypothesis(list(prompt_ids), h), model_version=version)
+        samples = [dataclasses.replace(sample_of_hypothesis(list(prompt_ids), h), model_version=version)
                    for h in found[0][: params.num_samples]]
         self._report(samples, time.perf_counter() - started, version)
         return samples

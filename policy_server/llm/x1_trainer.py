@@ -96,7 +96,7 @@ class X1Trainer:
             self.version += 1
             self._publish(weights, self.version)
             self.last = {**result, "saved": str(saved.name), "model_version": self.version, "error": None}
-        except Exception as exc:  # noqa: BLE001 - the run ends; status reports why
+        except Exception as exc:
             log.exception("x1 %s training failed", self.kind)
             self.last = {"error": f"{type(exc).__name__}: {summary(exc)}"}
 

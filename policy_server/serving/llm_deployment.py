@@ -42,11 +42,11 @@ def _limit_threads(cpus: float) -> None:
 @serve.deployment
 class LLMPolicyDeployment:
     def __init__(self, spec: LLMPolicySpec, device: str) -> None:
-        from policy_server.serving.runtime.local import open_engine
+        from policy_server.llm.engines import open_policy_engine
 
         _limit_threads(spec.resources.num_cpus)
         self.metrics = LLMServingMetrics(spec.model_id, serve.get_replica_context().app_name)
-        self.engine = open_engine(spec, spec.path, spec.adapter, device, on_batch=self.metrics.on_batch)
+        self.engine = open_policy_engine(spec, spec.path, spec.adapter, device, on_batch=self.metrics.on_batch)
 
     async def generate(self, prompt_ids: list[int], params: GenerationParams) -> tuple[list[Sample], int]:
         return await self.engine.generate(prompt_ids, params)

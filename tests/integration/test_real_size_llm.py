@@ -28,7 +28,7 @@ from policy_server.net import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 GB = 1 << 30
-ENGINES = ["transformers"]  # one parameter: the vLLM engine joins this list
+ENGINES = ["transformers", "vllm"]
 START_TIMEOUT_S = 240
 
 

@@ -20,15 +20,15 @@ import torch
 from policy_server.errors import InvalidRequest, QueueFull
 from policy_server.llm.engine import BatchReport
 from policy_server.llm.engines import open_policy_engine
-from policy_server.llm.generation import GenerationParams, Generator, Sample, StructuredOutput
+from policy_server.llm.generation import Generator
 from policy_server.llm.models import load_policy
+from policy_server.llm.params import GenerationParams, Sample, StructuredOutput
 from policy_server.schema.llm import LLMPolicySpec
 
 if TYPE_CHECKING:  # importing vLLM at collection would hit the DeprecationWarning below outside its filter
     from policy_server.llm.vllm_engine import VLLMEngine
 
 # vLLM's import runs torch.compile, which imports torch.utils.mkldnn and its deprecated torch.jit.script_method
-pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
 
 MAX_QUEUED = 20
 TOLERANCE = 1e-4

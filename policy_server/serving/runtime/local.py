@@ -4,7 +4,6 @@ floor). Blocking domain methods run in worker threads; errors come out as ``serv
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -14,7 +13,7 @@ from policy_server.serving.errors import local, local_async, mapped_stream
 from policy_server.serving.runtime.base import Runtime, X1Kind
 
 if TYPE_CHECKING:
-    from policy_server.llm.engine import BatchObserver, LLMEngine, ValueScorer
+    from policy_server.llm.engine import LLMEngine, ValueScorer
     from policy_server.llm.grpo_runs import GRPORuns
     from policy_server.llm.grpo_settings import GRPOSettings
     from policy_server.llm.params import GenerationParams, Sample, SampleChunk
@@ -91,16 +90,6 @@ class LocalPolicyTrainer:
 
     async def checkpoints(self) -> dict[str, Any]:
         return await local(self.trainer.checkpoints)
-
-
-def open_engine(
-    spec: LLMPolicySpec, folder: Path, adapter: Path | None, device: str, on_batch: BatchObserver | None = None
-) -> LLMEngine:
-    """The policy engine of a Serve replica or of the local runtime, loaded from ``folder`` (and
-    its LoRA ``adapter``): the one place that picks the engine."""
-    from policy_server.llm.engine import LLMEngine
-
-    return LLMEngine(spec, folder, adapter, device, on_batch)
 
 
 class LocalLLMModel:
@@ -238,7 +227,9 @@ class LocalRuntime(Runtime):
         return LocalPolicyTrainer(trainer)
 
     async def llm_model(self, spec: LLMPolicySpec) -> LocalLLMModel:
-        self._engine = await local(open_engine, spec, spec.path, spec.adapter, spec.device)
+        from policy_server.llm.engines import open_policy_engine
+
+        self._engine = await local(open_policy_engine, spec, spec.path, spec.adapter, spec.device)
         self._closers.append(self._engine.close)
         return LocalLLMModel(self._engine)
 

@@ -16,7 +16,7 @@ from conftest import API_KEY, llm_schema, running_server
 
 from policy_server.settings import Settings
 
-ENGINES = ["transformers"]  # the vLLM engine joins here
+ENGINES = ["transformers", "vllm"]
 MESSAGES = [{"role": "user", "content": "Hi"}]
 
 
