@@ -137,7 +137,10 @@ class VLLMEngine:
         self._active = 0  # requests in vLLM (counted on the engine loop)
         self._adapter_dir = tempfile.TemporaryDirectory(prefix="policy-server-vllm-lora-") if adapter else None
         self._adapter_config = adapter / "adapter_config.json" if adapter else None
-        self._weights = _read_weights(adapter if adapter else folder)
+        # The master copy that partial updates merge into, read from the folder on the first
+        # update: a replica that is never trained never holds the weights outside vLLM's worker.
+        self._weights_folder = adapter if adapter else folder
+        self._master: dict[str, torch.Tensor] | None = None
         self._lora = LoRARequest("v0", 1, str(adapter)) if adapter else None
         args = engine_args(spec, folder, adapter, device, kv_cache_bytes)
         self._loop = _Loop()
@@ -369,11 +372,18 @@ class VLLMEngine:
         """
         with self._lock:
             given = {_adapter_name(n): v for n, v in weights.items()} if self._lora else weights
-            merged = {**self._weights, **check_weights(self._weights, given, partial=True)}
+            master = self._weights()
+            merged = {**master, **check_weights(master, given, partial=True)}
             self._loop.submit(self._load(merged, version)).result()
-            self._weights = merged
+            self._master = merged
             self.version = version
         return version
+
+    def _weights(self) -> dict[str, torch.Tensor]:
+        """The served weights by checkpoint (or adapter) name; call under ``self._lock``."""
+        if self._master is None:
+            self._master = _read_weights(self._weights_folder)
+        return self._master
 
     async def _load(self, weights: dict[str, torch.Tensor], version: int) -> None:
         """Pause vLLM's scheduler (requests in flight wait), load, drop stale caches, resume."""
@@ -402,7 +412,7 @@ class VLLMEngine:
         """The served weights (checkpoint or adapter names) as numpy arrays, and their version."""
         with self._lock:
             return {n: t.float().numpy().copy() if t.dtype == torch.bfloat16 else t.numpy().copy()
-                    for n, t in self._weights.items()}, self.version
+                    for n, t in self._weights().items()}, self.version
 
     def get_weights(self) -> dict[str, Any]:
         return self.snapshot()[0]

@@ -67,13 +67,14 @@ def peak_rss(process: psutil.Process) -> int:
 
 
 def replicas(gateway: psutil.Process) -> dict[str, int]:
-    """Peak RSS of each Serve replica the gateway's Ray runs, by its process title."""
+    """Peak RSS of each Serve replica the gateway's Ray runs, by its process title, its own
+    processes included (vLLM's engine core, which holds the weights, is a child of the replica)."""
     found = {}
     for child in gateway.children(recursive=True):
         try:
             title = " ".join(child.cmdline())
             if "ServeReplica" in title:
-                found[title.split()[0]] = peak_rss(child)
+                found[title.split()[0]] = peak_rss(child) + sum(peak_rss(p) for p in child.children(recursive=True))
         except (psutil.NoSuchProcess, psutil.AccessDenied, FileNotFoundError):
             continue
     return found
