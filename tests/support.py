@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import subprocess
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import TypeVar
+
+import httpx
 
 T = TypeVar("T")
 Message = str | Callable[[], str]
@@ -46,3 +50,16 @@ async def wait_until_async(predicate: Callable[[], T | Awaitable[T]], timeout: f
 
 def _text(message: Message) -> str:
     return message() if callable(message) else message
+
+
+def wait_ready(proc: subprocess.Popen[bytes], url: str, log: Path, timeout: float = 180.0) -> None:
+    """Poll ``url``/health/ready until it answers 200; fail with the log's end if the server exits
+    or is not ready after ``timeout`` seconds."""
+    def ready() -> bool:
+        assert proc.poll() is None, log.read_text()[-3000:]
+        try:
+            return httpx.get(f"{url}/health/ready").status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    wait_until(ready, timeout, 0.5, lambda: "not ready; log: " + log.read_text()[-3000:])

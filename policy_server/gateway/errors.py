@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request
@@ -177,11 +177,19 @@ def install_error_handlers(app: FastAPI, openai_prefix: str = "/v1/") -> None:
 T = TypeVar("T")
 
 
-def under_body(exc: InvalidRequest) -> InvalidRequest:
+def under_body(exc: InvalidRequest, names: Mapping[str, str] | None = None) -> InvalidRequest:
     """A domain's ``InvalidRequest``, whose fields are named from its own input (``prompt``,
     ``dataset.3.GAE``, ``""`` for the whole input), named from the request body instead
-    (``body.prompt``, ``body.dataset.3.GAE``, ``body``); the message's leading field too."""
-    fields = [FieldError(".".join(filter(None, ("body", f.field))), f.message) for f in exc.fields]
+    (``body.prompt``, ``body.dataset.3.GAE``, ``body``); the message's leading field too.
+    ``names`` renames a field's first part where the request calls it otherwise (``structured`` →
+    ``response_format``); a field already named from the body stays as it is."""
+    def in_body(field: str) -> str:
+        if field == "body" or field.startswith("body."):
+            return field
+        head, _, rest = field.partition(".")
+        return ".".join(filter(None, ("body", (names or {}).get(head, head), rest)))
+
+    fields = [FieldError(in_body(f.field), f.message) for f in exc.fields]
     head = f"{exc.fields[0].field}: " if exc.fields[0].field else ""
     message = exc.message
     if message.startswith(head):

@@ -182,7 +182,7 @@ class VLLMEngine:
     def _check(self, prompt_ids: list[int], params: GenerationParams) -> None:
         if params.safe_logits:
             raise InvalidRequest.at(
-                "body.safe_logits",
+                "safe_logits",
                 "the vllm engine cannot replace non-finite logits; use the transformers engine "
                 "(llm.policy.engine: transformers) for safe_logits",
             )

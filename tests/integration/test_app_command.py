@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import yaml
 from conftest import API_KEY, LPOC_OBS, multi_policy_schema
-from support import wait_until
+from support import wait_ready, wait_until
 from uvicorn.config import LOGGING_CONFIG
 
 from policy_server.net import free_port
@@ -24,18 +24,6 @@ BODY = {
     "has_up_neighbour": True, "is_up_free": True, "has_right_neighbour": True, "is_right_free": True,
     "has_down_neighbour": True, "is_down_free": False, "has_left_neighbour": True, "is_left_free": True,
 }
-
-
-def wait_ready(proc: subprocess.Popen[bytes], url: str, log: Path) -> None:
-    """Poll /health/ready until it answers 200; fail with the log's end if the server exits."""
-    def ready() -> bool:
-        assert proc.poll() is None, log.read_text()[-3000:]
-        try:
-            return httpx.get(f"{url}/health/ready").status_code == 200
-        except httpx.HTTPError:
-            return False
-
-    wait_until(ready, 180, 0.5, "the server did not become ready")
 
 
 def test_uvicorn_app_serves_the_bundled_example_with_metrics_and_stops_cleanly(tmp_path: Path) -> None:

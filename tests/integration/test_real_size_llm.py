@@ -22,7 +22,7 @@ import psutil
 import pytest
 import yaml
 from conftest import API_KEY
-from support import wait_until
+from support import wait_ready
 
 from policy_server.net import free_port
 
@@ -99,15 +99,8 @@ def served(request: pytest.FixtureRequest, big_model: Path, tmp_path: Path) -> I
         )
     url = f"http://127.0.0.1:{port}"
 
-    def ready() -> bool:
-        assert proc.poll() is None, log.read_text()[-3000:]
-        try:
-            return httpx.get(f"{url}/health/ready").status_code == 200
-        except httpx.HTTPError:
-            return False
-
     try:
-        wait_until(ready, START_TIMEOUT_S, 0.5, lambda: "not ready; log: " + log.read_text()[-3000:])
+        wait_ready(proc, url, log, START_TIMEOUT_S)
         yield url, psutil.Process(proc.pid), time.monotonic() - started
         os.kill(proc.pid, signal.SIGTERM)
         assert proc.wait(timeout=60) in (0, -signal.SIGTERM), log.read_text()[-3000:]

@@ -106,7 +106,7 @@ def test_samples_carry_raw_log_probs_stops_seeds_and_versions(
 
     with pytest.raises(InvalidRequest, match="safe_logits") as refused:
         generate(engine, ids, safe_logits=True)
-    assert refused.value.fields[0].field == "body.safe_logits"
+    assert refused.value.fields[0].field == "safe_logits"
 
 
 def test_top_and_prompt_log_probs_are_the_models(engine: VLLMEngine, teacher: Generator) -> None:

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from policy_server.errors import FieldError, InvalidRequest, NotFound
+from policy_server.gateway.errors import under_body
 from policy_server.gateway.llm.service import LLMService
 from policy_server.gateway.openai.wire import (
     ChatRequest,
@@ -354,17 +355,7 @@ async def _merged(streams: list[AsyncIterator[T]]) -> AsyncGenerator[tuple[int, 
 
 def _openai_named(exc: InvalidRequest) -> InvalidRequest:
     """An engine's refusal, its fields named as the request named them (``body.response_format``)."""
-    def name(field: str) -> str:
-        if field.startswith("body"):
-            return field
-        head, _, rest = field.partition(".")
-        return ".".join(filter(None, ("body", OPENAI_NAMES.get(head, head), rest)))
-
-    fields = [FieldError(name(f.field), f.message) for f in exc.fields]
-    message = exc.message
-    if exc.fields and message.startswith(f"{exc.fields[0].field}: "):
-        message = f"{fields[0].field}: {message[len(exc.fields[0].field) + 2:]}"
-    return type(exc)(message, fields)
+    return under_body(exc, OPENAI_NAMES)
 
 
 async def _named(pending: Awaitable[T]) -> T:
