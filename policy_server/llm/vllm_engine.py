@@ -35,6 +35,7 @@ from transformers import AutoConfig, AutoTokenizer
 from vllm import SamplingParams, TokensPrompt
 from vllm.config import StructuredOutputsConfig
 from vllm.engine.arg_utils import AsyncEngineArgs
+from vllm.logprobs import Logprob
 from vllm.lora.request import LoRARequest
 from vllm.outputs import CompletionOutput, RequestOutput
 from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
@@ -284,8 +285,9 @@ class VLLMEngine:
         entries = out.logprobs or []
         log_probs = [entry[token].logprob for token, entry in zip(token_ids, entries)]
         k = params.top_logprobs
-        top = ([{t: lp.logprob for t, lp in entry.items() if lp.rank is not None and lp.rank <= k} for entry in entries]
-               if k else None)
+        # the k most likely, then the sampled token when it is not among them (k or k + 1 entries,
+        # as the transformers engine and OpenAI's "up to logprobs + 1" answer)
+        top = ([_top_k(entry, token, k) for token, entry in zip(token_ids, entries)] if k else None)
         reason: FinishReason = "stop" if out.finish_reason == "stop" else "length"
         stop_string = None
         if reason == "stop":
@@ -468,3 +470,12 @@ def _adapter_name(name: str) -> str:
 def _prompt_logprobs(prompt_ids: list[int], output: RequestOutput) -> list[float | None]:
     entries = output.prompt_logprobs or []
     return [None if entry is None else entry[token].logprob for token, entry in zip(prompt_ids, entries)]
+
+
+def _top_k(entry: dict[int, Logprob], sampled: int, k: int) -> dict[int, float]:
+    """vLLM's log-probs of one position (the sampled token and the k most likely, ranked) as
+    {token id: log-prob}: the k most likely first, then the sampled token if it is not one of them."""
+    ranked = sorted((lp.rank, t, lp.logprob) for t, lp in entry.items() if lp.rank is not None and lp.rank <= k)
+    top = {t: logprob for _, t, logprob in ranked}
+    top.setdefault(sampled, entry[sampled].logprob)
+    return top

@@ -316,8 +316,10 @@ def _resolve_llm(llm: LLMSection | None, base_dir: Path) -> LLMSection | None:
         if spec is None:
             continue
         if not (spec.path / "config.json").is_file():
+            problem = ("is no such folder (every node that runs a replica must read it at this path)"
+                       if not spec.path.exists() else "is not a save_pretrained model folder (no config.json)")
             raise SchemaError(
-                f"llm.{key}.path: {spec.path} is not a save_pretrained model folder (no config.json); "
+                f"llm.{key}.path: {spec.path} {problem}; "
                 f"for the examples' tiny models run `python examples/llm/build_tiny_model.py --out-dir {spec.path.parent}`"
                 " (or `python generate.py copy_server_files examples/llm`, which builds them)"
             )

@@ -105,7 +105,7 @@ def test_the_unbuilt_llm_example_names_the_command_that_builds_it(tmp_path: Path
     example = fresh_example("llm", tmp_path)
     settings = Settings(schema_path=example / "schema.yaml", backend="local", gateway_metrics_port=0)
     out_dir = example / "models"
-    with pytest.raises(SchemaError, match=rf"llm\.policy\.path: .* is not a save_pretrained model folder .*"
+    with pytest.raises(SchemaError, match=rf"llm\.policy\.path: .* is no such folder .*"
                                           rf"`python examples/llm/build_tiny_model.py --out-dir {out_dir}`"):
         build_app(settings)
 

@@ -119,6 +119,12 @@ def test_top_and_prompt_log_probs_are_the_models(engine: VLLMEngine, teacher: Ge
         assert token in top and len(top) == 3
         assert sorted(top) == sorted(expected.indices.tolist())
         np.testing.assert_allclose(sorted(top.values()), sorted(expected.values.tolist()), atol=TOLERANCE)
+    (sampled,), _ = generate(engine, ids, temperature=1.0, seed=3, max_new_tokens=24, top_logprobs=1)
+    assert sampled.top_logprobs is not None
+    for token, lp, top in zip(sampled.completion_ids, sampled.log_probs, sampled.top_logprobs):
+        # the most likely token, then the sampled one when it is another (OpenAI's "up to logprobs + 1")
+        assert top[token] == pytest.approx(lp) and len(top) == (1 if next(iter(top)) == token else 2)
+        assert next(iter(top)) == max(top, key=lambda t: top[t])
     assert s.prompt_logprobs is not None and s.prompt_logprobs[0] is None
     expected_prompt = full[: len(ids) - 1].gather(-1, torch.tensor(ids[1:])[:, None]).squeeze(-1)
     np.testing.assert_allclose(s.prompt_logprobs[1:], expected_prompt.tolist(), atol=TOLERANCE)

@@ -170,7 +170,7 @@ class LLMService:
         params = self.params(
             len(prompt), new_tokens, body.num_samples, stops, temperature=body.temperature,
             strategy=body.decoding_strategy, safe_logits=body.safe_logits, seed=body.seed,
-            min_new_tokens=min(body.min_new_tokens, max(new_tokens, 0)),
+            min_new_tokens=min(body.min_new_tokens, max(new_tokens, 0)), **_beam_groups(body),
         )
         out = await self.generate(prompt, params, body.skip_special_tokens)
         if body.session_id is not None:
@@ -198,7 +198,7 @@ class LLMService:
         params = self.params(
             len(prompt), min(total - len(prompt), self.limits.max_new_tokens), body.num_samples, stops,
             temperature=body.temperature, strategy=body.decoding_strategy, safe_logits=body.safe_logits,
-            seed=body.seed,
+            seed=body.seed, **_beam_groups(body),
         )
         return await self.require_tasks().start_task(text, prompt, params, body.return_tokens)
 
@@ -256,3 +256,11 @@ def _conversation_errors(conversation: list[Any], where: str) -> list[FieldError
     return []
 
 
+def _beam_groups(body: DirectForward | Forward) -> dict[str, Any]:
+    """Diverse beam search's groups and penalty; ``num_beam_groups`` must divide ``num_samples``."""
+    groups = body.num_beam_groups
+    if groups is not None and body.num_samples % groups:
+        raise InvalidRequest.at(
+            "body.num_beam_groups", f"must divide num_samples ({body.num_samples}), got {groups}"
+        )
+    return {"num_beam_groups": groups, "diversity_penalty": body.diversity_penalty}

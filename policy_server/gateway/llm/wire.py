@@ -25,6 +25,14 @@ class _Sampling(_Wire):
     num_samples: int = Field(1, ge=1, description="Samples to generate.")
     temperature: Float32 = Field(0.7, ge=0, le=10, description="Sampling temperature (0: greedy).")
     decoding_strategy: Strategy = Field("temperature", description="temperature, beam_search or diverse_beam_search.")
+    num_beam_groups: int | None = Field(
+        None, ge=1, description="diverse_beam_search: groups of num_samples / num_beam_groups beams; "
+        "default num_samples groups of one beam. Must divide num_samples."
+    )
+    diversity_penalty: Float32 = Field(
+        0.5, ge=0, le=100, description="diverse_beam_search: subtracted from a token's log-prob once per "
+        "earlier group that chose it at the same step (Vijayakumar et al. 2016)."
+    )
     safe_logits: bool = Field(False, description="Replace NaN/inf logits (and report how many) instead of failing.")
     seed: int | None = Field(None, description="Seed of the sampler (reproducible samples).")
     return_tokens: bool = Field(False, description="Also answer training-ready token records per sample.")

@@ -53,6 +53,26 @@ def test_every_decoding_strategy_answers_num_samples_texts(client: TestClient, s
     assert all(r in ("stop", "length") for r in body["finish_reasons"])
 
 
+def test_diverse_beam_search_takes_its_groups_and_penalty(client: TestClient) -> None:
+    def groups(penalty: float) -> list[list[tuple[int, ...]]]:
+        answer = direct(client, decoding_strategy="diverse_beam_search", num_samples=4, num_beam_groups=2,
+                        diversity_penalty=penalty, return_tokens=True)
+        assert answer.status_code == 200, answer.text
+        tokens = [tuple(r["tokens"]) for r in answer.json()["records"]]
+        return [tokens[:2], tokens[2:]]
+
+    same = groups(0.0)
+    assert same[0] == same[1]  # no penalty: the second group of two beams repeats the first
+    penalised = groups(2.0)
+    assert penalised[0] == same[0] and penalised[1] != same[1]  # the penalty moves the later group only
+    one_group = direct(client, decoding_strategy="diverse_beam_search", num_samples=2, num_beam_groups=1)
+    plain = direct(client, decoding_strategy="beam_search", num_samples=2)
+    assert one_group.json()["result"] == plain.json()["result"]  # one group is plain beam search
+    assert_422_naming(direct(client, decoding_strategy="diverse_beam_search", num_samples=3, num_beam_groups=2),
+                      "body.num_beam_groups")
+    assert_422_naming(direct(client, diversity_penalty=-1.0), "body.diversity_penalty")
+
+
 def test_token_records_mask_the_prompt(client: TestClient) -> None:
     body = direct(client, return_tokens=True, num_samples=2, seed=1).json()
     for record in body["records"]:
