@@ -48,6 +48,7 @@ FUZZ_KEY = "fuzz-key-0123"
 # the requests: the server lets a request through when any key it carries matches.
 AUTH = {"access-token": FUZZ_KEY, "Authorization": f"Bearer {FUZZ_KEY}"}
 ENVELOPE_KEYS = {"code", "message", "status", "fields"}
+OPENAI_ERROR_KEYS = {"message", "type", "param", "code"}
 OPENAI_ROUTES = re.compile(r"(^|/)v1/")
 SCHEMA_FIXED_ROUTES = re.compile(r"/(predict|predict_raw|predict_deterministic|distribution)(/batch)?$")
 FUZZ = settings(
@@ -84,6 +85,12 @@ def errors_are_the_envelope(ctx: CheckContext, response: Response, case: Case) -
             f"{case.operation.label} answered {status} without JSON: {response.text[:300]!r}"
         ) from None
     error = body.get("error") if isinstance(body, dict) else None
+    if "/v1/" in case.operation.path:  # OpenAI's routes answer in OpenAI's error shape (README)
+        assert isinstance(error, dict) and set(error) == OPENAI_ERROR_KEYS and set(body) == {"error"}, (
+            f"{case.operation.label} answered {status} outside OpenAI's error shape: {response.text[:300]}"
+        )
+        assert isinstance(error["message"], str) and isinstance(error["type"], str), error
+        return None
     assert isinstance(error, dict) and set(error) == ENVELOPE_KEYS and set(body) == {"error"}, (
         f"{case.operation.label} answered {status} outside the envelope: {response.text[:300]}"
     )
