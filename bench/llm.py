@@ -40,8 +40,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench.servers import RunningServer, ServerSpec, stop_server, wait_ready  # noqa: E402
-from policy_server.net import free_port  # noqa: E402
+from bench.servers import RunningServer, ServerSpec, running_server, stop_server, wait_ready
+from policy_server.net import free_port
 
 RESULTS = ROOT / "bench" / "results"
 KEY = "bench-key"
@@ -113,22 +113,9 @@ def our_server(folder: Path, engine: str, work: Path, log_dir: Path) -> Iterator
     schema.write_text(yaml.safe_dump({"parameters": {"api_key": KEY}, "llm": {"policy": policy}}, sort_keys=False))
     env = {"SCHEMA_PATH": str(schema), "POLICY_SERVER_GATEWAY_METRICS_PORT": "0",
            "POLICY_SERVER_RAY_METRICS_PORT": "0"}
-    port = free_port()
-    log_dir.mkdir(parents=True, exist_ok=True)
-    log_path = log_dir / f"ours-{engine}.log"
-    cmd = [sys.executable, "-m", "uvicorn", "app:app", "--host", "127.0.0.1", "--port", str(port),
-           "--log-level", "warning", "--no-access-log"]
-    with log_path.open("wb") as log:
-        process = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT,
-                                   start_new_session=True)
-    server = RunningServer(ServerSpec(f"ours-{engine}", "app:app", ready_path="/health/ready"),
-                           f"http://127.0.0.1:{port}", process, log_path)
-    try:
-        wait_ready(server, 600)
-        server.remember_tree()
+    spec = ServerSpec(f"ours-{engine}", "app:app", env=env, ready_path="/health/ready")
+    with running_server(spec, ROOT, log_dir, ready_timeout_s=600) as server:
         yield server
-    finally:
-        stop_server(server, port)
 
 
 @dataclass
