@@ -39,6 +39,15 @@ MODEL_SUFFIXES = (".pt", ".pt2", ".ts", ".jit")
 DEFAULT_POLICY = "default"
 
 
+class _SchemaLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, with YAML 1.1's timestamp constructor of its own: vLLM's dependency
+    lm-format-enforcer replaces ``SafeLoader``'s on import, process-wide, so that dates read as
+    text. A schema reads the same whatever the process imported before it."""
+
+
+_SchemaLoader.add_constructor("tag:yaml.org,2002:timestamp", yaml.constructor.SafeConstructor.construct_yaml_timestamp)
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -263,7 +272,7 @@ def load_schema(path: Path | str) -> ServerSchema:
     if not path.is_file():
         raise SchemaError(f"schema file not found: {path}")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = yaml.load(path.read_text(), Loader=_SchemaLoader) or {}
     except yaml.YAMLError as exc:
         raise SchemaError(f"{path}: not valid YAML: {exc}") from exc
     return parse_schema(raw, base_dir=path.parent)

@@ -7,6 +7,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+import yaml
 import torch
 
 from policy_server.errors import SchemaError
@@ -386,6 +387,16 @@ def test_a_key_yaml_reads_as_no_text_is_refused_with_a_hint_to_quote_it(
         + (" (unquoted yes/no/on/off/true/false)" if kind == "a boolean" else "")
         + ", not as text; quote it to use it as an observation name"
     )
+
+
+def test_a_date_key_is_refused_after_a_library_changed_pyyamls_safe_loader(tmp_path: Path) -> None:
+    """vLLM's dependency lm-format-enforcer makes ``yaml.SafeLoader`` read dates as text, for the
+    whole process, on import; the schema's own loader keeps reading them as dates."""
+    import lmformatenforcer.external.jsonschemaobjectutil  # noqa: F401  (the import is the change)
+
+    assert yaml.safe_load("2001-01-01: 1") == {"2001-01-01": 1}
+    message = schema_error(write(tmp_path, "observations:\n  2001-01-01:\n    type: int\n"))
+    assert "the name 2001-01-01 is read by YAML as a date" in message
 
 
 def test_a_key_yaml_reads_as_no_text_in_a_named_policy(tmp_path: Path) -> None:
