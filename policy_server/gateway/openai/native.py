@@ -11,22 +11,27 @@ from fastapi import APIRouter, Depends
 from pydantic import BaseModel, Field
 
 from policy_server.errors import FieldError, InvalidRequest
-from policy_server.fields import Float32, Text
+from policy_server.fields import STRICT, Float32, Text
 from policy_server.gateway.auth import Auth
 from policy_server.gateway.llm.service import LLMService
-from policy_server.gateway.openai.wire import SEED_MAX, Penalty, TextOrTexts, _Forbid
+from policy_server.gateway.openai.wire import SEED_MAX, Penalty, TextOrTexts
 from policy_server.gateway.openapi import error_docs
 from policy_server.llm.params import Sample
 
 DEFAULT_MAX_TOKENS = 16  # vLLM's SamplingParams default
 
 
-class TokenPrompt(_Forbid):
+class TokenPrompt(BaseModel):
+    model_config = STRICT
+
     prompt_token_ids: list[int] = Field(min_length=1)
 
 
-class GenerateRequest(_Forbid):
-    """vLLM's ``SamplingParams`` fields that the engines implement; another field is refused."""
+class GenerateRequest(BaseModel):
+    """vLLM's ``SamplingParams`` fields that the engines implement; another field is refused, and
+    JSON types are taken strictly, as on our own routes (`"stream": 0` is no boolean)."""
+
+    model_config = STRICT
 
     prompt: Text | TokenPrompt
     n: int = Field(1, ge=1)

@@ -66,6 +66,8 @@ def test_atropos_payload_gets_per_token_id_logprobs_and_finish_reasons(server: s
         ({"prompt": {"prompt_token_ids": []}}, "body.prompt"),
         ({"prompt": "Hi", "best_of": 2}, "body.best_of"),
         ({"prompt": "Hi", "stream": True}, "body.stream"),
+        ({"prompt": "Hi", "stream": 0}, "body.stream"),  # JSON types are strict, as on our own routes
+        ({"prompt": "Hi", "n": "2"}, "body.n"),
         ({"prompt": "Hi", "max_tokens": 10**6}, "body.max_tokens"),
     ],
 )
