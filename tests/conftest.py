@@ -321,12 +321,29 @@ def llm_schema(llm_dirs: dict[str, Path], **limits: Any) -> dict[str, Any]:
         "parameters": {"api_key": API_KEY},
         "llm": {
             # the transformers engine: a vLLM engine takes a minute of two cores to start, so the
-            # tests that need it share one per module (tests/gateway/openai, tests/llm/test_vllm_engine.py)
+            # tests that need one share the session's (``vllm_server``; tests/llm/test_vllm_engine.py
+            # holds the engine itself)
             "policy": {"path": str(llm_dirs["policy"]), "served_name": "tiny", "engine": "transformers",
                        "limits": {"max_new_tokens": 64, **limits}},
             "value": {"path": str(llm_dirs["value"])},
         },
     }
+
+
+@pytest.fixture(scope="session")
+def vllm_server(llm_dirs: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The base URL of one server of ``llm_schema`` on the vLLM engine (local backend), shared by
+    the whole test session: an engine start costs about a minute of two cores. Tests must leave
+    its weights as they found them."""
+    from policy_server.gateway.app import build_app
+    from policy_server.settings import Settings
+
+    schema = llm_schema(llm_dirs)
+    schema["llm"]["policy"]["engine"] = "vllm"
+    path = tmp_path_factory.mktemp("vllm-server") / "schema.yaml"
+    path.write_text(yaml.safe_dump(schema, sort_keys=False))
+    with running_server(build_app(Settings(schema_path=path, backend="local", gateway_metrics_port=0))) as url:
+        yield url
 
 
 def make_client(tmp_path: Path, schema: dict[str, Any]) -> Any:

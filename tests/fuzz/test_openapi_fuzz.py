@@ -170,11 +170,14 @@ def live_api(schema_path: Path, tmp: Path) -> Iterator[BaseSchema]:
         yield schemathesis.openapi.from_url(f"{url}/openapi.json")
 
 
-def llm_example_schema(name: str, llm_dirs: dict[str, Path], tmp: Path) -> Path:
+def llm_example_schema(name: str, llm_dirs: dict[str, Path], tmp: Path, engine: str | None = None) -> Path:
     """``examples/<name>/schema.yaml`` as it is, its model folders pointed at the tiny models built
-    for the test session (the example's own are built by a script), written under ``tmp``."""
+    for the test session (the example's own are built by a script), written under ``tmp``; on
+    ``engine`` when given."""
     doc = yaml.safe_load((EXAMPLES / name / "schema.yaml").read_text())
     policy = doc["llm"]["policy"]
+    if engine:
+        policy["engine"] = engine
     policy["path"] = str(llm_dirs["policy"])
     if "adapter" in policy:
         policy["adapter"] = str(llm_dirs["policy_lora"])
@@ -191,7 +194,7 @@ def every_router_schema(model_dir: Path, llm_dirs: dict[str, Path], tmp: Path) -
     """Two policies (one trainable), an LLM policy with GRPO training and a value model."""
     doc = training_schema(model_dir, tmp / "checkpoints")
     doc["llm"] = {
-        "policy": {"path": str(llm_dirs["policy"]), "training": {"save_dir": str(tmp / "runs")}},
+        "policy": {"path": str(llm_dirs["policy"]), "engine": "transformers", "training": {"save_dir": str(tmp / "runs")}},
         "value": {"path": str(llm_dirs["value"])},
     }
     path = tmp / "schema.yaml"
@@ -208,6 +211,7 @@ def bundled_api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BaseSchema
 @pytest.fixture(params=["cartpole", "llm", "alphabetical", "every-router"])
 def example_api(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[BaseSchema]:
     """Each example of examples/ (the LLM ones over the session's tiny models), and every router.
+    The contract is the gateway's, whatever the engine: one vLLM engine (the llm example's) is enough.
     examples/lpoc is the bundled example, file for file: the bundled run covers it."""
     name = request.param
     if name == "cartpole":
@@ -215,8 +219,9 @@ def example_api(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Base
     elif name == "every-router":
         model_dir, llm_dirs = request.getfixturevalue("model_dir"), request.getfixturevalue("llm_dirs")
         path = every_router_schema(model_dir, llm_dirs, tmp_path)
-    else:
-        path = llm_example_schema(name, request.getfixturevalue("llm_dirs"), tmp_path)
+    else:  # the llm example on its default engine (vLLM), the other on the transformers engine
+        engine = None if name == "llm" else "transformers"
+        path = llm_example_schema(name, request.getfixturevalue("llm_dirs"), tmp_path, engine)
     yield from live_api(path, tmp_path)
 
 

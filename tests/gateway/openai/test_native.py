@@ -17,13 +17,17 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from policy_server.settings import Settings
 
-ENGINES = ["transformers"]  # the vLLM engine joins here
+ENGINES = ["transformers", "vllm"]
 
 
 @pytest.fixture(scope="module", params=ENGINES)
 def server(request: pytest.FixtureRequest, llm_dirs: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A server of the tiny policy on each engine (the vLLM one is the session's)."""
     from policy_server.gateway.app import build_app
 
+    if request.param == "vllm":
+        yield request.getfixturevalue("vllm_server")
+        return
     schema = llm_schema(llm_dirs)
     schema["llm"]["policy"]["engine"] = request.param
     path = tmp_path_factory.mktemp(f"native-{request.param}") / "schema.yaml"

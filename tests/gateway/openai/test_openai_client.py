@@ -26,10 +26,14 @@ def engine(request: pytest.FixtureRequest) -> str:
 
 
 @pytest.fixture(scope="module")
-def server(engine: str, llm_dirs: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """The base URL of a server of the tiny policy on ``engine`` (local backend)."""
+def server(request: pytest.FixtureRequest, engine: str, llm_dirs: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The base URL of a server of the tiny policy on ``engine`` (local backend; the vLLM one is
+    the session's)."""
     from policy_server.gateway.app import build_app
 
+    if engine == "vllm":
+        yield request.getfixturevalue("vllm_server")
+        return
     schema = llm_schema(llm_dirs)
     schema["llm"]["policy"]["engine"] = engine
     path = tmp_path_factory.mktemp(f"openai-{engine}") / "schema.yaml"
