@@ -9,9 +9,12 @@
 
 from __future__ import annotations
 
+import sys
+
 import fire
 
 from policy_server import cli
+from policy_server.errors import PolicyServerError
 
 
 def serve(host: str = "127.0.0.1", port: int = 8000, schema: str | None = None) -> None:
@@ -25,13 +28,21 @@ def serve(host: str = "127.0.0.1", port: int = 8000, schema: str | None = None) 
     uvicorn.run("app:app", host=host, port=port)
 
 
+def main() -> None:
+    """Run one command; a refusal (a bad schema, an unservable folder) prints its reason, not a
+    traceback, and exits with status 1."""
+    commands = {
+        "copy_server_files": cli.copy_server_files,
+        "check": cli.check,
+        "export": cli.export,
+        "clients": cli.clients,
+        "serve": serve,
+    }
+    try:
+        fire.Fire(commands)
+    except PolicyServerError as exc:
+        sys.exit(f"policy-server: {exc.message}")
+
+
 if __name__ == "__main__":
-    fire.Fire(
-        {
-            "copy_server_files": cli.copy_server_files,
-            "check": cli.check,
-            "export": cli.export,
-            "clients": cli.clients,
-            "serve": serve,
-        }
-    )
+    main()

@@ -120,7 +120,7 @@ def test_a_start_up_failure_exits_at_once_and_leaves_nothing_running(tmp_path: P
     try:
         done = subprocess.run(
             [sys.executable, "-m", "uvicorn", "app:app", "--port", str(free_port())],
-            cwd=ROOT, env=env, capture_output=True, timeout=120,
+            check=False, cwd=ROOT, env=env, capture_output=True, timeout=120,
         )
     finally:
         taken.close()
@@ -128,3 +128,23 @@ def test_a_start_up_failure_exits_at_once_and_leaves_nothing_running(tmp_path: P
     assert done.returncode != 0
     assert "Address already in use" in log and "Application startup failed" in log
     assert "Started a local Ray instance" not in log
+
+
+def test_a_schema_that_cannot_be_served_is_refused_with_its_reason_and_no_traceback(tmp_path: Path) -> None:
+    """`uvicorn app:app` and `generate.py check` on a schema the server refuses: the reason on one
+    line of stderr, exit status 1, no traceback."""
+    (tmp_path / "schema.yaml").write_text("observations:\n  2001-01-01:\n    type: int\n")
+    reason = "policy-server: invalid schema: observations: the name 2001-01-01 is read by YAML as a date"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("POLICY_SERVER_", "RAY_ADDRESS"))}
+    commands = [
+        [sys.executable, "-m", "uvicorn", "app:app", "--port", str(free_port())],
+        [sys.executable, "generate.py", "check", str(tmp_path / "schema.yaml")],
+    ]
+    for command in commands:
+        done = subprocess.run(
+            command, check=False, cwd=ROOT, env=env | {"SCHEMA_PATH": str(tmp_path / "schema.yaml")},
+            capture_output=True,
+            text=True, timeout=120,
+        )
+        assert done.returncode == 1, done.stderr
+        assert done.stderr.startswith(reason) and "Traceback" not in done.stderr, done.stderr
