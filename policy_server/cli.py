@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 
 import torch
 
-from policy_server.errors import ClientGenerationFailed, SchemaError
+from policy_server.errors import ClientGenerationFailed, Conflict, SchemaError
 from policy_server.export import ExportFormat, MLPPolicy, export_module, write_schema
 from policy_server.policies.served import resolve_policy
 from policy_server.schema.config import load_schema
@@ -31,16 +31,24 @@ EXAMPLE_BUILDERS: dict[str, str] = {
 ``build_models(out_dir, progress)`` writes them, by the example folder's name."""
 
 
-def copy_server_files(example: str, target: str = ".") -> str:
+def copy_server_files(example: str, target: str = ".", force: bool = False) -> str:
     """Copy an example's schema.yaml and models/ next to app.py, so `uvicorn app:app` serves it.
 
     An example whose models are built rather than committed (examples/llm, examples/alphabetical)
     and not built yet gets them built into ``<target>/models``, offline, with a progress bar.
-    Raises ``SchemaError`` if the copy still cannot be served.
+    The target's schema.yaml and models/ are replaced when its schema.yaml is an example's (as
+    copied); one of the user's own is kept unless ``force``.
+    Raises ``SchemaError`` if the copy still cannot be served, ``Conflict`` if the target holds a
+    schema.yaml of the user's own and ``force`` is not given.
     """
     source, dest = Path(example), Path(target)
     if not (source / "schema.yaml").is_file():
         raise SchemaError(f"{source}/schema.yaml not found; examples: {', '.join(_examples())}")
+    if not force and _users_own(dest / "schema.yaml"):
+        raise Conflict(
+            f"{dest / 'schema.yaml'} is no example's schema (yours?): nothing copied; pass --force to "
+            "replace it and the models/ beside it"
+        )
     shutil.copy(source / "schema.yaml", dest / "schema.yaml")
     builds = source.name in EXAMPLE_BUILDERS
     if ((source / "models").is_dir() or builds) and (dest / "models").exists():
@@ -52,6 +60,14 @@ def copy_server_files(example: str, target: str = ".") -> str:
     load_schema(dest / "schema.yaml")  # what uvicorn would refuse, refused here
     start = "uvicorn app:app" if dest.resolve() == ROOT else f"SCHEMA_PATH={dest.resolve() / 'schema.yaml'} uvicorn app:app"
     return f"copied {source} → {dest.resolve()}; start it with `{start}`"
+
+
+def _users_own(schema: Path) -> bool:
+    """Whether ``schema`` exists and is none of examples/'s schema.yaml files, byte for byte."""
+    if not schema.is_file():
+        return False
+    text = schema.read_bytes()
+    return all(text != example.read_bytes() for example in (ROOT / "examples").glob("*/schema.yaml"))
 
 
 def build_example_models(example: str, out_dir: Path) -> None:

@@ -18,7 +18,7 @@ import yaml
 from fastapi.testclient import TestClient
 
 from policy_server import cli
-from policy_server.errors import SchemaError
+from policy_server.errors import Conflict, SchemaError
 from policy_server.export import MLPPolicy
 from policy_server.gateway.app import build_app
 from policy_server.launch import start_server, stop_server, wait_ready
@@ -117,6 +117,20 @@ def test_copy_server_files_copies_an_example_next_to_app(tmp_path: Path) -> None
     described = cli.check(str(tmp_path / "schema.yaml"))
     assert described["default"]["obs_dim"] == 11
     assert described["default"]["action_space"]["n"] == 4
+
+
+def test_copy_server_files_keeps_a_schema_of_the_users_own_unless_forced(tmp_path: Path) -> None:
+    cli.copy_server_files(str(ROOT / "examples" / "lpoc"), str(tmp_path))
+    cli.copy_server_files(str(ROOT / "examples" / "cartpole"), str(tmp_path))  # an example's: replaced
+    own = (tmp_path / "schema.yaml").read_text().replace("api_key", "url_path: mine\n  api_key", 1)
+    (tmp_path / "schema.yaml").write_text(own)
+    models = sorted(p.name for p in (tmp_path / "models").iterdir())
+    with pytest.raises(Conflict, match=r"schema\.yaml is no example's schema .*--force"):
+        cli.copy_server_files(str(ROOT / "examples" / "lpoc"), str(tmp_path))
+    assert (tmp_path / "schema.yaml").read_text() == own
+    assert sorted(p.name for p in (tmp_path / "models").iterdir()) == models
+    cli.copy_server_files(str(ROOT / "examples" / "lpoc"), str(tmp_path), force=True)
+    assert (tmp_path / "schema.yaml").read_text() == (ROOT / "examples/lpoc/schema.yaml").read_text()
 
 
 def test_copy_server_files_names_the_examples_when_the_folder_is_wrong(tmp_path: Path) -> None:
