@@ -225,18 +225,20 @@ class VLLMEngine:
     async def _chunks(self, prompt_ids: list[int], params: GenerationParams) -> AsyncIterator[SampleChunk]:
         started = time.perf_counter()
         tokens = 0
-        with self._admitted():
-            sampling = self._sampling_params(params, len(prompt_ids), RequestOutputKind.DELTA)
-            async for output in self._request(prompt_ids, sampling):
-                for out in output.outputs:
-                    s = self._to_sample(prompt_ids, out, params, self.version, None)
-                    tokens += len(s.completion_ids)
-                    finish = s.finish_reason if out.finish_reason is not None else None
-                    yield SampleChunk(out.index, s.completion_ids, s.log_probs, s.top_logprobs, finish,
-                                      s.stop_string if finish else None, s.model_version)
-        if self.on_batch is not None:
-            self.on_batch(BatchReport(1, tokens, time.perf_counter() - started,
-                                      self.llm.get_num_unfinished_requests(), self.version))
+        try:
+            with self._admitted():
+                sampling = self._sampling_params(params, len(prompt_ids), RequestOutputKind.DELTA)
+                async for output in self._request(prompt_ids, sampling):
+                    for out in output.outputs:
+                        s = self._to_sample(prompt_ids, out, params, self.version, None)
+                        tokens += len(s.completion_ids)
+                        finish = s.finish_reason if out.finish_reason is not None else None
+                        yield SampleChunk(out.index, s.completion_ids, s.log_probs, s.top_logprobs, finish,
+                                          s.stop_string if finish else None, s.model_version)
+        finally:  # a stream closed early (the client left) counts the tokens it was sent
+            if self.on_batch is not None:
+                self.on_batch(BatchReport(1, tokens, time.perf_counter() - started,
+                                          self.llm.get_num_unfinished_requests(), self.version))
 
     def _request(self, prompt_ids: list[int], sampling: SamplingParams) -> AsyncIterator[RequestOutput]:
         # vLLM aborts the request when this generator is closed or its task cancelled

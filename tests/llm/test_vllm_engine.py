@@ -148,7 +148,9 @@ def test_structured_output_follows_the_json_schema(engine: VLLMEngine) -> None:
     assert isinstance(json.loads(text), dict)
 
 
-def test_stream_concatenates_to_the_sample_and_closing_it_aborts(engine: VLLMEngine) -> None:
+def test_stream_concatenates_to_the_sample_and_closing_it_aborts(
+    engine: VLLMEngine, reports: list[BatchReport]
+) -> None:
     ids = prompt(engine)
     params = GenerationParams(num_samples=2, temperature=1.0, seed=5, max_new_tokens=32, top_logprobs=2)
 
@@ -172,11 +174,13 @@ def test_stream_concatenates_to_the_sample_and_closing_it_aborts(engine: VLLMEng
         await stream.aclose()  # type: ignore[attr-defined]
         return running
 
+    reported = len(reports)
     assert asyncio.run(close_early()) == 1
     deadline = time.monotonic() + 10
-    while engine.unfinished_requests() and time.monotonic() < deadline:
+    while (engine.unfinished_requests() or len(reports) == reported) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert engine.unfinished_requests() == 0
+    assert len(reports) == reported + 1 and reports[-1].new_tokens >= 1  # the tokens it sent are counted
 
 
 def test_weights_swap_in_place_under_load_and_a_full_wait_list_answers_429(engine: VLLMEngine) -> None:
