@@ -6,7 +6,7 @@ transformers engine, all through HTTP, streaming `/v1/completions`.
 Per model (the tiny example of ``examples/llm``, and a randomly initialised Llama of about 76M
 parameters, 12 layers, hidden 768), per design, per number of concurrent clients, once without a
 seed and once with a seed per request: every client sends the same kind of request back to back
-for ``--seconds`` (``max_tokens`` 32, temperature 1, ``stream: true`` with
+for ``--seconds`` (``max_tokens`` and ``min_tokens`` 32, temperature 1, ``stream: true`` with
 ``stream_options.include_usage``). Reported: completion tokens/s (from the usage chunks), time to
 first token p50, request latency p50 / p99, failed requests.
 
@@ -117,8 +117,10 @@ class Row:
 
 
 async def one_request(client: httpx.AsyncClient, prompt: str, seed: int | None, row: Row) -> None:
-    body: dict[str, Any] = {"model": "policy", "prompt": prompt, "max_tokens": MAX_TOKENS, "temperature": 1.0,
-                            "stream": True, "stream_options": {"include_usage": True}}
+    # min_tokens = max_tokens: every request makes exactly MAX_TOKENS tokens on every design (vLLM's
+    # server stops at the model's eos, ours at the policy's step and end tokens)
+    body: dict[str, Any] = {"model": "policy", "prompt": prompt, "max_tokens": MAX_TOKENS, "min_tokens": MAX_TOKENS,
+                            "temperature": 1.0, "stream": True, "stream_options": {"include_usage": True}}
     if seed is not None:
         body["seed"] = seed
     start = time.perf_counter()
@@ -134,7 +136,7 @@ async def one_request(client: httpx.AsyncClient, prompt: str, seed: int | None, 
                 if not line.startswith("data: ") or line == "data: [DONE]":
                     continue
                 chunk = json.loads(line[6:])
-                if first is None and any(c.get("text") for c in chunk.get("choices", [])):
+                if first is None and chunk.get("choices"):  # the first token (its text may be empty: a special token)
                     first = time.perf_counter() - start
                 if chunk.get("usage"):
                     tokens = chunk["usage"]["completion_tokens"]
