@@ -25,11 +25,9 @@ def oai(vllm_server: str) -> Iterator[openai.OpenAI]:
         yield client
 
 
-def teacher_forced(llm_dirs: dict[str, Path], adapter: Path | None, prompt: list[int], completion: list[int]) -> list[float]:
-    """float32 log p(token | prefix) of each completion token: one forward of the peft model with ``adapter``."""
-    generator = Generator(load_policy(llm_dirs["policy"], adapter, dtype="float32", device="cpu"))
-    with torch.inference_mode():
-        return generator.log_probs(prompt, completion)
+def teacher(llm_dirs: dict[str, Path], adapter: Path | None) -> Generator:
+    """The float32 peft model of the tiny policy with ``adapter`` (None: the policy alone), on transformers."""
+    return Generator(load_policy(llm_dirs["policy"], adapter, dtype="float32", device="cpu"))
 
 
 def test_models_lists_the_policy_and_each_adapter_with_its_parent(oai: openai.OpenAI, llm_dirs: dict[str, Path]) -> None:
@@ -47,22 +45,21 @@ def test_models_lists_the_policy_and_each_adapter_with_its_parent(oai: openai.Op
 
 def test_each_adapter_generates_with_its_own_weights(oai: openai.OpenAI, llm_dirs: dict[str, Path]) -> None:
     """Greedy completions with logprobs under each model id are the teacher-forced log-probs of the
-    peft model with that adapter (float32), and the adapters' differ from each other's and the base's."""
+    peft model with that adapter (float32), and no other of the three models gives them."""
     folders: dict[str, Path | None] = {"tiny": None, **{n: Path(f) for n, f in vllm_adapters(llm_dirs).items()}}
-    found = {}
-    for model, adapter in folders.items():
+    teachers = {model: teacher(llm_dirs, adapter) for model, adapter in folders.items()}
+    for model in folders:
         answer = oai.completions.create(model=model, prompt=PROMPT, max_tokens=8, temperature=0, logprobs=1)
         choice = answer.choices[0]
         assert answer.model == model and choice.logprobs is not None
-        prompt, ids = answer.choices[0].model_extra["prompt_token_ids"], choice.model_extra["token_ids"]
+        prompt, ids = choice.model_extra["prompt_token_ids"], choice.model_extra["token_ids"]
         logprobs = choice.logprobs.token_logprobs
-        assert len(ids) == len(logprobs) == 8
-        np.testing.assert_allclose(logprobs, teacher_forced(llm_dirs, adapter, prompt, ids), atol=TOLERANCE)
-        found[model] = (ids, logprobs)
-    names = list(found)
-    for i, a in enumerate(names):
-        for b in names[i + 1:]:
-            assert not np.allclose(found[a][1], found[b][1], atol=1e-3), (a, b)
+        assert len(ids) == len(logprobs) > 0
+        with torch.inference_mode():
+            forced = {other: t.log_probs(prompt, ids) for other, t in teachers.items()}
+        np.testing.assert_allclose(logprobs, forced[model], atol=TOLERANCE)
+        for other in folders.keys() - {model}:
+            assert not np.allclose(logprobs, forced[other], atol=1e-3), (model, other)
 
 
 def test_chat_and_streams_name_the_adapter_they_ran(oai: openai.OpenAI) -> None:
