@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import warnings
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from policy_server.errors import SchemaError
 from policy_server.schema.llm import LLMPolicySpec, LLMSection, LLMValueSpec
@@ -61,9 +61,13 @@ def check_checkpoint(spec: LLMPolicySpec | LLMValueSpec, where: str, on_cpu: boo
             raise SchemaError(
                 f"{where}.adapters needs engine: vllm (the transformers engine serves one adapter, the policy's own)"
             )
-        model_shapes = weight_shapes(spec.path)
+        from vllm.config.lora import MaxLoRARanks
+
+        model_shapes, most = weight_shapes(spec.path), max(get_args(MaxLoRARanks))
         for name, folder in spec.adapters.items():
-            check_lora(folder, model_shapes, f"{where}.adapters.{name}")
+            rank = check_lora(folder, model_shapes, f"{where}.adapters.{name}")
+            if rank > most:
+                raise SchemaError(f"{where}.adapters.{name}: {folder}: rank {rank} is above vLLM's largest LoRA rank {most}")
 
 
 def read_config(folder: Path, where: str) -> dict[str, Any]:
@@ -121,10 +125,11 @@ def weight_shapes(folder: Path) -> dict[str, tuple[int, ...]]:
     return {name: shape for file in sorted(folder.glob("*.safetensors")) for name, shape in weight_shapes_of(file).items()}
 
 
-def check_lora(folder: Path, model_shapes: dict[str, tuple[int, ...]], where: str) -> None:
-    """Raise SchemaError ``"<where>: <folder>: <reason>"`` unless ``folder`` is a peft LoRA adapter
-    whose every ``lora_A`` (r, in) and ``lora_B`` (out, r) fits a (out, in) weight of the model
-    (``model_shapes``: ``weight_shapes`` of its folder; empty for a model without safetensors: not checked)."""
+def check_lora(folder: Path, model_shapes: dict[str, tuple[int, ...]], where: str) -> int:
+    """The rank of the peft LoRA adapter in ``folder``; SchemaError ``"<where>: <folder>: <reason>"``
+    unless it is one whose every ``lora_A`` (r, in) and ``lora_B`` (out, r) fits a (out, in) weight of
+    the model (``model_shapes``: ``weight_shapes`` of its folder; empty for a model without
+    safetensors: not checked)."""
     def refused(reason: str) -> SchemaError:
         return SchemaError(f"{where}: {folder}: {reason}")
 
@@ -158,6 +163,7 @@ def check_lora(folder: Path, model_shapes: dict[str, tuple[int, ...]], where: st
             raise refused(f"{module}: lora_A {a} and lora_B {b} are not (r, in) and (out, r) with r = {rank}")
         if base is not None and (len(base) != 2 or (b[0], a[1]) != base):
             raise refused(f"{module}: the adapter fits a {(b[0], a[1])} weight; the model's is {base}")
+    return rank
 
 
 def weight_shapes_of(file: Path) -> dict[str, tuple[int, ...]]:

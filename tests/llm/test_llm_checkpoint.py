@@ -225,3 +225,13 @@ def test_build_app_refuses_a_bad_adapter_before_anything_starts(llm_dirs: dict[s
     schema["llm"]["policy"] |= {"engine": "vllm", "adapters": {"tiny-x": str(llm_dirs["value"])}}
     with pytest.raises(SchemaError, match=re.escape(f"llm.policy.adapters.tiny-x: {llm_dirs['value']}: not a peft")):
         make_client(tmp_path, schema)
+
+
+def test_an_adapter_rank_vllm_cannot_serve_is_refused(llm_dirs: dict[str, Path], copy_adapter: Path) -> None:
+    import torch
+
+    config = json.loads((copy_adapter / "adapter_config.json").read_text())
+    (copy_adapter / "adapter_config.json").write_text(json.dumps(config | {"r": 1024}))
+    edit_adapter(copy_adapter, lambda w: {k: torch.zeros(1024, v.shape[1]) if ".lora_A." in k else torch.zeros(v.shape[0], 1024)
+                                          for k, v in w.items()})
+    adapter_refused(with_adapters(llm_dirs, big=copy_adapter), "big", re.escape("rank 1024 is above vLLM's largest LoRA rank 512"))
