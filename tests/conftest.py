@@ -305,7 +305,8 @@ def running_server(app: Any) -> Iterator[str]:
 
 @pytest.fixture(scope="session")
 def llm_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """Tiny Llama policy, value model and LoRA adapter built once per session (examples/llm/build_tiny_model.py)."""
+    """Tiny Llama policy, value model and LoRA adapters (`policy_lora`, `policy_lora_1`) built once per
+    session (examples/llm/build_tiny_model.py)."""
     import importlib.util
 
     script = Path(__file__).parents[1] / "examples" / "llm" / "build_tiny_model.py"
@@ -313,7 +314,7 @@ def llm_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.build(tmp_path_factory.mktemp("llm"), seed=0, lora=True)
+    return module.build(tmp_path_factory.mktemp("llm"), seed=0, lora=True, extra_loras=1)
 
 
 def llm_schema(llm_dirs: dict[str, Path], **limits: Any) -> dict[str, Any]:
@@ -330,6 +331,11 @@ def llm_schema(llm_dirs: dict[str, Path], **limits: Any) -> dict[str, Any]:
     }
 
 
+def vllm_adapters(llm_dirs: dict[str, Path]) -> dict[str, str]:
+    """The extra model ids of ``vllm_server``: two LoRA adapters with different weights on the tiny policy."""
+    return {"tiny-lora-a": str(llm_dirs["policy_lora"]), "tiny-lora-b": str(llm_dirs["policy_lora_1"])}
+
+
 @pytest.fixture(scope="session")
 def vllm_server(llm_dirs: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """The base URL of one server of ``llm_schema`` on the vLLM engine (local backend), shared by
@@ -339,7 +345,7 @@ def vllm_server(llm_dirs: dict[str, Path], tmp_path_factory: pytest.TempPathFact
     from policy_server.settings import Settings
 
     schema = llm_schema(llm_dirs)
-    schema["llm"]["policy"]["engine"] = "vllm"
+    schema["llm"]["policy"] |= {"engine": "vllm", "adapters": vllm_adapters(llm_dirs)}
     path = tmp_path_factory.mktemp("vllm-server") / "schema.yaml"
     path.write_text(yaml.safe_dump(schema, sort_keys=False))
     with running_server(build_app(Settings(schema_path=path, backend="local", gateway_metrics_port=0))) as url:

@@ -167,10 +167,12 @@ def build_lora(model: LlamaForCausalLM, out: Path, seed: int) -> None:
 
 
 def build(
-    out_dir: Path, seed: int = 0, lora: bool = True, train_steps: int = TRAIN_STEPS, progress: Progress | None = None
+    out_dir: Path, seed: int = 0, lora: bool = True, train_steps: int = TRAIN_STEPS, progress: Progress | None = None,
+    extra_loras: int = 0,
 ) -> dict[str, Path]:
     """Write the policy, value model and (if ``lora``) adapter folders under ``out_dir``; deterministic per seed.
-    ``progress`` hears each training step."""
+    ``progress`` hears each training step; ``extra_loras`` more adapters with other random weights
+    (``policy-lora-<i>``, keys ``policy_lora_<i>``, i from 1: several model ids on one base model)."""
     out_dir = Path(out_dir)
     problems = read_problems()
     tokenizer = train_tokenizer(problems)
@@ -198,6 +200,9 @@ def build(
     if lora:
         paths["policy_lora"] = out_dir / "policy-lora"
         build_lora(model, paths["policy_lora"], seed)
+    for i in range(1, extra_loras + 1):
+        paths[f"policy_lora_{i}"] = out_dir / f"policy-lora-{i}"
+        build_lora(model, paths[f"policy_lora_{i}"], seed + 100 * i)
     return paths
 
 

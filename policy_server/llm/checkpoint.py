@@ -12,13 +12,16 @@ from __future__ import annotations
 import json
 import warnings
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from policy_server.errors import SchemaError
 from policy_server.schema.llm import LLMPolicySpec, LLMSection, LLMValueSpec
 
 WEIGHTS = ("*.safetensors", "pytorch_model*.bin", "*.safetensors.index.json", "pytorch_model.bin.index.json")
 """Names of the weights files ``from_pretrained`` reads (single or sharded with an index)."""
+LORA_WEIGHTS = "adapter_model.safetensors"
+LORA_PREFIX = "base_model.model."
+"""What peft puts before a module's name in an adapter's weights file."""
 TOKENIZER = ("tokenizer.json", "tokenizer.model", "vocab.json", "spiece.model", "vocab.txt")
 """Any one of them lets ``AutoTokenizer`` load a tokenizer from the folder."""
 
@@ -53,6 +56,18 @@ def check_checkpoint(spec: LLMPolicySpec | LLMValueSpec, where: str, on_cpu: boo
         reason = vllm_refusal(config, on_cpu)
         if reason is not None:
             raise _refused(spec.path, where, f"{reason} (or set `engine: transformers`)")
+    if isinstance(spec, LLMPolicySpec) and spec.adapters:
+        if spec.engine != "vllm":
+            raise SchemaError(
+                f"{where}.adapters needs engine: vllm (the transformers engine serves one adapter, the policy's own)"
+            )
+        from vllm.config.lora import MaxLoRARanks
+
+        model_shapes, most = weight_shapes(spec.path), max(get_args(MaxLoRARanks))
+        for name, folder in spec.adapters.items():
+            rank = check_lora(folder, model_shapes, f"{where}.adapters.{name}")
+            if rank > most:
+                raise SchemaError(f"{where}.adapters.{name}: {folder}: rank {rank} is above vLLM's largest LoRA rank {most}")
 
 
 def read_config(folder: Path, where: str) -> dict[str, Any]:
@@ -103,6 +118,60 @@ def vllm_refusal(config: dict[str, Any], on_cpu: bool) -> str | None:
         if size not in sizes:
             return f"head size {size} is not one vLLM's CPU attention runs ({sizes})"
     return None
+
+
+def weight_shapes(folder: Path) -> dict[str, tuple[int, ...]]:
+    """Each tensor's shape in the folder's safetensors files (none: empty), read from their headers."""
+    return {name: shape for file in sorted(folder.glob("*.safetensors")) for name, shape in weight_shapes_of(file).items()}
+
+
+def check_lora(folder: Path, model_shapes: dict[str, tuple[int, ...]], where: str) -> int:
+    """The rank of the peft LoRA adapter in ``folder``; SchemaError ``"<where>: <folder>: <reason>"``
+    unless it is one whose every ``lora_A`` (r, in) and ``lora_B`` (out, r) fits a (out, in) weight of
+    the model (``model_shapes``: ``weight_shapes`` of its folder; empty for a model without
+    safetensors: not checked)."""
+    def refused(reason: str) -> SchemaError:
+        return SchemaError(f"{where}: {folder}: {reason}")
+
+    if not folder.is_dir():
+        raise refused("no such folder (every node that runs a replica must read it at this path)")
+    try:
+        config = json.loads((folder / "adapter_config.json").read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise refused(f"not a peft adapter folder (adapter_config.json cannot be read: {exc})") from exc
+    if not isinstance(config, dict) or config.get("peft_type") != "LORA" or not isinstance(config.get("r"), int):
+        raise refused("adapter_config.json is not a LoRA adapter's (peft_type LORA and an integer r)")
+    if not (folder / LORA_WEIGHTS).is_file():
+        raise refused(f"no {LORA_WEIGHTS}")
+    from safetensors import SafetensorError
+
+    try:
+        shapes = weight_shapes_of(folder / LORA_WEIGHTS)
+    except (OSError, SafetensorError) as exc:
+        raise refused(f"{LORA_WEIGHTS} cannot be read: {exc}") from exc
+    pairs = {name.removeprefix(LORA_PREFIX).replace(".lora_A.weight", ""): shape
+             for name, shape in shapes.items() if name.endswith(".lora_A.weight")}
+    if not pairs:
+        raise refused(f"{LORA_WEIGHTS} holds no lora_A weights")
+    rank = config["r"]
+    for module, a in pairs.items():
+        b = shapes.get(f"{LORA_PREFIX}{module}.lora_B.weight")
+        base = model_shapes.get(f"{module}.weight")
+        if model_shapes and base is None:
+            raise refused(f"it adapts {module}, which the model does not have")
+        if b is None or len(a) != 2 or len(b) != 2 or a[0] != rank or b[1] != rank:
+            raise refused(f"{module}: lora_A {a} and lora_B {b} are not (r, in) and (out, r) with r = {rank}")
+        if base is not None and (len(base) != 2 or (b[0], a[1]) != base):
+            raise refused(f"{module}: the adapter fits a {(b[0], a[1])} weight; the model's is {base}")
+    return rank
+
+
+def weight_shapes_of(file: Path) -> dict[str, tuple[int, ...]]:
+    """Each tensor's shape in a safetensors file, from its header (no weights load)."""
+    from safetensors import safe_open
+
+    with safe_open(file, framework="numpy") as weights:
+        return {name: tuple(weights.get_slice(name).get_shape()) for name in weights.keys()}  # noqa: SIM118
 
 
 def _refused(folder: Path, where: str, reason: str) -> SchemaError:

@@ -174,6 +174,8 @@ class LLMEngine(VersionedWeights):
                 "the transformers engine cannot do structured outputs; "
                 "serve this policy with llm.policy.engine: vllm",
             )
+        if params.adapter is not None:  # the schema refuses llm.policy.adapters for this engine
+            raise InvalidRequest.at("adapter", "the transformers engine serves no adapters besides the policy's own")
         vocab = self.generator.vocab_size
         outside = sorted({token for token, _ in params.logit_bias if token >= vocab})
         if outside:

@@ -70,6 +70,8 @@ class GenerationParams:
     """(token id, bias) pairs added to the logits before sampling."""
     structured: StructuredOutput | None = None
     """Constrain the completion to JSON (vLLM's structured outputs); the transformers engine refuses it."""
+    adapter: str | None = None
+    """Generate with this one of ``llm.policy.adapters`` (its model id); None: the served model."""
 
     def __post_init__(self) -> None:
         if self.stop_strings is not None:

@@ -27,13 +27,14 @@ import uuid
 from collections.abc import AsyncIterator, Coroutine, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, get_args
 
 import torch
 from safetensors.torch import load_file, save, save_file
 from transformers import AutoConfig, AutoTokenizer
 from vllm import SamplingParams, TokensPrompt
 from vllm.config import StructuredOutputsConfig
+from vllm.config.lora import MaxLoRARanks
 from vllm.engine.arg_utils import AsyncEngineArgs
 from vllm.logprobs import Logprob
 from vllm.lora.request import LoRARequest
@@ -90,9 +91,13 @@ def engine_args(spec: LLMPolicySpec, folder: Path, adapter: Path | None, device:
     positions = getattr(config, "max_position_embeddings", None)
     on_cpu = device != "cuda"
     lora: dict[str, Any] = {}
-    if adapter is not None:
-        rank = json.loads((adapter / "adapter_config.json").read_text())["r"]
-        lora = {"enable_lora": True, "max_lora_rank": max(8, rank), "max_loras": 2}
+    folders = [*([adapter] if adapter is not None else []), *spec.adapters.values()]
+    if folders:
+        rank = max(json.loads((f / "adapter_config.json").read_text())["r"] for f in folders)
+        # the served adapter counts twice: a weight update adds its new version before removing the old
+        slots = len(spec.adapters) + (2 if adapter is not None else 0)
+        lora = {"enable_lora": True, "max_lora_rank": min(r for r in get_args(MaxLoRARanks) if r >= rank),
+                "max_loras": slots, "max_cpu_loras": slots}
     return AsyncEngineArgs(
         model=str(folder),
         tokenizer=str(folder),
@@ -120,7 +125,8 @@ class VLLMEngine:
     the whole set into vLLM's workers in place: generation pauses between two scheduler steps,
     the weights load, caches computed with the old weights are dropped, and the requests in flight
     go on (each sample names the version in force when it finished). An adapter is swapped for a
-    new vLLM ``LoRARequest`` per version (not merged).
+    new vLLM ``LoRARequest`` per version (not merged). The ``llm.policy.adapters`` are more fixed
+    ``LoRARequest``s on the same engine, one per model id, that ``GenerationParams.adapter`` picks.
     """
 
     partial_updates = True
@@ -143,6 +149,8 @@ class VLLMEngine:
         self._weights_folder = adapter if adapter else folder
         self._master: dict[str, torch.Tensor] | None = None
         self._lora = LoRARequest("v0", 1, str(adapter)) if adapter else None
+        # fixed: weight updates never touch them; their ids come from the served adapter's counter
+        self._extra = {name: LoRARequest(name, _lora_id(), str(f)) for name, f in spec.adapters.items()}
         args = engine_args(spec, folder, adapter, device, kv_cache_bytes)
         self._loop = _Loop()
         self.llm: AsyncLLM = self._loop.submit(_start(args)).result()
@@ -187,6 +195,8 @@ class VLLMEngine:
                 "the vllm engine cannot replace non-finite logits; use the transformers engine "
                 "(llm.policy.engine: transformers) for safe_logits",
             )
+        if params.adapter is not None and params.adapter not in self._extra:
+            raise InvalidRequest.at("adapter", f"no adapter {params.adapter!r}; llm.policy.adapters has {sorted(self._extra)}")
         if not prompt_ids:
             raise ValueError("the prompt is empty; give at least one token")
         if len(prompt_ids) >= self.max_model_len:
@@ -212,7 +222,7 @@ class VLLMEngine:
         with self._admitted():
             final: RequestOutput | None = None
             sampling = self._sampling_params(params, len(prompt_ids), RequestOutputKind.FINAL_ONLY)
-            async for final in self._request(prompt_ids, sampling):
+            async for final in self._request(prompt_ids, sampling, params.adapter):
                 pass
         assert final is not None
         version = self.version
@@ -228,7 +238,7 @@ class VLLMEngine:
         try:
             with self._admitted():
                 sampling = self._sampling_params(params, len(prompt_ids), RequestOutputKind.DELTA)
-                async for output in self._request(prompt_ids, sampling):
+                async for output in self._request(prompt_ids, sampling, params.adapter):
                     for out in output.outputs:
                         s = self._to_sample(prompt_ids, out, params, self.version, None)
                         tokens += len(s.completion_ids)
@@ -240,10 +250,11 @@ class VLLMEngine:
                 self.on_batch(BatchReport(1, tokens, time.perf_counter() - started,
                                           self.llm.get_num_unfinished_requests(), self.version))
 
-    def _request(self, prompt_ids: list[int], sampling: SamplingParams) -> AsyncIterator[RequestOutput]:
+    def _request(self, prompt_ids: list[int], sampling: SamplingParams, adapter: str | None) -> AsyncIterator[RequestOutput]:
         # vLLM aborts the request when this generator is closed or its task cancelled
+        lora = self._lora if adapter is None else self._extra[adapter]
         return self.llm.generate(TokensPrompt(prompt_token_ids=prompt_ids), sampling, uuid.uuid4().hex,
-                                 lora_request=self._lora)
+                                 lora_request=lora)
 
     def _stops(self, params: GenerationParams) -> list[str]:
         stops = params.stop_strings if params.stop_strings is not None else (self.spec.step_token, self.spec.end_token)
@@ -325,14 +336,14 @@ class VLLMEngine:
         loop = asyncio.get_running_loop()
         started = time.perf_counter()
         with self._admitted():
-            first = await self._next_log_probs([prompt_ids], k)
+            first = await self._next_log_probs([prompt_ids], k, params.adapter)
             rows: list[list[int]] = [[] for _ in range(width)]
 
             def advance(parents: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
                 nonlocal rows
                 rows = [rows[p] + [t] for p, t in zip(parents.tolist(), tokens.tolist())]
                 future = asyncio.run_coroutine_threadsafe(
-                    self._next_log_probs([prompt_ids + r for r in rows], k), loop)
+                    self._next_log_probs([prompt_ids + r for r in rows], k, params.adapter), loop)
                 return future.result(), torch.zeros(width, dtype=torch.long)
 
             stop = StopMatcher(self.tokenizer, tuple(self._stops(params)))
@@ -347,14 +358,14 @@ class VLLMEngine:
         self._report(samples, time.perf_counter() - started, version)
         return samples
 
-    async def _next_log_probs(self, prefixes: list[list[int]], k: int) -> torch.Tensor:
+    async def _next_log_probs(self, prefixes: list[list[int]], k: int, adapter: str | None) -> torch.Tensor:
         """(R, V) float32 raw log-probs of the token after each prefix: its ``k`` best, -inf elsewhere."""
         sampling = SamplingParams(max_tokens=1, temperature=0.0, logprobs=k, ignore_eos=True,
                                   output_kind=RequestOutputKind.FINAL_ONLY)
 
         async def one(prefix: list[int]) -> dict[int, float]:
             final: RequestOutput | None = None
-            async for final in self._request(prefix, sampling):
+            async for final in self._request(prefix, sampling, adapter):
                 pass
             assert final is not None and final.outputs[0].logprobs
             return {t: lp.logprob for t, lp in final.outputs[0].logprobs[0].items()}

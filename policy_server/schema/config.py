@@ -31,7 +31,7 @@ from pydantic_core import PydanticCustomError
 
 from policy_server.errors import SchemaError
 from policy_server.fields import check_text
-from policy_server.schema.llm import LLMSection
+from policy_server.schema.llm import LLMPolicySpec, LLMSection
 from policy_server.schema.training import TrainingSpec
 
 OBSERVATION_TYPES = ("int", "float", "bool", "List[int]", "List[float]", "List[bool]")
@@ -229,6 +229,8 @@ def _public_llm(llm: LLMSection | None) -> dict[str, Any] | None:
         if spec is not None:
             public[key]["path"] = spec.path.name
             public[key]["adapter"] = spec.adapter.name if spec.adapter else None
+            if isinstance(spec, LLMPolicySpec):
+                public[key]["adapters"] = {name: folder.name for name, folder in spec.adapters.items()}
             if spec.training is not None:  # folder names, not the server's file system layout
                 for folder in ("data_dir", "samples_dir", "save_dir"):
                     public[key]["training"][folder] = getattr(spec.training, folder).name

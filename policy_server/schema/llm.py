@@ -6,11 +6,14 @@ is downloaded. This module imports neither torch nor transformers.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
+MODEL_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._~:@+-]*")
+"""A model id on the OpenAI routes: one URL path segment (``/v1/models/{id}``) as it is written."""
 STEP_TOKEN = "<|eois_id|>"
 END_TOKEN = "<|eot_id|>"
 
@@ -89,6 +92,10 @@ class LLMPolicySpec(_ModelSpec):
     `transformers`: our batched loop on transformers (exact raw log-probs, no vLLM needed)."""
     served_name: str | None = None
     """Its model id on the OpenAI routes (default: the folder's name)."""
+    adapters: dict[str, Path] = {}
+    """More model ids on the OpenAI routes: id → a peft LoRA adapter folder on this model (vLLM
+    multi-LoRA; `engine: vllm` only). Fixed: training and weight updates touch only the served
+    model (with its `adapter`)."""
     step_token: str = STEP_TOKEN
     """Ends one reasoning step."""
     end_token: str = END_TOKEN
@@ -99,6 +106,20 @@ class LLMPolicySpec(_ModelSpec):
     @property
     def model_id(self) -> str:
         return self.served_name or self.path.name
+
+    @field_validator("adapters")
+    @classmethod
+    def _adapter_ids(cls, adapters: dict[str, Path], info: ValidationInfo) -> dict[str, Path]:
+        own = info.data.get("served_name") or getattr(info.data.get("path"), "name", None)
+        for name in adapters:
+            if not MODEL_ID.fullmatch(name):
+                raise ValueError(
+                    f"the model id {name!r} is not one URL path segment "
+                    "(a letter or digit, then letters, digits and ._~:@+-)"
+                )
+            if name == own:
+                raise ValueError(f"{name!r} is the policy's own model id (served_name, or its folder's name)")
+        return adapters
 
 
 class LLMValueSpec(_ModelSpec):
@@ -139,7 +160,9 @@ class LLMSection(_Strict):
                     "adapter": (base_dir / spec.adapter).resolve() if spec.adapter else None,
                     "training": training}
 
+        adapters = {"adapters": {name: (base_dir / folder).resolve() for name, folder in self.policy.adapters.items()}
+                    } if self.policy else {}
         return LLMSection(
-            policy=self.policy.model_copy(update=fix(self.policy)) if self.policy else None,
+            policy=self.policy.model_copy(update=fix(self.policy) | adapters) if self.policy else None,
             value=self.value.model_copy(update=fix(self.value)) if self.value else None,
         )

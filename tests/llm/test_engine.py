@@ -223,6 +223,7 @@ def test_what_the_transformers_engine_cannot_do_is_refused_naming_the_field(engi
     for params, field, words in [
         (structured, "structured", "transformers engine cannot do structured outputs"),
         (GenerationParams(logit_bias=((vocab, 1.0), (1, 2.0))), "logit_bias", f"\\[{vocab}\\] are outside"),
+        (GenerationParams(adapter="tiny-lora-a"), "adapter", "serves no adapters besides the policy's own"),
     ]:
         with pytest.raises(InvalidRequest, match=words) as raised:
             asyncio.run(engine.generate(prompt, params))

@@ -133,3 +133,105 @@ def test_build_app_refuses_the_folder_before_anything_starts(copy_policy: Callab
     schema = llm_schema({"policy": folder, "value": folder})
     with pytest.raises(SchemaError, match=re.escape(f"llm.policy.path: {folder}: no weights file")):
         make_client(tmp_path, schema)
+
+
+# --- llm.policy.adapters: more model ids on the policy, as LoRA adapters --------------------------
+
+
+@pytest.fixture
+def copy_adapter(llm_dirs: dict[str, Path], tmp_path: Path) -> Path:
+    """A fresh copy of the tiny policy's LoRA adapter, to break."""
+    return Path(shutil.copytree(llm_dirs["policy_lora"], tmp_path / "lora"))
+
+
+def with_adapters(llm_dirs: dict[str, Path], engine: str = "vllm", **adapters: Path) -> LLMPolicySpec:
+    return LLMPolicySpec(path=llm_dirs["policy"], engine=engine, adapters=adapters)  # type: ignore[arg-type]
+
+
+def adapter_refused(spec: LLMPolicySpec, name: str, reason: str) -> None:
+    with pytest.raises(SchemaError, match=re.escape(f"llm.policy.adapters.{name}: {spec.adapters[name]}: ") + reason):
+        check_checkpoint(spec, "llm.policy", on_cpu=True)
+
+
+def test_two_lora_adapters_of_the_policy_pass(llm_dirs: dict[str, Path]) -> None:
+    check_checkpoint(with_adapters(llm_dirs, a=llm_dirs["policy_lora"], b=llm_dirs["policy_lora_1"]),
+                     "llm.policy", on_cpu=True)
+
+
+def test_a_missing_adapter_folder_is_refused_naming_its_id(llm_dirs: dict[str, Path], tmp_path: Path) -> None:
+    spec = with_adapters(llm_dirs, good=llm_dirs["policy_lora"], gone=tmp_path / "nowhere")
+    adapter_refused(spec, "gone", "no such folder")
+
+
+@pytest.mark.parametrize(("break_it", "reason"), [
+    (lambda f: (f / "adapter_config.json").unlink(), r"not a peft adapter folder \(adapter_config.json cannot be read"),
+    (lambda f: (f / "adapter_config.json").write_text("{nope"), r"not a peft adapter folder \(adapter_config.json cannot be read"),
+    (lambda f: (f / "adapter_config.json").write_text('{"peft_type": "IA3", "r": 4}'), r"adapter_config.json is not a LoRA adapter's \(peft_type LORA and an integer r\)"),
+    (lambda f: (f / "adapter_config.json").write_text('[1]'), r"adapter_config.json is not a LoRA adapter's \(peft_type LORA and an integer r\)"),
+    (lambda f: (f / "adapter_model.safetensors").unlink(), "no adapter_model.safetensors"),
+    (lambda f: (f / "adapter_model.safetensors").write_bytes(b"\x00" * 16), "adapter_model.safetensors cannot be read"),
+])
+def test_a_folder_that_is_no_lora_adapter_is_refused(
+    llm_dirs: dict[str, Path], copy_adapter: Path, break_it: Callable[[Path], Any], reason: str,
+) -> None:
+    break_it(copy_adapter)
+    adapter_refused(with_adapters(llm_dirs, bad=copy_adapter), "bad", reason)
+
+
+def test_a_model_folder_given_as_adapter_is_refused(llm_dirs: dict[str, Path]) -> None:
+    adapter_refused(with_adapters(llm_dirs, base=llm_dirs["value"]), "base", "not a peft adapter folder")
+
+
+def edit_adapter(folder: Path, change: Callable[[dict[str, Any]], dict[str, Any]]) -> None:
+    from safetensors.torch import load_file, save_file
+
+    file = folder / "adapter_model.safetensors"
+    save_file(change(load_file(file)), str(file))
+
+
+def test_an_adapter_of_another_base_is_refused(llm_dirs: dict[str, Path], copy_adapter: Path) -> None:
+    import torch
+
+    def renamed(w: dict[str, Any]) -> dict[str, Any]:  # a module the tiny policy does not have
+        return {k.replace("layers.0.", "layers.99."): v for k, v in w.items()}
+
+    edit_adapter(copy_adapter, renamed)
+    adapter_refused(with_adapters(llm_dirs, other=copy_adapter), "other",
+                    re.escape("it adapts model.layers.99.self_attn.q_proj, which the model does not have"))
+
+    def wider(w: dict[str, Any]) -> dict[str, Any]:  # lora_A for inputs twice as wide as the model's
+        return {k: torch.cat([v, v], 1) if ".lora_A." in k else v for k, v in w.items()}
+
+    shutil.rmtree(copy_adapter)
+    shutil.copytree(llm_dirs["policy_lora"], copy_adapter)
+    edit_adapter(copy_adapter, wider)
+    adapter_refused(with_adapters(llm_dirs, other=copy_adapter), "other",
+                    r"model.layers.0.self_attn.(q|v)_proj: the adapter fits a \(\d+, \d+\) weight; the model's is")
+
+
+def test_an_adapter_whose_rank_disagrees_with_its_config_is_refused(llm_dirs: dict[str, Path], copy_adapter: Path) -> None:
+    config = json.loads((copy_adapter / "adapter_config.json").read_text())
+    (copy_adapter / "adapter_config.json").write_text(json.dumps(config | {"r": 8}))
+    adapter_refused(with_adapters(llm_dirs, r8=copy_adapter), "r8", r".*are not \(r, in\) and \(out, r\) with r = 8")
+
+
+def test_adapters_need_the_vllm_engine(llm_dirs: dict[str, Path]) -> None:
+    with pytest.raises(SchemaError, match=re.escape("llm.policy.adapters needs engine: vllm")):
+        check_checkpoint(with_adapters(llm_dirs, "transformers", a=llm_dirs["policy_lora"]), "llm.policy", on_cpu=True)
+
+
+def test_build_app_refuses_a_bad_adapter_before_anything_starts(llm_dirs: dict[str, Path], tmp_path: Path) -> None:
+    schema = llm_schema(llm_dirs)
+    schema["llm"]["policy"] |= {"engine": "vllm", "adapters": {"tiny-x": str(llm_dirs["value"])}}
+    with pytest.raises(SchemaError, match=re.escape(f"llm.policy.adapters.tiny-x: {llm_dirs['value']}: not a peft")):
+        make_client(tmp_path, schema)
+
+
+def test_an_adapter_rank_vllm_cannot_serve_is_refused(llm_dirs: dict[str, Path], copy_adapter: Path) -> None:
+    import torch
+
+    config = json.loads((copy_adapter / "adapter_config.json").read_text())
+    (copy_adapter / "adapter_config.json").write_text(json.dumps(config | {"r": 1024}))
+    edit_adapter(copy_adapter, lambda w: {k: torch.zeros(1024, v.shape[1]) if ".lora_A." in k else torch.zeros(v.shape[0], 1024)
+                                          for k, v in w.items()})
+    adapter_refused(with_adapters(llm_dirs, big=copy_adapter), "big", re.escape("rank 1024 is above vLLM's largest LoRA rank 512"))

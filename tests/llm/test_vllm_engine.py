@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -107,6 +108,9 @@ def test_samples_carry_raw_log_probs_stops_seeds_and_versions(
     with pytest.raises(InvalidRequest, match="safe_logits") as refused:
         generate(engine, ids, safe_logits=True)
     assert refused.value.fields[0].field == "safe_logits"
+    with pytest.raises(InvalidRequest, match=re.escape("no adapter 'tiny-lora-z'; llm.policy.adapters has []")) as refused:
+        generate(engine, ids, adapter="tiny-lora-z")
+    assert refused.value.fields[0].field == "adapter"
 
 
 def test_top_and_prompt_log_probs_are_the_models(engine: VLLMEngine, teacher: Generator) -> None:
@@ -245,3 +249,17 @@ def test_beam_search_scores_teacher_forced_log_probs_and_one_group_equals_it(
     for s in beam:  # plain beam search: the summed log-prob over the length (length penalty 1)
         assert s.score == pytest.approx(sum(s.log_probs) / len(s.log_probs), abs=TOLERANCE)
     assert beam[0].score >= beam[1].score
+
+
+def test_engine_args_make_room_for_every_adapter_and_the_served_ones_swap(llm_dirs: dict[str, Path], engine: VLLMEngine) -> None:
+    """``engine``: vLLM is imported already (see the note on its import above)."""
+    from policy_server.llm.vllm_engine import engine_args
+
+    adapters = {"a": llm_dirs["policy_lora"], "b": llm_dirs["policy_lora_1"]}
+    spec = LLMPolicySpec(path=llm_dirs["policy"], adapters=adapters)
+    extra = engine_args(spec, llm_dirs["policy"], None, "cpu")
+    assert (extra.enable_lora, extra.max_loras, extra.max_cpu_loras, extra.max_lora_rank) == (True, 2, 2, 8)
+    both = engine_args(spec, llm_dirs["policy"], llm_dirs["policy_lora"], "cpu")
+    assert (both.max_loras, both.max_cpu_loras) == (4, 4)  # a, b, the served adapter and its next version
+    plain = engine_args(LLMPolicySpec(path=llm_dirs["policy"]), llm_dirs["policy"], None, "cpu")
+    assert not plain.enable_lora

@@ -43,12 +43,12 @@ def openai_router(service: OpenAIService, auth: Auth, prefix: str) -> APIRouter:
 
     @router.get("/models", response_model=ModelList)
     async def models() -> Any:
-        """The served model, as OpenAI's model list."""
+        """The served model and its adapters (`llm.policy.adapters`), as OpenAI's model list."""
         return {"object": "list", "data": service.models()}
 
     @router.get("/models/{model_id}", response_model=OpenAIModel)
     async def model(model_id: str) -> Any:
-        """One served model; 404 for another id."""
+        """One served model (the policy or one of its adapters); 404 for another id."""
         return service.model(model_id)
 
     @router.post("/completions", response_model=Completion, responses={200: {"content": STREAMED}})

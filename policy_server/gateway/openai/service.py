@@ -46,6 +46,8 @@ class _Answer:
 
     kind: str
     id: str
+    model: str
+    """The model id the request named (the policy's when it named none)."""
     created: int = field(default_factory=lambda: int(time.time()))
 
 
@@ -57,13 +59,26 @@ class OpenAIService:
     # --- models -------------------------------------------------------------------------------
 
     def models(self) -> list[dict[str, Any]]:
-        return [{"id": self.spec.model_id, "object": "model", "created": 0, "owned_by": "policy-server"}]
+        """The policy, then each of its adapters (``parent``: the policy), as OpenAI's model objects."""
+        base = self.spec.model_id
+        return [{"id": model_id, "object": "model", "created": 0, "owned_by": "policy-server",
+                 "parent": None if model_id == base else base}
+                for model_id in (base, *self.spec.adapters)]
 
     def model(self, model_id: str) -> dict[str, Any]:
+        """The model object of ``model_id``; ``NotFound`` for an id this server does not serve."""
         for model in self.models():
             if model["id"] == model_id:
                 return model
-        raise NotFound(f"no model {model_id!r}; this server serves {self.spec.model_id!r}")
+        served = ", ".join(repr(m) for m in (self.spec.model_id, *self.spec.adapters))
+        raise NotFound(f"no model {model_id!r}; this server serves {served}")
+
+    def _adapter(self, model_id: str | None) -> str | None:
+        """The adapter a request's ``model`` names (None: the policy itself); ``NotFound`` for another id."""
+        if model_id is None:
+            return None
+        self.model(model_id)
+        return model_id if model_id in self.spec.adapters else None
 
     # --- requests → prompts -------------------------------------------------------------------
 
@@ -98,8 +113,7 @@ class OpenAIService:
         self, body: CompletionRequest | ChatRequest, prompt_len: int, max_tokens: int | None, length_field: str,
         top_logprobs: int, prompt_logprobs: bool,
     ) -> GenerationParams:
-        if body.model is not None and body.model != self.spec.model_id:
-            raise NotFound(f"no model {body.model!r}; this server serves {self.spec.model_id!r}")
+        adapter = self._adapter(body.model)
         new_tokens = max_tokens or min(self.llm.limits.max_new_tokens, DEFAULT_MAX_TOKENS)
         if body.min_tokens > new_tokens:
             raise InvalidRequest.at("body.min_tokens", f"at most the completion's length ({new_tokens})")
@@ -109,6 +123,7 @@ class OpenAIService:
             top_logprobs=top_logprobs, prompt_logprobs=prompt_logprobs,
             presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
             logit_bias=self._logit_bias(body.logit_bias or {}), structured=_structured(body.response_format),
+            adapter=adapter,
         )
 
     def _stops(self, stop: str | list[str] | None) -> tuple[str, ...]:
@@ -147,7 +162,7 @@ class OpenAIService:
                     choice |= {"token_ids": sample.completion_ids, "prompt_token_ids": prompt.ids}
                 choices.append(choice)
         samples = [s for group, _ in outs for s in group]
-        answer = _Answer("text_completion", f"cmpl-{uuid.uuid4().hex}")
+        answer = self._answer("text_completion", "cmpl", body)
         return self._whole(answer, choices, sum(len(p.ids) for p in prompts), samples, max(v for _, v in outs))
 
     async def chat(self, body: ChatRequest, prompt: Prompt) -> dict[str, Any]:
@@ -165,9 +180,12 @@ class OpenAIService:
             if body.return_token_ids:
                 choice["token_ids"] = sample.completion_ids
             choices.append(choice)
-        answer = self._whole(_Answer("chat.completion", f"chatcmpl-{uuid.uuid4().hex}"), choices, len(prompt.ids),
+        answer = self._whole(self._answer("chat.completion", "chatcmpl", body), choices, len(prompt.ids),
                              samples, version)
         return answer | ({"prompt_token_ids": prompt.ids} if body.return_token_ids else {})
+
+    def _answer(self, kind: str, prefix: str, body: CompletionRequest | ChatRequest) -> _Answer:
+        return _Answer(kind, f"{prefix}-{uuid.uuid4().hex}", body.model or self.spec.model_id)
 
     def _whole(self, answer: _Answer, choices: list[dict[str, Any]], prompt_tokens: int, samples: list[Sample],
                version: int) -> dict[str, Any]:
@@ -176,7 +194,7 @@ class OpenAIService:
         }
 
     def _head(self, answer: _Answer, version: int) -> dict[str, Any]:
-        return {"id": answer.id, "object": answer.kind, "created": answer.created, "model": self.spec.model_id,
+        return {"id": answer.id, "object": answer.kind, "created": answer.created, "model": answer.model,
                 "system_fingerprint": f"policy-server-v{version}"}
 
     # --- log-probs ----------------------------------------------------------------------------
@@ -239,7 +257,7 @@ class OpenAIService:
 
     async def completion_events(self, body: CompletionRequest, prompts: list[Prompt]) -> AsyncIterator[dict[str, Any]]:
         """OpenAI's ``text_completion`` chunks (then the usage chunk, if asked for)."""
-        answer = _Answer("text_completion", f"cmpl-{uuid.uuid4().hex}")
+        answer = self._answer("text_completion", "cmpl", body)
         n = body.n
         texts: dict[int, _TextStream] = {}
         async for which, chunk in _merged([_named_stream(self.llm.stream(p.ids, p.params)) for p in prompts]):
@@ -270,7 +288,7 @@ class OpenAIService:
 
     async def chat_events(self, body: ChatRequest, prompt: Prompt) -> AsyncIterator[dict[str, Any]]:
         """OpenAI's ``chat.completion.chunk`` chunks (then the usage chunk, if asked for)."""
-        answer = _Answer("chat.completion.chunk", f"chatcmpl-{uuid.uuid4().hex}")
+        answer = self._answer("chat.completion.chunk", "chatcmpl", body)
         texts: dict[int, _TextStream] = {}
         async for _, chunk in _merged([_named_stream(self.llm.stream(prompt.ids, prompt.params))]):
             first = chunk.index not in texts

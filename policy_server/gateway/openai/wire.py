@@ -65,7 +65,7 @@ class _OpenAI(_Forbid):
     """OpenAI's lax types (``"4"`` is 4), but unknown fields refused, numbers finite as float32 and
     texts valid Unicode: they reach the model."""
 
-    model: str | None = None
+    model: str | None = Field(None, description="The policy's model id or one of its adapters' (`/v1/models`); none: the policy.")
     n: int = Field(1, ge=1)
     temperature: Float32 = Field(1.0, ge=0, le=2)
     top_p: Float32 = Field(1.0, gt=0, le=1)
@@ -108,6 +108,7 @@ class OpenAIModel(BaseModel):
     object: Literal["model"]
     created: int
     owned_by: str
+    parent: str | None = Field(None, description="vLLM's: for a LoRA adapter (`llm.policy.adapters`), the base model's id.")
 
 
 class ModelList(BaseModel):

@@ -12,7 +12,7 @@ import httpx
 import openai
 import pytest
 import yaml
-from conftest import API_KEY, llm_schema, running_server
+from conftest import API_KEY, llm_schema, running_server, vllm_adapters
 
 from policy_server.settings import Settings
 
@@ -184,8 +184,9 @@ def test_json_schema_is_followed_or_refused_by_an_engine_without_it(oai: openai.
         assert json.loads(answer.choices[0].message.content or "")["a"] in (1, 2, 3)
 
 
-def test_models_and_one_model_and_an_unknown_one(oai: openai.OpenAI) -> None:
-    assert [m.id for m in oai.models.list().data] == ["tiny"]
+def test_models_and_one_model_and_an_unknown_one(oai: openai.OpenAI, engine: str, llm_dirs: dict[str, Path]) -> None:
+    adapters = list(vllm_adapters(llm_dirs)) if engine == "vllm" else []  # the shared server's (test_adapters.py)
+    assert [m.id for m in oai.models.list().data] == ["tiny", *adapters]
     assert oai.models.retrieve("tiny").id == "tiny"
     with pytest.raises(openai.NotFoundError) as caught:
         oai.models.retrieve("gpt-9")

@@ -86,3 +86,24 @@ def test_an_engines_refusal_is_named_as_the_openai_request_named_it(field: str, 
 
     renamed = _openai_named(InvalidRequest.at(field, "cannot"))
     assert renamed.fields[0].field == named and renamed.message == f"{named}: cannot"
+
+
+def test_a_requests_model_picks_the_adapter_in_one_place(llm_dirs: dict[str, Path]) -> None:
+    """The policy's id (or none) is the policy, an adapter's id that adapter, any other id a 404;
+    completions and chat take ``model`` alike."""
+    from policy_server.errors import NotFound
+    from policy_server.gateway.openai.service import OpenAIService
+    from policy_server.gateway.openai.wire import ChatRequest, CompletionRequest
+
+    spec = LLMPolicySpec(path=llm_dirs["policy"], served_name="tiny", adapters={"tiny-a": llm_dirs["policy_lora"]})
+    service = OpenAIService(LLMService(spec, AutoTokenizer.from_pretrained(str(llm_dirs["policy"]))))
+    assert [(m["id"], m["parent"]) for m in service.models()] == [("tiny", None), ("tiny-a", "tiny")]
+    for model, adapter in [(None, None), ("tiny", None), ("tiny-a", "tiny-a")]:
+        assert service.completion_prompts(CompletionRequest(prompt="Hi", model=model))[0].params.adapter == adapter
+        chat = ChatRequest(messages=[{"role": "user", "content": "Hi"}], model=model)  # type: ignore[list-item]
+        assert service.chat_prompt(chat).params.adapter == adapter
+    for unknown in ("tiny-b", "policy", "TINY-A"):
+        with pytest.raises(NotFound, match=f"no model '{unknown}'; this server serves 'tiny', 'tiny-a'"):
+            service.completion_prompts(CompletionRequest(prompt="Hi", model=unknown))
+        with pytest.raises(NotFound):
+            service.model(unknown)

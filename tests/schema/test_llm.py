@@ -1,0 +1,61 @@
+"""The `llm:` section of schema.yaml: `llm.policy.adapters`, its model ids and folders."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from policy_server.errors import SchemaError
+from policy_server.schema.config import parse_schema
+
+
+@pytest.fixture
+def schema_dir(tmp_path: Path) -> Path:
+    """A schema folder with `models/tiny`, a folder the schema takes for a model (its config.json)."""
+    (tmp_path / "models" / "tiny").mkdir(parents=True)
+    (tmp_path / "models" / "tiny" / "config.json").write_text("{}")
+    return tmp_path
+
+
+def with_adapters(adapters: dict[str, Any], **policy: Any) -> dict[str, Any]:
+    return {"parameters": {"api_key": "k"}, "llm": {"policy": {"path": "models/tiny", "adapters": adapters, **policy}}}
+
+
+def test_adapter_folders_resolve_against_the_schema_folder_and_stay_private(schema_dir: Path) -> None:
+    schema = parse_schema(with_adapters({"tiny-a": "loras/a", "ft:tiny-b@2": str(schema_dir / "elsewhere" / "b")}), schema_dir)
+    assert schema.llm is not None and schema.llm.policy is not None
+    assert schema.llm.policy.adapters == {"tiny-a": schema_dir / "loras" / "a", "ft:tiny-b@2": schema_dir / "elsewhere" / "b"}
+    public = schema.public()["llm"]["policy"]
+    assert public["adapters"] == {"tiny-a": "a", "ft:tiny-b@2": "b"}  # folder names, not the server's layout
+
+
+def test_no_adapters_by_default(schema_dir: Path) -> None:
+    schema = parse_schema({"parameters": {"api_key": "k"}, "llm": {"policy": {"path": "models/tiny"}}}, schema_dir)
+    assert schema.llm is not None and schema.llm.policy is not None and schema.llm.policy.adapters == {}
+
+
+@pytest.mark.parametrize("model_id", ["", "a/b", "a b", ".hidden", "-x", "é", "a?b", "a#b", "%2F"])
+def test_a_model_id_that_is_not_one_url_path_segment_is_refused(schema_dir: Path, model_id: str) -> None:
+    message = re.escape(f"llm.policy.adapters: Value error, the model id {model_id!r} is not one URL path segment")
+    with pytest.raises(SchemaError, match=message):
+        parse_schema(with_adapters({model_id: "lora"}), schema_dir)
+
+
+@pytest.mark.parametrize(("policy", "taken"), [({"served_name": "tiny-chat"}, "tiny-chat"), ({}, "tiny")])
+def test_an_adapter_may_not_take_the_policys_own_model_id(schema_dir: Path, policy: dict[str, Any], taken: str) -> None:
+    with pytest.raises(SchemaError, match=re.escape(f"llm.policy.adapters: Value error, {taken!r} is the policy's own")):
+        parse_schema(with_adapters({taken: "lora"}, **policy), schema_dir)
+
+
+def test_an_adapter_may_take_the_folder_name_when_served_name_differs(schema_dir: Path) -> None:
+    schema = parse_schema(with_adapters({"tiny": "lora"}, served_name="base"), schema_dir)
+    assert schema.llm is not None and schema.llm.policy is not None
+    assert list(schema.llm.policy.adapters) == ["tiny"]
+
+
+def test_an_adapter_folder_must_be_a_string(schema_dir: Path) -> None:
+    with pytest.raises(SchemaError, match=re.escape("llm.policy.adapters.a:")):
+        parse_schema(with_adapters({"a": ["not", "a", "path"]}), schema_dir)
