@@ -149,7 +149,7 @@ class GRPORun:
                 temperature=s.temperature,
                 max_new_tokens=s.max_completion_length,
                 stop_strings=s.stop_strings,
-                seed=s.seed * 1_000_003 + self._counters.groups_handed_out,
+                seed=self._group_seed(),
             )
             self._sync_served()
             samples, served_version = self._sample(prompt_ids, params)
@@ -345,6 +345,12 @@ class GRPORun:
         if hasattr(model, "peft_config"):  # a new adapter on a plain served model
             model = copy.deepcopy(model).merge_and_unload()
         return {n: p.detach().cpu().clone() for n, p in model.named_parameters()}
+
+    def _group_seed(self) -> int:
+        """The seed of the next group. vLLM seeds a request's ``n`` samples with ``seed``, ``seed + 1``,
+        ...: a serving run's groups step by ``group_size`` so that no two share a sample's seed."""
+        n = self._counters.groups_handed_out
+        return self.settings.seed * 1_000_003 + (n * self.settings.group_size if self.served else n)
 
     def _sample(self, prompt_ids: list[int], params: GenerationParams) -> tuple[list[Sample], int | None]:
         """A group from the serving engine (and its version), or from the run's own copy (None)."""
