@@ -1,6 +1,6 @@
 """GRPO benchmark: our control-flow-reversed GRPO over HTTP against TRL's `GRPOTrainer`, same run.
 
-    python bench/grpo.py [--steps 50] [--repeats 1] [--backend local|serve] [--report bench/results/grpo.json]
+    python bench/grpo.py [--steps 50] [--repeats 1] [--backend local|serve] [--vllm] [--report bench/results/grpo.json]
 
 Both train the tiny model of ``examples/llm`` (built afresh, full fine-tuning, no LoRA) on one task:
 the prompt "What is 3 + 4?" as one user chat message, 8 completions per step (one group), at most
@@ -12,6 +12,9 @@ with β 0.04 against the initial model, one torch thread, CPU.
 - ours: ``uvicorn app:app`` (``--backend local``: the run in a thread of the gateway process, no
   Ray; ``serve``: on its own Ray Serve deployment), driven by this process as a client: one cycle =
   POST completions, score them here, POST rewards (the server trains one step before it answers).
+- ours on vLLM (``--vllm``, a third design): the same client loop against a server whose policy runs
+  on the vLLM engine, the run started with ``serve: true``: vLLM samples each group and the run
+  publishes its weights into vLLM after every cycle (reported beside the others, no target).
 - TRL: ``GRPOTrainer`` in its own process, one step = generate 8 completions, score, one optimiser
   step; timed by a ``TrainerCallback`` from ``on_step_begin`` to ``on_step_end``.
 
@@ -95,9 +98,9 @@ def percentile(values: list[float], q: float) -> float:
 # Ours: a client of the HTTP API.
 
 
-def run_ours(url: str, server_pids: list[int], steps: int, seed: int) -> dict[str, Any]:
+def run_ours(url: str, server_pids: list[int], steps: int, seed: int, serve: bool = False) -> dict[str, Any]:
     settings = {"group_size": GROUP, "lr": LR, "beta": BETA, "clip_eps": CLIP_EPS, "lora": False, "chat": True,
-                "max_completion_length": MAX_NEW_TOKENS, "temperature": TEMPERATURE, "seed": seed,
+                "max_completion_length": MAX_NEW_TOKENS, "temperature": TEMPERATURE, "seed": seed, "serve": serve,
                 "checkpoint_every": steps + 1}  # no checkpoint inside the timed cycles, as TRL's save_strategy="no"
     with httpx.Client(base_url=url, headers={"access-token": KEY}, timeout=600) as client:
         start = time.perf_counter()
@@ -125,16 +128,21 @@ def run_ours(url: str, server_pids: list[int], steps: int, seed: int) -> dict[st
     return {"cycle_s": times, "rewards": rewards, "wall_s": wall, "setup_s": started} | cpu
 
 
-def ours_repeat(policy: Path, work: Path, steps: int, seed: int, backend: str, quiet_wait: float) -> dict[str, Any]:
+def ours_repeat(
+    policy: Path, work: Path, steps: int, seed: int, backend: str, quiet_wait: float, engine: str = "transformers"
+) -> dict[str, Any]:
+    """One run of ours; ``engine: vllm`` serves the policy on vLLM and trains it in place (``serve: true``)."""
     schema = {"parameters": {"api_key": KEY},
-              "llm": {"policy": {"path": str(policy), "training": {"save_dir": str(work / f"trained-{seed}")}}}}
+              "llm": {"policy": {"path": str(policy), "engine": engine,
+                                 "training": {"save_dir": str(work / f"trained-{engine}-{seed}")}}}}
     (work / "schema.yaml").write_text(yaml.safe_dump(schema, sort_keys=False))
     env = {"SCHEMA_PATH": str(work / "schema.yaml"), "POLICY_SERVER_BACKEND": backend, "OMP_NUM_THREADS": "1",
            "POLICY_SERVER_GATEWAY_METRICS_PORT": "0", "POLICY_SERVER_RAY_METRICS_PORT": "0"}
-    spec = ServerSpec(f"ours-grpo-{backend}", "app:app", env=env, ready_path="/health/ready")
+    spec = ServerSpec(f"ours-grpo-{backend}-{engine}", "app:app", env=env, ready_path="/health/ready")
     with running_server(spec, ROOT, RESULTS / "logs") as server:
         quiet = wait_for_quiet(server.pids(), quiet_wait, QUIET_CORES) if quiet_wait > 0 else float("nan")
-        return run_ours(server.base_url, server.pids(), steps, seed) | {"other_cores_before": quiet}
+        serve = engine == "vllm"
+        return run_ours(server.base_url, server.pids(), steps, seed, serve) | {"other_cores_before": quiet}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -237,13 +245,18 @@ def report(results: dict[str, Any]) -> bool:
           f"≤ {MAX_NEW_TOKENS} new tokens, backend {a['backend']}; {results['date']}, {results['machine']}\n")
     print(f"| design | steps | mean cycle s | p50 s | p90 s | total wall s | reward first {WINDOW} | "
           f"reward last {WINDOW} |\n|---|---:|---:|---:|---:|---:|---:|---:|")
-    for row in (trl, ours):
+    for row in (trl, ours, results.get("vllm")):
+        if row is None:
+            continue
         print(f"| {row['design']} | {row['steps']} | {row['mean_s']:.3f} | {row['p50_s']:.3f} | {row['p90_s']:.3f} | "
               f"{row['wall_s']:.1f} | {row['reward_first']:.3f} | {row['reward_last']:.3f} |")
     print(f"\n| repeat | seed | design | mean cycle s | p90 s | reward first {WINDOW} | reward last {WINDOW} | "
           "design cores | other cores |\n|---:|---:|---|---:|---:|---:|---:|---:|---:|")
-    for r, (o, t) in enumerate(zip(results["runs"]["ours"], results["runs"]["trl"], strict=True)):
-        for name, run in (("TRL", t), ("ours", o)):
+    vllm_runs = results["runs"].get("vllm") or [None] * len(results["runs"]["ours"])
+    for r, (o, t, v) in enumerate(zip(results["runs"]["ours"], results["runs"]["trl"], vllm_runs, strict=True)):
+        for name, run in (("TRL", t), ("ours", o), ("ours, vLLM serve", v)):
+            if run is None:
+                continue
             print(f"| {r} | {a['seed'] + r} | {name} | {statistics.fmean(run['cycle_s']):.3f} | "
                   f"{percentile(run['cycle_s'], 0.9):.3f} | {statistics.fmean(run['rewards'][:WINDOW]):.3f} | "
                   f"{statistics.fmean(run['rewards'][-WINDOW:]):.3f} | {run['design_cores']:.2f} | {run['other_cores']:.2f} |")
@@ -267,6 +280,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quiet-wait", type=float, default=60.0,
                         help="before each design, wait up to this long for other processes to use < 0.3 cores")
     parser.add_argument("--reward-tolerance", type=float, default=0.02)
+    parser.add_argument("--vllm", action="store_true",
+                        help="also run ours with the policy on the vLLM engine and the run training it in place")
     parser.add_argument("--json", type=Path, default=RESULTS / "grpo.json")
     parser.add_argument("--report", type=Path, help="measure nothing: re-print a results file")
     args = parser.parse_args(argv)
@@ -277,14 +292,18 @@ def main(argv: list[str] | None = None) -> int:
 
     work = Path(tempfile.mkdtemp(prefix="bench-grpo-"))
     policy = build_model(work / "models")
-    runs: dict[str, list[dict[str, Any]]] = {"ours": [], "trl": []}
+    runs: dict[str, list[dict[str, Any]]] = {"ours": [], "trl": []} | ({"vllm": []} if args.vllm else {})
     for r in range(args.repeats):
         seed = args.seed + r
         runs["trl"].append(trl_repeat(policy, work, args.steps, seed, args.quiet_wait))
         print(f"repeat {r}: TRL done, {statistics.fmean(runs['trl'][-1]['cycle_s']):.3f} s per step", flush=True)
         runs["ours"].append(ours_repeat(policy, work, args.steps, seed, args.backend, args.quiet_wait))
         print(f"repeat {r}: ours done, {statistics.fmean(runs['ours'][-1]['cycle_s']):.3f} s per cycle", flush=True)
-        for name in ("trl", "ours"):
+        if args.vllm:
+            runs["vllm"].append(ours_repeat(policy, work, args.steps, seed, args.backend, args.quiet_wait, "vllm"))
+            print(f"repeat {r}: ours on vLLM done, {statistics.fmean(runs['vllm'][-1]['cycle_s']):.3f} s per cycle",
+                  flush=True)
+        for name in runs:
             if len(runs[name][-1]["rewards"]) != args.steps:
                 raise RuntimeError(f"{name} recorded {len(runs[name][-1]['rewards'])} rewards for {args.steps} steps")
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
@@ -297,6 +316,9 @@ def main(argv: list[str] | None = None) -> int:
         "trl": summarise("TRL GRPOTrainer", runs["trl"]),
         "runs": runs,
     }
+    if args.vllm:
+        results["vllm"] = summarise(f"ours: HTTP client loop, vLLM engine, serve: true, {args.backend} backend",
+                                    runs["vllm"])
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(results, indent=1))
     return 0 if report(results) else 1

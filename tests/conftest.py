@@ -345,7 +345,11 @@ def vllm_server(llm_dirs: dict[str, Path], tmp_path_factory: pytest.TempPathFact
     from policy_server.settings import Settings
 
     schema = llm_schema(llm_dirs)
-    schema["llm"]["policy"] |= {"engine": "vllm", "adapters": vllm_adapters(llm_dirs)}
+    schema["llm"]["policy"] |= {
+        "engine": "vllm",
+        "adapters": vllm_adapters(llm_dirs),
+        "training": {"save_dir": str(tmp_path_factory.mktemp("vllm-training"))},  # GRPO's runs
+    }
     path = tmp_path_factory.mktemp("vllm-server") / "schema.yaml"
     path.write_text(yaml.safe_dump(schema, sort_keys=False))
     with running_server(build_app(Settings(schema_path=path, backend="local", gateway_metrics_port=0))) as url:

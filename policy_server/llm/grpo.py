@@ -11,10 +11,17 @@ generated more than ``max_version_lag`` cycles ago are refused (``StaleGroup``) 
 A run is a plain, thread-safe object: no Ray, no HTTP; its errors name the fields of its own
 input (``prompt``, ``rewards.1``). Checkpoints (every ``checkpoint_every`` cycles and at ``stop``)
 are written by ``grpo_checkpoints``; ``GRPORun.resume`` continues from the newest.
+
+A serving run (``settings.serve``) samples its groups through the serving engine instead of its
+own copy (``Served.generate``: the engine's raw log-probs are the old policy's), still trains its
+own copy, and publishes the trained weights into the engine (``Served.publish``) when it starts or
+resumes and after every cycle, before answering; its answers name the engine's version
+(``served_version``).
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import io
 import logging
@@ -23,6 +30,7 @@ import tempfile
 import threading
 import uuid
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -43,7 +51,7 @@ from policy_server.llm.grpo_checkpoints import (
 from policy_server.llm.grpo_settings import GRPOSettings
 from policy_server.llm.grpo_step import Group, prepare_model, train_step
 from policy_server.llm.models import Dtype, LoadedLM, load_policy
-from policy_server.llm.params import GenerationParams
+from policy_server.llm.params import GenerationParams, Sample
 from policy_server.training.guard import NonFiniteUpdate
 
 log = logging.getLogger(__name__)
@@ -53,7 +61,20 @@ MAX_PENDING_GROUPS = 1024
 REWARD_WINDOW = 20
 """``status()["mean_reward"]`` averages the last this many groups."""
 
+Generate = Callable[[list[int], GenerationParams], tuple[list[Sample], int]]
+"""The serving engine's ``generate`` (blocking): the samples of one prompt and the version that made them."""
+Publish = Callable[[dict[str, torch.Tensor]], int]
+"""Loads some or all weights into every serving replica (blocking); returns the version they are served as."""
 
+
+@dataclass(frozen=True)
+class Served:
+    """The serving engine a serving run samples from and publishes into."""
+
+    generate: Generate
+    publish: Publish
+    adapter: bool
+    """The served policy has a LoRA adapter: publish the adapter's weights (else all weights)."""
 
 
 @dataclass
@@ -79,6 +100,7 @@ class GRPORun:
     loads the base under a LoRA adapter from it, and, for full fine-tuning, the frozen reference.
     ``reference`` is the frozen reference of full fine-tuning (default: a copy of ``lm`` as given);
     a LoRA run's reference is its base with the adapter disabled.
+    ``served``: the serving engine, for a run with ``settings.serve`` (required then, ignored else).
     """
 
     def __init__(
@@ -89,8 +111,17 @@ class GRPORun:
         checkpoint_dir: str | Path,
         base_path: str | Path | None = None,
         reference: LoadedLM | None = None,
+        served: Served | None = None,
     ) -> None:
+        if settings.serve and served is None:
+            raise ValueError("a run with settings.serve needs the serving engine (served)")
+        if settings.serve and served is not None and served.adapter and not settings.lora:
+            raise InvalidRequest.at("lora", "the served policy has a LoRA adapter: a serving run trains it (lora: true)")
         self.run_id = run_id
+        self.served = served if settings.serve else None
+        self.served_version: int | None = None
+        """The version the serving engine serves this run's weights as (None: not published yet)."""
+        self._published_cycle: int | None = None
         self.lm = lm
         self.settings = settings
         self.checkpoint_dir = Path(checkpoint_dir)
@@ -118,9 +149,10 @@ class GRPORun:
                 temperature=s.temperature,
                 max_new_tokens=s.max_completion_length,
                 stop_strings=s.stop_strings,
-                seed=s.seed * 1_000_003 + self._counters.groups_handed_out,
+                seed=self._group_seed(),
             )
-            samples = self.generator.generate([prompt_ids], params)[0]
+            self._sync_served()
+            samples, served_version = self._sample(prompt_ids, params)
             group_id = uuid.uuid4().hex
             self._pending[group_id] = Group(
                 prompt_ids,
@@ -139,6 +171,7 @@ class GRPORun:
                     for x in samples
                 ],
                 "model_version": [self.run_id, self.cycle],
+                "served_version": served_version,
             }
 
     def submit_rewards(self, group_id: str, rewards: list[float]) -> dict[str, Any]:
@@ -175,8 +208,10 @@ class GRPORun:
             self.cycle += 1
             if self.cycle % self.settings.checkpoint_every == 0:
                 self._checkpoint()
+            self._sync_served()
             return {
                 "model_version": [self.run_id, self.cycle],
+                "served_version": self.served_version,
                 "loss": stats["loss"],
                 "mean_reward": mean_reward,
                 "skipped": False,
@@ -188,6 +223,7 @@ class GRPORun:
         log.warning("GRPO run %s: %s", self.run_id, self._counters.last_error)
         return {
             "model_version": [self.run_id, self.cycle],
+            "served_version": self.served_version,
             "loss": None,
             "mean_reward": mean_reward,
             "skipped": True,
@@ -204,6 +240,7 @@ class GRPORun:
                 "state": self.state,
                 "cycle": self.cycle,
                 "model_version": [self.run_id, self.cycle],
+                "served_version": self.served_version,
                 "groups_handed_out": c.groups_handed_out,
                 "rewards_received": c.rewards_received,
                 "rejected_stale": c.rejected_stale,
@@ -244,11 +281,13 @@ class GRPORun:
         base_path: str | Path | None = None,
         dtype: Dtype = "float32",
         device: str = "cpu",
+        served: Served | None = None,
     ) -> GRPORun:
         """The run as its newest checkpoint left it: weights or adapter, optimiser, cycle, counters.
 
         A LoRA run needs its base model, and full fine-tuning with a KL penalty its reference (the
-        model it started from): ``base_path``, or the one the checkpoint recorded.
+        model it started from): ``base_path``, or the one the checkpoint recorded. A serving run
+        publishes the checkpoint's weights on its first ``publish_served`` (or ``complete``).
         """
         folder = latest_checkpoint(checkpoint_dir)
         if folder is None:
@@ -272,12 +311,52 @@ class GRPORun:
             lm = load_policy(folder / MODEL_FOLDER, dtype=dtype, device=device)
             if settings.beta > 0:
                 reference = load_policy(base, dtype=dtype, device=device)
-        run = cls(run_id, lm, settings, checkpoint_dir, base_path=base, reference=reference)
+        run = cls(run_id, lm, settings, checkpoint_dir, base_path=base, reference=reference, served=served)
         run.cycle = state["cycle"]
         run._counters = _Counters(**state["counters"])
         optimizer_state = torch.load(folder / OPTIMIZER_FILE, map_location=lm.device, weights_only=True)
         run.optimizer.load_state_dict(optimizer_state)
         return run
+
+    # -- the serving engine ---------------------------------------------------------------------
+
+    def publish_served(self) -> int | None:
+        """Publish the run's weights into the serving engine unless it serves this cycle's already;
+        returns the served version (None for a run that does not serve)."""
+        with self._lock:
+            self._sync_served()
+            return self.served_version
+
+    def _sync_served(self) -> None:
+        """Under ``self._lock``: publish when the engine does not serve this cycle's weights (a run
+        that starts or resumes, a cycle just trained, a publish that failed before)."""
+        if self.served is None or self._published_cycle == self.cycle:
+            return
+        self.served_version = self.served.publish(self._publishable())
+        self._published_cycle = self.cycle
+
+    def _publishable(self) -> dict[str, torch.Tensor]:
+        """The trained weights under the served model's names: the adapter's when the served
+        policy has one; else every weight (a new adapter merged into a copy first)."""
+        assert self.served is not None
+        model = self.lm.model
+        if self.served.adapter:
+            return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if "lora_" in n}
+        if hasattr(model, "peft_config"):  # a new adapter on a plain served model
+            model = copy.deepcopy(model).merge_and_unload()
+        return {n: p.detach().cpu().clone() for n, p in model.named_parameters()}
+
+    def _group_seed(self) -> int:
+        """The seed of the next group. vLLM seeds a request's ``n`` samples with ``seed``, ``seed + 1``,
+        ...: a serving run's groups step by ``group_size`` so that no two share a sample's seed."""
+        n = self._counters.groups_handed_out
+        return self.settings.seed * 1_000_003 + (n * self.settings.group_size if self.served else n)
+
+    def _sample(self, prompt_ids: list[int], params: GenerationParams) -> tuple[list[Sample], int | None]:
+        """A group from the serving engine (and its version), or from the run's own copy (None)."""
+        if self.served is not None:
+            return self.served.generate(prompt_ids, params)
+        return self.generator.generate([prompt_ids], params)[0], None
 
     # -- internals ------------------------------------------------------------------------------
 

@@ -5,6 +5,11 @@ rewards back; each reward submission is one training cycle. Each run trains its 
 the model, checkpoints under ``root/<run_id>``, and is resumed from its newest checkpoint when
 it is asked for after a restart. A plain object: a Serve deployment holds one (or the gateway,
 with the local backend).
+
+A run started with ``serve: true`` samples through the served policy and publishes its weights
+into it (``grpo.Served``): at most one such run at a time, since the served model has one set of
+weights. It publishes its starting weights when it starts (the policy's own, whatever an earlier
+run left served) and its checkpoint's when it is resumed.
 """
 
 from __future__ import annotations
@@ -14,9 +19,9 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from policy_server.errors import NotFound, TooManyRuns
-from policy_server.llm.grpo import GRPORun
-from policy_server.llm.grpo_checkpoints import latest_checkpoint
+from policy_server.errors import InvalidRequest, NotFound, TooManyRuns
+from policy_server.llm.grpo import GRPORun, Served
+from policy_server.llm.grpo_checkpoints import latest_checkpoint, read_state
 from policy_server.llm.grpo_settings import GRPOSettings
 from policy_server.llm.models import load_policy
 
@@ -26,10 +31,12 @@ RUN_ID = r"^[A-Za-z0-9_-]{1,64}$"
 class GRPORuns:
     def __init__(
         self, model: Path, adapter: Path | None, root: Path, dtype: str = "float32", device: str = "cpu",
-        max_runs: int = 2,
+        max_runs: int = 2, served: Served | None = None,
     ) -> None:
         self.model, self.adapter, self.root = model, adapter, root
         self.dtype, self.device, self.max_runs = dtype, device, max_runs
+        self.served = served
+        """The serving engine that ``serve: true`` runs sample from and publish into (None: no such runs)."""
         self._runs: dict[str, GRPORun] = {}
         self._lock = threading.Lock()
 
@@ -41,9 +48,12 @@ class GRPORuns:
                 raise TooManyRuns(
                     f"{len(running)} runs are going (at most {self.max_runs}): stop one first"
                 )
+            if settings.serve:
+                self._check_serving_slot()
             run_id = uuid.uuid4().hex[:16]
             lm = load_policy(self.model, self.adapter, self.dtype, self.device)
-            run = GRPORun(run_id, lm, settings, self.root / run_id, base_path=self.model)
+            run = GRPORun(run_id, lm, settings, self.root / run_id, base_path=self.model, served=self.served)
+            run.publish_served()
             self._runs[run_id] = run
         return run.status() | {"settings": settings.model_dump()}
 
@@ -53,11 +63,29 @@ class GRPORuns:
             if run_id in self._runs:
                 return self._runs[run_id]
             folder = self.root / run_id
-            if not folder.resolve().is_relative_to(self.root.resolve()) or latest_checkpoint(folder) is None:
+            inside = folder.resolve().is_relative_to(self.root.resolve())
+            checkpoint = latest_checkpoint(folder) if inside else None
+            if checkpoint is None:
                 raise NotFound(f"no GRPO run {run_id!r}")
-            run = GRPORun.resume(run_id, folder, base_path=self.model, dtype=self.dtype, device=self.device)
+            if GRPOSettings.recorded(read_state(checkpoint)["settings"]).serve:
+                self._check_serving_slot()
+            run = GRPORun.resume(run_id, folder, base_path=self.model, dtype=self.dtype, device=self.device,
+                                 served=self.served)
+            run.publish_served()
             self._runs[run_id] = run
             return run
+
+    def _check_serving_slot(self) -> None:
+        """Under ``self._lock``: refuse a second serving run (``TooManyRuns``), or any when this
+        server has no serving engine to give them (``InvalidRequest`` naming ``serve``)."""
+        if self.served is None:
+            raise InvalidRequest.at("serve", "this server has no served policy for GRPO runs to sample from")
+        holder = next((r for r in self._runs.values() if r.state == "running" and r.settings.serve), None)
+        if holder is not None:
+            raise TooManyRuns(
+                f"run {holder.run_id} trains the served model (serve: true): one such run at a time; "
+                "stop it first, or start this run with serve: false"
+            )
 
     def complete(self, run_id: str, prompt: str) -> dict[str, Any]:
         return self.run(run_id).complete(prompt)

@@ -50,6 +50,12 @@ class GRPOSettings(BaseModel):
     """Checkpoint every this many cycles (and at stop)."""
     max_version_lag: int = Field(0, ge=0, description="Accept rewards for groups this many cycles old.")
     """Rewards are accepted for groups generated at most this many cycles ago (0: the current one)."""
+    serve: bool = Field(
+        False, description="Sample through the served model and publish each cycle's weights into it (one such run at a time)."
+    )
+    """Sample the groups through the serving engine (every replica of the policy) instead of the run's
+    own copy, and publish the trained weights into it after every cycle: what the policy serves is
+    what the run trains. At most one such run at a time; False: the run samples from its own copy."""
     seed: int = 0
     """Seeds sampling: group n of a run is sampled with a seed derived from (seed, n)."""
 

@@ -21,10 +21,27 @@ from safetensors.torch import load
 class WeightLoader:
     """Mixed into vLLM's workers (``worker_extension_cls``); ``self`` is the worker."""
 
-    reload_weights: Any  # the worker's own method
+    reload_weights: Any  # the worker's own methods
+    get_model: Any
 
     def load_safetensors(self, blob: bytes) -> int:
         """Load every tensor of a safetensors ``blob`` (checkpoint names) in place; returns how many."""
         tensors = load(blob)
         self.reload_weights(weights_iterator=iter(tensors.items()), is_checkpoint_format=True)
+        self._retie_lm_head()
         return len(tensors)
+
+    def _retie_lm_head(self) -> None:
+        """A model whose output layer is its input embedding (tied): the layer-wise reload loads
+        the embedding, but the output layer, which gets no weights of its own, keeps what it made
+        of the old ones at start-up (on CPU, a packed matrix); tie it again and redo that."""
+        model = self.get_model()
+        lm_head, inner = getattr(model, "lm_head", None), getattr(model, "model", None)
+        embed = getattr(inner, "embed_tokens", None)
+        if lm_head is None or embed is None or lm_head is embed:
+            return
+        if lm_head.weight is embed.weight or lm_head.weight.data_ptr() == embed.weight.data_ptr() or getattr(
+            getattr(model, "config", None), "tie_word_embeddings", False
+        ):
+            lm_head.tie_weights(embed)
+            lm_head.quant_method.process_weights_after_loading(lm_head)

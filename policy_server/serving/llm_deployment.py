@@ -151,11 +151,26 @@ def build_llm_deployment(spec: LLMPolicySpec | LLMValueSpec, gpus_available: boo
 
 @serve.deployment(num_replicas=1, max_ongoing_requests=64)
 class GRPODeployment:
-    """The GRPO runs of the LLM policy, beside its serving deployment (each run its own model copy)."""
+    """The GRPO runs of the LLM policy, beside its serving deployment (each run its own model copy).
+    A ``serve: true`` run samples through the policy's handle and publishes its weights into every
+    replica through ``broadcast("set_weights")``."""
 
-    def __init__(self, spec: LLMPolicySpec, root: str, device: str) -> None:
+    def __init__(self, spec: LLMPolicySpec, root: str, device: str, policy_app: str) -> None:
+        from policy_server.llm.grpo import Served
+
         _limit_threads(spec.training.num_cpus if spec.training else 1)
-        self.runs = GRPORuns(spec.path, spec.adapter, Path(root), spec.dtype, device)
+        policy = serve.get_deployment_handle(LLM_POLICY, policy_app)
+
+        def generate(prompt_ids: list[int], params: GenerationParams) -> tuple[list[Sample], int]:
+            return policy.generate.remote(prompt_ids, params).result(timeout_s=600)  # type: ignore[no-any-return]
+
+        def publish(weights: dict[str, Any]) -> int:
+            version: int = policy.version.remote().result(timeout_s=60) + 1
+            policy.broadcast("set_weights", weights, version).results(timeout_s=300)
+            return version
+
+        served = Served(generate, publish, adapter=spec.adapter is not None)
+        self.runs = GRPORuns(spec.path, spec.adapter, Path(root), spec.dtype, device, served=served)
         self.metrics = GRPOMetrics(spec.model_id, serve.get_replica_context().app_name)
 
     async def start(self, settings: GRPOSettings) -> dict[str, Any]:

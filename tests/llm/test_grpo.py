@@ -3,6 +3,8 @@ the maths are in test_losses.py."""
 
 from __future__ import annotations
 
+import asyncio
+import copy
 import io
 import math
 import tarfile
@@ -14,11 +16,13 @@ import pytest
 import torch
 
 from policy_server.errors import Conflict, InvalidRequest, NotFound, RunFinished, StaleGroup
-from policy_server.llm.grpo import GRPORun
+from policy_server.llm.engine import LLMEngine
+from policy_server.llm.grpo import GRPORun, Served
 from policy_server.llm.grpo_checkpoints import latest_checkpoint
 from policy_server.llm.grpo_settings import GRPOSettings
 from policy_server.llm.grpo_step import completion_log_probs
 from policy_server.llm.models import LoadedLM, load_policy
+from policy_server.schema.llm import LLMPolicySpec
 
 PROMPT = "What is 3 + 4?"
 
@@ -290,3 +294,109 @@ def test_a_non_finite_step_is_skipped_counted_and_not_checkpointed(llm_dirs: dic
     assert latest_checkpoint(tmp_path) == tmp_path / "cycle-00000002"
     resumed = GRPORun.resume("nf", tmp_path, base_path=llm_dirs["policy"])
     assert resumed.status()["skipped_updates"] == 1
+
+
+# -- serving runs: sampled by the serving engine, published into it ---------------------------------
+
+
+@pytest.fixture()
+def policy_engine(llm_dirs: dict[str, Path]) -> Iterator[LLMEngine]:
+    """The transformers serving engine of the plain tiny policy (each test changes its weights)."""
+    spec = LLMPolicySpec(path=llm_dirs["policy"])
+    engine = LLMEngine(spec, spec.path, None, "cpu")
+    yield engine
+    engine.close()
+
+
+def served_by(engine: LLMEngine, adapter: bool = False) -> Served:
+    """``engine`` as a serving run sees it: blocking generate, publish at the next version."""
+    return Served(
+        lambda prompt_ids, params: asyncio.run(engine.generate(prompt_ids, params)),
+        lambda weights: engine.set_weights(weights, engine.version + 1),
+        adapter=adapter,
+    )
+
+
+def assert_serves(engine: LLMEngine, weights: dict[str, torch.Tensor]) -> None:
+    served = dict(engine.lm.model.named_parameters())
+    assert weights and set(weights) <= set(served)
+    for name, value in weights.items():
+        torch.testing.assert_close(served[name].detach(), value, rtol=0, atol=0)
+
+
+def test_a_serving_run_samples_through_the_engine_and_publishes_every_cycle(
+    llm_dirs: dict[str, Path], tmp_path: Path, policy_engine: LLMEngine
+) -> None:
+    lm = load_policy(llm_dirs["policy"])
+    run = GRPORun("srv", lm, full_settings(group_size=4, serve=True), tmp_path, served=served_by(policy_engine))
+    assert run.status()["served_version"] is None
+    assert run.publish_served() == 1 and policy_engine.version == 1  # its starting weights
+    assert run.publish_served() == 1  # nothing new: nothing published
+    group = run.complete(PROMPT)
+    assert group["served_version"] == 1 and group["model_version"] == ["srv", 0]
+    # the engine's log-probs are the old policy's: the run's copy, teacher-forced, gives them back
+    prompt_ids = run._encode(PROMPT)
+    with torch.no_grad():
+        log_probs, _ = completion_log_probs(lm.model, prompt_ids, [c["token_ids"] for c in group["completions"]], lm.device)
+    for row, c in enumerate(group["completions"]):
+        assert log_probs[row, : len(c["logprobs"])].tolist() == pytest.approx(c["logprobs"], abs=1e-4)
+
+    answer = run.submit_rewards(group["group_id"], [1.0, 0.0, 0.5, 0.0])
+    assert answer["served_version"] == 2 and answer["model_version"] == ["srv", 1]
+    assert_serves(policy_engine, {n: p.detach() for n, p in lm.model.named_parameters()})
+    assert run.status()["served_version"] == 2
+    assert run.complete(PROMPT)["served_version"] == 2
+
+
+def test_a_new_adapter_is_published_merged_into_a_plain_served_model(
+    llm_dirs: dict[str, Path], tmp_path: Path, policy_engine: LLMEngine
+) -> None:
+    lm = load_policy(llm_dirs["policy"])
+    run = GRPORun("mrg", lm, full_settings(lora=True, group_size=4, serve=True), tmp_path,
+                  served=served_by(policy_engine))
+    play(run, lm, 2)
+    assert policy_engine.version == 3  # its starting weights, then one publish per cycle
+    merged = copy.deepcopy(lm.model).merge_and_unload()
+    assert_serves(policy_engine, {n: p.detach() for n, p in merged.named_parameters()})
+
+
+def test_a_served_adapter_is_trained_and_published_alone(llm_dirs: dict[str, Path], tmp_path: Path) -> None:
+    spec = LLMPolicySpec(path=llm_dirs["policy"])
+    engine = LLMEngine(spec, spec.path, llm_dirs["policy_lora"], "cpu")
+    try:
+        lm = load_policy(llm_dirs["policy"], adapter=llm_dirs["policy_lora"])
+        served = served_by(engine, adapter=True)
+        with pytest.raises(InvalidRequest, match="lora") as refused:
+            GRPORun("a", lm, full_settings(lora=False, serve=True), tmp_path, served=served)
+        assert refused.value.fields[0].field == "lora"
+        run = GRPORun("a", lm, full_settings(lora=True, group_size=4, serve=True), tmp_path, served=served)
+        published: list[set[str]] = []
+        run.served = Served(served.generate, lambda w: published.append(set(w)) or served.publish(w), adapter=True)
+        play(run, lm, 1)
+        adapter = {n: p.detach() for n, p in lm.model.named_parameters() if "lora_" in n}
+        assert published == [set(adapter), set(adapter)]
+        assert_serves(engine, adapter)
+    finally:
+        engine.close()
+
+
+def test_a_resumed_serving_run_publishes_its_checkpoint_first(
+    llm_dirs: dict[str, Path], tmp_path: Path, policy_engine: LLMEngine
+) -> None:
+    base = {n: p.detach().clone() for n, p in policy_engine.lm.model.named_parameters()}
+    lm = load_policy(llm_dirs["policy"])
+    settings = full_settings(group_size=4, serve=True, checkpoint_every=2)
+    run = GRPORun("res", lm, settings, tmp_path, served=served_by(policy_engine))
+    play(run, lm, 2)
+    trained = {n: p.detach().clone() for n, p in lm.model.named_parameters()}
+    policy_engine.set_weights(base, 10)  # someone else's weights are served now
+
+    resumed = GRPORun.resume("res", tmp_path, base_path=llm_dirs["policy"], served=served_by(policy_engine))
+    assert resumed.publish_served() == 11
+    assert_serves(policy_engine, trained)
+    assert resumed.status()["cycle"] == 2 and resumed.complete(PROMPT)["served_version"] == 11
+
+
+def test_a_serving_run_needs_the_engine(llm_dirs: dict[str, Path], tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="serving engine"):
+        GRPORun("x", load_policy(llm_dirs["policy"]), full_settings(serve=True), tmp_path)

@@ -26,6 +26,8 @@ class GRPORewards(_Wire):
 
 RunVersion = Annotated[list[str | int], Field(min_length=2, max_length=2)]
 VERSION_DOC = "`[run_id, cycle]`: the run and the training cycle whose weights made or will use it."
+SERVED_DOC = ("`serve: true` runs: the served policy's version (as its own answers name it) that holds "
+              "the run's weights, or made these completions; null for a run that samples from its own copy.")
 
 
 class GRPOStatus(BaseModel):
@@ -33,6 +35,7 @@ class GRPOStatus(BaseModel):
     state: Literal["running", "finished"]
     cycle: int = Field(description="Training cycles done (one per rewarded group).")
     model_version: RunVersion = Field(description=VERSION_DOC)
+    served_version: int | None = Field(description=SERVED_DOC)
     groups_handed_out: int
     rewards_received: int
     rejected_stale: int = Field(description="Reward submissions refused: their group came from an older cycle.")
@@ -69,10 +72,12 @@ class GRPOGroup(BaseModel):
     prompt: str
     completions: list[GRPOCompletion]
     model_version: RunVersion = Field(description=VERSION_DOC)
+    served_version: int | None = Field(description=SERVED_DOC)
 
 
 class GRPOUpdate(BaseModel):
     model_version: RunVersion = Field(description=VERSION_DOC)
+    served_version: int | None = Field(None, description=SERVED_DOC)
     loss: float | None = Field(description="None when the update was skipped.")
     mean_reward: float
     skipped: bool = Field(description="True when a non-finite value refused the update (the model is kept).")

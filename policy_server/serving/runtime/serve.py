@@ -164,14 +164,15 @@ class ServeRuntime(Runtime):
 
     def deploy_grpo(self, spec: LLMPolicySpec) -> DeploymentHandle:
         """The deployment of the LLM policy's GRPO runs (blocking); returns its handle."""
-        from policy_server.serving.llm_deployment import LLM_GRPO, GRPODeployment
+        from policy_server.serving.llm_deployment import LLM_GRPO, LLM_POLICY, GRPODeployment
 
         assert spec.training is not None
         gpus = spec.training.num_gpus if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
         device = spec.device if gpus > 0 else "cpu"
+        policy_app = f"{self.settings.serve_app_prefix}-{LLM_POLICY}"
         app = GRPODeployment.options(
             name=LLM_GRPO, ray_actor_options={"num_cpus": spec.training.num_cpus, "num_gpus": gpus}
-        ).bind(spec, str(spec.training.save_dir / "grpo"), device)
+        ).bind(spec, str(spec.training.save_dir / "grpo"), device, policy_app)
         app_name = f"{self.settings.serve_app_prefix}-{LLM_GRPO}"
         serve.run(app, name=app_name, route_prefix=None)
         self.apps.append(app_name)
