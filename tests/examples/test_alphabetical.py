@@ -56,7 +56,8 @@ def test_garbage_scores_about_zero(answer: str) -> None:
 
 def test_a_short_run_completes_and_advances_the_model_version(llm_dirs: dict[str, Path], tmp_path: Path) -> None:
     schema = {"parameters": {"api_key": API_KEY},
-              "llm": {"policy": {"path": str(llm_dirs["policy"]), "training": {"save_dir": str(tmp_path / "runs")}}}}
+              "llm": {"policy": {"path": str(llm_dirs["policy"]), "engine": "transformers",
+                                 "training": {"save_dir": str(tmp_path / "runs")}}}}
     (tmp_path / "schema.yaml").write_text(yaml.safe_dump(schema, sort_keys=False))
     settings = Settings(schema_path=tmp_path / "schema.yaml", backend="local", gateway_metrics_port=0)
     args = alphabetical.Args(cycles=4, group_size=4, max_completion_length=8, block=2, json=str(tmp_path / "c.json"))

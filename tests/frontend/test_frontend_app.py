@@ -173,7 +173,7 @@ def test_training_shows_status_and_history(
 def llm_url(llm_dirs: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     folder = tmp_path_factory.mktemp("llm")
     schema = {"parameters": {"api_key": API_KEY},
-              "llm": {"policy": {"path": str(llm_dirs["policy"]), "served_name": "tiny",
+              "llm": {"policy": {"path": str(llm_dirs["policy"]), "served_name": "tiny", "engine": "transformers",
                                  "limits": {"max_new_tokens": 32}, "training": {"save_dir": str(folder / "trained")}}}}
     with serve(schema, folder) as url:
         yield url

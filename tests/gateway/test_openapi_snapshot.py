@@ -38,7 +38,8 @@ def test_operation_ids_are_unique_and_named_after_method_and_path(
 ) -> None:
     schema = training_schema(model_dir, tmp_path / "ckpt")
     schema["parameters"]["url_path"] = "api/v1"
-    schema["llm"] = {"policy": {"path": str(llm_dirs["policy"])}, "value": {"path": str(llm_dirs["value"])}}
+    schema["llm"] = {"policy": {"path": str(llm_dirs["policy"]), "engine": "transformers"},
+                     "value": {"path": str(llm_dirs["value"])}}
     path = tmp_path / "schema.yaml"
     path.write_text(yaml.safe_dump(schema, sort_keys=False))
     document = build_app(Settings(schema_path=path, backend="local", gateway_metrics_port=0)).openapi()
@@ -55,7 +56,7 @@ def test_every_route_documents_a_typed_answer(model_dir: Path, llm_dirs: dict[st
     """Policies with training, the LLM policy with GRPO and x1 training, the value model: each
     operation's success answer is a JSON schema with properties (a model), or a file."""
     schema = training_schema(model_dir, tmp_path / "ckpt") | {"llm": {
-        "policy": {"path": str(llm_dirs["policy"]), "training": {"save_dir": str(tmp_path / "llm")}},
+        "policy": {"path": str(llm_dirs["policy"]), "engine": "transformers", "training": {"save_dir": str(tmp_path / "llm")}},
         "value": {"path": str(llm_dirs["value"]), "training": {"save_dir": str(tmp_path / "value")}},
     }}
     document = make_client(tmp_path, schema).app.openapi()

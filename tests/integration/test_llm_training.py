@@ -22,7 +22,7 @@ AUTH = {"access-token": API_KEY}
 def client(ray_session: int, llm_dirs: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[httpx.Client]:
     folder = tmp_path_factory.mktemp("llm-train")
     schema = {"parameters": {"api_key": API_KEY},
-              "llm": {"policy": {"path": str(llm_dirs["policy"]), "resources": {"num_cpus": 0.5},
+              "llm": {"policy": {"path": str(llm_dirs["policy"]), "engine": "transformers", "resources": {"num_cpus": 0.5},
                                  "training": {"save_dir": str(folder / "trained"), "num_cpus": 0.5}}}}
     path = folder / "schema.yaml"
     path.write_text(yaml.safe_dump(schema, sort_keys=False))

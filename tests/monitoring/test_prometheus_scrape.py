@@ -162,7 +162,7 @@ def test_prometheus_scrapes_the_server_and_every_dashboard_query_has_data(
     tmp_path: Path,
 ) -> None:
     schema = training_schema(model_dir, tmp_path / "ckpt", ppo=PPO, return_window=2)
-    schema["llm"] = {"policy": {"path": str(llm_dirs["policy"]), "resources": {"num_cpus": 0.5},
+    schema["llm"] = {"policy": {"path": str(llm_dirs["policy"]), "engine": "transformers", "resources": {"num_cpus": 0.5},
                                 "training": {"save_dir": str(tmp_path / "llm"), "num_cpus": 0.5}}}
     path = tmp_path / "schema.yaml"
     path.write_text(yaml.safe_dump(schema, sort_keys=False))

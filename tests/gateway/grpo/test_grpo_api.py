@@ -25,7 +25,8 @@ SETTINGS = {"group_size": 8, "lr": 1e-3, "lora": False, "chat": True, "max_compl
 
 def grpo_schema(llm_dirs: dict[str, Path], save_dir: Path) -> dict[str, Any]:
     return {"parameters": {"api_key": API_KEY},
-            "llm": {"policy": {"path": str(llm_dirs["policy"]), "training": {"save_dir": str(save_dir)}}}}
+            "llm": {"policy": {"path": str(llm_dirs["policy"]), "engine": "transformers",
+                               "training": {"save_dir": str(save_dir)}}}}
 
 
 def make_client(llm_dirs: dict[str, Path], folder: Path) -> TestClient:

@@ -8,24 +8,29 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 import yaml
 from conftest import API_KEY
 from fastapi.testclient import TestClient
 from support import wait_until
 
 from policy_server.gateway.app import build_app
+from policy_server.llm.grpo_step import completion_log_probs
+from policy_server.llm.models import load_policy
 from policy_server.settings import Settings
 
 AUTH = {"access-token": API_KEY}
 CHAT = [{"role": "user", "content": "What is 2 + 3?"}, {"role": "assistant", "content": "2 + 3 = 5"}]
 
 
-@pytest.fixture()
-def client(llm_dirs: dict[str, Path], tmp_path: Path) -> Iterator[TestClient]:
+@pytest.fixture(params=["transformers"])
+def client(request: pytest.FixtureRequest, llm_dirs: dict[str, Path], tmp_path: Path) -> Iterator[TestClient]:
+    """A server of the policy and value model with x1 training, on the transformers engine unless
+    a test asks for vLLM (``indirect`` parametrisation): a vLLM engine start costs a minute."""
     training = {"data_dir": str(tmp_path / "data"), "samples_dir": str(tmp_path / "samples"),
                 "save_dir": str(tmp_path / "trained")}
     schema = {"parameters": {"api_key": API_KEY},
-              "llm": {"policy": {"path": str(llm_dirs["policy"]), "training": training},
+              "llm": {"policy": {"path": str(llm_dirs["policy"]), "engine": request.param, "training": training},
                       "value": {"path": str(llm_dirs["value"]), "training": training}}}
     (tmp_path / "data").mkdir()
     path = tmp_path / "schema.yaml"
@@ -42,7 +47,10 @@ def wait_idle(client: TestClient, prefix: str) -> dict[str, Any]:
     return wait_until(idle, 120, message="training still running")
 
 
+@pytest.mark.parametrize("client", ["transformers", "vllm"], indirect=True)
 def test_the_policy_trains_with_ppo_and_serves_the_new_version(client: TestClient, tmp_path: Path) -> None:
+    """The trained weights reach the serving engine in place: the answers name version 1 and their
+    log-probs are the saved trained model's, teacher-forced (on vLLM too, tied output layer included)."""
     assert client.get("/llm/").json()["allow_training"] is True
     dataset = [{"messages": CHAT, "GAE": 1.0}, {"question": "What is 1 + 1?", "context": "", "current_node": "2", "value": 0.5}]
     started = client.post("/llm/train_from_dataset", json={"dataset": dataset, "num_epochs": 3, "lr": 1e-3,
@@ -52,9 +60,16 @@ def test_the_policy_trains_with_ppo_and_serves_the_new_version(client: TestClien
     status = wait_idle(client, "/llm")
     assert status["model_version"] == 1 and status["training"]["last_run"]["error"] is None
     assert status["training"]["last_run"]["step"] == 3
-    answer = client.post("/llm/direct_forward", json={"input_string": "Hi", "return_tokens": True})
+    answer = client.post("/llm/direct_forward", json={"input_string": "Hi", "return_tokens": True,
+                                                       "temperature": 1.0, "seed": 3, "num_samples": 2})
     assert answer.json()["model_version"] == 1  # the trained weights serve now
     assert list((tmp_path / "samples" / "policy").glob("*.jsonl")) and (tmp_path / "trained" / "policy").is_dir()
+    trained = load_policy(tmp_path / "trained" / "policy", None, "float32", "cpu").model
+    for record in answer.json()["records"]:
+        n = record["prompt_length"]
+        with torch.no_grad():
+            forced, _ = completion_log_probs(trained, record["tokens"][:n], [record["tokens"][n:]], torch.device("cpu"))
+        assert record["logprobs"][n:] == pytest.approx(forced[0].tolist(), abs=1e-4)
 
 
 def test_stop_interrupts_saves_and_a_second_run_is_refused_meanwhile(client: TestClient) -> None:

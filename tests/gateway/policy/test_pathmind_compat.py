@@ -40,7 +40,7 @@ def everything_schema(model_dir: Path, llm_dirs: dict[str, Path], folder: Path, 
     training = {"data_dir": str(folder / "data"), "samples_dir": str(folder / "samples"), "save_dir": str(folder / "llm")}
     schema["parameters"] |= parameters
     schema["llm"] = {
-        "policy": {"path": str(llm_dirs["policy"]), "training": training},
+        "policy": {"path": str(llm_dirs["policy"]), "engine": "transformers", "training": training},
         "value": {"path": str(llm_dirs["value"]), "training": training},
     }
     return schema
