@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 from ray import serve
 from ray.serve import Application
 
+from policy_server.llm.chunks import coalesced
 from policy_server.llm.engine import ValueScorer
 from policy_server.llm.grpo_runs import GRPORuns
 from policy_server.llm.params import GenerationParams, Sample, SampleChunk
@@ -52,7 +53,9 @@ class LLMPolicyDeployment:
         return await self.engine.generate(prompt_ids, params)
 
     async def stream(self, prompt_ids: list[int], params: GenerationParams) -> AsyncIterator[SampleChunk]:
-        async with aclosing(self.engine.stream(prompt_ids, params)) as chunks:  # Serve cancels: the engine stops
+        # what queued up while Serve sent the previous item goes as one item per sample (under load,
+        # one Ray message per token costs more than the token); Serve cancels: the engine stops
+        async with aclosing(coalesced(self.engine.stream(prompt_ids, params))) as chunks:
             async for chunk in chunks:
                 yield chunk
 
