@@ -36,6 +36,7 @@ from vllm import SamplingParams, TokensPrompt
 from vllm.config import StructuredOutputsConfig
 from vllm.config.lora import MaxLoRARanks
 from vllm.engine.arg_utils import AsyncEngineArgs
+from vllm.exceptions import VLLMValidationError
 from vllm.logprobs import Logprob
 from vllm.lora.request import LoRARequest
 from vllm.outputs import CompletionOutput, RequestOutput
@@ -59,6 +60,7 @@ MIN_MAX_LOGPROBS = 20
 """vLLM's default ``max_logprobs`` (OpenAI's ``top_logprobs`` goes up to 20)."""
 ADAPTER_FILE = "adapter_model.safetensors"
 WORKER_EXTENSION = "policy_server.llm.vllm_worker.WeightLoader"
+VLLM_NAMES = {"n": "num_samples", "max_tokens": "max_new_tokens", "min_tokens": "min_new_tokens"}  # ours
 
 
 class _Loop:
@@ -268,29 +270,33 @@ class VLLMEngine:
                 if params.structured.kind == "json_schema"
                 else StructuredOutputsParams(json_object=True)
             )
-        return SamplingParams(
-            n=params.num_samples,
-            temperature=params.temperature,
-            top_p=params.top_p,
-            seed=params.seed,
-            max_tokens=min(params.max_new_tokens, self.max_model_len - prompt_len),
-            min_tokens=params.min_new_tokens,
-            # our stop strings, matched on text with special tokens (the step and end tokens) spelled out;
-            # the model's eos stops nothing unless it is one of them, as in the transformers engine,
-            # except where a grammar ends: structured outputs end on eos
-            stop=self._stops(params),
-            include_stop_str_in_output=True,
-            skip_special_tokens=False,
-            spaces_between_special_tokens=False,
-            ignore_eos=structured is None,
-            logprobs=params.top_logprobs,
-            prompt_logprobs=0 if params.prompt_logprobs else None,
-            presence_penalty=params.presence_penalty,
-            frequency_penalty=params.frequency_penalty,
-            logit_bias=dict(params.logit_bias) or None,
-            structured_outputs=structured,
-            output_kind=kind,
-        )
+        try:
+            return SamplingParams(
+                n=params.num_samples,
+                temperature=params.temperature,
+                top_p=params.top_p,
+                seed=params.seed,
+                max_tokens=min(params.max_new_tokens, self.max_model_len - prompt_len),
+                min_tokens=params.min_new_tokens,
+                # our stop strings, matched on text with special tokens (the step and end tokens) spelled out;
+                # the model's eos stops nothing unless it is one of them, as in the transformers engine,
+                # except where a grammar ends: structured outputs end on eos
+                stop=self._stops(params),
+                include_stop_str_in_output=True,
+                skip_special_tokens=False,
+                spaces_between_special_tokens=False,
+                ignore_eos=structured is None,
+                logprobs=params.top_logprobs,
+                prompt_logprobs=0 if params.prompt_logprobs else None,
+                presence_penalty=params.presence_penalty,
+                frequency_penalty=params.frequency_penalty,
+                logit_bias=dict(params.logit_bias) or None,
+                structured_outputs=structured,
+                output_kind=kind,
+            )
+        except VLLMValidationError as exc:  # what the routes let through and vLLM refuses (a temperature above 2)
+            name = exc.parameter or exc.args[0].split(" ", 1)[0]
+            raise InvalidRequest.at(VLLM_NAMES.get(name, name), f"the vLLM engine refuses it: {exc.args[0]}") from exc
 
     def _to_sample(self, prompt_ids: list[int], out: CompletionOutput, params: GenerationParams, version: int,
                    prompt_lps: list[float | None] | None) -> Sample:

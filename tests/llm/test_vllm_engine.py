@@ -152,6 +152,13 @@ def test_structured_output_follows_the_json_schema(engine: VLLMEngine) -> None:
     assert isinstance(json.loads(text), dict)
 
 
+def test_what_vllm_refuses_is_an_invalid_request_naming_our_field(engine: VLLMEngine) -> None:
+    """x1's routes allow temperatures up to 10; vLLM's sampler takes up to 2: a 422, never a 500."""
+    with pytest.raises(InvalidRequest) as refused:
+        generate(engine, prompt(engine), temperature=5.0, max_new_tokens=4)
+    assert refused.value.fields[0].field == "temperature" and "[0, 2]" in refused.value.message
+
+
 def test_stream_concatenates_to_the_sample_and_closing_it_aborts(
     engine: VLLMEngine, reports: list[BatchReport]
 ) -> None:

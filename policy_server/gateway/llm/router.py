@@ -88,7 +88,7 @@ def llm_router(service: LLMService, auth: Auth, prefix: str, trainer: Starting[X
     @router.post("/direct_forward", response_model=DirectForwardAnswer, response_model_exclude_none=True)
     async def direct_forward(body: DirectForward) -> Any:
         """Generate for a prompt and answer at once: the texts and the stop string each ended on."""
-        return await service.direct_forward(body)
+        return await in_body(service.direct_forward(body))  # the engine names its fields from the params
 
     @router.post("/forward", status_code=201, response_model=TaskCreated)
     async def forward(body: Forward) -> Any:

@@ -37,7 +37,7 @@ class GenerateRequest(BaseModel):
     n: int = Field(1, ge=1)
     max_tokens: int | None = Field(DEFAULT_MAX_TOKENS, ge=1)
     min_tokens: int = Field(0, ge=0)
-    temperature: Float32 = Field(1.0, ge=0)
+    temperature: Float32 = Field(1.0, ge=0, le=2)  # vLLM's own bounds
     top_p: Float32 = Field(1.0, gt=0, le=1)
     seed: int | None = Field(None, ge=-SEED_MAX - 1, le=SEED_MAX)
     stop: TextOrTexts | None = None

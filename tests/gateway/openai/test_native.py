@@ -72,6 +72,7 @@ def test_atropos_payload_gets_per_token_id_logprobs_and_finish_reasons(server: s
         ({"prompt": "Hi", "stream": True}, "body.stream"),
         ({"prompt": "Hi", "stream": 0}, "body.stream"),  # JSON types are strict, as on our own routes
         ({"prompt": "Hi", "n": "2"}, "body.n"),
+        ({"prompt": "Hi", "temperature": 3.4028235e38}, "body.temperature"),  # vLLM's bound, on both engines
         ({"prompt": "Hi", "max_tokens": 10**6}, "body.max_tokens"),
     ],
 )

@@ -206,3 +206,15 @@ def test_errors_off_v1_keep_our_envelope(server: str) -> None:
     answer = httpx.post(f"{server}/llm/direct_forward", json={"input_string": "Hi", "frobnicate": 1},
                         headers={"access-token": API_KEY})
     assert answer.status_code == 422 and answer.json()["error"]["fields"][0]["field"] == "body.frobnicate"
+
+
+def test_a_temperature_one_engine_takes_and_vllm_refuses_is_a_422_naming_it(engine: str, server: str) -> None:
+    """x1's routes allow temperatures up to 10; vLLM's sampler takes up to 2."""
+    answer = httpx.post(f"{server}/llm/direct_forward", json={"input_string": "Hi", "temperature": 5.0,
+                                                              "max_output_length": 8},
+                        headers={"access-token": API_KEY}, timeout=120)
+    if engine == "transformers":
+        assert answer.status_code == 200, answer.text
+    else:
+        assert answer.status_code == 422, answer.text
+        assert answer.json()["error"]["fields"][0]["field"] == "body.temperature"
