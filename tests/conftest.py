@@ -317,6 +317,18 @@ def llm_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return module.build(tmp_path_factory.mktemp("llm"), seed=0, lora=True, extra_loras=1)
 
 
+@pytest.fixture()
+def policy_engine(llm_dirs: dict[str, Path]) -> Iterator[Any]:
+    """The transformers engine of the plain tiny policy, in this process (a test may change its weights)."""
+    from policy_server.llm.engine import LLMEngine
+    from policy_server.schema.llm import LLMPolicySpec
+
+    spec = LLMPolicySpec(path=llm_dirs["policy"])
+    engine = LLMEngine(spec, spec.path, None, "cpu")
+    yield engine
+    engine.close()
+
+
 def llm_schema(llm_dirs: dict[str, Path], **limits: Any) -> dict[str, Any]:
     return {
         "parameters": {"api_key": API_KEY},

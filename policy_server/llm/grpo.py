@@ -21,6 +21,7 @@ resumes and after every cycle, before answering; its answers name the engine's v
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import dataclasses
 import io
@@ -75,6 +76,22 @@ class Served:
     publish: Publish
     adapter: bool
     """The served policy has a LoRA adapter: publish the adapter's weights (else all weights)."""
+
+    @classmethod
+    def in_process(cls, engine: Any, adapter: bool) -> Served:
+        """An engine of this process (``LLMEngine`` or ``VLLMEngine``): each generate waits on an
+        event loop of its own (a run's calls come in worker threads); each publish loads the weights
+        at the engine's next version."""
+
+        def generate(prompt_ids: list[int], params: GenerationParams) -> tuple[list[Sample], int]:
+            result: tuple[list[Sample], int] = asyncio.run(engine.generate(prompt_ids, params))
+            return result
+
+        def publish(weights: dict[str, torch.Tensor]) -> int:
+            version: int = engine.set_weights(weights, engine.version + 1)
+            return version
+
+        return cls(generate, publish, adapter)
 
 
 @dataclass

@@ -3,7 +3,6 @@ the maths are in test_losses.py."""
 
 from __future__ import annotations
 
-import asyncio
 import copy
 import io
 import math
@@ -299,24 +298,6 @@ def test_a_non_finite_step_is_skipped_counted_and_not_checkpointed(llm_dirs: dic
 # -- serving runs: sampled by the serving engine, published into it ---------------------------------
 
 
-@pytest.fixture()
-def policy_engine(llm_dirs: dict[str, Path]) -> Iterator[LLMEngine]:
-    """The transformers serving engine of the plain tiny policy (each test changes its weights)."""
-    spec = LLMPolicySpec(path=llm_dirs["policy"])
-    engine = LLMEngine(spec, spec.path, None, "cpu")
-    yield engine
-    engine.close()
-
-
-def served_by(engine: LLMEngine, adapter: bool = False) -> Served:
-    """``engine`` as a serving run sees it: blocking generate, publish at the next version."""
-    return Served(
-        lambda prompt_ids, params: asyncio.run(engine.generate(prompt_ids, params)),
-        lambda weights: engine.set_weights(weights, engine.version + 1),
-        adapter=adapter,
-    )
-
-
 def assert_serves(engine: LLMEngine, weights: dict[str, torch.Tensor]) -> None:
     served = dict(engine.lm.model.named_parameters())
     assert weights and set(weights) <= set(served)
@@ -328,7 +309,7 @@ def test_a_serving_run_samples_through_the_engine_and_publishes_every_cycle(
     llm_dirs: dict[str, Path], tmp_path: Path, policy_engine: LLMEngine
 ) -> None:
     lm = load_policy(llm_dirs["policy"])
-    run = GRPORun("srv", lm, full_settings(group_size=4, serve=True), tmp_path, served=served_by(policy_engine))
+    run = GRPORun("srv", lm, full_settings(group_size=4, serve=True), tmp_path, served=Served.in_process(policy_engine, adapter=False))
     assert run.status()["served_version"] is None
     assert run.publish_served() == 1 and policy_engine.version == 1  # its starting weights
     assert run.publish_served() == 1  # nothing new: nothing published
@@ -353,7 +334,7 @@ def test_a_new_adapter_is_published_merged_into_a_plain_served_model(
 ) -> None:
     lm = load_policy(llm_dirs["policy"])
     run = GRPORun("mrg", lm, full_settings(lora=True, group_size=4, serve=True), tmp_path,
-                  served=served_by(policy_engine))
+                  served=Served.in_process(policy_engine, adapter=False))
     play(run, lm, 2)
     assert policy_engine.version == 3  # its starting weights, then one publish per cycle
     merged = copy.deepcopy(lm.model).merge_and_unload()
@@ -365,7 +346,7 @@ def test_a_served_adapter_is_trained_and_published_alone(llm_dirs: dict[str, Pat
     engine = LLMEngine(spec, spec.path, llm_dirs["policy_lora"], "cpu")
     try:
         lm = load_policy(llm_dirs["policy"], adapter=llm_dirs["policy_lora"])
-        served = served_by(engine, adapter=True)
+        served = Served.in_process(engine, adapter=True)
         with pytest.raises(InvalidRequest, match="lora") as refused:
             GRPORun("a", lm, full_settings(lora=False, serve=True), tmp_path, served=served)
         assert refused.value.fields[0].field == "lora"
@@ -386,12 +367,12 @@ def test_a_resumed_serving_run_publishes_its_checkpoint_first(
     base = {n: p.detach().clone() for n, p in policy_engine.lm.model.named_parameters()}
     lm = load_policy(llm_dirs["policy"])
     settings = full_settings(group_size=4, serve=True, checkpoint_every=2)
-    run = GRPORun("res", lm, settings, tmp_path, served=served_by(policy_engine))
+    run = GRPORun("res", lm, settings, tmp_path, served=Served.in_process(policy_engine, adapter=False))
     play(run, lm, 2)
     trained = {n: p.detach().clone() for n, p in lm.model.named_parameters()}
     policy_engine.set_weights(base, 10)  # someone else's weights are served now
 
-    resumed = GRPORun.resume("res", tmp_path, base_path=llm_dirs["policy"], served=served_by(policy_engine))
+    resumed = GRPORun.resume("res", tmp_path, base_path=llm_dirs["policy"], served=Served.in_process(policy_engine, adapter=False))
     assert resumed.publish_served() == 11
     assert_serves(policy_engine, trained)
     assert resumed.status()["cycle"] == 2 and resumed.complete(PROMPT)["served_version"] == 11

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -14,53 +12,41 @@ from policy_server.llm.engine import LLMEngine
 from policy_server.llm.grpo import Served
 from policy_server.llm.grpo_runs import GRPORuns
 from policy_server.llm.grpo_settings import GRPOSettings
-from policy_server.schema.llm import LLMPolicySpec
 
 SERVING = GRPOSettings(serve=True, lora=False, group_size=2, max_completion_length=4, checkpoint_every=1)
 
 
-@pytest.fixture()
-def engine(llm_dirs: dict[str, Path]) -> Iterator[LLMEngine]:
-    spec = LLMPolicySpec(path=llm_dirs["policy"])
-    engine = LLMEngine(spec, spec.path, None, "cpu")
-    yield engine
-    engine.close()
-
-
 def runs_of(llm_dirs: dict[str, Path], root: Path, engine: LLMEngine | None) -> GRPORuns:
-    served = None
-    if engine is not None:
-        served = Served(lambda ids, params: asyncio.run(engine.generate(ids, params)),
-                        lambda weights: engine.set_weights(weights, engine.version + 1), adapter=False)
+    served = None if engine is None else Served.in_process(engine, adapter=False)
     return GRPORuns(llm_dirs["policy"], None, root, max_runs=3, served=served)
 
 
-def test_one_serving_run_at_a_time(llm_dirs: dict[str, Path], tmp_path: Path, engine: LLMEngine) -> None:
-    runs = runs_of(llm_dirs, tmp_path, engine)
+def test_one_serving_run_at_a_time(llm_dirs: dict[str, Path], tmp_path: Path, policy_engine: LLMEngine) -> None:
+    runs = runs_of(llm_dirs, tmp_path, policy_engine)
     first = runs.start(SERVING)
-    assert first["served_version"] == 1 and engine.version == 1  # its starting weights, published
+    assert first["served_version"] == 1 and policy_engine.version == 1  # its starting weights, published
     with pytest.raises(TooManyRuns, match=f"run {first['run_id']} trains the served model") as refused:
         runs.start(SERVING)
     assert refused.value.status == 409
     own = runs.start(GRPOSettings(serve=False))  # a run on its own copy still starts
-    assert own["served_version"] is None and engine.version == 1
+    assert own["served_version"] is None and policy_engine.version == 1
     runs.stop(first["run_id"])
     second = runs.start(SERVING)  # the slot is free again
     assert second["served_version"] == 2
 
 
 def test_a_serving_run_resumed_after_a_restart_publishes_its_checkpoint(
-    llm_dirs: dict[str, Path], tmp_path: Path, engine: LLMEngine
+    llm_dirs: dict[str, Path], tmp_path: Path, policy_engine: LLMEngine
 ) -> None:
-    runs = runs_of(llm_dirs, tmp_path, engine)
+    runs = runs_of(llm_dirs, tmp_path, policy_engine)
     run_id = runs.start(SERVING)["run_id"]
     group = runs.complete(run_id, "What is 3 + 4?")
     assert runs.rewards(run_id, group["group_id"], [1.0, 0.0])["served_version"] == 2
     trained = {n: p.detach().clone() for n, p in runs.run(run_id).lm.model.named_parameters()}
 
-    restarted = runs_of(llm_dirs, tmp_path, engine)  # a new process: the run comes from its checkpoint
-    assert restarted.status(run_id)["cycle"] == 1 and engine.version == 3
-    served = dict(engine.lm.model.named_parameters())
+    restarted = runs_of(llm_dirs, tmp_path, policy_engine)  # a new process: the run comes from its checkpoint
+    assert restarted.status(run_id)["cycle"] == 1 and policy_engine.version == 3
+    served = dict(policy_engine.lm.model.named_parameters())
     for name, value in trained.items():
         torch.testing.assert_close(served[name].detach(), value, rtol=0, atol=0)
     with pytest.raises(TooManyRuns, match=f"run {run_id}"):

@@ -3,7 +3,6 @@ floor). Blocking domain methods run in worker threads; errors come out as ``serv
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Any
 
@@ -255,16 +254,7 @@ class LocalRuntime(Runtime):
 
         assert spec.training is not None
         assert self._engine is not None, "the policy before its GRPO runs"
-        engine = self._engine
-
-        def generate(prompt_ids: list[int], params: GenerationParams) -> tuple[list[Sample], int]:
-            # a run's calls come in worker threads (``local``): each waits on its own event loop
-            return asyncio.run(engine.generate(prompt_ids, params))
-
-        def publish(weights: dict[str, Any]) -> int:
-            return engine.set_weights(weights, engine.version + 1)
-
-        served = Served(generate, publish, adapter=spec.adapter is not None)
+        served = Served.in_process(self._engine, adapter=spec.adapter is not None)
         return LocalGRPORuns(GRPORuns(spec.path, spec.adapter, spec.training.save_dir / "grpo", served=served))
 
     async def x1_training(self, kind: X1Kind, spec: LLMPolicySpec | LLMValueSpec) -> LocalX1Training:
