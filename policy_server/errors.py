@@ -80,6 +80,13 @@ class SchemaError(PolicyServerError):
     code = "schema_error"
 
 
+class StartupError(PolicyServerError):
+    """What the schema describes could not be started: a deployment failed or did not run in time,
+    or start-up was cancelled. Raised while the server starts, never per request."""
+
+    code = "startup_error"
+
+
 class InvalidRequest(PolicyServerError):
     """The request is invalid; names each bad field (a 422 always says which)."""
 

@@ -44,6 +44,10 @@ class Settings(BaseSettings):
     serve_app_prefix: str = Field(
         "policy-server", description="Serve application names are `<prefix>-<policy>`."
     )
+    start_timeout_s: float = Field(
+        900.0, gt=0, description="Most seconds one Serve app may take to start (a large model's load "
+        "included) before start-up fails, naming what Serve said about it."
+    )
     max_body_bytes: int = Field(4 * 1024 * 1024, gt=0, description="Larger bodies get a 413.")
     max_batch_observations: int = Field(
         4096, gt=0, description="Most observations accepted in one batch request."

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import gc
 import logging
-import signal
-import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -14,6 +12,7 @@ import numpy as np
 from fastapi import FastAPI
 
 from policy_server import __version__
+from policy_server.errors import PolicyServerError
 from policy_server.gateway import grpo, openai, policy, training
 from policy_server.gateway import llm as gateway_llm
 from policy_server.gateway import sdks as gateway_sdks
@@ -27,6 +26,11 @@ from policy_server.gateway.openapi import operation_ids
 from policy_server.gateway.paths import PathNormalizer, slash_routes
 from policy_server.gateway.policy.service import PolicyService
 from policy_server.gateway.redact import install_log_redaction
+from policy_server.gateway.startup import (
+    cancel_on_signal,
+    install_one_line_refusal,
+    restore_python_signal_handlers,
+)
 from policy_server.gateway.training.service import TrainingService
 from policy_server.policies.served import resolve_policy
 from policy_server.schema.config import ServerSchema, load_schema
@@ -56,6 +60,7 @@ def build_app(settings: Settings | None = None) -> FastAPI:
     (or joined) by the app's lifespan, not here.
     """
     install_log_redaction()
+    refusal = install_one_line_refusal()
     settings = settings or Settings()
     schema = load_schema(settings.schema_path)
     rng = np.random.default_rng(settings.seed)
@@ -80,15 +85,19 @@ def build_app(settings: Settings | None = None) -> FastAPI:
         runtime = make_runtime(settings, local_models)
         local_models.clear()  # the runtime holds them now, or the replicas hold their own
         try:
-            await _start_services(runtime, schema, services, trainings, metrics, llm)
+            with cancel_on_signal(runtime):
+                await _start_services(runtime, schema, services, trainings, metrics, llm)
             if sdks is not None and settings.clients_prebuild:
                 sdks.start(app.openapi())
-            _restore_python_signal_handlers()
+            restore_python_signal_handlers()
             # What start-up allocated (torch, Ray, the app) lives as long as the process: move it
             # out of the collector's way, or full collections of it stall requests 80-130 ms.
             gc.collect()
             gc.freeze()
             yield
+        except PolicyServerError as exc:
+            refusal.refuse(exc)  # uvicorn then logs the reason, not the traceback
+            raise
         finally:  # also when start-up fails half-way: what did start is stopped
             gc.unfreeze()
             metrics.close()
@@ -141,7 +150,7 @@ async def _start_services(
 ) -> None:
     """Have the runtime start every service of the schema, and attach each to its gateway service
     (each answers 503 until then)."""
-    await runtime.start()
+    await runtime.start(schema)
     for name, service in services.items():
         service.attach(await runtime.policy_model(schema.policies[name]), metrics.batch_rows.labels(name).observe)
     for name, trainer in trainings.items():
@@ -155,13 +164,3 @@ def _client_sdks(settings: Settings) -> ClientSDKs | None:
     if not settings.clients_enabled:
         return None
     return ClientSDKs(settings.clients_cache_dir, settings.clients_java, settings.clients_timeout_s)
-
-
-def _restore_python_signal_handlers() -> None:
-    """ray.init puts its own SIGTERM handler in front of uvicorn's, which then aborts the process
-    mid-shutdown and leaves Ray's processes behind; give the signals back to Python's handlers."""
-    if threading.current_thread() is threading.main_thread():
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, signal.getsignal(sig))
-
-

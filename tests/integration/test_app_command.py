@@ -148,3 +148,30 @@ def test_a_schema_that_cannot_be_served_is_refused_with_its_reason_and_no_traceb
         )
         assert done.returncode == 1, done.stderr
         assert done.stderr.startswith(reason) and "Traceback" not in done.stderr, done.stderr
+
+
+def test_a_schema_asking_more_than_the_cluster_has_is_refused_in_one_line(ray_session: int, tmp_path: Path) -> None:
+    """Ray Serve would wait without end for a replica no node can place (the fresh user's LLM example
+    with a `training:` section hung on 2 cores): `uvicorn app:app` refuses it at once instead,
+    naming the field, and leaves the cluster it joined as it was: nothing deployed, its Serve still
+    running (a gateway that joined a cluster used to shut the cluster's Serve down when it stopped)."""
+    import ray
+    from ray import serve
+
+    raw = yaml.safe_load((ROOT / "schema.yaml").read_text())
+    raw["parameters"] |= {"model": str(ROOT / "models/lpoc.pt"), "resources": {"num_cpus": 4096}}
+    (tmp_path / "schema.yaml").write_text(yaml.safe_dump(raw))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("POLICY_SERVER_", "RAY_ADDRESS", "SCHEMA_PATH"))}
+    env |= {"SCHEMA_PATH": str(tmp_path / "schema.yaml"), "RAY_ADDRESS": ray.get_runtime_context().gcs_address,
+            "POLICY_SERVER_GATEWAY_METRICS_PORT": "0", "POLICY_SERVER_SERVE_APP_PREFIX": "refused"}
+    done = subprocess.run(
+        [sys.executable, "-m", "uvicorn", "app:app", "--port", str(free_port())],
+        check=False, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
+    )
+    assert done.returncode != 0
+    assert "Traceback" not in done.stderr, done.stderr
+    refusal = [line for line in done.stderr.splitlines() if "policy-server:" in line]
+    assert len(refusal) == 1, done.stderr
+    assert "policy-server: the schema asks Ray for 4096 CPUs and the cluster has 8: " in refusal[0]
+    assert "parameters.resources.num_cpus: 4096 (policy default's replicas)" in refusal[0]
+    assert not [name for name in serve.status().applications if name.startswith("refused")]

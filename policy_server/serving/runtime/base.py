@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 if TYPE_CHECKING:
     from policy_server.policies.spaces import ActionSpace
-    from policy_server.schema.config import PolicySpec
+    from policy_server.schema.config import PolicySpec, ServerSchema
     from policy_server.schema.llm import LLMPolicySpec, LLMValueSpec
     from policy_server.serving.api import (
         GRPORunsAPI,
@@ -32,8 +32,12 @@ class Runtime(ABC):
     """
 
     @abstractmethod
-    async def start(self) -> None:
-        """Start (or join) whatever the services run on."""
+    async def start(self, schema: ServerSchema) -> None:
+        """Start (or join) whatever the services run on; refuse (SchemaError) a ``schema`` that it
+        cannot run."""
+
+    def cancel_start(self) -> None:
+        """Make a start that is under way stop at its next check (the user pressed Ctrl-C)."""
 
     @abstractmethod
     async def policy_model(self, spec: PolicySpec) -> PolicyModel: ...

@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     from policy_server.llm.x1_trainer import X1Trainer
     from policy_server.policies.spaces import ActionSpace
     from policy_server.policies.torch_policy import PolicyOutput, TorchPolicy
-    from policy_server.schema.config import PolicySpec
+    from policy_server.schema.config import PolicySpec, ServerSchema
     from policy_server.schema.llm import LLMPolicySpec, LLMValueSpec
     from policy_server.serving.api import Conversation, Weights
     from policy_server.training.collect import Acted
@@ -204,7 +204,7 @@ class LocalRuntime(Runtime):
         self._scorer: ValueScorer | None = None
         self._closers: list[Callable[[], None]] = []
 
-    async def start(self) -> None:
+    async def start(self, schema: ServerSchema) -> None:
         return None
 
     async def policy_model(self, spec: PolicySpec) -> LocalPolicyModel:

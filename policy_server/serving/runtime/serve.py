@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
+import time
 from typing import Any
 
 import ray
@@ -18,9 +20,10 @@ from ray import serve
 from ray.actor import ActorHandle
 from ray.serve.handle import DeploymentHandle
 
+from policy_server.errors import StartupError
 from policy_server.policies.spaces import ActionSpace
 from policy_server.policies.torch_policy import model_format
-from policy_server.schema.config import PolicySpec
+from policy_server.schema.config import PolicySpec, ServerSchema
 from policy_server.schema.llm import LLMPolicySpec, LLMValueSpec
 from policy_server.serving.api import PolicyModel
 from policy_server.serving.deployment import build_deployment, deployment_name
@@ -33,12 +36,14 @@ from policy_server.serving.runtime.remote import (
     ServeValueModel,
     ServeX1Training,
 )
+from policy_server.serving.runtime.resources import check_fits, resource_requests
 from policy_server.serving.runtime.transports import PolicyTransport, open_transport
 from policy_server.settings import Settings
 
 log = logging.getLogger(__name__)
 TRAINER_START_TIMEOUT_S = 120.0
 TRAINER_CLOSE_TIMEOUT_S = 30.0
+STATUS_POLL_S = 0.5
 
 
 class ServeRuntime(Runtime):
@@ -47,15 +52,21 @@ class ServeRuntime(Runtime):
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.started_ray = False
+        self.connected = False  # this runtime called ray.init (it disconnects at stop)
+        self.started_ray = False  # ...and that started a Ray of its own (it shuts Serve down too)
         self.apps: list[str] = []
         self.actors: list[ActorHandle] = []
         self.transports: list[PolicyTransport] = []
+        self.cancelled = threading.Event()
 
-    async def start(self) -> None:
-        await asyncio.to_thread(self._start)
+    async def start(self, schema: ServerSchema) -> None:
+        await asyncio.to_thread(self._start, schema)
 
-    def _start(self) -> None:
+    def cancel_start(self) -> None:
+        self.cancelled.set()
+
+    def _start(self, schema: ServerSchema) -> None:
+        """Start or join Ray and Serve; refuse (SchemaError) a schema the cluster cannot place."""
         if not ray.is_initialized():
             if self.settings.ray_address:
                 ray.init(address=self.settings.ray_address, log_to_driver=False)
@@ -65,8 +76,12 @@ class ServeRuntime(Runtime):
                     log_to_driver=False,
                     _metrics_export_port=self.settings.ray_metrics_port,
                 )
-            self.started_ray = True
+                self.started_ray = True
+            self.connected = True
         serve.start(proxy_location="Disabled")
+        gpus = ray.cluster_resources().get("GPU", 0) > 0
+        nodes = [node["Resources"] for node in ray.nodes() if node["Alive"]]
+        check_fits(resource_requests(schema, gpus), ray.cluster_resources(), nodes)
 
     def app_name(self, spec: PolicySpec) -> str:
         return f"{self.settings.serve_app_prefix}-{spec.name}"
@@ -83,8 +98,7 @@ class ServeRuntime(Runtime):
             log.warning("policy %s asks for GPUs but the cluster has none: serving on CPU", spec.name)
         app_name = self.app_name(spec)
         app = build_deployment(spec, spec.model.read_bytes(), model_format(spec.model), gpus)
-        serve.run(app, name=app_name, route_prefix=None)
-        self.apps.append(app_name)
+        self._run(app, app_name)
         return app_name
 
     async def connect(self, spec: PolicySpec) -> PolicyModel:
@@ -146,8 +160,7 @@ class ServeRuntime(Runtime):
         gpus = ray.cluster_resources().get("GPU", 0) > 0
         name = LLM_POLICY if isinstance(spec, LLMPolicySpec) else LLM_VALUE
         app_name = f"{self.settings.serve_app_prefix}-{name}"
-        serve.run(build_llm_deployment(spec, gpus), name=app_name, route_prefix=None)
-        self.apps.append(app_name)
+        self._run(build_llm_deployment(spec, gpus), app_name)
         return serve.get_deployment_handle(name, app_name)
 
     def deploy_tasks_and_sessions(self, spec: LLMPolicySpec) -> DeploymentHandle:
@@ -158,8 +171,7 @@ class ServeRuntime(Runtime):
         app_name = f"{self.settings.serve_app_prefix}-{LLM_TASKS}"
         policy_app = f"{self.settings.serve_app_prefix}-{LLM_POLICY}"
         app = TasksAndSessionsDeployment.options(name=LLM_TASKS).bind(spec, policy_app)
-        serve.run(app, name=app_name, route_prefix=None)
-        self.apps.append(app_name)
+        self._run(app, app_name)
         return serve.get_deployment_handle(LLM_TASKS, app_name)
 
     def deploy_grpo(self, spec: LLMPolicySpec) -> DeploymentHandle:
@@ -174,8 +186,7 @@ class ServeRuntime(Runtime):
             name=LLM_GRPO, ray_actor_options={"num_cpus": spec.training.num_cpus, "num_gpus": gpus}
         ).bind(spec, str(spec.training.save_dir / "grpo"), device, policy_app)
         app_name = f"{self.settings.serve_app_prefix}-{LLM_GRPO}"
-        serve.run(app, name=app_name, route_prefix=None)
-        self.apps.append(app_name)
+        self._run(app, app_name)
         return serve.get_deployment_handle(LLM_GRPO, app_name)
 
     def deploy_x1_trainer(self, kind: X1Kind, spec: LLMPolicySpec | LLMValueSpec) -> DeploymentHandle:
@@ -196,9 +207,41 @@ class ServeRuntime(Runtime):
             name=name, ray_actor_options={"num_cpus": spec.training.num_cpus, "num_gpus": gpus}
         ).bind(kind, spec, serving_app, device)
         app_name = x1_app_name(self.settings.serve_app_prefix, kind)
-        serve.run(app, name=app_name, route_prefix=None)
-        self.apps.append(app_name)
+        self._run(app, app_name)
         return serve.get_deployment_handle(name, app_name)
+
+    def _run(self, app: Any, app_name: str) -> None:
+        """Deploy ``app`` and wait until Serve reports it RUNNING (blocking).
+
+        Raises:
+            StartupError: the app failed to deploy, did not run within ``start_timeout_s``, or
+                start-up was cancelled (Ctrl-C). What Serve says about a deployment that waits
+                (a replica no node can place, a slow model load) is logged as it comes.
+        """
+        serve._run(app, _blocking=False, name=app_name, route_prefix=None)  # Serve's own no-wait run
+        self.apps.append(app_name)  # deleted by stop() whatever happens next
+        deadline = time.monotonic() + self.settings.start_timeout_s
+        said: set[str] = set()
+        while True:
+            app_status = serve.status().applications.get(app_name)
+            if app_status is None:
+                raise StartupError(f"Serve app {app_name} disappeared while it was starting")
+            if app_status.status == "RUNNING":
+                return
+            if app_status.status == "DEPLOY_FAILED":
+                raise StartupError(f"Serve app {app_name} failed to start: {app_status.message}")
+            waiting = {f"{name}: {d.message}" for name, d in app_status.deployments.items() if d.message}
+            for message in sorted(waiting - said):
+                log.warning("Serve app %s is starting; %s", app_name, message)
+            said |= waiting
+            if self.cancelled.is_set():
+                raise StartupError(f"start-up cancelled while Serve app {app_name} was starting")
+            if time.monotonic() > deadline:
+                raise StartupError(
+                    f"Serve app {app_name} did not start within {self.settings.start_timeout_s:g} s "
+                    f"(POLICY_SERVER_START_TIMEOUT_S); Serve says: {'; '.join(sorted(waiting)) or app_status.status}"
+                )
+            self.cancelled.wait(STATUS_POLL_S)
 
     async def stop(self) -> None:
         for transport in self.transports:  # from the event loop that opened them
@@ -218,6 +261,7 @@ class ServeRuntime(Runtime):
         self.apps.clear()
         if self.started_ray:
             serve.shutdown()
+        if self.connected:  # a cluster it joined keeps its Serve: other gateways may use it
             ray.shutdown()
 
 

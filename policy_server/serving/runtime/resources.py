@@ -1,0 +1,108 @@
+"""What a schema asks Ray for, checked against the cluster before anything is deployed.
+
+Ray Serve waits without end for a replica that no node can place (and, with ``log_to_driver``
+off, says nothing), so start-up refuses such a schema up front, naming the fields to change. Pure
+functions: tested without Ray.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+from policy_server.errors import SchemaError
+from policy_server.schema.config import DEFAULT_POLICY, ServerSchema
+from policy_server.schema.llm import LLMPolicySpec, LLMValueSpec
+
+SLACK = 1e-6
+"""Ray keeps resources in units of 1e-4; sums of fractions such as 0.1 need the slack."""
+
+
+@dataclass(frozen=True)
+class ResourceRequest:
+    """One Ray actor kind the schema starts: ``replicas`` actors of ``num_cpus`` and ``num_gpus``.
+
+    ``field`` is the schema section that sets them (``llm.policy.resources``), ``what`` says what
+    runs there.
+    """
+
+    field: str
+    what: str
+    num_cpus: float
+    num_gpus: float
+    replicas: int = 1
+
+    def describe(self, resource: str) -> str:
+        amount = self.num_cpus if resource == "CPU" else self.num_gpus
+        count = f" × {self.replicas} replicas" if self.replicas > 1 else ""
+        key = "num_cpus" if resource == "CPU" else "num_gpus"
+        return f"{self.field}.{key}: {amount:g}{count} ({self.what})"
+
+
+def resource_requests(schema: ServerSchema, gpus_in_cluster: bool) -> list[ResourceRequest]:
+    """Every actor the gateway will start for ``schema``, with what each asks Ray for.
+
+    GPU requests count only when the cluster has GPUs: without them the deployments serve on CPU.
+    """
+    gpus = 1.0 if gpus_in_cluster else 0.0  # scales each GPU request
+    requests = []
+    for name, spec in schema.policies.items():
+        field = "parameters" if name == DEFAULT_POLICY else f"policies.{name}"
+        res = spec.resources
+        requests.append(ResourceRequest(
+            f"{field}.resources", f"policy {name}'s replicas", res.num_cpus, gpus * res.num_gpus, res.num_replicas))
+        if spec.training is not None:
+            requests.append(ResourceRequest(
+                f"{field}.training", f"policy {name}'s trainer", spec.training.num_cpus, gpus * spec.training.num_gpus))
+    if schema.llm is not None:
+        for key, llm_spec in (("policy", schema.llm.policy), ("value", schema.llm.value)):
+            if llm_spec is not None:
+                requests.extend(_llm_requests(key, llm_spec, gpus))
+    return requests
+
+
+def _llm_requests(key: str, spec: LLMPolicySpec | LLMValueSpec, gpus: float) -> Iterable[ResourceRequest]:
+    field, res = f"llm.{key}", spec.resources
+    yield ResourceRequest(f"{field}.resources", f"the LLM {key}'s replicas", res.num_cpus, gpus * res.num_gpus, res.num_replicas)
+    training = spec.training
+    if training is None or not training.allow_training:
+        return
+    trainers = ["x1's trainer"] + (["GRPO runs"] if isinstance(spec, LLMPolicySpec) else [])
+    for what in trainers:
+        yield ResourceRequest(f"{field}.training", what, training.num_cpus, gpus * training.num_gpus)
+
+
+def check_fits(
+    requests: list[ResourceRequest], cluster: Mapping[str, float], nodes: list[Mapping[str, float]]
+) -> None:
+    """Refuse a schema that the cluster cannot place.
+
+    ``cluster`` is the cluster's total resources (``ray.cluster_resources()``), ``nodes`` each alive
+    node's (``ray.nodes()[i]["Resources"]``). Totals are compared, not what is free: another
+    gateway of the same apps redeploys them in place.
+
+    Raises:
+        SchemaError: naming each field that asks for the resource, the sum and what the cluster has.
+    """
+    for resource in ("CPU", "GPU"):
+        asked = [r for r in requests if _amount(r, resource) > 0]
+        total = sum(_amount(r, resource) * r.replicas for r in asked)
+        have = cluster.get(resource, 0.0)
+        if total > have + SLACK:
+            raise SchemaError(
+                f"the schema asks Ray for {total:g} {resource}s and the cluster has {have:g}: "
+                + "; ".join(r.describe(resource) for r in asked)
+                + f". Lower them (a fraction such as 0.5 shares one {resource}) or give Ray more "
+                "(RAY_ADDRESS of a larger cluster)"
+            )
+        largest = max((node.get(resource, 0.0) for node in nodes), default=0.0)
+        for r in asked:
+            if _amount(r, resource) > largest + SLACK:
+                raise SchemaError(
+                    f"{r.describe(resource)} asks for more {resource}s than any one node has "
+                    f"(the largest has {largest:g}): one replica runs on one node"
+                )
+
+
+def _amount(request: ResourceRequest, resource: str) -> float:
+    return request.num_cpus if resource == "CPU" else request.num_gpus

@@ -1,0 +1,95 @@
+"""What a schema asks Ray for, against what the cluster has (pure: no Ray)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from conftest import multi_policy_schema, training_schema
+
+from policy_server.errors import SchemaError
+from policy_server.schema.config import ServerSchema, parse_schema
+from policy_server.schema.llm import LLMSection
+from policy_server.serving.runtime.resources import check_fits, resource_requests
+
+ROOT = Path(__file__).resolve().parents[2]
+TWO_CPUS = {"CPU": 2.0}
+
+
+def llm_example(**extra: Any) -> ServerSchema:
+    """examples/llm/schema.yaml's `llm:` section (folders unchecked) with ``extra`` on both models."""
+    raw = yaml.safe_load((ROOT / "examples/llm/schema.yaml").read_text())["llm"]
+    for key in ("policy", "value"):
+        raw[key] |= extra
+    return ServerSchema(policies={}, default_policy=None, llm=LLMSection.model_validate(raw))
+
+
+def test_the_llm_example_with_a_training_section_is_refused_on_two_cpus_naming_each_field() -> None:
+    """The fresh user's hang: the README's `training:` section added to the LLM example asks for 5
+    CPUs (policy, value, GRPO runs, two x1 trainers) and Ray on this machine has 2."""
+    requests = resource_requests(llm_example(training={}), gpus_in_cluster=False)
+    with pytest.raises(SchemaError) as refused:
+        check_fits(requests, TWO_CPUS, [TWO_CPUS])
+    message = refused.value.message
+    assert message.startswith("the schema asks Ray for 5 CPUs and the cluster has 2: ")
+    for part in (
+        "llm.policy.resources.num_cpus: 1 (the LLM policy's replicas)",
+        "llm.policy.training.num_cpus: 1 (x1's trainer)",
+        "llm.policy.training.num_cpus: 1 (GRPO runs)",
+        "llm.value.resources.num_cpus: 1 (the LLM value's replicas)",
+        "llm.value.training.num_cpus: 1 (x1's trainer)",
+    ):
+        assert part in message
+
+
+def test_the_llm_example_fits_as_it_is_and_with_trainers_that_share_cores() -> None:
+    check_fits(resource_requests(llm_example(), False), TWO_CPUS, [TWO_CPUS])
+    check_fits(resource_requests(llm_example(training={"num_cpus": 0}), False), TWO_CPUS, [TWO_CPUS])
+
+
+def test_training_turned_off_starts_no_trainer() -> None:
+    requests = resource_requests(llm_example(training={"allow_training": False}), False)
+    assert [r.field for r in requests] == ["llm.policy.resources", "llm.value.resources"]
+
+
+def test_replicas_multiply_and_fractions_add_up_exactly(model_dir: Path) -> None:
+    """Ten requests of 0.1 fit one CPU (float sums fall a hair over 1); 3 replicas of 1 do not fit 2."""
+    raw = multi_policy_schema(model_dir)
+    raw["policies"] = {f"p{i}": raw["policies"]["lpoc"] for i in range(10)}
+    raw["parameters"]["default_policy"] = "p0"
+    check_fits(resource_requests(parse_schema(raw, model_dir), False), {"CPU": 1.0}, [{"CPU": 1.0}])
+    raw["policies"]["p0"] = raw["policies"]["p0"] | {"resources": {"num_replicas": 3, "num_cpus": 1}}
+    with pytest.raises(SchemaError, match=r"policies\.p0\.resources\.num_cpus: 1 × 3 replicas"):
+        check_fits(resource_requests(parse_schema(raw, model_dir), False), TWO_CPUS, [TWO_CPUS])
+
+
+def test_the_single_policy_form_names_parameters(model_dir: Path, tmp_path: Path) -> None:
+    raw = yaml.safe_load((ROOT / "schema.yaml").read_text())
+    raw["parameters"] |= {"model": str(ROOT / "models/lpoc.pt"), "resources": {"num_cpus": 3}}
+    with pytest.raises(SchemaError, match=r"parameters\.resources\.num_cpus: 3 \(policy default's replicas\)"):
+        check_fits(resource_requests(parse_schema(raw, ROOT), False), TWO_CPUS, [TWO_CPUS])
+
+
+def test_a_policy_trainer_counts(model_dir: Path, tmp_path: Path) -> None:
+    raw = training_schema(model_dir, tmp_path)
+    raw["policies"]["cart"]["training"]["num_cpus"] = 2
+    with pytest.raises(SchemaError, match=r"policies\.cart\.training\.num_cpus: 2 \(policy cart's trainer\)"):
+        check_fits(resource_requests(parse_schema(raw, model_dir), False), TWO_CPUS, [TWO_CPUS])
+
+
+def test_gpus_count_only_where_the_cluster_has_them() -> None:
+    schema = llm_example(resources={"num_cpus": 0.5, "num_gpus": 1})
+    check_fits(resource_requests(schema, gpus_in_cluster=False), TWO_CPUS, [TWO_CPUS])  # served on CPU
+    one_gpu = {"CPU": 2.0, "GPU": 1.0}
+    with pytest.raises(SchemaError, match="asks Ray for 2 GPUs and the cluster has 1: llm.policy.resources.num_gpus: 1"):
+        check_fits(resource_requests(schema, gpus_in_cluster=True), one_gpu, [one_gpu])
+
+
+def test_one_replica_must_fit_on_one_node() -> None:
+    """Two nodes of 2 CPUs have 4 in all, but no node can place a replica of 3."""
+    schema = llm_example(resources={"num_cpus": 3})
+    schema = schema.model_copy(update={"llm": schema.llm.model_copy(update={"value": None})})
+    with pytest.raises(SchemaError, match="more CPUs than any one node has .the largest has 2.: one replica runs on one node"):
+        check_fits(resource_requests(schema, False), {"CPU": 4.0}, [TWO_CPUS, TWO_CPUS])

@@ -1,0 +1,63 @@
+"""``ServeRuntime`` on the session's Ray: start-up never waits without end."""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+import pytest
+from ray import serve
+
+from policy_server.errors import StartupError
+from policy_server.serving.runtime.serve import ServeRuntime
+from policy_server.settings import Settings
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0})
+class SlowToStart:
+    """A replica whose constructor takes longer than any test waits (a model that loads for minutes)."""
+
+    def __init__(self) -> None:
+        time.sleep(600)
+
+
+def slow_runtime(**settings: Any) -> ServeRuntime:
+    return ServeRuntime(Settings(serve_app_prefix="slow-start", **settings))
+
+
+def test_an_app_that_does_not_start_in_time_fails_start_up_naming_it(ray_session: int) -> None:
+    runtime = slow_runtime(start_timeout_s=3)
+    began = time.monotonic()
+    try:
+        with pytest.raises(StartupError, match=r"Serve app slow-start-a did not start within 3 s \(POLICY_SERVER_START_TIMEOUT_S\)"):
+            runtime._run(SlowToStart.bind(), "slow-start-a")
+        assert time.monotonic() - began < 30
+    finally:
+        runtime._stop()
+    assert "slow-start-a" not in serve.status().applications  # stop() deleted what had started
+
+
+def test_a_cancelled_start_stops_waiting_at_once(ray_session: int) -> None:
+    """What Ctrl-C does during start-up (the gateway's signal handler calls ``cancel_start``)."""
+    runtime = slow_runtime()  # the default timeout: 900 s
+    failures: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            runtime._run(SlowToStart.bind(), "slow-start-b")
+        except BaseException as exc:  # noqa: BLE001 - handed to the test's thread
+            failures.append(exc)
+
+    waiting = threading.Thread(target=run)
+    waiting.start()
+    try:
+        time.sleep(2)
+        runtime.cancel_start()
+        waiting.join(timeout=10)
+        assert not waiting.is_alive(), "the start did not stop when cancelled"
+        assert len(failures) == 1 and isinstance(failures[0], StartupError)
+        assert "start-up cancelled while Serve app slow-start-b was starting" in str(failures[0])
+    finally:
+        waiting.join(timeout=30)
+        runtime._stop()
