@@ -78,10 +78,10 @@ class ServeRuntime(Runtime):
                 )
                 self.started_ray = True
             self.connected = True
-        serve.start(proxy_location="Disabled")
         gpus = ray.cluster_resources().get("GPU", 0) > 0
         nodes = [node["Resources"] for node in ray.nodes() if node["Alive"]]
         check_fits(resource_requests(schema, gpus), ray.cluster_resources(), nodes)
+        serve.start(proxy_location="Disabled")
 
     def app_name(self, spec: PolicySpec) -> str:
         return f"{self.settings.serve_app_prefix}-{spec.name}"
