@@ -114,6 +114,7 @@ class Row:
     failed: int = 0
     ttft: list[float] = field(default_factory=list)
     latency: list[float] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
 
 
 async def one_request(client: httpx.AsyncClient, prompt: str, seed: int | None, row: Row) -> None:
@@ -130,7 +131,7 @@ async def one_request(client: httpx.AsyncClient, prompt: str, seed: int | None, 
         async with client.stream("POST", "/v1/completions", json=body) as answer:
             if answer.status_code != 200:
                 row.failed += 1
-                await answer.aread()
+                row.errors.append(f"{answer.status_code}: {(await answer.aread())[:300]!r}")
                 return
             async for line in answer.aiter_lines():
                 if not line.startswith("data: ") or line == "data: [DONE]":
@@ -140,8 +141,9 @@ async def one_request(client: httpx.AsyncClient, prompt: str, seed: int | None, 
                     first = time.perf_counter() - start
                 if chunk.get("usage"):
                     tokens = chunk["usage"]["completion_tokens"]
-    except httpx.HTTPError:
+    except httpx.HTTPError as exc:
         row.failed += 1
+        row.errors.append(f"{type(exc).__name__}: {exc}")
         return
     row.tokens += tokens
     row.latency.append(time.perf_counter() - start)
@@ -183,6 +185,7 @@ def summarise(row: Row, wall: float) -> dict[str, Any]:
         "ttft_p50_ms": round(1000 * statistics.median(row.ttft), 1) if row.ttft else None,
         "p50_ms": round(1000 * percentile(row.latency, 0.5), 1),
         "p99_ms": round(1000 * percentile(row.latency, 0.99), 1),
+        **({"first_error": row.errors[0]} if row.errors else {}),
     }
 
 
