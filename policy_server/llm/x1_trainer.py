@@ -5,7 +5,8 @@ a bad dataset is a 422, never a half-started run; errors name the request's fiel
 ``dataset.3.GAE``, and the gateway names them from the body), then trains in a background thread; the
 served model keeps answering meanwhile. When the run ends (finished or stopped) the model is
 saved atomically and its trainable weights are published to the serving replicas as the served
-version + 1 (read when publishing: GRPO runs publish into the same model, and versions never go back). ``stop`` interrupts before the next optimiser step and waits for the save.
+version + 1 (read when publishing: GRPO runs publish into the same model, and versions never go
+back). ``stop`` interrupts before the next optimiser step and waits for the save.
 """
 
 from __future__ import annotations
