@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import importlib
 import importlib.util
+import math
 import shutil
 import sys
 from pathlib import Path
@@ -18,6 +19,7 @@ from policy_server.errors import ClientGenerationFailed, Conflict, SchemaError
 from policy_server.export import ExportFormat, MLPPolicy, export_module, write_schema
 from policy_server.policies.served import resolve_policy
 from policy_server.schema.config import load_schema
+from policy_server.schema.llm import LLMPolicySpec, LLMValueSpec
 
 ROOT = Path(__file__).resolve().parent.parent
 T = TypeVar("T")
@@ -109,13 +111,44 @@ def _examples() -> list[str]:
 
 
 def check(schema: str = "schema.yaml") -> dict[str, Any]:
-    """Validate a schema and its models without serving; raise SchemaError on the first problem."""
+    """Validate a schema and its models without serving; raise SchemaError on the first problem.
+
+    Returns what was checked: ``policies`` (name → observation width, action space, ...) and, for a
+    schema with an ``llm:`` section, ``llm`` (``policy`` / ``value`` → ``describe_llm_model``).
+    """
     loaded = load_schema(schema)
+    checked: dict[str, Any] = {
+        "policies": {name: resolve_policy(spec)[0].describe() for name, spec in loaded.policies.items()}
+    }
     if loaded.llm is not None:
         from policy_server.llm.checkpoint import check_section
 
         check_section(loaded.llm)
-    return {name: resolve_policy(spec)[0].describe() for name, spec in loaded.policies.items()}
+        models = {"policy": loaded.llm.policy, "value": loaded.llm.value}
+        checked["llm"] = {kind: describe_llm_model(spec) for kind, spec in models.items() if spec is not None}
+    return checked
+
+
+def describe_llm_model(spec: LLMPolicySpec | LLMValueSpec) -> dict[str, Any]:
+    """What a user checks of a served LLM: its folder, architecture, size (parameters counted from
+    the safetensors headers, None for other weights files), dtype and device; for the policy its
+    engine, model id and adapters (model id → folder)."""
+    from policy_server.llm.checkpoint import read_config, weight_shapes
+
+    config = read_config(spec.path, "llm")
+    described: dict[str, Any] = {
+        "path": str(spec.path),
+        "architectures": config.get("architectures"),
+        "parameters": sum(math.prod(shape) for shape in weight_shapes(spec.path).values()) or None,
+        "dtype": spec.dtype,
+        "device": spec.device,
+        "adapter": str(spec.adapter) if spec.adapter else None,
+        "training": spec.training is not None,
+    }
+    if isinstance(spec, LLMPolicySpec):
+        described |= {"engine": spec.engine, "served_name": spec.model_id,
+                      "adapters": {name: str(folder) for name, folder in spec.adapters.items()}}
+    return described
 
 
 def _load_user_module(module: str) -> torch.nn.Module:

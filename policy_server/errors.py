@@ -127,6 +127,12 @@ class NotFound(PolicyServerError):
     code = "not_found"
 
 
+class ModelNotFound(NotFound):
+    """A model id (OpenAI's ``model``) this server does not serve; names the field that gave it."""
+
+    code = "model_not_found"  # OpenAI's
+
+
 class NotTrainable(NotFound):
     """The policy has no ``training`` section in the schema."""
 

@@ -131,7 +131,7 @@ async def _on_unexpected(request: Request, exc: Exception) -> JSONResponse:
 
 
 _OPENAI_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
-                 404: "not_found_error", 429: "rate_limit_error"}
+                 404: "invalid_request_error", 429: "rate_limit_error"}  # OpenAI's 404s (model_not_found) too
 
 
 def openai_error(status: int, code: str, message: str, field: str | None) -> dict[str, Any]:

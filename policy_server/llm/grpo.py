@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import dataclasses
+import functools
 import io
 import logging
 import tarfile
@@ -41,6 +42,7 @@ from pydantic import TypeAdapter, ValidationError
 
 from policy_server.errors import InvalidRequest, NotFound, RunFinished, StaleGroup
 from policy_server.fields import Float32, field_errors
+from policy_server.llm.engine import publish_next
 from policy_server.llm.generation import Generator
 from policy_server.llm.grpo_checkpoints import (
     MODEL_FOLDER,
@@ -81,17 +83,13 @@ class Served:
     def in_process(cls, engine: Any, adapter: bool) -> Served:
         """An engine of this process (``LLMEngine`` or ``VLLMEngine``): each generate waits on an
         event loop of its own (a run's calls come in worker threads); each publish loads the weights
-        at the engine's next version."""
+        as the engine's served version + 1 (``publish_next``)."""
 
         def generate(prompt_ids: list[int], params: GenerationParams) -> tuple[list[Sample], int]:
             result: tuple[list[Sample], int] = asyncio.run(engine.generate(prompt_ids, params))
             return result
 
-        def publish(weights: dict[str, torch.Tensor]) -> int:
-            version: int = engine.set_weights(weights, engine.version + 1)
-            return version
-
-        return cls(generate, publish, adapter)
+        return cls(generate, functools.partial(publish_next, engine), adapter)
 
 
 @dataclass

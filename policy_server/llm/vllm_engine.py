@@ -44,8 +44,9 @@ from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
 from vllm.v1.engine.async_llm import AsyncLLM
 
 from policy_server.errors import InvalidRequest, QueueFull
+from policy_server.llm.checkpoint import adapter_file_name
 from policy_server.llm.diverse_beam import group_beam_search
-from policy_server.llm.engine import BatchObserver, BatchReport
+from policy_server.llm.engine import BatchObserver, BatchReport, check_newer
 from policy_server.llm.generation import LENGTH_PENALTY, MIN_BEAMS, sample_of_hypothesis
 from policy_server.llm.params import FinishReason, GenerationParams, Sample, SampleChunk
 from policy_server.llm.stopping import StopMatcher
@@ -388,11 +389,12 @@ class VLLMEngine:
         """Load new values for some or all weights in place and move to ``version``; returns it.
 
         Raises ValueError, changing nothing, when a name is unknown, a shape or dtype kind differs,
-        or a value is NaN or infinite. Blocks until vLLM has the weights: call it off the caller's
-        event loop (``await asyncio.to_thread(engine.set_weights, ...)``).
+        or a value is NaN or infinite; ``Conflict`` unless ``version`` is newer. Blocks until vLLM
+        has the weights: call it off the caller's event loop (``asyncio.to_thread``).
         """
         with self._lock:
-            given = {_adapter_name(n): v for n, v in weights.items()} if self._lora else weights
+            check_newer(version, self.version)  # Conflict: served versions never go backwards
+            given = {adapter_file_name(n): v for n, v in weights.items()} if self._lora else weights
             master = self._weights()
             merged = {**master, **check_weights(master, given, partial=True)}
             self._loop.submit(self._load(merged, version)).result()
@@ -479,11 +481,6 @@ def _read_weights(folder: Path) -> dict[str, torch.Tensor]:
     if not files:
         raise ValueError(f"{folder} holds no .safetensors weights; the vllm engine updates weights from them")
     return {name: t for f in files for name, t in load_file(f).items()}
-
-
-def _adapter_name(name: str) -> str:
-    """A peft parameter name (``...lora_A.default.weight``) as its adapter file names it (``...lora_A.weight``)."""
-    return name.replace(".default.", ".")
 
 
 def _prompt_logprobs(prompt_ids: list[int], output: RequestOutput) -> list[float | None]:

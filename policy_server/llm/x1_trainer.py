@@ -4,8 +4,9 @@ A plain object that owns its own copy of the model. ``start`` validates the whol
 a bad dataset is a 422, never a half-started run; errors name the request's fields, such as
 ``dataset.3.GAE``, and the gateway names them from the body), then trains in a background thread; the
 served model keeps answering meanwhile. When the run ends (finished or stopped) the model is
-saved atomically and its trainable weights are published to the serving replicas as the next
-model version. ``stop`` interrupts before the next optimiser step and waits for the save.
+saved atomically and its trainable weights are published to the serving replicas as the served
+version + 1 (read when publishing: GRPO runs publish into the same model, and versions never go
+back). ``stop`` interrupts before the next optimiser step and waits for the save.
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ from policy_server.training.guard import check
 log = logging.getLogger(__name__)
 
 Kind = Literal["policy", "value"]
-Publish = Callable[[dict[str, Any], int], None]
+Publish = Callable[[dict[str, Any]], int]
+"""Loads the weights into every serving replica as the served version + 1; returns that version."""
 STOPPED = "Training stopped and model saved"
 
 
@@ -93,8 +95,7 @@ class X1Trainer:
             weights = self._publishable(run.module)
             check("weight", weights, "the trained model")  # every step was checked: never expected
             saved = run.save(self.training.save_dir / self.kind)
-            self.version += 1
-            self._publish(weights, self.version)
+            self.version = self._publish(weights)
             self.last = {**result, "saved": str(saved.name), "model_version": self.version, "error": None}
         except Exception as exc:
             log.exception("x1 %s training failed", self.kind)

@@ -215,8 +215,10 @@ class X1TrainingDeployment:
         _limit_threads(spec.training.num_cpus)
         serving = serve.get_deployment_handle(LLM_POLICY if kind == "policy" else LLM_VALUE, serving_app)
 
-        def publish(weights: dict[str, Any], version: int) -> None:
+        def publish(weights: dict[str, Any]) -> int:  # as the served version + 1: GRPO publishes too
+            version: int = serving.version.remote().result(timeout_s=60) + 1
             serving.broadcast("set_weights", weights, version).results(timeout_s=300)
+            return version
 
         self.trainer = X1Trainer(kind, load_for(kind, spec, spec.path, spec.adapter, device), spec.training, publish)  # type: ignore[arg-type]
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import shutil
 import subprocess
 import sys
@@ -16,6 +17,7 @@ import pytest
 import torch
 import yaml
 from fastapi.testclient import TestClient
+from safetensors.torch import load_file
 
 from policy_server import cli
 from policy_server.errors import Conflict, SchemaError
@@ -67,7 +69,7 @@ def one_answer(client: httpx.Client | TestClient, schema: Path) -> dict[str, Any
         body = {"messages": [{"role": "user", "content": "Sort these letters: b a"}], "max_tokens": 4}
         answer = client.post("/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {api_key(schema)}"})
     else:
-        width = cli.check(str(schema))["default"]["obs_dim"]
+        width = cli.check(str(schema))["policies"]["default"]["obs_dim"]
         answer = client.post("/predict_raw", json={"obs": [0.0] * width}, headers={"access-token": api_key(schema)})
     assert answer.status_code == 200, answer.text
     return answer.json()
@@ -114,7 +116,7 @@ def test_copy_server_files_copies_an_example_next_to_app(tmp_path: Path) -> None
     message = cli.copy_server_files(str(ROOT / "examples" / "lpoc"), str(tmp_path))
     assert "uvicorn app:app" in message
     assert (tmp_path / "schema.yaml").read_text() == (ROOT / "examples/lpoc/schema.yaml").read_text()
-    described = cli.check(str(tmp_path / "schema.yaml"))
+    described = cli.check(str(tmp_path / "schema.yaml"))["policies"]
     assert described["default"]["obs_dim"] == 11
     assert described["default"]["action_space"]["n"] == 4
 
@@ -149,7 +151,7 @@ def test_export_from_a_state_dict_and_mlp_spec_writes_a_checked_schema(tmp_path:
     x = torch.randn(4, 5)
     expected = trained(x).detach().numpy()
     assert TorchPolicy.from_file(Path(out)).forward(x.numpy()).heads[0] == pytest.approx(expected, abs=1e-6)
-    described = cli.check(str(tmp_path / "schema.yaml"))["default"]
+    described = cli.check(str(tmp_path / "schema.yaml"))["policies"]["default"]
     assert described["action_space"] == {"type": "discrete", "n": 3, "names": ["a", "b", "c"]}
 
 
@@ -168,7 +170,7 @@ def test_export_a_user_module_from_its_factory(tmp_path: Path) -> None:
     finally:
         sys.path.remove(str(tmp_path))
     assert Path(out).suffix == ".pt2"
-    assert cli.check(str(tmp_path / "schema.yaml"))["default"]["obs_dim"] == 3
+    assert cli.check(str(tmp_path / "schema.yaml"))["policies"]["default"]["obs_dim"] == 3
 
 
 def test_check_refuses_a_schema_that_contradicts_its_model(tmp_path: Path) -> None:
@@ -186,6 +188,33 @@ def test_check_refuses_an_llm_folder_that_cannot_be_served(llm_dirs: dict[str, P
     (tmp_path / "schema.yaml").write_text(yaml.safe_dump(schema))
     with pytest.raises(SchemaError, match=rf"llm\.policy\.path: {folder}: no tokenizer"):
         cli.check(str(tmp_path / "schema.yaml"))
+
+
+def test_check_describes_the_llm_models_it_checked_and_prints_them_alone(llm_dirs: dict[str, Path], tmp_path: Path) -> None:
+    """An LLM-only schema on the vLLM engine: `generate.py check` prints each model's folder,
+    engine, dtype, model id, size and adapters, and nothing on stderr (vLLM's import is quiet)."""
+    policy = {"path": str(llm_dirs["policy"]), "engine": "vllm", "served_name": "tiny", "dtype": "bfloat16",
+              "adapters": {"tiny-a": str(llm_dirs["policy_lora"])}}
+    value = {"path": str(llm_dirs["value"]), "training": {"save_dir": str(tmp_path / "trained")}}
+    (tmp_path / "schema.yaml").write_text(yaml.safe_dump({"llm": {"policy": policy, "value": value}}))
+    done = subprocess.run(
+        [sys.executable, "generate.py", "check", str(tmp_path / "schema.yaml")], check=False, cwd=ROOT,
+        capture_output=True, text=True, timeout=300, env={"PAGER": "cat", "PATH": "/usr/bin:/bin"},
+    )
+    assert done.returncode == 0 and done.stderr == "", done.stderr
+    described = cli.check(str(tmp_path / "schema.yaml"))
+    assert described["policies"] == {}
+    counted = sum(t.numel() for t in load_file(llm_dirs["policy"] / "model.safetensors").values())
+    assert described["llm"]["policy"] == {
+        "path": str(llm_dirs["policy"]), "architectures": ["LlamaForCausalLM"], "parameters": counted,
+        "dtype": "bfloat16", "device": "auto", "adapter": None, "training": False, "engine": "vllm",
+        "served_name": "tiny", "adapters": {"tiny-a": str(llm_dirs["policy_lora"])},
+    }
+    value_described = described["llm"]["value"]
+    assert value_described["parameters"] > counted and value_described["training"] is True
+    assert "engine" not in value_described and value_described["dtype"] == "float32"
+    printed = dict(line.split(":", 1) for line in done.stdout.splitlines())  # fire: `key: JSON` a line
+    assert json.loads(printed["policies"]) == {} and json.loads(printed["llm"]) == described["llm"], done.stdout
 
 
 def test_the_cli_runs_and_documents_its_commands() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -175,3 +176,27 @@ def test_a_schema_asking_more_than_the_cluster_has_is_refused_in_one_line(ray_se
     assert "policy-server: the schema asks Ray for 4096 CPUs and the cluster has 8: " in refusal[0]
     assert "parameters.resources.num_cpus: 4096 (policy default's replicas)" in refusal[0]
     assert not [name for name in serve.status().applications if name.startswith("refused")]
+
+
+def test_an_llm_folder_vllm_refuses_is_refused_on_one_line_without_vllms_import_noise(
+    llm_dirs: dict[str, Path], tmp_path: Path
+) -> None:
+    """`uvicorn app:app` and `generate.py check` on an `engine: vllm` folder that vLLM cannot serve
+    (an architecture it does not implement): the reason alone on stderr, one line (vLLM's import
+    logs "Triton is installed, but doesn't include CPU backend" on a CPU machine: silenced)."""
+    folder = Path(shutil.copytree(llm_dirs["policy"], tmp_path / "policy"))
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps(config | {"architectures": ["NoSuchForCausalLM"]}))
+    (tmp_path / "schema.yaml").write_text(yaml.safe_dump({"llm": {"policy": {"path": str(folder), "engine": "vllm"}}}))
+    reason = (f"policy-server: llm.policy.path: {folder}: vLLM implements none of its "
+              "architectures ['NoSuchForCausalLM'] (or set `engine: transformers`)")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("POLICY_SERVER_", "RAY_ADDRESS"))}
+    commands = [
+        [sys.executable, "-m", "uvicorn", "app:app", "--port", str(free_port())],
+        [sys.executable, "generate.py", "check", str(tmp_path / "schema.yaml")],
+    ]
+    for command in commands:
+        done = subprocess.run(command, check=False, cwd=ROOT, env=env | {"SCHEMA_PATH": str(tmp_path / "schema.yaml")},
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 1, done.stderr
+        assert done.stderr.splitlines() == [reason], done.stderr

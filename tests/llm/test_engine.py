@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 from pathlib import Path
 
 import pytest
 import torch
 
-from policy_server.errors import InvalidRequest, QueueFull
-from policy_server.llm.engine import BatchReport, LLMEngine
+from policy_server.errors import Conflict, InvalidRequest, QueueFull
+from policy_server.llm.engine import BatchReport, LLMEngine, publish_next
 from policy_server.llm.params import GenerationParams, Sample, SampleChunk, StructuredOutput
-from policy_server.schema.llm import LLMPolicySpec
+from policy_server.schema.llm import LLMPolicySpec, LLMTrainingSpec
 
 
 @pytest.fixture(scope="module")
@@ -234,3 +235,45 @@ def test_what_the_transformers_engine_cannot_do_is_refused_naming_the_field(engi
 
         with pytest.raises(InvalidRequest, match=words):
             asyncio.run(first_chunk())
+
+
+def test_grpo_then_x1_publish_increasing_versions_and_an_older_one_is_refused(
+    llm_dirs: dict[str, Path], tmp_path: Path, policy_engine: LLMEngine
+) -> None:
+    """GRPO and x1 training both publish into the served policy: each as the served version + 1,
+    so the versions go up whoever publishes; a version not above the served one changes nothing."""
+    from policy_server.llm.grpo import GRPORun, Served
+    from policy_server.llm.grpo_settings import GRPOSettings
+    from policy_server.llm.models import load_policy
+    from policy_server.llm.x1_config import X1TrainingConfig
+    from policy_server.llm.x1_trainer import X1Trainer
+
+    settings = GRPOSettings(group_size=4, lr=1e-3, lora=False, max_completion_length=4, serve=True)
+    run = GRPORun("g", load_policy(llm_dirs["policy"]), settings, tmp_path / "grpo",
+                  served=Served.in_process(policy_engine, adapter=False))
+
+    def grpo_cycle() -> int:
+        group = run.complete("What is 2 + 3?")
+        return int(run.submit_rewards(group["group_id"], [1.0, 0.0, 0.5, 0.0])["served_version"])
+
+    x1 = X1Trainer("policy", lambda: load_policy(llm_dirs["policy"]), LLMTrainingSpec(save_dir=tmp_path / "x1"),
+                   functools.partial(publish_next, policy_engine))
+    messages = [{"role": "user", "content": "What is 2 + 2?"}, {"role": "assistant", "content": "The answer is 4."}]
+
+    def x1_run() -> int:
+        x1.start(X1TrainingConfig(dataset=[{"messages": messages, "GAE": 1.0}], num_epochs=1))
+        x1._thread.join()  # type: ignore[union-attr]
+        assert x1.status()["last_run"]["error"] is None
+        return int(x1.status()["model_version"])
+
+    versions = [run.publish_served(), grpo_cycle(), x1_run(), grpo_cycle(), x1_run()]
+    assert versions == [1, 2, 3, 4, 5] and policy_engine.version == 5
+
+    served = {n: p.detach().clone() for n, p in policy_engine.lm.model.named_parameters()}
+    name = next(iter(served))
+    for older in (5, 4, 0, -1):
+        with pytest.raises(Conflict, match=f"version {older} is not newer than the served version 5"):
+            policy_engine.set_weights({name: torch.zeros_like(served[name])}, older)
+    assert policy_engine.version == 5
+    assert all(torch.equal(p, served[n]) for n, p in policy_engine.lm.model.named_parameters())
+    assert policy_engine.set_weights({name: served[name] + 1}, 9) == 9  # newer, not necessarily the next

@@ -232,9 +232,14 @@ def test_a_run_whose_every_step_was_skipped_publishes_and_saves_nothing(
     llm_dirs: dict[str, Path], tmp_path: Path
 ) -> None:
     published: list[int] = []
+
+    def publish(weights: dict[str, Any]) -> int:  # a served model at version 0 until now
+        published.append(len(published) + 1)
+        return published[-1]
+
     trainer = X1Trainer(
         "policy", lambda: load_policy(llm_dirs["policy"], adapter=llm_dirs["policy_lora"]),
-        LLMTrainingSpec(save_dir=tmp_path), lambda weights, version: published.append(version),
+        LLMTrainingSpec(save_dir=tmp_path), publish,
     )
     trainer.start(X1TrainingConfig(dataset=[{"messages": GOOD, "GAE": HUGE}], num_epochs=1))  # valid float32
     trainer._thread.join()  # type: ignore[union-attr]

@@ -35,6 +35,8 @@ from policy_server.serving.api import LLMModel, TasksAndSessionsAPI, ValueModel
 log = logging.getLogger(__name__)
 
 _CONVERSATION = TypeAdapter(list[ValueMessage])
+VLLM_MAX_TEMPERATURE = 2.0
+"""vLLM's ``SamplingParams`` refuses a higher temperature; x1's routes allow up to 10."""
 
 
 
@@ -200,7 +202,16 @@ class LLMService:
             temperature=body.temperature, strategy=body.decoding_strategy, safe_logits=body.safe_logits,
             seed=body.seed, **_beam_groups(body),
         )
+        self._check_engine(params)
         return await self.require_tasks().start_task(text, prompt, params, body.return_tokens)
+
+    def _check_engine(self, params: GenerationParams) -> None:
+        """What the vLLM engine would refuse when the queued task runs, refused at submit instead
+        (``direct_forward`` gets the engine's own refusal, named the same)."""
+        sampled = params.strategy == "temperature"  # the beam strategies ignore it
+        if self.spec.engine == "vllm" and sampled and params.temperature > VLLM_MAX_TEMPERATURE:
+            raise InvalidRequest.at("body.temperature", f"the vLLM engine refuses it: temperature must be in "
+                                                        f"[0, {VLLM_MAX_TEMPERATURE:g}], got {params.temperature:g}")
 
 
 

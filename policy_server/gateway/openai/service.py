@@ -12,7 +12,7 @@ from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from policy_server.errors import FieldError, InvalidRequest, NotFound
+from policy_server.errors import FieldError, InvalidRequest, ModelNotFound
 from policy_server.gateway.errors import under_body
 from policy_server.gateway.llm.service import LLMService
 from policy_server.gateway.openai.wire import (
@@ -65,19 +65,21 @@ class OpenAIService:
                  "parent": None if model_id == base else base}
                 for model_id in (base, *self.spec.adapters)]
 
-    def model(self, model_id: str) -> dict[str, Any]:
-        """The model object of ``model_id``; ``NotFound`` for an id this server does not serve."""
+    def model(self, model_id: str, field: str = "model") -> dict[str, Any]:
+        """The model object of ``model_id``; ``ModelNotFound`` naming ``field`` (OpenAI's ``param``)
+        for an id this server does not serve."""
         for model in self.models():
             if model["id"] == model_id:
                 return model
         served = ", ".join(repr(m) for m in (self.spec.model_id, *self.spec.adapters))
-        raise NotFound(f"no model {model_id!r}; this server serves {served}")
+        message = f"the model {model_id!r} does not exist; this server serves {served}"
+        raise ModelNotFound(message, [FieldError(field, message)])
 
     def _adapter(self, model_id: str | None) -> str | None:
-        """The adapter a request's ``model`` names (None: the policy itself); ``NotFound`` for another id."""
+        """The adapter a request's ``model`` names (None: the policy itself); ``ModelNotFound`` for another id."""
         if model_id is None:
             return None
-        self.model(model_id)
+        self.model(model_id, "body.model")
         return model_id if model_id in self.spec.adapters else None
 
     # --- requests → prompts -------------------------------------------------------------------
@@ -151,12 +153,13 @@ class OpenAIService:
         choices = []
         for prompt, (samples, _) in zip(prompts, outs):
             for sample in samples:
-                completion = _before_stop(self.llm.decode(sample.completion_ids, False), sample.stop_string)
+                completion = _before_stop(self.llm.decode(sample.completion_ids, body.skip_special_tokens),
+                                          sample.stop_string)
                 choice: dict[str, Any] = {
                     "index": len(choices),
                     "text": (prompt.text + completion) if body.echo else completion,
                     "finish_reason": sample.finish_reason,
-                    "logprobs": self._completion_logprobs(prompt, sample, body.echo) if body.logprobs is not None else None,
+                    "logprobs": self._completion_logprobs(prompt, sample, body) if body.logprobs is not None else None,
                 }
                 if body.return_token_ids:
                     choice |= {"token_ids": sample.completion_ids, "prompt_token_ids": prompt.ids}
@@ -169,7 +172,7 @@ class OpenAIService:
         samples, version = await _named(self.llm.require_backend().generate(prompt.ids, prompt.params))
         choices = []
         for i, sample in enumerate(samples):
-            content = _before_stop(self.llm.decode(sample.completion_ids), sample.stop_string)
+            content = _before_stop(self.llm.decode(sample.completion_ids, body.skip_special_tokens), sample.stop_string)
             choice: dict[str, Any] = {
                 "index": i,
                 "message": {"role": "assistant", "content": content},
@@ -215,12 +218,12 @@ class OpenAIService:
             prefix.append(token)
         return offsets
 
-    def _completion_logprobs(self, prompt: Prompt, sample: Sample, echo: bool) -> dict[str, Any]:
+    def _completion_logprobs(self, prompt: Prompt, sample: Sample, body: CompletionRequest) -> dict[str, Any]:
         """OpenAI's completion logprobs; with echo the prompt's tokens come first (the first with
         no log-prob; a prompt token's alternatives are itself alone)."""
         tokens, logprobs, tops, offsets = [], [], [], []
         start = 0
-        if echo:
+        if body.echo:
             prompt_lps = sample.prompt_logprobs or [None] * len(prompt.ids)
             tokens = [self._token(t) for t in prompt.ids]
             logprobs = list(prompt_lps)
@@ -231,9 +234,9 @@ class OpenAIService:
         tokens += [self._token(t) for t in sample.completion_ids]
         logprobs += sample.log_probs
         tops += [self._top(t) for t in top]
-        offsets += self._offsets(sample.completion_ids, start, False)
+        offsets += self._offsets(sample.completion_ids, start, body.skip_special_tokens)
         return {"tokens": tokens, "token_logprobs": logprobs,
-                "top_logprobs": tops if sample.top_logprobs is not None or echo else None, "text_offset": offsets}
+                "top_logprobs": tops if sample.top_logprobs is not None or body.echo else None, "text_offset": offsets}
 
     def _chat_logprobs(
         self, ids: list[int], logprobs: list[float], tops: list[dict[int, float]] | None, k: int
@@ -263,8 +266,8 @@ class OpenAIService:
         async for which, chunk in _merged([_named_stream(self.llm.stream(p.ids, p.params)) for p in prompts]):
             prompt, index = prompts[which], which * n + chunk.index
             first = index not in texts
-            text = texts.setdefault(index, _TextStream(self.llm, prompt.params, False))
-            offsets = (self._offsets(chunk.token_ids, len(prompt.text) if body.echo else 0, False, text.ids)
+            text = texts.setdefault(index, _TextStream(self.llm, prompt.params, body.skip_special_tokens))
+            offsets = (self._offsets(chunk.token_ids, len(prompt.text) if body.echo else 0, body.skip_special_tokens, text.ids)
                        if body.logprobs is not None else [])
             delta = text.add(chunk)
             choice: dict[str, Any] = {
@@ -292,7 +295,7 @@ class OpenAIService:
         texts: dict[int, _TextStream] = {}
         async for _, chunk in _merged([_named_stream(self.llm.stream(prompt.ids, prompt.params))]):
             first = chunk.index not in texts
-            text = texts.setdefault(chunk.index, _TextStream(self.llm, prompt.params, True))
+            text = texts.setdefault(chunk.index, _TextStream(self.llm, prompt.params, body.skip_special_tokens))
             delta: dict[str, Any] = {"role": "assistant"} if first else {}
             delta["content"] = text.add(chunk)
             choice: dict[str, Any] = {

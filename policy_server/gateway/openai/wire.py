@@ -82,6 +82,10 @@ class _OpenAI(_Forbid):
     return_token_ids: bool = Field(
         True, description="vLLM's: each choice's `token_ids` and the prompt's `prompt_token_ids`."
     )
+    skip_special_tokens: bool = Field(
+        True, description="vLLM's: leave special tokens (such as the model's end token) out of the text; "
+                          "token ids and log-prob tokens keep them.",
+    )
     user: str | None = Field(None, description="Accepted and ignored (OpenAI's end-user id).")
 
 

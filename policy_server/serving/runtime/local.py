@@ -3,6 +3,7 @@ floor). Blocking domain methods run in worker threads; errors come out as ``serv
 
 from __future__ import annotations
 
+import functools
 from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Any
 
@@ -258,6 +259,7 @@ class LocalRuntime(Runtime):
         return LocalGRPORuns(GRPORuns(spec.path, spec.adapter, spec.training.save_dir / "grpo", served=served))
 
     async def x1_training(self, kind: X1Kind, spec: LLMPolicySpec | LLMValueSpec) -> LocalX1Training:
+        from policy_server.llm.engine import publish_next
         from policy_server.llm.x1_trainer import X1Trainer
         from policy_server.serving.llm_deployment import load_for
 
@@ -265,7 +267,7 @@ class LocalRuntime(Runtime):
         served = self._engine if kind == "policy" else self._scorer
         assert served is not None, "the model before its trainer"
         load = load_for(kind, spec, spec.path, spec.adapter, spec.device)
-        return LocalX1Training(X1Trainer(kind, load, spec.training, served.set_weights))
+        return LocalX1Training(X1Trainer(kind, load, spec.training, functools.partial(publish_next, served)))
 
     async def stop(self) -> None:
         for close in reversed(self._closers):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +13,7 @@ import openai
 import pytest
 import yaml
 from conftest import API_KEY, llm_schema, running_server, vllm_adapters
+from support import wait_until
 
 from policy_server.settings import Settings
 
@@ -87,7 +88,10 @@ def test_completions_stream_and_the_text_excludes_the_stop_string(oai: openai.Op
         assert stopped.choices[0].text == "" and stopped.choices[0].finish_reason == "stop"
 
 
-def test_completion_logprobs_give_k_alternatives_and_offsets_into_the_text(oai: openai.OpenAI) -> None:
+def test_completion_logprobs_give_k_alternatives_and_offsets_into_the_text(oai: openai.OpenAI, llm_dirs: dict[str, Path]) -> None:
+    from transformers import AutoTokenizer
+
+    special = set(AutoTokenizer.from_pretrained(str(llm_dirs["policy"])).all_special_tokens)  # not in the text
     answer = oai.completions.create(model="tiny", prompt="Once upon", max_tokens=6, logprobs=3, temperature=1.0, seed=1)
     choice = answer.choices[0]
     lp = choice.logprobs
@@ -96,7 +100,7 @@ def test_completion_logprobs_give_k_alternatives_and_offsets_into_the_text(oai: 
         assert len(top) >= 3 - 1 and all(v <= 0 for v in top.values())  # distinct ids may decode alike
         assert logprob <= 0 and max(top.values()) >= logprob - 1e-5
     for token, offset in zip(lp.tokens, lp.text_offset):
-        if offset + len(token) <= len(choice.text):
+        if offset + len(token) <= len(choice.text) and token not in special:
             assert choice.text[offset: offset + len(token)] == token
 
 
@@ -188,11 +192,18 @@ def test_models_and_one_model_and_an_unknown_one(oai: openai.OpenAI, engine: str
     adapters = list(vllm_adapters(llm_dirs)) if engine == "vllm" else []  # the shared server's (test_adapters.py)
     assert [m.id for m in oai.models.list().data] == ["tiny", *adapters]
     assert oai.models.retrieve("tiny").id == "tiny"
-    with pytest.raises(openai.NotFoundError) as caught:
-        oai.models.retrieve("gpt-9")
-    assert set(_error(caught.value)) == {"message", "type", "param", "code"}
-    with pytest.raises(openai.NotFoundError):
-        oai.chat.completions.create(model="gpt-9", messages=MESSAGES)
+    unknown: list[Callable[[], Any]] = [
+        lambda: oai.models.retrieve("gpt-9"),
+        lambda: oai.chat.completions.create(model="gpt-9", messages=MESSAGES),  # type: ignore[arg-type]
+        lambda: oai.completions.create(model="gpt-9", prompt="Hi"),
+        lambda: oai.chat.completions.create(model="tiny-lora-z", messages=MESSAGES, stream=True),  # type: ignore[arg-type]
+    ]
+    for call in unknown:  # OpenAI's own answer to a model it does not have
+        with pytest.raises(openai.NotFoundError) as caught:
+            call()
+        assert caught.value.code == "model_not_found" and caught.value.param == "model"
+        assert caught.value.type == "invalid_request_error" and "does not exist" in caught.value.message
+        assert set(_error(caught.value)) == {"message", "type", "param", "code"}
 
 
 def test_a_wrong_key_is_openais_401(server: str) -> None:
@@ -218,3 +229,69 @@ def test_a_temperature_one_engine_takes_and_vllm_refuses_is_a_422_naming_it(engi
     else:
         assert answer.status_code == 422, answer.text
         assert answer.json()["error"]["fields"][0]["field"] == "body.temperature"
+
+
+STEP = 2
+"""The tiny tokenizer's id of its step token `<|eois_id|>`, a special token."""
+
+
+def test_special_tokens_leave_the_text_unless_skip_special_tokens_is_false(oai: openai.OpenAI) -> None:
+    """vLLM's default and extension field: the text skips special tokens; token ids and log-prob
+    tokens keep them."""
+    forced: dict[str, Any] = {"max_tokens": 3, "stop": "zzz", "logit_bias": {str(STEP): 100}, "logprobs": 1}
+    kept = {"skip_special_tokens": False}
+    plain = oai.completions.create(model="tiny", prompt="Hi", **forced)
+    spelled = oai.completions.create(model="tiny", prompt="Hi", extra_body=kept, **forced)
+    for answer in (plain, spelled):
+        choice = answer.choices[0]
+        assert choice.model_extra["token_ids"] == [STEP] * 3
+        assert choice.logprobs is not None and choice.logprobs.tokens == ["<|eois_id|>"] * 3
+    assert plain.choices[0].text == "" and plain.choices[0].logprobs.text_offset == [0, 0, 0]  # type: ignore[union-attr]
+    assert spelled.choices[0].text == "<|eois_id|>" * 3 and spelled.choices[0].logprobs.text_offset == [0, 11, 22]  # type: ignore[union-attr]
+    streamed = oai.completions.create(model="tiny", prompt="Hi", stream=True, extra_body=kept, **forced)
+    assert "".join(c.choices[0].text for c in streamed if c.choices) == "<|eois_id|>" * 3
+    chat: dict[str, Any] = {"model": "tiny", "messages": MESSAGES, "max_tokens": 3, "stop": "zzz",
+                            "logit_bias": {str(STEP): 100}}
+    assert oai.chat.completions.create(**chat).choices[0].message.content == ""
+    assert oai.chat.completions.create(**chat, extra_body=kept).choices[0].message.content == "<|eois_id|>" * 3
+    chunks = oai.chat.completions.create(**chat, stream=True, extra_body=kept)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "<|eois_id|>" * 3
+    with pytest.raises(openai.BadRequestError) as caught:
+        oai.completions.create(model="tiny", prompt="Hi", max_tokens=1, extra_body={"skip_special_tokens": "maybe"})
+    assert _error(caught.value)["param"] == "skip_special_tokens"
+
+
+def test_a_queued_forward_with_a_temperature_vllm_refuses_is_refused_at_submit(engine: str, server: str) -> None:
+    """x1's routes allow temperatures up to 10; vLLM's sampler takes up to 2: the vLLM engine's
+    queued task is refused when submitted, as direct_forward is, not failed when fetched."""
+    headers = {"access-token": API_KEY}
+    for temperature in (5.0, 2.5, 10.0):
+        body = {"question": "Hi", "temperature": temperature, "max_output_length": 64}
+        answer = httpx.post(f"{server}/llm/forward", json=body, headers=headers, timeout=120)
+        if engine == "transformers":
+            assert answer.status_code == 201, answer.text
+            task = answer.json()["task_id"]
+            fetched = wait_fetched(server, task)
+            assert fetched.status_code == 200 and fetched.json()["result"], fetched.text
+        else:
+            assert answer.status_code == 422, answer.text
+            error = answer.json()["error"]
+            assert error["fields"][0]["field"] == "body.temperature" and "vLLM" in error["message"], error
+    answer = httpx.post(f"{server}/llm/forward", json={"question": "Hi", "temperature": 2.0, "max_output_length": 64},
+                        headers=headers, timeout=120)
+    assert answer.status_code == 201, answer.text
+    assert wait_fetched(server, answer.json()["task_id"]).status_code == 200
+
+
+def wait_fetched(server: str, task_id: str) -> httpx.Response:
+    """The task's answer once it is no longer pending."""
+    answer: httpx.Response | None = None
+
+    def done() -> bool:
+        nonlocal answer
+        answer = httpx.get(f"{server}/llm/forward/{task_id}", headers={"access-token": API_KEY}, timeout=120)
+        return answer.status_code != 202
+
+    wait_until(done, timeout=120)
+    assert answer is not None
+    return answer

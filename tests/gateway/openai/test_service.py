@@ -91,7 +91,7 @@ def test_an_engines_refusal_is_named_as_the_openai_request_named_it(field: str, 
 def test_a_requests_model_picks_the_adapter_in_one_place(llm_dirs: dict[str, Path]) -> None:
     """The policy's id (or none) is the policy, an adapter's id that adapter, any other id a 404;
     completions and chat take ``model`` alike."""
-    from policy_server.errors import NotFound
+    from policy_server.errors import ModelNotFound, NotFound
     from policy_server.gateway.openai.service import OpenAIService
     from policy_server.gateway.openai.wire import ChatRequest, CompletionRequest
 
@@ -103,7 +103,7 @@ def test_a_requests_model_picks_the_adapter_in_one_place(llm_dirs: dict[str, Pat
         chat = ChatRequest(messages=[{"role": "user", "content": "Hi"}], model=model)  # type: ignore[list-item]
         assert service.chat_prompt(chat).params.adapter == adapter
     for unknown in ("tiny-b", "policy", "TINY-A"):
-        with pytest.raises(NotFound, match=f"no model '{unknown}'; this server serves 'tiny', 'tiny-a'"):
+        with pytest.raises(ModelNotFound, match=f"the model '{unknown}' does not exist; this server serves 'tiny', 'tiny-a'"):
             service.completion_prompts(CompletionRequest(prompt="Hi", model=unknown))
         with pytest.raises(NotFound):
             service.model(unknown)
