@@ -39,10 +39,6 @@ VLLM_MAX_TEMPERATURE = 2.0
 """vLLM's ``SamplingParams`` refuses a higher temperature; x1's routes allow up to 10."""
 
 
-
-
-
-
 @dataclass
 class Generated:
     """One request's samples with their texts, ready for any of the answer formats."""
@@ -212,16 +208,6 @@ class LLMService:
         if self.spec.engine == "vllm" and sampled and params.temperature > VLLM_MAX_TEMPERATURE:
             raise InvalidRequest.at("body.temperature", f"the vLLM engine refuses it: temperature must be in "
                                                         f"[0, {VLLM_MAX_TEMPERATURE:g}], got {params.temperature:g}")
-
-
-
-
-
-
-
-
-
-
 
 
 class ValueService:
