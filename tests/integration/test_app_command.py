@@ -12,7 +12,7 @@ from pathlib import Path
 
 import httpx
 import yaml
-from conftest import API_KEY, LPOC_OBS, RAY_TEST_CONFIG, multi_policy_schema
+from conftest import API_KEY, LPOC_OBS, multi_policy_schema
 from support import wait_ready, wait_until
 from uvicorn.config import LOGGING_CONFIG
 
@@ -33,8 +33,6 @@ def test_uvicorn_app_serves_the_bundled_example_with_metrics_and_stops_cleanly(t
         "POLICY_SERVER_RAY_METRICS_PORT": str(ray_metrics),
         "POLICY_SERVER_GATEWAY_METRICS_PORT": str(gateway_metrics),
         "RAY_USAGE_STATS_ENABLED": "0",
-        # Ray exports metrics every 2 s rather than 10 s: the wait for Serve's below is seconds
-        **{f"RAY_{name}": str(value) for name, value in RAY_TEST_CONFIG.items()},
     }
     log = tmp_path / "server.log"
     with log.open("wb") as sink:
