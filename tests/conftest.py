@@ -259,11 +259,6 @@ def write_schema(tmp_path: Path) -> Callable[[dict[str, Any]], Path]:
     return write
 
 
-RAY_TEST_CONFIG = {"metrics_report_interval_ms": 2000}
-"""Ray's settings in the tests: metrics exported every 2 s, not 10 s (Ray's default), so a test that
-waits for a count on Ray's export port (or in Prometheus) waits seconds, not tens of them."""
-
-
 @pytest.fixture(scope="session")
 def ray_session() -> Iterator[int]:
     """One local Ray (and Serve, proxies off) for the whole test session; yields its metrics port."""
@@ -272,8 +267,7 @@ def ray_session() -> Iterator[int]:
 
     port = free_port()
     # "local": a new Ray, never one this machine already runs (`ray start`), which ray.init() would join
-    ray.init(address="local", num_cpus=8, include_dashboard=False, log_to_driver=False, _metrics_export_port=port,
-             _system_config=RAY_TEST_CONFIG)
+    ray.init(address="local", num_cpus=8, include_dashboard=False, log_to_driver=False, _metrics_export_port=port)
     serve.start(proxy_location="Disabled")
     yield port
     serve.shutdown()
