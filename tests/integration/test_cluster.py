@@ -20,8 +20,11 @@ from support import wait_until
 from policy_server.net import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
-# A throw-away test cluster: no usage stats, and no token auth (a real cluster keeps its own setting).
-CLUSTER_ENV = os.environ | {"RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
+# A throw-away test cluster: no usage stats, and no token auth (a real cluster keeps its own setting);
+# stopped at once on SIGTERM: `ray start --block` otherwise drains the node for up to 30 s first
+# (RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S, for Kubernetes pods), the test's teardown waiting it out.
+CLUSTER_ENV = os.environ | {"RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled",
+                            "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"}
 
 
 def _up(predicate: Callable[[], bool], what: str, proc: subprocess.Popen) -> Callable[[], bool]:  # type: ignore[type-arg]
