@@ -46,8 +46,29 @@ def test_a_grpo_run_over_serve_trains_while_the_policy_keeps_serving(client: htt
     assert client.get(f"/llm/grpo/runs/{run_id}/model").content[:2] == b"\x1f\x8b"  # gzip
 
 
-def test_train_from_dataset_over_serve_publishes_the_trained_weights(client: httpx.Client) -> None:
+def test_a_serving_grpo_run_over_serve_publishes_into_the_policy_replica(client: httpx.Client) -> None:
+    """``serve: true`` on Ray Serve: the GRPO deployment samples through the policy deployment's
+    handle and broadcasts its weights into it after each cycle, before the rewards answer; only one
+    serving run at a time. (x1 training, the next test, then publishes above these versions.)"""
+    settings = {"group_size": 4, "lr": 1e-3, "lora": True, "chat": True, "max_completion_length": 8, "serve": True}
+    started = client.post("/llm/grpo/runs", json=settings)
+    assert started.status_code == 201, started.text
+    run_id, version = started.json()["run_id"], started.json()["served_version"]
+    assert client.get("/llm/").json()["model_version"] == version  # published at the start
+    second = client.post("/llm/grpo/runs", json=settings)
+    assert second.status_code == 409 and run_id in second.text
+    for cycle in range(1, 4):
+        group = client.post(f"/llm/grpo/runs/{run_id}/completions", json={"prompt": "Sort: b a"}).json()
+        assert group["served_version"] == version + cycle - 1
+        rewards = {"group_id": group["group_id"], "rewards": [float(i) for i in range(4)]}
+        answer = client.post(f"/llm/grpo/runs/{run_id}/rewards", json=rewards).json()
+        assert answer["served_version"] == version + cycle
+        served = client.post("/llm/direct_forward", json={"input_string": "Hi", "max_output_length": 8})
+        assert served.json()["model_version"] == version + cycle
+    assert client.post(f"/llm/grpo/runs/{run_id}/stop").json()["state"] == "finished"
 
+
+def test_train_from_dataset_over_serve_publishes_the_trained_weights(client: httpx.Client) -> None:
     chat = [{"role": "user", "content": "What is 2 + 3?"}, {"role": "assistant", "content": "5"}]
     before = client.get("/llm/").json()["model_version"]
     started = client.post("/llm/train_from_dataset", json={"dataset": [{"messages": chat, "GAE": 1.0}] * 4, "lr": 1e-3})

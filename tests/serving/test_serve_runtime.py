@@ -14,7 +14,7 @@ from policy_server.serving.runtime.serve import ServeRuntime
 from policy_server.settings import Settings
 
 
-@serve.deployment(ray_actor_options={"num_cpus": 0})
+@serve.deployment(ray_actor_options={"num_cpus": 0}, graceful_shutdown_timeout_s=0.5)  # deleted at once
 class SlowToStart:
     """A replica whose constructor takes longer than any test waits (a model that loads for minutes)."""
 
