@@ -30,6 +30,7 @@ from policy_server.gateway.startup import (
     cancel_on_signal,
     install_one_line_refusal,
     restore_python_signal_handlers,
+    start_together,
 )
 from policy_server.gateway.training.service import TrainingService
 from policy_server.policies.served import resolve_policy
@@ -151,12 +152,15 @@ async def _start_services(
     """Have the runtime start every service of the schema, and attach each to its gateway service
     (each answers 503 until then)."""
     await runtime.start(schema)
-    for name, service in services.items():
-        service.attach(await runtime.policy_model(schema.policies[name]), metrics.batch_rows.labels(name).observe)
-    for name, trainer in trainings.items():
-        policy = trainer.policy
-        trainer.attach(await runtime.policy_trainer(schema.policies[name], policy.space, policy.obs_dim))
-    await llm.start(runtime)
+
+    async def start_policy(name: str, service: PolicyService) -> None:
+        spec = schema.policies[name]
+        service.attach(await runtime.policy_model(spec), metrics.batch_rows.labels(name).observe)
+        trainer = trainings.get(name)
+        if trainer is not None:  # after its policy: it publishes to the policy's deployment
+            trainer.attach(await runtime.policy_trainer(spec, trainer.policy.space, trainer.policy.obs_dim))
+
+    await start_together(runtime, *(start_policy(n, s) for n, s in services.items()), llm.start(runtime))
 
 
 def _client_sdks(settings: Settings) -> ClientSDKs | None:

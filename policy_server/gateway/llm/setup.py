@@ -3,11 +3,13 @@ their models, tasks and sessions, and trainers (``LLMServices.start``)."""
 
 from __future__ import annotations
 
+from collections.abc import Awaitable
 from dataclasses import dataclass
 from typing import Generic, Literal, TypeVar
 
 from policy_server.errors import BackendUnavailable
 from policy_server.gateway.llm.service import LLMService, ValueService, load_tokenizer
+from policy_server.gateway.startup import start_together
 from policy_server.llm.checkpoint import check_section
 from policy_server.schema.config import ServerSchema
 from policy_server.schema.llm import LLMPolicySpec, LLMValueSpec
@@ -44,19 +46,36 @@ class LLMServices:
     x1_value: Starting[X1Training] | None = None
 
     async def start(self, runtime: Runtime) -> None:
-        """Start the models, their tasks and sessions, and their trainers, and attach them."""
-        if self.policy is not None:
-            spec = self.policy.spec
-            model = await runtime.llm_model(spec)
-            self.policy.attach(model, await runtime.tasks_and_sessions(spec, self.policy.tokenizer))
-            if self.grpo is not None:
-                self.grpo.attach(await runtime.grpo_runs(spec))
-            if self.x1_policy is not None:
-                self.x1_policy.attach(await runtime.x1_training("policy", spec))
-        if self.value is not None:
-            self.value.attach(await runtime.value_model(self.value.spec))
-            if self.x1_value is not None:
-                self.x1_value.attach(await runtime.x1_training("value", self.value.spec))
+        """Start the models, their tasks and sessions, and their trainers, and attach them: the
+        policy's and the value model's at once, and what needs the policy once it runs."""
+        await start_together(runtime, self._start_policy(runtime), self._start_value(runtime))
+
+    async def _start_policy(self, runtime: Runtime) -> None:
+        if self.policy is None:
+            return
+        spec, policy = self.policy.spec, self.policy
+        model = await runtime.llm_model(spec)
+
+        async def tasks() -> None:
+            policy.attach(model, await runtime.tasks_and_sessions(spec, policy.tokenizer))
+
+        steps = [tasks()]
+        if self.grpo is not None:
+            steps.append(_attach(self.grpo, runtime.grpo_runs(spec)))
+        if self.x1_policy is not None:
+            steps.append(_attach(self.x1_policy, runtime.x1_training("policy", spec)))
+        await start_together(runtime, *steps)
+
+    async def _start_value(self, runtime: Runtime) -> None:
+        if self.value is None:
+            return
+        self.value.attach(await runtime.value_model(self.value.spec))
+        if self.x1_value is not None:
+            self.x1_value.attach(await runtime.x1_training("value", self.value.spec))
+
+
+async def _attach(starting: Starting[S], service: Awaitable[S]) -> None:
+    starting.attach(await service)
 
 
 def llm_services(schema: ServerSchema, backend: Literal["serve", "local"] = "serve") -> LLMServices:

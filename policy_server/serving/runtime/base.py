@@ -31,6 +31,9 @@ class Runtime(ABC):
     before their trainers, the LLM policy before its tasks and sessions, GRPO runs and x1 trainer.
     """
 
+    starts_concurrently = True
+    """Whether services that do not depend on each other may start at once."""
+
     @abstractmethod
     async def start(self, schema: ServerSchema) -> None:
         """Start (or join) whatever the services run on; refuse (SchemaError) a ``schema`` that it

@@ -205,6 +205,10 @@ class LocalRuntime(Runtime):
         self._scorer: ValueScorer | None = None
         self._closers: list[Callable[[], None]] = []
 
+    # the models load in this process, and two transformers ``from_pretrained`` in two threads
+    # break each other (its meta-device initialisation is process-wide): one at a time
+    starts_concurrently = False
+
     async def start(self, schema: ServerSchema) -> None:
         return None
 
