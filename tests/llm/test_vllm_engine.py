@@ -105,9 +105,6 @@ def test_samples_carry_raw_log_probs_stops_seeds_and_versions(
         stopped.completion_ids[:-1], skip_special_tokens=False
     )
 
-    with pytest.raises(InvalidRequest, match="safe_logits") as refused:
-        generate(engine, ids, safe_logits=True)
-    assert refused.value.fields[0].field == "safe_logits"
     with pytest.raises(InvalidRequest, match=re.escape("no adapter 'tiny-lora-z'; llm.policy.adapters has []")) as refused:
         generate(engine, ids, adapter="tiny-lora-z")
     assert refused.value.fields[0].field == "adapter"
