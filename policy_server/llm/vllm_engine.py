@@ -17,17 +17,16 @@ top-p, penalties and bias), as ``Generator.log_probs`` computes them by teacher 
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import dataclasses
 import json
 import tempfile
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Coroutine, Iterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, TypeVar, get_args
+from typing import Any, get_args
 
 import torch
 from safetensors.torch import load_file, save, save_file
@@ -50,10 +49,10 @@ from policy_server.llm.engine import BatchObserver, BatchReport, check_newer
 from policy_server.llm.generation import LENGTH_PENALTY, MIN_BEAMS, sample_of_hypothesis
 from policy_server.llm.params import FinishReason, GenerationParams, Sample, SampleChunk
 from policy_server.llm.stopping import StopMatcher
+from policy_server.llm.vllm_logits import KEY, PROCESSOR, SafeReport, check_log_probs, collect
+from policy_server.llm.vllm_loop import Loop, close_items, next_item
 from policy_server.schema.llm import LLMPolicySpec
 from policy_server.weights import check_weights
-
-T = TypeVar("T")
 
 CPU_KV_CACHE_BYTES = 256 << 20
 """KV cache of an engine on CPU (vLLM's default share of memory is refused on a small machine)."""
@@ -62,26 +61,6 @@ MIN_MAX_LOGPROBS = 20
 ADAPTER_FILE = "adapter_model.safetensors"
 WORKER_EXTENSION = "policy_server.llm.vllm_worker.WeightLoader"
 VLLM_NAMES = {"n": "num_samples", "max_tokens": "max_new_tokens", "min_tokens": "min_new_tokens"}  # ours
-
-
-class _Loop:
-    """An event loop in a daemon thread: vLLM's ``AsyncLLM`` lives and is called on it."""
-
-    def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, name="vllm-engine", daemon=True)
-        self.thread.start()
-
-    def submit(self, coro: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop)
-
-    async def call(self, coro: Coroutine[Any, Any, T]) -> T:
-        """Await ``coro`` on the engine loop from another loop; cancelling the caller cancels it."""
-        return await asyncio.wrap_future(self.submit(coro))
-
-    def close(self) -> None:
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(timeout=30)
 
 
 def engine_args(spec: LLMPolicySpec, folder: Path, adapter: Path | None, device: str,
@@ -113,6 +92,7 @@ def engine_args(spec: LLMPolicySpec, folder: Path, adapter: Path | None, device:
         logprobs_mode="raw_logprobs",
         max_logprobs=max(MIN_MAX_LOGPROBS, 2 * limits.max_num_samples),
         worker_extension_cls=WORKER_EXTENSION,
+        logits_processors=[PROCESSOR],  # safe_logits (vllm_logits)
         disable_log_stats=True,
         # structured outputs as compact JSON: small models otherwise loop on whitespace until their limit
         structured_outputs_config=StructuredOutputsConfig(backend="xgrammar", disable_any_whitespace=True),
@@ -155,8 +135,9 @@ class VLLMEngine:
         # fixed: weight updates never touch them; their ids come from the served adapter's counter
         self._extra = {name: LoRARequest(name, _lora_id(), str(f)) for name, f in spec.adapters.items()}
         args = engine_args(spec, folder, adapter, device, kv_cache_bytes)
-        self._loop = _Loop()
+        self._loop = Loop()
         self.llm: AsyncLLM = self._loop.submit(_start(args)).result()
+        self._loop.submit(self.llm.collective_rpc("attach_safe_logits")).result()
         self.max_model_len: int = self.llm.model_config.max_model_len
 
     # ---- generation -------------------------------------------------------------------------
@@ -165,7 +146,8 @@ class VLLMEngine:
         """``num_samples`` samples for one prompt, and the version of the weights that made them.
 
         Raises ``QueueFull`` when ``limits.max_queued`` requests are in the engine, ``InvalidRequest``
-        for ``safe_logits``, ``ValueError`` for a prompt that leaves no room to generate.
+        for ``safe_logits`` with a beam strategy, ``ValueError`` for a prompt that leaves no room to
+        generate or non-finite logits without ``safe_logits``.
         """
         self._check(prompt_ids, params)
         if params.strategy != "temperature":
@@ -186,18 +168,16 @@ class VLLMEngine:
             return
         chunks = self._chunks(prompt_ids, params)
         try:
-            while (chunk := await self._loop.call(_next(chunks))) is not None:
+            while (chunk := await self._loop.call(next_item(chunks))) is not None:
                 yield chunk
         finally:
-            await self._loop.call(_close(chunks))
+            await self._loop.call(close_items(chunks))
 
     def _check(self, prompt_ids: list[int], params: GenerationParams) -> None:
-        if params.safe_logits:
+        if params.safe_logits and params.strategy != "temperature":
             raise InvalidRequest.at(
-                "safe_logits",
-                "the vllm engine cannot replace non-finite logits; use the transformers engine "
-                "(llm.policy.engine: transformers) for safe_logits",
-            )
+                "safe_logits", "the vllm engine replaces non-finite logits for temperature sampling only; use the "
+                "transformers engine (llm.policy.engine: transformers) for safe_logits with beam strategies")
         if params.adapter is not None and params.adapter not in self._extra:
             raise InvalidRequest.at("adapter", f"no adapter {params.adapter!r}; llm.policy.adapters has {sorted(self._extra)}")
         if not prompt_ids:
@@ -222,15 +202,20 @@ class VLLMEngine:
 
     async def _sample(self, prompt_ids: list[int], params: GenerationParams) -> list[Sample]:
         started = time.perf_counter()
+        key = uuid.uuid4().hex
+        safe: dict[int, SafeReport] = {}
         with self._admitted():
             final: RequestOutput | None = None
-            sampling = self._sampling_params(params, len(prompt_ids), RequestOutputKind.FINAL_ONLY)
-            async for final in self._request(prompt_ids, sampling, params.adapter):
-                pass
+            sampling = self._sampling_params(params, len(prompt_ids), RequestOutputKind.FINAL_ONLY, key)
+            try:
+                async for final in self._request(prompt_ids, sampling, params.adapter, key):
+                    pass
+            finally:  # also forgets the tallies of a cancelled request
+                safe = await collect(self.llm, key) if params.safe_logits else {}
         assert final is not None
         version = self.version
         prompt_lps = _prompt_logprobs(prompt_ids, final) if params.prompt_logprobs else None
-        samples = [self._to_sample(prompt_ids, out, params, version, prompt_lps)
+        samples = [self._to_sample(prompt_ids, out, params, version, prompt_lps, safe.get(out.index))
                    for out in sorted(final.outputs, key=lambda o: o.index)]
         self._report(samples, time.perf_counter() - started, version)
         return samples
@@ -238,32 +223,41 @@ class VLLMEngine:
     async def _chunks(self, prompt_ids: list[int], params: GenerationParams) -> AsyncIterator[SampleChunk]:
         started = time.perf_counter()
         tokens = 0
+        key = uuid.uuid4().hex
+        sent: dict[int, int] = {}  # tokens of each sample yielded so far
         try:
             with self._admitted():
-                sampling = self._sampling_params(params, len(prompt_ids), RequestOutputKind.DELTA)
-                async for output in self._request(prompt_ids, sampling, params.adapter):
+                sampling = self._sampling_params(params, len(prompt_ids), RequestOutputKind.DELTA, key)
+                async for output in self._request(prompt_ids, sampling, params.adapter, key):
+                    safe = await collect(self.llm, key, keep=True) if params.safe_logits else {}
                     for out in output.outputs:
-                        s = self._to_sample(prompt_ids, out, params, self.version, None)
+                        s = self._to_sample(prompt_ids, out, params, self.version, None, safe.get(out.index),
+                                            sent.get(out.index, 0))
                         tokens += len(s.completion_ids)
+                        sent[out.index] = sent.get(out.index, 0) + len(s.completion_ids)
                         finish = s.finish_reason if out.finish_reason is not None else None
                         yield SampleChunk(out.index, s.completion_ids, s.log_probs, s.top_logprobs, finish,
                                           s.stop_string if finish else None, s.model_version)
         finally:  # a stream closed early (the client left) counts the tokens it was sent
+            if params.safe_logits:
+                await collect(self.llm, key)  # forget its tallies
             if self.on_batch is not None:
                 self.on_batch(BatchReport(1, tokens, time.perf_counter() - started,
                                           self.llm.get_num_unfinished_requests(), self.version))
 
-    def _request(self, prompt_ids: list[int], sampling: SamplingParams, adapter: str | None) -> AsyncIterator[RequestOutput]:
+    def _request(self, prompt_ids: list[int], sampling: SamplingParams, adapter: str | None,
+                 key: str | None = None) -> AsyncIterator[RequestOutput]:
         # vLLM aborts the request when this generator is closed or its task cancelled
         lora = self._lora if adapter is None else self._extra[adapter]
-        return self.llm.generate(TokensPrompt(prompt_token_ids=prompt_ids), sampling, uuid.uuid4().hex,
+        return self.llm.generate(TokensPrompt(prompt_token_ids=prompt_ids), sampling, key or uuid.uuid4().hex,
                                  lora_request=lora)
 
     def _stops(self, params: GenerationParams) -> list[str]:
         stops = params.stop_strings if params.stop_strings is not None else (self.spec.step_token, self.spec.end_token)
         return list(dict.fromkeys((*stops, self.spec.end_token)))
 
-    def _sampling_params(self, params: GenerationParams, prompt_len: int, kind: RequestOutputKind) -> SamplingParams:
+    def _sampling_params(self, params: GenerationParams, prompt_len: int, kind: RequestOutputKind,
+                         key: str) -> SamplingParams:
         structured = None
         if params.structured is not None:
             structured = (
@@ -294,13 +288,15 @@ class VLLMEngine:
                 logit_bias=dict(params.logit_bias) or None,
                 structured_outputs=structured,
                 output_kind=kind,
+                extra_args={KEY: key} if params.safe_logits else None,  # vllm_logits.SafeLogits cleans its logits
             )
         except VLLMValidationError as exc:  # what the routes let through and vLLM refuses (a temperature above 2)
             name = exc.parameter or exc.args[0].split(" ", 1)[0]
             raise InvalidRequest.at(VLLM_NAMES.get(name, name), f"the vLLM engine refuses it: {exc.args[0]}") from exc
 
     def _to_sample(self, prompt_ids: list[int], out: CompletionOutput, params: GenerationParams, version: int,
-                   prompt_lps: list[float | None] | None) -> Sample:
+                   prompt_lps: list[float | None] | None, safe: SafeReport | None = None, start: int = 0) -> Sample:
+        """A ``Sample`` of vLLM's output (of tokens ``start, ...``; ``safe``'s log-probs where it cleaned logits)."""
         token_ids = list(out.token_ids)
         entries = out.logprobs or []
         log_probs = [entry[token].logprob for token, entry in zip(token_ids, entries)]
@@ -308,12 +304,15 @@ class VLLMEngine:
         # the k most likely, then the sampled token when it is not among them (k or k + 1 entries,
         # as the transformers engine and OpenAI's "up to logprobs + 1" answer)
         top = ([_top_k(entry, token, k) for token, entry in zip(token_ids, entries)] if k else None)
+        if safe is not None:
+            safe.patch(log_probs, top, start)
+        check_log_probs(log_probs, start)
         reason: FinishReason = "stop" if out.finish_reason == "stop" else "length"
         stop_string = None
         if reason == "stop":
             stop_string = out.stop_reason if isinstance(out.stop_reason, str) else self._stop_named(token_ids, params)
-        return Sample(list(prompt_ids), token_ids, log_probs, reason, stop_string, model_version=version,
-                      top_logprobs=top, prompt_logprobs=prompt_lps)
+        return Sample(list(prompt_ids), token_ids, log_probs, reason, stop_string, safe.count if safe else 0,
+                      model_version=version, top_logprobs=top, prompt_logprobs=prompt_lps)
 
     def _stop_named(self, token_ids: list[int], params: GenerationParams) -> str | None:
         """The stop string a sample that vLLM stopped on a token ends with (or that token's text)."""
@@ -458,14 +457,6 @@ async def _start(args: AsyncEngineArgs) -> AsyncLLM:
 
 async def _shutdown(llm: AsyncLLM) -> None:
     llm.shutdown()
-
-
-async def _next(chunks: AsyncIterator[SampleChunk]) -> SampleChunk | None:
-    return await anext(chunks, None)
-
-
-async def _close(chunks: AsyncIterator[SampleChunk]) -> None:
-    await chunks.aclose()  # type: ignore[attr-defined]
 
 
 _lora_ids = iter(range(2, 2**31))

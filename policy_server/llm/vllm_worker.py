@@ -1,4 +1,5 @@
-"""The vLLM worker extension that loads new weights into a running engine, in place.
+"""The vLLM worker extension: loads new weights into a running engine in place, and reads
+``safe_logits``' tallies (``vllm_logits``) back.
 
 ``VLLMEngine`` names this class as vLLM's ``worker_extension_cls``; vLLM mixes it into each of
 its workers, and ``AsyncLLM.collective_rpc("load_safetensors", args=(blob,))`` runs it there,
@@ -8,7 +9,8 @@ between two scheduler steps. The weights travel as one safetensors blob: torch t
 processes them as its loader does at start-up; a bare ``model.load_weights`` fails on CPU after
 that processing ("'Parameter' object has no attribute 'weight_loader'").
 
-This module imports no vLLM: it is loaded by name inside vLLM's worker processes.
+This module imports no vLLM (``vllm_logits`` is imported where it is used): it is loaded by
+name inside vLLM's worker processes.
 """
 
 from __future__ import annotations
@@ -30,6 +32,18 @@ class WeightLoader:
         self.reload_weights(weights_iterator=iter(tensors.items()), is_checkpoint_format=True)
         self._retie_lm_head()
         return len(tensors)
+
+    def attach_safe_logits(self) -> bool:
+        """Give the worker's ``SafeLogits`` processor its input batch (once, after start-up)."""
+        from policy_server.llm.vllm_logits import attach
+
+        return attach(self)
+
+    def safe_logits_report(self, key: str, keep: bool) -> dict[str, Any]:
+        """``SafeLogits.report``: the tallies of our request ``key``, by vLLM request id."""
+        from policy_server.llm.vllm_logits import processor
+
+        return processor(self).report(key, keep)
 
     def _retie_lm_head(self) -> None:
         """A model whose output layer is its input embedding (tied): the layer-wise reload loads

@@ -105,9 +105,6 @@ def test_samples_carry_raw_log_probs_stops_seeds_and_versions(
         stopped.completion_ids[:-1], skip_special_tokens=False
     )
 
-    with pytest.raises(InvalidRequest, match="safe_logits") as refused:
-        generate(engine, ids, safe_logits=True)
-    assert refused.value.fields[0].field == "safe_logits"
     with pytest.raises(InvalidRequest, match=re.escape("no adapter 'tiny-lora-z'; llm.policy.adapters has []")) as refused:
         generate(engine, ids, adapter="tiny-lora-z")
     assert refused.value.fields[0].field == "adapter"
@@ -270,3 +267,84 @@ def test_engine_args_make_room_for_every_adapter_and_the_served_ones_swap(llm_di
     assert (both.max_loras, both.max_cpu_loras) == (4, 4)  # a, b, the served adapter and its next version
     plain = engine_args(LLMPolicySpec(path=llm_dirs["policy"]), llm_dirs["policy"], None, "cpu")
     assert not plain.enable_lora
+
+
+def test_safe_logits_replaces_and_counts_non_finite_logits_as_the_transformers_engine(
+    engine: VLLMEngine, teacher: Generator
+) -> None:
+    """Weights that give a +inf logit without relying on how a matrix product sums infinities: every
+    token's embedding gets +10 in dimension 0 (about +8 after the final norm at every position; the
+    tied output layer adds the same to every logit), and one token's row is float32's max in that
+    dimension only, zeros elsewhere: its logit overflows to +inf. Drawn, that token's own input
+    (max in one dimension) normalises to zeros, so the next logits are all 0: samples alternate.
+    vLLM's counts and log-probs equal teacher forcing's through ``sanitize_logits``, and greedy
+    equals the transformers engine."""
+    from policy_server.llm.sampling import sanitize_logits, top_logprobs
+
+    ids = prompt(engine)
+    original = engine.get_weights()
+    embed = "model.embed_tokens.weight"  # tied: the output rows are the embedding's
+    unused = [t for t in range(engine.vocab_size - 1, 0, -1) if t not in ids and t not in engine.tokenizer.all_special_ids]
+    inf_token = unused[0]
+
+    def set_both(weights: dict[str, np.ndarray]) -> None:
+        engine.set_weights(weights, engine.version + 1)
+        state = teacher.model.state_dict()
+        with torch.no_grad():
+            for name, value in weights.items():
+                state[name].copy_(torch.from_numpy(value))
+
+    def forced_logits(completion: list[int]) -> torch.Tensor:
+        """(len(completion), V) teacher-forced logits before each completion token."""
+        with torch.inference_mode():
+            out = teacher.model(input_ids=torch.tensor([ids + completion]), use_cache=False).logits[0].float()
+        return out[len(ids) - 1 : len(ids) - 1 + len(completion)]
+
+    shifted = original[embed].copy()
+    shifted[:, 0] = 10.0
+    shifted[inf_token] = 0.0
+    shifted[inf_token, 0] = np.finfo(np.float32).max
+    try:
+        set_both({embed: shifted})
+        with pytest.raises(ValueError, match="non-finite logits at generated token 0; send safe_logits=true"):
+            generate(engine, ids, temperature=1.0, max_new_tokens=4)
+        with pytest.raises(ValueError, match=r"\+inf logits at generated token 0; send safe_logits=true"):
+            teacher.generate([ids], GenerationParams(temperature=1.0, max_new_tokens=4))
+
+        params = {"num_samples": 2, "temperature": 1.0, "seed": 3, "max_new_tokens": 12, "top_logprobs": 2,
+                  "stop_strings": ("@@@",), "safe_logits": True}
+        samples, _ = generate(engine, ids, **params)
+        for s in samples:
+            logits = forced_logits(s.completion_ids)
+            clean, changed = sanitize_logits(logits)
+            assert torch.isposinf(logits[0, inf_token]) and s.completion_ids[0] == inf_token
+            assert s.nonfinite_logits == int(changed.sum()) == s.completion_ids.count(inf_token) > 1
+            forced = torch.log_softmax(clean, -1)
+            chosen = torch.tensor(s.completion_ids)
+            np.testing.assert_allclose(s.log_probs, forced.gather(-1, chosen[:, None])[:, 0], atol=TOLERANCE)
+            assert s.top_logprobs is not None
+            for got, want in zip(s.top_logprobs, top_logprobs(forced, chosen, 2)):
+                assert got.keys() == want.keys()
+                np.testing.assert_allclose(list(got.values()), [want[t] for t in got], atol=TOLERANCE)
+
+        async def chunks() -> list[Any]:
+            return [c async for c in engine.stream(ids, GenerationParams(**params))]
+
+        streamed = asyncio.run(chunks())
+        for index, s in enumerate(samples):
+            assert [x for c in streamed if c.index == index for x in c.log_probs] == s.log_probs
+
+        greedy = {"temperature": 0.0, "max_new_tokens": 3, "safe_logits": True}
+        (ours,), _ = generate(engine, ids, **greedy)
+        (theirs,) = teacher.generate([ids], GenerationParams(**greedy))[0]
+        assert (ours.completion_ids, ours.nonfinite_logits) == (theirs.completion_ids, theirs.nonfinite_logits)
+        np.testing.assert_allclose(ours.log_probs, theirs.log_probs, atol=TOLERANCE)
+
+        with pytest.raises(InvalidRequest) as refused:
+            generate(engine, ids, strategy="beam_search", num_samples=2, max_new_tokens=2, safe_logits=True)
+        assert refused.value.fields[0].field == "safe_logits" and "beam" in refused.value.message
+    finally:
+        set_both({embed: original[embed]})
+    (after,), _ = generate(engine, ids, temperature=1.0, seed=3, max_new_tokens=12, safe_logits=True)
+    assert after.nonfinite_logits == 0
+    np.testing.assert_allclose(after.log_probs, teacher.log_probs(ids, after.completion_ids), atol=TOLERANCE)

@@ -9,7 +9,7 @@ import json
 import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
 from policy_server.errors import FieldError, InvalidRequest, ModelNotFound
@@ -89,8 +89,6 @@ class OpenAIService:
         texts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
         if not texts:
             raise InvalidRequest.at("body.prompt", "give at least one prompt")
-        if body.stream and body.echo and body.logprobs is not None:
-            raise InvalidRequest.at("body.echo", "echo with logprobs is not streamed; send stream=false")
         top = body.logprobs or 0
         prompts = []
         for i, text in enumerate(texts):
@@ -221,15 +219,11 @@ class OpenAIService:
     def _completion_logprobs(self, prompt: Prompt, sample: Sample, body: CompletionRequest) -> dict[str, Any]:
         """OpenAI's completion logprobs; with echo the prompt's tokens come first (the first with
         no log-prob; a prompt token's alternatives are itself alone)."""
-        tokens, logprobs, tops, offsets = [], [], [], []
-        start = 0
-        if body.echo:
-            prompt_lps = sample.prompt_logprobs or [None] * len(prompt.ids)
-            tokens = [self._token(t) for t in prompt.ids]
-            logprobs = list(prompt_lps)
-            tops = [None if lp is None else {tok: lp} for tok, lp in zip(tokens, prompt_lps)]
-            offsets = self._offsets(prompt.ids, 0, True)
-            start = len(prompt.text)
+        echoed = self._echo_logprobs(prompt, sample.prompt_logprobs) if body.echo else None
+        tokens, logprobs, tops, offsets = (
+            [echoed[key] for key in ("tokens", "token_logprobs", "top_logprobs", "text_offset")] if echoed
+            else ([], [], [], []))
+        start = len(prompt.text) if body.echo else 0
         top = sample.top_logprobs or [None] * len(sample.completion_ids)
         tokens += [self._token(t) for t in sample.completion_ids]
         logprobs += sample.log_probs
@@ -237,6 +231,27 @@ class OpenAIService:
         offsets += self._offsets(sample.completion_ids, start, body.skip_special_tokens)
         return {"tokens": tokens, "token_logprobs": logprobs,
                 "top_logprobs": tops if sample.top_logprobs is not None or body.echo else None, "text_offset": offsets}
+
+    def _echo_logprobs(self, prompt: Prompt, prompt_lps: list[float | None] | None) -> dict[str, Any]:
+        """OpenAI's completion logprobs of an echoed prompt: the first token with no log-prob, a prompt
+        token's alternatives itself alone, offsets from the start of the prompt's text."""
+        lps = prompt_lps or [None] * len(prompt.ids)
+        tokens = [self._token(t) for t in prompt.ids]
+        return {"tokens": tokens, "token_logprobs": list(lps),
+                "top_logprobs": [None if lp is None else {tok: lp} for tok, lp in zip(tokens, lps)],
+                "text_offset": self._offsets(prompt.ids, 0, True)}
+
+    async def _echo_events(self, answer: _Answer, body: CompletionRequest, prompts: list[Prompt]) -> AsyncIterator[dict[str, Any]]:
+        """A stream's first chunk per choice with echo and logprobs: the prompt's text and log-probs
+        (as the whole answer gives them), from a one-token request of the same prompt and model."""
+        for which, prompt in enumerate(prompts):
+            one = replace(prompt.params, num_samples=1, max_new_tokens=1, min_new_tokens=0, temperature=0.0,
+                          top_logprobs=0, prompt_logprobs=True, structured=None, seed=None)
+            (sample, *_), version = await _named(self.llm.require_backend().generate(prompt.ids, one))
+            logprobs = self._echo_logprobs(prompt, sample.prompt_logprobs)
+            for i in range(body.n):
+                choice = {"index": which * body.n + i, "text": prompt.text, "finish_reason": None, "logprobs": logprobs}
+                yield self._head(answer, version) | {"choices": [choice]}
 
     def _chat_logprobs(
         self, ids: list[int], logprobs: list[float], tops: list[dict[int, float]] | None, k: int
@@ -263,7 +278,12 @@ class OpenAIService:
         answer = self._answer("text_completion", "cmpl", body)
         n = body.n
         texts: dict[int, _TextStream] = {}
-        async for which, chunk in _merged([_named_stream(self.llm.stream(p.ids, p.params)) for p in prompts]):
+        echoed = body.echo and body.logprobs is not None  # the prompt goes first, in chunks of its own
+        if echoed:
+            async for event in self._echo_events(answer, body, prompts):
+                yield event
+        streams = [self.llm.stream(p.ids, replace(p.params, prompt_logprobs=False)) for p in prompts]
+        async for which, chunk in _merged([_named_stream(s) for s in streams]):
             prompt, index = prompts[which], which * n + chunk.index
             first = index not in texts
             text = texts.setdefault(index, _TextStream(self.llm, prompt.params, body.skip_special_tokens))
@@ -272,7 +292,7 @@ class OpenAIService:
             delta = text.add(chunk)
             choice: dict[str, Any] = {
                 "index": index,
-                "text": (prompt.text + delta) if body.echo and first else delta,
+                "text": (prompt.text + delta) if body.echo and first and not echoed else delta,
                 "finish_reason": chunk.finish_reason,
                 "logprobs": {
                     "tokens": [self._token(t) for t in chunk.token_ids], "token_logprobs": chunk.log_probs,

@@ -117,6 +117,34 @@ def test_echo_returns_the_prompt_with_its_logprobs_first_one_null(oai: openai.Op
             assert choice.text[offset: offset + len(token)] == token
 
 
+def test_streamed_echo_with_logprobs_equals_the_whole_answer(oai: openai.OpenAI) -> None:
+    """The prompt (text, tokens, log-probs, offsets) comes first in a chunk of its own per choice,
+    then the completion; put together they equal the answer without ``stream``."""
+    prompt = "Once upon a time"
+    asked: dict[str, Any] = {"model": "tiny", "prompt": prompt, "max_tokens": 6, "logprobs": 2, "echo": True,
+                             "temperature": 0, "n": 1}  # n > 1: see the report (vLLM engine crash with prompt logprobs)
+    whole = oai.completions.create(**asked)
+    chunks = list(oai.completions.create(**asked, stream=True))
+    prompt_ids = whole.choices[0].model_extra["prompt_token_ids"]
+    for choice in whole.choices:
+        mine = [c.choices[0] for c in chunks if c.choices and c.choices[0].index == choice.index]
+        first = mine[0]
+        assert first.text == prompt and len(first.logprobs.tokens) == len(prompt_ids) and first.finish_reason is None
+        assert first.logprobs.token_logprobs[0] is None and first.logprobs.text_offset[0] == 0
+        assert "".join(c.text for c in mine) == choice.text
+        want = choice.logprobs
+        assert [t for c in mine for t in c.logprobs.tokens] == want.tokens
+        assert [o for c in mine for o in c.logprobs.text_offset] == want.text_offset
+        got = [x for c in mine for x in c.logprobs.token_logprobs]
+        assert got[0] is None and want.token_logprobs[0] is None
+        assert got[1:] == pytest.approx(want.token_logprobs[1:], abs=1e-5)
+        tops = [t for c in mine for t in c.logprobs.top_logprobs]
+        assert len(tops) == len(want.top_logprobs)
+        for top, wanted in zip(tops[1:], want.top_logprobs[1:]):
+            assert top.keys() == wanted.keys() and list(top.values()) == pytest.approx(list(wanted.values()), abs=1e-5)
+        assert mine[-1].finish_reason == choice.finish_reason
+
+
 def test_chat_logprobs_give_top_logprobs_entries(oai: openai.OpenAI) -> None:
     answer = oai.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=5, logprobs=True, top_logprobs=4)
     content = answer.choices[0].logprobs.content
