@@ -139,7 +139,7 @@ class ServeRuntime(Runtime):
         return actor
 
     async def llm_model(self, spec: LLMPolicySpec) -> ServeLLMModel:
-        return ServeLLMModel(await asyncio.to_thread(self.deploy_llm, spec))
+        return ServeLLMModel(await asyncio.to_thread(self.deploy_llm, spec), self.settings.direct_transport)
 
     async def value_model(self, spec: LLMValueSpec) -> ServeValueModel:
         return ServeValueModel(await asyncio.to_thread(self.deploy_llm, spec))
