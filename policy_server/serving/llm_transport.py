@@ -238,16 +238,16 @@ class LLMStreamServer:
 
     def close(self) -> None:
         """Stop listening and close every connection (their streams are cancelled)."""
-        self.loop.call_soon_threadsafe(self._close)
+        asyncio.run_coroutine_threadsafe(self._close(), self.loop).result(timeout=30)
         if self._own_loop:
             self.loop.call_soon_threadsafe(self.loop.stop)
 
-
-    def _close(self) -> None:
+    async def _close(self) -> None:
         self._server.close()
         for conn in list(self._connections):
             if conn.transport is not None:
-                conn.transport.close()
+                conn.transport.abort()
+        await asyncio.sleep(0)  # the sockets close on the next turn of the loop
 
 
 def engine_streams(engine: Any) -> tuple[Streams, asyncio.AbstractEventLoop | None]:
