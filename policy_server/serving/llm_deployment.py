@@ -60,8 +60,9 @@ class LLMPolicyDeployment:
         return await self.engine.generate(prompt_ids, params)
 
     async def stream(self, prompt_ids: list[int], params: GenerationParams) -> AsyncIterator[SampleChunk]:
-        # what queued up while Serve sent the previous item goes as one item per sample (under load,
-        # one Ray message per token costs more than the token); Serve cancels: the engine stops
+        # the fallback of the direct path (llm_transport). What queued up while Serve sent the previous
+        # item goes as one item per sample (one Ray message per token costs more than the token);
+        # Serve cancels: the engine stops
         async with aclosing(coalesced(self.engine.stream(prompt_ids, params))) as chunks:
             async for chunk in chunks:
                 yield chunk
