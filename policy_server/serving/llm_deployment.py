@@ -8,11 +8,13 @@ bytes travel through Serve.
 from __future__ import annotations
 
 import asyncio
+import secrets
 from collections.abc import AsyncIterator
 from contextlib import aclosing
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import ray
 from ray import serve
 from ray.serve import Application
 
@@ -25,6 +27,7 @@ from policy_server.llm.tasks import TaskView
 from policy_server.llm.x1_trainer import X1Trainer
 from policy_server.schema.llm import LLMPolicySpec, LLMValueSpec
 from policy_server.serving.llm_metrics import GRPOMetrics, LLMServingMetrics
+from policy_server.serving.llm_transport import TOKEN_BYTES, LLMStreamServer, engine_streams
 
 if TYPE_CHECKING:
     from policy_server.llm.grpo_settings import GRPOSettings
@@ -48,16 +51,25 @@ class LLMPolicyDeployment:
         _limit_threads(spec.resources.num_cpus)
         self.metrics = LLMServingMetrics(spec.model_id, serve.get_replica_context().app_name)
         self.engine = open_policy_engine(spec, spec.path, spec.adapter, device, on_batch=self.metrics.on_batch)
+        # the direct data path of streams (see llm_transport): its secret reaches gateways only through Serve
+        self._token = secrets.token_hex(TOKEN_BYTES)
+        streams, loop = engine_streams(self.engine)
+        self._direct = LLMStreamServer(streams, self._token, ray.util.get_node_ip_address(), loop)
 
     async def generate(self, prompt_ids: list[int], params: GenerationParams) -> tuple[list[Sample], int]:
         return await self.engine.generate(prompt_ids, params)
 
     async def stream(self, prompt_ids: list[int], params: GenerationParams) -> AsyncIterator[SampleChunk]:
-        # what queued up while Serve sent the previous item goes as one item per sample (under load,
-        # one Ray message per token costs more than the token); Serve cancels: the engine stops
+        # the fallback of the direct path (llm_transport). What queued up while Serve sent the previous
+        # item goes as one item per sample (one Ray message per token costs more than the token);
+        # Serve cancels: the engine stops
         async with aclosing(coalesced(self.engine.stream(prompt_ids, params))) as chunks:
             async for chunk in chunks:
                 yield chunk
+
+    def transport_endpoint(self) -> tuple[str, int, str]:
+        """Host, port and token where this replica serves streams directly."""
+        return (*self._direct.address, self._token)
 
     def version(self) -> int:
         return self.engine.version

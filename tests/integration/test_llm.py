@@ -22,7 +22,7 @@ AUTH = {"access-token": API_KEY}
 
 
 @pytest.fixture(scope="module")
-def server(ray_session: int, llm_dirs: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def app(ray_session: int, llm_dirs: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Any:
     schema = {
         "parameters": {"api_key": API_KEY},
         "llm": {
@@ -35,7 +35,12 @@ def server(ray_session: int, llm_dirs: dict[str, Path], tmp_path_factory: pytest
     path = tmp_path_factory.mktemp("llm-serve") / "schema.yaml"
     path.write_text(yaml.safe_dump(schema, sort_keys=False))
     settings = Settings(schema_path=path, gateway_metrics_port=0, serve_app_prefix="it-llm")
-    with running_server(build_app(settings)) as url:
+    return build_app(settings)
+
+
+@pytest.fixture(scope="module")
+def server(app: Any) -> Iterator[str]:
+    with running_server(app) as url:
         yield url
 
 
@@ -65,8 +70,11 @@ def test_the_openai_client_chats_with_logprobs_and_stop(oai: openai.OpenAI) -> N
     assert all(item.logprob <= 0 for item in choice.logprobs.content)
 
 
-def test_the_openai_client_streams_through_the_serve_deployment(oai: openai.OpenAI) -> None:
-    """Chunks come from the replica's ``stream`` generator through a streaming handle."""
+def test_the_openai_client_streams_through_the_serve_deployment(oai: openai.OpenAI, app: Any) -> None:
+    """Chunks come straight from the replica's direct port (serving.llm_transport), never through
+    the streaming handle's fallback."""
+    direct = app.state.llm.policy.backend.direct
+    streamed = direct.direct
     chunks = list(oai.chat.completions.create(
         model="tiny", messages=[{"role": "user", "content": "Hi"}], max_tokens=8, temperature=0, stream=True,
         stream_options={"include_usage": True},
@@ -75,6 +83,7 @@ def test_the_openai_client_streams_through_the_serve_deployment(oai: openai.Open
                                         temperature=0)
     assert "".join(c.choices[0].delta.content or "" for c in chunks[:-1]) == whole.choices[0].message.content
     assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+    assert (direct.direct - streamed, direct.fallbacks) == (1, 0)
 
 
 def test_the_openai_client_is_refused_with_a_wrong_key(server: str) -> None:

@@ -191,6 +191,56 @@ def test_stream_concatenates_to_the_sample_and_closing_it_aborts(
     assert len(reports) == reported + 1 and reports[-1].new_tokens >= 1  # the tokens it sent are counted
 
 
+def test_the_direct_transport_streams_from_the_engines_loop_and_a_reader_that_leaves_aborts(
+    engine: VLLMEngine,
+) -> None:
+    """serving.llm_transport on vLLM's own loop: the chunks ``stream`` gives, an engine refusal as
+    itself, and a gateway that closes the connection aborts the vLLM request."""
+    from contextlib import aclosing
+
+    from policy_server.serving.llm_transport import DirectLLMStreams, LLMStreamServer, engine_streams
+
+    streams, loop = engine_streams(engine)
+    assert loop is engine._loop.loop
+    token = "ab" * 32
+    server = LLMStreamServer(streams, token, "127.0.0.1", loop)
+    ids = prompt(engine)
+    params = GenerationParams(num_samples=2, temperature=1.0, seed=7, max_new_tokens=16, top_logprobs=1)
+
+    async def listed() -> list[tuple[str, int, str]]:
+        return [(*server.address, token)]
+
+    async def no_fallback(prompt_ids: list[int], p: GenerationParams) -> Any:
+        raise AssertionError("the direct path was not used")
+        yield
+
+    async def run() -> tuple[list[Any], int]:
+        direct = DirectLLMStreams(listed, no_fallback)
+        async with aclosing(direct.stream(ids, params)) as chunks:
+            got = [c async for c in chunks]
+        with pytest.raises(InvalidRequest):
+            async with aclosing(direct.stream(ids, GenerationParams(safe_logits=True))) as chunks:
+                [c async for c in chunks]
+        long = GenerationParams(temperature=1.0, max_new_tokens=64, stop_strings=("@@@",))
+        async with aclosing(direct.stream(ids, long)) as chunks:
+            await anext(chunks)
+            running = engine.unfinished_requests()
+        return got, running
+
+    try:
+        chunks, running = asyncio.run(run())
+    finally:
+        server.close()
+    samples, _ = generate(engine, ids, num_samples=2, temperature=1.0, seed=7, max_new_tokens=16, top_logprobs=1)
+    for i, s in enumerate(samples):
+        assert [t for c in chunks if c.index == i for t in c.token_ids] == s.completion_ids
+    assert running == 1
+    deadline = time.monotonic() + 10
+    while engine.unfinished_requests() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert engine.unfinished_requests() == 0
+
+
 def test_weights_swap_in_place_under_load_and_a_full_wait_list_answers_429(engine: VLLMEngine) -> None:
     ids = prompt(engine)
     (before,), _ = generate(engine, ids, temperature=0.0, max_new_tokens=16, stop_strings=("@@@",))

@@ -10,6 +10,7 @@ from ray.actor import ActorHandle
 from ray.serve.handle import DeploymentHandle
 
 from policy_server.serving.errors import mapped_stream, remote
+from policy_server.serving.llm_transport import DirectLLMStreams
 
 if TYPE_CHECKING:
     from policy_server.llm.grpo_settings import GRPOSettings
@@ -66,15 +67,30 @@ class ActorPolicyTrainer:
 
 
 class ServeLLMModel:
+    """The LLM policy's deployment. With ``direct``, streams come straight from the replicas' TCP
+    ports (``serving.llm_transport``; a Ray message per token costs more than the token), the
+    streaming handle being the fallback; ``generate`` goes through the handle (its samples carry
+    what chunks do not: prompt log-probs, beam scores)."""
+
     what = "the LLM deployment"
 
-    def __init__(self, handle: DeploymentHandle) -> None:
+    def __init__(self, handle: DeploymentHandle, direct: bool = False) -> None:
         self.handle = handle
+        self.direct = DirectLLMStreams(self._endpoints, self._through_handle) if direct else None
 
     async def generate(self, prompt_ids: list[int], params: GenerationParams) -> tuple[list[Sample], int]:
         return await remote(self.what, self.handle.generate.remote, prompt_ids, params)
 
-    async def stream(self, prompt_ids: list[int], params: GenerationParams) -> AsyncIterator[SampleChunk]:
+    def stream(self, prompt_ids: list[int], params: GenerationParams) -> AsyncIterator[SampleChunk]:
+        """The samples' chunks; closing this cancels the generation on the replica."""
+        if self.direct is not None:
+            return self.direct.stream(prompt_ids, params)
+        return self._through_handle(prompt_ids, params)
+
+    async def _endpoints(self) -> list[tuple[str, int, str]]:
+        return await self.handle.broadcast("transport_endpoint").results_async()  # type: ignore[no-any-return]
+
+    async def _through_handle(self, prompt_ids: list[int], params: GenerationParams) -> AsyncIterator[SampleChunk]:
         """The replica's ``stream`` generator through a streaming handle; closing this cancels it there."""
         chunks = self.handle.options(stream=True).stream.remote(prompt_ids, params)
         finished = False
@@ -88,6 +104,10 @@ class ServeLLMModel:
 
     async def version(self) -> int:
         return await remote(self.what, self.handle.version.remote)
+
+    def close(self) -> None:
+        if self.direct is not None:
+            self.direct.close()
 
 
 class ServeValueModel:

@@ -56,7 +56,7 @@ class ServeRuntime(Runtime):
         self.started_ray = False  # ...and that started a Ray of its own (it shuts Serve down too)
         self.apps: list[str] = []
         self.actors: list[ActorHandle] = []
-        self.transports: list[PolicyTransport] = []
+        self.transports: list[PolicyTransport | ServeLLMModel] = []  # their connections close at stop
         self.cancelled = threading.Event()
 
     async def start(self, schema: ServerSchema) -> None:
@@ -139,7 +139,9 @@ class ServeRuntime(Runtime):
         return actor
 
     async def llm_model(self, spec: LLMPolicySpec) -> ServeLLMModel:
-        return ServeLLMModel(await asyncio.to_thread(self.deploy_llm, spec))
+        model = ServeLLMModel(await asyncio.to_thread(self.deploy_llm, spec), self.settings.direct_transport)
+        self.transports.append(model)
+        return model
 
     async def value_model(self, spec: LLMValueSpec) -> ServeValueModel:
         return ServeValueModel(await asyncio.to_thread(self.deploy_llm, spec))
