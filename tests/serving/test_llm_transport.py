@@ -14,6 +14,7 @@ import pytest
 
 from policy_server import errors
 from policy_server.errors import FieldError, InvalidRequest, ModelError, PolicyServerError, QueueFull
+from policy_server.llm.chunks import merge_chunks
 from policy_server.llm.params import GenerationParams, SampleChunk, StructuredOutput
 from policy_server.serving.llm_transport import (
     END,
@@ -239,7 +240,8 @@ def test_a_restarted_replica_is_found_again(recorded: Recorded) -> None:
         return before, during, after
 
     before, during, after = asyncio.run(run())
-    assert during == before and after == before and used == []
+    # chunk boundaries depend on how fast the reader is (coalesced): the samples they add up to do not
+    assert merge_chunks(during) == merge_chunks(before) == merge_chunks(after) and used == []
     assert (streams.direct, streams.fallbacks) == (3, 0)
 
 
