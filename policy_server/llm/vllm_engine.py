@@ -134,6 +134,9 @@ class VLLMEngine:
         self._lora = LoRARequest("v0", 1, str(adapter)) if adapter else None
         # fixed: weight updates never touch them; their ids come from the served adapter's counter
         self._extra = {name: LoRARequest(name, _lora_id(), str(f)) for name, f in spec.adapters.items()}
+        # vLLM 0.32's CPU LoRA kernel breaks on a batch that computes prompt log-probs (einsum shape
+        # error in the worker): the engine core dies and every later request fails. Refused instead.
+        self._no_prompt_logprobs = device != "cuda" and (adapter is not None or bool(spec.adapters))
         args = engine_args(spec, folder, adapter, device, kv_cache_bytes)
         self._loop = Loop()
         self.llm: AsyncLLM = self._loop.submit(_start(args)).result()
@@ -178,6 +181,10 @@ class VLLMEngine:
             raise InvalidRequest.at(
                 "safe_logits", "the vllm engine replaces non-finite logits for temperature sampling only; use the "
                 "transformers engine (llm.policy.engine: transformers) for safe_logits with beam strategies")
+        if params.prompt_logprobs and self._no_prompt_logprobs:
+            raise InvalidRequest.at("prompt_logprobs", "the vllm engine cannot give the prompt's log-probs with LoRA "
+                                    "adapters on CPU (vLLM's CPU LoRA kernel fails on them); use a GPU, no adapters, "
+                                    "or the transformers engine")
         if params.adapter is not None and params.adapter not in self._extra:
             raise InvalidRequest.at("adapter", f"no adapter {params.adapter!r}; llm.policy.adapters has {sorted(self._extra)}")
         if not prompt_ids:

@@ -219,7 +219,7 @@ def test_the_direct_transport_streams_from_the_engines_loop_and_a_reader_that_le
         async with aclosing(direct.stream(ids, params)) as chunks:
             got = [c async for c in chunks]
         with pytest.raises(InvalidRequest):
-            async with aclosing(direct.stream(ids, GenerationParams(safe_logits=True))) as chunks:
+            async with aclosing(direct.stream(ids, GenerationParams(adapter="no-such-adapter"))) as chunks:
                 [c async for c in chunks]
         long = GenerationParams(temperature=1.0, max_new_tokens=64, stop_strings=("@@@",))
         async with aclosing(direct.stream(ids, long)) as chunks:
