@@ -151,7 +151,9 @@ def test_a_schema_that_cannot_be_served_is_refused_with_its_reason_and_no_traceb
         assert done.stderr.startswith(reason) and "Traceback" not in done.stderr, done.stderr
 
 
-def test_a_schema_asking_more_than_the_cluster_has_is_refused_in_one_line(ray_session: int, tmp_path: Path) -> None:
+def test_a_schema_asking_more_than_the_cluster_has_is_refused_in_one_line(
+    ray_session: int, model_dir: Path, tmp_path: Path
+) -> None:
     """Ray Serve would wait without end for a replica no node can place (the fresh user's LLM example
     with a `training:` section hung on 2 cores): `uvicorn app:app` refuses it at once instead,
     naming the field, and leaves the cluster it joined as it was: nothing deployed, its Serve still
@@ -159,8 +161,8 @@ def test_a_schema_asking_more_than_the_cluster_has_is_refused_in_one_line(ray_se
     import ray
     from ray import serve
 
-    raw = yaml.safe_load((ROOT / "schema.yaml").read_text())
-    raw["parameters"] |= {"model": str(ROOT / "models/lpoc.pt"), "resources": {"num_cpus": 4096}}
+    raw = yaml.safe_load((ROOT / "examples/lpoc/schema.yaml").read_text())
+    raw["parameters"] |= {"model": str(model_dir / "lpoc.pt"), "resources": {"num_cpus": 4096}}
     (tmp_path / "schema.yaml").write_text(yaml.safe_dump(raw))
     env = {k: v for k, v in os.environ.items() if not k.startswith(("POLICY_SERVER_", "RAY_ADDRESS", "SCHEMA_PATH"))}
     env |= {"SCHEMA_PATH": str(tmp_path / "schema.yaml"), "RAY_ADDRESS": ray.get_runtime_context().gcs_address,

@@ -65,11 +65,13 @@ def test_replicas_multiply_and_fractions_add_up_exactly(model_dir: Path) -> None
         check_fits(resource_requests(parse_schema(raw, model_dir), False), TWO_CPUS, [TWO_CPUS])
 
 
-def test_the_single_policy_form_names_parameters(model_dir: Path, tmp_path: Path) -> None:
-    raw = yaml.safe_load((ROOT / "schema.yaml").read_text())
-    raw["parameters"] |= {"model": str(ROOT / "models/lpoc.pt"), "resources": {"num_cpus": 3}}
+def test_the_single_policy_form_names_parameters(model_dir: Path) -> None:
+    """The Pathmind form (the bundled example's; its model from the session's models, so the test
+    does not depend on what `copy_server_files` left at the top level)."""
+    raw = yaml.safe_load((ROOT / "examples/lpoc/schema.yaml").read_text())
+    raw["parameters"] |= {"model": str(model_dir / "lpoc.pt"), "resources": {"num_cpus": 3}}
     with pytest.raises(SchemaError, match=r"parameters\.resources\.num_cpus: 3 \(policy default's replicas\)"):
-        check_fits(resource_requests(parse_schema(raw, ROOT), False), TWO_CPUS, [TWO_CPUS])
+        check_fits(resource_requests(parse_schema(raw, model_dir), False), TWO_CPUS, [TWO_CPUS])
 
 
 def test_a_policy_trainer_counts(model_dir: Path, tmp_path: Path) -> None:

@@ -180,6 +180,7 @@ class LLMService:
             "stop_strings": [s.stop_string or "" for s in out.samples],
             "finish_reasons": [s.finish_reason for s in out.samples],
             "model_version": out.version,
+            "nonfinite_logits": [s.nonfinite_logits for s in out.samples] if body.safe_logits else None,
             "records": [record_from_sample(s, out.version).to_dict() for s in out.samples] if body.return_tokens else None,
             "session_id": body.session_id,
         }

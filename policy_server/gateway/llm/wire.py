@@ -116,6 +116,8 @@ class DirectForwardAnswer(BaseModel):
     stop_strings: list[str] = Field(description="The stop string each sample ended on ('' when none).")
     finish_reasons: list[str]
     model_version: int
+    nonfinite_logits: list[int] | None = Field(
+        None, description="With `safe_logits`: how many NaN/inf logits were replaced while each sample was made.")
     records: list[TokenRecord] | None = None
     session_id: str | None = None
 

@@ -264,3 +264,27 @@ def test_every_refusal_names_its_field(client: TestClient, path: str, body: dict
 
 
 
+
+
+def test_safe_logits_answers_how_many_non_finite_logits_it_replaced(client: TestClient) -> None:
+    """A forward hook on the served model's LM head writes NaN into two tokens' logits: without
+    `safe_logits` the request fails, with it each sample names how many it replaced (two per token)."""
+    import torch
+
+    engine = client.app.state.llm.policy.backend.engine  # the local backend's engine, in this process
+    tokenizer = engine.lm.tokenizer
+    bad = [tokenizer.convert_tokens_to_ids(t) for t in ("5", "6")]
+
+    def nan_logits(module: torch.nn.Module, args: tuple[Any, ...], out: torch.Tensor) -> torch.Tensor:
+        return out.index_fill(-1, torch.tensor(bad, device=out.device), float("nan"))
+
+    healthy = direct(client, num_samples=2, safe_logits=True).json()
+    assert healthy["nonfinite_logits"] == [0, 0] and "nonfinite_logits" not in direct(client).json()
+    handle = engine.lm.model.get_output_embeddings().register_forward_hook(nan_logits)
+    try:
+        assert direct(client).status_code == 500  # a model error: NaN logits
+        answer = direct(client, num_samples=2, safe_logits=True, return_tokens=True).json()
+    finally:
+        handle.remove()
+    generated = [sum(1 for m in r["masked_tokens"] if m != -100) for r in answer["records"]]
+    assert answer["nonfinite_logits"] == [2 * n for n in generated] and min(generated) > 0
