@@ -177,7 +177,7 @@ def test_streams_equal_the_engines_samples_and_reuse_one_connection(
         assert [t for c in mine for t in c.token_ids] == sample.completion_ids
         assert [t for c in mine for t in c.top_logprobs or []] == pytest.approx(sample.top_logprobs)
         assert mine[-1].finish_reason == sample.finish_reason
-    assert second == first  # greedy
+    assert merge_chunks(second) == merge_chunks(first)  # greedy (chunk boundaries follow the reader's pace)
     assert (streams.direct, streams.fallbacks, used) == (2, 0, [])
     assert sum(len(conns) for conns in streams._idle.values()) == 1
 
