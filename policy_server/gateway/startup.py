@@ -47,16 +47,20 @@ def cancel_on_signal(runtime: Runtime) -> Iterator[None]:
 
 
 async def start_together(runtime: Runtime, *steps: Awaitable[Any]) -> None:
-    """Await start-up steps that do not depend on each other at once: a schema's deployments then
-    start in about the time of the slowest, not of all in turn.
+    """Await start-up steps that do not depend on each other at once, so their waits overlap.
 
     When one fails, the others' waits are cancelled (``runtime.cancel_start``); all are let end (a
     deployment half started is then one ``Runtime.stop`` deletes), and the first failure is raised.
     A runtime that cannot start things at once (``starts_concurrently`` false) awaits them in turn.
     """
     if not runtime.starts_concurrently:
-        for awaitable in steps:
-            await awaitable
+        pending = list(steps)
+        try:
+            while pending:
+                await pending.pop(0)
+        finally:  # after a failure the steps not begun are closed, never left un-awaited
+            for awaitable in pending:
+                getattr(awaitable, "close", lambda: None)()
         return
     failures: list[BaseException] = []
 
