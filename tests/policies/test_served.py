@@ -59,7 +59,7 @@ def _write_schema(tmp_path: Path, observations: dict[str, Any], model: Path, **p
 
 def test_check_and_start_up_agree_on_any_text_as_a_name(tmp_path: Path, inputs_models: Path) -> None:
     path = _write_schema(tmp_path, ODD_OBSERVATIONS, inputs_models / "odd.pt2")
-    assert check(str(path)) == {"default": {
+    assert check(str(path))["policies"] == {"default": {
         "obs_dim": 11, "action_space": {"type": "discrete", "n": 4, "names": ["0", "1", "2", "3"]},
         "observations": list(ODD_OBSERVATIONS),
     }}
@@ -72,7 +72,7 @@ def test_check_and_start_up_agree_on_any_text_as_a_name(tmp_path: Path, inputs_m
 
 def test_check_and_start_up_agree_on_pathmind_one_hot_lists(tmp_path: Path, inputs_models: Path) -> None:
     path = _write_schema(tmp_path, ONEHOT_OBSERVATIONS, inputs_models / "onehot.pt2", discrete=True, tuple=True)
-    assert check(str(path))["default"]["obs_dim"] == 60
+    assert check(str(path))["policies"]["default"]["obs_dim"] == 60
     narrow = _write_schema(tmp_path, ONEHOT_OBSERVATIONS | {"extra": {"type": "List[float]", "min_items": 61}},
                            inputs_models / "onehot.pt2", discrete=True, tuple=True)
     with pytest.raises(SchemaError, match=r"^observations\.table_1_node: the model leaves 60 columns for the lists "):
