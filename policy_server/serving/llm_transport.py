@@ -43,11 +43,11 @@ from policy_server import errors
 from policy_server.errors import BackendUnavailable, FieldError, ModelError, PolicyServerError
 from policy_server.llm.params import GenerationParams, SampleChunk, StructuredOutput
 from policy_server.serving.errors import domain_error
+from policy_server.serving.transport import TOKEN_BYTES  # the policies' direct path: one token size
 
 log = logging.getLogger(__name__)
 
 MAGIC = b"PSL1"
-TOKEN_BYTES = 32
 MAX_FRAME = 64 << 20  # a longer length prefix is a broken or hostile peer, not a request
 CHUNKS, END, ERROR = 0, 1, 2
 _LENGTH = struct.Struct("<I")

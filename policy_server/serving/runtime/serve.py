@@ -78,9 +78,9 @@ class ServeRuntime(Runtime):
                 )
                 self.started_ray = True
             self.connected = True
-        gpus = ray.cluster_resources().get("GPU", 0) > 0
+        cluster = ray.cluster_resources()
         nodes = [node["Resources"] for node in ray.nodes() if node["Alive"]]
-        check_fits(resource_requests(schema, gpus), ray.cluster_resources(), nodes)
+        check_fits(resource_requests(schema, cluster.get("GPU", 0) > 0), cluster, nodes)
         serve.start(proxy_location="Disabled")
 
     def app_name(self, spec: PolicySpec) -> str:
