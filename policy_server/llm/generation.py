@@ -138,9 +138,10 @@ class Generator:
                 self._emit_whole(out, sinks)
             if params.prompt_logprobs:
                 for prompt, samples in zip(prompts, out):
-                    forced = self._prompt_log_probs(prompt)
+                    forced, tops = self._prompt_log_probs(prompt, params.top_logprobs)
                     for s in samples:
                         s.prompt_logprobs = list(forced)
+                        s.prompt_top_logprobs = [dict(t) if t else None for t in tops] if tops else None
         return out
 
     def log_probs(self, prompt_ids: list[int], completion_ids: list[int]) -> list[float]:
@@ -160,13 +161,17 @@ class Generator:
         logits = self.model(input_ids=batch, use_cache=False).logits[0, :-1].float()
         return torch.log_softmax(logits, -1)
 
-    def _prompt_log_probs(self, prompt: list[int]) -> list[float | None]:
-        """Each prompt token's teacher-forced log-prob; None for the first (nothing precedes it)."""
+    def _prompt_log_probs(
+        self, prompt: list[int], k: int
+    ) -> tuple[list[float | None], list[dict[int, float] | None] | None]:
+        """Each prompt token's teacher-forced log-prob and, for ``k`` > 0, its ``top_logprobs``
+        alternatives; None for the first token (nothing precedes it)."""
         if len(prompt) == 1:
-            return [None]
+            return [None], [None] if k else None
         log_probs = self._teacher_forced(prompt)
-        picked = log_probs.gather(-1, torch.tensor(prompt[1:], device=self.device)[:, None]).squeeze(-1)
-        return [None, *picked.tolist()]
+        tokens = torch.tensor(prompt[1:], device=self.device)
+        picked = log_probs.gather(-1, tokens[:, None]).squeeze(-1)
+        return [None, *picked.tolist()], [None, *top_logprobs(log_probs, tokens, k)] if k else None
 
     def _check_supported(self, params: GenerationParams) -> None:
         if params.structured is not None:

@@ -61,7 +61,8 @@ class GenerationParams:
     top_logprobs: int = 0
     """Per completion token, the log-probs of the k most likely tokens (``Sample.top_logprobs``)."""
     prompt_logprobs: bool = False
-    """Also the log-prob of each prompt token given the ones before it (``Sample.prompt_logprobs``; OpenAI's echo)."""
+    """Also the log-prob of each prompt token given the ones before it (``Sample.prompt_logprobs``; OpenAI's
+    echo), with its ``top_logprobs`` most likely alternatives (``Sample.prompt_top_logprobs``)."""
     presence_penalty: float = 0.0
     """Subtracted from a token's logit once it occurs in the completion (OpenAI's definition)."""
     frequency_penalty: float = 0.0
@@ -198,6 +199,10 @@ class Sample:
     """Per completion token, {token id: log-prob} of the ``params.top_logprobs`` most likely tokens."""
     prompt_logprobs: list[float | None] | None = None
     """Per prompt token, its log-prob given the tokens before it (None for the first); ``params.prompt_logprobs``."""
+    prompt_top_logprobs: list[dict[int, float] | None] | None = None
+    """Per prompt token, {token id: log-prob} of the ``params.top_logprobs`` most likely tokens at its place,
+    then the token itself if it is not among them (None for the first); with ``params.prompt_logprobs``
+    and ``params.top_logprobs`` > 0."""
 
     def text(self, tokenizer: Any, skip_special_tokens: bool = True) -> str:
         """The decoded completion (stop string included unless it is a skipped special token)."""

@@ -36,7 +36,6 @@ from vllm.config import StructuredOutputsConfig
 from vllm.config.lora import MaxLoRARanks
 from vllm.engine.arg_utils import AsyncEngineArgs
 from vllm.exceptions import VLLMValidationError
-from vllm.logprobs import Logprob
 from vllm.lora.request import LoRARequest
 from vllm.outputs import CompletionOutput, RequestOutput
 from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
@@ -51,6 +50,7 @@ from policy_server.llm.params import FinishReason, GenerationParams, Sample, Sam
 from policy_server.llm.stopping import StopMatcher
 from policy_server.llm.vllm_logits import KEY, PROCESSOR, SafeReport, check_log_probs, collect
 from policy_server.llm.vllm_loop import Loop, close_items, next_item
+from policy_server.llm.vllm_outputs import PromptLogprobs, prompt_logprobs, top_k
 from policy_server.schema.llm import LLMPolicySpec
 from policy_server.weights import check_weights
 
@@ -221,7 +221,7 @@ class VLLMEngine:
                 safe = await collect(self.llm, key) if params.safe_logits else {}
         assert final is not None
         version = self.version
-        prompt_lps = _prompt_logprobs(prompt_ids, final) if params.prompt_logprobs else None
+        prompt_lps = prompt_logprobs(prompt_ids, final, params.top_logprobs) if params.prompt_logprobs else None
         samples = [self._to_sample(prompt_ids, out, params, version, prompt_lps, safe.get(out.index))
                    for out in sorted(final.outputs, key=lambda o: o.index)]
         self._report(samples, time.perf_counter() - started, version)
@@ -289,7 +289,7 @@ class VLLMEngine:
                 spaces_between_special_tokens=False,
                 ignore_eos=structured is None,
                 logprobs=params.top_logprobs,
-                prompt_logprobs=0 if params.prompt_logprobs else None,
+                prompt_logprobs=params.top_logprobs if params.prompt_logprobs else None,
                 presence_penalty=params.presence_penalty,
                 frequency_penalty=params.frequency_penalty,
                 logit_bias=dict(params.logit_bias) or None,
@@ -302,7 +302,7 @@ class VLLMEngine:
             raise InvalidRequest.at(VLLM_NAMES.get(name, name), f"the vLLM engine refuses it: {exc.args[0]}") from exc
 
     def _to_sample(self, prompt_ids: list[int], out: CompletionOutput, params: GenerationParams, version: int,
-                   prompt_lps: list[float | None] | None, safe: SafeReport | None = None, start: int = 0) -> Sample:
+                   prompt_lps: PromptLogprobs | None, safe: SafeReport | None = None, start: int = 0) -> Sample:
         """A ``Sample`` of vLLM's output (of tokens ``start, ...``; ``safe``'s log-probs where it cleaned logits)."""
         token_ids = list(out.token_ids)
         entries = out.logprobs or []
@@ -310,7 +310,7 @@ class VLLMEngine:
         k = params.top_logprobs
         # the k most likely, then the sampled token when it is not among them (k or k + 1 entries,
         # as the transformers engine and OpenAI's "up to logprobs + 1" answer)
-        top = ([_top_k(entry, token, k) for token, entry in zip(token_ids, entries)] if k else None)
+        top = ([top_k(entry, token, k) for token, entry in zip(token_ids, entries)] if k else None)
         if safe is not None:
             safe.patch(log_probs, top, start)
         check_log_probs(log_probs, start)
@@ -319,7 +319,8 @@ class VLLMEngine:
         if reason == "stop":
             stop_string = out.stop_reason if isinstance(out.stop_reason, str) else self._stop_named(token_ids, params)
         return Sample(list(prompt_ids), token_ids, log_probs, reason, stop_string, safe.count if safe else 0,
-                      model_version=version, top_logprobs=top, prompt_logprobs=prompt_lps)
+                      model_version=version, top_logprobs=top, prompt_logprobs=prompt_lps[0] if prompt_lps else None,
+                      prompt_top_logprobs=prompt_lps[1] if prompt_lps else None)
 
     def _stop_named(self, token_ids: list[int], params: GenerationParams) -> str | None:
         """The stop string a sample that vLLM stopped on a token ends with (or that token's text)."""
@@ -479,17 +480,3 @@ def _read_weights(folder: Path) -> dict[str, torch.Tensor]:
     if not files:
         raise ValueError(f"{folder} holds no .safetensors weights; the vllm engine updates weights from them")
     return {name: t for f in files for name, t in load_file(f).items()}
-
-
-def _prompt_logprobs(prompt_ids: list[int], output: RequestOutput) -> list[float | None]:
-    entries = output.prompt_logprobs or []
-    return [None if entry is None else entry[token].logprob for token, entry in zip(prompt_ids, entries)]
-
-
-def _top_k(entry: dict[int, Logprob], sampled: int, k: int) -> dict[int, float]:
-    """vLLM's log-probs of one position (the sampled token and the k most likely, ranked) as
-    {token id: log-prob}: the k most likely first, then the sampled token if it is not one of them."""
-    ranked = sorted((lp.rank, t, lp.logprob) for t, lp in entry.items() if lp.rank is not None and lp.rank <= k)
-    top = {t: logprob for _, t, logprob in ranked}
-    top.setdefault(sampled, entry[sampled].logprob)
-    return top

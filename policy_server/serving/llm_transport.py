@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import hmac
 import itertools
 import logging
 import socket
@@ -43,7 +42,7 @@ from policy_server import errors
 from policy_server.errors import BackendUnavailable, FieldError, ModelError, PolicyServerError
 from policy_server.llm.params import GenerationParams, SampleChunk, StructuredOutput
 from policy_server.serving.errors import domain_error
-from policy_server.serving.transport import TOKEN_BYTES  # the policies' direct path: one token size
+from policy_server.serving.transport import TOKEN_BYTES, hello, is_hello  # one hello for both direct paths
 
 log = logging.getLogger(__name__)
 
@@ -159,13 +158,13 @@ class _ReplicaConnection(asyncio.Protocol):
             return
         self._buffer += data
         if not self._greeted:
-            hello = len(MAGIC) + TOKEN_BYTES
-            if len(self._buffer) < hello:
+            size = len(MAGIC) + TOKEN_BYTES
+            if len(self._buffer) < size:
                 return
-            if not hmac.compare_digest(bytes(self._buffer[:hello]), MAGIC + self._token):
+            if not is_hello(bytes(self._buffer[:size]), MAGIC, self._token):
                 self.transport.close()  # wrong peer: close without a word
                 return
-            del self._buffer[:hello]
+            del self._buffer[:size]
             self._greeted = True
         self._start_stream()
 
@@ -371,7 +370,7 @@ class DirectLLMStreams:
         loop = asyncio.get_running_loop()
         _, conn = await asyncio.wait_for(loop.create_connection(lambda: _GatewayConnection(endpoint), host, port), CONNECT_TIMEOUT_S)
         assert conn.transport is not None
-        conn.transport.write(MAGIC + bytes.fromhex(token))
+        conn.transport.write(hello(MAGIC, bytes.fromhex(token)))
         return conn
 
     async def stream(self, prompt_ids: list[int], params: GenerationParams) -> AsyncIterator[SampleChunk]:

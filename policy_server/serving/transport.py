@@ -34,6 +34,17 @@ from policy_server.policies.torch_policy import PolicyOutput
 
 MAGIC = b"PSv1"
 TOKEN_BYTES = 32
+
+
+def hello(magic: bytes, token: bytes) -> bytes:
+    """The first bytes a gateway sends on a direct link: the protocol's ``magic``, then the replica's
+    ``token`` (``TOKEN_BYTES`` bytes, handed out only through Serve)."""
+    return magic + token
+
+
+def is_hello(received: bytes, magic: bytes, token: bytes) -> bool:
+    """Whether ``received`` is the hello of ``magic`` and ``token``, compared in constant time."""
+    return len(received) == len(magic) + TOKEN_BYTES and hmac.compare_digest(received, hello(magic, token))
 MAX_CELLS = 1 << 26  # refuse frames over 256 MB of float32 before allocating them
 _DIMS = struct.Struct("<II")
 _VERSION_HEADS = struct.Struct("<qI")
@@ -84,8 +95,7 @@ class _Handler(socketserver.BaseRequestHandler):
         sock: socket.socket = self.request
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         stream = sock.makefile("rb")
-        hello = stream.read(len(MAGIC) + TOKEN_BYTES)
-        if len(hello) != len(MAGIC) + TOKEN_BYTES or not hmac.compare_digest(hello, MAGIC + self.server.token):
+        if not is_hello(stream.read(len(MAGIC) + TOKEN_BYTES), MAGIC, self.server.token):
             return  # wrong peer: close without a word
         while header := stream.read(_DIMS.size):
             if len(header) < _DIMS.size:
@@ -147,7 +157,7 @@ class TransportClient:
         sock = writer.get_extra_info("socket")
         if sock is not None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        writer.write(MAGIC + bytes.fromhex(token))
+        writer.write(hello(MAGIC, bytes.fromhex(token)))
         return cls(reader, writer)
 
     async def forward(self, obs: np.ndarray) -> PolicyOutput:

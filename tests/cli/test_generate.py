@@ -100,13 +100,24 @@ def one_answer(client: httpx.Client | TestClient, schema: Path) -> dict[str, Any
     return answer.json()
 
 
-# examples/llm's copy serves on its vLLM engine through uvicorn in the next test: one engine start, not two
+def on_transformers(schema: Path) -> Path:
+    """The schema with its LLM policy (if any) on the transformers engine."""
+    doc = yaml.safe_load(schema.read_text())
+    if "llm" in doc:
+        doc["llm"]["policy"]["engine"] = "transformers"
+        schema.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return schema
+
+
+# examples/llm's copy serves on its vLLM engine through uvicorn in the next test: one engine start,
+# not two; the others' LLMs (examples/alphabetical's) serve here on the transformers engine
 @pytest.mark.parametrize("example", [name for name in EXAMPLES if name != "llm"])
 def test_every_example_copies_into_a_folder_that_serves(
     copied: Callable[[str], tuple[Path, str]], example: str
 ) -> None:
     served, _ = copied(example)
-    settings = Settings(schema_path=served / "schema.yaml", backend="local", gateway_metrics_port=0, seed=0)
+    schema = on_transformers(served / "schema.yaml")
+    settings = Settings(schema_path=schema, backend="local", gateway_metrics_port=0, seed=0)
     with TestClient(build_app(settings)) as client:
         answer = one_answer(client, served / "schema.yaml")
     assert answer["choices"][0]["message"]["role"] == "assistant" if "choices" in answer else answer["action"] >= 0

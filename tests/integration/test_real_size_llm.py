@@ -28,7 +28,6 @@ from policy_server.net import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 GB = 1 << 30
-ENGINES = ["transformers", "vllm"]
 START_TIMEOUT_S = 240
 
 
@@ -80,12 +79,13 @@ def replicas(gateway: psutil.Process) -> dict[str, int]:
     return found
 
 
-@pytest.fixture(params=ENGINES)
-def served(request: pytest.FixtureRequest, big_model: Path, tmp_path: Path) -> Iterator[tuple[str, psutil.Process, float]]:
-    """`uvicorn app:app` (backend serve) on a schema of the big model alone; yields the URL, the
-    gateway process and its start-up seconds."""
+@pytest.fixture
+def served(big_model: Path, tmp_path: Path) -> Iterator[tuple[str, psutil.Process, float]]:
+    """`uvicorn app:app` (backend serve) on a schema of the big model alone, on the default engine
+    (vLLM; one engine per test session: the transformers engine's replica loads its folder by the
+    same path); yields the URL, the gateway process and its start-up seconds."""
     schema = tmp_path / "schema.yaml"
-    policy = {"path": str(big_model), "engine": request.param, "served_name": "big"}
+    policy = {"path": str(big_model), "served_name": "big"}
     schema.write_text(yaml.safe_dump({"parameters": {"api_key": API_KEY}, "llm": {"policy": policy}}))
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("POLICY_SERVER_", "RAY_ADDRESS", "SCHEMA_PATH"))}

@@ -351,9 +351,25 @@ def test_prompt_logprobs_are_teacher_forced(gen: Generator, lm: LoadedLM, prompt
                 assert s.prompt_logprobs is not None and s.prompt_logprobs[0] is None
                 assert s.prompt_logprobs[1:] == pytest.approx(forced.squeeze(-1).tolist(), abs=1e-5)
     [[one]] = gen.generate([prompts[0][:1]], GenerationParams(max_new_tokens=2, prompt_logprobs=True))
-    assert one.prompt_logprobs == [None]
+    assert one.prompt_logprobs == [None] and one.prompt_top_logprobs is None
     [[off]] = gen.generate(prompts[:1], GenerationParams(max_new_tokens=2))
     assert off.prompt_logprobs is None
+
+
+def test_prompt_tokens_carry_their_k_most_likely_alternatives(gen: Generator, lm: LoadedLM, prompts: list[list[int]]) -> None:
+    """OpenAI's echo with ``logprobs: k``: per prompt token after the first, the k most likely tokens
+    at its place, then the token itself when it is not among them."""
+    params = GenerationParams(max_new_tokens=2, seed=0, prompt_logprobs=True, top_logprobs=3)
+    for prompt, (s,) in zip(prompts, gen.generate(prompts, params)):
+        full = teacher_forced_log_softmax(lm, prompt)
+        assert s.prompt_top_logprobs is not None and s.prompt_top_logprobs[0] is None
+        assert len(s.prompt_top_logprobs) == len(prompt)
+        for place, (token, top) in enumerate(zip(prompt[1:], s.prompt_top_logprobs[1:])):
+            best = full[place].topk(3)
+            assert top is not None and list(top)[:3] == best.indices.tolist()
+            assert list(top.values())[:3] == pytest.approx(best.values.tolist(), abs=1e-5)
+            assert top[token] == pytest.approx(s.prompt_logprobs[place + 1], abs=1e-6)
+            assert len(top) == (3 if token in best.indices.tolist() else 4)
 
 
 def test_penalize_against_naive() -> None:

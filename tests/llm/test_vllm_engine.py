@@ -129,6 +129,12 @@ def test_top_and_prompt_log_probs_are_the_models(engine: VLLMEngine, teacher: Ge
     assert s.prompt_logprobs is not None and s.prompt_logprobs[0] is None
     expected_prompt = full[: len(ids) - 1].gather(-1, torch.tensor(ids[1:])[:, None]).squeeze(-1)
     np.testing.assert_allclose(s.prompt_logprobs[1:], expected_prompt.tolist(), atol=TOLERANCE)
+    assert s.prompt_top_logprobs is not None and s.prompt_top_logprobs[0] is None
+    for place, (token, top) in enumerate(zip(ids[1:], s.prompt_top_logprobs[1:])):  # echo's alternatives
+        best = full[place].topk(3)
+        assert top is not None and set(list(top)[:3]) == set(best.indices.tolist())
+        np.testing.assert_allclose(sorted(list(top.values())[:3]), sorted(best.values.tolist()), atol=TOLERANCE)
+        assert top[token] == pytest.approx(s.prompt_logprobs[place + 1]) and len(top) in (3, 4)
 
 
 def test_structured_output_follows_the_json_schema(engine: VLLMEngine) -> None:

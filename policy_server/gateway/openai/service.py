@@ -218,8 +218,8 @@ class OpenAIService:
 
     def _completion_logprobs(self, prompt: Prompt, sample: Sample, body: CompletionRequest) -> dict[str, Any]:
         """OpenAI's completion logprobs; with echo the prompt's tokens come first (the first with
-        no log-prob; a prompt token's alternatives are itself alone)."""
-        echoed = self._echo_logprobs(prompt, sample.prompt_logprobs) if body.echo else None
+        no log-prob and no alternatives)."""
+        echoed = self._echo_logprobs(prompt, sample) if body.echo else None
         tokens, logprobs, tops, offsets = (
             [echoed[key] for key in ("tokens", "token_logprobs", "top_logprobs", "text_offset")] if echoed
             else ([], [], [], []))
@@ -232,13 +232,14 @@ class OpenAIService:
         return {"tokens": tokens, "token_logprobs": logprobs,
                 "top_logprobs": tops if sample.top_logprobs is not None or body.echo else None, "text_offset": offsets}
 
-    def _echo_logprobs(self, prompt: Prompt, prompt_lps: list[float | None] | None) -> dict[str, Any]:
-        """OpenAI's completion logprobs of an echoed prompt: the first token with no log-prob, a prompt
-        token's alternatives itself alone, offsets from the start of the prompt's text."""
-        lps = prompt_lps or [None] * len(prompt.ids)
+    def _echo_logprobs(self, prompt: Prompt, sample: Sample) -> dict[str, Any]:
+        """OpenAI's completion logprobs of an echoed prompt: the first token with no log-prob, each
+        other token's ``logprobs`` most likely alternatives (then itself if it is not among them; itself
+        alone for ``logprobs: 0``), offsets from the start of the prompt's text."""
+        lps = sample.prompt_logprobs or [None] * len(prompt.ids)
         tokens = [self._token(t) for t in prompt.ids]
-        return {"tokens": tokens, "token_logprobs": list(lps),
-                "top_logprobs": [None if lp is None else {tok: lp} for tok, lp in zip(tokens, lps)],
+        tops = sample.prompt_top_logprobs or [None if lp is None else {t: lp} for t, lp in zip(prompt.ids, lps)]
+        return {"tokens": tokens, "token_logprobs": list(lps), "top_logprobs": [self._top(t) for t in tops],
                 "text_offset": self._offsets(prompt.ids, 0, True)}
 
     async def _echo_events(self, answer: _Answer, body: CompletionRequest, prompts: list[Prompt]) -> AsyncIterator[dict[str, Any]]:
@@ -246,9 +247,9 @@ class OpenAIService:
         (as the whole answer gives them), from a one-token request of the same prompt and model."""
         for which, prompt in enumerate(prompts):
             one = replace(prompt.params, num_samples=1, max_new_tokens=1, min_new_tokens=0, temperature=0.0,
-                          top_logprobs=0, prompt_logprobs=True, structured=None, seed=None)
+                          prompt_logprobs=True, structured=None, seed=None)
             (sample, *_), version = await _named(self.llm.require_backend().generate(prompt.ids, one))
-            logprobs = self._echo_logprobs(prompt, sample.prompt_logprobs)
+            logprobs = self._echo_logprobs(prompt, sample)
             for i in range(body.n):
                 choice = {"index": which * body.n + i, "text": prompt.text, "finish_reason": None, "logprobs": logprobs}
                 yield self._head(answer, version) | {"choices": [choice]}

@@ -125,6 +125,13 @@ def test_echo_returns_the_prompt_with_its_logprobs_first_one_null(oai: openai.Op
     lp = choice.logprobs
     assert lp is not None and len(lp.tokens) == len(prompt_ids) + len(choice.model_extra["token_ids"])
     assert lp.token_logprobs[0] is None and all(x <= 0 for x in lp.token_logprobs[1:])
+    assert lp.top_logprobs[0] is None
+    prompt_tops = lp.top_logprobs[1:len(prompt_ids)]
+    # the 2 alternatives asked for, then the prompt's own token when it is not one of them (fewer
+    # keys where distinct ids decode alike)
+    assert all(1 <= len(top) <= 3 and max(top.values()) >= logprob - 1e-5
+               for top, logprob in zip(prompt_tops, lp.token_logprobs[1:]))
+    assert sum(len(top) >= 2 for top in prompt_tops) >= len(prompt_tops) - 1
     for token, offset in zip(lp.tokens[1:], lp.text_offset[1:]):
         if offset + len(token) <= len(choice.text):
             assert choice.text[offset: offset + len(token)] == token
