@@ -24,7 +24,7 @@ import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
-from contextlib import contextmanager
+from contextlib import aclosing, contextmanager
 from pathlib import Path
 from typing import Any, get_args
 
@@ -162,19 +162,31 @@ class VLLMEngine:
     async def stream(self, prompt_ids: list[int], params: GenerationParams) -> AsyncIterator[SampleChunk]:
         """The samples of ``generate`` chunk by chunk; closing the iterator aborts the vLLM request.
         Beam strategies yield each sample whole once the search ends."""
-        self._check(prompt_ids, params)
-        if params.strategy != "temperature":
-            samples, _ = await self.generate(prompt_ids, params)
-            for index, s in enumerate(samples):
-                yield SampleChunk(index, s.completion_ids, s.log_probs, s.top_logprobs, s.finish_reason,
-                                  s.stop_string, s.model_version)
-            return
-        chunks = self._chunks(prompt_ids, params)
+        chunks = self.stream_on_engine_loop(prompt_ids, params)
         try:
             while (chunk := await self._loop.call(next_item(chunks))) is not None:
                 yield chunk
         finally:
             await self._loop.call(close_items(chunks))
+
+    @property
+    def event_loop(self) -> asyncio.AbstractEventLoop:
+        """The loop vLLM's ``AsyncLLM`` runs on (a daemon thread's)."""
+        return self._loop.loop
+
+    async def stream_on_engine_loop(self, prompt_ids: list[int], params: GenerationParams) -> AsyncIterator[SampleChunk]:
+        """``stream`` for a caller that iterates it on ``event_loop`` itself: no hop between loops per
+        chunk (the direct stream transport's replica server runs there). Raises as ``generate``."""
+        self._check(prompt_ids, params)
+        if params.strategy != "temperature":
+            samples = await self._beam(prompt_ids, params)
+            for index, s in enumerate(samples):
+                yield SampleChunk(index, s.completion_ids, s.log_probs, s.top_logprobs, s.finish_reason,
+                                  s.stop_string, s.model_version)
+            return
+        async with aclosing(self._chunks(prompt_ids, params)) as chunks:
+            async for chunk in chunks:
+                yield chunk
 
     def _check(self, prompt_ids: list[int], params: GenerationParams) -> None:
         if params.safe_logits and params.strategy != "temperature":

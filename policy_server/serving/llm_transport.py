@@ -219,10 +219,11 @@ class LLMStreamServer:
     another thread, where the streams must be iterated), or on a loop thread of its own."""
 
     def __init__(self, streams: Streams, token: str, host: str, loop: asyncio.AbstractEventLoop | None = None) -> None:
-        self._own_loop = loop is None
+        self._thread: threading.Thread | None = None
         if loop is None:
             loop = asyncio.new_event_loop()
-            threading.Thread(target=loop.run_forever, name="llm-transport", daemon=True).start()
+            self._thread = threading.Thread(target=loop.run_forever, name="llm-transport", daemon=True)
+            self._thread.start()
         self.loop = loop
         secret = bytes.fromhex(token)
         self._connections: set[_ReplicaConnection] = set()
@@ -237,8 +238,10 @@ class LLMStreamServer:
     def close(self) -> None:
         """Stop listening and close every connection (their streams are cancelled)."""
         asyncio.run_coroutine_threadsafe(self._close(), self.loop).result(timeout=30)
-        if self._own_loop:
+        if self._thread is not None:  # the loop is ours: stop it and wait for its thread
             self.loop.call_soon_threadsafe(self.loop.stop)
+            self._thread.join(timeout=30)
+            self.loop.close()
 
     async def _close(self) -> None:
         self._server.close()
@@ -251,25 +254,15 @@ class LLMStreamServer:
 def engine_streams(engine: Any) -> tuple[Streams, asyncio.AbstractEventLoop | None]:
     """How the direct server opens ``engine``'s streams, and the loop they run on.
 
-    The vLLM engine's chunks are read on vLLM's own loop (its private ``_chunks``: ``stream``
-    would hop to that loop and back per chunk); vLLM already merges the outputs a slow reader
-    left queued. Another engine streams on the server's own loop, merged by ``coalesced``.
+    An engine with its own ``event_loop`` (vLLM's) streams on it through ``stream_on_engine_loop``
+    (``stream`` would hop to that loop and back per chunk); vLLM already merges the outputs a slow
+    reader left queued. Another engine streams on the server's own loop, merged by ``coalesced``.
     """
     from policy_server.llm.chunks import coalesced
 
-    engine_loop = getattr(engine, "_loop", None)
-    if engine_loop is None:
+    if not hasattr(engine, "stream_on_engine_loop"):
         return (lambda prompt_ids, params: coalesced(engine.stream(prompt_ids, params))), None
-
-    async def on_engine_loop(prompt_ids: list[int], params: GenerationParams) -> AsyncIterator[SampleChunk]:
-        engine._check(prompt_ids, params)
-        chunks = engine.stream(prompt_ids, params) if params.strategy != "temperature" else engine._chunks(
-            prompt_ids, params)
-        async with aclosing(chunks) as opened:
-            async for chunk in opened:
-                yield chunk
-
-    return on_engine_loop, engine_loop.loop
+    return engine.stream_on_engine_loop, engine.event_loop
 
 
 # --- gateway side ------------------------------------------------------------------------------
