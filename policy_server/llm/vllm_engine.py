@@ -8,7 +8,8 @@ vLLM's per-step log-probs), and versioned in-place weight updates.
 
 vLLM runs on its own event loop in a thread of this process (its engine core is a separate
 process), so the engine answers callers on any loop or thread: the async methods hop onto that
-loop, and a cancelled caller cancels (and aborts) its vLLM request.
+loop, and a cancelled caller cancels (and aborts) its vLLM request. On CPU the engine keeps this
+process's threads and the engine core's off the cores vLLM binds its workers to (``cpu_affinity``).
 
 Log-probs are vLLM's ``raw_logprobs``: those of the model's raw distribution (before temperature,
 top-p, penalties and bias), as ``Generator.log_probs`` computes them by teacher forcing.
@@ -18,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import json
 import tempfile
 import threading
 import time
@@ -26,14 +26,12 @@ import uuid
 from collections.abc import AsyncIterator, Iterator
 from contextlib import aclosing, contextmanager
 from pathlib import Path
-from typing import Any, get_args
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save, save_file
 from transformers import AutoConfig, AutoTokenizer
 from vllm import SamplingParams, TokensPrompt
-from vllm.config import StructuredOutputsConfig
-from vllm.config.lora import MaxLoRARanks
 from vllm.engine.arg_utils import AsyncEngineArgs
 from vllm.exceptions import VLLMValidationError
 from vllm.lora.request import LoRARequest
@@ -43,61 +41,21 @@ from vllm.v1.engine.async_llm import AsyncLLM
 
 from policy_server.errors import InvalidRequest, QueueFull
 from policy_server.llm.checkpoint import adapter_file_name
+from policy_server.llm.cpu_affinity import CoreSplit, CPUWorker, keep_off_workers, spread_over_all_cores
 from policy_server.llm.diverse_beam import group_beam_search
 from policy_server.llm.engine import BatchObserver, BatchReport, check_newer
 from policy_server.llm.generation import LENGTH_PENALTY, MIN_BEAMS, sample_of_hypothesis
 from policy_server.llm.params import FinishReason, GenerationParams, Sample, SampleChunk
 from policy_server.llm.stopping import StopMatcher
-from policy_server.llm.vllm_logits import KEY, PROCESSOR, SafeReport, check_log_probs, collect
+from policy_server.llm.vllm_args import CPU_KV_CACHE_BYTES, engine_args
+from policy_server.llm.vllm_logits import KEY, SafeReport, check_log_probs, collect
 from policy_server.llm.vllm_loop import Loop, close_items, next_item
 from policy_server.llm.vllm_outputs import PromptLogprobs, prompt_logprobs, top_k
 from policy_server.schema.llm import LLMPolicySpec
 from policy_server.weights import check_weights
 
-CPU_KV_CACHE_BYTES = 256 << 20
-"""KV cache of an engine on CPU (vLLM's default share of memory is refused on a small machine)."""
-MIN_MAX_LOGPROBS = 20
-"""vLLM's default ``max_logprobs`` (OpenAI's ``top_logprobs`` goes up to 20)."""
 ADAPTER_FILE = "adapter_model.safetensors"
-WORKER_EXTENSION = "policy_server.llm.vllm_worker.WeightLoader"
 VLLM_NAMES = {"n": "num_samples", "max_tokens": "max_new_tokens", "min_tokens": "min_new_tokens"}  # ours
-
-
-def engine_args(spec: LLMPolicySpec, folder: Path, adapter: Path | None, device: str,
-                kv_cache_bytes: int = CPU_KV_CACHE_BYTES) -> AsyncEngineArgs:
-    """vLLM's engine arguments for a policy folder: prefix caching and chunked prefill on, raw log-probs,
-    a context of at most ``max_input_length + max_new_tokens``, eager mode and a fixed KV cache on CPU."""
-    config = AutoConfig.from_pretrained(folder, local_files_only=True).get_text_config()
-    limits = spec.limits
-    context = limits.max_input_length + limits.max_new_tokens
-    positions = getattr(config, "max_position_embeddings", None)
-    on_cpu = device != "cuda"
-    lora: dict[str, Any] = {}
-    folders = [*([adapter] if adapter is not None else []), *spec.adapters.values()]
-    if folders:
-        rank = max(json.loads((f / "adapter_config.json").read_text())["r"] for f in folders)
-        # the served adapter counts twice: a weight update adds its new version before removing the old
-        slots = len(spec.adapters) + (2 if adapter is not None else 0)
-        lora = {"enable_lora": True, "max_lora_rank": min(r for r in get_args(MaxLoRARanks) if r >= rank),
-                "max_loras": slots, "max_cpu_loras": slots}
-    return AsyncEngineArgs(
-        model=str(folder),
-        tokenizer=str(folder),
-        dtype=spec.dtype,
-        max_model_len=min(context, positions) if positions else context,
-        enable_prefix_caching=True,
-        enable_chunked_prefill=True,
-        enforce_eager=on_cpu,
-        kv_cache_memory_bytes=kv_cache_bytes if on_cpu else None,
-        logprobs_mode="raw_logprobs",
-        max_logprobs=max(MIN_MAX_LOGPROBS, 2 * limits.max_num_samples),
-        worker_extension_cls=WORKER_EXTENSION,
-        logits_processors=[PROCESSOR],  # safe_logits (vllm_logits)
-        disable_log_stats=True,
-        # structured outputs as compact JSON: small models otherwise loop on whitespace until their limit
-        structured_outputs_config=StructuredOutputsConfig(backend="xgrammar", disable_any_whitespace=True),
-        **lora,
-    )
 
 
 class VLLMEngine:
@@ -139,8 +97,11 @@ class VLLMEngine:
         self._no_prompt_logprobs = device != "cuda" and (adapter is not None or bool(spec.adapters))
         args = engine_args(spec, folder, adapter, device, kv_cache_bytes)
         self._loop = Loop()
+        if device != "cuda":
+            spread_over_all_cores()  # vLLM picks its workers' cores among the starting thread's
         self.llm: AsyncLLM = self._loop.submit(_start(args)).result()
         self._loop.submit(self.llm.collective_rpc("attach_safe_logits")).result()
+        self._split = keep_off_workers(self.cpu_workers()) if device != "cuda" else CoreSplit()
         self.max_model_len: int = self.llm.model_config.max_model_len
 
     # ---- generation -------------------------------------------------------------------------
@@ -459,6 +420,11 @@ class VLLMEngine:
     def get_weights(self) -> dict[str, Any]:
         return self.snapshot()[0]
 
+    def cpu_workers(self) -> list[CPUWorker]:
+        """vLLM's workers and the cores each computes on (on CPU; see ``cpu_affinity``)."""
+        found = self._loop.submit(self.llm.collective_rpc("cpu_worker")).result()
+        return [CPUWorker(pid, frozenset(cores)) for pid, cores in found]
+
     def unfinished_requests(self) -> int:
         """Requests vLLM holds now (waiting or running)."""
         return self.llm.get_num_unfinished_requests()
@@ -467,6 +433,7 @@ class VLLMEngine:
         """Shut vLLM's engine core down and stop the engine loop."""
         self._loop.submit(_shutdown(self.llm)).result(timeout=60)
         self._loop.close()
+        self._split.undo()
         if self._adapter_dir is not None:
             self._adapter_dir.cleanup()
 

@@ -1,5 +1,5 @@
-"""The vLLM worker extension: loads new weights into a running engine in place, and reads
-``safe_logits``' tallies (``vllm_logits``) back.
+"""The vLLM worker extension: loads new weights into a running engine in place, reads
+``safe_logits``' tallies (``vllm_logits``) back, and tells which cores it computes on.
 
 ``VLLMEngine`` names this class as vLLM's ``worker_extension_cls``; vLLM mixes it into each of
 its workers, and ``AsyncLLM.collective_rpc("load_safetensors", args=(blob,))`` runs it there,
@@ -9,7 +9,7 @@ between two scheduler steps. The weights travel as one safetensors blob: torch t
 processes them as its loader does at start-up; a bare ``model.load_weights`` fails on CPU after
 that processing ("'Parameter' object has no attribute 'weight_loader'").
 
-This module imports no vLLM (``vllm_logits`` is imported where it is used): it is loaded by
+This module imports no vLLM (``vllm_logits`` and ``cpu_affinity`` are imported where used): it is loaded by
 name inside vLLM's worker processes.
 """
 
@@ -32,6 +32,13 @@ class WeightLoader:
         self.reload_weights(weights_iterator=iter(tensors.items()), is_checkpoint_format=True)
         self._retie_lm_head()
         return len(tensors)
+
+    def cpu_worker(self) -> tuple[int, list[int]]:
+        """This worker's pid and the cores its compute threads are bound to (``cpu_affinity``)."""
+        from policy_server.llm.cpu_affinity import worker_of_this_process
+
+        worker = worker_of_this_process()
+        return worker.pid, sorted(worker.cores)
 
     def attach_safe_logits(self) -> bool:
         """Give the worker's ``SafeLogits`` processor its input batch (once, after start-up)."""

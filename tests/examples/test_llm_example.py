@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
+import yaml
 from fastapi.testclient import TestClient
 
 from policy_server.gateway.app import build_app
@@ -14,7 +14,11 @@ EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "llm"
 
 
 def test_the_example_schema_serves_the_built_models(llm_dirs: dict[str, Path], tmp_path: Path) -> None:
-    shutil.copy(EXAMPLE / "schema.yaml", tmp_path / "schema.yaml")
+    # on the transformers engine: tests/cli/test_generate.py serves this example's copy on vLLM
+    # through uvicorn (one vLLM engine start in CI, not two)
+    doc = yaml.safe_load((EXAMPLE / "schema.yaml").read_text())
+    doc["llm"]["policy"]["engine"] = "transformers"
+    (tmp_path / "schema.yaml").write_text(yaml.safe_dump(doc, sort_keys=False))
     (tmp_path / "models").symlink_to(llm_dirs["policy"].parent, target_is_directory=True)
     settings = Settings(schema_path=tmp_path / "schema.yaml", backend="local", gateway_metrics_port=0)
     with TestClient(build_app(settings), headers={"access-token": "1234567asdfgh"}) as client:

@@ -313,7 +313,7 @@ def test_beam_search_scores_teacher_forced_log_probs_and_one_group_equals_it(
 
 def test_engine_args_make_room_for_every_adapter_and_the_served_ones_swap(llm_dirs: dict[str, Path], engine: VLLMEngine) -> None:
     """``engine``: vLLM is imported already (see the note on its import above)."""
-    from policy_server.llm.vllm_engine import engine_args
+    from policy_server.llm.vllm_args import engine_args
 
     adapters = {"a": llm_dirs["policy_lora"], "b": llm_dirs["policy_lora_1"]}
     spec = LLMPolicySpec(path=llm_dirs["policy"], adapters=adapters)

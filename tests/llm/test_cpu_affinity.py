@@ -1,0 +1,78 @@
+"""cpu_affinity: a process tree moved off a worker's bound cores, the worker's bound threads left
+where they are, and everything given back. Real processes and threads (Linux, 2 cores or more)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+
+from policy_server.llm.cpu_affinity import CPUWorker, all_cores, cores_left, keep_off_workers, spread_over_all_cores
+
+# A tree as vLLM makes one: a parent (the replica) whose child (the worker) binds its main thread
+# to core 0 and starts a second thread that inherits the binding, after one unbound thread.
+TREE = """
+import os, subprocess, sys, threading, time
+if sys.argv[1] == "worker":
+    loose = threading.Thread(target=time.sleep, args=(60,), daemon=True); loose.start()
+    os.sched_setaffinity(0, {0})
+    bound = threading.Thread(target=time.sleep, args=(60,), daemon=True); bound.start()
+    print("ready", flush=True); time.sleep(60)
+else:
+    child = subprocess.Popen([sys.executable, "-c", sys.argv[2], "worker"], stdout=subprocess.PIPE, text=True)
+    child.stdout.readline()
+    print(child.pid, flush=True); time.sleep(60)
+"""
+
+
+def test_cores_left_are_the_cores_no_worker_holds() -> None:
+    cores = frozenset({0, 1, 2, 3})
+    assert cores_left([CPUWorker(1, frozenset({0})), CPUWorker(2, frozenset({1}))], cores) == {2, 3}
+    assert cores_left([CPUWorker(1, frozenset({0, 1, 2, 3}))], cores) == frozenset()  # nothing to split
+    assert cores_left([], cores) == frozenset()
+
+
+@pytest.fixture
+def tree() -> tuple[psutil.Process, psutil.Process]:
+    assert len(all_cores()) >= 2, "needs two cores"
+    parent = subprocess.Popen([sys.executable, "-c", TREE, "parent", TREE], stdout=subprocess.PIPE, text=True)
+    worker_pid = int(parent.stdout.readline())  # type: ignore[union-attr]
+    yield psutil.Process(parent.pid), psutil.Process(worker_pid)
+    parent.kill()
+    psutil.Process(worker_pid).kill()
+
+
+def affinities(proc: psutil.Process) -> dict[int, set[int]]:
+    return {t.id: os.sched_getaffinity(t.id) for t in proc.threads()}
+
+
+def test_the_tree_moves_off_the_workers_cores_but_its_bound_threads_stay(tree: tuple[psutil.Process, psutil.Process]) -> None:
+    parent, worker = tree
+    before = {**affinities(parent), **affinities(worker)}
+    split = keep_off_workers([CPUWorker(worker.pid, frozenset({0}))], root=parent.pid)
+    rest = all_cores() - {0}
+    assert all(cores == rest for cores in affinities(parent).values())
+    after = affinities(worker)
+    assert sorted(sorted(cores) for cores in after.values()) == sorted([[0], [0], sorted(rest)])  # main, bound, loose
+    split.undo()
+    assert {**affinities(parent), **affinities(worker)} == before
+
+
+def test_a_worker_bound_to_every_core_splits_nothing(tree: tuple[psutil.Process, psutil.Process]) -> None:
+    parent, worker = tree
+    split = keep_off_workers([CPUWorker(worker.pid, all_cores())], root=parent.pid)
+    assert split.moved == {}
+    assert all(cores == set(all_cores()) for cores in affinities(parent).values())
+
+
+def test_spreading_gives_an_inherited_pin_back_all_cores(tree: tuple[psutil.Process, psutil.Process]) -> None:
+    _, worker = tree
+    spread_over_all_cores(worker.pid)
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and not all(c == set(all_cores()) for c in affinities(worker).values()):
+        time.sleep(0.05)
+    assert all(cores == set(all_cores()) for cores in affinities(worker).values())
