@@ -99,6 +99,8 @@ def our_server(folder: Path, engine: str, work: Path, log_dir: Path) -> Iterator
     """``uvicorn app:app`` on a schema serving the folder with the engine (Ray Serve backend)."""
     limits = {"max_new_tokens": MAX_TOKENS, "max_input_length": 256, "max_queued": 1024}
     policy = {"path": str(folder), "engine": engine, "served_name": "policy", "limits": limits}
+    if engine == "vllm":
+        policy["kv_cache_memory_bytes"] = KV_CACHE_BYTES
     schema = work / f"schema-{engine}.yaml"
     schema.write_text(yaml.safe_dump({"parameters": {"api_key": KEY}, "llm": {"policy": policy}}, sort_keys=False))
     env = {"SCHEMA_PATH": str(schema), "POLICY_SERVER_GATEWAY_METRICS_PORT": "0",

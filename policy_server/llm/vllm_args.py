@@ -21,10 +21,10 @@ MIN_MAX_LOGPROBS = 20
 WORKER_EXTENSION = "policy_server.llm.vllm_worker.WeightLoader"
 
 
-def engine_args(spec: LLMPolicySpec, folder: Path, adapter: Path | None, device: str,
-                kv_cache_bytes: int = CPU_KV_CACHE_BYTES) -> AsyncEngineArgs:
+def engine_args(spec: LLMPolicySpec, folder: Path, adapter: Path | None, device: str) -> AsyncEngineArgs:
     """vLLM's engine arguments for a policy folder: prefix caching and chunked prefill on, raw log-probs,
-    a context of at most ``max_input_length + max_new_tokens``, eager mode and a fixed KV cache on CPU."""
+    a context of at most ``max_input_length + max_new_tokens``, the spec's KV cache size (by default a
+    fixed one on CPU, vLLM's share of memory on a GPU), eager mode on CPU."""
     config = AutoConfig.from_pretrained(folder, local_files_only=True).get_text_config()
     limits = spec.limits
     context = limits.max_input_length + limits.max_new_tokens
@@ -46,7 +46,7 @@ def engine_args(spec: LLMPolicySpec, folder: Path, adapter: Path | None, device:
         enable_prefix_caching=True,
         enable_chunked_prefill=True,
         enforce_eager=on_cpu,
-        kv_cache_memory_bytes=kv_cache_bytes if on_cpu else None,
+        kv_cache_memory_bytes=spec.kv_cache_memory_bytes or (CPU_KV_CACHE_BYTES if on_cpu else None),
         logprobs_mode="raw_logprobs",
         max_logprobs=max(MIN_MAX_LOGPROBS, 2 * limits.max_num_samples),
         worker_extension_cls=WORKER_EXTENSION,

@@ -47,7 +47,7 @@ from policy_server.llm.engine import BatchObserver, BatchReport, check_newer
 from policy_server.llm.generation import LENGTH_PENALTY, MIN_BEAMS, sample_of_hypothesis
 from policy_server.llm.params import FinishReason, GenerationParams, Sample, SampleChunk
 from policy_server.llm.stopping import StopMatcher
-from policy_server.llm.vllm_args import CPU_KV_CACHE_BYTES, engine_args
+from policy_server.llm.vllm_args import engine_args
 from policy_server.llm.vllm_logits import KEY, SafeReport, check_log_probs, collect
 from policy_server.llm.vllm_loop import Loop, close_items, next_item
 from policy_server.llm.vllm_outputs import PromptLogprobs, prompt_logprobs, top_k
@@ -74,7 +74,7 @@ class VLLMEngine:
 
     def __init__(
         self, spec: LLMPolicySpec, folder: Path, adapter: Path | None, device: str,
-        on_batch: BatchObserver | None = None, kv_cache_bytes: int = CPU_KV_CACHE_BYTES,
+        on_batch: BatchObserver | None = None,
     ) -> None:
         self.spec = spec
         self.on_batch = on_batch
@@ -95,7 +95,7 @@ class VLLMEngine:
         # vLLM 0.32's CPU LoRA kernel breaks on a batch that computes prompt log-probs (einsum shape
         # error in the worker): the engine core dies and every later request fails. Refused instead.
         self._no_prompt_logprobs = device != "cuda" and (adapter is not None or bool(spec.adapters))
-        args = engine_args(spec, folder, adapter, device, kv_cache_bytes)
+        args = engine_args(spec, folder, adapter, device)
         self._loop = Loop()
         if device != "cuda":
             spread_over_all_cores()  # vLLM picks its workers' cores among the starting thread's

@@ -10,7 +10,7 @@ import re
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic import BaseModel, ByteSize, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 MODEL_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._~:@+-]*")
 """A model id on the OpenAI routes: one URL path segment (``/v1/models/{id}``) as it is written."""
@@ -90,6 +90,11 @@ class LLMPolicySpec(_ModelSpec):
     engine: Literal["vllm", "transformers"] = "vllm"
     """`vllm`: vLLM's async engine (continuous batching, paged KV cache, prefix caching);
     `transformers`: our batched loop on transformers (exact raw log-probs, no vLLM needed)."""
+    kv_cache_memory_bytes: ByteSize | None = None
+    """vLLM's KV cache (`engine: vllm`), in bytes or with a unit (`2GiB`). Default: 256 MiB on CPU
+    (vLLM's own default, a share of the machine's memory, is refused on a small one), vLLM's share
+    of the GPU's memory on a GPU. On CPU every running sequence holds at least one 128-token block:
+    256 MiB runs about 20 sequences of a 76M-parameter float32 model at once, vLLM queues the rest."""
     served_name: str | None = None
     """Its model id on the OpenAI routes (default: the folder's name)."""
     adapters: dict[str, Path] = {}
@@ -106,6 +111,12 @@ class LLMPolicySpec(_ModelSpec):
     @property
     def model_id(self) -> str:
         return self.served_name or self.path.name
+
+    @model_validator(mode="after")
+    def _vllm_only(self) -> LLMPolicySpec:
+        if self.engine != "vllm" and self.kv_cache_memory_bytes is not None:
+            raise ValueError("kv_cache_memory_bytes sizes vLLM's KV cache: it needs engine: vllm")
+        return self
 
     @field_validator("adapters")
     @classmethod

@@ -325,6 +325,18 @@ def test_engine_args_make_room_for_every_adapter_and_the_served_ones_swap(llm_di
     assert not plain.enable_lora
 
 
+def test_engine_args_size_the_kv_cache_as_the_spec_says(llm_dirs: dict[str, Path], engine: VLLMEngine) -> None:
+    from policy_server.llm.vllm_args import CPU_KV_CACHE_BYTES, engine_args
+
+    folder = llm_dirs["policy"]
+    default = LLMPolicySpec(path=folder)
+    assert engine_args(default, folder, None, "cpu").kv_cache_memory_bytes == CPU_KV_CACHE_BYTES
+    assert engine_args(default, folder, None, "cuda").kv_cache_memory_bytes is None  # vLLM's share of the GPU
+    sized = LLMPolicySpec(path=folder, kv_cache_memory_bytes="1GiB")
+    assert engine_args(sized, folder, None, "cpu").kv_cache_memory_bytes == 1 << 30
+    assert engine_args(sized, folder, None, "cuda").kv_cache_memory_bytes == 1 << 30
+
+
 def test_safe_logits_replaces_and_counts_non_finite_logits_as_the_transformers_engine(
     engine: VLLMEngine, teacher: Generator
 ) -> None:

@@ -59,3 +59,13 @@ def test_an_adapter_may_take_the_folder_name_when_served_name_differs(schema_dir
 def test_an_adapter_folder_must_be_a_string(schema_dir: Path) -> None:
     with pytest.raises(SchemaError, match=re.escape("llm.policy.adapters.a:")):
         parse_schema(with_adapters({"a": ["not", "a", "path"]}), schema_dir)
+
+
+def test_the_kv_cache_size_takes_units_and_needs_the_vllm_engine(schema_dir: Path) -> None:
+    schema = parse_schema(with_adapters({}, kv_cache_memory_bytes="2GiB"), schema_dir)
+    assert schema.llm is not None and schema.llm.policy is not None
+    assert schema.llm.policy.kv_cache_memory_bytes == 2 << 30
+    with pytest.raises(SchemaError, match="kv_cache_memory_bytes sizes vLLM's KV cache: it needs engine: vllm"):
+        parse_schema(with_adapters({}, kv_cache_memory_bytes="2GiB", engine="transformers"), schema_dir)
+    with pytest.raises(SchemaError, match=re.escape("llm.policy.kv_cache_memory_bytes:")):
+        parse_schema(with_adapters({}, kv_cache_memory_bytes="lots"), schema_dir)
