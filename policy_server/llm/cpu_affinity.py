@@ -8,10 +8,11 @@ clients on a 76M model, the worker then spends 8.9 ms of CPU per token, against 
 vLLM's own server, where less runs beside it; with everything else moved to the other core it
 spent 7.3 ms.
 
-``keep_off_workers`` moves every thread of a process tree (the replica and its children: the
-engine core and the workers), except the workers' bound threads, to the cores no worker holds,
-and ``CoreSplit.undo`` moves them back. Processes outside the tree (Ray's, the gateway's) are
-left alone: they would keep the split after the replica is gone. ``VLLM_CPU_OMP_THREADS_BIND=
+``keep_off_workers`` moves every thread of the engine's processes (the replica, or the gateway
+with the local backend; the engine core; the workers), except the workers' bound threads, to the
+cores no worker holds, and ``CoreSplit.undo`` moves them back. Other processes (Ray's, the
+gateway's when it is not the engine's) are left alone: they would keep the split after the
+engine is gone. ``VLLM_CPU_OMP_THREADS_BIND=
 nobind`` (vLLM's own switch) turns the split off with the binding, as does a machine whose cores
 the workers hold all of.
 
@@ -77,15 +78,16 @@ def spread_over_all_cores(pid: int | None = None) -> None:
             _set(tid, set(all_cores()))
 
 
-def keep_off_workers(workers: list[CPUWorker], root: int | None = None) -> CoreSplit:
-    """Move every thread of ``root``'s process tree (default: this process) to the cores no worker
-    is bound to, except the workers' threads bound within their cores. Returns what moved."""
+def keep_off_workers(workers: list[CPUWorker], own: int | None = None) -> CoreSplit:
+    """Move every thread of the engine's processes (``own``, default this one; each worker's parent,
+    the engine core; the workers) to the cores no worker is bound to, except the workers' threads
+    bound within their cores. Returns what moved."""
     split = CoreSplit()
     rest = cores_left(workers, all_cores()) if hasattr(os, "sched_setaffinity") else frozenset()
     if not rest:
         return split
     bound = {w.pid: w.cores for w in workers}
-    for pid in _tree(root or os.getpid()):
+    for pid in {own or os.getpid(), *bound, *(_parent(pid) for pid in bound)} - {None}:
         for tid in _threads(pid):
             before = _get(tid)
             if before is None or (pid in bound and before <= bound[pid]) or before <= rest:
@@ -97,12 +99,11 @@ def keep_off_workers(workers: list[CPUWorker], root: int | None = None) -> CoreS
     return split
 
 
-def _tree(root: int) -> list[int]:
+def _parent(pid: int) -> int | None:
     try:
-        proc = psutil.Process(root)
-        return [root] + [p.pid for p in proc.children(recursive=True)]
+        return psutil.Process(pid).ppid()
     except psutil.Error:
-        return []
+        return None
 
 
 def _threads(pid: int) -> list[int]:
