@@ -1,20 +1,18 @@
-"""Keeps a vLLM replica's own threads off the cores vLLM's CPU workers compute on.
+"""Keeps vLLM's engine core off the cores vLLM's CPU workers compute on.
 
 On CPU, vLLM binds each worker's OpenMP threads to cores of its own (``VLLM_CPU_OMP_THREADS_BIND``,
-``auto`` by default: on this 2-core machine the worker gets core 0 and core 1 is left for "the
-scheduler process"), but binds nothing else: the replica's threads, the engine core's scheduler
-loop and the worker's own I/O threads land on the worker's core as often as not. Measured at 16
-clients on a 76M model, the worker then spends 8.9 ms of CPU per token, against 7.2 ms under
-vLLM's own server, where less runs beside it; with everything else moved to the other core it
-spent 7.3 ms.
+``auto`` by default) and leaves one core unbound "for the scheduler process", but binds nothing
+else: the engine core's scheduler loop, which keeps a core busy while requests run, and the
+workers' own I/O threads land on the workers' cores as often as not. Measured at 16 clients on a
+76M model on 2 cores, the worker then spent 8.9 ms of CPU per token against 7.2 ms under vLLM's
+own server; with the other processes moved off its core, 7.3 ms.
 
-``keep_off_workers`` moves every thread of the engine's processes (the replica, or the gateway
-with the local backend; the engine core; the workers), except the workers' bound threads, to the
-cores no worker holds, and ``CoreSplit.undo`` moves them back. Other processes (Ray's, the
-gateway's when it is not the engine's) are left alone: they would keep the split after the
-engine is gone. ``VLLM_CPU_OMP_THREADS_BIND=
-nobind`` (vLLM's own switch) turns the split off with the binding, as does a machine whose cores
-the workers hold all of.
+``keep_off_workers`` moves every thread of the engine core and the workers, except the workers'
+bound threads, to the cores no worker holds (vLLM's reserved ones), and ``CoreSplit.undo`` moves
+them back. The replica's (or the local gateway's) own threads stay unbound: on a machine where
+vLLM reserves one core of many, pinning them there too would leave them one core to share with
+the scheduler loop. ``VLLM_CPU_OMP_THREADS_BIND=nobind`` (vLLM's own switch) turns the split off
+with the binding, as does a machine whose cores the workers hold all of.
 
 psutil lists processes and threads; no kept library moves a process tree around another
 process's bound threads, hence this module. Linux only (elsewhere it does nothing).
@@ -78,16 +76,16 @@ def spread_over_all_cores(pid: int | None = None) -> None:
             _set(tid, set(all_cores()))
 
 
-def keep_off_workers(workers: list[CPUWorker], own: int | None = None) -> CoreSplit:
-    """Move every thread of the engine's processes (``own``, default this one; each worker's parent,
-    the engine core; the workers) to the cores no worker is bound to, except the workers' threads
-    bound within their cores. Returns what moved."""
+def keep_off_workers(workers: list[CPUWorker]) -> CoreSplit:
+    """Move every thread of vLLM's engine processes (each worker's parent, the engine core, and the
+    workers) to the cores no worker is bound to, except the workers' threads bound within their
+    cores. Returns what moved."""
     split = CoreSplit()
     rest = cores_left(workers, all_cores()) if hasattr(os, "sched_setaffinity") else frozenset()
     if not rest:
         return split
     bound = {w.pid: w.cores for w in workers}
-    for pid in {own or os.getpid(), *bound, *(_parent(pid) for pid in bound)} - {None}:
+    for pid in {*bound, *(_parent(pid) for pid in bound)} - {None}:
         for tid in _threads(pid):
             before = _get(tid)
             if before is None or (pid in bound and before <= bound[pid]) or before <= rest:

@@ -8,8 +8,8 @@ vLLM's per-step log-probs), and versioned in-place weight updates.
 
 vLLM runs on its own event loop in a thread of this process (its engine core is a separate
 process), so the engine answers callers on any loop or thread: the async methods hop onto that
-loop, and a cancelled caller cancels (and aborts) its vLLM request. On CPU the engine keeps this
-process's threads and the engine core's off the cores vLLM binds its workers to (``cpu_affinity``).
+loop, and a cancelled caller cancels (and aborts) its vLLM request. On CPU the engine keeps vLLM's
+engine core off the cores vLLM binds its workers to (``cpu_affinity``).
 
 Log-probs are vLLM's ``raw_logprobs``: those of the model's raw distribution (before temperature,
 top-p, penalties and bias), as ``Generator.log_probs`` computes them by teacher forcing.

@@ -19,7 +19,7 @@ from policy_server.llm.cpu_affinity import (
     spread_over_all_cores,
 )
 
-# A tree as vLLM makes one: a parent (the replica) whose child (the worker) binds its main thread
+# A tree as vLLM makes one: a parent (the engine core) whose child (the worker) binds its main thread
 # to core 0 and starts a second thread that inherits the binding, after one unbound thread.
 TREE = """
 import os, subprocess, sys, threading, time
@@ -59,7 +59,7 @@ def affinities(proc: psutil.Process) -> dict[int, set[int]]:
 def test_the_tree_moves_off_the_workers_cores_but_its_bound_threads_stay(tree: tuple[psutil.Process, psutil.Process]) -> None:
     parent, worker = tree
     before = {**affinities(parent), **affinities(worker)}
-    split = keep_off_workers([CPUWorker(worker.pid, frozenset({0}))], own=parent.pid)
+    split = keep_off_workers([CPUWorker(worker.pid, frozenset({0}))])
     rest = all_cores() - {0}
     assert all(cores == rest for cores in affinities(parent).values())
     after = affinities(worker)
@@ -70,7 +70,7 @@ def test_the_tree_moves_off_the_workers_cores_but_its_bound_threads_stay(tree: t
 
 def test_a_worker_bound_to_every_core_splits_nothing(tree: tuple[psutil.Process, psutil.Process]) -> None:
     parent, worker = tree
-    split = keep_off_workers([CPUWorker(worker.pid, all_cores())], own=parent.pid)
+    split = keep_off_workers([CPUWorker(worker.pid, all_cores())])
     assert split.moved == {}
     assert all(cores == set(all_cores()) for cores in affinities(parent).values())
 
