@@ -90,7 +90,7 @@ class LLMPolicySpec(_ModelSpec):
     engine: Literal["vllm", "transformers"] = "vllm"
     """`vllm`: vLLM's async engine (continuous batching, paged KV cache, prefix caching);
     `transformers`: our batched loop on transformers (exact raw log-probs, no vLLM needed)."""
-    kv_cache_memory_bytes: ByteSize | None = None
+    kv_cache_memory_bytes: ByteSize | None = Field(None, gt=0)
     """vLLM's KV cache (`engine: vllm`), in bytes or with a unit (`2GiB`). Default: 256 MiB on CPU
     (vLLM's own default, a share of the machine's memory, is refused on a small one), vLLM's share
     of the GPU's memory on a GPU. On CPU every running sequence holds at least one 128-token block:
@@ -112,11 +112,12 @@ class LLMPolicySpec(_ModelSpec):
     def model_id(self) -> str:
         return self.served_name or self.path.name
 
-    @model_validator(mode="after")
-    def _vllm_only(self) -> LLMPolicySpec:
-        if self.engine != "vllm" and self.kv_cache_memory_bytes is not None:
-            raise ValueError("kv_cache_memory_bytes sizes vLLM's KV cache: it needs engine: vllm")
-        return self
+    @field_validator("kv_cache_memory_bytes")
+    @classmethod
+    def _vllm_only(cls, size: ByteSize | None, info: ValidationInfo) -> ByteSize | None:
+        if size is not None and info.data.get("engine") != "vllm":
+            raise ValueError("it sizes vLLM's KV cache: it needs engine: vllm")
+        return size
 
     @field_validator("adapters")
     @classmethod

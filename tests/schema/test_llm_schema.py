@@ -65,7 +65,9 @@ def test_the_kv_cache_size_takes_units_and_needs_the_vllm_engine(schema_dir: Pat
     schema = parse_schema(with_adapters({}, kv_cache_memory_bytes="2GiB"), schema_dir)
     assert schema.llm is not None and schema.llm.policy is not None
     assert schema.llm.policy.kv_cache_memory_bytes == 2 << 30
-    with pytest.raises(SchemaError, match="kv_cache_memory_bytes sizes vLLM's KV cache: it needs engine: vllm"):
+    message = "llm.policy.kv_cache_memory_bytes: Value error, it sizes vLLM's KV cache: it needs engine: vllm"
+    with pytest.raises(SchemaError, match=re.escape(message)):
         parse_schema(with_adapters({}, kv_cache_memory_bytes="2GiB", engine="transformers"), schema_dir)
-    with pytest.raises(SchemaError, match=re.escape("llm.policy.kv_cache_memory_bytes:")):
-        parse_schema(with_adapters({}, kv_cache_memory_bytes="lots"), schema_dir)
+    for bad in ("lots", 0, "0MiB"):
+        with pytest.raises(SchemaError, match=re.escape("llm.policy.kv_cache_memory_bytes:")):
+            parse_schema(with_adapters({}, kv_cache_memory_bytes=bad), schema_dir)
