@@ -236,10 +236,10 @@ def table(results: dict[str, dict[str, Any]]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", default="tiny,76m")
-    parser.add_argument("--designs", default=",".join(DESIGNS))
-    parser.add_argument("--clients", default="1,16,64")
-    parser.add_argument("--seconds", type=float, default=20.0)
+    parser.add_argument("--models", default="tiny,76m", help="comma-separated, of tiny,76m (default: %(default)s)")
+    parser.add_argument("--designs", default=",".join(DESIGNS), help="comma-separated (default: %(default)s)")
+    parser.add_argument("--clients", default="1,16,64", help="comma-separated concurrent clients (default: %(default)s)")
+    parser.add_argument("--seconds", type=float, default=20.0, help="per row (default: %(default)s)")
     args = parser.parse_args(argv)
     models = args.models.split(",")
     designs = args.designs.split(",")
