@@ -53,7 +53,7 @@ CHAT_TEMPLATE = (
     "{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}"
     "{%- endif %}"
 )
-TRAIN_STEPS = 200
+TRAIN_STEPS = 400
 TRAIN_BATCH = 16
 TRAIN_WINDOW = 128
 Progress = Callable[[str, int, int], None]

@@ -401,7 +401,7 @@ def test_a_large_logit_bias_makes_every_token_that_one(
     assert banned not in other.completion_ids
 
 
-@pytest.mark.parametrize(("presence", "frequency"), [(2.0, 0.0), (0.0, 1.5), (1.0, -0.5)])
+@pytest.mark.parametrize(("presence", "frequency"), [(2.0, 0.0), (0.0, 1.5), (2.0, -0.5)])
 def test_penalties_follow_openais_definition(
     gen: Generator, lm: LoadedLM, prompts: list[list[int]], presence: float, frequency: float
 ) -> None:
