@@ -72,10 +72,10 @@ def test_mean_reward_rises(llm_dirs: dict[str, Path], tmp_path: Path, seed: int)
     run = GRPORun("rise", lm, full_settings(seed=seed), tmp_path)
     curve = play(run, lm, 50)
     first, last = sum(curve[:10]) / 10, sum(curve[-10:]) / 10
-    # Seen over seeds 0-4: first 0.03-0.07, last 0.35-0.82.
-    assert first < 0.1
-    assert last > 0.25
-    assert last > first + 0.2
+    # Seen over seeds 0-4 (the example model trained 400 steps): first 0.08-0.22, last 0.50-1.00.
+    assert first < 0.3
+    assert last > 0.4
+    assert last > first + 0.3
     status = run.status()
     assert status["cycle"] == 50 and status["rewards_received"] == 50 and status["groups_handed_out"] == 50
     assert status["reward_history"] == curve
