@@ -94,14 +94,15 @@ class VLLMEngine:
         self._extra = {name: LoRARequest(name, _lora_id(), str(f)) for name, f in spec.adapters.items()}
         # vLLM 0.32's CPU LoRA kernel breaks on a batch that computes prompt log-probs (einsum shape
         # error in the worker): the engine core dies and every later request fails. Refused instead.
-        self._no_prompt_logprobs = device != "cuda" and (adapter is not None or bool(spec.adapters))
+        on_cpu = device != "cuda"
+        self._no_prompt_logprobs = on_cpu and (adapter is not None or bool(spec.adapters))
         args = engine_args(spec, folder, adapter, device)
         self._loop = Loop()
-        if device != "cuda":
+        if on_cpu:
             spread_over_all_cores()  # vLLM picks its workers' cores among the starting thread's
         self.llm: AsyncLLM = self._loop.submit(_start(args)).result()
         self._loop.submit(self.llm.collective_rpc("attach_safe_logits")).result()
-        self._split = keep_off_workers(self.cpu_workers()) if device != "cuda" else CoreSplit()
+        self._split = keep_off_workers(self.cpu_workers()) if on_cpu else CoreSplit()
         self.max_model_len: int = self.llm.model_config.max_model_len
 
     # ---- generation -------------------------------------------------------------------------
