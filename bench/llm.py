@@ -1,14 +1,21 @@
 """LLM serving benchmark: vLLM's own OpenAI server against ours on the vLLM engine and on the
 transformers engine, all through HTTP, streaming `/v1/completions`.
 
-    python bench/llm.py [--models tiny,76m] [--clients 1,16,64] [--seconds 20] [--designs vllm,ours-vllm,ours-transformers]
+    python bench/llm.py [--models tiny,76m] [--clients 1,16,64] [--seconds 20] [--rounds 1]
+                        [--designs vllm,vllm-nobind,ours-vllm,ours-transformers]
 
 Per model (the tiny example of ``examples/llm``, and a randomly initialised Llama of about 76M
 parameters, 12 layers, hidden 768), per design, per number of concurrent clients, once without a
 seed and once with a seed per request: every client sends the same kind of request back to back
 for ``--seconds`` (``max_tokens`` and ``min_tokens`` 32, temperature 1, ``stream: true`` with
 ``stream_options.include_usage``). Reported: completion tokens/s (from the usage chunks), time to
-first token p50, request latency p50 / p99, failed requests.
+first token p50, request latency p50 / p99, failed requests. With ``--rounds N`` every server is
+started N times, the designs taking turns, and each row reports the round of median tokens/s
+(single runs of vLLM's own server varied by up to 2.9× here).
+
+``vllm`` is vLLM's server as it starts by default (on CPU its worker bound to cores,
+``VLLM_CPU_OMP_THREADS_BIND=auto``); ``vllm-nobind`` is the same with ``nobind``, the binding ours
+chooses on a machine of 2 cores (``llm.policy.cpu_threads_bind``), for comparison.
 
 Targets (issue 13): ours-vllm ≥ 0.9× vLLM's server in tokens/s at 16 and 64 clients on both
 models; ours-vllm's time to first token within vLLM's + 5 ms at one client; ours-transformers
@@ -46,7 +53,7 @@ KEY = "bench-key"
 MAX_TOKENS = 32
 KV_CACHE_BYTES = 512 << 20
 """vLLM's KV cache on CPU: both vLLM designs get the same."""
-DESIGNS = ("vllm", "ours-vllm", "ours-transformers")
+DESIGNS = ("vllm", "vllm-nobind", "ours-vllm", "ours-transformers")
 
 
 def prompts(n: int) -> list[str]:
@@ -80,9 +87,10 @@ def build_models(out: Path, which: list[str]) -> dict[str, Path]:
 
 
 @contextmanager
-def vllm_server(folder: Path, log_dir: Path) -> Iterator[RunningServer]:
+def vllm_server(folder: Path, log_dir: Path, bind: str) -> Iterator[RunningServer]:
     """vLLM's own OpenAI server on the folder (``python -m vllm.entrypoints.openai.api_server``:
-    the `vllm` console script fails for the vllm-cpu distribution)."""
+    the `vllm` console script fails for the vllm-cpu distribution), its CPU worker bound as ``bind``
+    says (``VLLM_CPU_OMP_THREADS_BIND``)."""
     def command(port: int) -> list[str]:
         return [
             sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(folder),
@@ -90,7 +98,8 @@ def vllm_server(folder: Path, log_dir: Path) -> Iterator[RunningServer]:
             "--enforce-eager", "--kv-cache-memory-bytes", str(KV_CACHE_BYTES), "--max-model-len", "1024",
         ]
 
-    with running_process(ServerSpec("vllm-server", "", ready_path="/health"), command, ROOT, log_dir, 600) as server:
+    spec = ServerSpec(f"vllm-server-{bind}", "", env={"VLLM_CPU_OMP_THREADS_BIND": bind}, ready_path="/health")
+    with running_process(spec, command, ROOT, log_dir, 600) as server:
         yield server
 
 
@@ -202,18 +211,36 @@ def measure(server: RunningServer, clients: list[int], seconds: float) -> dict[s
     return out
 
 
+def median_rows(runs: list[dict[str, dict[str, Any]]]) -> dict[str, dict[str, Any]]:
+    """Per row (clients, seed), the round of median tokens/s (the lower of the middle two)."""
+    return {key: sorted((run[key] for run in runs), key=lambda r: r["tokens_per_s"])[(len(runs) - 1) // 2]
+            for key in runs[0]}
+
+
+@contextmanager
+def start(design: str, folder: Path, work: Path, logs: Path) -> Iterator[RunningServer]:
+    if design.startswith("vllm"):
+        with vllm_server(folder, logs, "nobind" if design == "vllm-nobind" else "auto") as server:
+            yield server
+    else:
+        with our_server(folder, design.removeprefix("ours-"), work, logs) as server:
+            yield server
+
+
 def verdicts(results: dict[str, dict[str, Any]]) -> list[tuple[str, bool]]:
     checks = []
     for model, designs in results.items():
-        ref, ours, tf = designs.get("vllm"), designs.get("ours-vllm"), designs.get("ours-transformers")
-        if ref and ours:
+        ours, tf = designs.get("ours-vllm"), designs.get("ours-transformers")
+        for name, ref in (("vLLM", designs.get("vllm")), ("vLLM nobind", designs.get("vllm-nobind"))):
+            if not (ref and ours):
+                continue
             for n in ("16", "64"):
                 if n in ref and n in ours:
                     ratio = ours[n]["tokens_per_s"] / ref[n]["tokens_per_s"]
-                    checks.append((f"{model}: ours-vllm / vLLM tokens/s at {n} clients = {ratio:.2f} (≥ 0.9)", ratio >= 0.9))
+                    checks.append((f"{model}: ours-vllm / {name} tokens/s at {n} clients = {ratio:.2f} (≥ 0.9)", ratio >= 0.9))
             if "1" in ref and "1" in ours and ref["1"]["ttft_p50_ms"] and ours["1"]["ttft_p50_ms"]:
                 gap = ours["1"]["ttft_p50_ms"] - ref["1"]["ttft_p50_ms"]
-                checks.append((f"{model}: ours-vllm time to first token − vLLM's at 1 client = {gap:+.1f} ms (≤ 5)", gap <= 5))
+                checks.append((f"{model}: ours-vllm time to first token − {name}'s at 1 client = {gap:+.1f} ms (≤ 5)", gap <= 5))
         if tf:
             for n in ("16", "64"):
                 if n in tf and f"{n}-seed" in tf:
@@ -240,6 +267,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--designs", default=",".join(DESIGNS), help="comma-separated (default: %(default)s)")
     parser.add_argument("--clients", default="1,16,64", help="comma-separated concurrent clients (default: %(default)s)")
     parser.add_argument("--seconds", type=float, default=20.0, help="per row (default: %(default)s)")
+    parser.add_argument("--rounds", type=int, default=1, help="starts of every server, taking turns; rows report "
+                        "the median round (default: %(default)s)")
     args = parser.parse_args(argv)
     models = args.models.split(",")
     designs = args.designs.split(",")
@@ -251,20 +280,19 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="bench-llm-"))
     folders = build_models(work / "models", models)
     logs = RESULTS / "logs"
-    results: dict[str, dict[str, Any]] = {}
-    for model, folder in folders.items():
-        results[model] = {}
-        for design in designs:
-            print(f"{model} / {design}", flush=True)
-            started = time.perf_counter()
-            server_cm = vllm_server(folder, logs) if design == "vllm" else our_server(
-                folder, design.removeprefix("ours-"), work, logs)
-            with server_cm as server:
-                print(f"    ready in {time.perf_counter() - started:.0f} s", flush=True)
-                results[model][design] = measure(server, clients, args.seconds)
+    rounds: dict[str, dict[str, list[dict[str, Any]]]] = {m: {d: [] for d in designs} for m in folders}
+    for turn in range(args.rounds):
+        for model, folder in folders.items():
+            for design in designs:
+                print(f"{model} / {design}" + (f" (round {turn + 1} of {args.rounds})" if args.rounds > 1 else ""), flush=True)
+                started = time.perf_counter()
+                with start(design, folder, work, logs) as server:
+                    print(f"    ready in {time.perf_counter() - started:.0f} s", flush=True)
+                    rounds[model][design].append(measure(server, clients, args.seconds))
+    results = {m: {d: median_rows(runs) for d, runs in designs_runs.items()} for m, designs_runs in rounds.items()}
 
     print(f"\nstreaming /v1/completions, max_tokens {MAX_TOKENS}, temperature 1, {args.seconds:.0f} s per row, "
-          f"{os.cpu_count()} cores\n")
+          f"{os.cpu_count()} cores, median of {args.rounds} round(s)\n")
     print(table(results))
     checks = verdicts(results)
     print()
@@ -272,7 +300,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{'PASS' if ok else 'FAIL'}: {text}")
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "llm.json").write_text(json.dumps({
-        "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"), "args": vars(args), "results": results,
+        "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"), "args": vars(args), "results": results, "rounds": rounds,
         "checks": [{"check": t, "pass": ok} for t, ok in checks],
     }, indent=2))
     return 0 if all(ok for _, ok in checks) else 1

@@ -14,6 +14,10 @@ vLLM reserves one core of many, pinning them there too would leave them one core
 the scheduler loop. ``VLLM_CPU_OMP_THREADS_BIND=nobind`` (vLLM's own switch) turns the split off
 with the binding, as does a machine whose cores the workers hold all of.
 
+``cpu_threads_bind`` chooses that binding: ``nobind`` on a machine of 2 cores, where vLLM's ``auto``
+leaves the worker one core, ``auto`` on larger ones, unless the spec or the environment says
+otherwise; ``engine_environment`` adds the worker's thread count.
+
 psutil lists processes and threads; no kept library moves a process tree around another
 process's bound threads, hence this module. Linux only (elsewhere it does nothing).
 """
@@ -22,11 +26,16 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import psutil
 
 log = logging.getLogger(__name__)
+
+BIND_VARIABLE = "VLLM_CPU_OMP_THREADS_BIND"
+SMALL_MACHINE_CORES = 2
+"""Up to this many cores vLLM's ``auto`` binding leaves its worker a single core: ``nobind`` instead."""
 
 
 @dataclass(frozen=True)
@@ -66,6 +75,27 @@ class CoreSplit:
         for tid, cores in self.moved.items():
             _set(tid, cores)
         self.moved.clear()
+
+
+def cpu_threads_bind(setting: str | None, environ: Mapping[str, str], cores: int) -> str:
+    """The value of vLLM's ``VLLM_CPU_OMP_THREADS_BIND`` for an engine on CPU: the spec's setting,
+    else the environment's, else ``nobind`` on a machine of at most ``SMALL_MACHINE_CORES`` cores
+    (vLLM's ``auto`` keeps one core for its scheduler and binds the worker's compute to the rest)
+    and ``auto`` on a larger one."""
+    if setting is not None:
+        return setting
+    if BIND_VARIABLE in environ:
+        return environ[BIND_VARIABLE]
+    return "nobind" if cores <= SMALL_MACHINE_CORES else "auto"
+
+
+def engine_environment(setting: str | None, environ: Mapping[str, str], cores: int) -> dict[str, str]:
+    """What vLLM's engine processes inherit on CPU: the binding (``cpu_threads_bind``) and, with
+    ``nobind``, one OpenMP thread per core for the worker, as vLLM gives a bound worker one per bound
+    core. (Ray sets ``OMP_NUM_THREADS`` to a replica's CPUs, 1 by default, which the worker would
+    inherit; measured on the 76M model on 2 cores at 16 clients: 132 tokens/s with 1, 200 with 2.)"""
+    bind = cpu_threads_bind(setting, environ, cores)
+    return {BIND_VARIABLE: bind, **({"OMP_NUM_THREADS": str(cores)} if bind == "nobind" else {})}
 
 
 def spread_over_all_cores(pid: int | None = None) -> None:

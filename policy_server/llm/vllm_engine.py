@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import os
 import tempfile
 import threading
 import time
@@ -41,7 +42,14 @@ from vllm.v1.engine.async_llm import AsyncLLM
 
 from policy_server.errors import InvalidRequest, QueueFull
 from policy_server.llm.checkpoint import adapter_file_name
-from policy_server.llm.cpu_affinity import CoreSplit, CPUWorker, keep_off_workers, spread_over_all_cores
+from policy_server.llm.cpu_affinity import (
+    CoreSplit,
+    CPUWorker,
+    all_cores,
+    engine_environment,
+    keep_off_workers,
+    spread_over_all_cores,
+)
 from policy_server.llm.diverse_beam import group_beam_search
 from policy_server.llm.engine import BatchObserver, BatchReport, check_newer
 from policy_server.llm.generation import LENGTH_PENALTY, MIN_BEAMS, sample_of_hypothesis
@@ -98,7 +106,8 @@ class VLLMEngine:
         self._no_prompt_logprobs = on_cpu and (adapter is not None or bool(spec.adapters))
         args = engine_args(spec, folder, adapter, device)
         self._loop = Loop()
-        if on_cpu:
+        if on_cpu:  # read by the engine core that vLLM spawns
+            os.environ.update(engine_environment(spec.cpu_threads_bind, os.environ, len(all_cores())))
             spread_over_all_cores()  # vLLM picks its workers' cores among the starting thread's
         self.llm: AsyncLLM = self._loop.submit(_start(args)).result()
         self._loop.submit(self.llm.collective_rpc("attach_safe_logits")).result()

@@ -12,6 +12,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ByteSize, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
+CPU_THREADS_BIND = re.compile(r"auto|nobind|\d+(-\d+)?(,\d+(-\d+)?)*")
+"""vLLM's ``VLLM_CPU_OMP_THREADS_BIND`` for one worker: ``auto``, ``nobind`` or a core list (``0-2,5``)."""
 MODEL_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._~:@+-]*")
 """A model id on the OpenAI routes: one URL path segment (``/v1/models/{id}``) as it is written."""
 STEP_TOKEN = "<|eois_id|>"
@@ -95,6 +97,13 @@ class LLMPolicySpec(_ModelSpec):
     (vLLM's own default, a share of the machine's memory, is refused on a small one), vLLM's share
     of the GPU's memory on a GPU. On CPU every running sequence holds at least one 128-token block:
     256 MiB runs about 20 sequences of a 76M-parameter float32 model at once, vLLM queues the rest."""
+    cpu_threads_bind: str | None = None
+    """How vLLM binds its CPU worker's threads (`engine: vllm`, on CPU), as vLLM's
+    `VLLM_CPU_OMP_THREADS_BIND` names it: `auto` (vLLM's default: one core kept for its scheduler,
+    the worker bound to the rest), `nobind` (every thread on every core), or a core list (`0-2,5`).
+    Default: that variable when the environment sets it, else `nobind` on a machine of 2 cores or
+    fewer, where `auto` leaves the worker one core, else `auto`. With `nobind` the worker runs one
+    thread per core (`OMP_NUM_THREADS`), as vLLM gives a bound worker one per bound core."""
     served_name: str | None = None
     """Its model id on the OpenAI routes (default: the folder's name)."""
     adapters: dict[str, Path] = {}
@@ -118,6 +127,17 @@ class LLMPolicySpec(_ModelSpec):
         if size is not None and info.data.get("engine") != "vllm":
             raise ValueError("it sizes vLLM's KV cache: it needs engine: vllm")
         return size
+
+    @field_validator("cpu_threads_bind")
+    @classmethod
+    def _bind(cls, bind: str | None, info: ValidationInfo) -> str | None:
+        if bind is None:
+            return bind
+        if info.data.get("engine") != "vllm":
+            raise ValueError("it binds vLLM's CPU worker: it needs engine: vllm")
+        if not CPU_THREADS_BIND.fullmatch(bind):
+            raise ValueError(f"expected auto, nobind or a core list such as 0-2,5; got {bind!r}")
+        return bind
 
     @field_validator("adapters")
     @classmethod

@@ -11,9 +11,12 @@ import psutil
 import pytest
 
 from policy_server.llm.cpu_affinity import (
+    BIND_VARIABLE,
     CPUWorker,
     all_cores,
     cores_left,
+    cpu_threads_bind,
+    engine_environment,
     keep_off_workers,
     spread_over_all_cores,
 )
@@ -39,6 +42,20 @@ def test_cores_left_are_the_cores_no_worker_holds() -> None:
     assert cores_left([CPUWorker(1, frozenset({0})), CPUWorker(2, frozenset({1}))], cores) == {2, 3}
     assert cores_left([CPUWorker(1, frozenset({0, 1, 2, 3}))], cores) == frozenset()  # nothing to split
     assert cores_left([], cores) == frozenset()
+
+
+def test_the_binding_is_the_specs_else_the_environments_else_nobind_on_two_cores() -> None:
+    assert cpu_threads_bind(None, {}, 1) == "nobind"
+    assert cpu_threads_bind(None, {}, 2) == "nobind"  # vLLM's auto would leave the worker one core
+    assert cpu_threads_bind(None, {}, 3) == "auto"
+    assert cpu_threads_bind(None, {BIND_VARIABLE: "auto"}, 2) == "auto"
+    assert cpu_threads_bind("0-1", {BIND_VARIABLE: "nobind"}, 64) == "0-1"
+
+
+def test_an_unbound_worker_gets_a_thread_per_core_a_bound_one_what_vllm_gives_it() -> None:
+    assert engine_environment(None, {"OMP_NUM_THREADS": "1"}, 2) == {BIND_VARIABLE: "nobind", "OMP_NUM_THREADS": "2"}
+    assert engine_environment(None, {}, 8) == {BIND_VARIABLE: "auto"}  # vLLM sets it to the bound cores
+    assert engine_environment("1-3", {}, 8) == {BIND_VARIABLE: "1-3"}
 
 
 @pytest.fixture

@@ -337,6 +337,18 @@ def test_engine_args_size_the_kv_cache_as_the_spec_says(llm_dirs: dict[str, Path
     assert engine_args(sized, folder, None, "cuda").kv_cache_memory_bytes == 1 << 30
 
 
+def test_the_worker_is_bound_as_the_machine_size_says(engine: VLLMEngine) -> None:
+    from policy_server.llm.cpu_affinity import all_cores, cpu_threads_bind
+
+    (worker,) = engine.cpu_workers()
+    if cpu_threads_bind(None, {}, len(all_cores())) == "nobind":  # 2 cores or fewer, as in CI
+        assert worker.cores == all_cores()
+        assert engine._split.moved == {}  # nothing to keep off: the worker may use every core
+    else:  # vLLM's auto: one core kept for its scheduler, where the engine core was moved
+        assert worker.cores < all_cores()
+        assert engine._split.moved
+
+
 def test_safe_logits_replaces_and_counts_non_finite_logits_as_the_transformers_engine(
     engine: VLLMEngine, teacher: Generator
 ) -> None:

@@ -71,3 +71,16 @@ def test_the_kv_cache_size_takes_units_and_needs_the_vllm_engine(schema_dir: Pat
     for bad in ("lots", 0, "0MiB"):
         with pytest.raises(SchemaError, match=re.escape("llm.policy.kv_cache_memory_bytes:")):
             parse_schema(with_adapters({}, kv_cache_memory_bytes=bad), schema_dir)
+
+
+def test_the_cpu_binding_is_vllms_and_needs_the_vllm_engine(schema_dir: Path) -> None:
+    for bind in ("auto", "nobind", "0-2,5"):
+        schema = parse_schema(with_adapters({}, cpu_threads_bind=bind), schema_dir)
+        assert schema.llm is not None and schema.llm.policy is not None
+        assert schema.llm.policy.cpu_threads_bind == bind
+    message = "llm.policy.cpu_threads_bind: Value error, it binds vLLM's CPU worker: it needs engine: vllm"
+    with pytest.raises(SchemaError, match=re.escape(message)):
+        parse_schema(with_adapters({}, cpu_threads_bind="nobind", engine="transformers"), schema_dir)
+    for bad in ("all", "0-2|3", "1,,2"):
+        with pytest.raises(SchemaError, match=re.escape(f"expected auto, nobind or a core list such as 0-2,5; got {bad!r}")):
+            parse_schema(with_adapters({}, cpu_threads_bind=bad), schema_dir)
