@@ -279,14 +279,14 @@ def main(argv: list[str] | None = None) -> int:
 
     work = Path(tempfile.mkdtemp(prefix="bench-llm-"))
     folders = build_models(work / "models", models)
-    logs = RESULTS / "logs"
+    logs = RESULTS / "logs" / "llm"  # a server's log per model and round: logs/llm/<model>/round-<n>/<design>.log
     rounds: dict[str, dict[str, list[dict[str, Any]]]] = {m: {d: [] for d in designs} for m in folders}
     for turn in range(args.rounds):
         for model, folder in folders.items():
             for design in designs:
                 print(f"{model} / {design}" + (f" (round {turn + 1} of {args.rounds})" if args.rounds > 1 else ""), flush=True)
                 started = time.perf_counter()
-                with start(design, folder, work, logs) as server:
+                with start(design, folder, work, logs / model / f"round-{turn + 1}") as server:
                     print(f"    ready in {time.perf_counter() - started:.0f} s", flush=True)
                     rounds[model][design].append(measure(server, clients, args.seconds))
     results = {m: {d: median_rows(runs) for d, runs in designs_runs.items()} for m, designs_runs in rounds.items()}

@@ -3,6 +3,7 @@
 server-sent events (``data: {chunk}`` ... ``data: [DONE]``)."""
 
 import json
+import logging
 from collections.abc import AsyncIterator
 from contextlib import aclosing
 from typing import Any
@@ -23,6 +24,8 @@ from policy_server.gateway.openai.wire import (
     OpenAIError,
     OpenAIModel,
 )
+
+log = logging.getLogger(__name__)
 
 OPENAI_ERRORS: dict[int | str, dict[str, Any]] = {
     status: {"model": OpenAIError, "description": text} for status, text in {
@@ -94,6 +97,9 @@ async def _events(first: dict[str, Any] | None, chunks: AsyncIterator[dict[str, 
         except PolicyServerError as exc:
             field = exc.fields[0].field if exc.fields else None
             yield _event(openai_error(exc.status, exc.code, exc.message, field))
+        except Exception as exc:  # after the headers went out: an event, never a dropped connection
+            log.exception("unhandled error while streaming")
+            yield _event(openai_error(500, "internal_error", f"internal error ({type(exc).__name__}); see the server log", None))
     yield "data: [DONE]\n\n"
 
 
