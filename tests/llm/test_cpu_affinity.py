@@ -4,6 +4,7 @@ where they are, and everything given back. Real processes and threads (Linux, 2 
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 
@@ -14,6 +15,7 @@ from policy_server.llm.cpu_affinity import (
     BIND_VARIABLE,
     CPUWorker,
     all_cores,
+    core_list,
     cores_left,
     cpu_threads_bind,
     engine_environment,
@@ -56,6 +58,14 @@ def test_an_unbound_worker_gets_a_thread_per_core_a_bound_one_what_vllm_gives_it
     assert engine_environment(None, {"OMP_NUM_THREADS": "1"}, 2) == {BIND_VARIABLE: "nobind", "OMP_NUM_THREADS": "2"}
     assert engine_environment(None, {}, 8) == {BIND_VARIABLE: "auto"}  # vLLM sets it to the bound cores
     assert engine_environment("1-3", {}, 8) == {BIND_VARIABLE: "1-3"}
+
+
+def test_a_core_list_naming_cores_the_machine_lacks_is_refused() -> None:
+    assert core_list("0-2,5") == [0, 1, 2, 5] and core_list("nobind") == []
+    with pytest.raises(ValueError, match=re.escape("cpu_threads_bind '1,5' names cores [5] that this machine lacks (it has 2: 0-1)")):
+        engine_environment("1,5", {}, 2)
+    with pytest.raises(ValueError, match=re.escape("names cores [2, 3]")):
+        engine_environment(None, {BIND_VARIABLE: "0-3"}, 2)
 
 
 @pytest.fixture
