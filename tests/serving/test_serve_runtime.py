@@ -22,6 +22,14 @@ class SlowToStart:
         time.sleep(600)
 
 
+@serve.deployment(ray_actor_options={"num_cpus": 0})
+class FailsToStart:
+    """A replica whose constructor refuses its configuration (as an engine refuses a bad setting)."""
+
+    def __init__(self) -> None:
+        raise ValueError("cpu_threads_bind '5' names cores [5] that this machine lacks")
+
+
 def slow_runtime(**settings: Any) -> ServeRuntime:
     return ServeRuntime(Settings(serve_app_prefix="slow-start", **settings))
 
@@ -61,3 +69,22 @@ def test_a_cancelled_start_stops_waiting_at_once(ray_session: int) -> None:
     finally:
         waiting.join(timeout=30)
         runtime._stop()
+
+
+def test_an_app_whose_replicas_raise_fails_start_up_with_their_exception(ray_session: int) -> None:
+    runtime = slow_runtime()
+    try:
+        with pytest.raises(StartupError) as failed:
+            runtime._run(FailsToStart.bind(), "slow-start-c")
+        assert str(failed.value).startswith("Serve app slow-start-c failed to start: ")
+        assert str(failed.value).endswith(
+            "; FailsToStart: ValueError: cpu_threads_bind '5' names cores [5] that this machine lacks")
+    finally:
+        runtime._stop()
+
+
+def test_last_line_is_the_exception_of_a_traceback() -> None:
+    from policy_server.serving.runtime.serve import last_line
+
+    assert last_line("Traceback (most recent call last):\n  File x\nValueError: bad\n\n") == "ValueError: bad"
+    assert last_line("") == ""

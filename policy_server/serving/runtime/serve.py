@@ -231,7 +231,8 @@ class ServeRuntime(Runtime):
             if app_status.status == "RUNNING":
                 return
             if app_status.status == "DEPLOY_FAILED":
-                raise StartupError(f"Serve app {app_name} failed to start: {app_status.message}")
+                reasons = "".join(f"; {name}: {last_line(d.message)}" for name, d in app_status.deployments.items() if d.message)
+                raise StartupError(f"Serve app {app_name} failed to start: {app_status.message}{reasons}")
             waiting = {f"{name}: {d.message}" for name, d in app_status.deployments.items() if d.message}
             for message in sorted(waiting - said):
                 log.warning("Serve app %s is starting; %s", app_name, message)
@@ -275,3 +276,10 @@ async def _close_actor(actor: ActorHandle) -> None:
         log.warning("the trainer did not close cleanly: %s", exc)
     finally:
         ray.kill(actor)
+
+
+def last_line(message: str) -> str:
+    """The last non-empty line of what Serve says about a deployment: after a replica's failed
+    constructor, the exception it raised (Serve gives the whole traceback)."""
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    return lines[-1] if lines else message
