@@ -10,7 +10,7 @@ import pytest
 from ray import serve
 
 from policy_server.errors import StartupError
-from policy_server.serving.runtime.serve import ServeRuntime
+from policy_server.serving.runtime.serve import ServeRuntime, last_line
 from policy_server.settings import Settings
 
 
@@ -84,7 +84,5 @@ def test_an_app_whose_replicas_raise_fails_start_up_with_their_exception(ray_ses
 
 
 def test_last_line_is_the_exception_of_a_traceback() -> None:
-    from policy_server.serving.runtime.serve import last_line
-
     assert last_line("Traceback (most recent call last):\n  File x\nValueError: bad\n\n") == "ValueError: bad"
     assert last_line("") == ""
