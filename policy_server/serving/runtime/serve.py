@@ -232,7 +232,7 @@ class ServeRuntime(Runtime):
                 return
             if app_status.status == "DEPLOY_FAILED":
                 reasons = "".join(f"; {name}: {last_line(d.message)}" for name, d in app_status.deployments.items() if d.message)
-                raise StartupError(f"Serve app {app_name} failed to start: {app_status.message}{reasons}")
+                raise StartupError(f"Serve app {app_name} failed to start: {app_status.message.rstrip('.')}{reasons}")
             waiting = {f"{name}: {d.message}" for name, d in app_status.deployments.items() if d.message}
             for message in sorted(waiting - said):
                 log.warning("Serve app %s is starting; %s", app_name, message)
