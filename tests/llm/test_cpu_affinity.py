@@ -66,6 +66,8 @@ def test_a_core_list_naming_cores_the_machine_lacks_is_refused() -> None:
         engine_environment("1,5", {}, 2)
     with pytest.raises(ValueError, match=re.escape("names cores [2, 3]")):
         engine_environment(None, {BIND_VARIABLE: "0-3"}, 2)
+    with pytest.raises(ValueError, match=re.escape(f"{BIND_VARIABLE}: expected auto, nobind or a core list such as 0-2,5; got '0-1|2-3'")):
+        engine_environment(None, {BIND_VARIABLE: "0-1|2-3"}, 4)  # vLLM's form for several workers
 
 
 @pytest.fixture
