@@ -361,6 +361,7 @@ def vllm_server(llm_dirs: dict[str, Path], tmp_path_factory: pytest.TempPathFact
         "engine": "vllm",
         "adapters": vllm_adapters(llm_dirs),
         "training": {"save_dir": str(tmp_path_factory.mktemp("vllm-training"))},  # GRPO's runs
+        "weight_transfer": "gloo",  # GRPO publishes straight into vLLM's worker (auto: set_weights on CPU)
     }
     path = tmp_path_factory.mktemp("vllm-server") / "schema.yaml"
     path.write_text(yaml.safe_dump(schema, sort_keys=False))

@@ -63,3 +63,43 @@ def wait_ready(proc: subprocess.Popen[bytes], url: str, log: Path, timeout: floa
             return False
 
     wait_until(ready, timeout, 0.5, lambda: "not ready; log: " + log.read_text()[-3000:])
+
+
+class GlooReplicaEngine:
+    """The weight-transfer side of a ``VLLMEngine`` without a vLLM engine: our real worker-side
+    ``GlooWeightTransferEngine`` (what runs in vLLM's worker) loading into a model that records
+    what it is given. For the publishing tests that need several replicas at once."""
+
+    transfer_backend = "gloo"
+
+    def __init__(self) -> None:
+        from types import SimpleNamespace
+
+        import torch
+        from vllm.config.weight_transfer import WeightTransferConfig
+
+        from policy_server.llm.vllm_transfer import GlooWeightTransferEngine
+
+        self.version, self.weights = 0, {}
+        model = SimpleNamespace(load_weights=lambda pairs: self.weights.update((n, t.clone()) for n, t in pairs))
+        parallel = SimpleNamespace(data_parallel_index=0, world_size=1, rank=0)
+        config = SimpleNamespace(parallel_config=parallel, model_config=None)
+        self.worker = GlooWeightTransferEngine(WeightTransferConfig(backend="gloo"), config, torch.device("cpu"), model)
+        self.ranks: list[int] = []  # the rank of each group joined
+
+    def init_weight_transfer(self, init_info: dict) -> None:
+        self.worker.init_transfer_engine(self.worker.parse_init_info(init_info))
+        self.ranks.append(init_info["rank_offset"])
+
+    def receive_weights(self, update_info: dict, version: int) -> int:
+        self.worker.update_weights(update_info)
+        self.version = version
+        return version
+
+    def shutdown_weight_transfer(self) -> None:
+        self.worker.shutdown()
+
+    def set_weights(self, weights: dict, version: int) -> int:
+        self.weights.update(weights)
+        self.version = version
+        return version

@@ -13,10 +13,13 @@ import json
 import logging
 import warnings
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import TYPE_CHECKING, Any, Literal, get_args
 
 from policy_server.errors import SchemaError
 from policy_server.schema.llm import LLMPolicySpec, LLMSection, LLMValueSpec
+
+if TYPE_CHECKING:
+    import torch
 
 WEIGHTS = ("*.safetensors", "pytorch_model*.bin", "*.safetensors.index.json", "pytorch_model.bin.index.json")
 """Names of the weights files ``from_pretrained`` reads (single or sharded with an index)."""
@@ -53,6 +56,9 @@ def check_checkpoint(spec: LLMPolicySpec | LLMValueSpec, where: str, on_cpu: boo
     (vLLM's CPU attention then limits the head size).
     """
     config = read_config(spec.path, where)
+    if isinstance(spec, LLMPolicySpec) and spec.weight_transfer == "nccl" and on_cpu:
+        raise SchemaError(f"{where}.weight_transfer: nccl needs the replicas on a GPU (resources.num_gpus > 0); "
+                          "use gloo or rpc on CPU")
     if isinstance(spec, LLMPolicySpec) and spec.engine == "vllm":
         _quiet_vllm_import()
         reason = vllm_refusal(config, on_cpu)
@@ -201,3 +207,14 @@ def weight_shapes_of(file: Path) -> dict[str, tuple[int, ...]]:
 
 def _refused(folder: Path, where: str, reason: str) -> SchemaError:
     return SchemaError(f"{where}.path: {folder}: {reason}")
+
+
+def read_weights(folder: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a folder's safetensors files, by checkpoint name. Raises ValueError for a
+    folder without any."""
+    from safetensors.torch import load_file
+
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise ValueError(f"{folder} holds no .safetensors weights; the vllm engine updates weights from them")
+    return {name: t for f in files for name, t in load_file(f).items()}

@@ -80,16 +80,16 @@ class Served:
     """The served policy has a LoRA adapter: publish the adapter's weights (else all weights)."""
 
     @classmethod
-    def in_process(cls, engine: Any, adapter: bool) -> Served:
+    def in_process(cls, engine: Any, adapter: bool, publish: Publish | None = None) -> Served:
         """An engine of this process (``LLMEngine`` or ``VLLMEngine``): each generate waits on an
         event loop of its own (a run's calls come in worker threads); each publish loads the weights
-        as the engine's served version + 1 (``publish_next``)."""
+        as the engine's served version + 1 (``publish``, default ``publish_next``)."""
 
         def generate(prompt_ids: list[int], params: GenerationParams) -> tuple[list[Sample], int]:
             result: tuple[list[Sample], int] = asyncio.run(engine.generate(prompt_ids, params))
             return result
 
-        return cls(generate, functools.partial(publish_next, engine), adapter)
+        return cls(generate, publish or functools.partial(publish_next, engine), adapter)
 
 
 @dataclass

@@ -21,6 +21,19 @@ MIN_MAX_LOGPROBS = 20
 WORKER_EXTENSION = "policy_server.llm.vllm_worker.WeightLoader"
 
 
+def transfer_backend(spec: LLMPolicySpec, device: str) -> str | None:
+    """The backend of direct weight transfers into this engine's workers (``vllm_transfer``), or
+    None where weights arrive only as ``set_weights`` (``rpc``, an adapter, ``auto`` on CPU).
+    Raises ValueError for ``nccl`` on a replica without a GPU."""
+    setting = spec.weight_transfer
+    if setting == "nccl" and device != "cuda":
+        raise ValueError("weight_transfer: nccl needs the policy's replicas on a GPU (resources.num_gpus > 0, "
+                         "device: auto or cuda); use gloo or rpc on CPU")
+    if setting == "auto":
+        return "nccl" if device == "cuda" and spec.adapter is None else None
+    return None if setting == "rpc" else setting
+
+
 def engine_args(spec: LLMPolicySpec, folder: Path, adapter: Path | None, device: str) -> AsyncEngineArgs:
     """vLLM's engine arguments for a policy folder: prefix caching and chunked prefill on, raw log-probs,
     a context of at most ``max_input_length + max_new_tokens``, the spec's KV cache size (by default a
@@ -54,5 +67,6 @@ def engine_args(spec: LLMPolicySpec, folder: Path, adapter: Path | None, device:
         disable_log_stats=True,
         # structured outputs as compact JSON: small models otherwise loop on whitespace until their limit
         structured_outputs_config=StructuredOutputsConfig(backend="xgrammar", disable_any_whitespace=True),
+        weight_transfer_config={"backend": backend} if (backend := transfer_backend(spec, device)) else None,
         **lora,
     )

@@ -24,13 +24,13 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Iterator
 from contextlib import aclosing, contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save, save_file
+from safetensors.torch import save, save_file
 from transformers import AutoConfig, AutoTokenizer
 from vllm import SamplingParams, TokensPrompt
 from vllm.engine.arg_utils import AsyncEngineArgs
@@ -41,7 +41,7 @@ from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
 from vllm.v1.engine.async_llm import AsyncLLM
 
 from policy_server.errors import InvalidRequest, QueueFull
-from policy_server.llm.checkpoint import adapter_file_name
+from policy_server.llm.checkpoint import adapter_file_name, read_weights
 from policy_server.llm.cpu_affinity import (
     CoreSplit,
     CPUWorker,
@@ -55,10 +55,11 @@ from policy_server.llm.engine import BatchObserver, BatchReport, check_newer
 from policy_server.llm.generation import LENGTH_PENALTY, MIN_BEAMS, sample_of_hypothesis
 from policy_server.llm.params import FinishReason, GenerationParams, Sample, SampleChunk
 from policy_server.llm.stopping import StopMatcher
-from policy_server.llm.vllm_args import engine_args
+from policy_server.llm.vllm_args import engine_args, transfer_backend
 from policy_server.llm.vllm_logits import KEY, SafeReport, check_log_probs, collect
 from policy_server.llm.vllm_loop import Loop, close_items, next_item
 from policy_server.llm.vllm_outputs import PromptLogprobs, prompt_logprobs, top_k
+from policy_server.llm.vllm_transfer import join, receive  # registers the gloo backend
 from policy_server.schema.llm import LLMPolicySpec
 from policy_server.weights import check_weights
 
@@ -104,6 +105,8 @@ class VLLMEngine:
         # error in the worker): the engine core dies and every later request fails. Refused instead.
         on_cpu = device != "cuda"
         self._no_prompt_logprobs = on_cpu and (adapter is not None or bool(spec.adapters))
+        self.transfer_backend = transfer_backend(spec, device)  # direct transfers (vllm_transfer), or None
+        self._direct_weights = False  # the served weights came from a direct transfer: no master copy
         args = engine_args(spec, folder, adapter, device)
         self._loop = Loop()
         if on_cpu:  # read by the engine core that vLLM spawns
@@ -379,39 +382,68 @@ class VLLMEngine:
         """Load new values for some or all weights in place and move to ``version``; returns it.
 
         Raises ValueError, changing nothing, when a name is unknown, a shape or dtype kind differs,
-        or a value is NaN or infinite; ``Conflict`` unless ``version`` is newer. Blocks until vLLM
-        has the weights: call it off the caller's event loop (``asyncio.to_thread``).
+        or a value is NaN or infinite, or some are missing after a direct transfer (this replica then
+        holds no copy to merge them into); ``Conflict`` unless ``version`` is newer. Blocks until
+        vLLM has the weights: call it off the caller's event loop (``asyncio.to_thread``).
         """
         with self._lock:
             check_newer(version, self.version)  # Conflict: served versions never go backwards
             given = {adapter_file_name(n): v for n, v in weights.items()} if self._lora else weights
-            master = self._weights()
-            merged = {**master, **check_weights(master, given, partial=True)}
+            master = self._weights()  # after a direct transfer: the folder's, for names and shapes only
+            merged = {**master, **check_weights(master, given, partial=not self._direct_weights)}
             self._loop.submit(self._load(merged, version)).result()
-            self._master = merged
+            self._master, self._direct_weights = merged, False
             self.version = version
         return version
+
+    def init_weight_transfer(self, init_info: dict[str, Any]) -> None:
+        """Join a trainer's transfer group (``vllm_transfer``: vLLM's ``init_weight_transfer_engine``
+        with this replica's ``rank_offset``); blocks until every rank has joined."""
+        self._loop.submit(join(self.llm, init_info)).result()
+
+    def receive_weights(self, update_info: dict[str, Any], version: int) -> int:
+        """Receive every weight the trainer broadcasts in place (as ``set_weights`` does: paused
+        between scheduler steps, stale caches dropped) and move to ``version``; returns it.
+
+        ``update_info`` is vLLM's update info (names, dtype names, shapes). ``Conflict`` unless
+        ``version`` is newer: check before the trainer sends, or it waits for this rank.
+        """
+        with self._lock:
+            check_newer(version, self.version)
+            self._loop.submit(self._paused(receive(self.llm, update_info))).result()
+            self._master, self._direct_weights = None, True
+            self.version = version
+        return version
+
+    def shutdown_weight_transfer(self) -> None:
+        """Leave the trainer's transfer group; generation goes on."""
+        self._loop.submit(self.llm.shutdown_weight_transfer_engine()).result()
 
     def _weights(self) -> dict[str, torch.Tensor]:
         """The served weights by checkpoint (or adapter) name; call under ``self._lock``."""
         if self._master is None:
-            self._master = _read_weights(self._weights_folder)
+            self._master = read_weights(self._weights_folder)
         return self._master
 
-    async def _load(self, weights: dict[str, torch.Tensor], version: int) -> None:
-        """Pause vLLM's scheduler (requests in flight wait), load, drop stale caches, resume."""
-        lora = self._new_adapter(weights, version) if self._lora else None
+    async def _paused(self, load: Awaitable[None]) -> None:
+        """Pause vLLM's scheduler (requests in flight wait), ``load``, drop stale caches, resume."""
         await self.llm.pause_generation(mode="keep", clear_cache=True)
         try:
-            if lora is not None:
-                await self.llm.add_lora(lora)
-                old, self._lora = self._lora, lora
-                if old is not None:
-                    await self.llm.remove_lora(old.lora_int_id)
-            else:
-                await self.llm.collective_rpc("load_safetensors", args=(save(weights),))
+            await load
         finally:
             await self.llm.resume_generation()
+
+    async def _load(self, weights: dict[str, torch.Tensor], version: int) -> None:
+        if self._lora:
+            await self._paused(self._swap_adapter(self._new_adapter(weights, version)))
+        else:
+            await self._paused(self.llm.collective_rpc("load_safetensors", args=(save(weights),)))
+
+    async def _swap_adapter(self, lora: LoRARequest) -> None:
+        await self.llm.add_lora(lora)
+        old, self._lora = self._lora, lora
+        if old is not None:
+            await self.llm.remove_lora(old.lora_int_id)
 
     def _new_adapter(self, weights: dict[str, torch.Tensor], version: int) -> LoRARequest:
         assert self._adapter_dir is not None and self._adapter_config is not None
@@ -422,8 +454,12 @@ class VLLMEngine:
         return LoRARequest(f"v{version}-{folder.name}", _lora_id(), str(folder))
 
     def snapshot(self) -> tuple[dict[str, Any], int]:
-        """The served weights (checkpoint or adapter names) as numpy arrays, and their version."""
+        """The served weights (checkpoint or adapter names) as numpy arrays, and their version.
+        Raises RuntimeError after a direct transfer: the trainer holds them, not this replica."""
         with self._lock:
+            if self._direct_weights:
+                raise RuntimeError(f"the served weights came from the trainer ({self.transfer_backend} transfer): "
+                                   "this replica keeps no copy")
             return {n: t.float().numpy().copy() if t.dtype == torch.bfloat16 else t.numpy().copy()
                     for n, t in self._weights().items()}, self.version
 
@@ -462,10 +498,3 @@ _lora_ids = iter(range(2, 2**31))
 def _lora_id() -> int:
     return next(_lora_ids)
 
-
-def _read_weights(folder: Path) -> dict[str, torch.Tensor]:
-    """Every tensor of a folder's safetensors files, by checkpoint name (the master copy updates merge into)."""
-    files = sorted(folder.glob("*.safetensors"))
-    if not files:
-        raise ValueError(f"{folder} holds no .safetensors weights; the vllm engine updates weights from them")
-    return {name: t for f in files for name, t in load_file(f).items()}

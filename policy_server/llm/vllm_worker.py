@@ -9,8 +9,9 @@ between two scheduler steps. The weights travel as one safetensors blob: torch t
 processes them as its loader does at start-up; a bare ``model.load_weights`` fails on CPU after
 that processing ("'Parameter' object has no attribute 'weight_loader'").
 
-This module imports no vLLM (``vllm_logits`` and ``cpu_affinity`` are imported where used): it is loaded by
-name inside vLLM's worker processes.
+Direct transfers from a trainer (``vllm_transfer``) use vLLM's own worker methods
+(``init_weight_transfer_engine``, ``update_weights``, ...); importing this module, which vLLM does
+in each worker before it loads the model, registers the ``gloo`` backend there.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from __future__ import annotations
 from typing import Any
 
 from safetensors.torch import load
+
+import policy_server.llm.vllm_transfer  # noqa: F401  # registers the gloo backend in this worker
 
 
 class WeightLoader:
@@ -30,7 +33,7 @@ class WeightLoader:
         """Load every tensor of a safetensors ``blob`` (checkpoint names) in place; returns how many."""
         tensors = load(blob)
         self.reload_weights(weights_iterator=iter(tensors.items()), is_checkpoint_format=True)
-        self._retie_lm_head()
+        self.retie_lm_head()
         return len(tensors)
 
     def cpu_worker(self) -> tuple[int, list[int]]:
@@ -52,7 +55,7 @@ class WeightLoader:
 
         return processor(self).report(key, keep)
 
-    def _retie_lm_head(self) -> None:
+    def retie_lm_head(self) -> None:
         """A model whose output layer is its input embedding (tied): the layer-wise reload loads
         the embedding, but the output layer, which gets no weights of its own, keeps what it made
         of the old ones at start-up (on CPU, a packed matrix); tie it again and redo that."""

@@ -104,6 +104,13 @@ class LLMPolicySpec(_ModelSpec):
     Default: that variable when the environment sets it, else `nobind` on a machine of 2 cores or
     fewer, where `auto` leaves the worker one core, else `auto`. With `nobind` the worker runs one
     thread per core (`OMP_NUM_THREADS`), as vLLM gives a bound worker one per bound core."""
+    weight_transfer: Literal["auto", "rpc", "nccl", "gloo"] = "auto"
+    """How trained weights (GRPO runs, x1 training) reach vLLM's workers. `rpc`: through Serve to
+    each replica, then into its worker as one safetensors message. `nccl`: broadcast by the trainer
+    straight into every replica's worker over NCCL (vLLM's weight-transfer API), GPU to GPU; needs
+    the replicas and the trainer on GPUs. `gloo`: the same broadcast over TCP with CPU tensors.
+    `auto`: `nccl` when the replicas and the trainer have GPUs, else `rpc`. An adapter's weights
+    always go as `rpc` (vLLM loads adapters from files)."""
     served_name: str | None = None
     """Its model id on the OpenAI routes (default: the folder's name)."""
     adapters: dict[str, Path] = {}
@@ -138,6 +145,16 @@ class LLMPolicySpec(_ModelSpec):
         if not CPU_THREADS_BIND.fullmatch(bind):
             raise ValueError(f"expected auto, nobind or a core list such as 0-2,5; got {bind!r}")
         return bind
+
+    @field_validator("weight_transfer")
+    @classmethod
+    def _transfer(cls, transfer: str, info: ValidationInfo) -> str:
+        if transfer in ("nccl", "gloo"):
+            if info.data.get("engine") != "vllm":
+                raise ValueError("it broadcasts into vLLM's workers: it needs engine: vllm")
+            if info.data.get("adapter") is not None:
+                raise ValueError("a policy with an adapter publishes its adapter as files: use auto or rpc")
+        return transfer
 
     @field_validator("adapters")
     @classmethod

@@ -24,6 +24,7 @@ from policy_server.llm.grpo_runs import GRPORuns
 from policy_server.llm.params import GenerationParams, Sample, SampleChunk
 from policy_server.llm.state import TasksAndSessions
 from policy_server.llm.tasks import TaskView
+from policy_server.llm.weight_publish import ServeReplicas, TransferReceiver, WeightPublisher
 from policy_server.llm.x1_trainer import X1Trainer
 from policy_server.schema.llm import LLMPolicySpec, LLMValueSpec
 from policy_server.serving.llm_metrics import GRPOMetrics, LLMServingMetrics
@@ -43,14 +44,39 @@ def _limit_threads(cpus: float) -> None:
     torch.set_num_threads(max(1, int(cpus)))
 
 
+class ReceivesWeights:
+    """A deployment's side of ``WeightPublisher`` (its replicas' ``self.receiver``): what ``Peer``
+    reports, ``set_weights``, and joining, receiving from and leaving a trainer's transfer group,
+    each off the replica's event loop."""
+
+    receiver: TransferReceiver
+
+    def weight_transfer_peer(self) -> tuple[Any, ...]:
+        return self.receiver.weight_transfer_peer()
+
+    async def set_weights(self, weights: dict[str, Any], version: int) -> int:
+        return await asyncio.to_thread(self.receiver.set_weights, weights, version)
+
+    async def init_weight_transfer(self, init_info: dict[str, Any], offsets: dict[str, int], group: str) -> None:
+        await asyncio.to_thread(self.receiver.init_weight_transfer, init_info, offsets, group)
+
+    async def receive_weights(self, update_info: dict[str, Any], version: int, group: str) -> int:
+        return await asyncio.to_thread(self.receiver.receive_weights, update_info, version, group)
+
+    async def shutdown_weight_transfer(self, group: str) -> None:
+        await asyncio.to_thread(self.receiver.shutdown_weight_transfer, group)
+
+
 @serve.deployment
-class LLMPolicyDeployment:
+class LLMPolicyDeployment(ReceivesWeights):
     def __init__(self, spec: LLMPolicySpec, device: str) -> None:
         from policy_server.llm.engines import open_policy_engine
 
         _limit_threads(spec.resources.num_cpus)
         self.metrics = LLMServingMetrics(spec.model_id, serve.get_replica_context().app_name)
         self.engine = open_policy_engine(spec, spec.path, spec.adapter, device, on_batch=self.metrics.on_batch)
+        replica_id = serve.get_replica_context().replica_id.unique_id
+        self.receiver = TransferReceiver(self.engine, spec.dtype, spec.path, replica_id, self.metrics.on_version)
         # the direct data path of streams (see llm_transport): its secret reaches gateways only through Serve
         self._token = secrets.token_hex(TOKEN_BYTES)
         streams, loop = engine_streams(self.engine)
@@ -74,17 +100,14 @@ class LLMPolicyDeployment:
     def version(self) -> int:
         return self.engine.version
 
-    def set_weights(self, weights: dict[str, Any], version: int) -> int:
-        version = self.engine.set_weights(weights, version)
-        self.metrics.on_version(version)
-        return version
-
 
 @serve.deployment
-class ValueDeployment:
+class ValueDeployment(ReceivesWeights):
     def __init__(self, spec: LLMValueSpec, device: str) -> None:
         _limit_threads(spec.resources.num_cpus)
         self.scorer = ValueScorer(spec, spec.path, spec.adapter, device)
+        replica_id = serve.get_replica_context().replica_id.unique_id
+        self.receiver = TransferReceiver(self.scorer, spec.dtype, spec.path, replica_id)  # set_weights only
 
     async def score(self, conversations: list[Conversation]) -> tuple[list[float], int]:
         from policy_server.serving.runtime.local import score_or_invalid
@@ -94,8 +117,6 @@ class ValueDeployment:
     def version(self) -> int:
         return self.scorer.version
 
-    def set_weights(self, weights: dict[str, Any], version: int) -> int:
-        return self.scorer.set_weights(weights, version)
 
 
 @serve.deployment(num_replicas=1, max_ongoing_requests=1024, ray_actor_options={"num_cpus": 0})
@@ -179,12 +200,8 @@ class GRPODeployment:
         def generate(prompt_ids: list[int], params: GenerationParams) -> tuple[list[Sample], int]:
             return policy.generate.remote(prompt_ids, params).result(timeout_s=600)  # type: ignore[no-any-return]
 
-        def publish(weights: dict[str, Any]) -> int:
-            version: int = policy.version.remote().result(timeout_s=60) + 1
-            policy.broadcast("set_weights", weights, version).results(timeout_s=300)
-            return version
-
-        served = Served(generate, publish, adapter=spec.adapter is not None)
+        publisher = WeightPublisher(ServeReplicas(policy), ray.util.get_node_ip_address())
+        served = Served(generate, publisher.publish, adapter=spec.adapter is not None)
         self.runs = GRPORuns(spec.path, spec.adapter, Path(root), spec.dtype, device, served=served)
         self.metrics = GRPOMetrics(spec.model_id, serve.get_replica_context().app_name)
 
@@ -226,13 +243,9 @@ class X1TrainingDeployment:
         assert spec.training is not None
         _limit_threads(spec.training.num_cpus)
         serving = serve.get_deployment_handle(LLM_POLICY if kind == "policy" else LLM_VALUE, serving_app)
-
-        def publish(weights: dict[str, Any]) -> int:  # as the served version + 1: GRPO publishes too
-            version: int = serving.version.remote().result(timeout_s=60) + 1
-            serving.broadcast("set_weights", weights, version).results(timeout_s=300)
-            return version
-
-        self.trainer = X1Trainer(kind, load_for(kind, spec, spec.path, spec.adapter, device), spec.training, publish)  # type: ignore[arg-type]
+        # as the served version + 1 (GRPO publishes too); the value model takes set_weights only
+        publish = WeightPublisher(ServeReplicas(serving), ray.util.get_node_ip_address()).publish
+        self.trainer = X1Trainer(kind, load_for(kind, spec, spec.path, spec.adapter, device), spec.training, publish)
 
     async def start(self, request: X1TrainingConfig) -> dict[str, str]:
         return await asyncio.to_thread(self.trainer.start, request)

@@ -235,3 +235,21 @@ def test_an_adapter_rank_vllm_cannot_serve_is_refused(llm_dirs: dict[str, Path],
     edit_adapter(copy_adapter, lambda w: {k: torch.zeros(1024, v.shape[1]) if ".lora_A." in k else torch.zeros(v.shape[0], 1024)
                                           for k, v in w.items()})
     adapter_refused(with_adapters(llm_dirs, big=copy_adapter), "big", re.escape("rank 1024 is above vLLM's largest LoRA rank 512"))
+
+
+def test_nccl_weight_transfer_needs_gpu_replicas(llm_dirs: dict[str, Path]) -> None:
+    from policy_server.llm.vllm_args import transfer_backend
+
+    spec = LLMPolicySpec(path=llm_dirs["policy"], weight_transfer="nccl")
+    with pytest.raises(SchemaError, match=re.escape("llm.policy.weight_transfer: nccl needs the replicas on a GPU")):
+        check_checkpoint(spec, "llm.policy", on_cpu=True)
+    check_checkpoint(spec, "llm.policy", on_cpu=False)
+    with pytest.raises(ValueError, match="needs the policy's replicas on a GPU"):
+        transfer_backend(spec, "cpu")  # a replica that got no GPU all the same
+    assert transfer_backend(spec, "cuda") == "nccl"
+    auto = LLMPolicySpec(path=llm_dirs["policy"])
+    assert (transfer_backend(auto, "cuda"), transfer_backend(auto, "cpu")) == ("nccl", None)
+    with_adapter = LLMPolicySpec(path=llm_dirs["policy"], adapter=llm_dirs["policy_lora"])
+    assert transfer_backend(with_adapter, "cuda") is None  # adapters load from files
+    assert transfer_backend(LLMPolicySpec(path=llm_dirs["policy"], weight_transfer="gloo"), "cpu") == "gloo"
+    assert transfer_backend(LLMPolicySpec(path=llm_dirs["policy"], weight_transfer="rpc"), "cuda") is None

@@ -42,7 +42,8 @@ def reports() -> list[BatchReport]:
 
 @pytest.fixture(scope="module")
 def engine(llm_dirs: dict[str, Path], reports: list[BatchReport]) -> Iterator[Any]:
-    spec = LLMPolicySpec(path=llm_dirs["policy"], limits={"max_new_tokens": 64, "max_queued": MAX_QUEUED})
+    spec = LLMPolicySpec(path=llm_dirs["policy"], limits={"max_new_tokens": 64, "max_queued": MAX_QUEUED},
+                         weight_transfer="gloo")  # set_weights and the direct path, both
     opened = open_policy_engine(spec, llm_dirs["policy"], None, "cpu", on_batch=reports.append)
     assert type(opened).__name__ == "VLLMEngine"
     yield opened
@@ -289,6 +290,58 @@ def test_weights_swap_in_place_under_load_and_a_full_wait_list_answers_429(engin
     refused = [a for a in answers if isinstance(a, QueueFull)]
     assert len(refused) == 4 and refused[0].status == 429 and refused[0].retry_after_s == 1
     assert sum(isinstance(a, tuple) for a in answers) == MAX_QUEUED
+
+
+def test_a_trainer_broadcasts_every_weight_into_the_worker_under_load_as_set_weights_would_load_them(
+    engine: VLLMEngine, llm_dirs: dict[str, Path]
+) -> None:
+    """``weight_transfer: gloo``: this process is the trainer (rank 0) and broadcasts straight into
+    vLLM's worker through vLLM's weight-transfer API (``vllm_transfer``, ``weight_publish``). New
+    values for the tied embedding and the final norm, sent while 16 requests run: none fails, and
+    the engine then answers exactly as after ``set_weights`` of the same values."""
+    from policy_server.llm.weight_publish import LocalReplicas, TransferReceiver, WeightPublisher
+
+    ids = prompt(engine)
+    greedy = {"temperature": 0.0, "max_new_tokens": 16, "stop_strings": ("@@@",)}
+    (before,), _ = generate(engine, ids, **greedy)
+    original = {n: torch.from_numpy(a) for n, a in engine.get_weights().items()}
+    changed = {**original, "model.embed_tokens.weight": 1.5 * original["model.embed_tokens.weight"],
+               "model.norm.weight": -original["model.norm.weight"]}
+    receiver = TransferReceiver(engine, "float32", llm_dirs["policy"], "local")
+    publisher = WeightPublisher(LocalReplicas(receiver), "127.0.0.1")
+    long = GenerationParams(temperature=1.0, max_new_tokens=64, min_new_tokens=64)
+    start = engine.version
+
+    async def publish_under_load() -> list[Any]:
+        loads = [asyncio.ensure_future(engine.generate(ids, long)) for _ in range(16)]
+        while engine.unfinished_requests() == 0:
+            await asyncio.sleep(0.002)
+        await asyncio.to_thread(publisher.publish, changed)
+        return await asyncio.gather(*loads, return_exceptions=True)
+
+    try:
+        answers = asyncio.run(publish_under_load())
+        assert publisher.path == "gloo" and engine.version == start + 1
+        assert [a for a in answers if isinstance(a, BaseException)] == []
+        assert start + 1 in {version for _, version in answers} <= {start, start + 1}
+        (direct,), version = generate(engine, ids, **greedy)
+        assert version == start + 1 and direct.completion_ids != before.completion_ids
+        with pytest.raises(RuntimeError, match="keeps no copy"):
+            engine.snapshot()  # the trainer holds the served weights now
+        with pytest.raises(ValueError, match="missing"):
+            engine.set_weights({"model.norm.weight": original["model.norm.weight"].numpy()}, start + 2)
+
+        engine.set_weights({n: t.numpy() for n, t in changed.items()}, start + 2)  # every weight: allowed
+        (loaded,), _ = generate(engine, ids, **greedy)
+        assert loaded.completion_ids == direct.completion_ids
+        np.testing.assert_allclose(loaded.log_probs, direct.log_probs, atol=TOLERANCE)
+        assert publisher.publish(original) == start + 3 and publisher.path == "gloo"
+        (back,), _ = generate(engine, ids, **greedy)
+        assert back.completion_ids == before.completion_ids
+    finally:
+        publisher.close()
+        engine.set_weights({n: t.numpy() for n, t in original.items()}, engine.version + 1)  # a copy again
+    assert engine.snapshot()[1] == engine.version
 
 
 def test_beam_search_scores_teacher_forced_log_probs_and_one_group_equals_it(

@@ -84,3 +84,18 @@ def test_the_cpu_binding_is_vllms_and_needs_the_vllm_engine(schema_dir: Path) ->
     for bad in ("all", "0-2|3", "1,,2"):
         with pytest.raises(SchemaError, match=re.escape(f"expected auto, nobind or a core list such as 0-2,5; got {bad!r}")):
             parse_schema(with_adapters({}, cpu_threads_bind=bad), schema_dir)
+
+
+def test_a_direct_weight_transfer_needs_the_vllm_engine_and_no_adapter(schema_dir: Path) -> None:
+    for transfer in ("auto", "rpc", "nccl", "gloo"):
+        schema = parse_schema(with_adapters({}, weight_transfer=transfer), schema_dir)
+        assert schema.llm is not None and schema.llm.policy is not None
+        assert schema.llm.policy.weight_transfer == transfer
+    message = "llm.policy.weight_transfer: Value error, it broadcasts into vLLM's workers: it needs engine: vllm"
+    with pytest.raises(SchemaError, match=re.escape(message)):
+        parse_schema(with_adapters({}, weight_transfer="gloo", engine="transformers"), schema_dir)
+    (schema_dir / "lora").mkdir()
+    with pytest.raises(SchemaError, match=re.escape("publishes its adapter as files: use auto or rpc")):
+        parse_schema(with_adapters({}, weight_transfer="nccl", adapter="lora"), schema_dir)
+    with pytest.raises(SchemaError, match=re.escape("llm.policy.weight_transfer:")):
+        parse_schema(with_adapters({}, weight_transfer="ipc"), schema_dir)

@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from policy_server.llm.params import GenerationParams, Sample, SampleChunk
     from policy_server.llm.state import TasksAndSessions
     from policy_server.llm.tasks import TaskView
+    from policy_server.llm.weight_publish import WeightPublisher
     from policy_server.llm.x1_config import X1TrainingConfig
     from policy_server.llm.x1_trainer import X1Trainer
     from policy_server.policies.spaces import ActionSpace
@@ -203,6 +204,7 @@ class LocalRuntime(Runtime):
         self._policies: dict[str, TorchPolicy] = {}
         self._engine: LLMEngine | None = None
         self._scorer: ValueScorer | None = None
+        self._publisher: WeightPublisher | None = None
         self._closers: list[Callable[[], None]] = []
 
     # the models load in this process, and two transformers ``from_pretrained`` in two threads
@@ -233,9 +235,14 @@ class LocalRuntime(Runtime):
 
     async def llm_model(self, spec: LLMPolicySpec) -> LocalLLMModel:
         from policy_server.llm.engines import open_policy_engine
+        from policy_server.llm.weight_publish import LocalReplicas, TransferReceiver, WeightPublisher
 
         self._engine = await local(open_policy_engine, spec, spec.path, spec.adapter, spec.device)
         self._closers.append(self._engine.close)
+        # GRPO runs and x1 training publish through one publisher (one transfer group at a time)
+        receiver = TransferReceiver(self._engine, spec.dtype, spec.path, replica_id="local")
+        self._publisher = WeightPublisher(LocalReplicas(receiver), host="127.0.0.1")
+        self._closers.append(self._publisher.close)
         return LocalLLMModel(self._engine)
 
     async def tasks_and_sessions(self, spec: LLMPolicySpec, tokenizer: Any) -> LocalTasksAndSessions:
@@ -259,7 +266,8 @@ class LocalRuntime(Runtime):
 
         assert spec.training is not None
         assert self._engine is not None, "the policy before its GRPO runs"
-        served = Served.in_process(self._engine, adapter=spec.adapter is not None)
+        assert self._publisher is not None
+        served = Served.in_process(self._engine, adapter=spec.adapter is not None, publish=self._publisher.publish)
         return LocalGRPORuns(GRPORuns(spec.path, spec.adapter, spec.training.save_dir / "grpo", served=served))
 
     async def x1_training(self, kind: X1Kind, spec: LLMPolicySpec | LLMValueSpec) -> LocalX1Training:
@@ -268,10 +276,10 @@ class LocalRuntime(Runtime):
         from policy_server.serving.llm_deployment import load_for
 
         assert spec.training is not None
-        served = self._engine if kind == "policy" else self._scorer
-        assert served is not None, "the model before its trainer"
+        assert self._publisher is not None and (kind == "policy" or self._scorer is not None), "the model first"
+        publish = self._publisher.publish if kind == "policy" else functools.partial(publish_next, self._scorer)
         load = load_for(kind, spec, spec.path, spec.adapter, spec.device)
-        return LocalX1Training(X1Trainer(kind, load, spec.training, functools.partial(publish_next, served)))
+        return LocalX1Training(X1Trainer(kind, load, spec.training, publish))
 
     async def stop(self) -> None:
         for close in reversed(self._closers):
