@@ -51,8 +51,8 @@ class ServeReplicas:
 class Peer:
     """What one replica reports for a transfer: its Serve replica id, the backend its vLLM engine
     accepts (None: ``set_weights`` only), how many workers (ranks) it has, its served version, the
-    dtype it serves, its checkpoint's tensor shapes by name (empty without a backend), and the
-    publisher whose group its workers are in (None: none)."""
+    dtype it serves, its checkpoint's tensor shapes by name (empty without a backend), the
+    publisher whose group its workers are in (None: none), and its GPUs (``assigned_gpus``)."""
 
     replica_id: str
     backend: str | None
@@ -61,6 +61,7 @@ class Peer:
     dtype: str
     shapes: dict[str, tuple[int, ...]]
     group: str | None
+    gpus: tuple[str, ...] = ()
 
 
 class ReplicaSyncClient:
@@ -109,12 +110,12 @@ class TransferReceiver:
         self.on_version = on_version
         self.group: str | None = None
 
-    def weight_transfer_peer(self) -> tuple[str, str | None, int, int, str, dict[str, tuple[int, ...]], str | None]:
+    def weight_transfer_peer(self) -> tuple[Any, ...]:
         from policy_server.llm.checkpoint import weight_shapes
 
         backend = getattr(self.engine, "transfer_backend", None)  # the transformers engine has none
         shapes = weight_shapes(self.folder) if backend else {}
-        return self.replica_id, backend, 1, self.engine.version, self.dtype, shapes, self.group
+        return self.replica_id, backend, 1, self.engine.version, self.dtype, shapes, self.group, assigned_gpus()
 
     def init_weight_transfer(self, init_info: dict[str, Any], offsets: dict[str, int], group: str) -> None:
         if self.replica_id not in offsets:  # started after the publisher planned: its next plan has it
@@ -153,15 +154,29 @@ class LocalReplicas:
         return [getattr(self.receiver, method)(*args)]
 
 
-def direct_backend(peers: list[Peer], trainer_has_gpu: bool) -> str | None:
+def assigned_gpus() -> tuple[str, ...]:
+    """The GPUs of this process as ``node:id``: those Ray gave it in an actor or Serve replica;
+    outside one, all it sees, named ``this-process`` (a trainer and an engine in one process share them)."""
+    import ray
+
+    if ray.is_initialized() and ray.get_runtime_context().get_actor_id() is not None:
+        node = ray.util.get_node_ip_address()
+        return tuple(f"{node}:{gpu}" for gpu in ray.get_gpu_ids())
+    return ("this-process",) if torch.cuda.is_available() else ()
+
+
+def direct_backend(peers: list[Peer], trainer_gpus: tuple[str, ...]) -> str | None:
     """The backend every replica accepts, if one fits the trainer: ``nccl`` needs the trainer on a
-    GPU, ``gloo`` takes any. None: publish through Serve."""
+    GPU of its own (NCCL refuses two ranks on one device), ``gloo`` takes any. None: publish
+    through Serve."""
     backends = {peer.backend for peer in peers}
     if len(backends) != 1 or None in backends:
         return None
     (backend,) = backends
-    if backend == "nccl" and not trainer_has_gpu:
-        return None
+    if backend == "nccl":
+        replica_gpus = {gpu for peer in peers for gpu in peer.gpus}
+        if not trainer_gpus or replica_gpus & set(trainer_gpus):
+            return None
     return backend
 
 
@@ -171,9 +186,9 @@ class WeightPublisher:
     Serve's ``set_weights``. ``host`` is the address of this trainer's node that the replicas'
     workers connect to."""
 
-    def __init__(self, replicas: Replicas, host: str, trainer_has_gpu: bool | None = None) -> None:
+    def __init__(self, replicas: Replicas, host: str, trainer_gpus: tuple[str, ...] | None = None) -> None:
         self.replicas, self.host = replicas, host
-        self.trainer_has_gpu = torch.cuda.is_available() if trainer_has_gpu is None else trainer_has_gpu
+        self.trainer_gpus = assigned_gpus() if trainer_gpus is None else trainer_gpus
         self.group = uuid.uuid4().hex  # names this publisher's groups to the replicas
         self._engine: Any = None  # vLLM's trainer engine of the open group
         self._client: ReplicaSyncClient | None = None
@@ -189,7 +204,7 @@ class WeightPublisher:
         version = max(p.version for p in peers) + 1 if version is None else version
         for peer in peers:
             check_newer(version, peer.version)  # before any rank waits for another
-        backend = direct_backend(peers, self.trainer_has_gpu)
+        backend = direct_backend(peers, self.trainer_gpus)
         if backend is None:
             self.replicas.call("set_weights", weights, version)
             self.path = "rpc"

@@ -53,22 +53,25 @@ def checkpoint_shapes(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr("policy_server.llm.checkpoint.weight_shapes", lambda folder: dict(SHAPES))
 
 
-def peer(replica_id: str, backend: str | None = "gloo", ranks: int = 1, version: int = 0) -> Peer:
-    return Peer(replica_id, backend, ranks, version, "float32", dict(SHAPES), None)
+def peer(replica_id: str, backend: str | None = "gloo", gpus: tuple[str, ...] = ()) -> Peer:
+    return Peer(replica_id, backend, 2 if replica_id == "b" else 1, 0, "float32", dict(SHAPES), None, gpus)
 
 
 def test_each_replica_joins_after_the_trainer_and_the_replicas_before_it() -> None:
-    client = ReplicaSyncClient(ThreadReplicas([]), [peer("a"), peer("b", ranks=2), peer("c")], group="g")
+    client = ReplicaSyncClient(ThreadReplicas([]), [peer("a"), peer("b"), peer("c")], group="g")  # b: 2 ranks
     assert client.offsets == {"a": 1, "b": 2, "c": 4}
     assert client.world_size == 5
 
 
-def test_the_direct_backend_is_the_one_every_replica_accepts_and_nccl_needs_the_trainer_on_a_gpu() -> None:
-    assert direct_backend([peer("a"), peer("b")], trainer_has_gpu=False) == "gloo"
-    assert direct_backend([peer("a"), peer("b", backend=None)], trainer_has_gpu=True) is None  # a replica without
-    assert direct_backend([peer("a", "nccl"), peer("b", "gloo")], trainer_has_gpu=True) is None
-    assert direct_backend([peer("a", "nccl")], trainer_has_gpu=False) is None
-    assert direct_backend([peer("a", "nccl")], trainer_has_gpu=True) == "nccl"
+def test_the_direct_backend_is_the_one_every_replica_accepts_and_nccl_needs_a_gpu_of_the_trainers_own() -> None:
+    trainer = ("10.0.0.1:1",)
+    assert direct_backend([peer("a"), peer("b")], trainer_gpus=()) == "gloo"
+    assert direct_backend([peer("a"), peer("b", backend=None)], trainer) is None  # a replica without
+    assert direct_backend([peer("a", "nccl", ("10.0.0.1:0",)), peer("b", "gloo")], trainer) is None
+    assert direct_backend([peer("a", "nccl", ("10.0.0.1:0",))], trainer_gpus=()) is None  # a trainer on CPU
+    assert direct_backend([peer("a", "nccl", ("10.0.0.1:0",)), peer("c", "nccl", ("10.0.0.2:1",))], trainer) == "nccl"
+    # NCCL refuses two ranks on one device: a trainer sharing a replica's GPU publishes through Serve
+    assert direct_backend([peer("a", "nccl", ("10.0.0.1:0",)), peer("c", "nccl", ("10.0.0.1:1",))], trainer) is None
 
 
 def test_a_direct_transfer_refuses_what_it_cannot_load_whole() -> None:
@@ -91,7 +94,7 @@ def test_a_direct_transfer_refuses_what_it_cannot_load_whole() -> None:
 def test_two_replicas_receive_every_weight_over_gloo_and_a_new_replica_set_gets_a_new_group() -> None:
     first = receivers(2)
     replicas = ThreadReplicas(first)
-    publisher = WeightPublisher(replicas, "127.0.0.1", trainer_has_gpu=False)
+    publisher = WeightPublisher(replicas, "127.0.0.1", trainer_gpus=())
     try:
         for version, seed in ((1, 1), (2, 2)):
             sent = weights(seed)
@@ -114,8 +117,8 @@ def test_two_replicas_receive_every_weight_over_gloo_and_a_new_replica_set_gets_
 
 def test_a_replica_another_publisher_took_over_is_planned_again() -> None:
     shared = receivers(2)
-    grpo = WeightPublisher(ThreadReplicas(shared), "127.0.0.1", trainer_has_gpu=False)
-    x1 = WeightPublisher(ThreadReplicas(shared), "127.0.0.1", trainer_has_gpu=False)
+    grpo = WeightPublisher(ThreadReplicas(shared), "127.0.0.1", trainer_gpus=())
+    x1 = WeightPublisher(ThreadReplicas(shared), "127.0.0.1", trainer_gpus=())
     try:
         assert grpo.publish(weights(1)) == 1
         assert x1.publish(weights(2)) == 2  # its own group: the replicas leave GRPO's
@@ -131,7 +134,7 @@ def test_a_replica_another_publisher_took_over_is_planned_again() -> None:
 def test_refused_weights_and_stale_versions_change_nothing_and_open_no_group() -> None:
     shared = receivers(2)
     replicas = ThreadReplicas(shared)
-    publisher = WeightPublisher(replicas, "127.0.0.1", trainer_has_gpu=False)
+    publisher = WeightPublisher(replicas, "127.0.0.1", trainer_gpus=())
     bad = {**weights(1), "model.norm.weight": torch.full((4,), float("inf"))}
     with pytest.raises(ValueError, match="NaN or infinite"):
         publisher.publish(bad)
@@ -146,7 +149,7 @@ def test_replicas_without_a_direct_backend_get_set_weights_as_the_newest_version
     for r, version in zip(plain, (4, 6), strict=True):
         r.engine.transfer_backend, r.engine.version = None, version  # the transformers engine, say
     replicas = ThreadReplicas(plain)
-    publisher = WeightPublisher(replicas, "127.0.0.1", trainer_has_gpu=True)
+    publisher = WeightPublisher(replicas, "127.0.0.1", trainer_gpus=("10.0.0.1:0",))
     partial = {"model.norm.weight": torch.ones(4)}  # set_weights takes part of the weights
     assert publisher.publish(partial) == 7 and publisher.path == "rpc"
     assert replicas.calls == ["weight_transfer_peer", "set_weights"]

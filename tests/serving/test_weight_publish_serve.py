@@ -24,7 +24,7 @@ SHAPES = {"model.embed_tokens.weight": (16, 8), "model.layers.0.mlp.weight": (8,
 @serve.deployment(ray_actor_options={"num_cpus": 0}, graceful_shutdown_timeout_s=0.5)
 class Replica(ReceivesWeights):
     def __init__(self) -> None:
-        import policy_server.llm.checkpoint as checkpoint
+        from policy_server.llm import checkpoint
 
         checkpoint.weight_shapes = lambda folder: dict(SHAPES)  # this replica's checkpoint
         self.engine = GlooReplicaEngine()
@@ -42,7 +42,7 @@ def weights(seed: int) -> dict[str, torch.Tensor]:
 
 def test_every_replica_receives_the_trainers_broadcast_at_its_own_rank(ray_session: int) -> None:
     handle = serve.run(Replica.options(num_replicas=2).bind(), name=APP, route_prefix=None)
-    publisher = WeightPublisher(ServeReplicas(handle, timeout_s=120), "127.0.0.1", trainer_has_gpu=False)
+    publisher = WeightPublisher(ServeReplicas(handle, timeout_s=120), "127.0.0.1", trainer_gpus=())
     try:
         for version in (1, 2):
             sent = weights(version)
