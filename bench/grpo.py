@@ -1,6 +1,7 @@
 """GRPO benchmark: our control-flow-reversed GRPO over HTTP against TRL's `GRPOTrainer`, same run.
 
-    python bench/grpo.py [--steps 50] [--repeats 1] [--backend local|serve] [--vllm] [--report bench/results/grpo.json]
+    python bench/grpo.py [--steps 50] [--repeats 1] [--backend local|serve] [--vllm] [--vllm-transfers rpc,gloo]
+                         [--report bench/results/grpo.json]
 
 Both train the tiny model of ``examples/llm`` (built afresh, full fine-tuning, no LoRA) on one task:
 the prompt "What is 3 + 4?" as one user chat message, 8 completions per step (one group), at most
@@ -14,7 +15,9 @@ with β 0.04 against the initial model, one torch thread, CPU.
   POST completions, score them here, POST rewards (the server trains one step before it answers).
 - ours on vLLM (``--vllm``, a third design): the same client loop against a server whose policy runs
   on the vLLM engine, the run started with ``serve: true``: vLLM samples each group and the run
-  publishes its weights into vLLM after every cycle (reported beside the others, no target).
+  publishes its weights into vLLM after every cycle (reported beside the others, no target). With
+  ``--vllm-transfers rpc,gloo`` once per ``llm.policy.weight_transfer``: ``rpc`` (what ``auto``
+  is on CPU) and ``gloo`` (the trainer broadcasting into vLLM's worker) as separate designs.
 - TRL: ``GRPOTrainer`` in its own process, one step = generate 8 completions, score, one optimiser
   step; timed by a ``TrainerCallback`` from ``on_step_begin`` to ``on_step_end``.
 
@@ -129,12 +132,15 @@ def run_ours(url: str, server_pids: list[int], steps: int, seed: int, serve: boo
 
 
 def ours_repeat(
-    policy: Path, work: Path, steps: int, seed: int, backend: str, quiet_wait: float, engine: str = "transformers"
+    policy: Path, work: Path, steps: int, seed: int, backend: str, quiet_wait: float, engine: str = "transformers",
+    transfer: str = "auto",
 ) -> dict[str, Any]:
-    """One run of ours; ``engine: vllm`` serves the policy on vLLM and trains it in place (``serve: true``)."""
+    """One run of ours; ``engine: vllm`` serves the policy on vLLM and trains it in place (``serve: true``),
+    its weights going into vLLM as ``transfer`` says (``llm.policy.weight_transfer``)."""
+    vllm = {"weight_transfer": transfer} if engine == "vllm" else {}
     schema = {"parameters": {"api_key": KEY},
-              "llm": {"policy": {"path": str(policy), "engine": engine,
-                                 "training": {"save_dir": str(work / f"trained-{engine}-{seed}")}}}}
+              "llm": {"policy": {"path": str(policy), "engine": engine, **vllm,
+                                 "training": {"save_dir": str(work / f"trained-{engine}-{transfer}-{seed}")}}}}
     (work / "schema.yaml").write_text(yaml.safe_dump(schema, sort_keys=False))
     env = {"SCHEMA_PATH": str(work / "schema.yaml"), "POLICY_SERVER_BACKEND": backend, "OMP_NUM_THREADS": "1",
            "POLICY_SERVER_GATEWAY_METRICS_PORT": "0", "POLICY_SERVER_RAY_METRICS_PORT": "0"}
@@ -238,6 +244,10 @@ def summarise(name: str, runs: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+VLLM_DESIGNS = {"vllm": ("ours, vLLM serve", "rpc"), "vllm-gloo": ("ours, vLLM serve, gloo", "gloo")}
+"""The vLLM designs by key: their name in the tables and their ``weight_transfer``."""
+
+
 def report(results: dict[str, Any]) -> bool:
     a = results["args"]
     ours, trl = results["ours"], results["trl"]
@@ -245,16 +255,17 @@ def report(results: dict[str, Any]) -> bool:
           f"≤ {MAX_NEW_TOKENS} new tokens, backend {a['backend']}; {results['date']}, {results['machine']}\n")
     print(f"| design | steps | mean cycle s | p50 s | p90 s | total wall s | reward first {WINDOW} | "
           f"reward last {WINDOW} |\n|---|---:|---:|---:|---:|---:|---:|---:|")
-    for row in (trl, ours, results.get("vllm")):
+    for row in (trl, ours, *(results.get(key) for key in VLLM_DESIGNS)):
         if row is None:
             continue
         print(f"| {row['design']} | {row['steps']} | {row['mean_s']:.3f} | {row['p50_s']:.3f} | {row['p90_s']:.3f} | "
               f"{row['wall_s']:.1f} | {row['reward_first']:.3f} | {row['reward_last']:.3f} |")
     print(f"\n| repeat | seed | design | mean cycle s | p90 s | reward first {WINDOW} | reward last {WINDOW} | "
           "design cores | other cores |\n|---:|---:|---|---:|---:|---:|---:|---:|---:|")
-    vllm_runs = results["runs"].get("vllm") or [None] * len(results["runs"]["ours"])
-    for r, (o, t, v) in enumerate(zip(results["runs"]["ours"], results["runs"]["trl"], vllm_runs, strict=True)):
-        for name, run in (("TRL", t), ("ours", o), ("ours, vLLM serve", v)):
+    repeats = len(results["runs"]["ours"])
+    designs = {"trl": "TRL", "ours": "ours"} | {key: name for key, (name, _) in VLLM_DESIGNS.items()}
+    for r in range(repeats):
+        for name, run in ((name, (results["runs"].get(key) or [None] * repeats)[r]) for key, name in designs.items()):
             if run is None:
                 continue
             print(f"| {r} | {a['seed'] + r} | {name} | {statistics.fmean(run['cycle_s']):.3f} | "
@@ -282,6 +293,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reward-tolerance", type=float, default=0.02)
     parser.add_argument("--vllm", action="store_true",
                         help="also run ours with the policy on the vLLM engine and the run training it in place")
+    parser.add_argument("--vllm-transfers", default="rpc",
+                        help="with --vllm: one vLLM design per weight_transfer, of rpc and gloo")
     parser.add_argument("--json", type=Path, default=RESULTS / "grpo.json")
     parser.add_argument("--report", type=Path, help="measure nothing: re-print a results file")
     args = parser.parse_args(argv)
@@ -292,16 +305,19 @@ def main(argv: list[str] | None = None) -> int:
 
     work = Path(tempfile.mkdtemp(prefix="bench-grpo-"))
     policy = build_model(work / "models")
-    runs: dict[str, list[dict[str, Any]]] = {"ours": [], "trl": []} | ({"vllm": []} if args.vllm else {})
+    transfers = args.vllm_transfers.split(",") if args.vllm else []
+    vllm_keys = [key for key, (_, transfer) in VLLM_DESIGNS.items() if transfer in transfers]
+    runs: dict[str, list[dict[str, Any]]] = {"ours": [], "trl": []} | {key: [] for key in vllm_keys}
     for r in range(args.repeats):
         seed = args.seed + r
         runs["trl"].append(trl_repeat(policy, work, args.steps, seed, args.quiet_wait))
         print(f"repeat {r}: TRL done, {statistics.fmean(runs['trl'][-1]['cycle_s']):.3f} s per step", flush=True)
         runs["ours"].append(ours_repeat(policy, work, args.steps, seed, args.backend, args.quiet_wait))
         print(f"repeat {r}: ours done, {statistics.fmean(runs['ours'][-1]['cycle_s']):.3f} s per cycle", flush=True)
-        if args.vllm:
-            runs["vllm"].append(ours_repeat(policy, work, args.steps, seed, args.backend, args.quiet_wait, "vllm"))
-            print(f"repeat {r}: ours on vLLM done, {statistics.fmean(runs['vllm'][-1]['cycle_s']):.3f} s per cycle",
+        for key in vllm_keys:
+            transfer = VLLM_DESIGNS[key][1]
+            runs[key].append(ours_repeat(policy, work, args.steps, seed, args.backend, args.quiet_wait, "vllm", transfer))
+            print(f"repeat {r}: ours on vLLM ({transfer}) done, {statistics.fmean(runs[key][-1]['cycle_s']):.3f} s per cycle",
                   flush=True)
         for name in runs:
             if len(runs[name][-1]["rewards"]) != args.steps:
@@ -316,9 +332,10 @@ def main(argv: list[str] | None = None) -> int:
         "trl": summarise("TRL GRPOTrainer", runs["trl"]),
         "runs": runs,
     }
-    if args.vllm:
-        results["vllm"] = summarise(f"ours: HTTP client loop, vLLM engine, serve: true, {args.backend} backend",
-                                    runs["vllm"])
+    for key in vllm_keys:
+        transfer = VLLM_DESIGNS[key][1]
+        results[key] = summarise(f"ours: HTTP client loop, vLLM engine, serve: true, weight_transfer: {transfer}, "
+                                 f"{args.backend} backend", runs[key])
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(results, indent=1))
     return 0 if report(results) else 1

@@ -43,8 +43,9 @@ from vllm.distributed.weight_transfer.nccl_engine import (
 from vllm.v1.engine.async_llm import AsyncLLM
 
 GLOO = "gloo"
-TIMEOUT = timedelta(seconds=300)
-"""How long a Gloo rank waits for its peers (rendezvous, then each broadcast) before it raises."""
+TIMEOUT = timedelta(seconds=60)
+"""How long a Gloo rank waits for its peers (rendezvous, then each broadcast) before it raises: a
+replica's generation stays paused while it waits. NCCL's ranks wait without limit."""
 
 
 class GlooGroup:

@@ -10,7 +10,9 @@ vLLM's trainer engine places every worker at ``rank_offset`` 1, which fits one v
 ``ReplicaSyncClient`` (vLLM's ``VLLMWeightSyncClient`` protocol, over our replicas) gives each
 replica its own offset, so one broadcast reaches all of them. The group is planned for the replica
 set it was opened with: ``WeightPublisher`` opens a new one when Serve's set of replicas changes
-(one replaced, scaled), and closes it when a transfer fails (the next publish opens a new one).
+(one replaced, scaled). A transfer that fails half-way (a replica or the network gone: Gloo gives
+up after ``vllm_transfer.TIMEOUT``) closes the group and publishes the same weights through Serve,
+so no replica keeps a half-loaded model; the next publish opens a new group.
 """
 
 from __future__ import annotations
@@ -197,9 +199,10 @@ class WeightPublisher:
 
     def publish(self, weights: dict[str, torch.Tensor], version: int | None = None) -> int:
         """Load ``weights`` into every replica as ``version`` (default: the newest served version
-        + 1); returns it and sets ``path``. Raises ``Conflict`` unless ``version`` is newer than
-        every replica's, ValueError for weights a direct transfer cannot load (changing nothing),
-        and what a replica or the transfer raised (the group is closed then)."""
+        + 1) and return the version served; sets ``path``. A direct transfer that fails is logged,
+        its group closed, and the weights go through Serve as ``version + 1``. Raises ``Conflict``
+        unless ``version`` is newer than every replica's, ValueError for weights a direct transfer
+        cannot load (changing nothing), and what a replica raised for ``set_weights``."""
         peers = sorted((Peer(*p) for p in self.replicas.call("weight_transfer_peer")), key=lambda p: p.replica_id)
         version = max(p.version for p in peers) + 1 if version is None else version
         for peer in peers:
@@ -213,8 +216,15 @@ class WeightPublisher:
         try:
             self._send(backend, peers, weights, version)
         except Exception:
+            # a broadcast that stopped half-way leaves a replica with some layers new: every
+            # replica gets every weight again, through Serve, as the next version (the ones that
+            # received the broadcast already serve ``version``)
+            log.exception("the %s weight transfer of version %d failed: publishing it through Serve", backend, version)
             self.close()
-            raise
+            version += 1
+            self.replicas.call("set_weights", weights, version)
+            self.path = "rpc"
+            return version
         self.path = backend
         return version
 

@@ -5,6 +5,7 @@ worker-side engine (``support.GlooReplicaEngine``); a replica set that changes g
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
+from datetime import timedelta
 from typing import Any
 
 import pytest
@@ -129,6 +130,31 @@ def test_a_replica_another_publisher_took_over_is_planned_again() -> None:
     finally:
         grpo.close()
         x1.close()
+
+
+def test_a_transfer_that_stops_half_way_is_published_again_through_serve(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A replica's worker fails after the first tensor: no replica may keep a half-loaded model."""
+    monkeypatch.setattr("policy_server.llm.vllm_transfer.TIMEOUT", timedelta(seconds=2))  # a rank gone: 2 s
+    shared = receivers(2)
+    worker = shared[1].engine.worker
+    load = worker.model.load_weights
+
+    def lost(pairs: Any) -> None:
+        raise RuntimeError("the worker died")
+
+    worker.model.load_weights = lost
+    publisher = WeightPublisher(ThreadReplicas(shared), "127.0.0.1", trainer_gpus=())
+    try:
+        sent = weights(1)
+        assert publisher.publish(sent) == 2 and publisher.path == "rpc"  # version 1 went half-way
+        for r in shared:
+            assert r.engine.version == 2 and all(torch.equal(r.engine.weights[n], t) for n, t in sent.items())
+        assert all(r.group is None for r in shared)  # the group is closed
+
+        worker.model.load_weights = load
+        assert publisher.publish(weights(2)) == 3 and publisher.path == "gloo"  # a new group
+    finally:
+        publisher.close()
 
 
 def test_refused_weights_and_stale_versions_change_nothing_and_open_no_group() -> None:
