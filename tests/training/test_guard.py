@@ -36,6 +36,18 @@ def test_nonfinite_names_every_tensor_or_array_with_a_nan_or_an_infinity_in_orde
     assert not torch.isfinite(torch.tensor(MAX_SQUARABLE * 1.001) ** 2)
 
 
+def test_tensors_whose_sums_overflow_are_finite_and_mixed_dtypes_are_checked_together() -> None:
+    """``nonfinite``'s fast path sums each tensor: a finite tensor whose sum overflows float32 (or
+    float16) must still pass, through the exact check; one infinity among many dtypes is found."""
+    edge = {"big": torch.full((4,), 3.0e38), "half": torch.full((8,), 60000.0, dtype=torch.float16),
+            "bf16": torch.ones(3, dtype=torch.bfloat16), "f64": torch.ones(2, dtype=torch.float64),
+            "empty": torch.empty(0)}
+    assert torch.isinf(edge["big"].sum()) and torch.isinf(edge["half"].sum())
+    assert nonfinite(edge) == []
+    assert nonfinite({**edge, "late": torch.tensor([0.0, math.inf], dtype=torch.float64)}) == ["late"]
+    assert nonfinite({"cancels": torch.tensor([math.inf, -math.inf]), **edge}) == ["cancels"]
+
+
 def model_and_adam(lr: float = 0.1) -> tuple[torch.nn.Linear, torch.optim.Adam]:
     torch.manual_seed(0)
     model = torch.nn.Linear(3, 2)
