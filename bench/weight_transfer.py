@@ -93,7 +93,7 @@ def measure(folder: Path, repeats: int) -> dict[str, Any]:
     def rpc(i: int) -> float:
         version = handle.version.remote().result() + 1
         start = time.perf_counter()
-        replicas.call("set_weights", sets[i % 2], version)
+        replicas.set_weights(sets[i % 2], version)
         seconds = time.perf_counter() - start
         check(version)
         return seconds

@@ -20,9 +20,10 @@ from __future__ import annotations
 import logging
 import socket
 import uuid
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 
@@ -31,21 +32,37 @@ from policy_server.llm.engine import check_newer
 log = logging.getLogger(__name__)
 
 
-class Replicas(Protocol):
-    """Every replica of the served deployment (``ServeReplicas``: a Serve handle's ``broadcast``)."""
+class Replicas(ABC):
+    """Every replica of the served deployment (its ``ReceivesWeights`` methods), each call made on
+    all of them at once; the answers come in any order, and what one replica raised is raised."""
 
-    def call(self, method: str, *args: Any) -> list[Any]:
-        """Call ``method`` on every replica at once; their answers (any order). Raises what one raised."""
-        ...
+    def weight_transfer_peers(self) -> list[tuple[Any, ...]]:
+        return self._broadcast("weight_transfer_peer")
+
+    def set_weights(self, weights: dict[str, Any], version: int) -> list[int]:
+        return self._broadcast("set_weights", weights, version)
+
+    def init_weight_transfer(self, init_info: dict[str, Any], offsets: dict[str, int], group: str) -> None:
+        self._broadcast("init_weight_transfer", init_info, offsets, group)
+
+    def receive_weights(self, update_info: dict[str, Any] | list[dict[str, Any]], version: int, group: str) -> None:
+        self._broadcast("receive_weights", update_info, version, group)
+
+    def shutdown_weight_transfer(self, group: str) -> None:
+        self._broadcast("shutdown_weight_transfer", group)
+
+    @abstractmethod
+    def _broadcast(self, method: str, *args: Any) -> list[Any]:
+        """``method`` of ``ReceivesWeights`` / ``TransferReceiver`` on every replica."""
 
 
-class ServeReplicas:
-    """``Replicas`` over a Serve deployment handle."""
+class ServeReplicas(Replicas):
+    """``Replicas`` over a Serve deployment handle (Serve's ``broadcast`` names the method)."""
 
     def __init__(self, handle: Any, timeout_s: float = 300) -> None:
         self.handle, self.timeout_s = handle, timeout_s
 
-    def call(self, method: str, *args: Any) -> list[Any]:
+    def _broadcast(self, method: str, *args: Any) -> list[Any]:
         return self.handle.broadcast(method, *args).results(timeout_s=self.timeout_s)  # type: ignore[no-any-return]
 
 
@@ -84,19 +101,19 @@ class ReplicaSyncClient:
         self.version = 0
 
     def init_weight_transfer_engine(self, init_info: dict[str, Any]) -> None:
-        self.replicas.call("init_weight_transfer", init_info, self.offsets, self.group)
+        self.replicas.init_weight_transfer(init_info, self.offsets, self.group)
 
     def start_weight_update(self) -> None:
         pass
 
     def update_weights(self, update_info: dict[str, Any] | list[dict[str, Any]]) -> None:
-        self.replicas.call("receive_weights", update_info, self.version, self.group)
+        self.replicas.receive_weights(update_info, self.version, self.group)
 
     def finish_weight_update(self, weight_version: str | None = None) -> None:
         pass
 
     def shutdown_weight_transfer_engine(self) -> None:
-        self.replicas.call("shutdown_weight_transfer", self.group)
+        self.replicas.shutdown_weight_transfer(self.group)
 
 
 class TransferReceiver:
@@ -146,13 +163,13 @@ class TransferReceiver:
         return version
 
 
-class LocalReplicas:
+class LocalReplicas(Replicas):
     """``Replicas`` of one engine in this process (the local backend)."""
 
     def __init__(self, receiver: TransferReceiver) -> None:
         self.receiver = receiver
 
-    def call(self, method: str, *args: Any) -> list[Any]:
+    def _broadcast(self, method: str, *args: Any) -> list[Any]:
         return [getattr(self.receiver, method)(*args)]
 
 
@@ -203,13 +220,13 @@ class WeightPublisher:
         its group closed, and the weights go through Serve as ``version + 1``. Raises ``Conflict``
         unless ``version`` is newer than every replica's, ValueError for weights a direct transfer
         cannot load (changing nothing), and what a replica raised for ``set_weights``."""
-        peers = sorted((Peer(*p) for p in self.replicas.call("weight_transfer_peer")), key=lambda p: p.replica_id)
+        peers = sorted((Peer(*p) for p in self.replicas.weight_transfer_peers()), key=lambda p: p.replica_id)
         version = max(p.version for p in peers) + 1 if version is None else version
         for peer in peers:
             check_newer(version, peer.version)  # before any rank waits for another
         backend = direct_backend(peers, self.trainer_gpus)
         if backend is None:
-            self.replicas.call("set_weights", weights, version)
+            self.replicas.set_weights(weights, version)
             self.path = "rpc"
             return version
         check_complete(weights, peers[0].shapes, getattr(torch, peers[0].dtype), version)
@@ -222,7 +239,7 @@ class WeightPublisher:
             log.exception("the %s weight transfer of version %d failed: publishing it through Serve", backend, version)
             self.close()
             version += 1
-            self.replicas.call("set_weights", weights, version)
+            self.replicas.set_weights(weights, version)
             self.path = "rpc"
             return version
         self.path = backend

@@ -15,6 +15,7 @@ from support import GlooReplicaEngine
 from policy_server.errors import Conflict
 from policy_server.llm.weight_publish import (
     Peer,
+    Replicas,
     ReplicaSyncClient,
     TransferReceiver,
     WeightPublisher,
@@ -25,7 +26,7 @@ from policy_server.llm.weight_publish import (
 SHAPES = {"model.embed_tokens.weight": (8, 4), "model.norm.weight": (4,)}
 
 
-class ThreadReplicas:
+class ThreadReplicas(Replicas):
     """``Replicas`` in this process, each call on every receiver at once (a Serve broadcast's
     concurrency: the ranks of a group must all be in its rendezvous and its broadcasts together)."""
 
@@ -33,7 +34,7 @@ class ThreadReplicas:
         self.receivers = receivers
         self.calls: list[str] = []
 
-    def call(self, method: str, *args: Any) -> list[Any]:
+    def _broadcast(self, method: str, *args: Any) -> list[Any]:
         self.calls.append(method)
         with ThreadPoolExecutor(len(self.receivers)) as pool:
             return list(pool.map(lambda r: getattr(r, method)(*args), self.receivers))
