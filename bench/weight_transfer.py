@@ -129,8 +129,9 @@ def table(results: dict[str, dict[str, Any]]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--models", default="tiny,76m,1.2g")
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--models", default="tiny,76m,1.2g",
+                        help="comma-separated, of tiny, 76m and 1.2g (default: all three)")
+    parser.add_argument("--repeats", type=int, default=5, help="timed publishes per path after the warm-up (default 5)")
     args = parser.parse_args(argv)
 
     import ray

@@ -59,6 +59,8 @@ def check_checkpoint(spec: LLMPolicySpec | LLMValueSpec, where: str, on_cpu: boo
     if isinstance(spec, LLMPolicySpec) and spec.weight_transfer == "nccl" and on_cpu:
         raise SchemaError(f"{where}.weight_transfer: nccl needs the replicas on a GPU (resources.num_gpus > 0); "
                           "use gloo or rpc on CPU")
+    if spec.adapter is not None:  # the policy's (or value model's) own adapter fits its model too
+        check_lora(spec.adapter, weight_shapes(spec.path), f"{where}.adapter")
     if isinstance(spec, LLMPolicySpec) and spec.engine == "vllm":
         _quiet_vllm_import()
         reason = vllm_refusal(config, on_cpu)

@@ -253,3 +253,22 @@ def test_nccl_weight_transfer_needs_gpu_replicas(llm_dirs: dict[str, Path]) -> N
     assert transfer_backend(with_adapter, "cuda") is None  # adapters load from files
     assert transfer_backend(LLMPolicySpec(path=llm_dirs["policy"], weight_transfer="gloo"), "cpu") == "gloo"
     assert transfer_backend(LLMPolicySpec(path=llm_dirs["policy"], weight_transfer="rpc"), "cuda") is None
+
+
+def test_an_adapter_built_for_another_model_is_refused(llm_dirs: dict[str, Path], tmp_path: Path) -> None:
+    """The tiny example's adapter (hidden 128) on a model of hidden 256: refused at start-up, as
+    the `adapters` are (a fresh user left the example's `adapter:` beside a bigger model)."""
+    import torch
+    from transformers import AutoConfig, LlamaForCausalLM
+
+    config = AutoConfig.from_pretrained(llm_dirs["policy"])
+    config.hidden_size, config.intermediate_size = 256, 512
+    bigger = tmp_path / "bigger"
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(bigger)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(llm_dirs["policy"] / name, bigger / name)
+    check_checkpoint(LLMPolicySpec(path=llm_dirs["policy"], adapter=llm_dirs["policy_lora"]), "llm.policy", on_cpu=True)
+    spec = LLMPolicySpec(path=bigger, adapter=llm_dirs["policy_lora"], engine="transformers")
+    with pytest.raises(SchemaError, match=re.escape(f"llm.policy.adapter: {llm_dirs['policy_lora']}: ")):
+        check_checkpoint(spec, "llm.policy", on_cpu=True)

@@ -94,12 +94,10 @@ async def _generate(llm: LLMService, body: GenerateRequest) -> dict[str, Any]:
         "prompt": prompt_text,
         "finish_reasons": [s.finish_reason for s in samples],
     }
+    if body.logprobs is not None or not isinstance(body.prompt, str):  # a trainer's call: the tokens
+        answer |= {"prompt_token_ids": ids, "token_ids": [s.completion_ids for s in samples]}
     if body.logprobs is not None:
-        answer |= {
-            "logprobs": [_token_logprobs(s, body.logprobs) for s in samples],
-            "prompt_token_ids": ids,
-            "token_ids": [s.completion_ids for s in samples],
-        }
+        answer["logprobs"] = [_token_logprobs(s, body.logprobs) for s in samples]
     return answer
 
 

@@ -62,6 +62,11 @@ def test_atropos_payload_gets_per_token_id_logprobs_and_finish_reasons(server: s
         forced = _teacher_forced(llm_dirs["policy"], prompt + ids)[len(prompt) - 1:]
         assert [next(iter(item[0].values())) for item in per_token] == pytest.approx(forced, abs=1e-4)
 
+    plain = _post(server, {"prompt": {"prompt_token_ids": prompt}, "max_tokens": 4, "temperature": 0.0}).json()
+    assert plain["prompt_token_ids"] == prompt and len(plain["token_ids"]) == 1 and "logprobs" not in plain
+    text = _post(server, {"prompt": "Once upon a time", "max_tokens": 4}).json()
+    assert set(text) == {"text", "prompt", "finish_reasons"}  # vLLM's answer to a text prompt
+
 
 @pytest.mark.parametrize(
     ("body", "field"),
