@@ -100,6 +100,12 @@ class LLMPolicyDeployment(ReceivesWeights):
     def version(self) -> int:
         return self.engine.version
 
+    def __del__(self) -> None:
+        """Serve calls it when it stops the replica: vLLM's engine core and workers stop with it
+        (left alone, they outlived the replica until they noticed, one time killed only by SIGKILL)."""
+        if hasattr(self, "engine"):
+            self.engine.close()
+
 
 @serve.deployment
 class ValueDeployment(ReceivesWeights):
