@@ -59,8 +59,9 @@ def check_checkpoint(spec: LLMPolicySpec | LLMValueSpec, where: str, on_cpu: boo
     if isinstance(spec, LLMPolicySpec) and spec.weight_transfer == "nccl" and on_cpu:
         raise SchemaError(f"{where}.weight_transfer: nccl needs the replicas on a GPU (resources.num_gpus > 0); "
                           "use gloo or rpc on CPU")
+    model_shapes = weight_shapes(spec.path) if spec.adapter is not None or getattr(spec, "adapters", None) else {}
     if spec.adapter is not None:  # the policy's (or value model's) own adapter fits its model too
-        check_lora(spec.adapter, weight_shapes(spec.path), f"{where}.adapter")
+        check_lora(spec.adapter, model_shapes, f"{where}.adapter")
     if isinstance(spec, LLMPolicySpec) and spec.engine == "vllm":
         _quiet_vllm_import()
         reason = vllm_refusal(config, on_cpu)
@@ -73,7 +74,7 @@ def check_checkpoint(spec: LLMPolicySpec | LLMValueSpec, where: str, on_cpu: boo
             )
         from vllm.config.lora import MaxLoRARanks
 
-        model_shapes, most = weight_shapes(spec.path), max(get_args(MaxLoRARanks))
+        most = max(get_args(MaxLoRARanks))
         for name, folder in spec.adapters.items():
             rank = check_lora(folder, model_shapes, f"{where}.adapters.{name}")
             if rank > most:

@@ -18,7 +18,6 @@ so no replica keeps a half-loaded model; the next publish opens a new group.
 from __future__ import annotations
 
 import logging
-import socket
 import uuid
 from abc import ABC, abstractmethod
 from collections.abc import Callable
@@ -28,6 +27,7 @@ from typing import Any
 import torch
 
 from policy_server.llm.engine import check_newer
+from policy_server.net import free_port
 
 log = logging.getLogger(__name__)
 
@@ -128,13 +128,21 @@ class TransferReceiver:
         self.engine, self.dtype, self.folder, self.replica_id = engine, dtype, folder, replica_id
         self.on_version = on_version
         self.group: str | None = None
+        self._fixed_peer: tuple[str | None, dict[str, tuple[int, ...]], tuple[str, ...]] | None = None
 
     def weight_transfer_peer(self) -> tuple[Any, ...]:
-        from policy_server.llm.checkpoint import weight_shapes
+        backend, shapes, gpus = self._fixed()
+        return self.replica_id, backend, 1, self.engine.version, self.dtype, shapes, self.group, gpus
 
-        backend = getattr(self.engine, "transfer_backend", None)  # the transformers engine has none
-        shapes = weight_shapes(self.folder) if backend else {}
-        return self.replica_id, backend, 1, self.engine.version, self.dtype, shapes, self.group, assigned_gpus()
+    def _fixed(self) -> tuple[str | None, dict[str, tuple[int, ...]], tuple[str, ...]]:
+        """The backend, the checkpoint's shapes and the GPUs: read once (the folder's headers are
+        not read again every publish), as a replica's folder and GPUs never change."""
+        if self._fixed_peer is None:
+            from policy_server.llm.checkpoint import weight_shapes
+
+            backend = getattr(self.engine, "transfer_backend", None)  # the transformers engine has none
+            self._fixed_peer = backend, weight_shapes(self.folder) if backend else {}, assigned_gpus()
+        return self._fixed_peer
 
     def init_weight_transfer(self, init_info: dict[str, Any], offsets: dict[str, int], group: str) -> None:
         if self.replica_id not in offsets:  # started after the publisher planned: its next plan has it
@@ -293,9 +301,3 @@ def check_complete(
         raise ValueError(f"refused weights of version {version}: {bad[:5]} hold NaN or infinite values; "
                          "the served weights stay")
 
-
-def free_port(host: str) -> int:
-    """A TCP port free on ``host`` now (the group's rendezvous store listens there)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
