@@ -37,27 +37,14 @@ APP = "bench-weight-transfer"
 
 
 def build_models(out: Path, which: list[str]) -> dict[str, Path]:
-    """The tiny example policy, the bench's 76M Llama, and a ~1.2 GB one (the real-size test's)."""
-    import shutil
-
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
+    """The tiny example policy, the bench's 76M Llama, and the examples' ~1.2 GB one (the real-size test's)."""
     from bench.llm import build_models as llm_models
 
-    folders = llm_models(out, [m for m in which if m != "1.2g"] or ["tiny"])
+    folders = llm_models(out, ["tiny", *(m for m in which if m not in ("tiny", "1.2g"))])  # tiny: its tokenizer
     if "1.2g" in which:
-        tiny = folders["tiny"]
-        config = LlamaConfig(
-            vocab_size=768, hidden_size=2048, intermediate_size=5632, num_hidden_layers=6, num_attention_heads=32,
-            num_key_value_heads=32, head_dim=64, max_position_embeddings=1024, bos_token_id=0, eos_token_id=1,
-            pad_token_id=3, tie_word_embeddings=True, dtype="float32",
-        )
-        torch.manual_seed(0)
-        LlamaForCausalLM(config).save_pretrained(out / "1.2g")
-        for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
-            shutil.copy(tiny / name, out / "1.2g" / name)
-        folders["1.2g"] = out / "1.2g"
+        import build_tiny_model  # on sys.path since bench.llm's build_models
+
+        folders["1.2g"] = build_tiny_model.build_real_size(out / "1.2g", folders["tiny"])
     return {name: folders[name] for name in which}
 
 

@@ -307,6 +307,11 @@ def running_server(app: Any) -> Iterator[str]:
 def llm_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Tiny Llama policy, value model and LoRA adapters (`policy_lora`, `policy_lora_1`) built once per
     session (examples/llm/build_tiny_model.py)."""
+    return build_tiny_model().build(tmp_path_factory.mktemp("llm"), seed=0, lora=True, extra_loras=1)
+
+
+def build_tiny_model() -> Any:
+    """examples/llm/build_tiny_model.py as a module (the examples are not a package)."""
     import importlib.util
 
     script = Path(__file__).parents[1] / "examples" / "llm" / "build_tiny_model.py"
@@ -314,7 +319,7 @@ def llm_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.build(tmp_path_factory.mktemp("llm"), seed=0, lora=True, extra_loras=1)
+    return module
 
 
 @pytest.fixture()

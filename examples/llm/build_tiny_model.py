@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import time
 import warnings
 from collections.abc import Callable
@@ -209,6 +210,24 @@ def build(
 def build_models(out_dir: Path, progress: Progress | None = None) -> dict[str, Path]:
     """What ``examples/llm/schema.yaml`` serves, under ``out_dir``: policy, value model and LoRA adapter."""
     return build(out_dir, progress=progress)
+
+
+def build_real_size(folder: Path, tiny: Path) -> Path:
+    """A randomly initialised float32 Llama of ~1.2 GB (hidden 2048, 32 heads of 64, 6 layers) in
+    ``folder`` with the tokenizer of ``tiny`` (a policy folder ``build`` made): the real-size
+    checkpoint of the tests and benchmarks, built in seconds, no downloads."""
+    config = transformers.LlamaConfig(
+        vocab_size=768, hidden_size=2048, intermediate_size=5632, num_hidden_layers=6, num_attention_heads=32,
+        num_key_value_heads=32, head_dim=64, max_position_embeddings=1024, bos_token_id=0, eos_token_id=1,
+        pad_token_id=3, tie_word_embeddings=True, dtype="float32",
+    )
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config)  # allocated once, on the CPU
+    model.save_pretrained(folder)
+    del model
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        shutil.copy(tiny / name, folder / name)
+    return folder
 
 
 def main() -> None:

@@ -9,7 +9,6 @@ numbers); asserts only sanity bounds on them.
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -21,7 +20,7 @@ import httpx
 import psutil
 import pytest
 import yaml
-from conftest import API_KEY
+from conftest import API_KEY, build_tiny_model
 from support import wait_ready
 
 from policy_server.net import free_port
@@ -33,25 +32,8 @@ START_TIMEOUT_S = 240
 
 @pytest.fixture(scope="module")
 def big_model(llm_dirs: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A randomly initialised float32 Llama of ~1.2 GB (hidden 2048, 32 heads of 64, 6 layers) with
-    the tiny example's tokenizer, saved as safetensors."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    folder = tmp_path_factory.mktemp("real-size") / "policy"
-    tiny = llm_dirs["policy"]
-    config = LlamaConfig(
-        vocab_size=768, hidden_size=2048, intermediate_size=5632, num_hidden_layers=6, num_attention_heads=32,
-        num_key_value_heads=32, head_dim=64, max_position_embeddings=1024, bos_token_id=0, eos_token_id=1,
-        pad_token_id=3, tie_word_embeddings=True, dtype="float32",
-    )
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(config)  # allocated once, on the CPU
-    model.save_pretrained(folder)
-    del model
-    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
-        shutil.copy(tiny / name, folder / name)
-    return folder
+    """The examples' ~1.2 GB float32 Llama (``build_tiny_model.build_real_size``), saved as safetensors."""
+    return build_tiny_model().build_real_size(tmp_path_factory.mktemp("real-size") / "policy", llm_dirs["policy"])
 
 
 def folder_bytes(folder: Path) -> int:
