@@ -163,6 +163,16 @@ def _libc() -> Any:
         return None
 
 
+def clean_leftovers(folder: Path) -> int:
+    """Remove what writers that died left in ``folder`` (see ``_clean_leftovers``), as a store does
+    when it opens rather than at its next write; returns how many entries went. A missing folder
+    has none."""
+    if not folder.is_dir():
+        return 0
+    with _locked(folder):
+        return _clean_leftovers(folder)
+
+
 def _create_partial(dest: Path, directory: bool) -> tuple[Path, int]:
     """Create ``dest``'s hidden partial sibling and lock it: its path and locked descriptor."""
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -182,9 +192,11 @@ def _hidden_sibling(dest: Path, kind: Literal["partial", "old"]) -> Path:
     return dest.with_name(f".{dest.name}.{kind}-{secrets.token_hex(6)}")
 
 
-def _clean_leftovers(folder: Path) -> None:
+def _clean_leftovers(folder: Path) -> int:
     """Remove the partial files and folders of writers that died; put back an old folder that a
-    two-rename swap moved aside when its new one never arrived. Call with ``folder`` locked."""
+    two-rename swap moved aside when its new one never arrived. Call with ``folder`` locked.
+    Returns how many entries it removed or put back."""
+    cleaned = 0
     for entry in folder.iterdir():
         match = _LEFTOVER.fullmatch(entry.name)
         if match is None:
@@ -198,8 +210,10 @@ def _clean_leftovers(folder: Path) -> None:
                 os.rename(entry, original)
             else:
                 _remove(entry)
+            cleaned += 1
         finally:
             os.close(fd)
+    return cleaned
 
 
 def _try_lock(path: Path) -> int | None:

@@ -37,6 +37,10 @@ class Settings(BaseSettings):
         description="Send batches straight to the replicas over TCP (binary, token-checked), with "
         "the Serve handle as fallback; false: every batch goes through the Serve handle.",
     )
+    direct_timeout_s: float = Field(
+        30.0, gt=0, description="Most seconds a replica may take to answer a batch on the direct path "
+        "before the request gets a 504 (the link is then closed: the answer may still come)."
+    )
     ray_metrics_port: int = Field(8080, description="Port of Ray's (and Serve's) metrics export.")
     gateway_metrics_port: int = Field(
         8081, description="Port of the gateway's own Prometheus metrics; 0 turns them off."

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from policy_server.files import replacing_dir
+from policy_server.files import clean_leftovers, replacing_dir
 
 MODEL_FOLDER = "model"
 """Inside a checkpoint: the adapter (LoRA) or the whole model (full fine-tuning), with the tokenizer."""
@@ -60,6 +60,8 @@ def _checkpoints(checkpoint_dir: Path) -> list[Path]:
 
 
 def latest_checkpoint(checkpoint_dir: str | Path) -> Path | None:
-    """The newest checkpoint folder of a run, or None."""
+    """The newest checkpoint folder of a run, or None; a run resumes from it, so what a save killed
+    half-way left in ``checkpoint_dir`` is removed first."""
+    clean_leftovers(Path(checkpoint_dir))
     found = _checkpoints(Path(checkpoint_dir))
     return found[-1] if found else None

@@ -20,6 +20,7 @@ from typing import Any, Literal
 import torch
 
 from policy_server.errors import FieldError, Forbidden, InvalidRequest, summary
+from policy_server.files import clean_leftovers
 from policy_server.llm.datasets import load_dataset_file, parse_samples, save_samples, subset
 from policy_server.llm.x1_config import X1TrainingConfig
 from policy_server.llm.x1_training import TrainingRun, is_peft
@@ -45,6 +46,7 @@ class X1Trainer:
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self.last: dict[str, Any] | None = None
+        clean_leftovers(training.save_dir)  # what a save killed half-way left beside the models
 
     @property
     def running(self) -> bool:

@@ -16,6 +16,11 @@ heads and version::
     failure   b"\\x01" | uint32 length | utf-8 message
 
 All integers little-endian.
+
+A replica's port is a network service: a peer that does not send its hello within
+``HELLO_TIMEOUT_S``, or stalls half-way through a frame for ``FRAME_TIMEOUT_S``, is dropped;
+connections over ``MAX_CONNECTIONS`` are closed at once. An authenticated link may stay idle
+between requests for as long as the gateway keeps it.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ import socketserver
 import struct
 import threading
 from collections.abc import Callable
+from typing import Any, BinaryIO
 
 import numpy as np
 
@@ -46,6 +52,9 @@ def is_hello(received: bytes, magic: bytes, token: bytes) -> bool:
     """Whether ``received`` is the hello of ``magic`` and ``token``, compared in constant time."""
     return len(received) == len(magic) + TOKEN_BYTES and hmac.compare_digest(received, hello(magic, token))
 MAX_CELLS = 1 << 26  # refuse frames over 256 MB of float32 before allocating them
+HELLO_TIMEOUT_S = 5.0
+FRAME_TIMEOUT_S = 30.0
+MAX_CONNECTIONS = 256  # a gateway keeps a few links per replica; hundreds means a leak or a flood
 _DIMS = struct.Struct("<II")
 _VERSION_HEADS = struct.Struct("<qI")
 _LENGTH = struct.Struct("<I")
@@ -95,23 +104,38 @@ class _Handler(socketserver.BaseRequestHandler):
         sock: socket.socket = self.request
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         stream = sock.makefile("rb")
-        if not is_hello(stream.read(len(MAGIC) + TOKEN_BYTES), MAGIC, self.server.token):
-            return  # wrong peer: close without a word
-        while header := stream.read(_DIMS.size):
-            if len(header) < _DIMS.size:
-                return
-            rows, cols = _DIMS.unpack(header)
-            if rows * cols > MAX_CELLS:
-                sock.sendall(encode_failure(f"batch of {rows}×{cols} values is over the limit"))
-                return
-            data = stream.read(4 * rows * cols)
-            if len(data) < 4 * rows * cols:
-                return
-            try:
-                answer = encode_answer(self.server.forward(_matrix(rows, cols, data)))
-            except Exception as exc:  # the model's failure goes back to the caller, not to the log
-                answer = encode_failure(f"{type(exc).__name__}: {exc}")
-            sock.sendall(answer)
+        try:
+            sock.settimeout(self.server.hello_timeout_s)
+            if not is_hello(stream.read(len(MAGIC) + TOKEN_BYTES), MAGIC, self.server.token):
+                return  # wrong peer: close without a word
+            while self._serve_one(sock, stream):
+                pass
+        except TimeoutError:
+            return  # a silent or stalled peer: drop it (the read buffer is unusable after a timeout)
+
+    def _serve_one(self, sock: socket.socket, stream: BinaryIO) -> bool:
+        """Answer one request; False when the link is to be closed."""
+        sock.settimeout(None)  # an authenticated link may wait for its next request without end
+        first = stream.read(1)
+        if not first:
+            return False
+        sock.settimeout(self.server.frame_timeout_s)  # ... but a frame, once begun, must arrive
+        header = first + stream.read(_DIMS.size - 1)
+        if len(header) < _DIMS.size:
+            return False
+        rows, cols = _DIMS.unpack(header)
+        if rows * cols > MAX_CELLS:
+            sock.sendall(encode_failure(f"batch of {rows}×{cols} values is over the limit"))
+            return False
+        data = stream.read(4 * rows * cols)
+        if len(data) < 4 * rows * cols:
+            return False
+        try:
+            answer = encode_answer(self.server.forward(_matrix(rows, cols, data)))
+        except Exception as exc:  # noqa: BLE001 - the model's failure goes back to the caller, not to the log
+            answer = encode_failure(f"{type(exc).__name__}: {exc}")
+        sock.sendall(answer)
+        return True
 
 
 class _Server(socketserver.ThreadingTCPServer):
@@ -119,16 +143,45 @@ class _Server(socketserver.ThreadingTCPServer):
     allow_reuse_address = True
     request_queue_size = 128  # socketserver's default backlog of 5 resets gateways that connect at once
 
-    def __init__(self, host: str, token: bytes, forward: Callable[[np.ndarray], PolicyOutput]) -> None:
+    def __init__(self, host: str, token: bytes, forward: Callable[[np.ndarray], PolicyOutput],
+                 max_connections: int, hello_timeout_s: float, frame_timeout_s: float) -> None:
         super().__init__((host, 0), _Handler)
         self.token, self.forward = token, forward
+        self.hello_timeout_s, self.frame_timeout_s = hello_timeout_s, frame_timeout_s
+        self._slots = threading.BoundedSemaphore(max_connections)
+        self._lock = threading.Lock()
+        self.active: set[socket.socket] = set()
+
+    def verify_request(self, request: Any, client_address: Any) -> bool:
+        return self._slots.acquire(blocking=False)  # refused: socketserver closes the connection
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        with self._lock:
+            self.active.add(request)
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            with self._lock:
+                self.active.discard(request)
+            self._slots.release()
+
+    def drop_all(self) -> None:
+        """End every open link: its gateway sees the break at once and lists the replicas again."""
+        with self._lock:
+            for sock in self.active:
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
 
 
 class TransportServer:
     """Serves ``forward`` on an ephemeral port of ``host`` in daemon threads."""
 
-    def __init__(self, forward: Callable[[np.ndarray], PolicyOutput], token: str, host: str) -> None:
-        self._server = _Server(host, bytes.fromhex(token), forward)
+    def __init__(self, forward: Callable[[np.ndarray], PolicyOutput], token: str, host: str,
+                 max_connections: int = MAX_CONNECTIONS, hello_timeout_s: float = HELLO_TIMEOUT_S,
+                 frame_timeout_s: float = FRAME_TIMEOUT_S) -> None:
+        self._server = _Server(host, bytes.fromhex(token), forward, max_connections, hello_timeout_s, frame_timeout_s)
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
         self._thread.start()
 
@@ -138,8 +191,10 @@ class TransportServer:
         return str(host), int(port)
 
     def close(self) -> None:
+        """Stop listening and end the open links."""
         self._server.shutdown()
         self._server.server_close()
+        self._server.drop_all()
 
 
 # --- gateway side ------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ only tensors, numbers, strings, bools, None, lists, tuples and dicts, never arbi
 
 from __future__ import annotations
 
+import logging
 import os
 import pickle
 import re
@@ -18,13 +19,14 @@ from typing import Any
 import torch
 
 from policy_server.errors import InvalidRequest, NotFound, summary
-from policy_server.files import atomic_file
+from policy_server.files import atomic_file, clean_leftovers
 
 SUFFIX = ".pt"
 NAME_PATTERN = r"^[A-Za-z0-9_-][A-Za-z0-9_.-]{0,127}$"  # no leading dot: hidden and '..'
 _NAME = re.compile(NAME_PATTERN.strip("^$"))
 _PERIODIC = re.compile(r"update-\d{8}")
 _PLAIN = (torch.Tensor, int, float, str, bool, type(None))
+log = logging.getLogger(__name__)
 
 
 def periodic_name(updates: int) -> str:
@@ -33,10 +35,15 @@ def periodic_name(updates: int) -> str:
 
 
 class CheckpointStore:
-    """Named checkpoints in ``root``; only the newest ``keep`` periodic ones are kept."""
+    """Named checkpoints in ``root``; only the newest ``keep`` periodic ones are kept.
+
+    Opening a store removes the temporary files of saves that a killed process left half-written.
+    """
 
     def __init__(self, root: Path, keep: int) -> None:
         self.root, self.keep = Path(root), keep
+        if cleaned := clean_leftovers(self.root):
+            log.info("removed %d temporary file(s) of interrupted checkpoint saves in %s", cleaned, self.root)
 
     def path(self, name: str) -> Path:
         """The file of checkpoint ``name``; raises InvalidRequest for a name that is not plain."""

@@ -270,14 +270,16 @@ def test_batches_take_the_direct_path_and_survive_a_broken_link(server: dict[str
     for _ in range(10):
         assert client.post("/predict", json=LPOC_OBS).status_code == 200
     assert backend.fallbacks == before  # sequential requests never needed the Serve handle
-    for conn in list(backend._idle._queue):  # break every link, as a restarted replica would
+    links = [link for replica in backend.pool.replicas.values() for link in replica.idle]
+    assert len(links) == sum(backend.pool.open_links().values()) >= 2
+    for conn in links:  # break every link, as a restarted replica would
         fd = conn._writer.get_extra_info("socket").fileno()
         with socket.fromfd(fd, socket.AF_INET, socket.SOCK_STREAM) as dup:  # thread-safe, unlike the loop's
             dup.shutdown(socket.SHUT_RDWR)
     answers = [client.post("/predict", json=LPOC_OBS).status_code for _ in range(10)]
     assert answers == [200] * 10
     assert backend.fallbacks > before  # the broken links fell back to the handle ...
-    wait_until(lambda: backend._open >= 2, 30, 0.1, "the links were not re-opened")  # ... and were re-opened
+    wait_until(lambda: sum(backend.pool.open_links().values()) >= 2, 30, 0.1, "the links were not re-opened")  # ... and were re-opened
     fallbacks = backend.fallbacks
     for _ in range(5):
         assert client.post("/predict", json=LPOC_OBS).status_code == 200

@@ -381,3 +381,14 @@ def test_a_resumed_serving_run_publishes_its_checkpoint_first(
 def test_a_serving_run_needs_the_engine(llm_dirs: dict[str, Path], tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="serving engine"):
         GRPORun("x", load_policy(llm_dirs["policy"]), full_settings(serve=True), tmp_path)
+
+
+def test_resuming_removes_what_a_killed_save_left_and_finds_the_last_whole_checkpoint(tmp_path: Path) -> None:
+    whole = tmp_path / "cycle-00000002"
+    whole.mkdir()
+    (whole / "state.json").write_text("{}")
+    half = tmp_path / ".cycle-00000003.partial-0123456789ab"  # its writer was killed: nobody holds its lock
+    half.mkdir()
+    (half / "optimizer.pt").write_bytes(b"half")
+    assert latest_checkpoint(tmp_path) == whole
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cycle-00000002"]

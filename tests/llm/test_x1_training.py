@@ -250,3 +250,12 @@ def test_a_run_whose_every_step_was_skipped_publishes_and_saves_nothing(
     trainer.start(X1TrainingConfig(dataset=[{"messages": GOOD, "GAE": 1.0}], num_epochs=1))
     trainer._thread.join()  # type: ignore[union-attr]
     assert published == [1] and trainer.status()["last_run"]["error"] is None and (tmp_path / "policy").is_dir()
+
+
+def test_a_trainer_opening_removes_what_a_killed_save_left(tmp_path: Path) -> None:
+    half = tmp_path / ".policy.partial-0123456789ab"  # a save killed half-way: nobody holds its lock
+    half.mkdir()
+    (half / "adapter_model.safetensors").write_bytes(b"half")
+    (tmp_path / "policy").mkdir()  # the last whole save stays
+    X1Trainer("policy", lambda: None, LLMTrainingSpec(save_dir=tmp_path), lambda weights: 1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["policy"]

@@ -101,3 +101,67 @@ def test_many_connections_at_once(server: TransportServer) -> None:
 def test_request_encoding_is_little_endian_float32() -> None:
     frame = encode_request(np.array([[1.5, -2.0]], dtype=np.float64))
     assert frame == struct.pack("<II", 1, 2) + np.array([1.5, -2.0], dtype="<f4").tobytes()
+
+
+def test_a_peer_that_never_says_hello_is_dropped() -> None:
+    srv = TransportServer(forward, TOKEN, "127.0.0.1", hello_timeout_s=0.3)
+    try:
+        with socket.create_connection(srv.address, timeout=5) as sock:
+            assert sock.recv(16) == b""  # closed by the replica after 0.3 s of silence, not 5 s
+    finally:
+        srv.close()
+
+
+def test_a_frame_that_stalls_half_way_is_dropped_but_an_idle_link_is_kept() -> None:
+    srv = TransportServer(forward, TOKEN, "127.0.0.1", frame_timeout_s=0.3)
+    try:
+        async def idle_then_ask() -> PolicyOutput:
+            client = await TransportClient.connect(*srv.address, TOKEN)
+            await asyncio.sleep(0.6)  # idle between requests: longer than the frame timeout
+            try:
+                return await client.forward(np.ones((1, 2), dtype=np.float32))
+            finally:
+                client.close()
+
+        assert asyncio.run(idle_then_ask()).heads[0].tolist() == [[2.0, 2.0]]
+        with socket.create_connection(srv.address, timeout=5) as sock:
+            sock.sendall(MAGIC + bytes.fromhex(TOKEN) + struct.pack("<II", 1, 2))  # no data follows
+            assert sock.recv(16) == b""
+    finally:
+        srv.close()
+
+
+def test_connections_over_the_cap_are_closed_at_once() -> None:
+    srv = TransportServer(forward, TOKEN, "127.0.0.1", max_connections=2)
+    try:
+        async def run() -> tuple[list[float], bool]:
+            clients = [await TransportClient.connect(*srv.address, TOKEN) for _ in range(3)]
+            answers = []
+            refused = False
+            for client in clients:
+                try:
+                    answers.append(float((await client.forward(np.ones((1, 1), dtype=np.float32))).heads[0][0, 0]))
+                except TransportError:
+                    refused = True
+            for client in clients:
+                client.close()
+            return answers, refused
+
+        answers, refused = asyncio.run(run())
+        assert answers == [2.0, 2.0] and refused
+    finally:
+        srv.close()
+
+
+def test_closing_the_server_ends_the_open_links(server: TransportServer) -> None:
+    async def run() -> None:
+        client = await TransportClient.connect(*server.address, TOKEN)
+        await client.forward(np.ones((1, 1), dtype=np.float32))
+        server.close()
+        try:
+            await client.forward(np.ones((1, 1), dtype=np.float32))
+        finally:
+            client.close()
+
+    with pytest.raises(TransportError):
+        asyncio.run(run())

@@ -145,3 +145,31 @@ def test_load_refuses_a_file_that_is_not_a_checkpoint(store: CheckpointStore, co
     (store.root / "junk.pt").write_bytes(content)
     with pytest.raises(InvalidRequest, match="checkpoint 'junk'"):
         store.load("junk")
+
+
+def test_opening_a_store_removes_what_a_killed_save_left_and_keeps_the_checkpoints(tmp_path: Path) -> None:
+    """The issue's case: a server killed mid-save leaves its temporary file; the next start cleans it."""
+    import signal
+    import subprocess
+    import sys
+
+    root = tmp_path / "ckpt"
+    CheckpointStore(root, keep=2).save("kept", state(1.0))
+    writer = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time\n"
+        "from pathlib import Path\n"
+        "from policy_server.files import atomic_file\n"
+        f"with atomic_file(Path({str(root / 'half.pt')!r})) as f:\n"
+        "    f.write(b'x' * 4096); f.flush(); print('writing', flush=True); time.sleep(60)\n"
+    )], stdout=subprocess.PIPE)
+    try:
+        assert writer.stdout is not None and writer.stdout.readline() == b"writing\n"
+        assert [p.name for p in root.iterdir() if p.name.startswith(".half.pt.partial-")]
+        store = CheckpointStore(root, keep=2)  # a second process opens while the writer lives: kept
+        assert any(p.name.startswith(".half.pt.partial-") for p in root.iterdir())
+    finally:
+        writer.send_signal(signal.SIGKILL)
+        writer.wait(10)
+    store = CheckpointStore(root, keep=2)  # the next start
+    assert sorted(p.name for p in root.iterdir()) == ["kept.pt"]
+    assert store.load("kept")["lr"] == 2.5e-4

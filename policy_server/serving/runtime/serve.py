@@ -104,7 +104,9 @@ class ServeRuntime(Runtime):
     async def connect(self, spec: PolicySpec) -> PolicyModel:
         """The deployed policy, for the event loop that calls this (its handle's router runs there)."""
         handle = serve.get_deployment_handle(deployment_name(spec.name), self.app_name(spec))
-        transport = await open_transport(handle, self.settings.direct_transport, spec.resources.concurrent_batches)
+        transport = await open_transport(
+            handle, self.settings.direct_transport, spec.resources.concurrent_batches, self.settings.direct_timeout_s
+        )
         self.transports.append(transport)
         return transport
 

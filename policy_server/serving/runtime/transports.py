@@ -10,19 +10,18 @@ bench/README.md) and falls back to the handle; Serve stays the control plane eit
 from __future__ import annotations
 
 import asyncio
-import logging
 from abc import ABC, abstractmethod
 
 import numpy as np
 from ray.serve.handle import DeploymentHandle
 
-from policy_server.errors import ModelError, summary
+from policy_server.errors import GatewayTimeout, ModelError, summary
 from policy_server.policies.torch_policy import PolicyOutput
 from policy_server.serving.api import Weights
 from policy_server.serving.errors import remote
-from policy_server.serving.transport import RemoteModelError, TransportClient, TransportError
+from policy_server.serving.link_pool import Endpoint, LinkPool
+from policy_server.serving.transport import RemoteModelError, TransportError
 
-log = logging.getLogger(__name__)
 READY_TIMEOUT_S = 5.0
 
 
@@ -48,12 +47,13 @@ class PolicyTransport(ABC):
         """Release what the transport holds (connections)."""
 
 
-async def open_transport(handle: DeploymentHandle, direct: bool, connections: int) -> PolicyTransport:
-    """The direct transport with ``connections`` connections when ``direct``, else the handle's."""
+async def open_transport(handle: DeploymentHandle, direct: bool, connections: int, timeout_s: float) -> PolicyTransport:
+    """The direct transport with ``connections`` links and a ``timeout_s`` deadline per batch when
+    ``direct``, else the handle's."""
     through_handle = HandleTransport(handle)
     if not direct:
         return through_handle
-    transport = DirectTransport(through_handle, connections)
+    transport = DirectTransport(through_handle, connections, timeout_s)
     await transport.start()
     return transport
 
@@ -88,63 +88,52 @@ class HandleTransport(PolicyTransport):
 
 
 class DirectTransport(PolicyTransport):
-    """Sends batches straight to the replicas' transport ports (see ``transport``).
+    """Sends batches straight to the replicas' transport ports (see ``transport``), over a
+    ``LinkPool`` balanced by replica.
 
-    Holds up to ``connections`` connections spread over the replicas, one batch in flight on
-    each. When none is free, or a connection breaks, the batch goes through the Serve handle
-    instead, and lost connections are re-opened to the replicas Serve reports now.
+    When every link is busy, or a link breaks, the batch goes through the Serve handle instead
+    (counted in ``fallbacks``), and the pool lists the replicas again. A batch that gets no answer
+    within ``timeout_s`` is a ``GatewayTimeout`` (504); its link is closed, since the answer may
+    still come.
     """
 
-    def __init__(self, serve: HandleTransport, connections: int) -> None:
-        self.serve, self._target = serve, connections
-        self._idle: asyncio.Queue[TransportClient] = asyncio.Queue()
-        self._open = 0
-        self._replenishing: asyncio.Task[None] | None = None
+    def __init__(self, serve: HandleTransport, connections: int, timeout_s: float) -> None:
+        self.serve, self.timeout_s = serve, timeout_s
+        self.pool = LinkPool(self._endpoints, connections)
         self.fallbacks = 0
 
+    async def _endpoints(self) -> list[Endpoint]:
+        return await self.serve.handle.broadcast("transport_endpoint").results_async()  # type: ignore[no-any-return]
+
     async def start(self) -> None:
-        await self._replenish()
-
-    async def _replenish(self) -> None:
-        try:
-            endpoints = await self.serve.handle.broadcast("transport_endpoint").results_async()
-        except Exception as exc:  # noqa: BLE001 - replicas restarting: the handle serves meanwhile
-            log.warning("cannot list the replicas' direct endpoints (%s); using the Serve handle", exc)
-            return
-        for i in range(self._target - self._open):
-            if not endpoints:
-                break
-            host, port, token = endpoints[i % len(endpoints)]
-            try:
-                client = await TransportClient.connect(host, port, token)
-            except (TimeoutError, OSError) as exc:
-                log.warning("cannot reach replica at %s:%s (%s); using the Serve handle", host, port, exc)
-                continue
-            self._open += 1
-            self._idle.put_nowait(client)
-
-    def _schedule_replenish(self) -> None:
-        if self._replenishing is None or self._replenishing.done():
-            self._replenishing = asyncio.create_task(self._replenish())
+        await self.pool.start()
 
     async def forward(self, obs: np.ndarray) -> PolicyOutput:
-        try:
-            client = self._idle.get_nowait()
-        except asyncio.QueueEmpty:
+        picked = self.pool.acquire()
+        if picked is None:
             self.fallbacks += 1
             return await self.serve.forward(obs)
+        replica, link = picked
         try:
-            out = await client.forward(obs)
+            async with asyncio.timeout(self.timeout_s):
+                out = await link.forward(obs)
         except RemoteModelError as exc:
-            self._idle.put_nowait(client)
+            self.pool.release(replica, link)
             raise ModelError(f"the model raised {summary(exc)}") from exc
+        except TimeoutError as exc:
+            self.pool.release(replica, link, broken=True)
+            raise GatewayTimeout(
+                f"the replica at {replica.endpoint[0]}:{replica.endpoint[1]} did not answer within "
+                f"{self.timeout_s:g} s (POLICY_SERVER_DIRECT_TIMEOUT_S)"
+            ) from exc
         except TransportError:
-            client.close()
-            self._open -= 1
-            self._schedule_replenish()
+            self.pool.release(replica, link, broken=True)
             self.fallbacks += 1
             return await self.serve.forward(obs)
-        self._idle.put_nowait(client)
+        except BaseException:  # cancelled (the client left): the answer may still come on this link
+            self.pool.release(replica, link, broken=True)
+            raise
+        self.pool.release(replica, link)
         return out
 
     async def ready(self) -> bool:
@@ -160,5 +149,4 @@ class DirectTransport(PolicyTransport):
         return await self.serve.snapshot()
 
     def close(self) -> None:
-        while not self._idle.empty():
-            self._idle.get_nowait().close()
+        self.pool.close()
