@@ -9,7 +9,8 @@ the control plane (placement, health, weights) and the streaming handle the fall
 
 Nothing is pickled: frames are msgpack (plain data; decoding runs no code) and only the error
 classes of ``policy_server.errors`` are rebuilt, by name. A connection starts with the replica's
-random token (compared in constant time); then it carries one stream at a time::
+random token (compared in constant time), sent within ``HELLO_TIMEOUT_S`` or the replica closes it
+(as it closes connections over ``MAX_CONNECTIONS``); then it carries one stream at a time::
 
     hello     b"PSL1" | token (32 bytes)
     frame     uint32 length (little-endian) | msgpack
@@ -42,7 +43,13 @@ from policy_server import errors
 from policy_server.errors import BackendUnavailable, FieldError, ModelError, PolicyServerError
 from policy_server.llm.params import GenerationParams, SampleChunk, StructuredOutput
 from policy_server.serving.errors import domain_error
-from policy_server.serving.transport import TOKEN_BYTES, hello, is_hello  # one hello for both direct paths
+from policy_server.serving.transport import (  # one hello, and one set of limits, for both direct paths
+    HELLO_TIMEOUT_S,
+    MAX_CONNECTIONS,
+    TOKEN_BYTES,
+    hello,
+    is_hello,
+)
 
 log = logging.getLogger(__name__)
 
@@ -123,9 +130,11 @@ def decode_error(name: str, message: str, fields: list[list[str]], retry_after_s
 class _ReplicaConnection(asyncio.Protocol):
     """One gateway's connection: the hello, then one stream at a time (see the module's protocol)."""
 
-    def __init__(self, token: bytes, streams: Streams, open_connections: set[_ReplicaConnection]) -> None:
+    def __init__(self, token: bytes, streams: Streams, open_connections: set[_ReplicaConnection],
+                 max_connections: int = MAX_CONNECTIONS, hello_timeout_s: float = HELLO_TIMEOUT_S) -> None:
         self._token, self._streams = token, streams
-        self._open = open_connections
+        self._open, self._max, self._hello_timeout_s = open_connections, max_connections, hello_timeout_s
+        self._silent: asyncio.TimerHandle | None = None
         self._buffer = bytearray()
         self._greeted = False
         self._task: asyncio.Task[None] | None = None
@@ -134,11 +143,17 @@ class _ReplicaConnection(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's transports are not asyncio's classes
+        if len(self._open) >= self._max:  # over the cap: a leak or a flood, not a gateway
+            self.transport.close()
+            return
         self._open.add(self)
         _no_delay(transport)
+        self._silent = asyncio.get_running_loop().call_later(self._hello_timeout_s, self.transport.close)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._open.discard(self)
+        if self._silent is not None:
+            self._silent.cancel()
         if self._task is not None:
             self._task.cancel()  # the gateway left: the engine aborts the request
         self.resume_writing()
@@ -166,6 +181,8 @@ class _ReplicaConnection(asyncio.Protocol):
                 return
             del self._buffer[:size]
             self._greeted = True
+            if self._silent is not None:
+                self._silent.cancel()
         self._start_stream()
 
     def _start_stream(self) -> None:
@@ -218,7 +235,8 @@ class LLMStreamServer:
     """Serves ``streams`` on an ephemeral port of ``host``, on ``loop`` (an event loop running in
     another thread, where the streams must be iterated), or on a loop thread of its own."""
 
-    def __init__(self, streams: Streams, token: str, host: str, loop: asyncio.AbstractEventLoop | None = None) -> None:
+    def __init__(self, streams: Streams, token: str, host: str, loop: asyncio.AbstractEventLoop | None = None,
+                 max_connections: int = MAX_CONNECTIONS, hello_timeout_s: float = HELLO_TIMEOUT_S) -> None:
         self._thread: threading.Thread | None = None
         if loop is None:
             loop = asyncio.new_event_loop()
@@ -227,7 +245,10 @@ class LLMStreamServer:
         self.loop = loop
         secret = bytes.fromhex(token)
         self._connections: set[_ReplicaConnection] = set()
-        start = loop.create_server(lambda: _ReplicaConnection(secret, streams, self._connections), host, 0, backlog=1024)
+        start = loop.create_server(
+            lambda: _ReplicaConnection(secret, streams, self._connections, max_connections, hello_timeout_s),
+            host, 0, backlog=1024,
+        )
         self._server = asyncio.run_coroutine_threadsafe(start, loop).result(timeout=30)
 
     @property

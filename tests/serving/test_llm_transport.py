@@ -253,3 +253,18 @@ def test_the_end_frame_is_what_the_server_sends_last(server: LLMStreamServer) ->
             part = raw.recv(65536)
             assert part, "the server closed before the end frame"
             data += part
+
+
+async def _no_streams(prompt_ids: list[int], params: GenerationParams) -> AsyncIterator[SampleChunk]:
+    yield SampleChunk(0, [1], [0.0], None, "length", None, 0)
+
+
+def test_a_peer_that_never_says_hello_is_dropped_and_connections_over_the_cap_at_once() -> None:
+    srv = LLMStreamServer(_no_streams, TOKEN, "127.0.0.1", max_connections=1, hello_timeout_s=0.3)
+    try:
+        with socket.create_connection(srv.address, timeout=5) as silent:
+            with socket.create_connection(srv.address, timeout=5) as extra:
+                assert extra.recv(16) == b""  # over the cap of 1: closed at once
+            assert silent.recv(16) == b""  # no hello within 0.3 s: closed (a 5 s wait would fail)
+    finally:
+        srv.close()
