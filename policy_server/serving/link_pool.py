@@ -44,6 +44,7 @@ class ReplicaLinks:
     endpoint: Endpoint
     idle: list[TransportClient] = field(default_factory=list)
     busy: int = 0
+    batches: int = 0  # sent on this replica's links, all told
     gone: bool = False  # Serve no longer lists it: its links close as they come back
 
     @property
@@ -77,6 +78,7 @@ class LinkPool:
         k = next(self._turn) % len(ready)
         replica = min(ready[k:] + ready[:k], key=lambda r: r.busy)  # min keeps the first of equals
         replica.busy += 1
+        replica.batches += 1
         return replica, replica.idle.pop()
 
     def release(self, replica: ReplicaLinks, link: TransportClient, broken: bool = False) -> None:
