@@ -124,9 +124,15 @@ class TrainerActor:
         def publish(weights: dict[str, np.ndarray], version: int) -> None:
             handle.broadcast("set_weights", weights, version).results(timeout_s=PUBLISH_TIMEOUT_S)
 
+        version = 0
+        if ray.get_runtime_context().was_current_actor_reconstructed:
+            # Ray restarted this actor after its process died: go on from the newest checkpoint,
+            # numbered past what the replicas serve now (clients act with that version)
+            spec = spec.model_copy(update={"resume": True})
+            version = handle.version.remote().result(timeout_s=PUBLISH_TIMEOUT_S)
         module = load_module(model_bytes, fmt, device)
         self.trainer: Trainer = build_trainer(
-            policy, spec, module, space, obs_dim, publish, RayTrainerMetrics(policy, app_name), device
+            policy, spec, module, space, obs_dim, publish, RayTrainerMetrics(policy, app_name), device, version
         )
         self.trainer.open()
 

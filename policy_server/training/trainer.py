@@ -365,8 +365,10 @@ def build_trainer(
     publish: Publish,
     metrics: TrainerMetrics | None = None,
     device: str = "cpu",
+    version: int = 0,
 ) -> Trainer:
-    """A trainer for ``module`` (its own copy of the served model, loaded from the same file)."""
+    """A trainer for ``module`` (its own copy of the served model, loaded from the same file),
+    counting model versions from ``version`` (the served one, when a trainer restarts)."""
     import torch
 
     from policy_server.training.learners import make_learner
@@ -375,4 +377,4 @@ def build_trainer(
         torch.manual_seed(spec.seed)
     learner = make_learner(module, obs_dim, space, spec, device)
     store = CheckpointStore(spec.checkpoint_dir / policy, keep=spec.keep_checkpoints)
-    return Trainer(policy, spec, learner, publish, store, metrics=metrics)
+    return Trainer(policy, spec, learner, publish, store, version=version, metrics=metrics)
