@@ -106,7 +106,11 @@ class TrainingSpec:
     autostart: bool = True
     """Start training when the server starts; otherwise wait for `POST .../train/start`."""
     resume: bool = False
-    """At start-up, resume from the newest checkpoint in `checkpoint_dir` if there is one."""
+    """At start-up, resume from the newest checkpoint in `checkpoint_dir` if there is one (and add
+    the experience journaled after it). A trainer that Ray restarts after its process died always resumes."""
+    journal: bool = True
+    """Write each accepted batch to `<checkpoint_dir>/<policy>/experience.journal` (fsynced) before
+    answering, until a checkpoint holds it: a trainer that dies loses no acknowledged experience."""
     checkpoint_dir: Path = Path("checkpoints")
     """Where checkpoints go (relative to the schema's folder; the trainer's node must see it)."""
     checkpoint_every: int = Field(20, ge=1)

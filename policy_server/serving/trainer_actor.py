@@ -8,6 +8,7 @@ on :8080). Its methods run in a thread pool, so requests never wait for an updat
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import numpy as np
@@ -128,7 +129,7 @@ class TrainerActor:
         if ray.get_runtime_context().was_current_actor_reconstructed:
             # Ray restarted this actor after its process died: go on from the newest checkpoint,
             # numbered past what the replicas serve now (clients act with that version)
-            spec = spec.model_copy(update={"resume": True})
+            spec = dataclasses.replace(spec, resume=True)
             version = handle.version.remote().result(timeout_s=PUBLISH_TIMEOUT_S)
         module = load_module(model_bytes, fmt, device)
         self.trainer: Trainer = build_trainer(

@@ -21,6 +21,9 @@ class Learner(ABC):
     """
 
     algorithm: str
+    state_holds_samples = False
+    """Whether ``state_dict`` holds the rows added so far (a replay buffer); otherwise only rows
+    an ``update`` consumed are in a checkpoint (an on-policy rollout)."""
 
     def __init__(self, actor: torch.nn.Module, device: str) -> None:
         self.actor, self.device = actor, device

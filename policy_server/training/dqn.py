@@ -54,6 +54,7 @@ def culprits(td_errors: torch.Tensor) -> np.ndarray:
 
 class DQNLearner(Learner):
     algorithm = "dqn"
+    state_holds_samples = True  # the replay buffer is checkpointed
 
     def __init__(
         self,

@@ -27,6 +27,7 @@ from policy_server.training.checkpoint import CheckpointStore, periodic_name
 from policy_server.training.collect import Acted, StepCollector
 from policy_server.training.experience import ExperienceBatch
 from policy_server.training.guard import NonFiniteUpdate, Reason, nonfinite
+from policy_server.training.journal import ExperienceJournal
 from policy_server.training.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
@@ -59,8 +60,9 @@ class Trainer:
         version: int = 0,
         metrics: TrainerMetrics | None = None,
         clock: Callable[[], float] = time.monotonic,
+        journal: ExperienceJournal | None = None,
     ) -> None:
-        self.policy, self.spec, self.learner = policy, spec, learner
+        self.policy, self.spec, self.learner, self.journal = policy, spec, learner, journal
         self._publish, self.store, self.metrics = publish, store, metrics or TrainerMetrics()
         self.version = version
         self.state: State = "paused"
@@ -77,7 +79,8 @@ class Trainer:
         self._unpublished = False
         self._best_due = False
         self._cond = threading.Condition()
-        self._pending: list[ExperienceBatch] = []
+        self._pending: list[tuple[int, ExperienceBatch]] = []  # with their journal sequence numbers
+        self._added_seq = self._consumed_seq = self._resumed_seq = 0  # journal numbers reached (see _checkpoint)
         self._commands: list[tuple[Callable[[], Any], Future[Any]]] = []
         self._closing = False
         self._thread: threading.Thread | None = None
@@ -90,6 +93,13 @@ class Trainer:
         self._thread.start()
         if self.spec.resume and self.store.latest() is not None:
             self.resume(None)
+        if self.journal is not None:
+            if self.spec.resume:  # what clients were told was accepted after the checkpoint
+                with self._cond:
+                    self._pending.extend(self.journal.since(self._resumed_seq))
+                    self._cond.notify_all()
+            else:  # a fresh start: an earlier run's experience is not this run's
+                self.journal.forget_through(self.journal.last_seq)
         if self.spec.autostart:
             self.start()
 
@@ -137,7 +147,9 @@ class Trainer:
                     f"{self.version - self.spec.max_sample_delay} (current {self.version}); "
                     "download the current weights"
                 )
-            self._pending.append(batch if stale == 0 else batch.select(fresh))
+            kept = batch if stale == 0 else batch.select(fresh)
+            seq = self.journal.append(kept) if self.journal is not None else 0  # on disk before the answer
+            self._pending.append((seq, kept))
             self._cond.notify_all()
             return {"accepted": accepted, "rejected": stale, "model_version": self.version, "state": self.state}
 
@@ -241,8 +253,9 @@ class Trainer:
                     break
                 pending, self._pending = self._pending, []
                 commands, self._commands = self._commands, []
-            for batch in pending:
+            for seq, batch in pending:
                 self.learner.add(batch)
+                self._added_seq = max(self._added_seq, seq)
             self._exploration = self.learner.exploration()
             for fn, future in commands:
                 try:
@@ -271,6 +284,7 @@ class Trainer:
 
     def _update(self) -> None:
         start = time.perf_counter()
+        self._consumed_seq = self._added_seq  # an update takes (or, refused, drops) every row added
         try:
             stats = self.learner.update()
         except NonFiniteUpdate as exc:  # rolled back: no new version, nothing published or saved
@@ -305,6 +319,8 @@ class Trainer:
         self._unpublished = False
 
     def _checkpoint(self, name: str) -> str:
+        """Save the learner and counters as ``name``; the journal then forgets what the checkpoint holds."""
+        covered = self._added_seq if self.learner.state_holds_samples else self._consumed_seq
         state = {
             "policy": self.policy,
             "algorithm": self.spec.algorithm,
@@ -315,8 +331,11 @@ class Trainer:
             "telemetry": self.telemetry.state_dict(),
             "learner": self.learner.state_dict(),
             "saved_at": time.time(),
+            "journal_seq": covered,
         }
         self.store.save(name, state)
+        if self.journal is not None:
+            self.journal.forget_through(covered)
         self.last_checkpoint = name
         return name
 
@@ -340,6 +359,7 @@ class Trainer:
             self.telemetry.load_state_dict(state["telemetry"])
             self.updates = int(state["updates"])
             self.samples_accepted = int(state["samples_accepted"])
+            self._resumed_seq = int(state.get("journal_seq", 0))
             self.version = max(self.version + 1, int(state["version"]))
         self._exploration = self.learner.exploration()
         self._publish_weights()
@@ -377,4 +397,5 @@ def build_trainer(
         torch.manual_seed(spec.seed)
     learner = make_learner(module, obs_dim, space, spec, device)
     store = CheckpointStore(spec.checkpoint_dir / policy, keep=spec.keep_checkpoints)
-    return Trainer(policy, spec, learner, publish, store, version=version, metrics=metrics)
+    journal = ExperienceJournal(spec.checkpoint_dir / policy) if spec.journal else None
+    return Trainer(policy, spec, learner, publish, store, version=version, metrics=metrics, journal=journal)

@@ -220,3 +220,46 @@ def test_a_checkpoint_with_non_finite_weights_is_not_resumed(trainer: Trainer, p
         trainer.resume("poisoned")
     assert trainer.status()["model_version"] == 0 and published.versions == []
     assert all(np.isfinite(w).all() for w in trainer.learner.actor_weights().values())
+
+
+def test_a_trainer_that_died_gets_back_every_acknowledged_step_from_its_journal(model_bytes: bytes, tmp_path: Path) -> None:
+    first = make_trainer(model_bytes, tmp_path, Published())
+    first.open()
+    first.submit(steps(32))  # one update, then a checkpoint holds these rows
+    wait_until(lambda: first.status()["model_version"] == 1)
+    first.save()
+    first.submit(steps(20, version=1, client="after"))  # acknowledged, in no checkpoint
+    # the process dies here: no close(), nothing more written
+
+    published = Published()
+    second = build_restarted(model_bytes, tmp_path, published)
+    second.open()
+    try:
+        wait_until(lambda: len(second.learner.buffer) == 20, 10)  # the 20 journaled rows, not the 32 trained ones
+        assert second.submit(steps(12, version=2))["accepted"] == 12  # with them, a full rollout
+        wait_until(lambda: second.status()["updates"] == 2, 10)
+    finally:
+        second.close()
+
+
+def build_restarted(model_bytes: bytes, tmp_path: Path, published: Published) -> Trainer:
+    """A trainer on ``tmp_path`` as Ray restarts one: resuming, and past the served version (1)."""
+    options = {"ppo": PPOConfig(rollout_samples=32, num_minibatches=2, update_epochs=1), "seed": 0,
+               "checkpoint_dir": tmp_path, "checkpoint_every": 2, "return_window": 2, "resume": True}
+    return build_trainer("p", TrainingSpec(**options), load_module(model_bytes, "export"), DiscreteSpace(N_ACTIONS),
+                         OBS_DIM, published, version=1)
+
+
+def test_a_fresh_start_does_not_train_on_an_earlier_runs_journal(model_bytes: bytes, tmp_path: Path) -> None:
+    first = make_trainer(model_bytes, tmp_path, Published())
+    first.open()
+    first.submit(steps(20))
+    first.close()
+    second = make_trainer(model_bytes, tmp_path, Published())  # resume: false
+    second.open()
+    try:
+        assert second.submit(steps(12))["accepted"] == 12
+        assert second.status()["model_version"] == 0 and len(second.learner.buffer) <= 12
+        assert second.journal is not None and [s for s, _ in second.journal.since(0)] == [2]
+    finally:
+        second.close()
