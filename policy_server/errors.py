@@ -19,6 +19,7 @@ status and the machine-readable ``code`` it is answered with; the gateway transl
     │   ├── StaleGroup               409 stale_group
     │   ├── RunFinished              409 run_finished
     │   └── TooManyRuns              409 too_many_runs
+    ├── TaskLost                     410 task_lost
     ├── PayloadTooLarge              413 payload_too_large
     ├── ModelError                   500 model_error
     ├── ClientGenerationFailed       500 client_generation_failed
@@ -137,6 +138,14 @@ class NotTrainable(NotFound):
     """The policy has no ``training`` section in the schema."""
 
     code = "not_trainable"
+
+
+class TaskLost(PolicyServerError):
+    """A queued task was held by a replica whose process died (Serve replaced it): its request and
+    result are gone; submit it again."""
+
+    status = 410
+    code = "task_lost"
 
 
 class Conflict(PolicyServerError):

@@ -7,10 +7,15 @@ way to the client (a dropped connection) is gone; generate it again. ``get`` onl
 What is never fetched expires: a pending task ``ttl_s`` after it was created, a finished one
 ``ttl_s`` after it finished. The store holds at most ``max_tasks`` tasks; beyond that ``create``
 raises ``QueueFull`` (429).
+
+Tasks live in memory, so a store that is created again (its replica's process died and Serve
+started another) has lost them. Task ids start with their store's random ``incarnation``: an id
+of another incarnation is answered ``TaskLost`` (410, "submit it again"), not a bare 404.
 """
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 import uuid
@@ -19,9 +24,10 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from policy_server.errors import Conflict, NotFound, PolicyServerError, QueueFull
+from policy_server.errors import Conflict, NotFound, PolicyServerError, QueueFull, TaskLost
 
 TaskState = Literal["pending", "done", "failed"]
+_INCARNATION = re.compile(r"[0-9a-f]{8}-[0-9a-f]{32}")  # the form of the ids a store hands out
 Failure = PolicyServerError | str
 """Why a task failed: the error its fetcher gets (kept whole), or a message."""
 
@@ -64,6 +70,7 @@ class TaskStore:
         self.ttl_s = ttl_s
         self.max_tasks = max_tasks
         self._clock = clock
+        self.incarnation = uuid.uuid4().hex[:8]
         self._lock = threading.Lock()
         # Ordered by expiry: every write sets expires_at = now + ttl_s and moves the task to the end.
         self._tasks: OrderedDict[str, _Task] = OrderedDict()
@@ -77,7 +84,7 @@ class TaskStore:
                     f"{len(self._tasks)} queued tasks are pending or waiting to be fetched "
                     f"(max_tasks={self.max_tasks}); fetch finished tasks or retry shortly"
                 )
-            task_id = uuid.uuid4().hex
+            task_id = f"{self.incarnation}-{uuid.uuid4().hex}"
             self._tasks[task_id] = _Task(dict(meta or {}), now + self.ttl_s)
             return task_id
 
@@ -133,6 +140,11 @@ class TaskStore:
 
     def _require(self, task_id: str) -> _Task:
         task = self._tasks.get(task_id)
+        if task is None and _INCARNATION.fullmatch(task_id) and not task_id.startswith(f"{self.incarnation}-"):
+            raise TaskLost(
+                f"task {task_id!r} was queued on a replica that has since been replaced (its process "
+                "died): the task and its result are lost; submit it again"
+            )
         if task is None:
             raise NotFound(
                 f"no task {task_id!r}: it never existed, its result was already fetched, or it expired "

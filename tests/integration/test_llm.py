@@ -183,3 +183,39 @@ def test_concurrent_fetches_of_a_queued_task_get_its_result_exactly_once(server:
     finals = sorted(seen[-1] for seen in polls)
     assert finals == [200] + [404] * 7, polls
     assert all(set(seen[:-1]) <= {202} for seen in polls), polls
+
+
+def test_a_task_whose_replica_was_killed_answers_410_and_new_tasks_complete(server: str) -> None:
+    """The one replica holding tasks and sessions dies (SIGKILL to its process): its tasks are gone,
+    and fetching one says so (410 task_lost), never a bare 404; Serve replaces the replica."""
+    import os
+    import signal
+    import time
+
+    from ray._private.state import actors  # the GCS's table: the test session's Ray has no dashboard
+
+    def tasks_replicas() -> dict[str, int]:
+        return {i: a["Pid"] for i, a in actors().items()
+                if a["ActorClassName"] == "ServeReplica:it-llm-llm-tasks:llm-tasks" and a["State"] == "ALIVE"}
+
+    with httpx.Client(base_url=server, headers=AUTH, timeout=60) as client:
+        task_id = client.post("/llm/forward", json={"question": "What is 6 + 1?"}).json()["task_id"]
+        (victim, pid), = tasks_replicas().items()
+        os.kill(pid, signal.SIGKILL)
+        seen: list[int] = []
+
+        def lost() -> bool:
+            answer = client.get(f"/llm/forward/{task_id}")
+            seen.append(answer.status_code)
+            if answer.status_code == 503:
+                assert "Retry-After" in answer.headers
+            return answer.status_code == 410 and answer.json()["error"]["code"] == "task_lost"
+
+        wait_until(lost, 120, 0.5, lambda: f"answers {seen[-5:]}")
+        assert set(seen) <= {202, 200, 503, 410} and victim not in tasks_replicas()
+        new_id = client.post("/llm/forward", json={"question": "What is 2 + 2?"}).json()["task_id"]
+        deadline = time.monotonic() + 60
+        while (answer := client.get(f"/llm/forward/{new_id}")).status_code == 202:
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        assert answer.status_code == 200, answer.text

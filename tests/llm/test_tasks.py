@@ -6,7 +6,7 @@ import threading
 
 import pytest
 
-from policy_server.errors import Conflict, NotFound, QueueFull
+from policy_server.errors import Conflict, NotFound, QueueFull, TaskLost
 from policy_server.llm.tasks import TaskStore
 
 
@@ -30,7 +30,8 @@ def store(clock: FakeClock) -> TaskStore:
 
 def test_a_task_goes_from_pending_to_done_with_its_meta_and_result(store: TaskStore) -> None:
     task_id = store.create({"question": "2+2?"})
-    assert len(task_id) == 32 and int(task_id, 16) >= 0
+    incarnation, unique = task_id.split("-")
+    assert incarnation == store.incarnation and len(unique) == 32 and int(unique, 16) >= 0
     view = store.get(task_id)
     assert (view.task_id, view.state, view.meta, view.result, view.error) == (
         task_id,
@@ -198,3 +199,17 @@ def test_concurrent_use_from_threads_loses_nothing() -> None:
         thread.join()
     assert len(set(ids)) == 1600 == len(store)
     assert all(store.get(task_id).result == tuple(store.get(task_id).meta.values()) for task_id in ids)
+
+
+def test_a_task_of_a_store_that_died_is_lost_not_unknown(store: TaskStore) -> None:
+    task_id = store.create()
+    restarted = TaskStore(ttl_s=600, max_tasks=3)  # the replica's process died; Serve started another
+    with pytest.raises(TaskLost, match="submit it again") as lost:
+        restarted.take(task_id)
+    assert lost.value.status == 410
+    with pytest.raises(NotFound):  # an id this server never handed out stays a 404
+        restarted.take("0123456789abcdef")
+    with pytest.raises(NotFound):  # ... as does one of this store that was fetched already
+        store.complete(task_id, "r")
+        store.take(task_id)
+        store.take(task_id)

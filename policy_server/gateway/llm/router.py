@@ -104,7 +104,8 @@ def llm_router(service: LLMService, auth: Auth, prefix: str, trainer: Starting[X
     )
     async def forward_result(task_id: str) -> Any:
         """The result of a queued task, handed out once: kept until fetched, or until it expires. A
-        task still generating answers 202 `pending`; an unknown, expired or already fetched id 404."""
+        task still generating answers 202 `pending`; an unknown, expired or already fetched id 404;
+        a task whose replica died before it was fetched 410 `task_lost` (submit it again)."""
         view = await service.require_tasks().task(task_id)
         if view.state == "pending":
             return JSONResponse({"task_id": task_id, "status": "pending"}, status_code=202)
