@@ -133,17 +133,18 @@ class Settings(BaseSettings):
         for name in ("ssl_certfile", "ssl_keyfile", "ssl_ca_certs"):
             _readable_file(getattr(self, name), f"POLICY_SERVER_{name.upper()}")
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        password = self.ssl_keyfile_password.get_secret_value() if self.ssl_keyfile_password else None
+        # without a password, an encrypted key fails here instead of OpenSSL asking on the terminal
+        password = self.ssl_keyfile_password.get_secret_value() if self.ssl_keyfile_password else (lambda: b"")
         try:
             context.load_cert_chain(self.ssl_certfile, self.ssl_keyfile, password)
-        except ssl.SSLError as exc:
-            raise ValueError(f"POLICY_SERVER_SSL_CERTFILE {self.ssl_certfile} and its key cannot be loaded: not PEM, "
-                             f"a key that does not match the certificate, or a wrong key password ({exc.reason})") from None
+        except ssl.SSLError:
+            raise ValueError(f"POLICY_SERVER_SSL_CERTFILE {self.ssl_certfile} and its key cannot be loaded: not PEM, a key "
+                             "that does not match the certificate, or a missing or wrong key password") from None
         if self.ssl_ca_certs is not None:
             try:
                 context.load_verify_locations(self.ssl_ca_certs)
-            except ssl.SSLError as exc:
-                raise ValueError(f"POLICY_SERVER_SSL_CA_CERTS {self.ssl_ca_certs}: no PEM certificates ({exc.reason})") from None
+            except ssl.SSLError:
+                raise ValueError(f"POLICY_SERVER_SSL_CA_CERTS {self.ssl_ca_certs}: no PEM certificates") from None
         return self
 
     def uvicorn_ssl(self) -> dict[str, Any]:
