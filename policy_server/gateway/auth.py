@@ -51,10 +51,13 @@ class ApiKeys:
     def __init__(self, fixed: KeySet, file: KeysFile | None = None) -> None:
         self.fixed, self.file = fixed, file
         self.required = bool(fixed) or file is not None
+        self._from_file, self._all = KeySet(), fixed
 
     def current(self) -> KeySet:
         """Every key valid now (re-reads the keys file when it changed)."""
-        return self.fixed | self.file.current() if self.file is not None else self.fixed
+        if self.file is not None and (keys := self.file.current()) is not self._from_file:
+            self._from_file, self._all = keys, self.fixed | keys
+        return self._all
 
 
 def api_keys(settings: Settings, schema: ServerSchema) -> ApiKeys:
