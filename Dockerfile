@@ -41,4 +41,7 @@ EXPOSE 8000 8080 8081
 HEALTHCHECK --interval=15s --timeout=5s --start-period=60s --retries=3 \
     CMD python -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/health/ready', timeout=4)"
 # Ray keeps its object store in shared memory: run with --shm-size=2g or more.
+# HTTPS (README "Security"): mount the certificate and key, set POLICY_SERVER_SSL_CERTFILE and
+# POLICY_SERVER_SSL_KEYFILE, and run `python generate.py serve --host 0.0.0.0` instead (or pass
+# uvicorn's --ssl-certfile/--ssl-keyfile here); the HEALTHCHECK above then needs https.
 CMD ["uvicorn", "app:app", "--host", "0.0.0.0", "--port", "8000"]

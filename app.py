@@ -2,10 +2,10 @@
 
 import sys
 
-from policy_server.errors import SchemaError
+from policy_server.errors import SchemaError, SettingsError
 from policy_server.gateway.app import build_app
 
 try:
     app = build_app()
-except SchemaError as exc:  # the user's to fix: the reason, not a traceback (exit status 1)
+except (SchemaError, SettingsError) as exc:  # the user's to fix: the reason, not a traceback (exit status 1)
     sys.exit(f"policy-server: {exc.message}")

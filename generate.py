@@ -18,14 +18,17 @@ from policy_server.errors import PolicyServerError
 
 
 def serve(host: str = "127.0.0.1", port: int = 8000, schema: str | None = None) -> None:
-    """Serve a schema (default: ./schema.yaml) with uvicorn, like `uvicorn app:app`."""
+    """Serve a schema (default: ./schema.yaml) with uvicorn, like `uvicorn app:app`; over HTTPS when
+    POLICY_SERVER_SSL_CERTFILE (and POLICY_SERVER_SSL_KEYFILE, ...) are set, checked first."""
     import os
 
     import uvicorn
 
+    from policy_server.settings import load_settings
+
     if schema:
         os.environ["SCHEMA_PATH"] = schema
-    uvicorn.run("app:app", host=host, port=port)
+    uvicorn.run("app:app", host=host, port=port, **load_settings().uvicorn_ssl())
 
 
 def main() -> None:

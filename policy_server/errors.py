@@ -7,6 +7,7 @@ status and the machine-readable ``code`` it is answered with; the gateway transl
 
     PolicyServerError                500 internal_error
     ├── SchemaError                  (start-up only: schema.yaml or model file is wrong)
+    ├── SettingsError                (start-up only: a setting, e.g. a certificate file, is wrong)
     ├── InvalidRequest               422 invalid_request
     │   └── ModelOverflow            422 model_overflow
     ├── Unauthorized                 401 unauthorized
@@ -113,9 +114,23 @@ class ModelOverflow(InvalidRequest):
     code = "model_overflow"
 
 
+class SettingsError(PolicyServerError):
+    """A server setting (an environment variable or ``.env`` entry) is invalid; raised at start-up,
+    never per request. The message names the variable, never a secret's value."""
+
+    code = "settings_error"
+
+
 class Unauthorized(PolicyServerError):
+    """No credentials, or (on the OpenAI routes) wrong ones. Answered with a ``WWW-Authenticate``
+    header carrying ``challenge`` (RFC 9110 §11.6.1), e.g. ``Bearer realm="policy-server"``."""
+
     status = 401
     code = "unauthorized"
+
+    def __init__(self, message: str, challenge: str) -> None:
+        super().__init__(message)
+        self.challenge = challenge
 
 
 class Forbidden(PolicyServerError):

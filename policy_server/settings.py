@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+import json
+import os
+import ssl
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
-from pydantic import AliasChoices, Field, SecretStr, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from policy_server.errors import SettingsError
+
+CERT_REQS = {"none": ssl.CERT_NONE, "optional": ssl.CERT_OPTIONAL, "required": ssl.CERT_REQUIRED}
 
 
 class Settings(BaseSettings):
@@ -20,7 +28,24 @@ class Settings(BaseSettings):
         description="The schema.yaml to serve; model paths in it are relative to its folder.",
     )
     api_key: SecretStr | None = Field(
-        None, description="Overrides `parameters.api_key` of the schema when set."
+        None, description="Overrides the schema's server-wide keys (`parameters.api_key`, `api_keys`) when set."
+    )
+    api_keys_file: Path | None = Field(
+        None, description="A YAML or JSON file of api keys (`server`, `policies.<name>`, `llm` lists), "
+        "re-read when it changes: keys rotate without a restart."
+    )
+    cors_origins: Annotated[list[str], NoDecode] = Field(
+        [], description="Origins (`https://app.example.com`, or `*`) whose browser pages may call the API "
+        "(CORS); a JSON list or a comma-separated list. Empty: no CORS headers."
+    )
+    ssl_certfile: Path | None = Field(
+        None, description="TLS certificate (PEM; may hold the key too) that `generate.py serve` serves HTTPS with."
+    )
+    ssl_keyfile: Path | None = Field(None, description="TLS private key (PEM) of `ssl_certfile`.")
+    ssl_keyfile_password: SecretStr | None = Field(None, description="Password of an encrypted `ssl_keyfile`.")
+    ssl_ca_certs: Path | None = Field(None, description="CA certificates (PEM) that client certificates are checked against.")
+    ssl_cert_reqs: Literal["none", "optional", "required"] = Field(
+        "none", description="Whether clients must present a certificate signed by `ssl_ca_certs` (mutual TLS)."
     )
     backend: Literal["serve", "local"] = Field(
         "serve",
@@ -73,7 +98,92 @@ class Settings(BaseSettings):
     )
     clients_timeout_s: float = Field(300.0, gt=0, description="Most seconds one language's generator runs.")
 
-    @field_validator("api_key", "ray_address", mode="before")
+    @field_validator("api_key", "ray_address", "api_keys_file", "ssl_certfile", "ssl_keyfile",
+                     "ssl_keyfile_password", "ssl_ca_certs", mode="before")
     @classmethod
     def _empty_is_unset(cls, value: object) -> object:
         return None if value == "" else value
+
+    @field_validator("cors_origins", mode="before")
+    @classmethod
+    def _origin_list(cls, value: object) -> object:
+        if isinstance(value, str):
+            text = value.strip()
+            value = json.loads(text) if text.startswith("[") else [o.strip() for o in text.split(",") if o.strip()]
+        return value
+
+    @field_validator("cors_origins")
+    @classmethod
+    def _origins(cls, origins: list[str]) -> list[str]:
+        for origin in origins:
+            parts = urlsplit(origin)
+            if origin != "*" and (parts.scheme not in ("http", "https") or not parts.netloc
+                                  or parts.path or parts.query or parts.fragment):
+                raise ValueError(f"{origin!r} is not an origin: give scheme://host[:port] with no path or "
+                                 "trailing slash (browsers send `https://app.example.com`), or `*`")
+        return origins
+
+    @model_validator(mode="after")
+    def _tls(self) -> Settings:
+        """The TLS files exist, are readable and fit together (key, its password, certificate, CA)."""
+        if self.ssl_certfile is None:
+            given = [name for name in ("ssl_keyfile", "ssl_keyfile_password", "ssl_ca_certs")
+                     if getattr(self, name) is not None] + (["ssl_cert_reqs"] if self.ssl_cert_reqs != "none" else [])
+            if given:
+                raise ValueError(f"POLICY_SERVER_{given[0].upper()} is set without POLICY_SERVER_SSL_CERTFILE")
+            return self
+        if self.ssl_cert_reqs != "none" and self.ssl_ca_certs is None:
+            raise ValueError("POLICY_SERVER_SSL_CERT_REQS needs POLICY_SERVER_SSL_CA_CERTS to check client certificates")
+        for name in ("ssl_certfile", "ssl_keyfile", "ssl_ca_certs"):
+            _readable_file(getattr(self, name), f"POLICY_SERVER_{name.upper()}")
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        # without a password, an encrypted key fails here instead of OpenSSL asking on the terminal
+        password = self.ssl_keyfile_password.get_secret_value() if self.ssl_keyfile_password else (lambda: b"")
+        try:
+            context.load_cert_chain(self.ssl_certfile, self.ssl_keyfile, password)
+        except ssl.SSLError:
+            raise ValueError(f"POLICY_SERVER_SSL_CERTFILE {self.ssl_certfile} and its key cannot be loaded: not PEM, a key "
+                             "that does not match the certificate, or a missing or wrong key password") from None
+        if self.ssl_ca_certs is not None:
+            try:
+                context.load_verify_locations(self.ssl_ca_certs)
+            except ssl.SSLError:
+                raise ValueError(f"POLICY_SERVER_SSL_CA_CERTS {self.ssl_ca_certs}: no PEM certificates") from None
+        return self
+
+    def uvicorn_ssl(self) -> dict[str, Any]:
+        """uvicorn's TLS arguments (``uvicorn.run(..., **settings.uvicorn_ssl())``); empty without a certificate."""
+        if self.ssl_certfile is None:
+            return {}
+        return {
+            "ssl_certfile": str(self.ssl_certfile),
+            "ssl_keyfile": str(self.ssl_keyfile) if self.ssl_keyfile else None,
+            "ssl_keyfile_password": self.ssl_keyfile_password.get_secret_value() if self.ssl_keyfile_password else None,
+            "ssl_ca_certs": str(self.ssl_ca_certs) if self.ssl_ca_certs else None,
+            "ssl_cert_reqs": CERT_REQS[self.ssl_cert_reqs],
+        }
+
+
+def _readable_file(path: Path | None, variable: str) -> None:
+    if path is None:
+        return
+    if not path.is_file():
+        raise ValueError(f"{variable}: {path} {'is not a file' if path.exists() else 'does not exist'}")
+    if not os.access(path, os.R_OK):
+        raise ValueError(f"{variable}: {path} is not readable by this user")
+
+
+def load_settings(**values: Any) -> Settings:
+    """The settings from the environment (and ``.env``), ``values`` overriding them.
+
+    Raises SettingsError naming each wrong setting and why, never a secret's value.
+    """
+    try:
+        return Settings(**values)
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            where = ".".join(str(p) for p in err["loc"])
+            message = err["msg"].removeprefix("Value error, ")
+            problems.append(f"POLICY_SERVER_{where.upper()}: {message}" if where else message)
+        raise SettingsError("invalid settings: " + "; ".join(problems)) from None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import ssl
 import subprocess
 import time
 from collections.abc import Awaitable, Callable
@@ -52,13 +53,14 @@ def _text(message: Message) -> str:
     return message() if callable(message) else message
 
 
-def wait_ready(proc: subprocess.Popen[bytes], url: str, log: Path, timeout: float = 180.0) -> None:
+def wait_ready(proc: subprocess.Popen[bytes], url: str, log: Path, timeout: float = 180.0,
+               verify: ssl.SSLContext | bool = True) -> None:
     """Poll ``url``/health/ready until it answers 200; fail with the log's end if the server exits
-    or is not ready after ``timeout`` seconds."""
+    or is not ready after ``timeout`` seconds. ``verify``: httpx's, for an HTTPS server."""
     def ready() -> bool:
         assert proc.poll() is None, log.read_text()[-3000:]
         try:
-            return httpx.get(f"{url}/health/ready").status_code == 200
+            return httpx.get(f"{url}/health/ready", verify=verify).status_code == 200
         except httpx.HTTPError:
             return False
 
@@ -103,3 +105,35 @@ class GlooReplicaEngine:
         self.weights.update(weights)
         self.version = version
         return version
+
+
+def self_signed_certificate(folder: Path, password: str | None = None) -> tuple[Path, Path]:
+    """A self-signed certificate for ``localhost`` and 127.0.0.1 and its key (encrypted with
+    ``password`` when given), written to ``folder`` as PEM; returns (certificate, key). Usable as
+    its own CA: a server's and a client's certificate in the TLS tests."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName(
+            [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    encryption = (serialization.BestAvailableEncryption(password.encode()) if password
+                  else serialization.NoEncryption())
+    cert_path, key_path = folder / "cert.pem", folder / "key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, encryption))
+    return cert_path, key_path

@@ -10,15 +10,17 @@ from typing import Any
 
 import numpy as np
 from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
 
 from policy_server import __version__
 from policy_server.errors import PolicyServerError
 from policy_server.gateway import grpo, openai, policy, training
 from policy_server.gateway import llm as gateway_llm
 from policy_server.gateway import sdks as gateway_sdks
-from policy_server.gateway.auth import api_key_checker, bearer_checker
+from policy_server.gateway.auth import KEY_NAME, api_key_checker, api_keys, bearer_checker
 from policy_server.gateway.errors import install_error_handlers
 from policy_server.gateway.health import health_router
+from policy_server.gateway.keys import LLM_SCOPE, policy_scope
 from policy_server.gateway.limits import BodySizeLimit
 from policy_server.gateway.llm.setup import LLMServices, llm_services
 from policy_server.gateway.metrics import GatewayMetrics, MetricsMiddleware
@@ -37,7 +39,7 @@ from policy_server.policies.served import resolve_policy
 from policy_server.schema.config import ServerSchema, load_schema
 from policy_server.sdks import ClientSDKs
 from policy_server.serving.runtime import Runtime, make_runtime
-from policy_server.settings import Settings
+from policy_server.settings import Settings, load_settings
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +49,8 @@ Send observations to `/predict` (a sampled action), `/predict_deterministic` (th
 action) or `/distribution` (the exact action distribution); each has a `/batch` form that answers
 many observations in one forward pass. `/collect_experience` acts and, for a policy with a
 `training` section, learns from the steps a client sends (Pathmind's loop). Authenticate with the `access-token` header, query
-parameter or cookie (prefer the header: a query parameter ends up in proxies' logs). Every path
+parameter or cookie (prefer the header: a query parameter ends up in proxies' logs): a missing key
+is a 401 with `WWW-Authenticate`, a wrong one (or another policy's) a 403. Every path
 answers with or without a trailing slash, and with or without the schema's `url_path` (for a
 proxy that strips it). Every error is one JSON envelope: `{"error": {"code", "message", "status",
 "fields"}}`.
@@ -57,13 +60,15 @@ proxy that strips it). Every error is one JSON envelope: `{"error": {"code", "me
 def build_app(settings: Settings | None = None) -> FastAPI:
     """Load and check the schema and its models, and build the gateway app.
 
-    Raises SchemaError (naming the field) when the schema and its models disagree. Ray is started
-    (or joined) by the app's lifespan, not here.
+    Raises SchemaError (naming the field) when the schema and its models disagree, SettingsError
+    when a setting is invalid (a keys file, a certificate). Ray is started (or joined) by the
+    app's lifespan, not here.
     """
     install_log_redaction()
     refusal = install_one_line_refusal()
-    settings = settings or Settings()
+    settings = settings or load_settings()
     schema = load_schema(settings.schema_path)
+    keys = api_keys(settings, schema)
     rng = np.random.default_rng(settings.seed)
     resolved = {name: resolve_policy(spec) for name, spec in schema.policies.items()}
     services = {name: PolicyService(served, rng) for name, (served, _) in resolved.items()}
@@ -110,19 +115,29 @@ def build_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings, app.state.schema, app.state.services = settings, schema, services
     app.state.metrics, app.state.trainings, app.state.llm, app.state.clients = metrics, trainings, llm, sdks
     install_error_handlers(app, f"{prefix}/v1/")
-    auth = api_key_checker(settings.api_key or schema.api_key)
     app.include_router(health_router(schema, services), prefix=prefix)
     for name, service in services.items():
         prefixes = [f"{prefix}/policies/{name}"] + ([prefix] if name == schema.default_policy else [])
+        auth = api_key_checker(keys, policy_scope(name))  # its own keys and the server-wide ones
         policy.mount(app, service, trainings.get(name), auth, settings.max_batch_observations, prefixes)
         training.mount(app, name, trainings.get(name), auth, prefixes)
-    gateway_llm.mount(app, llm, auth, prefix)
-    grpo.mount(app, llm, auth, prefix)
-    openai.mount(app, llm.policy, bearer_checker(settings.api_key or schema.api_key), prefix)
-    gateway_sdks.mount(app, sdks, auth, prefix)
+    llm_auth = api_key_checker(keys, LLM_SCOPE)
+    gateway_llm.mount(app, llm, llm_auth, prefix)
+    grpo.mount(app, llm, llm_auth, prefix)
+    openai.mount(app, llm.policy, bearer_checker(keys, LLM_SCOPE), prefix)
+    gateway_sdks.mount(app, sdks, api_key_checker(keys, None), prefix)  # any valid key: the SDKs are public API
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     app.add_middleware(PathNormalizer, prefix=prefix, slash_routes=slash_routes(app))
+    if settings.cors_origins:  # outermost: preflights are answered before anything else runs
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["GET", "POST", "DELETE"],
+            allow_headers=[KEY_NAME, "authorization", "content-type"],
+            expose_headers=["retry-after", "www-authenticate"],
+            max_age=600,
+        )
     return app
 
 

@@ -13,7 +13,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
-from policy_server.errors import FieldError, InvalidRequest, PolicyServerError
+from policy_server.errors import FieldError, InvalidRequest, PolicyServerError, Unauthorized
 from policy_server.fields import error_message
 from policy_server.gateway.paths import flat_routes
 
@@ -54,6 +54,8 @@ def error_response(exc: PolicyServerError) -> JSONResponse:
     response = envelope(exc.status, exc.code, exc.message, exc.fields)
     if exc.retry_after_s is not None:
         response.headers["Retry-After"] = str(exc.retry_after_s)
+    if isinstance(exc, Unauthorized):  # RFC 9110 §11.6.1: a 401 names how to authenticate
+        response.headers["WWW-Authenticate"] = exc.challenge
     return response
 
 

@@ -32,6 +32,13 @@ class ErrorEnvelope(_Wire):
     error: ErrorBody
 
 
+AUTH_ERRORS = {
+    401: "Missing api key: `WWW-Authenticate` names how to send it (the `access-token` header).",
+    403: "Wrong api key, or a key of another policy.",
+}
+"""What a route behind an ``access-token`` check answers without the right key (``gateway.auth``)."""
+
+
 def error_docs(descriptions: dict[int, str]) -> dict[int | str, dict[str, Any]]:
     """OpenAPI `responses` for error statuses: each is an ``ErrorEnvelope`` with its description."""
     return {status: {"model": ErrorEnvelope, "description": text} for status, text in descriptions.items()}

@@ -7,7 +7,9 @@ valid as it is. Everything else is an optional extension:
 * ``parameters.action_space``: the exact action space (discrete, tuple of discretes, box),
 * ``parameters.resources``: replicas, GPUs and batching of the policy's deployment,
 * ``parameters.training``: train the policy online from clients' experience (PPO or DQN),
-* ``policies``: several named policies, each with the keys above plus its own ``observations``.
+* ``policies``: several named policies, each with the keys above plus its own ``observations``
+  and ``api_keys`` (keys that open only that policy's routes),
+* ``parameters.api_keys``: more server-wide keys beside ``api_key`` (all valid at once).
 """
 
 from __future__ import annotations
@@ -196,6 +198,12 @@ class ServerSchema(_Strict):
     default_policy: str | None
     llm: LLMSection | None = None
     api_key: SecretStr | None = None
+    api_keys: tuple[SecretStr, ...] = ()
+    """Every server-wide key: ``parameters.api_key`` first, then ``parameters.api_keys``."""
+    policy_keys: dict[str, tuple[SecretStr, ...]] = {}
+    """Each policy's own keys (``policies.<name>.api_keys``): they open only its routes."""
+    llm_keys: tuple[SecretStr, ...] = ()
+    """The ``llm`` section's own keys (``llm.api_keys``): they open only the LLM routes."""
     url_path: str = ""
 
     def public(self) -> dict[str, Any]:
@@ -251,14 +259,19 @@ class _PolicyFields(_Strict):
     training: TrainingSpec | None = None
 
 
+ApiKeyList = list[Annotated[str, Field(min_length=1)]]
+
+
 class _Parameters(_PolicyFields):
     api_key: str | None = None
+    api_keys: ApiKeyList = []
     url_path: str | None = None
     default_policy: str | None = None
 
 
 class _PolicyEntry(_PolicyFields):
     observations: dict[ObservationName, ObservationSpec] | None = None
+    api_keys: ApiKeyList = []
 
 
 class _SchemaFile(_Strict):
@@ -315,8 +328,15 @@ def parse_schema(raw: Any, base_dir: Path) -> ServerSchema:
         default_policy=default,
         llm=_resolve_llm(parsed.llm, base_dir),
         api_key=SecretStr(params.api_key) if params.api_key else None,
+        api_keys=_secrets([params.api_key or "", *params.api_keys]),
+        policy_keys={name: _secrets(e.api_keys) for name, e in entries.items() if e.api_keys},
+        llm_keys=_secrets(parsed.llm.api_keys) if parsed.llm else (),
         url_path=(params.url_path or "").strip("/"),
     )
+
+
+def _secrets(keys: list[str]) -> tuple[SecretStr, ...]:
+    return tuple(SecretStr(k) for k in keys if k)
 
 
 def _resolve_llm(llm: LLMSection | None, base_dir: Path) -> LLMSection | None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ByteSize, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
@@ -187,6 +187,9 @@ class LLMValueSpec(_ModelSpec):
 class LLMSection(_Strict):
     policy: LLMPolicySpec | None = None
     value: LLMValueSpec | None = None
+    api_keys: list[Annotated[str, Field(min_length=1)]] = Field(default_factory=list, exclude=True)
+    """Keys that open only the LLM routes (x1, GRPO, value, OpenAI); read into
+    ``ServerSchema.llm_keys`` and dropped by ``resolved``, never dumped."""
 
     @model_validator(mode="after")
     def _distinct_prefixes(self) -> LLMSection:

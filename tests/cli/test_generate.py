@@ -7,7 +7,9 @@ import dataclasses
 import functools
 import io
 import json
+import os
 import shutil
+import ssl
 import subprocess
 import sys
 from collections.abc import Callable
@@ -19,6 +21,7 @@ import httpx
 import pytest
 import torch
 import yaml
+from conftest import multi_policy_schema
 from fastapi.testclient import TestClient
 from safetensors.torch import load_file
 
@@ -301,3 +304,37 @@ def test_dataclass_flags_are_typed_and_bools_are_switches() -> None:
     assert parse_dataclass_args(Args, argv=[]) == Args()
     assert parse_dataclass_args(Args, argv=["--steps", "3", "--no-keep"]) == Args(steps=3, keep=False)
     assert parse_dataclass_args(Args, argv=["--keep", "--rate", "2"]).rate == 2.0
+
+
+def test_serve_speaks_https_with_the_tls_settings_and_refuses_wrong_ones(model_dir: Path, tmp_path: Path) -> None:
+    """`generate.py serve` with POLICY_SERVER_SSL_*: a real uvicorn over TLS with an encrypted key,
+    which an httpx client that trusts the certificate (and only such a client) reaches; a key file
+    that does not exist stops it before uvicorn starts, with the variable's name."""
+    from support import self_signed_certificate, wait_ready
+
+    from policy_server.net import free_port
+
+    cert, key = self_signed_certificate(tmp_path, password="pem-password")
+    schema = tmp_path / "schema.yaml"
+    schema.write_text(yaml.safe_dump(multi_policy_schema(model_dir), sort_keys=False))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("POLICY_SERVER_", "RAY_ADDRESS", "SCHEMA_PATH"))}
+    env |= {"POLICY_SERVER_BACKEND": "local", "POLICY_SERVER_GATEWAY_METRICS_PORT": "0",
+            "POLICY_SERVER_SSL_CERTFILE": str(cert), "POLICY_SERVER_SSL_KEYFILE": str(tmp_path / "missing.pem"),
+            "POLICY_SERVER_SSL_KEYFILE_PASSWORD": "pem-password"}
+    port = free_port()
+    command = [sys.executable, "generate.py", "serve", "--port", str(port), "--schema", str(schema)]
+    refused = subprocess.run(command, check=False, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 1 and "pem-password" not in refused.stderr
+    assert f"POLICY_SERVER_SSL_KEYFILE: {tmp_path / 'missing.pem'} does not exist" in refused.stderr, refused.stderr
+    log = tmp_path / "server.log"
+    with log.open("wb") as out:
+        server = subprocess.Popen(command, cwd=ROOT, env=env | {"POLICY_SERVER_SSL_KEYFILE": str(key)},
+                                  stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    url, trusting = f"https://127.0.0.1:{port}", ssl.create_default_context(cafile=cert)
+    try:
+        wait_ready(server, url, log, timeout=120, verify=trusting)
+        assert httpx.get(f"{url}/health/ready", verify=trusting).json()["status"] == "ready"
+        with pytest.raises(httpx.ConnectError, match="CERTIFICATE_VERIFY_FAILED"):
+            httpx.get(f"{url}/health/ready")  # the system's CAs do not know a self-signed certificate
+    finally:
+        stop_server(server)

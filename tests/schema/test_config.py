@@ -87,6 +87,26 @@ def test_pathmind_schema_loads_unchanged(tmp_path: Path) -> None:
     assert schema.url_path == "my_lpoc_model"
 
 
+def test_several_server_keys_and_a_policys_own_keys_are_read_and_never_shown(tmp_path: Path) -> None:
+    path = write(tmp_path, PATHMIND_SCHEMA + "  api_keys: [second-secret, third-secret]\n")
+    schema = load_schema(path)
+    assert [k.get_secret_value() for k in schema.api_keys] == [API_KEY, "second-secret", "third-secret"]
+    assert schema.policy_keys == {}  # in the one-policy form, `parameters` keys are server-wide
+    many = write(tmp_path, """\
+        policies:
+          lpoc:
+            observations: {a: {type: float}}
+            api_keys: [lpoc-secret]
+          other:
+            observations: {a: {type: float}}
+        """)
+    schema = load_schema(many)
+    assert {n: [k.get_secret_value() for k in keys] for n, keys in schema.policy_keys.items()} == {"lpoc": ["lpoc-secret"]}
+    assert "secret" not in json.dumps(schema.public())
+    path.write_text(PATHMIND_SCHEMA + "  api_keys: ['']\n")
+    assert "parameters.api_keys.0: String should have at least 1 character" in schema_error(path)
+
+
 def test_pathmind_tuple_flag_gives_a_tuple_space(tmp_path: Path) -> None:
     text = PATHMIND_SCHEMA.replace("tuple: False", "tuple: True")
     assert load_schema(write(tmp_path, text)).policies["default"].action_space == TupleSpec()

@@ -123,10 +123,10 @@ def test_an_unknown_language_is_a_422(server: str) -> None:
 
 
 def test_the_api_key_is_required(server: str) -> None:
-    for headers in ({}, {"access-token": "wrong"}):
+    for headers, status, code in (({}, 401, "unauthorized"), ({"access-token": "wrong"}, 403, "forbidden")):
         for path in ("/clients", "/clients/status"):
             answer = httpx.get(f"{server}{path}", headers=headers)
-            assert answer.status_code == 403 and answer.json()["error"]["code"] == "forbidden"
+            assert answer.status_code == status and answer.json()["error"]["code"] == code
 
 
 def test_the_route_is_documented(server: str) -> None:

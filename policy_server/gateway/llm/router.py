@@ -27,13 +27,13 @@ from policy_server.gateway.llm.wire import (
     ValueAnswer,
     ValueForward,
 )
-from policy_server.gateway.openapi import error_docs
+from policy_server.gateway.openapi import AUTH_ERRORS, error_docs
 from policy_server.llm.tasks import Failure
 from policy_server.llm.x1_config import X1TrainingConfig
 from policy_server.serving.api import X1Training
 
 LLM_ERRORS = error_docs({
-    403: "Missing or wrong api key.",
+    **AUTH_ERRORS,
     404: "Unknown task or session.",
     422: "Invalid request: the envelope names each bad field.",
     429: "Too much work queued: retry after `Retry-After` seconds.",

@@ -8,7 +8,7 @@ from fastapi import APIRouter, Depends
 from fastapi.responses import JSONResponse
 
 from policy_server.gateway.auth import Auth
-from policy_server.gateway.openapi import error_docs
+from policy_server.gateway.openapi import AUTH_ERRORS, error_docs
 from policy_server.gateway.policy.service import Mode, PolicyService
 from policy_server.gateway.policy.wire import (
     ActionResponse,
@@ -22,7 +22,7 @@ from policy_server.gateway.policy.wire import (
 from policy_server.policies.spaces import ActionSample
 
 ERRORS = error_docs({
-    403: "Missing or wrong api key.",
+    **AUTH_ERRORS,
     413: "Body too large.",
     422: "Invalid observation: the envelope names each bad field. Code `model_overflow`: valid "
          "values that overflow the model's float32 layers (a bound of its weights).",

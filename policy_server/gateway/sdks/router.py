@@ -13,7 +13,7 @@ from typing import Any
 from fastapi import APIRouter, Depends, Query, Response
 
 from policy_server.gateway.auth import Auth
-from policy_server.gateway.openapi import error_docs
+from policy_server.gateway.openapi import AUTH_ERRORS, error_docs
 from policy_server.gateway.sdks.wire import ClientsStatus
 from policy_server.sdks import LANGUAGES, ClientSDKs, parse_languages
 from policy_server.sdks.bundle import ZIP_NAME
@@ -21,7 +21,7 @@ from policy_server.sdks.languages import LANGUAGES_PATTERN
 
 CLIENTS_ERRORS = error_docs(
     {
-        403: "Missing or wrong api key.",
+        **AUTH_ERRORS,
         422: "Unknown language in `languages`.",
         500: "`client_generation_failed`: the generation itself broke.",
         503: "`clients_not_ready`: the SDKs are being generated; retry after `Retry-After` seconds.",

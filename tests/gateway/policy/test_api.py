@@ -193,11 +193,19 @@ def test_api_key_is_accepted_as_header_query_or_cookie(schema_path: Path, how: s
         assert c.post("/predict", json=LPOC_OBS, **kwargs).status_code == 200
 
 
-@pytest.mark.parametrize("headers", [{}, {"access-token": "wrong"}, {"access-token": ""}])
-def test_missing_or_wrong_key_is_403_in_the_envelope(client: TestClient, headers: dict[str, str]) -> None:
+@pytest.mark.parametrize("headers", [{}, {"access-token": ""}])
+def test_a_missing_key_is_401_with_a_challenge_in_the_envelope(client: TestClient, headers: dict[str, str]) -> None:
+    """RFC 9110 §11.6.1: a 401 says how to authenticate (the 403 it was before did not)."""
     r = client.post("/predict", json=LPOC_OBS, headers=headers)
+    assert r.status_code == 401
+    assert r.json()["error"]["code"] == "unauthorized"
+    assert r.headers["www-authenticate"] == 'APIKey realm="policy-server", header="access-token"'
+
+
+def test_a_wrong_key_is_403_in_the_envelope(client: TestClient) -> None:
+    r = client.post("/predict", json=LPOC_OBS, headers={"access-token": "wrong"})
     assert r.status_code == 403
-    assert r.json()["error"]["code"] == "forbidden"
+    assert r.json()["error"]["code"] == "forbidden" and "www-authenticate" not in r.headers
     assert API_KEY not in r.text
 
 
@@ -573,9 +581,11 @@ def test_gateway_metrics_count_requests_per_policy_endpoint_and_status(schema_pa
     port = free_port()
     with make_client(schema_path, gateway_metrics_port=port) as c:
         c.post("/predict", json=LPOC_OBS, headers=AUTH)
-        c.post("/policies/box/predict", json=BOX_OBS)
+        c.post("/policies/box/predict", json=BOX_OBS)  # no key: 401
+        c.post("/policies/box/predict", json=BOX_OBS, headers={"access-token": "wrong"})
         text = httpx.get(f"http://127.0.0.1:{port}/metrics").text
     assert 'policy_server_requests_total{endpoint="/predict",policy="lpoc",status="200"} 1.0' in text
+    assert 'policy_server_errors_total{endpoint="/policies/box/predict",policy="box",status="401"} 1.0' in text
     assert 'policy_server_errors_total{endpoint="/policies/box/predict",policy="box",status="403"} 1.0' in text
     assert 'policy_server_batch_rows_count{policy="lpoc"} 1.0' in text
     assert "policy_server_request_seconds_bucket" in text
