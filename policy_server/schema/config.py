@@ -34,6 +34,7 @@ from pydantic_core import PydanticCustomError
 from policy_server.errors import SchemaError
 from policy_server.fields import check_text
 from policy_server.schema.llm import LLMPolicySpec, LLMSection
+from policy_server.schema.replicas import Replicas, refused
 from policy_server.schema.training import TrainingSpec
 
 OBSERVATION_TYPES = ("int", "float", "bool", "List[int]", "List[float]", "List[bool]")
@@ -160,10 +161,11 @@ class BoxSpec(_Strict):
 ActionSpaceSpec = Annotated[DiscreteSpec | TupleSpec | BoxSpec, Field(discriminator="type")]
 
 
-class ResourceSpec(_Strict):
-    """How the policy's Ray Serve deployment runs."""
+class ResourceSpec(Replicas):
+    """How the policy's Ray Serve deployment runs (replica fields: ``schema.replicas``)."""
 
-    num_replicas: int = Field(1, ge=1)
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
     num_cpus: float = Field(1.0, ge=0)
     num_gpus: float = Field(0.0, ge=0, description="GPUs per replica; used when present.")
     max_batch_size: int = Field(256, ge=1, description="Most observations in one forward pass.")
@@ -174,12 +176,30 @@ class ResourceSpec(_Strict):
         "is free, and requests that arrive meanwhile form the next one.",
     )
     max_concurrent_batches: int | None = Field(
-        None, ge=1, description="Batches in flight at once; default 2 per replica."
+        None,
+        ge=1,
+        description="Batches in flight at once; default 2 per replica (`auto`: per max_replicas, and at "
+        "least target_ongoing_requests per max_replicas).",
     )
+
+    @model_validator(mode="after")
+    def _check_concurrency(self) -> ResourceSpec:
+        # Serve scales to (batches in flight) / target: a gateway that never has more in flight
+        # than this never asks for max_replicas
+        if self.autoscaled and self.max_concurrent_batches is not None:
+            needed = self.saturating(0)
+            if self.max_concurrent_batches < needed:
+                raise refused(
+                    f"max_concurrent_batches {self.max_concurrent_batches} is below target_ongoing_requests "
+                    f"{self.target:g} × max_replicas {self.max_count} = {needed}: Serve scales to the batches "
+                    "in flight ÷ the target, so it would never reach max_replicas; raise it or leave it unset"
+                )
+        return self
 
     @property
     def concurrent_batches(self) -> int:
-        return self.max_concurrent_batches or 2 * self.num_replicas
+        """Batches the gateway keeps in flight: 2 per replica, or the schema's number."""
+        return self.max_concurrent_batches or self.saturating(2)
 
 
 class PolicySpec(_Strict):

@@ -12,6 +12,8 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ByteSize, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
+from policy_server.schema.replicas import Replicas
+
 CPU_THREADS_BIND = re.compile(r"auto|nobind|\d+(-\d+)?(,\d+(-\d+)?)*")
 """vLLM's ``VLLM_CPU_OMP_THREADS_BIND`` for one worker: ``auto``, ``nobind`` or a core list (``0-2,5``)."""
 MODEL_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._~:@+-]*")
@@ -43,9 +45,9 @@ class LLMLimits(_Strict):
     """How long `/forward` results wait to be fetched."""
 
 
-class LLMResources(_Strict):
-    num_replicas: int = Field(1, ge=1)
-    """Serve replicas of the model."""
+class LLMResources(Replicas):
+    """Replicas (fixed or `num_replicas: auto`: ``schema.replicas``), CPUs and GPUs of a deployment."""
+
     num_cpus: float = Field(1.0, ge=0)
     """CPUs per replica."""
     num_gpus: float = Field(0.0, ge=0)

@@ -93,13 +93,16 @@ def build_deployment(
     """The Serve application of one policy, with the schema's resources.
 
     The model travels as bytes, so replicas on other nodes need no shared file system. GPUs are
-    requested only where the cluster has them: a schema asking for one still serves on CPU.
+    requested only where the cluster has them: a schema asking for one still serves on CPU. With
+    ``num_replicas: auto`` Serve starts and stops replicas (``schema.replicas``).
     """
     res = spec.resources
     num_gpus = res.num_gpus if gpus_available else 0.0
     return PolicyDeployment.options(
         name=deployment_name(spec.name),
-        num_replicas=res.num_replicas,
+        **res.serve_options(),  # a fixed num_replicas, or Serve's autoscaling_config
+        # never the cap: a gateway keeps concurrent_batches in flight, which with `auto` is at least
+        # target_ongoing_requests × max_replicas, so one replica can hold them all while Serve scales
         max_ongoing_requests=2 * res.concurrent_batches,
         ray_actor_options={"num_cpus": res.num_cpus, "num_gpus": num_gpus},
     ).bind(spec.name, model_bytes, fmt, num_gpus > 0)

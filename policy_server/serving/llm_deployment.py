@@ -8,6 +8,7 @@ bytes travel through Serve.
 from __future__ import annotations
 
 import asyncio
+import math
 import secrets
 from collections.abc import AsyncIterator
 from contextlib import aclosing
@@ -185,8 +186,8 @@ def build_llm_deployment(spec: LLMPolicySpec | LLMValueSpec, gpus_available: boo
         cls, name, ongoing = ValueDeployment, LLM_VALUE, 64
     return cls.options(
         name=name,
-        num_replicas=res.num_replicas,
-        max_ongoing_requests=ongoing,
+        **res.serve_options(),  # a fixed num_replicas, or Serve's autoscaling_config
+        max_ongoing_requests=max(ongoing, math.ceil(res.target)),  # a target above the cap is never reached
         ray_actor_options={"num_cpus": res.num_cpus, "num_gpus": num_gpus},
     ).bind(spec, device)
 

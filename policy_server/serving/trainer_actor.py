@@ -2,8 +2,8 @@
 
 A thin adapter: it loads its own copy of the model from the file's bytes (no shared files between
 nodes), builds a ``Trainer`` whose publications reach every serving replica through the
-deployment's ``broadcast``, and reports to Ray's metrics export (``ray_policy_server_training_*``
-on :8080). Its methods run in a thread pool, so requests never wait for an update.
+deployment's ``broadcast`` (replicas that start later too: ``replica_sync``), and reports to Ray's
+metrics export (``ray_policy_server_training_*`` on :8080). Its methods run in a thread pool, so requests never wait for an update.
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-import numpy as np
 import ray
 from ray import serve
 from ray.util import metrics as ray_metrics
@@ -19,12 +18,11 @@ from ray.util import metrics as ray_metrics
 from policy_server.devices import AUTO, resolve_device
 from policy_server.policies.torch_policy import ModelFormat, load_module
 from policy_server.schema.training import TrainingSpec
+from policy_server.serving.replica_sync import LatestWeights, ServePolicyReplicas
 from policy_server.training.collect import Acted
 from policy_server.training.experience import ExperienceBatch
 from policy_server.training.guard import Reason
 from policy_server.training.trainer import Trainer, TrainerMetrics, build_trainer
-
-PUBLISH_TIMEOUT_S = 60.0
 
 
 class RayTrainerMetrics(TrainerMetrics):
@@ -120,22 +118,22 @@ class TrainerActor:
         # torch's default of one thread per core makes the small ops of RL updates slower, not faster,
         # when the node's cores are shared with clients, replicas and Ray (measured: ms per op)
         torch.set_num_threads(max(1, int(spec.num_cpus)))
-        handle = serve.get_deployment_handle(deployment, app_name)
-
-        def publish(weights: dict[str, np.ndarray], version: int) -> None:
-            handle.broadcast("set_weights", weights, version).results(timeout_s=PUBLISH_TIMEOUT_S)
-
+        replicas = ServePolicyReplicas(serve.get_deployment_handle(deployment, app_name))
+        # replicas Serve starts later (autoscaling, a replacement) get the newest weights too
+        self.replicas = LatestWeights(replicas)
         version = 0
         if ray.get_runtime_context().was_current_actor_reconstructed:
             # Ray restarted this actor after its process died: go on from the newest checkpoint,
             # numbered past what the replicas serve now (clients act with that version)
             spec = dataclasses.replace(spec, resume=True)
-            version = handle.version.remote().result(timeout_s=PUBLISH_TIMEOUT_S)
+            version = max(replicas.versions(), default=0)
         module = load_module(model_bytes, fmt, device)
         self.trainer: Trainer = build_trainer(
-            policy, spec, module, space, obs_dim, publish, RayTrainerMetrics(policy, app_name), device, version
+            policy, spec, module, space, obs_dim, self.replicas.publish, RayTrainerMetrics(policy, app_name), device,
+            version,
         )
         self.trainer.open()
+        self.replicas.start()
 
     # The API of ``serving.api.PolicyTrainer``, each method the trainer's own.
 
@@ -176,4 +174,5 @@ class TrainerActor:
         return self.trainer.checkpoints()
 
     def close(self) -> None:
+        self.replicas.close()
         self.trainer.close()

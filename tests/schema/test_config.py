@@ -209,6 +209,56 @@ def test_resources(tmp_path: Path) -> None:
     assert resources.concurrent_batches == 6
 
 
+def test_num_replicas_auto_carries_serves_autoscaling_fields(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        """\
+        parameters:
+          resources: {num_replicas: auto, min_replicas: 2, max_replicas: 5, target_ongoing_requests: 3,
+                      upscale_delay_s: 5, downscale_delay_s: 60}
+        """,
+    )
+    resources = load_schema(path).policies["default"].resources
+    assert resources.autoscaled and (resources.min_count, resources.start_count, resources.max_count) == (2, 2, 5)
+    assert resources.serve_options() == {
+        "num_replicas": None,
+        "autoscaling_config": {"min_replicas": 2, "max_replicas": 5, "target_ongoing_requests": 3.0,
+                               "upscale_delay_s": 5.0, "downscale_delay_s": 60.0},
+    }
+    # the gateway keeps target × max_replicas batches in flight at full load: enough to ask for 5
+    assert resources.concurrent_batches == 15
+
+
+def test_num_replicas_auto_defaults_to_serves_and_starts_at_initial_replicas() -> None:
+    resources = ResourceSpec(num_replicas="auto", max_replicas=3, initial_replicas=2)
+    assert resources.serve_options()["autoscaling_config"] == {"min_replicas": 1, "max_replicas": 3, "initial_replicas": 2}
+    assert (resources.start_count, resources.target, resources.concurrent_batches) == (2, 2.0, 6)
+    assert ResourceSpec(num_replicas=3).serve_options() == {"num_replicas": 3}
+
+
+@pytest.mark.parametrize(
+    "resources,expected",
+    [
+        ("{num_replicas: 2, max_replicas: 4}", ("parameters.resources: max_replicas applies only to `num_replicas: auto`,"
+         " and num_replicas is 2 (a fixed count)")),
+        ("{min_replicas: 2}", "min_replicas applies only to `num_replicas: auto`"),
+        ("{num_replicas: auto}", "parameters.resources: `num_replicas: auto` needs max_replicas"),
+        ("{num_replicas: auto, min_replicas: 4, max_replicas: 3}", "min_replicas 4 is above max_replicas 3"),
+        ("{num_replicas: auto, max_replicas: 3, initial_replicas: 4}", "initial_replicas 4 is outside min_replicas..max_replicas (1..3)"),
+        ("{num_replicas: auto, max_replicas: 0}", "parameters.resources.max_replicas: Input should be greater than or equal to 1"),
+        ("{num_replicas: auto, min_replicas: 0, max_replicas: 2}", "parameters.resources.min_replicas: Input should be greater"),
+        ("{num_replicas: auto, max_replicas: 2, target_ongoing_requests: 0}", "parameters.resources.target_ongoing_requests"),
+        ("{num_replicas: 0}", "parameters.resources.num_replicas: must be a whole number of at least 1 or `auto`"),
+        ("{num_replicas: several}", ("parameters.resources.num_replicas: must be a whole number of at least 1 or `auto`"
+         " (Serve's autoscaling), not 'several'")),
+        ("{num_replicas: auto, max_replicas: 3, max_concurrent_batches: 4}",
+         "max_concurrent_batches 4 is below target_ongoing_requests 2 × max_replicas 3 = 6"),
+    ],
+)
+def test_replica_fields_refused_with_the_field_named(tmp_path: Path, resources: str, expected: str) -> None:
+    assert expected in schema_error(write(tmp_path, f"parameters:\n  resources: {resources}\n"))
+
+
 def test_several_policies_with_default_policy(tmp_path: Path) -> None:
     (tmp_path / "b.pt").write_bytes(b"placeholder")
     path = write(

@@ -99,3 +99,33 @@ def test_a_direct_weight_transfer_needs_the_vllm_engine_and_no_adapter(schema_di
         parse_schema(with_adapters({}, weight_transfer="nccl", adapter="lora"), schema_dir)
     with pytest.raises(SchemaError, match=re.escape("llm.policy.weight_transfer:")):
         parse_schema(with_adapters({}, weight_transfer="ipc"), schema_dir)
+
+
+def test_llm_resources_take_num_replicas_auto(schema_dir: Path) -> None:
+    resources = {"num_replicas": "auto", "max_replicas": 4, "target_ongoing_requests": 16, "downscale_delay_s": 120}
+    doc = {"parameters": {"api_key": "k"},
+           "llm": {"policy": {"path": "models/tiny", "resources": resources}, "value": {"path": "models/tiny"}}}
+    schema = parse_schema(doc, schema_dir)
+    assert schema.llm is not None and schema.llm.policy is not None and schema.llm.value is not None
+    assert schema.llm.policy.resources.serve_options() == {
+        "num_replicas": None,
+        "autoscaling_config": {"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 16.0,
+                               "downscale_delay_s": 120.0},
+    }
+    assert schema.llm.value.resources.serve_options() == {"num_replicas": 1}
+    assert schema.public()["llm"]["policy"]["resources"]["num_replicas"] == "auto"
+
+
+@pytest.mark.parametrize(
+    ("resources", "message"),
+    [
+        ({"num_replicas": 2, "target_ongoing_requests": 8}, ("llm.value.resources: target_ongoing_requests applies only "
+         "to `num_replicas: auto`, and num_replicas is 2 (a fixed count)")),
+        ({"num_replicas": "auto", "min_replicas": 3, "max_replicas": 2}, "llm.value.resources: min_replicas 3 is above max_replicas 2"),
+        ({"num_replicas": "auto"}, "llm.value.resources: `num_replicas: auto` needs max_replicas"),
+    ],
+)
+def test_llm_replica_fields_are_refused_with_the_field_named(schema_dir: Path, resources: dict[str, Any], message: str) -> None:
+    doc = {"parameters": {"api_key": "k"}, "llm": {"value": {"path": "models/tiny", "resources": resources}}}
+    with pytest.raises(SchemaError, match=re.escape(message)):
+        parse_schema(doc, schema_dir)

@@ -65,6 +65,20 @@ def test_replicas_multiply_and_fractions_add_up_exactly(model_dir: Path) -> None
         check_fits(resource_requests(parse_schema(raw, model_dir), False), TWO_CPUS, [TWO_CPUS])
 
 
+def test_an_autoscaled_deployment_counts_its_start_replicas_and_names_its_maximum(model_dir: Path) -> None:
+    """Start-up needs room for the replicas Serve starts with (min_replicas, or initial_replicas);
+    the rest come when load asks and the cluster has room."""
+    raw = multi_policy_schema(model_dir)
+    auto = {"num_cpus": 1, "num_replicas": "auto", "min_replicas": 2, "max_replicas": 8}
+    raw["policies"] = {"lpoc": raw["policies"]["lpoc"] | {"resources": auto}}
+    check_fits(resource_requests(parse_schema(raw, model_dir), False), TWO_CPUS, [TWO_CPUS])
+    raw["policies"]["lpoc"]["resources"] = auto | {"initial_replicas": 3}
+    with pytest.raises(SchemaError, match=r"policies\.lpoc\.resources\.num_cpus: 1 × 3 replicas at start, autoscaled up to 8 "):
+        check_fits(resource_requests(parse_schema(raw, model_dir), False), TWO_CPUS, [TWO_CPUS])
+    llm = resource_requests(llm_example(resources={"num_replicas": "auto", "max_replicas": 4, "num_cpus": 0.5}), False)
+    assert [(r.replicas, r.max_replicas) for r in llm] == [(1, 4), (1, 4)]
+
+
 def test_the_single_policy_form_names_parameters(model_dir: Path) -> None:
     """The Pathmind form (the bundled example's; its model from the session's models, so the test
     does not depend on what `copy_server_files` left at the top level)."""

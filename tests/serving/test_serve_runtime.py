@@ -10,7 +10,9 @@ import pytest
 from ray import serve
 
 from policy_server.errors import StartupError
-from policy_server.serving.runtime.serve import ServeRuntime, last_line
+from policy_server.schema.config import ResourceSpec
+from policy_server.schema.llm import LLMResources
+from policy_server.serving.runtime.serve import ServeRuntime, direct_transport, last_line
 from policy_server.settings import Settings
 
 
@@ -86,3 +88,12 @@ def test_an_app_whose_replicas_raise_fails_start_up_with_their_exception(ray_ses
 def test_last_line_is_the_exception_of_a_traceback() -> None:
     assert last_line("Traceback (most recent call last):\n  File x\nValueError: bad\n\n") == "ValueError: bad"
     assert last_line("") == ""
+
+
+def test_an_autoscaled_deployment_takes_every_request_through_the_serve_handle() -> None:
+    """Serve's autoscaler counts the requests its handles route; the direct path would hide the load."""
+    direct, through_handle = Settings(direct_transport=True), Settings(direct_transport=False)
+    assert direct_transport(direct, ResourceSpec(num_replicas=2)) is True
+    assert direct_transport(through_handle, ResourceSpec(num_replicas=2)) is False
+    assert direct_transport(direct, ResourceSpec(num_replicas="auto", max_replicas=2)) is False
+    assert direct_transport(direct, LLMResources(num_replicas="auto", max_replicas=2)) is False

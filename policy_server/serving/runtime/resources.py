@@ -31,10 +31,15 @@ class ResourceRequest:
     num_cpus: float
     num_gpus: float
     replicas: int = 1
+    max_replicas: int | None = None
+    """With ``num_replicas: auto``: the most replicas Serve may start (``replicas`` is how many it
+    starts with, which is what must fit)."""
 
     def describe(self, resource: str) -> str:
         amount = self.num_cpus if resource == "CPU" else self.num_gpus
         count = f" × {self.replicas} replicas" if self.replicas > 1 else ""
+        if self.max_replicas is not None:
+            count = f" × {self.replicas} replicas at start, autoscaled up to {self.max_replicas}"
         key = "num_cpus" if resource == "CPU" else "num_gpus"
         return f"{self.field}.{key}: {amount:g}{count} ({self.what})"
 
@@ -50,7 +55,8 @@ def resource_requests(schema: ServerSchema, gpus_in_cluster: bool) -> list[Resou
         field = "parameters" if name == DEFAULT_POLICY else f"policies.{name}"
         res = spec.resources
         requests.append(ResourceRequest(
-            f"{field}.resources", f"policy {name}'s replicas", res.num_cpus, gpus * res.num_gpus, res.num_replicas))
+            f"{field}.resources", f"policy {name}'s replicas", res.num_cpus, gpus * res.num_gpus, res.start_count,
+            res.max_replicas))
         if spec.training is not None:
             requests.append(ResourceRequest(
                 f"{field}.training", f"policy {name}'s trainer", spec.training.num_cpus, gpus * spec.training.num_gpus))
@@ -63,7 +69,8 @@ def resource_requests(schema: ServerSchema, gpus_in_cluster: bool) -> list[Resou
 
 def _llm_requests(key: str, spec: LLMPolicySpec | LLMValueSpec, gpus: float) -> Iterable[ResourceRequest]:
     field, res = f"llm.{key}", spec.resources
-    yield ResourceRequest(f"{field}.resources", f"the LLM {key}'s replicas", res.num_cpus, gpus * res.num_gpus, res.num_replicas)
+    yield ResourceRequest(f"{field}.resources", f"the LLM {key}'s replicas", res.num_cpus, gpus * res.num_gpus,
+                          res.start_count, res.max_replicas)
     training = spec.training
     if training is None or not training.allow_training:
         return

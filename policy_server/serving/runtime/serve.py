@@ -25,6 +25,7 @@ from policy_server.policies.spaces import ActionSpace
 from policy_server.policies.torch_policy import model_format
 from policy_server.schema.config import PolicySpec, ServerSchema
 from policy_server.schema.llm import LLMPolicySpec, LLMValueSpec
+from policy_server.schema.replicas import Replicas
 from policy_server.serving.api import PolicyModel
 from policy_server.serving.deployment import build_deployment, deployment_name
 from policy_server.serving.runtime.base import Runtime, X1Kind
@@ -104,8 +105,9 @@ class ServeRuntime(Runtime):
     async def connect(self, spec: PolicySpec) -> PolicyModel:
         """The deployed policy, for the event loop that calls this (its handle's router runs there)."""
         handle = serve.get_deployment_handle(deployment_name(spec.name), self.app_name(spec))
+        direct = direct_transport(self.settings, spec.resources)
         transport = await open_transport(
-            handle, self.settings.direct_transport, spec.resources.concurrent_batches, self.settings.direct_timeout_s
+            handle, direct, spec.resources.concurrent_batches, self.settings.direct_timeout_s
         )
         self.transports.append(transport)
         return transport
@@ -141,7 +143,7 @@ class ServeRuntime(Runtime):
         return actor
 
     async def llm_model(self, spec: LLMPolicySpec) -> ServeLLMModel:
-        model = ServeLLMModel(await asyncio.to_thread(self.deploy_llm, spec), self.settings.direct_transport)
+        model = ServeLLMModel(await asyncio.to_thread(self.deploy_llm, spec), direct_transport(self.settings, spec.resources))
         self.transports.append(model)
         return model
 
@@ -278,6 +280,12 @@ async def _close_actor(actor: ActorHandle) -> None:
         log.warning("the trainer did not close cleanly: %s", exc)
     finally:
         ray.kill(actor)
+
+
+def direct_transport(settings: Settings, replicas: Replicas) -> bool:
+    """Whether requests go straight to the replicas: not for ``num_replicas: auto``, as Serve's
+    autoscaler counts only the requests its handles route (what goes direct, it never sees)."""
+    return settings.direct_transport and not replicas.autoscaled
 
 
 def last_line(message: str) -> str:
