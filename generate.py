@@ -28,7 +28,10 @@ def serve(host: str = "127.0.0.1", port: int = 8000, schema: str | None = None) 
 
     if schema:
         os.environ["SCHEMA_PATH"] = schema
-    uvicorn.run("app:app", host=host, port=port, **load_settings().uvicorn_ssl())
+    tls = load_settings().uvicorn_ssl()
+    if tls:  # app.py refuses TLS settings that uvicorn was not given: these are
+        os.environ["UVICORN_SSL_CERTFILE"] = tls["ssl_certfile"]
+    uvicorn.run("app:app", host=host, port=port, **tls)
 
 
 def main() -> None:

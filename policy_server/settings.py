@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import ssl
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
@@ -162,6 +163,23 @@ class Settings(BaseSettings):
             "ssl_ca_certs": str(self.ssl_ca_certs) if self.ssl_ca_certs else None,
             "ssl_cert_reqs": CERT_REQS[self.ssl_cert_reqs],
         }
+
+
+def tls_not_served(settings: Settings, argv: list[str], environ: Mapping[str, str]) -> str | None:
+    """Why the running uvicorn would serve plain HTTP although ``settings`` ask for TLS, or None.
+
+    uvicorn opens its socket before it loads the app, so ``uvicorn app:app`` cannot take TLS from
+    our settings: it needs its own ``--ssl-certfile`` (or ``UVICORN_SSL_CERTFILE``, which
+    ``generate.py serve`` sets when it passes the settings on). ``argv``, ``environ``: the process's.
+    """
+    if settings.ssl_certfile is None:
+        return None
+    if environ.get("UVICORN_SSL_CERTFILE") or any(a.split("=")[0] == "--ssl-certfile" for a in argv):
+        return None
+    return ("POLICY_SERVER_SSL_CERTFILE is set but uvicorn was given no certificate, so it would serve plain "
+            "HTTP: `uvicorn app:app` opens its socket before it loads the app. Start with `python generate.py "
+            "serve` (it passes the POLICY_SERVER_SSL_* settings on), or give uvicorn --ssl-certfile and "
+            "--ssl-keyfile (or UVICORN_SSL_CERTFILE and UVICORN_SSL_KEYFILE)")
 
 
 def _readable_file(path: Path | None, variable: str) -> None:

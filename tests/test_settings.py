@@ -67,3 +67,33 @@ def test_cors_origins_read_as_a_comma_or_json_list(monkeypatch: pytest.MonkeyPat
 def test_a_cors_origin_that_no_browser_sends_is_refused(origin: str) -> None:
     with pytest.raises(SettingsError, match="POLICY_SERVER_CORS_ORIGINS: .* is not an origin"):
         load_settings(cors_origins=[origin])
+
+
+def test_uvicorn_app_without_uvicorns_own_certificate_is_refused_not_served_as_plain_http(
+    certificate: tuple[Path, Path],
+) -> None:
+    from policy_server.settings import tls_not_served
+
+    cert, key = certificate
+    settings = load_settings(ssl_certfile=str(cert), ssl_keyfile=str(key), ssl_keyfile_password="key-password")
+    reason = tls_not_served(settings, ["uvicorn", "app:app", "--port", "8443"], {})
+    assert reason is not None and "generate.py serve" in reason and "--ssl-certfile" in reason
+    assert tls_not_served(settings, ["uvicorn", "app:app", f"--ssl-certfile={cert}"], {}) is None
+    assert tls_not_served(settings, ["uvicorn", "app:app", "--ssl-certfile", str(cert)], {}) is None
+    assert tls_not_served(settings, ["uvicorn", "app:app"], {"UVICORN_SSL_CERTFILE": str(cert)}) is None
+    assert tls_not_served(load_settings(), ["uvicorn", "app:app"], {}) is None  # no TLS asked: nothing to refuse
+
+
+def test_uvicorn_app_refuses_tls_settings_it_cannot_serve_in_one_line(certificate: tuple[Path, Path], tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    cert, key = certificate
+    env = os.environ | {"POLICY_SERVER_SSL_CERTFILE": str(cert), "POLICY_SERVER_SSL_KEYFILE": str(key),
+                        "POLICY_SERVER_SSL_KEYFILE_PASSWORD": "key-password", "POLICY_SERVER_BACKEND": "local"}
+    done = subprocess.run([sys.executable, "-m", "uvicorn", "app:app", "--port", "0"], cwd=Path(__file__).parents[1],
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0
+    assert "policy-server: POLICY_SERVER_SSL_CERTFILE is set but uvicorn was given no certificate" in done.stderr
+    assert "key-password" not in done.stderr + done.stdout and "Traceback" not in done.stderr
