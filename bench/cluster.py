@@ -9,8 +9,8 @@ On a ``ray start --head`` cluster of this machine, the examples/lpoc policy with
    share the Serve deployment. Reported: requests/s of each, and two over one.
 2. **A replica's death.** Under load through gateway A, one replica's process gets SIGKILL.
    Reported: seconds until Serve runs its replacement, failed requests, and the newcomer's share
-   of the replicas' CPU time (the work it took) over the ``seconds`` after that: 0.5 is an even
-   share. Once for our direct transport (links balanced by replica, `serving/link_pool.py`), once
+   of the batches the replicas answered (each counts its own) over the ``seconds`` after that: 0.5
+   is an even share. Once for our direct transport (links balanced by replica, `serving/link_pool.py`), once
    for the baseline, every batch through Ray Serve's handle and router
    (``POLICY_SERVER_DIRECT_TRANSPORT=false``).
 
@@ -129,10 +129,12 @@ def replicas() -> dict[str, int]:
     return {i: a["Pid"] for i, a in actors().items() if a["ActorClassName"] == REPLICA_CLASS and a["State"] == "ALIVE"}
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of ``pid`` so far (/proc/<pid>/stat, clock ticks)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+def batches_by_pid() -> dict[int, int]:
+    """Batches each replica answered so far (``PolicyDeployment.replica_stats`` of every replica)."""
+    from ray import serve
+
+    handle = serve.get_deployment_handle("policy-default", f"{PREFIX}-default")
+    return {s["pid"]: s["batches"] for s in handle.broadcast("replica_stats").results(timeout_s=30)}
 
 
 def failover(wrk: str, server: RunningServer, headers: dict[str, str], connections: int, seconds: float) -> dict[str, Any]:
@@ -162,12 +164,13 @@ def failover(wrk: str, server: RunningServer, headers: dict[str, str], connectio
     replaced_s = time.monotonic() - killed
     newcomer_pid = next(pid for pid in now.values() if pid != survivor_pid)
     time.sleep(2)  # Serve's routers and the gateway's re-listing (every 5 s) pick the newcomer up
-    start = {pid: cpu_seconds(pid) for pid in (survivor_pid, newcomer_pid)}
+    start = batches_by_pid()
     time.sleep(seconds)
-    used = {pid: cpu_seconds(pid) - start[pid] for pid in start}
+    end = batches_by_pid()
+    done = {pid: end[pid] - start.get(pid, 0) for pid in (survivor_pid, newcomer_pid)}
     load.join()
     return {"replaced_s": replaced_s, "failed": result[0].failed, "requests": result[0].requests,
-            "newcomer_share": used[newcomer_pid] / max(1e-9, sum(used.values()))}
+            "newcomer_share": done[newcomer_pid] / max(1, sum(done.values()))}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

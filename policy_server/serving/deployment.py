@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import secrets
+import threading
 import time
 
 import numpy as np
@@ -51,13 +53,22 @@ class PolicyDeployment:
         for m in (self._rows, self._seconds, self._version):
             m.set_default_tags(tags)
         self._version.set(self.policy.version)
+        self._batches = 0
+        self._count_lock = threading.Lock()  # forward runs in Serve's thread and the transport's threads
 
     def forward(self, obs: np.ndarray) -> PolicyOutput:
         start = time.perf_counter()
         out = self.policy.forward(obs)
         self._seconds.observe(time.perf_counter() - start)
         self._rows.observe(len(obs))
+        with self._count_lock:
+            self._batches += 1
         return out
+
+    def replica_stats(self) -> dict[str, int]:
+        """This replica's process id and the batches it answered so far, by either path (for
+        ``handle.broadcast``: how the work spreads over the replicas)."""
+        return {"pid": os.getpid(), "batches": self._batches}
 
     def transport_endpoint(self) -> tuple[str, int, str]:
         """Host, port and token where this replica takes batches directly."""
