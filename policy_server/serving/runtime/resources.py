@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from policy_server.errors import SchemaError, StartupError
 from policy_server.schema.config import DEFAULT_POLICY, ServerSchema
@@ -146,6 +147,27 @@ def held_by(requests: list[ResourceRequest], prefix: str, running: set[str]) -> 
             held["CPU"] += r.num_cpus * r.replicas
             held["GPU"] += r.num_gpus * r.replicas
     return held
+
+
+def resource_report(requests: list[ResourceRequest], machine: Mapping[str, float]) -> dict[str, Any]:
+    """What ``requests`` ask Ray for, per actor kind and in all, against ``machine`` (this machine's
+    ``CPU``, ``GPU`` and ``memory`` in bytes, as Ray names them): ``asks``, ``total``, ``machine``,
+    and ``fits`` (None) or why not (``check_fits``'s message). Memory is shown, not asked: the
+    schema sets no memory for Ray."""
+    try:
+        check_fits(requests, machine, [machine])
+        verdict = None
+    except SchemaError as exc:
+        verdict = exc.message
+    return {
+        "asks": [
+            {"field": r.field, "what": r.what, "replicas": r.replicas, "num_cpus": r.num_cpus, "num_gpus": r.num_gpus}
+            for r in requests
+        ],
+        "total": {resource: sum(_amount(r, resource) * r.replicas for r in requests) for resource in ("CPU", "GPU")},
+        "machine": dict(machine),
+        "does_not_fit": verdict,
+    }
 
 
 def _amount(request: ResourceRequest, resource: str) -> float:
