@@ -41,7 +41,7 @@ def slow_runtime(**settings: Any) -> ServeRuntime:
 
 
 def test_an_app_that_does_not_start_in_time_fails_start_up_naming_it(ray_session: int) -> None:
-    runtime = slow_runtime(start_timeout_s=3, placement_grace_s=0.5)  # placed: the grace never ends it
+    runtime = slow_runtime(start_timeout_s=3)
     began = time.monotonic()
     try:
         with pytest.raises(StartupError, match=r"Serve app slow-start-a did not start within 3 s \(POLICY_SERVER_START_TIMEOUT_S\)"):
@@ -132,6 +132,5 @@ def test_with_wait_for_resources_it_keeps_waiting_and_says_so(ray_session: int, 
             runtime.cancel_start()
             waiting.join(timeout=30)
             runtime._stop()
-    assert "deployment TooBig of Serve app slow-start-e cannot be placed: it asks for what no node has free" not in caplog.text
     assert "deployment TooBig of Serve app slow-start-e cannot be placed; the cluster has free: " in caplog.text
     assert len(failures) == 1 and "start-up cancelled" in str(failures[0])

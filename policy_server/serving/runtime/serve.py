@@ -137,8 +137,9 @@ class ServeRuntime(Runtime):
 
         assert spec.training is not None
         gpus = spec.training.num_gpus if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+        name, ask = f"{self.app_name(spec)}-trainer", {"CPU": spec.training.num_cpus, "GPU": gpus}
         actor = TrainerActor.options(
-            name=f"{self.app_name(spec)}-trainer",
+            name=name,
             num_cpus=spec.training.num_cpus,
             num_gpus=gpus,
             max_concurrency=32,
@@ -146,7 +147,6 @@ class ServeRuntime(Runtime):
             spec.name, spec.training, spec.model.read_bytes(), model_format(spec.model), space, obs_dim,
             deployment_name(spec.name), self.app_name(spec), gpus > 0,
         )
-        name, ask = f"{self.app_name(spec)}-trainer", {"CPU": spec.training.num_cpus, "GPU": gpus}
         watch = PlacementWatch(self.settings.placement_grace_s, self.settings.wait_for_resources)
         try:  # an unplaced trainer fails start-up after placement_grace_s (or is waited for)
             wait_ready(actor.status.remote(), TRAINER_START_TIMEOUT_S, lambda: unplaced_actor(name, ask), watch, self.cancelled)
