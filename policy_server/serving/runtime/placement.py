@@ -19,7 +19,7 @@ from policy_server.errors import StartupError
 
 log = logging.getLogger(__name__)
 
-POLL_S = 0.5
+POLL_S = 0.5  # seconds between looks at an actor that is not ready yet
 SAY_EVERY_S = 30.0
 """How often start-up says it still waits for resources, with ``wait_for_resources`` on."""
 HOW_TO = (
@@ -37,7 +37,7 @@ class Unplaced:
     """``count`` actors of one deployment (or one trainer) that wait for a node to place them."""
 
     what: str
-    """``deployment llm-policy of Serve app policy-server-llm-policy``, ``trainer actor ...``."""
+    """``deployment llm-policy of Serve app policy-server-llm-policy``, ``actor policy-server-cart-trainer``."""
     count: int
     ask: Mapping[str, float] | None
     """What each asks Ray for (``{"CPU": 1.0}``); None where start-up does not know it."""
