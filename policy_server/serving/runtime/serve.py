@@ -13,6 +13,7 @@ import asyncio
 import logging
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import ray
@@ -88,16 +89,20 @@ class ServeRuntime(Runtime):
                 )
                 self.started_ray = True
             self.connected = True
-        serve.start(proxy_location="Disabled")
         free, cluster = cluster_resources()
         nodes = [node["Resources"] for node in ray.nodes() if node["Alive"]]
         requests = resource_requests(schema, cluster.get("GPU", 0) > 0)
         prefix = self.settings.serve_app_prefix
         self.asks = {f"{prefix}-{r.name}": r.ask() for r in requests}
+        self._refuse_or_warn(lambda: check_fits(requests, cluster, nodes))  # before Serve starts: no Serve to stop
+        serve.start(proxy_location="Disabled")
         running = {name for name, app in serve.status().applications.items() if app.status == "RUNNING"}
+        self._refuse_or_warn(lambda: check_free(requests, free, held_by(requests, prefix, running)))
+
+    def _refuse_or_warn(self, check: Callable[[], None]) -> None:
+        """Run a resource check: its refusal stops start-up, or with ``wait_for_resources`` is logged."""
         try:
-            check_fits(requests, cluster, nodes)
-            check_free(requests, free, held_by(requests, prefix, running))
+            check()
         except PolicyServerError as exc:
             if not self.settings.wait_for_resources:
                 raise
