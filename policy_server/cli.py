@@ -7,6 +7,7 @@ import dataclasses
 import importlib
 import importlib.util
 import math
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -20,6 +21,7 @@ from policy_server.export import ExportFormat, MLPPolicy, export_module, write_s
 from policy_server.policies.served import resolve_policy
 from policy_server.schema.config import load_schema
 from policy_server.schema.llm import LLMPolicySpec, LLMValueSpec
+from policy_server.serving.runtime.resources import resource_report, resource_requests
 
 ROOT = Path(__file__).resolve().parent.parent
 T = TypeVar("T")
@@ -113,8 +115,11 @@ def _examples() -> list[str]:
 def check(schema: str = "schema.yaml") -> dict[str, Any]:
     """Validate a schema and its models without serving; raise SchemaError on the first problem.
 
-    Returns what was checked: ``policies`` (name → observation width, action space, ...) and, for a
-    schema with an ``llm:`` section, ``llm`` (``policy`` / ``value`` → ``describe_llm_model``).
+    Returns what was checked: ``policies`` (name → observation width, action space, ...), for a
+    schema with an ``llm:`` section ``llm`` (``policy`` / ``value`` → ``describe_llm_model``), and
+    ``resources``: what each deployment and trainer asks Ray for, the total, and this machine's
+    CPUs, GPUs and memory (``resources.resource_report``; a schema too large for this machine is
+    reported, not refused: a cluster may be larger).
     """
     loaded = load_schema(schema)
     checked: dict[str, Any] = {
@@ -126,7 +131,15 @@ def check(schema: str = "schema.yaml") -> dict[str, Any]:
         check_section(loaded.llm)
         models = {"policy": loaded.llm.policy, "value": loaded.llm.value}
         checked["llm"] = {kind: describe_llm_model(spec) for kind, spec in models.items() if spec is not None}
+    machine = local_machine()
+    checked["resources"] = resource_report(resource_requests(loaded, machine["GPU"] > 0), machine)
     return checked
+
+
+def local_machine() -> dict[str, float]:
+    """This machine's CPUs (those this process may run on), GPUs (torch's count) and memory (bytes)."""
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return {"CPU": float(len(os.sched_getaffinity(0))), "GPU": float(torch.cuda.device_count()), "memory": float(memory)}
 
 
 def describe_llm_model(spec: LLMPolicySpec | LLMValueSpec) -> dict[str, Any]:

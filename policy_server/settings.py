@@ -78,6 +78,17 @@ class Settings(BaseSettings):
         900.0, gt=0, description="Most seconds one Serve app may take to start (a large model's load "
         "included) before start-up fails, naming what Serve said about it."
     )
+    wait_for_resources: bool = Field(
+        False,
+        description="When the cluster lacks the CPUs or GPUs that a replica or trainer asks for: false "
+        "fails start-up, naming each, what it asks and what is free (at once when the schema's total "
+        "does not fit, else once one stays unplaced `placement_grace_s`); true keeps waiting (an "
+        "autoscaling cluster adds nodes), saying so every 30 s, up to `start_timeout_s`.",
+    )
+    placement_grace_s: float = Field(
+        20.0, gt=0, description="Seconds a replica or trainer may wait for a node before start-up "
+        "names it unplaceable."
+    )
     max_body_bytes: int = Field(4 * 1024 * 1024, gt=0, description="Larger bodies get a 413.")
     max_batch_observations: int = Field(
         4096, gt=0, description="Most observations accepted in one batch request."

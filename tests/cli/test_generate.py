@@ -229,6 +229,18 @@ def test_check_refuses_a_schema_that_contradicts_its_model(tmp_path: Path) -> No
         cli.check(str(tmp_path / "schema.yaml"))
 
 
+def test_check_reports_what_the_schema_asks_against_this_machine(tmp_path: Path) -> None:
+    cli.export(str(tmp_path / "models" / "p"), obs_dim=4, nvec=2, schema=str(tmp_path / "schema.yaml"))
+    text = (tmp_path / "schema.yaml").read_text() + "  resources: {num_replicas: 2, num_cpus: 64}\n"
+    (tmp_path / "schema.yaml").write_text(text)
+    report = cli.check(str(tmp_path / "schema.yaml"))["resources"]
+    assert report["asks"] == [{"field": "parameters.resources", "what": "policy default's replicas", "replicas": 2,
+                               "num_cpus": 64, "num_gpus": 0}]
+    assert report["total"] == {"CPU": 128, "GPU": 0} and report["machine"] == cli.local_machine()
+    assert report["machine"]["CPU"] >= 1 and report["machine"]["memory"] > 2**20
+    assert report["does_not_fit"].startswith("the schema asks Ray for 128 CPUs and the cluster has ")
+
+
 def test_check_refuses_an_llm_folder_that_cannot_be_served(llm_dirs: dict[str, Path], tmp_path: Path) -> None:
     folder = Path(shutil.copytree(llm_dirs["policy"], tmp_path / "policy"))
     (folder / "tokenizer.json").unlink()

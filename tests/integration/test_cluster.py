@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -110,3 +111,40 @@ def test_app_joins_an_existing_ray_cluster(ray_cluster: str, model_dir: Path, tm
         assert "cluster-test-lpoc" in apps.stdout, apps.stderr[-2000:]
     finally:
         _stop(gateway)
+
+
+HOG = """
+import ray
+ray.init(address="{address}")
+
+@ray.remote
+class Hog:
+    def ping(self) -> int:
+        return 1
+
+ray.get(Hog.options(name="hog", lifetime="detached", num_cpus=1.5).remote().ping.remote())
+"""
+
+
+def test_start_up_on_a_cluster_without_free_cpus_fails_at_once_naming_each_ask(
+    ray_cluster: str, model_dir: Path, tmp_path: Path
+) -> None:
+    """Issue 14's silent wait: another job holds 1.5 of the cluster's 2 CPUs and the schema asks
+    for 1; the gateway exits non-zero within seconds, naming the field, its ask and what is free."""
+    subprocess.run([sys.executable, "-c", HOG.format(address=ray_cluster)], env=CLUSTER_ENV, check=True, timeout=120,
+                   capture_output=True)
+    raw = multi_policy_schema(model_dir)
+    raw["policies"] = {"lpoc": raw["policies"]["lpoc"] | {"resources": {"num_cpus": 1}}}
+    schema = tmp_path / "schema.yaml"
+    schema.write_text(yaml.safe_dump(raw, sort_keys=False))
+    env = CLUSTER_ENV | {"RAY_ADDRESS": ray_cluster, "SCHEMA_PATH": str(schema), "POLICY_SERVER_GATEWAY_METRICS_PORT": "0"}
+    began = time.monotonic()
+    gateway = subprocess.run(
+        [sys.executable, "-m", "uvicorn", "app:app", "--port", str(free_port())],
+        check=False, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
+    )
+    took = time.monotonic() - began
+    assert gateway.returncode != 0
+    assert took < 60
+    assert ("policy-server: the schema asks Ray for 1 CPUs and the cluster has 0.5 free: "
+            "policies.lpoc.resources.num_cpus: 1 (policy lpoc's replicas)") in gateway.stderr, gateway.stderr[-3000:]

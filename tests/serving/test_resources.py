@@ -9,10 +9,10 @@ import pytest
 import yaml
 from conftest import multi_policy_schema, training_schema
 
-from policy_server.errors import SchemaError
+from policy_server.errors import SchemaError, StartupError
 from policy_server.schema.config import ServerSchema, parse_schema
 from policy_server.schema.llm import LLMSection
-from policy_server.serving.runtime.resources import check_fits, resource_requests
+from policy_server.serving.runtime.resources import check_fits, check_free, held_by, resource_requests
 
 ROOT = Path(__file__).resolve().parents[2]
 TWO_CPUS = {"CPU": 2.0}
@@ -51,7 +51,8 @@ def test_the_llm_example_fits_as_it_is_and_with_trainers_that_share_cores() -> N
 
 def test_training_turned_off_starts_no_trainer() -> None:
     requests = resource_requests(llm_example(training={"allow_training": False}), False)
-    assert [r.field for r in requests] == ["llm.policy.resources", "llm.value.resources"]
+    assert [r.name for r in requests] == ["llm-policy", "llm-tasks", "llm-value"]
+    assert [r.num_cpus for r in requests] == [1, 0, 1]  # the tasks deployment sets 0 (Serve's default: 1)
 
 
 def test_replicas_multiply_and_fractions_add_up_exactly(model_dir: Path) -> None:
@@ -76,7 +77,8 @@ def test_an_autoscaled_deployment_counts_its_start_replicas_and_names_its_maximu
     with pytest.raises(SchemaError, match=r"policies\.lpoc\.resources\.num_cpus: 1 × 3 replicas at start, autoscaled up to 8 "):
         check_fits(resource_requests(parse_schema(raw, model_dir), False), TWO_CPUS, [TWO_CPUS])
     llm = resource_requests(llm_example(resources={"num_replicas": "auto", "max_replicas": 4, "num_cpus": 0.5}), False)
-    assert [(r.replicas, r.max_replicas) for r in llm] == [(1, 4), (1, 4)]
+    assert [(r.name, r.replicas, r.max_replicas) for r in llm] == [("llm-policy", 1, 4), ("llm-tasks", 1, None),
+                                                                     ("llm-value", 1, 4)]
 
 
 def test_the_single_policy_form_names_parameters(model_dir: Path) -> None:
@@ -109,3 +111,47 @@ def test_one_replica_must_fit_on_one_node() -> None:
     schema = schema.model_copy(update={"llm": schema.llm.model_copy(update={"value": None})})
     with pytest.raises(SchemaError, match="more CPUs than any one node has .the largest has 2.: one replica runs on one node"):
         check_fits(resource_requests(schema, False), {"CPU": 4.0}, [TWO_CPUS, TWO_CPUS])
+
+
+def issue_schema(model_dir: Path, tmp_path: Path) -> ServerSchema:
+    """Issue 14's start-up that hung: a trainable CartPole policy and an LLM policy, all at default
+    resources (the LLM's folder unchecked)."""
+    raw = training_schema(model_dir, tmp_path)
+    cart = raw["policies"]["cart"]
+    cart.pop("resources")
+    cart["training"].pop("num_cpus")
+    raw["policies"] = {"cart": cart}
+    schema = parse_schema(raw, model_dir)
+    llm = LLMSection.model_validate({"policy": {"path": str(tmp_path)}})
+    return schema.model_copy(update={"llm": llm})
+
+
+def test_the_issues_schema_asks_for_3_cpus_naming_each(model_dir: Path, tmp_path: Path) -> None:
+    requests = resource_requests(issue_schema(model_dir, tmp_path), False)
+    assert [(r.name, r.num_cpus) for r in requests] == [
+        ("cart", 1), ("cart-trainer", 1), ("llm-policy", 1), ("llm-tasks", 0)]
+    with pytest.raises(SchemaError, match=r"^the schema asks Ray for 3 CPUs and the cluster has 2: policies.cart.resources.num_cpus: 1"):
+        check_fits(requests, TWO_CPUS, [TWO_CPUS])
+
+
+def test_what_is_free_counts_and_the_servers_own_running_apps_come_back(model_dir: Path, tmp_path: Path) -> None:
+    """Another job holds 1.5 of 2 CPUs: refused, naming what is free. A second gateway of the same
+    apps (they already run, holding their CPUs) redeploys them in place: not refused."""
+    requests = resource_requests(issue_schema(model_dir, tmp_path), False)[:2]  # cart and its trainer: 2 CPUs
+    with pytest.raises(StartupError) as refused:
+        check_free(requests, {"CPU": 0.5}, held_by(requests, "ps", set()))
+    assert refused.value.message.startswith(
+        "the schema asks Ray for 2 CPUs and the cluster has 0.5 free: policies.cart.resources.num_cpus: 1 (policy cart's replicas); "
+        "policies.cart.training.num_cpus: 1 (policy cart's trainer). Other jobs hold the rest: free them")
+    assert held_by(requests, "ps", {"ps-cart", "other-cart"}) == {"CPU": 1.0, "GPU": 0.0}
+    check_free(requests, {"CPU": 1.0}, held_by(requests, "ps", {"ps-cart"}))
+    with pytest.raises(StartupError, match=r"has 0.5 free \(and this server's running apps hold 1 it redeploys in place\)"):
+        check_free(requests, {"CPU": 0.5}, held_by(requests, "ps", {"ps-cart"}))
+
+
+def test_request_names_are_the_runtimes_app_names() -> None:
+    """``held_by`` and the placement watch find a request's Serve app by its name."""
+    from policy_server.serving.llm_deployment import LLM_GRPO, LLM_POLICY, LLM_TASKS, LLM_VALUE, x1_app_name
+
+    names = {r.name for r in resource_requests(llm_example(training={}), False)}
+    assert names == {LLM_POLICY, LLM_VALUE, LLM_TASKS, LLM_GRPO} | {x1_app_name("p", k)[2:] for k in ("policy", "value")}

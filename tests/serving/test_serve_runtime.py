@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 from ray import serve
+from support import wait_until
 
 from policy_server.errors import StartupError
 from policy_server.schema.config import ResourceSpec
@@ -30,6 +31,11 @@ class FailsToStart:
 
     def __init__(self) -> None:
         raise ValueError("cpu_threads_bind '5' names cores [5] that this machine lacks")
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 64}, graceful_shutdown_timeout_s=0.5)
+class TooBig:
+    """A replica that asks for more CPUs than the session's Ray has (8)."""
 
 
 def slow_runtime(**settings: Any) -> ServeRuntime:
@@ -97,3 +103,45 @@ def test_an_autoscaled_deployment_takes_every_request_through_the_serve_handle()
     assert direct_transport(through_handle, ResourceSpec(num_replicas=2)) is False
     assert direct_transport(direct, ResourceSpec(num_replicas="auto", max_replicas=2)) is False
     assert direct_transport(direct, LLMResources(num_replicas="auto", max_replicas=2)) is False
+
+
+def test_a_replica_no_node_places_fails_start_up_after_the_grace_naming_its_ask(ray_session: int) -> None:
+    runtime = slow_runtime(placement_grace_s=2)
+    runtime.asks["slow-start-d"] = {"CPU": 64.0, "GPU": 0.0}  # what _start notes from the schema
+    began = time.monotonic()
+    try:
+        with pytest.raises(StartupError) as failed:
+            runtime._run(TooBig.bind(), "slow-start-d")
+        assert time.monotonic() - began < 15
+    finally:
+        runtime._stop()
+    message = str(failed.value)
+    assert message.startswith("deployment TooBig of Serve app slow-start-d cannot be placed: it asks for 64 CPU; "
+                              "the cluster has free: ")
+    assert " of 8 CPU, " in message and "POLICY_SERVER_WAIT_FOR_RESOURCES=true" in message
+
+
+def test_with_wait_for_resources_it_keeps_waiting_and_says_so(ray_session: int, caplog: pytest.LogCaptureFixture) -> None:
+    runtime = slow_runtime(placement_grace_s=1, wait_for_resources=True)
+    failures: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            runtime._run(TooBig.bind(), "slow-start-e")
+        except BaseException as exc:  # noqa: BLE001 - handed to the test's thread
+            failures.append(exc)
+
+    waiting = threading.Thread(target=run)
+    with caplog.at_level("WARNING", logger="policy_server.serving.runtime.serve"):
+        waiting.start()
+        try:
+            wait_until(lambda: "still waiting for them" in caplog.text, 30, 0.2, "start-up did not say it waits")
+            assert waiting.is_alive()
+            runtime.cancel_start()
+            waiting.join(timeout=10)
+        finally:
+            runtime.cancel_start()
+            waiting.join(timeout=30)
+            runtime._stop()
+    assert "deployment TooBig of Serve app slow-start-e cannot be placed; the cluster has free: " in caplog.text
+    assert len(failures) == 1 and "start-up cancelled" in str(failures[0])

@@ -13,6 +13,7 @@ import asyncio
 import logging
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import ray
@@ -20,7 +21,7 @@ from ray import serve
 from ray.actor import ActorHandle
 from ray.serve.handle import DeploymentHandle
 
-from policy_server.errors import StartupError
+from policy_server.errors import PolicyServerError, StartupError
 from policy_server.policies.spaces import ActionSpace
 from policy_server.policies.torch_policy import model_format
 from policy_server.schema.config import PolicySpec, ServerSchema
@@ -29,6 +30,13 @@ from policy_server.schema.replicas import Replicas
 from policy_server.serving.api import PolicyModel
 from policy_server.serving.deployment import build_deployment, deployment_name
 from policy_server.serving.runtime.base import Runtime, X1Kind
+from policy_server.serving.runtime.placement import (
+    PlacementWatch,
+    cluster_resources,
+    unplaced_actor,
+    unplaced_replicas,
+    wait_ready,
+)
 from policy_server.serving.runtime.remote import (
     ActorPolicyTrainer,
     ServeGRPORuns,
@@ -37,7 +45,7 @@ from policy_server.serving.runtime.remote import (
     ServeValueModel,
     ServeX1Training,
 )
-from policy_server.serving.runtime.resources import check_fits, resource_requests
+from policy_server.serving.runtime.resources import check_fits, check_free, held_by, resource_requests
 from policy_server.serving.runtime.transports import PolicyTransport, open_transport
 from policy_server.settings import Settings
 
@@ -59,6 +67,7 @@ class ServeRuntime(Runtime):
         self.actors: list[ActorHandle] = []
         self.transports: list[PolicyTransport | ServeLLMModel] = []  # their connections close at stop
         self.cancelled = threading.Event()
+        self.asks: dict[str, dict[str, float]] = {}  # Serve app or actor name -> what each replica asks
 
     async def start(self, schema: ServerSchema) -> None:
         await asyncio.to_thread(self._start, schema)
@@ -67,7 +76,9 @@ class ServeRuntime(Runtime):
         self.cancelled.set()
 
     def _start(self, schema: ServerSchema) -> None:
-        """Start or join Ray and Serve; refuse (SchemaError) a schema the cluster cannot place."""
+        """Start or join Ray and Serve; refuse a schema that the cluster cannot place: SchemaError
+        when its total exceeds the cluster's, StartupError when it exceeds what is free (both only
+        logged with ``wait_for_resources``: an autoscaling cluster grows)."""
         if not ray.is_initialized():
             if self.settings.ray_address:
                 ray.init(address=self.settings.ray_address, log_to_driver=False)
@@ -79,10 +90,24 @@ class ServeRuntime(Runtime):
                 )
                 self.started_ray = True
             self.connected = True
-        cluster = ray.cluster_resources()
+        free, cluster = cluster_resources()
         nodes = [node["Resources"] for node in ray.nodes() if node["Alive"]]
-        check_fits(resource_requests(schema, cluster.get("GPU", 0) > 0), cluster, nodes)
+        requests = resource_requests(schema, cluster.get("GPU", 0) > 0)
+        prefix = self.settings.serve_app_prefix
+        self.asks = {f"{prefix}-{r.name}": r.ask() for r in requests}
+        self._refuse_or_warn(lambda: check_fits(requests, cluster, nodes))  # before Serve starts: no Serve to stop
         serve.start(proxy_location="Disabled")
+        running = {name for name, app in serve.status().applications.items() if app.status == "RUNNING"}
+        self._refuse_or_warn(lambda: check_free(requests, free, held_by(requests, prefix, running)))
+
+    def _refuse_or_warn(self, check: Callable[[], None]) -> None:
+        """Run a resource check: its refusal stops start-up, or with ``wait_for_resources`` is logged."""
+        try:
+            check()
+        except PolicyServerError as exc:
+            if not self.settings.wait_for_resources:
+                raise
+            log.warning("%s; waiting for them (POLICY_SERVER_WAIT_FOR_RESOURCES)", exc.message)
 
     def app_name(self, spec: PolicySpec) -> str:
         return f"{self.settings.serve_app_prefix}-{spec.name}"
@@ -121,8 +146,9 @@ class ServeRuntime(Runtime):
 
         assert spec.training is not None
         gpus = spec.training.num_gpus if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+        name, ask = f"{self.app_name(spec)}-trainer", {"CPU": spec.training.num_cpus, "GPU": gpus}
         actor = TrainerActor.options(
-            name=f"{self.app_name(spec)}-trainer",
+            name=name,
             num_cpus=spec.training.num_cpus,
             num_gpus=gpus,
             max_concurrency=32,
@@ -130,8 +156,12 @@ class ServeRuntime(Runtime):
             spec.name, spec.training, spec.model.read_bytes(), model_format(spec.model), space, obs_dim,
             deployment_name(spec.name), self.app_name(spec), gpus > 0,
         )
-        try:
-            ray.get(actor.status.remote(), timeout=TRAINER_START_TIMEOUT_S)
+        watch = PlacementWatch(self.settings.placement_grace_s, self.settings.wait_for_resources)
+        try:  # an unplaced trainer fails start-up after placement_grace_s (or is waited for)
+            wait_ready(actor.status.remote(), TRAINER_START_TIMEOUT_S, lambda: unplaced_actor(name, ask), watch, self.cancelled)
+        except StartupError:
+            ray.kill(actor)
+            raise
         except ray.exceptions.GetTimeoutError as exc:
             ray.kill(actor)
             raise RuntimeError(
@@ -220,14 +250,17 @@ class ServeRuntime(Runtime):
         """Deploy ``app`` and wait until Serve reports it RUNNING (blocking).
 
         Raises:
-            StartupError: the app failed to deploy, did not run within ``start_timeout_s``, or
-                start-up was cancelled (Ctrl-C). What Serve says about a deployment that waits
-                (a replica no node can place, a slow model load) is logged as it comes.
+            StartupError: the app failed to deploy, did not run within ``start_timeout_s``, a
+                replica stayed unplaced ``placement_grace_s`` (``placement.PlacementWatch``; with
+                ``wait_for_resources`` that is logged every 30 s instead), or start-up was cancelled
+                (Ctrl-C). What Serve says about a deployment that waits (a slow model load) is
+                logged as it comes.
         """
         serve._run(app, _blocking=False, name=app_name, route_prefix=None)  # Serve's own no-wait run
         self.apps.append(app_name)  # deleted by stop() whatever happens next
         deadline = time.monotonic() + self.settings.start_timeout_s
         said: set[str] = set()
+        watch = PlacementWatch(self.settings.placement_grace_s, self.settings.wait_for_resources)
         while True:
             app_status = serve.status().applications.get(app_name)
             if app_status is None:
@@ -241,6 +274,9 @@ class ServeRuntime(Runtime):
             for message in sorted(waiting - said):
                 log.warning("Serve app %s is starting; %s", app_name, message)
             said |= waiting
+            note = watch.observe(time.monotonic(), unplaced_replicas(app_name, self.asks.get(app_name)), *cluster_resources())
+            if note:
+                log.warning("%s", note)
             if self.cancelled.is_set():
                 raise StartupError(f"start-up cancelled while Serve app {app_name} was starting")
             if time.monotonic() > deadline:
