@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import multiprocessing
 import threading
 import time
 from typing import Any
@@ -75,6 +76,11 @@ class ServeRuntime(Runtime):
         self.cancelled = threading.Event()
 
     async def start(self, schema: ServerSchema) -> None:
+        if not self.settings.ray_address and not ray.is_initialized() and multiprocessing.parent_process():
+            log.warning(
+                "this gateway is a worker process (uvicorn --workers or --reload) and starts a Ray of its "
+                "own: with --workers, start one Ray for all of them (`ray start --head`) and set RAY_ADDRESS=auto"
+            )
         await asyncio.to_thread(self._start, schema)
         if not self.started_ray:  # a Ray of its own has no other gateway to share with
             self.cluster = await asyncio.to_thread(Membership, self.settings.gateway_lease_s)
