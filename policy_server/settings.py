@@ -74,6 +74,11 @@ class Settings(BaseSettings):
     serve_app_prefix: str = Field(
         "policy-server", description="Serve application names are `<prefix>-<policy>`."
     )
+    gateway_lease_s: float = Field(
+        30.0, gt=0, description="On a Ray cluster shared by several gateways: how long a gateway's "
+        "hold on the shared Serve apps and trainers lasts unrenewed (renewed every third of it); a "
+        "gateway killed without shutting down stops keeping them after this."
+    )
     start_timeout_s: float = Field(
         900.0, gt=0, description="Most seconds one Serve app may take to start (a large model's load "
         "included) before start-up fails, naming what Serve said about it."

@@ -1,14 +1,29 @@
-"""The gateway's own Prometheus metrics, served on their own port (Ray's agent cannot see them)."""
+"""The gateway's own Prometheus metrics, served on their own port (Ray's agent cannot see them).
+
+With ``uvicorn --workers N`` every worker is a gateway process of its own. Set
+``PROMETHEUS_MULTIPROC_DIR`` (an empty folder) and prometheus_client's multiprocess mode keeps each
+worker's numbers in files there; one worker at a time (whichever holds the folder's lock) serves
+the sum of all of them on the metrics port, and when it exits another takes over.
+"""
 
 from __future__ import annotations
 
+import fcntl
+import logging
+import os
+import threading
 import time
+from pathlib import Path
+from typing import IO
+from wsgiref.simple_server import WSGIServer
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Histogram, multiprocess, start_http_server
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.02, 0.05, 0.1, 0.25, 1.0, 5.0)
 ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096)
+MULTIPROC_DIR = "PROMETHEUS_MULTIPROC_DIR"
+log = logging.getLogger(__name__)
 
 
 class GatewayMetrics:
@@ -29,18 +44,46 @@ class GatewayMetrics:
             "policy_server_batch_rows", "Observations per forward call sent by the gateway.",
             ("policy",), buckets=ROW_BUCKETS, registry=self.registry,
         )
-        self._server = None
+        self._server: WSGIServer | None = None
+        self._lock: IO[bytes] | None = None
+        self._closed = threading.Event()
 
     def serve(self, port: int) -> None:
-        """Expose ``/metrics`` on ``port`` in a background thread (0 or negative: off)."""
-        if port > 0 and self._server is None:
+        """Expose ``/metrics`` on ``port`` in a background thread (0 or negative: off).
+
+        Raises OSError when the port is in use. In multiprocess mode (``PROMETHEUS_MULTIPROC_DIR``
+        set) the worker that holds the folder's lock serves every worker's metrics; the others wait
+        for the lock in a background thread, and a port in use is logged, not raised."""
+        if port <= 0 or self._server is not None:
+            return
+        folder = os.environ.get(MULTIPROC_DIR)
+        if folder is None:
             self._server, _ = start_http_server(port, registry=self.registry)
+        else:
+            threading.Thread(target=self._serve_all_workers, args=(port, Path(folder)), daemon=True).start()
+
+    def _serve_all_workers(self, port: int, folder: Path) -> None:
+        self._lock = (folder / "gateway-metrics.lock").open("wb")
+        fcntl.flock(self._lock, fcntl.LOCK_EX)  # until the worker that serves them exits
+        if self._closed.is_set():
+            self._lock.close()
+            return
+        every_worker = CollectorRegistry()
+        multiprocess.MultiProcessCollector(every_worker, str(folder))
+        try:
+            self._server, _ = start_http_server(port, registry=every_worker)
+        except OSError as exc:
+            log.error("the gateway metrics of all workers cannot be served on port %d: %s", port, exc)
 
     def close(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-            self._server = None
+        self._closed.set()
+        server, self._server = self._server, None
+        if server is not None:
+            server.shutdown()
+            server.server_close()
+        if self._lock is not None:
+            self._lock.close()  # another worker may serve them now
+            self._lock = None
 
     def record(self, policy: str, endpoint: str, status: int, seconds: float) -> None:
         self.requests.labels(policy, endpoint, str(status)).inc()

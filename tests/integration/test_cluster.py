@@ -1,4 +1,5 @@
-"""`uvicorn app:app` with RAY_ADDRESS joins an existing cluster (`ray start --head`) and serves."""
+"""`uvicorn app:app` with RAY_ADDRESS joins an existing cluster (`ray start --head`) and serves;
+several gateways (and `uvicorn --workers`) on one cluster share its apps and trainers."""
 
 from __future__ import annotations
 
@@ -13,9 +14,10 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
+import psutil
 import pytest
 import yaml
-from conftest import API_KEY, LPOC_OBS, multi_policy_schema
+from conftest import API_KEY, LPOC_OBS, cart_fragment, multi_policy_schema, training_schema
 from support import wait_until
 
 from policy_server.net import free_port
@@ -51,9 +53,10 @@ def _stop(proc: subprocess.Popen) -> None:
             proc.wait()
 
 
-@pytest.fixture()
+@pytest.fixture(scope="module")
 def ray_cluster() -> Iterator[str]:
-    """A real Ray head node in its own processes, on its own ports and temp dir."""
+    """A real Ray head node in its own processes, on its own ports and temp dir, for the module's
+    tests in their order (the last one leaves an actor holding CPUs behind)."""
     temp_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
     port = free_port()
     ports = {
@@ -73,12 +76,35 @@ def ray_cluster() -> Iterator[str]:
     address = f"127.0.0.1:{port}"
     try:
         check = [sys.executable, "-c", f"import ray; ray.init(address='{address}'); print(ray.cluster_resources()['CPU'])"]
-        ready = lambda: subprocess.run(check, env=CLUSTER_ENV, capture_output=True, timeout=60).returncode == 0
+        ready = lambda: subprocess.run(check, check=False, env=CLUSTER_ENV, capture_output=True, timeout=60).returncode == 0
         wait_until(_up(ready, "ray head", head), 120, 0.5, "timed out waiting for ray head")
         yield address
     finally:
         _stop(head)
         shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def _gateway(env: dict[str, str], port: int, *options: str, log: Path | None = None) -> subprocess.Popen:  # type: ignore[type-arg]
+    """``uvicorn app:app`` on ``port`` in its own process group (``_stop`` ends the whole group),
+    its log written to ``log``."""
+    with open(log or os.devnull, "wb") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "uvicorn", "app:app", "--port", str(port), *options],
+            cwd=ROOT, env=env, start_new_session=True, stdout=out, stderr=subprocess.STDOUT,
+        )
+
+
+def _wait_ready(url: str, gateway: subprocess.Popen) -> None:  # type: ignore[type-arg]
+    ready = _up(lambda: httpx.get(f"{url}/health/ready").status_code == 200, "gateway", gateway)
+    wait_until(ready, 180, 0.5, "timed out waiting for gateway")
+
+
+def _on_cluster(address: str, code: str) -> str:
+    """What ``code`` prints in a fresh driver on the cluster (``ray`` and ``serve`` imported)."""
+    script = f"import ray; from ray import serve; ray.init(address='{address}'); {code}"
+    run = subprocess.run([sys.executable, "-c", script], check=False, env=CLUSTER_ENV, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    return run.stdout
 
 
 def test_app_joins_an_existing_ray_cluster(ray_cluster: str, model_dir: Path, tmp_path: Path) -> None:
@@ -91,26 +117,92 @@ def test_app_joins_an_existing_ray_cluster(ray_cluster: str, model_dir: Path, tm
         "POLICY_SERVER_GATEWAY_METRICS_PORT": "0",
         "POLICY_SERVER_SERVE_APP_PREFIX": "cluster-test",
     }
-    gateway = subprocess.Popen(
-        [sys.executable, "-m", "uvicorn", "app:app", "--port", str(port)],
-        cwd=ROOT, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-    )
+    gateway = _gateway(env, port)
     url = f"http://127.0.0.1:{port}"
     try:
-        ready = _up(lambda: httpx.get(f"{url}/health/ready").status_code == 200, "gateway", gateway)
-        wait_until(ready, 180, 0.5, "timed out waiting for gateway")
+        _wait_ready(url, gateway)
         r = httpx.post(f"{url}/predict", json=LPOC_OBS, headers={"access-token": API_KEY})
         assert r.status_code == 200, r.text
         assert r.json()["action_name"] in {"up", "right", "down", "left"}
         # the deployments run on the cluster, not in the gateway's process
-        check = (
-            "import ray; from ray import serve; ray.init(address='%s'); "
-            "print(sorted(serve.status().applications))" % ray_cluster
-        )
-        apps = subprocess.run([sys.executable, "-c", check], env=CLUSTER_ENV, capture_output=True, text=True, timeout=120)
-        assert "cluster-test-lpoc" in apps.stdout, apps.stderr[-2000:]
+        assert "cluster-test-lpoc" in _on_cluster(ray_cluster, "print(sorted(serve.status().applications))")
     finally:
         _stop(gateway)
+
+
+CART_OBS = {"cart_position": 0.0, "cart_velocity": 0.1, "pole_angle": -0.02, "pole_angular_velocity": 0.0}
+PPO = {"rollout_samples": 32, "num_minibatches": 2, "update_epochs": 1}
+LEASE_S = 4.0
+
+
+def test_gateways_on_one_cluster_share_the_trainer_and_the_last_to_leave_removes_the_apps(
+    ray_cluster: str, model_dir: Path, tmp_path: Path
+) -> None:
+    """Gateway A (`uvicorn --workers 2`: two gateway processes, one metrics port) and gateway B on
+    one cluster: training through A moves the one trainer that B reports too; B's shutdown leaves
+    the apps to A; a worker of A killed with SIGKILL stops counting after its lease, and the other
+    worker's shutdown then removes the apps and the trainer."""
+    schema = tmp_path / "schema.yaml"
+    schema.write_text(yaml.safe_dump(training_schema(model_dir, tmp_path / "ckpt", ppo=PPO), sort_keys=False))
+    (tmp_path / "prom").mkdir()
+    env = CLUSTER_ENV | {
+        "RAY_ADDRESS": ray_cluster,
+        "SCHEMA_PATH": str(schema),
+        "POLICY_SERVER_SERVE_APP_PREFIX": "shared",
+        "POLICY_SERVER_GATEWAY_LEASE_S": str(LEASE_S),
+        "POLICY_SERVER_GATEWAY_METRICS_PORT": "0",
+    }
+    metrics_port, port_a, port_b = free_port(), free_port(), free_port()
+    a_env = env | {"PROMETHEUS_MULTIPROC_DIR": str(tmp_path / "prom"), "POLICY_SERVER_GATEWAY_METRICS_PORT": str(metrics_port)}
+    a = _gateway(a_env, port_a, "--workers", "2", log=tmp_path / "a.log")
+    b = _gateway(env, port_b, log=tmp_path / "b.log")
+    url_a, url_b = f"http://127.0.0.1:{port_a}", f"http://127.0.0.1:{port_b}"
+    try:
+        with httpx.Client(base_url=url_a, headers={"access-token": API_KEY}, timeout=60) as to_a, \
+                httpx.Client(base_url=url_b, headers={"access-token": API_KEY}, timeout=60) as to_b:
+            _wait_ready(url_a, a)
+            _wait_ready(url_b, b)
+            # the kernel spreads A's connections over its workers: each new client may reach either
+            for version in (1, 2):
+                fragment = cart_fragment(version - 1, steps=32, seed=version)
+                answer = httpx.post(f"{url_a}/train/experience", json={"client_id": "a", "fragments": [fragment]},
+                                    headers={"access-token": API_KEY}, timeout=60)
+                assert answer.status_code == 200, answer.text
+                published = lambda v=version: to_a.get("/version").json()["model_version"] >= v
+                wait_until(published, 60, 0.1, "no update published")
+            assert to_b.get("/train/status").json()["model_version"] == 2  # one trainer, whoever asks
+            acted = to_b.post("/train/experience", json={"client_id": "b", "fragments": [cart_fragment(2, steps=8)]})
+            assert acted.status_code == 200, acted.text  # acted by version 2: not "newer than the current"
+            predicts = 6
+            for _ in range(predicts):
+                assert httpx.post(f"{url_a}/predict", json=CART_OBS, headers={"access-token": API_KEY}).status_code == 200
+            # one port serves the sum of both workers' counts (each worker counts only its own)
+            scraped = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics").text
+            served = [line for line in scraped.splitlines()
+                      if line.startswith("policy_server_requests_total{") and 'endpoint="/predict"' in line]
+            assert sum(float(line.rsplit(" ", 1)[1]) for line in served) == predicts, served
+
+            _stop(b)  # gracefully: A's apps and the trainer stay
+            assert to_a.post("/predict", json=CART_OBS).status_code == 200
+            assert to_a.get("/train/status").json()["model_version"] == 2
+
+        supervisor = psutil.Process(a.pid)
+        last, killed = [p for p in supervisor.children() if "spawn_main" in " ".join(p.cmdline())]
+        supervisor.kill()  # first, or uvicorn replaces the killed worker by one that joins again
+        killed.kill()  # SIGKILL: it never gives up its lease
+        time.sleep(LEASE_S + 1)
+        last.terminate()  # the last live gateway shuts down gracefully
+        last.wait(timeout=60)
+    finally:
+        _stop(b)
+        _stop(a)
+    left = _on_cluster(ray_cluster, (
+        "print(sorted(serve.status().applications)); "
+        "from policy_server.serving.runtime.cluster_state import NAMESPACE; "
+        "print([a['name'] for a in ray.util.list_named_actors(all_namespaces=True) if a['namespace'] == NAMESPACE])"
+    ))
+    logs = "".join(f"\n--- {name}:\n" + (tmp_path / name).read_text()[-3000:] for name in ("a.log", "b.log"))
+    assert left.split("\n")[:2] == ["[]", "['policy-server-registry']"], left + logs
 
 
 HOG = """

@@ -181,3 +181,42 @@ def test_a_poisoned_rollout_is_skipped_and_counted_and_replicas_refuse_nan_weigh
     # Ray exports metrics every few seconds
     wait_until(counted, 60, 1,
                lambda: f"no skipped-update counter on Ray's export: {[n for n in exported() if 'skipped' in n]}")
+
+
+def test_a_killed_trainer_comes_back_with_every_acknowledged_step(server: httpx.Client) -> None:
+    """SIGKILL to the trainer actor's process: its routes answer 503 with Retry-After until Ray has
+    restarted it; it resumes the newest checkpoint past the served version, and the 20 steps it had
+    acknowledged (in no checkpoint yet) come back from its journal: 12 more fill a 32-step rollout."""
+    import os
+    import signal
+
+    from ray._private.state import actors  # the GCS's table: the test session's Ray has no dashboard
+
+    def trainer_pid() -> int | None:
+        found = [a["Pid"] for a in actors().values() if a["ActorClassName"] == "TrainerActor"
+                 and a["Name"] == "it-train-cart-trainer" and a["State"] == "ALIVE" and a["Pid"]]
+        return found[0] if found else None
+
+    version = server.get("/train/status").json()["model_version"]
+    answer = server.post("/train/experience", json={"client_id": "kill", "fragments": [cart_fragment(version, steps=20, seed=70)]})
+    assert answer.status_code == 200 and answer.json()["accepted"] == 20, answer.text
+    killed = trainer_pid()
+    assert killed is not None
+    os.kill(killed, signal.SIGKILL)
+    seen: list[int] = []
+
+    def back() -> bool:
+        status = server.get("/train/status")
+        seen.append(status.status_code)
+        if status.status_code == 503:
+            assert "Retry-After" in status.headers and status.json()["error"]["code"] == "backend_unavailable"
+        return status.status_code == 200 and trainer_pid() not in (None, killed)
+
+    wait_until(back, 120, 0.2, lambda: f"statuses {seen[-5:]}, trainer pid {trainer_pid()}")
+    assert set(seen) <= {200, 503}
+    restarted = server.get("/train/status").json()
+    assert restarted["model_version"] == version + 1 and restarted["state"] == "running", restarted
+    more = server.post("/train/experience", json={"client_id": "kill", "fragments": [cart_fragment(version + 1, steps=12, seed=71)]})
+    assert more.status_code == 200, more.text
+    wait_until(lambda: server.get("/train/status").json()["model_version"] == version + 2, 60, 0.2,
+               "the journaled steps did not come back: 12 steps alone do not fill a rollout")

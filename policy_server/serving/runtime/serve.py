@@ -1,6 +1,10 @@
 """``ServeRuntime``: the services on Ray Serve deployments (and each policy's trainer on a Ray
 actor), started by the gateway, reached through the typed adapters of ``runtime.remote``.
 
+On a Ray cluster it joined, the runtime shares its apps and trainers with the cluster's other
+gateways of the same schema (``runtime.cluster_state``): it deploys only what does not run yet,
+finds each policy's trainer by name, and at shutdown removes only what no other gateway uses.
+
 Policy batches travel by ``runtime.transports`` (direct to the replicas, or through the handle).
 When every batch goes through a handle (``direct_transport: false``), ``runtime/__init__`` sets
 Ray's documented ``RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP=0`` before Ray Serve is imported, so each
@@ -11,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import multiprocessing
 import threading
 import time
 from collections.abc import Callable
@@ -30,6 +35,14 @@ from policy_server.schema.replicas import Replicas
 from policy_server.serving.api import PolicyModel
 from policy_server.serving.deployment import build_deployment, deployment_name
 from policy_server.serving.runtime.base import Runtime, X1Kind
+from policy_server.serving.runtime.cluster_state import (
+    NAMESPACE,
+    Membership,
+    await_gone,
+    end_stale_trainer,
+    fingerprint,
+    policy_fingerprint,
+)
 from policy_server.serving.runtime.placement import (
     PlacementWatch,
     cluster_resources,
@@ -57,20 +70,31 @@ STATUS_POLL_S = 0.5
 
 class ServeRuntime(Runtime):
     """Owns what the gateway started on Ray: the Serve apps, the trainer actors, and Ray itself if
-    it started it. The blocking Ray calls (deploying: seconds) run in worker threads."""
+    it started it; on a cluster it joined, shares the apps and trainers with the other gateways
+    (``cluster``: its leases). The blocking Ray calls (deploying: seconds) run in worker threads."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.connected = False  # this runtime called ray.init (it disconnects at stop)
         self.started_ray = False  # ...and that started a Ray of its own (it shuts Serve down too)
         self.apps: list[str] = []
-        self.actors: list[ActorHandle] = []
+        self.trainers: dict[str, ActorHandle] = {}  # by actor name
+        self.cluster: Membership | None = None
+        self.renewing: asyncio.Task[None] | None = None
         self.transports: list[PolicyTransport | ServeLLMModel] = []  # their connections close at stop
         self.cancelled = threading.Event()
         self.asks: dict[str, dict[str, float]] = {}  # Serve app or actor name -> what each replica asks
 
     async def start(self, schema: ServerSchema) -> None:
+        if not self.settings.ray_address and not ray.is_initialized() and multiprocessing.parent_process():
+            log.warning(
+                "this gateway is a worker process (uvicorn --workers or --reload) and starts a Ray of its "
+                "own: with --workers, start one Ray for all of them (`ray start --head`) and set RAY_ADDRESS=auto"
+            )
         await asyncio.to_thread(self._start, schema)
+        if not self.started_ray:  # a Ray of its own has no other gateway to share with
+            self.cluster = await asyncio.to_thread(Membership, self.settings.gateway_lease_s)
+            self.renewing = asyncio.create_task(self.cluster.renew_forever())
 
     def cancel_start(self) -> None:
         self.cancelled.set()
@@ -113,8 +137,8 @@ class ServeRuntime(Runtime):
         return f"{self.settings.serve_app_prefix}-{spec.name}"
 
     async def policy_model(self, spec: PolicySpec) -> PolicyModel:
-        await asyncio.to_thread(self.deploy, spec)
-        log.info("policy %s is served by Ray Serve app %s", spec.name, self.apps[-1])
+        app_name = await asyncio.to_thread(self.deploy, spec)
+        log.info("policy %s is served by Ray Serve app %s", spec.name, app_name)
         return await self.connect(spec)
 
     def deploy(self, spec: PolicySpec) -> str:
@@ -123,8 +147,9 @@ class ServeRuntime(Runtime):
         if spec.resources.num_gpus > 0 and not gpus:
             log.warning("policy %s asks for GPUs but the cluster has none: serving on CPU", spec.name)
         app_name = self.app_name(spec)
-        app = build_deployment(spec, spec.model.read_bytes(), model_format(spec.model), gpus)
-        self._run(app, app_name)
+        model = spec.model.read_bytes()
+        if not self._joined(app_name, policy_fingerprint(spec, model, gpus)):
+            self._run(build_deployment(spec, model, model_format(spec.model), gpus), app_name)
         return app_name
 
     async def connect(self, spec: PolicySpec) -> PolicyModel:
@@ -141,35 +166,51 @@ class ServeRuntime(Runtime):
         return ActorPolicyTrainer(await asyncio.to_thread(self.start_trainer, spec, space, obs_dim))
 
     def start_trainer(self, spec: PolicySpec, space: ActionSpace, obs_dim: int) -> ActorHandle:
-        """The policy's ``TrainerActor``, publishing to its deployment (blocking: seconds)."""
+        """The policy's ``TrainerActor``, publishing to its deployment (blocking: seconds).
+
+        One per policy per cluster: a named, detached actor (in namespace ``policy-server``) that the
+        first gateway creates and the others find by its name; the last gateway to leave closes it.
+        One that gateways of another schema left behind (their leases ran out) is closed and replaced.
+        """
         from policy_server.serving.trainer_actor import TrainerActor  # torch training code only here
 
         assert spec.training is not None
+        name = f"{self.app_name(spec)}-trainer"
+        model = spec.model.read_bytes()
         gpus = spec.training.num_gpus if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
-        name, ask = f"{self.app_name(spec)}-trainer", {"CPU": spec.training.num_cpus, "GPU": gpus}
+        ask = {"CPU": spec.training.num_cpus, "GPU": gpus}
+        claim = "create" if self.cluster is None else self.cluster.claim(name, policy_fingerprint(spec, model, gpus > 0))
+        if claim == "replace":
+            end_stale_trainer(name, TRAINER_CLOSE_TIMEOUT_S)
         actor = TrainerActor.options(
             name=name,
+            namespace=NAMESPACE,
+            lifetime="detached",  # outlives the gateway that created it, while others use it
+            get_if_exists=True,  # the trainer another gateway created (then the arguments are unused)
+            max_restarts=-1,  # a trainer whose process died comes back, resuming (trainer_actor)
             num_cpus=spec.training.num_cpus,
             num_gpus=gpus,
             max_concurrency=32,
         ).remote(
-            spec.name, spec.training, spec.model.read_bytes(), model_format(spec.model), space, obs_dim,
+            spec.name, spec.training, model, model_format(spec.model), space, obs_dim,
             deployment_name(spec.name), self.app_name(spec), gpus > 0,
         )
+        self.trainers[name] = actor  # closed by stop() whatever happens next, if no other gateway has it
         watch = PlacementWatch(self.settings.placement_grace_s, self.settings.wait_for_resources)
         try:  # an unplaced trainer fails start-up after placement_grace_s (or is waited for)
             wait_ready(actor.status.remote(), TRAINER_START_TIMEOUT_S, lambda: unplaced_actor(name, ask), watch, self.cancelled)
         except StartupError:
-            ray.kill(actor)
+            if self.cluster is None or self.cluster.holders(name) == [self.cluster.gateway]:
+                ray.kill(self.trainers.pop(name))
             raise
         except ray.exceptions.GetTimeoutError as exc:
-            ray.kill(actor)
-            raise RuntimeError(
+            if self.cluster is None or self.cluster.holders(name) == [self.cluster.gateway]:
+                ray.kill(self.trainers.pop(name))  # nobody else waits for it: no close() that would hang
+            raise StartupError(
                 f"the trainer of policy {spec.name} did not start within {TRAINER_START_TIMEOUT_S:.0f} s: "
                 f"does the cluster have {spec.training.num_cpus} CPUs and {gpus} GPUs free "
                 f"(training.num_cpus / training.num_gpus in the schema)?"
             ) from exc
-        self.actors.append(actor)
         return actor
 
     async def llm_model(self, spec: LLMPolicySpec) -> ServeLLMModel:
@@ -196,7 +237,8 @@ class ServeRuntime(Runtime):
         gpus = ray.cluster_resources().get("GPU", 0) > 0
         name = LLM_POLICY if isinstance(spec, LLMPolicySpec) else LLM_VALUE
         app_name = f"{self.settings.serve_app_prefix}-{name}"
-        self._run(build_llm_deployment(spec, gpus), app_name)
+        if not self._joined(app_name, fingerprint(name, spec.model_dump_json(), str(gpus))):
+            self._run(build_llm_deployment(spec, gpus), app_name)
         return serve.get_deployment_handle(name, app_name)
 
     def deploy_tasks_and_sessions(self, spec: LLMPolicySpec) -> DeploymentHandle:
@@ -206,8 +248,8 @@ class ServeRuntime(Runtime):
 
         app_name = f"{self.settings.serve_app_prefix}-{LLM_TASKS}"
         policy_app = f"{self.settings.serve_app_prefix}-{LLM_POLICY}"
-        app = TasksAndSessionsDeployment.options(name=LLM_TASKS).bind(spec, policy_app)
-        self._run(app, app_name)
+        if not self._joined(app_name, fingerprint(LLM_TASKS, spec.model_dump_json(), policy_app)):
+            self._run(TasksAndSessionsDeployment.options(name=LLM_TASKS).bind(spec, policy_app), app_name)
         return serve.get_deployment_handle(LLM_TASKS, app_name)
 
     def deploy_grpo(self, spec: LLMPolicySpec) -> DeploymentHandle:
@@ -222,7 +264,8 @@ class ServeRuntime(Runtime):
             name=LLM_GRPO, ray_actor_options={"num_cpus": spec.training.num_cpus, "num_gpus": gpus}
         ).bind(spec, str(spec.training.save_dir / "grpo"), device, policy_app)
         app_name = f"{self.settings.serve_app_prefix}-{LLM_GRPO}"
-        self._run(app, app_name)
+        if not self._joined(app_name, fingerprint(LLM_GRPO, spec.model_dump_json(), str(gpus))):
+            self._run(app, app_name)
         return serve.get_deployment_handle(LLM_GRPO, app_name)
 
     def deploy_x1_trainer(self, kind: X1Kind, spec: LLMPolicySpec | LLMValueSpec) -> DeploymentHandle:
@@ -243,8 +286,38 @@ class ServeRuntime(Runtime):
             name=name, ray_actor_options={"num_cpus": spec.training.num_cpus, "num_gpus": gpus}
         ).bind(kind, spec, serving_app, device)
         app_name = x1_app_name(self.settings.serve_app_prefix, kind)
-        self._run(app, app_name)
+        if not self._joined(app_name, fingerprint(name, spec.model_dump_json(), str(gpus))):
+            self._run(app, app_name)
         return serve.get_deployment_handle(name, app_name)
+
+    def _joined(self, app_name: str, built_from: str) -> bool:
+        """Claim ``app_name`` for this gateway; True when it already runs (or starts) for other
+        gateways, built from the same ``built_from`` fingerprint: then this waits until it runs and
+        does not deploy it again (Serve would replace every replica of an identical app: measured,
+        a second ``serve._run`` of an unchanged app started new replicas). False: deploy it.
+
+        Raises:
+            ClaimConflict: live gateways serve the app built from another schema or model.
+            StartupError: the app it waits for failed, was deleted, or did not run in time.
+        """
+        if self.cluster is None:
+            return False
+        claim = self.cluster.claim(app_name, built_from)
+        app_status = serve.status().applications.get(app_name)
+        if claim != "join" or app_status is None or app_status.status not in ("RUNNING", "DEPLOYING"):
+            return False
+        self.apps.append(app_name)
+        deadline = time.monotonic() + self.settings.start_timeout_s
+        while app_status is None or app_status.status != "RUNNING":
+            if app_status is None or app_status.status not in ("DEPLOYING", "RUNNING"):
+                state = "deleted" if app_status is None else f"{app_status.status}: {app_status.message}"
+                raise StartupError(f"Serve app {app_name}, started by another gateway, did not start ({state})")
+            if self.cancelled.is_set() or time.monotonic() > deadline:
+                raise StartupError(f"Serve app {app_name}, started by another gateway, did not run in time or start-up was cancelled")
+            self.cancelled.wait(STATUS_POLL_S)
+            app_status = serve.status().applications.get(app_name)
+        log.info("Serve app %s already runs for other gateways on the cluster: using it as it is", app_name)
+        return True
 
     def _run(self, app: Any, app_name: str) -> None:
         """Deploy ``app`` and wait until Serve reports it RUNNING (blocking).
@@ -287,16 +360,43 @@ class ServeRuntime(Runtime):
             self.cancelled.wait(STATUS_POLL_S)
 
     async def stop(self) -> None:
+        """Close the connections, give up this gateway's leases, and close the trainers and delete
+        the apps that no other gateway holds (all of them when the runtime shares nothing)."""
         for transport in self.transports:  # from the event loop that opened them
             transport.close()
         self.transports.clear()
-        for actor in self.actors:
-            await _close_actor(actor)
-        self.actors.clear()
-        await asyncio.to_thread(self._stop)
+        if self.renewing is not None:
+            self.renewing.cancel()
+            self.renewing = None
+        released = await asyncio.to_thread(self._leave)
+        for name, actor in self.trainers.items():
+            if name in released:
+                await _close_actor(actor)
+                await asyncio.to_thread(await_gone, name)
+            else:
+                log.info("trainer %s keeps running for the cluster's other gateways", name)
+        self.trainers.clear()
+        await asyncio.to_thread(self._stop, released)
 
-    def _stop(self) -> None:
+    def _leave(self) -> set[str]:
+        """Give up the leases (blocking); what no other live gateway holds, which this one removes.
+        An unreachable registry leaves everything running: other gateways may use it."""
+        if self.cluster is None:
+            return set(self.apps) | set(self.trainers)
+        try:
+            return set(self.cluster.leave())
+        except ray.exceptions.RayError as exc:
+            log.warning("the cluster's registry did not answer; leaving the apps and trainers running: %s", exc)
+            return set()
+        finally:
+            self.cluster = None
+
+    def _stop(self, released: set[str] | None = None) -> None:
+        """Delete the apps in ``released`` (default: every app this runtime deployed or joined)."""
         for name in self.apps:
+            if released is not None and name not in released:
+                log.info("Serve app %s keeps running for the cluster's other gateways", name)
+                continue
             try:
                 serve.delete(name)
             except Exception as exc:  # noqa: BLE001 - shutting down; report and go on
