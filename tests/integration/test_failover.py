@@ -67,7 +67,7 @@ def test_a_killed_replica_is_replaced_without_a_failed_request_and_gets_its_shar
     try:
         before = _replica_pids()
         victim_id, victim_pid = next(iter(before.items()))
-        survivor_ep = {ep for ep in pool.open_links()}
+        survivor_ep = set(pool.open_links())
         os.kill(victim_pid, signal.SIGKILL)
         killed_at = time.monotonic()
 
@@ -76,9 +76,11 @@ def test_a_killed_replica_is_replaced_without_a_failed_request_and_gets_its_shar
             return len(now) == 2 and victim_id not in now
 
         wait_until(replaced, 90, 0.2, lambda: f"replicas now {_replica_pids()}")
-        links = wait_until(lambda: (lambda l: l if len(l) == 2 and sorted(l.values()) == [2, 2]  # noqa: E731
-                                    and set(l) != survivor_ep else None)(pool.open_links()), 60, 0.2,
-                           lambda: f"links {pool.open_links()}")
+        def rebalanced() -> dict[Any, int] | None:
+            links = pool.open_links()
+            return links if sorted(links.values()) == [2, 2] and set(links) != survivor_ep else None
+
+        links = wait_until(rebalanced, 60, 0.2, lambda: f"links {pool.open_links()}")
         print(f"replica replaced and linked {time.monotonic() - killed_at:.1f} s after its kill")
         newcomer = next(ep for ep in links if ep not in survivor_ep)
         counted = {ep: pool.replicas[ep].batches for ep in links}
