@@ -67,7 +67,7 @@ def test_a_killed_replica_is_replaced_without_a_failed_request_and_gets_its_shar
     try:
         before = _replica_pids()
         victim_id, victim_pid = next(iter(before.items()))
-        survivor_ep = set(pool.open_links())
+        linked_before = set(pool.open_links())
         os.kill(victim_pid, signal.SIGKILL)
         killed_at = time.monotonic()
 
@@ -78,11 +78,11 @@ def test_a_killed_replica_is_replaced_without_a_failed_request_and_gets_its_shar
         wait_until(replaced, 90, 0.2, lambda: f"replicas now {_replica_pids()}")
         def rebalanced() -> dict[Any, int] | None:
             links = pool.open_links()
-            return links if sorted(links.values()) == [2, 2] and set(links) != survivor_ep else None
+            return links if sorted(links.values()) == [2, 2] and set(links) != linked_before else None
 
         links = wait_until(rebalanced, 60, 0.2, lambda: f"links {pool.open_links()}")
         print(f"replica replaced and linked {time.monotonic() - killed_at:.1f} s after its kill")
-        newcomer = next(ep for ep in links if ep not in survivor_ep)
+        newcomer = next(ep for ep in links if ep not in linked_before)
         counted = {ep: pool.replicas[ep].batches for ep in links}
         time.sleep(3)
     finally:
