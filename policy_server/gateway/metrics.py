@@ -20,6 +20,8 @@ from wsgiref.simple_server import WSGIServer
 from prometheus_client import CollectorRegistry, Counter, Histogram, multiprocess, start_http_server
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from policy_server.errors import StartupError
+
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.02, 0.05, 0.1, 0.25, 1.0, 5.0)
 ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096)
 MULTIPROC_DIR = "PROMETHEUS_MULTIPROC_DIR"
@@ -51,22 +53,33 @@ class GatewayMetrics:
     def serve(self, port: int) -> None:
         """Expose ``/metrics`` on ``port`` in a background thread (0 or negative: off).
 
-        Raises OSError when the port is in use. In multiprocess mode (``PROMETHEUS_MULTIPROC_DIR``
+        Raises StartupError when the port is in use. In multiprocess mode (``PROMETHEUS_MULTIPROC_DIR``
         set) the worker that holds the folder's lock serves every worker's metrics; the others wait
         for the lock in a background thread, and a port in use is logged, not raised."""
         if port <= 0 or self._server is not None:
             return
         folder = os.environ.get(MULTIPROC_DIR)
         if folder is None:
-            self._server, _ = start_http_server(port, registry=self.registry)
+            try:
+                self._server, _ = start_http_server(port, registry=self.registry)
+            except OSError as exc:
+                raise StartupError(
+                    f"the gateway metrics port {port} is taken ({exc.strerror}): by another gateway, or by "
+                    f"another worker of `uvicorn --workers`, which needs {MULTIPROC_DIR} (an empty folder) to "
+                    "serve every worker's metrics on one port; or set POLICY_SERVER_GATEWAY_METRICS_PORT to a "
+                    "free port, or 0 to turn them off"
+                ) from None
         else:
             threading.Thread(target=self._serve_all_workers, args=(port, Path(folder)), daemon=True).start()
 
     def _serve_all_workers(self, port: int, folder: Path) -> None:
-        self._lock = (folder / "gateway-metrics.lock").open("wb")
-        fcntl.flock(self._lock, fcntl.LOCK_EX)  # until the worker that serves them exits
+        lock = self._lock = (folder / "gateway-metrics.lock").open("wb")
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # until the worker that serves them exits
+        except (OSError, ValueError):  # close() closed the file while this thread waited
+            return
         if self._closed.is_set():
-            self._lock.close()
+            lock.close()
             return
         every_worker = CollectorRegistry()
         multiprocess.MultiProcessCollector(every_worker, str(folder))
@@ -81,9 +94,9 @@ class GatewayMetrics:
         if server is not None:
             server.shutdown()
             server.server_close()
-        if self._lock is not None:
-            self._lock.close()  # another worker may serve them now
-            self._lock = None
+        lock, self._lock = self._lock, None
+        if lock is not None:
+            lock.close()  # another worker may serve them now
 
     def record(self, policy: str, endpoint: str, status: int, seconds: float) -> None:
         self.requests.labels(policy, endpoint, str(status)).inc()

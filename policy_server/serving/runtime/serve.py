@@ -44,6 +44,8 @@ from policy_server.serving.runtime.cluster_state import (
     policy_fingerprint,
 )
 from policy_server.serving.runtime.placement import (
+    HOW_TO,
+    HOW_TO_FREE,
     PlacementWatch,
     cluster_resources,
     unplaced_actor,
@@ -131,7 +133,8 @@ class ServeRuntime(Runtime):
         except PolicyServerError as exc:
             if not self.settings.wait_for_resources:
                 raise
-            log.warning("%s; waiting for them (POLICY_SERVER_WAIT_FOR_RESOURCES)", exc.message)
+            # the advice to set the wait setting, which is set, goes
+            log.warning("%s; waiting for them (POLICY_SERVER_WAIT_FOR_RESOURCES)", exc.message.replace(HOW_TO, HOW_TO_FREE))
 
     def app_name(self, spec: PolicySpec) -> str:
         return f"{self.settings.serve_app_prefix}-{spec.name}"
