@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import ssl
 from collections.abc import Mapping
@@ -15,6 +16,9 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from policy_server.errors import SettingsError
 
+log = logging.getLogger(__name__)
+OTHER_VARIABLES = {"POLICY_SERVER_URL"}
+"""Ours but not the server's: the demo page's (frontend.py)."""
 CERT_REQS = {"none": ssl.CERT_NONE, "optional": ssl.CERT_OPTIONAL, "required": ssl.CERT_REQUIRED}
 
 
@@ -207,11 +211,21 @@ def _readable_file(path: Path | None, variable: str) -> None:
         raise ValueError(f"{variable}: {path} is not readable by this user")
 
 
+def unknown_variables(environ: Mapping[str, str]) -> list[str]:
+    """The ``POLICY_SERVER_*`` names in ``environ`` that are no setting (a typo is otherwise ignored)."""
+    prefix = Settings.model_config.get("env_prefix", "")
+    known = {f"{prefix}{name}".upper() for name in Settings.model_fields} | OTHER_VARIABLES
+    return sorted(name for name in environ if name.upper().startswith(prefix) and name.upper() not in known)
+
+
 def load_settings(**values: Any) -> Settings:
-    """The settings from the environment (and ``.env``), ``values`` overriding them.
+    """The settings from the environment (and ``.env``), ``values`` overriding them; warns of
+    ``POLICY_SERVER_*`` variables that are no setting.
 
     Raises SettingsError naming each wrong setting and why, never a secret's value.
     """
+    for name in unknown_variables(os.environ):
+        log.warning("%s is not a policy-server setting and is ignored (README, Settings, lists them)", name)
     try:
         return Settings(**values)
     except ValidationError as exc:

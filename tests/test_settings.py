@@ -97,3 +97,15 @@ def test_uvicorn_app_refuses_tls_settings_it_cannot_serve_in_one_line(certificat
     assert done.returncode != 0
     assert "policy-server: POLICY_SERVER_SSL_CERTFILE is set but uvicorn was given no certificate" in done.stderr
     assert "key-password" not in done.stderr + done.stdout and "Traceback" not in done.stderr
+
+
+def test_a_misspelled_variable_is_named_in_a_warning(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    from policy_server.settings import unknown_variables
+
+    environ = {"POLICY_SERVER_API_KEYSFILE": "keys.yaml", "POLICY_SERVER_API_KEYS_FILE": "keys.yaml",
+               "POLICY_SERVER_URL": "http://x", "PATH": "/bin"}
+    assert unknown_variables(environ) == ["POLICY_SERVER_API_KEYSFILE"]  # the demo page's URL is ours too
+    monkeypatch.setenv("POLICY_SERVER_DIRECT_TIMEOUTS", "5")
+    with caplog.at_level("WARNING", logger="policy_server.settings"):
+        load_settings()
+    assert "POLICY_SERVER_DIRECT_TIMEOUTS is not a policy-server setting and is ignored" in caplog.text
