@@ -96,7 +96,11 @@ class Trainer:
         if self.journal is not None:
             if self.spec.resume:  # what clients were told was accepted after the checkpoint
                 with self._cond:
-                    self._pending.extend(self.journal.since(self._resumed_seq))
+                    replayed = list(self.journal.since(self._resumed_seq))
+                    rows = sum(len(batch) for _, batch in replayed)
+                    self.samples_received += rows
+                    self.samples_accepted += rows
+                    self._pending.extend(replayed)
                     self._cond.notify_all()
             else:  # a fresh start: an earlier run's experience is not this run's
                 self.journal.forget_through(self.journal.last_seq)
@@ -327,6 +331,8 @@ class Trainer:
             "version": self.version,
             "updates": self.updates,
             "samples_accepted": self.samples_accepted,
+            "samples_received": self.samples_received,
+            "rejected": dict(self.rejected),
             "config": TypeAdapter(TrainingSpec).dump_python(self.spec, mode="json"),
             "telemetry": self.telemetry.state_dict(),
             "learner": self.learner.state_dict(),
@@ -359,6 +365,8 @@ class Trainer:
             self.telemetry.load_state_dict(state["telemetry"])
             self.updates = int(state["updates"])
             self.samples_accepted = int(state["samples_accepted"])
+            self.samples_received = int(state.get("samples_received", self.samples_accepted))
+            self.rejected = {k: int(v) for k, v in state.get("rejected", self.rejected).items()}
             self._resumed_seq = int(state.get("journal_seq", 0))
             self.version = max(self.version + 1, int(state["version"]))
         self._exploration = self.learner.exploration()

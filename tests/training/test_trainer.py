@@ -236,6 +236,8 @@ def test_a_trainer_that_died_gets_back_every_acknowledged_step_from_its_journal(
     second.open()
     try:
         wait_until(lambda: len(second.learner.buffer) == 20, 10)  # the 20 journaled rows, not the 32 trained ones
+        counts = second.status()
+        assert (counts["samples_received"], counts["samples_accepted"]) == (52, 52)  # none go backwards
         assert second.submit(steps(12, version=2))["accepted"] == 12  # with them, a full rollout
         wait_until(lambda: second.status()["updates"] == 2, 10)
     finally:
