@@ -19,6 +19,7 @@ import multiprocessing
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import ray
@@ -395,20 +396,31 @@ class ServeRuntime(Runtime):
             self.cluster = None
 
     def _stop(self, released: set[str] | None = None) -> None:
-        """Delete the apps in ``released`` (default: every app this runtime deployed or joined)."""
-        for name in self.apps:
-            if released is not None and name not in released:
-                log.info("Serve app %s keeps running for the cluster's other gateways", name)
-                continue
-            try:
-                serve.delete(name)
-            except Exception as exc:  # noqa: BLE001 - shutting down; report and go on
-                log.warning("could not delete Serve app %s: %s", name, exc)
+        """Delete the apps in ``released`` (default: every app this runtime deployed or joined), all
+        at once: Serve takes about 3 s to delete one, whose replicas drain, and deletes them in parallel."""
+        doomed = [name for name in self.apps if released is None or name in released]
+        for name in set(self.apps) - set(doomed):
+            log.info("Serve app %s keeps running for the cluster's other gateways", name)
+        if doomed:
+            with ThreadPoolExecutor(len(doomed), thread_name_prefix="serve-delete") as pool:
+                for name, exc in zip(doomed, pool.map(_delete_app, doomed)):
+                    if exc is not None:
+                        log.warning("could not delete Serve app %s: %s", name, exc)
         self.apps.clear()
         if self.started_ray:
             serve.shutdown()
         if self.connected:  # a cluster it joined keeps its Serve: other gateways may use it
             ray.shutdown()
+
+
+def _delete_app(name: str) -> Exception | None:
+    """``serve.delete(name)``, waiting until it is gone; what it raised, if anything (shutting down:
+    reported and gone on from)."""
+    try:
+        serve.delete(name)
+    except Exception as exc:  # noqa: BLE001 - see above
+        return exc
+    return None
 
 
 async def _close_actor(actor: ActorHandle) -> None:
