@@ -17,7 +17,7 @@ import httpx
 import psutil
 import pytest
 import yaml
-from conftest import API_KEY, LPOC_OBS, cart_fragment, multi_policy_schema, training_schema
+from conftest import API_KEY, cart_fragment, multi_policy_schema, training_schema
 from support import wait_until
 
 from policy_server.net import free_port
@@ -107,29 +107,6 @@ def _on_cluster(address: str, code: str) -> str:
     return run.stdout
 
 
-def test_app_joins_an_existing_ray_cluster(ray_cluster: str, model_dir: Path, tmp_path: Path) -> None:
-    schema = tmp_path / "schema.yaml"
-    schema.write_text(yaml.safe_dump(multi_policy_schema(model_dir), sort_keys=False))
-    port = free_port()
-    env = CLUSTER_ENV | {
-        "RAY_ADDRESS": ray_cluster,
-        "SCHEMA_PATH": str(schema),
-        "POLICY_SERVER_GATEWAY_METRICS_PORT": "0",
-        "POLICY_SERVER_SERVE_APP_PREFIX": "cluster-test",
-    }
-    gateway = _gateway(env, port)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        _wait_ready(url, gateway)
-        r = httpx.post(f"{url}/predict", json=LPOC_OBS, headers={"access-token": API_KEY})
-        assert r.status_code == 200, r.text
-        assert r.json()["action_name"] in {"up", "right", "down", "left"}
-        # the deployments run on the cluster, not in the gateway's process
-        assert "cluster-test-lpoc" in _on_cluster(ray_cluster, "print(sorted(serve.status().applications))")
-    finally:
-        _stop(gateway)
-
-
 CART_OBS = {"cart_position": 0.0, "cart_velocity": 0.1, "pole_angle": -0.02, "pole_angular_velocity": 0.0}
 PPO = {"rollout_samples": 32, "num_minibatches": 2, "update_epochs": 1}
 LEASE_S = 4.0
@@ -182,6 +159,8 @@ def test_gateways_on_one_cluster_share_the_trainer_and_the_last_to_leave_removes
                       if line.startswith("policy_server_requests_total{") and 'endpoint="/predict"' in line]
             assert sum(float(line.rsplit(" ", 1)[1]) for line in served) == predicts, served
 
+            # the deployments run on the cluster, not in a gateway's process
+            assert "shared-cart" in _on_cluster(ray_cluster, "print(sorted(serve.status().applications))")
             _stop(b)  # gracefully: A's apps and the trainer stay
             assert to_a.post("/predict", json=CART_OBS).status_code == 200
             assert to_a.get("/train/status").json()["model_version"] == 2
