@@ -128,8 +128,8 @@ class Unauthorized(PolicyServerError):
     status = 401
     code = "unauthorized"
 
-    def __init__(self, message: str, challenge: str) -> None:
-        super().__init__(message)
+    def __init__(self, message: str, challenge: str = 'APIKey realm="policy-server", header="access-token"') -> None:
+        super().__init__(message)  # the default: the access-token scheme (an error rebuilt by name has no other)
         self.challenge = challenge
 
 
