@@ -42,6 +42,19 @@ def slow_runtime(**settings: Any) -> ServeRuntime:
     return ServeRuntime(Settings(serve_app_prefix="slow-start", **settings))
 
 
+def start_in_thread(runtime: ServeRuntime, app: Any, name: str) -> tuple[threading.Thread, list[BaseException]]:
+    """``runtime._run(app, name)`` in a thread (not yet started) and the list it puts what it raised in."""
+    failures: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            runtime._run(app, name)
+        except BaseException as exc:  # noqa: BLE001 - handed to the test's thread
+            failures.append(exc)
+
+    return threading.Thread(target=run), failures
+
+
 def test_an_app_that_does_not_start_in_time_fails_start_up_naming_it(ray_session: int) -> None:
     runtime = slow_runtime(start_timeout_s=3)
     began = time.monotonic()
@@ -57,15 +70,7 @@ def test_an_app_that_does_not_start_in_time_fails_start_up_naming_it(ray_session
 def test_a_cancelled_start_stops_waiting_at_once(ray_session: int) -> None:
     """What Ctrl-C does during start-up (the gateway's signal handler calls ``cancel_start``)."""
     runtime = slow_runtime()  # the default timeout: 900 s
-    failures: list[BaseException] = []
-
-    def run() -> None:
-        try:
-            runtime._run(SlowToStart.bind(), "slow-start-b")
-        except BaseException as exc:  # noqa: BLE001 - handed to the test's thread
-            failures.append(exc)
-
-    waiting = threading.Thread(target=run)
+    waiting, failures = start_in_thread(runtime, SlowToStart.bind(), "slow-start-b")
     waiting.start()
     try:
         time.sleep(2)
@@ -123,15 +128,7 @@ def test_a_replica_no_node_places_fails_start_up_after_the_grace_naming_its_ask(
 
 def test_with_wait_for_resources_it_keeps_waiting_and_says_so(ray_session: int, caplog: pytest.LogCaptureFixture) -> None:
     runtime = slow_runtime(placement_grace_s=1, wait_for_resources=True)
-    failures: list[BaseException] = []
-
-    def run() -> None:
-        try:
-            runtime._run(TooBig.bind(), "slow-start-e")
-        except BaseException as exc:  # noqa: BLE001 - handed to the test's thread
-            failures.append(exc)
-
-    waiting = threading.Thread(target=run)
+    waiting, failures = start_in_thread(runtime, TooBig.bind(), "slow-start-e")
     with caplog.at_level("WARNING", logger="policy_server.serving.runtime.serve"):
         waiting.start()
         try:
