@@ -53,7 +53,7 @@ class ExperienceJournal:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         records = list(self._records())
         self.last_seq = records[-1][0] if records else 0
-        self._end = self._valid_end()
+        self._end = sum(_HEADER.size + len(data) for _, data in records)  # a torn tail is written over
 
     def append(self, batch: ExperienceBatch) -> int:
         """Write ``batch`` and fsync it; returns its sequence number (1, 2, ...)."""
@@ -93,6 +93,3 @@ class ExperienceJournal:
                 return  # cut short by a crash
             yield seq, data[offset + _HEADER.size:end]
             offset = end
-
-    def _valid_end(self) -> int:
-        return sum(_HEADER.size + len(d) for _, d in self._records())
