@@ -137,3 +137,13 @@ def self_signed_certificate(folder: Path, password: str | None = None) -> tuple[
     cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, encryption))
     return cert_path, key_path
+
+
+def live_actors(class_name: str, name: str | None = None) -> dict[str, int]:
+    """The live Ray actors of ``class_name`` (and actor ``name``, if given) that have a process:
+    actor id -> process id. Read from Ray's GCS table, since ``ray.util.state`` needs the dashboard,
+    which the test session's Ray runs without."""
+    from ray._private.state import actors
+
+    return {i: a["Pid"] for i, a in actors().items() if a["ActorClassName"] == class_name
+            and (name is None or a["Name"] == name) and a["State"] == "ALIVE" and a["Pid"]}

@@ -16,7 +16,7 @@ import httpx
 import pytest
 import yaml
 from conftest import API_KEY, LPOC_OBS, multi_policy_schema
-from support import wait_until
+from support import live_actors, wait_until
 
 from policy_server.gateway.app import build_app
 from policy_server.settings import Settings
@@ -41,12 +41,8 @@ def gateway(ray_session: int, model_dir: Path, tmp_path_factory: pytest.TempPath
 
 
 def _replica_pids() -> dict[str, int]:
-    """The live replicas of the lpoc deployment: actor id -> process id (from Ray's GCS: the state
-    API needs the dashboard, which the test session's Ray runs without)."""
-    from ray._private.state import actors
-
-    name = f"ServeReplica:{PREFIX}-lpoc:policy-lpoc"
-    return {i: a["Pid"] for i, a in actors().items() if a["ActorClassName"] == name and a["State"] == "ALIVE"}
+    """The live replicas of the lpoc deployment: actor id -> process id."""
+    return live_actors(f"ServeReplica:{PREFIX}-lpoc:policy-lpoc")
 
 
 def test_a_killed_replica_is_replaced_without_a_failed_request_and_gets_its_share(gateway: dict[str, Any]) -> None:

@@ -13,7 +13,7 @@ import openai
 import pytest
 import yaml
 from conftest import API_KEY, running_server
-from support import wait_until
+from support import live_actors, wait_until
 
 from policy_server.gateway.app import build_app
 from policy_server.settings import Settings
@@ -192,11 +192,8 @@ def test_a_task_whose_replica_was_killed_answers_410_and_new_tasks_complete(serv
     import signal
     import time
 
-    from ray._private.state import actors  # the GCS's table: the test session's Ray has no dashboard
-
     def tasks_replicas() -> dict[str, int]:
-        return {i: a["Pid"] for i, a in actors().items()
-                if a["ActorClassName"] == "ServeReplica:it-llm-llm-tasks:llm-tasks" and a["State"] == "ALIVE"}
+        return live_actors("ServeReplica:it-llm-llm-tasks:llm-tasks")
 
     with httpx.Client(base_url=server, headers=AUTH, timeout=60) as client:
         task_id = client.post("/llm/forward", json={"question": "What is 6 + 1?"}).json()["task_id"]
