@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import yaml
 from conftest import API_KEY, cart_fragment, running_server, training_schema
-from support import wait_until
+from support import live_actors, wait_until
 
 from policy_server.gateway.app import build_app
 from policy_server.settings import Settings
@@ -190,13 +190,10 @@ def test_a_killed_trainer_comes_back_with_every_acknowledged_step(server: httpx.
     import os
     import signal
 
-    from ray._private.state import actors  # the GCS's table: the test session's Ray has no dashboard
-
     def trainer_pid() -> int | None:
-        found = [a["Pid"] for a in actors().values() if a["ActorClassName"] == "TrainerActor"
-                 and a["Name"] == "it-train-cart-trainer" and a["State"] == "ALIVE" and a["Pid"]]
-        return found[0] if found else None
+        return next(iter(live_actors("TrainerActor", "it-train-cart-trainer").values()), None)
 
+    assert server.post("/train/save").status_code == 200  # the checkpoint it resumes (whatever ran before)
     version = server.get("/train/status").json()["model_version"]
     answer = server.post("/train/experience", json={"client_id": "kill", "fragments": [cart_fragment(version, steps=20, seed=70)]})
     assert answer.status_code == 200 and answer.json()["accepted"] == 20, answer.text
