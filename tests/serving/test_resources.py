@@ -12,6 +12,7 @@ from conftest import multi_policy_schema, training_schema
 from policy_server.errors import SchemaError, StartupError
 from policy_server.schema.config import ServerSchema, parse_schema
 from policy_server.schema.llm import LLMSection
+from policy_server.serving.runtime.placement import HOW_TO, HOW_TO_FREE
 from policy_server.serving.runtime.resources import check_fits, check_free, held_by, resource_requests
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -147,6 +148,10 @@ def test_what_is_free_counts_and_the_servers_own_running_apps_come_back(model_di
     check_free(requests, {"CPU": 1.0}, held_by(requests, "ps", {"ps-cart"}))
     with pytest.raises(StartupError, match=r"has 0.5 free \(and this server's running apps hold 1 it redeploys in place\)"):
         check_free(requests, {"CPU": 0.5}, held_by(requests, "ps", {"ps-cart"}))
+    assert refused.value.message.endswith(HOW_TO)  # it may say: set the wait setting ...
+    with pytest.raises(StartupError) as waiting:  # ... but not while that setting is on (then this is a warning)
+        check_free(requests, {"CPU": 0.5}, held_by(requests, "ps", set()), HOW_TO_FREE)
+    assert waiting.value.message.endswith(HOW_TO_FREE) and "WAIT_FOR_RESOURCES" not in waiting.value.message
 
 
 def test_request_names_are_the_runtimes_app_names() -> None:

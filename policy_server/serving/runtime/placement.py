@@ -22,13 +22,12 @@ log = logging.getLogger(__name__)
 POLL_S = 0.5  # seconds between looks at an actor that is not ready yet
 SAY_EVERY_S = 30.0
 """How often start-up says it still waits for resources, with ``wait_for_resources`` on."""
-HOW_TO_FREE = (
-    "free them (`ray status` shows what holds them), lower the schema's num_cpus / num_gpus, or give Ray "
-    "more (RAY_ADDRESS of a larger cluster)"
-)
-HOW_TO = HOW_TO_FREE.replace(", or give", ", give") + (
-    ", or set POLICY_SERVER_WAIT_FOR_RESOURCES=true to wait for an autoscaling cluster"
-)
+_FREE, _LOWER, _MORE = ("free them (`ray status` shows what holds them)", "lower the schema's num_cpus / num_gpus",
+                        "give Ray more (RAY_ADDRESS of a larger cluster)")
+HOW_TO_FREE = f"{_FREE}, {_LOWER}, or {_MORE}"
+"""What to do about resources that are missing, said while start-up waits for them."""
+HOW_TO = f"{_FREE}, {_LOWER}, {_MORE}, or set POLICY_SERVER_WAIT_FOR_RESOURCES=true to wait for an autoscaling cluster"
+"""... and when start-up refuses to wait."""
 SHOWN = ("CPU", "GPU", "memory")
 """Resources every message shows; others (custom ones, accelerator types) only when asked for."""
 GIB = 1024**3

@@ -123,12 +123,13 @@ def check_fits(
                 )
 
 
-def check_free(requests: list[ResourceRequest], free: Mapping[str, float], held: Mapping[str, float]) -> None:
+def check_free(requests: list[ResourceRequest], free: Mapping[str, float], held: Mapping[str, float],
+               advice: str = HOW_TO) -> None:
     """Refuse a schema whose actors need more than the cluster has free now.
 
     ``free`` is ``ray.available_resources()``; ``held`` what this server's own Serve apps, already
     running on the cluster, hold (``held_by``): a second gateway of the same apps redeploys them in
-    place, so that much comes back.
+    place, so that much comes back. ``advice`` ends the refusal: what to do about it.
 
     Raises:
         StartupError: naming each field that asks for the resource, the sum and what is free.
@@ -141,7 +142,7 @@ def check_free(requests: list[ResourceRequest], free: Mapping[str, float], held:
             mine = f" (and this server's running apps hold {own:g} it redeploys in place)" if own > 0 else ""
             raise StartupError(
                 f"the schema asks Ray for {total:g} {resource}s and the cluster has {have:g} free{mine}: "
-                + "; ".join(r.describe(resource) for r in asked) + f". Other jobs hold the rest: {HOW_TO}"
+                + "; ".join(r.describe(resource) for r in asked) + f". Other jobs hold the rest: {advice}"
             )
 
 

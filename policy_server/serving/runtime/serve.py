@@ -125,7 +125,8 @@ class ServeRuntime(Runtime):
         self._refuse_or_warn(lambda: check_fits(requests, cluster, nodes))  # before Serve starts: no Serve to stop
         serve.start(proxy_location="Disabled")
         running = {name for name, app in serve.status().applications.items() if app.status == "RUNNING"}
-        self._refuse_or_warn(lambda: check_free(requests, free, held_by(requests, prefix, running)))
+        advice = HOW_TO_FREE if self.settings.wait_for_resources else HOW_TO  # no advice to set what is set
+        self._refuse_or_warn(lambda: check_free(requests, free, held_by(requests, prefix, running), advice))
 
     def _refuse_or_warn(self, check: Callable[[], None]) -> None:
         """Run a resource check: its refusal stops start-up, or with ``wait_for_resources`` is logged."""
@@ -134,8 +135,7 @@ class ServeRuntime(Runtime):
         except PolicyServerError as exc:
             if not self.settings.wait_for_resources:
                 raise
-            # the advice to set the wait setting, which is set, goes
-            log.warning("%s; waiting for them (POLICY_SERVER_WAIT_FOR_RESOURCES)", exc.message.replace(HOW_TO, HOW_TO_FREE))
+            log.warning("%s; waiting for them (POLICY_SERVER_WAIT_FOR_RESOURCES)", exc.message)
 
     def app_name(self, spec: PolicySpec) -> str:
         return f"{self.settings.serve_app_prefix}-{spec.name}"
