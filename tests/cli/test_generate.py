@@ -58,7 +58,8 @@ def short_pretraining(path: Path) -> ModuleType:
     """``cli._load_script`` with examples/alphabetical/pretrain.py's ``Args`` defaulting to
     ``PRETRAIN_SECONDS`` of pre-training and 10 held-out problems, and examples/llm's
     build_tiny_model.py training ``TINY_TRAIN_STEPS``: their ``build_models`` and ``pretrain`` run as
-    they are, for less wall time (20 s and 100 greedy decodes, and 400 steps, otherwise)."""
+    they are, for less wall time (20 s and 100 greedy decodes, and 400 steps, otherwise); the
+    tiny model examples/alphabetical pre-trains is built with ``TINY_TRAIN_STEPS`` too."""
     module = LOAD_SCRIPT(path)
     if path.name == "build_tiny_model.py":
         module.build = functools.partial(module.build, train_steps=TINY_TRAIN_STEPS)
@@ -69,6 +70,14 @@ def short_pretraining(path: Path) -> ModuleType:
             eval_problems: int = 10
 
         module.Args = Args
+        load_builder = module.load_builder  # the tiny model it starts from: TINY_TRAIN_STEPS too
+
+        def short_builder() -> ModuleType:
+            builder = load_builder()
+            builder.build = functools.partial(builder.build, train_steps=TINY_TRAIN_STEPS)
+            return builder
+
+        module.load_builder = short_builder
     return module
 
 
