@@ -10,7 +10,6 @@ from typing import Any
 
 import numpy as np
 from fastapi import FastAPI
-from fastapi.middleware.cors import CORSMiddleware
 
 from policy_server import __version__
 from policy_server.errors import PolicyServerError
@@ -18,6 +17,7 @@ from policy_server.gateway import grpo, openai, policy, training
 from policy_server.gateway import llm as gateway_llm
 from policy_server.gateway import sdks as gateway_sdks
 from policy_server.gateway.auth import KEY_NAME, api_key_checker, api_keys, bearer_checker
+from policy_server.gateway.cors import EnvelopedCORS
 from policy_server.gateway.errors import install_error_handlers
 from policy_server.gateway.health import health_router
 from policy_server.gateway.keys import LLM_SCOPE, policy_scope
@@ -131,7 +131,7 @@ def build_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(PathNormalizer, prefix=prefix, slash_routes=slash_routes(app))
     if settings.cors_origins:  # outermost: preflights are answered before anything else runs
         app.add_middleware(
-            CORSMiddleware,
+            EnvelopedCORS,
             allow_origins=settings.cors_origins,
             allow_methods=["GET", "POST", "DELETE"],
             allow_headers=[KEY_NAME, "authorization", "content-type"],

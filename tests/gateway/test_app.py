@@ -39,6 +39,9 @@ def test_a_preflight_from_an_allowed_origin_is_answered(cors: TestClient) -> Non
 def test_a_preflight_from_another_origin_is_refused(cors: TestClient) -> None:
     answer = cors.options("/predict", headers={"origin": REFUSED} | PREFLIGHT)
     assert answer.status_code == 400 and "access-control-allow-origin" not in answer.headers
+    error = answer.json()["error"]  # our one envelope, not Starlette's plain text
+    assert error["code"] == "cors_refused" and error["status"] == 400
+    assert REFUSED in error["message"] and "POLICY_SERVER_CORS_ORIGINS" in error["message"]
 
 
 def test_simple_requests_carry_the_header_only_for_an_allowed_origin(cors: TestClient) -> None:
