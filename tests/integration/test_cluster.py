@@ -3,6 +3,8 @@ several gateways (and `uvicorn --workers`) on one cluster share its apps and tra
 
 from __future__ import annotations
 
+import collections
+import json
 import os
 import shutil
 import signal
@@ -17,7 +19,7 @@ import httpx
 import psutil
 import pytest
 import yaml
-from conftest import API_KEY, cart_fragment, multi_policy_schema, training_schema
+from conftest import API_KEY, LPOC_OBS, cart_fragment, multi_policy_schema, training_schema
 from support import wait_until
 
 from policy_server.net import free_port
@@ -53,26 +55,28 @@ def _stop(proc: subprocess.Popen) -> None:
             proc.wait()
 
 
+def _node_ports() -> list[str]:
+    """Free ports for a node's own listeners: several nodes share this host."""
+    flags = ("--dashboard-agent-listen-port", "--dashboard-agent-grpc-port", "--runtime-env-agent-port",
+             "--metrics-export-port", "--node-manager-port", "--object-manager-port")
+    return [f"{flag}={free_port()}" for flag in flags]
+
+
+def _ray_start(*args: str) -> subprocess.Popen:  # type: ignore[type-arg]
+    """`ray start --block` with ``args`` in its own process group (``_stop`` ends the node)."""
+    cmd = [sys.executable, "-m", "ray.scripts.scripts", "start", "--block", *args, *_node_ports()]
+    return subprocess.Popen(cmd, env=CLUSTER_ENV, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
 @pytest.fixture(scope="module")
 def ray_cluster() -> Iterator[str]:
     """A real Ray head node in its own processes, on its own ports and temp dir, for the module's
-    tests in their order (the last one leaves an actor holding CPUs behind)."""
+    tests in their order (the hog test leaves an actor holding CPUs behind; the last test adds a
+    second node)."""
     temp_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
     port = free_port()
-    ports = {
-        "--port": port,
-        "--dashboard-agent-listen-port": free_port(),
-        "--dashboard-agent-grpc-port": free_port(),
-        "--runtime-env-agent-port": free_port(),
-        "--metrics-export-port": free_port(),
-        "--node-manager-port": free_port(),
-        "--object-manager-port": free_port(),
-        "--ray-client-server-port": free_port(),
-    }
-    cmd = [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block", "--num-cpus=2",
-           "--include-dashboard=false", f"--temp-dir={temp_dir}"]
-    cmd += [f"{flag}={value}" for flag, value in ports.items()]
-    head = subprocess.Popen(cmd, env=CLUSTER_ENV, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    head = _ray_start("--head", "--num-cpus=2", "--include-dashboard=false", f"--temp-dir={temp_dir}",
+                      f"--port={port}", f"--ray-client-server-port={free_port()}")
     address = f"127.0.0.1:{port}"
     try:
         check = [sys.executable, "-c", f"import ray; ray.init(address='{address}'); print(ray.cluster_resources()['CPU'])"]
@@ -193,8 +197,14 @@ class Hog:
     def ping(self) -> int:
         return 1
 
-ray.get(Hog.options(name="hog", lifetime="detached", num_cpus=1.5).remote().ping.remote())
+ray.get(Hog.options(name="hog", lifetime="detached", num_cpus=1.5, get_if_exists=True).remote().ping.remote())
 """
+
+
+def _hog(address: str) -> None:
+    """Another job's actor holding 1.5 of the head's 2 CPUs (once per cluster)."""
+    subprocess.run([sys.executable, "-c", HOG.format(address=address)], env=CLUSTER_ENV, check=True, timeout=120,
+                   capture_output=True)
 
 
 def test_start_up_on_a_cluster_without_free_cpus_fails_at_once_naming_each_ask(
@@ -202,8 +212,7 @@ def test_start_up_on_a_cluster_without_free_cpus_fails_at_once_naming_each_ask(
 ) -> None:
     """Issue 14's silent wait: another job holds 1.5 of the cluster's 2 CPUs and the schema asks
     for 1; the gateway exits non-zero within seconds, naming the field, its ask and what is free."""
-    subprocess.run([sys.executable, "-c", HOG.format(address=ray_cluster)], env=CLUSTER_ENV, check=True, timeout=120,
-                   capture_output=True)
+    _hog(ray_cluster)
     raw = multi_policy_schema(model_dir)
     raw["policies"] = {"lpoc": raw["policies"]["lpoc"] | {"resources": {"num_cpus": 1}}}
     schema = tmp_path / "schema.yaml"
@@ -219,3 +228,55 @@ def test_start_up_on_a_cluster_without_free_cpus_fails_at_once_naming_each_ask(
     assert took < 60
     assert ("policy-server: the schema asks Ray for 1 CPUs and the cluster has 0.5 free: "
             "policies.lpoc.resources.num_cpus: 1 (policy lpoc's replicas)") in gateway.stderr, gateway.stderr[-3000:]
+
+
+def test_replicas_spread_over_two_nodes_and_the_survivors_answer_when_a_node_dies(
+    ray_cluster: str, model_dir: Path, tmp_path: Path
+) -> None:
+    """A second `ray start` node joins (1 CPU) while the hog holds 1.5 of the head's 2: three
+    replicas of half a CPU fit only as one on the head and two on the new node. The gateway links to
+    all three; SIGKILLing the second node's whole process group (raylet, workers) under load fails
+    no request: the head's replica answers them all."""
+    _hog(ray_cluster)
+    worker = _ray_start(f"--address={ray_cluster}", "--num-cpus=1")
+    try:
+        nodes = "print(sum(n['Alive'] for n in ray.nodes()))"
+        wait_until(_up(lambda: _on_cluster(ray_cluster, nodes).strip() == "2", "second node", worker),
+                   120, 0.5, "the second node did not join")
+        raw = multi_policy_schema(model_dir)
+        raw["policies"] = {"lpoc": raw["policies"]["lpoc"] | {"resources": {"num_cpus": 0.5, "num_replicas": 3}}}
+        schema = tmp_path / "schema.yaml"
+        schema.write_text(yaml.safe_dump(raw, sort_keys=False))
+        env = CLUSTER_ENV | {"RAY_ADDRESS": ray_cluster, "SCHEMA_PATH": str(schema), "POLICY_SERVER_GATEWAY_METRICS_PORT": "0",
+                            "POLICY_SERVER_SERVE_APP_PREFIX": "spread"}
+        port = free_port()
+        gateway = _gateway(env, port, log=tmp_path / "gateway.log")
+        url = f"http://127.0.0.1:{port}"
+        try:
+            _wait_ready(url, gateway)
+            placed = _on_cluster(ray_cluster, (
+                "import json; from ray._private.state import actors; "
+                "print(json.dumps(sorted(a['Address']['NodeID'] for a in actors().values() "
+                "if a['ActorClassName'] == 'ServeReplica:spread-lpoc:policy-lpoc' and a['State'] == 'ALIVE')))"))
+            node_ids = json.loads(placed.strip().splitlines()[-1])
+            assert len(node_ids) == 3 and len(set(node_ids)) == 2, placed  # one on the head, two on the new node
+            statuses: list[int] = []
+            with httpx.Client(base_url=url, headers={"access-token": API_KEY}, timeout=60) as client:
+                for _ in range(20):
+                    statuses.append(client.post("/policies/lpoc/predict", json=LPOC_OBS).status_code)
+                _stop_now(worker)  # the node dies: its raylet and every process on it
+                began = time.monotonic()
+                while time.monotonic() - began < 8:  # requests through the node's death and after
+                    statuses.append(client.post("/policies/lpoc/predict", json=LPOC_OBS).status_code)
+            assert len(statuses) > 40 and set(statuses) == {200}, collections.Counter(statuses)
+        finally:
+            _stop(gateway)
+    finally:
+        _stop_now(worker)
+
+
+def _stop_now(proc: subprocess.Popen) -> None:  # type: ignore[type-arg]
+    """SIGKILL ``proc``'s whole process group (a node: its raylet and workers die at once)."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
