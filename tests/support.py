@@ -147,3 +147,24 @@ def live_actors(class_name: str, name: str | None = None) -> dict[str, int]:
 
     return {i: a["Pid"] for i, a in actors().items() if a["ActorClassName"] == class_name
             and (name is None or a["Name"] == name) and a["State"] == "ALIVE" and a["Pid"]}
+
+
+def write_policy_files(folder: Path, ids: list[str], obs_dim: int = 4, actions: int = 3) -> None:
+    """One small TorchScript MLP (``obs_dim`` → 8 → ``actions`` logits) saved as ``<id>.pt`` for each
+    of ``ids``, each with its own weights (seeded by its position): a ``policies_dir``."""
+    import warnings
+
+    import torch
+
+    folder.mkdir(parents=True, exist_ok=True)
+    module = torch.nn.Sequential(torch.nn.Linear(obs_dim, 8), torch.nn.Tanh(), torch.nn.Linear(8, actions))
+    with warnings.catch_warnings():  # TorchScript is deprecated in torch 2.13; still served
+        warnings.simplefilter("ignore", DeprecationWarning)
+        scripted = torch.jit.script(module.eval())
+        params = list(scripted.parameters())
+        generator = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            for policy_id in ids:
+                for p in params:
+                    p.copy_(torch.randn(p.shape, generator=generator))
+                torch.jit.save(scripted, folder / f"{policy_id}.pt")

@@ -26,6 +26,7 @@ from policy_server.gateway.llm.setup import LLMServices, llm_services
 from policy_server.gateway.metrics import GatewayMetrics, MetricsMiddleware
 from policy_server.gateway.openapi import operation_ids
 from policy_server.gateway.paths import PathNormalizer, slash_routes
+from policy_server.gateway.policy.multiplexed import MultiplexedPolicyService, make_policy_service
 from policy_server.gateway.policy.service import PolicyService
 from policy_server.gateway.redact import install_log_redaction
 from policy_server.gateway.startup import (
@@ -71,7 +72,7 @@ def build_app(settings: Settings | None = None) -> FastAPI:
     keys = api_keys(settings, schema)
     rng = np.random.default_rng(settings.seed)
     resolved = {name: resolve_policy(spec) for name, spec in schema.policies.items()}
-    services = {name: PolicyService(served, rng) for name, (served, _) in resolved.items()}
+    services = {name: make_policy_service(served, rng) for name, (served, _) in resolved.items()}
     local_models = {name: model for name, (_, model) in resolved.items()}  # loaded by the check
     trainings = {
         name: TrainingService(served, settings.max_batch_observations)
@@ -170,6 +171,9 @@ async def _start_services(
 
     async def start_policy(name: str, service: PolicyService) -> None:
         spec = schema.policies[name]
+        if isinstance(service, MultiplexedPolicyService):  # policies_dir: no trainer (the schema refuses one)
+            service.attach_ids(await runtime.multiplexed_model(spec), metrics.batch_rows.labels(name).observe)
+            return
         service.attach(await runtime.policy_model(spec), metrics.batch_rows.labels(name).observe)
         trainer = trainings.get(name)
         if trainer is not None:  # after its policy: it publishes to the policy's deployment

@@ -58,9 +58,7 @@ def health_router(schema: ServerSchema, services: dict[str, PolicyService]) -> A
                 responses=error_docs({503: "A policy is not ready (`not_ready`)."}))
     async def ready() -> JSONResponse:
         """Every policy's deployment answers."""
-        states = {
-            name: s.backend is not None and await s.backend.ready() for name, s in services.items()
-        }
+        states = {name: await s.ready() for name, s in services.items()}
         if all(states.values()):
             return JSONResponse({"status": "ready", "policies": states})
         waiting = ", ".join(n for n, ok in states.items() if not ok)

@@ -42,6 +42,16 @@ class GatewayMetrics:
         self.errors = Counter(
             "policy_server_errors", "Error answers by status.", (*labels, "status"), registry=self.registry
         )
+        # per policy id of a policies_dir policy: one label value per model file (ids the gateway
+        # checked against the folder, never what a client made up); Prometheus holds thousands well
+        self.id_requests = Counter(
+            "policy_server_policy_id_requests", "HTTP requests answered for a policy id (`policies_dir`).",
+            ("policy", "policy_id", "status"), registry=self.registry,
+        )
+        self.id_latency = Histogram(
+            "policy_server_policy_id_request_seconds", "HTTP request latency for a policy id (`policies_dir`).",
+            ("policy", "policy_id"), buckets=LATENCY_BUCKETS, registry=self.registry,
+        )
         self.batch_rows = Histogram(
             "policy_server_batch_rows", "Observations per forward call sent by the gateway.",
             ("policy",), buckets=ROW_BUCKETS, registry=self.registry,
@@ -98,11 +108,14 @@ class GatewayMetrics:
         if lock is not None:
             lock.close()  # another worker may serve them now
 
-    def record(self, policy: str, endpoint: str, status: int, seconds: float) -> None:
+    def record(self, policy: str, endpoint: str, status: int, seconds: float, policy_id: str | None = None) -> None:
         self.requests.labels(policy, endpoint, str(status)).inc()
         self.latency.labels(policy, endpoint).observe(seconds)
         if status >= 400:
             self.errors.labels(policy, endpoint, str(status)).inc()
+        if policy_id is not None:
+            self.id_requests.labels(policy, policy_id, str(status)).inc()
+            self.id_latency.labels(policy, policy_id).observe(seconds)
 
 
 class MetricsMiddleware:
@@ -127,7 +140,8 @@ class MetricsMiddleware:
             await self.app(scope, receive, send_status)
         finally:
             policy, endpoint = route_labels(scope)
-            self.metrics.record(policy, endpoint, status, time.perf_counter() - start)
+            policy_id = scope.get("state", {}).get("policy_id")  # set once the id was checked (gateway.policy.multiplexed)
+            self.metrics.record(policy, endpoint, status, time.perf_counter() - start, policy_id)
 
 
 def route_labels(scope: Scope) -> tuple[str, str]:

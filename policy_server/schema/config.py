@@ -7,6 +7,8 @@ valid as it is. Everything else is an optional extension:
 * ``parameters.action_space``: the exact action space (discrete, tuple of discretes, box),
 * ``parameters.resources``: replicas, GPUs and batching of the policy's deployment,
 * ``parameters.training``: train the policy online from clients' experience (PPO or DQN),
+* ``parameters.policies_dir``: many policies of one architecture, one model file per policy id
+  (``schema.policy_ids``), loaded on demand on the replicas,
 * ``policies``: several named policies, each with the keys above plus its own ``observations``
   and ``api_keys`` (keys that open only that policy's routes),
 * ``parameters.api_keys``: more server-wide keys beside ``api_key`` (all valid at once).
@@ -34,11 +36,11 @@ from pydantic_core import PydanticCustomError
 from policy_server.errors import SchemaError
 from policy_server.fields import check_text
 from policy_server.schema.llm import LLMPolicySpec, LLMSection
+from policy_server.schema.policy_ids import MODEL_SUFFIXES, is_name, resolve_policies_dir
 from policy_server.schema.replicas import Replicas, refused
 from policy_server.schema.training import TrainingSpec
 
 OBSERVATION_TYPES = ("int", "float", "bool", "List[int]", "List[float]", "List[bool]")
-MODEL_SUFFIXES = (".pt", ".pt2", ".ts", ".jit")
 DEFAULT_POLICY = "default"
 
 
@@ -181,6 +183,9 @@ class ResourceSpec(Replicas):
         description="Batches in flight at once; default 2 per replica (`auto`: per max_replicas, and at "
         "least target_ongoing_requests per max_replicas).",
     )
+    max_models_per_replica: int = Field(
+        32, ge=1, description="`policies_dir` only: policy ids each replica keeps loaded (an LRU)."
+    )
 
     @model_validator(mode="after")
     def _check_concurrency(self) -> ResourceSpec:
@@ -211,6 +216,8 @@ class PolicySpec(_Strict):
     model: Path
     resources: ResourceSpec
     training: TrainingSpec | None = None
+    policies_dir: Path | None = None
+    """Many policies of this one architecture: ``<policies_dir>/<policy id>.pt`` (``model``: one of them)."""
 
 
 class ServerSchema(_Strict):
@@ -232,8 +239,9 @@ class ServerSchema(_Strict):
             "default_policy": self.default_policy,
             "url_path": self.url_path,
             "policies": {
-                name: p.model_dump(mode="json", exclude={"model", "training"})
+                name: p.model_dump(mode="json", exclude={"model", "training", "policies_dir"})
                 | {"model": p.model.name, "training": _public_training(p.training)}
+                | ({"policies_dir": p.policies_dir.name} if p.policies_dir else {})
                 for name, p in self.policies.items()
             },
             "llm": _public_llm(self.llm),
@@ -277,6 +285,7 @@ class _PolicyFields(_Strict):
     action_space: ActionSpaceSpec | None = None
     resources: ResourceSpec = ResourceSpec()
     training: TrainingSpec | None = None
+    policies_dir: str | None = None
 
 
 ApiKeyList = list[Annotated[str, Field(min_length=1)]]
@@ -381,18 +390,24 @@ def _resolve_llm(llm: LLMSection | None, base_dir: Path) -> LLMSection | None:
 
 def _resolve(name: str, entry: _PolicyEntry, base_dir: Path) -> PolicySpec:
     where = "parameters" if name == DEFAULT_POLICY else f"policies.{name}"
-    if not name.replace("_", "").replace("-", "").isalnum():
+    if not is_name(name):
         raise SchemaError(f"policies.{name}: a policy name may hold letters, digits, - and _")
     space = entry.action_space or _legacy_space(entry, where)
     if entry.discrete is False and space.type != "box" and entry.action_space is not None:
         raise SchemaError(f"{where}.discrete is False but action_space.type is {space.type!r}")
+    folder, model = None, None
+    if entry.policies_dir is not None:
+        folder, model = resolve_policies_dir(entry.policies_dir, entry.model, base_dir, where, entry.training is not None)
+    elif "max_models_per_replica" in entry.resources.model_fields_set:
+        raise SchemaError(f"{where}.resources.max_models_per_replica: applies only with `policies_dir`")
     return PolicySpec(
         name=name,
         observations=entry.observations,
         action_space=space,
-        model=_find_model(entry.model, base_dir, where),
+        model=model or _find_model(entry.model, base_dir, where),
         resources=entry.resources,
         training=_resolve_training(entry.training, space, base_dir, where),
+        policies_dir=folder,
     )
 
 

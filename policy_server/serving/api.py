@@ -47,6 +47,20 @@ class PolicyModel(Protocol):
         """The served weights and their version, read together (from one replica)."""
 
 
+class MultiplexedModel(Protocol):
+    """Many policies of one architecture (``policies_dir``), each replica holding an LRU of them."""
+
+    async def forward(self, obs: np.ndarray, policy_id: str) -> PolicyOutput:
+        """float32 ``(B, obs_dim)`` → the heads of ``policy_id``'s model (loaded on demand).
+        Raises NotFound (no such id's file) or ModelError (its file does not load or fit)."""
+
+    async def ready(self) -> bool:
+        """Whether a replica answers now (never raises)."""
+
+    async def replica_stats(self) -> list[dict[str, Any]]:
+        """Per replica: its process id, the ids it holds loaded, its loads and evictions so far."""
+
+
 class PolicyTrainer(Protocol):
     """The RL trainer of one policy (``training.trainer.Trainer``): clients, experience, control."""
 

@@ -6,6 +6,7 @@ from fastapi import FastAPI
 from policy_server.gateway.auth import Auth
 from policy_server.gateway.policy.collect import collect_router
 from policy_server.gateway.policy.model import model_router
+from policy_server.gateway.policy.multiplexed import MultiplexedPolicyService, mount_multiplexed
 from policy_server.gateway.policy.router import policy_router
 from policy_server.gateway.policy.service import PolicyService
 from policy_server.gateway.training.service import TrainingService
@@ -15,6 +16,9 @@ from policy_server.policies.torch_policy import model_format
 def mount(app: FastAPI, service: PolicyService, training: TrainingService | None, auth: Auth,
           max_batch: int, prefixes: list[str]) -> None:
     """The policy's routes under each of ``prefixes`` (``/policies/<name>``, and ``""`` for the default)."""
+    if isinstance(service, MultiplexedPolicyService):
+        mount_multiplexed(app, service, auth, max_batch, prefixes)
+        return
     spec = service.policy.spec
     model, fmt = spec.model.read_bytes(), model_format(spec.model)
     for prefix in prefixes:

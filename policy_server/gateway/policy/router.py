@@ -2,7 +2,8 @@
 
 # No `from __future__ import annotations`: FastAPI must see the generated models as real types.
 
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends
 from fastapi.responses import JSONResponse
@@ -53,36 +54,53 @@ def rows_at(field: str, n: int) -> list[str]:
     return [f"{field}.{i}" for i in range(n)]
 
 
-def action_answer(sample: ActionSample, version: int) -> JSONResponse:
-    """The answer of ``/predict`` and its kin: one action, ``actions``, and the model version."""
-    return _answer(_action(sample) | {"model_version": version})
+def action_answer(sample: ActionSample, version: int, policy_id: str | None = None) -> JSONResponse:
+    """The answer of ``/predict`` and its kin: one action, ``actions``, the model version (and the
+    policy id of a ``policies_dir`` policy)."""
+    return _answer(_action(sample) | _versioned(version, policy_id))
 
 
-def policy_router(service: PolicyService, auth: Auth, max_batch: int, prefix: str) -> APIRouter:
-    """All endpoints of one policy under ``prefix`` (routes keep their full path, for metrics)."""
+def _versioned(version: int, policy_id: str | None) -> dict[str, Any]:
+    return {"model_version": version} if policy_id is None else {"model_version": version, "policy_id": policy_id}
+
+
+async def no_policy_id() -> None:
+    """A policy with one model: no policy id to select."""
+
+
+SelectId = Callable[..., Awaitable[str | None]]
+
+
+def policy_router(
+    service: PolicyService, auth: Auth, max_batch: int, prefix: str, select_id: SelectId = no_policy_id
+) -> APIRouter:
+    """All endpoints of one policy under ``prefix`` (routes keep their full path, for metrics);
+    ``select_id``, a dependency, reads the policy id of a ``policies_dir`` policy (a header, a path
+    parameter: ``gateway.policy.multiplexed``)."""
     policy = service.policy
     router = APIRouter(prefix=prefix, tags=[policy.name], dependencies=[Depends(auth)], responses=ERRORS)
+    PolicyId = Annotated[str | None, Depends(select_id)]
 
-    async def act(obs: Any, mode: Mode, where: str = "body") -> JSONResponse:
-        samples, version = await service.act(obs, mode, [where])
-        return action_answer(samples[0], version)
+    async def act(obs: Any, mode: Mode, policy_id: str | None, where: str = "body") -> JSONResponse:
+        samples, version = await service.act(obs, mode, [where], policy_id)
+        return action_answer(samples[0], version, policy_id)
 
-    async def act_batch(obs: Any, mode: Mode, where: str = "body.observations") -> JSONResponse:
-        samples, version = await service.act(obs, mode, rows_at(where, len(obs)))
-        return _answer({"results": [_action(s) for s in samples], "model_version": version})
+    async def act_batch(obs: Any, mode: Mode, policy_id: str | None, where: str = "body.observations") -> JSONResponse:
+        samples, version = await service.act(obs, mode, rows_at(where, len(obs)), policy_id)
+        return _answer({"results": [_action(s) for s in samples]} | _versioned(version, policy_id))
 
     Raw = raw_model(policy.model_prefix, policy.obs_dim)
     RawBatch = raw_batch_model(policy.model_prefix, policy.obs_dim, max_batch)
 
     @router.post("/predict_raw", response_model=ActionResponse)
-    async def predict_raw(body: Raw) -> JSONResponse:  # type: ignore[valid-type]
+    async def predict_raw(body: Raw, policy_id: PolicyId) -> JSONResponse:  # type: ignore[valid-type]
         """Sample an action for a flat input vector (width checked, no field validation)."""
-        return await act(service.from_raw([body.obs]), "sample", "body.obs")  # type: ignore[attr-defined]
+        return await act(service.from_raw([body.obs]), "sample", policy_id, "body.obs")  # type: ignore[attr-defined]
 
     @router.post("/predict_raw/batch", response_model=BatchActionResponse)
-    async def predict_raw_batch(body: RawBatch) -> JSONResponse:  # type: ignore[valid-type]
+    async def predict_raw_batch(body: RawBatch, policy_id: PolicyId) -> JSONResponse:  # type: ignore[valid-type]
         """Sample one action per flat input vector, in one forward pass."""
-        return await act_batch(service.from_raw(body.obs), "sample", "body.obs")  # type: ignore[attr-defined]
+        return await act_batch(service.from_raw(body.obs), "sample", policy_id, "body.obs")  # type: ignore[attr-defined]
 
     if policy.observation_model is None:
         return router
@@ -90,37 +108,38 @@ def policy_router(service: PolicyService, auth: Auth, max_batch: int, prefix: st
     Batch = batch_model(Observation, max_batch)
 
     @router.post("/predict", response_model=ActionResponse)
-    async def predict(obs: Observation) -> JSONResponse:  # type: ignore[valid-type]
+    async def predict(obs: Observation, policy_id: PolicyId) -> JSONResponse:  # type: ignore[valid-type]
         """Sample an action from the policy; answers its probability and the model version."""
-        return await act(service.from_observations([obs]), "sample")
+        return await act(service.from_observations([obs]), "sample", policy_id)
 
     @router.post("/predict_deterministic", response_model=ActionResponse)
-    async def predict_deterministic(obs: Observation) -> JSONResponse:  # type: ignore[valid-type]
+    async def predict_deterministic(obs: Observation, policy_id: PolicyId) -> JSONResponse:  # type: ignore[valid-type]
         """The most likely action: argmax per component, the mean for a continuous action."""
-        return await act(service.from_observations([obs]), "deterministic")
+        return await act(service.from_observations([obs]), "deterministic", policy_id)
 
     @router.post("/distribution", response_model=DistributionResponse)
-    async def distribution(obs: Observation) -> JSONResponse:  # type: ignore[valid-type]
+    async def distribution(obs: Observation, policy_id: PolicyId) -> JSONResponse:  # type: ignore[valid-type]
         """The exact action distribution, computed from the model's logits."""
-        dists, version = await service.distribution(service.from_observations([obs]), ["body"])
-        return _answer(dists[0] | {"model_version": version})
+        dists, version = await service.distribution(service.from_observations([obs]), ["body"], policy_id)
+        return _answer(dists[0] | _versioned(version, policy_id))
 
     @router.post("/predict/batch", response_model=BatchActionResponse)
-    async def predict_batch(body: Batch) -> JSONResponse:  # type: ignore[valid-type]
+    async def predict_batch(body: Batch, policy_id: PolicyId) -> JSONResponse:  # type: ignore[valid-type]
         """Sample one action per observation, all in one forward pass."""
-        return await act_batch(service.from_observations(body.observations), "sample")  # type: ignore[attr-defined]
+        return await act_batch(service.from_observations(body.observations), "sample", policy_id)  # type: ignore[attr-defined]
 
     @router.post("/predict_deterministic/batch", response_model=BatchActionResponse)
-    async def predict_deterministic_batch(body: Batch) -> JSONResponse:  # type: ignore[valid-type]
+    async def predict_deterministic_batch(body: Batch, policy_id: PolicyId) -> JSONResponse:  # type: ignore[valid-type]
         """The most likely action for each observation, in one forward pass."""
-        return await act_batch(service.from_observations(body.observations), "deterministic")  # type: ignore[attr-defined]
+        return await act_batch(
+            service.from_observations(body.observations), "deterministic", policy_id)  # type: ignore[attr-defined]
 
     @router.post("/distribution/batch", response_model=BatchDistributionResponse)
-    async def distribution_batch(body: Batch) -> JSONResponse:  # type: ignore[valid-type]
+    async def distribution_batch(body: Batch, policy_id: PolicyId) -> JSONResponse:  # type: ignore[valid-type]
         """The exact action distribution for each observation, in one forward pass."""
         observations = body.observations  # type: ignore[attr-defined]
         dists, version = await service.distribution(
-            service.from_observations(observations), rows_at("body.observations", len(observations)))
-        return _answer({"results": dists, "model_version": version})
+            service.from_observations(observations), rows_at("body.observations", len(observations)), policy_id)
+        return _answer({"results": dists} | _versioned(version, policy_id))
 
     return router

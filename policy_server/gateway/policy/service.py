@@ -37,6 +37,10 @@ class PolicyService:
             backend.forward, res.max_batch_size, res.concurrent_batches, res.batch_wait_ms / 1000, on_batch
         )
 
+    async def ready(self) -> bool:
+        """Whether the policy's model answers now (never raises)."""
+        return self.backend is not None and await self.backend.ready()
+
     def require_backend(self) -> PolicyModel:
         if self.backend is None:
             raise BackendUnavailable(f"policy {self.policy.name!r} is still starting; retry shortly")
@@ -63,17 +67,21 @@ class PolicyService:
 
     # --- model calls ----------------------------------------------------------------------
 
-    async def forward(self, obs: np.ndarray, where: Sequence[str]) -> PolicyOutput:
+    async def _submit(self, obs: np.ndarray, policy_id: str | None) -> PolicyOutput:
+        """One batched call to the model (``policy_id``: of a ``policies_dir`` policy only)."""
+        if self._batcher is None:
+            raise BackendUnavailable(f"policy {self.policy.name!r} is still starting; retry shortly")
+        return await self._batcher.submit(obs)
+
+    async def forward(self, obs: np.ndarray, where: Sequence[str], policy_id: str | None = None) -> PolicyOutput:
         """The model's outputs for float32 ``(B, obs_dim)`` rows; ``where`` names each row's
-        field (``body.observations.3``).
+        field (``body.observations.3``); ``policy_id`` picks the model of a ``policies_dir`` policy.
 
         Raises ModelOverflow naming each row whose outputs are not finite: the weights are
         (replicas refuse others), so a finite input that overflows the model's float32 layers
         (values near 1e38, say) is the only way there.
         """
-        if self._batcher is None:
-            raise BackendUnavailable(f"policy {self.policy.name!r} is still starting; retry shortly")
-        out = await self._batcher.submit(obs)
+        out = await self._submit(obs, policy_id)
         finite = np.logical_and.reduce([np.isfinite(h).reshape(len(h), -1).all(axis=1) for h in out.heads])
         if not finite.all():
             message = ("the model's outputs are not finite (NaN or inf) for this observation: its "
@@ -82,12 +90,16 @@ class PolicyService:
             raise ModelOverflow(f"{fields[0].field}: {message}", fields)
         return out
 
-    async def act(self, obs: np.ndarray, mode: Mode, where: Sequence[str]) -> tuple[list[ActionSample], int]:
-        out = await self.forward(obs, where)
+    async def act(
+        self, obs: np.ndarray, mode: Mode, where: Sequence[str], policy_id: str | None = None
+    ) -> tuple[list[ActionSample], int]:
+        out = await self.forward(obs, where, policy_id)
         space = self.policy.space
         samples = space.sample(out.heads, self.rng) if mode == "sample" else space.mode(out.heads)
         return samples, out.version
 
-    async def distribution(self, obs: np.ndarray, where: Sequence[str]) -> tuple[list[dict[str, Any]], int]:
-        out = await self.forward(obs, where)
+    async def distribution(
+        self, obs: np.ndarray, where: Sequence[str], policy_id: str | None = None
+    ) -> tuple[list[dict[str, Any]], int]:
+        out = await self.forward(obs, where, policy_id)
         return self.policy.space.distribution(out.heads), out.version

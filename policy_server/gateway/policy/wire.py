@@ -36,11 +36,17 @@ class Action(_Wire):
 
 class ActionResponse(Action):
     model_version: int = Field(description="Version of the weights that chose the action.")
+    policy_id: str | None = Field(
+        None, description="The policy id that answered (a `policies_dir` policy only; absent otherwise)."
+    )
 
 
 class BatchActionResponse(_Wire):
     results: list[Action]
     model_version: int
+    policy_id: str | None = Field(
+        None, description="The policy id that answered (a `policies_dir` policy only; absent otherwise)."
+    )
 
 
 class Distribution(_Wire):
@@ -56,11 +62,17 @@ class Distribution(_Wire):
 
 class DistributionResponse(Distribution):
     model_version: int
+    policy_id: str | None = Field(
+        None, description="The policy id that answered (a `policies_dir` policy only; absent otherwise)."
+    )
 
 
 class BatchDistributionResponse(_Wire):
     results: list[Distribution]
     model_version: int
+    policy_id: str | None = Field(
+        None, description="The policy id that answered (a `policies_dir` policy only; absent otherwise)."
+    )
 
 
 class _Request(BaseModel):

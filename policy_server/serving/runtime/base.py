@@ -13,6 +13,7 @@ if TYPE_CHECKING:
     from policy_server.serving.api import (
         GRPORunsAPI,
         LLMModel,
+        MultiplexedModel,
         PolicyModel,
         PolicyTrainer,
         TasksAndSessionsAPI,
@@ -44,6 +45,10 @@ class Runtime(ABC):
 
     @abstractmethod
     async def policy_model(self, spec: PolicySpec) -> PolicyModel: ...
+
+    @abstractmethod
+    async def multiplexed_model(self, spec: PolicySpec) -> MultiplexedModel:
+        """The policies of ``spec.policies_dir``, loaded on demand per policy id."""
 
     @abstractmethod
     async def policy_trainer(self, spec: PolicySpec, space: ActionSpace, obs_dim: int) -> PolicyTrainer:

@@ -4,6 +4,9 @@ floor). Blocking domain methods run in worker threads; errors come out as ``serv
 from __future__ import annotations
 
 import functools
+import os
+import threading
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Any
 
@@ -14,6 +17,8 @@ from policy_server.serving.errors import local, local_async, mapped_stream
 from policy_server.serving.runtime.base import Runtime, X1Kind
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from policy_server.llm.engine import LLMEngine, ValueScorer
     from policy_server.llm.grpo_runs import GRPORuns
     from policy_server.llm.grpo_settings import GRPOSettings
@@ -23,6 +28,7 @@ if TYPE_CHECKING:
     from policy_server.llm.weight_publish import WeightPublisher
     from policy_server.llm.x1_config import X1TrainingConfig
     from policy_server.llm.x1_trainer import X1Trainer
+    from policy_server.policies.multiplex import Signature
     from policy_server.policies.spaces import ActionSpace
     from policy_server.policies.torch_policy import PolicyOutput, TorchPolicy
     from policy_server.schema.config import PolicySpec, ServerSchema
@@ -51,6 +57,44 @@ class LocalPolicyModel:
 
     async def snapshot(self) -> tuple[Weights, int]:
         return self.policy.snapshot()
+
+
+class LocalMultiplexedModel:
+    """The policies of a ``policies_dir`` in this process, in an LRU of ``size`` ids. Our own few
+    lines: Serve's ``@serve.multiplexed`` LRU runs only inside a Serve replica."""
+
+    def __init__(self, folder: Path, signature: Signature, size: int) -> None:
+        self.folder, self.signature, self.size = folder, signature, size
+        self.models: OrderedDict[str, TorchPolicy] = OrderedDict()
+        self.loads = self.evictions = 0
+        self._lock = threading.Lock()
+
+    async def forward(self, obs: np.ndarray, policy_id: str) -> PolicyOutput:
+        return await local(self._forward, obs, policy_id)
+
+    def _forward(self, obs: np.ndarray, policy_id: str) -> PolicyOutput:
+        from policy_server.policies.multiplex import load_policy
+
+        with self._lock:
+            policy = self.models.get(policy_id)
+            if policy is not None:
+                self.models.move_to_end(policy_id)
+        if policy is None:
+            policy = load_policy(self.folder, policy_id, self.signature)
+            with self._lock:
+                self.models[policy_id] = policy
+                self.loads += 1
+                while len(self.models) > self.size:
+                    self.models.popitem(last=False)
+                    self.evictions += 1
+        return policy.forward(obs)
+
+    async def ready(self) -> bool:
+        return True
+
+    async def replica_stats(self) -> list[dict[str, Any]]:
+        with self._lock:
+            return [{"pid": os.getpid(), "loaded": sorted(self.models), "loads": self.loads, "evictions": self.evictions}]
 
 
 class LocalPolicyTrainer:
@@ -220,6 +264,16 @@ class LocalRuntime(Runtime):
         policy = self._loaded.pop(spec.name, None)
         self._policies[spec.name] = policy or await local(TorchPolicy.from_file, spec.model)
         return LocalPolicyModel(self._policies[spec.name])
+
+    async def multiplexed_model(self, spec: PolicySpec) -> LocalMultiplexedModel:
+        from policy_server.policies.multiplex import Signature
+        from policy_server.policies.served import resolve_policy
+
+        assert spec.policies_dir is not None
+        self._loaded.pop(spec.name, None)
+        served, reference = await local(resolve_policy, spec)
+        signature = Signature.of(reference, served.obs_dim)
+        return LocalMultiplexedModel(spec.policies_dir, signature, spec.resources.max_models_per_replica)
 
     async def policy_trainer(self, spec: PolicySpec, space: ActionSpace, obs_dim: int) -> LocalPolicyTrainer:
         from policy_server.policies.torch_policy import load_module, model_format

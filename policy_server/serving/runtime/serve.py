@@ -33,7 +33,7 @@ from policy_server.policies.torch_policy import model_format
 from policy_server.schema.config import PolicySpec, ServerSchema
 from policy_server.schema.llm import LLMPolicySpec, LLMValueSpec
 from policy_server.schema.replicas import Replicas
-from policy_server.serving.api import PolicyModel
+from policy_server.serving.api import MultiplexedModel, PolicyModel
 from policy_server.serving.deployment import build_deployment, deployment_name
 from policy_server.serving.runtime.base import Runtime, X1Kind
 from policy_server.serving.runtime.cluster_state import (
@@ -165,6 +165,22 @@ class ServeRuntime(Runtime):
         )
         self.transports.append(transport)
         return transport
+
+    async def multiplexed_model(self, spec: PolicySpec) -> MultiplexedModel:
+        """The ``policies_dir`` policy's multiplexed app; batches go through its handle, never the
+        direct transport (``serving.multiplexed``)."""
+        from policy_server.serving.multiplexed import ServeMultiplexedModel, build_multiplexed_deployment
+
+        def deploy() -> str:
+            gpus = ray.cluster_resources().get("GPU", 0) > 0
+            app_name = self.app_name(spec)
+            if not self._joined(app_name, policy_fingerprint(spec, spec.model.read_bytes(), gpus)):
+                self._run(build_multiplexed_deployment(spec, deployment_name(spec.name), gpus), app_name)
+            return app_name
+
+        app_name = await asyncio.to_thread(deploy)
+        log.info("policy %s (policies_dir %s) is served by Ray Serve app %s", spec.name, spec.policies_dir, app_name)
+        return ServeMultiplexedModel(serve.get_deployment_handle(deployment_name(spec.name), app_name))
 
     async def policy_trainer(self, spec: PolicySpec, space: ActionSpace, obs_dim: int) -> ActorPolicyTrainer:
         return ActorPolicyTrainer(await asyncio.to_thread(self.start_trainer, spec, space, obs_dim))
