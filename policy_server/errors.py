@@ -21,6 +21,7 @@ status and the machine-readable ``code`` it is answered with; the gateway transl
     │   ├── RunFinished              409 run_finished
     │   └── TooManyRuns              409 too_many_runs
     ├── TaskLost                     410 task_lost
+    ├── GroupLost                    410 group_lost
     ├── PayloadTooLarge              413 payload_too_large
     ├── ModelError                   500 model_error
     ├── ClientGenerationFailed       500 client_generation_failed
@@ -161,6 +162,15 @@ class TaskLost(PolicyServerError):
 
     status = 410
     code = "task_lost"
+
+
+class GroupLost(PolicyServerError):
+    """A GRPO group was handed out by a process that died before its rewards came: the run was
+    resumed from disk without it (a group waiting for rewards is kept in memory only); ask for new
+    completions."""
+
+    status = 410
+    code = "group_lost"
 
 
 class Conflict(PolicyServerError):

@@ -10,7 +10,10 @@ generated more than ``max_version_lag`` cycles ago are refused (``StaleGroup``) 
 
 A run is a plain, thread-safe object: no Ray, no HTTP; its errors name the fields of its own
 input (``prompt``, ``rewards.1``). Checkpoints (every ``checkpoint_every`` cycles and at ``stop``)
-are written by ``grpo_checkpoints``; ``GRPORun.resume`` continues from the newest.
+are written by ``grpo_checkpoints``, and every cycle in between is journaled before its rewards are
+answered (``grpo_journal``); ``GRPORun.resume`` continues from the newest checkpoint and trains the
+journaled cycles after it again. Group ids start with the run object's random ``incarnation``: the
+rewards of a group that a dead process handed out are answered ``GroupLost`` (410), not a bare 404.
 
 A serving run (``settings.serve``) samples its groups through the serving engine instead of its
 own copy (``Served.generate``: the engine's raw log-probs are the old policy's), still trains its
@@ -27,6 +30,7 @@ import dataclasses
 import functools
 import io
 import logging
+import re
 import tarfile
 import tempfile
 import threading
@@ -40,20 +44,21 @@ from typing import Any, Literal
 import torch
 from pydantic import TypeAdapter, ValidationError
 
-from policy_server.errors import InvalidRequest, NotFound, RunFinished, StaleGroup
+from policy_server.errors import Conflict, GroupLost, InvalidRequest, NotFound, RunFinished, StaleGroup
 from policy_server.fields import Float32, field_errors
 from policy_server.llm.engine import publish_next
 from policy_server.llm.generation import Generator
 from policy_server.llm.grpo_checkpoints import (
     MODEL_FOLDER,
     OPTIMIZER_FILE,
-    latest_checkpoint,
+    load_run,
     read_state,
     write_checkpoint,
 )
+from policy_server.llm.grpo_journal import Cycle, CycleJournal
 from policy_server.llm.grpo_settings import GRPOSettings
 from policy_server.llm.grpo_step import Group, prepare_model, train_step
-from policy_server.llm.models import Dtype, LoadedLM, load_policy
+from policy_server.llm.models import Dtype, LoadedLM
 from policy_server.llm.params import GenerationParams, Sample
 from policy_server.training.guard import NonFiniteUpdate
 
@@ -61,8 +66,12 @@ log = logging.getLogger(__name__)
 
 MAX_PENDING_GROUPS = 1024
 """Groups handed out and not yet rewarded that a run remembers; the oldest is forgotten beyond it."""
+REMEMBERED_REWARDED = 256
+"""Rewarded groups whose ids (and cycles) a run remembers, checkpoints included: their rewards sent
+again answer 409 "already rewarded" (a retry after a lost answer), not 410 or 404."""
 REWARD_WINDOW = 20
 """``status()["mean_reward"]`` averages the last this many groups."""
+_GROUP_ID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{32}")  # the form of the group ids a run hands out
 
 Generate = Callable[[list[int], GenerationParams], tuple[list[Sample], int]]
 """The serving engine's ``generate`` (blocking): the samples of one prompt and the version that made them."""
@@ -146,7 +155,13 @@ class GRPORun:
         self._counters = _Counters()
         self._pending: OrderedDict[str, Group] = OrderedDict()
         self._lock = threading.Lock()
-        self._reference = prepare_model(lm, settings, reference)
+        self.incarnation = uuid.uuid4().hex[:8]
+        self._journal = CycleJournal(self.checkpoint_dir)
+        self._rewarded: OrderedDict[str, int] = OrderedDict()
+        """The last ``REMEMBERED_REWARDED`` rewarded groups: group id -> the cycle it trained."""
+        with torch.random.fork_rng(devices=[]):  # a new adapter's initial weights: the same on a resume
+            torch.manual_seed(settings.seed)
+            self._reference = prepare_model(lm, settings, reference)
         self.generator = Generator(lm)
         params = [p for p in lm.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=settings.lr)
@@ -168,7 +183,7 @@ class GRPORun:
             )
             self._sync_served()
             samples, served_version = self._sample(prompt_ids, params)
-            group_id = uuid.uuid4().hex
+            group_id = f"{self.incarnation}-{uuid.uuid4().hex}"
             self._pending[group_id] = Group(
                 prompt_ids,
                 [x.completion_ids for x in samples],
@@ -195,10 +210,7 @@ class GRPORun:
             self._require_running()
             group = self._pending.get(group_id)
             if group is None:
-                raise NotFound(
-                    f"run {self.run_id} has no group {group_id!r} waiting for rewards: it was never handed out, "
-                    f"was already rewarded, or was forgotten (more than {MAX_PENDING_GROUPS} groups waited)"
-                )
+                raise self._missing(group_id)
             _check_rewards(rewards, len(group.completions))
             lag = self.cycle - group.cycle
             if lag > self.settings.max_version_lag:
@@ -212,15 +224,11 @@ class GRPORun:
             del self._pending[group_id]
             mean_reward = sum(rewards) / len(rewards)
             try:
-                stats = train_step(
-                    self.lm, self.optimizer, self._reference, self.settings, group, rewards, f"cycle {self.cycle}"
-                )
+                stats = self._train(group_id, group, rewards)
             except NonFiniteUpdate as exc:  # rolled back: the cycle stays, nothing is checkpointed
                 return self._skipped(exc, mean_reward)
-            self._counters.rewards_received += 1
-            self._counters.reward_history.append(mean_reward)
-            self._counters.last_loss = stats["loss"]
-            self.cycle += 1
+            counters = {k: v for k, v in dataclasses.asdict(self._counters).items() if k != "reward_history"}
+            self._journal.append(Cycle(self.cycle, group_id, group, rewards, counters))  # before the answer
             if self.cycle % self.settings.checkpoint_every == 0:
                 self._checkpoint()
             self._sync_served()
@@ -231,6 +239,40 @@ class GRPORun:
                 "mean_reward": mean_reward,
                 "skipped": False,
             }
+
+    def _train(self, group_id: str, group: Group, rewards: list[float]) -> dict[str, float]:
+        """Under ``self._lock``: one step on the group, then the next cycle; raises ``NonFiniteUpdate``
+        having changed nothing."""
+        stats = train_step(self.lm, self.optimizer, self._reference, self.settings, group, rewards, f"cycle {self.cycle}")
+        self._counters.rewards_received += 1
+        self._counters.reward_history.append(sum(rewards) / len(rewards))
+        self._counters.last_loss = stats["loss"]
+        self.cycle += 1
+        self._remember(group_id, self.cycle)
+        return stats
+
+    def _remember(self, group_id: str, cycle: int) -> None:
+        self._rewarded[group_id] = cycle
+        while len(self._rewarded) > REMEMBERED_REWARDED:
+            self._rewarded.popitem(last=False)
+
+    def _missing(self, group_id: str) -> Exception:
+        """The error for rewards of a group that is not waiting for them."""
+        if group_id in self._rewarded:
+            return Conflict(
+                f"group {group_id} was already rewarded: it trained cycle {self._rewarded[group_id]} (also when "
+                "the answer was lost, say when the run's process died: the run kept that cycle)"
+            )
+        if _GROUP_ID.fullmatch(group_id) and not group_id.startswith(f"{self.incarnation}-"):
+            return GroupLost(
+                f"group {group_id} was handed out by a process of run {self.run_id} that has since died; the run "
+                f"was resumed at cycle {self.cycle} with every rewarded cycle, but groups waiting for rewards "
+                "are kept in memory only: ask for new completions"
+            )
+        return NotFound(
+            f"run {self.run_id} has no group {group_id!r} waiting for rewards: it was never handed out, "
+            f"was rewarded long ago, or was forgotten (more than {MAX_PENDING_GROUPS} groups waited)"
+        )
 
     def _skipped(self, exc: NonFiniteUpdate, mean_reward: float) -> dict[str, Any]:
         self._counters.skipped_updates += 1
@@ -271,7 +313,7 @@ class GRPORun:
         """Write a final checkpoint and finish the run (idempotent); returns the status."""
         with self._lock:
             if self.state == "running":
-                self._checkpoint()
+                self._checkpoint("finished")  # recorded: a resumed run stays finished
                 self.state = "finished"
                 self._pending.clear()
         return self.status()
@@ -298,40 +340,46 @@ class GRPORun:
         device: str = "cpu",
         served: Served | None = None,
     ) -> GRPORun:
-        """The run as its newest checkpoint left it: weights or adapter, optimiser, cycle, counters.
+        """The run as it was acknowledged: its newest checkpoint (weights or adapter, optimiser, cycle,
+        counters, state), or its start when it died before the first one, then every cycle journaled
+        after it trained again (``grpo_journal``). Raises ``NotFound`` for a folder with neither.
 
         A LoRA run needs its base model, and full fine-tuning with a KL penalty its reference (the
         model it started from): ``base_path``, or the one the checkpoint recorded. A serving run
-        publishes the checkpoint's weights on its first ``publish_served`` (or ``complete``).
+        publishes the resumed weights on its first ``publish_served`` (or ``complete``).
         """
-        folder = latest_checkpoint(checkpoint_dir)
-        if folder is None:
-            raise NotFound(f"run {run_id} has no checkpoint in {checkpoint_dir}: it cannot be resumed")
-        state = read_state(folder)
-        if state["run_id"] != run_id:
-            raise ValueError(
-                f"the checkpoints in {checkpoint_dir} belong to run {state['run_id']}, not {run_id}"
-            )
-        settings = GRPOSettings.recorded(state["settings"])
-        base = base_path or state.get("base_path")
-        reference = None
-        if (settings.lora or settings.beta > 0) and base is None:
-            raise ValueError(
-                f"run {run_id} needs the model it started from (LoRA base or KL reference): "
-                "give base_path, that model's folder"
-            )
-        if settings.lora:
-            lm = load_policy(base, adapter=folder / MODEL_FOLDER, dtype=dtype, device=device)
-        else:
-            lm = load_policy(folder / MODEL_FOLDER, dtype=dtype, device=device)
-            if settings.beta > 0:
-                reference = load_policy(base, dtype=dtype, device=device)
-        run = cls(run_id, lm, settings, checkpoint_dir, base_path=base, reference=reference, served=served)
-        run.cycle = state["cycle"]
-        run._counters = _Counters(**state["counters"])
-        optimizer_state = torch.load(folder / OPTIMIZER_FILE, map_location=lm.device, weights_only=True)
-        run.optimizer.load_state_dict(optimizer_state)
+        checkpoint_dir = Path(checkpoint_dir)
+        found = load_run(run_id, checkpoint_dir, base_path, dtype, device)
+        run = cls(run_id, found.lm, found.settings, checkpoint_dir, found.base_path, found.reference, served)
+        if found.checkpoint is not None:
+            state = read_state(found.checkpoint)
+            run.cycle = state["cycle"]
+            run.state = state.get("state", "running")  # checkpoints before the state was recorded: running
+            run._counters = _Counters(**state["counters"])
+            for group_id, cycle in state.get("rewarded", {}).items():  # checkpoints before it: none
+                run._remember(group_id, cycle)
+            optimizer_state = torch.load(found.checkpoint / OPTIMIZER_FILE, map_location=run.lm.device, weights_only=True)
+            run.optimizer.load_state_dict(optimizer_state)
+        run._replay()
         return run
+
+    def _replay(self) -> None:
+        """Train the cycles journaled after the run's cycle again, in order; the counters become the
+        last one's. A step that is not finite now (it was when it was acknowledged) is skipped and
+        logged."""
+        journaled = self._journal.after(self.cycle)
+        for done in journaled:
+            try:
+                self._train(done.group_id, done.group, done.rewards)
+            except NonFiniteUpdate as exc:
+                log.warning("GRPO run %s: replaying cycle %d skipped: %s", self.run_id, done.cycle, exc)
+            history = self._counters.reward_history
+            self._counters = _Counters(**done.counters, reward_history=history)
+            self.cycle = done.cycle
+            self._remember(done.group_id, done.cycle)
+        if journaled:
+            log.info("GRPO run %s: resumed at cycle %d (%d journaled cycles trained again)",
+                     self.run_id, self.cycle, len(journaled))
 
     # -- the serving engine ---------------------------------------------------------------------
 
@@ -345,7 +393,7 @@ class GRPORun:
     def _sync_served(self) -> None:
         """Under ``self._lock``: publish when the engine does not serve this cycle's weights (a run
         that starts or resumes, a cycle just trained, a publish that failed before)."""
-        if self.served is None or self._published_cycle == self.cycle:
+        if self.served is None or self.state != "running" or self._published_cycle == self.cycle:
             return
         self.served_version = self.served.publish(self._publishable())
         self._published_cycle = self.cycle
@@ -406,16 +454,20 @@ class GRPORun:
         self.lm.model.save_pretrained(folder)
         self.lm.tokenizer.save_pretrained(folder)
 
-    def _checkpoint(self) -> Path:
-        """Write ``cycle-<n>`` (see ``grpo_checkpoints``)."""
+    def _checkpoint(self, run_state: RunState = "running") -> Path:
+        """Write ``cycle-<n>`` (see ``grpo_checkpoints``); the journal forgets the cycles it holds."""
         state = {
             "run_id": self.run_id,
+            "state": run_state,
             "cycle": self.cycle,
             "settings": self.settings.model_dump(),
             "base_path": str(self.base_path) if self.base_path else None,
             "counters": dataclasses.asdict(self._counters),
+            "rewarded": dict(self._rewarded),
         }
-        return write_checkpoint(self.checkpoint_dir, self.cycle, self._save_model, self.optimizer, state)
+        folder = write_checkpoint(self.checkpoint_dir, self.cycle, self._save_model, self.optimizer, state)
+        self._journal.forget_through(self.cycle)
+        return folder
 
 
 _REWARDS = TypeAdapter(list[Float32])

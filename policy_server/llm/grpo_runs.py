@@ -2,14 +2,15 @@
 
 A client starts a run, asks for groups of completions, scores them locally and sends the
 rewards back; each reward submission is one training cycle. Each run trains its own copy of
-the model, checkpoints under ``root/<run_id>``, and is resumed from its newest checkpoint when
-it is asked for after a restart. A plain object: a Serve deployment holds one (or the gateway,
-with the local backend).
+the model, records its start, checkpoints and journals its cycles under ``root/<run_id>``, and is
+resumed with every acknowledged cycle when it is asked for after a restart (its process died:
+``GRPORun.resume``). A plain object: a Serve deployment holds one (or the gateway, with the local
+backend).
 
 A run started with ``serve: true`` samples through the served policy and publishes its weights
 into it (``grpo.Served``): at most one such run at a time, since the served model has one set of
 weights. It publishes its starting weights when it starts (the policy's own, whatever an earlier
-run left served) and its checkpoint's when it is resumed.
+run left served) and its resumed weights when it is resumed; a finished run publishes nothing.
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ from typing import Any
 
 from policy_server.errors import InvalidRequest, NotFound, TooManyRuns
 from policy_server.llm.grpo import GRPORun, Served
-from policy_server.llm.grpo_checkpoints import latest_checkpoint, read_state
+from policy_server.llm.grpo_checkpoints import latest_checkpoint
+from policy_server.llm.grpo_journal import read_start, write_start
 from policy_server.llm.grpo_settings import GRPOSettings
 from policy_server.llm.models import load_policy
 
@@ -53,24 +55,26 @@ class GRPORuns:
             run_id = uuid.uuid4().hex[:16]
             lm = load_policy(self.model, self.adapter, self.dtype, self.device)
             run = GRPORun(run_id, lm, settings, self.root / run_id, base_path=self.model, served=self.served)
+            write_start(self.root / run_id, {"run_id": run_id, "settings": settings.model_dump(), "model": str(self.model),
+                                             "adapter": str(self.adapter) if self.adapter else None})
             run.publish_served()
             self._runs[run_id] = run
         return run.status() | {"settings": settings.model_dump()}
 
     def run(self, run_id: str) -> GRPORun:
-        """The run, resumed from its newest checkpoint when this process has not seen it yet."""
+        """The run, resumed when this process has not seen it yet (``GRPORun.resume``: its newest
+        checkpoint or its start, and the cycles journaled after it)."""
         with self._lock:
             if run_id in self._runs:
                 return self._runs[run_id]
             folder = self.root / run_id
             inside = folder.resolve().is_relative_to(self.root.resolve())
-            checkpoint = latest_checkpoint(folder) if inside else None
-            if checkpoint is None:
+            if not inside or (latest_checkpoint(folder) is None and read_start(folder) is None):
                 raise NotFound(f"no GRPO run {run_id!r}")
-            if GRPOSettings.recorded(read_state(checkpoint)["settings"]).serve:
-                self._check_serving_slot()
             run = GRPORun.resume(run_id, folder, base_path=self.model, dtype=self.dtype, device=self.device,
                                  served=self.served)
+            if run.state == "running" and run.settings.serve:
+                self._check_serving_slot()
             run.publish_served()
             self._runs[run_id] = run
             return run

@@ -7,20 +7,28 @@ served model keeps answering meanwhile. When the run ends (finished or stopped) 
 saved atomically and its trainable weights are published to the serving replicas as the served
 version + 1 (read when publishing: GRPO runs publish into the same model, and versions never go
 back). ``stop`` interrupts before the next optimiser step and waits for the save.
+
+The trainer records each run's start and end in ``<save_dir>/x1-<kind>-run.json``, so a trainer
+whose process died in the middle of a run (Serve then starts another) reports that run as
+interrupted, never as running, and the last finished run survives the restart. A run saves only
+when it ends, so an interrupted run has nothing to resume from: its steps are lost, the model in
+``<save_dir>/<kind>`` and the served weights are the previous run's, and it must be started again.
 """
 
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import threading
+import time
 from collections.abc import Callable
 from typing import Any, Literal
 
 import torch
 
 from policy_server.errors import FieldError, Forbidden, InvalidRequest, summary
-from policy_server.files import clean_leftovers
+from policy_server.files import atomic_write_text, clean_leftovers
 from policy_server.llm.datasets import load_dataset_file, parse_samples, save_samples, subset
 from policy_server.llm.x1_config import X1TrainingConfig
 from policy_server.llm.x1_training import TrainingRun, is_peft
@@ -45,8 +53,11 @@ class X1Trainer:
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self._lock = threading.Lock()
-        self.last: dict[str, Any] | None = None
         clean_leftovers(training.save_dir)  # what a save killed half-way left beside the models
+        self._record = training.save_dir / f"x1-{kind}-run.json"
+        self.last: dict[str, Any] | None = self._recorded_last()
+        if self.last is not None:
+            self.version = self.last.get("model_version") or 0
 
     @property
     def running(self) -> bool:
@@ -65,6 +76,7 @@ class X1Trainer:
             run.encode(samples, self._source(request))  # every sample checked before the 201
             self._stop.clear()
             self._run = run
+            self._write_record("running")
             self._thread = threading.Thread(target=self._train, args=(run, samples), name=f"x1-{self.kind}", daemon=True)
             self._thread.start()
         gpus = torch.cuda.device_count()
@@ -102,6 +114,32 @@ class X1Trainer:
         except Exception as exc:
             log.exception("x1 %s training failed", self.kind)
             self.last = {"error": f"{type(exc).__name__}: {summary(exc)}"}
+        finally:
+            self._write_record("ended")
+
+    def _write_record(self, state: Literal["running", "ended"]) -> None:
+        """Record that a run started (``running``) or ended, with the last run that ended (atomically)."""
+        record = {"state": state, "at": time.time(), "last": self.last}
+        atomic_write_text(self._record, json.dumps(record) + "\n")
+
+    def _recorded_last(self) -> dict[str, Any] | None:
+        """The last run as an earlier process of this trainer left it: what it recorded when the run
+        ended, or, for a run that was still going, that it was interrupted (recorded so from now on)."""
+        if not self._record.is_file():
+            return None
+        record = json.loads(self._record.read_text())
+        if record["state"] == "ended":
+            return record["last"]  # type: ignore[no-any-return]
+        started = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(record["at"]))
+        self.last = {
+            "interrupted": True,
+            "model_version": (record["last"] or {}).get("model_version", 0),  # of the run before it
+            "error": (f"interrupted: the process running the training run started at {started} died before it "
+                      "ended; its steps were not saved nor published (the served weights and the model under "
+                      "save_dir are the previous run's): start it again"),
+        }
+        self._write_record("ended")
+        return self.last
 
     def stop(self) -> dict[str, str]:
         """Interrupt the run before its next step and wait until the model is saved."""

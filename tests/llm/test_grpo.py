@@ -14,10 +14,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from policy_server.errors import Conflict, InvalidRequest, NotFound, RunFinished, StaleGroup
+from policy_server.errors import Conflict, GroupLost, InvalidRequest, NotFound, RunFinished, StaleGroup
 from policy_server.llm.engine import LLMEngine
 from policy_server.llm.grpo import GRPORun, Served
 from policy_server.llm.grpo_checkpoints import latest_checkpoint
+from policy_server.llm.grpo_journal import JOURNAL_FILE
 from policy_server.llm.grpo_settings import GRPOSettings
 from policy_server.llm.grpo_step import completion_log_probs
 from policy_server.llm.models import LoadedLM, load_policy
@@ -167,7 +168,7 @@ def test_unknown_group_and_bad_rewards(llm_dirs: dict[str, Path], tmp_path: Path
         with pytest.raises(InvalidRequest):
             run.submit_rewards(group["group_id"], bad)  # type: ignore[arg-type]
     run.submit_rewards(group["group_id"], [1.0, 0.0])  # still pending after the refusals
-    with pytest.raises(NotFound):  # rewarded once only
+    with pytest.raises(Conflict, match="already rewarded: it trained cycle 1"):  # rewarded once only
         run.submit_rewards(group["group_id"], [1.0, 0.0])
 
 
@@ -201,35 +202,53 @@ def test_save_archive_holds_the_model_folder(llm_dirs: dict[str, Path], tmp_path
 def test_resume_continues_the_cycle_count_and_reproduces_the_weights(
     llm_dirs: dict[str, Path], tmp_path: Path, lora: bool
 ) -> None:
+    """A "restart" (everything from disk): the checkpoint of cycle 3, then cycle 4 trained again
+    from the journal, to the same weights; a group handed out before is lost (410), and rewards
+    sent again for a group that trained (checkpointed or journaled) are 409 naming its cycle."""
     adapter = llm_dirs["policy_lora"] if lora else None
     lm = load_policy(llm_dirs["policy"], adapter=adapter)
     settings = full_settings(lora=lora, group_size=4, checkpoint_every=3, lr=1e-3)
     run = GRPORun("res", lm, settings, tmp_path, base_path=llm_dirs["policy"])
-    curve = play(run, lm, 3)
-    assert latest_checkpoint(tmp_path) == tmp_path / "cycle-00000003"
-    at_checkpoint = {k: v.clone() for k, v in lm.model.state_dict().items()}
-    play(run, lm, 1)
+    curve = play(run, lm, 2)
+    groups = []
+    for rewards in ([0.0, 1.0, 0.0, 0.0], [1.0, 0.0, 0.0, 0.0]):
+        groups.append(run.complete(PROMPT))
+        curve.append(run.submit_rewards(groups[-1]["group_id"], rewards)["mean_reward"])
+        if len(curve) == 3:
+            assert latest_checkpoint(tmp_path) == tmp_path / "cycle-00000003"
+            assert not (tmp_path / JOURNAL_FILE).read_bytes()  # the checkpoint holds every cycle
     at_cycle_4 = {k: v.clone() for k, v in lm.model.state_dict().items()}
     pending = run.complete(PROMPT)
 
-    resumed = GRPORun.resume("res", tmp_path)  # a "restart": everything from disk
+    resumed = GRPORun.resume("res", tmp_path)
     status = resumed.status()
-    assert status["cycle"] == 3 and status["reward_history"] == curve and status["groups_handed_out"] == 3
+    assert status["cycle"] == 4 and status["reward_history"] == curve and status["groups_handed_out"] == 4
     state = resumed.lm.model.state_dict()
-    assert state.keys() == at_checkpoint.keys()
-    for k, v in at_checkpoint.items():
+    assert state.keys() == at_cycle_4.keys()
+    for k, v in at_cycle_4.items():
         torch.testing.assert_close(state[k], v, rtol=0, atol=0)
-    with pytest.raises(NotFound):  # groups handed out before the restart are forgotten
+    with pytest.raises(GroupLost, match="ask for new completions") as lost:
         resumed.submit_rewards(pending["group_id"], [0.0] * 4)
-
-    # The next cycle repeats the original run's: same samples, same update (the optimiser's
-    # moments and the sampling seed's counter were restored too).
-    assert play(resumed, resumed.lm, 1) == run.status()["reward_history"][3:4]
-    assert resumed.status()["model_version"] == ["res", 4]
-    for k, v in resumed.lm.model.state_dict().items():
-        torch.testing.assert_close(v, at_cycle_4[k])
+    assert lost.value.status == 410 and lost.value.code == "group_lost"
+    for cycle, group in enumerate(groups, start=3):  # their answers were lost, say
+        with pytest.raises(Conflict, match=f"already rewarded: it trained cycle {cycle}"):
+            resumed.submit_rewards(group["group_id"], [1.0, 0.0, 0.0, 0.0])
+    with pytest.raises(NotFound):
+        resumed.submit_rewards("no-such-group", [0.0] * 4)
+    play(resumed, resumed.lm, 1)
+    assert resumed.status()["model_version"] == ["res", 5]
     with pytest.raises(ValueError, match="belong to run res"):
         GRPORun.resume("other", tmp_path)
+
+
+def test_a_stopped_run_stays_finished_when_resumed(llm_dirs: dict[str, Path], tmp_path: Path) -> None:
+    run = GRPORun("fin", load_policy(llm_dirs["policy"]), full_settings(group_size=2), tmp_path, llm_dirs["policy"])
+    play(run, run.lm, 1)
+    run.stop()
+    resumed = GRPORun.resume("fin", tmp_path)
+    assert resumed.status()["state"] == "finished" and resumed.status()["cycle"] == 1
+    with pytest.raises(RunFinished):
+        resumed.complete(PROMPT)
 
 
 def test_concurrent_clients_and_periodic_checkpoints(llm_dirs: dict[str, Path], tmp_path: Path) -> None:
@@ -253,7 +272,8 @@ def test_concurrent_clients_and_periodic_checkpoints(llm_dirs: dict[str, Path], 
     assert errors == []
     status = run.status()
     assert status["cycle"] == 12 and status["groups_handed_out"] == 12 and status["rewards_received"] == 12
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["cycle-00000010", "cycle-00000012"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cycle-00000010", "cycle-00000012", JOURNAL_FILE]
+    assert not (tmp_path / JOURNAL_FILE).read_bytes()  # cycle 12 is checkpointed
 
 
 # -- non-finite steps are refused -------------------------------------------------------------------

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from policy_server.errors import InvalidRequest, TooManyRuns
+from policy_server.errors import InvalidRequest, NotFound, TooManyRuns
 from policy_server.llm.engine import LLMEngine
 from policy_server.llm.grpo import Served
 from policy_server.llm.grpo_runs import GRPORuns
@@ -57,3 +57,38 @@ def test_a_server_without_a_serving_engine_refuses_serve(llm_dirs: dict[str, Pat
     with pytest.raises(InvalidRequest) as refused:
         runs_of(llm_dirs, tmp_path, None).start(SERVING)
     assert refused.value.fields[0].field == "serve"
+
+
+def test_a_run_that_died_before_its_first_checkpoint_resumes_from_its_start(
+    llm_dirs: dict[str, Path], tmp_path: Path
+) -> None:
+    """No checkpoint yet: the run starts again from the model it started on (a new adapter with the
+    same initial weights) and trains its journaled cycles again, to the same weights."""
+    runs = runs_of(llm_dirs, tmp_path, None)
+    settings = GRPOSettings(lora=True, group_size=2, max_completion_length=4, lr=1e-2, checkpoint_every=100)
+    run_id = runs.start(settings)["run_id"]
+    for _ in range(2):
+        group = runs.complete(run_id, "What is 3 + 4?")
+        runs.rewards(run_id, group["group_id"], [1.0, 0.0])
+    trained = {n: p.detach().clone() for n, p in runs.run(run_id).lm.model.named_parameters()}
+
+    restarted = runs_of(llm_dirs, tmp_path, None)
+    assert restarted.status(run_id)["cycle"] == 2
+    resumed = dict(restarted.run(run_id).lm.model.named_parameters())
+    assert resumed.keys() == trained.keys()
+    for name, value in trained.items():
+        torch.testing.assert_close(resumed[name].detach(), value, rtol=0, atol=0)
+    with pytest.raises(NotFound):
+        restarted.status("nope")
+
+
+def test_a_finished_serving_run_resumed_publishes_nothing_and_holds_no_slot(
+    llm_dirs: dict[str, Path], tmp_path: Path, policy_engine: LLMEngine
+) -> None:
+    runs = runs_of(llm_dirs, tmp_path, policy_engine)
+    run_id = runs.start(SERVING)["run_id"]
+    runs.stop(run_id)
+    version = policy_engine.version
+    restarted = runs_of(llm_dirs, tmp_path, policy_engine)
+    assert restarted.status(run_id)["state"] == "finished" and policy_engine.version == version
+    assert restarted.start(SERVING)["served_version"] == version + 1

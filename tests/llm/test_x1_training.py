@@ -259,3 +259,27 @@ def test_a_trainer_opening_removes_what_a_killed_save_left(tmp_path: Path) -> No
     (tmp_path / "policy").mkdir()  # the last whole save stays
     X1Trainer("policy", lambda: None, LLMTrainingSpec(save_dir=tmp_path), lambda weights: 1)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["policy"]
+
+
+def test_a_trainer_that_died_mid_run_is_reported_interrupted_by_the_next_one(
+    llm_dirs: dict[str, Path], tmp_path: Path
+) -> None:
+    """A new trainer on the same save_dir (a new process after the old one died): the run that was
+    going is reported interrupted, never running; a run that ended is reported as it ended."""
+    spec = LLMTrainingSpec(save_dir=tmp_path)
+    versions = iter(range(1, 10))
+
+    def trainer() -> X1Trainer:
+        return X1Trainer("policy", lambda: load_policy(llm_dirs["policy"]), spec, lambda weights: next(versions))
+
+    first = trainer()
+    first.start(X1TrainingConfig(dataset=[{"messages": GOOD, "GAE": 1.0}], num_epochs=1))
+    first._thread.join()  # type: ignore[union-attr]
+    assert trainer().status()["last_run"] == first.status()["last_run"] and trainer().status()["model_version"] == 1
+
+    second = trainer()
+    second.start(X1TrainingConfig(dataset=[{"messages": GOOD, "GAE": 1.0}], num_epochs=1000))
+    after_death = trainer().status()  # the second's process "died": its run was going
+    second.stop()
+    assert after_death["running"] is False and after_death["model_version"] == 1
+    assert after_death["last_run"]["interrupted"] is True and "start it again" in after_death["last_run"]["error"]

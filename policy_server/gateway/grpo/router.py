@@ -46,10 +46,12 @@ def grpo_router(service: Starting[GRPORunsAPI], auth: Auth, prefix: str) -> APIR
         `model_version` `[run_id, cycle]` that made them."""
         return await in_body(service.require().complete(run_id, body.prompt))
 
-    @router.post("/{run_id}/rewards", response_model=GRPOUpdate, response_model_exclude_none=True)
+    @router.post("/{run_id}/rewards", response_model=GRPOUpdate, response_model_exclude_none=True,
+                 responses=error_docs({410: "The group was handed out by a process that died: ask for new completions."}))
     async def rewards(run_id: str, body: GRPORewards) -> Any:
-        """The rewards of a group (scored by the client): one training cycle; answers the version
-        now training, the loss and the group's mean reward."""
+        """The rewards of a group (scored by the client): one training cycle, on disk before this
+        answers; answers the version now training, the loss and the group's mean reward. A group
+        that a process of the run handed out before it died answers 410 `group_lost`."""
         return await in_body(service.require().rewards(run_id, body.group_id, body.rewards))
 
     @router.get("/{run_id}", response_model=GRPOStatus)
