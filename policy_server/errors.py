@@ -200,6 +200,20 @@ class TooManyRuns(Conflict):
     code = "too_many_runs"
 
 
+class NoCandidate(Conflict):
+    """The policy has no candidate version (no ``canary`` section in its schema) to route to,
+    promote or roll back."""
+
+    code = "no_candidate"
+
+
+class NotPromotable(Conflict):
+    """The candidate's weights cannot become the stable model's: other parameters, or a trainer
+    that owns the stable model's versions."""
+
+    code = "not_promotable"
+
+
 class PayloadTooLarge(PolicyServerError):
     status = 413
     code = "payload_too_large"

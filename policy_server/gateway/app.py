@@ -23,9 +23,10 @@ from policy_server.gateway.health import health_router
 from policy_server.gateway.keys import LLM_SCOPE, policy_scope
 from policy_server.gateway.limits import BodySizeLimit
 from policy_server.gateway.llm.setup import LLMServices, llm_services
-from policy_server.gateway.metrics import GatewayMetrics, MetricsMiddleware
+from policy_server.gateway.metrics import GatewayMetrics, MetricsMiddleware, PolicyVariantMetrics
 from policy_server.gateway.openapi import operation_ids
 from policy_server.gateway.paths import PathNormalizer, slash_routes
+from policy_server.gateway.policy.candidate import PolicyVersions
 from policy_server.gateway.policy.service import PolicyService
 from policy_server.gateway.redact import install_log_redaction
 from policy_server.gateway.startup import (
@@ -35,7 +36,7 @@ from policy_server.gateway.startup import (
     start_together,
 )
 from policy_server.gateway.training.service import TrainingService
-from policy_server.policies.served import resolve_policy
+from policy_server.policies.served import resolve_candidate, resolve_policy
 from policy_server.schema.config import ServerSchema, load_schema
 from policy_server.sdks import ClientSDKs
 from policy_server.serving.runtime import Runtime, make_runtime
@@ -71,7 +72,13 @@ def build_app(settings: Settings | None = None) -> FastAPI:
     keys = api_keys(settings, schema)
     rng = np.random.default_rng(settings.seed)
     resolved = {name: resolve_policy(spec) for name, spec in schema.policies.items()}
-    services = {name: PolicyService(served, rng) for name, (served, _) in resolved.items()}
+    for served, _ in resolved.values():
+        resolve_candidate(served)  # refuses a candidate that does not fit its policy
+    metrics = GatewayMetrics()
+    services = {
+        name: PolicyService(served, rng, PolicyVersions(served, PolicyVariantMetrics(metrics, name)))
+        for name, (served, _) in resolved.items()
+    }
     local_models = {name: model for name, (_, model) in resolved.items()}  # loaded by the check
     trainings = {
         name: TrainingService(served, settings.max_batch_observations)
@@ -80,7 +87,6 @@ def build_app(settings: Settings | None = None) -> FastAPI:
     }
     llm = llm_services(schema, settings.backend)
     sdks = _client_sdks(settings)
-    metrics = GatewayMetrics()
     prefix = f"/{schema.url_path}" if schema.url_path else ""
 
     @asynccontextmanager
@@ -175,7 +181,11 @@ async def _start_services(
         if trainer is not None:  # after its policy: it publishes to the policy's deployment
             trainer.attach(await runtime.policy_trainer(spec, trainer.policy.space, trainer.policy.obs_dim))
 
-    await start_together(runtime, *(start_policy(n, s) for n, s in services.items()), llm.start(runtime))
+    async def start_candidate(name: str, service: PolicyService) -> None:
+        service.versions.attach(await runtime.candidate_model(schema.policies[name]), metrics.batch_rows.labels(name).observe)
+
+    candidates = [start_candidate(n, s) for n, s in services.items() if s.policy.spec.canary is not None]
+    await start_together(runtime, *(start_policy(n, s) for n, s in services.items()), *candidates, llm.start(runtime))
 
 
 def _client_sdks(settings: Settings) -> ClientSDKs | None:

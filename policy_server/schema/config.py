@@ -7,6 +7,7 @@ valid as it is. Everything else is an optional extension:
 * ``parameters.action_space``: the exact action space (discrete, tuple of discretes, box),
 * ``parameters.resources``: replicas, GPUs and batching of the policy's deployment,
 * ``parameters.training``: train the policy online from clients' experience (PPO or DQN),
+* ``parameters.canary``: a candidate model answering a share of requests, or in shadow (``schema.canary``),
 * ``policies``: several named policies, each with the keys above plus its own ``observations``
   and ``api_keys`` (keys that open only that policy's routes),
 * ``parameters.api_keys``: more server-wide keys beside ``api_key`` (all valid at once).
@@ -33,6 +34,7 @@ from pydantic_core import PydanticCustomError
 
 from policy_server.errors import SchemaError
 from policy_server.fields import check_text
+from policy_server.schema.canary import CanaryEntry, CanarySpec, resolve_canary
 from policy_server.schema.llm import LLMPolicySpec, LLMSection
 from policy_server.schema.replicas import Replicas, refused
 from policy_server.schema.training import TrainingSpec
@@ -211,6 +213,7 @@ class PolicySpec(_Strict):
     model: Path
     resources: ResourceSpec
     training: TrainingSpec | None = None
+    canary: CanarySpec | None = None
 
 
 class ServerSchema(_Strict):
@@ -232,8 +235,9 @@ class ServerSchema(_Strict):
             "default_policy": self.default_policy,
             "url_path": self.url_path,
             "policies": {
-                name: p.model_dump(mode="json", exclude={"model", "training"})
-                | {"model": p.model.name, "training": _public_training(p.training)}
+                name: p.model_dump(mode="json", exclude={"model", "training", "canary"})
+                | {"model": p.model.name, "training": _public_training(p.training),
+                   "canary": p.canary and p.canary.model_dump(mode="json") | {"model": p.canary.model.name}}
                 for name, p in self.policies.items()
             },
             "llm": _public_llm(self.llm),
@@ -277,6 +281,7 @@ class _PolicyFields(_Strict):
     action_space: ActionSpaceSpec | None = None
     resources: ResourceSpec = ResourceSpec()
     training: TrainingSpec | None = None
+    canary: CanaryEntry | None = None
 
 
 ApiKeyList = list[Annotated[str, Field(min_length=1)]]
@@ -393,6 +398,7 @@ def _resolve(name: str, entry: _PolicyEntry, base_dir: Path) -> PolicySpec:
         model=_find_model(entry.model, base_dir, where),
         resources=entry.resources,
         training=_resolve_training(entry.training, space, base_dir, where),
+        canary=resolve_canary(entry.canary, base_dir, where),
     )
 
 

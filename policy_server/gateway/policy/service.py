@@ -2,10 +2,13 @@
 
 The service turns observations into the model's input array, sends it through the micro-batcher
 to the policy's model (a ``serving.api.PolicyModel``), and turns the model's raw outputs into actions or distributions.
+A policy with a candidate version (``canary``) sends each request to the version its
+``candidate.PolicyVersions`` picks, and every answer names that version.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
@@ -13,6 +16,8 @@ import numpy as np
 from pydantic import BaseModel
 
 from policy_server.errors import BackendUnavailable, FieldError, InvalidRequest, ModelOverflow
+from policy_server.gateway.policy.candidate import PolicyVersions
+from policy_server.gateway.policy.versions import Variant
 from policy_server.policies.served import ServedPolicy
 from policy_server.policies.spaces import ActionSample
 from policy_server.policies.torch_policy import PolicyOutput
@@ -24,9 +29,10 @@ Mode = Literal["sample", "deterministic"]
 
 
 class PolicyService:
-    def __init__(self, policy: ServedPolicy, rng: np.random.Generator) -> None:
+    def __init__(self, policy: ServedPolicy, rng: np.random.Generator, versions: PolicyVersions | None = None) -> None:
         self.policy = policy
         self.rng = rng
+        self.versions = versions or PolicyVersions(policy)
         self._batcher: MicroBatcher | None = None
         self.backend: PolicyModel | None = None
 
@@ -63,31 +69,46 @@ class PolicyService:
 
     # --- model calls ----------------------------------------------------------------------
 
-    async def forward(self, obs: np.ndarray, where: Sequence[str]) -> PolicyOutput:
-        """The model's outputs for float32 ``(B, obs_dim)`` rows; ``where`` names each row's
-        field (``body.observations.3``).
+    async def forward(self, obs: np.ndarray, where: Sequence[str], forced: Variant | None = None) -> tuple[PolicyOutput, Variant]:
+        """The outputs for float32 ``(B, obs_dim)`` rows of the version that answers them (``forced``,
+        or as the policy's versions route the request), and that version; ``where`` names each
+        row's field (``body.observations.3``). In shadow mode the candidate also runs, off the
+        request path.
 
         Raises ModelOverflow naming each row whose outputs are not finite: the weights are
         (replicas refuse others), so a finite input that overflows the model's float32 layers
-        (values near 1e38, say) is the only way there.
+        (values near 1e38, say) is the only way there. NoCandidate (409) when ``forced`` is
+        ``canary`` and the policy has none.
         """
-        if self._batcher is None:
+        variant = self.versions.choose(self.rng, forced)
+        batcher = self._batcher if variant == "stable" else self.versions.batcher()
+        if batcher is None:
             raise BackendUnavailable(f"policy {self.policy.name!r} is still starting; retry shortly")
-        out = await self._batcher.submit(obs)
+        start = time.perf_counter()
+        out = await batcher.submit(obs)
+        self.versions.answered(variant, time.perf_counter() - start)
         finite = np.logical_and.reduce([np.isfinite(h).reshape(len(h), -1).all(axis=1) for h in out.heads])
         if not finite.all():
             message = ("the model's outputs are not finite (NaN or inf) for this observation: its "
                        "values overflow the model's float32 layers; scale them down")
             fields = [FieldError(where[i], message) for i in np.flatnonzero(~finite)[:10]]
             raise ModelOverflow(f"{fields[0].field}: {message}", fields)
-        return out
+        if variant == "stable" and self.versions.router.shadows:
+            self.versions.run_shadow(obs, out.heads)
+        return out, variant
 
-    async def act(self, obs: np.ndarray, mode: Mode, where: Sequence[str]) -> tuple[list[ActionSample], int]:
-        out = await self.forward(obs, where)
+    async def act(
+        self, obs: np.ndarray, mode: Mode, where: Sequence[str], forced: Variant | None = None
+    ) -> tuple[list[ActionSample], int, Variant]:
+        """Actions for float32 ``(B, obs_dim)`` rows, the model version and the version (variant)
+        that chose them; raises as ``forward``."""
+        out, variant = await self.forward(obs, where, forced)
         space = self.policy.space
         samples = space.sample(out.heads, self.rng) if mode == "sample" else space.mode(out.heads)
-        return samples, out.version
+        return samples, out.version, variant
 
-    async def distribution(self, obs: np.ndarray, where: Sequence[str]) -> tuple[list[dict[str, Any]], int]:
-        out = await self.forward(obs, where)
-        return self.policy.space.distribution(out.heads), out.version
+    async def distribution(
+        self, obs: np.ndarray, where: Sequence[str], forced: Variant | None = None
+    ) -> tuple[list[dict[str, Any]], int, Variant]:
+        out, variant = await self.forward(obs, where, forced)
+        return self.policy.space.distribution(out.heads), out.version, variant

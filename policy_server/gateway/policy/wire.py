@@ -6,11 +6,21 @@ booleans are refused, and every number must be finite as a float32.
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Literal
 
+from fastapi import Header
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
 from policy_server.fields import STRICT, Float32
+
+VariantName = Literal["stable", "canary"]
+VARIANT_DOC = ("The version of the policy that answered: `stable` (the schema's `model`), or `canary` (its "
+               "candidate, `canary.model`, for the share of requests routed to it).")
+ForcedVariant = Annotated[VariantName | None, Header(
+    alias="X-Policy-Version",
+    description="Answer with this version of the policy (`stable` or `canary`) instead of the one the routing "
+    "picks; `canary` is a 409 for a policy without a candidate.",
+)]
 
 
 class _Wire(BaseModel):
@@ -36,11 +46,13 @@ class Action(_Wire):
 
 class ActionResponse(Action):
     model_version: int = Field(description="Version of the weights that chose the action.")
+    variant: VariantName = Field(description=VARIANT_DOC)
 
 
 class BatchActionResponse(_Wire):
     results: list[Action]
     model_version: int
+    variant: VariantName = Field(description=VARIANT_DOC)
 
 
 class Distribution(_Wire):
@@ -56,11 +68,13 @@ class Distribution(_Wire):
 
 class DistributionResponse(Distribution):
     model_version: int
+    variant: VariantName = Field(description=VARIANT_DOC)
 
 
 class BatchDistributionResponse(_Wire):
     results: list[Distribution]
     model_version: int
+    variant: VariantName = Field(description=VARIANT_DOC)
 
 
 class _Request(BaseModel):

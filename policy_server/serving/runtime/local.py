@@ -221,6 +221,12 @@ class LocalRuntime(Runtime):
         self._policies[spec.name] = policy or await local(TorchPolicy.from_file, spec.model)
         return LocalPolicyModel(self._policies[spec.name])
 
+    async def candidate_model(self, spec: PolicySpec) -> LocalPolicyModel:
+        from policy_server.policies.torch_policy import TorchPolicy
+
+        assert spec.canary is not None
+        return LocalPolicyModel(await local(TorchPolicy.from_file, spec.canary.model))
+
     async def policy_trainer(self, spec: PolicySpec, space: ActionSpace, obs_dim: int) -> LocalPolicyTrainer:
         from policy_server.policies.torch_policy import load_module, model_format
         from policy_server.training.trainer import build_trainer
