@@ -28,7 +28,7 @@ class VersionNumbers(BaseModel):
     mean_episode_return: float | None = Field(description="The mean return of those episodes.")
 
 
-class ShadowNumbers(BaseModel):
+class ShadowAgreement(BaseModel):
     observations: int = Field(description="Observations the shadow candidate ran on.")
     agreed: int = Field(description="Of those, how many its most likely action was the stable model's.")
     agreement: float | None = Field(description="agreed / observations.")
@@ -36,22 +36,22 @@ class ShadowNumbers(BaseModel):
     skipped: int = Field(description="Requests not shadowed: too many shadow runs were in flight.")
 
 
-class Versions(BaseModel):
+class VersionsAnswer(BaseModel):
     routing: Literal["split", "shadow", "off"] = Field(
         description="`split`: the candidate answers `share` of the requests; `shadow`: it runs on copies and "
         "answers none; `off`: rolled back, promoted, or no candidate.")
     share: float = Field(description="The fraction of requests routed to the candidate.")
     promoted_version: int | None = Field(description="The stable version the candidate's weights became, once promoted.")
-    shadow: ShadowNumbers
+    shadow: ShadowAgreement
     stable: VersionNumbers
     canary: VersionNumbers | None = Field(description="The candidate (`canary.model`); null without one.")
 
 
-class Promoted(Versions):
+class PromotedAnswer(VersionsAnswer):
     model_version: int = Field(description="The stable version now serving the candidate's weights.")
 
 
-class Routing(BaseModel):
+class VersionRouting(BaseModel):
     """Either `share` (split mode) or `mode: shadow`."""
 
     model_config = ConfigDict(extra="forbid")
@@ -61,7 +61,7 @@ class Routing(BaseModel):
                                 "the candidate answers.")
 
     @model_validator(mode="after")
-    def _share_fits_mode(self) -> "Routing":
+    def _share_fits_mode(self) -> "VersionRouting":
         if (self.mode == "split") != (self.share is not None):
             raise ValueError("give `share` for mode split, and no share for mode shadow")
         return self
@@ -72,26 +72,26 @@ def versions_router(service: PolicyService, auth: Auth, prefix: str) -> APIRoute
                        dependencies=[Depends(auth)], responses=VERSION_ERRORS)
     versions = service.versions
 
-    @router.get("", response_model=Versions)
+    @router.get("", response_model=VersionsAnswer)
     async def get_versions() -> Any:
         """The stable and candidate versions: model files, versions served, routing, and each one's
         requests, latency and episode returns (counted by this gateway process)."""
         return await versions.report(service.require_backend())
 
-    @router.post("/share", response_model=Versions)
-    async def set_share(body: Routing) -> Any:
+    @router.post("/share", response_model=VersionsAnswer)
+    async def set_share(body: VersionRouting) -> Any:
         """Route `share` of the requests to the candidate, or shadow it (`{"mode": "shadow"}`)."""
         versions.set_share(body.share, body.mode)
         return await versions.report(service.require_backend())
 
-    @router.post("/promote", response_model=Promoted)
+    @router.post("/promote", response_model=PromotedAnswer)
     async def promote() -> Any:
         """Publish the candidate's weights to the stable deployment (every replica), as its next
         model version, and stop routing to the candidate."""
         version = await versions.promote(service.require_backend())
         return await versions.report(service.require_backend()) | {"model_version": version}
 
-    @router.post("/rollback", response_model=Versions)
+    @router.post("/rollback", response_model=VersionsAnswer)
     async def rollback() -> Any:
         """Stop routing requests to the candidate (its deployment keeps running: a share can be set again)."""
         versions.rollback()

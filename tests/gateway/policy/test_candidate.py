@@ -8,27 +8,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 import yaml
-from conftest import API_KEY, LPOC_OBS, LPOC_OBSERVATIONS, training_schema
+from conftest import API_KEY, LPOC_OBS, LPOC_OBSERVATIONS, fixed_action_model, training_schema
 from fastapi.testclient import TestClient
 
-from policy_server.export import MLPPolicy, export_module
 from policy_server.gateway.app import build_app
 from policy_server.settings import Settings
 
 AUTH = {"access-token": API_KEY}
 CANARY = {"X-Policy-Version": "canary"}
-
-
-def fixed_action_model(path: Path, action: int, obs_dim: int = 11, n: int = 4, hidden: int = 16) -> Path:
-    """A discrete policy whose logits prefer ``action`` by 20 nats whatever it sees: its samples
-    and its most likely action are ``action`` (but for 1 in 10^8)."""
-    module = MLPPolicy(obs_dim, [hidden], nvec=[n])
-    with torch.no_grad():
-        module.heads[0].weight.zero_()
-        module.heads[0].bias.copy_(torch.nn.functional.one_hot(torch.tensor(action), n).float() * 20)
-    return export_module(module, obs_dim, path)
 
 
 @pytest.fixture(scope="module")
