@@ -81,7 +81,7 @@ def build_app(settings: Settings | None = None) -> FastAPI:
     }
     local_models = {name: model for name, (_, model) in resolved.items()}  # loaded by the check
     trainings = {
-        name: TrainingService(served, settings.max_batch_observations)
+        name: TrainingService(served, settings.max_batch_observations, services[name].versions)
         for name, (served, _) in resolved.items()
         if served.spec.training is not None
     }

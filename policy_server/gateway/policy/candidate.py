@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Literal, Protocol
 
 import numpy as np
@@ -53,7 +53,8 @@ class PolicyVersions:
         self.stats = {variant: VariantStats() for variant in VARIANTS}
         self.shadow = ShadowStats()
         self.shadow_skipped = 0
-        self.episodes = EpisodeReturns()
+        self.episodes = EpisodeReturns()  # of /collect_experience's calls
+        self._sent = EpisodeReturns()  # of the experience clients send to /train/experience
         self.promoted: int | None = None  # the stable version the candidate's weights were published as
         self.backend: PolicyModel | None = None
         self._batcher: MicroBatcher | None = None
@@ -125,9 +126,7 @@ class PolicyVersions:
             return forced
         ended = self.episodes.step_ended(client_id, reward, done)
         if ended is not None:
-            self.stats[ended[0]].episode(ended[1])
-            if self.metrics is not None:
-                self.metrics.episode(*ended)
+            self._episode(*ended)
         if forced is None and self.router.routing == "split":
             return self.episodes.variant_of(client_id)
         return forced
@@ -135,6 +134,23 @@ class PolicyVersions:
     def collect_acted(self, client_id: str, variant: Variant) -> None:
         if self.router.has_candidate:
             self.episodes.acted(client_id, variant)
+
+    def experience(self, client_id: str, pieces: Iterable[tuple[Variant | None, Sequence[float], bool]]) -> None:
+        """Episode returns per version from ``/train/experience``: ``pieces`` are a client's
+        fragments and steps in order, each (the variant that acted it, its rewards, whether it
+        ends an episode). A piece without a variant makes its episode count for neither version."""
+        if not self.router.has_candidate:
+            return
+        for variant, rewards, ends in pieces:
+            self._sent.acted(client_id, variant)
+            ended = self._sent.step_ended(client_id, float(sum(rewards)), ends)
+            if ended is not None:
+                self._episode(*ended)
+
+    def _episode(self, variant: Variant, episode_return: float) -> None:
+        self.stats[variant].episode(episode_return)
+        if self.metrics is not None:
+            self.metrics.episode(variant, episode_return)
 
     # --- control --------------------------------------------------------------------------------
 

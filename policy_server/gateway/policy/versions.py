@@ -131,7 +131,7 @@ def agreements(stable: list[ActionSample], candidate: list[ActionSample]) -> lis
 
 @dataclass
 class _Episode:
-    variant: Variant
+    variant: Variant | None
     running: float = 0.0
     mixed: bool = False
 
@@ -142,8 +142,8 @@ class EpisodeReturns:
     ``/collect_experience`` sends, with each observation, the reward and ``done`` of the client's
     previous action; an episode's steps stay with the version that acted its first (``variant_of``),
     so that episode returns compare the versions. An episode whose steps were acted by both
-    versions (a request forced the other) counts for neither. At most ``max_clients`` clients are
-    remembered (the longest silent one is forgotten).
+    versions (a request forced the other), or by one not known (None), counts for neither. At most
+    ``max_clients`` clients are remembered (the longest silent one is forgotten).
     """
 
     def __init__(self, max_clients: int = MAX_TRACKED_CLIENTS) -> None:
@@ -151,13 +151,15 @@ class EpisodeReturns:
         self._episodes: OrderedDict[str, _Episode] = OrderedDict()
 
     def variant_of(self, client_id: str) -> Variant | None:
-        """The version acting the client's episode in progress (None: it starts a new one)."""
+        """The version acting the client's episode in progress (None: it starts a new one, or its
+        version is not known)."""
         episode = self._episodes.get(client_id)
-        return episode.variant if episode is not None else None
+        return episode.variant if episode is not None and not episode.mixed else None
 
     def step_ended(self, client_id: str, reward: float, done: bool) -> tuple[Variant, float] | None:
         """Credit ``reward`` to the client's episode in progress (none: the reward of a first call,
-        ignored); when ``done``, end it and return (its version, its return), unless it was mixed."""
+        ignored); when ``done``, end it and return (its version, its return), unless it was mixed
+        or acted by an unknown version."""
         episode = self._episodes.get(client_id)
         if episode is None:
             return None
@@ -165,10 +167,11 @@ class EpisodeReturns:
         if not done:
             return None
         del self._episodes[client_id]
-        return None if episode.mixed else (episode.variant, episode.running)
+        return None if episode.mixed or episode.variant is None else (episode.variant, episode.running)
 
-    def acted(self, client_id: str, variant: Variant) -> None:
-        """The client's next step is acted by ``variant``; starts an episode if none is in progress."""
+    def acted(self, client_id: str, variant: Variant | None) -> None:
+        """The client's next step is acted by ``variant`` (None: not known); starts an episode if
+        none is in progress."""
         episode = self._episodes.get(client_id)
         if episode is None:
             episode = self._episodes[client_id] = _Episode(variant)

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 import yaml
-from conftest import API_KEY, LPOC_OBS, LPOC_OBSERVATIONS, fixed_action_model, training_schema
+from conftest import API_KEY, LPOC_OBS, LPOC_OBSERVATIONS, cart_fragment, fixed_action_model, training_schema
 from fastapi.testclient import TestClient
 
 from policy_server.gateway.app import build_app
@@ -155,16 +155,28 @@ def test_versions_of_a_policy_without_a_candidate(fixed_models: dict[str, Path],
         assert client.post("/predict", json=LPOC_OBS).json()["variant"] == "stable"
 
 
-def test_promote_refuses_other_parameters_and_a_trained_policy(fixed_models: dict[str, Path], tmp_path: Path,
-                                                              model_dir: Path) -> None:
+def test_promote_refuses_other_parameters(fixed_models: dict[str, Path], tmp_path: Path) -> None:
     other = fixed_models | {"candidate": fixed_models["other"]}
     with client_for(tmp_path, canary_schema(other, share=0.5)) as client:
         refused = client.post("/versions/promote")
         assert refused.status_code == 409 and refused.json()["error"]["code"] == "not_promotable"
         assert "shape" in refused.json()["error"]["message"]
+
+
+def test_a_trained_policy_counts_sent_episodes_per_version_and_refuses_promote(model_dir: Path, tmp_path: Path) -> None:
     trained = training_schema(model_dir, tmp_path / "checkpoints")
-    trained["policies"]["cart"]["canary"] = {"model": str(model_dir / "cart.pt2"), "mode": "shadow"}
-    (tmp_path / "trained").mkdir()
-    with client_for(tmp_path / "trained", trained) as client:
+    trained["policies"]["cart"]["canary"] = {"model": str(model_dir / "cart.pt2"), "share": 0.5}
+    with client_for(tmp_path, trained) as client:
+        fragments = [
+            cart_fragment(steps=3, variant="canary", terminated=False), cart_fragment(steps=2, variant="canary"),
+            cart_fragment(steps=4, variant="stable"),
+            cart_fragment(steps=2, variant="stable", terminated=False), cart_fragment(steps=2, variant="canary"),
+            cart_fragment(steps=6),  # no variant: counts for neither
+        ]
+        sent = client.post("/train/experience", json={"client_id": "env-1", "fragments": fragments})
+        assert sent.status_code == 200, sent.text
+        versions = client.get("/versions").json()
+        assert [(versions[v]["episodes"], versions[v]["mean_episode_return"]) for v in ("stable", "canary")] == \
+            [(1, 4.0), (1, 5.0)]  # the mixed episode and the unlabelled one count for neither
         refused = client.post("/policies/cart/versions/promote")
         assert refused.status_code == 409 and "trainer" in refused.json()["error"]["message"]
