@@ -208,8 +208,8 @@ class NoCandidate(Conflict):
 
 
 class NotPromotable(Conflict):
-    """The candidate's weights cannot become the stable model's: other parameters, or a trainer
-    that owns the stable model's versions."""
+    """Weights cannot move between a policy's versions: the two models' parameters (names, shapes)
+    differ, or a trainer owns the stable model's versions."""
 
     code = "not_promotable"
 

@@ -22,4 +22,4 @@ def mount(app: FastAPI, service: PolicyService, training: TrainingService | None
         app.include_router(policy_router(service, auth, max_batch, prefix))
         app.include_router(collect_router(service, training, auth, prefix))
         app.include_router(model_router(service, auth, prefix, model, fmt))
-        app.include_router(versions_router(service, auth, prefix))
+        app.include_router(versions_router(service, training, auth, prefix))

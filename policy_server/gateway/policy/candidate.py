@@ -26,7 +26,7 @@ from policy_server.gateway.policy.versions import (
     agreements,
 )
 from policy_server.policies.served import ServedPolicy
-from policy_server.serving.api import PolicyModel
+from policy_server.serving.api import PolicyModel, PolicyTrainer
 from policy_server.serving.batcher import MicroBatcher
 
 log = logging.getLogger(__name__)
@@ -55,6 +55,7 @@ class PolicyVersions:
         self.shadow_skipped = 0
         self.episodes = EpisodeReturns()  # of /collect_experience's calls
         self._sent = EpisodeReturns()  # of the experience clients send to /train/experience
+        self.checkpoint: str | None = None  # the trainer's checkpoint the candidate serves, if one
         self.promoted: int | None = None  # the stable version the candidate's weights were published as
         self.backend: PolicyModel | None = None
         self._batcher: MicroBatcher | None = None
@@ -200,6 +201,23 @@ class PolicyVersions:
             answer["canary"]["model_version"] = await self.backend.version() if self.backend is not None else None
         return answer
 
+    async def from_checkpoint(self, trainer: PolicyTrainer, name: str) -> int:
+        """Serve the trainer's checkpoint ``name`` as the candidate: its actor weights published to
+        every candidate replica under the checkpoint's model version (returned). The routing stays
+        as it is. Raises NoCandidate; NotFound (unknown checkpoint) and InvalidRequest as the
+        trainer does; NotPromotable when the candidate's parameters differ from the checkpoint's."""
+        self.router.require_candidate()
+        if self.backend is None:
+            raise BackendUnavailable(f"the candidate version of policy {self.policy.name!r} is still starting")
+        saved = await trainer.checkpoint_weights(name)
+        current, _ = await self.backend.snapshot()
+        differ = parameter_mismatch(current, saved["weights"])
+        if differ:
+            raise NotPromotable(f"the checkpoint's parameters do not fit the candidate model's ({differ})")
+        await self.backend.set_weights(saved["weights"], saved["model_version"])
+        self.checkpoint = name
+        return int(saved["model_version"])
+
     def describe(self) -> dict[str, Any]:
         """The candidate's routing and each version's numbers, as ``GET .../versions`` answers them."""
         spec = self.policy.spec
@@ -207,6 +225,7 @@ class PolicyVersions:
             "routing": self.router.routing,
             "share": self.router.share,
             "promoted_version": self.promoted,
+            "candidate_checkpoint": self.checkpoint,
             "shadow": {"observations": self.shadow.rows, "agreed": self.shadow.agreed,
                        "agreement": self.shadow.agreement, "failures": self.shadow.failures,
                        "skipped": self.shadow_skipped},

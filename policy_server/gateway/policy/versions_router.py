@@ -8,14 +8,19 @@ from typing import Any, Literal
 from fastapi import APIRouter, Depends
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from policy_server.errors import NotTrainable
 from policy_server.gateway.auth import Auth
+from policy_server.gateway.errors import in_body
 from policy_server.gateway.openapi import error_docs
 from policy_server.gateway.policy.router import ERRORS
 from policy_server.gateway.policy.service import PolicyService
+from policy_server.gateway.training.service import TrainingService
 
 VERSION_ERRORS = ERRORS | error_docs({
+    404: "`not_trainable`: a checkpoint asked of a policy without a `training` section; `not_found`: no such checkpoint.",
     409: "`no_candidate`: the policy has no candidate version (no `canary` in its schema); `not_promotable`: "
-    "the candidate's parameters differ from the stable model's, or the policy is trained by this server.",
+    "the candidate's parameters differ from the stable model's (or the checkpoint's), or the policy is trained "
+    "by this server (promote).",
 })
 
 
@@ -42,6 +47,7 @@ class VersionsAnswer(BaseModel):
         "answers none; `off`: rolled back, promoted, or no candidate.")
     share: float = Field(description="The fraction of requests routed to the candidate.")
     promoted_version: int | None = Field(description="The stable version the candidate's weights became, once promoted.")
+    candidate_checkpoint: str | None = Field(description="The trainer's checkpoint the candidate serves, if one.")
     shadow: ShadowAgreement
     stable: VersionNumbers
     canary: VersionNumbers | None = Field(description="The candidate (`canary.model`); null without one.")
@@ -49,6 +55,12 @@ class VersionsAnswer(BaseModel):
 
 class PromotedAnswer(VersionsAnswer):
     model_version: int = Field(description="The stable version now serving the candidate's weights.")
+
+
+class CandidateCheckpoint(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    checkpoint: str = Field(min_length=1, description="The name of one of the trainer's checkpoints (`/train/checkpoints`).")
 
 
 class VersionRouting(BaseModel):
@@ -67,7 +79,7 @@ class VersionRouting(BaseModel):
         return self
 
 
-def versions_router(service: PolicyService, auth: Auth, prefix: str) -> APIRouter:
+def versions_router(service: PolicyService, training: TrainingService | None, auth: Auth, prefix: str) -> APIRouter:
     router = APIRouter(prefix=f"{prefix}/versions", tags=[f"{service.policy.name}: versions"],
                        dependencies=[Depends(auth)], responses=VERSION_ERRORS)
     versions = service.versions
@@ -90,6 +102,16 @@ def versions_router(service: PolicyService, auth: Auth, prefix: str) -> APIRoute
         model version, and stop routing to the candidate."""
         version = await versions.promote(service.require_backend())
         return await versions.report(service.require_backend()) | {"model_version": version}
+
+    @router.post("/candidate", response_model=VersionsAnswer)
+    async def candidate_checkpoint(body: CandidateCheckpoint) -> Any:
+        """A trained policy's candidate serves one of its trainer's checkpoints: the checkpoint's
+        weights are published to every candidate replica (under the checkpoint's model version);
+        the routing stays as it is."""
+        if training is None:
+            raise NotTrainable(f"policy {service.policy.name!r} has no trainer: its schema has no `training` section")
+        await in_body(versions.from_checkpoint(training.require_trainer(), body.checkpoint))
+        return await versions.report(service.require_backend())
 
     @router.post("/rollback", response_model=VersionsAnswer)
     async def rollback() -> Any:

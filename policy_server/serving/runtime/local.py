@@ -93,6 +93,9 @@ class LocalPolicyTrainer:
     async def checkpoints(self) -> dict[str, Any]:
         return await local(self.trainer.checkpoints)
 
+    async def checkpoint_weights(self, name: str) -> dict[str, Any]:
+        return await local(self.trainer.checkpoint_weights, name)
+
 
 class LocalLLMModel:
     def __init__(self, engine: LLMEngine) -> None:

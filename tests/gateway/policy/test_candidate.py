@@ -180,3 +180,26 @@ def test_a_trained_policy_counts_sent_episodes_per_version_and_refuses_promote(m
             [(1, 4.0), (1, 5.0)]  # the mixed episode and the unlabelled one count for neither
         refused = client.post("/policies/cart/versions/promote")
         assert refused.status_code == 409 and "trainer" in refused.json()["error"]["message"]
+
+
+def test_a_trained_policy_serves_a_checkpoint_of_its_trainer_as_candidate(model_dir: Path, tmp_path: Path) -> None:
+    trained = training_schema(model_dir, tmp_path / "checkpoints")
+    candidate = fixed_action_model(tmp_path / "right.pt2", 1, obs_dim=4, n=2, hidden=32)  # cart.pt2's shapes
+    trained["policies"]["cart"]["canary"] = {"model": str(candidate), "share": 0.5}
+    obs = {name: 0.01 for name in trained["policies"]["cart"]["observations"]}
+    with client_for(tmp_path, trained) as client:
+        def probabilities(variant: str) -> dict[str, float]:
+            answer = client.post("/distribution", json=obs, headers={"X-Policy-Version": variant}).json()
+            assert answer["variant"] == variant
+            return answer["probabilities"]  # type: ignore[no-any-return]
+
+        assert probabilities("canary")["right"] > 0.999
+        saved = client.post("/train/save").json()["checkpoint"]
+        answer = client.post("/versions/candidate", json={"checkpoint": saved})
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["candidate_checkpoint"] == saved and answer.json()["routing"] == "split"
+        assert probabilities("canary") == pytest.approx(probabilities("stable"))  # the checkpoint's weights
+        missing = client.post("/versions/candidate", json={"checkpoint": "no-such"})
+        assert missing.status_code == 404, missing.text
+        untrained = client.post("/policies/lpoc/versions/candidate", json={"checkpoint": saved})
+        assert untrained.status_code == 404 and untrained.json()["error"]["code"] == "not_trainable"
