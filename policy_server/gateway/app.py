@@ -140,7 +140,7 @@ def build_app(settings: Settings | None = None) -> FastAPI:
             CORSMiddleware,
             allow_origins=settings.cors_origins,
             allow_methods=["GET", "POST", "DELETE"],
-            allow_headers=[KEY_NAME, "authorization", "content-type"],
+            allow_headers=[KEY_NAME, "authorization", "content-type", "x-policy-version"],
             expose_headers=["retry-after", "www-authenticate"],
             max_age=600,
         )

@@ -32,7 +32,7 @@ class Liveness(_Wire):
 
 class Readiness(_Wire):
     status: Literal["ready"]
-    policies: dict[str, bool] = Field(description="Each policy's deployment answers.")
+    policies: dict[str, bool] = Field(description="Each policy's deployment (and its candidate's, with a `canary`) answers.")
 
 
 def health_router(schema: ServerSchema, services: dict[str, PolicyService]) -> APIRouter:
@@ -57,10 +57,8 @@ def health_router(schema: ServerSchema, services: dict[str, PolicyService]) -> A
     @router.get("/health/ready", response_model=Readiness,
                 responses=error_docs({503: "A policy is not ready (`not_ready`)."}))
     async def ready() -> JSONResponse:
-        """Every policy's deployment answers."""
-        states = {
-            name: s.backend is not None and await s.backend.ready() for name, s in services.items()
-        }
+        """Every policy's deployment answers, and its candidate's (`canary`)."""
+        states = {name: await _ready(s) for name, s in services.items()}
         if all(states.values()):
             return JSONResponse({"status": "ready", "policies": states})
         waiting = ", ".join(n for n, ok in states.items() if not ok)
@@ -72,3 +70,9 @@ def health_router(schema: ServerSchema, services: dict[str, PolicyService]) -> A
         return schema.public()
 
     return router
+
+
+async def _ready(service: PolicyService) -> bool:
+    """The policy's model answers, and its candidate's when it has one."""
+    models = [service.backend] + ([service.versions.backend] if service.policy.spec.canary else [])
+    return all([model is not None and await model.ready() for model in models])

@@ -9,14 +9,15 @@ from __future__ import annotations
 from typing import Annotated, Literal
 
 from fastapi import Header
-from pydantic import BaseModel, ConfigDict, Field, create_model
+from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, create_model
 
 from policy_server.fields import STRICT, Float32
 
 VariantName = Literal["stable", "canary"]
 VARIANT_DOC = ("The version of the policy that answered: `stable` (the schema's `model`), or `canary` (its "
                "candidate, `canary.model`, for the share of requests routed to it).")
-ForcedVariant = Annotated[VariantName | None, Header(
+# documented as a plain string enum: an absent header is None, and a header is never JSON's null
+ForcedVariant = Annotated[VariantName | None, WithJsonSchema({"type": "string", "enum": ["stable", "canary"]}), Header(
     alias="X-Policy-Version",
     description="Answer with this version of the policy (`stable` or `canary`) instead of the one the routing "
     "picks; `canary` is a 409 for a policy without a candidate.",
