@@ -39,6 +39,7 @@ def test_a_canary_on_serve_splits_shadows_promotes_and_rolls_back(ray_session: i
                                                                   timeout=30) as client:
         apps = serve.status().applications
         assert apps[f"{PREFIX}-lpoc"].status == apps[f"{PREFIX}-lpoc-canary"].status == "RUNNING"
+        assert client.get("/health/ready").json()["policies"] == {"lpoc": True}
 
         n = 200
         batch = {"observations": [LPOC_OBS] * 2}

@@ -59,6 +59,7 @@ def split(fixed_models: dict[str, Path], tmp_path: Path) -> Iterator[TestClient]
 
 
 def test_every_answer_names_the_version_that_produced_it(split: TestClient) -> None:
+    assert split.get("/health/ready").json()["policies"] == {"lpoc": True}  # the candidate answers too
     batch = {"observations": [LPOC_OBS] * 3}
     raw = {"obs": [1.0] * 11}
     for variant, action in (("stable", 0), ("canary", 3)):
