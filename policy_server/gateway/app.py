@@ -112,6 +112,8 @@ def build_app(settings: Settings | None = None) -> FastAPI:
             raise
         finally:  # also when start-up fails half-way: what did start is stopped
             gc.unfreeze()
+            for service in services.values():
+                await service.versions.close()
             metrics.close()
             if sdks is not None:
                 sdks.close()

@@ -112,9 +112,15 @@ class PolicyVersions:
         log.debug("policy %s: shadow candidate agreed on %d of %d observations", self.policy.name, sum(agreed), len(agreed))
 
     async def drain_shadow(self) -> None:
-        """Wait for the shadow runs in flight (tests, shutdown)."""
+        """Wait for the shadow runs in flight."""
         while self._shadow_runs:
             await asyncio.gather(*self._shadow_runs, return_exceptions=True)
+
+    async def close(self) -> None:
+        """Cancel the shadow runs in flight (the gateway shuts down: nobody waits for their numbers)."""
+        for task in list(self._shadow_runs):
+            task.cancel()
+        await asyncio.gather(*self._shadow_runs, return_exceptions=True)
 
     # --- episodes (``/collect_experience``) ---------------------------------------------------
 
