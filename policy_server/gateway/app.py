@@ -49,7 +49,9 @@ DESCRIPTION = """Serves the reinforcement-learning policies described by `schema
 Send observations to `/predict` (a sampled action), `/predict_deterministic` (the most likely
 action) or `/distribution` (the exact action distribution); each has a `/batch` form that answers
 many observations in one forward pass. `/collect_experience` acts and, for a policy with a
-`training` section, learns from the steps a client sends (Pathmind's loop). Authenticate with the `access-token` header, query
+`training` section, learns from the steps a client sends (Pathmind's loop). A policy with a candidate
+version (`canary`) answers a share of requests with it; every answer names its `variant`, and the
+`X-Policy-Version: stable|canary` header forces one. Authenticate with the `access-token` header, query
 parameter or cookie (prefer the header: a query parameter ends up in proxies' logs): a missing key
 is a 401 with `WWW-Authenticate`, a wrong one (or another policy's) a 403. Every path
 answers with or without a trailing slash, and with or without the schema's `url_path` (for a

@@ -9,19 +9,19 @@ from __future__ import annotations
 from typing import Annotated, Literal
 
 from fastapi import Header
-from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, create_model
+from pydantic import BaseModel, ConfigDict, Field, create_model
 
 from policy_server.fields import STRICT, Float32
 
 VariantName = Literal["stable", "canary"]
 VARIANT_DOC = ("The version of the policy that answered: `stable` (the schema's `model`), or `canary` (its "
                "candidate, `canary.model`, for the share of requests routed to it).")
-# documented as a plain string enum: an absent header is None, and a header is never JSON's null
-ForcedVariant = Annotated[VariantName | None, WithJsonSchema({"type": "string", "enum": ["stable", "canary"]}), Header(
-    alias="X-Policy-Version",
-    description="Answer with this version of the policy (`stable` or `canary`) instead of the one the routing "
-    "picks; `canary` is a 409 for a policy without a candidate.",
-)]
+# Left out of the OpenAPI document (the README and the app's description document it): an optional
+# header is a parameter of every generated SDK method, and openapi-generator's Java methods would
+# change their signatures (`predict(obs)` → `predict(obs, xPolicyVersion)`), breaking users' code.
+ForcedVariant = Annotated[VariantName | None, Header(alias="X-Policy-Version", include_in_schema=False)]
+"""``X-Policy-Version: stable|canary``: answer with this version of the policy instead of the one the
+routing picks (tests, debugging); ``canary`` is a 409 for a policy without a candidate."""
 
 
 class _Wire(BaseModel):
