@@ -210,6 +210,20 @@ class TooManyRuns(Conflict):
     code = "too_many_runs"
 
 
+class NoCandidate(Conflict):
+    """The policy has no candidate version (no ``canary`` section in its schema) to route to,
+    promote or roll back."""
+
+    code = "no_candidate"
+
+
+class NotPromotable(Conflict):
+    """Weights cannot move between a policy's versions: the two models' parameters (names, shapes)
+    differ, or a trainer owns the stable model's versions."""
+
+    code = "not_promotable"
+
+
 class PayloadTooLarge(PolicyServerError):
     status = 413
     code = "payload_too_large"

@@ -104,6 +104,16 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
+def fixed_action_model(path: Path, action: int, obs_dim: int = 11, n: int = 4, hidden: int = 16) -> Path:
+    """A discrete policy whose logits prefer ``action`` by 20 nats whatever it sees: its samples
+    and its most likely action are ``action`` (but for 1 in 10^8). Canary tests tell versions apart by it."""
+    module = MLPPolicy(obs_dim, [hidden], nvec=[n])
+    with torch.no_grad():
+        module.heads[0].weight.zero_()
+        module.heads[0].bias.copy_(torch.nn.functional.one_hot(torch.tensor(action), n).float() * 20)
+    return export_module(module, obs_dim, path)
+
+
 def multi_policy_schema(model_dir: Path, **parameters: Any) -> dict[str, Any]:
     """One schema with all four policies; lpoc is the default (plain paths)."""
     small = {"num_cpus": 0.1}

@@ -22,7 +22,8 @@ Observation = Sequence[float] | np.ndarray | Mapping[str, Any]
 
 
 class ActResult(NamedTuple):
-    """One chosen action, the log-probability of choosing it, and the model version that chose it."""
+    """One chosen action, the log-probability of choosing it, and the model version that chose it
+    (the policy's version that answered, ``stable`` or ``canary``, is the client's ``last_variant``)."""
 
     action: ActionValue
     log_prob: float | None
@@ -104,6 +105,10 @@ class ActingClient:
         self._description: dict[str, Any] | None = None
         self._acts_since_check = 0
         self._last_act_version: int | None = None
+        self.last_variant = "stable"
+        """The policy's version that chose the last action: ``stable``, or ``canary`` (its candidate
+        version, acting on the server); acting locally on the downloaded weights is acting with ``stable``."""
+        self._episode_variant: str | None = None  # the policy's version that acts this episode (server-side acting)
 
     # --- plumbing -------------------------------------------------------------------------
 
@@ -129,8 +134,8 @@ class ActingClient:
     def _get(self, path: str) -> dict[str, Any]:
         return self.request("GET", self.prefix + path).json()
 
-    def _post(self, path: str, json: Any = None) -> dict[str, Any]:
-        return self.request("POST", self.prefix + path, json=json).json()
+    def _post(self, path: str, json: Any = None, headers: dict[str, str] | None = None) -> dict[str, Any]:
+        return self.request("POST", self.prefix + path, json=json, headers=headers).json()
 
     def _maybe_heartbeat(self) -> None:
         """Nothing: only a client that sends experience has a trainer to tell it is alive."""
@@ -145,25 +150,28 @@ class ActingClient:
         if self.algorithm is None:
             self.algorithm = (self.describe().get("training") or {}).get("algorithm", "")
         if self.inference == "local":
-            result = self._act_local(obs)
+            result, self.last_variant = self._act_local(obs), "stable"
         elif self.algorithm == "dqn":
             answer = self._predict(obs, "predict_deterministic")
-            result = self._epsilon_greedy(answer["action"], answer["model_version"])
+            result, self.last_variant = self._epsilon_greedy(answer["action"], answer["model_version"]), answer["variant"]
         else:
             answer = self._predict(obs, "predict")
             result = ActResult(answer["action"], answer["log_prob"], answer["model_version"])
+            self.last_variant = answer["variant"]
         self._last_act_version = result.model_version
         self._maybe_heartbeat()
         return result
 
     def _predict(self, obs: Observation, endpoint: str) -> dict[str, Any]:
+        # an episode begun by one version of a policy with a candidate stays with it
+        pin = {"X-Policy-Version": self._episode_variant} if self._episode_variant else None
         if isinstance(obs, Mapping):
-            return self._post(f"/{endpoint}", wire_obs(obs))
+            return self._post(f"/{endpoint}", wire_obs(obs), pin)
         if endpoint == "predict":
-            return self._post("/predict_raw", {"obs": wire_obs(obs)})
+            return self._post("/predict_raw", {"obs": wire_obs(obs)}, pin)
         # no raw form of the deterministic endpoint: the batch form takes flat vectors
-        answer = self._post(f"/{endpoint}/batch", {"observations": [self._as_object(obs)]})
-        return answer["results"][0] | {"model_version": answer["model_version"]}
+        answer = self._post(f"/{endpoint}/batch", {"observations": [self._as_object(obs)]}, pin)
+        return answer["results"][0] | {"model_version": answer["model_version"], "variant": answer["variant"]}
 
     def _as_object(self, obs: Observation) -> dict[str, Any]:
         """A flat vector as the schema's observation object (remote DQN on a raw vector)."""

@@ -34,10 +34,12 @@ class _Fragment:
     log_probs: list[float | None] = field(default_factory=list)
     terminated: bool = False
     truncated: bool = False
+    variant: str = "stable"  # the policy's version that acted (a policy with a candidate counts returns per version)
 
     def wire(self) -> dict[str, Any]:
         known = None if any(log_prob is None for log_prob in self.log_probs) else self.log_probs
         return {
+            "variant": self.variant,
             "model_version": self.model_version,
             "observations": self.observations,
             "actions": self.actions,
@@ -144,19 +146,24 @@ class PolicyClient(ActingClient):
         next_obs: Observation,
         log_prob: float | None = None,
         model_version: int | None = None,
+        variant: str | None = None,
     ) -> None:
         """Record one environment step; posts experience every ``fragment_steps`` steps.
 
         ``model_version`` is the version that chose ``action`` (default: that of the last
-        ``act``). A step that does not continue the previous one (``obs`` differs from its
-        ``next_obs``) or was acted by another version starts a new fragment.
+        ``act``), ``variant`` the policy's version that answered (``stable`` or ``canary``;
+        default: that of the last ``act``). A step that does not continue the previous one (``obs``
+        differs from its ``next_obs``) or was acted by another version starts a new fragment.
+        Acting on the server, the rest of an episode is asked of the version that acted its first step.
         """
         if not self._registered:
             self.register()
         version = model_version if model_version is not None else self._last_act_version
         if version is None:
             raise ValueError("log_step needs the model_version that acted (no act() call yet)")
-        frag = self._fragment_for(obs, version)
+        variant = variant or self.last_variant
+        self._episode_variant = None if terminated or truncated or self.inference == "local" else variant
+        frag = self._fragment_for(obs, version, variant)
         frag.observations.append(wire_obs(next_obs))
         self._last_next_obs = next_obs
         frag.actions.append(wire_action(action))
@@ -171,18 +178,19 @@ class PolicyClient(ActingClient):
         else:
             self._maybe_heartbeat()
 
-    def _fragment_for(self, obs: Observation, version: int) -> _Fragment:
-        """The open fragment if the step acted by ``version`` from ``obs`` continues it, else a new one."""
+    def _fragment_for(self, obs: Observation, version: int, variant: str = "stable") -> _Fragment:
+        """The open fragment if the step acted by ``version`` (of ``variant``) from ``obs`` continues
+        it, else a new one."""
         frag = self._open
         # run_env hands the previous next_obs back as obs: then it is converted and continuous already
         follows = frag is not None and obs is self._last_next_obs
         obs_json = frag.observations[-1] if follows else wire_obs(obs)  # type: ignore[union-attr]
         continues = follows or (frag is not None and frag.observations[-1] == obs_json)
-        if frag is not None and (frag.model_version != version or not continues):
+        if frag is not None and (frag.model_version != version or frag.variant != variant or not continues):
             self._close_open()
             frag = None
         if frag is None:
-            frag = self._open = _Fragment(version, [obs_json])
+            frag = self._open = _Fragment(version, [obs_json], variant=variant)
         return frag
 
     @property

@@ -23,9 +23,10 @@ from policy_server.gateway.health import health_router
 from policy_server.gateway.keys import LLM_SCOPE, policy_scope
 from policy_server.gateway.limits import BodySizeLimit
 from policy_server.gateway.llm.setup import LLMServices, llm_services
-from policy_server.gateway.metrics import GatewayMetrics, MetricsMiddleware
+from policy_server.gateway.metrics import GatewayMetrics, MetricsMiddleware, PolicyVariantMetrics
 from policy_server.gateway.openapi import operation_ids
 from policy_server.gateway.paths import PathNormalizer, slash_routes
+from policy_server.gateway.policy.candidate import PolicyVersions
 from policy_server.gateway.policy.multiplexed import MultiplexedPolicyService, make_policy_service
 from policy_server.gateway.policy.service import PolicyService
 from policy_server.gateway.redact import install_log_redaction
@@ -36,7 +37,7 @@ from policy_server.gateway.startup import (
     start_together,
 )
 from policy_server.gateway.training.service import TrainingService
-from policy_server.policies.served import resolve_policy
+from policy_server.policies.served import resolve_candidate, resolve_policy
 from policy_server.schema.config import ServerSchema, load_schema
 from policy_server.sdks import ClientSDKs
 from policy_server.serving.runtime import Runtime, make_runtime
@@ -49,7 +50,9 @@ DESCRIPTION = """Serves the reinforcement-learning policies described by `schema
 Send observations to `/predict` (a sampled action), `/predict_deterministic` (the most likely
 action) or `/distribution` (the exact action distribution); each has a `/batch` form that answers
 many observations in one forward pass. `/collect_experience` acts and, for a policy with a
-`training` section, learns from the steps a client sends (Pathmind's loop). Authenticate with the `access-token` header, query
+`training` section, learns from the steps a client sends (Pathmind's loop). A policy with a candidate
+version (`canary`) answers a share of requests with it; every answer names its `variant`, and the
+`X-Policy-Version: stable|canary` header forces one. Authenticate with the `access-token` header, query
 parameter or cookie (prefer the header: a query parameter ends up in proxies' logs): a missing key
 is a 401 with `WWW-Authenticate`, a wrong one (or another policy's) a 403. Every path
 answers with or without a trailing slash, and with or without the schema's `url_path` (for a
@@ -72,16 +75,21 @@ def build_app(settings: Settings | None = None) -> FastAPI:
     keys = api_keys(settings, schema)
     rng = np.random.default_rng(settings.seed)
     resolved = {name: resolve_policy(spec) for name, spec in schema.policies.items()}
-    services = {name: make_policy_service(served, rng) for name, (served, _) in resolved.items()}
+    for served, _ in resolved.values():
+        resolve_candidate(served)  # refuses a candidate that does not fit its policy
+    metrics = GatewayMetrics()
+    services = {
+        name: make_policy_service(served, rng, PolicyVersions(served, PolicyVariantMetrics(metrics, name)))
+        for name, (served, _) in resolved.items()
+    }
     local_models = {name: model for name, (_, model) in resolved.items()}  # loaded by the check
     trainings = {
-        name: TrainingService(served, settings.max_batch_observations)
+        name: TrainingService(served, settings.max_batch_observations, services[name].versions)
         for name, (served, _) in resolved.items()
         if served.spec.training is not None
     }
     llm = llm_services(schema, settings.backend)
     sdks = _client_sdks(settings)
-    metrics = GatewayMetrics()
     prefix = f"/{schema.url_path}" if schema.url_path else ""
 
     @asynccontextmanager
@@ -107,6 +115,8 @@ def build_app(settings: Settings | None = None) -> FastAPI:
             raise
         finally:  # also when start-up fails half-way: what did start is stopped
             gc.unfreeze()
+            for service in services.values():
+                await service.versions.close()
             metrics.close()
             if sdks is not None:
                 sdks.close()
@@ -135,7 +145,7 @@ def build_app(settings: Settings | None = None) -> FastAPI:
             EnvelopedCORS,
             allow_origins=settings.cors_origins,
             allow_methods=["GET", "POST", "DELETE"],
-            allow_headers=[KEY_NAME, "authorization", "content-type"],
+            allow_headers=[KEY_NAME, "authorization", "content-type", "x-policy-version"],
             expose_headers=["retry-after", "www-authenticate"],
             max_age=600,
         )
@@ -179,7 +189,11 @@ async def _start_services(
         if trainer is not None:  # after its policy: it publishes to the policy's deployment
             trainer.attach(await runtime.policy_trainer(spec, trainer.policy.space, trainer.policy.obs_dim))
 
-    await start_together(runtime, *(start_policy(n, s) for n, s in services.items()), llm.start(runtime))
+    async def start_candidate(name: str, service: PolicyService) -> None:
+        service.versions.attach(await runtime.candidate_model(schema.policies[name]), metrics.batch_rows.labels(name).observe)
+
+    candidates = [start_candidate(n, s) for n, s in services.items() if s.policy.spec.canary is not None]
+    await start_together(runtime, *(start_policy(n, s) for n, s in services.items()), *candidates, llm.start(runtime))
 
 
 def _client_sdks(settings: Settings) -> ClientSDKs | None:

@@ -32,7 +32,7 @@ class Liveness(_Wire):
 
 class Readiness(_Wire):
     status: Literal["ready"]
-    policies: dict[str, bool] = Field(description="Each policy's deployment answers.")
+    policies: dict[str, bool] = Field(description="Each policy's deployment (and its candidate's, with a `canary`) answers.")
 
 
 def health_router(schema: ServerSchema, services: dict[str, PolicyService]) -> APIRouter:
@@ -57,7 +57,7 @@ def health_router(schema: ServerSchema, services: dict[str, PolicyService]) -> A
     @router.get("/health/ready", response_model=Readiness,
                 responses=error_docs({503: "A policy is not ready (`not_ready`)."}))
     async def ready() -> JSONResponse:
-        """Every policy's deployment answers."""
+        """Every policy's deployment answers, and its candidate's (`canary`)."""
         states = {name: await s.ready() for name, s in services.items()}
         if all(states.values()):
             return JSONResponse({"status": "ready", "policies": states})
@@ -70,3 +70,4 @@ def health_router(schema: ServerSchema, services: dict[str, PolicyService]) -> A
         return schema.public()
 
     return router
+

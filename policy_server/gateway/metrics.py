@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import IO
 from wsgiref.simple_server import WSGIServer
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, multiprocess, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Histogram, Summary, multiprocess, start_http_server
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from policy_server.errors import StartupError
@@ -55,6 +55,19 @@ class GatewayMetrics:
         self.batch_rows = Histogram(
             "policy_server_batch_rows", "Observations per forward call sent by the gateway.",
             ("policy",), buckets=ROW_BUCKETS, registry=self.registry,
+        )
+        self.variant_latency = Histogram(
+            "policy_server_variant_seconds", "Time in the model per answered request, by the policy's version "
+            "that answered it (stable or canary); its _count is the requests each answered.",
+            ("policy", "variant"), buckets=LATENCY_BUCKETS, registry=self.registry,
+        )
+        self.shadow_rows = Counter(
+            "policy_server_shadow_observations", "Observations the shadow candidate ran on, by whether its "
+            "most likely action agreed with the stable version's.", ("policy", "agreed"), registry=self.registry,
+        )
+        self.episode_return = Summary(
+            "policy_server_variant_episode_return", "Returns of /collect_experience episodes, by the policy's "
+            "version that acted them.", ("policy", "variant"), registry=self.registry,
         )
         self._server: WSGIServer | None = None
         self._lock: IO[bytes] | None = None
@@ -116,6 +129,23 @@ class GatewayMetrics:
         if policy_id is not None:
             self.id_requests.labels(policy, policy_id, str(status)).inc()
             self.id_latency.labels(policy, policy_id).observe(seconds)
+
+
+class PolicyVariantMetrics:
+    """One policy's per-version metrics (``gateway.policy.candidate.VariantMetrics``)."""
+
+    def __init__(self, metrics: GatewayMetrics, policy: str) -> None:
+        self.metrics, self.policy = metrics, policy
+
+    def answered(self, variant: str, seconds: float) -> None:
+        self.metrics.variant_latency.labels(self.policy, variant).observe(seconds)
+
+    def shadowed(self, agreed: int, rows: int) -> None:
+        self.metrics.shadow_rows.labels(self.policy, "true").inc(agreed)
+        self.metrics.shadow_rows.labels(self.policy, "false").inc(rows - agreed)
+
+    def episode(self, variant: str, episode_return: float) -> None:
+        self.metrics.episode_return.labels(self.policy, variant).observe(episode_return)
 
 
 class MetricsMiddleware:

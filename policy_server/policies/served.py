@@ -99,6 +99,29 @@ def resolve_policy(spec: PolicySpec) -> tuple[ServedPolicy, TorchPolicy]:
     return ServedPolicy(spec, space, obs_dim, model), policy
 
 
+def resolve_candidate(served: ServedPolicy) -> TorchPolicy | None:
+    """Load the policy's candidate (``canary.model``) and check it against the stable model: the
+    same input width and action space, or a SchemaError naming ``<policy>.canary.model``. None when
+    the policy has no candidate."""
+    canary = served.spec.canary
+    if canary is None:
+        return None
+    field = f"{_where(served.spec)}.canary.model"
+    try:
+        candidate, model = resolve_policy(served.spec.model_copy(update={"model": canary.model, "canary": None}))
+    except SchemaError as exc:
+        raise SchemaError(f"{field}: {canary.model.name}: {exc.message}") from exc
+    if candidate.obs_dim != served.obs_dim:
+        raise SchemaError(
+            f"{field}: {canary.model.name} takes inputs of width {candidate.obs_dim}, "
+            f"the policy's model {served.spec.model.name} {served.obs_dim}")
+    if candidate.space.describe() != served.space.describe():
+        raise SchemaError(
+            f"{field}: {canary.model.name} acts in {candidate.space.describe()}, "
+            f"the policy's model {served.spec.model.name} in {served.space.describe()}")
+    return model
+
+
 def model_prefix(name: str) -> str:
     """What the names of a policy's generated request models start with: nothing for the policy of
     a single-policy schema, else its name in CamelCase (``cart-pole`` → ``CartPole``)."""

@@ -9,6 +9,7 @@ valid as it is. Everything else is an optional extension:
 * ``parameters.training``: train the policy online from clients' experience (PPO or DQN),
 * ``parameters.policies_dir``: many policies of one architecture, one model file per policy id
   (``schema.policy_ids``), loaded on demand on the replicas,
+* ``parameters.canary``: a candidate model answering a share of requests, or in shadow (``schema.canary``),
 * ``policies``: several named policies, each with the keys above plus its own ``observations``
   and ``api_keys`` (keys that open only that policy's routes),
 * ``parameters.api_keys``: more server-wide keys beside ``api_key`` (all valid at once).
@@ -35,6 +36,7 @@ from pydantic_core import PydanticCustomError
 
 from policy_server.errors import SchemaError
 from policy_server.fields import check_text
+from policy_server.schema.canary import CanaryEntry, CanarySpec, resolve_canary
 from policy_server.schema.llm import LLMPolicySpec, LLMSection
 from policy_server.schema.policy_ids import MODEL_SUFFIXES, is_name, resolve_policies_dir
 from policy_server.schema.replicas import Replicas, refused
@@ -218,6 +220,7 @@ class PolicySpec(_Strict):
     training: TrainingSpec | None = None
     policies_dir: Path | None = None
     """Many policies of this one architecture: ``<policies_dir>/<policy id>.pt`` (``model``: one of them)."""
+    canary: CanarySpec | None = None
 
 
 class ServerSchema(_Strict):
@@ -239,8 +242,9 @@ class ServerSchema(_Strict):
             "default_policy": self.default_policy,
             "url_path": self.url_path,
             "policies": {
-                name: p.model_dump(mode="json", exclude={"model", "training", "policies_dir"})
-                | {"model": p.model.name, "training": _public_training(p.training)}
+                name: p.model_dump(mode="json", exclude={"model", "training", "policies_dir", "canary"})
+                | {"model": p.model.name, "training": _public_training(p.training),
+                   "canary": p.canary and p.canary.model_dump(mode="json") | {"model": p.canary.model.name}}
                 | ({"policies_dir": p.policies_dir.name} if p.policies_dir else {})
                 for name, p in self.policies.items()
             },
@@ -286,6 +290,7 @@ class _PolicyFields(_Strict):
     resources: ResourceSpec = ResourceSpec()
     training: TrainingSpec | None = None
     policies_dir: str | None = None
+    canary: CanaryEntry | None = None
 
 
 ApiKeyList = list[Annotated[str, Field(min_length=1)]]
@@ -396,6 +401,9 @@ def _resolve(name: str, entry: _PolicyEntry, base_dir: Path) -> PolicySpec:
     if entry.discrete is False and space.type != "box" and entry.action_space is not None:
         raise SchemaError(f"{where}.discrete is False but action_space.type is {space.type!r}")
     folder, model = None, None
+    if entry.policies_dir is not None and entry.canary is not None:
+        raise SchemaError(f"{where}.canary: not with `policies_dir` (each policy id is its own model; "
+                          "roll a new one out as a new policy id instead)")
     if entry.policies_dir is not None:
         folder, model = resolve_policies_dir(entry.policies_dir, entry.model, base_dir, where, entry.training is not None)
     elif "max_models_per_replica" in entry.resources.model_fields_set:
@@ -408,6 +416,7 @@ def _resolve(name: str, entry: _PolicyEntry, base_dir: Path) -> PolicySpec:
         resources=entry.resources,
         training=_resolve_training(entry.training, space, base_dir, where),
         policies_dir=folder,
+        canary=resolve_canary(entry.canary, base_dir, where),
     )
 
 

@@ -88,6 +88,9 @@ class PolicyTrainer(Protocol):
 
     async def checkpoints(self) -> dict[str, Any]: ...
 
+    async def checkpoint_weights(self, name: str) -> dict[str, Any]:
+        """A checkpoint's actor ``weights`` and ``model_version``, the trainer left as it is."""
+
 
 class LLMModel(Protocol):
     """The LLM policy's generation: the plug point of the LLM engine (``llm.engine.LLMEngine``,

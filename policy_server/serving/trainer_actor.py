@@ -173,6 +173,9 @@ class TrainerActor:
     def checkpoints(self) -> dict[str, Any]:
         return self.trainer.checkpoints()
 
+    def checkpoint_weights(self, name: str) -> dict[str, Any]:
+        return self.trainer.checkpoint_weights(name)
+
     def close(self) -> None:
         self.replicas.close()
         self.trainer.close()

@@ -349,17 +349,7 @@ class Trainer:
         name = self.store.latest() if name is None else name  # "" is no name: refused, not the newest
         if name is None:
             raise NotFound(f"policy {self.policy!r} has no checkpoint to resume from")
-        state = self.store.load(name)
-        if state.get("algorithm") != self.spec.algorithm:
-            raise InvalidRequest.at(
-                "checkpoint",
-                f"checkpoint {name!r} was written by {state.get('algorithm')!r}, not {self.spec.algorithm!r}",
-            )
-        bad = nonfinite(state["learner"]["actor"])  # written before updates were guarded
-        if bad:
-            raise InvalidRequest.at(
-                "checkpoint", f"checkpoint {name!r} holds non-finite weights {bad[:3]}: resume from another one"
-            )
+        state = self._load_checked(name)
         self.learner.load_state_dict(state["learner"])
         with self._cond:
             self.telemetry.load_state_dict(state["telemetry"])
@@ -372,6 +362,30 @@ class Trainer:
         self._exploration = self.learner.exploration()
         self._publish_weights()
         self.last_checkpoint = name
+
+    def _load_checked(self, name: str) -> dict[str, Any]:
+        """The checkpoint ``name``, written by this algorithm with finite weights; raises NotFound,
+        or InvalidRequest naming ``checkpoint``."""
+        state = self.store.load(name)
+        if state.get("algorithm") != self.spec.algorithm:
+            raise InvalidRequest.at(
+                "checkpoint",
+                f"checkpoint {name!r} was written by {state.get('algorithm')!r}, not {self.spec.algorithm!r}",
+            )
+        bad = nonfinite(state["learner"]["actor"])  # written before updates were guarded
+        if bad:
+            raise InvalidRequest.at(
+                "checkpoint", f"checkpoint {name!r} holds non-finite weights {bad[:3]}: resume from another one"
+            )
+        return state
+
+    def checkpoint_weights(self, name: str) -> dict[str, Any]:
+        """The actor weights of checkpoint ``name`` (numpy, named as the served module's) and its
+        model version, for a candidate version of the policy; the trainer itself is left as it is.
+        Raises as ``_load_checked``."""
+        state = self._load_checked(name)
+        weights = {k: v.detach().cpu().numpy().copy() for k, v in state["learner"]["actor"].items()}
+        return {"checkpoint": name, "model_version": int(state["version"]), "weights": weights}
 
     def _client_answer(self, client_id: str) -> dict[str, Any]:
         return {

@@ -12,8 +12,8 @@ from typing import Any
 import gymnasium as gym
 import httpx
 import pytest
-from client_support import AUTH, steps_of, trainable_server
-from conftest import API_KEY
+from client_support import AUTH, cartpole_schema, local_app, steps_of, trainable_server
+from conftest import API_KEY, running_server
 from support import wait_until
 
 from policy_server.client import PolicyClient, PolicyClientError, run_env
@@ -76,3 +76,33 @@ def test_experience_waits_while_training_is_paused(trainable: tuple[str, Any]) -
         steps_of(env, client, 5, seed=2)
         assert client.flush()["accepted"] == 5
     env.close()
+
+
+def test_acting_on_the_server_keeps_an_episode_on_one_version_and_reports_it(tmp_path: Path) -> None:
+    """A policy with a candidate (`canary`, share 0.5): the client sends each fragment's `variant`,
+    asks the rest of an episode of the version that acted its first step, and the server counts
+    each episode's return for that version."""
+    schema = cartpole_schema(tmp_path)
+    schema["parameters"]["canary"] = {"model": schema["parameters"]["model"], "share": 0.5}
+    env = gym.make("CartPole-v1")
+    with running_server(local_app(schema, tmp_path)) as url, \
+            PolicyClient(url, API_KEY, inference="remote", client_id="canary-1") as client:
+        episodes: list[set[str]] = []
+        for episode in range(12):
+            obs, _ = env.reset(seed=episode)
+            acted: set[str] = set()
+            for t in range(5):
+                action, log_prob, version = client.act(obs)
+                acted.add(client.last_variant)
+                next_obs, _, _, _, _ = env.step(action)
+                client.log_step(obs, action, 1.0, False, t == 4, next_obs, log_prob, version)
+                obs = next_obs
+            episodes.append(acted)
+        client.flush()
+        versions = httpx.get(f"{url}/versions", headers=AUTH).json()
+    env.close()
+    assert all(len(acted) == 1 for acted in episodes)
+    assert {v for acted in episodes for v in acted} == {"stable", "canary"}  # the server is seeded: no chance
+    counted = {v: versions[v]["episodes"] for v in ("stable", "canary")}
+    assert counted == {v: sum(acted == {v} for acted in episodes) for v in ("stable", "canary")}
+    assert {versions[v]["mean_episode_return"] for v in counted} == {5.0}

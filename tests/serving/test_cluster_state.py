@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
-import pytest
+from pathlib import Path
 
-from policy_server.serving.runtime.cluster_state import ClaimConflict, Leases, fingerprint
+import pytest
+from conftest import multi_policy_schema
+
+from policy_server.schema.config import parse_schema
+from policy_server.serving.runtime.cluster_state import ClaimConflict, Leases, fingerprint, policy_fingerprint
 
 LEASE_S = 30.0
 
@@ -76,3 +80,14 @@ def test_fingerprints_tell_their_parts_apart() -> None:
     assert fingerprint("spec", b"model") != fingerprint("spec", b"model2")
     assert fingerprint("ab", "c") != fingerprint("a", "bc")
     assert len(fingerprint("x")) == 16
+
+
+def test_a_policys_fingerprint_leaves_out_its_candidate(model_dir: Path) -> None:
+    """The candidate runs in an app of its own: adding or changing a `canary` leaves the policy's
+    app and trainer as they are on the cluster (no conflict with gateways serving it without)."""
+    raw = multi_policy_schema(model_dir)
+    plain = parse_schema(raw, model_dir).policies["lpoc"]
+    raw["policies"]["lpoc"]["canary"] = {"model": "lpoc.pt", "share": 0.2}
+    with_canary = parse_schema(raw, model_dir).policies["lpoc"]
+    assert with_canary.canary is not None
+    assert policy_fingerprint(with_canary, b"m", False) == policy_fingerprint(plain, b"m", False)

@@ -160,3 +160,14 @@ def test_request_names_are_the_runtimes_app_names() -> None:
 
     names = {r.name for r in resource_requests(llm_example(training={}), False)}
     assert names == {LLM_POLICY, LLM_VALUE, LLM_TASKS, LLM_GRPO} | {x1_app_name("p", k)[2:] for k in ("policy", "value")}
+
+
+def test_a_canary_counts_its_own_replicas(model_dir: Path) -> None:
+    """The candidate runs on replicas of its own (app ``<prefix>-<policy>-canary``), as many as the policy's."""
+    raw = multi_policy_schema(model_dir)
+    lpoc = raw["policies"]["lpoc"] | {"resources": {"num_cpus": 1}, "canary": {"model": "lpoc.pt", "mode": "shadow"}}
+    raw["policies"] = {"lpoc": lpoc}
+    requests = resource_requests(parse_schema(raw, model_dir), False)
+    assert [(r.name, r.num_cpus) for r in requests] == [("lpoc", 1), ("lpoc-canary", 1)]
+    with pytest.raises(SchemaError, match=r"policies\.lpoc\.resources\.num_cpus: 1 \(policy lpoc's candidate replicas"):
+        check_fits(requests, {"CPU": 1.0}, [{"CPU": 1.0}])

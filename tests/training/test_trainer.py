@@ -222,6 +222,24 @@ def test_a_checkpoint_with_non_finite_weights_is_not_resumed(trainer: Trainer, p
     assert all(np.isfinite(w).all() for w in trainer.learner.actor_weights().values())
 
 
+def test_a_checkpoints_weights_are_handed_out_without_changing_the_trainer(trainer: Trainer, published: Published) -> None:
+    """For a candidate version of the policy (``gateway.policy.candidate``): the checkpoint's actor
+    weights and version, checked like a resume's, while the trainer keeps its own."""
+    trainer.submit(steps(32))
+    wait_until(lambda: trainer.status()["model_version"] == 1)
+    name = trainer.save()["checkpoint"]
+    expected = trainer.learner.actor_weights()
+    trainer.submit(steps(32, version=1))
+    wait_until(lambda: trainer.status()["model_version"] == 2)
+    saved = trainer.checkpoint_weights(name)
+    assert saved["checkpoint"] == name and saved["model_version"] == 1
+    assert saved["weights"].keys() == expected.keys()
+    assert all(np.array_equal(saved["weights"][k], expected[k]) for k in expected)
+    assert trainer.status()["model_version"] == 2 and published.versions == [1, 2]
+    with pytest.raises(NotFound):
+        trainer.checkpoint_weights("no-such")
+
+
 def test_a_trainer_that_died_gets_back_every_acknowledged_step_from_its_journal(model_bytes: bytes, tmp_path: Path) -> None:
     first = make_trainer(model_bytes, tmp_path, Published())
     first.open()

@@ -1,5 +1,5 @@
 """A policy's endpoints: acting (``/predict``, ``/distribution`` and their batch and raw forms),
-``/collect_experience``, and the model file and weights."""
+``/collect_experience``, the model file and weights, and its versions (``/versions``)."""
 
 from fastapi import FastAPI
 
@@ -9,6 +9,7 @@ from policy_server.gateway.policy.model import model_router
 from policy_server.gateway.policy.multiplexed import MultiplexedPolicyService, mount_multiplexed
 from policy_server.gateway.policy.router import policy_router
 from policy_server.gateway.policy.service import PolicyService
+from policy_server.gateway.policy.versions_router import versions_router
 from policy_server.gateway.training.service import TrainingService
 from policy_server.policies.torch_policy import model_format
 
@@ -25,3 +26,4 @@ def mount(app: FastAPI, service: PolicyService, training: TrainingService | None
         app.include_router(policy_router(service, auth, max_batch, prefix))
         app.include_router(collect_router(service, training, auth, prefix))
         app.include_router(model_router(service, auth, prefix, model, fmt))
+        app.include_router(versions_router(service, training, auth, prefix))

@@ -21,7 +21,7 @@ from policy_server.gateway.auth import Auth
 from policy_server.gateway.openapi import error_docs
 from policy_server.gateway.policy.router import ERRORS, action_answer
 from policy_server.gateway.policy.service import PolicyService
-from policy_server.gateway.policy.wire import ActionResponse
+from policy_server.gateway.policy.wire import ActionResponse, ForcedVariant
 from policy_server.gateway.training.experience import CLIENT_ID_PATTERN
 from policy_server.gateway.training.service import TrainingService
 from policy_server.policies.served import ServedPolicy
@@ -34,7 +34,8 @@ next action from `actions[0]` (or `action`). The server pairs each call with you
 into a step (obs, action, reward, next obs, done) and hands the steps of a policy with a
 `training` section to its trainer; `done` ends the episode (terminated), and the next call starts
 a new one. Send a distinct `client_id` per environment when several run from one address. This
-policy {trains}."""
+policy {trains}. With a candidate version (`canary`), each episode is acted by one version, picked
+at its first call."""
 COLLECT_ERRORS = ERRORS | error_docs({503: "The policy's deployment or its trainer is not available."})
 ClientId = Annotated[str, Field(min_length=1, max_length=128, pattern=CLIENT_ID_PATTERN)]
 
@@ -82,13 +83,15 @@ def collect_router(service: PolicyService, training: TrainingService | None, aut
 
     @router.post("/collect_experience", response_model=ActionResponse, description=DESCRIPTION.format(
         trains="feeds its trainer" if training is not None else "only acts: it has no `training` section"))
-    async def collect_experience(body: Body, request: Request) -> JSONResponse:  # type: ignore[valid-type]
+    async def collect_experience(body: Body, request: Request, forced: ForcedVariant = None) -> JSONResponse:  # type: ignore[valid-type]
         obs = body.observation  # type: ignore[attr-defined]
         rows = service.from_raw([obs], "body.observation") if isinstance(obs, list) else service.from_observations([obs])
-        samples, version = await service.act(rows, "sample", ["body.observation"])
+        client_id = body.client_id or client_key(request)  # type: ignore[attr-defined]
+        keep = service.versions.collect_variant(client_id, body.reward, body.done, forced)  # type: ignore[attr-defined]
+        samples, version, variant = await service.act(rows, "sample", ["body.observation"], forced=keep)
+        service.versions.collect_acted(client_id, variant)
         if training is not None:
-            client_id = body.client_id or client_key(request)  # type: ignore[attr-defined]
             await training.collect(client_id, rows[0], samples[0], version, body.reward, body.done)  # type: ignore[attr-defined]
-        return action_answer(samples[0], version)
+        return action_answer(samples[0], version, variant)
 
     return router

@@ -21,6 +21,7 @@ from pydantic import BaseModel, Field
 
 from policy_server.errors import BackendUnavailable
 from policy_server.gateway.auth import Auth
+from policy_server.gateway.policy.candidate import PolicyVersions
 from policy_server.gateway.policy.router import ERRORS, SelectId, policy_router
 from policy_server.gateway.policy.service import PolicyService
 from policy_server.policies.multiplex import PolicyCatalog
@@ -40,8 +41,8 @@ class MultiplexedPolicyService(PolicyService):
     concurrent requests for the same id (a bounded LRU of ``MicroBatcher``s), and sent to the
     replicas with that id."""
 
-    def __init__(self, policy: ServedPolicy, rng: np.random.Generator) -> None:
-        super().__init__(policy, rng)
+    def __init__(self, policy: ServedPolicy, rng: np.random.Generator, versions: PolicyVersions | None = None) -> None:
+        super().__init__(policy, rng, versions)
         assert policy.spec.policies_dir is not None
         self.catalog = PolicyCatalog(policy.spec.policies_dir)
         self.models: MultiplexedModel | None = None
@@ -131,8 +132,8 @@ def mount_multiplexed(app: FastAPI, service: MultiplexedPolicyService, auth: Aut
         app.include_router(policy_router(service, auth, max_batch, f"{prefix}/ids/{{policy_id}}", id_from_path(service)))
 
 
-def make_policy_service(policy: ServedPolicy, rng: np.random.Generator) -> PolicyService:
+def make_policy_service(policy: ServedPolicy, rng: np.random.Generator, versions: PolicyVersions | None = None) -> PolicyService:
     """The gateway service of ``policy``: multiplexed when it has a ``policies_dir``."""
     if policy.spec.policies_dir is not None:
-        return MultiplexedPolicyService(policy, rng)
-    return PolicyService(policy, rng)
+        return MultiplexedPolicyService(policy, rng, versions)
+    return PolicyService(policy, rng, versions)

@@ -3,6 +3,7 @@
 # No `from __future__ import annotations`: FastAPI must see the generated models as real types.
 
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends
@@ -16,6 +17,7 @@ from policy_server.gateway.policy.wire import (
     BatchActionResponse,
     BatchDistributionResponse,
     DistributionResponse,
+    ForcedVariant,
     batch_model,
     raw_batch_model,
     raw_model,
@@ -24,6 +26,7 @@ from policy_server.policies.spaces import ActionSample
 
 ERRORS = error_docs({
     **AUTH_ERRORS,
+    409: "`no_candidate`: `X-Policy-Version: canary` for a policy without a candidate version.",
     413: "Body too large.",
     422: "Invalid observation: the envelope names each bad field. Code `model_overflow`: valid "
          "values that overflow the model's float32 layers (a bound of its weights).",
@@ -54,14 +57,25 @@ def rows_at(field: str, n: int) -> list[str]:
     return [f"{field}.{i}" for i in range(n)]
 
 
-def action_answer(sample: ActionSample, version: int, policy_id: str | None = None) -> JSONResponse:
-    """The answer of ``/predict`` and its kin: one action, ``actions``, the model version (and the
-    policy id of a ``policies_dir`` policy)."""
-    return _answer(_action(sample) | _versioned(version, policy_id))
+def action_answer(sample: ActionSample, version: int, variant: str, policy_id: str | None = None) -> JSONResponse:
+    """The answer of ``/predict`` and its kin: one action, ``actions``, the model version, the
+    policy's version (variant) that chose it (and the policy id of a ``policies_dir`` policy)."""
+    return _answer(_action(sample) | _versioned(version, variant, policy_id))
 
 
-def _versioned(version: int, policy_id: str | None) -> dict[str, Any]:
-    return {"model_version": version} if policy_id is None else {"model_version": version, "policy_id": policy_id}
+def _versioned(version: int, variant: str, policy_id: str | None) -> dict[str, Any]:
+    """What every answer names: the model version, the variant, and a ``policies_dir`` policy's id."""
+    named = {"model_version": version, "variant": variant}
+    return named if policy_id is None else named | {"policy_id": policy_id}
+
+
+@dataclass(frozen=True)
+class Pick:
+    """Which model answers a request: a ``policies_dir`` policy's id, and the version forced by
+    ``X-Policy-Version`` (None: the routing picks)."""
+
+    policy_id: str | None
+    forced: Any
 
 
 async def no_policy_id() -> None:
@@ -81,26 +95,31 @@ def policy_router(
     router = APIRouter(prefix=prefix, tags=[policy.name], dependencies=[Depends(auth)], responses=ERRORS)
     PolicyId = Annotated[str | None, Depends(select_id)]
 
-    async def act(obs: Any, mode: Mode, policy_id: str | None, where: str = "body") -> JSONResponse:
-        samples, version = await service.act(obs, mode, [where], policy_id)
-        return action_answer(samples[0], version, policy_id)
+    async def pick(policy_id: PolicyId, forced: ForcedVariant = None) -> Pick:
+        return Pick(policy_id, forced)
 
-    async def act_batch(obs: Any, mode: Mode, policy_id: str | None, where: str = "body.observations") -> JSONResponse:
-        samples, version = await service.act(obs, mode, rows_at(where, len(obs)), policy_id)
-        return _answer({"results": [_action(s) for s in samples]} | _versioned(version, policy_id))
+    Picked = Annotated[Pick, Depends(pick)]
+
+    async def act(obs: Any, mode: Mode, chosen: Pick, where: str = "body") -> JSONResponse:
+        samples, version, variant = await service.act(obs, mode, [where], chosen.policy_id, chosen.forced)
+        return action_answer(samples[0], version, variant, chosen.policy_id)
+
+    async def act_batch(obs: Any, mode: Mode, chosen: Pick, where: str = "body.observations") -> JSONResponse:
+        samples, version, variant = await service.act(obs, mode, rows_at(where, len(obs)), chosen.policy_id, chosen.forced)
+        return _answer({"results": [_action(s) for s in samples]} | _versioned(version, variant, chosen.policy_id))
 
     Raw = raw_model(policy.model_prefix, policy.obs_dim)
     RawBatch = raw_batch_model(policy.model_prefix, policy.obs_dim, max_batch)
 
     @router.post("/predict_raw", response_model=ActionResponse)
-    async def predict_raw(body: Raw, policy_id: PolicyId) -> JSONResponse:  # type: ignore[valid-type]
+    async def predict_raw(body: Raw, chosen: Picked) -> JSONResponse:  # type: ignore[valid-type]
         """Sample an action for a flat input vector (width checked, no field validation)."""
-        return await act(service.from_raw([body.obs]), "sample", policy_id, "body.obs")  # type: ignore[attr-defined]
+        return await act(service.from_raw([body.obs]), "sample", chosen, "body.obs")  # type: ignore[attr-defined]
 
     @router.post("/predict_raw/batch", response_model=BatchActionResponse)
-    async def predict_raw_batch(body: RawBatch, policy_id: PolicyId) -> JSONResponse:  # type: ignore[valid-type]
+    async def predict_raw_batch(body: RawBatch, chosen: Picked) -> JSONResponse:  # type: ignore[valid-type]
         """Sample one action per flat input vector, in one forward pass."""
-        return await act_batch(service.from_raw(body.obs), "sample", policy_id, "body.obs")  # type: ignore[attr-defined]
+        return await act_batch(service.from_raw(body.obs), "sample", chosen, "body.obs")  # type: ignore[attr-defined]
 
     if policy.observation_model is None:
         return router
@@ -108,38 +127,40 @@ def policy_router(
     Batch = batch_model(Observation, max_batch)
 
     @router.post("/predict", response_model=ActionResponse)
-    async def predict(obs: Observation, policy_id: PolicyId) -> JSONResponse:  # type: ignore[valid-type]
+    async def predict(obs: Observation, chosen: Picked) -> JSONResponse:  # type: ignore[valid-type]
         """Sample an action from the policy; answers its probability and the model version."""
-        return await act(service.from_observations([obs]), "sample", policy_id)
+        return await act(service.from_observations([obs]), "sample", chosen)
 
     @router.post("/predict_deterministic", response_model=ActionResponse)
-    async def predict_deterministic(obs: Observation, policy_id: PolicyId) -> JSONResponse:  # type: ignore[valid-type]
+    async def predict_deterministic(obs: Observation, chosen: Picked) -> JSONResponse:  # type: ignore[valid-type]
         """The most likely action: argmax per component, the mean for a continuous action."""
-        return await act(service.from_observations([obs]), "deterministic", policy_id)
+        return await act(service.from_observations([obs]), "deterministic", chosen)
 
     @router.post("/distribution", response_model=DistributionResponse)
-    async def distribution(obs: Observation, policy_id: PolicyId) -> JSONResponse:  # type: ignore[valid-type]
+    async def distribution(obs: Observation, chosen: Picked) -> JSONResponse:  # type: ignore[valid-type]
         """The exact action distribution, computed from the model's logits."""
-        dists, version = await service.distribution(service.from_observations([obs]), ["body"], policy_id)
-        return _answer(dists[0] | _versioned(version, policy_id))
+        dists, version, variant = await service.distribution(
+            service.from_observations([obs]), ["body"], chosen.policy_id, chosen.forced)
+        return _answer(dists[0] | _versioned(version, variant, chosen.policy_id))
 
     @router.post("/predict/batch", response_model=BatchActionResponse)
-    async def predict_batch(body: Batch, policy_id: PolicyId) -> JSONResponse:  # type: ignore[valid-type]
+    async def predict_batch(body: Batch, chosen: Picked) -> JSONResponse:  # type: ignore[valid-type]
         """Sample one action per observation, all in one forward pass."""
-        return await act_batch(service.from_observations(body.observations), "sample", policy_id)  # type: ignore[attr-defined]
+        return await act_batch(service.from_observations(body.observations), "sample", chosen)  # type: ignore[attr-defined]
 
     @router.post("/predict_deterministic/batch", response_model=BatchActionResponse)
-    async def predict_deterministic_batch(body: Batch, policy_id: PolicyId) -> JSONResponse:  # type: ignore[valid-type]
+    async def predict_deterministic_batch(body: Batch, chosen: Picked) -> JSONResponse:  # type: ignore[valid-type]
         """The most likely action for each observation, in one forward pass."""
         return await act_batch(
-            service.from_observations(body.observations), "deterministic", policy_id)  # type: ignore[attr-defined]
+            service.from_observations(body.observations), "deterministic", chosen)  # type: ignore[attr-defined]
 
     @router.post("/distribution/batch", response_model=BatchDistributionResponse)
-    async def distribution_batch(body: Batch, policy_id: PolicyId) -> JSONResponse:  # type: ignore[valid-type]
+    async def distribution_batch(body: Batch, chosen: Picked) -> JSONResponse:  # type: ignore[valid-type]
         """The exact action distribution for each observation, in one forward pass."""
         observations = body.observations  # type: ignore[attr-defined]
-        dists, version = await service.distribution(
-            service.from_observations(observations), rows_at("body.observations", len(observations)), policy_id)
-        return _answer({"results": dists} | _versioned(version, policy_id))
+        dists, version, variant = await service.distribution(
+            service.from_observations(observations), rows_at("body.observations", len(observations)),
+            chosen.policy_id, chosen.forced)
+        return _answer({"results": dists} | _versioned(version, variant, chosen.policy_id))
 
     return router

@@ -2,10 +2,13 @@
 
 The service turns observations into the model's input array, sends it through the micro-batcher
 to the policy's model (a ``serving.api.PolicyModel``), and turns the model's raw outputs into actions or distributions.
+A policy with a candidate version (``canary``) sends each request to the version its
+``candidate.PolicyVersions`` picks, and every answer names that version.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
@@ -13,6 +16,8 @@ import numpy as np
 from pydantic import BaseModel
 
 from policy_server.errors import BackendUnavailable, FieldError, InvalidRequest, ModelOverflow
+from policy_server.gateway.policy.candidate import PolicyVersions
+from policy_server.gateway.policy.versions import Variant
 from policy_server.policies.served import ServedPolicy
 from policy_server.policies.spaces import ActionSample
 from policy_server.policies.torch_policy import PolicyOutput
@@ -24,9 +29,10 @@ Mode = Literal["sample", "deterministic"]
 
 
 class PolicyService:
-    def __init__(self, policy: ServedPolicy, rng: np.random.Generator) -> None:
+    def __init__(self, policy: ServedPolicy, rng: np.random.Generator, versions: PolicyVersions | None = None) -> None:
         self.policy = policy
         self.rng = rng
+        self.versions = versions or PolicyVersions(policy)
         self._batcher: MicroBatcher | None = None
         self.backend: PolicyModel | None = None
 
@@ -38,8 +44,9 @@ class PolicyService:
         )
 
     async def ready(self) -> bool:
-        """Whether the policy's model answers now (never raises)."""
-        return self.backend is not None and await self.backend.ready()
+        """Whether the policy's model answers now, and its candidate's when it has one (never raises)."""
+        models = [self.backend] + ([self.versions.backend] if self.policy.spec.canary else [])
+        return all([model is not None and await model.ready() for model in models])
 
     def require_backend(self) -> PolicyModel:
         if self.backend is None:
@@ -68,38 +75,57 @@ class PolicyService:
     # --- model calls ----------------------------------------------------------------------
 
     async def _submit(self, obs: np.ndarray, policy_id: str | None) -> PolicyOutput:
-        """One batched call to the model (``policy_id``: of a ``policies_dir`` policy only)."""
+        """One batched call to the stable model (``policy_id``: of a ``policies_dir`` policy only)."""
         if self._batcher is None:
             raise BackendUnavailable(f"policy {self.policy.name!r} is still starting; retry shortly")
         return await self._batcher.submit(obs)
 
-    async def forward(self, obs: np.ndarray, where: Sequence[str], policy_id: str | None = None) -> PolicyOutput:
-        """The model's outputs for float32 ``(B, obs_dim)`` rows; ``where`` names each row's
-        field (``body.observations.3``); ``policy_id`` picks the model of a ``policies_dir`` policy.
+    async def forward(
+        self, obs: np.ndarray, where: Sequence[str], policy_id: str | None = None, forced: Variant | None = None
+    ) -> tuple[PolicyOutput, Variant]:
+        """The outputs for float32 ``(B, obs_dim)`` rows of the version that answers them (``forced``,
+        or as the policy's versions route the request), and that version; ``where`` names each
+        row's field (``body.observations.3``); ``policy_id`` picks the model of a ``policies_dir``
+        policy (which has no candidate). In shadow mode the candidate also runs, off the request path.
 
         Raises ModelOverflow naming each row whose outputs are not finite: the weights are
         (replicas refuse others), so a finite input that overflows the model's float32 layers
-        (values near 1e38, say) is the only way there.
+        (values near 1e38, say) is the only way there. NoCandidate (409) when ``forced`` is
+        ``canary`` and the policy has none.
         """
-        out = await self._submit(obs, policy_id)
+        variant = self.versions.choose(self.rng, forced)
+        start = time.perf_counter()
+        if variant == "stable":
+            out = await self._submit(obs, policy_id)
+        else:
+            batcher = self.versions.batcher()
+            if batcher is None:
+                raise BackendUnavailable(f"policy {self.policy.name!r}'s candidate is still starting; retry shortly")
+            out = await batcher.submit(obs)
+        self.versions.answered(variant, time.perf_counter() - start)
         finite = np.logical_and.reduce([np.isfinite(h).reshape(len(h), -1).all(axis=1) for h in out.heads])
         if not finite.all():
             message = ("the model's outputs are not finite (NaN or inf) for this observation: its "
                        "values overflow the model's float32 layers; scale them down")
             fields = [FieldError(where[i], message) for i in np.flatnonzero(~finite)[:10]]
             raise ModelOverflow(f"{fields[0].field}: {message}", fields)
-        return out
+        if variant == "stable" and self.versions.router.shadows:
+            self.versions.run_shadow(obs, out.heads)
+        return out, variant
 
     async def act(
-        self, obs: np.ndarray, mode: Mode, where: Sequence[str], policy_id: str | None = None
-    ) -> tuple[list[ActionSample], int]:
-        out = await self.forward(obs, where, policy_id)
+        self, obs: np.ndarray, mode: Mode, where: Sequence[str], policy_id: str | None = None,
+        forced: Variant | None = None,
+    ) -> tuple[list[ActionSample], int, Variant]:
+        """Actions for float32 ``(B, obs_dim)`` rows, the model version and the version (variant)
+        that chose them; raises as ``forward``."""
+        out, variant = await self.forward(obs, where, policy_id, forced)
         space = self.policy.space
         samples = space.sample(out.heads, self.rng) if mode == "sample" else space.mode(out.heads)
-        return samples, out.version
+        return samples, out.version, variant
 
     async def distribution(
-        self, obs: np.ndarray, where: Sequence[str], policy_id: str | None = None
-    ) -> tuple[list[dict[str, Any]], int]:
-        out = await self.forward(obs, where, policy_id)
-        return self.policy.space.distribution(out.heads), out.version
+        self, obs: np.ndarray, where: Sequence[str], policy_id: str | None = None, forced: Variant | None = None
+    ) -> tuple[list[dict[str, Any]], int, Variant]:
+        out, variant = await self.forward(obs, where, policy_id, forced)
+        return self.policy.space.distribution(out.heads), out.version, variant

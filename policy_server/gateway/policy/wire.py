@@ -6,11 +6,22 @@ booleans are refused, and every number must be finite as a float32.
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Literal
 
+from fastapi import Header
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
 from policy_server.fields import STRICT, Float32
+
+VariantName = Literal["stable", "canary"]
+VARIANT_DOC = ("The version of the policy that answered: `stable` (the schema's `model`), or `canary` (its "
+               "candidate, `canary.model`, for the share of requests routed to it).")
+# Left out of the OpenAPI document (the README and the app's description document it): an optional
+# header is a parameter of every generated SDK method, and openapi-generator's Java methods would
+# change their signatures (`predict(obs)` → `predict(obs, xPolicyVersion)`), breaking users' code.
+ForcedVariant = Annotated[VariantName | None, Header(alias="X-Policy-Version", include_in_schema=False)]
+"""``X-Policy-Version: stable|canary``: answer with this version of the policy instead of the one the
+routing picks (tests, debugging); ``canary`` is a 409 for a policy without a candidate."""
 
 
 class _Wire(BaseModel):
@@ -36,6 +47,7 @@ class Action(_Wire):
 
 class ActionResponse(Action):
     model_version: int = Field(description="Version of the weights that chose the action.")
+    variant: VariantName = Field(description=VARIANT_DOC)
     policy_id: str | None = Field(
         None, description="The policy id that answered (a `policies_dir` policy only; absent otherwise)."
     )
@@ -44,6 +56,7 @@ class ActionResponse(Action):
 class BatchActionResponse(_Wire):
     results: list[Action]
     model_version: int
+    variant: VariantName = Field(description=VARIANT_DOC)
     policy_id: str | None = Field(
         None, description="The policy id that answered (a `policies_dir` policy only; absent otherwise)."
     )
@@ -62,6 +75,7 @@ class Distribution(_Wire):
 
 class DistributionResponse(Distribution):
     model_version: int
+    variant: VariantName = Field(description=VARIANT_DOC)
     policy_id: str | None = Field(
         None, description="The policy id that answered (a `policies_dir` policy only; absent otherwise)."
     )
@@ -70,6 +84,7 @@ class DistributionResponse(Distribution):
 class BatchDistributionResponse(_Wire):
     results: list[Distribution]
     model_version: int
+    variant: VariantName = Field(description=VARIANT_DOC)
     policy_id: str | None = Field(
         None, description="The policy id that answered (a `policies_dir` policy only; absent otherwise)."
     )

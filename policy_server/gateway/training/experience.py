@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 from copy import copy
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import numpy as np
 from pydantic import BaseModel, Discriminator, Field, Tag, ValidationError, create_model, model_validator
@@ -24,6 +24,9 @@ from policy_server.training.experience import ExperienceBatch
 
 CLIENT_ID_PATTERN = r"^[A-Za-z0-9_.:-]+$"
 ModelVersion = Annotated[int, Field(ge=0, le=np.iinfo(np.int64).max)]
+ActingVariant = Literal["stable", "canary"] | None
+VARIANT_DOC = ("The `variant` of the answers that chose the actions (`stable` or `canary`); with it, a policy "
+               "with a candidate version counts episode returns per version (`GET .../versions`).")
 
 
 def _form(value: Any) -> str | None:
@@ -76,6 +79,7 @@ class Fragment(_Wire):
     )
     terminated: StrictBool = Field(False, description="The last step ended the episode in a terminal state.")
     truncated: StrictBool = Field(False, description="The last step ended the episode by a limit (bootstraps).")
+    variant: ActingVariant = Field(None, description=VARIANT_DOC)
 
     @model_validator(mode="after")
     def _lengths(self) -> Fragment:
@@ -101,6 +105,7 @@ class Step(_Wire):
     truncated: StrictBool = False
     log_prob: Float32 | None = None
     model_version: ModelVersion
+    variant: ActingVariant = Field(None, description=VARIANT_DOC)
 
 
 class ExperienceRequest(_Wire):

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from policy_server.errors import BackendUnavailable, InvalidRequest
+from policy_server.gateway.policy.candidate import PolicyVersions
 from policy_server.gateway.training.experience import ExperienceRequest, to_batch
 from policy_server.policies.served import ServedPolicy
 from policy_server.policies.spaces import ActionSample, BoxSpace
@@ -22,8 +23,9 @@ from policy_server.training.collect import Acted
 
 
 class TrainingService:
-    def __init__(self, policy: ServedPolicy, max_rows: int) -> None:
+    def __init__(self, policy: ServedPolicy, max_rows: int, versions: PolicyVersions | None = None) -> None:
         self.policy, self.max_rows = policy, max_rows
+        self.versions = versions  # counts episode returns per version of a policy with a candidate
         self.trainer: PolicyTrainer | None = None
 
     def attach(self, trainer: PolicyTrainer) -> None:
@@ -44,7 +46,12 @@ class TrainingService:
         except InvalidRequest:
             await self.require_trainer().count_malformed(request.rows, request.client_id)
             raise
-        return await self.require_trainer().submit(batch)
+        answer = await self.require_trainer().submit(batch)
+        if self.versions is not None:
+            pieces = [(f.variant, f.rewards, f.terminated or f.truncated) for f in request.fragments]
+            pieces += [(s.variant, [s.reward], s.terminated or s.truncated) for s in request.steps]
+            self.versions.experience(request.client_id, pieces)
+        return answer
 
     async def collect(
         self, client_id: str, obs: np.ndarray, sample: ActionSample, version: int, reward: float, done: bool

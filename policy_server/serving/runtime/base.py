@@ -51,6 +51,11 @@ class Runtime(ABC):
         """The policies of ``spec.policies_dir``, loaded on demand per policy id."""
 
     @abstractmethod
+    async def candidate_model(self, spec: PolicySpec) -> PolicyModel:
+        """The policy's candidate version (``spec.canary.model``), served like the policy's model
+        and beside it (on Serve: its own app, ``<prefix>-<policy>-canary``)."""
+
+    @abstractmethod
     async def policy_trainer(self, spec: PolicySpec, space: ActionSpace, obs_dim: int) -> PolicyTrainer:
         """The trainer of ``spec``'s policy, publishing to the model ``policy_model`` started."""
 

@@ -232,5 +232,6 @@ def end_stale_trainer(name: str, close_timeout_s: float) -> None:
 
 
 def policy_fingerprint(spec: PolicySpec, model: bytes, gpus: bool) -> str:
-    """What a policy's app and trainer are built from: its spec (training included), model, GPUs."""
-    return fingerprint(spec.model_dump_json(), model, str(gpus))
+    """What a policy's app and trainer are built from: its spec (training included; its candidate,
+    which runs in an app of its own, not), model, GPUs."""
+    return fingerprint(spec.model_dump_json(exclude={"canary"}), model, str(gpus))

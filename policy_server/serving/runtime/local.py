@@ -137,6 +137,9 @@ class LocalPolicyTrainer:
     async def checkpoints(self) -> dict[str, Any]:
         return await local(self.trainer.checkpoints)
 
+    async def checkpoint_weights(self, name: str) -> dict[str, Any]:
+        return await local(self.trainer.checkpoint_weights, name)
+
 
 class LocalLLMModel:
     def __init__(self, engine: LLMEngine) -> None:
@@ -274,6 +277,12 @@ class LocalRuntime(Runtime):
         served, reference = await local(resolve_policy, spec)
         signature = Signature.of(reference, served.obs_dim)
         return LocalMultiplexedModel(spec.policies_dir, signature, spec.resources.max_models_per_replica)
+
+    async def candidate_model(self, spec: PolicySpec) -> LocalPolicyModel:
+        from policy_server.policies.torch_policy import TorchPolicy
+
+        assert spec.canary is not None
+        return LocalPolicyModel(await local(TorchPolicy.from_file, spec.canary.model))
 
     async def policy_trainer(self, spec: PolicySpec, space: ActionSpace, obs_dim: int) -> LocalPolicyTrainer:
         from policy_server.policies.torch_policy import load_module, model_format

@@ -65,6 +65,9 @@ class ActorPolicyTrainer:
     async def checkpoints(self) -> dict[str, Any]:
         return await remote(self.what, self.actor.checkpoints.remote)
 
+    async def checkpoint_weights(self, name: str) -> dict[str, Any]:
+        return await remote(self.what, self.actor.checkpoint_weights.remote, name)
+
 
 class ServeLLMModel:
     """The LLM policy's deployment. With ``direct``, streams come straight from the replicas' TCP

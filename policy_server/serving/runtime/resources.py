@@ -64,6 +64,10 @@ def resource_requests(schema: ServerSchema, gpus_in_cluster: bool) -> list[Resou
         requests.append(ResourceRequest(
             f"{field}.resources", f"policy {name}'s replicas", res.num_cpus, gpus * res.num_gpus, res.start_count,
             res.max_replicas, name))
+        if spec.canary is not None:  # the candidate runs on replicas of its own, with the same resources
+            requests.append(ResourceRequest(
+                f"{field}.resources", f"policy {name}'s candidate replicas (canary)", res.num_cpus,
+                gpus * res.num_gpus, res.start_count, res.max_replicas, f"{name}-canary"))
         if spec.training is not None:
             requests.append(ResourceRequest(
                 f"{field}.training", f"policy {name}'s trainer", spec.training.num_cpus, gpus * spec.training.num_gpus,

@@ -145,20 +145,27 @@ class ServeRuntime(Runtime):
         log.info("policy %s is served by Ray Serve app %s", spec.name, app_name)
         return await self.connect(spec)
 
-    def deploy(self, spec: PolicySpec) -> str:
-        """Run the policy's Serve app and wait until it is healthy (blocking: seconds)."""
+    async def candidate_model(self, spec: PolicySpec) -> PolicyModel:
+        candidate = candidate_spec(spec)
+        app_name = await asyncio.to_thread(self.deploy, candidate, f"{self.app_name(spec)}-canary")
+        log.info("the candidate of policy %s is served by Ray Serve app %s", spec.name, app_name)
+        return await self.connect(candidate, app_name)
+
+    def deploy(self, spec: PolicySpec, app_name: str | None = None) -> str:
+        """Run the policy's Serve app (default name: ``app_name(spec)``) and wait until it is
+        healthy (blocking: seconds)."""
         gpus = ray.cluster_resources().get("GPU", 0) > 0
         if spec.resources.num_gpus > 0 and not gpus:
             log.warning("policy %s asks for GPUs but the cluster has none: serving on CPU", spec.name)
-        app_name = self.app_name(spec)
+        app_name = app_name or self.app_name(spec)
         model = spec.model.read_bytes()
         if not self._joined(app_name, policy_fingerprint(spec, model, gpus)):
             self._run(build_deployment(spec, model, model_format(spec.model), gpus), app_name)
         return app_name
 
-    async def connect(self, spec: PolicySpec) -> PolicyModel:
+    async def connect(self, spec: PolicySpec, app_name: str | None = None) -> PolicyModel:
         """The deployed policy, for the event loop that calls this (its handle's router runs there)."""
-        handle = serve.get_deployment_handle(deployment_name(spec.name), self.app_name(spec))
+        handle = serve.get_deployment_handle(deployment_name(spec.name), app_name or self.app_name(spec))
         direct = direct_transport(self.settings, spec.resources)
         transport = await open_transport(
             handle, direct, spec.resources.concurrent_batches, self.settings.direct_timeout_s
@@ -447,6 +454,13 @@ async def _close_actor(actor: ActorHandle) -> None:
         log.warning("the trainer did not close cleanly: %s", exc)
     finally:
         ray.kill(actor)
+
+
+def candidate_spec(spec: PolicySpec) -> PolicySpec:
+    """The policy's candidate as a policy of its own: its model file, the policy's resources, no
+    trainer (the trainer publishes to the stable model only)."""
+    assert spec.canary is not None
+    return spec.model_copy(update={"model": spec.canary.model, "canary": None, "training": None})
 
 
 def direct_transport(settings: Settings, replicas: Replicas) -> bool:

@@ -163,9 +163,9 @@ def test_every_action_answer_carries_pathminds_actions_list(served: TestClient, 
 
 def test_distribution_keeps_its_shape_with_pathminds_mapping_inside(served: TestClient) -> None:
     """Pathmind answered a flat ``{action: probability}``; ours nests that very mapping under
-    ``probabilities`` beside ``model_version`` (a flat mapping could not carry the version)."""
+    ``probabilities`` beside ``model_version`` and ``variant`` (a flat mapping could not carry them)."""
     body = served.post("/distribution/", json=LPOC_OBS).json()
-    assert set(body) == {"probabilities", "model_version"}
+    assert set(body) == {"probabilities", "model_version", "variant"}
     assert list(body["probabilities"]) == ["up", "right", "down", "left"]
     assert abs(sum(body["probabilities"].values()) - 1) < 1e-6
 
