@@ -1,5 +1,5 @@
 """The multiplexed deployment's pieces that run without Serve (the deployment itself runs in
-``tests/integration/test_multiplexed.py``)."""
+``tests/integration/test_many_policies.py``)."""
 
 from __future__ import annotations
 
