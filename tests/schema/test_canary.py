@@ -77,3 +77,13 @@ def test_a_candidate_of_another_architecture_with_the_same_interface_is_served(m
     spec = load_schema(schema(models, tmp_path, {"model": str(models / "new.pt2"), "share": 0.1})).policies["lpoc"]
     candidate = resolve_candidate(resolve_policy(spec)[0])
     assert candidate is not None and candidate.get_weights()["body.0.weight"].shape == (16, 11)
+
+
+def test_a_canary_beside_a_policies_dir_is_refused(models: Path, tmp_path: Path) -> None:
+    """Each policy id of a ``policies_dir`` is its own model: a new one rolls out as a new id."""
+    path = schema(models, tmp_path, {"model": str(models / "new.pt2"), "share": 0.5})
+    doc = yaml.safe_load(path.read_text())
+    doc["policies"]["lpoc"]["policies_dir"] = str(models)
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    with pytest.raises(SchemaError, match=r"policies\.lpoc\.canary: not with `policies_dir`"):
+        load_schema(path)
