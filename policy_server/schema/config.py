@@ -356,6 +356,9 @@ def parse_schema(raw: Any, base_dir: Path) -> ServerSchema:
         raise SchemaError(
             f"parameters.default_policy: {default!r} is not one of {sorted(entries)}"
         )
+    for name, entry in entries.items():  # the candidate's Serve app is <prefix>-<name>-canary
+        if entry.canary is not None and f"{name}-canary" in entries:
+            raise SchemaError(f"policies.{name}-canary: the name of policy {name}'s candidate app; rename this policy")
     policies = {name: _resolve(name, e, base_dir) for name, e in entries.items()}
     return ServerSchema(
         policies=policies,

@@ -87,3 +87,12 @@ def test_a_canary_beside_a_policies_dir_is_refused(models: Path, tmp_path: Path)
     path.write_text(yaml.safe_dump(doc, sort_keys=False))
     with pytest.raises(SchemaError, match=r"policies\.lpoc\.canary: not with `policies_dir`"):
         load_schema(path)
+
+
+def test_a_policy_named_as_another_policys_candidate_app_is_refused(models: Path, tmp_path: Path) -> None:
+    path = schema(models, tmp_path, {"model": str(models / "new.pt2"), "share": 0.5})
+    doc = yaml.safe_load(path.read_text())
+    doc["policies"]["lpoc-canary"] = {"observations": LPOC_OBSERVATIONS, "model": str(models / "stable.pt2")}
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    with pytest.raises(SchemaError, match=r"policies\.lpoc-canary: the name of policy lpoc's candidate app"):
+        load_schema(path)
