@@ -145,7 +145,8 @@ def build_app(settings: Settings | None = None) -> FastAPI:
             EnvelopedCORS,
             allow_origins=settings.cors_origins,
             allow_methods=["GET", "POST", "DELETE"],
-            allow_headers=[KEY_NAME, "authorization", "content-type", "x-policy-version"],
+            # Starlette adds the safelisted ones (content-type) itself
+            allow_headers=[KEY_NAME, "authorization", "x-policy-version", "x-policy-id"],
             expose_headers=["retry-after", "www-authenticate"],
             max_age=600,
         )

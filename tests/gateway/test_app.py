@@ -32,7 +32,8 @@ def test_a_preflight_from_an_allowed_origin_is_answered(cors: TestClient) -> Non
     answer = cors.options("/predict", headers={"origin": ALLOWED} | PREFLIGHT)
     assert answer.status_code == 200
     assert answer.headers["access-control-allow-origin"] == ALLOWED
-    assert {"access-token", "content-type"} <= {h.strip() for h in answer.headers["access-control-allow-headers"].split(",")}
+    allowed = [h.strip().lower() for h in answer.headers["access-control-allow-headers"].split(",")]
+    assert {"access-token", "content-type", "x-policy-id"} <= set(allowed) and len(allowed) == len(set(allowed))
     assert "POST" in answer.headers["access-control-allow-methods"]
 
 
@@ -42,6 +43,14 @@ def test_a_preflight_from_another_origin_is_refused(cors: TestClient) -> None:
     error = answer.json()["error"]  # our one envelope, not Starlette's plain text
     assert error["code"] == "cors_refused" and error["status"] == 400
     assert REFUSED in error["message"] and "POLICY_SERVER_CORS_ORIGINS" in error["message"]
+
+
+def test_a_refused_method_or_header_is_named_with_what_is_allowed(cors: TestClient) -> None:
+    answer = cors.options("/predict", headers={"origin": ALLOWED, "access-control-request-method": "PUT",
+                                               "access-control-request-headers": "access-token, x-foo"})
+    message = answer.json()["error"]["message"]
+    assert answer.status_code == 400 and "origin '" not in message
+    assert "method 'PUT' is not one of GET, POST, DELETE" in message and "headers x-foo are not among" in message
 
 
 def test_simple_requests_carry_the_header_only_for_an_allowed_origin(cors: TestClient) -> None:
