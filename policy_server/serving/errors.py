@@ -17,11 +17,13 @@ side), so the gateway only ever sees ``PolicyServerError``:
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import ParamSpec, TypeVar
 
 from policy_server.errors import BackendUnavailable, GatewayTimeout, ModelError, PolicyServerError, summary
 
+log = logging.getLogger(__name__)
 P = ParamSpec("P")
 T = TypeVar("T")
 
@@ -48,8 +50,11 @@ def domain_error(exc: BaseException, what: str = "the deployment") -> PolicyServ
     if names & set(_TIMEOUTS):
         return GatewayTimeout(f"{what} did not answer in time: {_text(exc)}")
     # dead, restarting, unreachable, full, cancelled by Ray (we never cancel through Ray: our own
-    # cancellation arrives as asyncio.CancelledError), or unplaceable: retrying is the remedy
-    return BackendUnavailable(f"{what} is unavailable: {_text(exc)}")
+    # cancellation arrives as asyncio.CancelledError), or unplaceable: retrying is the remedy. The
+    # client gets the kind; Ray's own text (process ids, addresses, advice for the cluster's
+    # operator) goes to the gateway's log.
+    log.warning("%s is unavailable: %s", what, _text(exc))
+    return BackendUnavailable(f"{what} is unavailable ({type(exc).__name__}: restarting, or its node is gone); retry shortly")
 
 
 async def remote(what: str, call: Callable[P, Awaitable[T]], *args: P.args, **kwargs: P.kwargs) -> T:

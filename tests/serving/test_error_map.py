@@ -128,3 +128,12 @@ def test_an_unavailable_replica_is_a_503_with_retry_after_and_a_timeout_a_504() 
     timeout = error_response(domain_error(_instance(ray.exceptions.GetTimeoutError)))
     assert timeout.status_code == 504
     assert json.loads(timeout.body)["error"]["code"] == "gateway_timeout"
+
+
+def test_an_unavailable_backend_names_its_kind_not_rays_text(caplog: pytest.LogCaptureFixture) -> None:
+    """Ray's text (addresses, process ids, advice for the cluster's operator) goes to the log only."""
+    from ray.exceptions import NodeDiedError
+
+    mapped = domain_error(NodeDiedError("node 10.1.2.3 died; try `ray stop --force`"), "the trainer")
+    assert mapped.message == "the trainer is unavailable (NodeDiedError: restarting, or its node is gone); retry shortly"
+    assert "10.1.2.3" in caplog.text
