@@ -18,7 +18,7 @@ import torch
 
 from policy_server.errors import ClientGenerationFailed, Conflict, SchemaError
 from policy_server.export import ExportFormat, MLPPolicy, export_module, write_schema
-from policy_server.policies.served import resolve_policy
+from policy_server.policies.served import resolve_candidate, resolve_policy
 from policy_server.schema.config import load_schema
 from policy_server.schema.llm import LLMPolicySpec, LLMValueSpec
 from policy_server.serving.runtime.resources import resource_report, resource_requests
@@ -122,9 +122,10 @@ def check(schema: str = "schema.yaml") -> dict[str, Any]:
     reported, not refused: a cluster may be larger).
     """
     loaded = load_schema(schema)
-    checked: dict[str, Any] = {
-        "policies": {name: resolve_policy(spec)[0].describe() for name, spec in loaded.policies.items()}
-    }
+    served = {name: resolve_policy(spec)[0] for name, spec in loaded.policies.items()}
+    for policy in served.values():
+        resolve_candidate(policy)  # a canary that start-up would refuse is refused here too
+    checked: dict[str, Any] = {"policies": {name: policy.describe() for name, policy in served.items()}}
     if loaded.llm is not None:
         from policy_server.llm.checkpoint import check_section
 

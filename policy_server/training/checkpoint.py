@@ -81,7 +81,7 @@ class CheckpointStore:
         """
         path = self.path(name)
         if not path.is_file():
-            raise NotFound(f"no checkpoint {name!r} in {self.root}; list them to see which exist")
+            raise NotFound(f"no checkpoint {name!r}; list them to see which exist")  # not the server's folders
         try:
             return torch.load(path, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as e:

@@ -238,6 +238,16 @@ def test_check_refuses_a_schema_that_contradicts_its_model(tmp_path: Path) -> No
         cli.check(str(tmp_path / "schema.yaml"))
 
 
+def test_check_refuses_a_canary_that_start_up_would_refuse(tmp_path: Path) -> None:
+    cli.export(str(tmp_path / "models" / "p"), obs_dim=4, nvec=2, schema=str(tmp_path / "schema.yaml"))
+    cli.export(str(tmp_path / "wide"), obs_dim=5, nvec=2)
+    doc = yaml.safe_load((tmp_path / "schema.yaml").read_text())
+    doc["parameters"]["canary"] = {"model": "wide.pt2", "share": 0.5}
+    (tmp_path / "schema.yaml").write_text(yaml.safe_dump(doc))
+    with pytest.raises(SchemaError, match=r"parameters\.canary\.model: wide\.pt2: .*width 5"):
+        cli.check(str(tmp_path / "schema.yaml"))
+
+
 def test_check_reports_what_the_schema_asks_against_this_machine(tmp_path: Path) -> None:
     cli.export(str(tmp_path / "models" / "p"), obs_dim=4, nvec=2, schema=str(tmp_path / "schema.yaml"))
     text = (tmp_path / "schema.yaml").read_text() + "  resources: {num_replicas: 2, num_cpus: 64}\n"
