@@ -66,8 +66,8 @@ class GatewayMetrics:
             "most likely action agreed with the stable version's.", ("policy", "agreed"), registry=self.registry,
         )
         self.episode_return = Summary(
-            "policy_server_variant_episode_return", "Returns of /collect_experience episodes, by the policy's "
-            "version that acted them.", ("policy", "variant"), registry=self.registry,
+            "policy_server_variant_episode_return", "Returns of episodes (/collect_experience, and /train/experience "
+            "fragments that name their variant), by the policy's version that acted them.", ("policy", "variant"), registry=self.registry,
         )
         self._server: WSGIServer | None = None
         self._lock: IO[bytes] | None = None
