@@ -190,7 +190,7 @@ def test_gateways_on_one_cluster_share_the_trainer_and_the_last_to_leave_removes
 
 HOG = """
 import ray
-ray.init(address="{address}")
+ray.init(address="{address}", namespace="test-hog")  # one namespace: get_if_exists finds it
 
 @ray.remote
 class Hog:
@@ -266,9 +266,9 @@ def test_replicas_spread_over_two_nodes_and_the_survivors_answer_when_a_node_die
                     statuses.append(client.post("/policies/lpoc/predict", json=LPOC_OBS).status_code)
                 _stop_now(worker)  # the node dies: its raylet and every process on it
                 began = time.monotonic()
-                while time.monotonic() - began < 8:  # requests through the node's death and after
+                while time.monotonic() - began < 5:  # requests through the node's death and after
                     statuses.append(client.post("/policies/lpoc/predict", json=LPOC_OBS).status_code)
-            assert len(statuses) > 40 and set(statuses) == {200}, collections.Counter(statuses)
+            assert len(statuses) > 30 and set(statuses) == {200}, collections.Counter(statuses)
         finally:
             _stop(gateway)
     finally:
