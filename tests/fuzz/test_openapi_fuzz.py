@@ -236,7 +236,7 @@ def test_bundled_example_answers_every_request_within_its_contract(case: Case) -
     exercise(case)
 
 
-@settings(FUZZ, max_examples=3)  # per operation, for each of the 4 servers: the bundled run has 25
+@settings(FUZZ, max_examples=5)
 @examples.parametrize()
 def test_every_example_answers_every_request_within_its_contract(case: Case) -> None:
     exercise(case)
