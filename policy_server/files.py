@@ -65,6 +65,20 @@ def atomic_file(path: Path, mode: Literal["wb", "w"] = "wb") -> Iterator[IO[Any]
     _fsync_dir(path.parent)
 
 
+def write_durably_at(path: Path, offset: int, data: bytes) -> int:
+    """Write ``data`` at byte ``offset`` of ``path`` (created if missing), drop what followed (a
+    record a crash cut short), and fsync; returns the new end, ``offset + len(data)``. The append
+    of the journals (``training.journal``, ``llm.grpo_journal``): ``offset`` is the end of their
+    last whole record."""
+    with path.open("r+b" if path.exists() else "wb") as f:
+        f.seek(offset)
+        f.write(data)
+        f.truncate()
+        f.flush()
+        os.fsync(f.fileno())
+    return offset + len(data)
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> Path:
     """Replace ``path``'s content with ``data`` atomically (see ``atomic_file``); returns ``path``."""
     with atomic_file(path, "wb") as f:

@@ -21,13 +21,12 @@ records are safetensors arrays, not token lists).
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from policy_server.files import atomic_file, atomic_write_text
+from policy_server.files import atomic_file, atomic_write_text, write_durably_at
 from policy_server.llm.grpo_step import Group
 
 START_FILE = "run.json"
@@ -85,13 +84,7 @@ class CycleJournal:
             self._end = sum(len(line) for line in self._lines())
         self.path.parent.mkdir(parents=True, exist_ok=True)
         line = cycle.line()
-        with self.path.open("r+b" if self.path.exists() else "wb") as f:
-            f.seek(self._end)  # over a line a crash cut short, if any
-            f.write(line)
-            f.truncate()
-            f.flush()
-            os.fsync(f.fileno())
-        self._end += len(line)
+        self._end = write_durably_at(self.path, self._end, line)  # over a line a crash cut short, if any
 
     def after(self, cycle: int) -> list[Cycle]:
         """The journaled cycles after ``cycle``, oldest first."""

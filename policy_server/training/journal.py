@@ -14,7 +14,6 @@ library; the framing around it is ours (no kept library appends records with fsy
 from __future__ import annotations
 
 import json
-import os
 import struct
 from collections.abc import Iterator
 from dataclasses import fields
@@ -23,7 +22,7 @@ from pathlib import Path
 import numpy as np
 from safetensors.numpy import load, save
 
-from policy_server.files import atomic_file
+from policy_server.files import atomic_file, write_durably_at
 from policy_server.training.experience import ExperienceBatch
 
 FILE = "experience.journal"
@@ -59,13 +58,7 @@ class ExperienceJournal:
         """Write ``batch`` and fsync it; returns its sequence number (1, 2, ...)."""
         self.last_seq += 1
         record = encode(self.last_seq, batch)
-        with self.path.open("r+b" if self.path.exists() else "wb") as f:
-            f.seek(self._end)  # over a record a crash cut short, if any
-            f.write(record)
-            f.truncate()
-            f.flush()
-            os.fsync(f.fileno())
-        self._end += len(record)
+        self._end = write_durably_at(self.path, self._end, record)  # over a record a crash cut short, if any
         return self.last_seq
 
     def since(self, seq: int) -> Iterator[tuple[int, ExperienceBatch]]:
