@@ -32,9 +32,9 @@ from policy_server.policies.served import resolve_policy
 from policy_server.policies.torch_policy import PolicyOutput, TorchPolicy
 from policy_server.schema.config import PolicySpec
 from policy_server.serving.errors import remote
+from policy_server.serving.runtime.transports import answers_in_time
 
 TAG_KEYS = ("policy", "application")
-READY_TIMEOUT_S = 5.0
 
 
 class _Loaded:
@@ -134,11 +134,7 @@ class ServeMultiplexedModel:
         return await remote(self.what, call, obs)
 
     async def ready(self) -> bool:
-        try:
-            await asyncio.wait_for(self.handle.replica_stats.remote(), READY_TIMEOUT_S)
-        except Exception:  # noqa: BLE001 - any failure means "not ready"; the probe reports it
-            return False
-        return True
+        return await answers_in_time(self.handle.replica_stats.remote())
 
     async def replica_stats(self) -> list[dict[str, Any]]:
         return await remote(self.what, self.handle.broadcast("replica_stats").results_async)  # type: ignore[no-any-return]

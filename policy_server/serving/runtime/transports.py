@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import asyncio
 from abc import ABC, abstractmethod
+from collections.abc import Awaitable
+from typing import Any
 
 import numpy as np
 from ray.serve.handle import DeploymentHandle
@@ -23,6 +25,16 @@ from policy_server.serving.link_pool import Endpoint, LinkPool
 from policy_server.serving.transport import RemoteModelError, TransportError
 
 READY_TIMEOUT_S = 5.0
+
+
+async def answers_in_time(probe: Awaitable[Any]) -> bool:
+    """Whether a replica answers ``probe`` (a cheap remote call) within ``READY_TIMEOUT_S``; never
+    raises: any failure means "not ready", which the health probe reports."""
+    try:
+        await asyncio.wait_for(probe, READY_TIMEOUT_S)
+    except Exception:  # noqa: BLE001 - see above
+        return False
+    return True
 
 
 class PolicyTransport(ABC):
@@ -71,11 +83,7 @@ class HandleTransport(PolicyTransport):
         return await remote(self.what, self._forward.remote, obs)
 
     async def ready(self) -> bool:
-        try:
-            await asyncio.wait_for(self.handle.version.remote(), READY_TIMEOUT_S)
-        except Exception:  # noqa: BLE001 - any failure means "not ready"; the probe reports it
-            return False
-        return True
+        return await answers_in_time(self.handle.version.remote())
 
     async def set_weights(self, weights: Weights, version: int) -> None:
         await remote(self.what, self.handle.broadcast("set_weights", weights, version).results_async)
