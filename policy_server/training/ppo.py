@@ -69,7 +69,8 @@ def explained_variance(predicted: torch.Tensor, target: torch.Tensor) -> float:
 
 
 def batch_tensors(batch: ExperienceBatch, device: str) -> dict[str, torch.Tensor]:
-    """The rows as ``(N, ...)`` tensors; flags as float 0/1, ``ends`` where GAE must stop."""
+    """The rows as ``(N, ...)`` tensors; flags as float 0/1, ``ends`` where GAE must stop; ``masks``
+    (bool ``(N, W)``, the legal actions) when the batch has them."""
     arrays = {
         "obs": batch.obs,
         "next_obs": batch.next_obs,
@@ -79,6 +80,8 @@ def batch_tensors(batch: ExperienceBatch, device: str) -> dict[str, torch.Tensor
         "terminated": batch.terminated.astype(np.float32),
         "ends": (batch.episode_end | batch.segment_end).astype(np.float32),
     }
+    if batch.masks is not None:
+        arrays["masks"] = batch.masks
     return {name: torch.as_tensor(value, device=device) for name, value in arrays.items()}
 
 
@@ -149,7 +152,8 @@ class PPOLearner(Learner):
         with torch.no_grad():
             values = self.critic(t["obs"]).flatten()
             next_values = self.critic(t["next_obs"]).flatten()
-            current_log_prob, _ = log_prob_entropy(self.space, as_heads(self.actor(t["obs"])), t["actions"])
+            current_log_prob, _ = log_prob_entropy(
+                self.space, as_heads(self.actor(t["obs"])), t["actions"], t.get("masks"))
         # the rows arrive as one sequence: a (N, 1) rollout whose fragments end at `ends`
         advantages, returns = gae(
             t["rewards"][:, None], values[:, None], next_values[:, None], t["terminated"][:, None],
@@ -163,7 +167,7 @@ class PPOLearner(Learner):
             "advantages": advantages[:, 0],
             "returns": returns[:, 0],
             "values": values,
-        }
+        } | ({"masks": t["masks"]} if "masks" in t else {})
 
     def _optimise(self, b: dict[str, torch.Tensor]) -> dict[str, float]:
         """The epochs of minibatch steps; statistics are means over the steps taken."""
@@ -185,7 +189,8 @@ class PPOLearner(Learner):
 
     def _step(self, mb: dict[str, torch.Tensor], where: str) -> dict[str, float]:
         c = self.config
-        new_log_prob, entropy = log_prob_entropy(self.space, as_heads(self.actor(mb["obs"])), mb["actions"])
+        # masked logits in the ratio and the entropy, as sb3-contrib's MaskablePPO
+        new_log_prob, entropy = log_prob_entropy(self.space, as_heads(self.actor(mb["obs"])), mb["actions"], mb.get("masks"))
         newvalue = self.critic(mb["obs"]).flatten()
         mb_advantages = normalize(mb["advantages"]) if c.norm_adv else mb["advantages"]
         pg_loss, approx_kl, clipfrac = ppo_clip_loss(new_log_prob, mb["log_probs"], mb_advantages, c.clip_coef)

@@ -9,9 +9,10 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends
 from fastapi.responses import JSONResponse
 
+from policy_server.errors import InvalidRequest
 from policy_server.gateway.auth import Auth
 from policy_server.gateway.openapi import AUTH_ERRORS, error_docs
-from policy_server.gateway.policy.service import Mode, PolicyService
+from policy_server.gateway.policy.service import Mode, PolicyService, masks_of
 from policy_server.gateway.policy.wire import (
     ActionResponse,
     BatchActionResponse,
@@ -28,7 +29,8 @@ ERRORS = error_docs({
     **AUTH_ERRORS,
     409: "`no_candidate`: `X-Policy-Version: canary` for a policy without a candidate version.",
     413: "Body too large.",
-    422: "Invalid observation: the envelope names each bad field. Code `model_overflow`: valid "
+    422: "Invalid observation: the envelope names each bad field (an action mask of the wrong width, "
+         "or one that allows no action in a component, is named too). Code `model_overflow`: valid "
          "values that overflow the model's float32 layers (a bound of its weights).",
     500: "The model failed.",
     503: "The policy's deployment is not available.",
@@ -100,26 +102,38 @@ def policy_router(
 
     Picked = Annotated[Pick, Depends(pick)]
 
-    async def act(obs: Any, mode: Mode, chosen: Pick, where: str = "body") -> JSONResponse:
-        samples, version, variant = await service.act(obs, mode, [where], chosen.policy_id, chosen.forced)
+    async def act(obs: Any, mode: Mode, chosen: Pick, where: str = "body", mask: Any = None,
+                  mask_at: list[str] | None = None) -> JSONResponse:
+        samples, version, variant = await service.act(
+            obs, mode, [where], chosen.policy_id, chosen.forced, mask, mask_at)
         return action_answer(samples[0], version, variant, chosen.policy_id)
 
-    async def act_batch(obs: Any, mode: Mode, chosen: Pick, where: str = "body.observations") -> JSONResponse:
-        samples, version, variant = await service.act(obs, mode, rows_at(where, len(obs)), chosen.policy_id, chosen.forced)
+    async def act_batch(obs: Any, mode: Mode, chosen: Pick, where: str = "body.observations", mask: Any = None,
+                        mask_at: list[str] | None = None) -> JSONResponse:
+        samples, version, variant = await service.act(
+            obs, mode, rows_at(where, len(obs)), chosen.policy_id, chosen.forced, mask, mask_at)
         return _answer({"results": [_action(s) for s in samples]} | _versioned(version, variant, chosen.policy_id))
 
-    Raw = raw_model(policy.model_prefix, policy.obs_dim)
-    RawBatch = raw_batch_model(policy.model_prefix, policy.obs_dim, max_batch)
+    width = policy.space.mask_width
+    Raw = raw_model(policy.model_prefix, policy.obs_dim, width)
+    RawBatch = raw_batch_model(policy.model_prefix, policy.obs_dim, max_batch, width)
 
     @router.post("/predict_raw", response_model=ActionResponse)
     async def predict_raw(body: Raw, chosen: Picked) -> JSONResponse:  # type: ignore[valid-type]
         """Sample an action for a flat input vector (width checked, no field validation)."""
-        return await act(service.from_raw([body.obs]), "sample", chosen, "body.obs")  # type: ignore[attr-defined]
+        mask = masks_of([getattr(body, "action_mask", None)], width)
+        return await act(service.from_raw([body.obs]), "sample", chosen, "body.obs", mask, ["body.action_mask"])  # type: ignore[attr-defined]
 
     @router.post("/predict_raw/batch", response_model=BatchActionResponse)
     async def predict_raw_batch(body: RawBatch, chosen: Picked) -> JSONResponse:  # type: ignore[valid-type]
         """Sample one action per flat input vector, in one forward pass."""
-        return await act_batch(service.from_raw(body.obs), "sample", chosen, "body.obs")  # type: ignore[attr-defined]
+        rows = body.obs  # type: ignore[attr-defined]
+        masks = getattr(body, "action_mask", None)
+        if masks is not None and len(masks) != len(rows):
+            raise InvalidRequest.at("body.action_mask", f"{len(masks)} masks for {len(rows)} observations")
+        mask = None if masks is None else masks_of(masks, width)
+        return await act_batch(service.from_raw(rows), "sample", chosen, "body.obs", mask,
+                               rows_at("body.action_mask", len(rows)))
 
     if policy.observation_model is None:
         return router
@@ -129,30 +143,34 @@ def policy_router(
     @router.post("/predict", response_model=ActionResponse)
     async def predict(obs: Observation, chosen: Picked) -> JSONResponse:  # type: ignore[valid-type]
         """Sample an action from the policy; answers its probability and the model version."""
-        return await act(service.from_observations([obs]), "sample", chosen)
+        return await act(service.from_observations([obs]), "sample", chosen, mask=service.mask_of([obs]))
 
     @router.post("/predict_deterministic", response_model=ActionResponse)
     async def predict_deterministic(obs: Observation, chosen: Picked) -> JSONResponse:  # type: ignore[valid-type]
-        """The most likely action: argmax per component, the mean for a continuous action."""
-        return await act(service.from_observations([obs]), "deterministic", chosen)
+        """The most likely action: argmax per component (of the allowed actions), the mean for a
+        continuous action."""
+        return await act(service.from_observations([obs]), "deterministic", chosen, mask=service.mask_of([obs]))
 
     @router.post("/distribution", response_model=DistributionResponse)
     async def distribution(obs: Observation, chosen: Picked) -> JSONResponse:  # type: ignore[valid-type]
         """The exact action distribution, computed from the model's logits."""
         dists, version, variant = await service.distribution(
-            service.from_observations([obs]), ["body"], chosen.policy_id, chosen.forced)
+            service.from_observations([obs]), ["body"], chosen.policy_id, chosen.forced, service.mask_of([obs]))
         return _answer(dists[0] | _versioned(version, variant, chosen.policy_id))
 
     @router.post("/predict/batch", response_model=BatchActionResponse)
     async def predict_batch(body: Batch, chosen: Picked) -> JSONResponse:  # type: ignore[valid-type]
         """Sample one action per observation, all in one forward pass."""
-        return await act_batch(service.from_observations(body.observations), "sample", chosen)  # type: ignore[attr-defined]
+        observations = body.observations  # type: ignore[attr-defined]
+        return await act_batch(service.from_observations(observations), "sample", chosen,
+                               mask=service.mask_of(observations))
 
     @router.post("/predict_deterministic/batch", response_model=BatchActionResponse)
     async def predict_deterministic_batch(body: Batch, chosen: Picked) -> JSONResponse:  # type: ignore[valid-type]
         """The most likely action for each observation, in one forward pass."""
-        return await act_batch(
-            service.from_observations(body.observations), "deterministic", chosen)  # type: ignore[attr-defined]
+        observations = body.observations  # type: ignore[attr-defined]
+        return await act_batch(service.from_observations(observations), "deterministic", chosen,
+                               mask=service.mask_of(observations))
 
     @router.post("/distribution/batch", response_model=BatchDistributionResponse)
     async def distribution_batch(body: Batch, chosen: Picked) -> JSONResponse:  # type: ignore[valid-type]
@@ -160,7 +178,7 @@ def policy_router(
         observations = body.observations  # type: ignore[attr-defined]
         dists, version, variant = await service.distribution(
             service.from_observations(observations), rows_at("body.observations", len(observations)),
-            chosen.policy_id, chosen.forced)
+            chosen.policy_id, chosen.forced, service.mask_of(observations))
         return _answer({"results": dists} | _versioned(version, variant, chosen.policy_id))
 
     return router

@@ -56,8 +56,28 @@ class PolicyService:
     # --- inputs ---------------------------------------------------------------------------
 
     def from_observations(self, observations: list[BaseModel]) -> np.ndarray:
-        """Validated observations of the policy's model → float32 ``(B, obs_dim)``."""
-        return flatten(observations)
+        """Validated observations of the policy's model → float32 ``(B, obs_dim)`` (the action
+        mask, when they carry one, is no model input: ``mask_of``)."""
+        return flatten(observations, self.policy.mask_attribute)
+
+    def mask_of(self, observations: list[BaseModel]) -> np.ndarray | None:
+        """The action masks the observations carry, bool ``(B, mask_width)`` (a row without one
+        allows every action), or None when none carries one."""
+        attribute = self.policy.mask_attribute
+        if attribute is None:
+            return None
+        return masks_of([getattr(obs, attribute) for obs in observations], self.policy.space.mask_width)
+
+    def check_mask(self, mask: np.ndarray | None, where: Sequence[str], mask_at: Sequence[str] | None = None) -> None:
+        """Raise InvalidRequest (422) naming each row's mask that allows no action in a component;
+        ``mask_at``: where each row's mask is (default: ``<where>.<mask field>``)."""
+        if mask is None:
+            return
+        problems = self.policy.space.mask_problems(mask)
+        if problems:
+            at = mask_at or [f"{w}.{self.policy.mask_name}" for w in where]
+            fields = [FieldError(at[row], message) for row, message in problems[:10]]
+            raise InvalidRequest(f"{fields[0].field}: {fields[0].message}", fields)
 
     def from_raw(self, rows: list[list[float]], field: str = "body.obs") -> np.ndarray:
         """Flat input vectors (each value already checked finite as float32) → float32 ``(B, obs_dim)``;
@@ -115,17 +135,29 @@ class PolicyService:
 
     async def act(
         self, obs: np.ndarray, mode: Mode, where: Sequence[str], policy_id: str | None = None,
-        forced: Variant | None = None,
+        forced: Variant | None = None, mask: np.ndarray | None = None, mask_at: Sequence[str] | None = None,
     ) -> tuple[list[ActionSample], int, Variant]:
-        """Actions for float32 ``(B, obs_dim)`` rows, the model version and the version (variant)
-        that chose them; raises as ``forward``."""
+        """Actions for float32 ``(B, obs_dim)`` rows (never a masked one: ``mask`` bool
+        ``(B, mask_width)``), the model version and the version (variant) that chose them; raises
+        as ``forward``, and InvalidRequest when a mask allows no action (``check_mask``)."""
+        self.check_mask(mask, where, mask_at)
         out, variant = await self.forward(obs, where, policy_id, forced)
         space = self.policy.space
-        samples = space.sample(out.heads, self.rng) if mode == "sample" else space.mode(out.heads)
+        samples = space.sample(out.heads, self.rng, mask) if mode == "sample" else space.mode(out.heads, mask)
         return samples, out.version, variant
 
     async def distribution(
-        self, obs: np.ndarray, where: Sequence[str], policy_id: str | None = None, forced: Variant | None = None
+        self, obs: np.ndarray, where: Sequence[str], policy_id: str | None = None, forced: Variant | None = None,
+        mask: np.ndarray | None = None,
     ) -> tuple[list[dict[str, Any]], int, Variant]:
+        """The exact distributions (masked actions: probability 0); raises as ``act``."""
+        self.check_mask(mask, where)
         out, variant = await self.forward(obs, where, policy_id, forced)
-        return self.policy.space.distribution(out.heads), out.version, variant
+        return self.policy.space.distribution(out.heads, mask), out.version, variant
+
+
+def masks_of(rows: Sequence[list[bool] | None], width: int) -> np.ndarray | None:
+    """Per-row masks (None: every action allowed) → bool ``(B, width)``; None when no row has one."""
+    if all(row is None for row in rows):
+        return None
+    return np.array([[True] * width if row is None else row for row in rows], dtype=bool)
