@@ -4,6 +4,7 @@
     python generate.py check schema.yaml
     python generate.py export models/policy.pt --obs_dim 4 --nvec 2 --state_dict w.pt --schema schema.yaml
     python generate.py serve --port 8000
+    python generate.py export_minari logs/decisions served/cartpole-v0
     python generate.py clients --out clients --languages python,java
 """
 
@@ -42,6 +43,7 @@ def main() -> None:
         "check": cli.check,
         "export": cli.export,
         "clients": cli.clients,
+        "export_minari": cli.export_minari,
         "serve": serve,
     }
     try:

@@ -37,10 +37,11 @@ from pydantic_core import PydanticCustomError
 from policy_server.errors import SchemaError
 from policy_server.fields import check_text
 from policy_server.schema.canary import CanaryEntry, CanarySpec, resolve_canary
+from policy_server.schema.experience_log import ExperienceLogSpec
 from policy_server.schema.llm import LLMPolicySpec, LLMSection
 from policy_server.schema.policy_ids import MODEL_SUFFIXES, is_name, resolve_policies_dir
 from policy_server.schema.replicas import Replicas, refused
-from policy_server.schema.training import TrainingSpec
+from policy_server.schema.training import TrainingSpec, resolve_from_log
 
 OBSERVATION_TYPES = ("int", "float", "bool", "List[int]", "List[float]", "List[bool]")
 DEFAULT_POLICY = "default"
@@ -221,6 +222,8 @@ class PolicySpec(_Strict):
     policies_dir: Path | None = None
     """Many policies of this one architecture: ``<policies_dir>/<policy id>.pt`` (``model``: one of them)."""
     canary: CanarySpec | None = None
+    experience_log: ExperienceLogSpec | None = None
+    """Log every served decision (``policy_server.experience_log``); path absolute."""
 
 
 class ServerSchema(_Strict):
@@ -242,7 +245,7 @@ class ServerSchema(_Strict):
             "default_policy": self.default_policy,
             "url_path": self.url_path,
             "policies": {
-                name: p.model_dump(mode="json", exclude={"model", "training", "policies_dir", "canary"})
+                name: p.model_dump(mode="json", exclude={"model", "training", "policies_dir", "canary", "experience_log"})
                 | {"model": p.model.name, "training": _public_training(p.training),
                    "canary": p.canary and p.canary.model_dump(mode="json") | {"model": p.canary.model.name}}
                 | ({"policies_dir": p.policies_dir.name} if p.policies_dir else {})
@@ -291,6 +294,7 @@ class _PolicyFields(_Strict):
     training: TrainingSpec | None = None
     policies_dir: str | None = None
     canary: CanaryEntry | None = None
+    experience_log: ExperienceLogSpec | None = None
 
 
 ApiKeyList = list[Annotated[str, Field(min_length=1)]]
@@ -420,6 +424,7 @@ def _resolve(name: str, entry: _PolicyEntry, base_dir: Path) -> PolicySpec:
         training=_resolve_training(entry.training, space, base_dir, where),
         policies_dir=folder,
         canary=resolve_canary(entry.canary, base_dir, where),
+        experience_log=entry.experience_log and entry.experience_log.resolved(base_dir),
     )
 
 
@@ -432,7 +437,8 @@ def _resolve_training(
         raise SchemaError(
             f"{where}.training.algorithm: dqn needs a discrete action space, not {space.type!r}; use ppo"
         )
-    return dataclasses.replace(training, checkpoint_dir=(base_dir / training.checkpoint_dir).resolve())
+    return dataclasses.replace(training, checkpoint_dir=(base_dir / training.checkpoint_dir).resolve(),
+                               from_log=resolve_from_log(training, base_dir, f"{where}.training.from_log"))
 
 
 def _legacy_space(entry: _PolicyEntry, where: str) -> DiscreteSpec | TupleSpec | BoxSpec:
