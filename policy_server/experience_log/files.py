@@ -177,7 +177,11 @@ def load_spaces(folder: Path, policy: str | None) -> dict[str, Any]:
     """The ``<policy>.spaces.json`` of ``folder`` (``policy`` None: the folder's only one).
 
     Raises FileNotFoundError when there is none, ValueError when ``policy`` is needed to choose."""
+    if not folder.is_dir():
+        raise FileNotFoundError(f"no experience log folder {folder}")
     found = {p.name.removesuffix(".spaces.json"): p for p in sorted(folder.glob("*.spaces.json"))}
+    if not found:
+        raise FileNotFoundError(f"{folder} holds no <policy>.spaces.json: no server has logged there")
     if policy is None:
         if len(found) != 1:
             raise ValueError(f"{folder} logs the policies {sorted(found)}: name one (--policy)")
