@@ -61,8 +61,10 @@ def export_module(module: nn.Module, obs_dim: int, path: Path, fmt: ExportFormat
     example = torch.zeros(2, obs_dim)
     batch = torch.export.Dim("batch", min=1, max=1 << 20)
     if fmt == "onnx":
-        torch.onnx.export(module, (example,), path.with_suffix(".onnx"), dynamo=True, verbose=False,
-                          input_names=["obs"], dynamic_shapes=({0: batch},))
+        with warnings.catch_warnings():  # torch's exporter trips over its own deprecations (torch 2.13)
+            warnings.simplefilter("ignore")
+            torch.onnx.export(module, (example,), path.with_suffix(".onnx"), dynamo=True, verbose=False,
+                              input_names=["obs"], dynamic_shapes=({0: batch},))
         return path.with_suffix(".onnx")
     if fmt == "export":
         program = torch.export.export(module, (example,), dynamic_shapes=({0: batch},))

@@ -62,7 +62,7 @@ def refuse_updates(spec: Any, where: str, format_name: str) -> None:
     """SchemaError for ``training`` or ``canary`` on a policy whose model file's weights are fixed."""
     for field in ("training", "canary"):
         if getattr(spec, field, None) is not None:
-            raise SchemaError(f"{where}.{field}: {spec.model.name} is a {format_name} model, whose weights "
+            raise SchemaError(f"{where}.{field}: {spec.model.name} ({format_name}) has fixed weights, which "
                               f"the server cannot update; export a torch.export (.pt2) model to use {field}")
 
 
