@@ -3,6 +3,8 @@
     python generate.py copy_server_files examples/lpoc
     python generate.py check schema.yaml
     python generate.py export models/policy.pt --obs_dim 4 --nvec 2 --state_dict w.pt --schema schema.yaml
+    python generate.py import models/ppo_cartpole.zip --out schema.yaml
+    python generate.py import models/policy.onnx --schema schema.yaml
     python generate.py serve --port 8000
     python generate.py clients --out clients --languages python,java
 """
@@ -41,6 +43,7 @@ def main() -> None:
         "copy_server_files": cli.copy_server_files,
         "check": cli.check,
         "export": cli.export,
+        "import": cli.import_model,
         "clients": cli.clients,
         "serve": serve,
     }

@@ -197,8 +197,8 @@ def export(
     (``hidden``, and ``nvec`` for discrete/tuple or ``box_dim`` for continuous actions); in both
     cases ``state_dict`` (a ``torch.save``d state dict) loads the trained weights.
     """
-    if fmt not in ("export", "torchscript"):
-        raise ValueError(f"--fmt must be export or torchscript, not {fmt!r}")
+    if fmt not in ("export", "torchscript", "onnx"):
+        raise ValueError(f"--fmt must be export, onnx or torchscript, not {fmt!r}")
     sizes = _as_list(nvec)
     net = _load_user_module(module) if module else MLPPolicy(obs_dim, list(hidden), sizes, box_dim, activation)
     if state_dict:
@@ -219,6 +219,17 @@ def export(
         write_schema(Path(schema), observations, space, str(model_rel), api_key)
         check(schema)
     return str(path)
+
+
+def import_model(model: str, out: str | None = None, schema: str | None = None, policy: str | None = None) -> dict[str, Any]:
+    """Read a Stable-Baselines3 ``.zip`` or an ONNX file with its own library. With ``schema``,
+    check that schema's policy (``policy``; default: its default policy) against the file, with
+    start-up's errors; else write a schema from the file's spaces to ``out`` (default:
+    ``schema.yaml`` beside the model; SB3 files only, ONNX files hold no spaces).
+    Returns what start-up resolved; raises SchemaError naming the field and both values."""
+    from policy_server.policies.importing import import_model as run
+
+    return run(Path(model), Path(out) if out else None, Path(schema) if schema else None, policy)
 
 
 def clients(
