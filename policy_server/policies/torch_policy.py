@@ -2,7 +2,8 @@
 
 Two file formats: TorchScript (``torch.jit.save``, any suffix but ``.pt2``) and ``torch.export``
 programs (``torch.export.save``, suffix ``.pt2``). The module maps a float batch ``(B, obs_dim)``
-to logits ``(B, n)``, a tuple of logits, or ``(mean, log_std)``.
+to logits ``(B, n)``, a tuple of logits, or ``(mean, log_std)``. A recurrent policy's module takes
+``(obs, *state)`` and returns ``(*heads, *new_state)``; its rows arrive packed (``policies.recurrent``).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Literal
 import numpy as np
 import torch
 
+from policy_server.policies.recurrent import StateLayout
 from policy_server.weights import VersionedWeights
 
 ModelFormat = Literal["torchscript", "export"]
@@ -84,30 +86,40 @@ class TorchPolicy(VersionedWeights):
     ``set_weights``, ``snapshot`` and ``get_weights`` come from ``VersionedWeights``.
     """
 
-    def __init__(self, module: torch.nn.Module, device: str = "cpu", version: int = 0) -> None:
+    def __init__(
+        self, module: torch.nn.Module, device: str = "cpu", version: int = 0, state: StateLayout | None = None
+    ) -> None:
         super().__init__(version)
         self.module = module  # callers put it in eval mode (exported programs have no train mode)
         self.device = device
+        self.state = state
+        """A recurrent policy's state layout: rows are ``[obs | packed state]`` (None: feed-forward)."""
 
     @classmethod
-    def from_bytes(cls, data: bytes, fmt: ModelFormat, device: str = "cpu") -> TorchPolicy:
-        return cls(load_module(data, fmt, device), device)
+    def from_bytes(cls, data: bytes, fmt: ModelFormat, device: str = "cpu", state: StateLayout | None = None) -> TorchPolicy:
+        return cls(load_module(data, fmt, device), device, state=state)
 
     @classmethod
-    def from_file(cls, path: Path, device: str = "cpu") -> TorchPolicy:
-        return cls.from_bytes(Path(path).read_bytes(), model_format(Path(path)), device)
+    def from_file(cls, path: Path, device: str = "cpu", state: StateLayout | None = None) -> TorchPolicy:
+        return cls.from_bytes(Path(path).read_bytes(), model_format(Path(path)), device, state)
 
     def forward(self, obs: np.ndarray) -> PolicyOutput:
-        """``(B, obs_dim)`` float32 → heads; a box's log-std is broadcast to ``(B, d)``."""
+        """``(B, obs_dim)`` float32 → heads; a box's log-std is broadcast to ``(B, d)``. A recurrent
+        policy takes ``(B, obs_dim + state width)`` rows and answers its heads, then the new state
+        as one ``(B, size)`` head per state tensor; raises StateShapeError when the model's new state
+        does not have the layout's shapes."""
         x = torch.from_numpy(np.ascontiguousarray(obs, dtype=np.float32)).to(self.device)
         with self._lock, torch.inference_mode():
-            heads = _as_heads(self.module(x))
+            if self.state is None:
+                heads, new_state = _as_heads(self.module(x)), []
+            else:
+                heads, new_state = self.state.split_outputs(_as_heads(self.module(*self.state.model_inputs(x))))
             version = self.version
         # copies: an answer must not change when the weights do (a log-std head is a parameter)
         arrays = [h.detach().to("cpu", torch.float32).clone().numpy() for h in heads]
         if len(arrays) == 2 and arrays[1].ndim == 1:
             arrays[1] = np.broadcast_to(arrays[1], arrays[0].shape).copy()
-        return PolicyOutput(arrays, version)
+        return PolicyOutput(arrays + [s.detach().to("cpu", torch.float32).numpy() for s in new_state], version)
 
     def _named_weights(self) -> dict[str, torch.Tensor]:
         return self.module.state_dict()  # detached tensors that share the module's storage
