@@ -11,6 +11,7 @@ valid as it is. Everything else is an optional extension:
 * ``parameters.policies_dir``: many policies of one architecture, one model file per policy id
   (``schema.policy_ids``), loaded on demand on the replicas,
 * ``parameters.canary``: a candidate model answering a share of requests, or in shadow (``schema.canary``),
+* ``parameters.recurrent``: the state tensors of a recurrent (LSTM/GRU) policy (``schema.recurrent``),
 * ``policies``: several named policies, each with the keys above plus its own ``observations``
   and ``api_keys`` (keys that open only that policy's routes),
 * ``parameters.api_keys``: more server-wide keys beside ``api_key`` (all valid at once).
@@ -49,6 +50,7 @@ from policy_server.schema.actions import (  # noqa: F401 (the action specs are r
 from policy_server.schema.canary import CanaryEntry, CanarySpec, resolve_canary
 from policy_server.schema.llm import LLMPolicySpec, LLMSection
 from policy_server.schema.policy_ids import MODEL_SUFFIXES, is_name, resolve_policies_dir
+from policy_server.schema.recurrent import RecurrentSpec, check_recurrent
 from policy_server.schema.replicas import Replicas, refused
 from policy_server.schema.training import TrainingSpec
 
@@ -184,6 +186,8 @@ class PolicySpec(_Strict):
     policies_dir: Path | None = None
     """Many policies of this one architecture: ``<policies_dir>/<policy id>.pt`` (``model``: one of them)."""
     canary: CanarySpec | None = None
+    recurrent: RecurrentSpec | None = None
+    """A recurrent policy's state tensors (``schema.recurrent``); None: feed-forward."""
 
 
 class ServerSchema(_Strict):
@@ -254,6 +258,7 @@ class _PolicyFields(_Strict):
     training: TrainingSpec | None = None
     policies_dir: str | None = None
     canary: CanaryEntry | None = None
+    recurrent: RecurrentSpec | None = None
 
 
 ApiKeyList = list[Annotated[str, Field(min_length=1)]]
@@ -371,6 +376,7 @@ def _resolve(name: str, entry: _PolicyEntry, base_dir: Path) -> PolicySpec:
     if entry.policies_dir is not None and entry.canary is not None:
         raise SchemaError(f"{where}.canary: not with `policies_dir` (each policy id is its own model; "
                           "roll a new one out as a new policy id instead)")
+    check_recurrent(entry.recurrent, entry.canary is not None, entry.policies_dir is not None, where)
     if entry.policies_dir is not None:
         folder, model = resolve_policies_dir(entry.policies_dir, entry.model, base_dir, where, entry.training is not None)
     elif "max_models_per_replica" in entry.resources.model_fields_set:
@@ -384,6 +390,7 @@ def _resolve(name: str, entry: _PolicyEntry, base_dir: Path) -> PolicySpec:
         training=_resolve_training(entry.training, space, base_dir, where),
         policies_dir=folder,
         canary=resolve_canary(entry.canary, base_dir, where),
+        recurrent=entry.recurrent,
     )
 
 
