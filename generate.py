@@ -2,6 +2,7 @@
 
     python generate.py copy_server_files examples/lpoc
     python generate.py check schema.yaml
+    python generate.py schema --env CartPole-v1 --out schema.yaml --model models/policy.pt2
     python generate.py export models/policy.pt --obs_dim 4 --nvec 2 --state_dict w.pt --schema schema.yaml
     python generate.py import models/ppo_cartpole.zip --out schema.yaml
     python generate.py import models/policy.onnx --schema schema.yaml
@@ -42,6 +43,7 @@ def main() -> None:
     commands = {
         "copy_server_files": cli.copy_server_files,
         "check": cli.check,
+        "schema": cli.schema,
         "export": cli.export,
         "import": cli.import_model,
         "clients": cli.clients,
