@@ -7,6 +7,7 @@
     python generate.py import models/ppo_cartpole.zip --out schema.yaml
     python generate.py import models/policy.onnx --schema schema.yaml
     python generate.py serve --port 8000
+    python generate.py export_minari logs/decisions served/cartpole-v0
     python generate.py clients --out clients --languages python,java
 """
 
@@ -47,6 +48,7 @@ def main() -> None:
         "export": cli.export,
         "import": cli.import_model,
         "clients": cli.clients,
+        "export_minari": cli.export_minari,
         "serve": serve,
     }
     try:

@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 import torch
 import yaml
 
-from policy_server.errors import ClientGenerationFailed, Conflict, SchemaError
+from policy_server.errors import ClientGenerationFailed, Conflict, NotFound, SchemaError
 from policy_server.export import ExportFormat, MLPPolicy, export_module, write_schema
 from policy_server.policies.served import resolve_candidate, resolve_policy
 from policy_server.schema.config import load_schema
@@ -292,6 +292,24 @@ def clients(
     lines = [f"wrote {', '.join(progress.done()) or 'no SDK'} to {target} (see its README.md)"]
     lines += [f"{', '.join(langs)} {state}: {note}" for state, langs, note in progress.problems()]
     return "\n".join(lines)
+
+
+def export_minari(log_folder: str, dataset_id: str, policy: str | None = None, datasets_path: str | None = None) -> dict[str, Any]:
+    """Write an experience log folder (``experience_log.path``) as the local Minari dataset ``dataset_id``
+    (in ``datasets_path``, default Minari's: ``MINARI_DATASETS_PATH`` or ``~/.minari/datasets``).
+
+    Raises NotFound (no log, no spaces file of the policy) and Conflict (nothing to export, the policy
+    must be named, a dataset of that id exists already)."""
+    if datasets_path is not None:
+        os.environ["MINARI_DATASETS_PATH"] = str(Path(datasets_path).resolve())
+    from policy_server.experience_log.minari_export import export_minari as export
+
+    try:
+        return export(log_folder, dataset_id, policy)
+    except FileNotFoundError as exc:
+        raise NotFound(str(exc)) from None
+    except ValueError as exc:
+        raise Conflict(str(exc)) from None
 
 
 def parse_dataclass_args(cls: type[T], description: str | None = None, argv: list[str] | None = None) -> T:

@@ -48,11 +48,12 @@ from policy_server.schema.actions import (  # noqa: F401 (the action specs are r
     mask_field,
 )
 from policy_server.schema.canary import CanaryEntry, CanarySpec, resolve_canary
+from policy_server.schema.experience_log import ExperienceLogSpec
 from policy_server.schema.llm import LLMPolicySpec, LLMSection
 from policy_server.schema.policy_ids import MODEL_SUFFIXES, is_name, resolve_policies_dir
 from policy_server.schema.recurrent import RecurrentSpec, check_recurrent
 from policy_server.schema.replicas import Replicas, refused
-from policy_server.schema.training import TrainingSpec
+from policy_server.schema.training import TrainingSpec, resolve_from_log
 
 OBSERVATION_TYPES = ("int", "float", "bool", "List[int]", "List[float]", "List[bool]")
 DEFAULT_POLICY = "default"
@@ -188,6 +189,8 @@ class PolicySpec(_Strict):
     canary: CanarySpec | None = None
     recurrent: RecurrentSpec | None = None
     """A recurrent policy's state tensors (``schema.recurrent``); None: feed-forward."""
+    experience_log: ExperienceLogSpec | None = None
+    """Log every served decision (``policy_server.experience_log``); path absolute."""
 
 
 class ServerSchema(_Strict):
@@ -209,7 +212,7 @@ class ServerSchema(_Strict):
             "default_policy": self.default_policy,
             "url_path": self.url_path,
             "policies": {
-                name: p.model_dump(mode="json", exclude={"model", "training", "policies_dir", "canary"})
+                name: p.model_dump(mode="json", exclude={"model", "training", "policies_dir", "canary", "experience_log"})
                 | {"model": p.model.name, "training": _public_training(p.training),
                    "canary": p.canary and p.canary.model_dump(mode="json") | {"model": p.canary.model.name}}
                 | ({"policies_dir": p.policies_dir.name} if p.policies_dir else {})
@@ -259,6 +262,7 @@ class _PolicyFields(_Strict):
     policies_dir: str | None = None
     canary: CanaryEntry | None = None
     recurrent: RecurrentSpec | None = None
+    experience_log: ExperienceLogSpec | None = None
 
 
 ApiKeyList = list[Annotated[str, Field(min_length=1)]]
@@ -391,6 +395,7 @@ def _resolve(name: str, entry: _PolicyEntry, base_dir: Path) -> PolicySpec:
         policies_dir=folder,
         canary=resolve_canary(entry.canary, base_dir, where),
         recurrent=entry.recurrent,
+        experience_log=entry.experience_log and entry.experience_log.resolved(base_dir),
     )
 
 
@@ -415,7 +420,8 @@ def _resolve_training(
         raise SchemaError(
             f"{where}.training.algorithm: dqn needs a discrete action space, not {space.type!r}; use ppo"
         )
-    return dataclasses.replace(training, checkpoint_dir=(base_dir / training.checkpoint_dir).resolve())
+    return dataclasses.replace(training, checkpoint_dir=(base_dir / training.checkpoint_dir).resolve(),
+                               from_log=resolve_from_log(training, base_dir, f"{where}.training.from_log"))
 
 
 def _legacy_space(entry: _PolicyEntry, where: str) -> ActionSpecs:
