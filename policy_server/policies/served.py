@@ -15,7 +15,7 @@ from pydantic import BaseModel
 from policy_server.errors import SchemaError, summary
 from policy_server.policies.recurrent import StateLayout, StateShapeError, state_layout
 from policy_server.policies.spaces import ActionSpace, make_action_space
-from policy_server.policies.torch_policy import PolicyOutput, TorchPolicy, input_width, is_exact_width
+from policy_server.policies.torch_policy import PolicyOutput, TorchPolicy
 from policy_server.schema.config import DEFAULT_POLICY, PolicySpec
 from policy_server.schema.observations import Widths, build_observation_model, resolve_widths
 
@@ -63,8 +63,9 @@ def resolve_policy(spec: PolicySpec) -> tuple[ServedPolicy, TorchPolicy]:
     try:
         policy = TorchPolicy.from_file(spec.model, state=layout)
     except Exception as exc:
-        raise SchemaError(f"{where}.model: cannot load {spec.model}: {exc}") from exc
-    model_width = input_width(policy.module)
+        raise SchemaError(f"{where}.model: cannot load {spec.model}: {summary(exc)}") from exc
+    policy.check_spec(spec, where)
+    model_width = policy.input_width()
     obs_where = "observations" if spec.name == DEFAULT_POLICY else f"policies.{spec.name}.observations"
     widths: Widths = {}
     if spec.observations:
@@ -77,7 +78,7 @@ def resolve_policy(spec: PolicySpec) -> tuple[ServedPolicy, TorchPolicy]:
             obs_dim = model_width
         else:
             obs_dim = sum(width for width in widths.values() if width is not None)
-        if model_width is not None and model_width != obs_dim and is_exact_width(policy.module):
+        if model_width is not None and model_width != obs_dim and policy.exact_width():
             raise SchemaError(
                 f"{obs_where}: the observation widths sum to {obs_dim} but the model "
                 f"{spec.model.name} takes inputs of width {model_width}"
