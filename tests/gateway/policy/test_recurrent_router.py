@@ -14,6 +14,7 @@ import torch
 import yaml
 from conftest import API_KEY, assert_422_naming
 from fastapi.testclient import TestClient
+from support import wait_until
 
 from policy_server.gateway.app import build_app
 from policy_server.policies.lstm import LSTMPolicy, export_recurrent
@@ -39,9 +40,12 @@ def client(lstm: tuple[LSTMPolicy, Path], tmp_path_factory: pytest.TempPathFacto
                 "model": str(model), "action_space": {"type": "discrete", "n": 2},
                 "recurrent": {"state": module.state_shapes(), **recurrent}}
 
+    folder = tmp_path_factory.mktemp("schema")
+    learn = policy(bptt_steps=2) | {"training": {"checkpoint_dir": str(folder / "ckpt"), "seed": 0,
+                                                 "ppo": {"rollout_samples": 6, "num_minibatches": 2}}}
     schema = {"parameters": {"api_key": API_KEY, "default_policy": "mem"},
-              "policies": {"mem": policy(max_episodes=3), "short": policy(state_ttl_s=0.3)}}
-    path = tmp_path_factory.mktemp("schema") / "schema.yaml"
+              "policies": {"mem": policy(max_episodes=3), "short": policy(state_ttl_s=0.3), "learn": learn}}
+    path = folder / "schema.yaml"
     path.write_text(yaml.safe_dump(schema, sort_keys=False))
     app = build_app(Settings(schema_path=path, backend="local", gateway_metrics_port=0, seed=0))
     with TestClient(app, headers={"access-token": API_KEY}) as c:
@@ -125,3 +129,22 @@ def test_a_state_of_the_wrong_shape_is_a_422_naming_it(client: TestClient) -> No
     assert missing.status_code == 422 and "c" in str(missing.json()["error"]["fields"])
     overflow = client.post("/predict", json={"x": OBS[0], "state": {"h": [[1e39] * H], "c": [[0.0] * H]}})
     assert overflow.status_code == 422 and "float32" in overflow.text
+
+
+def test_experience_of_packed_observation_and_state_rows_trains_the_recurrent_policy(client: TestClient) -> None:
+    rows, actions, state = [], [], {"h": [[0.0] * H], "c": [[0.0] * H]}
+    for obs in [*OBS, OBS[0]]:  # three steps, then the observation after the last
+        rows.append(obs + [v for name in ("h", "c") for v in state[name][0]])
+        answer = client.post("/policies/learn/predict", json={"x": obs, "episode_id": "e1"}).json()
+        actions.append(answer["action"])
+        state = answer["state"]
+    fragment = {"model_version": 0, "observations": rows, "actions": actions[:3], "rewards": [0.0, 0.0, 1.0],
+                "terminated": True}
+    short = client.post("/policies/learn/train/experience", json={"client_id": "c", "fragments": [
+        fragment | {"observations": [obs[:3] for obs in rows]}]})
+    assert short.status_code == 422 and f"at least {3 + 2 * H} items" in short.text
+    for _ in range(2):
+        sent = client.post("/policies/learn/train/experience", json={"client_id": "c", "fragments": [fragment]})
+        assert sent.status_code == 200, sent.text
+    wait_until(lambda: client.get("/policies/learn/train/status").json()["model_version"] >= 1, 30, 0.05, "no update")
+    assert client.post("/policies/learn/predict", json={"x": OBS[0]}).json()["model_version"] >= 1
