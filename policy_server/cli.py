@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 import torch
 import yaml
 
-from policy_server.errors import ClientGenerationFailed, Conflict, SchemaError
+from policy_server.errors import ClientGenerationFailed, Conflict, NotFound, SchemaError
 from policy_server.export import ExportFormat, MLPPolicy, export_module, write_schema
 from policy_server.policies.served import resolve_candidate, resolve_policy
 from policy_server.schema.config import load_schema
@@ -228,8 +228,8 @@ def export(
     (``hidden``, and ``nvec`` for discrete/tuple or ``box_dim`` for continuous actions); in both
     cases ``state_dict`` (a ``torch.save``d state dict) loads the trained weights.
     """
-    if fmt not in ("export", "torchscript"):
-        raise ValueError(f"--fmt must be export or torchscript, not {fmt!r}")
+    if fmt not in ("export", "torchscript", "onnx"):
+        raise ValueError(f"--fmt must be export, onnx or torchscript, not {fmt!r}")
     sizes = _as_list(nvec)
     net = _load_user_module(module) if module else MLPPolicy(obs_dim, list(hidden), sizes, box_dim, activation)
     if state_dict:
@@ -250,6 +250,17 @@ def export(
         write_schema(Path(schema), observations, space, str(model_rel), api_key)
         check(schema)
     return str(path)
+
+
+def import_model(model: str, out: str | None = None, schema: str | None = None, policy: str | None = None) -> dict[str, Any]:
+    """Read a Stable-Baselines3 ``.zip`` or an ONNX file with its own library. With ``schema``,
+    check that schema's policy (``policy``; default: its default policy) against the file, with
+    start-up's errors; else write a schema from the file's spaces to ``out`` (default:
+    ``schema.yaml`` beside the model; SB3 files only, ONNX files hold no spaces).
+    Returns what start-up resolved; raises SchemaError naming the field and both values."""
+    from policy_server.policies.importing import import_model as run
+
+    return run(Path(model), Path(out) if out else None, Path(schema) if schema else None, policy)
 
 
 def clients(
@@ -282,6 +293,24 @@ def clients(
     lines = [f"wrote {', '.join(progress.done()) or 'no SDK'} to {target} (see its README.md)"]
     lines += [f"{', '.join(langs)} {state}: {note}" for state, langs, note in progress.problems()]
     return "\n".join(lines)
+
+
+def export_minari(log_folder: str, dataset_id: str, policy: str | None = None, datasets_path: str | None = None) -> dict[str, Any]:
+    """Write an experience log folder (``experience_log.path``) as the local Minari dataset ``dataset_id``
+    (in ``datasets_path``, default Minari's: ``MINARI_DATASETS_PATH`` or ``~/.minari/datasets``).
+
+    Raises NotFound (no log, no spaces file of the policy) and Conflict (nothing to export, the policy
+    must be named, a dataset of that id exists already)."""
+    if datasets_path is not None:
+        os.environ["MINARI_DATASETS_PATH"] = str(Path(datasets_path).resolve())
+    from policy_server.experience_log.minari_export import export_minari as export
+
+    try:
+        return export(log_folder, dataset_id, policy)
+    except FileNotFoundError as exc:
+        raise NotFound(str(exc)) from None
+    except ValueError as exc:
+        raise Conflict(str(exc)) from None
 
 
 def parse_dataclass_args(cls: type[T], description: str | None = None, argv: list[str] | None = None) -> T:
