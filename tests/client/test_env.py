@@ -8,12 +8,16 @@ from typing import Any
 
 import gymnasium as gym
 import httpx
+import numpy as np
 import pytest
-from client_support import trainable_server
-from conftest import API_KEY
+import torch
+from client_support import local_app, trainable_server
+from conftest import API_KEY, running_server
 from gymnasium.vector import AutoresetMode
 
 from policy_server.client import EnvStats, PolicyClient, SpaceMismatch, run_env
+from policy_server.export import MLPPolicy, export_module
+from policy_server.schema.gym_spaces import describe_space
 
 
 @pytest.fixture()
@@ -132,3 +136,48 @@ def test_run_env_refuses_an_environment_the_server_does_not_serve_before_its_fir
         run_env(client, made, max_steps=5)
     made.close()
     assert says in str(refused.value) and client.stats.steps_logged == 0
+
+
+class DictObs(gym.Env[dict[str, Any], int]):
+    """A Dict observation (a small uint8 image, a gear, a speed); 3 actions; 5-step episodes."""
+
+    observation_space = gym.spaces.Dict({
+        "image": gym.spaces.Box(0, 255, (3, 3, 1), np.uint8),
+        "gear": gym.spaces.Discrete(4),
+        "speed": gym.spaces.Box(-1.0, 1.0, (1,), np.float32),
+    })
+    action_space = gym.spaces.Discrete(3)
+
+    def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+        super().reset(seed=seed)
+        self.observation_space.seed(seed)
+        self.t = 0
+        return self.observation_space.sample(), {}
+
+    def step(self, action: int) -> tuple[dict[str, Any], float, bool, bool, dict[str, Any]]:
+        self.t += 1
+        return self.observation_space.sample(), float(action), self.t >= 5, False, {}
+
+
+@pytest.mark.parametrize("inference", ["remote", "local"])
+def test_a_dict_observation_env_plays_in_its_spaces_json_form(tmp_path: Path, inference: str) -> None:
+    torch.manual_seed(0)
+    space = DictObs.observation_space
+    model = export_module(MLPPolicy(gym.spaces.flatdim(space), [8], nvec=[3]), gym.spaces.flatdim(space),
+                          tmp_path / "dict.pt2")
+    schema = {"observation_space": describe_space(space),
+              "parameters": {"api_key": API_KEY, "model": str(model), "action_space": {"type": "discrete", "n": 3},
+                             "training": {"algorithm": "ppo", "ppo": {"rollout_samples": 64},
+                                          "checkpoint_dir": str(tmp_path / "checkpoints")}}}
+    envs = gym.vector.SyncVectorEnv([DictObs] * 2)
+    with running_server(local_app(schema, tmp_path)) as url, \
+            Recording(url, API_KEY, inference=inference, fragment_steps=8, seed=0) as client:
+        stats = run_env(client, envs, max_episodes=4, seed=0)
+    envs.close()
+    assert stats.episodes >= 4 and client.stats.samples_accepted == stats.steps
+    if inference == "remote":
+        sent = client.posted("/predict/batch")[0]["obs"][0]
+        assert sorted(sent) == ["gear", "image", "speed"] and isinstance(sent["gear"], int)
+        assert np.asarray(sent["image"]).shape == (3, 3, 1) and isinstance(sent["image"][0][0][0], int)
+    logged = logged_steps(client)[0]["observations"][0]
+    assert sorted(logged) == ["gear", "image", "speed"] and len(logged["speed"]) == 1
