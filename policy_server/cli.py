@@ -156,6 +156,8 @@ def schema(
     """
     from policy_server.envs import env_schema, make_env
 
+    if env_kwargs is not None and not isinstance(env_kwargs, dict):  # fire passes what it cannot parse as text
+        raise SchemaError(f"--env_kwargs: a mapping such as '{{\"is_slippery\": False}}', not {env_kwargs!r}")
     made = make_env(env, env_kwargs)
     try:
         target = Path(out)
