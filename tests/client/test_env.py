@@ -181,3 +181,46 @@ def test_a_dict_observation_env_plays_in_its_spaces_json_form(tmp_path: Path, in
         assert np.asarray(sent["image"]).shape == (3, 3, 1) and isinstance(sent["image"][0][0][0], int)
     logged = logged_steps(client)[0]["observations"][0]
     assert sorted(logged) == ["gear", "image", "speed"] and len(logged["speed"]) == 1
+
+
+class Legal(gym.Env[dict[str, Any], int]):
+    """A Dict observation whose ``legal`` key is the action mask (at least one of 4 actions legal);
+    counts the illegal actions it is handed."""
+
+    observation_space = gym.spaces.Dict({
+        "pos": gym.spaces.Box(-1.0, 1.0, (3,), np.float32),
+        "legal": gym.spaces.MultiBinary(4),
+    })
+    action_space = gym.spaces.Discrete(4)
+    illegal = 0
+
+    def _observe(self) -> dict[str, Any]:
+        obs = self.observation_space.sample()
+        obs["legal"][self.np_random.integers(4)] = 1
+        self.obs = obs
+        return obs
+
+    def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+        super().reset(seed=seed)
+        self.observation_space.seed(seed)
+        return self._observe(), {}
+
+    def step(self, action: int) -> tuple[dict[str, Any], float, bool, bool, dict[str, Any]]:
+        Legal.illegal += int(not self.obs["legal"][action])
+        return self._observe(), 1.0, False, False, {}
+
+
+@pytest.mark.parametrize("inference", ["remote", "local"])
+def test_a_mask_in_a_dict_observation_keeps_every_action_legal(tmp_path: Path, inference: str) -> None:
+    torch.manual_seed(0)
+    model = export_module(MLPPolicy(3, [8], nvec=[4]), 3, tmp_path / "masked.pt2")
+    schema = {"observation_space": describe_space(Legal.observation_space),
+              "parameters": {"api_key": API_KEY, "model": str(model),
+                             "action_space": {"type": "discrete", "n": 4, "mask": "legal"}}}
+    Legal.illegal = 0
+    envs = gym.vector.SyncVectorEnv([Legal] * 4)
+    with running_server(local_app(schema, tmp_path)) as url, \
+            PolicyClient(url, API_KEY, inference=inference, seed=0) as client:
+        stats = run_env(client, envs, max_steps=200, seed=0, train=False)
+    envs.close()
+    assert stats.steps == 200 and Legal.illegal == 0
