@@ -189,6 +189,8 @@ class ActingClient:
         """Choose one action per observation with one request (``/predict/batch``, or the raw or
         deterministic batch form) or one local forward pass; as ``act`` otherwise. The policy's
         version that answered is ``last_variant`` (one for the whole batch)."""
+        if not observations:  # every sub-environment of a vector env resetting at once: nothing to ask
+            return []
         if self.algorithm is None:
             self.algorithm = (self.describe().get("training") or {}).get("algorithm", "")
         if self.inference == "local":

@@ -106,6 +106,16 @@ def test_a_vector_env_asks_once_per_vector_step_and_logs_each_sub_envs_episodes(
             assert abs(x) > 2.4 or abs(theta) > 0.2094
 
 
+def test_a_step_where_every_sub_env_resets_asks_nothing(cartpole: str) -> None:
+    envs = CountSteps(gym.make_vec("CartPole-v1", num_envs=1, vectorization_mode="sync"))
+    with Recording(cartpole, API_KEY, inference="remote", fragment_steps=10_000, seed=0) as client:
+        stats = run_env(client, envs, max_episodes=2, seed=4)
+    envs.close()
+    # the step after the first episode's end is its reset: no request, no logged step
+    assert len(client.posted("/predict_raw/batch")) == envs.vector_steps - 1 == stats.steps
+    assert stats.episodes == 2 and sum(stats.lengths) == stats.steps
+
+
 def test_an_async_vector_env_plays_with_local_inference(cartpole: str) -> None:
     envs = gym.vector.AsyncVectorEnv([lambda: gym.make("CartPole-v1")] * 2)
     with PolicyClient(cartpole, API_KEY, inference="local", fragment_steps=16, seed=0) as client:
