@@ -15,8 +15,9 @@ from types import ModuleType
 from typing import Any, TypeVar
 
 import torch
+import yaml
 
-from policy_server.errors import ClientGenerationFailed, Conflict, SchemaError
+from policy_server.errors import ClientGenerationFailed, Conflict, NotFound, SchemaError
 from policy_server.export import ExportFormat, MLPPolicy, export_module, write_schema
 from policy_server.policies.served import resolve_candidate, resolve_policy
 from policy_server.schema.config import load_schema
@@ -135,6 +136,35 @@ def check(schema: str = "schema.yaml") -> dict[str, Any]:
     machine = local_machine()
     checked["resources"] = resource_report(resource_requests(loaded, machine["GPU"] > 0), machine)
     return checked
+
+
+def schema(
+    env: str,
+    out: str = "schema.yaml",
+    model: str | None = None,
+    env_kwargs: dict[str, Any] | None = None,
+    api_key: str | None = None,
+) -> str:
+    """Write a schema.yaml whose ``observation_space`` and ``action_space`` are ``env``'s.
+
+    ``env``: a registered id (``CartPole-v1``, ``ALE/Pong-v5``), ``module:EnvId``, or an entry point
+    (``module:attr`` or ``file.py:attr``: a class or a function returning an environment), made with
+    ``env_kwargs``. ``model``: the model file the schema serves (written relative to the schema's
+    folder; default: the one file in ``models/`` beside it, found when the server starts).
+    Raises SchemaError for an environment that cannot be made or a space the server cannot serve.
+    """
+    from policy_server.envs import env_schema, make_env
+
+    made = make_env(env, env_kwargs)
+    try:
+        target = Path(out)
+        relative = None if model is None else os.path.relpath(Path(model).resolve(), target.resolve().parent)
+        doc = env_schema(made, relative, api_key)
+    finally:
+        made.close()
+    target.write_text(f"# written by `python generate.py schema --env {env}`\n" + yaml.safe_dump(doc, sort_keys=False, default_flow_style=None))
+    return f"wrote {target} for {env}: observation_space {doc['observation_space']['type']}, " \
+           f"action_space {doc['parameters']['action_space']['type']}"
 
 
 def local_machine() -> dict[str, float]:
@@ -262,6 +292,24 @@ def clients(
     lines = [f"wrote {', '.join(progress.done()) or 'no SDK'} to {target} (see its README.md)"]
     lines += [f"{', '.join(langs)} {state}: {note}" for state, langs, note in progress.problems()]
     return "\n".join(lines)
+
+
+def export_minari(log_folder: str, dataset_id: str, policy: str | None = None, datasets_path: str | None = None) -> dict[str, Any]:
+    """Write an experience log folder (``experience_log.path``) as the local Minari dataset ``dataset_id``
+    (in ``datasets_path``, default Minari's: ``MINARI_DATASETS_PATH`` or ``~/.minari/datasets``).
+
+    Raises NotFound (no log, no spaces file of the policy) and Conflict (nothing to export, the policy
+    must be named, a dataset of that id exists already)."""
+    if datasets_path is not None:
+        os.environ["MINARI_DATASETS_PATH"] = str(Path(datasets_path).resolve())
+    from policy_server.experience_log.minari_export import export_minari as export
+
+    try:
+        return export(log_folder, dataset_id, policy)
+    except FileNotFoundError as exc:
+        raise NotFound(str(exc)) from None
+    except ValueError as exc:
+        raise Conflict(str(exc)) from None
 
 
 def parse_dataclass_args(cls: type[T], description: str | None = None, argv: list[str] | None = None) -> T:
