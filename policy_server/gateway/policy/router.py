@@ -139,12 +139,12 @@ def policy_router(
     Raw = raw_model(policy.model_prefix, policy.obs_dim)
     RawBatch = raw_batch_model(policy.model_prefix, policy.obs_dim, max_batch)
 
-    @router.post("/predict_raw", response_model=ActionResponse)
+    @post("/predict_raw", "sample", ActionResponse)
     async def predict_raw(body: Raw, chosen: Picked) -> JSONResponse:  # type: ignore[valid-type]
         """Sample an action for a flat input vector (width checked, no field validation)."""
         return await act(service.from_raw([body.obs]), "sample", chosen, ["body.obs"])  # type: ignore[attr-defined]
 
-    @router.post("/predict_raw/batch", response_model=BatchActionResponse)
+    @post("/predict_raw/batch", "sample", BatchActionResponse)
     async def predict_raw_batch(body: RawBatch, chosen: Picked) -> JSONResponse:  # type: ignore[valid-type]
         """Sample one action per flat input vector, in one forward pass."""
         obs = service.from_raw(body.obs)  # type: ignore[attr-defined]
