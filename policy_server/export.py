@@ -10,7 +10,7 @@ import torch
 import yaml
 from torch import nn
 
-ExportFormat = Literal["torchscript", "export"]
+ExportFormat = Literal["torchscript", "export", "onnx"]
 _ACTIVATIONS = {"tanh": nn.Tanh, "relu": nn.ReLU, "elu": nn.ELU, "gelu": nn.GELU}
 
 
@@ -49,17 +49,24 @@ class MLPPolicy(nn.Module):
 
 
 def export_module(module: nn.Module, obs_dim: int, path: Path, fmt: ExportFormat = "export") -> Path:
-    """Save ``module`` (float ``(B, obs_dim)`` in) as a ``torch.export`` program or TorchScript.
+    """Save ``module`` (float ``(B, obs_dim)`` in) as a ``torch.export`` program, ONNX or TorchScript.
 
-    ``export`` (the default) writes ``<path>.pt2`` with a dynamic batch dimension; TorchScript is
-    deprecated since torch 2.13 but still served, for models exported with older versions.
+    ``export`` (the default) writes ``<path>.pt2`` with a dynamic batch dimension; ``onnx`` writes
+    ``<path>.onnx`` (torch's dynamo exporter, dynamic batch; served with fixed weights);
+    TorchScript is deprecated since torch 2.13 but still served, for models exported with older versions.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     module = module.eval()
     example = torch.zeros(2, obs_dim)
+    batch = torch.export.Dim("batch", min=1, max=1 << 20)
+    if fmt == "onnx":
+        with warnings.catch_warnings():  # torch's exporter trips over its own deprecations (torch 2.13)
+            warnings.simplefilter("ignore")
+            torch.onnx.export(module, (example,), path.with_suffix(".onnx"), dynamo=True, verbose=False,
+                              input_names=["obs"], dynamic_shapes=({0: batch},))
+        return path.with_suffix(".onnx")
     if fmt == "export":
-        batch = torch.export.Dim("batch", min=1, max=1 << 20)
         program = torch.export.export(module, (example,), dynamic_shapes=({0: batch},))
         torch.export.save(program, path.with_suffix(".pt2"))
         return path.with_suffix(".pt2")

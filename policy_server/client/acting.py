@@ -7,12 +7,15 @@ from __future__ import annotations
 import io
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any, Literal, NamedTuple, Self
 
+import gymnasium.spaces as gs
 import httpx
 import numpy as np
 
 from policy_server.client.http import HttpSession, PolicyClientError
+from policy_server.client.spaces import model_rows, served_observation_space, space_json
 from policy_server.policies.codec import decode_weights
 from policy_server.policies.spaces import ActionSpace, BoxSpace, DiscreteSpace, TupleSpace
 from policy_server.policies.torch_policy import TorchPolicy, load_module
@@ -22,7 +25,11 @@ BINARY_ABOVE = 1024
 """``binary=None``: remote acting sends an observation of more values than this as ``.npy``."""
 NPY = "application/x-npy"
 ActionValue = int | list[int] | list[float]
-Observation = Sequence[float] | np.ndarray | Mapping[str, Any]
+Observation = Sequence[Any] | np.ndarray | Mapping[str, Any] | int
+"""A flat vector or the schema's observation object (Pathmind ``observations``), or an observation
+of the policy's ``observation_space`` (an array, an int, a dict, a tuple)."""
+SPACE_BATCH_KEY = "obs"
+"""The batch forms' key for observations of an ``observation_space``: ``{"obs": [obs, ...]}``."""
 
 
 class ActResult(NamedTuple):
@@ -54,11 +61,18 @@ class ClientStats:
 class _LocalModel:
     """The policy's model in this process: forward passes and the server's action-space maths."""
 
-    def __init__(self, policy: TorchPolicy, space: ActionSpace, fields: list[str]) -> None:
-        self.policy, self.space, self.fields = policy, space, fields
+    def __init__(
+        self, policy: TorchPolicy, space: ActionSpace, fields: list[str], obs_space: gs.Space[Any] | None
+    ) -> None:
+        self.policy, self.space, self.fields, self.obs_space = policy, space, fields, obs_space
 
-    def heads(self, obs: Observation) -> list[np.ndarray]:
-        return self.policy.forward(_flat(obs, self.fields)[None]).heads
+    def heads(self, observations: Sequence[Observation]) -> list[np.ndarray]:
+        """The model's heads for a batch of observations, one row each."""
+        if self.obs_space is not None:
+            rows = model_rows(self.obs_space, observations)
+        else:
+            rows = np.stack([_flat(obs, self.fields) for obs in observations])
+        return self.policy.forward(rows).heads
 
 
 class ActingClient:
@@ -154,14 +168,15 @@ class ActingClient:
     # --- acting ---------------------------------------------------------------------------
 
     def act(self, obs: Observation) -> ActResult:
-        """Choose an action for one observation: a flat vector or the schema's observation object.
+        """Choose an action for one observation: a flat vector or the schema's observation object,
+        or an observation of the policy's ``observation_space``.
 
         A DQN policy acts epsilon-greedily (the server's epsilon); others sample from the policy.
         """
         if self.algorithm is None:
             self.algorithm = (self.describe().get("training") or {}).get("algorithm", "")
         if self.inference == "local":
-            result, self.last_variant = self._act_local(obs), "stable"
+            result, self.last_variant = self._act_local([obs])[0], "stable"
         elif self.algorithm == "dqn":
             answer = self._predict(obs, "predict_deterministic")
             result, self.last_variant = self._epsilon_greedy(answer["action"], answer["model_version"]), answer["variant"]
@@ -173,9 +188,41 @@ class ActingClient:
         self._maybe_heartbeat()
         return result
 
+    def act_batch(self, observations: Sequence[Observation]) -> list[ActResult]:
+        """Choose one action per observation with one request (``/predict/batch``, or the raw or
+        deterministic batch form) or one local forward pass; as ``act`` otherwise. The policy's
+        version that answered is ``last_variant`` (one for the whole batch)."""
+        if self.algorithm is None:
+            self.algorithm = (self.describe().get("training") or {}).get("algorithm", "")
+        if self.inference == "local":
+            results, self.last_variant = self._act_local(observations), "stable"
+        else:
+            endpoint = "predict_deterministic" if self.algorithm == "dqn" else "predict"
+            answer = self._predict_batch(observations, endpoint)
+            version, self.last_variant = int(answer["model_version"]), answer["variant"]
+            if self.algorithm == "dqn":
+                results = [self._epsilon_greedy(row["action"], version) for row in answer["results"]]
+            else:
+                results = [ActResult(row["action"], row["log_prob"], version) for row in answer["results"]]
+        self._last_act_version = results[-1].model_version if results else self._last_act_version
+        self._maybe_heartbeat()
+        return results
+
+    def wire(self, obs: Observation) -> Any:
+        """An observation as JSON: in the form of the policy's ``observation_space`` (nested lists
+        of a Box's shape, an object for a Dict, ...), else ``wire_obs``."""
+        space = self._obs_space
+        return wire_obs(obs) if space is None else space_json(space, obs)
+
+    @cached_property
+    def _obs_space(self) -> gs.Space[Any] | None:
+        return served_observation_space(self.describe())
+
     def _predict(self, obs: Observation, endpoint: str) -> dict[str, Any]:
         # an episode begun by one version of a policy with a candidate stays with it
         pin = {"X-Policy-Version": self._episode_variant} if self._episode_variant else None
+        if self._obs_space is not None:
+            return self._post(f"/{endpoint}", {"obs": self.wire(obs)}, pin)
         if isinstance(obs, Mapping):
             return self._post(f"/{endpoint}", wire_obs(obs), pin)
         array = np.asarray(obs)
@@ -189,6 +236,15 @@ class ActingClient:
         answer = self._post(f"/{endpoint}/batch", {"observations": [self._as_object(obs)]}, pin)
         return answer["results"][0] | {"model_version": answer["model_version"], "variant": answer["variant"]}
 
+    def _predict_batch(self, observations: Sequence[Observation], endpoint: str) -> dict[str, Any]:
+        """One batch request for ``observations`` (no version pinned: a batch is one variant's)."""
+        if self._obs_space is not None:
+            return self._post(f"/{endpoint}/batch", {SPACE_BATCH_KEY: [self.wire(obs) for obs in observations]})
+        if endpoint == "predict" and not any(isinstance(obs, Mapping) for obs in observations):
+            return self._post("/predict_raw/batch", {"obs": [wire_obs(obs) for obs in observations]})
+        objects = [wire_obs(obs) if isinstance(obs, Mapping) else self._as_object(obs) for obs in observations]
+        return self._post(f"/{endpoint}/batch", {"observations": objects})
+
     def _as_object(self, obs: Observation) -> dict[str, Any]:
         """A flat vector as the schema's observation object (remote DQN on a raw vector)."""
         flat, out, i = wire_obs(obs), {}, 0
@@ -198,7 +254,8 @@ class ActingClient:
             i += width or 1
         return out
 
-    def _act_local(self, obs: Observation) -> ActResult:
+    def _act_local(self, observations: Sequence[Observation]) -> list[ActResult]:
+        """Actions for a batch of observations from one forward pass of the local model."""
         if self._local is None:
             self.load_model()
         elif self._acts_since_check >= self.refresh_every:
@@ -206,11 +263,11 @@ class ActingClient:
         self._acts_since_check += 1
         local = self._local
         assert local is not None
-        heads = local.heads(obs)
+        heads = local.heads(observations)
+        version = local.policy.version
         if self.algorithm == "dqn":
-            return self._epsilon_greedy(local.space.mode(heads)[0].action, local.policy.version)
-        sample = local.space.sample(heads, self._rng)[0]
-        return ActResult(sample.action, sample.log_prob, local.policy.version)
+            return [self._epsilon_greedy(greedy.action, version) for greedy in local.space.mode(heads)]
+        return [ActResult(s.action, s.log_prob, version) for s in local.space.sample(heads, self._rng)]
 
     def _epsilon_greedy(self, greedy: ActionValue, version: int) -> ActResult:
         """With probability epsilon a uniformly random action, else the greedy one; the log-prob
@@ -235,9 +292,10 @@ class ActingClient:
     # --- the policy and its weights -------------------------------------------------------
 
     def describe(self) -> dict[str, Any]:
-        """The policy as the server resolved it: ``obs_dim``, ``action_space`` (sizes from the
+        """The policy as the server resolved it: its ``name``, ``obs_dim``, ``action_space`` (sizes from the
         model), ``observations`` (field names in input order), ``fields`` (name → (type,
-        columns), columns None for a scalar) and ``training`` (the schema's section, or None)."""
+        columns), columns None for a scalar), ``observation_space`` (the schema's YAML form, None
+        with Pathmind ``observations``) and ``training`` (the schema's section, or None)."""
         if self._description is None:
             status = self.request("GET", "/").json()
             name = self.policy or status["default_policy"]
@@ -245,6 +303,8 @@ class ActingClient:
             schema = self.request("GET", "/schema").json()["policies"][name]
             described["fields"] = _fields(schema.get("observations") or {}, described["obs_dim"])
             described["training"] = schema.get("training")
+            described["observation_space"] = schema.get("observation_space")
+            described["name"] = name
             self._description = described
         return self._description
 
@@ -257,7 +317,7 @@ class ActingClient:
         description = self.describe()
         policy = TorchPolicy(load_module(response.content, fmt), version=-1)  # type: ignore[arg-type]
         fields = description["observations"] if description.get("observations") else []
-        self._local = _LocalModel(policy, _space(description["action_space"]), fields)
+        self._local = _LocalModel(policy, _space(description["action_space"]), fields, self._obs_space)
         self.refresh()
 
     def refresh(self) -> bool:

@@ -4,12 +4,14 @@ The Pathmind format (``observations`` + ``parameters: {discrete, tuple, api_key,
 valid as it is. Everything else is an optional extension:
 
 * ``parameters.model``: the model file (default: the one ``.pt``/``.pt2`` file in ``models/``),
-* ``parameters.action_space``: the exact action space (discrete, tuple of discretes, box),
+* ``parameters.action_space``: the exact action space (``schema.actions``: discrete, multi_discrete
+  alias tuple, multi_binary, box clipped or tanh-squashed; an action mask),
 * ``parameters.resources``: replicas, GPUs and batching of the policy's deployment,
 * ``parameters.training``: train the policy online from clients' experience (PPO or DQN),
 * ``parameters.policies_dir``: many policies of one architecture, one model file per policy id
   (``schema.policy_ids``), loaded on demand on the replicas,
 * ``parameters.canary``: a candidate model answering a share of requests, or in shadow (``schema.canary``),
+* ``parameters.recurrent``: the state tensors of a recurrent (LSTM/GRU) policy (``schema.recurrent``),
 * ``policies``: several named policies, each with the keys above plus its own ``observations``
   and ``api_keys`` (keys that open only that policy's routes),
 * ``parameters.api_keys``: more server-wide keys beside ``api_key`` (all valid at once).
@@ -36,11 +38,22 @@ from pydantic_core import PydanticCustomError
 
 from policy_server.errors import SchemaError
 from policy_server.fields import check_text
+from policy_server.schema.actions import (  # noqa: F401 (the action specs are re-exported here)
+    ActionSpaceSpec,
+    ActionSpecs,
+    BoxSpec,
+    DiscreteSpec,
+    MultiBinarySpec,
+    TupleSpec,
+    mask_field,
+)
 from policy_server.schema.canary import CanaryEntry, CanarySpec, resolve_canary
+from policy_server.schema.experience_log import ExperienceLogSpec
 from policy_server.schema.llm import LLMPolicySpec, LLMSection
 from policy_server.schema.policy_ids import MODEL_SUFFIXES, is_name, resolve_policies_dir
+from policy_server.schema.recurrent import RecurrentSpec, check_recurrent
 from policy_server.schema.replicas import Replicas, refused
-from policy_server.schema.training import TrainingSpec
+from policy_server.schema.training import TrainingSpec, resolve_from_log
 
 OBSERVATION_TYPES = ("int", "float", "bool", "List[int]", "List[float]", "List[bool]")
 DEFAULT_POLICY = "default"
@@ -116,53 +129,6 @@ class ObservationSpec(_Strict):
         return self
 
 
-class DiscreteSpec(_Strict):
-    """One categorical action out of ``n``; ``names`` label the actions in answers."""
-
-    type: Literal["discrete"] = "discrete"
-    n: int | None = Field(None, gt=0, description="Default: the model's number of outputs.")
-    names: list[str] | None = None
-
-    @model_validator(mode="after")
-    def _check_names(self) -> DiscreteSpec:
-        if self.names is not None:
-            if self.n is not None and len(self.names) != self.n:
-                raise ValueError(f"names has {len(self.names)} entries but n is {self.n}")
-            if len(set(self.names)) != len(self.names):
-                raise ValueError("names must be unique")
-        return self
-
-
-class TupleSpec(_Strict):
-    """A tuple of categorical actions, component ``i`` out of ``nvec[i]``."""
-
-    type: Literal["tuple"] = "tuple"
-    nvec: list[Annotated[int, Field(gt=0)]] | None = Field(
-        None, description="Default: the sizes of the model's output heads."
-    )
-    names: list[list[str]] | None = None
-
-    @model_validator(mode="after")
-    def _check_names(self) -> TupleSpec:
-        if self.names is not None and self.nvec is not None:
-            sizes = [len(n) for n in self.names]
-            if sizes != list(self.nvec):
-                raise ValueError(f"names have sizes {sizes} but nvec is {list(self.nvec)}")
-        return self
-
-
-class BoxSpec(_Strict):
-    """A continuous action: a diagonal Gaussian (model gives mean and log-std), clipped to bounds."""
-
-    type: Literal["box"] = "box"
-    shape: list[Annotated[int, Field(gt=0)]] | None = Field(
-        None, description="Default: the shape of the model's mean output."
-    )
-    low: float | list[float] | None = None
-    high: float | list[float] | None = None
-
-
-ActionSpaceSpec = Annotated[DiscreteSpec | TupleSpec | BoxSpec, Field(discriminator="type")]
 
 
 class ResourceSpec(Replicas):
@@ -214,13 +180,17 @@ class PolicySpec(_Strict):
 
     name: str
     observations: dict[ObservationName, ObservationSpec] | None
-    action_space: DiscreteSpec | TupleSpec | BoxSpec
+    action_space: ActionSpecs
     model: Path
     resources: ResourceSpec
     training: TrainingSpec | None = None
     policies_dir: Path | None = None
     """Many policies of this one architecture: ``<policies_dir>/<policy id>.pt`` (``model``: one of them)."""
     canary: CanarySpec | None = None
+    recurrent: RecurrentSpec | None = None
+    """A recurrent policy's state tensors (``schema.recurrent``); None: feed-forward."""
+    experience_log: ExperienceLogSpec | None = None
+    """Log every served decision (``policy_server.experience_log``); path absolute."""
 
 
 class ServerSchema(_Strict):
@@ -242,7 +212,7 @@ class ServerSchema(_Strict):
             "default_policy": self.default_policy,
             "url_path": self.url_path,
             "policies": {
-                name: p.model_dump(mode="json", exclude={"model", "training", "policies_dir", "canary"})
+                name: p.model_dump(mode="json", exclude={"model", "training", "policies_dir", "canary", "experience_log"})
                 | {"model": p.model.name, "training": _public_training(p.training),
                    "canary": p.canary and p.canary.model_dump(mode="json") | {"model": p.canary.model.name}}
                 | ({"policies_dir": p.policies_dir.name} if p.policies_dir else {})
@@ -291,6 +261,8 @@ class _PolicyFields(_Strict):
     training: TrainingSpec | None = None
     policies_dir: str | None = None
     canary: CanaryEntry | None = None
+    recurrent: RecurrentSpec | None = None
+    experience_log: ExperienceLogSpec | None = None
 
 
 ApiKeyList = list[Annotated[str, Field(min_length=1)]]
@@ -403,10 +375,12 @@ def _resolve(name: str, entry: _PolicyEntry, base_dir: Path) -> PolicySpec:
     space = entry.action_space or _legacy_space(entry, where)
     if entry.discrete is False and space.type != "box" and entry.action_space is not None:
         raise SchemaError(f"{where}.discrete is False but action_space.type is {space.type!r}")
+    _check_mask(entry, space, where)
     folder, model = None, None
     if entry.policies_dir is not None and entry.canary is not None:
         raise SchemaError(f"{where}.canary: not with `policies_dir` (each policy id is its own model; "
                           "roll a new one out as a new policy id instead)")
+    check_recurrent(entry.recurrent, entry.canary is not None, entry.policies_dir is not None, where)
     if entry.policies_dir is not None:
         folder, model = resolve_policies_dir(entry.policies_dir, entry.model, base_dir, where, entry.training is not None)
     elif "max_models_per_replica" in entry.resources.model_fields_set:
@@ -420,11 +394,25 @@ def _resolve(name: str, entry: _PolicyEntry, base_dir: Path) -> PolicySpec:
         training=_resolve_training(entry.training, space, base_dir, where),
         policies_dir=folder,
         canary=resolve_canary(entry.canary, base_dir, where),
+        recurrent=entry.recurrent,
+        experience_log=entry.experience_log and entry.experience_log.resolved(base_dir),
     )
 
 
+def _check_mask(entry: _PolicyEntry, space: ActionSpecs, where: str) -> None:
+    """An action space's ``mask`` names a ``List[bool]`` observation of the policy."""
+    name = mask_field(space)
+    if name is None:
+        return
+    spec = (entry.observations or {}).get(name)
+    if spec is None:
+        raise SchemaError(f"{where}.action_space.mask: {name!r} is not one of the policy's observations")
+    if spec.type != "List[bool]":
+        raise SchemaError(f"{where}.action_space.mask: the observation {name!r} is {spec.type}; a mask is List[bool]")
+
+
 def _resolve_training(
-    training: TrainingSpec | None, space: DiscreteSpec | TupleSpec | BoxSpec, base_dir: Path, where: str
+    training: TrainingSpec | None, space: ActionSpecs, base_dir: Path, where: str
 ) -> TrainingSpec | None:
     if training is None:
         return None
@@ -432,10 +420,11 @@ def _resolve_training(
         raise SchemaError(
             f"{where}.training.algorithm: dqn needs a discrete action space, not {space.type!r}; use ppo"
         )
-    return dataclasses.replace(training, checkpoint_dir=(base_dir / training.checkpoint_dir).resolve())
+    return dataclasses.replace(training, checkpoint_dir=(base_dir / training.checkpoint_dir).resolve(),
+                               from_log=resolve_from_log(training, base_dir, f"{where}.training.from_log"))
 
 
-def _legacy_space(entry: _PolicyEntry, where: str) -> DiscreteSpec | TupleSpec | BoxSpec:
+def _legacy_space(entry: _PolicyEntry, where: str) -> ActionSpecs:
     """Pathmind's `discrete` / `tuple` flags: sizes come from the model's outputs."""
     if entry.discrete is False:
         if entry.tuple:

@@ -417,7 +417,7 @@ def build_trainer(
 
     if spec.seed is not None:
         torch.manual_seed(spec.seed)
-    learner = make_learner(module, obs_dim, space, spec, device)
+    learner = make_learner(module, obs_dim, space, spec, device, policy)
     store = CheckpointStore(spec.checkpoint_dir / policy, keep=spec.keep_checkpoints)
     journal = ExperienceJournal(spec.checkpoint_dir / policy) if spec.journal else None
     return Trainer(policy, spec, learner, publish, store, version=version, metrics=metrics, journal=journal)

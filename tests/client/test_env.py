@@ -7,11 +7,13 @@ from pathlib import Path
 from typing import Any
 
 import gymnasium as gym
+import httpx
 import pytest
 from client_support import trainable_server
 from conftest import API_KEY
+from gymnasium.vector import AutoresetMode
 
-from policy_server.client import EnvStats, PolicyClient, run_env
+from policy_server.client import EnvStats, PolicyClient, SpaceMismatch, run_env
 
 
 @pytest.fixture()
@@ -41,3 +43,92 @@ def test_mean_return_of_all_or_the_last_episodes() -> None:
     stats = EnvStats(returns=[10.0, 20.0, 60.0])
     assert stats.mean_return() == 30.0 and stats.mean_return(last=2) == 40.0
     assert EnvStats().mean_return() is None
+
+
+class Recording(PolicyClient):
+    """A PolicyClient that keeps the path and JSON body of every request it sends."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.sent: list[tuple[str, Any]] = []
+
+    def request(self, method: str, path: str, json: Any = None, headers: dict[str, str] | None = None) -> httpx.Response:
+        self.sent.append((path, json))
+        return super().request(method, path, json, headers)
+
+    def posted(self, path: str) -> list[Any]:
+        return [body for sent, body in self.sent if sent == path]
+
+
+class CountSteps(gym.vector.VectorWrapper):
+    def __init__(self, env: gym.vector.VectorEnv) -> None:
+        super().__init__(env)
+        self.vector_steps = 0
+
+    def step(self, actions: Any) -> Any:
+        self.vector_steps += 1
+        return super().step(actions)
+
+
+@pytest.fixture(scope="module")
+def cartpole(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """One CartPole server (Pathmind observations, PPO) for the tests below: its URL."""
+    with trainable_server(tmp_path_factory.mktemp("cartpole")) as (url, _):
+        yield url
+
+
+def logged_steps(client: Recording) -> list[dict[str, Any]]:
+    return [frag for body in client.posted("/train/experience") for frag in body["fragments"]]
+
+
+@pytest.mark.parametrize("mode", [AutoresetMode.NEXT_STEP, AutoresetMode.SAME_STEP, AutoresetMode.DISABLED])
+def test_a_vector_env_asks_once_per_vector_step_and_logs_each_sub_envs_episodes(cartpole: str, mode: AutoresetMode) -> None:
+    envs = CountSteps(gym.make_vec("CartPole-v1", num_envs=3, vectorization_mode="sync",
+                                   vector_kwargs={"autoreset_mode": mode}))
+    with Recording(cartpole, API_KEY, inference="remote", fragment_steps=10_000, seed=0) as client:
+        stats = run_env(client, envs, max_episodes=4, seed=3)
+    envs.close()
+    assert len(client.posted("/predict_raw/batch")) == envs.vector_steps  # one request per vector step
+    fragments = logged_steps(client)
+    rewards = [r for frag in fragments for r in frag["rewards"]]
+    # CartPole pays 1 for every real step; a NEXT_STEP reset step (reward 0) is never logged
+    assert len(rewards) == stats.steps == client.stats.samples_accepted and set(rewards) == {1.0}
+    ends = [frag for frag in fragments if frag["terminated"] or frag["truncated"]]
+    assert len(ends) == stats.episodes >= 4 and sum(stats.lengths) <= stats.steps
+    for frag in fragments:  # an episode's last observation is the one that ended it, not the next start
+        assert len(frag["observations"]) == len(frag["rewards"]) + 1
+        if frag["terminated"]:
+            x, _, theta, _ = frag["observations"][-1]
+            assert abs(x) > 2.4 or abs(theta) > 0.2094
+
+
+def test_an_async_vector_env_plays_with_local_inference(cartpole: str) -> None:
+    envs = gym.vector.AsyncVectorEnv([lambda: gym.make("CartPole-v1")] * 2)
+    with PolicyClient(cartpole, API_KEY, inference="local", fragment_steps=16, seed=0) as client:
+        stats = run_env(client, envs, max_steps=40, seed=5)
+    envs.close()
+    assert 40 <= stats.steps < 42 and client.stats.steps_logged == stats.steps == client.stats.samples_accepted
+
+
+class ThreeActions(gym.Wrapper[Any, Any, Any, Any]):
+    """CartPole's observations with a third action that the server's policy does not have."""
+
+    def __init__(self, env: gym.Env[Any, Any]) -> None:
+        super().__init__(env)
+        self.action_space = gym.spaces.Discrete(3)
+
+
+@pytest.mark.parametrize(("env", "says"), [
+    (lambda: gym.make("Acrobot-v1"), "flattens to 6 values, policy default takes 4"),
+    (lambda: ThreeActions(gym.make("CartPole-v1")),
+     "the environment's action space Discrete(3) is not policy default's action_space {'type': 'discrete', 'n': 2}"),
+    (lambda: gym.make_vec("Acrobot-v1", num_envs=2, vectorization_mode="sync"), "flattens to 6 values"),
+])
+def test_run_env_refuses_an_environment_the_server_does_not_serve_before_its_first_step(
+    cartpole: str, env: Any, says: str
+) -> None:
+    made = env()
+    with PolicyClient(cartpole, API_KEY, inference="remote") as client, pytest.raises(SpaceMismatch) as refused:
+        run_env(client, made, max_steps=5)
+    made.close()
+    assert says in str(refused.value) and client.stats.steps_logged == 0

@@ -7,10 +7,17 @@ import math
 
 import numpy as np
 import pytest
+from scipy.stats import norm
 
 from policy_server.policies import distributions as D
-from policy_server.policies.spaces import BoxSpace, DiscreteSpace, TupleSpace, make_action_space
-from policy_server.schema.config import BoxSpec, DiscreteSpec, TupleSpec
+from policy_server.policies.spaces import (
+    BoxSpace,
+    DiscreteSpace,
+    MultiBinarySpace,
+    TupleSpace,
+    make_action_space,
+)
+from policy_server.schema.config import BoxSpec, DiscreteSpec, MultiBinarySpec, TupleSpec
 
 WHERE = "parameters.action_space"
 
@@ -209,33 +216,43 @@ def bounded_box() -> BoxSpace:
     return BoxSpace(2, np.array([-1.0, -2.0]), np.array([1.0, 2.0]))
 
 
-def test_box_mode_is_the_clipped_mean(box_heads: list[np.ndarray]) -> None:
+def test_box_mode_is_the_clipped_mean_scored_as_a_censored_gaussian(box_heads: list[np.ndarray]) -> None:
     mean, log_std = box_heads
     samples = bounded_box().mode(box_heads)
     assert [s.action for s in samples] == [[0.5, -2.0], [1.0, 0.1]]
-    for b, s in enumerate(samples):
-        assert s.probability is None
-        # the density at the mean: only the normalising terms remain
-        want = float(np.sum(-log_std[b] - 0.5 * math.log(2 * math.pi)))
-        assert s.log_prob == pytest.approx(want, abs=1e-12)
-        row = slice(b, b + 1)
-        assert s.log_prob == pytest.approx(D.gaussian_log_prob(mean[row], mean[row], log_std[row])[0])
+    assert all(s.probability is None for s in samples)
+    # row 0: dim 0 inside (the density at the mean), dim 1 clipped at low = -2 (the mass below it)
+    want0 = -log_std[0, 0] - 0.5 * math.log(2 * math.pi) + norm.logcdf((-2.0 - mean[0, 1]) / np.exp(log_std[0, 1]))
+    # row 1: dim 0 clipped at high = 1 (the mass above it), dim 1 inside
+    want1 = norm.logsf((1.0 - mean[1, 0]) / np.exp(log_std[1, 0])) - log_std[1, 1] - 0.5 * math.log(2 * math.pi)
+    assert samples[0].log_prob == pytest.approx(want0, abs=1e-12)
+    assert samples[1].log_prob == pytest.approx(want1, abs=1e-12)
 
 
-def test_box_sample_is_clipped_and_scored_on_the_raw_draw() -> None:
+def test_box_sample_is_clipped_and_scored_on_the_clipped_action() -> None:
     mean = np.zeros((500, 2))
     log_std = np.full((500, 2), np.log(3.0))  # wide enough that most draws leave the bounds
     space = bounded_box()
     samples = space.sample([mean, log_std], np.random.default_rng(11))
     actions = np.array([s.action for s in samples])
-    assert actions.shape == (500, 2)
     assert (actions >= space.low).all() and (actions <= space.high).all()
     raw = mean + np.exp(log_std) * np.random.default_rng(11).standard_normal(mean.shape)
     assert (np.abs(raw) > space.high).any(), "the test should exercise clipping"
     np.testing.assert_allclose(actions, np.clip(raw, space.low, space.high), atol=1e-12)
-    np.testing.assert_allclose(
-        [s.log_prob for s in samples], D.gaussian_log_prob(raw, mean, log_std), atol=1e-12
-    )
+    want = D.clipped_gaussian_log_prob(actions, mean, log_std, space.low, space.high)
+    np.testing.assert_allclose([s.log_prob for s in samples], want, atol=1e-12)
+    # every draw beyond a bound has the same answer: its log-prob is the mass, not the raw density
+    at_high = actions[:, 0] == 1.0
+    assert len({s.log_prob for s, hit in zip(samples, at_high & (actions[:, 1] == 2.0)) if hit}) <= 1
+
+
+def test_an_unbounded_box_is_a_plain_gaussian(box_heads: list[np.ndarray]) -> None:
+    space = BoxSpace(2, np.full(2, -np.inf), np.full(2, np.inf))
+    samples = space.sample(box_heads, np.random.default_rng(0))
+    actions = np.array([s.action for s in samples])
+    want = D.gaussian_log_prob(actions, *box_heads)
+    np.testing.assert_allclose([s.log_prob for s in samples], want, atol=1e-12)
+    assert "squash" not in space.distribution(box_heads)[0]
 
 
 def test_box_distribution_gives_mean_and_std(box_heads: list[np.ndarray]) -> None:
@@ -258,3 +275,115 @@ def test_describe_is_json_serialisable() -> None:
     assert described["discrete"] == {"type": "discrete", "n": 2, "names": ["a", "b"]}
     assert described["tuple"] == {"type": "tuple", "nvec": [3, 2], "names": [["0", "1", "2"], ["0", "1"]]}
     assert described["box"] == {"type": "box", "shape": [2], "low": [0.0, 0.0], "high": [None, None]}
+
+
+# --- multi_discrete, multi_binary, tanh-squashed box ----------------------------------------
+
+
+def test_multi_discrete_answers_exactly_as_tuple(tuple_heads: list[np.ndarray]) -> None:
+    named = make_action_space(TupleSpec(type="multi_discrete"), tuple_heads, WHERE)
+    legacy = make_action_space(TupleSpec(type="tuple"), tuple_heads, WHERE)
+    assert named.describe() == legacy.describe() | {"type": "multi_discrete"}
+    assert named.sample(tuple_heads, np.random.default_rng(3)) == legacy.sample(tuple_heads, np.random.default_rng(3))
+    assert named.mode(tuple_heads) == legacy.mode(tuple_heads)
+    assert named.distribution(tuple_heads) == legacy.distribution(tuple_heads)
+
+
+def test_multi_binary_bits_log_probs_and_mode() -> None:
+    logits = np.array([[2.0, -1.0, 0.0], [-3.0, 0.5, 4.0]])
+    space = make_action_space(MultiBinarySpec(n=3), [logits], WHERE)
+    assert isinstance(space, MultiBinarySpace) and space.describe() == {"type": "multi_binary", "n": 3}
+    p1 = 1 / (1 + np.exp(-logits))
+    np.testing.assert_allclose([d["bits"] for d in space.distribution([logits])], p1, atol=1e-15)
+    modes = space.mode([logits])
+    assert [m.action for m in modes] == [[1, 0, 0], [0, 1, 1]]  # logit > 0
+    want = np.log(np.where(np.array([m.action for m in modes]) == 1, p1, 1 - p1)).sum(axis=1)
+    np.testing.assert_allclose([m.log_prob for m in modes], want, atol=1e-12)
+    np.testing.assert_allclose([m.probability for m in modes], np.exp(want), atol=1e-12)
+
+
+def test_multi_binary_samples_each_bit_at_its_probability() -> None:
+    logits = np.tile([[1.0, -2.0, 0.0]], (20000, 1))
+    bits = np.array([s.action for s in MultiBinarySpace(3).sample([logits], np.random.default_rng(1))])
+    assert set(np.unique(bits)) <= {0, 1}
+    np.testing.assert_allclose(bits.mean(axis=0), 1 / (1 + np.exp(-logits[0])), atol=0.01)
+
+
+def tanh_box() -> BoxSpace:
+    space = make_action_space(BoxSpec(low=[-1.0, 0.0], high=[1.0, 4.0], squash="tanh"),
+                              [np.zeros((2, 2)), np.zeros((2, 2))], WHERE)
+    assert isinstance(space, BoxSpace) and space.squash == "tanh"
+    return space
+
+
+def test_tanh_box_actions_stay_inside_and_mode_is_the_squashed_mean(box_heads: list[np.ndarray]) -> None:
+    space = tanh_box()
+    mean, log_std = box_heads
+    samples = space.sample([mean, log_std + 2.0], np.random.default_rng(0))
+    actions = np.array([s.action for s in samples])
+    assert ((actions >= space.low) & (actions <= space.high)).all()
+    modes = np.array([s.action for s in space.mode(box_heads)])
+    np.testing.assert_allclose(modes, space.low + (np.tanh(mean) + 1) / 2 * (space.high - space.low), atol=1e-12)
+    dist = space.distribution(box_heads)[0]
+    assert dist["squash"] == "tanh" and dist["low"] == [-1.0, 0.0] and dist["high"] == [1.0, 4.0]
+    assert dist["mean"] == mean[0].tolist()
+    assert space.describe()["squash"] == "tanh"
+
+
+def test_tanh_box_density_integrates_to_one() -> None:
+    """The change of variables is right when the answered density integrates to 1 over the bounds."""
+    space = BoxSpace(1, np.array([0.0]), np.array([4.0]), "tanh")
+    x = np.linspace(0.0, 4.0, 400_001)[1:-1, None]
+    mean, log_std = np.full_like(x, 0.7), np.full_like(x, np.log(0.8))
+    density = np.exp(space.log_prob(x, mean, log_std))
+    assert np.trapezoid(density, x[:, 0]) == pytest.approx(1.0, abs=1e-4)
+
+
+@pytest.mark.parametrize("spec, field", [
+    (BoxSpec(low=-1.0, high=[1.0, np.inf], squash="tanh"), "high"),
+])
+def test_tanh_box_needs_finite_bounds(spec: BoxSpec, field: str) -> None:
+    with pytest.raises(ValueError, match=rf"{WHERE}\.{field}: squash: tanh needs finite bounds"):
+        make_action_space(spec, [np.zeros((2, 2)), np.zeros((2, 2))], WHERE)
+
+
+def test_tanh_box_without_bounds_is_refused_by_the_schema() -> None:
+    with pytest.raises(ValueError, match="squash: tanh needs finite bounds; set high"):
+        BoxSpec(low=-1.0, squash="tanh")
+
+
+# --- masks ----------------------------------------------------------------------------------
+
+
+def test_masked_discrete_actions_have_probability_exactly_zero(logits: np.ndarray) -> None:
+    space = DiscreteSpace(4)
+    mask = np.array([[True, False, True, True], [False, True, True, True], [True, True, False, False]])
+    for dist, row in zip(space.distribution([logits], mask), mask):
+        probs = np.array(list(dist["probabilities"].values()))
+        assert (probs[~row] == 0.0).all() and probs.sum() == pytest.approx(1.0)
+    for dist, lg, row in zip(space.distribution([logits], mask), logits, mask):  # the softmax of the allowed
+        np.testing.assert_allclose(np.array(list(dist["probabilities"].values()))[row], softmax(lg[row]), atol=1e-12)
+    modes = [s.action for s in space.mode([logits], mask)]
+    assert modes == [3, 1, 0]  # the unmasked argmax is 1, 0, 2
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        for s, row in zip(space.sample([logits], rng, mask), mask):
+            assert row[s.action] and s.probability > 0
+
+
+def test_multi_discrete_masks_each_component(tuple_heads: list[np.ndarray]) -> None:
+    space = TupleSpace([3, 2], kind="multi_discrete")
+    mask = np.array([[False, False, True, True, False], [True, True, False, False, True]])
+    first, second = (d["components"] for d in space.distribution(tuple_heads, mask))
+    assert first[0] == {"0": 0.0, "1": 0.0, "2": 1.0} and first[1]["1"] == 0.0
+    assert second[0]["2"] == 0.0 and second[1] == {"0": 0.0, "1": 1.0}
+    assert [s.action for s in space.mode(tuple_heads, mask)] == [[2, 0], [0, 1]]
+    assert space.mask_problems(mask) == []
+
+
+def test_a_component_with_every_action_masked_is_named() -> None:
+    space = TupleSpace([3, 2])
+    mask = np.array([[True, False, False, False, False], [True, True, True, True, True]])
+    assert space.mask_problems(mask) == [(0, "component 1 of the action: the mask allows none of its 2 actions")]
+    assert DiscreteSpace(2).mask_problems(np.array([[False, False]])) == [
+        (0, "the mask allows none of the 2 actions")]

@@ -10,6 +10,7 @@ so any number of gateway processes may serve one client.
 # No `from __future__ import annotations`: FastAPI must see the generated models as real types.
 
 import re
+import time
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Request
@@ -88,7 +89,9 @@ def collect_router(service: PolicyService, training: TrainingService | None, aut
         rows = service.from_raw([obs], "body.observation") if isinstance(obs, list) else service.from_observations([obs])
         client_id = body.client_id or client_key(request)  # type: ignore[attr-defined]
         keep = service.versions.collect_variant(client_id, body.reward, body.done, forced)  # type: ignore[attr-defined]
-        samples, version, variant = await service.act(rows, "sample", ["body.observation"], forced=keep)
+        started = time.time_ns()  # after the client's previous decision: the reward below is that one's
+        samples, version, variant = await service.act(rows, "sample", ["body.observation"], forced=keep, client_id=client_id)
+        service.log_collected(started, client_id, body.reward, body.done, rows)  # type: ignore[attr-defined]
         service.versions.collect_acted(client_id, variant)
         if training is not None:
             await training.collect(client_id, rows[0], samples[0], version, body.reward, body.done)  # type: ignore[attr-defined]

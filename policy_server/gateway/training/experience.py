@@ -25,6 +25,9 @@ from policy_server.training.experience import ExperienceBatch
 CLIENT_ID_PATTERN = r"^[A-Za-z0-9_.:-]+$"
 ModelVersion = Annotated[int, Field(ge=0, le=np.iinfo(np.int64).max)]
 ActingVariant = Literal["stable", "canary"] | None
+RequestRef = Annotated[str, Field(pattern=r"^[A-Za-z0-9_.:-]{1,128}(/[0-9]{1,9})?$")]
+REQUEST_IDS_DOC = ("The `X-Request-ID` of the answer that chose each action (`<id>/<row>` for row `row` of a batch "
+                   "answer): a policy with an `experience_log` joins these rewards to its logged decisions by them.")
 VARIANT_DOC = ("The `variant` of the answers that chose the actions (`stable` or `canary`); with it, a policy "
                "with a candidate version counts episode returns per version (`GET .../versions`).")
 
@@ -80,6 +83,7 @@ class Fragment(_Wire):
     terminated: StrictBool = Field(False, description="The last step ended the episode in a terminal state.")
     truncated: StrictBool = Field(False, description="The last step ended the episode by a limit (bootstraps).")
     variant: ActingVariant = Field(None, description=VARIANT_DOC)
+    request_ids: list[RequestRef] | None = Field(None, description=f"T request ids. {REQUEST_IDS_DOC}")
 
     @model_validator(mode="after")
     def _lengths(self) -> Fragment:
@@ -91,6 +95,8 @@ class Fragment(_Wire):
             )
         if self.log_probs is not None and len(self.log_probs) != t:
             raise ValueError(f"log_probs has {len(self.log_probs)} entries for {t} actions")
+        if self.request_ids is not None and len(self.request_ids) != t:
+            raise ValueError(f"request_ids has {len(self.request_ids)} entries for {t} actions")
         return self
 
 
@@ -106,6 +112,7 @@ class Step(_Wire):
     log_prob: Float32 | None = None
     model_version: ModelVersion
     variant: ActingVariant = Field(None, description=VARIANT_DOC)
+    request_id: RequestRef | None = Field(None, description=REQUEST_IDS_DOC)
 
 
 class ExperienceRequest(_Wire):
@@ -122,6 +129,12 @@ class ExperienceRequest(_Wire):
     @property
     def rows(self) -> int:
         return sum(len(f.actions) for f in self.fragments) + len(self.steps)
+
+    @property
+    def refs(self) -> list[str | None]:
+        """Each row's request id (``request_ids``, ``request_id``), in ``to_batch``'s row order."""
+        refs: list[str | None] = [r for f in self.fragments for r in (f.request_ids or [None] * len(f.actions))]
+        return refs + [s.request_id for s in self.steps]
 
 
 def experience_model(policy: ServedPolicy) -> type[ExperienceRequest]:
