@@ -174,7 +174,7 @@ def to_batch(request: ExperienceRequest, policy: ServedPolicy, max_rows: int) ->
 
 def _fragment(f: Fragment, where: str, policy: ServedPolicy, errors: list[FieldError]) -> ExperienceBatch | None:
     obs = _observations(f.observations, f"{where}.observations", policy, errors)
-    actions = _actions(f.actions, f"{where}.actions", policy, errors)
+    actions = to_actions(f.actions, f"{where}.actions", policy, errors)
     if obs is None or actions is None:
         return None
     t = len(f.actions)
@@ -197,7 +197,7 @@ def _fragment(f: Fragment, where: str, policy: ServedPolicy, errors: list[FieldE
 def _steps(steps: list[Step], policy: ServedPolicy, errors: list[FieldError]) -> ExperienceBatch | None:
     obs = _observations([s.obs for s in steps], "body.steps.*.obs", policy, errors)
     next_obs = _observations([s.next_obs for s in steps], "body.steps.*.next_obs", policy, errors)
-    actions = _actions([s.action for s in steps], "body.steps.*.action", policy, errors)
+    actions = to_actions([s.action for s in steps], "body.steps.*.action", policy, errors)
     if obs is None or next_obs is None or actions is None:
         return None
     terminated = np.array([s.terminated for s in steps])
@@ -244,7 +244,9 @@ def _observations(
     return out if len(errors) == n_before else None
 
 
-def _actions(values: list[ActionValue], where: str, policy: ServedPolicy, errors: list[FieldError]) -> np.ndarray | None:
+def to_actions(values: list[ActionValue], where: str, policy: ServedPolicy, errors: list[FieldError]) -> np.ndarray | None:
+    """The actions as ``ExperienceBatch.actions`` (int64 ``(N, k)`` indices, float32 ``(N, d)``),
+    or None after appending a FieldError for each bad one (``where``: ``body.steps.*.action``)."""
     space, n_before = policy.space, len(errors)
 
     def bad(i: int, message: str) -> None:
