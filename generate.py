@@ -2,8 +2,12 @@
 
     python generate.py copy_server_files examples/lpoc
     python generate.py check schema.yaml
+    python generate.py schema --env CartPole-v1 --out schema.yaml --model models/policy.pt2
     python generate.py export models/policy.pt --obs_dim 4 --nvec 2 --state_dict w.pt --schema schema.yaml
+    python generate.py import models/ppo_cartpole.zip --out schema.yaml
+    python generate.py import models/policy.onnx --schema schema.yaml
     python generate.py serve --port 8000
+    python generate.py export_minari logs/decisions served/cartpole-v0
     python generate.py clients --out clients --languages python,java
 """
 
@@ -40,8 +44,11 @@ def main() -> None:
     commands = {
         "copy_server_files": cli.copy_server_files,
         "check": cli.check,
+        "schema": cli.schema,
         "export": cli.export,
+        "import": cli.import_model,
         "clients": cli.clients,
+        "export_minari": cli.export_minari,
         "serve": serve,
     }
     try:

@@ -15,8 +15,9 @@ from types import ModuleType
 from typing import Any, TypeVar
 
 import torch
+import yaml
 
-from policy_server.errors import ClientGenerationFailed, Conflict, SchemaError
+from policy_server.errors import ClientGenerationFailed, Conflict, NotFound, SchemaError
 from policy_server.export import ExportFormat, MLPPolicy, export_module, write_schema
 from policy_server.policies.served import resolve_candidate, resolve_policy
 from policy_server.schema.config import load_schema
@@ -30,6 +31,7 @@ T = TypeVar("T")
 EXAMPLE_BUILDERS: dict[str, str] = {
     "llm": "examples/llm/build_tiny_model.py",
     "alphabetical": "examples/alphabetical/pretrain.py",
+    "atari": "examples/atari/build_model.py",
 }
 """Examples whose models are built here rather than committed (no downloads): the script whose
 ``build_models(out_dir, progress)`` writes them, by the example folder's name."""
@@ -38,7 +40,7 @@ EXAMPLE_BUILDERS: dict[str, str] = {
 def copy_server_files(example: str, target: str = ".", force: bool = False) -> str:
     """Copy an example's schema.yaml and models/ next to app.py, so `uvicorn app:app` serves it.
 
-    An example whose models are built rather than committed (examples/llm, examples/alphabetical)
+    An example whose models are built rather than committed (examples/llm, alphabetical, atari)
     and not built yet gets them built into ``<target>/models``, offline, with a progress bar.
     The target's schema.yaml and models/ are replaced when its schema.yaml is an example's (as
     copied); one of the user's own is kept unless ``force``.
@@ -137,6 +139,37 @@ def check(schema: str = "schema.yaml") -> dict[str, Any]:
     return checked
 
 
+def schema(
+    env: str,
+    out: str = "schema.yaml",
+    model: str | None = None,
+    env_kwargs: dict[str, Any] | None = None,
+    api_key: str | None = None,
+) -> str:
+    """Write a schema.yaml whose ``observation_space`` and ``action_space`` are ``env``'s.
+
+    ``env``: a registered id (``CartPole-v1``, ``ALE/Pong-v5``), ``module:EnvId``, or an entry point
+    (``module:attr`` or ``file.py:attr``: a class or a function returning an environment), made with
+    ``env_kwargs``. ``model``: the model file the schema serves (written relative to the schema's
+    folder; default: the one file in ``models/`` beside it, found when the server starts).
+    Raises SchemaError for an environment that cannot be made or a space the server cannot serve.
+    """
+    from policy_server.envs import env_schema, make_env
+
+    if env_kwargs is not None and not isinstance(env_kwargs, dict):  # fire passes what it cannot parse as text
+        raise SchemaError(f"--env_kwargs: a mapping such as '{{\"is_slippery\": False}}', not {env_kwargs!r}")
+    made = make_env(env, env_kwargs)
+    try:
+        target = Path(out)
+        relative = None if model is None else os.path.relpath(Path(model).resolve(), target.resolve().parent)
+        doc = env_schema(made, relative, api_key)
+    finally:
+        made.close()
+    target.write_text(f"# written by `python generate.py schema --env {env}`\n" + yaml.safe_dump(doc, sort_keys=False, default_flow_style=None))
+    return f"wrote {target} for {env}: observation_space {doc['observation_space']['type']}, " \
+           f"action_space {doc['parameters']['action_space']['type']}"
+
+
 def local_machine() -> dict[str, float]:
     """This machine's CPUs (those this process may run on), GPUs (torch's count) and memory (bytes)."""
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
@@ -197,8 +230,8 @@ def export(
     (``hidden``, and ``nvec`` for discrete/tuple or ``box_dim`` for continuous actions); in both
     cases ``state_dict`` (a ``torch.save``d state dict) loads the trained weights.
     """
-    if fmt not in ("export", "torchscript"):
-        raise ValueError(f"--fmt must be export or torchscript, not {fmt!r}")
+    if fmt not in ("export", "torchscript", "onnx"):
+        raise ValueError(f"--fmt must be export, onnx or torchscript, not {fmt!r}")
     sizes = _as_list(nvec)
     net = _load_user_module(module) if module else MLPPolicy(obs_dim, list(hidden), sizes, box_dim, activation)
     if state_dict:
@@ -219,6 +252,17 @@ def export(
         write_schema(Path(schema), observations, space, str(model_rel), api_key)
         check(schema)
     return str(path)
+
+
+def import_model(model: str, out: str | None = None, schema: str | None = None, policy: str | None = None) -> dict[str, Any]:
+    """Read a Stable-Baselines3 ``.zip`` or an ONNX file with its own library. With ``schema``,
+    check that schema's policy (``policy``; default: its default policy) against the file, with
+    start-up's errors; else write a schema from the file's spaces to ``out`` (default:
+    ``schema.yaml`` beside the model; SB3 files only, ONNX files hold no spaces).
+    Returns what start-up resolved; raises SchemaError naming the field and both values."""
+    from policy_server.policies.importing import import_model as run
+
+    return run(Path(model), Path(out) if out else None, Path(schema) if schema else None, policy)
 
 
 def clients(
@@ -251,6 +295,24 @@ def clients(
     lines = [f"wrote {', '.join(progress.done()) or 'no SDK'} to {target} (see its README.md)"]
     lines += [f"{', '.join(langs)} {state}: {note}" for state, langs, note in progress.problems()]
     return "\n".join(lines)
+
+
+def export_minari(log_folder: str, dataset_id: str, policy: str | None = None, datasets_path: str | None = None) -> dict[str, Any]:
+    """Write an experience log folder (``experience_log.path``) as the local Minari dataset ``dataset_id``
+    (in ``datasets_path``, default Minari's: ``MINARI_DATASETS_PATH`` or ``~/.minari/datasets``).
+
+    Raises NotFound (no log, no spaces file of the policy) and Conflict (nothing to export, the policy
+    must be named, a dataset of that id exists already)."""
+    if datasets_path is not None:
+        os.environ["MINARI_DATASETS_PATH"] = str(Path(datasets_path).resolve())
+    from policy_server.experience_log.minari_export import export_minari as export
+
+    try:
+        return export(log_folder, dataset_id, policy)
+    except FileNotFoundError as exc:
+        raise NotFound(str(exc)) from None
+    except ValueError as exc:
+        raise Conflict(str(exc)) from None
 
 
 def parse_dataclass_args(cls: type[T], description: str | None = None, argv: list[str] | None = None) -> T:

@@ -409,3 +409,28 @@ def assert_422_naming(answer: Any, field: str) -> dict[str, Any]:
 
 
 CHAT_BODY = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4}
+
+
+def train_sb3(algorithm: str, env: Any, path: Path, steps: int, **kwargs: Any) -> Path:
+    """Train an SB3 (or sb3-contrib) ``algorithm`` for a handful of ``steps`` on CPU, seeded, and
+    save it to ``path`` (a ``.zip``): a real file for the format tests, made in about a second."""
+    import sb3_contrib
+    import stable_baselines3
+
+    cls = getattr(stable_baselines3, algorithm, None) or getattr(sb3_contrib, algorithm)
+    model = cls("MlpPolicy", env, seed=0, device="cpu", **kwargs)
+    model.learn(steps)
+    model.save(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def format_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A PPO CartPole ``.zip`` (``ppo``) and the ``cart.pt2`` architecture as ONNX (``onnx``,
+    with its torch twin ``onnx_twin``, a ``.pt2`` of the same weights)."""
+    root = tmp_path_factory.mktemp("formats")
+    ppo = train_sb3("PPO", "CartPole-v1", root / "ppo.zip", 64, n_steps=32, batch_size=32, n_epochs=1)
+    torch.manual_seed(0)
+    module = MLPPolicy(4, [32], nvec=[2])
+    return {"ppo": ppo, "onnx": export_module(module, 4, root / "cart", fmt="onnx"),
+            "onnx_twin": export_module(module, 4, root / "cart")}

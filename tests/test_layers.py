@@ -18,7 +18,7 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "policy_server"
 MAX_LINES = 500
 SCHEMA_MAY_IMPORT = ("policy_server.schema", "policy_server.errors", "policy_server.fields")
-DOMAIN = ("policies", "training", "llm", "schema")
+DOMAIN = ("policies", "training", "llm", "schema", "experience_log")
 HTTP = ("fastapi", "starlette")
 
 

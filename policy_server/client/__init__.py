@@ -28,6 +28,7 @@ from policy_server.client.acting import ActingClient, ActResult, ClientStats
 from policy_server.client.env import EnvStats, run_env
 from policy_server.client.experience import PolicyClient
 from policy_server.client.http import ErrorEnvelope, PolicyClientError, error_envelope
+from policy_server.client.spaces import SpaceMismatch
 
 __all__ = [
     "ActResult",
@@ -37,6 +38,7 @@ __all__ = [
     "ErrorEnvelope",
     "PolicyClient",
     "PolicyClientError",
+    "SpaceMismatch",
     "error_envelope",
     "run_env",
 ]

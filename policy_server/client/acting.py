@@ -4,21 +4,32 @@ policy's downloaded model and weights, and the conversions between observations 
 
 from __future__ import annotations
 
+import io
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any, Literal, NamedTuple, Self
 
+import gymnasium.spaces as gs
 import httpx
 import numpy as np
 
 from policy_server.client.http import HttpSession, PolicyClientError
+from policy_server.client.spaces import model_rows, served_observation_space, space_json
 from policy_server.policies.codec import decode_weights
-from policy_server.policies.spaces import ActionSpace, BoxSpace, DiscreteSpace, TupleSpace
+from policy_server.policies.spaces import ActionSpace, BoxSpace, DiscreteSpace, MultiBinarySpace, TupleSpace
 from policy_server.policies.torch_policy import TorchPolicy, load_module
 
 Inference = Literal["remote", "local"]
+BINARY_ABOVE = 1024
+"""``binary=None``: remote acting sends an observation of more values than this as ``.npy``."""
+NPY = "application/x-npy"
 ActionValue = int | list[int] | list[float]
-Observation = Sequence[float] | np.ndarray | Mapping[str, Any]
+Observation = Sequence[Any] | np.ndarray | Mapping[str, Any] | int
+"""A flat vector or the schema's observation object (Pathmind ``observations``), or an observation
+of the policy's ``observation_space`` (an array, an int, a dict, a tuple)."""
+SPACE_BATCH_KEY = "obs"
+"""The batch forms' key for observations of an ``observation_space``: ``{"obs": [obs, ...]}``."""
 
 
 class ActResult(NamedTuple):
@@ -50,11 +61,26 @@ class ClientStats:
 class _LocalModel:
     """The policy's model in this process: forward passes and the server's action-space maths."""
 
-    def __init__(self, policy: TorchPolicy, space: ActionSpace, fields: list[str]) -> None:
-        self.policy, self.space, self.fields = policy, space, fields
+    def __init__(
+        self, policy: TorchPolicy, space: ActionSpace, fields: list[str], obs_space: gs.Space[Any] | None,
+        mask_key: str | None = None,
+    ) -> None:
+        self.policy, self.space, self.fields, self.obs_space = policy, space, fields, obs_space
+        self.mask_key = mask_key if isinstance(obs_space, gs.Dict) and mask_key in obs_space.spaces else None
 
-    def heads(self, obs: Observation) -> list[np.ndarray]:
-        return self.policy.forward(_flat(obs, self.fields)[None]).heads
+    def heads(self, observations: Sequence[Observation]) -> tuple[list[np.ndarray], np.ndarray | None]:
+        """The model's heads for a batch of observations, one row each, and the action mask
+        ``(B, mask_width)`` bool that a Dict observation holds under ``action_space.mask`` (left out
+        of the model input, as the server leaves it out), or None."""
+        if self.obs_space is None:
+            return self.policy.forward(np.stack([_flat(obs, self.fields) for obs in observations])).heads, None
+        if self.mask_key is None:
+            return self.policy.forward(model_rows(self.obs_space, observations)).heads, None
+        assert isinstance(self.obs_space, gs.Dict)
+        rest = gs.Dict({k: v for k, v in self.obs_space.spaces.items() if k != self.mask_key})
+        rows = model_rows(rest, [{k: obs[k] for k in rest.spaces} for obs in observations])  # type: ignore[index]
+        mask = np.stack([np.asarray(obs[self.mask_key], dtype=bool).ravel() for obs in observations])  # type: ignore[index]
+        return self.policy.forward(rows).heads, mask
 
 
 class ActingClient:
@@ -77,12 +103,17 @@ class ActingClient:
         backoff_base_s: float = 0.1,
         backoff_cap_s: float = 5.0,
         seed: int | None = None,
+        binary: bool | None = None,
     ) -> None:
         """
         Args:
             base_url: the server, with the schema's ``url_path`` if it has one.
             inference: ask the server for every action, or act here with downloaded weights.
             refresh_every: local inference checks the server's weight version every this many acts.
+            binary: remote acting sends an observation array (not an object) as an ``.npy`` body
+                (True), as JSON (False), or as ``.npy`` when it has more than ``BINARY_ABOVE``
+                values (None): an 84×84×4 image is 28 kB of ``.npy``, ~100 kB of JSON text. Floats
+                travel as float32, the models' precision; integers and bools as they are.
             max_retries: retries of a request after a connection error, 429 or 503.
             backoff_base_s, backoff_cap_s: retry ``k`` waits about ``min(cap, base * 2**k)``.
             seed: seed of local action sampling and of the retry jitter.
@@ -90,6 +121,7 @@ class ActingClient:
         if inference not in ("remote", "local"):
             raise ValueError(f"inference must be 'remote' or 'local', not {inference!r}")
         self.inference = inference
+        self.binary = binary
         self.policy = policy
         self.prefix = f"/policies/{policy}" if policy else ""
         self.refresh_every = refresh_every
@@ -122,11 +154,12 @@ class ActingClient:
         self.close()
 
     def request(
-        self, method: str, path: str, json: Any = None, headers: dict[str, str] | None = None
+        self, method: str, path: str, json: Any = None, headers: dict[str, str] | None = None,
+        content: bytes | None = None,
     ) -> httpx.Response:
         """``HttpSession.request``: retries connection errors, 429 and 503; raises
         PolicyClientError on any other error (a 304 is returned)."""
-        return self._http.request(method, path, json=json, headers=headers)
+        return self._http.request(method, path, json=json, headers=headers, content=content)
 
     def _count_retry(self) -> None:
         self.stats.retries += 1
@@ -143,14 +176,15 @@ class ActingClient:
     # --- acting ---------------------------------------------------------------------------
 
     def act(self, obs: Observation) -> ActResult:
-        """Choose an action for one observation: a flat vector or the schema's observation object.
+        """Choose an action for one observation: a flat vector or the schema's observation object,
+        or an observation of the policy's ``observation_space``.
 
         A DQN policy acts epsilon-greedily (the server's epsilon); others sample from the policy.
         """
         if self.algorithm is None:
             self.algorithm = (self.describe().get("training") or {}).get("algorithm", "")
         if self.inference == "local":
-            result, self.last_variant = self._act_local(obs), "stable"
+            result, self.last_variant = self._act_local([obs])[0], "stable"
         elif self.algorithm == "dqn":
             answer = self._predict(obs, "predict_deterministic")
             result, self.last_variant = self._epsilon_greedy(answer["action"], answer["model_version"]), answer["variant"]
@@ -162,16 +196,64 @@ class ActingClient:
         self._maybe_heartbeat()
         return result
 
+    def act_batch(self, observations: Sequence[Observation]) -> list[ActResult]:
+        """Choose one action per observation with one request (``/predict/batch``, or the raw or
+        deterministic batch form) or one local forward pass; as ``act`` otherwise. The policy's
+        version that answered is ``last_variant`` (one for the whole batch)."""
+        if not observations:  # every sub-environment of a vector env resetting at once: nothing to ask
+            return []
+        if self.algorithm is None:
+            self.algorithm = (self.describe().get("training") or {}).get("algorithm", "")
+        if self.inference == "local":
+            results, self.last_variant = self._act_local(observations), "stable"
+        else:
+            endpoint = "predict_deterministic" if self.algorithm == "dqn" else "predict"
+            answer = self._predict_batch(observations, endpoint)
+            version, self.last_variant = int(answer["model_version"]), answer["variant"]
+            if self.algorithm == "dqn":
+                results = [self._epsilon_greedy(row["action"], version) for row in answer["results"]]
+            else:
+                results = [ActResult(row["action"], row["log_prob"], version) for row in answer["results"]]
+        self._last_act_version = results[-1].model_version if results else self._last_act_version
+        self._maybe_heartbeat()
+        return results
+
+    def wire(self, obs: Observation) -> Any:
+        """An observation as JSON: in the form of the policy's ``observation_space`` (nested lists
+        of a Box's shape, an object for a Dict, ...), else ``wire_obs``."""
+        space = self._obs_space
+        return wire_obs(obs) if space is None else space_json(space, obs)
+
+    @cached_property
+    def _obs_space(self) -> gs.Space[Any] | None:
+        return served_observation_space(self.describe())
+
     def _predict(self, obs: Observation, endpoint: str) -> dict[str, Any]:
         # an episode begun by one version of a policy with a candidate stays with it
         pin = {"X-Policy-Version": self._episode_variant} if self._episode_variant else None
+        if self._obs_space is not None:
+            return self._post(f"/{endpoint}", {"obs": self.wire(obs)}, pin)
         if isinstance(obs, Mapping):
             return self._post(f"/{endpoint}", wire_obs(obs), pin)
+        array = np.asarray(obs)
+        if self.binary or (self.binary is None and array.size > BINARY_ABOVE):
+            headers = (pin or {}) | {"content-type": NPY}
+            path = f"{self.prefix}/{'predict_raw' if endpoint == 'predict' else endpoint}"
+            return self.request("POST", path, headers=headers, content=npy_obs(array)).json()
         if endpoint == "predict":
             return self._post("/predict_raw", {"obs": wire_obs(obs)}, pin)
         # no raw form of the deterministic endpoint: the batch form takes flat vectors
         answer = self._post(f"/{endpoint}/batch", {"observations": [self._as_object(obs)]}, pin)
         return answer["results"][0] | {"model_version": answer["model_version"], "variant": answer["variant"]}
+
+    def _predict_batch(self, observations: Sequence[Observation], endpoint: str) -> dict[str, Any]:
+        """One batch request for ``observations`` (no version pinned: a batch is one variant's)."""
+        if self._obs_space is not None:
+            return self._post(f"/{endpoint}/batch", {SPACE_BATCH_KEY: [self.wire(obs) for obs in observations]})
+        if endpoint == "predict" and not any(isinstance(obs, Mapping) for obs in observations):
+            return self._post("/predict_raw/batch", {"obs": [wire_obs(obs) for obs in observations]})
+        objects = [wire_obs(obs) if isinstance(obs, Mapping) else self._as_object(obs) for obs in observations]
+        return self._post(f"/{endpoint}/batch", {"observations": objects})
 
     def _as_object(self, obs: Observation) -> dict[str, Any]:
         """A flat vector as the schema's observation object (remote DQN on a raw vector)."""
@@ -182,7 +264,8 @@ class ActingClient:
             i += width or 1
         return out
 
-    def _act_local(self, obs: Observation) -> ActResult:
+    def _act_local(self, observations: Sequence[Observation]) -> list[ActResult]:
+        """Actions for a batch of observations from one forward pass of the local model."""
         if self._local is None:
             self.load_model()
         elif self._acts_since_check >= self.refresh_every:
@@ -190,11 +273,11 @@ class ActingClient:
         self._acts_since_check += 1
         local = self._local
         assert local is not None
-        heads = local.heads(obs)
+        heads, mask = local.heads(observations)
+        version = local.policy.version
         if self.algorithm == "dqn":
-            return self._epsilon_greedy(local.space.mode(heads)[0].action, local.policy.version)
-        sample = local.space.sample(heads, self._rng)[0]
-        return ActResult(sample.action, sample.log_prob, local.policy.version)
+            return [self._epsilon_greedy(greedy.action, version) for greedy in local.space.mode(heads, mask)]
+        return [ActResult(s.action, s.log_prob, version) for s in local.space.sample(heads, self._rng, mask)]
 
     def _epsilon_greedy(self, greedy: ActionValue, version: int) -> ActResult:
         """With probability epsilon a uniformly random action, else the greedy one; the log-prob
@@ -212,16 +295,18 @@ class ActingClient:
         space = self.describe()["action_space"]
         if space["type"] == "discrete":
             return [int(space["n"])]
-        if space["type"] == "tuple":
+        if space["type"] in ("tuple", "multi_discrete"):
             return [int(n) for n in space["nvec"]]
         raise PolicyClientError(None, "unsupported", "epsilon-greedy needs a discrete or tuple action space")
 
     # --- the policy and its weights -------------------------------------------------------
 
     def describe(self) -> dict[str, Any]:
-        """The policy as the server resolved it: ``obs_dim``, ``action_space`` (sizes from the
+        """The policy as the server resolved it: its ``name``, ``obs_dim``, ``action_space`` (sizes from the
         model), ``observations`` (field names in input order), ``fields`` (name → (type,
-        columns), columns None for a scalar) and ``training`` (the schema's section, or None)."""
+        columns), columns None for a scalar), ``observation_space`` (the schema's YAML form, None
+        with Pathmind ``observations``), ``mask`` (the observation holding the action mask, or
+        None) and ``training`` (the schema's section, or None)."""
         if self._description is None:
             status = self.request("GET", "/").json()
             name = self.policy or status["default_policy"]
@@ -229,6 +314,9 @@ class ActingClient:
             schema = self.request("GET", "/schema").json()["policies"][name]
             described["fields"] = _fields(schema.get("observations") or {}, described["obs_dim"])
             described["training"] = schema.get("training")
+            described["observation_space"] = schema.get("observation_space")
+            described["name"] = name
+            described["mask"] = (schema.get("action_space") or {}).get("mask")
             self._description = described
         return self._description
 
@@ -241,7 +329,8 @@ class ActingClient:
         description = self.describe()
         policy = TorchPolicy(load_module(response.content, fmt), version=-1)  # type: ignore[arg-type]
         fields = description["observations"] if description.get("observations") else []
-        self._local = _LocalModel(policy, _space(description["action_space"]), fields)
+        self._local = _LocalModel(policy, _space(description["action_space"]), fields, self._obs_space,
+                                  description.get("mask"))
         self.refresh()
 
     def refresh(self) -> bool:
@@ -292,6 +381,17 @@ def wire_obs(obs: Observation) -> Any:
     return np.asarray(obs, dtype=np.float64).ravel().tolist()
 
 
+def npy_obs(obs: np.ndarray) -> bytes:
+    """An observation as an ``.npy`` body: the model's input row (flat, as today's models take it),
+    floats as float32 (the server refuses float64: it would round), integers and bools as they are."""
+    array = obs.ravel()
+    if array.dtype.kind == "f":
+        array = array.astype(np.float32)
+    stream = io.BytesIO()
+    np.save(stream, array, allow_pickle=False)
+    return stream.getvalue()
+
+
 def wire_action(action: Any) -> ActionValue:
     """An action (numpy or plain) as JSON: an int or a list."""
     value = plain(action)
@@ -328,10 +428,13 @@ def _space(description: Mapping[str, Any]) -> ActionSpace:
     kind = description["type"]
     if kind == "discrete":
         return DiscreteSpace(int(description["n"]), description.get("names"))
-    if kind == "tuple":
-        return TupleSpace([int(n) for n in description["nvec"]], description.get("names"))
+    if kind in ("tuple", "multi_discrete"):
+        return TupleSpace([int(n) for n in description["nvec"]], description.get("names"), kind=kind)
+    if kind == "multi_binary":
+        return MultiBinarySpace(int(description["n"]))
     dim = int(np.prod(description["shape"]))
-    return BoxSpace(dim, _bounds(description["low"], -np.inf), _bounds(description["high"], np.inf))
+    return BoxSpace(dim, _bounds(description["low"], -np.inf), _bounds(description["high"], np.inf),
+                    description.get("squash", "clip"))
 
 
 def _bounds(values: list[float | None], unbounded: float) -> np.ndarray:

@@ -1,4 +1,5 @@
-"""The environment loop: ``run_env`` plays a Gymnasium environment with a ``PolicyClient``."""
+"""The environment loop: ``run_env`` plays a Gymnasium environment, or a Gymnasium vector
+environment, with a ``PolicyClient``."""
 
 from __future__ import annotations
 
@@ -7,15 +8,18 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import gymnasium as gym
 import numpy as np
+from gymnasium.vector import AutoresetMode, VectorEnv
+from gymnasium.vector.utils import iterate
 
-from policy_server.client.acting import ActionValue
 from policy_server.client.experience import PolicyClient
+from policy_server.client.spaces import check_spaces, env_action
 
 
 @dataclass
 class EnvStats:
-    """What ``run_env`` played."""
+    """What ``run_env`` played (over every sub-environment of a vector environment)."""
 
     steps: int = 0
     episodes: int = 0
@@ -30,7 +34,7 @@ class EnvStats:
 
 def run_env(
     client: PolicyClient,
-    env: Any,
+    env: gym.Env[Any, Any] | VectorEnv[Any, Any, Any],
     max_steps: int | None = None,
     max_episodes: int | None = None,
     stop: Callable[[], bool] | None = None,
@@ -40,40 +44,112 @@ def run_env(
 ) -> EnvStats:
     """Play a Gymnasium environment with the client's policy, sending the experience.
 
+    First checks the environment's spaces against the server's policy (``spaces.check_spaces``:
+    raises ``SpaceMismatch`` naming both). A vector environment (``gymnasium.vector.SyncVectorEnv``,
+    ``AsyncVectorEnv``, ``gym.make_vec``) asks for all its sub-environments' actions in one batch
+    request per vector step and logs each sub-environment's steps as its own episodes; its
+    autoreset mode is honoured (``NEXT_STEP``, the default: the step after an episode's end is a
+    reset step, not logged; ``SAME_STEP``: the episode's last observation is ``info["final_obs"]``;
+    ``DISABLED``: ended sub-environments are reset with ``reset_mask``). ``steps`` counts
+    sub-environment steps.
+
     Runs until ``max_steps`` steps, ``max_episodes`` episodes, or ``stop()`` is true (checked
-    every step), whichever comes first; then flushes. ``seed`` seeds the first ``reset``;
-    ``on_episode`` is called with the stats after each episode. ``train=False`` only acts.
+    every step; a vector step may pass ``max_steps`` by fewer than ``num_envs``), whichever comes
+    first; then flushes. ``seed`` seeds the first ``reset``; ``on_episode`` is called with the stats
+    after each episode. ``train=False`` only acts.
     """
+    vector = isinstance(env, VectorEnv)
+    observation_space = env.single_observation_space if vector else env.observation_space
+    action_space = env.single_action_space if vector else env.action_space
+    check_spaces(client.describe(), observation_space, action_space)
     stats, start = EnvStats(), time.monotonic()
-    obs, _ = env.reset(seed=seed)
-    ep_return, ep_len = 0.0, 0
-    while not (
-        (max_steps is not None and stats.steps >= max_steps)
-        or (max_episodes is not None and stats.episodes >= max_episodes)
-        or (stop is not None and stop())
-    ):
-        action, log_prob, version = client.act(obs)
-        next_obs, reward, terminated, truncated, _ = env.step(_env_action(action))
-        if train:
-            client.log_step(obs, action, float(reward), terminated, truncated, next_obs, log_prob, version)
-        stats.steps += 1
-        ep_return, ep_len = ep_return + float(reward), ep_len + 1
-        if terminated or truncated:
-            stats.episodes += 1
-            stats.returns.append(ep_return)
-            stats.lengths.append(ep_len)
-            ep_return, ep_len = 0.0, 0
-            if on_episode is not None:
-                on_episode(stats)
-            obs, _ = env.reset()
-        else:
-            obs = next_obs
+
+    def done() -> bool:
+        return ((max_steps is not None and stats.steps >= max_steps)
+                or (max_episodes is not None and stats.episodes >= max_episodes)
+                or (stop is not None and stop()))
+
+    if vector:
+        _play_vector(client, env, stats, done, seed, on_episode, train)
+    else:
+        _play(client, env, stats, done, seed, on_episode, train)
     if train:
         client.flush()
     stats.wall_s = time.monotonic() - start
     return stats
 
 
-def _env_action(action: ActionValue) -> Any:
-    """A list action as the numpy array Gymnasium's MultiDiscrete and Box spaces take."""
-    return np.asarray(action) if isinstance(action, list) else action
+def _end_episode(stats: EnvStats, ep_return: float, ep_len: int, on_episode: Callable[[EnvStats], None] | None) -> None:
+    stats.episodes += 1
+    stats.returns.append(ep_return)
+    stats.lengths.append(ep_len)
+    if on_episode is not None:
+        on_episode(stats)
+
+
+def _play(
+    client: PolicyClient, env: gym.Env[Any, Any], stats: EnvStats, done: Callable[[], bool], seed: int | None,
+    on_episode: Callable[[EnvStats], None] | None, train: bool,
+) -> None:
+    obs, _ = env.reset(seed=seed)
+    ep_return, ep_len = 0.0, 0
+    while not done():
+        action, log_prob, version = client.act(obs)
+        next_obs, reward, terminated, truncated, _ = env.step(env_action(env.action_space, action))
+        if train:
+            client.log_step(obs, action, float(reward), terminated, truncated, next_obs, log_prob, version)
+        stats.steps += 1
+        ep_return, ep_len = ep_return + float(reward), ep_len + 1
+        if terminated or truncated:
+            _end_episode(stats, ep_return, ep_len, on_episode)
+            ep_return, ep_len = 0.0, 0
+            obs, _ = env.reset()
+        else:
+            obs = next_obs
+
+
+def _play_vector(
+    client: PolicyClient, env: VectorEnv[Any, Any, Any], stats: EnvStats, done: Callable[[], bool],
+    seed: int | None, on_episode: Callable[[EnvStats], None] | None, train: bool,
+) -> None:
+    """One batch request per vector step for the sub-environments that step (a sub-environment
+    resetting under ``NEXT_STEP`` ignores its action: it is not asked for one, nor logged)."""
+    mode = AutoresetMode(env.metadata.get("autoreset_mode", AutoresetMode.NEXT_STEP))
+    n = env.num_envs
+    batch, _ = env.reset(seed=seed)
+    observations = list(iterate(env.observation_space, batch))
+    resetting = np.zeros(n, dtype=bool)  # NEXT_STEP: this step of the sub-environment is its reset
+    actions = [env.single_action_space.sample() for _ in range(n)]  # what a resetting one is handed
+    ep_return, ep_len = np.zeros(n), np.zeros(n, dtype=int)
+    while not done():
+        acting = [i for i in range(n) if not resetting[i]]
+        results = dict(zip(acting, client.act_batch([observations[i] for i in acting]), strict=True))
+        for i, result in results.items():
+            actions[i] = env_action(env.single_action_space, result.action)
+        batch, rewards, terminated, truncated, info = env.step(_batched(env, actions))
+        next_observations = list(iterate(env.observation_space, batch))
+        ended = np.logical_or(terminated, truncated)
+        for i, (action, log_prob, version) in results.items():
+            last = next_observations[i]
+            if mode is AutoresetMode.SAME_STEP and ended[i]:
+                last = info["final_obs"][i]  # the observation returned is the next episode's first
+            if train:
+                client.log_step(observations[i], action, float(rewards[i]), bool(terminated[i]), bool(truncated[i]),
+                                last, log_prob, version, client.last_variant, stream=i)
+            stats.steps += 1
+            ep_return[i] += float(rewards[i])
+            ep_len[i] += 1
+            if ended[i]:
+                _end_episode(stats, float(ep_return[i]), int(ep_len[i]), on_episode)
+                ep_return[i], ep_len[i] = 0.0, 0
+        if mode is AutoresetMode.DISABLED and ended.any():
+            batch, _ = env.reset(options={"reset_mask": ended})
+            next_observations = list(iterate(env.observation_space, batch))
+        resetting = ended if mode is AutoresetMode.NEXT_STEP else np.zeros(n, dtype=bool)
+        observations = next_observations
+
+
+def _batched(env: VectorEnv[Any, Any, Any], actions: list[Any]) -> Any:
+    """One action per sub-environment as the vector environment's batched action."""
+    out = gym.vector.utils.create_empty_array(env.single_action_space, env.num_envs)
+    return gym.vector.utils.concatenate(env.single_action_space, actions, out)

@@ -15,7 +15,6 @@ from policy_server.client.acting import (
     Inference,
     Observation,
     wire_action,
-    wire_obs,
 )
 from policy_server.client.http import PolicyClientError
 
@@ -73,6 +72,7 @@ class PolicyClient(ActingClient):
         wait_for_training_s: float = 60.0,
         seed: int | None = None,
         info: dict[str, Any] | None = None,
+        binary: bool | None = None,
     ) -> None:
         """
         Args:
@@ -85,11 +85,14 @@ class PolicyClient(ActingClient):
             wait_for_training_s: how long experience waits for paused training to run again.
             seed: seed of local action sampling and of the retry jitter.
             info: sent to the server when registering (shown in its client list).
+            binary: how remote acting sends an observation array (``ActingClient``): ``.npy``
+                (True), JSON (False), ``.npy`` above ``BINARY_ABOVE`` values (None). Experience
+                is sent as JSON.
         """
         if fragment_steps < 1:
             raise ValueError(f"fragment_steps must be at least 1, not {fragment_steps}")
         super().__init__(base_url, api_key, policy, inference, fragment_steps, timeout, max_retries,
-                         backoff_base_s, backoff_cap_s, seed)
+                         backoff_base_s, backoff_cap_s, seed, binary)
         self.client_id = client_id
         self.fragment_steps = fragment_steps
         self.wait_for_training_s = wait_for_training_s
@@ -98,9 +101,9 @@ class PolicyClient(ActingClient):
         self._registered = False
         self._heartbeat_interval_s = 10.0
         self._last_contact = 0.0
-        self._open: _Fragment | None = None
+        self._open: dict[int, _Fragment] = {}  # by stream: one per sub-environment of a vector env
         self._closed: list[_Fragment] = []
-        self._last_next_obs: Any = None
+        self._last_next_obs: dict[int, Any] = {}
 
     # --- registration ---------------------------------------------------------------------
 
@@ -147,6 +150,7 @@ class PolicyClient(ActingClient):
         log_prob: float | None = None,
         model_version: int | None = None,
         variant: str | None = None,
+        stream: int = 0,
     ) -> None:
         """Record one environment step; posts experience every ``fragment_steps`` steps.
 
@@ -155,6 +159,8 @@ class PolicyClient(ActingClient):
         default: that of the last ``act``). A step that does not continue the previous one (``obs``
         differs from its ``next_obs``) or was acted by another version starts a new fragment.
         Acting on the server, the rest of an episode is asked of the version that acted its first step.
+        ``stream`` tells interleaved episodes apart (the sub-environment of a vector environment):
+        each stream's steps form their own fragments.
         """
         if not self._registered:
             self.register()
@@ -163,45 +169,47 @@ class PolicyClient(ActingClient):
             raise ValueError("log_step needs the model_version that acted (no act() call yet)")
         variant = variant or self.last_variant
         self._episode_variant = None if terminated or truncated or self.inference == "local" else variant
-        frag = self._fragment_for(obs, version, variant)
-        frag.observations.append(wire_obs(next_obs))
-        self._last_next_obs = next_obs
+        frag = self._fragment_for(obs, version, variant, stream)
+        frag.observations.append(self.wire(next_obs))
+        self._last_next_obs[stream] = next_obs
         frag.actions.append(wire_action(action))
         frag.rewards.append(float(reward))
         frag.log_probs.append(None if log_prob is None else float(log_prob))
         self.stats.steps_logged += 1
         if terminated or truncated:
             frag.terminated, frag.truncated = bool(terminated), bool(truncated) and not terminated
-            self._close_open()
+            self._close_open(stream)
         if self.pending_steps >= self.fragment_steps:
             self.flush()
         else:
             self._maybe_heartbeat()
 
-    def _fragment_for(self, obs: Observation, version: int, variant: str = "stable") -> _Fragment:
-        """The open fragment if the step acted by ``version`` (of ``variant``) from ``obs`` continues
-        it, else a new one."""
-        frag = self._open
+    def _fragment_for(self, obs: Observation, version: int, variant: str, stream: int) -> _Fragment:
+        """The stream's open fragment if the step acted by ``version`` (of ``variant``) from ``obs``
+        continues it, else a new one."""
+        frag = self._open.get(stream)
         # run_env hands the previous next_obs back as obs: then it is converted and continuous already
-        follows = frag is not None and obs is self._last_next_obs
-        obs_json = frag.observations[-1] if follows else wire_obs(obs)  # type: ignore[union-attr]
+        follows = frag is not None and obs is self._last_next_obs.get(stream)
+        obs_json = frag.observations[-1] if follows else self.wire(obs)  # type: ignore[union-attr]
         continues = follows or (frag is not None and frag.observations[-1] == obs_json)
         if frag is not None and (frag.model_version != version or frag.variant != variant or not continues):
-            self._close_open()
+            self._close_open(stream)
             frag = None
         if frag is None:
-            frag = self._open = _Fragment(version, [obs_json], variant=variant)
+            frag = self._open[stream] = _Fragment(version, [obs_json], variant=variant)
         return frag
 
     @property
     def pending_steps(self) -> int:
         """Steps logged but not yet posted."""
-        return sum(len(f.rewards) for f in self._closed) + (len(self._open.rewards) if self._open else 0)
+        return sum(len(f.rewards) for f in [*self._closed, *self._open.values()])
 
-    def _close_open(self) -> None:
-        if self._open is not None and self._open.rewards:
-            self._closed.append(self._open)
-        self._open = None
+    def _close_open(self, stream: int | None = None) -> None:
+        """Close the stream's open fragment (None: every stream's)."""
+        for key in list(self._open) if stream is None else [stream]:
+            frag = self._open.pop(key, None)
+            if frag is not None and frag.rewards:
+                self._closed.append(frag)
 
     def flush(self) -> dict[str, Any] | None:
         """Post every pending step now; returns the server's answer (None if nothing was pending).

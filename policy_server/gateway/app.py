@@ -19,6 +19,7 @@ from policy_server.gateway import sdks as gateway_sdks
 from policy_server.gateway.auth import KEY_NAME, api_key_checker, api_keys, bearer_checker
 from policy_server.gateway.cors import EnvelopedCORS
 from policy_server.gateway.errors import install_error_handlers
+from policy_server.gateway.experience_logs import experience_logs
 from policy_server.gateway.health import health_router
 from policy_server.gateway.keys import LLM_SCOPE, policy_scope
 from policy_server.gateway.limits import BodySizeLimit
@@ -30,6 +31,7 @@ from policy_server.gateway.policy.candidate import PolicyVersions
 from policy_server.gateway.policy.multiplexed import MultiplexedPolicyService, make_policy_service
 from policy_server.gateway.policy.service import PolicyService
 from policy_server.gateway.redact import install_log_redaction
+from policy_server.gateway.request_ids import RequestIds
 from policy_server.gateway.startup import (
     cancel_on_signal,
     install_one_line_refusal,
@@ -88,6 +90,11 @@ def build_app(settings: Settings | None = None) -> FastAPI:
         for name, (served, _) in resolved.items()
         if served.spec.training is not None
     }
+    logs = experience_logs({name: served for name, (served, _) in resolved.items()}, metrics)
+    for name, experience_log in logs.items():
+        services[name].experience_log = experience_log
+        if name in trainings:
+            trainings[name].experience_log = experience_log
     llm = llm_services(schema, settings.backend)
     sdks = _client_sdks(settings)
     prefix = f"/{schema.url_path}" if schema.url_path else ""
@@ -97,6 +104,8 @@ def build_app(settings: Settings | None = None) -> FastAPI:
         install_log_redaction()  # again: uvicorn may have (re)configured logging since the build
         # the metrics port first: a port in use fails start-up before anything runs on Ray
         metrics.serve(settings.gateway_metrics_port)
+        for experience_log in logs.values():
+            experience_log.open()
         runtime = make_runtime(settings, local_models)
         local_models.clear()  # the runtime holds them now, or the replicas hold their own
         try:
@@ -118,6 +127,8 @@ def build_app(settings: Settings | None = None) -> FastAPI:
             for service in services.values():
                 await service.versions.close()
             metrics.close()
+            for experience_log in logs.values():
+                experience_log.close()
             if sdks is not None:
                 sdks.close()
             await runtime.stop()
@@ -125,6 +136,7 @@ def build_app(settings: Settings | None = None) -> FastAPI:
     app = _fastapi(prefix, lifespan)
     app.state.settings, app.state.schema, app.state.services = settings, schema, services
     app.state.metrics, app.state.trainings, app.state.llm, app.state.clients = metrics, trainings, llm, sdks
+    app.state.experience_logs = logs
     install_error_handlers(app, f"{prefix}/v1/")
     app.include_router(health_router(schema, services), prefix=prefix)
     for name, service in services.items():
@@ -137,6 +149,7 @@ def build_app(settings: Settings | None = None) -> FastAPI:
     grpo.mount(app, llm, llm_auth, prefix)
     openai.mount(app, llm.policy, bearer_checker(keys, LLM_SCOPE), prefix)
     gateway_sdks.mount(app, sdks, api_key_checker(keys, None), prefix)  # any valid key: the SDKs are public API
+    app.add_middleware(RequestIds)  # innermost: the path it records is the normalised one
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     app.add_middleware(PathNormalizer, prefix=prefix, slash_routes=slash_routes(app))
@@ -146,8 +159,8 @@ def build_app(settings: Settings | None = None) -> FastAPI:
             allow_origins=settings.cors_origins,
             allow_methods=["GET", "POST", "DELETE"],
             # Starlette adds the safelisted ones (content-type) itself
-            allow_headers=[KEY_NAME, "authorization", "x-policy-version", "x-policy-id"],
-            expose_headers=["retry-after", "www-authenticate"],
+            allow_headers=[KEY_NAME, "authorization", "x-policy-version", "x-policy-id", "x-request-id", "x-episode-id"],
+            expose_headers=["retry-after", "www-authenticate", "x-request-id"],
             max_age=600,
         )
     return app

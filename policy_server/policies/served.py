@@ -14,8 +14,9 @@ from pydantic import BaseModel, Field, create_model
 
 from policy_server.errors import SchemaError, summary
 from policy_server.fields import StrictBool
+from policy_server.policies.recurrent import StateLayout, StateShapeError, state_layout
 from policy_server.policies.spaces import ActionSpace, make_action_space
-from policy_server.policies.torch_policy import TorchPolicy, input_width, is_exact_width
+from policy_server.policies.torch_policy import PolicyOutput, TorchPolicy
 from policy_server.schema.config import DEFAULT_POLICY, PolicySpec, mask_field
 from policy_server.schema.observations import Widths, build_observation_model, resolve_widths
 
@@ -28,6 +29,8 @@ class ServedPolicy:
     space: ActionSpace
     obs_dim: int
     observation_model: type[BaseModel] | None
+    recurrent: StateLayout | None = None
+    """A recurrent policy's state tensors (its model-input rows are ``[obs | packed state]``)."""
     mask_attribute: str | None = None
     """The observation model's attribute that holds the action mask (the schema's ``mask``
     observation, or a request's top-level ``action_mask``); not part of the model input."""
@@ -51,11 +54,12 @@ class ServedPolicy:
         return model_prefix(self.spec.name)
 
     def describe(self) -> dict[str, Any]:
-        return {
+        described = {
             "obs_dim": self.obs_dim,
             "action_space": self.space.describe(),
             "observations": self.field_names,
         }
+        return described if self.recurrent is None else described | {"state": self.recurrent.describe()}
 
 
 def _where(spec: PolicySpec) -> str:
@@ -65,11 +69,13 @@ def _where(spec: PolicySpec) -> str:
 def resolve_policy(spec: PolicySpec) -> tuple[ServedPolicy, TorchPolicy]:
     """Load the model, check it against the schema, build the observation model."""
     where = _where(spec)
+    layout = state_layout(spec.recurrent)
     try:
-        policy = TorchPolicy.from_file(spec.model)
+        policy = TorchPolicy.from_file(spec.model, state=layout)
     except Exception as exc:
-        raise SchemaError(f"{where}.model: cannot load {spec.model}: {exc}") from exc
-    model_width = input_width(policy.module)
+        raise SchemaError(f"{where}.model: cannot load {spec.model}: {summary(exc)}") from exc
+    policy.check_spec(spec, where)
+    model_width = policy.input_width()
     obs_where = "observations" if spec.name == DEFAULT_POLICY else f"policies.{spec.name}.observations"
     widths: Widths = {}
     mask = mask_field(spec.action_space)
@@ -84,7 +90,7 @@ def resolve_policy(spec: PolicySpec) -> tuple[ServedPolicy, TorchPolicy]:
             obs_dim = model_width
         else:
             obs_dim = sum(width for width in widths.values() if width is not None)
-        if model_width is not None and model_width != obs_dim and is_exact_width(policy.module):
+        if model_width is not None and model_width != obs_dim and policy.exact_width():
             raise SchemaError(
                 f"{obs_where}: the observation widths sum to {obs_dim} but the model "
                 f"{spec.model.name} takes inputs of width {model_width}"
@@ -93,22 +99,19 @@ def resolve_policy(spec: PolicySpec) -> tuple[ServedPolicy, TorchPolicy]:
         raise SchemaError(f"{obs_where}: not given, and the input width of {spec.model.name} cannot be read")
     else:
         obs_dim = model_width
+    if layout is not None:
+        out = probe_recurrent(policy, layout, obs_dim, where, spec.model.name)
+    else:
+        out = probe(policy, obs_dim, model_width, obs_where, spec.model.name)
     try:
-        out = policy.forward(np.zeros((2, obs_dim), dtype=np.float32))
-    except Exception as exc:
-        hint = f" (its first layer takes inputs of width {model_width})" if model_width not in (None, obs_dim) else ""
-        raise SchemaError(
-            f"{obs_where}: the observation widths sum to {obs_dim} but the model "
-            f"{spec.model.name} rejects inputs of that width{hint}: {summary(exc)}"
-        ) from exc
-    try:
-        space = make_action_space(spec.action_space, out.heads, f"{where}.action_space")
+        heads = out.heads[:len(out.heads) - len(layout.shapes)] if layout is not None else out.heads
+        space = make_action_space(spec.action_space, heads, f"{where}.action_space")
     except ValueError as exc:
         raise SchemaError(str(exc)) from exc
     model, attribute = None, None
     if spec.observations:
         model, attribute = _observation_model(spec, space, widths, obs_dim)
-    return ServedPolicy(spec, space, obs_dim, model, attribute), policy
+    return ServedPolicy(spec, space, obs_dim, model, layout, mask_attribute=attribute), policy
 
 
 def _observation_model(
@@ -140,6 +143,34 @@ def _observation_model(
     )
     return masked, "action_mask"
 
+
+def probe(policy: TorchPolicy, obs_dim: int, model_width: int | None, obs_where: str, name: str) -> PolicyOutput:
+    """A feed-forward policy's outputs for two zero rows; SchemaError when it rejects them."""
+    try:
+        return policy.forward(np.zeros((2, obs_dim), dtype=np.float32))
+    except Exception as exc:
+        hint = f" (its first layer takes inputs of width {model_width})" if model_width not in (None, obs_dim) else ""
+        raise SchemaError(
+            f"{obs_where}: the observation widths sum to {obs_dim} but the model "
+            f"{name} rejects inputs of that width{hint}: {summary(exc)}"
+        ) from exc
+
+
+def probe_recurrent(policy: TorchPolicy, layout: StateLayout, obs_dim: int, where: str, name: str) -> PolicyOutput:
+    """A recurrent policy's outputs for two zero rows and a zero state: the model must take
+    ``(obs, *state)`` and return ``(*heads, *new_state)`` of the schema's shapes, or a SchemaError
+    names ``recurrent.state`` (and the tensor and both shapes where they differ)."""
+    args = ", ".join(f"{name} (2, {', '.join(map(str, shape))})" for name, shape in layout.shapes.items())
+    try:
+        return policy.forward(np.zeros((2, obs_dim + layout.width), dtype=np.float32))
+    except StateShapeError as exc:
+        field = f"{where}.{exc}" if str(exc).startswith("recurrent.") else f"{where}.recurrent.state: {exc}"
+        raise SchemaError(field) from exc
+    except Exception as exc:
+        raise SchemaError(
+            f"{where}.recurrent.state: the model {name} rejects (obs (2, {obs_dim}), {args}): "
+            f"{summary(exc)}; a recurrent model takes (obs, *state) and returns (*heads, *new_state)"
+        ) from exc
 
 
 def resolve_candidate(served: ServedPolicy) -> TorchPolicy | None:

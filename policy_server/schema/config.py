@@ -11,6 +11,7 @@ valid as it is. Everything else is an optional extension:
 * ``parameters.policies_dir``: many policies of one architecture, one model file per policy id
   (``schema.policy_ids``), loaded on demand on the replicas,
 * ``parameters.canary``: a candidate model answering a share of requests, or in shadow (``schema.canary``),
+* ``parameters.recurrent``: the state tensors of a recurrent (LSTM/GRU) policy (``schema.recurrent``),
 * ``policies``: several named policies, each with the keys above plus its own ``observations``
   and ``api_keys`` (keys that open only that policy's routes),
 * ``parameters.api_keys``: more server-wide keys beside ``api_key`` (all valid at once).
@@ -47,10 +48,12 @@ from policy_server.schema.actions import (  # noqa: F401 (the action specs are r
     mask_field,
 )
 from policy_server.schema.canary import CanaryEntry, CanarySpec, resolve_canary
+from policy_server.schema.experience_log import ExperienceLogSpec
 from policy_server.schema.llm import LLMPolicySpec, LLMSection
 from policy_server.schema.policy_ids import MODEL_SUFFIXES, is_name, resolve_policies_dir
+from policy_server.schema.recurrent import RecurrentSpec, check_recurrent
 from policy_server.schema.replicas import Replicas, refused
-from policy_server.schema.training import TrainingSpec
+from policy_server.schema.training import TrainingSpec, resolve_from_log
 
 OBSERVATION_TYPES = ("int", "float", "bool", "List[int]", "List[float]", "List[bool]")
 DEFAULT_POLICY = "default"
@@ -184,6 +187,10 @@ class PolicySpec(_Strict):
     policies_dir: Path | None = None
     """Many policies of this one architecture: ``<policies_dir>/<policy id>.pt`` (``model``: one of them)."""
     canary: CanarySpec | None = None
+    recurrent: RecurrentSpec | None = None
+    """A recurrent policy's state tensors (``schema.recurrent``); None: feed-forward."""
+    experience_log: ExperienceLogSpec | None = None
+    """Log every served decision (``policy_server.experience_log``); path absolute."""
 
 
 class ServerSchema(_Strict):
@@ -205,7 +212,7 @@ class ServerSchema(_Strict):
             "default_policy": self.default_policy,
             "url_path": self.url_path,
             "policies": {
-                name: p.model_dump(mode="json", exclude={"model", "training", "policies_dir", "canary"})
+                name: p.model_dump(mode="json", exclude={"model", "training", "policies_dir", "canary", "experience_log"})
                 | {"model": p.model.name, "training": _public_training(p.training),
                    "canary": p.canary and p.canary.model_dump(mode="json") | {"model": p.canary.model.name}}
                 | ({"policies_dir": p.policies_dir.name} if p.policies_dir else {})
@@ -254,6 +261,8 @@ class _PolicyFields(_Strict):
     training: TrainingSpec | None = None
     policies_dir: str | None = None
     canary: CanaryEntry | None = None
+    recurrent: RecurrentSpec | None = None
+    experience_log: ExperienceLogSpec | None = None
 
 
 ApiKeyList = list[Annotated[str, Field(min_length=1)]]
@@ -371,6 +380,8 @@ def _resolve(name: str, entry: _PolicyEntry, base_dir: Path) -> PolicySpec:
     if entry.policies_dir is not None and entry.canary is not None:
         raise SchemaError(f"{where}.canary: not with `policies_dir` (each policy id is its own model; "
                           "roll a new one out as a new policy id instead)")
+    check_recurrent(entry.recurrent, entry.canary is not None, entry.policies_dir is not None, where,
+                    entry.training.algorithm if entry.training else None)
     if entry.policies_dir is not None:
         folder, model = resolve_policies_dir(entry.policies_dir, entry.model, base_dir, where, entry.training is not None)
     elif "max_models_per_replica" in entry.resources.model_fields_set:
@@ -384,6 +395,8 @@ def _resolve(name: str, entry: _PolicyEntry, base_dir: Path) -> PolicySpec:
         training=_resolve_training(entry.training, space, base_dir, where),
         policies_dir=folder,
         canary=resolve_canary(entry.canary, base_dir, where),
+        recurrent=entry.recurrent,
+        experience_log=entry.experience_log and entry.experience_log.resolved(base_dir),
     )
 
 
@@ -408,7 +421,8 @@ def _resolve_training(
         raise SchemaError(
             f"{where}.training.algorithm: dqn needs a discrete action space, not {space.type!r}; use ppo"
         )
-    return dataclasses.replace(training, checkpoint_dir=(base_dir / training.checkpoint_dir).resolve())
+    return dataclasses.replace(training, checkpoint_dir=(base_dir / training.checkpoint_dir).resolve(),
+                               from_log=resolve_from_log(training, base_dir, f"{where}.training.from_log"))
 
 
 def _legacy_space(entry: _PolicyEntry, where: str) -> ActionSpecs:

@@ -169,10 +169,13 @@ def _reader(model: type[BaseModel], exclude: str | None) -> tuple[Callable[[Base
     return attrgetter(*names), len(names)
 
 
-def flatten(observations: list[BaseModel], exclude: str | None = None) -> np.ndarray:
+def flatten(
+    observations: list[BaseModel], model: type[BaseModel] | None = None, exclude: str | None = None
+) -> np.ndarray:
     """Observations of one generated model → float32 array ``(B, obs_dim)`` in schema order;
-    ``exclude``: the attribute that is no model input (the action mask, ``ServedPolicy.mask_attribute``)."""
-    get, n_fields = _reader(type(observations[0]), exclude)
+    ``model``: read only its fields (of observations of a model derived from it); ``exclude``: the
+    attribute that is no model input (the action mask, ``ServedPolicy.mask_attribute``)."""
+    get, n_fields = _reader(model or type(observations[0]), exclude)
     rows = [get(obs) for obs in observations]
     if n_fields == 1:
         rows = [(value,) for value in rows]

@@ -13,6 +13,8 @@ from typing import Annotated, Literal
 from pydantic import ConfigDict, Field
 from pydantic.dataclasses import dataclass
 
+from policy_server.errors import SchemaError
+
 _CONFIG = ConfigDict(extra="forbid", use_attribute_docstrings=True)
 
 
@@ -127,7 +129,25 @@ class TrainingSpec:
     """GPUs of the trainer's Ray actor; used when the cluster has them."""
     seed: int | None = None
     """Seed of the trainer's torch and numpy generators."""
+    from_log: Path | None = None
+    """DQN only: fill the replay buffer at start-up with the transitions of this experience log
+    folder (``experience_log.path`` of a server; relative to the schema's folder). PPO is refused:
+    it learns from its own current actions only."""
 
     @property
     def max_sample_delay(self) -> int:
         return self.ppo.max_sample_delay if self.algorithm == "ppo" else self.dqn.max_sample_delay
+
+
+def resolve_from_log(training: TrainingSpec, base_dir: Path, where: str) -> Path | None:
+    """``training.from_log`` made absolute (relative to the schema's folder); raises SchemaError
+    naming ``where`` for an algorithm that cannot start from a log."""
+    if training.from_log is None:
+        return None
+    if training.algorithm != "dqn":
+        raise SchemaError(
+            f"{where}: {training.algorithm} is on-policy: it learns only from the actions of the model it "
+            "trains, so logged decisions of other versions would bias its updates; start a dqn policy from "
+            "the log, or export the log to Minari (`python generate.py export_minari`) for offline RL"
+        )
+    return (base_dir / training.from_log).resolve()

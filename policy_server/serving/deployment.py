@@ -14,8 +14,10 @@ from ray.serve import Application
 from ray.util import metrics
 
 from policy_server.devices import AUTO, resolve_device
+from policy_server.policies.recurrent import state_layout
 from policy_server.policies.torch_policy import ModelFormat, PolicyOutput, TorchPolicy
 from policy_server.schema.config import PolicySpec
+from policy_server.schema.recurrent import RecurrentSpec
 from policy_server.serving.transport import TOKEN_BYTES, TransportServer
 
 TAG_KEYS = ("policy", "application")
@@ -26,10 +28,11 @@ class PolicyDeployment:
     """Holds one ``TorchPolicy``; receives already-batched observations from the gateway."""
 
     def __init__(
-        self, policy_name: str, model_bytes: bytes, fmt: ModelFormat, use_gpu: bool
+        self, policy_name: str, model_bytes: bytes, fmt: ModelFormat, use_gpu: bool,
+        recurrent: RecurrentSpec | None = None,
     ) -> None:
         device = str(resolve_device(AUTO, use_gpu))
-        self.policy = TorchPolicy.from_bytes(model_bytes, fmt, device)
+        self.policy = TorchPolicy.from_bytes(model_bytes, fmt, device, state_layout(recurrent))
         # The direct data path (see transport): its secret reaches gateways only through Serve.
         self._token = secrets.token_hex(TOKEN_BYTES)
         self._transport = TransportServer(self.forward, self._token, ray.util.get_node_ip_address())
@@ -116,4 +119,4 @@ def build_deployment(
         # target_ongoing_requests × max_replicas, so one replica can hold them all while Serve scales
         max_ongoing_requests=2 * res.concurrent_batches,
         ray_actor_options={"num_cpus": res.num_cpus, "num_gpus": num_gpus},
-    ).bind(spec.name, model_bytes, fmt, num_gpus > 0)
+    ).bind(spec.name, model_bytes, fmt, num_gpus > 0, spec.recurrent)

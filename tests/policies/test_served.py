@@ -66,8 +66,9 @@ def test_check_and_start_up_agree_on_any_text_as_a_name(tmp_path: Path, inputs_m
     served, policy = resolve_policy(load_schema(path).policies["default"])
     assert served.observation_model is not None
     obs = served.observation_model.model_validate(ODD_OBS)
-    assert flatten([obs]).tolist() == [[0.5, 2, 1, -1.5, 7, 1, 0.0, 1, 0, 1, 1]]
-    assert policy.forward(flatten([obs])).heads[0].shape == (1, 4)
+    rows = flatten([obs], exclude=served.mask_attribute)  # its optional action_mask is no model input
+    assert served.mask_attribute == "action_mask" and rows.tolist() == [[0.5, 2, 1, -1.5, 7, 1, 0.0, 1, 0, 1, 1]]
+    assert policy.forward(rows).heads[0].shape == (1, 4)
 
 
 def test_check_and_start_up_agree_on_pathmind_one_hot_lists(tmp_path: Path, inputs_models: Path) -> None:
@@ -85,3 +86,43 @@ def test_check_refuses_a_name_yaml_reads_as_no_text(tmp_path: Path, model_dir: P
     path.write_text(f"observations:\n  {key}:\n    type: int\nparameters:\n  model: {model_dir / 'cart.pt2'}\n")
     with pytest.raises(SchemaError, match=r"^invalid schema: observations: the name .* quote it"):
         check(str(path))
+
+
+# --- issue 15: a recurrent policy's state is checked at start-up with a zero state ---------------
+
+
+def _recurrent_spec(model: Path, state: dict[str, list[int]]) -> PolicySpec:
+    from policy_server.schema.recurrent import RecurrentSpec
+
+    return PolicySpec(
+        name="default", observations={"x": ObservationSpec(type="List[float]", min_items=3, max_items=3)},
+        action_space=DiscreteSpec(), model=model, resources=ResourceSpec(), recurrent=RecurrentSpec(state=state),
+    )
+
+
+@pytest.fixture(scope="module")
+def lstm_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from policy_server.policies.lstm import LSTMPolicy, export_recurrent
+
+    torch.manual_seed(0)
+    module = LSTMPolicy(3, 4, 2)
+    return export_recurrent(module, 3, module.state_shapes(), tmp_path_factory.mktemp("lstm") / "lstm.pt", "torchscript")
+
+
+def test_a_recurrent_policy_resolves_its_heads_without_the_state(lstm_file: Path) -> None:
+    served, policy = resolve_policy(_recurrent_spec(lstm_file, {"h": [1, 4], "c": [1, 4]}))
+    assert served.obs_dim == 3 and served.space.describe()["n"] == 2
+    assert served.recurrent is not None and served.recurrent.width == 8 and policy.state is served.recurrent
+    assert served.describe()["state"] == {"h": [1, 4], "c": [1, 4]}
+
+
+def test_a_state_shape_the_model_does_not_return_is_refused_naming_the_field_and_both_shapes(lstm_file: Path) -> None:
+    with pytest.raises(SchemaError, match=r"parameters.recurrent.state: the model lstm.pt rejects") as caught:
+        resolve_policy(_recurrent_spec(lstm_file, {"h": [1, 5], "c": [1, 4]}))
+    assert "h (2, 1, 5)" in caught.value.message
+
+
+def test_a_feed_forward_model_declared_recurrent_is_refused(model_dir: Path) -> None:
+    with pytest.raises(SchemaError, match=r"parameters.recurrent.state: the model cart.pt2 rejects"):
+        resolve_policy(_recurrent_spec(model_dir / "cart.pt2", {"h": [4]}).model_copy(
+            update={"observations": {"x": ObservationSpec(type="List[float]", min_items=4, max_items=4)}}))

@@ -10,6 +10,7 @@ so any number of gateway processes may serve one client.
 # No `from __future__ import annotations`: FastAPI must see the generated models as real types.
 
 import re
+import time
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Request
@@ -98,8 +99,10 @@ def collect_router(service: PolicyService, training: TrainingService | None, aut
             mask, mask_at = masks_of([getattr(body, "action_mask", None)], service.policy.space.mask_width), ["body.action_mask"]
         else:
             mask, mask_at = service.mask_of([obs]), None
+        started = time.time_ns()  # after the client's previous decision: the reward below is that one's
         samples, version, variant = await service.act(rows, "sample", ["body.observation"], forced=keep, mask=mask,
-                                                      mask_at=mask_at)
+                                                      mask_at=mask_at, client_id=client_id)
+        service.log_collected(started, client_id, body.reward, body.done, rows)  # type: ignore[attr-defined]
         service.versions.collect_acted(client_id, variant)
         if training is not None:
             await training.collect(client_id, rows[0], samples[0], version, body.reward, body.done,  # type: ignore[attr-defined]

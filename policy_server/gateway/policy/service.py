@@ -16,8 +16,11 @@ import numpy as np
 from pydantic import BaseModel
 
 from policy_server.errors import BackendUnavailable, FieldError, InvalidRequest, ModelOverflow
+from policy_server.experience_log.records import Decisions, Outcomes
+from policy_server.experience_log.writer import ExperienceLog
 from policy_server.gateway.policy.candidate import PolicyVersions
 from policy_server.gateway.policy.versions import Variant
+from policy_server.gateway.request_ids import asker
 from policy_server.policies.served import ServedPolicy
 from policy_server.policies.spaces import ActionSample
 from policy_server.policies.torch_policy import PolicyOutput
@@ -35,6 +38,7 @@ class PolicyService:
         self.versions = versions or PolicyVersions(policy)
         self._batcher: MicroBatcher | None = None
         self.backend: PolicyModel | None = None
+        self.experience_log: ExperienceLog | None = None  # logs every action answered (`experience_log:`)
 
     def attach(self, backend: PolicyModel, on_batch: Callable[[int], None] | None = None) -> None:
         res = self.policy.spec.resources
@@ -55,10 +59,11 @@ class PolicyService:
 
     # --- inputs ---------------------------------------------------------------------------
 
-    def from_observations(self, observations: list[BaseModel]) -> np.ndarray:
-        """Validated observations of the policy's model → float32 ``(B, obs_dim)`` (the action
-        mask, when they carry one, is no model input: ``mask_of``)."""
-        return flatten(observations, self.policy.mask_attribute)
+    def from_observations(self, observations: list[BaseModel], model: type[BaseModel] | None = None) -> np.ndarray:
+        """Validated observations of the policy's model → float32 ``(B, obs_dim)`` (``model``: read
+        only its fields, of observations of a model derived from it; the action mask, when they
+        carry one, is no model input: ``mask_of``)."""
+        return flatten(observations, model, self.policy.mask_attribute)
 
     def mask_of(self, observations: list[BaseModel]) -> np.ndarray | None:
         """The action masks the observations carry, bool ``(B, mask_width)`` (a row without one
@@ -135,16 +140,32 @@ class PolicyService:
 
     async def act(
         self, obs: np.ndarray, mode: Mode, where: Sequence[str], policy_id: str | None = None,
-        forced: Variant | None = None, mask: np.ndarray | None = None, mask_at: Sequence[str] | None = None,
+        forced: Variant | None = None, mask: np.ndarray | None = None, mask_at: Sequence[str] | None = None, *,
+        client_id: str | None = None,
     ) -> tuple[list[ActionSample], int, Variant]:
         """Actions for float32 ``(B, obs_dim)`` rows (never a masked one: ``mask`` bool
         ``(B, mask_width)``), the model version and the version (variant) that chose them; raises
-        as ``forward``, and InvalidRequest when a mask allows no action (``check_mask``)."""
+        as ``forward``, and InvalidRequest when a mask allows no action (``check_mask``). With an
+        experience log, the decisions are queued for it (named by the request's id, ``client_id``
+        and episode id)."""
         self.check_mask(mask, where, mask_at)
         out, variant = await self.forward(obs, where, policy_id, forced)
         space = self.policy.space
         samples = space.sample(out.heads, self.rng, mask) if mode == "sample" else space.mode(out.heads, mask)
+        if self.experience_log is not None:
+            self.experience_log.submit(Decisions(
+                time.time_ns(), self.policy.name, asker(client_id, policy_id), obs, samples, out.version, variant))
         return samples, out.version, variant
+
+    def log_outcomes(self, outcomes: Outcomes) -> None:
+        """Queue rewards reported for earlier decisions for the experience log, if there is one."""
+        if self.experience_log is not None:
+            self.experience_log.submit(outcomes)
+
+    def log_collected(self, time_ns: int, client_id: str, reward: float, done: bool, obs: np.ndarray) -> None:
+        """What a ``/collect_experience`` call reports of the client's previous decision: its reward and
+        whether it ended the episode (``obs``, ``(1, *shape)``, is the observation after it)."""
+        self.log_outcomes(Outcomes(time_ns, self.policy.name, asker(client_id), [None], [reward], [done], [False], obs))
 
     async def distribution(
         self, obs: np.ndarray, where: Sequence[str], policy_id: str | None = None, forced: Variant | None = None,

@@ -25,6 +25,9 @@ from policy_server.training.experience import ExperienceBatch
 CLIENT_ID_PATTERN = r"^[A-Za-z0-9_.:-]+$"
 ModelVersion = Annotated[int, Field(ge=0, le=np.iinfo(np.int64).max)]
 ActingVariant = Literal["stable", "canary"] | None
+RequestRef = Annotated[str, Field(pattern=r"^[A-Za-z0-9_.:-]{1,128}(/[0-9]{1,9})?$")]
+REQUEST_IDS_DOC = ("The `X-Request-ID` of the answer that chose each action (`<id>/<row>` for row `row` of a batch "
+                   "answer): a policy with an `experience_log` joins these rewards to its logged decisions by them.")
 VARIANT_DOC = ("The `variant` of the answers that chose the actions (`stable` or `canary`); with it, a policy "
                "with a candidate version counts episode returns per version (`GET .../versions`).")
 
@@ -85,6 +88,7 @@ class Fragment(_Wire):
     terminated: StrictBool = Field(False, description="The last step ended the episode in a terminal state.")
     truncated: StrictBool = Field(False, description="The last step ended the episode by a limit (bootstraps).")
     variant: ActingVariant = Field(None, description=VARIANT_DOC)
+    request_ids: list[RequestRef] | None = Field(None, description=f"T request ids. {REQUEST_IDS_DOC}")
 
     @model_validator(mode="after")
     def _lengths(self) -> Fragment:
@@ -98,6 +102,8 @@ class Fragment(_Wire):
             raise ValueError(f"log_probs has {len(self.log_probs)} entries for {t} actions")
         if self.action_masks is not None and len(self.action_masks) not in (t, t + 1):
             raise ValueError(f"action_masks has {len(self.action_masks)} entries for {t + 1} observations")
+        if self.request_ids is not None and len(self.request_ids) != t:
+            raise ValueError(f"request_ids has {len(self.request_ids)} entries for {t} actions")
         return self
 
 
@@ -115,6 +121,7 @@ class Step(_Wire):
     next_action_mask: list[StrictBool] | None = Field(None, description="The legal actions at `next_obs`.")
     model_version: ModelVersion
     variant: ActingVariant = Field(None, description=VARIANT_DOC)
+    request_id: RequestRef | None = Field(None, description=REQUEST_IDS_DOC)
 
 
 class ExperienceRequest(_Wire):
@@ -132,11 +139,23 @@ class ExperienceRequest(_Wire):
     def rows(self) -> int:
         return sum(len(f.actions) for f in self.fragments) + len(self.steps)
 
+    @property
+    def refs(self) -> list[str | None]:
+        """Each row's request id (``request_ids``, ``request_id``), in ``to_batch``'s row order."""
+        refs: list[str | None] = [r for f in self.fragments for r in (f.request_ids or [None] * len(f.actions))]
+        return refs + [s.request_id for s in self.steps]
+
+
+def row_width(policy: ServedPolicy) -> int:
+    """Values of an experience row: the observation's, and a recurrent policy's state behind it
+    (``obs``: the state the step started from; ``next_obs``: the state after it)."""
+    return policy.obs_dim + (policy.recurrent.width if policy.recurrent is not None else 0)
+
 
 def experience_model(policy: ServedPolicy) -> type[ExperienceRequest]:
     """``{prefix}ExperienceRequest``: ``ExperienceRequest`` whose raw observations declare the
     policy's input width, so that its OpenAPI document says how many values they take."""
-    prefix, obs = policy.model_prefix, observation_type(policy.obs_dim)
+    prefix, obs = policy.model_prefix, observation_type(row_width(policy))
     fragment = create_model(
         f"{prefix}Fragment", __base__=Fragment, __doc__=Fragment.__doc__,
         observations=(list[obs], copy(Fragment.model_fields["observations"])),  # type: ignore[valid-type]
@@ -165,7 +184,7 @@ def to_batch(request: ExperienceRequest, policy: ServedPolicy, max_rows: int) ->
 def _fragment(f: Fragment, where: str, policy: ServedPolicy, errors: list[FieldError]) -> ExperienceBatch | None:
     named: list[list[bool] | None] = []
     obs = _observations(f.observations, f"{where}.observations", policy, errors, named)
-    actions = _actions(f.actions, f"{where}.actions", policy, errors)
+    actions = to_actions(f.actions, f"{where}.actions", policy, errors)
     given = f.action_masks
     rows = given + [None] * (len(f.observations) - len(given)) if given is not None else named  # type: ignore[operator]
     at = f"{where}.action_masks.*" if given is not None else f"{where}.observations.*.{policy.mask_name}"
@@ -196,7 +215,7 @@ def _steps(steps: list[Step], policy: ServedPolicy, errors: list[FieldError]) ->
     next_named: list[list[bool] | None] = []
     obs = _observations([s.obs for s in steps], "body.steps.*.obs", policy, errors, named)
     next_obs = _observations([s.next_obs for s in steps], "body.steps.*.next_obs", policy, errors, next_named)
-    actions = _actions([s.action for s in steps], "body.steps.*.action", policy, errors)
+    actions = to_actions([s.action for s in steps], "body.steps.*.action", policy, errors)
     rows = [s.action_mask if s.action_mask is not None else m for s, m in zip(steps, named)]
     next_rows = [s.next_action_mask if s.next_action_mask is not None else m for s, m in zip(steps, next_named)]
     masks = _masks(rows, "body.steps.*.action_mask", policy, errors, acted=len(rows))
@@ -229,7 +248,7 @@ def _observations(
 ) -> np.ndarray | None:
     """The observations as float32 ``(N, obs_dim)``; appends to ``masks`` the action mask each one
     carries (a named observation's ``ServedPolicy.mask_attribute``), None for the others."""
-    width, n_before = policy.obs_dim, len(errors)
+    width, n_before = row_width(policy), len(errors)
     out = np.empty((len(rows), width), dtype=np.float32)
     for i, row in enumerate(rows):
         here = where.replace("*", str(i)) if "*" in where else f"{where}.{i}"
@@ -241,15 +260,16 @@ def _observations(
             else:
                 out[i] = row
             continue
-        if policy.observation_model is None:
-            errors.append(FieldError(here, "this policy's schema has no named observations; send a list"))
+        if policy.observation_model is None or policy.recurrent is not None:
+            why = "recurrent: send [observation | state] lists" if policy.recurrent else "has no named observations"
+            errors.append(FieldError(here, f"this policy's schema {why}; send a list"))
             continue
         try:
             parsed = policy.observation_model.model_validate(row)
         except ValidationError as exc:
             errors.extend(field_errors(exc, here))
             continue
-        out[i] = flatten([parsed], policy.mask_attribute)[0]
+        out[i] = flatten([parsed], exclude=policy.mask_attribute)[0]
         if masks is not None and policy.mask_attribute is not None:
             masks[-1] = getattr(parsed, policy.mask_attribute)
     return out if len(errors) == n_before else None
@@ -278,7 +298,9 @@ def _masks(
     return out if len(errors) == n_before else None
 
 
-def _actions(values: list[ActionValue], where: str, policy: ServedPolicy, errors: list[FieldError]) -> np.ndarray | None:
+def to_actions(values: list[ActionValue], where: str, policy: ServedPolicy, errors: list[FieldError]) -> np.ndarray | None:
+    """The actions as ``ExperienceBatch.actions`` (int64 ``(N, k)`` indices, float32 ``(N, d)``),
+    or None after appending a FieldError for each bad one (``where``: ``body.steps.*.action``)."""
     space, n_before = policy.space, len(errors)
 
     def bad(i: int, message: str) -> None:

@@ -8,18 +8,25 @@ process, or a Ray actor).
 from __future__ import annotations
 
 import json
+import time
 import uuid
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
 from policy_server.errors import BackendUnavailable, InvalidRequest
+from policy_server.experience_log.records import Outcomes
+from policy_server.experience_log.writer import ExperienceLog
 from policy_server.gateway.policy.candidate import PolicyVersions
+from policy_server.gateway.request_ids import asker
+from policy_server.gateway.training import binary
 from policy_server.gateway.training.experience import ExperienceRequest, to_batch
 from policy_server.policies.served import ServedPolicy
 from policy_server.policies.spaces import ActionSample, BoxSpace
 from policy_server.serving.api import PolicyTrainer
 from policy_server.training.collect import Acted
+from policy_server.training.experience import ExperienceBatch
 
 
 class TrainingService:
@@ -27,6 +34,7 @@ class TrainingService:
         self.policy, self.max_rows = policy, max_rows
         self.versions = versions  # counts episode returns per version of a policy with a candidate
         self.trainer: PolicyTrainer | None = None
+        self.experience_log: ExperienceLog | None = None  # joins the rewards of logged decisions
 
     def attach(self, trainer: PolicyTrainer) -> None:
         self.trainer = trainer
@@ -46,12 +54,38 @@ class TrainingService:
         except InvalidRequest:
             await self.require_trainer().count_malformed(request.rows, request.client_id)
             raise
+        self._log(request, batch)
+        pieces = [(f.variant, f.rewards, f.terminated or f.truncated) for f in request.fragments]
+        pieces += [(s.variant, [s.reward], s.terminated or s.truncated) for s in request.steps]
+        return await self._submit(batch, pieces)
+
+    async def experience_tensors(self, body: bytes) -> dict[str, Any]:
+        """``experience`` of a safetensors body (``training.binary``); a bad one stores nothing."""
+        try:
+            batch, variant = binary.experience(body, self.policy, self.max_rows)
+        except InvalidRequest:
+            await self.require_trainer().count_malformed(1, None)
+            raise
+        ends = batch.episode_end.tolist()
+        return await self._submit(batch, [(variant, [r], end) for r, end in zip(batch.rewards.tolist(), ends)])
+
+    async def _submit(self, batch: ExperienceBatch, pieces: list[tuple[Any, Sequence[float], bool]]) -> dict[str, Any]:
+        """Hand checked steps to the trainer; ``pieces`` (variant, rewards, ends an episode) count
+        episode returns per version of a policy with a candidate."""
         answer = await self.require_trainer().submit(batch)
         if self.versions is not None:
-            pieces = [(f.variant, f.rewards, f.terminated or f.truncated) for f in request.fragments]
-            pieces += [(s.variant, [s.reward], s.terminated or s.truncated) for s in request.steps]
-            self.versions.experience(request.client_id, pieces)
+            self.versions.experience(batch.client_id, pieces)
         return answer
+
+    def _log(self, request: ExperienceRequest, batch: ExperienceBatch) -> None:
+        """The rewards of the rows that name their decision's request id, for the experience log."""
+        named = np.array([ref is not None for ref in request.refs])
+        if self.experience_log is None or not named.any():
+            return
+        self.experience_log.submit(Outcomes(
+            time.time_ns(), self.policy.name, asker(request.client_id), [r for r in request.refs if r is not None],
+            batch.rewards[named].tolist(), batch.terminated[named].tolist(), batch.truncated[named].tolist(),
+            batch.next_obs[named]))
 
     async def collect(
         self, client_id: str, obs: np.ndarray, sample: ActionSample, version: int, reward: float, done: bool,

@@ -262,10 +262,12 @@ class LocalRuntime(Runtime):
         return None
 
     async def policy_model(self, spec: PolicySpec) -> LocalPolicyModel:
+        from policy_server.policies.recurrent import state_layout
         from policy_server.policies.torch_policy import TorchPolicy
 
         policy = self._loaded.pop(spec.name, None)
-        self._policies[spec.name] = policy or await local(TorchPolicy.from_file, spec.model)
+        layout = state_layout(spec.recurrent)
+        self._policies[spec.name] = policy or await local(TorchPolicy.from_file, spec.model, "cpu", layout)
         return LocalPolicyModel(self._policies[spec.name])
 
     async def multiplexed_model(self, spec: PolicySpec) -> LocalMultiplexedModel:
@@ -291,7 +293,7 @@ class LocalRuntime(Runtime):
         assert spec.training is not None
         module = load_module(spec.model.read_bytes(), model_format(spec.model))  # its own copy
         publish = self._policies[spec.name].set_weights
-        trainer = build_trainer(spec.name, spec.training, module, space, obs_dim, publish)
+        trainer = build_trainer(spec.name, spec.training, module, space, obs_dim, publish, recurrent=spec.recurrent)
         trainer.open()
         self._closers.append(trainer.close)
         return LocalPolicyTrainer(trainer)

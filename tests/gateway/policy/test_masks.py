@@ -4,7 +4,6 @@ observation and a request's top-level `action_mask`; multi_binary and tanh-squas
 from __future__ import annotations
 
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 import torch

@@ -1,0 +1,170 @@
+"""Stable-Baselines3 files served as SB3 computes: each algorithm trained for a handful of steps,
+saved, imported (its schema written from the file), served through the local backend, and its
+answers compared with ``model.predict`` and ``policy.get_distribution`` on 100 observations."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from conftest import make_client, train_sb3
+from sb3_contrib import MaskablePPO
+from sb3_contrib.common.envs import InvalidActionEnvDiscrete
+from stable_baselines3 import A2C, DQN, PPO, SAC
+
+from policy_server.errors import Conflict, SchemaError
+from policy_server.policies.importing import schema_of
+from policy_server.policies.sb3_policy import SB3Policy, to_sb3
+from policy_server.policies.served import resolve_policy
+from policy_server.policies.torch_policy import TorchPolicy
+from policy_server.schema.config import BoxSpec, DiscreteSpec, PolicySpec, ResourceSpec
+
+ROWS = 100
+CLASSES = {"PPO": PPO, "A2C": A2C, "DQN": DQN, "SAC": SAC, "MaskablePPO": MaskablePPO}
+
+
+@pytest.fixture(scope="module")
+def zips(tmp_path_factory: pytest.TempPathFactory, format_models: dict[str, Path]) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("sb3")
+    few = {"n_steps": 32, "batch_size": 32, "n_epochs": 1}
+    off_policy = {"learning_starts": 10, "batch_size": 16}
+    return {
+        "PPO": format_models["ppo"],
+        "A2C": train_sb3("A2C", "CartPole-v1", root / "a2c.zip", 40, n_steps=8),
+        "DQN": train_sb3("DQN", "CartPole-v1", root / "dqn.zip", 40, **off_policy),
+        "PPO-box": train_sb3("PPO", "Pendulum-v1", root / "ppo_box.zip", 64, **few),
+        "SAC": train_sb3("SAC", "Pendulum-v1", root / "sac.zip", 40, policy_kwargs={"net_arch": [32, 32]}, **off_policy),
+        "MaskablePPO": train_sb3("MaskablePPO", InvalidActionEnvDiscrete(dim=10, n_invalid_actions=3),
+                                 root / "maskable.zip", 64, **few),
+    }
+
+
+def cart_obs() -> np.ndarray:
+    return np.random.default_rng(0).normal(0.0, 0.5, (ROWS, 4)).astype(np.float32)
+
+
+def pendulum_obs() -> np.ndarray:
+    theta = np.random.default_rng(1).uniform(-np.pi, np.pi, ROWS)
+    speed = np.random.default_rng(2).uniform(-8, 8, ROWS)
+    return np.stack([np.cos(theta), np.sin(theta), speed], axis=1).astype(np.float32)
+
+
+def served(tmp_path: Path, model: Path, obs: np.ndarray, *routes: str) -> list[list[dict[str, Any]]]:
+    """The answers of each ``/<route>/batch`` for ``obs``, from a local-backend server of the
+    schema that ``import`` writes for ``model``."""
+    doc = schema_of(TorchPolicy.from_file(model), model, tmp_path)
+    fields = list(doc["observations"])
+    rows = [dict(zip(fields, map(float, row))) for row in obs]
+    with make_client(tmp_path, doc) as client:
+        answers = [client.post(f"/{route}/batch", json={"observations": rows}) for route in routes]
+    assert all(a.status_code == 200 for a in answers), [a.text for a in answers]
+    return [a.json()["results"] for a in answers]
+
+
+def distribution_of(model: Any, obs: np.ndarray, **kwargs: Any) -> Any:
+    with torch.no_grad():
+        return model.policy.get_distribution(model.policy.obs_to_tensor(obs)[0], **kwargs)
+
+
+@pytest.mark.parametrize("algorithm", ["PPO", "A2C"])
+def test_discrete_actor_critic_answers_are_sb3s(tmp_path: Path, zips: dict[str, Path], algorithm: str) -> None:
+    model, obs = CLASSES[algorithm].load(zips[algorithm], device="cpu"), cart_obs()
+    deterministic, distribution = served(tmp_path, zips[algorithm], obs, "predict_deterministic", "distribution")
+    actions, _ = model.predict(obs, deterministic=True)
+    assert [r["action"] for r in deterministic] == actions.tolist()
+    dist = distribution_of(model, obs)
+    expected = dist.distribution.probs.numpy()
+    np.testing.assert_allclose([[r["probabilities"][k] for k in ("0", "1")] for r in distribution], expected, atol=1e-5)
+    log_probs = dist.log_prob(torch.as_tensor(actions)).numpy()
+    np.testing.assert_allclose([r["log_prob"] for r in deterministic], log_probs, atol=1e-5)
+
+
+def test_a_gaussian_ppo_answers_sb3s_clipped_mean_and_the_log_prob_of_the_raw_draw(
+    tmp_path: Path, zips: dict[str, Path]
+) -> None:
+    model, obs = PPO.load(zips["PPO-box"], device="cpu"), pendulum_obs()
+    deterministic, distribution = served(tmp_path, zips["PPO-box"], obs, "predict_deterministic", "distribution")
+    actions, _ = model.predict(obs, deterministic=True)
+    np.testing.assert_array_equal(np.array([r["action"] for r in deterministic], dtype=np.float32), actions)
+    dist = distribution_of(model, obs)
+    mean = dist.distribution.loc
+    np.testing.assert_allclose([r["log_prob"] for r in deterministic], dist.log_prob(mean).numpy(), atol=1e-5)
+    np.testing.assert_allclose([r["mean"] for r in distribution], mean.numpy(), atol=1e-6)
+    np.testing.assert_allclose([r["std"] for r in distribution], dist.distribution.scale.numpy(), atol=1e-6)
+
+
+def test_dqn_answers_its_greedy_action_and_its_epsilon_greedy_distribution(tmp_path: Path, zips: dict[str, Path]) -> None:
+    model, obs = DQN.load(zips["DQN"], device="cpu"), cart_obs()
+    deterministic, distribution = served(tmp_path, zips["DQN"], obs, "predict_deterministic", "distribution")
+    actions, _ = model.predict(obs, deterministic=True)
+    assert [r["action"] for r in deterministic] == actions.tolist()
+    eps = model.exploration_rate
+    assert 0 < eps < 1  # both parts of the mixture are tested
+    expected = np.full((ROWS, 2), eps / 2)
+    expected[np.arange(ROWS), actions] += 1 - eps  # what predict(deterministic=False) draws from
+    np.testing.assert_allclose([[r["probabilities"][k] for k in ("0", "1")] for r in distribution], expected, atol=1e-5)
+
+
+def test_maskable_ppo_one_hot_observations_and_masks_are_sb3s(zips: dict[str, Path]) -> None:
+    model = MaskablePPO.load(zips["MaskablePPO"], device="cpu")
+    rng = np.random.default_rng(3)
+    index = rng.integers(0, 10, ROWS)
+    masks = rng.random((ROWS, 10)) < 0.5
+    masks[np.arange(ROWS), rng.integers(0, 10, ROWS)] = True  # at least one legal action per row
+    one_hot = np.eye(10, dtype=np.float32)[index]  # the server's model input of a Discrete observation
+    np.testing.assert_array_equal(to_sb3(model.observation_space, one_hot), index)
+    heads = SB3Policy.from_file(zips["MaskablePPO"]).forward(one_hot).heads
+    # the mask as the server's action space applies it (contract: sample/mode/distribution(heads, mask))
+    masked = np.where(masks, heads[0].astype(np.float64), -np.inf)
+    actions, _ = model.predict(index, deterministic=True, action_masks=masks)
+    np.testing.assert_array_equal(masked.argmax(axis=1), actions)
+    probs = np.exp(masked - masked.max(axis=1, keepdims=True))
+    probs /= probs.sum(axis=1, keepdims=True)
+    expected = distribution_of(model, index, action_masks=masks).distribution.probs.numpy()
+    np.testing.assert_allclose(probs, expected, atol=1e-5)
+    assert (probs[~masks] == 0).all()
+
+
+def test_sac_heads_are_its_actors_and_its_mode_squashes_to_predict(zips: dict[str, Path]) -> None:
+    model, obs = SAC.load(zips["SAC"], device="cpu"), pendulum_obs()
+    mean, log_std = SB3Policy.from_file(zips["SAC"]).forward(obs).heads
+    with torch.no_grad():
+        their_mean, their_log_std, _ = model.actor.get_action_dist_params(torch.as_tensor(obs))
+    np.testing.assert_allclose(mean, their_mean.numpy(), atol=1e-6)
+    np.testing.assert_allclose(log_std, their_log_std.numpy(), atol=1e-6)
+    low, high = model.action_space.low, model.action_space.high
+    actions, _ = model.predict(obs, deterministic=True)
+    np.testing.assert_allclose(low + (np.tanh(mean) + 1) / 2 * (high - low), actions, atol=1e-5)
+
+
+def _spec(model: Path, space: Any, **fields: Any) -> PolicySpec:
+    return PolicySpec(name="default", observations=None, action_space=space, model=model,
+                      resources=ResourceSpec(), **fields)
+
+
+def test_sac_needs_a_tanh_squashed_box(zips: dict[str, Path]) -> None:
+    with pytest.raises(SchemaError, match=r"^parameters\.action_space\.squash: sac\.zip \(SAC\) needs squash: tanh"):
+        resolve_policy(_spec(zips["SAC"], BoxSpec()))
+
+
+def test_a_schema_that_disagrees_with_the_file_is_refused_naming_the_field(zips: dict[str, Path]) -> None:
+    with pytest.raises(SchemaError, match=r"^parameters\.action_space\.type: the schema says 'box' but ppo\.zip \(PPO\)"):
+        resolve_policy(_spec(zips["PPO"], BoxSpec()))
+    with pytest.raises(SchemaError, match=r"^parameters\.action_space\.n: the schema says 3 actions but the model outputs 2"):
+        resolve_policy(_spec(zips["PPO"], DiscreteSpec(n=3)))
+    with pytest.raises(SchemaError, match=r"^parameters\.action_space\.high: the schema says 1\.0 but ppo_box\.zip"):
+        resolve_policy(_spec(zips["PPO-box"], BoxSpec(low=-2.0, high=1.0)))
+
+
+def test_training_and_weight_updates_are_refused(zips: dict[str, Path], tmp_path: Path) -> None:
+    from policy_server.schema.training import TrainingSpec
+
+    with pytest.raises(SchemaError, match=r"^parameters\.training: ppo\.zip \(Stable-Baselines3 \.zip\) has fixed weights"):
+        resolve_policy(_spec(zips["PPO"], DiscreteSpec(), training=TrainingSpec(checkpoint_dir=tmp_path)))
+    policy = SB3Policy.from_file(zips["PPO"])
+    with pytest.raises(Conflict, match="weights are fixed"):
+        policy.set_weights(policy.get_weights(), 1)
+    assert policy.version == 0
