@@ -6,11 +6,15 @@ Heads per algorithm (``(B, k)`` arrays, what ``ActionSpace`` reads):
 - PPO, A2C, sb3-contrib's MaskablePPO: ``policy.get_distribution(obs)``: the logits of a
   ``Discrete`` action, one logits head per component of a ``MultiDiscrete``, the Bernoulli logits
   of a ``MultiBinary``, the mean and log-std of a ``Box`` (SB3 clips the mean to the bounds in
-  ``predict``, as the server's box space does; log-probs are of the unclipped draw, as SB3's).
+  ``predict``, as the server's box space does). A clipped box's log-prob is the server's, of the
+  answered action (the censored Gaussian's): SB3's density of the raw draw wherever the action is
+  inside the bounds, the probability mass at a bound where it is clipped.
   A mask (MaskablePPO) is applied by the server's action space to these unmasked logits, which is
   what MaskablePPO's masked distribution is.
 - SAC: ``actor.get_action_dist_params(obs)``: the mean and (clamped) log-std of the Gaussian that
-  ``tanh`` squashes; the schema's box must say ``squash: tanh``.
+  ``tanh`` squashes; the schema's box must say ``squash: tanh``. Its log-prob is of the action in
+  the bounds: SB3's (of the action in [-1, 1]) minus ``Σ log((high - low) / 2)``, and without
+  SB3's ``1e-6`` inside ``log(1 - tanh² + 1e-6)``.
 - DQN: SB3's ``predict`` is epsilon-greedy with the saved ``exploration_rate`` ε: the greedy
   action (argmax of the q-values) with probability 1-ε+ε/n, every other with ε/n. The head is the
   log of those probabilities (floored at float32's smallest normal, -87.3, for ε = 0), so
@@ -48,7 +52,8 @@ _MIN_LOG_PROB = float(np.log(np.finfo(np.float32).tiny))
 
 def algorithm_of(data: dict[str, Any]) -> str:
     """The SB3 algorithm that saved a ``.zip`` (its ``data`` as SB3's ``load_from_zip_file`` reads
-    it), from its policy class; raises ValueError for one that is not served."""
+    it), from its policy class; raises ValueError for one that is not served (TypeError for a class
+    that did not load)."""
     from sb3_contrib.common.maskable.policies import MaskableActorCriticPolicy
     from stable_baselines3.common.policies import ActorCriticPolicy
     from stable_baselines3.dqn.policies import DQNPolicy
@@ -57,7 +62,7 @@ def algorithm_of(data: dict[str, Any]) -> str:
     policy_class = data.get("policy_class")
     name = getattr(policy_class, "__name__", str(policy_class))
     if not isinstance(policy_class, type):
-        raise ValueError(f"its policy class {name} does not load")
+        raise TypeError(f"its policy class {name} does not load")
     if "Recurrent" in name:
         raise ValueError(f"{name} (RecurrentPPO) is not served yet: its LSTM state has no place in a request")
     if issubclass(policy_class, MaskableActorCriticPolicy):
