@@ -63,6 +63,8 @@ def algorithm_of(data: dict[str, Any]) -> str:
     name = getattr(policy_class, "__name__", str(policy_class))
     if not isinstance(policy_class, type):
         raise TypeError(f"its policy class {name} does not load")
+    if data.get("use_sde"):
+        raise ValueError("a gSDE policy (use_sde=True) is not served: its noise is a state-dependent matrix, not heads")
     if "Recurrent" in name:
         raise ValueError(f"{name} (RecurrentPPO) is not served yet: its LSTM state has no place in a request")
     if issubclass(policy_class, MaskableActorCriticPolicy):
