@@ -418,7 +418,7 @@ def train_sb3(algorithm: str, env: Any, path: Path, steps: int, **kwargs: Any) -
     import stable_baselines3
 
     cls = getattr(stable_baselines3, algorithm, None) or getattr(sb3_contrib, algorithm)
-    model = cls("MlpPolicy", env, seed=0, device="cpu", **kwargs)
+    model = cls("MlpLstmPolicy" if algorithm == "RecurrentPPO" else "MlpPolicy", env, seed=0, device="cpu", **kwargs)
     model.learn(steps)
     model.save(path)
     return path

@@ -62,6 +62,9 @@ def schema_of(policy: TorchPolicy, model: Path, schema_dir: Path) -> dict[str, A
     space = action_space_doc(policy.action_space, squash)
     parameters = {"discrete": space["type"] != "box", "tuple": space["type"] == "tuple",
                   "model": os.path.relpath(model.resolve(), schema_dir.resolve()), "action_space": space}
+    lstm = policy.lstm_shape() if hasattr(policy, "lstm_shape") else None
+    if lstm is not None:
+        parameters["recurrent"] = {"state": {"hidden": list(lstm), "cell": list(lstm)}}
     return observation_doc(policy.observation_space) | {"parameters": parameters}
 
 

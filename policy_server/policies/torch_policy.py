@@ -60,13 +60,14 @@ def load_module(data: bytes, fmt: ModelFormat, device: str = "cpu") -> torch.nn.
         return torch.jit.load(buffer, map_location=device).eval()
 
 
-def refuse_updates(spec: Any, where: str, format_name: str) -> None:
-    """SchemaError for ``training`` or ``canary`` on a policy whose model file's weights are fixed."""
+def refuse_updates(spec: Any, where: str, format_name: str, recurrent_ok: bool = False) -> None:
+    """SchemaError for ``training`` or ``canary`` on a policy whose model file's weights are fixed
+    (and for ``recurrent`` unless the format serves state: SB3's RecurrentPPO)."""
     for field in ("training", "canary"):
         if getattr(spec, field, None) is not None:
             raise SchemaError(f"{where}.{field}: {spec.model.name} ({format_name}) has fixed weights, which "
                               f"the server cannot update; export a torch.export (.pt2) model to use {field}")
-    if getattr(spec, "recurrent", None) is not None:
+    if getattr(spec, "recurrent", None) is not None and not recurrent_ok:
         raise SchemaError(f"{where}.recurrent: {spec.model.name} ({format_name}) is served feed-forward; "
                           "export the recurrent model as TorchScript or torch.export (.pt2)")
 
@@ -117,8 +118,8 @@ class TorchPolicy(VersionedWeights):
 
     @classmethod
     def from_bytes(cls, data: bytes, fmt: ModelFormat, device: str = "cpu", state: StateLayout | None = None) -> TorchPolicy:
-        """The policy of a model file's bytes; an ONNX or SB3 file gives its own subclass (feed-forward
-        only: a recurrent layout is refused at start-up by ``check_spec``)."""
+        """The policy of a model file's bytes; an ONNX or SB3 file gives its own subclass (ONNX
+        feed-forward only, SB3 recurrent for RecurrentPPO: ``check_spec`` refuses the rest)."""
         if fmt == "onnx":
             from policy_server.policies.onnx_policy import OnnxPolicy
 
@@ -126,7 +127,7 @@ class TorchPolicy(VersionedWeights):
         if fmt == "sb3":
             from policy_server.policies.sb3_policy import SB3Policy
 
-            return SB3Policy.from_bytes(data, fmt, device)
+            return SB3Policy.from_bytes(data, fmt, device, state)
         return cls(load_module(data, fmt, device), device, state=state)
 
     @classmethod

@@ -179,3 +179,34 @@ def test_training_and_weight_updates_are_refused(zips: dict[str, Path], tmp_path
     with pytest.raises(Conflict, match="weights are fixed"):
         policy.set_weights(policy.get_weights(), 1)
     assert policy.version == 0
+
+
+def test_recurrent_ppo_carries_its_lstm_state_as_sb3_does(tmp_path: Path) -> None:
+    from sb3_contrib import RecurrentPPO
+
+    from policy_server.policies.importing import import_model
+    from policy_server.schema.config import load_schema
+
+    path = train_sb3("RecurrentPPO", "CartPole-v1", tmp_path / "rppo.zip", 32, n_steps=32, batch_size=32,
+                     n_epochs=1, policy_kwargs={"lstm_hidden_size": 8})
+    model = RecurrentPPO.load(path, device="cpu")
+    import_model(path, out=tmp_path / "schema.yaml")
+    spec = load_schema(tmp_path / "schema.yaml").policies["default"]
+    assert spec.recurrent is not None and {k: list(v) for k, v in spec.recurrent.shapes.items()} == {
+        "hidden": [1, 8], "cell": [1, 8]}
+    served, policy = resolve_policy(spec)
+    layout = served.recurrent
+    assert layout is not None
+    rng = np.random.default_rng(4)
+    state, packed = None, layout.zeros(8)  # eight episodes, five steps, from the zero state
+    for _ in range(5):
+        obs = rng.normal(0.0, 0.5, (8, 4)).astype(np.float32)
+        actions, state = model.predict(obs, state=state, episode_start=np.zeros(8), deterministic=True)
+        out = policy.forward(np.concatenate([obs, packed], axis=1))
+        heads, new = out.heads[:-2], out.heads[-2:]
+        assert [a.action for a in served.space.mode(heads)] == actions.tolist()
+        for ours, theirs in zip(new, state):  # SB3's (layers, B, size), ours (B, layers · size)
+            np.testing.assert_allclose(ours, theirs.transpose(1, 0, 2).reshape(8, -1), atol=1e-6)
+        packed = np.concatenate(new, axis=1)
+    with pytest.raises(SchemaError, match=r"^parameters\.recurrent\.state: rppo\.zip \(RecurrentPPO\) carries its LSTM"):
+        resolve_policy(spec.model_copy(update={"recurrent": None}))
