@@ -17,7 +17,7 @@ import numpy as np
 from policy_server.client.http import HttpSession, PolicyClientError
 from policy_server.client.spaces import model_rows, served_observation_space, space_json
 from policy_server.policies.codec import decode_weights
-from policy_server.policies.spaces import ActionSpace, BoxSpace, DiscreteSpace, TupleSpace
+from policy_server.policies.spaces import ActionSpace, BoxSpace, DiscreteSpace, MultiBinarySpace, TupleSpace
 from policy_server.policies.torch_policy import TorchPolicy, load_module
 
 Inference = Literal["remote", "local"]
@@ -62,17 +62,25 @@ class _LocalModel:
     """The policy's model in this process: forward passes and the server's action-space maths."""
 
     def __init__(
-        self, policy: TorchPolicy, space: ActionSpace, fields: list[str], obs_space: gs.Space[Any] | None
+        self, policy: TorchPolicy, space: ActionSpace, fields: list[str], obs_space: gs.Space[Any] | None,
+        mask_key: str | None = None,
     ) -> None:
         self.policy, self.space, self.fields, self.obs_space = policy, space, fields, obs_space
+        self.mask_key = mask_key if isinstance(obs_space, gs.Dict) and mask_key in obs_space.spaces else None
 
-    def heads(self, observations: Sequence[Observation]) -> list[np.ndarray]:
-        """The model's heads for a batch of observations, one row each."""
-        if self.obs_space is not None:
-            rows = model_rows(self.obs_space, observations)
-        else:
-            rows = np.stack([_flat(obs, self.fields) for obs in observations])
-        return self.policy.forward(rows).heads
+    def heads(self, observations: Sequence[Observation]) -> tuple[list[np.ndarray], np.ndarray | None]:
+        """The model's heads for a batch of observations, one row each, and the action mask
+        ``(B, mask_width)`` bool that a Dict observation holds under ``action_space.mask`` (left out
+        of the model input, as the server leaves it out), or None."""
+        if self.obs_space is None:
+            return self.policy.forward(np.stack([_flat(obs, self.fields) for obs in observations])).heads, None
+        if self.mask_key is None:
+            return self.policy.forward(model_rows(self.obs_space, observations)).heads, None
+        assert isinstance(self.obs_space, gs.Dict)
+        rest = gs.Dict({k: v for k, v in self.obs_space.spaces.items() if k != self.mask_key})
+        rows = model_rows(rest, [{k: obs[k] for k in rest.spaces} for obs in observations])  # type: ignore[index]
+        mask = np.stack([np.asarray(obs[self.mask_key], dtype=bool).ravel() for obs in observations])  # type: ignore[index]
+        return self.policy.forward(rows).heads, mask
 
 
 class ActingClient:
@@ -192,6 +200,8 @@ class ActingClient:
         """Choose one action per observation with one request (``/predict/batch``, or the raw or
         deterministic batch form) or one local forward pass; as ``act`` otherwise. The policy's
         version that answered is ``last_variant`` (one for the whole batch)."""
+        if not observations:  # every sub-environment of a vector env resetting at once: nothing to ask
+            return []
         if self.algorithm is None:
             self.algorithm = (self.describe().get("training") or {}).get("algorithm", "")
         if self.inference == "local":
@@ -263,11 +273,11 @@ class ActingClient:
         self._acts_since_check += 1
         local = self._local
         assert local is not None
-        heads = local.heads(observations)
+        heads, mask = local.heads(observations)
         version = local.policy.version
         if self.algorithm == "dqn":
-            return [self._epsilon_greedy(greedy.action, version) for greedy in local.space.mode(heads)]
-        return [ActResult(s.action, s.log_prob, version) for s in local.space.sample(heads, self._rng)]
+            return [self._epsilon_greedy(greedy.action, version) for greedy in local.space.mode(heads, mask)]
+        return [ActResult(s.action, s.log_prob, version) for s in local.space.sample(heads, self._rng, mask)]
 
     def _epsilon_greedy(self, greedy: ActionValue, version: int) -> ActResult:
         """With probability epsilon a uniformly random action, else the greedy one; the log-prob
@@ -285,7 +295,7 @@ class ActingClient:
         space = self.describe()["action_space"]
         if space["type"] == "discrete":
             return [int(space["n"])]
-        if space["type"] == "tuple":
+        if space["type"] in ("tuple", "multi_discrete"):
             return [int(n) for n in space["nvec"]]
         raise PolicyClientError(None, "unsupported", "epsilon-greedy needs a discrete or tuple action space")
 
@@ -295,7 +305,8 @@ class ActingClient:
         """The policy as the server resolved it: its ``name``, ``obs_dim``, ``action_space`` (sizes from the
         model), ``observations`` (field names in input order), ``fields`` (name → (type,
         columns), columns None for a scalar), ``observation_space`` (the schema's YAML form, None
-        with Pathmind ``observations``) and ``training`` (the schema's section, or None)."""
+        with Pathmind ``observations``), ``mask`` (the observation holding the action mask, or
+        None) and ``training`` (the schema's section, or None)."""
         if self._description is None:
             status = self.request("GET", "/").json()
             name = self.policy or status["default_policy"]
@@ -305,6 +316,7 @@ class ActingClient:
             described["training"] = schema.get("training")
             described["observation_space"] = schema.get("observation_space")
             described["name"] = name
+            described["mask"] = (schema.get("action_space") or {}).get("mask")
             self._description = described
         return self._description
 
@@ -317,7 +329,8 @@ class ActingClient:
         description = self.describe()
         policy = TorchPolicy(load_module(response.content, fmt), version=-1)  # type: ignore[arg-type]
         fields = description["observations"] if description.get("observations") else []
-        self._local = _LocalModel(policy, _space(description["action_space"]), fields, self._obs_space)
+        self._local = _LocalModel(policy, _space(description["action_space"]), fields, self._obs_space,
+                                  description.get("mask"))
         self.refresh()
 
     def refresh(self) -> bool:
@@ -415,10 +428,13 @@ def _space(description: Mapping[str, Any]) -> ActionSpace:
     kind = description["type"]
     if kind == "discrete":
         return DiscreteSpace(int(description["n"]), description.get("names"))
-    if kind == "tuple":
-        return TupleSpace([int(n) for n in description["nvec"]], description.get("names"))
+    if kind in ("tuple", "multi_discrete"):
+        return TupleSpace([int(n) for n in description["nvec"]], description.get("names"), kind=kind)
+    if kind == "multi_binary":
+        return MultiBinarySpace(int(description["n"]))
     dim = int(np.prod(description["shape"]))
-    return BoxSpace(dim, _bounds(description["low"], -np.inf), _bounds(description["high"], np.inf))
+    return BoxSpace(dim, _bounds(description["low"], -np.inf), _bounds(description["high"], np.inf),
+                    description.get("squash", "clip"))
 
 
 def _bounds(values: list[float | None], unbounded: float) -> np.ndarray:

@@ -97,6 +97,10 @@ def policy_router(
     ``select_id``, a dependency, reads the policy id of a ``policies_dir`` policy (a header, a path
     parameter: ``gateway.policy.multiplexed``)."""
     policy = service.policy
+    if policy.recurrent is not None:
+        from policy_server.gateway.policy.recurrent_router import recurrent_router  # it imports this module
+
+        return recurrent_router(service, auth, max_batch, prefix, select_id)
     router = APIRouter(prefix=prefix, tags=[policy.name], dependencies=[Depends(auth)], responses=ERRORS)
     PolicyId = Annotated[str | None, Depends(select_id)]
 

@@ -137,10 +137,16 @@ class ExperienceRequest(_Wire):
         return refs + [s.request_id for s in self.steps]
 
 
+def row_width(policy: ServedPolicy) -> int:
+    """Values of an experience row: the observation's, and a recurrent policy's state behind it
+    (``obs``: the state the step started from; ``next_obs``: the state after it)."""
+    return policy.obs_dim + (policy.recurrent.width if policy.recurrent is not None else 0)
+
+
 def experience_model(policy: ServedPolicy) -> type[ExperienceRequest]:
     """``{prefix}ExperienceRequest``: ``ExperienceRequest`` whose raw observations declare the
     policy's input width, so that its OpenAPI document says how many values they take."""
-    prefix, obs = policy.model_prefix, observation_type(policy.obs_dim)
+    prefix, obs = policy.model_prefix, observation_type(row_width(policy))
     fragment = create_model(
         f"{prefix}Fragment", __base__=Fragment, __doc__=Fragment.__doc__,
         observations=(list[obs], copy(Fragment.model_fields["observations"])),  # type: ignore[valid-type]
@@ -215,7 +221,7 @@ def _steps(steps: list[Step], policy: ServedPolicy, errors: list[FieldError]) ->
 def _observations(
     rows: list[list[float] | dict[str, Any]], where: str, policy: ServedPolicy, errors: list[FieldError]
 ) -> np.ndarray | None:
-    width, n_before = policy.obs_dim, len(errors)
+    width, n_before = row_width(policy), len(errors)
     out = np.empty((len(rows), width), dtype=np.float32)
     for i, row in enumerate(rows):
         here = where.replace("*", str(i)) if "*" in where else f"{where}.{i}"
@@ -225,8 +231,9 @@ def _observations(
             else:
                 out[i] = row
             continue
-        if policy.observation_model is None:
-            errors.append(FieldError(here, "this policy's schema has no named observations; send a list"))
+        if policy.observation_model is None or policy.recurrent is not None:
+            why = "recurrent: send [observation | state] lists" if policy.recurrent else "has no named observations"
+            errors.append(FieldError(here, f"this policy's schema {why}; send a list"))
             continue
         try:
             parsed = policy.observation_model.model_validate(row)
