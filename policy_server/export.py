@@ -61,10 +61,7 @@ def export_module(module: nn.Module, obs_dim: int, path: Path, fmt: ExportFormat
     example = torch.zeros(2, obs_dim)
     batch = torch.export.Dim("batch", min=1, max=1 << 20)
     if fmt == "onnx":
-        with warnings.catch_warnings():  # torch's exporter trips over its own deprecations (torch 2.13)
-            warnings.simplefilter("ignore")
-            torch.onnx.export(module, (example,), path.with_suffix(".onnx"), dynamo=True, verbose=False,
-                              input_names=["obs"], dynamic_shapes=({0: batch},))
+        export_onnx(module, example, path.with_suffix(".onnx"))
         return path.with_suffix(".onnx")
     if fmt == "export":
         program = torch.export.export(module, (example,), dynamic_shapes=({0: batch},))
@@ -73,6 +70,25 @@ def export_module(module: nn.Module, obs_dim: int, path: Path, fmt: ExportFormat
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         torch.jit.save(torch.jit.trace(module, example), path)
+    return path
+
+
+def export_onnx(module: nn.Module, example: torch.Tensor, path: Path, legacy: bool = False) -> Path:
+    """Save ``module`` as one self-contained ONNX file (no external data, so it loads from its
+    bytes), its input ``obs`` shaped and typed like ``example`` with a dynamic batch dimension.
+
+    ``legacy``: torch's TorchScript-based exporter, deprecated by torch but about 40 times faster
+    here (0.15 s against 6 s for a small MLP); the tests use it for their extra models.
+    """
+    with warnings.catch_warnings():  # torch's exporters trip over their own deprecations (torch 2.13)
+        warnings.simplefilter("ignore")
+        if legacy:
+            torch.onnx.export(module.eval(), (example,), path, dynamo=False, input_names=["obs"],
+                              dynamic_axes={"obs": {0: "batch"}})
+        else:
+            batch = torch.export.Dim("batch", min=1, max=1 << 20)
+            torch.onnx.export(module.eval(), (example,), path, dynamo=True, verbose=False, external_data=False,
+                              input_names=["obs"], dynamic_shapes=({0: batch},))
     return path
 
 

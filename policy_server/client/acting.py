@@ -4,6 +4,7 @@ policy's downloaded model and weights, and the conversions between observations 
 
 from __future__ import annotations
 
+import io
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import cached_property
@@ -20,6 +21,9 @@ from policy_server.policies.spaces import ActionSpace, BoxSpace, DiscreteSpace, 
 from policy_server.policies.torch_policy import TorchPolicy, load_module
 
 Inference = Literal["remote", "local"]
+BINARY_ABOVE = 1024
+"""``binary=None``: remote acting sends an observation of more values than this as ``.npy``."""
+NPY = "application/x-npy"
 ActionValue = int | list[int] | list[float]
 Observation = Sequence[Any] | np.ndarray | Mapping[str, Any] | int
 """A flat vector or the schema's observation object (Pathmind ``observations``), or an observation
@@ -99,12 +103,17 @@ class ActingClient:
         backoff_base_s: float = 0.1,
         backoff_cap_s: float = 5.0,
         seed: int | None = None,
+        binary: bool | None = None,
     ) -> None:
         """
         Args:
             base_url: the server, with the schema's ``url_path`` if it has one.
             inference: ask the server for every action, or act here with downloaded weights.
             refresh_every: local inference checks the server's weight version every this many acts.
+            binary: remote acting sends an observation array (not an object) as an ``.npy`` body
+                (True), as JSON (False), or as ``.npy`` when it has more than ``BINARY_ABOVE``
+                values (None): an 84×84×4 image is 28 kB of ``.npy``, ~100 kB of JSON text. Floats
+                travel as float32, the models' precision; integers and bools as they are.
             max_retries: retries of a request after a connection error, 429 or 503.
             backoff_base_s, backoff_cap_s: retry ``k`` waits about ``min(cap, base * 2**k)``.
             seed: seed of local action sampling and of the retry jitter.
@@ -112,6 +121,7 @@ class ActingClient:
         if inference not in ("remote", "local"):
             raise ValueError(f"inference must be 'remote' or 'local', not {inference!r}")
         self.inference = inference
+        self.binary = binary
         self.policy = policy
         self.prefix = f"/policies/{policy}" if policy else ""
         self.refresh_every = refresh_every
@@ -144,11 +154,12 @@ class ActingClient:
         self.close()
 
     def request(
-        self, method: str, path: str, json: Any = None, headers: dict[str, str] | None = None
+        self, method: str, path: str, json: Any = None, headers: dict[str, str] | None = None,
+        content: bytes | None = None,
     ) -> httpx.Response:
         """``HttpSession.request``: retries connection errors, 429 and 503; raises
         PolicyClientError on any other error (a 304 is returned)."""
-        return self._http.request(method, path, json=json, headers=headers)
+        return self._http.request(method, path, json=json, headers=headers, content=content)
 
     def _count_retry(self) -> None:
         self.stats.retries += 1
@@ -224,6 +235,11 @@ class ActingClient:
             return self._post(f"/{endpoint}", {"obs": self.wire(obs)}, pin)
         if isinstance(obs, Mapping):
             return self._post(f"/{endpoint}", wire_obs(obs), pin)
+        array = np.asarray(obs)
+        if self.binary or (self.binary is None and array.size > BINARY_ABOVE):
+            headers = (pin or {}) | {"content-type": NPY}
+            path = f"{self.prefix}/{'predict_raw' if endpoint == 'predict' else endpoint}"
+            return self.request("POST", path, headers=headers, content=npy_obs(array)).json()
         if endpoint == "predict":
             return self._post("/predict_raw", {"obs": wire_obs(obs)}, pin)
         # no raw form of the deterministic endpoint: the batch form takes flat vectors
@@ -363,6 +379,17 @@ def wire_obs(obs: Observation) -> Any:
     if isinstance(obs, Mapping):
         return {str(k): plain(v) for k, v in obs.items()}
     return np.asarray(obs, dtype=np.float64).ravel().tolist()
+
+
+def npy_obs(obs: np.ndarray) -> bytes:
+    """An observation as an ``.npy`` body: the model's input row (flat, as today's models take it),
+    floats as float32 (the server refuses float64: it would round), integers and bools as they are."""
+    array = obs.ravel()
+    if array.dtype.kind == "f":
+        array = array.astype(np.float32)
+    stream = io.BytesIO()
+    np.save(stream, array, allow_pickle=False)
+    return stream.getvalue()
 
 
 def wire_action(action: Any) -> ActionValue:

@@ -72,6 +72,7 @@ class PolicyClient(ActingClient):
         wait_for_training_s: float = 60.0,
         seed: int | None = None,
         info: dict[str, Any] | None = None,
+        binary: bool | None = None,
     ) -> None:
         """
         Args:
@@ -84,11 +85,14 @@ class PolicyClient(ActingClient):
             wait_for_training_s: how long experience waits for paused training to run again.
             seed: seed of local action sampling and of the retry jitter.
             info: sent to the server when registering (shown in its client list).
+            binary: how remote acting sends an observation array (``ActingClient``): ``.npy``
+                (True), JSON (False), ``.npy`` above ``BINARY_ABOVE`` values (None). Experience
+                is sent as JSON.
         """
         if fragment_steps < 1:
             raise ValueError(f"fragment_steps must be at least 1, not {fragment_steps}")
         super().__init__(base_url, api_key, policy, inference, fragment_steps, timeout, max_retries,
-                         backoff_base_s, backoff_cap_s, seed)
+                         backoff_base_s, backoff_cap_s, seed, binary)
         self.client_id = client_id
         self.fragment_steps = fragment_steps
         self.wait_for_training_s = wait_for_training_s

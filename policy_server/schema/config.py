@@ -380,7 +380,8 @@ def _resolve(name: str, entry: _PolicyEntry, base_dir: Path) -> PolicySpec:
     if entry.policies_dir is not None and entry.canary is not None:
         raise SchemaError(f"{where}.canary: not with `policies_dir` (each policy id is its own model; "
                           "roll a new one out as a new policy id instead)")
-    check_recurrent(entry.recurrent, entry.canary is not None, entry.policies_dir is not None, where)
+    check_recurrent(entry.recurrent, entry.canary is not None, entry.policies_dir is not None, where,
+                    entry.training.algorithm if entry.training else None)
     if entry.policies_dir is not None:
         folder, model = resolve_policies_dir(entry.policies_dir, entry.model, base_dir, where, entry.training is not None)
     elif "max_models_per_replica" in entry.resources.model_fields_set:

@@ -168,11 +168,13 @@ def _reader(model: type[BaseModel]) -> Callable[[BaseModel], Any]:
     return attrgetter(*model.model_fields)
 
 
-def flatten(observations: list[BaseModel]) -> np.ndarray:
-    """Observations of one generated model → float32 array ``(B, obs_dim)`` in schema order."""
-    get = _reader(type(observations[0]))
+def flatten(observations: list[BaseModel], model: type[BaseModel] | None = None) -> np.ndarray:
+    """Observations of one generated model → float32 array ``(B, obs_dim)`` in schema order;
+    ``model``: read only its fields (of observations of a model derived from it)."""
+    model = model or type(observations[0])
+    get = _reader(model)
     rows = [get(obs) for obs in observations]
-    if len(type(observations[0]).model_fields) == 1:
+    if len(model.model_fields) == 1:
         rows = [(value,) for value in rows]
     if any(isinstance(value, list) for value in rows[0]):
         rows = [list(chain.from_iterable(v if isinstance(v, list) else (v,) for v in row)) for row in rows]

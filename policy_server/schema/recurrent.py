@@ -36,6 +36,8 @@ class RecurrentSpec(BaseModel):
     """Seconds an episode id's server-kept state lives after its last request."""
     max_episodes: int = Field(10_000, ge=1)
     """Episode ids whose state the gateway keeps at most; the least recently used is dropped first."""
+    bptt_steps: int = Field(16, ge=1)
+    """Training (PPO): the model is re-run over chunks of this many steps (truncated backpropagation through time)."""
 
     @model_validator(mode="after")
     def _names(self) -> RecurrentSpec:
@@ -49,10 +51,14 @@ class RecurrentSpec(BaseModel):
         return {name: tuple(shape) for name, shape in self.state.items()}
 
 
-def check_recurrent(recurrent: RecurrentSpec | None, canary: bool, policies_dir: bool, where: str) -> None:
-    """Refuse what a recurrent policy cannot have (yet): a canary, a ``policies_dir``."""
+def check_recurrent(
+    recurrent: RecurrentSpec | None, canary: bool, policies_dir: bool, where: str, algorithm: str | None = None
+) -> None:
+    """Refuse what a recurrent policy cannot have (yet): a canary, a ``policies_dir``, DQN training."""
     if recurrent is None:
         return
+    if algorithm not in (None, "ppo"):
+        raise SchemaError(f"{where}.training.algorithm: a recurrent policy trains with ppo, not {algorithm!r}")
     if canary:
         raise SchemaError(f"{where}.canary: not with `recurrent` (a candidate would need the stable "
                           "model's state of every episode); roll the new model out as a new policy")

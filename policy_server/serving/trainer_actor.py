@@ -111,6 +111,7 @@ class TrainerActor:
         deployment: str,
         app_name: str,
         use_gpu: bool,
+        recurrent: Any = None,
     ) -> None:
         import torch
 
@@ -130,7 +131,7 @@ class TrainerActor:
         module = load_module(model_bytes, fmt, device)
         self.trainer: Trainer = build_trainer(
             policy, spec, module, space, obs_dim, self.replicas.publish, RayTrainerMetrics(policy, app_name), device,
-            version,
+            version, recurrent,
         )
         self.trainer.open()
         self.replicas.start()

@@ -6,11 +6,14 @@ import numpy as np
 import torch
 
 from policy_server.experience_log.transitions import logged_batch
+from policy_server.policies.recurrent import StateLayout
 from policy_server.policies.spaces import ActionSpace
+from policy_server.schema.recurrent import RecurrentSpec
 from policy_server.schema.training import TrainingSpec
 from policy_server.training.base import Learner
 from policy_server.training.dqn import DQNLearner
 from policy_server.training.ppo import PPOLearner
+from policy_server.training.sequences import RecurrentPPOLearner
 
 __all__ = ["DQNLearner", "Learner", "PPOLearner", "make_learner"]
 
@@ -18,6 +21,7 @@ __all__ = ["DQNLearner", "Learner", "PPOLearner", "make_learner"]
 def make_learner(
     actor: torch.nn.Module, obs_dim: int, space: ActionSpace, spec: TrainingSpec, device: str = "cpu",
     policy: str = "",
+    recurrent: RecurrentSpec | None = None,
 ) -> Learner:
     """The learner of ``spec.algorithm``, training ``actor`` (the served module) in place.
 
@@ -25,6 +29,9 @@ def make_learner(
     ``policy``, or of the log's only policy). Raises ValueError when the algorithm cannot train
     this action space (DQN needs a discrete one), or the log cannot fill the buffer.
     """
+    if recurrent is not None:  # the schema allows only ppo with it
+        return RecurrentPPOLearner(actor, obs_dim, StateLayout(recurrent.shapes), space, spec.ppo,
+                                   recurrent.bptt_steps, spec.seed, device)
     if spec.algorithm == "ppo":
         return PPOLearner(actor, obs_dim, space, spec.ppo, spec.seed, device)
     learner = DQNLearner(actor, obs_dim, space, spec.dqn, spec.seed, device)

@@ -149,7 +149,7 @@ class PPOLearner(Learner):
         with torch.no_grad():
             values = self.critic(t["obs"]).flatten()
             next_values = self.critic(t["next_obs"]).flatten()
-            current_log_prob, _ = log_prob_entropy(self.space, as_heads(self.actor(t["obs"])), t["actions"])
+            current_log_prob, _ = log_prob_entropy(self.space, self._heads(t["obs"]), t["actions"])
         # the rows arrive as one sequence: a (N, 1) rollout whose fragments end at `ends`
         advantages, returns = gae(
             t["rewards"][:, None], values[:, None], next_values[:, None], t["terminated"][:, None],
@@ -185,7 +185,7 @@ class PPOLearner(Learner):
 
     def _step(self, mb: dict[str, torch.Tensor], where: str) -> dict[str, float]:
         c = self.config
-        new_log_prob, entropy = log_prob_entropy(self.space, as_heads(self.actor(mb["obs"])), mb["actions"])
+        new_log_prob, entropy = self._policy_terms(mb)
         newvalue = self.critic(mb["obs"]).flatten()
         mb_advantages = normalize(mb["advantages"]) if c.norm_adv else mb["advantages"]
         pg_loss, approx_kl, clipfrac = ppo_clip_loss(new_log_prob, mb["log_probs"], mb_advantages, c.clip_coef)
@@ -201,6 +201,14 @@ class PPOLearner(Learner):
             "approx_kl": approx_kl.item(),
             "clipfrac": clipfrac.item(),
         }
+
+    def _heads(self, obs: torch.Tensor) -> list[torch.Tensor]:
+        """The actor's action heads for rows ``(N, obs_dim)`` (a recurrent learner unpacks its state)."""
+        return as_heads(self.actor(obs))
+
+    def _policy_terms(self, mb: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The new log-probs of a minibatch's actions and the policy's entropy, both ``(M,)``."""
+        return log_prob_entropy(self.space, self._heads(mb["obs"]), mb["actions"])
 
     def _named_params(self) -> list[tuple[str, nn.Parameter]]:
         return [*(("actor." + n, p) for n, p in self.actor.named_parameters()),

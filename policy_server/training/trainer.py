@@ -408,16 +408,18 @@ def build_trainer(
     metrics: TrainerMetrics | None = None,
     device: str = "cpu",
     version: int = 0,
+    recurrent: Any = None,
 ) -> Trainer:
     """A trainer for ``module`` (its own copy of the served model, loaded from the same file),
-    counting model versions from ``version`` (the served one, when a trainer restarts)."""
+    counting model versions from ``version`` (the served one, when a trainer restarts);
+    ``recurrent``: a recurrent policy's ``RecurrentSpec`` (its rows are ``[obs | state]``)."""
     import torch
 
     from policy_server.training.learners import make_learner
 
     if spec.seed is not None:
         torch.manual_seed(spec.seed)
-    learner = make_learner(module, obs_dim, space, spec, device, policy)
+    learner = make_learner(module, obs_dim, space, spec, device, policy, recurrent)
     store = CheckpointStore(spec.checkpoint_dir / policy, keep=spec.keep_checkpoints)
     journal = ExperienceJournal(spec.checkpoint_dir / policy) if spec.journal else None
     return Trainer(policy, spec, learner, publish, store, version=version, metrics=metrics, journal=journal)

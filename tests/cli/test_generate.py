@@ -302,7 +302,7 @@ def test_the_cli_runs_and_documents_its_commands() -> None:
         env={"PAGER": "cat", "PATH": "/usr/bin:/bin"},
     )
     assert help_text.returncode == 0, help_text.stderr
-    commands = ["copy_server_files", "check", "schema", "export", "serve", "clients"]
+    commands = ["copy_server_files", "check", "schema", "export", "import", "serve", "clients"]
     for command in commands:
         assert command in help_text.stdout + help_text.stderr  # fire prints help on stderr
     for command in commands:

@@ -38,3 +38,10 @@ def test_a_recurrent_policy_with_a_canary_is_refused(tmp_path: Path) -> None:
     schema = _schema(tmp_path, recurrent={"state": {"h": [4]}}, canary={"model": "m.pt", "share": 0.5})
     with pytest.raises(SchemaError, match=r"parameters.canary: not with `recurrent`"):
         parse_schema(schema, tmp_path)
+
+
+def test_a_recurrent_policy_trains_with_ppo_only(tmp_path: Path) -> None:
+    schema = _schema(tmp_path, recurrent={"state": {"h": [4]}}, action_space={"type": "discrete"},
+                     training={"algorithm": "dqn"})
+    with pytest.raises(SchemaError, match=r"parameters.training.algorithm: a recurrent policy trains with ppo"):
+        parse_schema(schema, tmp_path)

@@ -24,6 +24,7 @@ def mount(app: FastAPI, service: PolicyService, training: TrainingService | None
     model, fmt = spec.model.read_bytes(), model_format(spec.model)
     for prefix in prefixes:
         app.include_router(policy_router(service, auth, max_batch, prefix))
-        app.include_router(collect_router(service, training, auth, prefix))
+        if service.policy.recurrent is None:  # /collect_experience keeps no recurrent state (yet)
+            app.include_router(collect_router(service, training, auth, prefix))
         app.include_router(model_router(service, auth, prefix, model, fmt))
         app.include_router(versions_router(service, training, auth, prefix))

@@ -4,13 +4,15 @@
 
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 
 from policy_server.gateway.auth import Auth
 from policy_server.gateway.openapi import AUTH_ERRORS, error_docs
+from policy_server.gateway.policy.binary import media_type, observation_docs, observation_space, observations
+from policy_server.gateway.policy.binary_route import binary_doc, post_with_binary
 from policy_server.gateway.policy.service import Mode, PolicyService
 from policy_server.gateway.policy.wire import (
     ActionResponse,
@@ -24,11 +26,14 @@ from policy_server.gateway.policy.wire import (
 )
 from policy_server.policies.spaces import ActionSample
 
+ROWS = "body.observations"
+BinaryEndpoint = Callable[..., Awaitable[JSONResponse]]
+Endpoint = TypeVar("Endpoint", bound=Callable[..., Any])
 ERRORS = error_docs({
     **AUTH_ERRORS,
     409: "`no_candidate`: `X-Policy-Version: canary` for a policy without a candidate version.",
     413: "Body too large.",
-    422: "Invalid observation: the envelope names each bad field. Code `model_overflow`: valid "
+    422: "Invalid observation: the envelope names each bad field (a binary body: the tensor). Code `model_overflow`: valid "
          "values that overflow the model's float32 layers (a bound of its weights).",
     500: "The model failed.",
     503: "The policy's deployment is not available.",
@@ -92,6 +97,10 @@ def policy_router(
     ``select_id``, a dependency, reads the policy id of a ``policies_dir`` policy (a header, a path
     parameter: ``gateway.policy.multiplexed``)."""
     policy = service.policy
+    if policy.recurrent is not None:
+        from policy_server.gateway.policy.recurrent_router import recurrent_router  # it imports this module
+
+        return recurrent_router(service, auth, max_batch, prefix, select_id)
     router = APIRouter(prefix=prefix, tags=[policy.name], dependencies=[Depends(auth)], responses=ERRORS)
     PolicyId = Annotated[str | None, Depends(select_id)]
 
@@ -100,67 +109,88 @@ def policy_router(
 
     Picked = Annotated[Pick, Depends(pick)]
 
-    async def act(obs: Any, mode: Mode, chosen: Pick, where: str = "body") -> JSONResponse:
-        samples, version, variant = await service.act(obs, mode, [where], chosen.policy_id, chosen.forced)
+    async def act(obs: Any, mode: Mode, chosen: Pick, rows: list[str]) -> JSONResponse:
+        samples, version, variant = await service.act(obs, mode, rows, chosen.policy_id, chosen.forced)
         return action_answer(samples[0], version, variant, chosen.policy_id)
 
-    async def act_batch(obs: Any, mode: Mode, chosen: Pick, where: str = "body.observations") -> JSONResponse:
-        samples, version, variant = await service.act(obs, mode, rows_at(where, len(obs)), chosen.policy_id, chosen.forced)
+    async def act_batch(obs: Any, mode: Mode, chosen: Pick, rows: list[str]) -> JSONResponse:
+        samples, version, variant = await service.act(obs, mode, rows, chosen.policy_id, chosen.forced)
         return _answer({"results": [_action(s) for s in samples]} | _versioned(version, variant, chosen.policy_id))
+
+    async def distribute(obs: Any, chosen: Pick, rows: list[str], batched: bool) -> JSONResponse:
+        dists, version, variant = await service.distribution(obs, rows, chosen.policy_id, chosen.forced)
+        answer = {"results": dists} if batched else dists[0]
+        return _answer(answer | _versioned(version, variant, chosen.policy_id))
+
+    space = observation_space(policy)
+
+    def binary(mode: Mode | None, batched: bool) -> BinaryEndpoint:
+        """The endpoint of a route's binary bodies (``mode`` None: ``/distribution``)."""
+        async def endpoint(request: Request, chosen: Picked) -> JSONResponse:
+            body, media = await request.body(), media_type(request.headers.get("content-type"))
+            obs, rows = observations(body, media, space, batched, max_batch)
+            if mode is None:
+                return await distribute(obs, chosen, rows, batched)
+            return await (act_batch if batched else act)(obs, mode, chosen, rows)
+
+        return endpoint
+
+    def post(path: str, mode: Mode | None, response_model: Any) -> Callable[[Endpoint], Endpoint]:
+        batched = path.endswith("/batch")
+        doc = binary_doc(*observation_docs(space, max_batch, batched))
+        return post_with_binary(router, path, binary(mode, batched), doc, response_model=response_model)
 
     Raw = raw_model(policy.model_prefix, policy.obs_dim)
     RawBatch = raw_batch_model(policy.model_prefix, policy.obs_dim, max_batch)
 
-    @router.post("/predict_raw", response_model=ActionResponse)
+    @post("/predict_raw", "sample", ActionResponse)
     async def predict_raw(body: Raw, chosen: Picked) -> JSONResponse:  # type: ignore[valid-type]
         """Sample an action for a flat input vector (width checked, no field validation)."""
-        return await act(service.from_raw([body.obs]), "sample", chosen, "body.obs")  # type: ignore[attr-defined]
+        return await act(service.from_raw([body.obs]), "sample", chosen, ["body.obs"])  # type: ignore[attr-defined]
 
-    @router.post("/predict_raw/batch", response_model=BatchActionResponse)
+    @post("/predict_raw/batch", "sample", BatchActionResponse)
     async def predict_raw_batch(body: RawBatch, chosen: Picked) -> JSONResponse:  # type: ignore[valid-type]
         """Sample one action per flat input vector, in one forward pass."""
-        return await act_batch(service.from_raw(body.obs), "sample", chosen, "body.obs")  # type: ignore[attr-defined]
+        obs = service.from_raw(body.obs)  # type: ignore[attr-defined]
+        return await act_batch(obs, "sample", chosen, rows_at("body.obs", len(obs)))
 
     if policy.observation_model is None:
         return router
     Observation = policy.observation_model
     Batch = batch_model(Observation, max_batch)
 
-    @router.post("/predict", response_model=ActionResponse)
+    @post("/predict", "sample", ActionResponse)
     async def predict(obs: Observation, chosen: Picked) -> JSONResponse:  # type: ignore[valid-type]
         """Sample an action from the policy; answers its probability and the model version."""
-        return await act(service.from_observations([obs]), "sample", chosen)
+        return await act(service.from_observations([obs]), "sample", chosen, ["body"])
 
-    @router.post("/predict_deterministic", response_model=ActionResponse)
+    @post("/predict_deterministic", "deterministic", ActionResponse)
     async def predict_deterministic(obs: Observation, chosen: Picked) -> JSONResponse:  # type: ignore[valid-type]
         """The most likely action: argmax per component, the mean for a continuous action."""
-        return await act(service.from_observations([obs]), "deterministic", chosen)
+        return await act(service.from_observations([obs]), "deterministic", chosen, ["body"])
 
-    @router.post("/distribution", response_model=DistributionResponse)
+    @post("/distribution", None, DistributionResponse)
     async def distribution(obs: Observation, chosen: Picked) -> JSONResponse:  # type: ignore[valid-type]
         """The exact action distribution, computed from the model's logits."""
-        dists, version, variant = await service.distribution(
-            service.from_observations([obs]), ["body"], chosen.policy_id, chosen.forced)
-        return _answer(dists[0] | _versioned(version, variant, chosen.policy_id))
+        return await distribute(service.from_observations([obs]), chosen, ["body"], False)
 
-    @router.post("/predict/batch", response_model=BatchActionResponse)
+    @post("/predict/batch", "sample", BatchActionResponse)
     async def predict_batch(body: Batch, chosen: Picked) -> JSONResponse:  # type: ignore[valid-type]
         """Sample one action per observation, all in one forward pass."""
-        return await act_batch(service.from_observations(body.observations), "sample", chosen)  # type: ignore[attr-defined]
+        observations = body.observations  # type: ignore[attr-defined]
+        return await act_batch(service.from_observations(observations), "sample", chosen, rows_at(ROWS, len(observations)))
 
-    @router.post("/predict_deterministic/batch", response_model=BatchActionResponse)
+    @post("/predict_deterministic/batch", "deterministic", BatchActionResponse)
     async def predict_deterministic_batch(body: Batch, chosen: Picked) -> JSONResponse:  # type: ignore[valid-type]
         """The most likely action for each observation, in one forward pass."""
+        observations = body.observations  # type: ignore[attr-defined]
         return await act_batch(
-            service.from_observations(body.observations), "deterministic", chosen)  # type: ignore[attr-defined]
+            service.from_observations(observations), "deterministic", chosen, rows_at(ROWS, len(observations)))
 
-    @router.post("/distribution/batch", response_model=BatchDistributionResponse)
+    @post("/distribution/batch", None, BatchDistributionResponse)
     async def distribution_batch(body: Batch, chosen: Picked) -> JSONResponse:  # type: ignore[valid-type]
         """The exact action distribution for each observation, in one forward pass."""
         observations = body.observations  # type: ignore[attr-defined]
-        dists, version, variant = await service.distribution(
-            service.from_observations(observations), rows_at("body.observations", len(observations)),
-            chosen.policy_id, chosen.forced)
-        return _answer({"results": dists} | _versioned(version, variant, chosen.policy_id))
+        return await distribute(service.from_observations(observations), chosen, rows_at(ROWS, len(observations)), True)
 
     return router

@@ -59,9 +59,10 @@ class PolicyService:
 
     # --- inputs ---------------------------------------------------------------------------
 
-    def from_observations(self, observations: list[BaseModel]) -> np.ndarray:
-        """Validated observations of the policy's model → float32 ``(B, obs_dim)``."""
-        return flatten(observations)
+    def from_observations(self, observations: list[BaseModel], model: type[BaseModel] | None = None) -> np.ndarray:
+        """Validated observations of the policy's model → float32 ``(B, obs_dim)`` (``model``: read
+        only its fields, of observations of a model derived from it)."""
+        return flatten(observations, model)
 
     def from_raw(self, rows: list[list[float]], field: str = "body.obs") -> np.ndarray:
         """Flat input vectors (each value already checked finite as float32) → float32 ``(B, obs_dim)``;

@@ -137,10 +137,16 @@ class ExperienceRequest(_Wire):
         return refs + [s.request_id for s in self.steps]
 
 
+def row_width(policy: ServedPolicy) -> int:
+    """Values of an experience row: the observation's, and a recurrent policy's state behind it
+    (``obs``: the state the step started from; ``next_obs``: the state after it)."""
+    return policy.obs_dim + (policy.recurrent.width if policy.recurrent is not None else 0)
+
+
 def experience_model(policy: ServedPolicy) -> type[ExperienceRequest]:
     """``{prefix}ExperienceRequest``: ``ExperienceRequest`` whose raw observations declare the
     policy's input width, so that its OpenAPI document says how many values they take."""
-    prefix, obs = policy.model_prefix, observation_type(policy.obs_dim)
+    prefix, obs = policy.model_prefix, observation_type(row_width(policy))
     fragment = create_model(
         f"{prefix}Fragment", __base__=Fragment, __doc__=Fragment.__doc__,
         observations=(list[obs], copy(Fragment.model_fields["observations"])),  # type: ignore[valid-type]
@@ -168,7 +174,7 @@ def to_batch(request: ExperienceRequest, policy: ServedPolicy, max_rows: int) ->
 
 def _fragment(f: Fragment, where: str, policy: ServedPolicy, errors: list[FieldError]) -> ExperienceBatch | None:
     obs = _observations(f.observations, f"{where}.observations", policy, errors)
-    actions = _actions(f.actions, f"{where}.actions", policy, errors)
+    actions = to_actions(f.actions, f"{where}.actions", policy, errors)
     if obs is None or actions is None:
         return None
     t = len(f.actions)
@@ -191,7 +197,7 @@ def _fragment(f: Fragment, where: str, policy: ServedPolicy, errors: list[FieldE
 def _steps(steps: list[Step], policy: ServedPolicy, errors: list[FieldError]) -> ExperienceBatch | None:
     obs = _observations([s.obs for s in steps], "body.steps.*.obs", policy, errors)
     next_obs = _observations([s.next_obs for s in steps], "body.steps.*.next_obs", policy, errors)
-    actions = _actions([s.action for s in steps], "body.steps.*.action", policy, errors)
+    actions = to_actions([s.action for s in steps], "body.steps.*.action", policy, errors)
     if obs is None or next_obs is None or actions is None:
         return None
     terminated = np.array([s.terminated for s in steps])
@@ -215,7 +221,7 @@ def _steps(steps: list[Step], policy: ServedPolicy, errors: list[FieldError]) ->
 def _observations(
     rows: list[list[float] | dict[str, Any]], where: str, policy: ServedPolicy, errors: list[FieldError]
 ) -> np.ndarray | None:
-    width, n_before = policy.obs_dim, len(errors)
+    width, n_before = row_width(policy), len(errors)
     out = np.empty((len(rows), width), dtype=np.float32)
     for i, row in enumerate(rows):
         here = where.replace("*", str(i)) if "*" in where else f"{where}.{i}"
@@ -225,8 +231,9 @@ def _observations(
             else:
                 out[i] = row
             continue
-        if policy.observation_model is None:
-            errors.append(FieldError(here, "this policy's schema has no named observations; send a list"))
+        if policy.observation_model is None or policy.recurrent is not None:
+            why = "recurrent: send [observation | state] lists" if policy.recurrent else "has no named observations"
+            errors.append(FieldError(here, f"this policy's schema {why}; send a list"))
             continue
         try:
             parsed = policy.observation_model.model_validate(row)
@@ -237,7 +244,9 @@ def _observations(
     return out if len(errors) == n_before else None
 
 
-def _actions(values: list[ActionValue], where: str, policy: ServedPolicy, errors: list[FieldError]) -> np.ndarray | None:
+def to_actions(values: list[ActionValue], where: str, policy: ServedPolicy, errors: list[FieldError]) -> np.ndarray | None:
+    """The actions as ``ExperienceBatch.actions`` (int64 ``(N, k)`` indices, float32 ``(N, d)``),
+    or None after appending a FieldError for each bad one (``where``: ``body.steps.*.action``)."""
     space, n_before = policy.space, len(errors)
 
     def bad(i: int, message: str) -> None:

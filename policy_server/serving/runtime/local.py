@@ -293,7 +293,7 @@ class LocalRuntime(Runtime):
         assert spec.training is not None
         module = load_module(spec.model.read_bytes(), model_format(spec.model))  # its own copy
         publish = self._policies[spec.name].set_weights
-        trainer = build_trainer(spec.name, spec.training, module, space, obs_dim, publish)
+        trainer = build_trainer(spec.name, spec.training, module, space, obs_dim, publish, recurrent=spec.recurrent)
         trainer.open()
         self._closers.append(trainer.close)
         return LocalPolicyTrainer(trainer)

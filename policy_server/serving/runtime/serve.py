@@ -220,7 +220,7 @@ class ServeRuntime(Runtime):
             max_concurrency=32,
         ).remote(
             spec.name, spec.training, model, model_format(spec.model), space, obs_dim,
-            deployment_name(spec.name), self.app_name(spec), gpus > 0,
+            deployment_name(spec.name), self.app_name(spec), gpus > 0, spec.recurrent,
         )
         self.trainers[name] = actor  # closed by stop() whatever happens next, if no other gateway has it
         watch = PlacementWatch(self.settings.placement_grace_s, self.settings.wait_for_resources)
