@@ -56,9 +56,10 @@ class Recording(PolicyClient):
         super().__init__(*args, **kwargs)
         self.sent: list[tuple[str, Any]] = []
 
-    def request(self, method: str, path: str, json: Any = None, headers: dict[str, str] | None = None) -> httpx.Response:
+    def request(self, method: str, path: str, json: Any = None, headers: dict[str, str] | None = None,
+                content: bytes | None = None) -> httpx.Response:
         self.sent.append((path, json))
-        return super().request(method, path, json, headers)
+        return super().request(method, path, json, headers, content)
 
     def posted(self, path: str) -> list[Any]:
         return [body for sent, body in self.sent if sent == path]
