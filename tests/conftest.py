@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 import threading
 import warnings
@@ -69,7 +71,17 @@ def pytest_configure(config: pytest.Config) -> None:
     Settings.model_config["env_file"] = None
 
 
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Start building ``llm_dirs``'s tiny models at once in a process of their own when a collected
+    test needs them: their 400 training steps take 40 s of one core, which the first tests of the
+    run (servers starting, mostly waiting) leave free; the fixture then waits for what is left."""
+    if not session.config.option.collectonly and any("llm_dirs" in item.fixturenames for item in session.items):
+        _tiny_build.append(TinyModelBuild(Path(_scratch_home[0]) / "llm"))
+
+
 def pytest_unconfigure(config: pytest.Config) -> None:
+    for build in _tiny_build:
+        build.stop()
     os.environ.clear()
     os.environ.update(_saved_environ)
     for home in _scratch_home:
@@ -313,11 +325,61 @@ def running_server(app: Any) -> Iterator[str]:
         sock.close()
 
 
+TINY_BUILD: dict[str, Any] = {"seed": 0, "lora": True, "extra_loras": 1}
+"""``build_tiny_model.build``'s arguments for ``llm_dirs``."""
+
+
+class TinyModelBuild:
+    """``build_tiny_model.build(out_dir, **TINY_BUILD)`` in a child Python process, started now;
+    ``paths()`` waits for it. A process, not a thread: the build sets torch's thread count, which
+    is the whole process's, and its Python would hold the tests' GIL."""
+
+    def __init__(self, out_dir: Path) -> None:
+        script = Path(__file__).parents[1] / "examples" / "llm" / "build_tiny_model.py"
+        code = (
+            "import importlib.util, json, os, sys\n"
+            "os.nice(10)  # the CPU the tests leave; all of it while a test waits for it\n"
+            "from pathlib import Path\n"
+            "spec = importlib.util.spec_from_file_location('build_tiny_model', sys.argv[1])\n"
+            "module = importlib.util.module_from_spec(spec)\n"
+            "spec.loader.exec_module(module)\n"
+            "paths = module.build(Path(sys.argv[2]), **json.loads(sys.argv[3]))\n"
+            "print(json.dumps({key: str(path) for key, path in paths.items()}))\n"
+        )
+        out_dir.mkdir(parents=True)
+        self.log = out_dir / "build.log"
+        with self.log.open("wb") as log:  # a file, not a pipe: its progress bars never block it
+            self.process = subprocess.Popen(
+                [sys.executable, "-c", code, str(script), str(out_dir), json.dumps(TINY_BUILD)],
+                stdout=subprocess.PIPE, stderr=log,
+            )
+
+    def paths(self) -> dict[str, Path]:
+        """The built folders by key (as ``build`` returns them); fails with the child's stderr if it failed."""
+        out, _ = self.process.communicate()
+        if self.process.returncode != 0:
+            tail = self.log.read_text(errors="replace")[-3000:]
+            raise RuntimeError(f"building the tiny models failed ({self.process.returncode}):\n{tail}")
+        return {key: Path(path) for key, path in json.loads(out.decode().splitlines()[-1]).items()}
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.communicate()
+
+
+_tiny_build: list[TinyModelBuild] = []
+"""The build ``pytest_collection_finish`` started, if any."""
+
+
 @pytest.fixture(scope="session")
 def llm_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Tiny Llama policy, value model and LoRA adapters (`policy_lora`, `policy_lora_1`) built once per
-    session (examples/llm/build_tiny_model.py)."""
-    return build_tiny_model().build(tmp_path_factory.mktemp("llm"), seed=0, lora=True, extra_loras=1)
+    session (examples/llm/build_tiny_model.py): by the build started after collection, or here when
+    no collected test named the fixture (one that asks for it by ``request.getfixturevalue``)."""
+    if _tiny_build:
+        return _tiny_build[0].paths()
+    return build_tiny_model().build(tmp_path_factory.mktemp("llm"), **TINY_BUILD)
 
 
 def build_tiny_model() -> Any:
