@@ -372,9 +372,10 @@ class TinyModelBuild:
         return {key: Path(path) for key, path in json.loads(out.decode().splitlines()[-1]).items()}
 
     def stop(self) -> None:
+        """Kill the build if no test waited for it to the end (a run stopped early)."""
         if self.process.poll() is None:
             self.process.kill()
-        self.process.communicate()
+            self.process.communicate()
 
 
 _tiny_build: list[TinyModelBuild] = []
