@@ -1,8 +1,9 @@
 """A torch policy as a plain object: load an exported module, run batches, swap weights.
 
 Two file formats: TorchScript (``torch.jit.save``, any suffix but ``.pt2``) and ``torch.export``
-programs (``torch.export.save``, suffix ``.pt2``). The module maps a float batch ``(B, obs_dim)``
-to logits ``(B, n)``, a tuple of logits, or ``(mean, log_std)``.
+programs (``torch.export.save``, suffix ``.pt2``). The module maps a batch ``(B, *obs_shape)`` (float
+``(B, obs_dim)`` for Pathmind's observations, uint8 ``(B, 84, 84, 4)`` for an image Box) to logits
+``(B, n)``, a tuple of logits, or ``(mean, log_std)``.
 """
 
 from __future__ import annotations
@@ -88,6 +89,8 @@ class TorchPolicy(VersionedWeights):
         super().__init__(version)
         self.module = module  # callers put it in eval mode (exported programs have no train mode)
         self.device = device
+        floats = [p.dtype for p in module.parameters() if p.is_floating_point()]
+        self._float_dtype = floats[0] if floats else torch.float32
 
     @classmethod
     def from_bytes(cls, data: bytes, fmt: ModelFormat, device: str = "cpu") -> TorchPolicy:
@@ -98,8 +101,14 @@ class TorchPolicy(VersionedWeights):
         return cls.from_bytes(Path(path).read_bytes(), model_format(Path(path)), device)
 
     def forward(self, obs: np.ndarray) -> PolicyOutput:
-        """``(B, obs_dim)`` float32 → heads; a box's log-std is broadcast to ``(B, d)``."""
-        x = torch.from_numpy(np.ascontiguousarray(obs, dtype=np.float32)).to(self.device)
+        """``(B, *obs_shape)`` → heads; a box's log-std is broadcast to ``(B, d)``.
+
+        Integer inputs (uint8 images) reach the module as they are (it scales them itself, as
+        SB3's policies do); floating ones in the dtype of the module's parameters (float32 for
+        nearly every model, so a float64 Box runs as float32)."""
+        x = torch.from_numpy(np.ascontiguousarray(obs)).to(self.device)
+        if x.is_floating_point():
+            x = x.to(self._float_dtype)
         with self._lock, torch.inference_mode():
             heads = _as_heads(self.module(x))
             version = self.version

@@ -11,7 +11,7 @@ from fastapi.responses import JSONResponse
 
 from policy_server.gateway.auth import Auth
 from policy_server.gateway.openapi import AUTH_ERRORS, error_docs
-from policy_server.gateway.policy.service import Mode, PolicyService
+from policy_server.gateway.policy.service import Inputs, Mode, PolicyService
 from policy_server.gateway.policy.wire import (
     ActionResponse,
     BatchActionResponse,
@@ -21,8 +21,12 @@ from policy_server.gateway.policy.wire import (
     batch_model,
     raw_batch_model,
     raw_model,
+    space_batch_model,
+    space_model,
 )
+from policy_server.policies.served import mask_width
 from policy_server.policies.spaces import ActionSample
+from policy_server.schema.space_inputs import json_schema
 
 ERRORS = error_docs({
     **AUTH_ERRORS,
@@ -100,12 +104,15 @@ def policy_router(
 
     Picked = Annotated[Pick, Depends(pick)]
 
-    async def act(obs: Any, mode: Mode, chosen: Pick, where: str = "body") -> JSONResponse:
-        samples, version, variant = await service.act(obs, mode, [where], chosen.policy_id, chosen.forced)
+    async def act(obs: Any, mode: Mode, chosen: Pick, where: str = "body", mask: Any = None) -> JSONResponse:
+        samples, version, variant = await service.act(obs, mode, [where], chosen.policy_id, chosen.forced, mask)
         return action_answer(samples[0], version, variant, chosen.policy_id)
 
-    async def act_batch(obs: Any, mode: Mode, chosen: Pick, where: str = "body.observations") -> JSONResponse:
-        samples, version, variant = await service.act(obs, mode, rows_at(where, len(obs)), chosen.policy_id, chosen.forced)
+    async def act_batch(
+        obs: Any, mode: Mode, chosen: Pick, where: str = "body.observations", mask: Any = None
+    ) -> JSONResponse:
+        samples, version, variant = await service.act(
+            obs, mode, rows_at(where, len(obs)), chosen.policy_id, chosen.forced, mask)
         return _answer({"results": [_action(s) for s in samples]} | _versioned(version, variant, chosen.policy_id))
 
     Raw = raw_model(policy.model_prefix, policy.obs_dim)
@@ -121,46 +128,75 @@ def policy_router(
         """Sample one action per flat input vector, in one forward pass."""
         return await act_batch(service.from_raw(body.obs), "sample", chosen, "body.obs")  # type: ignore[attr-defined]
 
-    if policy.observation_model is None:
+    inputs = _inputs(service, max_batch)
+    if inputs is None:
         return router
-    Observation = policy.observation_model
-    Batch = batch_model(Observation, max_batch)
+    Observation, Batch, one, many, field, rows_field = inputs
 
     @router.post("/predict", response_model=ActionResponse)
     async def predict(obs: Observation, chosen: Picked) -> JSONResponse:  # type: ignore[valid-type]
         """Sample an action from the policy; answers its probability and the model version."""
-        return await act(service.from_observations([obs]), "sample", chosen)
+        rows, mask = one(obs)
+        return await act(rows, "sample", chosen, field, mask)
 
     @router.post("/predict_deterministic", response_model=ActionResponse)
     async def predict_deterministic(obs: Observation, chosen: Picked) -> JSONResponse:  # type: ignore[valid-type]
         """The most likely action: argmax per component, the mean for a continuous action."""
-        return await act(service.from_observations([obs]), "deterministic", chosen)
+        rows, mask = one(obs)
+        return await act(rows, "deterministic", chosen, field, mask)
 
     @router.post("/distribution", response_model=DistributionResponse)
     async def distribution(obs: Observation, chosen: Picked) -> JSONResponse:  # type: ignore[valid-type]
         """The exact action distribution, computed from the model's logits."""
-        dists, version, variant = await service.distribution(
-            service.from_observations([obs]), ["body"], chosen.policy_id, chosen.forced)
+        rows, mask = one(obs)
+        dists, version, variant = await service.distribution(rows, [field], chosen.policy_id, chosen.forced, mask)
         return _answer(dists[0] | _versioned(version, variant, chosen.policy_id))
 
     @router.post("/predict/batch", response_model=BatchActionResponse)
     async def predict_batch(body: Batch, chosen: Picked) -> JSONResponse:  # type: ignore[valid-type]
         """Sample one action per observation, all in one forward pass."""
-        return await act_batch(service.from_observations(body.observations), "sample", chosen)  # type: ignore[attr-defined]
+        rows, mask = many(body)
+        return await act_batch(rows, "sample", chosen, rows_field, mask)
 
     @router.post("/predict_deterministic/batch", response_model=BatchActionResponse)
     async def predict_deterministic_batch(body: Batch, chosen: Picked) -> JSONResponse:  # type: ignore[valid-type]
         """The most likely action for each observation, in one forward pass."""
-        return await act_batch(
-            service.from_observations(body.observations), "deterministic", chosen)  # type: ignore[attr-defined]
+        rows, mask = many(body)
+        return await act_batch(rows, "deterministic", chosen, rows_field, mask)
 
     @router.post("/distribution/batch", response_model=BatchDistributionResponse)
     async def distribution_batch(body: Batch, chosen: Picked) -> JSONResponse:  # type: ignore[valid-type]
         """The exact action distribution for each observation, in one forward pass."""
-        observations = body.observations  # type: ignore[attr-defined]
+        rows, mask = many(body)
         dists, version, variant = await service.distribution(
-            service.from_observations(observations), rows_at("body.observations", len(observations)),
-            chosen.policy_id, chosen.forced)
+            rows, rows_at(rows_field, len(rows)), chosen.policy_id, chosen.forced, mask)
         return _answer({"results": dists} | _versioned(version, variant, chosen.policy_id))
 
     return router
+
+
+Read = Callable[[Any], Inputs]
+
+
+def _inputs(service: PolicyService, max_batch: int) -> tuple[Any, Any, Read, Read, str, str] | None:
+    """The request models of the observation routes, how each body becomes model inputs, and the
+    field of one observation and of a batch's rows: Pathmind's observation object (the whole
+    body; batches under ``observations``), or ``obs`` of a Gymnasium space (None: neither, the
+    policy has only the raw routes)."""
+    policy = service.policy
+    if policy.observation_model is not None:
+        return (
+            policy.observation_model, batch_model(policy.observation_model, max_batch),
+            lambda obs: (service.from_observations([obs]), None),
+            lambda body: (service.from_observations(body.observations), None),
+            "body", "body.observations",
+        )
+    if policy.obs_space is None:
+        return None
+    schema, width = json_schema(policy.obs_space), mask_width(policy.space)
+    return (
+        space_model(policy.model_prefix, schema, width), space_batch_model(policy.model_prefix, schema, width, max_batch),
+        lambda body: service.from_space(body.obs, "body.obs", body.action_mask),
+        lambda body: service.from_space(body.obs, "body.obs", body.action_mask, batch=True),
+        "body.obs", "body.obs",
+    )
