@@ -142,9 +142,8 @@ def _array(
     kinds = "iu" if dtype.kind in "iu" else "iuf"
     if array.dtype.kind not in kinds + ("b" if booleans else ""):
         expected = "integers" if dtype.kind in "iu" else "numbers"
-        found = {"b": "booleans", "f": "a number with a fraction", "U": "a string"}.get(array.dtype.kind, "another value")
         index = _first(_non_numbers(value, kinds, shape))
-        raise _bad(_at(field, index), f"expected {what or expected} of {dtype}, got {found}")
+        raise _bad(_at(field, index), f"expected {what or expected} of {dtype}, got {_shown(_entry(value, index))}")
     if dtype.kind == "f":
         limit = float(np.finfo(dtype).max)
         bad = ~(np.abs(array) <= limit)  # NaN too (Python's JSON reader takes NaN and Infinity)
@@ -169,6 +168,12 @@ def _non_numbers(value: Any, kinds: str, shape: tuple[int, ...]) -> np.ndarray:
     flat = np.asarray(value, dtype=object).reshape(-1)
     bad = [type(v) not in ok or (type(v) is int and not -(2**63) <= v < 2**63) for v in flat]
     return np.array(bad, dtype=bool).reshape(shape)
+
+
+def _entry(value: Any, index: tuple[int, ...]) -> Any:
+    for i in index:
+        value = value[i]
+    return value
 
 
 def _shape_error(value: Any, shape: tuple[int, ...], field: str) -> InvalidRequest:
