@@ -1,16 +1,13 @@
 """Observations of a Gymnasium space, from a JSON request to the model's input.
 
-A request's value is checked against the space with NumPy in one pass per array (``read_one``,
-``read_batch``):
-shapes exact, integers where the dtype is an integer one, floats finite at the dtype's precision,
-values within the dtype's range and the space's bounds (Box ``low``/``high``, Discrete ``[start,
-start + n)``, MultiBinary 0/1, MultiDiscrete ``[start, start + nvec)``). The first bad value is a
-422 that names its path and index (``body.obs.0.12.40.3``). A generated pydantic model of nested
-lists took 7.5 ms for one 84×84×4 uint8 image here, NumPy's conversion about 4 ms (README), so the
-values are checked here and the OpenAPI document still shows the nested arrays (``json_schema``).
-
-One leniency, the price of NumPy's speed: ``true`` / ``false`` inside an array of numbers read as
-1 / 0 (an array of booleans only is refused, but for a MultiBinary, which takes them).
+A request's value is checked against the space with NumPy, one pass per array (``read_one``,
+``read_batch``): shapes exact, JSON integers where the dtype is an integer one (never booleans, but
+for a MultiBinary), floats finite at the dtype's precision, values within the dtype's range and the
+space's bounds (Box ``low``/``high``, Discrete ``[start, start + n)``, MultiBinary 0/1,
+MultiDiscrete ``[start, start + nvec)``). The first bad value is a 422 that names its path and index
+(``body.obs.0.12.40.3``). A generated pydantic model of nested lists is several times slower for an
+84×84×4 uint8 image (README, "Gymnasium observation spaces"), so the values are checked here and
+the OpenAPI document still shows the nested arrays (``json_schema``).
 
 The model input (``model_input`` in ``schema.gym_spaces``): a Box batch as it is, ``(B, *shape)``
 of its dtype; any other space ``gymnasium.spaces.flatten``-ed, float32 ``(B, flatdim)``. The Dict
@@ -19,6 +16,7 @@ key that holds an action mask (``action_space.mask``) is left out of the model i
 
 from __future__ import annotations
 
+from itertools import chain
 from typing import Any
 
 import gymnasium.spaces as gs
@@ -133,17 +131,19 @@ def _array(
 ) -> np.ndarray:
     """``value`` as an array of ``shape`` and ``dtype`` within ``low`` / ``high`` (which broadcast
     to ``shape``; ``booleans``: true/false taken as 1/0); raises InvalidRequest at the first bad value."""
-    try:
-        array = np.asarray(value)
-    except ValueError:  # ragged nested lists
-        array = None
-    if array is None or array.shape != shape:
+    leaves = _leaves(value, shape)
+    if leaves is None:
         raise _shape_error(value, shape, field)
-    kinds = "iu" if dtype.kind in "iu" else "iuf"
-    if array.dtype.kind not in kinds + ("b" if booleans else ""):
-        expected = "integers" if dtype.kind in "iu" else "numbers"
-        index = _first(_non_numbers(value, kinds, shape))
-        raise _bad(_at(field, index), f"expected {what or expected} of {dtype}, got {_shown(_entry(value, index))}")
+    allowed = {int} | ({float} if dtype.kind == "f" else set()) | ({bool} if booleans else set())
+    if not set(map(type, leaves)) <= allowed:
+        index = _index(next(i for i, v in enumerate(leaves) if type(v) not in allowed), shape)
+        expected = what or ("integers" if dtype.kind in "iu" else "numbers")
+        raise _bad(_at(field, index), f"expected {expected} of {dtype}, got {_shown(_entry(value, index))}")
+    try:
+        array = np.fromiter(leaves, np.float64 if dtype.kind == "f" else np.int64, len(leaves)).reshape(shape)
+    except OverflowError:
+        index = _index(next(i for i, v in enumerate(leaves) if abs(v) >= 2**63), shape)
+        raise _bad(_at(field, index), f"{_shown(_entry(value, index))} is out of the range of {dtype}") from None
     if dtype.kind == "f":
         limit = float(np.finfo(dtype).max)
         bad = ~(np.abs(array) <= limit)  # NaN too (Python's JSON reader takes NaN and Infinity)
@@ -159,15 +159,24 @@ def _array(
         name = "low" if side == "below" else "high"
         raise _bad(_at(field, index), what and f"{array[index].item()} is not {what}"
                    or f"{array[index].item()} is {side} the space's {name} {limit_value}")
-    return array.astype(dtype, copy=False)
+    return array.astype(dtype)
 
 
-def _non_numbers(value: Any, kinds: str, shape: tuple[int, ...]) -> np.ndarray:
-    """Where the values of the wrong kind are (the slow path of an error only)."""
-    ok = (int,) if kinds == "iu" else (int, float)
-    flat = np.asarray(value, dtype=object).reshape(-1)
-    bad = [type(v) not in ok or (type(v) is int and not -(2**63) <= v < 2**63) for v in flat]
-    return np.array(bad, dtype=bool).reshape(shape)
+def _leaves(value: Any, shape: tuple[int, ...]) -> list[Any] | None:
+    """The values of nested lists of ``shape``, in order (None when the nesting differs).
+
+    Flattening the lists level by level and converting them with ``np.fromiter`` takes about a
+    tenth of ``np.asarray``'s time on the nested lists (1.1 ms against 11.5 ms for 84×84×4 here)."""
+    level = [value]
+    for size in shape:
+        if set(map(type, level)) != {list} or set(map(len, level)) != {size}:  # C loops, not a generator
+            return None
+        level = list(chain.from_iterable(level))
+    return level
+
+
+def _index(flat: int, shape: tuple[int, ...]) -> tuple[int, ...]:
+    return tuple(int(i) for i in np.unravel_index(flat, shape)) if shape else ()
 
 
 def _entry(value: Any, index: tuple[int, ...]) -> Any:
