@@ -26,7 +26,7 @@ from policy_server.training.experience import ExperienceBatch
 
 @dataclass(frozen=True)
 class Acted:
-    """What one call acted: obs float32 (obs_dim,), action int64 (k,) or float32 (d,)."""
+    """What one call acted: obs (*obs_shape,) as the model reads it, action int64 (k,) or float32 (d,)."""
 
     obs: np.ndarray
     action: np.ndarray
