@@ -5,11 +5,11 @@ TorchScript file as committed, and the same weights exported to ONNX with torch'
 a Nature-CNN (SB3's ``NatureCNN``, 84×84×4 ``uint8`` in, scaled by 1/255 inside the model, 512
 features, 6 logits; random weights, traced to TorchScript and exported to ONNX). Each forward is
 the policy object's ``forward`` (``TorchPolicy`` / ``OnnxPolicy``: the numpy batch in, heads
-out), at batch 1 and 64, the CPU or the GPU (``--device cuda``: onnxruntime's CUDA provider
+out), at batch 1 and 64, with ``--threads`` threads each, on the CPU or the GPU (``--device cuda``: onnxruntime's CUDA provider
 when it has one). Prints a table and writes JSON.
 
     python bench/onnx.py                     # about 1 minute on 2 cores
-    python bench/onnx.py --seconds 5 --out bench/results/onnx.json
+    python bench/onnx.py --seconds 10 --threads 2 --out onnx.json
 """
 
 from __future__ import annotations
@@ -31,9 +31,9 @@ ROOT = Path(__file__).resolve().parents[1]
 # run as a script, this folder comes first on sys.path and this file would shadow the onnx package
 sys.path[:] = [str(ROOT)] + [p for p in sys.path if Path(p or ".").resolve() != ROOT / "bench"]
 
-from policy_server.export import MLPPolicy, export_onnx  # noqa: E402
-from policy_server.policies.onnx_policy import OnnxPolicy  # noqa: E402
-from policy_server.policies.torch_policy import TorchPolicy  # noqa: E402
+from policy_server.export import MLPPolicy, export_onnx
+from policy_server.policies.onnx_policy import OnnxPolicy
+from policy_server.policies.torch_policy import TorchPolicy
 
 CARTPOLE = ROOT / "examples" / "cartpole" / "models" / "cartpole.pt"
 BATCHES = (1, 64)
@@ -80,19 +80,29 @@ def build_models(folder: Path) -> dict[str, tuple[Path, Path, Callable[[int], np
     }
 
 
-def latency_ms(forward: Callable[[np.ndarray], object], batch: np.ndarray, seconds: float) -> dict[str, float]:
-    """Median and 90th percentile of one forward, in ms, over ``seconds`` after a warm-up."""
-    for _ in range(20):
-        forward(batch)
-    times: list[float] = []
-    end = time.perf_counter() + seconds
-    while time.perf_counter() < end:
-        start = time.perf_counter()
-        forward(batch)
-        times.append(time.perf_counter() - start)
-    times.sort()
-    return {"median_ms": 1e3 * statistics.median(times), "p90_ms": 1e3 * times[int(0.9 * (len(times) - 1))],
-            "calls": len(times)}
+def latencies_ms(forwards: dict[str, Callable[[np.ndarray], object]], batch: np.ndarray, seconds: float,
+                 rounds: int = 20) -> dict[str, dict[str, float]]:
+    """Median and 90th percentile of one forward, in ms, per entry of ``forwards``, after a
+    warm-up. The entries take turns in short rounds, so a burst of another process's load on
+    this shared machine falls on both alike."""
+    for forward in forwards.values():
+        for _ in range(20):
+            forward(batch)
+    times: dict[str, list[float]] = {name: [] for name in forwards}
+    for i in range(rounds):
+        order = list(forwards.items()) if i % 2 == 0 else list(forwards.items())[::-1]
+        for name, forward in order:
+            end = time.perf_counter() + seconds / rounds
+            while time.perf_counter() < end:
+                start = time.perf_counter()
+                forward(batch)
+                times[name].append(time.perf_counter() - start)
+    out = {}
+    for name, values in times.items():
+        values.sort()
+        out[name] = {"median_ms": 1e3 * statistics.median(values), "p90_ms": 1e3 * values[int(0.9 * (len(values) - 1))],
+                     "calls": len(values)}
+    return out
 
 
 class _TorchScriptForward:
@@ -113,8 +123,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=float, default=3.0, help="measuring time per cell")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch's and onnxruntime's threads (a Serve replica of num_cpus 1 has 1)")
     parser.add_argument("--out", type=Path, default=None, help="JSON results (default: none)")
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)  # OnnxPolicy gives onnxruntime as many
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for name, (script, onnx, make) in build_models(Path(tmp)).items():
@@ -122,8 +135,8 @@ def main() -> None:
             onnx_policy = OnnxPolicy.from_file(onnx, args.device)
             for batch in BATCHES:
                 obs = make(batch)
-                ts = latency_ms(torchscript, obs, args.seconds)
-                ox = latency_ms(onnx_policy.forward, obs, args.seconds)
+                measured = latencies_ms({"torchscript": torchscript, "onnx": onnx_policy.forward}, obs, args.seconds)
+                ts, ox = measured["torchscript"], measured["onnx"]
                 rows.append({"model": name, "batch": batch, "torchscript": ts, "onnx": ox,
                              "onnx_over_torchscript": ox["median_ms"] / ts["median_ms"],
                              "providers": onnx_policy.session.get_providers()})

@@ -74,7 +74,19 @@ class ReplayBuffer:
             rows[name] = np.ones((len(batch), self.masks.shape[1]), dtype=bool) if given is None else given
         self._put(rows)
 
+    def _fit(self, obs: np.ndarray) -> None:
+        """Take the observations' shape and dtype (an image space's ``(84, 84, 4)`` uint8, say) while
+        the buffer is empty; ``obs_dim`` float32 columns until then."""
+        if obs.shape[1:] == self.obs.shape[1:] and obs.dtype == self.obs.dtype:
+            return
+        if self._size:
+            raise ValueError(f"observations of shape {list(obs.shape[1:])} {obs.dtype} for a replay buffer of "
+                             f"{list(self.obs.shape[1:])} {self.obs.dtype}")
+        self.obs = np.zeros((self.capacity, *obs.shape[1:]), dtype=obs.dtype)
+        self.next_obs = np.zeros_like(self.obs)
+
     def _put(self, rows: dict[str, np.ndarray]) -> None:
+        self._fit(rows["obs"])
         n = len(rows["rewards"])
         if n > self.capacity:  # only the newest capacity rows would survive anyway
             rows, n = {k: v[-self.capacity :] for k, v in rows.items()}, self.capacity
@@ -87,7 +99,7 @@ class ReplayBuffer:
     def sample(self, batch_size: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
         """``batch_size`` transitions drawn uniformly with replacement, as CPU tensors.
 
-        ``obs``, ``next_obs`` float32 (B, obs_dim); ``actions`` (B, action_dim); ``rewards``
+        ``obs``, ``next_obs`` (B, *obs_shape) as stored; ``actions`` (B, action_dim); ``rewards``
         and ``terminated`` float32 (B,).
         """
         return self.rows(self.sample_index(batch_size, generator))

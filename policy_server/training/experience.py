@@ -19,7 +19,8 @@ _MASKS = ("masks", "next_masks")
 class ExperienceBatch:
     """``N`` steps of one client.
 
-    obs, next_obs   float32 (N, obs_dim)
+    obs, next_obs   (N, *obs_shape) of the model input's dtype: float32 (N, obs_dim) but for a Box
+                    observation space (uint8 (N, 84, 84, 4) images, say)
     actions         int64 (N, k) for discrete (k = 1) and tuple actions; float32 (N, d) for a box
     rewards         float32 (N,)
     terminated      bool (N,)   the episode ended in a terminal state (no bootstrap)

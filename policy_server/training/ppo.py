@@ -38,7 +38,8 @@ def layer_init(layer: nn.Linear, std: float, generator: torch.Generator) -> nn.L
 
 
 def make_critic(obs_dim: int, hidden: list[int], generator: torch.Generator) -> nn.Sequential:
-    """The value network ``(B, obs_dim) → (B, 1)``: a tanh MLP, last layer initialised with std 1."""
+    """The value network ``(B, obs_dim) → (B, 1)``: a tanh MLP, last layer initialised with std 1
+    (it reads observations of any shape flattened: ``critic_input``)."""
     layers: list[nn.Module] = []
     width = obs_dim
     for h in hidden:
@@ -66,6 +67,13 @@ def explained_variance(predicted: torch.Tensor, target: torch.Tensor) -> float:
     """``1 - Var(target - predicted) / Var(target)``; 0 where the target is constant (undefined)."""
     var = target.var(unbiased=False)
     return 0.0 if var == 0 else float(1.0 - (target - predicted).var(unbiased=False) / var)
+
+
+def critic_input(obs: torch.Tensor) -> torch.Tensor:
+    """``(B, *obs_shape)`` → the critic's float32 ``(B, obs_dim)``; uint8 (images) scaled to [0, 1]
+    as SB3's preprocessing scales image spaces."""
+    flat = obs.reshape(len(obs), -1)
+    return flat.to(torch.float32) / 255.0 if flat.dtype == torch.uint8 else flat.to(torch.float32)
 
 
 def batch_tensors(batch: ExperienceBatch, device: str) -> dict[str, torch.Tensor]:
@@ -150,8 +158,8 @@ class PPOLearner(Learner):
         """The batch as ``(N, ...)`` tensors with values, old log-probs, advantages and returns."""
         t = batch_tensors(batch, self.device)
         with torch.no_grad():
-            values = self.critic(t["obs"]).flatten()
-            next_values = self.critic(t["next_obs"]).flatten()
+            values = self.critic(critic_input(t["obs"])).flatten()
+            next_values = self.critic(critic_input(t["next_obs"])).flatten()
             current_log_prob, _ = log_prob_entropy(self.space, self._heads(t["obs"]), t["actions"], t.get("masks"))
         # the rows arrive as one sequence: a (N, 1) rollout whose fragments end at `ends`
         advantages, returns = gae(
@@ -189,7 +197,7 @@ class PPOLearner(Learner):
     def _step(self, mb: dict[str, torch.Tensor], where: str) -> dict[str, float]:
         c = self.config
         new_log_prob, entropy = self._policy_terms(mb)
-        newvalue = self.critic(mb["obs"]).flatten()
+        newvalue = self.critic(critic_input(mb["obs"])).flatten()
         mb_advantages = normalize(mb["advantages"]) if c.norm_adv else mb["advantages"]
         pg_loss, approx_kl, clipfrac = ppo_clip_loss(new_log_prob, mb["log_probs"], mb_advantages, c.clip_coef)
         v_loss = value_loss(newvalue, mb["values"], mb["returns"], c.clip_coef if c.clip_vloss else None)

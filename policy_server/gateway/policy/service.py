@@ -21,14 +21,17 @@ from policy_server.experience_log.writer import ExperienceLog
 from policy_server.gateway.policy.candidate import PolicyVersions
 from policy_server.gateway.policy.versions import Variant
 from policy_server.gateway.request_ids import asker
-from policy_server.policies.served import ServedPolicy
+from policy_server.policies.served import ServedPolicy, mask_width
 from policy_server.policies.spaces import ActionSample
 from policy_server.policies.torch_policy import PolicyOutput
 from policy_server.schema.observations import flatten
+from policy_server.schema.space_inputs import read_batch, read_one
 from policy_server.serving.api import PolicyModel
 from policy_server.serving.batcher import MicroBatcher
 
 Mode = Literal["sample", "deterministic"]
+Inputs = tuple[np.ndarray, np.ndarray | None]
+"""The model input ``(B, *obs_shape)`` of ``obs_dtype``, and the action mask ``(B, k)`` bool or None."""
 
 
 class PolicyService:
@@ -66,8 +69,9 @@ class PolicyService:
         return flatten(observations, model, self.policy.mask_attribute)
 
     def mask_of(self, observations: list[BaseModel]) -> np.ndarray | None:
-        """The action masks the observations carry, bool ``(B, mask_width)`` (a row without one
-        allows every action), or None when none carries one."""
+        """The action masks Pathmind observations carry (the schema's ``mask`` observation, or the
+        optional ``action_mask``), bool ``(B, mask_width)``; a row without one allows every action;
+        None when none carries one."""
         attribute = self.policy.mask_attribute
         if attribute is None:
             return None
@@ -80,7 +84,7 @@ class PolicyService:
             return
         problems = self.policy.space.mask_problems(mask)
         if problems:
-            at = mask_at or [f"{w}.{self.policy.mask_name}" for w in where]
+            at = mask_at or [f"{w}.{self.policy.mask_name or 'action_mask'}" for w in where]
             fields = [FieldError(at[row], message) for row, message in problems[:10]]
             raise InvalidRequest(f"{fields[0].field}: {fields[0].message}", fields)
 
@@ -95,7 +99,44 @@ class PolicyService:
             raise InvalidRequest(
                 f"{field}: each observation needs {width} values (the sum of the observation "
                 f"widths); got {len(rows[bad[0]])}", fields)
-        return np.asarray(rows, dtype=np.float32).reshape(len(rows), width)
+        flat = np.asarray(rows, dtype=np.float32).reshape(len(rows), width)
+        if self.policy.obs_space is None:
+            return flat
+        dtype = self.policy.obs_dtype  # a space's model input: its shape and dtype
+        if dtype.kind in "iu":
+            info = np.iinfo(dtype)
+            bad = np.flatnonzero(((flat < info.min) | (flat > info.max) | (flat != np.round(flat))).any(axis=1))
+            if bad.size:
+                fields = [FieldError(f"{field}.{i}" if len(rows) > 1 else field,
+                                     f"the model reads {dtype}: integers in [{info.min}, {info.max}]") for i in bad[:10]]
+                raise InvalidRequest(f"{fields[0].field}: {fields[0].message}", fields)
+        return flat.astype(dtype).reshape(len(rows), *self.policy.obs_shape)
+
+    def from_space(self, obs: Any, field: str, action_mask: Any = None, batch: bool = False) -> Inputs:
+        """A space policy's observation at ``field`` (``batch``: a list of them) → the model input
+        and the action mask: the space's mask entry and the request's ``action_mask`` combined (an
+        action is allowed when both allow it). Raises InvalidRequest naming the first bad value."""
+        space = self.policy.obs_space
+        assert space is not None, "a policy with an observation_space"
+        read = read_batch if batch else read_one
+        rows, mask = read(space, obs, field, self.policy.mask_key)
+        if action_mask is not None:
+            given = self._action_mask(action_mask if batch else [action_mask], len(rows), batch)
+            mask = given if mask is None else mask & given
+        return rows, mask
+
+    def _action_mask(self, masks: list[list[bool]], rows: int, batch: bool, field: str = "body.action_mask") -> np.ndarray:
+        """The request's ``action_mask`` rows (booleans already checked) as ``(B, k)`` bool."""
+        width = mask_width(self.policy.space)
+        if width is None:
+            raise InvalidRequest.at(field, f"a {self.policy.space.kind} action space takes no mask")
+        if len(masks) != rows:
+            raise InvalidRequest.at(field, f"{len(masks)} masks for {rows} observations")
+        for i, mask in enumerate(masks):
+            if len(mask) != width:
+                raise InvalidRequest.at(f"{field}.{i}" if batch else field,
+                                        f"expected {width} booleans (one per action), got {len(mask)}")
+        return np.asarray(masks, dtype=bool).reshape(rows, width)
 
     # --- model calls ----------------------------------------------------------------------
 
@@ -143,15 +184,15 @@ class PolicyService:
         forced: Variant | None = None, mask: np.ndarray | None = None, mask_at: Sequence[str] | None = None, *,
         client_id: str | None = None,
     ) -> tuple[list[ActionSample], int, Variant]:
-        """Actions for float32 ``(B, obs_dim)`` rows (never a masked one: ``mask`` bool
-        ``(B, mask_width)``), the model version and the version (variant) that chose them; raises
-        as ``forward``, and InvalidRequest when a mask allows no action (``check_mask``). With an
+        """Actions for ``(B, *obs_shape)`` rows (``mask``: the legal actions, ``(B, k)`` bool), the
+        model version and the version (variant) that chose them; raises as ``forward``. With an
         experience log, the decisions are queued for it (named by the request's id, ``client_id``
-        and episode id)."""
+        and episode id). InvalidRequest when a mask allows no action (``check_mask``)."""
         self.check_mask(mask, where, mask_at)
         out, variant = await self.forward(obs, where, policy_id, forced)
         space = self.policy.space
-        samples = space.sample(out.heads, self.rng, mask) if mode == "sample" else space.mode(out.heads, mask)
+        masked = {} if mask is None else {"mask": mask}  # the action spaces of issue 15 take masks
+        samples = space.sample(out.heads, self.rng, **masked) if mode == "sample" else space.mode(out.heads, **masked)
         if self.experience_log is not None:
             self.experience_log.submit(Decisions(
                 time.time_ns(), self.policy.name, asker(client_id, policy_id), obs, samples, out.version, variant))
@@ -174,7 +215,8 @@ class PolicyService:
         """The exact distributions (masked actions: probability 0); raises as ``act``."""
         self.check_mask(mask, where)
         out, variant = await self.forward(obs, where, policy_id, forced)
-        return self.policy.space.distribution(out.heads, mask), out.version, variant
+        masked = {} if mask is None else {"mask": mask}
+        return self.policy.space.distribution(out.heads, **masked), out.version, variant
 
 
 def masks_of(rows: Sequence[list[bool] | None], width: int) -> np.ndarray | None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal
 
 from fastapi import Header
-from pydantic import BaseModel, ConfigDict, Field, create_model
+from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, create_model
 
 from policy_server.fields import STRICT, Float32, StrictBool
 
@@ -149,13 +149,38 @@ def batch_model(observation: type[BaseModel], max_items: int) -> type[BaseModel]
     )
 
 
+def space_model(prefix: str, schema: dict[str, Any], mask_width: int | None) -> type[BaseModel]:
+    """``{prefix}SpaceObservation``: ``obs``, one observation of the policy's Gymnasium space
+    (``schema``: its JSON Schema, nested arrays of a Box's shape), and an optional ``action_mask``.
+    The values are checked by ``schema.space_inputs`` (NumPy: a nested-list model is too slow for
+    images), so ``obs`` is taken as any JSON here and documented by ``schema``."""
+    return create_model(  # type: ignore[call-overload]
+        f"{prefix}SpaceObservation",
+        __base__=_Request,
+        obs=(Annotated[Any, WithJsonSchema(schema)], Field(description="One observation of the policy's space.")),
+        action_mask=(_mask_row(mask_width) | None, Field(None, description=_MASK_DOC)),
+    )
 
 
+def space_batch_model(prefix: str, schema: dict[str, Any], mask_width: int | None, max_items: int) -> type[BaseModel]:
+    """``{prefix}SpaceObservationBatch``: ``obs``, 1 to ``max_items`` observations of the space,
+    and an optional ``action_mask`` per observation."""
+    rows = {"type": "array", "items": schema, "minItems": 1, "maxItems": max_items}
+    return create_model(  # type: ignore[call-overload]
+        f"{prefix}SpaceObservationBatch",
+        __base__=_Request,
+        obs=(Annotated[list[Any], Field(min_length=1, max_length=max_items), WithJsonSchema(rows)],
+             Field(description="One observation of the policy's space per row.")),
+        action_mask=(list[_mask_row(mask_width)] | None,  # type: ignore[misc]
+                     Field(None, description=_MASK_DOC + " One per observation.")),
+    )
 
 
+_MASK_DOC = ("The legal actions, one boolean per action (per logit of a multi-discrete space), `true` = allowed; "
+             "combined with the observation's own mask entry when the schema names one.")
 
 
-
-
-
-
+def _mask_row(width: int | None) -> Any:
+    if width is None:  # an action space without masks: refused by the service, naming the field
+        return list[StrictBool]
+    return Annotated[list[StrictBool], Field(min_length=width, max_length=width)]

@@ -13,13 +13,23 @@ from copy import copy
 from typing import Annotated, Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, Discriminator, Field, Tag, ValidationError, create_model, model_validator
+from pydantic import (
+    BaseModel,
+    Discriminator,
+    Field,
+    Tag,
+    ValidationError,
+    WithJsonSchema,
+    create_model,
+    model_validator,
+)
 
 from policy_server.errors import FieldError, InvalidRequest
 from policy_server.fields import STRICT, ExactInt, Float32, StrictBool, field_errors
 from policy_server.policies.served import ServedPolicy
 from policy_server.policies.spaces import BoxSpace, DiscreteSpace, TupleSpace
 from policy_server.schema.observations import flatten
+from policy_server.schema.space_inputs import json_schema, read_batch, read_one
 from policy_server.training.experience import ExperienceBatch
 
 CLIENT_ID_PATTERN = r"^[A-Za-z0-9_.:-]+$"
@@ -155,7 +165,9 @@ def row_width(policy: ServedPolicy) -> int:
 def experience_model(policy: ServedPolicy) -> type[ExperienceRequest]:
     """``{prefix}ExperienceRequest``: ``ExperienceRequest`` whose raw observations declare the
     policy's input width, so that its OpenAPI document says how many values they take."""
-    prefix, obs = policy.model_prefix, observation_type(row_width(policy))
+    prefix = policy.model_prefix
+    obs = (observation_type(row_width(policy)) if policy.obs_space is None
+           else Annotated[Any, WithJsonSchema(json_schema(policy.obs_space))])
     fragment = create_model(
         f"{prefix}Fragment", __base__=Fragment, __doc__=Fragment.__doc__,
         observations=(list[obs], copy(Fragment.model_fields["observations"])),  # type: ignore[valid-type]
@@ -226,7 +238,7 @@ def _steps(steps: list[Step], policy: ServedPolicy, errors: list[FieldError]) ->
     truncated = np.array([s.truncated and not s.terminated for s in steps])
     # consecutive steps form one piece when each one's next observation is the following obs
     follows = np.zeros(len(steps), dtype=bool)
-    follows[:-1] = (next_obs[:-1] == obs[1:]).all(axis=1)
+    follows[:-1] = (next_obs[:-1] == obs[1:]).reshape(len(steps) - 1, -1).all(axis=1)
     return ExperienceBatch(
         obs=obs,
         next_obs=next_obs,
@@ -243,11 +255,15 @@ def _steps(steps: list[Step], policy: ServedPolicy, errors: list[FieldError]) ->
 
 
 def _observations(
-    rows: list[list[float] | dict[str, Any]], where: str, policy: ServedPolicy, errors: list[FieldError],
+    rows: list[Any], where: str, policy: ServedPolicy, errors: list[FieldError],
     masks: list[list[bool] | None] | None = None,
 ) -> np.ndarray | None:
-    """The observations as float32 ``(N, obs_dim)``; appends to ``masks`` the action mask each one
+    """The observations as the model reads them; appends to ``masks`` the action mask each one
     carries (a named observation's ``ServedPolicy.mask_attribute``), None for the others."""
+    if policy.obs_space is not None:
+        if masks is not None:
+            masks.extend([None] * len(rows))
+        return _space_observations(rows, where, policy, errors)
     width, n_before = row_width(policy), len(errors)
     out = np.empty((len(rows), width), dtype=np.float32)
     for i, row in enumerate(rows):
@@ -296,6 +312,19 @@ def _masks(
     for i, message in policy.space.mask_problems(out[:acted]):
         errors.append(FieldError(where.replace("*", str(i)), message))
     return out if len(errors) == n_before else None
+
+
+def _space_observations(rows: list[Any], where: str, policy: ServedPolicy, errors: list[FieldError]) -> np.ndarray | None:
+    """Observations of the policy's space → model inputs ``(N, *obs_shape)`` (a Dict's mask entry left out)."""
+    assert policy.obs_space is not None
+    try:
+        if "*" not in where:  # a fragment's list of observations
+            return read_batch(policy.obs_space, rows, where, policy.mask_key)[0]
+        return np.concatenate([read_one(policy.obs_space, row, where.replace("*", str(i)), policy.mask_key)[0]
+                               for i, row in enumerate(rows)])
+    except InvalidRequest as exc:
+        errors.extend(exc.fields)
+        return None
 
 
 def to_actions(values: list[ActionValue], where: str, policy: ServedPolicy, errors: list[FieldError]) -> np.ndarray | None:
