@@ -48,8 +48,32 @@ class MLPPolicy(nn.Module):
         return self.heads[0](z)
 
 
-def export_module(module: nn.Module, obs_dim: int, path: Path, fmt: ExportFormat = "export") -> Path:
-    """Save ``module`` (float ``(B, obs_dim)`` in) as a ``torch.export`` program, ONNX or TorchScript.
+class CNNPolicy(nn.Module):
+    """A small CNN policy over images ``(B, H, W, C)`` of uint8 (Gymnasium's layout), scaled to
+    [0, 1] inside the model as SB3's policies do: two stride-2 3×3 convolutions, then discrete
+    logits ``(B, n)``."""
+
+    def __init__(self, shape: tuple[int, int, int], n: int, channels: int = 16, hidden: int = 64) -> None:
+        super().__init__()
+        height, width, depth = shape
+        self.conv = nn.Sequential(
+            nn.Conv2d(depth, channels, 3, stride=2), nn.ReLU(),
+            nn.Conv2d(channels, channels, 3, stride=2), nn.ReLU(), nn.Flatten(),
+        )
+        with torch.no_grad():
+            flat = self.conv(torch.zeros(1, depth, height, width)).shape[1]
+        self.head = nn.Sequential(nn.Linear(flat, hidden), nn.ReLU(), nn.Linear(hidden, n))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.conv(x.permute(0, 3, 1, 2).float() / 255.0))
+
+
+def export_module(
+    module: nn.Module, obs_dim: int | tuple[int, ...], path: Path, fmt: ExportFormat = "export",
+    dtype: torch.dtype = torch.float32,
+) -> Path:
+    """Save ``module`` (``(B, obs_dim)`` in, or ``(B, *obs_dim)`` for a shape; of ``dtype``) as a
+    ``torch.export`` program, ONNX or TorchScript.
 
     ``export`` (the default) writes ``<path>.pt2`` with a dynamic batch dimension; ``onnx`` writes
     ``<path>.onnx`` (torch's dynamo exporter, dynamic batch; served with fixed weights);
@@ -58,7 +82,7 @@ def export_module(module: nn.Module, obs_dim: int, path: Path, fmt: ExportFormat
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     module = module.eval()
-    example = torch.zeros(2, obs_dim)
+    example = torch.zeros(2, *(obs_dim if isinstance(obs_dim, tuple) else (obs_dim,)), dtype=dtype)
     batch = torch.export.Dim("batch", min=1, max=1 << 20)
     if fmt == "onnx":
         export_onnx(module, example, path.with_suffix(".onnx"))

@@ -1,8 +1,9 @@
 """A torch policy as a plain object: load an exported module, run batches, swap weights.
 
 Two file formats: TorchScript (``torch.jit.save``, any suffix but those below) and ``torch.export``
-programs (``torch.export.save``, suffix ``.pt2``). The module maps a float batch ``(B, obs_dim)``
-to logits ``(B, n)``, a tuple of logits, or ``(mean, log_std)``. A recurrent policy's module takes
+programs (``torch.export.save``, suffix ``.pt2``). The module maps a batch ``(B, *obs_shape)`` (float
+``(B, obs_dim)`` for Pathmind's observations, uint8 ``(B, 84, 84, 4)`` for an image Box) to logits
+``(B, n)``, a tuple of logits, or ``(mean, log_std)``. A recurrent policy's module takes
 ``(obs, *state)`` and returns ``(*heads, *new_state)``; its rows arrive packed (``policies.recurrent``).
 Two more formats load behind the same interface, with fixed weights: ONNX (``.onnx``,
 ``policies.onnx_policy``) and Stable-Baselines3 (``.zip``, ``policies.sb3_policy``).
@@ -115,6 +116,8 @@ class TorchPolicy(VersionedWeights):
         self.device = device
         self.state = state
         """A recurrent policy's state layout: rows are ``[obs | packed state]`` (None: feed-forward)."""
+        floats = [p.dtype for p in module.parameters() if p.is_floating_point()]
+        self._float_dtype = floats[0] if floats else torch.float32
 
     @classmethod
     def from_bytes(cls, data: bytes, fmt: ModelFormat, device: str = "cpu", state: StateLayout | None = None) -> TorchPolicy:
@@ -147,11 +150,17 @@ class TorchPolicy(VersionedWeights):
         its widths; a torch module serves every spec that fits its shapes."""
 
     def forward(self, obs: np.ndarray) -> PolicyOutput:
-        """``(B, obs_dim)`` float32 → heads; a box's log-std is broadcast to ``(B, d)``. A recurrent
-        policy takes ``(B, obs_dim + state width)`` rows and answers its heads, then the new state
-        as one ``(B, size)`` head per state tensor; raises StateShapeError when the model's new state
-        does not have the layout's shapes."""
-        x = torch.from_numpy(np.ascontiguousarray(obs, dtype=np.float32)).to(self.device)
+        """``(B, *obs_shape)`` → heads; a box's log-std is broadcast to ``(B, d)``.
+
+        Integer inputs (uint8 images) reach the module as they are (it scales them itself, as
+        SB3's policies do); floating ones in the dtype of the module's parameters (float32 for
+        nearly every model, so a float64 Box runs as float32). A recurrent policy takes
+        ``(B, obs_dim + state width)`` float rows and answers its heads, then the new state as one
+        ``(B, size)`` head per state tensor; raises StateShapeError when the model's new state does
+        not have the layout's shapes."""
+        x = torch.from_numpy(np.ascontiguousarray(obs)).to(self.device)
+        if x.is_floating_point():
+            x = x.to(self._float_dtype)
         with self._lock, torch.inference_mode():
             if self.state is None:
                 heads, new_state = _as_heads(self.module(x)), []

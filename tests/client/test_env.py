@@ -56,9 +56,10 @@ class Recording(PolicyClient):
         super().__init__(*args, **kwargs)
         self.sent: list[tuple[str, Any]] = []
 
-    def request(self, method: str, path: str, json: Any = None, headers: dict[str, str] | None = None) -> httpx.Response:
+    def request(self, method: str, path: str, json: Any = None, headers: dict[str, str] | None = None,
+                content: bytes | None = None) -> httpx.Response:
         self.sent.append((path, json))
-        return super().request(method, path, json, headers)
+        return super().request(method, path, json, headers, content)
 
     def posted(self, path: str) -> list[Any]:
         return [body for sent, body in self.sent if sent == path]
@@ -169,8 +170,7 @@ class DictObs(gym.Env[dict[str, Any], int]):
         return self.observation_space.sample(), float(action), self.t >= 5, False, {}
 
 
-@pytest.mark.parametrize("inference", ["remote", "local"])
-def test_a_dict_observation_env_plays_in_its_spaces_json_form(tmp_path: Path, inference: str) -> None:
+def test_a_dict_observation_env_plays_in_its_spaces_json_form(tmp_path: Path) -> None:
     torch.manual_seed(0)
     space = DictObs.observation_space
     model = export_module(MLPPolicy(gym.spaces.flatdim(space), [8], nvec=[3]), gym.spaces.flatdim(space),
@@ -179,18 +179,20 @@ def test_a_dict_observation_env_plays_in_its_spaces_json_form(tmp_path: Path, in
               "parameters": {"api_key": API_KEY, "model": str(model), "action_space": {"type": "discrete", "n": 3},
                              "training": {"algorithm": "ppo", "ppo": {"rollout_samples": 64},
                                           "checkpoint_dir": str(tmp_path / "checkpoints")}}}
-    envs = gym.vector.SyncVectorEnv([DictObs] * 2)
-    with running_server(local_app(schema, tmp_path)) as url, \
-            Recording(url, API_KEY, inference=inference, fragment_steps=8, seed=0) as client:
-        stats = run_env(client, envs, max_episodes=4, seed=0)
-    envs.close()
-    assert stats.episodes >= 4 and client.stats.samples_accepted == stats.steps
-    if inference == "remote":
-        sent = client.posted("/predict/batch")[0]["obs"][0]
-        assert sorted(sent) == ["gear", "image", "speed"] and isinstance(sent["gear"], int)
-        assert np.asarray(sent["image"]).shape == (3, 3, 1) and isinstance(sent["image"][0][0][0], int)
-    logged = logged_steps(client)[0]["observations"][0]
-    assert sorted(logged) == ["gear", "image", "speed"] and len(logged["speed"]) == 1
+    with running_server(local_app(schema, tmp_path)) as url:
+        for inference in ("remote", "local"):
+            envs = gym.vector.SyncVectorEnv([DictObs] * 2)
+            with Recording(url, API_KEY, inference=inference, fragment_steps=8, seed=0) as client:  # type: ignore[arg-type]
+                stats = run_env(client, envs, max_episodes=4, seed=0)
+            envs.close()
+            assert stats.episodes >= 4 and client.stats.samples_accepted == stats.steps
+            logged = logged_steps(client)[0]["observations"][0]
+            asked = client.posted("/predict/batch")
+            for obs in [logged, *(body["obs"][0] for body in asked[:1])]:  # the space's JSON form
+                assert sorted(obs) == ["gear", "image", "speed"] and isinstance(obs["gear"], int)
+                assert np.asarray(obs["image"]).shape == (3, 3, 1) and isinstance(obs["image"][0][0][0], int)
+                assert len(obs["speed"]) == 1
+            assert bool(asked) == (inference == "remote")
 
 
 class Legal(gym.Env[dict[str, Any], int]):
@@ -220,17 +222,17 @@ class Legal(gym.Env[dict[str, Any], int]):
         return self._observe(), 1.0, False, False, {}
 
 
-@pytest.mark.parametrize("inference", ["remote", "local"])
-def test_a_mask_in_a_dict_observation_keeps_every_action_legal(tmp_path: Path, inference: str) -> None:
+def test_a_mask_in_a_dict_observation_keeps_every_action_legal(tmp_path: Path) -> None:
     torch.manual_seed(0)
     model = export_module(MLPPolicy(3, [8], nvec=[4]), 3, tmp_path / "masked.pt2")
     schema = {"observation_space": describe_space(Legal.observation_space),
               "parameters": {"api_key": API_KEY, "model": str(model),
                              "action_space": {"type": "discrete", "n": 4, "mask": "legal"}}}
-    Legal.illegal = 0
-    envs = gym.vector.SyncVectorEnv([Legal] * 4)
-    with running_server(local_app(schema, tmp_path)) as url, \
-            PolicyClient(url, API_KEY, inference=inference, seed=0) as client:
-        stats = run_env(client, envs, max_steps=200, seed=0, train=False)
-    envs.close()
-    assert stats.steps == 200 and Legal.illegal == 0
+    with running_server(local_app(schema, tmp_path)) as url:
+        for inference in ("remote", "local"):
+            Legal.illegal = 0
+            envs = gym.vector.SyncVectorEnv([Legal] * 4)
+            with PolicyClient(url, API_KEY, inference=inference, seed=0) as client:  # type: ignore[arg-type]
+                stats = run_env(client, envs, max_steps=200, seed=0, train=False)
+            envs.close()
+            assert stats.steps == 200 and Legal.illegal == 0, inference

@@ -42,6 +42,7 @@ import safetensors.numpy
 
 from policy_server.errors import InvalidRequest
 from policy_server.policies.served import ServedPolicy
+from policy_server.schema.space_inputs import input_space
 
 NPY = "application/x-npy"
 SAFETENSORS = "application/safetensors"
@@ -253,8 +254,12 @@ def observations(
 
 
 def observation_space(policy: ServedPolicy) -> gs.Space[Any]:
-    """The space of a policy's model input rows: float32 ``(obs_dim,)``, unbounded (each value
+    """The space a binary body's observation is checked against: the policy's ``observation_space``
+    less the Dict entry that holds the action mask (binary bodies carry no mask: send masks as
+    JSON); for Pathmind's observations, their float32 ``(obs_dim,)`` rows, unbounded (each value
     finite as float32)."""
+    if policy.obs_space is not None:
+        return input_space(policy.obs_space, policy.mask_key, "action_space.mask")
     return gs.Box(-np.inf, np.inf, (policy.obs_dim,), np.float32)
 
 

@@ -265,7 +265,7 @@ def test_a_binary_body_over_the_limit_is_413_and_the_key_is_still_checked(client
 
 def test_the_openapi_document_lists_the_three_bodies(client: TestClient) -> None:
     paths = client.get("/openapi.json").json()["paths"]
-    for route in [*ROUTES, *(f"{r}/batch" for r in ROUTES)]:
+    for route in [*ROUTES, "/predict_raw", *(f"{r}/batch" for r in [*ROUTES, "/predict_raw"])]:
         content = paths[route]["post"]["requestBody"]["content"]
         assert set(content) == {"application/json", NPY, SAFETENSORS}, route
     assert "[B (1 to 4096), 11]" in paths["/predict/batch"]["post"]["requestBody"]["content"][NPY]["schema"]["description"]
