@@ -1,13 +1,14 @@
 """Image observations: JSON against the ``.npy`` body, in observations/s, measured with ``wrk``.
 
-    python bench/images.py [--duration 5] [--batch 16] [--json OUT]
+    python bench/images.py [--duration 10] [--batch 16] [--json OUT]
 
-Builds a tiny CNN policy for 84×84×4 uint8 frames (Atari's stacked frames: two strided
-convolutions and a linear head over 4 actions, the frame scaled by 1/255 inside the model, as SB3's
-``CnnPolicy`` does), starts ``uvicorn app:app`` on it (the default backend: Ray Serve, gateway
-micro-batching) and loads it with ``wrk -t1`` at 1 and 16 clients: ``/predict`` with one frame per
-request and ``/predict/batch`` with ``--batch`` frames, each once as JSON (a list of 28,224
-integers per frame) and once as ``.npy`` (uint8). Both forms of one request are first checked to
+Builds a tiny CNN policy for 84×84×4 uint8 frames (Atari's stacked frames; ``export.CNNPolicy``:
+two strided convolutions and an MLP head over 4 actions, the frame scaled by 1/255 inside the
+model, as SB3's ``CnnPolicy`` does) with ``observation_space`` a uint8 Box, starts ``uvicorn
+app:app`` on it (the default backend: Ray Serve, gateway micro-batching) and loads it with ``wrk
+-t1`` at 1 and 16 clients: ``/predict`` with one frame per request and ``/predict/batch`` with
+``--batch`` frames, each once as JSON (``{"obs": <nested lists of 28,224 integers>}``) and once as
+``.npy`` (uint8). Before each point the server is waited on until idle. Both forms of one request are first checked to
 get the same answer from ``/predict_deterministic``. Prints a table with the ratio and writes the
 results to ``bench/results/images.json`` (and ``--json OUT``). Exit status 1 when a request failed.
 """
@@ -22,6 +23,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -29,7 +31,6 @@ from typing import Any
 import numpy as np
 import torch
 import yaml
-from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # `python bench/images.py` as well as `python -m bench.images`
@@ -37,36 +38,21 @@ if str(ROOT) not in sys.path:  # `python bench/images.py` as well as `python -m 
 
 from bench.loadgen import find_wrk, run_wrk  # noqa: E402
 from bench.servers import ServerSpec, running_server  # noqa: E402
-from policy_server.export import export_module  # noqa: E402
+from policy_server.export import CNNPolicy, export_module  # noqa: E402
 
 FRAME = (84, 84, 4)
-WIDTH = 84 * 84 * 4
 NPY = "application/x-npy"
 RESULTS_DIR = ROOT / "bench" / "results"
 
 
-class TinyCnn(nn.Module):
-    """Logits of 4 actions for frames given as float rows ``(B, 84*84*4)`` of pixel values 0–255
-    (the model input today's schema gives them)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Sequential(
-            nn.Conv2d(4, 8, 8, stride=4), nn.ReLU(), nn.Conv2d(8, 16, 4, stride=2), nn.ReLU(), nn.Flatten())
-        self.head = nn.Linear(16 * 9 * 9, 4)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        frames = x.reshape(-1, *FRAME).permute(0, 3, 1, 2) / 255.0
-        return self.head(self.conv(frames))
-
-
 def write_policy(folder: Path) -> Path:
-    """The CNN (seeded) and its schema.yaml in ``folder``; returns the schema's path."""
+    """The CNN (seeded; ``export.CNNPolicy``: uint8 frames scaled inside the model) and its
+    schema.yaml (``observation_space``: a uint8 Box of 84×84×4) in ``folder``; returns the schema."""
     torch.manual_seed(0)
-    export_module(TinyCnn(), WIDTH, folder / "cnn.pt2")
+    export_module(CNNPolicy(FRAME, 4), FRAME, folder / "cnn", dtype=torch.uint8)
     schema = {
-        "observations": {"frame": {"type": "List[int]", "min_items": WIDTH, "max_items": WIDTH}},
-        "parameters": {"discrete": True, "model": "cnn.pt2", "resources": {"num_cpus": 1}},
+        "observation_space": {"type": "box", "shape": list(FRAME), "dtype": "uint8", "low": 0, "high": 255},
+        "parameters": {"model": "cnn.pt2", "resources": {"num_cpus": 1}},
     }
     path = folder / "schema.yaml"
     path.write_text(yaml.safe_dump(schema))
@@ -81,12 +67,11 @@ def npy(array: np.ndarray) -> bytes:
 
 def bodies(frames: np.ndarray) -> dict[tuple[str, str], tuple[bytes | dict[str, Any], dict[str, str]]]:
     """(route, form) → (body, headers): one frame, and all of ``frames`` as a batch."""
-    one = frames[0].reshape(-1)
     return {
-        ("/predict", "json"): ({"frame": one.tolist()}, {}),
-        ("/predict", "npy"): (npy(one), {"Content-Type": NPY}),
-        ("/predict/batch", "json"): ({"observations": [{"frame": f.reshape(-1).tolist()} for f in frames]}, {}),
-        ("/predict/batch", "npy"): (npy(frames.reshape(len(frames), -1)), {"Content-Type": NPY}),
+        ("/predict", "json"): ({"obs": frames[0].tolist()}, {}),
+        ("/predict", "npy"): (npy(frames[0]), {"Content-Type": NPY}),
+        ("/predict/batch", "json"): ({"obs": frames.tolist()}, {}),
+        ("/predict/batch", "npy"): (npy(frames), {"Content-Type": NPY}),
     }
 
 
@@ -99,7 +84,7 @@ def post(url: str, body: bytes | dict[str, Any], headers: dict[str, str]) -> dic
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--duration", type=float, default=5.0, help="seconds per point (after 2 s of warm-up)")
+    parser.add_argument("--duration", type=float, default=10.0, help="seconds per point (after 2 s of warm-up)")
     parser.add_argument("--batch", type=int, default=16, help="frames per /predict/batch request")
     parser.add_argument("--clients", default="1,16")
     parser.add_argument("--json", type=Path, help="also write the results here")
@@ -120,6 +105,7 @@ def main() -> int:
                 for clients in (int(c) for c in args.clients.split(",")):
                     url = server.base_url + route
                     run_wrk(wrk, url, body, auth | headers, clients, 2)
+                    wait_idle(server.base_url)
                     result = run_wrk(wrk, url, body, auth | headers, clients, args.duration)
                     points.append({"route": route, "form": form, "clients": clients, "frames_per_request": per_request,
                                    "observations_per_s": result.requests_per_s * per_request, **result.as_dict()})
@@ -137,6 +123,19 @@ def check_same_answers(base: str, frames: np.ndarray, auth: dict[str, str]) -> N
                    for (r, _), (body, headers) in bodies(frames).items() if r == route]
         if answers[0] != answers[1]:
             raise SystemExit(f"{deterministic}: JSON and .npy answers differ: {answers}")
+
+
+def wait_idle(base: str, timeout_s: float = 120.0) -> None:
+    """Until the server answers ``/health/live`` within 50 ms: wrk leaves the requests it sent last
+    queued in the server, and the next point must not start behind them."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        start = time.monotonic()
+        with urllib.request.urlopen(base + "/health/live", timeout=60):
+            pass
+        if time.monotonic() - start < 0.05:
+            return
+        time.sleep(0.2)
 
 
 def report(points: list[dict[str, Any]], args: argparse.Namespace) -> None:

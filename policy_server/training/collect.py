@@ -26,8 +26,8 @@ from policy_server.training.experience import ExperienceBatch
 
 @dataclass(frozen=True)
 class Acted:
-    """What one call acted: obs (*obs_shape,) as the model reads it, action int64 (k,) or float32 (d,),
-    and the legal actions at obs, bool (mask_width,) (None: every action)."""
+    """What one call acted: obs (*obs_shape,) as the model reads it, action int64 (k,) or float32
+    (d,), and the legal actions at obs, bool (mask_width,) (None: every action)."""
 
     obs: np.ndarray
     action: np.ndarray

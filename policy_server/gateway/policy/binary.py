@@ -41,7 +41,7 @@ import safetensors
 import safetensors.numpy
 
 from policy_server.errors import InvalidRequest
-from policy_server.policies.served import ServedPolicy
+from policy_server.policies.served import ServedPolicy, mask_width
 from policy_server.schema.space_inputs import input_space
 
 NPY = "application/x-npy"
@@ -235,44 +235,78 @@ def unknown_tensors(tensors: dict[str, Any], known: list[str], where: str) -> No
 
 
 def observations(
-    body: bytes, media: str, space: gs.Space[Any], batched: bool, max_batch: int
-) -> tuple[np.ndarray, list[str]]:
-    """The model input of a binary acting body (``media``: ``NPY`` or ``SAFETENSORS``), and where
-    each row is in it (``body.3``, ``body.obs.3``; ``body`` / ``body.obs`` for one observation)."""
+    body: bytes, media: str, policy: ServedPolicy, batched: bool, max_batch: int
+) -> tuple[np.ndarray, np.ndarray | None, list[str]]:
+    """The model input of a binary acting body (``media``: ``NPY`` or ``SAFETENSORS``), the action
+    mask ``(B, k)`` bool (None: every action allowed) and where each row is in the body (``body.3``,
+    ``body.obs.3``; ``body`` / ``body.obs`` for one observation).
+
+    The mask: a Dict space's mask entry (tensor ``obs.<key>``, required as in JSON) and the optional
+    tensor ``action_mask`` (``(k,)`` or ``(B, k)``, bool or 0/1 integers), an action allowed where
+    both allow it. Raises InvalidRequest naming the tensor."""
+    space = observation_space(policy)
     if media == NPY:
-        if len(leaves(space)) != 1:
+        if isinstance(space, (gs.Dict, gs.Tuple)):
             raise InvalidRequest.at("body", f"a {type(space).__name__} observation is several tensors: send "
                                     "application/safetensors with tensors obs.<key>")
         obs = model_input({"body": read_npy(body)}, space, "", batched, max_batch, name="body")
-        field = "body"
+        field, mask = "body", None
     else:
         tensors, _ = read_safetensors(body)
-        unknown_tensors(tensors, [name for name, _ in leaves(space)], "body")
+        masks = mask_tensors(policy)
+        unknown_tensors(tensors, [name for name, _ in leaves(space)] + list(masks), "body")
         obs = model_input(tensors, space, "body", batched, max_batch)
-        field = "body.obs"
-    return obs, ([f"{field}.{i}" for i in range(len(obs))] if batched else [field])
+        field, mask = "body.obs", _mask(tensors, masks, policy.mask_key, len(obs) if batched else None)
+    return obs, mask, ([f"{field}.{i}" for i in range(len(obs))] if batched else [field])
+
+
+def mask_tensors(policy: ServedPolicy) -> dict[str, gs.MultiBinary]:
+    """The tensors that may carry a policy's action mask, and their spaces: a Dict space's mask
+    entry ``obs.<key>`` and ``action_mask`` (none for an action space that takes no mask)."""
+    width = mask_width(policy.space)
+    if width is None:
+        return {}
+    entry = {}
+    if policy.obs_space is not None and policy.mask_key is not None:
+        entry = {f"obs.{policy.mask_key}": policy.obs_space.spaces[policy.mask_key]}  # type: ignore[attr-defined]
+    return entry | {"action_mask": gs.MultiBinary(width)}
+
+
+def _mask(
+    tensors: dict[str, np.ndarray], masks: dict[str, gs.MultiBinary], mask_key: str | None, batch: int | None
+) -> np.ndarray | None:
+    """The action mask ``(B, k)`` bool of the mask tensors sent (the Dict entry is required)."""
+    if mask_key is not None and f"obs.{mask_key}" in masks and f"obs.{mask_key}" not in tensors:
+        raise InvalidRequest.at(f"body.obs.{mask_key}", "missing: the action mask entry of the observation")
+    rows = [check_tensor(tensors[name], sub, f"body.{name}", batch).reshape(batch or 1, -1).astype(bool)
+            for name, sub in masks.items() if name in tensors]
+    return np.logical_and.reduce(rows) if rows else None
 
 
 def observation_space(policy: ServedPolicy) -> gs.Space[Any]:
     """The space a binary body's observation is checked against: the policy's ``observation_space``
-    less the Dict entry that holds the action mask (binary bodies carry no mask: send masks as
-    JSON); for Pathmind's observations, their float32 ``(obs_dim,)`` rows, unbounded (each value
+    less the Dict entry that holds the action mask (``mask_tensors``); for Pathmind's observations, their float32 ``(obs_dim,)`` rows, unbounded (each value
     finite as float32)."""
     if policy.obs_space is not None:
         return input_space(policy.obs_space, policy.mask_key, "action_space.mask")
     return gs.Box(-np.inf, np.inf, (policy.obs_dim,), np.float32)
 
 
-def observation_docs(space: gs.Space[Any], max_batch: int, batched: bool) -> tuple[str | None, str]:
-    """What the OpenAPI document says of an acting route's ``.npy`` body (None: a space of several
-    tensors has none) and of its safetensors body."""
+def observation_docs(policy: ServedPolicy, max_batch: int, batched: bool) -> tuple[str | None, str]:
+    """What the OpenAPI document says of an acting route's ``.npy`` body (None: a Dict or Tuple
+    space has none) and of its safetensors body."""
+    space = observation_space(policy)
     lead = [f"B (1 to {max_batch})"] if batched else []
-    parts = leaves(space)
     what = "A batch of observations" if batched else "One observation"
 
     def tensor(sub: gs.Space[Any]) -> str:
         return f"{_dtype_of(sub)} of shape [{', '.join(map(str, [*lead, *sub.shape]))}]"
 
-    npy = f"{what} as one NumPy .npy array (numpy.save, no pickles): {tensor(parts[0][1])}." if len(parts) == 1 else None
+    parts = leaves(space)
+    several = isinstance(space, (gs.Dict, gs.Tuple))
+    npy = None if several else f"{what} as one NumPy .npy array (numpy.save, no pickles): {tensor(parts[0][1])}."
     tensors = "; ".join(f"`{name}`: {tensor(sub)}" for name, sub in parts)
-    return npy, f"{what} as safetensors (safetensors.numpy.save): {tensors}."
+    masks = "; ".join(f"`{name}`{'' if name.startswith('obs.') else ' (optional)'}: the action mask, bool "
+                      f"(or 0/1) of shape [{', '.join(map(str, [*lead, *sub.shape]))}], true = allowed"
+                      for name, sub in mask_tensors(policy).items())
+    return npy, f"{what} as safetensors (safetensors.numpy.save): {tensors}{'; ' + masks if masks else ''}."

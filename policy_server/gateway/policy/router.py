@@ -12,7 +12,7 @@ from fastapi.responses import JSONResponse
 from policy_server.errors import InvalidRequest
 from policy_server.gateway.auth import Auth
 from policy_server.gateway.openapi import AUTH_ERRORS, error_docs
-from policy_server.gateway.policy.binary import media_type, observation_docs, observation_space, observations
+from policy_server.gateway.policy.binary import media_type, observation_docs, observations
 from policy_server.gateway.policy.binary_route import binary_doc, post_with_binary
 from policy_server.gateway.policy.service import Inputs, Mode, PolicyService, masks_of
 from policy_server.gateway.policy.wire import (
@@ -130,22 +130,20 @@ def policy_router(
         answer = {"results": dists} if batched else dists[0]
         return _answer(answer | _versioned(version, variant, chosen.policy_id))
 
-    space = observation_space(policy)
-
     def binary(mode: Mode | None, batched: bool) -> BinaryEndpoint:
         """The endpoint of a route's binary bodies (``mode`` None: ``/distribution``)."""
         async def endpoint(request: Request, chosen: Picked) -> JSONResponse:
             body, media = await request.body(), media_type(request.headers.get("content-type"))
-            obs, rows = observations(body, media, space, batched, max_batch)
+            obs, mask, rows = observations(body, media, policy, batched, max_batch)
             if mode is None:
-                return await distribute(obs, chosen, rows, batched)
-            return await (act_batch if batched else act)(obs, mode, chosen, rows)
+                return await distribute(obs, chosen, rows, batched, mask)
+            return await (act_batch if batched else act)(obs, mode, chosen, rows, mask)
 
         return endpoint
 
     def post(path: str, mode: Mode | None, response_model: Any) -> Callable[[Endpoint], Endpoint]:
         batched = path.endswith("/batch")
-        doc = binary_doc(*observation_docs(space, max_batch, batched))
+        doc = binary_doc(*observation_docs(policy, max_batch, batched))
         return post_with_binary(router, path, binary(mode, batched), doc, response_model=response_model)
 
     width = policy.space.mask_width
@@ -182,7 +180,8 @@ def policy_router(
 
     @post("/predict_deterministic", "deterministic", ActionResponse)
     async def predict_deterministic(obs: Observation, chosen: Picked) -> JSONResponse:  # type: ignore[valid-type]
-        """The most likely action: argmax per component, the mean for a continuous action."""
+        """The most likely action: argmax per component (of the allowed actions), the mean for a
+        continuous action."""
         rows, mask = one(obs)
         return await act(rows, "deterministic", chosen, [field], mask)
 

@@ -69,9 +69,8 @@ class PolicyService:
         return flatten(observations, model, self.policy.mask_attribute)
 
     def mask_of(self, observations: list[BaseModel]) -> np.ndarray | None:
-        """The action masks Pathmind observations carry (the schema's ``mask`` observation, or the
-        optional ``action_mask``), bool ``(B, mask_width)``; a row without one allows every action;
-        None when none carries one."""
+        """The action masks the observations carry, bool ``(B, mask_width)`` (a row without one
+        allows every action), or None when none carries one."""
         attribute = self.policy.mask_attribute
         if attribute is None:
             return None
@@ -84,7 +83,7 @@ class PolicyService:
             return
         problems = self.policy.space.mask_problems(mask)
         if problems:
-            at = mask_at or [f"{w}.{self.policy.mask_name or 'action_mask'}" for w in where]
+            at = mask_at or [f"{w}.{self.policy.mask_name}" for w in where]
             fields = [FieldError(at[row], message) for row, message in problems[:10]]
             raise InvalidRequest(f"{fields[0].field}: {fields[0].message}", fields)
 
@@ -184,15 +183,15 @@ class PolicyService:
         forced: Variant | None = None, mask: np.ndarray | None = None, mask_at: Sequence[str] | None = None, *,
         client_id: str | None = None,
     ) -> tuple[list[ActionSample], int, Variant]:
-        """Actions for ``(B, *obs_shape)`` rows (``mask``: the legal actions, ``(B, k)`` bool), the
-        model version and the version (variant) that chose them; raises as ``forward``. With an
+        """Actions for ``(B, *obs_shape)`` rows (never a masked one: ``mask`` bool
+        ``(B, mask_width)``), the model version and the version (variant) that chose them; raises
+        as ``forward``, and InvalidRequest when a mask allows no action (``check_mask``). With an
         experience log, the decisions are queued for it (named by the request's id, ``client_id``
-        and episode id). InvalidRequest when a mask allows no action (``check_mask``)."""
+        and episode id)."""
         self.check_mask(mask, where, mask_at)
         out, variant = await self.forward(obs, where, policy_id, forced)
         space = self.policy.space
-        masked = {} if mask is None else {"mask": mask}  # the action spaces of issue 15 take masks
-        samples = space.sample(out.heads, self.rng, **masked) if mode == "sample" else space.mode(out.heads, **masked)
+        samples = space.sample(out.heads, self.rng, mask) if mode == "sample" else space.mode(out.heads, mask)
         if self.experience_log is not None:
             self.experience_log.submit(Decisions(
                 time.time_ns(), self.policy.name, asker(client_id, policy_id), obs, samples, out.version, variant))
@@ -215,8 +214,7 @@ class PolicyService:
         """The exact distributions (masked actions: probability 0); raises as ``act``."""
         self.check_mask(mask, where)
         out, variant = await self.forward(obs, where, policy_id, forced)
-        masked = {} if mask is None else {"mask": mask}
-        return self.policy.space.distribution(out.heads, **masked), out.version, variant
+        return self.policy.space.distribution(out.heads, mask), out.version, variant
 
 
 def masks_of(rows: Sequence[list[bool] | None], width: int) -> np.ndarray | None:

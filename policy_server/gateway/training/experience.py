@@ -258,12 +258,11 @@ def _observations(
     rows: list[Any], where: str, policy: ServedPolicy, errors: list[FieldError],
     masks: list[list[bool] | None] | None = None,
 ) -> np.ndarray | None:
-    """The observations as the model reads them; appends to ``masks`` the action mask each one
-    carries (a named observation's ``ServedPolicy.mask_attribute``), None for the others."""
+    """The observations as the model reads them, ``(N, *obs_shape)``; appends to ``masks`` the
+    action mask each one carries (a named observation's ``ServedPolicy.mask_attribute``, or a
+    space's Dict mask entry), None for the others."""
     if policy.obs_space is not None:
-        if masks is not None:
-            masks.extend([None] * len(rows))
-        return _space_observations(rows, where, policy, errors)
+        return _space_observations(rows, where, policy, errors, masks)
     width, n_before = row_width(policy), len(errors)
     out = np.empty((len(rows), width), dtype=np.float32)
     for i, row in enumerate(rows):
@@ -314,17 +313,27 @@ def _masks(
     return out if len(errors) == n_before else None
 
 
-def _space_observations(rows: list[Any], where: str, policy: ServedPolicy, errors: list[FieldError]) -> np.ndarray | None:
-    """Observations of the policy's space → model inputs ``(N, *obs_shape)`` (a Dict's mask entry left out)."""
+def _space_observations(
+    rows: list[Any], where: str, policy: ServedPolicy, errors: list[FieldError],
+    masks: list[list[bool] | None] | None = None,
+) -> np.ndarray | None:
+    """Observations of the policy's space → model inputs ``(N, *obs_shape)``; a Dict's mask entry is
+    left out of them and appended to ``masks``."""
     assert policy.obs_space is not None
     try:
         if "*" not in where:  # a fragment's list of observations
-            return read_batch(policy.obs_space, rows, where, policy.mask_key)[0]
-        return np.concatenate([read_one(policy.obs_space, row, where.replace("*", str(i)), policy.mask_key)[0]
-                               for i, row in enumerate(rows)])
+            obs, mask = read_batch(policy.obs_space, rows, where, policy.mask_key)
+        else:
+            read = [read_one(policy.obs_space, row, where.replace("*", str(i)), policy.mask_key)
+                    for i, row in enumerate(rows)]
+            obs = np.concatenate([inputs for inputs, _ in read])
+            mask = None if policy.mask_key is None else np.concatenate([m for _, m in read])
     except InvalidRequest as exc:
         errors.extend(exc.fields)
         return None
+    if masks is not None:
+        masks.extend([None] * len(obs) if mask is None else mask.tolist())
+    return obs
 
 
 def to_actions(values: list[ActionValue], where: str, policy: ServedPolicy, errors: list[FieldError]) -> np.ndarray | None:

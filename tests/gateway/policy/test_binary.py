@@ -11,12 +11,13 @@ import gymnasium.spaces as gs
 import numpy as np
 import pytest
 import safetensors.numpy
+import torch
 import yaml
 from conftest import API_KEY, LPOC_OBS, cart_fragment, multi_policy_schema, training_schema
 from fastapi.testclient import TestClient
 
 from policy_server.errors import InvalidRequest
-from policy_server.export import MLPPolicy, export_module
+from policy_server.export import CNNPolicy, MLPPolicy, export_module
 from policy_server.gateway.app import build_app
 from policy_server.gateway.policy.binary import (
     NPY,
@@ -24,7 +25,6 @@ from policy_server.gateway.policy.binary import (
     check_tensor,
     flatten_batch,
     model_input,
-    observations,
     read_npy,
     read_safetensors,
 )
@@ -36,7 +36,6 @@ from policy_server.settings import Settings
 
 ROUTES = ["/predict", "/predict_deterministic", "/distribution"]
 LPOC_ROW = np.array([float(v) for v in LPOC_OBS.values()], dtype=np.float32)
-IMAGE = 84 * 84 * 4
 
 
 def npy(array: np.ndarray) -> bytes:
@@ -171,14 +170,6 @@ def test_model_input_names_a_missing_tensor_and_a_bad_batch() -> None:
             "expected [2, 3]")
 
 
-def test_observations_refuse_unknown_tensors_and_an_npy_of_a_dict_space() -> None:
-    refused(lambda: observations(st(obs=np.zeros(3, np.float32), extra=np.zeros(1)), SAFETENSORS, HALF_BOX, False, 8),
-            "body.extra", "unknown")
-    refused(lambda: observations(npy(np.zeros(1)), NPY, DICT_SPACE, False, 8), "body", "application/safetensors")
-    obs, rows = observations(npy(np.zeros((2, 3), np.float32)), NPY, HALF_BOX, True, 8)
-    assert obs.shape == (2, 3) and rows == ["body.0", "body.1"]
-
-
 # --- the routes -----------------------------------------------------------------------------------
 
 
@@ -271,23 +262,67 @@ def test_the_openapi_document_lists_the_three_bodies(client: TestClient) -> None
     assert "[B (1 to 4096), 11]" in paths["/predict/batch"]["post"]["requestBody"]["content"][NPY]["schema"]["description"]
 
 
-def test_a_real_size_image_batch_of_64_answers_as_json_does(tmp_path: Path) -> None:
-    """64 observations of 84×84×4 values (uint8 pixels; today's models take them as float32 rows):
-    7.2 MB as JSON, 1.8 MB as .npy. JSON answers the first 8 (6 s for all 64 here)."""
-    export_module(MLPPolicy(IMAGE, [8], nvec=[4]), IMAGE, tmp_path / "pixels.pt", fmt="torchscript")
-    schema = {"parameters": {"api_key": API_KEY, "model": str(tmp_path / "pixels.pt")},
-              "observations": {"pixels": {"type": "List[int]", "min_items": IMAGE, "max_items": IMAGE}}}
-    images = np.random.default_rng(0).integers(0, 256, (64, IMAGE), dtype=np.uint8)
-    with app_client(schema, tmp_path, max_body_bytes=2 * 2**20) as c:
-        expected = c.post("/distribution/batch", json={"observations": [{"pixels": row} for row in images[:8].tolist()]})
-        assert expected.status_code == 200, expected.text
-        for body, media in ((npy(images), NPY), (st(obs=images), SAFETENSORS)):
-            answer = post(c, "/distribution/batch", body, media)
-            assert answer.status_code == 200, answer.text
-            results = answer.json()["results"]
-            assert len(results) == 64
-            for got, want in zip(results, expected.json()["results"]):
-                assert got["probabilities"] == pytest.approx(want["probabilities"], rel=1e-5)
+FRAME_SPACE = {"type": "box", "shape": [84, 84, 4], "dtype": "uint8", "low": 0, "high": 255}
+ROBOT_SPACE = {"type": "dict", "spaces": {"pos": {"type": "box", "shape": [2], "low": -1, "high": 1},
+                                          "gear": {"type": "discrete", "n": 3}}}
+
+
+@pytest.fixture(scope="module")
+def spaces(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestClient]:
+    """An Atari-sized image policy (uint8 84×84×4 frames, a CNN) and a Dict policy with a discrete
+    action (masks sent as `action_mask`). A Dict entry as the mask (`action_space.mask: <key>`) is
+    refused by today's schema check, so its binary form (tensor `obs.<key>`) is not tested here."""
+    tmp = tmp_path_factory.mktemp("binary-spaces")
+    torch.manual_seed(0)
+    export_module(CNNPolicy((84, 84, 4), 4, channels=4, hidden=16), (84, 84, 4), tmp / "cnn", dtype=torch.uint8)
+    export_module(MLPPolicy(3 + 2, [8], nvec=[3]), 5, tmp / "robot")
+    schema = {"parameters": {"api_key": API_KEY, "default_policy": "atari"}, "policies": {
+        "atari": {"model": str(tmp / "cnn.pt2"), "observation_space": FRAME_SPACE},
+        "robot": {"model": str(tmp / "robot.pt2"), "observation_space": ROBOT_SPACE},
+    }}
+    with app_client(schema, tmp, max_body_bytes=8 * 2**20) as c:
+        yield c
+
+
+def test_a_real_size_image_batch_of_64_answers_as_json_does(spaces: TestClient) -> None:
+    """64 uint8 frames of 84×84×4: 7 MB as JSON, 1.8 MB as .npy or safetensors."""
+    frames = np.random.default_rng(0).integers(0, 256, (64, 84, 84, 4), dtype=np.uint8)
+    expected = spaces.post("/distribution/batch", json={"obs": frames.tolist()})
+    assert expected.status_code == 200, expected.text
+    for body, media in ((npy(frames), NPY), (st(obs=frames), SAFETENSORS)):
+        answer = post(spaces, "/distribution/batch", body, media)
+        assert answer.status_code == 200 and answer.json() == expected.json(), answer.text
+    one = post(spaces, "/predict_deterministic", npy(frames[3]), NPY).json()
+    assert one["action"] == spaces.post("/predict_deterministic", json={"obs": frames[3].tolist()}).json()["action"]
+    refused_frame = post(spaces, "/predict", npy(frames[0].astype(np.float32)), NPY)  # float32 → uint8 would round
+    assert refused_frame.status_code == 422 and "send uint8" in refused_frame.json()["error"]["message"]
+
+
+def test_a_dict_observation_travels_as_tensors_with_its_mask(spaces: TestClient) -> None:
+    robot = "/policies/robot"
+    obs = {"pos": [0.5, -0.5], "gear": 2}
+    tensors = {"obs.pos": np.array([0.5, -0.5], np.float32), "obs.gear": np.array(2)}
+    expected = spaces.post(f"{robot}/distribution", json={"obs": obs}).json()
+    assert post(spaces, f"{robot}/distribution", st(**tensors), SAFETENSORS).json() == expected
+    masked = spaces.post(f"{robot}/distribution", json={"obs": obs, "action_mask": [False, True, True]}).json()
+    assert masked["probabilities"]["0"] == 0
+    mask = np.array([0, 1, 1], np.uint8)
+    assert post(spaces, f"{robot}/distribution", st(**tensors, action_mask=mask), SAFETENSORS).json() == masked
+    batch = {k: np.stack([v, v]) for k, v in tensors.items()} | {"action_mask": np.stack([mask, mask])}
+    assert post(spaces, f"{robot}/distribution/batch", st(**batch), SAFETENSORS).json()["results"] == [
+        {"probabilities": masked["probabilities"]}] * 2
+    for body, media, field, words in (
+        (npy(tensors["obs.pos"]), NPY, "body", "application/safetensors"),
+        (st(**{k: v for k, v in tensors.items() if k != "obs.gear"}), SAFETENSORS, "body.obs.gear", "missing"),
+        (st(**tensors | {"obs.gear": np.array(3)}), SAFETENSORS, "body.obs.gear", "outside the space's [0, 2]"),
+        (st(**tensors, action_mask=np.array([0, 2, 1])), SAFETENSORS, "body.action_mask", "value 2 at [1]"),
+        (st(**tensors, action_mask=np.ones(4, bool)), SAFETENSORS, "body.action_mask", "expected [3]"),
+        (st(**tensors, extra=np.ones(1)), SAFETENSORS, "body.extra", "unknown"),
+    ):
+        answer = post(spaces, f"{robot}/predict", body, media)
+        assert answer.status_code == 422, answer.text
+        error = answer.json()["error"]["fields"][0]
+        assert error["field"] == field and words in error["message"], error
 
 
 # --- experience -----------------------------------------------------------------------------------
