@@ -112,7 +112,7 @@ def test_dqn_answers_its_greedy_action_and_its_epsilon_greedy_distribution(tmp_p
     np.testing.assert_allclose([[r["probabilities"][k] for k in ("0", "1")] for r in distribution], expected, atol=1e-5)
 
 
-def test_maskable_ppo_one_hot_observations_and_masks_are_sb3s(zips: dict[str, Path]) -> None:
+def test_maskable_ppo_one_hot_observations_and_masks_are_sb3s(zips: dict[str, Path], tmp_path: Path) -> None:
     model = MaskablePPO.load(zips["MaskablePPO"], device="cpu")
     rng = np.random.default_rng(3)
     index = rng.integers(0, 10, ROWS)
@@ -128,6 +128,11 @@ def test_maskable_ppo_one_hot_observations_and_masks_are_sb3s(zips: dict[str, Pa
     expected = distribution_of(model, index, action_masks=masks).distribution.probs.numpy()
     np.testing.assert_allclose(probs, expected, atol=1e-5)
     assert (probs[~masks] == 0).all()
+    doc = schema_of(TorchPolicy.from_file(zips["MaskablePPO"]), zips["MaskablePPO"], tmp_path)
+    with make_client(tmp_path, doc) as client:  # a Discrete observation_space, masks in the request
+        answer = client.post("/predict_deterministic/batch", json={"obs": index.tolist(), "action_mask": masks.tolist()})
+    assert answer.status_code == 200, answer.text
+    assert [r["action"] for r in answer.json()["results"]] == actions.tolist()
 
 
 def test_sac_answers_its_squashed_mean_and_log_prob(tmp_path: Path, zips: dict[str, Path]) -> None:
