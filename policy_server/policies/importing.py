@@ -39,18 +39,18 @@ def _bound(values: np.ndarray) -> float | list[float] | None:
     return flat[0] if len(set(flat)) == 1 else flat
 
 
-def observation_doc(space: spaces.Space) -> dict[str, Any]:
-    """The schema's observation part: ``observation_space`` (``schema.gym_spaces.describe_space``)
-    once the schema serves it, else Pathmind ``observations`` (one float per column of a flat
-    float ``Box``)."""
-    if "observation_space" in PolicySpec.model_fields:
+def observation_doc(space: spaces.Space, recurrent: bool = False) -> dict[str, Any]:
+    """The schema's observation part: ``observation_space`` (``schema.gym_spaces.describe_space``),
+    or for a recurrent policy (which the schema serves with Pathmind fields only) ``observations``,
+    one float per column of a flat float ``Box``."""
+    if "observation_space" in PolicySpec.model_fields and not recurrent:
         from policy_server.schema.gym_spaces import describe_space
 
         return {"observation_space": describe_space(space)}
     if isinstance(space, spaces.Box) and len(space.shape) == 1 and np.issubdtype(space.dtype, np.floating):
         return {"observations": {f"obs_{i}": {"type": "float"} for i in range(space.shape[0])}}
-    raise SchemaError(f"observation space {space}: only a flat float Box has a schema form on this server "
-                      "(Pathmind observations) until it serves observation_space")
+    raise SchemaError(f"observation space {space}: only a flat float Box has Pathmind observations, "
+                      "which a recurrent policy needs")
 
 
 def schema_of(policy: TorchPolicy, model: Path, schema_dir: Path) -> dict[str, Any]:
@@ -65,7 +65,7 @@ def schema_of(policy: TorchPolicy, model: Path, schema_dir: Path) -> dict[str, A
     lstm = policy.lstm_shape() if hasattr(policy, "lstm_shape") else None
     if lstm is not None:
         parameters["recurrent"] = {"state": {"hidden": list(lstm), "cell": list(lstm)}}
-    return observation_doc(policy.observation_space) | {"parameters": parameters}
+    return observation_doc(policy.observation_space, lstm is not None) | {"parameters": parameters}
 
 
 def import_model(model: Path, out: Path | None = None, schema: Path | None = None,

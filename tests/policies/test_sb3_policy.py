@@ -45,7 +45,7 @@ def zips(tmp_path_factory: pytest.TempPathFactory, format_models: dict[str, Path
 
 
 def cart_obs() -> np.ndarray:
-    return np.random.default_rng(0).normal(0.0, 0.5, (ROWS, 4)).astype(np.float32)
+    return np.random.default_rng(0).uniform(-0.4, 0.4, (ROWS, 4)).astype(np.float32)  # inside the pole angle's bounds
 
 
 def pendulum_obs() -> np.ndarray:
@@ -58,10 +58,9 @@ def served(tmp_path: Path, model: Path, obs: np.ndarray, *routes: str) -> list[l
     """The answers of each ``/<route>/batch`` for ``obs``, from a local-backend server of the
     schema that ``import`` writes for ``model``."""
     doc = schema_of(TorchPolicy.from_file(model), model, tmp_path)
-    fields = list(doc["observations"])
-    rows = [dict(zip(fields, map(float, row))) for row in obs]
+    assert "observation_space" in doc  # the file's own space: {"obs": [...]} bodies
     with make_client(tmp_path, doc) as client:
-        answers = [client.post(f"/{route}/batch", json={"observations": rows}) for route in routes]
+        answers = [client.post(f"/{route}/batch", json={"obs": obs.tolist()}) for route in routes]
     assert all(a.status_code == 200 for a in answers), [a.text for a in answers]
     return [a.json()["results"] for a in answers]
 
@@ -113,7 +112,7 @@ def test_dqn_answers_its_greedy_action_and_its_epsilon_greedy_distribution(tmp_p
     np.testing.assert_allclose([[r["probabilities"][k] for k in ("0", "1")] for r in distribution], expected, atol=1e-5)
 
 
-def test_maskable_ppo_one_hot_observations_and_masks_are_sb3s(zips: dict[str, Path]) -> None:
+def test_maskable_ppo_one_hot_observations_and_masks_are_sb3s(zips: dict[str, Path], tmp_path: Path) -> None:
     model = MaskablePPO.load(zips["MaskablePPO"], device="cpu")
     rng = np.random.default_rng(3)
     index = rng.integers(0, 10, ROWS)
@@ -129,6 +128,11 @@ def test_maskable_ppo_one_hot_observations_and_masks_are_sb3s(zips: dict[str, Pa
     expected = distribution_of(model, index, action_masks=masks).distribution.probs.numpy()
     np.testing.assert_allclose(probs, expected, atol=1e-5)
     assert (probs[~masks] == 0).all()
+    doc = schema_of(TorchPolicy.from_file(zips["MaskablePPO"]), zips["MaskablePPO"], tmp_path)
+    with make_client(tmp_path, doc) as client:  # a Discrete observation_space, masks in the request
+        answer = client.post("/predict_deterministic/batch", json={"obs": index.tolist(), "action_mask": masks.tolist()})
+    assert answer.status_code == 200, answer.text
+    assert [r["action"] for r in answer.json()["results"]] == actions.tolist()
 
 
 def test_sac_answers_its_squashed_mean_and_log_prob(tmp_path: Path, zips: dict[str, Path]) -> None:
