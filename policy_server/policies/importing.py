@@ -11,6 +11,7 @@ import numpy as np
 import yaml
 from gymnasium import spaces
 
+from policy_server.envs import action_space_entry
 from policy_server.errors import SchemaError, summary
 from policy_server.policies.served import resolve_policy
 from policy_server.policies.torch_policy import TorchPolicy, model_format
@@ -18,25 +19,9 @@ from policy_server.schema.config import PolicySpec, load_schema
 
 
 def action_space_doc(space: spaces.Space, squash: bool) -> dict[str, Any]:
-    """The schema's ``action_space`` of a Gymnasium action space (a SAC box ``squash: tanh``)."""
-    if isinstance(space, spaces.Discrete):
-        return {"type": "discrete", "n": int(space.n)}
-    if isinstance(space, spaces.MultiDiscrete):
-        return {"type": "tuple", "nvec": [int(n) for n in space.nvec.reshape(-1)]}
-    if isinstance(space, spaces.MultiBinary):
-        return {"type": "multi_binary", "n": int(np.prod(space.shape))}
-    if isinstance(space, spaces.Box):
-        doc: dict[str, Any] = {"type": "box", "shape": [int(np.prod(space.shape))],
-                               "low": _bound(space.low), "high": _bound(space.high)}
-        return doc | ({"squash": "tanh"} if squash else {})
-    raise ValueError(f"action space {space} has no schema form")
-
-
-def _bound(values: np.ndarray) -> float | list[float] | None:
-    flat = [float(v) for v in values.reshape(-1)]
-    if not all(np.isfinite(flat)):
-        return None
-    return flat[0] if len(set(flat)) == 1 else flat
+    """The schema's ``action_space`` of a Gymnasium action space (``envs.action_space_entry``, as
+    ``generate.py schema --env`` writes it), with ``squash: tanh`` for a SAC box."""
+    return action_space_entry(space) | ({"squash": "tanh"} if squash else {})
 
 
 def observation_doc(space: spaces.Space, recurrent: bool = False) -> dict[str, Any]:
