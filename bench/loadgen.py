@@ -47,18 +47,19 @@ def find_wrk() -> str:
     return path
 
 
-def lua_script(body: str, headers: dict[str, str]) -> str:
-    """A wrk script that POSTs ``body`` with ``headers`` on every request."""
+def lua_script(body: str | bytes, headers: dict[str, str]) -> str:
+    """A wrk script that POSTs ``body`` with ``headers`` on every request (JSON unless ``headers``
+    name another ``Content-Type``)."""
     lines = ['wrk.method = "POST"', f"wrk.body = {_lua_string(body)}"]
     for name, value in {"Content-Type": "application/json", **headers}.items():
         lines.append(f"wrk.headers[{_lua_string(name)}] = {_lua_string(value)}")
     return "\n".join(lines) + "\n"
 
 
-def _lua_string(text: str) -> str:
+def _lua_string(text: str | bytes) -> str:
     """A double-quoted Lua string literal (every byte outside printable ASCII escaped)."""
     out = []
-    for byte in text.encode():
+    for byte in text if isinstance(text, bytes) else text.encode():
         char = chr(byte)
         out.append(f"\\{byte:03d}" if char in '"\\' or not 32 <= byte < 127 else char)
     return '"' + "".join(out) + '"'
@@ -67,10 +68,12 @@ def _lua_string(text: str) -> str:
 def run_wrk(
     wrk: str, url: str, body: Any, headers: dict[str, str], connections: int, duration_s: float
 ) -> WrkResult:
-    """One ``wrk -t1 -c<connections>`` run of ``duration_s`` seconds POSTing ``body`` as JSON."""
+    """One ``wrk -t1 -c<connections>`` run of ``duration_s`` seconds POSTing ``body``: bytes as they
+    are (``headers`` give their ``Content-Type``), anything else as JSON."""
     with tempfile.TemporaryDirectory(prefix="bench-wrk-") as tmp:
         script = Path(tmp) / "post.lua"
-        script.write_text(lua_script(json.dumps(body, separators=(",", ":")), headers))
+        text = body if isinstance(body, bytes) else json.dumps(body, separators=(",", ":"))
+        script.write_text(lua_script(text, headers))
         cmd = [
             wrk, "-t1", f"-c{connections}", f"-d{max(1, round(duration_s))}s", "--latency",
             "--timeout", "10s", "-s", str(script), url,

@@ -31,6 +31,8 @@ T = TypeVar("T")
 EXAMPLE_BUILDERS: dict[str, str] = {
     "llm": "examples/llm/build_tiny_model.py",
     "alphabetical": "examples/alphabetical/pretrain.py",
+    "atari": "examples/atari/build_model.py",
+    "masked": "examples/masked/scheduler.py",
 }
 """Examples whose models are built here rather than committed (no downloads): the script whose
 ``build_models(out_dir, progress)`` writes them, by the example folder's name."""
@@ -39,7 +41,7 @@ EXAMPLE_BUILDERS: dict[str, str] = {
 def copy_server_files(example: str, target: str = ".", force: bool = False) -> str:
     """Copy an example's schema.yaml and models/ next to app.py, so `uvicorn app:app` serves it.
 
-    An example whose models are built rather than committed (examples/llm, examples/alphabetical)
+    An example whose models are built rather than committed (examples/llm, alphabetical, atari)
     and not built yet gets them built into ``<target>/models``, offline, with a progress bar.
     The target's schema.yaml and models/ are replaced when its schema.yaml is an example's (as
     copied); one of the user's own is kept unless ``force``.
@@ -155,6 +157,8 @@ def schema(
     """
     from policy_server.envs import env_schema, make_env
 
+    if env_kwargs is not None and not isinstance(env_kwargs, dict):  # fire passes what it cannot parse as text
+        raise SchemaError(f"--env_kwargs: a mapping such as '{{\"is_slippery\": False}}', not {env_kwargs!r}")
     made = make_env(env, env_kwargs)
     try:
         target = Path(out)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import subprocess
+import importlib.util
 import sys
 from pathlib import Path
 from typing import Any
@@ -22,6 +22,10 @@ from policy_server.schema.config import load_schema
 from policy_server.schema.gym_spaces import parse_space
 
 ROOT = Path(__file__).resolve().parents[1]
+_spec = importlib.util.spec_from_file_location("generate", ROOT / "generate.py")
+assert _spec is not None and _spec.loader is not None
+generate = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(generate)
 DICT_ENV = "PolicyServerTest/DictObs-v0"
 
 
@@ -111,18 +115,24 @@ def test_environments_by_entry_point_and_by_module_and_id() -> None:
         make_env("NoSuchEnv-v0")
 
 
-def test_the_command_refuses_an_unservable_space_with_one_line(tmp_path: Path) -> None:
-    (tmp_path / "text_env.py").write_text(
+def test_the_command_refuses_an_unservable_space_with_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "graph_env.py").write_text(
         "import gymnasium as gym\n"
-        "class TextEnv(gym.Env):\n"
+        "class GraphEnv(gym.Env):\n"
         "    observation_space = gym.spaces.Graph(gym.spaces.Box(0, 1, (2,)), None)\n"
         "    action_space = gym.spaces.Discrete(2)\n"
     )
-    run = subprocess.run(
-        [sys.executable, "generate.py", "schema", "--env", f"{tmp_path / 'text_env.py'}:TextEnv",
-         "--out", str(tmp_path / "schema.yaml")],
-        cwd=ROOT, capture_output=True, text=True, timeout=120, check=False,
-    )
-    assert run.returncode == 1 and not (tmp_path / "schema.yaml").exists()
-    assert run.stderr.strip().splitlines()[-1].startswith("policy-server: observation space Graph(")
-    assert "Graph spaces have no schema form" in run.stderr
+    monkeypatch.setattr(sys, "argv", ["generate.py", "schema", "--env", f"{tmp_path / 'graph_env.py'}:GraphEnv",
+                                      "--out", str(tmp_path / "schema.yaml")])
+    with pytest.raises(SystemExit) as exited:
+        generate.main()
+    message = str(exited.value.code)  # what Python prints to stderr, exit status 1
+    assert message.startswith("policy-server: observation space Graph(") and "\n" not in message
+    assert "Graph spaces have no schema form" in message and not (tmp_path / "schema.yaml").exists()
+
+
+def test_env_kwargs_make_the_environment_and_text_is_refused(tmp_path: Path) -> None:
+    cli.schema("FrozenLake-v1", out=str(tmp_path / "schema.yaml"), env_kwargs={"map_name": "8x8"})
+    assert yaml.safe_load((tmp_path / "schema.yaml").read_text())["observation_space"] == {"type": "discrete", "n": 64}
+    with pytest.raises(SchemaError, match="--env_kwargs: a mapping such as"):
+        cli.schema("FrozenLake-v1", out=str(tmp_path / "other.yaml"), env_kwargs="{map_name: 8x8}")  # type: ignore[arg-type]

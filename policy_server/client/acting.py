@@ -4,6 +4,7 @@ policy's downloaded model and weights, and the conversions between observations 
 
 from __future__ import annotations
 
+import io
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import cached_property
@@ -16,10 +17,13 @@ import numpy as np
 from policy_server.client.http import HttpSession, PolicyClientError
 from policy_server.client.spaces import model_rows, served_observation_space, space_json
 from policy_server.policies.codec import decode_weights
-from policy_server.policies.spaces import ActionSpace, BoxSpace, DiscreteSpace, TupleSpace
+from policy_server.policies.spaces import ActionSpace, BoxSpace, DiscreteSpace, MultiBinarySpace, TupleSpace
 from policy_server.policies.torch_policy import TorchPolicy, load_module
 
 Inference = Literal["remote", "local"]
+BINARY_ABOVE = 1024
+"""``binary=None``: remote acting sends an observation of more values than this as ``.npy``."""
+NPY = "application/x-npy"
 ActionValue = int | list[int] | list[float]
 Observation = Sequence[Any] | np.ndarray | Mapping[str, Any] | int
 """A flat vector or the schema's observation object (Pathmind ``observations``), or an observation
@@ -58,17 +62,25 @@ class _LocalModel:
     """The policy's model in this process: forward passes and the server's action-space maths."""
 
     def __init__(
-        self, policy: TorchPolicy, space: ActionSpace, fields: list[str], obs_space: gs.Space[Any] | None
+        self, policy: TorchPolicy, space: ActionSpace, fields: list[str], obs_space: gs.Space[Any] | None,
+        mask_key: str | None = None,
     ) -> None:
         self.policy, self.space, self.fields, self.obs_space = policy, space, fields, obs_space
+        self.mask_key = mask_key if isinstance(obs_space, gs.Dict) and mask_key in obs_space.spaces else None
 
-    def heads(self, observations: Sequence[Observation]) -> list[np.ndarray]:
-        """The model's heads for a batch of observations, one row each."""
-        if self.obs_space is not None:
-            rows = model_rows(self.obs_space, observations)
-        else:
-            rows = np.stack([_flat(obs, self.fields) for obs in observations])
-        return self.policy.forward(rows).heads
+    def heads(self, observations: Sequence[Observation]) -> tuple[list[np.ndarray], np.ndarray | None]:
+        """The model's heads for a batch of observations, one row each, and the action mask
+        ``(B, mask_width)`` bool that a Dict observation holds under ``action_space.mask`` (left out
+        of the model input, as the server leaves it out), or None."""
+        if self.obs_space is None:
+            return self.policy.forward(np.stack([_flat(obs, self.fields) for obs in observations])).heads, None
+        if self.mask_key is None:
+            return self.policy.forward(model_rows(self.obs_space, observations)).heads, None
+        assert isinstance(self.obs_space, gs.Dict)
+        rest = gs.Dict({k: v for k, v in self.obs_space.spaces.items() if k != self.mask_key})
+        rows = model_rows(rest, [{k: obs[k] for k in rest.spaces} for obs in observations])  # type: ignore[index]
+        mask = np.stack([np.asarray(obs[self.mask_key], dtype=bool).ravel() for obs in observations])  # type: ignore[index]
+        return self.policy.forward(rows).heads, mask
 
 
 class ActingClient:
@@ -91,12 +103,17 @@ class ActingClient:
         backoff_base_s: float = 0.1,
         backoff_cap_s: float = 5.0,
         seed: int | None = None,
+        binary: bool | None = None,
     ) -> None:
         """
         Args:
             base_url: the server, with the schema's ``url_path`` if it has one.
             inference: ask the server for every action, or act here with downloaded weights.
             refresh_every: local inference checks the server's weight version every this many acts.
+            binary: remote acting sends an observation array (not an object) as an ``.npy`` body
+                (True), as JSON (False), or as ``.npy`` when it has more than ``BINARY_ABOVE``
+                values (None): an 84×84×4 image is 28 kB of ``.npy``, ~100 kB of JSON text. Floats
+                travel as float32, the models' precision; integers and bools as they are.
             max_retries: retries of a request after a connection error, 429 or 503.
             backoff_base_s, backoff_cap_s: retry ``k`` waits about ``min(cap, base * 2**k)``.
             seed: seed of local action sampling and of the retry jitter.
@@ -104,6 +121,7 @@ class ActingClient:
         if inference not in ("remote", "local"):
             raise ValueError(f"inference must be 'remote' or 'local', not {inference!r}")
         self.inference = inference
+        self.binary = binary
         self.policy = policy
         self.prefix = f"/policies/{policy}" if policy else ""
         self.refresh_every = refresh_every
@@ -136,11 +154,12 @@ class ActingClient:
         self.close()
 
     def request(
-        self, method: str, path: str, json: Any = None, headers: dict[str, str] | None = None
+        self, method: str, path: str, json: Any = None, headers: dict[str, str] | None = None,
+        content: bytes | None = None,
     ) -> httpx.Response:
         """``HttpSession.request``: retries connection errors, 429 and 503; raises
         PolicyClientError on any other error (a 304 is returned)."""
-        return self._http.request(method, path, json=json, headers=headers)
+        return self._http.request(method, path, json=json, headers=headers, content=content)
 
     def _count_retry(self) -> None:
         self.stats.retries += 1
@@ -181,6 +200,8 @@ class ActingClient:
         """Choose one action per observation with one request (``/predict/batch``, or the raw or
         deterministic batch form) or one local forward pass; as ``act`` otherwise. The policy's
         version that answered is ``last_variant`` (one for the whole batch)."""
+        if not observations:  # every sub-environment of a vector env resetting at once: nothing to ask
+            return []
         if self.algorithm is None:
             self.algorithm = (self.describe().get("training") or {}).get("algorithm", "")
         if self.inference == "local":
@@ -214,6 +235,11 @@ class ActingClient:
             return self._post(f"/{endpoint}", {"obs": self.wire(obs)}, pin)
         if isinstance(obs, Mapping):
             return self._post(f"/{endpoint}", wire_obs(obs), pin)
+        array = np.asarray(obs)
+        if self.binary or (self.binary is None and array.size > BINARY_ABOVE):
+            headers = (pin or {}) | {"content-type": NPY}
+            path = f"{self.prefix}/{'predict_raw' if endpoint == 'predict' else endpoint}"
+            return self.request("POST", path, headers=headers, content=npy_obs(array)).json()
         if endpoint == "predict":
             return self._post("/predict_raw", {"obs": wire_obs(obs)}, pin)
         # no raw form of the deterministic endpoint: the batch form takes flat vectors
@@ -247,11 +273,11 @@ class ActingClient:
         self._acts_since_check += 1
         local = self._local
         assert local is not None
-        heads = local.heads(observations)
+        heads, mask = local.heads(observations)
         version = local.policy.version
         if self.algorithm == "dqn":
-            return [self._epsilon_greedy(greedy.action, version) for greedy in local.space.mode(heads)]
-        return [ActResult(s.action, s.log_prob, version) for s in local.space.sample(heads, self._rng)]
+            return [self._epsilon_greedy(greedy.action, version) for greedy in local.space.mode(heads, mask)]
+        return [ActResult(s.action, s.log_prob, version) for s in local.space.sample(heads, self._rng, mask)]
 
     def _epsilon_greedy(self, greedy: ActionValue, version: int) -> ActResult:
         """With probability epsilon a uniformly random action, else the greedy one; the log-prob
@@ -269,7 +295,7 @@ class ActingClient:
         space = self.describe()["action_space"]
         if space["type"] == "discrete":
             return [int(space["n"])]
-        if space["type"] == "tuple":
+        if space["type"] in ("tuple", "multi_discrete"):
             return [int(n) for n in space["nvec"]]
         raise PolicyClientError(None, "unsupported", "epsilon-greedy needs a discrete or tuple action space")
 
@@ -279,7 +305,8 @@ class ActingClient:
         """The policy as the server resolved it: its ``name``, ``obs_dim``, ``action_space`` (sizes from the
         model), ``observations`` (field names in input order), ``fields`` (name → (type,
         columns), columns None for a scalar), ``observation_space`` (the schema's YAML form, None
-        with Pathmind ``observations``) and ``training`` (the schema's section, or None)."""
+        with Pathmind ``observations``), ``mask`` (the observation holding the action mask, or
+        None) and ``training`` (the schema's section, or None)."""
         if self._description is None:
             status = self.request("GET", "/").json()
             name = self.policy or status["default_policy"]
@@ -289,6 +316,7 @@ class ActingClient:
             described["training"] = schema.get("training")
             described["observation_space"] = schema.get("observation_space")
             described["name"] = name
+            described["mask"] = (schema.get("action_space") or {}).get("mask")
             self._description = described
         return self._description
 
@@ -301,7 +329,8 @@ class ActingClient:
         description = self.describe()
         policy = TorchPolicy(load_module(response.content, fmt), version=-1)  # type: ignore[arg-type]
         fields = description["observations"] if description.get("observations") else []
-        self._local = _LocalModel(policy, _space(description["action_space"]), fields, self._obs_space)
+        self._local = _LocalModel(policy, _space(description["action_space"]), fields, self._obs_space,
+                                  description.get("mask"))
         self.refresh()
 
     def refresh(self) -> bool:
@@ -352,6 +381,17 @@ def wire_obs(obs: Observation) -> Any:
     return np.asarray(obs, dtype=np.float64).ravel().tolist()
 
 
+def npy_obs(obs: np.ndarray) -> bytes:
+    """An observation as an ``.npy`` body: the model's input row (flat, as today's models take it),
+    floats as float32 (the server refuses float64: it would round), integers and bools as they are."""
+    array = obs.ravel()
+    if array.dtype.kind == "f":
+        array = array.astype(np.float32)
+    stream = io.BytesIO()
+    np.save(stream, array, allow_pickle=False)
+    return stream.getvalue()
+
+
 def wire_action(action: Any) -> ActionValue:
     """An action (numpy or plain) as JSON: an int or a list."""
     value = plain(action)
@@ -388,10 +428,13 @@ def _space(description: Mapping[str, Any]) -> ActionSpace:
     kind = description["type"]
     if kind == "discrete":
         return DiscreteSpace(int(description["n"]), description.get("names"))
-    if kind == "tuple":
-        return TupleSpace([int(n) for n in description["nvec"]], description.get("names"))
+    if kind in ("tuple", "multi_discrete"):
+        return TupleSpace([int(n) for n in description["nvec"]], description.get("names"), kind=kind)
+    if kind == "multi_binary":
+        return MultiBinarySpace(int(description["n"]))
     dim = int(np.prod(description["shape"]))
-    return BoxSpace(dim, _bounds(description["low"], -np.inf), _bounds(description["high"], np.inf))
+    return BoxSpace(dim, _bounds(description["low"], -np.inf), _bounds(description["high"], np.inf),
+                    description.get("squash", "clip"))
 
 
 def _bounds(values: list[float | None], unbounded: float) -> np.ndarray:

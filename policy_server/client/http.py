@@ -93,9 +93,11 @@ class HttpSession:
         return min(self.backoff_cap_s, self.backoff_base_s * 2**attempt)
 
     def request(
-        self, method: str, path: str, json: Any = None, headers: dict[str, str] | None = None
+        self, method: str, path: str, json: Any = None, headers: dict[str, str] | None = None,
+        content: bytes | None = None,
     ) -> httpx.Response:
-        """Send one request, retrying connection errors, 429 and 503; raise on any other error.
+        """Send one request (a ``json`` body, or ``content`` bytes with their ``Content-Type`` in
+        ``headers``), retrying connection errors, 429 and 503; raise on any other error.
 
         A 304 is returned, not raised. Raises PolicyClientError after the last retry. A request
         whose answer was lost (a read timeout) is sent again, so the server may get an experience
@@ -104,7 +106,7 @@ class HttpSession:
         for attempt in range(self.max_retries + 1):
             last_try = attempt == self.max_retries
             try:
-                response = self._http.request(method, path, json=json, headers=headers)
+                response = self._http.request(method, path, json=json, headers=headers, content=content)
             except httpx.TransportError as exc:
                 if last_try:
                     raise PolicyClientError(None, "connection_error", f"{method} {path}: {exc!r}") from exc

@@ -33,7 +33,7 @@ def check_spaces(described: Mapping[str, Any], observation_space: gs.Space[Any],
 
     Observations: a policy with an ``observation_space`` needs an equal space (Gymnasium's ``==``:
     type, shape, dtype and bounds); one with Pathmind ``observations`` a Dict whose keys are the
-    fields, or any space that flattens to the policy's ``obs_dim``. Actions: ``discrete`` n is
+    fields, or a Box that flattens to the policy's ``obs_dim``. Actions: ``discrete`` n is
     ``Discrete(n)``, ``tuple``/``multi_discrete`` nvec ``MultiDiscrete(nvec)``, ``multi_binary`` n a
     ``MultiBinary`` of n bits, ``box`` a Box of its shape whose bounds are the server's where the
     server's are finite. Raises SpaceMismatch naming both spaces.
@@ -61,6 +61,10 @@ def _check_pathmind_observations(described: Mapping[str, Any], space: gs.Space[A
             raise SpaceMismatch(f"the environment's observations have keys {sorted(space.spaces)}, policy "
                                 f"{policy}'s observations are {fields}")
         return
+    if not isinstance(space, gs.Box):  # a flat vector is sent as it is: only a Box's observations are one
+        raise SpaceMismatch(f"the environment's observation space {space} is no Box, but policy {policy} has "
+                            f"Pathmind observations {fields}; serve it with the environment's observation_space "
+                            "(python generate.py schema --env ...)")
     width = gs.flatdim(space)
     if width != described["obs_dim"]:
         raise SpaceMismatch(f"the environment's observation space {space} flattens to {width} values, policy "

@@ -113,17 +113,15 @@ def _mtime(path: Path) -> float:
         return 0.0
 
 
-def enforce_total(folder: Path, max_bytes: int, keep: Path | None = None) -> list[Path]:
-    """Delete the oldest log files of ``folder`` until they hold at most ``max_bytes`` (never
-    ``keep``, the file being written); returns the deleted paths."""
+def enforce_total(folder: Path, max_bytes: int) -> list[Path]:
+    """Delete the oldest log files of ``folder`` until they hold at most ``max_bytes``, but never
+    the newest; returns the deleted paths."""
     files = log_files(folder)
     sizes = {p: _size(p) for p in files}
     total, deleted = sum(sizes.values()), []
-    for path in files:
+    for path in files[:-1]:
         if total <= max_bytes:
             break
-        if keep is not None and path.name.startswith(keep.name):
-            continue
         try:
             path.unlink()
         except FileNotFoundError:  # another process of the same folder deleted it first
@@ -179,7 +177,11 @@ def load_spaces(folder: Path, policy: str | None) -> dict[str, Any]:
     """The ``<policy>.spaces.json`` of ``folder`` (``policy`` None: the folder's only one).
 
     Raises FileNotFoundError when there is none, ValueError when ``policy`` is needed to choose."""
+    if not folder.is_dir():
+        raise FileNotFoundError(f"no experience log folder {folder}")
     found = {p.name.removesuffix(".spaces.json"): p for p in sorted(folder.glob("*.spaces.json"))}
+    if not found:
+        raise FileNotFoundError(f"{folder} holds no <policy>.spaces.json: no server has logged there")
     if policy is None:
         if len(found) != 1:
             raise ValueError(f"{folder} logs the policies {sorted(found)}: name one (--policy)")

@@ -45,11 +45,15 @@ def model_input_box(shape: tuple[int, ...], dtype: np.dtype[Any]) -> gs.Box:
 
 def spaces_doc(policy: ServedPolicy) -> dict[str, Any]:
     """What ``<policy>.spaces.json`` holds (raises ValueError as ``action_space``)."""
-    # obs_shape / obs_dtype / observation_space arrive with Gymnasium observation spaces (issue 15);
-    # a Pathmind policy's model input is float32 (obs_dim,)
-    shape = tuple(getattr(policy, "obs_shape", (policy.obs_dim,)))
+    # obs_shape / obs_dtype / obs_space / mask_key arrive with Gymnasium observation spaces (issue
+    # 15); a Pathmind policy's model input is float32 (obs_dim,)
+    shape = tuple(getattr(policy, "obs_shape", None) or (policy.obs_dim,))
     dtype = np.dtype(getattr(policy, "obs_dtype", np.float32))
-    observation = getattr(policy, "observation_space", None) or model_input_box(shape, dtype)
+    observation = getattr(policy, "obs_space", None)
+    mask_key = getattr(policy, "mask_key", None)
+    if isinstance(observation, gs.Dict) and mask_key is not None:  # the mask is not part of the model input
+        observation = gs.Dict({k: v for k, v in observation.spaces.items() if k != mask_key})
+    observation = observation or model_input_box(shape, dtype)
     return {
         "policy": policy.name,
         "observation_space": serialize_space(observation, to_string=False),

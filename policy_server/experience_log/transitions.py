@@ -35,14 +35,14 @@ def to_batch(runs: list[Episode], action_dtype: type[Any]) -> ExperienceBatch:
 def logged_batch(folder: Path, policy: str, obs_shape: tuple[int, ...], action_dtype: type[Any]) -> ExperienceBatch:
     """The steps logged in ``folder`` for ``policy`` (or for the folder's only policy).
 
-    Raises ValueError when the folder cannot be read, holds no step, or its observations are not
-    of ``obs_shape``."""
+    Raises ValueError when the folder cannot be read, holds no step, or its observations do not
+    hold as many values as ``obs_shape``."""
     try:
         doc = load_spaces(folder, policy if (folder / f"{policy}.spaces.json").is_file() else None)
         batch = to_batch(episodes(read_log(folder, doc["policy"])), action_dtype)
     except (OSError, ValueError) as exc:
         raise ValueError(f"training.from_log: {folder}: {exc}") from exc
-    if batch.obs.shape[1:] != obs_shape:
+    if int(np.prod(batch.obs.shape[1:])) != int(np.prod(obs_shape)):
         raise ValueError(f"training.from_log: {folder} holds observations of shape {list(batch.obs.shape[1:])}; "
                          f"this policy's model takes {list(obs_shape)}")
     return batch

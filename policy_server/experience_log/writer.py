@@ -54,6 +54,7 @@ class ExperienceLog:
     def open(self) -> None:
         """Create the folder, write the policy's spaces beside the files, start the writer (a folder
         that cannot be made is logged; its rows are then counted as write errors)."""
+        pa.array([0])  # pyarrow imports pandas on its first array (seconds here): now, not in the first flush
         try:
             self.spec.path.mkdir(parents=True, exist_ok=True)
             if self.spaces is not None:

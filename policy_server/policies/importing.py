@@ -14,7 +14,7 @@ from gymnasium import spaces
 from policy_server.errors import SchemaError, summary
 from policy_server.policies.served import resolve_policy
 from policy_server.policies.torch_policy import TorchPolicy, model_format
-from policy_server.schema.config import BoxSpec, load_schema
+from policy_server.schema.config import PolicySpec, load_schema
 
 
 def action_space_doc(space: spaces.Space, squash: bool) -> dict[str, Any]:
@@ -41,15 +41,16 @@ def _bound(values: np.ndarray) -> float | list[float] | None:
 
 def observation_doc(space: spaces.Space) -> dict[str, Any]:
     """The schema's observation part: ``observation_space`` (``schema.gym_spaces.describe_space``)
-    where this server has it, else Pathmind ``observations`` (one float per column of a flat
+    once the schema serves it, else Pathmind ``observations`` (one float per column of a flat
     float ``Box``)."""
-    try:
-        from policy_server.schema.gym_spaces import describe_space  # type: ignore[import-not-found]
-    except ImportError:
-        if isinstance(space, spaces.Box) and len(space.shape) == 1 and np.issubdtype(space.dtype, np.floating):
-            return {"observations": {f"obs_{i}": {"type": "float"} for i in range(space.shape[0])}}
-        raise SchemaError(f"observation space {space}: only a flat float Box has a schema form on this server")
-    return {"observation_space": describe_space(space)}
+    if "observation_space" in PolicySpec.model_fields:
+        from policy_server.schema.gym_spaces import describe_space
+
+        return {"observation_space": describe_space(space)}
+    if isinstance(space, spaces.Box) and len(space.shape) == 1 and np.issubdtype(space.dtype, np.floating):
+        return {"observations": {f"obs_{i}": {"type": "float"} for i in range(space.shape[0])}}
+    raise SchemaError(f"observation space {space}: only a flat float Box has a schema form on this server "
+                      "(Pathmind observations) until it serves observation_space")
 
 
 def schema_of(policy: TorchPolicy, model: Path, schema_dir: Path) -> dict[str, Any]:
@@ -58,12 +59,12 @@ def schema_of(policy: TorchPolicy, model: Path, schema_dir: Path) -> dict[str, A
         raise SchemaError(f"{model.name}: an {model.suffix} file holds no observation or action spaces; "
                           "write the schema yourself and check it with `import MODEL --schema schema.yaml`")
     squash = getattr(policy, "algorithm", None) == "SAC"
-    if squash and "squash" not in BoxSpec.model_fields:
-        raise SchemaError(f"{model.name}: SAC acts with a tanh-squashed Gaussian, which this server's "
-                          "box action space does not have yet")
     space = action_space_doc(policy.action_space, squash)
     parameters = {"discrete": space["type"] != "box", "tuple": space["type"] == "tuple",
                   "model": os.path.relpath(model.resolve(), schema_dir.resolve()), "action_space": space}
+    lstm = policy.lstm_shape() if hasattr(policy, "lstm_shape") else None
+    if lstm is not None:
+        parameters["recurrent"] = {"state": {"hidden": list(lstm), "cell": list(lstm)}}
     return observation_doc(policy.observation_space) | {"parameters": parameters}
 
 

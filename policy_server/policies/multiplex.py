@@ -21,16 +21,28 @@ from policy_server.schema.policy_ids import ID_RULE, MAX_ID_LENGTH, is_policy_id
 
 @dataclass(frozen=True)
 class Signature:
-    """What every policy id's model must take and give: ``obs_dim`` input columns, and heads of
-    these shapes after the batch dimension (what the schema's action space was built from)."""
+    """What every policy id's model must take and give: inputs of ``obs_shape`` and ``obs_dtype``
+    per row (``obs_dim`` float32 columns by default), and heads of these shapes after the batch
+    dimension (what the schema's action space was built from)."""
 
     obs_dim: int
     heads: tuple[tuple[int, ...], ...]
+    obs_shape: tuple[int, ...] = ()
+    obs_dtype: str = "float32"
 
     @classmethod
-    def of(cls, policy: TorchPolicy, obs_dim: int) -> Signature:
-        out = policy.forward(np.zeros((1, obs_dim), dtype=np.float32))
-        return cls(obs_dim, tuple(tuple(h.shape[1:]) for h in out.heads))
+    def of(cls, policy: TorchPolicy, obs_dim: int, obs_shape: tuple[int, ...] = (), obs_dtype: str = "float32") -> Signature:
+        out = policy.forward(np.zeros((1, *(obs_shape or (obs_dim,))), dtype=obs_dtype))
+        return cls(obs_dim, tuple(tuple(h.shape[1:]) for h in out.heads), obs_shape, obs_dtype)
+
+    def probe(self) -> np.ndarray:
+        """A zero batch of one model input."""
+        return np.zeros((1, *(self.obs_shape or (self.obs_dim,))), dtype=self.obs_dtype)
+
+    def inputs(self) -> str:
+        if not self.obs_shape or self.obs_shape == (self.obs_dim,) and self.obs_dtype == "float32":
+            return f"inputs of width {self.obs_dim}"
+        return f"inputs of shape {list(self.obs_shape)} {self.obs_dtype}"
 
 
 def unknown_id(policy_id: str, folder: Path) -> NotFound:
@@ -60,13 +72,13 @@ def load_policy(folder: Path, policy_id: str, signature: Signature, device: str 
 
 
 def check_fits(policy: TorchPolicy, signature: Signature, what: str) -> None:
-    """Raise ModelError (``what`` first) when ``policy`` rejects ``signature.obs_dim`` inputs or
+    """Raise ModelError (``what`` first) when ``policy`` rejects the signature's inputs or
     answers heads of other shapes."""
     try:
-        out = policy.forward(np.zeros((1, signature.obs_dim), dtype=np.float32))
+        out = policy.forward(signature.probe())
     except Exception as exc:
         raise ModelError(
-            f"{what} rejects inputs of width {signature.obs_dim} (the schema's observations): {summary(exc)}"
+            f"{what} rejects {signature.inputs()} (the schema's observations): {summary(exc)}"
         ) from exc
     heads = tuple(tuple(h.shape[1:]) for h in out.heads)
     if heads != signature.heads:

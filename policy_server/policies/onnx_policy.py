@@ -6,7 +6,8 @@ returns: logits ``(B, n)``, one logits output per component, or mean and log-std
 log-std of shape ``(d,)`` is broadcast). A flat batch ``(B, obs_dim)`` is reshaped to the input's
 shape when that shape is fixed (an image model's ``(B, 4, 84, 84)``), and cast to its dtype.
 
-The CPU provider runs it, or CUDA's when the replica has a GPU and onnxruntime was built with it.
+The CPU provider runs it with as many threads as torch has in the process, or CUDA's provider when
+the replica has a GPU and onnxruntime was built with it.
 The weights are fixed: an update is refused, and start-up refuses ``training`` and ``canary``.
 """
 
@@ -57,6 +58,10 @@ class OnnxPolicy(TorchPolicy):
 
         options = ort.SessionOptions()
         options.log_severity_level = 3  # errors only: its warnings about unused providers are noise
+        # as many threads as torch uses in this process (a Ray worker: its num_cpus), not one per
+        # core of the machine, onnxruntime's default, which oversubscribes a shared node
+        options.intra_op_num_threads = torch.get_num_threads()
+        options.inter_op_num_threads = 1
         return cls(ort.InferenceSession(data, options, providers=providers(device)), device)
 
     @classmethod

@@ -6,11 +6,19 @@ Heads per algorithm (``(B, k)`` arrays, what ``ActionSpace`` reads):
 - PPO, A2C, sb3-contrib's MaskablePPO: ``policy.get_distribution(obs)``: the logits of a
   ``Discrete`` action, one logits head per component of a ``MultiDiscrete``, the Bernoulli logits
   of a ``MultiBinary``, the mean and log-std of a ``Box`` (SB3 clips the mean to the bounds in
-  ``predict``, as the server's box space does; log-probs are of the unclipped draw, as SB3's).
+  ``predict``, as the server's box space does). A clipped box's log-prob is the server's, of the
+  answered action (the censored Gaussian's): SB3's density of the raw draw wherever the action is
+  inside the bounds, the probability mass at a bound where it is clipped.
   A mask (MaskablePPO) is applied by the server's action space to these unmasked logits, which is
   what MaskablePPO's masked distribution is.
 - SAC: ``actor.get_action_dist_params(obs)``: the mean and (clamped) log-std of the Gaussian that
-  ``tanh`` squashes; the schema's box must say ``squash: tanh``.
+  ``tanh`` squashes; the schema's box must say ``squash: tanh``. Its log-prob is of the action in
+  the bounds: SB3's (of the action in [-1, 1]) minus ``Σ log((high - low) / 2)``, and without
+  SB3's ``1e-6`` inside ``log(1 - tanh² + 1e-6)``.
+- RecurrentPPO: ``policy.get_distribution(obs, (hidden, cell), episode_starts=0)``; the schema's
+  ``recurrent.state`` names two tensors of per-row shape ``(lstm layers, lstm size)``, the actor
+  LSTM's hidden and cell states (the zero state starts an episode, as SB3's ``episode_start``
+  does), and the new states follow the heads.
 - DQN: SB3's ``predict`` is epsilon-greedy with the saved ``exploration_rate`` ε: the greedy
   action (argmax of the q-values) with probability 1-ε+ε/n, every other with ε/n. The head is the
   log of those probabilities (floored at float32's smallest normal, -87.3, for ε = 0), so
@@ -36,9 +44,10 @@ import torch
 from gymnasium import spaces
 
 from policy_server.errors import Conflict, SchemaError
+from policy_server.policies.recurrent import StateLayout
 from policy_server.policies.torch_policy import PolicyOutput, TorchPolicy, refuse_updates
 
-ALGORITHMS = ("PPO", "A2C", "DQN", "SAC", "MaskablePPO")
+ALGORITHMS = ("PPO", "A2C", "DQN", "SAC", "MaskablePPO", "RecurrentPPO")
 # Schedules are pickled lambdas that may not load in another Python; inference does not need them
 # (SB3's documented way to load a model for prediction only).
 _INFERENCE_ONLY = {"learning_rate": 0.0, "lr_schedule": lambda _: 0.0, "clip_range": lambda _: 0.0,
@@ -48,8 +57,10 @@ _MIN_LOG_PROB = float(np.log(np.finfo(np.float32).tiny))
 
 def algorithm_of(data: dict[str, Any]) -> str:
     """The SB3 algorithm that saved a ``.zip`` (its ``data`` as SB3's ``load_from_zip_file`` reads
-    it), from its policy class; raises ValueError for one that is not served."""
+    it), from its policy class; raises ValueError for one that is not served (TypeError for a class
+    that did not load)."""
     from sb3_contrib.common.maskable.policies import MaskableActorCriticPolicy
+    from sb3_contrib.common.recurrent.policies import RecurrentActorCriticPolicy
     from stable_baselines3.common.policies import ActorCriticPolicy
     from stable_baselines3.dqn.policies import DQNPolicy
     from stable_baselines3.sac.policies import SACPolicy
@@ -57,9 +68,11 @@ def algorithm_of(data: dict[str, Any]) -> str:
     policy_class = data.get("policy_class")
     name = getattr(policy_class, "__name__", str(policy_class))
     if not isinstance(policy_class, type):
-        raise ValueError(f"its policy class {name} does not load")
-    if "Recurrent" in name:
-        raise ValueError(f"{name} (RecurrentPPO) is not served yet: its LSTM state has no place in a request")
+        raise TypeError(f"its policy class {name} does not load")
+    if data.get("use_sde"):
+        raise ValueError("a gSDE policy (use_sde=True) is not served: its noise is a state-dependent matrix, not heads")
+    if issubclass(policy_class, RecurrentActorCriticPolicy):
+        return "RecurrentPPO"
     if issubclass(policy_class, MaskableActorCriticPolicy):
         return "MaskablePPO"
     if issubclass(policy_class, ActorCriticPolicy):
@@ -77,13 +90,14 @@ def load_model(data: bytes, device: str = "cpu") -> Any:
     Raises ValueError for an algorithm that is not served (see ``algorithm_of``), and what SB3
     raises for a file it cannot read.
     """
-    from sb3_contrib import MaskablePPO
+    from sb3_contrib import MaskablePPO, RecurrentPPO
     from stable_baselines3 import A2C, DQN, PPO, SAC
     from stable_baselines3.common.save_util import load_from_zip_file
 
     saved, _, _ = load_from_zip_file(io.BytesIO(data), device="cpu", custom_objects=_INFERENCE_ONLY,
                                      load_data=True, print_system_info=False)
-    cls = {"PPO": PPO, "A2C": A2C, "DQN": DQN, "SAC": SAC, "MaskablePPO": MaskablePPO}[algorithm_of(saved)]
+    classes = {"PPO": PPO, "A2C": A2C, "DQN": DQN, "SAC": SAC, "MaskablePPO": MaskablePPO, "RecurrentPPO": RecurrentPPO}
+    cls = classes[algorithm_of(saved)]
     return cls.load(io.BytesIO(data), device=device, custom_objects=_INFERENCE_ONLY)
 
 
@@ -128,8 +142,8 @@ class SB3Policy(TorchPolicy):
 
     format_name = "Stable-Baselines3 .zip"
 
-    def __init__(self, model: Any, device: str = "cpu") -> None:
-        super().__init__(model.policy, device)
+    def __init__(self, model: Any, device: str = "cpu", state: StateLayout | None = None) -> None:
+        super().__init__(model.policy, device, state=state)
         self.model = model
         self.algorithm = type(model).__name__
         self.observation_space: spaces.Space = model.observation_space
@@ -137,12 +151,23 @@ class SB3Policy(TorchPolicy):
         self.module.set_training_mode(False)
 
     @classmethod
-    def from_bytes(cls, data: bytes, fmt: Any = "sb3", device: str = "cpu") -> SB3Policy:  # type: ignore[override]
-        return cls(load_model(data, device), device)
+    def from_bytes(  # type: ignore[override]
+        cls, data: bytes, fmt: Any = "sb3", device: str = "cpu", state: StateLayout | None = None
+    ) -> SB3Policy:
+        return cls(load_model(data, device), device, state)
 
     @classmethod
-    def from_file(cls, path: Path, device: str = "cpu") -> SB3Policy:  # type: ignore[override]
-        return cls.from_bytes(Path(path).read_bytes(), "sb3", device)
+    def from_file(  # type: ignore[override]
+        cls, path: Path, device: str = "cpu", state: StateLayout | None = None
+    ) -> SB3Policy:
+        return cls.from_bytes(Path(path).read_bytes(), "sb3", device, state)
+
+    def lstm_shape(self) -> tuple[int, int] | None:
+        """RecurrentPPO's per-row shape of its actor's LSTM hidden and cell states, (layers, size)."""
+        if self.algorithm != "RecurrentPPO":
+            return None
+        layers, _, size = self.module.lstm_hidden_state_shape
+        return int(layers), int(size)
 
     def input_width(self) -> int | None:
         return int(spaces.flatdim(self.observation_space))
@@ -163,7 +188,10 @@ class SB3Policy(TorchPolicy):
             greedy = torch.nn.functional.one_hot(q.argmax(dim=-1), n).to(q.dtype)
             probs = (1.0 - eps) * greedy + eps / n
             return [probs.log().clamp(min=_MIN_LOG_PROB)]
-        dist = policy.get_distribution(tensor).distribution
+        return self._dist_heads(policy.get_distribution(tensor).distribution)
+
+    @staticmethod
+    def _dist_heads(dist: Any) -> list[torch.Tensor]:
         if isinstance(dist, list):  # MultiCategorical: one Categorical per component
             return [d.logits for d in dist]
         if isinstance(dist, torch.distributions.Normal):
@@ -171,11 +199,25 @@ class SB3Policy(TorchPolicy):
         return [dist.logits]  # Categorical, Bernoulli
 
     def forward(self, obs: np.ndarray) -> PolicyOutput:
-        """The server's model input ``(B, ...)`` → SB3's heads (see the module docstring)."""
-        native = to_sb3(self.observation_space, obs)
+        """The server's model input ``(B, ...)`` → SB3's heads (see the module docstring). For
+        RecurrentPPO the rows are ``[obs | hidden | cell]`` (``policies.recurrent``) and the new
+        hidden and cell states follow the heads, as a torch recurrent policy answers."""
+        if self.state is None:
+            native = to_sb3(self.observation_space, obs)
+            with self._lock, torch.inference_mode():
+                heads, version = self.heads(native), self.version
+            return PolicyOutput([h.detach().to("cpu", torch.float32).numpy().copy() for h in heads], version)
+        rows = np.asarray(obs, dtype=np.float32)
+        native = to_sb3(self.observation_space, rows[:, :rows.shape[1] - self.state.width])
+        hidden, cell = self.state.unpack(rows[:, rows.shape[1] - self.state.width:]).values()
         with self._lock, torch.inference_mode():
-            heads = self.heads(native)
+            tensor, _ = self.module.obs_to_tensor(native)
+            states = tuple(torch.as_tensor(np.ascontiguousarray(s.transpose(1, 0, 2)), device=self.device)
+                           for s in (hidden, cell))  # (B, layers, size) → SB3's (layers, B, size)
+            starts = torch.zeros(len(rows), device=self.device)  # a new episode's state is the zero state
+            dist, new = self.module.get_distribution(tensor, states, starts)
             version = self.version
+        heads = self._dist_heads(dist.distribution) + [s.transpose(0, 1).reshape(len(rows), -1) for s in new]
         return PolicyOutput([h.detach().to("cpu", torch.float32).numpy().copy() for h in heads], version)
 
     def set_weights(self, weights: Any, version: int) -> int:
@@ -185,7 +227,8 @@ class SB3Policy(TorchPolicy):
         """Refuse a schema that does not fit the file: the action space's type, sizes and bounds,
         a box without ``squash: tanh`` for SAC, and ``training`` / ``canary`` (fixed weights).
         Raises SchemaError naming the field and both values."""
-        refuse_updates(spec, where, self.format_name)
+        refuse_updates(spec, where, self.format_name, recurrent_ok=True)
+        self._check_state(spec, where)
         model_type = schema_action_type(self.action_space)
         schema_type = {"tuple": "multi_discrete"}.get(spec.action_space.type, spec.action_space.type)
         if schema_type != model_type:
@@ -193,6 +236,18 @@ class SB3Policy(TorchPolicy):
                               f"{spec.model.name} ({self.algorithm}) acts in {self.action_space}")
         if isinstance(self.action_space, spaces.Box):
             self._check_box(spec.action_space, where, spec.model.name)
+
+    def _check_state(self, spec: Any, where: str) -> None:
+        lstm, recurrent = self.lstm_shape(), getattr(spec, "recurrent", None)
+        if lstm is None and recurrent is not None:
+            raise SchemaError(f"{where}.recurrent: {spec.model.name} ({self.algorithm}) is feed-forward; remove it")
+        if lstm is None:
+            return
+        wanted = {"hidden": list(lstm), "cell": list(lstm)}
+        if recurrent is None or [list(shape) for shape in recurrent.shapes.values()] != list(wanted.values()):
+            given = {k: list(v) for k, v in recurrent.shapes.items()} if recurrent is not None else None
+            raise SchemaError(f"{where}.recurrent.state: {spec.model.name} (RecurrentPPO) carries its LSTM's hidden "
+                              f"and cell states, per row {wanted}; the schema says {given}")
 
     def _check_box(self, box: Any, where: str, name: str) -> None:
         squash = getattr(box, "squash", None)

@@ -1,8 +1,9 @@
 """A torch policy as a plain object: load an exported module, run batches, swap weights.
 
 Two file formats: TorchScript (``torch.jit.save``, any suffix but those below) and ``torch.export``
-programs (``torch.export.save``, suffix ``.pt2``). The module maps a float batch ``(B, obs_dim)``
-to logits ``(B, n)``, a tuple of logits, or ``(mean, log_std)``. A recurrent policy's module takes
+programs (``torch.export.save``, suffix ``.pt2``). The module maps a batch ``(B, *obs_shape)`` (float
+``(B, obs_dim)`` for Pathmind's observations, uint8 ``(B, 84, 84, 4)`` for an image Box) to logits
+``(B, n)``, a tuple of logits, or ``(mean, log_std)``. A recurrent policy's module takes
 ``(obs, *state)`` and returns ``(*heads, *new_state)``; its rows arrive packed (``policies.recurrent``).
 Two more formats load behind the same interface, with fixed weights: ONNX (``.onnx``,
 ``policies.onnx_policy``) and Stable-Baselines3 (``.zip``, ``policies.sb3_policy``).
@@ -60,13 +61,14 @@ def load_module(data: bytes, fmt: ModelFormat, device: str = "cpu") -> torch.nn.
         return torch.jit.load(buffer, map_location=device).eval()
 
 
-def refuse_updates(spec: Any, where: str, format_name: str) -> None:
-    """SchemaError for ``training`` or ``canary`` on a policy whose model file's weights are fixed."""
+def refuse_updates(spec: Any, where: str, format_name: str, recurrent_ok: bool = False) -> None:
+    """SchemaError for ``training`` or ``canary`` on a policy whose model file's weights are fixed
+    (and for ``recurrent`` unless the format serves state: SB3's RecurrentPPO)."""
     for field in ("training", "canary"):
         if getattr(spec, field, None) is not None:
             raise SchemaError(f"{where}.{field}: {spec.model.name} ({format_name}) has fixed weights, which "
                               f"the server cannot update; export a torch.export (.pt2) model to use {field}")
-    if getattr(spec, "recurrent", None) is not None:
+    if getattr(spec, "recurrent", None) is not None and not recurrent_ok:
         raise SchemaError(f"{where}.recurrent: {spec.model.name} ({format_name}) is served feed-forward; "
                           "export the recurrent model as TorchScript or torch.export (.pt2)")
 
@@ -114,11 +116,13 @@ class TorchPolicy(VersionedWeights):
         self.device = device
         self.state = state
         """A recurrent policy's state layout: rows are ``[obs | packed state]`` (None: feed-forward)."""
+        floats = [p.dtype for p in module.parameters() if p.is_floating_point()]
+        self._float_dtype = floats[0] if floats else torch.float32
 
     @classmethod
     def from_bytes(cls, data: bytes, fmt: ModelFormat, device: str = "cpu", state: StateLayout | None = None) -> TorchPolicy:
-        """The policy of a model file's bytes; an ONNX or SB3 file gives its own subclass (feed-forward
-        only: a recurrent layout is refused at start-up by ``check_spec``)."""
+        """The policy of a model file's bytes; an ONNX or SB3 file gives its own subclass (ONNX
+        feed-forward only, SB3 recurrent for RecurrentPPO: ``check_spec`` refuses the rest)."""
         if fmt == "onnx":
             from policy_server.policies.onnx_policy import OnnxPolicy
 
@@ -126,7 +130,7 @@ class TorchPolicy(VersionedWeights):
         if fmt == "sb3":
             from policy_server.policies.sb3_policy import SB3Policy
 
-            return SB3Policy.from_bytes(data, fmt, device)
+            return SB3Policy.from_bytes(data, fmt, device, state)
         return cls(load_module(data, fmt, device), device, state=state)
 
     @classmethod
@@ -146,11 +150,17 @@ class TorchPolicy(VersionedWeights):
         its widths; a torch module serves every spec that fits its shapes."""
 
     def forward(self, obs: np.ndarray) -> PolicyOutput:
-        """``(B, obs_dim)`` float32 → heads; a box's log-std is broadcast to ``(B, d)``. A recurrent
-        policy takes ``(B, obs_dim + state width)`` rows and answers its heads, then the new state
-        as one ``(B, size)`` head per state tensor; raises StateShapeError when the model's new state
-        does not have the layout's shapes."""
-        x = torch.from_numpy(np.ascontiguousarray(obs, dtype=np.float32)).to(self.device)
+        """``(B, *obs_shape)`` → heads; a box's log-std is broadcast to ``(B, d)``.
+
+        Integer inputs (uint8 images) reach the module as they are (it scales them itself, as
+        SB3's policies do); floating ones in the dtype of the module's parameters (float32 for
+        nearly every model, so a float64 Box runs as float32). A recurrent policy takes
+        ``(B, obs_dim + state width)`` float rows and answers its heads, then the new state as one
+        ``(B, size)`` head per state tensor; raises StateShapeError when the model's new state does
+        not have the layout's shapes."""
+        x = torch.from_numpy(np.ascontiguousarray(obs)).to(self.device)
+        if x.is_floating_point():
+            x = x.to(self._float_dtype)
         with self._lock, torch.inference_mode():
             if self.state is None:
                 heads, new_state = _as_heads(self.module(x)), []

@@ -4,6 +4,7 @@ The Pathmind format (``observations`` + ``parameters: {discrete, tuple, api_key,
 valid as it is. Everything else is an optional extension:
 
 * ``parameters.model``: the model file (default: the one ``.pt``/``.pt2`` file in ``models/``),
+* ``observation_space``: a Gymnasium space instead of ``observations`` (``schema.gym_spaces``),
 * ``parameters.action_space``: the exact action space (``schema.actions``: discrete, multi_discrete
   alias tuple, multi_binary, box clipped or tanh-squashed; an action mask),
 * ``parameters.resources``: replicas, GPUs and batching of the policy's deployment,
@@ -49,6 +50,7 @@ from policy_server.schema.actions import (  # noqa: F401 (the action specs are r
 )
 from policy_server.schema.canary import CanaryEntry, CanarySpec, resolve_canary
 from policy_server.schema.experience_log import ExperienceLogSpec
+from policy_server.schema.gym_spaces import describe_space, parse_space
 from policy_server.schema.llm import LLMPolicySpec, LLMSection
 from policy_server.schema.policy_ids import MODEL_SUFFIXES, is_name, resolve_policies_dir
 from policy_server.schema.recurrent import RecurrentSpec, check_recurrent
@@ -181,6 +183,8 @@ class PolicySpec(_Strict):
     name: str
     observations: dict[ObservationName, ObservationSpec] | None
     action_space: ActionSpecs
+    observation_space: dict[str, Any] | None = None
+    """A Gymnasium space in its normalised YAML form (``schema.gym_spaces``), instead of ``observations``."""
     model: Path
     resources: ResourceSpec
     training: TrainingSpec | None = None
@@ -277,11 +281,13 @@ class _Parameters(_PolicyFields):
 
 class _PolicyEntry(_PolicyFields):
     observations: dict[ObservationName, ObservationSpec] | None = None
+    observation_space: dict[str, Any] | None = None
     api_keys: ApiKeyList = []
 
 
 class _SchemaFile(_Strict):
     observations: dict[ObservationName, ObservationSpec] | None = None
+    observation_space: dict[str, Any] | None = None
     parameters: _Parameters = _Parameters()
     policies: dict[str, _PolicyEntry] | None = None
     llm: LLMSection | None = None
@@ -307,19 +313,20 @@ def parse_schema(raw: Any, base_dir: Path) -> ServerSchema:
     params = parsed.parameters
     if parsed.policies:
         entries = parsed.policies
-        if parsed.observations is not None:
-            raise SchemaError("observations: with `policies`, give observations per policy")
+        for key in ("observations", "observation_space"):
+            if getattr(parsed, key) is not None:
+                raise SchemaError(f"{key}: with `policies`, give {key} per policy")
         per_policy = sorted(set(_PolicyFields.model_fields) & params.model_fields_set)
         if per_policy:
             raise SchemaError(
                 f"parameters.{per_policy[0]}: with `policies`, set {', '.join(per_policy)} per policy"
             )
-    elif parsed.llm is not None and parsed.observations is None and params.model is None:
+    elif parsed.llm is not None and parsed.observations is parsed.observation_space is None and params.model is None:
         entries = {}  # an LLM-only server
     else:
         entries = {
             DEFAULT_POLICY: _PolicyEntry(
-                observations=parsed.observations,
+                observations=parsed.observations, observation_space=parsed.observation_space,
                 **params.model_dump(include=set(_PolicyFields.model_fields), exclude_unset=True),
             )
         }
@@ -386,9 +393,14 @@ def _resolve(name: str, entry: _PolicyEntry, base_dir: Path) -> PolicySpec:
         folder, model = resolve_policies_dir(entry.policies_dir, entry.model, base_dir, where, entry.training is not None)
     elif "max_models_per_replica" in entry.resources.model_fields_set:
         raise SchemaError(f"{where}.resources.max_models_per_replica: applies only with `policies_dir`")
+    space_where = "observation_space" if name == DEFAULT_POLICY else f"{where}.observation_space"
+    if entry.observation_space is not None and entry.observations is not None:
+        raise SchemaError(f"{space_where}: give either `observations` (Pathmind's fields) or "
+                          "`observation_space` (a Gymnasium space), not both")
     return PolicySpec(
         name=name,
         observations=entry.observations,
+        observation_space=entry.observation_space and describe_space(parse_space(entry.observation_space, space_where)),
         action_space=space,
         model=model or _find_model(entry.model, base_dir, where),
         resources=entry.resources,
@@ -401,9 +413,10 @@ def _resolve(name: str, entry: _PolicyEntry, base_dir: Path) -> PolicySpec:
 
 
 def _check_mask(entry: _PolicyEntry, space: ActionSpecs, where: str) -> None:
-    """An action space's ``mask`` names a ``List[bool]`` observation of the policy."""
+    """An action space's ``mask`` names a ``List[bool]`` observation of the policy (a key of a Dict
+    ``observation_space``: checked against the space by ``policies.served.resolve_policy``)."""
     name = mask_field(space)
-    if name is None:
+    if name is None or entry.observation_space is not None:
         return
     spec = (entry.observations or {}).get(name)
     if spec is None:

@@ -59,7 +59,7 @@ class MultiplexedPolicyDeployment:
         assert spec.policies_dir is not None
         self.device = str(resolve_device(AUTO, use_gpu))
         served, reference = resolve_policy(spec)  # the start-up file, against the schema, as the gateway did
-        self.signature = Signature.of(reference, served.obs_dim)
+        self.signature = Signature.of(reference, served.obs_dim, served.obs_shape, served.obs_dtype.name)
         self.folder: Path = spec.policies_dir
         self.loaded: dict[str, None] = {}  # ids held now, for replica_stats
         self.loads = self.evictions = 0

@@ -7,15 +7,16 @@ plane (placement, replicas, health, weight broadcasts) and the handle stays the 
 
 The wire format is plain binary, never pickle: a replica only ever parses numbers, so a peer
 that reaches the port cannot run code. A connection starts with the replica's random token
-(compared in constant time); then each request is a float32 matrix and each answer the model's
-heads and version::
+(compared in constant time); then each request is an array of any shape and of one of the
+``DTYPES`` (a float32 matrix for Pathmind's observations, uint8 ``(B, 84, 84, 4)`` for images) and
+each answer the model's heads and version::
 
-    hello     b"PSv1" | token (32 bytes)
-    request   uint32 rows | uint32 cols | rows*cols float32
+    hello     b"PSv2" | token (32 bytes)
+    request   uint8 dtype (index into DTYPES) | uint8 ndim | ndim × uint32 dims | data
     answer    b"\\x00" | int64 version | uint32 n_heads | n × (uint32 rows | uint32 cols | float32 data)
     failure   b"\\x01" | uint32 length | utf-8 message
 
-All integers little-endian.
+All integers and data little-endian. Version 1 (``PSv1``) carried float32 matrices only.
 
 A replica's port is a network service: a peer that does not send its hello within
 ``HELLO_TIMEOUT_S``, or stalls half-way through a frame for ``FRAME_TIMEOUT_S``, is dropped;
@@ -38,7 +39,7 @@ import numpy as np
 
 from policy_server.policies.torch_policy import PolicyOutput
 
-MAGIC = b"PSv1"
+MAGIC = b"PSv2"
 TOKEN_BYTES = 32
 
 
@@ -51,11 +52,15 @@ def hello(magic: bytes, token: bytes) -> bytes:
 def is_hello(received: bytes, magic: bytes, token: bytes) -> bool:
     """Whether ``received`` is the hello of ``magic`` and ``token``, compared in constant time."""
     return len(received) == len(magic) + TOKEN_BYTES and hmac.compare_digest(received, hello(magic, token))
-MAX_CELLS = 1 << 26  # refuse frames over 256 MB of float32 before allocating them
+MAX_BYTES = 1 << 28  # refuse frames over 256 MB before allocating them
+MAX_NDIM = 16
+DTYPES = ("float32", "float64", "float16", "uint8", "int8", "uint16", "int16", "uint32", "int32", "int64", "bool")
+"""The dtypes a request may carry, by their index on the wire."""
 HELLO_TIMEOUT_S = 5.0
 FRAME_TIMEOUT_S = 30.0
 MAX_CONNECTIONS = 256  # a gateway keeps a few links per replica; hundreds means a leak or a flood
 _DIMS = struct.Struct("<II")
+_ARRAY = struct.Struct("<BB")
 _VERSION_HEADS = struct.Struct("<qI")
 _LENGTH = struct.Struct("<I")
 
@@ -72,9 +77,10 @@ class RemoteModelError(Exception):
 
 
 def encode_request(obs: np.ndarray) -> bytes:
-    obs = np.ascontiguousarray(obs, dtype="<f4")
-    rows, cols = obs.shape
-    return _DIMS.pack(rows, cols) + obs.tobytes()
+    """One request frame: ``obs`` ``(B, ...)`` in its own dtype (one of ``DTYPES``)."""
+    code = DTYPES.index(obs.dtype.name)  # ValueError for a dtype the wire does not carry
+    data = np.ascontiguousarray(obs, dtype=obs.dtype.newbyteorder("<"))
+    return _ARRAY.pack(code, obs.ndim) + struct.pack(f"<{obs.ndim}I", *obs.shape) + data.tobytes()
 
 
 def encode_answer(out: PolicyOutput) -> bytes:
@@ -120,18 +126,28 @@ class _Handler(socketserver.BaseRequestHandler):
         if not first:
             return False
         sock.settimeout(self.server.frame_timeout_s)  # ... but a frame, once begun, must arrive
-        header = first + stream.read(_DIMS.size - 1)
-        if len(header) < _DIMS.size:
+        header = first + stream.read(_ARRAY.size - 1)
+        if len(header) < _ARRAY.size:
             return False
-        rows, cols = _DIMS.unpack(header)
-        if rows * cols > MAX_CELLS:
-            sock.sendall(encode_failure(f"batch of {rows}×{cols} values is over the limit"))
+        code, ndim = _ARRAY.unpack(header)
+        if code >= len(DTYPES) or ndim > MAX_NDIM:
+            sock.sendall(encode_failure(f"unknown dtype {code} or {ndim} dimensions (protocol {MAGIC!r})"))
             return False
-        data = stream.read(4 * rows * cols)
-        if len(data) < 4 * rows * cols:
+        dims = stream.read(4 * ndim)
+        if len(dims) < 4 * ndim:
+            return False
+        shape = struct.unpack(f"<{ndim}I", dims)
+        dtype = np.dtype(DTYPES[code]).newbyteorder("<")
+        size = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        if size > MAX_BYTES:
+            sock.sendall(encode_failure(f"batch of {'×'.join(map(str, shape))} {dtype.name} values is over the limit"))
+            return False
+        data = stream.read(size)
+        if len(data) < size:
             return False
         try:
-            answer = encode_answer(self.server.forward(_matrix(rows, cols, data)))
+            obs = np.frombuffer(data, dtype=dtype).reshape(shape).astype(dtype.newbyteorder("="))
+            answer = encode_answer(self.server.forward(obs))
         except Exception as exc:  # noqa: BLE001 - the model's failure goes back to the caller, not to the log
             answer = encode_failure(f"{type(exc).__name__}: {exc}")
         sock.sendall(answer)

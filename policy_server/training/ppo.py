@@ -38,7 +38,8 @@ def layer_init(layer: nn.Linear, std: float, generator: torch.Generator) -> nn.L
 
 
 def make_critic(obs_dim: int, hidden: list[int], generator: torch.Generator) -> nn.Sequential:
-    """The value network ``(B, obs_dim) → (B, 1)``: a tanh MLP, last layer initialised with std 1."""
+    """The value network ``(B, obs_dim) → (B, 1)``: a tanh MLP, last layer initialised with std 1
+    (it reads observations of any shape flattened: ``critic_input``)."""
     layers: list[nn.Module] = []
     width = obs_dim
     for h in hidden:
@@ -68,8 +69,16 @@ def explained_variance(predicted: torch.Tensor, target: torch.Tensor) -> float:
     return 0.0 if var == 0 else float(1.0 - (target - predicted).var(unbiased=False) / var)
 
 
+def critic_input(obs: torch.Tensor) -> torch.Tensor:
+    """``(B, *obs_shape)`` → the critic's float32 ``(B, obs_dim)``; uint8 (images) scaled to [0, 1]
+    as SB3's preprocessing scales image spaces."""
+    flat = obs.reshape(len(obs), -1)
+    return flat.to(torch.float32) / 255.0 if flat.dtype == torch.uint8 else flat.to(torch.float32)
+
+
 def batch_tensors(batch: ExperienceBatch, device: str) -> dict[str, torch.Tensor]:
-    """The rows as ``(N, ...)`` tensors; flags as float 0/1, ``ends`` where GAE must stop."""
+    """The rows as ``(N, ...)`` tensors; flags as float 0/1, ``ends`` where GAE must stop; ``masks``
+    (bool ``(N, W)``, the legal actions) when the batch has them."""
     arrays = {
         "obs": batch.obs,
         "next_obs": batch.next_obs,
@@ -79,6 +88,8 @@ def batch_tensors(batch: ExperienceBatch, device: str) -> dict[str, torch.Tensor
         "terminated": batch.terminated.astype(np.float32),
         "ends": (batch.episode_end | batch.segment_end).astype(np.float32),
     }
+    if batch.masks is not None:
+        arrays["masks"] = batch.masks
     return {name: torch.as_tensor(value, device=device) for name, value in arrays.items()}
 
 
@@ -147,9 +158,9 @@ class PPOLearner(Learner):
         """The batch as ``(N, ...)`` tensors with values, old log-probs, advantages and returns."""
         t = batch_tensors(batch, self.device)
         with torch.no_grad():
-            values = self.critic(t["obs"]).flatten()
-            next_values = self.critic(t["next_obs"]).flatten()
-            current_log_prob, _ = log_prob_entropy(self.space, self._heads(t["obs"]), t["actions"])
+            values = self.critic(critic_input(t["obs"])).flatten()
+            next_values = self.critic(critic_input(t["next_obs"])).flatten()
+            current_log_prob, _ = log_prob_entropy(self.space, self._heads(t["obs"]), t["actions"], t.get("masks"))
         # the rows arrive as one sequence: a (N, 1) rollout whose fragments end at `ends`
         advantages, returns = gae(
             t["rewards"][:, None], values[:, None], next_values[:, None], t["terminated"][:, None],
@@ -163,7 +174,7 @@ class PPOLearner(Learner):
             "advantages": advantages[:, 0],
             "returns": returns[:, 0],
             "values": values,
-        }
+        } | ({"masks": t["masks"]} if "masks" in t else {})
 
     def _optimise(self, b: dict[str, torch.Tensor]) -> dict[str, float]:
         """The epochs of minibatch steps; statistics are means over the steps taken."""
@@ -186,7 +197,7 @@ class PPOLearner(Learner):
     def _step(self, mb: dict[str, torch.Tensor], where: str) -> dict[str, float]:
         c = self.config
         new_log_prob, entropy = self._policy_terms(mb)
-        newvalue = self.critic(mb["obs"]).flatten()
+        newvalue = self.critic(critic_input(mb["obs"])).flatten()
         mb_advantages = normalize(mb["advantages"]) if c.norm_adv else mb["advantages"]
         pg_loss, approx_kl, clipfrac = ppo_clip_loss(new_log_prob, mb["log_probs"], mb_advantages, c.clip_coef)
         v_loss = value_loss(newvalue, mb["values"], mb["returns"], c.clip_coef if c.clip_vloss else None)
@@ -207,8 +218,9 @@ class PPOLearner(Learner):
         return as_heads(self.actor(obs))
 
     def _policy_terms(self, mb: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """The new log-probs of a minibatch's actions and the policy's entropy, both ``(M,)``."""
-        return log_prob_entropy(self.space, self._heads(mb["obs"]), mb["actions"])
+        """The new log-probs of a minibatch's actions and the policy's entropy, both ``(M,)``; with
+        the rows' action masks, of the masked logits (as sb3-contrib's MaskablePPO)."""
+        return log_prob_entropy(self.space, self._heads(mb["obs"]), mb["actions"], mb.get("masks"))
 
     def _named_params(self) -> list[tuple[str, nn.Parameter]]:
         return [*(("actor." + n, p) for n, p in self.actor.named_parameters()),

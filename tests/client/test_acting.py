@@ -3,6 +3,7 @@ backend): remote and local inference on every kind of policy, weight refreshes, 
 
 from __future__ import annotations
 
+import io
 import math
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,6 +15,7 @@ from client_support import AUTH, OBS_BODIES, cartpole_schema, expected_log_prob,
 from conftest import API_KEY, BOX_OBS, LPOC_OBS, TUPLE_OBS, multi_policy_schema, running_server
 
 from policy_server.client import PolicyClient
+from policy_server.client.acting import BINARY_ABOVE, npy_obs
 
 
 @pytest.fixture(scope="module")
@@ -84,3 +86,24 @@ def test_dqn_clients_act_epsilon_greedily_with_the_servers_epsilon(tmp_path: Pat
         client.epsilon = 0.0
         greedy = {client.act([0.0, 0.0, 0.02, 0.0]).action for _ in range(20)}
         assert len(greedy) == 1
+
+
+@pytest.mark.parametrize("binary", [True, None, False])
+def test_remote_acting_sends_arrays_as_npy_when_asked_or_when_large(serving: str, binary: bool | None) -> None:
+    """binary=True: every array as .npy; None: above BINARY_ABOVE values only (not these 11); the
+    answers are the server's either way."""
+    obs = np.array(list(LPOC_OBS.values()), dtype=np.float64)  # float64 travels as float32
+    with PolicyClient(serving, API_KEY, policy="lpoc", inference="remote", seed=1, binary=binary) as client:
+        sent: list[httpx.Request] = []
+        client._http._http.event_hooks["request"].append(sent.append)
+        action, log_prob, _ = client.act(obs)
+        assert log_prob == pytest.approx(expected_log_prob(serving, "lpoc", LPOC_OBS, action), abs=1e-5)
+    media = [r.headers.get("content-type") for r in sent if r.url.path.endswith("predict_raw")]
+    assert media == (["application/x-npy"] if binary else ["application/json"])
+
+
+def test_npy_obs_is_a_float32_row_and_keeps_integer_pixels() -> None:
+    floats = np.load(io.BytesIO(npy_obs(np.ones((2, 3)))))
+    assert floats.dtype == np.float32 and floats.shape == (6,)
+    pixels = np.load(io.BytesIO(npy_obs(np.full((84, 84, 4), 7, np.uint8))))
+    assert pixels.dtype == np.uint8 and pixels.shape == (84 * 84 * 4,) and BINARY_ABOVE < pixels.size

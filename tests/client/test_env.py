@@ -8,12 +8,16 @@ from typing import Any
 
 import gymnasium as gym
 import httpx
+import numpy as np
 import pytest
-from client_support import trainable_server
-from conftest import API_KEY
+import torch
+from client_support import local_app, trainable_server
+from conftest import API_KEY, running_server
 from gymnasium.vector import AutoresetMode
 
 from policy_server.client import EnvStats, PolicyClient, SpaceMismatch, run_env
+from policy_server.export import MLPPolicy, export_module
+from policy_server.schema.gym_spaces import describe_space
 
 
 @pytest.fixture()
@@ -52,9 +56,10 @@ class Recording(PolicyClient):
         super().__init__(*args, **kwargs)
         self.sent: list[tuple[str, Any]] = []
 
-    def request(self, method: str, path: str, json: Any = None, headers: dict[str, str] | None = None) -> httpx.Response:
+    def request(self, method: str, path: str, json: Any = None, headers: dict[str, str] | None = None,
+                content: bytes | None = None) -> httpx.Response:
         self.sent.append((path, json))
-        return super().request(method, path, json, headers)
+        return super().request(method, path, json, headers, content)
 
     def posted(self, path: str) -> list[Any]:
         return [body for sent, body in self.sent if sent == path]
@@ -102,6 +107,16 @@ def test_a_vector_env_asks_once_per_vector_step_and_logs_each_sub_envs_episodes(
             assert abs(x) > 2.4 or abs(theta) > 0.2094
 
 
+def test_a_step_where_every_sub_env_resets_asks_nothing(cartpole: str) -> None:
+    envs = CountSteps(gym.make_vec("CartPole-v1", num_envs=1, vectorization_mode="sync"))
+    with Recording(cartpole, API_KEY, inference="remote", fragment_steps=10_000, seed=0) as client:
+        stats = run_env(client, envs, max_episodes=2, seed=4)
+    envs.close()
+    # the step after the first episode's end is its reset: no request, no logged step
+    assert len(client.posted("/predict_raw/batch")) == envs.vector_steps - 1 == stats.steps
+    assert stats.episodes == 2 and sum(stats.lengths) == stats.steps
+
+
 def test_an_async_vector_env_plays_with_local_inference(cartpole: str) -> None:
     envs = gym.vector.AsyncVectorEnv([lambda: gym.make("CartPole-v1")] * 2)
     with PolicyClient(cartpole, API_KEY, inference="local", fragment_steps=16, seed=0) as client:
@@ -132,3 +147,92 @@ def test_run_env_refuses_an_environment_the_server_does_not_serve_before_its_fir
         run_env(client, made, max_steps=5)
     made.close()
     assert says in str(refused.value) and client.stats.steps_logged == 0
+
+
+class DictObs(gym.Env[dict[str, Any], int]):
+    """A Dict observation (a small uint8 image, a gear, a speed); 3 actions; 5-step episodes."""
+
+    observation_space = gym.spaces.Dict({
+        "image": gym.spaces.Box(0, 255, (3, 3, 1), np.uint8),
+        "gear": gym.spaces.Discrete(4),
+        "speed": gym.spaces.Box(-1.0, 1.0, (1,), np.float32),
+    })
+    action_space = gym.spaces.Discrete(3)
+
+    def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+        super().reset(seed=seed)
+        self.observation_space.seed(seed)
+        self.t = 0
+        return self.observation_space.sample(), {}
+
+    def step(self, action: int) -> tuple[dict[str, Any], float, bool, bool, dict[str, Any]]:
+        self.t += 1
+        return self.observation_space.sample(), float(action), self.t >= 5, False, {}
+
+
+def test_a_dict_observation_env_plays_in_its_spaces_json_form(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    space = DictObs.observation_space
+    model = export_module(MLPPolicy(gym.spaces.flatdim(space), [8], nvec=[3]), gym.spaces.flatdim(space),
+                          tmp_path / "dict.pt2")
+    schema = {"observation_space": describe_space(space),
+              "parameters": {"api_key": API_KEY, "model": str(model), "action_space": {"type": "discrete", "n": 3},
+                             "training": {"algorithm": "ppo", "ppo": {"rollout_samples": 64},
+                                          "checkpoint_dir": str(tmp_path / "checkpoints")}}}
+    with running_server(local_app(schema, tmp_path)) as url:
+        for inference in ("remote", "local"):
+            envs = gym.vector.SyncVectorEnv([DictObs] * 2)
+            with Recording(url, API_KEY, inference=inference, fragment_steps=8, seed=0) as client:  # type: ignore[arg-type]
+                stats = run_env(client, envs, max_episodes=4, seed=0)
+            envs.close()
+            assert stats.episodes >= 4 and client.stats.samples_accepted == stats.steps
+            logged = logged_steps(client)[0]["observations"][0]
+            asked = client.posted("/predict/batch")
+            for obs in [logged, *(body["obs"][0] for body in asked[:1])]:  # the space's JSON form
+                assert sorted(obs) == ["gear", "image", "speed"] and isinstance(obs["gear"], int)
+                assert np.asarray(obs["image"]).shape == (3, 3, 1) and isinstance(obs["image"][0][0][0], int)
+                assert len(obs["speed"]) == 1
+            assert bool(asked) == (inference == "remote")
+
+
+class Legal(gym.Env[dict[str, Any], int]):
+    """A Dict observation whose ``legal`` key is the action mask (at least one of 4 actions legal);
+    counts the illegal actions it is handed."""
+
+    observation_space = gym.spaces.Dict({
+        "pos": gym.spaces.Box(-1.0, 1.0, (3,), np.float32),
+        "legal": gym.spaces.MultiBinary(4),
+    })
+    action_space = gym.spaces.Discrete(4)
+    illegal = 0
+
+    def _observe(self) -> dict[str, Any]:
+        obs = self.observation_space.sample()
+        obs["legal"][self.np_random.integers(4)] = 1
+        self.obs = obs
+        return obs
+
+    def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+        super().reset(seed=seed)
+        self.observation_space.seed(seed)
+        return self._observe(), {}
+
+    def step(self, action: int) -> tuple[dict[str, Any], float, bool, bool, dict[str, Any]]:
+        Legal.illegal += int(not self.obs["legal"][action])
+        return self._observe(), 1.0, False, False, {}
+
+
+def test_a_mask_in_a_dict_observation_keeps_every_action_legal(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = export_module(MLPPolicy(3, [8], nvec=[4]), 3, tmp_path / "masked.pt2")
+    schema = {"observation_space": describe_space(Legal.observation_space),
+              "parameters": {"api_key": API_KEY, "model": str(model),
+                             "action_space": {"type": "discrete", "n": 4, "mask": "legal"}}}
+    with running_server(local_app(schema, tmp_path)) as url:
+        for inference in ("remote", "local"):
+            Legal.illegal = 0
+            envs = gym.vector.SyncVectorEnv([Legal] * 4)
+            with PolicyClient(url, API_KEY, inference=inference, seed=0) as client:  # type: ignore[arg-type]
+                stats = run_env(client, envs, max_steps=200, seed=0, train=False)
+            envs.close()
+            assert stats.steps == 200 and Legal.illegal == 0, inference

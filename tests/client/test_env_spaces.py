@@ -52,6 +52,8 @@ def test_matching_spaces_pass() -> None:
     (PATHMIND, gs.Box(-1.0, 1.0, (6,), np.float32), gs.Discrete(2),
      "flattens to 6 values, policy default takes 4 (observations ['x', 'x_dot', 'theta', 'theta_dot'])"),
     (PATHMIND, gs.Dict({"x": gs.Discrete(2)}), gs.Discrete(2), "observations have keys ['x'], policy default's"),
+    (PATHMIND, gs.Discrete(4), gs.Discrete(2), ("observation space Discrete(4) is no Box, but policy default has "
+     "Pathmind observations")),
     (served({"type": "discrete", "n": 2}, {"type": "box", "shape": [1], "low": [-1.0], "high": [1.0]}),
      gs.Discrete(2), gs.Box(-2.0, 2.0, (1,), np.float32), "action space Box(-2.0, 2.0, (1,), float32) is not"),
     (served({"type": "discrete", "n": 2}, {"type": "discrete", "n": 3}), gs.Discrete(2), gs.Discrete(3, start=1),

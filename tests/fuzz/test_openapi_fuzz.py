@@ -14,7 +14,9 @@ answer must hold to the contract:
 - our own request models are strict: what the document forbids gets a 4xx (the OpenAI-compatible
   routes keep OpenAI's leniency);
 - on the routes that schema.yaml fixes completely (the observation routes), what the document
-  allows is accepted: the document states every constraint, widths included.
+  allows is accepted: the document states every constraint, widths included. Their binary bodies
+  (`.npy`, safetensors) are sent as the bytes schemathesis draws: each must be the 422 envelope,
+  never a 5xx (a JSON Schema cannot state a tensor's header, dtype or shape).
 
 The bundled example (top-level `schema.yaml`) runs with the most examples; the other examples, and
 one schema with every router (two policies, one of them trainable, an LLM policy with GRPO, a value
@@ -38,6 +40,7 @@ from schemathesis import BaseSchema, Case, CheckContext, Response
 from schemathesis.checks import CheckFunction
 
 from policy_server.gateway.app import build_app
+from policy_server.gateway.policy.binary import BINARY_TYPES
 from policy_server.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -51,6 +54,8 @@ ENVELOPE_KEYS = {"code", "message", "status", "fields"}
 OPENAI_ERROR_KEYS = {"message", "type", "param", "code"}
 OPENAI_ROUTES = re.compile(r"(^|/)v1/")
 SCHEMA_FIXED_ROUTES = re.compile(r"/(predict|predict_raw|predict_deterministic|distribution)(/batch)?$")
+# the binary bodies (`format: binary`) travel as the bytes drawn for them, as octet-stream's do
+schemathesis.serializer.alias(list(BINARY_TYPES), "application/octet-stream")
 FUZZ = settings(
     deadline=None,
     derandomize=True,
@@ -120,7 +125,7 @@ def documented_inputs_are_accepted(ctx: CheckContext, response: Response, case: 
     Schema can say: a prompt's length in tokens, a fragment's `observations` being one longer
     than its `actions`. One bound here is the model's own, not the schema's: values near
     float32's limit that overflow its float32 layers (422 `model_overflow`, naming the field)."""
-    if not SCHEMA_FIXED_ROUTES.search(case.operation.path):
+    if not SCHEMA_FIXED_ROUTES.search(case.operation.path) or case.media_type in BINARY_TYPES:
         return None
     if response.status_code == 422 and response.json()["error"]["code"] == "model_overflow":
         return None

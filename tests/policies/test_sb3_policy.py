@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+import yaml
 from conftest import make_client, train_sb3
 from sb3_contrib import MaskablePPO
 from sb3_contrib.common.envs import InvalidActionEnvDiscrete
@@ -19,6 +20,7 @@ from policy_server.errors import Conflict, SchemaError
 from policy_server.policies.importing import schema_of
 from policy_server.policies.sb3_policy import SB3Policy, to_sb3
 from policy_server.policies.served import resolve_policy
+from policy_server.policies.spaces import make_action_space
 from policy_server.policies.torch_policy import TorchPolicy
 from policy_server.schema.config import BoxSpec, DiscreteSpec, PolicySpec, ResourceSpec
 
@@ -82,7 +84,7 @@ def test_discrete_actor_critic_answers_are_sb3s(tmp_path: Path, zips: dict[str, 
     np.testing.assert_allclose([r["log_prob"] for r in deterministic], log_probs, atol=1e-5)
 
 
-def test_a_gaussian_ppo_answers_sb3s_clipped_mean_and_the_log_prob_of_the_raw_draw(
+def test_a_gaussian_ppo_answers_sb3s_clipped_mean_and_its_log_prob_inside_the_bounds(
     tmp_path: Path, zips: dict[str, Path]
 ) -> None:
     model, obs = PPO.load(zips["PPO-box"], device="cpu"), pendulum_obs()
@@ -91,7 +93,10 @@ def test_a_gaussian_ppo_answers_sb3s_clipped_mean_and_the_log_prob_of_the_raw_dr
     np.testing.assert_array_equal(np.array([r["action"] for r in deterministic], dtype=np.float32), actions)
     dist = distribution_of(model, obs)
     mean = dist.distribution.loc
-    np.testing.assert_allclose([r["log_prob"] for r in deterministic], dist.log_prob(mean).numpy(), atol=1e-5)
+    inside = (mean.abs() < 2.0).all(dim=1).numpy()  # the clipped box's density is SB3's there (mass at a bound)
+    assert inside.sum() > ROWS // 2
+    served_log_probs = np.array([r["log_prob"] for r in deterministic])
+    np.testing.assert_allclose(served_log_probs[inside], dist.log_prob(mean).numpy()[inside], atol=1e-5)
     np.testing.assert_allclose([r["mean"] for r in distribution], mean.numpy(), atol=1e-6)
     np.testing.assert_allclose([r["std"] for r in distribution], dist.distribution.scale.numpy(), atol=1e-6)
 
@@ -117,27 +122,32 @@ def test_maskable_ppo_one_hot_observations_and_masks_are_sb3s(zips: dict[str, Pa
     one_hot = np.eye(10, dtype=np.float32)[index]  # the server's model input of a Discrete observation
     np.testing.assert_array_equal(to_sb3(model.observation_space, one_hot), index)
     heads = SB3Policy.from_file(zips["MaskablePPO"]).forward(one_hot).heads
-    # the mask as the server's action space applies it (contract: sample/mode/distribution(heads, mask))
-    masked = np.where(masks, heads[0].astype(np.float64), -np.inf)
+    space = make_action_space(DiscreteSpec(n=10), heads, "parameters.action_space")
     actions, _ = model.predict(index, deterministic=True, action_masks=masks)
-    np.testing.assert_array_equal(masked.argmax(axis=1), actions)
-    probs = np.exp(masked - masked.max(axis=1, keepdims=True))
-    probs /= probs.sum(axis=1, keepdims=True)
+    assert [a.action for a in space.mode(heads, mask=masks)] == actions.tolist()
+    probs = np.array([[row["probabilities"][str(i)] for i in range(10)] for row in space.distribution(heads, mask=masks)])
     expected = distribution_of(model, index, action_masks=masks).distribution.probs.numpy()
     np.testing.assert_allclose(probs, expected, atol=1e-5)
     assert (probs[~masks] == 0).all()
 
 
-def test_sac_heads_are_its_actors_and_its_mode_squashes_to_predict(zips: dict[str, Path]) -> None:
+def test_sac_answers_its_squashed_mean_and_log_prob(tmp_path: Path, zips: dict[str, Path]) -> None:
     model, obs = SAC.load(zips["SAC"], device="cpu"), pendulum_obs()
     mean, log_std = SB3Policy.from_file(zips["SAC"]).forward(obs).heads
     with torch.no_grad():
         their_mean, their_log_std, _ = model.actor.get_action_dist_params(torch.as_tensor(obs))
-    np.testing.assert_allclose(mean, their_mean.numpy(), atol=1e-6)
-    np.testing.assert_allclose(log_std, their_log_std.numpy(), atol=1e-6)
-    low, high = model.action_space.low, model.action_space.high
+    np.testing.assert_array_equal(mean, their_mean.numpy())
+    np.testing.assert_array_equal(log_std, their_log_std.numpy())
+    (deterministic,) = served(tmp_path, zips["SAC"], obs, "predict_deterministic")
     actions, _ = model.predict(obs, deterministic=True)
-    np.testing.assert_allclose(low + (np.tanh(mean) + 1) / 2 * (high - low), actions, atol=1e-5)
+    # float64 here, float32 in SB3: equal to float32's precision
+    np.testing.assert_allclose([r["action"] for r in deterministic], actions, atol=1e-6)
+    with torch.no_grad():
+        dist = model.actor.action_dist.proba_distribution(their_mean, their_log_std)
+        squashed = torch.tanh(their_mean)
+        theirs = dist.log_prob(squashed, their_mean).numpy()  # of the action in [-1, 1]
+    scale = np.log((model.action_space.high - model.action_space.low) / 2).sum()
+    np.testing.assert_allclose([r["log_prob"] for r in deterministic], theirs - scale, atol=1e-5)
 
 
 def _spec(model: Path, space: Any, **fields: Any) -> PolicySpec:
@@ -148,6 +158,8 @@ def _spec(model: Path, space: Any, **fields: Any) -> PolicySpec:
 def test_sac_needs_a_tanh_squashed_box(zips: dict[str, Path]) -> None:
     with pytest.raises(SchemaError, match=r"^parameters\.action_space\.squash: sac\.zip \(SAC\) needs squash: tanh"):
         resolve_policy(_spec(zips["SAC"], BoxSpec()))
+    with pytest.raises(SchemaError, match=r"^parameters\.action_space\.squash: ppo_box\.zip \(PPO\) needs no squash"):
+        resolve_policy(_spec(zips["PPO-box"], BoxSpec(low=-2.0, high=2.0, squash="tanh")))
 
 
 def test_a_schema_that_disagrees_with_the_file_is_refused_naming_the_field(zips: dict[str, Path]) -> None:
@@ -168,3 +180,46 @@ def test_training_and_weight_updates_are_refused(zips: dict[str, Path], tmp_path
     with pytest.raises(Conflict, match="weights are fixed"):
         policy.set_weights(policy.get_weights(), 1)
     assert policy.version == 0
+
+
+def test_recurrent_ppo_carries_its_lstm_state_as_sb3_does(tmp_path: Path) -> None:
+    from sb3_contrib import RecurrentPPO
+
+    from policy_server.policies.importing import import_model
+    from policy_server.schema.config import load_schema
+
+    path = train_sb3("RecurrentPPO", "CartPole-v1", tmp_path / "rppo.zip", 32, n_steps=32, batch_size=32,
+                     n_epochs=1, policy_kwargs={"lstm_hidden_size": 8})
+    model = RecurrentPPO.load(path, device="cpu")
+    import_model(path, out=tmp_path / "schema.yaml")
+    spec = load_schema(tmp_path / "schema.yaml").policies["default"]
+    assert spec.recurrent is not None and {k: list(v) for k, v in spec.recurrent.shapes.items()} == {
+        "hidden": [1, 8], "cell": [1, 8]}
+    served, policy = resolve_policy(spec)
+    layout = served.recurrent
+    assert layout is not None
+    rng = np.random.default_rng(4)
+    state, packed = None, layout.zeros(8)  # eight episodes, five steps, from the zero state
+    for _ in range(5):
+        obs = rng.normal(0.0, 0.5, (8, 4)).astype(np.float32)
+        actions, state = model.predict(obs, state=state, episode_start=np.zeros(8), deterministic=True)
+        out = policy.forward(np.concatenate([obs, packed], axis=1))
+        heads, new = out.heads[:-2], out.heads[-2:]
+        assert [a.action for a in served.space.mode(heads)] == actions.tolist()
+        for ours, theirs in zip(new, state):  # SB3's (layers, B, size), ours (B, layers · size)
+            np.testing.assert_allclose(ours, theirs.transpose(1, 0, 2).reshape(8, -1), atol=1e-6)
+        packed = np.concatenate(new, axis=1)
+    with pytest.raises(SchemaError, match=r"^parameters\.recurrent\.state: rppo\.zip \(RecurrentPPO\) carries its LSTM"):
+        resolve_policy(spec.model_copy(update={"recurrent": None}))
+    # through the gateway, the server keeping the state per episode id
+    doc = yaml.safe_load((tmp_path / "schema.yaml").read_text())
+    doc["parameters"]["model"] = str(path)
+    obs, state = rng.normal(0.0, 0.5, (3, 4)).astype(np.float32), None
+    with make_client(tmp_path, doc) as client:
+        for row in obs:
+            body = dict(zip(doc["observations"], map(float, row))) | {"episode_id": "e1"}
+            answer = client.post("/predict_deterministic", json=body)
+            assert answer.status_code == 200, answer.text
+            action, state = model.predict(row[None], state=state, episode_start=np.zeros(1), deterministic=True)
+            assert answer.json()["action"] == int(action[0])
+            np.testing.assert_allclose(np.array(answer.json()["state"]["hidden"]), state[0][:, 0], atol=1e-6)

@@ -6,6 +6,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -14,6 +15,7 @@ from torch import nn
 
 from policy_server.cli import check
 from policy_server.errors import SchemaError
+from policy_server.export import CNNPolicy, MLPPolicy, export_module
 from policy_server.policies.served import resolve_policy
 from policy_server.schema.config import DiscreteSpec, ObservationSpec, PolicySpec, ResourceSpec, load_schema
 from policy_server.schema.observations import flatten
@@ -66,8 +68,9 @@ def test_check_and_start_up_agree_on_any_text_as_a_name(tmp_path: Path, inputs_m
     served, policy = resolve_policy(load_schema(path).policies["default"])
     assert served.observation_model is not None
     obs = served.observation_model.model_validate(ODD_OBS)
-    assert flatten([obs]).tolist() == [[0.5, 2, 1, -1.5, 7, 1, 0.0, 1, 0, 1, 1]]
-    assert policy.forward(flatten([obs])).heads[0].shape == (1, 4)
+    rows = flatten([obs], exclude=served.mask_attribute)  # its optional action_mask is no model input
+    assert served.mask_attribute == "action_mask" and rows.tolist() == [[0.5, 2, 1, -1.5, 7, 1, 0.0, 1, 0, 1, 1]]
+    assert policy.forward(rows).heads[0].shape == (1, 4)
 
 
 def test_check_and_start_up_agree_on_pathmind_one_hot_lists(tmp_path: Path, inputs_models: Path) -> None:
@@ -125,3 +128,23 @@ def test_a_feed_forward_model_declared_recurrent_is_refused(model_dir: Path) -> 
     with pytest.raises(SchemaError, match=r"parameters.recurrent.state: the model cart.pt2 rejects"):
         resolve_policy(_recurrent_spec(model_dir / "cart.pt2", {"h": [4]}).model_copy(
             update={"observations": {"x": ObservationSpec(type="List[float]", min_items=4, max_items=4)}}))
+def test_a_space_policy_is_probed_with_a_zero_batch_of_its_model_input(tmp_path: Path) -> None:
+    model = export_module(CNNPolicy((8, 8, 1), 3), (8, 8, 1), tmp_path / "cnn", dtype=torch.uint8)
+    image = {"type": "box", "shape": [8, 8, 1], "dtype": "uint8"}
+    spec = PolicySpec(name="default", observations=None, observation_space=image, action_space=DiscreteSpec(),
+                      model=model, resources=ResourceSpec())
+    served, _ = resolve_policy(spec)
+    assert (served.obs_shape, served.obs_dtype, served.obs_dim, served.space.describe()["n"]) == ((8, 8, 1), np.uint8, 64, 3)
+    assert served.describe()["obs_shape"] == [8, 8, 1] and served.observation_model is None
+    wide = spec.model_copy(update={"observation_space": image | {"shape": [4, 4, 2]}})
+    with pytest.raises(SchemaError, match=r"^observation_space: the model cnn.pt2 rejects inputs of shape \(B, 4, 4, 2\) uint8"):
+        resolve_policy(wide)
+
+
+def test_a_non_box_space_reaches_the_model_flattened_as_float32(tmp_path: Path) -> None:
+    model = export_module(MLPPolicy(5 + 2, [8], nvec=[2]), 7, tmp_path / "mlp")
+    space = {"type": "dict", "spaces": {"gear": {"type": "discrete", "n": 5}, "pos": {"type": "box", "shape": [2]}}}
+    spec = PolicySpec(name="robot", observations=None, observation_space=space, action_space=DiscreteSpec(),
+                      model=model, resources=ResourceSpec())
+    served, _ = resolve_policy(spec)
+    assert (served.obs_shape, served.obs_dtype, served.mask_key) == ((7,), np.float32, None)

@@ -491,3 +491,64 @@ def test_list_of_bool_is_an_observation_type(tmp_path: Path) -> None:
     policy = load_schema(write(tmp_path, text)).policies["default"]
     assert policy.observations is not None and policy.observations["actionMask"].width == 4
     assert "List[bool]" in OBSERVATION_TYPES
+
+
+# --- Gymnasium observation spaces ------------------------------------------------------------
+
+
+def test_an_observation_space_loads_top_level_and_per_policy(tmp_path: Path) -> None:
+    single = load_schema(write(tmp_path, """\
+        observation_space: {type: box, shape: [84, 84, 4], dtype: uint8, low: 0, high: 255}
+        """))
+    assert single.policies["default"].observation_space == {"type": "box", "shape": [84, 84, 4], "dtype": "uint8"}
+    assert single.policies["default"].observations is None
+    named = load_schema(write(tmp_path, """\
+        policies:
+          robot:
+            observation_space:
+              type: dict
+              spaces: {speed: {type: box, shape: [1], low: -1, high: 1}, gear: {type: discrete, n: 5}}
+        """))
+    assert list(named.policies["robot"].observation_space["spaces"]) == ["gear", "speed"]  # Gymnasium's order
+    assert named.public()["policies"]["robot"]["observation_space"]["spaces"]["gear"] == {"type": "discrete", "n": 5}
+
+
+def test_an_action_mask_may_name_a_key_of_a_dict_observation_space(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = export_module(MLPPolicy(2, [4], nvec=[3]), 2, tmp_path / "models" / "masked.pt2")
+    spaces = "{pos: {type: box, shape: [2]}, legal: {type: multi_binary, n: 3}}"
+    policy = load_schema(write(tmp_path, f"""\
+        observation_space: {{type: dict, spaces: {spaces}}}
+        parameters: {{model: {model}, action_space: {{type: discrete, n: 3, mask: legal}}}}
+        """)).policies["default"]
+    served, _ = resolve_policy(policy)
+    assert served.mask_key == "legal" and served.obs_shape == (2,)
+    missing = load_schema(write(tmp_path, f"""\
+        observation_space: {{type: dict, spaces: {spaces}}}
+        parameters: {{model: {model}, action_space: {{type: discrete, n: 3, mask: nope}}}}
+        """)).policies["default"]
+    with pytest.raises(SchemaError, match=r"^parameters.action_space.mask: 'nope'"):
+        resolve_policy(missing)
+
+
+def test_an_observation_space_is_refused_beside_observations_or_invalid(tmp_path: Path) -> None:
+    both = write(tmp_path, """\
+        observations: {x: {type: float}}
+        observation_space: {type: discrete, n: 3}
+        """)
+    assert schema_error(both).startswith("observation_space: give either `observations` (Pathmind's fields) or "
+                                         "`observation_space`")
+    named = write(tmp_path, """\
+        policies:
+          p: {observations: {x: {type: float}}, observation_space: {type: discrete, n: 3}}
+        """)
+    assert schema_error(named).startswith("policies.p.observation_space: give either `observations`")
+    top = write(tmp_path, """\
+        observation_space: {type: discrete, n: 3}
+        policies: {p: {observation_space: {type: discrete, n: 3}}}
+        """)
+    assert schema_error(top) == "observation_space: with `policies`, give observation_space per policy"
+    bad = write(tmp_path, """\
+        policies: {p: {observation_space: {type: box, shape: [2], dtype: uint8, high: 256}}}
+        """)
+    assert schema_error(bad) == "policies.p.observation_space.high: 256 is outside the range of uint8 [0, 255]"

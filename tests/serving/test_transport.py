@@ -78,7 +78,7 @@ def test_a_wrong_token_gets_no_answer(server: TransportServer) -> None:
 
 def test_an_oversized_frame_is_refused_before_allocation(server: TransportServer) -> None:
     with socket.create_connection(server.address, timeout=5) as sock:
-        sock.sendall(MAGIC + bytes.fromhex(TOKEN) + struct.pack("<II", 1 << 20, 1 << 20))
+        sock.sendall(MAGIC + bytes.fromhex(TOKEN) + struct.pack("<BBII", 0, 2, 1 << 20, 1 << 20))
         reply = sock.recv(1024)
     assert reply[:1] == b"\x01" and b"over the limit" in reply
 
@@ -98,9 +98,38 @@ def test_many_connections_at_once(server: TransportServer) -> None:
     assert asyncio.run(run()) == [3.0 * i for i in range(16)]
 
 
-def test_request_encoding_is_little_endian_float32() -> None:
-    frame = encode_request(np.array([[1.5, -2.0]], dtype=np.float64))
-    assert frame == struct.pack("<II", 1, 2) + np.array([1.5, -2.0], dtype="<f4").tobytes()
+def test_request_encoding_is_little_endian_in_the_arrays_dtype() -> None:
+    frame = encode_request(np.array([[1.5, -2.0]], dtype=np.float32))
+    assert frame == struct.pack("<BBII", 0, 2, 1, 2) + np.array([1.5, -2.0], dtype="<f4").tobytes()
+    image = np.arange(2 * 3 * 4, dtype=np.uint8).reshape(2, 3, 4)
+    assert encode_request(image) == struct.pack("<BBIII", 3, 3, 2, 3, 4) + image.tobytes()
+
+
+def test_arrays_of_any_shape_and_dtype_reach_the_model_as_sent() -> None:
+    seen: list[np.ndarray] = []
+
+    def record(obs: np.ndarray) -> PolicyOutput:
+        seen.append(obs)
+        return PolicyOutput([obs.reshape(len(obs), -1).astype(np.float32)], version=1)
+
+    srv = TransportServer(record, TOKEN, "127.0.0.1")
+    arrays = [np.arange(2 * 84 * 84 * 4).reshape(2, 84, 84, 4).astype(np.uint8),
+              np.array([[0.1, -0.5]], dtype=np.float64), np.array([[[-3], [7]]], dtype=np.int64)]
+
+    async def run() -> list[PolicyOutput]:
+        client = await TransportClient.connect(*srv.address, TOKEN)
+        try:
+            return [await client.forward(a) for a in arrays]
+        finally:
+            client.close()
+
+    try:
+        outs = asyncio.run(run())
+    finally:
+        srv.close()
+    for sent, got, out in zip(arrays, seen, outs):
+        assert got.dtype == sent.dtype and got.shape == sent.shape and np.array_equal(got, sent)
+        assert out.heads[0].shape == (len(sent), sent[0].size)
 
 
 def test_a_peer_that_never_says_hello_is_dropped() -> None:
@@ -125,7 +154,7 @@ def test_a_frame_that_stalls_half_way_is_dropped_but_an_idle_link_is_kept() -> N
 
         assert asyncio.run(idle_then_ask()).heads[0].tolist() == [[2.0, 2.0]]
         with socket.create_connection(srv.address, timeout=5) as sock:
-            sock.sendall(MAGIC + bytes.fromhex(TOKEN) + struct.pack("<II", 1, 2))  # no data follows
+            sock.sendall(MAGIC + bytes.fromhex(TOKEN) + struct.pack("<BBII", 0, 2, 1, 2))  # no data follows
             assert sock.recv(16) == b""
     finally:
         srv.close()

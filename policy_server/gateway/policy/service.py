@@ -21,14 +21,17 @@ from policy_server.experience_log.writer import ExperienceLog
 from policy_server.gateway.policy.candidate import PolicyVersions
 from policy_server.gateway.policy.versions import Variant
 from policy_server.gateway.request_ids import asker
-from policy_server.policies.served import ServedPolicy
+from policy_server.policies.served import ServedPolicy, mask_width
 from policy_server.policies.spaces import ActionSample
 from policy_server.policies.torch_policy import PolicyOutput
 from policy_server.schema.observations import flatten
+from policy_server.schema.space_inputs import read_batch, read_one
 from policy_server.serving.api import PolicyModel
 from policy_server.serving.batcher import MicroBatcher
 
 Mode = Literal["sample", "deterministic"]
+Inputs = tuple[np.ndarray, np.ndarray | None]
+"""The model input ``(B, *obs_shape)`` of ``obs_dtype``, and the action mask ``(B, k)`` bool or None."""
 
 
 class PolicyService:
@@ -61,8 +64,28 @@ class PolicyService:
 
     def from_observations(self, observations: list[BaseModel], model: type[BaseModel] | None = None) -> np.ndarray:
         """Validated observations of the policy's model → float32 ``(B, obs_dim)`` (``model``: read
-        only its fields, of observations of a model derived from it)."""
-        return flatten(observations, model)
+        only its fields, of observations of a model derived from it; the action mask, when they
+        carry one, is no model input: ``mask_of``)."""
+        return flatten(observations, model, self.policy.mask_attribute)
+
+    def mask_of(self, observations: list[BaseModel]) -> np.ndarray | None:
+        """The action masks the observations carry, bool ``(B, mask_width)`` (a row without one
+        allows every action), or None when none carries one."""
+        attribute = self.policy.mask_attribute
+        if attribute is None:
+            return None
+        return masks_of([getattr(obs, attribute) for obs in observations], self.policy.space.mask_width)
+
+    def check_mask(self, mask: np.ndarray | None, where: Sequence[str], mask_at: Sequence[str] | None = None) -> None:
+        """Raise InvalidRequest (422) naming each row's mask that allows no action in a component;
+        ``mask_at``: where each row's mask is (default: ``<where>.<mask field>``)."""
+        if mask is None:
+            return
+        problems = self.policy.space.mask_problems(mask)
+        if problems:
+            at = mask_at or [f"{w}.{self.policy.mask_name}" for w in where]
+            fields = [FieldError(at[row], message) for row, message in problems[:10]]
+            raise InvalidRequest(f"{fields[0].field}: {fields[0].message}", fields)
 
     def from_raw(self, rows: list[list[float]], field: str = "body.obs") -> np.ndarray:
         """Flat input vectors (each value already checked finite as float32) → float32 ``(B, obs_dim)``;
@@ -75,7 +98,44 @@ class PolicyService:
             raise InvalidRequest(
                 f"{field}: each observation needs {width} values (the sum of the observation "
                 f"widths); got {len(rows[bad[0]])}", fields)
-        return np.asarray(rows, dtype=np.float32).reshape(len(rows), width)
+        flat = np.asarray(rows, dtype=np.float32).reshape(len(rows), width)
+        if self.policy.obs_space is None:
+            return flat
+        dtype = self.policy.obs_dtype  # a space's model input: its shape and dtype
+        if dtype.kind in "iu":
+            info = np.iinfo(dtype)
+            bad = np.flatnonzero(((flat < info.min) | (flat > info.max) | (flat != np.round(flat))).any(axis=1))
+            if bad.size:
+                fields = [FieldError(f"{field}.{i}" if len(rows) > 1 else field,
+                                     f"the model reads {dtype}: integers in [{info.min}, {info.max}]") for i in bad[:10]]
+                raise InvalidRequest(f"{fields[0].field}: {fields[0].message}", fields)
+        return flat.astype(dtype).reshape(len(rows), *self.policy.obs_shape)
+
+    def from_space(self, obs: Any, field: str, action_mask: Any = None, batch: bool = False) -> Inputs:
+        """A space policy's observation at ``field`` (``batch``: a list of them) → the model input
+        and the action mask: the space's mask entry and the request's ``action_mask`` combined (an
+        action is allowed when both allow it). Raises InvalidRequest naming the first bad value."""
+        space = self.policy.obs_space
+        assert space is not None, "a policy with an observation_space"
+        read = read_batch if batch else read_one
+        rows, mask = read(space, obs, field, self.policy.mask_key)
+        if action_mask is not None:
+            given = self._action_mask(action_mask if batch else [action_mask], len(rows), batch)
+            mask = given if mask is None else mask & given
+        return rows, mask
+
+    def _action_mask(self, masks: list[list[bool]], rows: int, batch: bool, field: str = "body.action_mask") -> np.ndarray:
+        """The request's ``action_mask`` rows (booleans already checked) as ``(B, k)`` bool."""
+        width = mask_width(self.policy.space)
+        if width is None:
+            raise InvalidRequest.at(field, f"a {self.policy.space.kind} action space takes no mask")
+        if len(masks) != rows:
+            raise InvalidRequest.at(field, f"{len(masks)} masks for {rows} observations")
+        for i, mask in enumerate(masks):
+            if len(mask) != width:
+                raise InvalidRequest.at(f"{field}.{i}" if batch else field,
+                                        f"expected {width} booleans (one per action), got {len(mask)}")
+        return np.asarray(masks, dtype=bool).reshape(rows, width)
 
     # --- model calls ----------------------------------------------------------------------
 
@@ -120,14 +180,18 @@ class PolicyService:
 
     async def act(
         self, obs: np.ndarray, mode: Mode, where: Sequence[str], policy_id: str | None = None,
-        forced: Variant | None = None, *, client_id: str | None = None,
+        forced: Variant | None = None, mask: np.ndarray | None = None, mask_at: Sequence[str] | None = None, *,
+        client_id: str | None = None,
     ) -> tuple[list[ActionSample], int, Variant]:
-        """Actions for float32 ``(B, obs_dim)`` rows, the model version and the version (variant)
-        that chose them; raises as ``forward``. With an experience log, the decisions are queued
-        for it (named by the request's id, ``client_id`` and episode id)."""
+        """Actions for ``(B, *obs_shape)`` rows (never a masked one: ``mask`` bool
+        ``(B, mask_width)``), the model version and the version (variant) that chose them; raises
+        as ``forward``, and InvalidRequest when a mask allows no action (``check_mask``). With an
+        experience log, the decisions are queued for it (named by the request's id, ``client_id``
+        and episode id)."""
+        self.check_mask(mask, where, mask_at)
         out, variant = await self.forward(obs, where, policy_id, forced)
         space = self.policy.space
-        samples = space.sample(out.heads, self.rng) if mode == "sample" else space.mode(out.heads)
+        samples = space.sample(out.heads, self.rng, mask) if mode == "sample" else space.mode(out.heads, mask)
         if self.experience_log is not None:
             self.experience_log.submit(Decisions(
                 time.time_ns(), self.policy.name, asker(client_id, policy_id), obs, samples, out.version, variant))
@@ -144,7 +208,17 @@ class PolicyService:
         self.log_outcomes(Outcomes(time_ns, self.policy.name, asker(client_id), [None], [reward], [done], [False], obs))
 
     async def distribution(
-        self, obs: np.ndarray, where: Sequence[str], policy_id: str | None = None, forced: Variant | None = None
+        self, obs: np.ndarray, where: Sequence[str], policy_id: str | None = None, forced: Variant | None = None,
+        mask: np.ndarray | None = None,
     ) -> tuple[list[dict[str, Any]], int, Variant]:
+        """The exact distributions (masked actions: probability 0); raises as ``act``."""
+        self.check_mask(mask, where)
         out, variant = await self.forward(obs, where, policy_id, forced)
-        return self.policy.space.distribution(out.heads), out.version, variant
+        return self.policy.space.distribution(out.heads, mask), out.version, variant
+
+
+def masks_of(rows: Sequence[list[bool] | None], width: int) -> np.ndarray | None:
+    """Per-row masks (None: every action allowed) → bool ``(B, width)``; None when no row has one."""
+    if all(row is None for row in rows):
+        return None
+    return np.array([[True] * width if row is None else row for row in rows], dtype=bool)

@@ -11,12 +11,15 @@ from typing import Any
 
 from fastapi import APIRouter, Depends, Path, Request, Response
 from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 
-from policy_server.errors import NotTrainable
+from policy_server.errors import InvalidRequest, NotTrainable
 from policy_server.gateway.auth import Auth
 from policy_server.gateway.errors import in_body
 from policy_server.gateway.openapi import error_docs
+from policy_server.gateway.policy.binary import NPY, media_type
+from policy_server.gateway.policy.binary_route import binary_doc, post_with_binary
 from policy_server.gateway.policy.router import ERRORS
 from policy_server.gateway.training.experience import CLIENT_ID_PATTERN, experience_model
 from policy_server.gateway.training.service import TrainingService
@@ -35,6 +38,11 @@ TRAINING_ERRORS = ERRORS | error_docs({
     409: "`stale_samples`: every sample came from too old a model version; "
     "`training_not_running`: training is paused or stopped.",
 })
+EXPERIENCE_DOC = binary_doc(None, (
+    "Steps as safetensors (safetensors.numpy.save), one row per step: tensors `obs` and `next_obs` "
+    "(N, ...) (a Dict space: `obs.<key>`), `actions` (N,) or (N, k), `rewards` (N,), optional "
+    "`terminated`, `truncated` (bool, N) and `log_probs` (N,); metadata `client_id`, `model_version` "
+    "(decimal) and optional `variant`."))
 
 
 
@@ -95,7 +103,14 @@ def training_router(service: TrainingService, auth: Auth, prefix: str) -> APIRou
         """Tell the server the client is alive; answers the current version and state."""
         return await service.require_trainer().heartbeat(client_id)
 
-    @experience_router.post("/experience", response_model=ExperienceAnswer)
+    async def binary_experience(request: Request) -> Any:
+        if media_type(request.headers.get("content-type")) == NPY:
+            raise InvalidRequest.at("body", "experience is several tensors: send application/safetensors "
+                                    "(obs, next_obs, actions, rewards, ...) or JSON")
+        return JSONResponse(await service.experience_tensors(await request.body()))
+
+    @post_with_binary(experience_router, "/experience", binary_experience, EXPERIENCE_DOC,
+                      response_model=ExperienceAnswer)
     async def experience(body: ExperienceRequest) -> Any:  # type: ignore[valid-type]
         """Send experience: episode fragments and/or single steps. All of it is validated first;
         one malformed sample refuses the request (422) and stores nothing."""

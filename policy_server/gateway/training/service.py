@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -19,6 +20,7 @@ from policy_server.experience_log.records import Outcomes
 from policy_server.experience_log.writer import ExperienceLog
 from policy_server.gateway.policy.candidate import PolicyVersions
 from policy_server.gateway.request_ids import asker
+from policy_server.gateway.training import binary
 from policy_server.gateway.training.experience import ExperienceRequest, to_batch
 from policy_server.policies.served import ServedPolicy
 from policy_server.policies.spaces import ActionSample, BoxSpace
@@ -53,11 +55,26 @@ class TrainingService:
             await self.require_trainer().count_malformed(request.rows, request.client_id)
             raise
         self._log(request, batch)
+        pieces = [(f.variant, f.rewards, f.terminated or f.truncated) for f in request.fragments]
+        pieces += [(s.variant, [s.reward], s.terminated or s.truncated) for s in request.steps]
+        return await self._submit(batch, pieces)
+
+    async def experience_tensors(self, body: bytes) -> dict[str, Any]:
+        """``experience`` of a safetensors body (``training.binary``); a bad one stores nothing."""
+        try:
+            batch, variant = binary.experience(body, self.policy, self.max_rows)
+        except InvalidRequest:
+            await self.require_trainer().count_malformed(1, None)
+            raise
+        ends = batch.episode_end.tolist()
+        return await self._submit(batch, [(variant, [r], end) for r, end in zip(batch.rewards.tolist(), ends)])
+
+    async def _submit(self, batch: ExperienceBatch, pieces: list[tuple[Any, Sequence[float], bool]]) -> dict[str, Any]:
+        """Hand checked steps to the trainer; ``pieces`` (variant, rewards, ends an episode) count
+        episode returns per version of a policy with a candidate."""
         answer = await self.require_trainer().submit(batch)
         if self.versions is not None:
-            pieces = [(f.variant, f.rewards, f.terminated or f.truncated) for f in request.fragments]
-            pieces += [(s.variant, [s.reward], s.terminated or s.truncated) for s in request.steps]
-            self.versions.experience(request.client_id, pieces)
+            self.versions.experience(batch.client_id, pieces)
         return answer
 
     def _log(self, request: ExperienceRequest, batch: ExperienceBatch) -> None:
@@ -71,14 +88,15 @@ class TrainingService:
             batch.next_obs[named]))
 
     async def collect(
-        self, client_id: str, obs: np.ndarray, sample: ActionSample, version: int, reward: float, done: bool
+        self, client_id: str, obs: np.ndarray, sample: ActionSample, version: int, reward: float, done: bool,
+        mask: np.ndarray | None = None,
     ) -> dict[str, Any]:
-        """Hand one ``/collect_experience`` call to the trainer: ``obs`` float32 (obs_dim,) and the
-        ``sample`` the server answered for it with ``version``; ``reward`` and ``done`` are of the
-        client's previous action."""
+        """Hand one ``/collect_experience`` call to the trainer: ``obs`` (*obs_shape,) as the model
+        reads it, its action ``mask`` bool (mask_width,) if any, and the ``sample`` the server
+        answered for it with ``version``; ``reward`` and ``done`` are of the client's previous action."""
         dtype = np.float32 if isinstance(self.policy.space, BoxSpace) else np.int64
         action = np.asarray(sample.action if isinstance(sample.action, list) else [sample.action], dtype=dtype)
-        acted = Acted(np.asarray(obs, dtype=np.float32), action, sample.log_prob, version)
+        acted = Acted(np.asarray(obs, dtype=self.policy.obs_dtype), action, sample.log_prob, version, mask)
         return await self.require_trainer().collect(client_id, acted, reward, done)
 
     async def count_malformed(self, body: bytes) -> None:

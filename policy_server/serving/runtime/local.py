@@ -277,7 +277,7 @@ class LocalRuntime(Runtime):
         assert spec.policies_dir is not None
         self._loaded.pop(spec.name, None)
         served, reference = await local(resolve_policy, spec)
-        signature = Signature.of(reference, served.obs_dim)
+        signature = Signature.of(reference, served.obs_dim, served.obs_shape, served.obs_dtype.name)
         return LocalMultiplexedModel(spec.policies_dir, signature, spec.resources.max_models_per_replica)
 
     async def candidate_model(self, spec: PolicySpec) -> LocalPolicyModel:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -123,3 +124,15 @@ def test_openapi_documents_the_id_routes_and_the_header(client: TestClient) -> N
     plain = paths["/policies/fleet/predict"]["post"]
     assert [(p["name"], p["in"], p["required"]) for p in plain["parameters"]] == [("x-policy-id", "header", True)]
     assert "/policies/fleet/ids" in paths and "/policies/fleet/weights" not in paths
+
+
+def test_a_binary_body_selects_the_id_by_path_and_by_header(client: TestClient) -> None:
+    row = io.BytesIO()
+    np.save(row, np.array(list(OBS.values()), dtype=np.float32))
+    npy = {"content-type": "application/x-npy"}
+    for policy_id in IDS[:2]:
+        expected = client.post(f"/policies/fleet/ids/{policy_id}/distribution", json=OBS).json()
+        by_path = client.post(f"/policies/fleet/ids/{policy_id}/distribution", content=row.getvalue(), headers=npy)
+        by_header = client.post("/distribution", content=row.getvalue(), headers=npy | {"X-Policy-Id": policy_id})
+        assert by_path.json() == by_header.json() == expected
+    assert client.post("/distribution", content=row.getvalue(), headers=npy).status_code == 422  # no id: required

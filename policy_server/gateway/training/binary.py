@@ -1,0 +1,108 @@
+"""``/train/experience`` as safetensors: the JSON form's steps, one tensor per field (``policy.binary``)."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import gymnasium.spaces as gs
+import numpy as np
+
+from policy_server.errors import FieldError, InvalidRequest
+from policy_server.gateway.policy.binary import (
+    NUMERIC,
+    check_tensor,
+    leaves,
+    model_input,
+    observation_space,
+    read_safetensors,
+    unknown_tensors,
+)
+from policy_server.gateway.training.experience import CLIENT_ID_PATTERN, to_actions
+from policy_server.policies.served import ServedPolicy
+from policy_server.training.experience import ExperienceBatch
+
+_REAL = gs.Box(-np.inf, np.inf, (), np.float32)
+_FLAG = gs.Box(0, 1, (), np.uint8)
+_STEP_TENSORS = ("actions", "rewards", "terminated", "truncated", "log_probs")
+_METADATA = ("client_id", "model_version", "variant")
+
+
+def experience(body: bytes, policy: ServedPolicy, max_rows: int) -> tuple[ExperienceBatch, str | None]:
+    """The steps of a safetensors ``/train/experience`` body, checked as the JSON form's ``steps``
+    are, and the variant that acted them (None when not sent).
+
+    One row per step (``N`` from 1 to ``max_rows``): ``obs`` and ``next_obs`` (``obs.<key>`` /
+    ``next_obs.<key>`` for a Dict space) ``(N, ...)``, ``actions`` ``(N,)`` or ``(N, k)`` (indices,
+    or a Box's values), ``rewards`` ``(N,)``, optional ``terminated`` and ``truncated`` ``(N,)``
+    (bool; false when absent) and ``log_probs`` ``(N,)``; metadata ``client_id``, ``model_version``
+    (decimal text) and optional ``variant``. As in the JSON form, consecutive steps whose next
+    observation is the following observation form one fragment. Raises InvalidRequest naming the
+    tensor or ``body.__metadata__.<key>``.
+    """
+    tensors, metadata = read_safetensors(body)
+    client_id, version, variant = _metadata(metadata)
+    space = observation_space(policy)
+    obs_names = [name for prefix in ("obs", "next_obs") for name, _ in leaves(space, prefix)]
+    unknown_tensors(tensors, [*obs_names, *_STEP_TENSORS], "body")
+    for required in ("actions", "rewards"):
+        if required not in tensors:
+            raise InvalidRequest.at(f"body.{required}", "missing: one row per step")
+    rewards = tensors["rewards"]
+    n = rewards.shape[0] if rewards.ndim == 1 else 0
+    if not 1 <= n <= max_rows:
+        raise InvalidRequest.at("body.rewards", f"shape {list(rewards.shape)}: (N,) with N from 1 to {max_rows} steps")
+    obs = _rows(tensors, space, "obs", n)
+    next_obs = _rows(tensors, space, "next_obs", n)
+    flags = {name: check_tensor(tensors[name], _FLAG, f"body.{name}", n).astype(bool) if name in tensors
+             else np.zeros(n, dtype=bool) for name in ("terminated", "truncated")}
+    log_probs = (check_tensor(tensors["log_probs"], _REAL, "body.log_probs", n) if "log_probs" in tensors
+                 else np.full(n, np.nan, dtype=np.float32))
+    follows = np.zeros(n, dtype=bool)
+    if n > 1:
+        follows[:-1] = (next_obs[:-1] == obs[1:]).reshape(n - 1, -1).all(axis=1)
+    terminated, truncated = flags["terminated"], flags["truncated"] & ~flags["terminated"]
+    batch = ExperienceBatch(
+        obs=obs, next_obs=next_obs, actions=_actions(tensors["actions"], policy, n),
+        rewards=check_tensor(rewards, _REAL, "body.rewards", n), terminated=terminated, truncated=truncated,
+        segment_end=terminated | truncated | ~follows, log_probs=log_probs,
+        versions=np.full(n, version, dtype=np.int64), client_id=client_id,
+    )
+    return batch, variant
+
+
+def _rows(tensors: dict[str, np.ndarray], space: gs.Space[Any], name: str, n: int) -> np.ndarray:
+    rows = model_input(tensors, space, "body", True, n, name=name)
+    if len(rows) != n:
+        raise InvalidRequest.at(f"body.{leaves(space, name)[0][0]}", f"{len(rows)} rows for {n} rewards")
+    return rows
+
+
+def _actions(actions: np.ndarray, policy: ServedPolicy, n: int) -> np.ndarray:
+    """The actions checked as the JSON form's (``experience.to_actions``), from ``(N,)`` or ``(N, k)``."""
+    if actions.dtype.kind not in NUMERIC or actions.ndim not in (1, 2) or actions.shape[0] != n:
+        raise InvalidRequest.at("body.actions", f"{actions.dtype} of shape {list(actions.shape)}: numbers of "
+                                f"shape ({n},) or ({n}, k), one row per step")
+    if actions.dtype.kind == "f":
+        check_tensor(actions, gs.Box(-np.inf, np.inf, actions.shape[1:], np.float32), "body.actions", n)
+    errors: list[FieldError] = []
+    checked = to_actions(actions.reshape(n, -1).tolist(), "body.actions", policy, errors)
+    if checked is None:
+        raise InvalidRequest(f"invalid experience: {errors[0].field}: {errors[0].message}", errors[:20])
+    return checked
+
+
+def _metadata(metadata: dict[str, str]) -> tuple[str, int, str | None]:
+    """``client_id``, ``model_version`` and ``variant`` of the safetensors ``__metadata__``."""
+    where = "body.__metadata__"
+    unknown_tensors(metadata, list(_METADATA), where)
+    client_id = metadata.get("client_id", "")
+    if not (1 <= len(client_id) <= 128 and re.fullmatch(CLIENT_ID_PATTERN, client_id)):
+        raise InvalidRequest.at(f"{where}.client_id", f"{client_id!r}: 1 to 128 of A-Z a-z 0-9 _ . : -")
+    version = metadata.get("model_version", "")
+    if not re.fullmatch("[0-9]+", version) or int(version) > np.iinfo(np.int64).max:
+        raise InvalidRequest.at(f"{where}.model_version", f"{version!r}: the model version that acted, in decimal")
+    variant = metadata.get("variant")
+    if variant not in (None, "stable", "canary"):
+        raise InvalidRequest.at(f"{where}.variant", f"{variant!r}: stable or canary")
+    return client_id, int(version), variant
