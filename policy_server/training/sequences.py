@@ -99,7 +99,8 @@ class RecurrentPPOLearner(PPOLearner):
             for i, mb_chunks in enumerate(torch.tensor_split(order, num_minibatches)):
                 idx, ok = index_t[mb_chunks], valid_t[mb_chunks]
                 rows = idx[ok]  # the real steps, chunk-major, in time order
-                mb = {k: b[k][rows] for k in ("obs", "actions", "log_probs", "advantages", "returns", "values")}
+                keys = ("obs", "actions", "log_probs", "advantages", "returns", "values", "masks")
+                mb = {k: b[k][rows] for k in keys if k in b}  # masks: of a masked action space only
                 mb["seq_obs"] = b["obs"][idx][..., :self.obs_dim]
                 mb["seq_start"] = b["obs"][idx[:, 0], self.obs_dim:]
                 mb["seq_valid"] = ok
@@ -115,7 +116,7 @@ class RecurrentPPOLearner(PPOLearner):
         """New log-probs and entropy of the real steps, the state recomputed through each chunk."""
         heads = unroll(self.actor, self.layout, mb["seq_obs"], mb["seq_start"])
         ok = mb["seq_valid"]
-        return log_prob_entropy(self.space, [h[ok] for h in heads], mb["actions"])
+        return log_prob_entropy(self.space, [h[ok] for h in heads], mb["actions"], mb.get("masks"))
 
     def rows_width(self) -> int:
         """The width of an experience row: the observation and the packed state."""

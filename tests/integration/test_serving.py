@@ -38,10 +38,25 @@ PREFIX = "it-serving"
 POLICY_BODIES = {"lpoc": LPOC_OBS, "tuple": TUPLE_OBS, "box": BOX_OBS}
 
 
+def lstm_model(folder: Path) -> Path:
+    import torch
+
+    from policy_server.policies.lstm import LSTMPolicy, export_recurrent
+
+    torch.manual_seed(0)
+    module = LSTMPolicy(3, 4, 2)
+    return export_recurrent(module, 3, module.state_shapes(), folder / "lstm.pt", "torchscript")
+
+
 @pytest.fixture(scope="module")
 def server(ray_session: int, model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     path = tmp_path_factory.mktemp("serve") / "schema.yaml"
-    path.write_text(yaml.safe_dump(multi_policy_schema(model_dir), sort_keys=False))
+    schema = multi_policy_schema(model_dir)
+    schema["policies"]["memory"] = {  # recurrent, on 2 replicas: the state travels with the rows
+        "observations": {"x": {"type": "List[float]", "min_items": 3, "max_items": 3}},
+        "model": str(lstm_model(path.parent)), "action_space": {"type": "discrete", "n": 2},
+        "recurrent": {"state": {"h": [1, 4], "c": [1, 4]}}, "resources": {"num_cpus": 0.1, "num_replicas": 2}}
+    path.write_text(yaml.safe_dump(schema, sort_keys=False))
     metrics_port = free_port()
     settings = Settings(schema_path=path, gateway_metrics_port=metrics_port, serve_app_prefix=PREFIX, seed=0)
     app = build_app(settings)
@@ -79,6 +94,27 @@ def test_answers_over_serve_match_the_in_process_model(server: dict[str, Any], m
     assert list(probs.values()) == pytest.approx(expected, abs=1e-6)
     sample = client.post("/predict", json=LPOC_OBS).json()
     assert sample["probability"] == pytest.approx(math.exp(sample["log_prob"]))
+
+
+def test_a_recurrent_policys_episodes_step_on_any_replica_with_the_state_kept_by_the_gateway(server: dict[str, Any]) -> None:
+    from policy_server.policies.recurrent import StateLayout
+    from policy_server.policies.torch_policy import TorchPolicy
+
+    client: httpx.Client = server["client"]
+    layout = StateLayout({"h": (1, 4), "c": (1, 4)})
+    policy = TorchPolicy.from_file(server["app"].state.schema.policies["memory"].model, state=layout)
+    observations = [[0.5, -1.0, 2.0], [1.0, 0.0, -0.5], [-2.0, 0.3, 0.1], [0.0, 0.0, 1.0]]
+    episodes = {f"e{i}": layout.zeros(1) for i in range(6)}
+    for step, obs in enumerate(observations):  # 6 episodes, concurrently in one batch and one by one
+        batch = [{"x": obs, "episode_id": e, "episode_start": step == 0} for e in episodes]
+        answers = client.post("/policies/memory/distribution/batch", json={"observations": batch[:3]}).json()["results"]
+        answers += [client.post("/policies/memory/distribution", json=row).json() for row in batch[3:]]
+        for (episode, state), answer in zip(list(episodes.items()), answers, strict=True):
+            out = policy.forward(np.concatenate([np.array([obs], dtype=np.float32), state], axis=1))
+            expected = np.exp(out.heads[0][0] - out.heads[0][0].max())
+            assert list(answer["probabilities"].values()) == pytest.approx(expected / expected.sum(), abs=1e-5)
+            assert answer["state_reset"] is False
+            episodes[episode] = np.concatenate(out.heads[1:], axis=1)
 
 
 def test_concurrent_requests_are_batched_and_all_answered(server: dict[str, Any]) -> None:
@@ -237,7 +273,7 @@ def test_weights_hot_swap_on_every_replica_without_failing_requests(server: dict
 def test_readiness_and_status(server: dict[str, Any]) -> None:
     ready = httpx.get(f"{server['url']}/health/ready")
     assert ready.status_code == 200
-    assert ready.json()["policies"] == {"lpoc": True, "tuple": True, "box": True, "faulty": True}
+    assert ready.json()["policies"] == {"lpoc": True, "tuple": True, "box": True, "faulty": True, "memory": True}
 
 
 def test_ray_metrics_export_serves_serve_and_replica_metrics(server: dict[str, Any]) -> None:
