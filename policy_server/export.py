@@ -83,15 +83,21 @@ def export_module(
     path.parent.mkdir(parents=True, exist_ok=True)
     module = module.eval()
     example = torch.zeros(2, *(obs_dim if isinstance(obs_dim, tuple) else (obs_dim,)), dtype=dtype)
-    batch = torch.export.Dim("batch", min=1, max=1 << 20)
     if fmt == "onnx":
         export_onnx(module, example, path.with_suffix(".onnx"))
         return path.with_suffix(".onnx")
+    return save_module(module, (example,), path, fmt)
+
+
+def save_module(module: nn.Module, example: tuple[torch.Tensor, ...], path: Path, fmt: Literal["export", "torchscript"]) -> Path:
+    """Save ``module`` traced on ``example`` (every input batch-first; the batch dimension dynamic)
+    as ``<path>.pt2`` (``torch.export``) or TorchScript at ``path``; returns the file written."""
     if fmt == "export":
-        program = torch.export.export(module, (example,), dynamic_shapes=({0: batch},))
+        batch = torch.export.Dim("batch", min=1, max=1 << 20)
+        program = torch.export.export(module, example, dynamic_shapes=tuple({0: batch} for _ in example))
         torch.export.save(program, path.with_suffix(".pt2"))
         return path.with_suffix(".pt2")
-    with warnings.catch_warnings():
+    with warnings.catch_warnings():  # TorchScript is deprecated in torch 2.13 but still loads
         warnings.simplefilter("ignore", DeprecationWarning)
         torch.jit.save(torch.jit.trace(module, example), path)
     return path

@@ -4,12 +4,13 @@ recurrent PPO learner's tests. The server serves any module that keeps the conve
 
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 from typing import Literal
 
 import torch
 from torch import nn
+
+from policy_server.export import save_module
 
 
 class LSTMPolicy(nn.Module):
@@ -42,12 +43,4 @@ def export_recurrent(
     path.parent.mkdir(parents=True, exist_ok=True)
     module = module.eval()
     example = (torch.zeros(2, obs_dim), *(torch.zeros(2, *shape) for shape in state.values()))
-    if fmt == "export":
-        batch = torch.export.Dim("batch", min=1, max=1 << 20)
-        program = torch.export.export(module, example, dynamic_shapes=tuple({0: batch} for _ in example))
-        torch.export.save(program, path.with_suffix(".pt2"))
-        return path.with_suffix(".pt2")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        torch.jit.save(torch.jit.trace(module, example), path)
-    return path
+    return save_module(module, example, path, fmt)
