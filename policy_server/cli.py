@@ -32,6 +32,7 @@ EXAMPLE_BUILDERS: dict[str, str] = {
     "llm": "examples/llm/build_tiny_model.py",
     "alphabetical": "examples/alphabetical/pretrain.py",
     "atari": "examples/atari/build_model.py",
+    "masked": "examples/masked/scheduler.py",
 }
 """Examples whose models are built here rather than committed (no downloads): the script whose
 ``build_models(out_dir, progress)`` writes them, by the example folder's name."""

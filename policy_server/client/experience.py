@@ -5,7 +5,7 @@ policy's trainer, posts the steps it logs as episode fragments, and controls tra
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,6 +31,7 @@ class _Fragment:
     actions: list[ActionValue] = field(default_factory=list)
     rewards: list[float] = field(default_factory=list)
     log_probs: list[float | None] = field(default_factory=list)
+    action_masks: list[list[bool] | None] = field(default_factory=list)  # one per observation, None: unknown
     terminated: bool = False
     truncated: bool = False
     variant: str = "stable"  # the policy's version that acted (a policy with a candidate counts returns per version)
@@ -44,6 +45,7 @@ class _Fragment:
             "actions": self.actions,
             "rewards": self.rewards,
             "log_probs": known,
+            "action_masks": _masks(self.action_masks),
             "terminated": self.terminated,
             "truncated": self.truncated,
         }
@@ -151,6 +153,8 @@ class PolicyClient(ActingClient):
         model_version: int | None = None,
         variant: str | None = None,
         stream: int = 0,
+        action_mask: Sequence[bool] | None = None,
+        next_action_mask: Sequence[bool] | None = None,
     ) -> None:
         """Record one environment step; posts experience every ``fragment_steps`` steps.
 
@@ -160,7 +164,9 @@ class PolicyClient(ActingClient):
         differs from its ``next_obs``) or was acted by another version starts a new fragment.
         Acting on the server, the rest of an episode is asked of the version that acted its first step.
         ``stream`` tells interleaved episodes apart (the sub-environment of a vector environment):
-        each stream's steps form their own fragments.
+        each stream's steps form their own fragments. ``action_mask`` / ``next_action_mask``: the
+        legal actions at ``obs`` / ``next_obs`` (an env's ``action_masks()``), sent with the
+        experience for the trainer (named observations may carry theirs instead).
         """
         if not self._registered:
             self.register()
@@ -170,6 +176,12 @@ class PolicyClient(ActingClient):
         variant = variant or self.last_variant
         self._episode_variant = None if terminated or truncated or self.inference == "local" else variant
         frag = self._fragment_for(obs, version, variant, stream)
+        mask = None if action_mask is None else [bool(m) for m in action_mask]
+        if len(frag.action_masks) < len(frag.observations):  # a new fragment: its first observation's
+            frag.action_masks.append(mask)
+        elif mask is not None:
+            frag.action_masks[-1] = mask
+        frag.action_masks.append(None if next_action_mask is None else [bool(m) for m in next_action_mask])
         frag.observations.append(self.wire(next_obs))
         self._last_next_obs[stream] = next_obs
         frag.actions.append(wire_action(action))
@@ -292,3 +304,10 @@ class PolicyClient(ActingClient):
 
     def checkpoints(self) -> list[dict[str, Any]]:
         return self._get("/train/checkpoints")["checkpoints"]
+
+
+def _masks(masks: list[list[bool] | None]) -> list[list[bool]] | None:
+    """A fragment's masks on the wire: None when none is known, else one per observation (an
+    unknown one allows every action)."""
+    known = next((m for m in masks if m is not None), None)
+    return None if known is None else [[True] * len(known) if m is None else m for m in masks]

@@ -12,13 +12,14 @@ from typing import Any
 
 import gymnasium.spaces as gs
 import numpy as np
-from pydantic import BaseModel
+from pydantic import BaseModel, Field, create_model
 
 from policy_server.errors import SchemaError, summary
+from policy_server.fields import StrictBool
 from policy_server.policies.recurrent import StateLayout, StateShapeError, state_layout
 from policy_server.policies.spaces import ActionSpace, make_action_space
 from policy_server.policies.torch_policy import PolicyOutput, TorchPolicy
-from policy_server.schema.config import DEFAULT_POLICY, PolicySpec
+from policy_server.schema.config import DEFAULT_POLICY, PolicySpec, mask_field
 from policy_server.schema.gym_spaces import model_input, parse_space
 from policy_server.schema.observations import Widths, build_observation_model, resolve_widths
 from policy_server.schema.space_inputs import input_space, mask_size
@@ -43,6 +44,15 @@ class ServedPolicy:
     mask_key: str | None = None
     recurrent: StateLayout | None = None
     """A recurrent policy's state tensors (its model-input rows are ``[obs | packed state]``)."""
+    mask_attribute: str | None = None
+    """The observation model's attribute that holds the action mask (the schema's ``mask``
+    observation, or a request's top-level ``action_mask``); not part of the model input."""
+
+    @property
+    def mask_name(self) -> str | None:
+        """The request field that carries the action mask: the schema's ``mask`` observation or
+        ``action_mask``; None when the action space takes no mask."""
+        return (mask_field(self.spec.action_space) or "action_mask") if self.space.mask_width else None
 
     def __post_init__(self) -> None:
         if not self.obs_shape:  # Pathmind's observations: a flat float32 vector
@@ -88,9 +98,11 @@ def resolve_policy(spec: PolicySpec) -> tuple[ServedPolicy, TorchPolicy]:
     model_width = policy.input_width()
     obs_where = "observations" if spec.name == DEFAULT_POLICY else f"policies.{spec.name}.observations"
     widths: Widths = {}
-    if spec.observations:
+    mask = mask_field(spec.action_space)
+    inputs = {name: o for name, o in (spec.observations or {}).items() if name != mask}  # the mask is no input
+    if inputs:
         try:
-            widths = resolve_widths(spec.observations, model_width, obs_where)
+            widths = resolve_widths(inputs, model_width, obs_where)
         except ValueError as exc:
             raise SchemaError(str(exc)) from exc
         if None in widths.values():  # several open lists share the columns the model leaves
@@ -116,10 +128,40 @@ def resolve_policy(spec: PolicySpec) -> tuple[ServedPolicy, TorchPolicy]:
         space = make_action_space(spec.action_space, heads, f"{where}.action_space")
     except ValueError as exc:
         raise SchemaError(str(exc)) from exc
-    model = None
+    model, attribute = None, None
     if spec.observations:
-        model = build_observation_model(f"{model_prefix(spec.name)}Observation", spec.observations, widths, obs_dim)
-    return ServedPolicy(spec, space, obs_dim, model, recurrent=layout), policy
+        model, attribute = _observation_model(spec, space, widths, obs_dim)
+    return ServedPolicy(spec, space, obs_dim, model, recurrent=layout, mask_attribute=attribute), policy
+
+
+def _observation_model(
+    spec: PolicySpec, space: ActionSpace, widths: Widths, obs_dim: int
+) -> tuple[type[BaseModel], str | None]:
+    """The request model of a policy's observations, and the attribute that holds its action mask:
+    the schema's ``mask`` observation (of the space's mask width), or else, for a space that takes
+    masks, an optional top-level ``action_mask``."""
+    assert spec.observations is not None
+    name, mask = f"{model_prefix(spec.name)}Observation", mask_field(spec.action_space)
+    if mask is not None:
+        given = spec.observations[mask].width
+        if given not in (None, space.mask_width):
+            raise SchemaError(f"{_where(spec)}.action_space.mask: the observation {mask!r} holds {given} values; "
+                              f"the action space has {space.mask_width} actions")
+        widths = {n: space.mask_width if n == mask else widths[n] for n in spec.observations}
+        model = build_observation_model(name, spec.observations, widths, obs_dim + space.mask_width)
+        return model, next(a for a, f in model.model_fields.items() if f.alias == mask)
+    model = build_observation_model(name, spec.observations, widths, obs_dim)
+    if not space.mask_width or "action_mask" in spec.observations:
+        return model, None
+    width = space.mask_width
+    masked = create_model(  # type: ignore[call-overload]
+        name, __base__=model, __doc__=model.__doc__,
+        action_mask=(list[StrictBool] | None, Field(
+            None, min_length=width, max_length=width,
+            description=f"Optional: the legal actions, {width} booleans (true = allowed); a masked action "
+                        "gets probability 0.")),
+    )
+    return masked, "action_mask"
 
 
 def probe(policy: TorchPolicy, obs_dim: int, model_width: int | None, obs_where: str, name: str) -> PolicyOutput:

@@ -413,9 +413,10 @@ def _resolve(name: str, entry: _PolicyEntry, base_dir: Path) -> PolicySpec:
 
 
 def _check_mask(entry: _PolicyEntry, space: ActionSpecs, where: str) -> None:
-    """An action space's ``mask`` names a ``List[bool]`` observation of the policy."""
+    """An action space's ``mask`` names a ``List[bool]`` observation of the policy (a key of a Dict
+    ``observation_space``: checked against the space by ``policies.served.resolve_policy``)."""
     name = mask_field(space)
-    if name is None:
+    if name is None or entry.observation_space is not None:
         return
     spec = (entry.observations or {}).get(name)
     if spec is None:

@@ -164,17 +164,20 @@ def build_observation_model(
 
 
 @cache
-def _reader(model: type[BaseModel]) -> Callable[[BaseModel], Any]:
-    return attrgetter(*model.model_fields)
+def _reader(model: type[BaseModel], exclude: str | None) -> tuple[Callable[[BaseModel], Any], int]:
+    names = [name for name in model.model_fields if name != exclude]
+    return attrgetter(*names), len(names)
 
 
-def flatten(observations: list[BaseModel], model: type[BaseModel] | None = None) -> np.ndarray:
+def flatten(
+    observations: list[BaseModel], model: type[BaseModel] | None = None, exclude: str | None = None
+) -> np.ndarray:
     """Observations of one generated model → float32 array ``(B, obs_dim)`` in schema order;
-    ``model``: read only its fields (of observations of a model derived from it)."""
-    model = model or type(observations[0])
-    get = _reader(model)
+    ``model``: read only its fields (of observations of a model derived from it); ``exclude``: the
+    attribute that is no model input (the action mask, ``ServedPolicy.mask_attribute``)."""
+    get, n_fields = _reader(model or type(observations[0]), exclude)
     rows = [get(obs) for obs in observations]
-    if len(model.model_fields) == 1:
+    if n_fields == 1:
         rows = [(value,) for value in rows]
     if any(isinstance(value, list) for value in rows[0]):
         rows = [list(chain.from_iterable(v if isinstance(v, list) else (v,) for v in row)) for row in rows]

@@ -10,6 +10,7 @@ import torch
 from policy_server.training.experience import ExperienceBatch
 
 _TRANSITION = ("obs", "actions", "rewards", "next_obs", "terminated")
+_MASKS = ("masks", "next_masks")
 
 
 class RolloutBuffer:
@@ -43,11 +44,18 @@ class ReplayBuffer:
     """The newest ``capacity`` transitions ``(obs, action, reward, next_obs, terminated)``.
 
     A ring of numpy arrays; truncated transitions are stored with ``terminated`` false, so the
-    TD target bootstraps them.
+    TD target bootstraps them. With ``mask_width``, the legal actions at ``obs`` and ``next_obs``
+    too (``masks``, ``next_masks``; a batch without them allows every action).
     """
 
-    def __init__(self, capacity: int, obs_dim: int, action_dim: int = 1, action_dtype: type = np.int64) -> None:
+    def __init__(
+        self, capacity: int, obs_dim: int, action_dim: int = 1, action_dtype: type = np.int64, mask_width: int = 0
+    ) -> None:
         self.capacity = capacity
+        self.fields = _TRANSITION + (_MASKS if mask_width else ())
+        if mask_width:
+            self.masks = np.ones((capacity, mask_width), dtype=bool)
+            self.next_masks = np.ones((capacity, mask_width), dtype=bool)
         self.obs = np.zeros((capacity, obs_dim), dtype=np.float32)
         self.next_obs = np.zeros((capacity, obs_dim), dtype=np.float32)
         self.actions = np.zeros((capacity, action_dim), dtype=action_dtype)
@@ -60,7 +68,11 @@ class ReplayBuffer:
         return self._size
 
     def add(self, batch: ExperienceBatch) -> None:
-        self._put({name: getattr(batch, name) for name in _TRANSITION})
+        rows = {name: getattr(batch, name) for name in _TRANSITION}
+        for name in self.fields[len(_TRANSITION):]:
+            given = getattr(batch, name)
+            rows[name] = np.ones((len(batch), self.masks.shape[1]), dtype=bool) if given is None else given
+        self._put(rows)
 
     def _fit(self, obs: np.ndarray) -> None:
         """Take the observations' shape and dtype (an image space's ``(84, 84, 4)`` uint8, say) while
@@ -100,7 +112,7 @@ class ReplayBuffer:
 
     def rows(self, index: np.ndarray) -> dict[str, torch.Tensor]:
         """The transitions in these slots, as ``sample`` gives them."""
-        out = {name: torch.from_numpy(getattr(self, name)[index]) for name in _TRANSITION}
+        out = {name: torch.from_numpy(getattr(self, name)[index]) for name in self.fields}
         out["terminated"] = out["terminated"].float()
         return out
 
@@ -108,7 +120,7 @@ class ReplayBuffer:
         """Forget the transitions in these slots (the others keep their order)."""
         order = self._ordered()
         kept = order[~np.isin(order, index)]
-        rows = {name: getattr(self, name)[kept] for name in _TRANSITION}
+        rows = {name: getattr(self, name)[kept] for name in self.fields}
         self._pos = self._size = 0
         self._put(rows)
 
@@ -120,9 +132,9 @@ class ReplayBuffer:
     def state_dict(self) -> dict[str, Any]:
         """The stored transitions, oldest first, as tensors (loadable with ``weights_only``)."""
         order = self._ordered()
-        return {name: torch.from_numpy(getattr(self, name)[order]) for name in _TRANSITION}
+        return {name: torch.from_numpy(getattr(self, name)[order]) for name in self.fields}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Replace the contents; a smaller capacity keeps the newest transitions."""
         self._pos = self._size = 0
-        self._put({name: state[name].numpy() for name in _TRANSITION})
+        self._put({name: state[name].numpy() for name in self.fields if name in state})

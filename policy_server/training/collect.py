@@ -26,19 +26,21 @@ from policy_server.training.experience import ExperienceBatch
 
 @dataclass(frozen=True)
 class Acted:
-    """What one call acted: obs (*obs_shape,) as the model reads it, action int64 (k,) or float32 (d,)."""
+    """What one call acted: obs (*obs_shape,) as the model reads it, action int64 (k,) or float32
+    (d,), and the legal actions at obs, bool (mask_width,) (None: every action)."""
 
     obs: np.ndarray
     action: np.ndarray
     log_prob: float
     version: int
+    mask: np.ndarray | None = None
 
 
 @dataclass
 class _Client:
     last_seen: float
     pending: Acted | None = None
-    steps: list[tuple[Acted, float, np.ndarray]] = field(default_factory=list)  # (acted, reward, next_obs)
+    steps: list[tuple[Acted, float, Acted]] = field(default_factory=list)  # (acted, reward, next call)
     terminated: bool = False  # the last step ended the episode
 
 
@@ -66,7 +68,7 @@ class StepCollector:
             previous = client.pending
             if client.steps and client.steps[-1][0].version != previous.version:
                 ready.append(_fragment(client_id, client))
-            client.steps.append((previous, reward, acted.obs))
+            client.steps.append((previous, reward, acted))
             client.terminated = done
         client.pending = None if done else acted
         if client.steps and (done or len(client.steps) >= self.fragment_steps):
@@ -93,9 +95,10 @@ def _fragment(client_id: str, client: _Client) -> ExperienceBatch:
     last = np.zeros(n, dtype=bool)
     last[-1] = True
     terminated, client.terminated = client.terminated, False
+    masked = any(a.mask is not None or b.mask is not None for a, _, b in steps)
     return ExperienceBatch(
         obs=np.stack([a.obs for a, _, _ in steps]),
-        next_obs=np.stack([next_obs for _, _, next_obs in steps]),
+        next_obs=np.stack([b.obs for _, _, b in steps]),
         actions=np.stack([a.action for a, _, _ in steps]),
         rewards=np.array([r for _, r, _ in steps], dtype=np.float32),
         terminated=last & terminated,
@@ -104,4 +107,12 @@ def _fragment(client_id: str, client: _Client) -> ExperienceBatch:
         log_probs=np.array([a.log_prob for a, _, _ in steps], dtype=np.float32),
         versions=np.array([a.version for a, _, _ in steps], dtype=np.int64),
         client_id=client_id,
+        masks=_stack_masks([a for a, _, _ in steps]) if masked else None,
+        next_masks=_stack_masks([b for _, _, b in steps]) if masked else None,
     )
+
+
+def _stack_masks(acted: list[Acted]) -> np.ndarray:
+    """The calls' masks as bool ``(N, W)``; a call without one allows every action."""
+    width = next(a.mask.shape[0] for a in acted if a.mask is not None) if any(a.mask is not None for a in acted) else 0
+    return np.stack([np.ones(width, dtype=bool) if a.mask is None else a.mask for a in acted])

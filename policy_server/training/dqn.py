@@ -75,7 +75,7 @@ class DQNLearner(Learner):
         self.generator = make_generator(seed)
         self.target = copy_module(actor)  # used under no_grad only
         self.optimizer = torch.optim.Adam(actor.parameters(), lr=config.learning_rate)
-        self.buffer = ReplayBuffer(config.buffer_size, obs_dim)
+        self.buffer = ReplayBuffer(config.buffer_size, obs_dim, mask_width=space.mask_width)
         self.gradient_steps = 0
         self.target_updates = 0
 
@@ -134,7 +134,7 @@ class DQNLearner(Learner):
         with torch.no_grad():
             next_q_online = q_values(self.actor, data["next_obs"]) if c.double_dqn else None
             target = td_target(data["rewards"], q_values(self.target, data["next_obs"]), data["terminated"],
-                               c.gamma, next_q_online)
+                               c.gamma, next_q_online, data.get("next_masks"))  # the best legal action
         old_val = q_values(self.actor, data["obs"]).gather(1, data["actions"]).squeeze(1)
         loss = F.mse_loss(old_val, target)
         try:

@@ -12,6 +12,8 @@ from dataclasses import dataclass, fields
 
 import numpy as np
 
+_MASKS = ("masks", "next_masks")
+
 
 @dataclass(frozen=True)
 class ExperienceBatch:
@@ -26,6 +28,8 @@ class ExperienceBatch:
     segment_end     bool (N,)   last row of a contiguous fragment (always set where an episode ends)
     log_probs       float32 (N,) log-probability of the action under the acting model; NaN unknown
     versions        int64 (N,)  model version that chose the action
+    masks           bool (N, W) the legal actions at ``obs`` (W: the space's ``mask_width``), or None
+    next_masks      bool (N, W) the legal actions at ``next_obs`` (DQN's TD target), or None
     """
 
     obs: np.ndarray
@@ -38,6 +42,8 @@ class ExperienceBatch:
     log_probs: np.ndarray
     versions: np.ndarray
     client_id: str = ""
+    masks: np.ndarray | None = None
+    next_masks: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.rewards)
@@ -48,7 +54,7 @@ class ExperienceBatch:
         ends = self.segment_end.copy()
         # a kept row whose successor is dropped ends its piece
         ends[:-1] |= mask[:-1] & ~mask[1:]
-        arrays = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "client_id"}
+        arrays = _arrays(self)
         arrays["segment_end"] = ends
         return ExperienceBatch(**{k: v[mask] for k, v in arrays.items()}, client_id=self.client_id)
 
@@ -57,8 +63,11 @@ class ExperienceBatch:
         """Rows of all batches in order; each batch's last row ends its piece."""
         if not batches:
             raise ValueError("nothing to concatenate")
-        names = [f.name for f in fields(ExperienceBatch) if f.name != "client_id"]
-        parts = {n: [getattr(b, n) for b in batches] for n in names}
+        parts = {n: [getattr(b, n) for b in batches] for n in _arrays(batches[0]) if n not in _MASKS}
+        for name in _MASKS:  # a batch without masks allows every action
+            width = next((getattr(b, name).shape[1] for b in batches if getattr(b, name) is not None), None)
+            if width is not None:
+                parts[name] = [_all_allowed(b, name, width) for b in batches]
         ends = [b.segment_end.copy() for b in batches]
         for e in ends:
             if len(e):
@@ -69,3 +78,14 @@ class ExperienceBatch:
     @property
     def episode_end(self) -> np.ndarray:
         return self.terminated | self.truncated
+
+
+def _arrays(batch: ExperienceBatch) -> dict[str, np.ndarray]:
+    """The batch's arrays by field name (not its client id, nor masks it has not got)."""
+    return {f.name: getattr(batch, f.name) for f in fields(batch)
+            if f.name != "client_id" and getattr(batch, f.name) is not None}
+
+
+def _all_allowed(batch: ExperienceBatch, name: str, width: int) -> np.ndarray:
+    mask = getattr(batch, name)
+    return np.ones((len(batch), width), dtype=bool) if mask is None else mask

@@ -69,14 +69,18 @@ def td_target(
     terminated: torch.Tensor,
     gamma: float,
     next_q_online: torch.Tensor | None = None,
+    next_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The DQN target ``r + gamma * (1 - terminated) * Q_target(s', a*)`` over ``(B,)`` samples.
 
     ``next_q_target`` is ``(B, A)``. Without ``next_q_online``, ``a*`` is the target network's
     argmax (Mnih et al. 2015); with it, the online network's argmax (double DQN, van Hasselt et
-    al. 2016). Truncated transitions pass ``terminated = 0``: they bootstrap.
+    al. 2016). Truncated transitions pass ``terminated = 0``: they bootstrap. ``next_mask`` bool
+    ``(B, A)``: ``a*`` is the best *legal* action in ``s'`` (a masked argmax).
     """
     chooser = next_q_target if next_q_online is None else next_q_online
+    if next_mask is not None:
+        chooser = chooser.masked_fill(~next_mask, -torch.inf)
     best = chooser.argmax(dim=1, keepdim=True)
     next_value = next_q_target.gather(1, best).squeeze(1)
     return (rewards + gamma * (1.0 - terminated) * next_value).detach()

@@ -31,7 +31,8 @@ _HEADER = struct.Struct("<QI")
 
 def encode(seq: int, batch: ExperienceBatch) -> bytes:
     """One record: ``seq``, then the batch as safetensors (arrays contiguous, client id as metadata)."""
-    arrays = {f.name: np.ascontiguousarray(getattr(batch, f.name)) for f in fields(batch) if f.name != "client_id"}
+    arrays = {f.name: np.ascontiguousarray(getattr(batch, f.name)) for f in fields(batch)
+              if f.name != "client_id" and getattr(batch, f.name) is not None}  # masks may be None
     data = save(arrays, metadata={"client_id": batch.client_id})
     return _HEADER.pack(seq, len(data)) + data
 

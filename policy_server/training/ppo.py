@@ -77,7 +77,8 @@ def critic_input(obs: torch.Tensor) -> torch.Tensor:
 
 
 def batch_tensors(batch: ExperienceBatch, device: str) -> dict[str, torch.Tensor]:
-    """The rows as ``(N, ...)`` tensors; flags as float 0/1, ``ends`` where GAE must stop."""
+    """The rows as ``(N, ...)`` tensors; flags as float 0/1, ``ends`` where GAE must stop; ``masks``
+    (bool ``(N, W)``, the legal actions) when the batch has them."""
     arrays = {
         "obs": batch.obs,
         "next_obs": batch.next_obs,
@@ -87,6 +88,8 @@ def batch_tensors(batch: ExperienceBatch, device: str) -> dict[str, torch.Tensor
         "terminated": batch.terminated.astype(np.float32),
         "ends": (batch.episode_end | batch.segment_end).astype(np.float32),
     }
+    if batch.masks is not None:
+        arrays["masks"] = batch.masks
     return {name: torch.as_tensor(value, device=device) for name, value in arrays.items()}
 
 
@@ -157,7 +160,7 @@ class PPOLearner(Learner):
         with torch.no_grad():
             values = self.critic(critic_input(t["obs"])).flatten()
             next_values = self.critic(critic_input(t["next_obs"])).flatten()
-            current_log_prob, _ = log_prob_entropy(self.space, self._heads(t["obs"]), t["actions"])
+            current_log_prob, _ = log_prob_entropy(self.space, self._heads(t["obs"]), t["actions"], t.get("masks"))
         # the rows arrive as one sequence: a (N, 1) rollout whose fragments end at `ends`
         advantages, returns = gae(
             t["rewards"][:, None], values[:, None], next_values[:, None], t["terminated"][:, None],
@@ -171,7 +174,7 @@ class PPOLearner(Learner):
             "advantages": advantages[:, 0],
             "returns": returns[:, 0],
             "values": values,
-        }
+        } | ({"masks": t["masks"]} if "masks" in t else {})
 
     def _optimise(self, b: dict[str, torch.Tensor]) -> dict[str, float]:
         """The epochs of minibatch steps; statistics are means over the steps taken."""
@@ -215,8 +218,9 @@ class PPOLearner(Learner):
         return as_heads(self.actor(obs))
 
     def _policy_terms(self, mb: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """The new log-probs of a minibatch's actions and the policy's entropy, both ``(M,)``."""
-        return log_prob_entropy(self.space, self._heads(mb["obs"]), mb["actions"])
+        """The new log-probs of a minibatch's actions and the policy's entropy, both ``(M,)``; with
+        the rows' action masks, of the masked logits (as sb3-contrib's MaskablePPO)."""
+        return log_prob_entropy(self.space, self._heads(mb["obs"]), mb["actions"], mb.get("masks"))
 
     def _named_params(self) -> list[tuple[str, nn.Parameter]]:
         return [*(("actor." + n, p) for n, p in self.actor.named_parameters()),

@@ -369,3 +369,19 @@ def test_serve_speaks_https_with_the_tls_settings_and_refuses_wrong_ones(model_d
             httpx.get(f"{url}/health/ready")  # the system's CAs do not know a self-signed certificate
     finally:
         stop_server(server)
+
+
+def test_export_minari_refuses_in_one_line_what_it_cannot_export(tmp_path: Path) -> None:
+    """The export itself is tested end to end in tests/gateway/test_experience_logs.py."""
+    from policy_server.errors import NotFound
+
+    with pytest.raises(NotFound, match="no experience log folder"):
+        cli.export_minari(str(tmp_path / "missing"), "served/x-v0")
+    (tmp_path / "log").mkdir()
+    (tmp_path / "log" / "p.spaces.json").write_text('{"policy": "p"}')
+    (tmp_path / "log" / "q.spaces.json").write_text('{"policy": "q"}')
+    with pytest.raises(Conflict, match="name one"):
+        cli.export_minari(str(tmp_path / "log"), "served/x-v0")
+    done = subprocess.run([sys.executable, "generate.py", "export_minari", str(tmp_path / "missing"), "served/x-v0"],
+                          check=False, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1 and done.stderr.strip().startswith("policy-server: no experience log folder")

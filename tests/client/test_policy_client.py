@@ -106,3 +106,22 @@ def test_acting_on_the_server_keeps_an_episode_on_one_version_and_reports_it(tmp
     counted = {v: versions[v]["episodes"] for v in ("stable", "canary")}
     assert counted == {v: sum(acted == {v} for acted in episodes) for v in ("stable", "canary")}
     assert {versions[v]["mean_episode_return"] for v in counted} == {5.0}
+
+
+def test_action_masks_travel_with_the_experience(trainable: tuple[str, Any]) -> None:
+    url, _ = trainable
+    env = gym.make("CartPole-v1")
+    obs, _ = env.reset(seed=0)
+    masks = [[True, True], [True, True], [True, False], [True, True]]  # as an env's action_masks() gives them
+    with PolicyClient(url, API_KEY, inference="remote", fragment_steps=100, client_id="masked-1") as client:
+        for t in range(3):
+            action = client.act(obs).action
+            next_obs, reward, terminated, truncated, _ = env.step(action)
+            client.log_step(obs, action, float(reward), terminated, truncated, next_obs,
+                            action_mask=masks[t], next_action_mask=masks[t + 1])
+            obs = next_obs
+        fragment = client._open[0].wire()
+        assert fragment["action_masks"] == masks
+        client.flush()
+        assert client.stats.samples_accepted == 3 and client.stats.posts == 1
+    env.close()

@@ -127,3 +127,28 @@ def test_a_full_queue_drops_and_counts_while_requests_stay_200_and_fast(tmp_path
         "policy_server_experience_log_dropped_total", {"policy": "default", "reason": "queue_full"})
     assert dropped == 49
     assert full < 2 * logging + 1.0, (full, logging)
+
+
+def test_image_observations_are_logged_and_exported_as_uint8(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import minari
+    import torch
+
+    from policy_server.export import CNNPolicy, export_module
+
+    torch.manual_seed(0)
+    export_module(CNNPolicy((16, 16, 2), 3), (16, 16, 2), tmp_path / "cnn.pt2", dtype=torch.uint8)
+    schema = {"observation_space": {"type": "box", "shape": [16, 16, 2], "dtype": "uint8", "low": 0, "high": 255},
+              "parameters": {"api_key": API_KEY, "model": "cnn.pt2", "action_space": {"type": "discrete", "n": 3},
+                             "experience_log": {"path": "log", "flush_s": 0.01}}}
+    (tmp_path / "schema.yaml").write_text(yaml.safe_dump(schema))
+    images = np.random.default_rng(0).integers(0, 256, (6, 16, 16, 2), dtype=np.uint8)
+    app = build_app(Settings(schema_path=tmp_path / "schema.yaml", backend="local", gateway_metrics_port=0))
+    with TestClient(app, headers={"access-token": API_KEY}) as client:
+        actions = [client.post("/collect_experience", json={
+            "observation": image.tolist(), "reward": float(k), "done": k == 5, "client_id": "cam"}).json()["action"]
+            for k, image in enumerate(images)]
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path / "minari"))
+    export_minari(str(tmp_path / "log"), "served/camera-v0")
+    (episode,) = minari.load_dataset("served/camera-v0").iterate_episodes()
+    assert episode.observations.dtype == np.uint8 and np.array_equal(episode.observations, images)
+    assert episode.actions.tolist() == actions[:5] and episode.rewards.tolist() == [1, 2, 3, 4, 5]

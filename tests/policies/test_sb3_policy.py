@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+import yaml
 from conftest import make_client, train_sb3
 from sb3_contrib import MaskablePPO
 from sb3_contrib.common.envs import InvalidActionEnvDiscrete
@@ -210,3 +211,15 @@ def test_recurrent_ppo_carries_its_lstm_state_as_sb3_does(tmp_path: Path) -> Non
         packed = np.concatenate(new, axis=1)
     with pytest.raises(SchemaError, match=r"^parameters\.recurrent\.state: rppo\.zip \(RecurrentPPO\) carries its LSTM"):
         resolve_policy(spec.model_copy(update={"recurrent": None}))
+    # through the gateway, the server keeping the state per episode id
+    doc = yaml.safe_load((tmp_path / "schema.yaml").read_text())
+    doc["parameters"]["model"] = str(path)
+    obs, state = rng.normal(0.0, 0.5, (3, 4)).astype(np.float32), None
+    with make_client(tmp_path, doc) as client:
+        for row in obs:
+            body = dict(zip(doc["observations"], map(float, row))) | {"episode_id": "e1"}
+            answer = client.post("/predict_deterministic", json=body)
+            assert answer.status_code == 200, answer.text
+            action, state = model.predict(row[None], state=state, episode_start=np.zeros(1), deterministic=True)
+            assert answer.json()["action"] == int(action[0])
+            np.testing.assert_allclose(np.array(answer.json()["state"]["hidden"]), state[0][:, 0], atol=1e-6)

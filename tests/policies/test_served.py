@@ -68,8 +68,9 @@ def test_check_and_start_up_agree_on_any_text_as_a_name(tmp_path: Path, inputs_m
     served, policy = resolve_policy(load_schema(path).policies["default"])
     assert served.observation_model is not None
     obs = served.observation_model.model_validate(ODD_OBS)
-    assert flatten([obs]).tolist() == [[0.5, 2, 1, -1.5, 7, 1, 0.0, 1, 0, 1, 1]]
-    assert policy.forward(flatten([obs])).heads[0].shape == (1, 4)
+    rows = flatten([obs], exclude=served.mask_attribute)  # its optional action_mask is no model input
+    assert served.mask_attribute == "action_mask" and rows.tolist() == [[0.5, 2, 1, -1.5, 7, 1, 0.0, 1, 0, 1, 1]]
+    assert policy.forward(rows).heads[0].shape == (1, 4)
 
 
 def test_check_and_start_up_agree_on_pathmind_one_hot_lists(tmp_path: Path, inputs_models: Path) -> None:

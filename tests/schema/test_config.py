@@ -513,6 +513,24 @@ def test_an_observation_space_loads_top_level_and_per_policy(tmp_path: Path) -> 
     assert named.public()["policies"]["robot"]["observation_space"]["spaces"]["gear"] == {"type": "discrete", "n": 5}
 
 
+def test_an_action_mask_may_name_a_key_of_a_dict_observation_space(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = export_module(MLPPolicy(2, [4], nvec=[3]), 2, tmp_path / "models" / "masked.pt2")
+    spaces = "{pos: {type: box, shape: [2]}, legal: {type: multi_binary, n: 3}}"
+    policy = load_schema(write(tmp_path, f"""\
+        observation_space: {{type: dict, spaces: {spaces}}}
+        parameters: {{model: {model}, action_space: {{type: discrete, n: 3, mask: legal}}}}
+        """)).policies["default"]
+    served, _ = resolve_policy(policy)
+    assert served.mask_key == "legal" and served.obs_shape == (2,)
+    missing = load_schema(write(tmp_path, f"""\
+        observation_space: {{type: dict, spaces: {spaces}}}
+        parameters: {{model: {model}, action_space: {{type: discrete, n: 3, mask: nope}}}}
+        """)).policies["default"]
+    with pytest.raises(SchemaError, match=r"^parameters.action_space.mask: 'nope'"):
+        resolve_policy(missing)
+
+
 def test_an_observation_space_is_refused_beside_observations_or_invalid(tmp_path: Path) -> None:
     both = write(tmp_path, """\
         observations: {x: {type: float}}

@@ -115,3 +115,12 @@ def test_normalize() -> None:
     y = normalize(x)
     assert y.mean().item() == pytest.approx(0.0, abs=1e-6)
     assert y.std().item() == pytest.approx(1.0, abs=1e-6)
+
+
+def test_td_target_takes_the_best_legal_action_under_a_mask() -> None:
+    next_q = torch.tensor([[5.0, 1.0, 2.0], [0.0, 9.0, 3.0]])
+    mask = torch.tensor([[False, True, True], [True, False, False]])
+    target = td_target(torch.zeros(2), next_q, torch.zeros(2), 1.0, next_mask=mask)
+    assert target.tolist() == [2.0, 0.0]  # unmasked: 5 and 9
+    double = td_target(torch.zeros(2), next_q, torch.zeros(2), 1.0, next_q_online=-next_q, next_mask=mask)
+    assert double.tolist() == [1.0, 0.0]  # the online net's best legal action, valued by the target net

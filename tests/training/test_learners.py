@@ -450,3 +450,44 @@ def test_dqn_culprits_are_the_errors_whose_square_overflows_the_mean_or_else_the
     # no single square overflows, but their mean over 4 does: each reaches max / 4
     assert culprits(torch.tensor([1.0e19, 1.0e19, -1.0e19, 1.0])).tolist() == [True, True, True, False]
     assert culprits(torch.tensor([1.0, -5.0, 2.0])).tolist() == [False, True, False]
+
+
+def masked_experience(learner: Learner, n: int, seed: int) -> ExperienceBatch:
+    """Tuple-space steps acted under random masks, their log-probs the masked ones (as served)."""
+    rng = np.random.default_rng(seed)
+    space = SPACES["tuple"]
+    assert isinstance(space, TupleSpace)
+    masks = rng.random((n + 1, 5)) < 0.6
+    masks[:, [0, 3]] = True  # one allowed action per component
+    obs = rng.normal(size=(n + 1, OBS_DIM)).astype(np.float32)
+    heads = [h.numpy() for h in as_heads(learner.actor(torch.from_numpy(obs[:-1])))]
+    answers = space.sample(heads, rng, masks[:-1])
+    batch = experience(learner, space, n, seed)
+    return ExperienceBatch(**{**batch.__dict__, "obs": obs[:-1], "next_obs": obs[1:],
+                              "actions": np.array([a.action for a in answers], dtype=np.int64),
+                              "log_probs": np.array([a.log_prob for a in answers], dtype=np.float32),
+                              "masks": masks[:-1], "next_masks": masks[1:]})
+
+
+def test_ppo_evaluates_masked_logits_so_served_masked_log_probs_give_ratio_one(model_files: dict[str, Path]) -> None:
+    ppo = PPOConfig(rollout_samples=32, num_minibatches=1, update_epochs=1, critic_hidden=[16])
+    learner = learner_for(model_files, "tuple-torchscript", ppo=ppo)
+    with torch.no_grad():
+        batch = masked_experience(learner, 32, seed=4)
+    learner.add(batch)
+    stats = learner.update()  # first step at unchanged weights: the ratio is 1 for every row
+    assert stats["approx_kl"] == pytest.approx(0.0, abs=1e-6) and stats["clipfrac"] == 0.0
+    unmasked = learner_for(model_files, "tuple-torchscript", ppo=ppo)
+    unmasked.add(ExperienceBatch(**{**batch.__dict__, "masks": None, "next_masks": None}))
+    assert unmasked.update()["approx_kl"] > 1e-3  # without the masks, the served log-probs disagree
+
+
+def test_dqn_stores_masks_and_targets_the_best_legal_action(model_files: dict[str, Path]) -> None:
+    learner = learner_for(model_files, "discrete-export", algorithm="dqn")
+    assert isinstance(learner, DQNLearner)
+    batch = experience(learner, SPACES["discrete"], 40, seed=2)
+    masks = np.tile([[True, False]], (40, 1))
+    learner.add(ExperienceBatch(**{**batch.__dict__, "masks": masks, "next_masks": masks}))
+    rows = learner.buffer.rows(np.arange(40))
+    assert rows["next_masks"].tolist() == masks.tolist()
+    assert learner.update()["gradient_steps"] >= 1

@@ -21,8 +21,8 @@ from policy_server.fields import STRICT, Float32, StrictBool
 from policy_server.gateway.auth import Auth
 from policy_server.gateway.openapi import error_docs
 from policy_server.gateway.policy.router import ERRORS, action_answer
-from policy_server.gateway.policy.service import PolicyService
-from policy_server.gateway.policy.wire import ActionResponse, ForcedVariant
+from policy_server.gateway.policy.service import PolicyService, masks_of
+from policy_server.gateway.policy.wire import MASK_DOC, ActionResponse, ForcedVariant
 from policy_server.gateway.training.experience import CLIENT_ID_PATTERN
 from policy_server.gateway.training.service import TrainingService
 from policy_server.policies.served import ServedPolicy
@@ -46,6 +46,7 @@ def collect_model(policy: ServedPolicy) -> type[BaseModel]:
     """The body: ``observation`` (the schema's observation object, or a flat list of
     ``obs_dim`` numbers when the schema names no observations), ``reward``, ``done``, and an
     optional ``client_id``."""
+    mask: dict[str, Any] = {}
     if policy.observation_model is not None:
         observation: Any = (policy.observation_model, Field(description="What the client sees now."))
     elif policy.obs_space is not None:
@@ -54,6 +55,10 @@ def collect_model(policy: ServedPolicy) -> type[BaseModel]:
     else:
         flat = Annotated[list[Float32], Field(min_length=policy.obs_dim, max_length=policy.obs_dim)]
         observation = (flat, Field(description="What the client sees now: the flat input vector."))
+        width = policy.space.mask_width
+        if width:
+            mask["action_mask"] = (Annotated[list[StrictBool], Field(min_length=width, max_length=width)] | None,
+                                   Field(None, description=MASK_DOC.format(width=width)))
     return create_model(  # type: ignore[call-overload, no-any-return]
         _model_name(policy),
         __config__=STRICT,
@@ -64,6 +69,7 @@ def collect_model(policy: ServedPolicy) -> type[BaseModel]:
                                                "call starts a new one.")),
         client_id=(ClientId | None, Field(None, description="Which environment this is: its calls are paired "
                                                            "into steps. Default: the client's IP address.")),
+        **mask,
     )
 
 
@@ -98,13 +104,18 @@ def collect_router(service: PolicyService, training: TrainingService | None, aut
             rows = service.from_raw([obs], "body.observation") if isinstance(obs, list) else service.from_observations([obs])
         client_id = body.client_id or client_key(request)  # type: ignore[attr-defined]
         keep = service.versions.collect_variant(client_id, body.reward, body.done, forced)  # type: ignore[attr-defined]
+        if isinstance(obs, list):
+            mask, mask_at = masks_of([getattr(body, "action_mask", None)], service.policy.space.mask_width), ["body.action_mask"]
+        else:
+            mask, mask_at = service.mask_of([obs]), None
         started = time.time_ns()  # after the client's previous decision: the reward below is that one's
-        samples, version, variant = await service.act(
-            rows, "sample", ["body.observation"], forced=keep, mask=mask, client_id=client_id)
+        samples, version, variant = await service.act(rows, "sample", ["body.observation"], forced=keep, mask=mask,
+                                                      mask_at=mask_at, client_id=client_id)
         service.log_collected(started, client_id, body.reward, body.done, rows)  # type: ignore[attr-defined]
         service.versions.collect_acted(client_id, variant)
         if training is not None:
-            await training.collect(client_id, rows[0], samples[0], version, body.reward, body.done)  # type: ignore[attr-defined]
+            await training.collect(client_id, rows[0], samples[0], version, body.reward, body.done,  # type: ignore[attr-defined]
+                                   None if mask is None else mask[0])
         return action_answer(samples[0], version, variant)
 
     return router

@@ -9,11 +9,12 @@ from typing import Annotated, Any, TypeVar
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 
+from policy_server.errors import InvalidRequest
 from policy_server.gateway.auth import Auth
 from policy_server.gateway.openapi import AUTH_ERRORS, error_docs
 from policy_server.gateway.policy.binary import media_type, observation_docs, observations
 from policy_server.gateway.policy.binary_route import binary_doc, post_with_binary
-from policy_server.gateway.policy.service import Inputs, Mode, PolicyService
+from policy_server.gateway.policy.service import Inputs, Mode, PolicyService, masks_of
 from policy_server.gateway.policy.wire import (
     ActionResponse,
     BatchActionResponse,
@@ -37,7 +38,8 @@ ERRORS = error_docs({
     **AUTH_ERRORS,
     409: "`no_candidate`: `X-Policy-Version: canary` for a policy without a candidate version.",
     413: "Body too large.",
-    422: "Invalid observation: the envelope names each bad field (a binary body: the tensor). Code `model_overflow`: valid "
+    422: "Invalid observation: the envelope names each bad field (a binary body: the tensor; an action mask of "
+         "the wrong width, or one that allows no action in a component). Code `model_overflow`: valid "
          "values that overflow the model's float32 layers (a bound of its weights).",
     500: "The model failed.",
     503: "The policy's deployment is not available.",
@@ -113,12 +115,14 @@ def policy_router(
 
     Picked = Annotated[Pick, Depends(pick)]
 
-    async def act(obs: Any, mode: Mode, chosen: Pick, rows: list[str], mask: Any = None) -> JSONResponse:
-        samples, version, variant = await service.act(obs, mode, rows, chosen.policy_id, chosen.forced, mask)
+    async def act(obs: Any, mode: Mode, chosen: Pick, rows: list[str], mask: Any = None,
+                  mask_at: list[str] | None = None) -> JSONResponse:
+        samples, version, variant = await service.act(obs, mode, rows, chosen.policy_id, chosen.forced, mask, mask_at)
         return action_answer(samples[0], version, variant, chosen.policy_id)
 
-    async def act_batch(obs: Any, mode: Mode, chosen: Pick, rows: list[str], mask: Any = None) -> JSONResponse:
-        samples, version, variant = await service.act(obs, mode, rows, chosen.policy_id, chosen.forced, mask)
+    async def act_batch(obs: Any, mode: Mode, chosen: Pick, rows: list[str], mask: Any = None,
+                        mask_at: list[str] | None = None) -> JSONResponse:
+        samples, version, variant = await service.act(obs, mode, rows, chosen.policy_id, chosen.forced, mask, mask_at)
         return _answer({"results": [_action(s) for s in samples]} | _versioned(version, variant, chosen.policy_id))
 
     async def distribute(obs: Any, chosen: Pick, rows: list[str], batched: bool, mask: Any = None) -> JSONResponse:
@@ -142,19 +146,26 @@ def policy_router(
         doc = binary_doc(*observation_docs(policy, max_batch, batched))
         return post_with_binary(router, path, binary(mode, batched), doc, response_model=response_model)
 
-    Raw = raw_model(policy.model_prefix, policy.obs_dim)
-    RawBatch = raw_batch_model(policy.model_prefix, policy.obs_dim, max_batch)
+    width = policy.space.mask_width
+    Raw = raw_model(policy.model_prefix, policy.obs_dim, width)
+    RawBatch = raw_batch_model(policy.model_prefix, policy.obs_dim, max_batch, width)
 
     @post("/predict_raw", "sample", ActionResponse)
     async def predict_raw(body: Raw, chosen: Picked) -> JSONResponse:  # type: ignore[valid-type]
         """Sample an action for a flat input vector (width checked, no field validation)."""
-        return await act(service.from_raw([body.obs]), "sample", chosen, ["body.obs"])  # type: ignore[attr-defined]
+        mask = masks_of([getattr(body, "action_mask", None)], width)
+        return await act(service.from_raw([body.obs]), "sample", chosen, ["body.obs"], mask, ["body.action_mask"])  # type: ignore[attr-defined]
 
     @post("/predict_raw/batch", "sample", BatchActionResponse)
     async def predict_raw_batch(body: RawBatch, chosen: Picked) -> JSONResponse:  # type: ignore[valid-type]
         """Sample one action per flat input vector, in one forward pass."""
         obs = service.from_raw(body.obs)  # type: ignore[attr-defined]
-        return await act_batch(obs, "sample", chosen, rows_at("body.obs", len(obs)))
+        masks = getattr(body, "action_mask", None)
+        if masks is not None and len(masks) != len(obs):
+            raise InvalidRequest.at("body.action_mask", f"{len(masks)} masks for {len(obs)} observations")
+        mask = None if masks is None else masks_of(masks, width)
+        return await act_batch(obs, "sample", chosen, rows_at("body.obs", len(obs)), mask,
+                               rows_at("body.action_mask", len(obs)))
 
     inputs = _inputs(service, max_batch)
     if inputs is None:
@@ -169,7 +180,8 @@ def policy_router(
 
     @post("/predict_deterministic", "deterministic", ActionResponse)
     async def predict_deterministic(obs: Observation, chosen: Picked) -> JSONResponse:  # type: ignore[valid-type]
-        """The most likely action: argmax per component, the mean for a continuous action."""
+        """The most likely action: argmax per component (of the allowed actions), the mean for a
+        continuous action."""
         rows, mask = one(obs)
         return await act(rows, "deterministic", chosen, [field], mask)
 
@@ -212,8 +224,8 @@ def _inputs(service: PolicyService, max_batch: int) -> tuple[Any, Any, Read, Rea
     if policy.observation_model is not None:
         return (
             policy.observation_model, batch_model(policy.observation_model, max_batch),
-            lambda obs: (service.from_observations([obs]), None),
-            lambda body: (service.from_observations(body.observations), None),
+            lambda obs: (service.from_observations([obs]), service.mask_of([obs])),
+            lambda body: (service.from_observations(body.observations), service.mask_of(body.observations)),
             "body", ROWS,
         )
     if policy.obs_space is None:

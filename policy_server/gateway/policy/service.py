@@ -64,8 +64,28 @@ class PolicyService:
 
     def from_observations(self, observations: list[BaseModel], model: type[BaseModel] | None = None) -> np.ndarray:
         """Validated observations of the policy's model → float32 ``(B, obs_dim)`` (``model``: read
-        only its fields, of observations of a model derived from it)."""
-        return flatten(observations, model)
+        only its fields, of observations of a model derived from it; the action mask, when they
+        carry one, is no model input: ``mask_of``)."""
+        return flatten(observations, model, self.policy.mask_attribute)
+
+    def mask_of(self, observations: list[BaseModel]) -> np.ndarray | None:
+        """The action masks the observations carry, bool ``(B, mask_width)`` (a row without one
+        allows every action), or None when none carries one."""
+        attribute = self.policy.mask_attribute
+        if attribute is None:
+            return None
+        return masks_of([getattr(obs, attribute) for obs in observations], self.policy.space.mask_width)
+
+    def check_mask(self, mask: np.ndarray | None, where: Sequence[str], mask_at: Sequence[str] | None = None) -> None:
+        """Raise InvalidRequest (422) naming each row's mask that allows no action in a component;
+        ``mask_at``: where each row's mask is (default: ``<where>.<mask field>``)."""
+        if mask is None:
+            return
+        problems = self.policy.space.mask_problems(mask)
+        if problems:
+            at = mask_at or [f"{w}.{self.policy.mask_name}" for w in where]
+            fields = [FieldError(at[row], message) for row, message in problems[:10]]
+            raise InvalidRequest(f"{fields[0].field}: {fields[0].message}", fields)
 
     def from_raw(self, rows: list[list[float]], field: str = "body.obs") -> np.ndarray:
         """Flat input vectors (each value already checked finite as float32) → float32 ``(B, obs_dim)``;
@@ -160,16 +180,18 @@ class PolicyService:
 
     async def act(
         self, obs: np.ndarray, mode: Mode, where: Sequence[str], policy_id: str | None = None,
-        forced: Variant | None = None, mask: np.ndarray | None = None, *, client_id: str | None = None,
+        forced: Variant | None = None, mask: np.ndarray | None = None, mask_at: Sequence[str] | None = None, *,
+        client_id: str | None = None,
     ) -> tuple[list[ActionSample], int, Variant]:
-        """Actions for ``(B, *obs_shape)`` rows (``mask``: the legal actions, ``(B, k)`` bool), the
-        model version and the version (variant) that chose them; raises as ``forward``. With an
+        """Actions for ``(B, *obs_shape)`` rows (never a masked one: ``mask`` bool
+        ``(B, mask_width)``), the model version and the version (variant) that chose them; raises
+        as ``forward``, and InvalidRequest when a mask allows no action (``check_mask``). With an
         experience log, the decisions are queued for it (named by the request's id, ``client_id``
         and episode id)."""
+        self.check_mask(mask, where, mask_at)
         out, variant = await self.forward(obs, where, policy_id, forced)
         space = self.policy.space
-        masked = {} if mask is None else {"mask": mask}  # the action spaces of issue 15 take masks
-        samples = space.sample(out.heads, self.rng, **masked) if mode == "sample" else space.mode(out.heads, **masked)
+        samples = space.sample(out.heads, self.rng, mask) if mode == "sample" else space.mode(out.heads, mask)
         if self.experience_log is not None:
             self.experience_log.submit(Decisions(
                 time.time_ns(), self.policy.name, asker(client_id, policy_id), obs, samples, out.version, variant))
@@ -189,6 +211,14 @@ class PolicyService:
         self, obs: np.ndarray, where: Sequence[str], policy_id: str | None = None, forced: Variant | None = None,
         mask: np.ndarray | None = None,
     ) -> tuple[list[dict[str, Any]], int, Variant]:
+        """The exact distributions (masked actions: probability 0); raises as ``act``."""
+        self.check_mask(mask, where)
         out, variant = await self.forward(obs, where, policy_id, forced)
-        masked = {} if mask is None else {"mask": mask}
-        return self.policy.space.distribution(out.heads, **masked), out.version, variant
+        return self.policy.space.distribution(out.heads, mask), out.version, variant
+
+
+def masks_of(rows: Sequence[list[bool] | None], width: int) -> np.ndarray | None:
+    """Per-row masks (None: every action allowed) → bool ``(B, width)``; None when no row has one."""
+    if all(row is None for row in rows):
+        return None
+    return np.array([[True] * width if row is None else row for row in rows], dtype=bool)

@@ -30,19 +30,24 @@ class _Wire(BaseModel):
 
 class Action(_Wire):
     action: int | list[int] | list[float] = Field(
-        description="An action index (discrete), one index per component (tuple), or a vector (box)."
+        description="An action index (discrete), one index per component (multi_discrete / tuple), one 0/1 "
+        "per bit (multi_binary), or a vector (box: clipped to its bounds, or tanh-squashed into them)."
     )
     actions: list[int] | list[float] = Field(
         description="The action as a list, as Pathmind's policy server answered it (its clients read "
-        "`actions[0]`): `[index]` (discrete), the indices (tuple), the vector (box)."
+        "`actions[0]`): `[index]` (discrete), the indices (multi_discrete), the bits, the vector (box)."
     )
     action_name: str | list[str] | None = Field(
-        None, description="The action's name(s) when the schema names them (discrete, tuple)."
+        None, description="The action's name(s) when the schema names them (discrete, multi_discrete)."
     )
     probability: float | None = Field(
-        None, description="Probability of the action (discrete, tuple); null for a box (a density)."
+        None, description="Probability of the action (discrete, multi_discrete, multi_binary); null for a box."
     )
-    log_prob: float = Field(description="Log-probability (log-density for a box) of the action.")
+    log_prob: float = Field(
+        description="Log-probability of the answered action. Box: of the action as answered: clipped, the "
+        "censored Gaussian's (log of the mass beyond a bound at the bound, the log-density inside); "
+        "`squash: tanh`, the log-density with the change-of-variables term."
+    )
 
 
 class ActionResponse(Action):
@@ -67,10 +72,17 @@ class Distribution(_Wire):
         None, description="Discrete: probability of each action, keyed by name or index."
     )
     components: list[dict[str, float]] | None = Field(
-        None, description="Tuple: the probabilities of each component's actions."
+        None, description="Multi-discrete (tuple): the probabilities of each component's actions."
     )
-    mean: list[float] | None = Field(None, description="Box: the Gaussian's mean.")
-    std: list[float] | None = Field(None, description="Box: the Gaussian's standard deviation.")
+    bits: list[float] | None = Field(None, description="Multi-binary: the probability that each bit is 1.")
+    mean: list[float] | None = Field(None, description="Box: the Gaussian's mean (before clipping or squashing).")
+    std: list[float] | None = Field(None, description="Box: the Gaussian's standard deviation (likewise).")
+    squash: Literal["clip", "tanh"] | None = Field(
+        None, description="Box with a finite bound: `clip` (action = clip(u, low, high)) or `tanh` (action = "
+        "low + (tanh(u) + 1)/2 · (high - low)), u ~ N(mean, std); absent for an unbounded box."
+    )
+    low: list[float | None] | None = Field(None, description="Box: the lower bounds (null: none), with `squash`.")
+    high: list[float | None] | None = Field(None, description="Box: the upper bounds (null: none), with `squash`.")
 
 
 class DistributionResponse(Distribution):
@@ -94,24 +106,38 @@ class _Request(BaseModel):
     model_config = STRICT
 
 
-def raw_model(prefix: str, width: int) -> type[BaseModel]:
-    """``{prefix}RawObservation``: one flat input vector of ``width`` values (the policy's obs_dim)."""
+MASK_DOC = "Optional: the legal actions, {width} booleans (true = allowed); a masked action gets probability 0."
+
+
+def _mask(width: int) -> Any:
+    return Annotated[list[StrictBool], Field(min_length=width, max_length=width)]
+
+
+def raw_model(prefix: str, width: int, mask_width: int = 0) -> type[BaseModel]:
+    """``{prefix}RawObservation``: one flat input vector of ``width`` values (the policy's obs_dim),
+    and, for a space that takes masks (``mask_width`` actions), an optional ``action_mask``."""
+    mask = {"action_mask": (_mask(mask_width) | None, Field(None, description=MASK_DOC.format(width=mask_width)))}
     return create_model(  # type: ignore[call-overload]
         f"{prefix}RawObservation",
         __base__=_Request,
         obs=(Annotated[list[Float32], Field(min_length=width, max_length=width)],
              Field(description=f"The flat input vector of {width} values, in schema order.")),
+        **(mask if mask_width else {}),
     )
 
 
-def raw_batch_model(prefix: str, width: int, max_items: int) -> type[BaseModel]:
-    """``{prefix}RawObservationBatch``: 1 to ``max_items`` flat input vectors of ``width`` values."""
+def raw_batch_model(prefix: str, width: int, max_items: int, mask_width: int = 0) -> type[BaseModel]:
+    """``{prefix}RawObservationBatch``: 1 to ``max_items`` flat input vectors of ``width`` values
+    (and optionally one ``action_mask`` per row)."""
     row = Annotated[list[Float32], Field(min_length=width, max_length=width)]
+    masks = Annotated[list[_mask(mask_width)], Field(min_length=1, max_length=max_items)]  # type: ignore[misc]
+    mask = {"action_mask": (masks | None, Field(None, description="One mask per row: " + MASK_DOC.format(width=mask_width)))}
     return create_model(  # type: ignore[call-overload]
         f"{prefix}RawObservationBatch",
         __base__=_Request,
         obs=(Annotated[list[row], Field(min_length=1, max_length=max_items)],  # type: ignore[valid-type]
              Field(description=f"One flat input vector of {width} values per row.")),
+        **(mask if mask_width else {}),
     )
 
 

@@ -90,6 +90,11 @@ class Fragment(_Wire):
     log_probs: list[Float32] | None = Field(
         None, description="T log-probabilities of the actions under the acting model (PPO needs them)."
     )
+    action_masks: list[list[StrictBool]] | None = Field(
+        None, description="The legal actions (true = allowed) at each observation: T+1 masks (or T: the last "
+        "observation's allows every action). Named observations may carry theirs instead (the schema's "
+        "`mask` field, or `action_mask`). PPO and DQN train with the masks."
+    )
     terminated: StrictBool = Field(False, description="The last step ended the episode in a terminal state.")
     truncated: StrictBool = Field(False, description="The last step ended the episode by a limit (bootstraps).")
     variant: ActingVariant = Field(None, description=VARIANT_DOC)
@@ -105,6 +110,8 @@ class Fragment(_Wire):
             )
         if self.log_probs is not None and len(self.log_probs) != t:
             raise ValueError(f"log_probs has {len(self.log_probs)} entries for {t} actions")
+        if self.action_masks is not None and len(self.action_masks) not in (t, t + 1):
+            raise ValueError(f"action_masks has {len(self.action_masks)} entries for {t + 1} observations")
         if self.request_ids is not None and len(self.request_ids) != t:
             raise ValueError(f"request_ids has {len(self.request_ids)} entries for {t} actions")
         return self
@@ -120,6 +127,8 @@ class Step(_Wire):
     terminated: StrictBool = False
     truncated: StrictBool = False
     log_prob: Float32 | None = None
+    action_mask: list[StrictBool] | None = Field(None, description="The legal actions at `obs` (true = allowed).")
+    next_action_mask: list[StrictBool] | None = Field(None, description="The legal actions at `next_obs`.")
     model_version: ModelVersion
     variant: ActingVariant = Field(None, description=VARIANT_DOC)
     request_id: RequestRef | None = Field(None, description=REQUEST_IDS_DOC)
@@ -185,9 +194,14 @@ def to_batch(request: ExperienceRequest, policy: ServedPolicy, max_rows: int) ->
 
 
 def _fragment(f: Fragment, where: str, policy: ServedPolicy, errors: list[FieldError]) -> ExperienceBatch | None:
-    obs = _observations(f.observations, f"{where}.observations", policy, errors)
+    named: list[list[bool] | None] = []
+    obs = _observations(f.observations, f"{where}.observations", policy, errors, named)
     actions = to_actions(f.actions, f"{where}.actions", policy, errors)
-    if obs is None or actions is None:
+    given = f.action_masks
+    rows = given + [None] * (len(f.observations) - len(given)) if given is not None else named  # type: ignore[operator]
+    at = f"{where}.action_masks.*" if given is not None else f"{where}.observations.*.{policy.mask_name}"
+    masks = _masks(rows, at, policy, errors, acted=len(f.actions))
+    if obs is None or actions is None or (masks is None and any(r is not None for r in rows)):
         return None
     t = len(f.actions)
     last = np.zeros(t, dtype=bool)
@@ -203,13 +217,21 @@ def _fragment(f: Fragment, where: str, policy: ServedPolicy, errors: list[FieldE
         segment_end=last,
         log_probs=log_probs,
         versions=np.full(t, f.model_version, dtype=np.int64),
+        masks=None if masks is None else masks[:-1],
+        next_masks=None if masks is None else masks[1:],
     )
 
 
 def _steps(steps: list[Step], policy: ServedPolicy, errors: list[FieldError]) -> ExperienceBatch | None:
-    obs = _observations([s.obs for s in steps], "body.steps.*.obs", policy, errors)
-    next_obs = _observations([s.next_obs for s in steps], "body.steps.*.next_obs", policy, errors)
+    named: list[list[bool] | None] = []
+    next_named: list[list[bool] | None] = []
+    obs = _observations([s.obs for s in steps], "body.steps.*.obs", policy, errors, named)
+    next_obs = _observations([s.next_obs for s in steps], "body.steps.*.next_obs", policy, errors, next_named)
     actions = to_actions([s.action for s in steps], "body.steps.*.action", policy, errors)
+    rows = [s.action_mask if s.action_mask is not None else m for s, m in zip(steps, named)]
+    next_rows = [s.next_action_mask if s.next_action_mask is not None else m for s, m in zip(steps, next_named)]
+    masks = _masks(rows, "body.steps.*.action_mask", policy, errors, acted=len(rows))
+    next_masks = _masks(next_rows, "body.steps.*.next_action_mask", policy, errors, acted=0)
     if obs is None or next_obs is None or actions is None:
         return None
     terminated = np.array([s.terminated for s in steps])
@@ -227,18 +249,26 @@ def _steps(steps: list[Step], policy: ServedPolicy, errors: list[FieldError]) ->
         segment_end=terminated | truncated | ~follows,
         log_probs=np.array([np.nan if s.log_prob is None else s.log_prob for s in steps], dtype=np.float32),
         versions=np.array([s.model_version for s in steps], dtype=np.int64),
+        masks=masks,
+        next_masks=next_masks,
     )
 
 
 def _observations(
-    rows: list[Any], where: str, policy: ServedPolicy, errors: list[FieldError]
+    rows: list[Any], where: str, policy: ServedPolicy, errors: list[FieldError],
+    masks: list[list[bool] | None] | None = None,
 ) -> np.ndarray | None:
+    """The observations as the model reads them, ``(N, *obs_shape)``; appends to ``masks`` the
+    action mask each one carries (a named observation's ``ServedPolicy.mask_attribute``, or a
+    space's Dict mask entry), None for the others."""
     if policy.obs_space is not None:
-        return _space_observations(rows, where, policy, errors)
+        return _space_observations(rows, where, policy, errors, masks)
     width, n_before = row_width(policy), len(errors)
     out = np.empty((len(rows), width), dtype=np.float32)
     for i, row in enumerate(rows):
         here = where.replace("*", str(i)) if "*" in where else f"{where}.{i}"
+        if masks is not None:
+            masks.append(None)
         if isinstance(row, list):
             if len(row) != width:
                 errors.append(FieldError(here, f"expected {width} values, got {len(row)}"))
@@ -254,21 +284,56 @@ def _observations(
         except ValidationError as exc:
             errors.extend(field_errors(exc, here))
             continue
-        out[i] = flatten([parsed])[0]
+        out[i] = flatten([parsed], exclude=policy.mask_attribute)[0]
+        if masks is not None and policy.mask_attribute is not None:
+            masks[-1] = getattr(parsed, policy.mask_attribute)
     return out if len(errors) == n_before else None
 
 
-def _space_observations(rows: list[Any], where: str, policy: ServedPolicy, errors: list[FieldError]) -> np.ndarray | None:
-    """Observations of the policy's space → model inputs ``(N, *obs_shape)`` (a Dict's mask entry left out)."""
+def _masks(
+    rows: list[list[bool] | None], where: str, policy: ServedPolicy, errors: list[FieldError], acted: int
+) -> np.ndarray | None:
+    """Per-row action masks (None: every action allowed) as bool ``(N, mask_width)``, or None when no
+    row has one; a mask of the wrong width, or one of the first ``acted`` rows (where an action was
+    chosen) that allows no action in a component, is an error (a terminal state may allow none)."""
+    if all(row is None for row in rows):
+        return None
+    width, n_before = policy.space.mask_width, len(errors)
+    if not width:
+        errors.append(FieldError(where.replace(".*", ""), f"the {policy.space.kind} action space takes no action mask"))
+        return None
+    for i, row in enumerate(rows):
+        if row is not None and len(row) != width:
+            errors.append(FieldError(where.replace("*", str(i)), f"expected {width} booleans, got {len(row)}"))
+    if len(errors) > n_before:
+        return None
+    out = np.array([[True] * width if row is None else row for row in rows], dtype=bool)
+    for i, message in policy.space.mask_problems(out[:acted]):
+        errors.append(FieldError(where.replace("*", str(i)), message))
+    return out if len(errors) == n_before else None
+
+
+def _space_observations(
+    rows: list[Any], where: str, policy: ServedPolicy, errors: list[FieldError],
+    masks: list[list[bool] | None] | None = None,
+) -> np.ndarray | None:
+    """Observations of the policy's space → model inputs ``(N, *obs_shape)``; a Dict's mask entry is
+    left out of them and appended to ``masks``."""
     assert policy.obs_space is not None
     try:
         if "*" not in where:  # a fragment's list of observations
-            return read_batch(policy.obs_space, rows, where, policy.mask_key)[0]
-        return np.concatenate([read_one(policy.obs_space, row, where.replace("*", str(i)), policy.mask_key)[0]
-                               for i, row in enumerate(rows)])
+            obs, mask = read_batch(policy.obs_space, rows, where, policy.mask_key)
+        else:
+            read = [read_one(policy.obs_space, row, where.replace("*", str(i)), policy.mask_key)
+                    for i, row in enumerate(rows)]
+            obs = np.concatenate([inputs for inputs, _ in read])
+            mask = None if policy.mask_key is None else np.concatenate([m for _, m in read])
     except InvalidRequest as exc:
         errors.extend(exc.fields)
         return None
+    if masks is not None:
+        masks.extend([None] * len(obs) if mask is None else mask.tolist())
+    return obs
 
 
 def to_actions(values: list[ActionValue], where: str, policy: ServedPolicy, errors: list[FieldError]) -> np.ndarray | None:

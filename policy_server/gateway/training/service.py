@@ -88,14 +88,15 @@ class TrainingService:
             batch.next_obs[named]))
 
     async def collect(
-        self, client_id: str, obs: np.ndarray, sample: ActionSample, version: int, reward: float, done: bool
+        self, client_id: str, obs: np.ndarray, sample: ActionSample, version: int, reward: float, done: bool,
+        mask: np.ndarray | None = None,
     ) -> dict[str, Any]:
-        """Hand one ``/collect_experience`` call to the trainer: ``obs`` (*obs_shape,) and the
-        ``sample`` the server answered for it with ``version``; ``reward`` and ``done`` are of the
-        client's previous action."""
+        """Hand one ``/collect_experience`` call to the trainer: ``obs`` (*obs_shape,) as the model
+        reads it, its action ``mask`` bool (mask_width,) if any, and the ``sample`` the server
+        answered for it with ``version``; ``reward`` and ``done`` are of the client's previous action."""
         dtype = np.float32 if isinstance(self.policy.space, BoxSpace) else np.int64
         action = np.asarray(sample.action if isinstance(sample.action, list) else [sample.action], dtype=dtype)
-        acted = Acted(np.asarray(obs, dtype=self.policy.obs_dtype), action, sample.log_prob, version)
+        acted = Acted(np.asarray(obs, dtype=self.policy.obs_dtype), action, sample.log_prob, version, mask)
         return await self.require_trainer().collect(client_id, acted, reward, done)
 
     async def count_malformed(self, body: bytes) -> None:

@@ -546,7 +546,8 @@ def test_openapi_declares_the_width_of_every_raw_vector(client: TestClient, inpu
     assert schemas["OnehotObservation"]["properties"]["table_1_node"]["maxItems"] == 60
     assert "60 values" in schemas["OnehotObservation"]["properties"]["table_1_node"]["description"]
     odd = schemas["OddObservation"]
-    assert list(odd["properties"]) == list(ODD_OBS) and odd["required"] == list(ODD_OBS)
+    # a discrete policy's requests may carry a top-level action mask, optional
+    assert list(odd["properties"]) == [*ODD_OBS, "action_mask"] and odd["required"] == list(ODD_OBS)
     assert odd["properties"]["actionMask"]["items"] == {"type": "boolean"}
     assert odd["properties"]["actionMask"]["minItems"] == odd["properties"]["actionMask"]["maxItems"] == 4
     assert odd["properties"]["schema"]["maximum"] == 2**24
@@ -558,7 +559,7 @@ def test_openapi_declares_the_width_of_every_raw_vector(client: TestClient, inpu
 def test_openapi_documents_the_generated_observation_models(client: TestClient) -> None:
     spec = client.get("/openapi.json").json()
     obs = spec["components"]["schemas"]["LpocObservation"]
-    assert list(obs["properties"]) == list(LPOC_OBS)
+    assert list(obs["properties"]) == [*LPOC_OBS, "action_mask"] and obs["required"] == list(LPOC_OBS)
     assert obs["additionalProperties"] is False
     assert obs["properties"]["is_up_free"]["examples"] == [False]
     assert "TupleObservation" in spec["components"]["schemas"]
