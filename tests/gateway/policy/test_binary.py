@@ -270,8 +270,7 @@ ROBOT_SPACE = {"type": "dict", "spaces": {"pos": {"type": "box", "shape": [2], "
 @pytest.fixture(scope="module")
 def spaces(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestClient]:
     """An Atari-sized image policy (uint8 84×84×4 frames, a CNN) and a Dict policy with a discrete
-    action (masks sent as `action_mask`). A Dict entry as the mask (`action_space.mask: <key>`) is
-    refused by today's schema check, so its binary form (tensor `obs.<key>`) is not tested here."""
+    action (masks sent as `action_mask`), and the same with a Dict entry `legal` as its mask."""
     tmp = tmp_path_factory.mktemp("binary-spaces")
     torch.manual_seed(0)
     export_module(CNNPolicy((84, 84, 4), 4, channels=4, hidden=16), (84, 84, 4), tmp / "cnn", dtype=torch.uint8)
@@ -279,6 +278,9 @@ def spaces(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestClient]:
     schema = {"parameters": {"api_key": API_KEY, "default_policy": "atari"}, "policies": {
         "atari": {"model": str(tmp / "cnn.pt2"), "observation_space": FRAME_SPACE},
         "robot": {"model": str(tmp / "robot.pt2"), "observation_space": ROBOT_SPACE},
+        "masked": {"model": str(tmp / "robot.pt2"), "action_space": {"type": "discrete", "mask": "legal"},
+                   "observation_space": {"type": "dict", "spaces": ROBOT_SPACE["spaces"] | {
+                       "legal": {"type": "multi_binary", "n": 3}}}},
     }}
     with app_client(schema, tmp, max_body_bytes=8 * 2**20) as c:
         yield c
@@ -323,6 +325,17 @@ def test_a_dict_observation_travels_as_tensors_with_its_mask(spaces: TestClient)
         assert answer.status_code == 422, answer.text
         error = answer.json()["error"]["fields"][0]
         assert error["field"] == field and words in error["message"], error
+
+
+def test_a_dict_mask_entry_travels_as_its_tensor_and_is_required(spaces: TestClient) -> None:
+    obs = {"pos": [0.5, -0.5], "gear": 2, "legal": [True, False, True]}
+    tensors = {"obs.pos": np.array([0.5, -0.5], np.float32), "obs.gear": np.array(2), "obs.legal": np.array([1, 0, 1])}
+    expected = spaces.post("/policies/masked/distribution", json={"obs": obs}).json()
+    assert expected["probabilities"]["1"] == 0
+    assert post(spaces, "/policies/masked/distribution", st(**tensors), SAFETENSORS).json() == expected
+    missing = post(spaces, "/policies/masked/predict", st(**{k: v for k, v in tensors.items() if k != "obs.legal"}),
+                   SAFETENSORS)
+    assert missing.status_code == 422 and missing.json()["error"]["fields"][0]["field"] == "body.obs.legal"
 
 
 # --- experience -----------------------------------------------------------------------------------
