@@ -65,15 +65,19 @@ class _LocalModel:
         self, policy: TorchPolicy, space: ActionSpace, fields: list[str], obs_space: gs.Space[Any] | None,
         mask_key: str | None = None,
     ) -> None:
-        self.policy, self.space, self.fields, self.obs_space = policy, space, fields, obs_space
+        self.policy, self.space, self.obs_space = policy, space, obs_space
         self.mask_key = mask_key if isinstance(obs_space, gs.Dict) and mask_key in obs_space.spaces else None
+        self.mask_field = mask_key if obs_space is None and mask_key in fields else None
+        """A Pathmind observation that holds the action mask (``action_space.mask``): no model input."""
+        self.fields = [name for name in fields if name != self.mask_field]
 
     def heads(self, observations: Sequence[Observation]) -> tuple[list[np.ndarray], np.ndarray | None]:
         """The model's heads for a batch of observations, one row each, and the action mask
-        ``(B, mask_width)`` bool that a Dict observation holds under ``action_space.mask`` (left out
+        ``(B, mask_width)`` bool that an observation holds under ``action_space.mask`` (left out
         of the model input, as the server leaves it out), or None."""
         if self.obs_space is None:
-            return self.policy.forward(np.stack([_flat(obs, self.fields) for obs in observations])).heads, None
+            rows = np.stack([_flat(obs, self.fields) for obs in observations])
+            return self.policy.forward(rows).heads, self._field_mask(observations)
         if self.mask_key is None:
             return self.policy.forward(model_rows(self.obs_space, observations)).heads, None
         assert isinstance(self.obs_space, gs.Dict)
@@ -81,6 +85,14 @@ class _LocalModel:
         rows = model_rows(rest, [{k: obs[k] for k in rest.spaces} for obs in observations])  # type: ignore[index]
         mask = np.stack([np.asarray(obs[self.mask_key], dtype=bool).ravel() for obs in observations])  # type: ignore[index]
         return self.policy.forward(rows).heads, mask
+
+
+    def _field_mask(self, observations: Sequence[Observation]) -> np.ndarray | None:
+        """The mask field of Pathmind observation objects, bool ``(B, mask_width)``; None without
+        one (a flat vector is the model input alone, every action allowed)."""
+        if self.mask_field is None or not all(isinstance(obs, Mapping) for obs in observations):
+            return None
+        return np.stack([np.asarray(obs[self.mask_field], dtype=bool).ravel() for obs in observations])  # type: ignore[index]
 
 
 class ActingClient:

@@ -11,8 +11,10 @@ from types import ModuleType
 
 import numpy as np
 import pytest
+from conftest import running_server
 from fastapi.testclient import TestClient
 
+from policy_server.client import PolicyClient
 from policy_server.gateway.app import build_app
 from policy_server.settings import Settings
 
@@ -52,3 +54,25 @@ def test_ppo_learns_the_scheduler_through_the_server_with_masks(tmp_path: Path) 
     assert result.illegal == 0  # train() raises on the first illegal answer, too
     assert result.model_version >= 5
     assert last > first + 0.1, (first, last)
+
+
+def test_local_inference_leaves_the_mask_field_out_of_the_model_input_and_masks_with_it(tmp_path: Path) -> None:
+    """The client's local model reads the priorities only, as the server's does, and never picks a
+    job that `ready` rules out (remote and local answers agree on every allowed set)."""
+    scheduler = load_example()
+    shutil.copy(ROOT / "examples" / "masked" / "schema.yaml", tmp_path / "schema.yaml")
+    scheduler.build_models(tmp_path / "models")
+    settings = Settings(schema_path=tmp_path / "schema.yaml", backend="local", gateway_metrics_port=0, seed=0)
+    env = scheduler.JobScheduler()
+    with running_server(build_app(settings)) as url, PolicyClient(url, KEY["access-token"], inference="local", seed=0) as local, \
+            PolicyClient(url, KEY["access-token"], inference="remote", seed=0) as remote:
+        obs, _ = env.reset(seed=1)
+        for _ in range(40):
+            body = {"priority": obs["priority"].tolist(), "ready": obs["ready"].astype(bool).tolist()}
+            action, log_prob, _ = local.act(body)
+            assert obs["ready"][action], (action, obs["ready"])
+            answer = remote._post("/distribution", body)  # the server's masked distribution
+            assert log_prob == pytest.approx(np.log(answer["probabilities"][str(action)]), abs=1e-5)
+            obs, _, terminated, truncated, _ = env.step(action)
+            if terminated or truncated:
+                obs, _ = env.reset()
