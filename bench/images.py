@@ -36,9 +36,9 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # `python bench/images.py` as well as `python -m bench.images`
     sys.path.insert(0, str(ROOT))
 
-from bench.loadgen import find_wrk, run_wrk  # noqa: E402
-from bench.servers import ServerSpec, running_server  # noqa: E402
-from policy_server.export import CNNPolicy, export_module  # noqa: E402
+from bench.loadgen import find_wrk, run_wrk
+from bench.servers import ServerSpec, running_server
+from policy_server.export import CNNPolicy, export_module
 
 FRAME = (84, 84, 4)
 NPY = "application/x-npy"
