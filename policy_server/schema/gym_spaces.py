@@ -165,7 +165,7 @@ def _bound(
     if value is None:
         return np.full(shape, default, dtype=dtype)
     try:
-        array = np.asarray(value)
+        array = np.asarray(_nulls_as(value, default))
     except ValueError:  # ragged nested lists
         raise SchemaError(f"{where}: nested lists of unequal lengths; give a number or lists of shape {list(shape)}") from None
     if array.dtype.kind not in "iuf" or array.dtype == np.bool_:
@@ -186,6 +186,16 @@ def _bound(
             f"{where}: shape {list(array.shape)} does not broadcast to the Box's shape {list(shape)}"
         ) from None
     return broadcast.astype(dtype)
+
+
+def _nulls_as(value: Any, default: float) -> Any:
+    """``value`` with each null (JSON's form of an infinite bound, as ``GET /schema`` writes it)
+    replaced by ``default``: unbounded for a float Box, the dtype's limit for an integer one."""
+    if value is None:
+        return default
+    if isinstance(value, list):
+        return [_nulls_as(v, default) for v in value]
+    return value
 
 
 def _discrete(node: _Discrete, where: str) -> gs.Discrete:

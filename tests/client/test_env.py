@@ -236,3 +236,20 @@ def test_a_mask_in_a_dict_observation_keeps_every_action_legal(tmp_path: Path) -
                 stats = run_env(client, envs, max_steps=200, seed=0, train=False)
             envs.close()
             assert stats.steps == 200 and Legal.illegal == 0, inference
+
+
+def test_an_environment_with_infinite_bounds_passes_the_check(tmp_path: Path) -> None:
+    """CartPole's Box has infinite bounds, which `GET /schema` writes as null (JSON has no
+    infinity): the client reads them back as infinite, so the schema `schema --env` writes plays."""
+    env = gym.make("CartPole-v1")
+    model = export_module(MLPPolicy(4, [8], nvec=[2]), 4, tmp_path / "cart.pt2")
+    schema = {"observation_space": describe_space(env.observation_space),
+              "parameters": {"api_key": API_KEY, "model": str(model), "action_space": {"type": "discrete", "n": 2}}}
+    with running_server(local_app(schema, tmp_path)) as url:
+        assert None in httpx.get(f"{url}/schema", headers={"access-token": API_KEY}).json()["policies"]["default"][
+            "observation_space"]["high"]
+        for inference in ("remote", "local"):
+            with PolicyClient(url, API_KEY, inference=inference, seed=0) as client:
+                stats = run_env(client, env, max_steps=20, seed=0, train=False)
+            assert stats.steps == 20
+    env.close()
