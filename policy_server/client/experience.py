@@ -9,6 +9,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
 from policy_server.client.acting import (
     ActingClient,
     ActionValue,
@@ -19,6 +21,10 @@ from policy_server.client.acting import (
 from policy_server.client.http import PolicyClientError
 
 REFUSALS = ("stale_samples", "training_not_running")
+POST_VALUES = 150_000
+"""Observation values that make an experience post go out before ``fragment_steps``: JSON spends
+up to ~20 bytes on a float, so a post stays under the server's 4 MiB body limit
+(``POLICY_SERVER_MAX_BODY_BYTES``) however large the observations (84×84×4 frames: 5 a post)."""
 """The 409 codes of an experience post whose steps are dropped rather than raised."""
 
 
@@ -81,7 +87,8 @@ class PolicyClient(ActingClient):
             base_url: the server, with the schema's ``url_path`` if it has one.
             inference: ask the server for every action, or act here with downloaded weights.
             client_id: this client's id for training; None lets the server make one.
-            fragment_steps: steps per experience post; local weights are checked this often.
+            fragment_steps: steps per experience post (fewer when their observations hold over
+                ``POST_VALUES`` values, as images do); local weights are checked this often.
             max_retries: retries of a request after a connection error, 429 or 503.
             backoff_base_s, backoff_cap_s: retry ``k`` waits about ``min(cap, base * 2**k)``.
             wait_for_training_s: how long experience waits for paused training to run again.
@@ -106,6 +113,7 @@ class PolicyClient(ActingClient):
         self._open: dict[int, _Fragment] = {}  # by stream: one per sub-environment of a vector env
         self._closed: list[_Fragment] = []
         self._last_next_obs: dict[int, Any] = {}
+        self._pending_values = 0  # observation values logged but not posted
 
     # --- registration ---------------------------------------------------------------------
 
@@ -183,6 +191,7 @@ class PolicyClient(ActingClient):
             frag.action_masks[-1] = mask
         frag.action_masks.append(None if next_action_mask is None else [bool(m) for m in next_action_mask])
         frag.observations.append(self.wire(next_obs))
+        self._pending_values += obs_values(next_obs) * (1 if len(frag.observations) > 2 else 2)
         self._last_next_obs[stream] = next_obs
         frag.actions.append(wire_action(action))
         frag.rewards.append(float(reward))
@@ -191,7 +200,7 @@ class PolicyClient(ActingClient):
         if terminated or truncated:
             frag.terminated, frag.truncated = bool(terminated), bool(truncated) and not terminated
             self._close_open(stream)
-        if self.pending_steps >= self.fragment_steps:
+        if self.pending_steps >= self.fragment_steps or self._pending_values >= POST_VALUES:
             self.flush()
         else:
             self._maybe_heartbeat()
@@ -233,7 +242,7 @@ class PolicyClient(ActingClient):
         ``wait_for_training_s`` it raises the 409.
         """
         self._close_open()
-        fragments, self._closed = self._closed, []
+        fragments, self._closed, self._pending_values = self._closed, [], 0
         if not fragments:
             return None
         body = {"client_id": self.client_id, "fragments": [f.wire() for f in fragments]}
@@ -311,3 +320,12 @@ def _masks(masks: list[list[bool] | None]) -> list[list[bool]] | None:
     unknown one allows every action)."""
     known = next((m for m in masks if m is not None), None)
     return None if known is None else [[True] * len(known) if m is None else m for m in masks]
+
+
+def obs_values(obs: Any) -> int:
+    """How many numbers an observation holds (a Dict's or Tuple's parts added up)."""
+    if isinstance(obs, Mapping):
+        return sum(obs_values(v) for v in obs.values())
+    if isinstance(obs, tuple):
+        return sum(obs_values(v) for v in obs)
+    return int(np.size(obs))

@@ -253,3 +253,37 @@ def test_an_environment_with_infinite_bounds_passes_the_check(tmp_path: Path) ->
                 stats = run_env(client, env, max_steps=20, seed=0, train=False)
             assert stats.steps == 20
     env.close()
+
+
+class Frames(gym.Env[np.ndarray, int]):
+    """84×84×4 uint8 frames of noise, episodes of 10 steps."""
+
+    observation_space = gym.spaces.Box(0, 255, (84, 84, 4), np.uint8)
+    action_space = gym.spaces.Discrete(2)
+
+    def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None) -> tuple[np.ndarray, dict[str, Any]]:
+        super().reset(seed=seed)
+        self.t = 0
+        return self.np_random.integers(0, 256, (84, 84, 4), dtype=np.uint8), {}
+
+    def step(self, action: int) -> tuple[np.ndarray, float, bool, bool, dict[str, Any]]:
+        self.t += 1
+        return self.np_random.integers(0, 256, (84, 84, 4), dtype=np.uint8), float(action), self.t >= 10, False, {}
+
+
+def test_image_experience_goes_out_in_posts_under_the_body_limit(tmp_path: Path) -> None:
+    """60 steps of 84×84×4 frames are ~7 MB of JSON: the client posts them a few steps at a time
+    (POST_VALUES), never over the server's 4 MiB limit, and the server accepts every step."""
+    from policy_server.export import CNNPolicy
+
+    torch.manual_seed(0)
+    model = export_module(CNNPolicy((84, 84, 4), 2), (84, 84, 4), tmp_path / "cnn", dtype=torch.uint8)
+    schema = {"observation_space": describe_space(Frames.observation_space),
+              "parameters": {"api_key": API_KEY, "model": str(model), "action_space": {"type": "discrete", "n": 2},
+                             "training": {"algorithm": "ppo", "ppo": {"rollout_samples": 512},
+                                          "checkpoint_dir": str(tmp_path / "checkpoints")}}}
+    with running_server(local_app(schema, tmp_path)) as url, \
+            PolicyClient(url, API_KEY, inference="local", seed=0) as client:
+        stats = run_env(client, Frames(), max_steps=60, seed=0)
+    assert stats.steps == 60 and client.stats.samples_accepted == 60
+    assert client.stats.posts >= 60 // 5
