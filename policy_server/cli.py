@@ -146,6 +146,7 @@ def schema(
     model: str | None = None,
     env_kwargs: dict[str, Any] | None = None,
     api_key: str | None = None,
+    force: bool = False,
 ) -> str:
     """Write a schema.yaml whose ``observation_space`` and ``action_space`` are ``env``'s.
 
@@ -153,8 +154,12 @@ def schema(
     (``module:attr`` or ``file.py:attr``: a class or a function returning an environment), made with
     ``env_kwargs``. ``model``: the model file the schema serves (written relative to the schema's
     folder; default: the one file in ``models/`` beside it, found when the server starts).
-    Raises SchemaError for an environment that cannot be made or a space the server cannot serve.
+    An existing ``out`` is kept unless ``force`` (as ``copy_server_files`` keeps a user's files).
+    Raises SchemaError for an environment that cannot be made, a space the server cannot serve, or
+    an existing ``out`` without ``force``.
     """
+    if Path(out).exists() and not force:
+        raise SchemaError(f"{out} exists: pass --out <another file>, or --force to replace it")
     from policy_server.envs import env_schema, make_env
 
     if env_kwargs is not None and not isinstance(env_kwargs, dict):  # fire passes what it cannot parse as text

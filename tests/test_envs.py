@@ -136,3 +136,13 @@ def test_env_kwargs_make_the_environment_and_text_is_refused(tmp_path: Path) -> 
     assert yaml.safe_load((tmp_path / "schema.yaml").read_text())["observation_space"] == {"type": "discrete", "n": 64}
     with pytest.raises(SchemaError, match="--env_kwargs: a mapping such as"):
         cli.schema("FrozenLake-v1", out=str(tmp_path / "other.yaml"), env_kwargs="{map_name: 8x8}")  # type: ignore[arg-type]
+
+
+def test_an_existing_schema_is_kept_unless_forced(tmp_path: Path) -> None:
+    target = tmp_path / "schema.yaml"
+    target.write_text("# the user's own\n")
+    with pytest.raises(SchemaError, match=r"schema.yaml exists: pass --out <another file>, or --force"):
+        cli.schema("CartPole-v1", out=str(target))
+    assert target.read_text() == "# the user's own\n"
+    cli.schema("CartPole-v1", out=str(target), force=True)
+    assert yaml.safe_load(target.read_text())["observation_space"]["type"] == "box"
