@@ -56,12 +56,17 @@ def run_env(
     Runs until ``max_steps`` steps, ``max_episodes`` episodes, or ``stop()`` is true (checked
     every step; a vector step may pass ``max_steps`` by fewer than ``num_envs``), whichever comes
     first; then flushes. ``seed`` seeds the first ``reset``; ``on_episode`` is called with the stats
-    after each episode. ``train=False`` only acts.
+    after each episode. ``train=False`` only acts; ``train=True`` against a policy without a
+    ``training`` section raises ValueError before the first step (its experience has nowhere to go).
     """
     vector = isinstance(env, VectorEnv)
     observation_space = env.single_observation_space if vector else env.observation_space
     action_space = env.single_action_space if vector else env.action_space
-    check_spaces(client.describe(), observation_space, action_space)
+    described = client.describe()
+    check_spaces(described, observation_space, action_space)
+    if train and described.get("training") is None:
+        raise ValueError(f"policy {described['name']!r} has no `training` section, so the server takes no "
+                         "experience from it: pass train=False to only act")
     stats, start = EnvStats(), time.monotonic()
 
     def done() -> bool:

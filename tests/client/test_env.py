@@ -252,6 +252,9 @@ def test_an_environment_with_infinite_bounds_passes_the_check(tmp_path: Path) ->
             with PolicyClient(url, API_KEY, inference=inference, seed=0) as client:
                 stats = run_env(client, env, max_steps=20, seed=0, train=False)
             assert stats.steps == 20
+        with PolicyClient(url, API_KEY, seed=0) as client, \
+                pytest.raises(ValueError, match="has no `training` section.*pass train=False"):
+            run_env(client, env, max_steps=20, seed=0)  # nothing trains it: refused before a step
     env.close()
 
 
