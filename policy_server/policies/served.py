@@ -215,20 +215,11 @@ def _resolve_space_policy(spec: PolicySpec, policy: TorchPolicy) -> ServedPolicy
         space = make_action_space(spec.action_space, out.heads, f"{where}.action_space")
     except ValueError as exc:
         raise SchemaError(str(exc)) from exc
-    width, needed = mask_size(obs_space, dict_mask), mask_width(space)
+    width, needed = mask_size(obs_space, dict_mask), space.mask_width or None
     if width is not None and width != needed:
         raise SchemaError(f"{space_where}.spaces.{dict_mask}: the action mask has {width} values but the "
                           f"action space takes {needed if needed is not None else 'no mask'}")
     return ServedPolicy(spec, space, prod(shape), None, shape, dtype, obs_space, dict_mask)
-
-
-def mask_width(space: ActionSpace) -> int | None:
-    """Values of an action mask of ``space``: one per logit (None: the space takes no mask)."""
-    if space.kind == "discrete":
-        return int(space.n)  # type: ignore[attr-defined]
-    if space.kind in ("tuple", "multi_discrete"):
-        return int(sum(space.nvec))  # type: ignore[attr-defined]
-    return None
 
 
 def resolve_candidate(served: ServedPolicy) -> TorchPolicy | None:

@@ -41,7 +41,7 @@ import safetensors
 import safetensors.numpy
 
 from policy_server.errors import InvalidRequest
-from policy_server.policies.served import ServedPolicy, mask_width
+from policy_server.policies.served import ServedPolicy
 from policy_server.schema.space_inputs import input_space
 
 NPY = "application/x-npy"
@@ -263,7 +263,7 @@ def observations(
 def mask_tensors(policy: ServedPolicy) -> dict[str, gs.MultiBinary]:
     """The tensors that may carry a policy's action mask, and their spaces: a Dict space's mask
     entry ``obs.<key>`` and ``action_mask`` (none for an action space that takes no mask)."""
-    width = mask_width(policy.space)
+    width = policy.space.mask_width or None
     if width is None:
         return {}
     entry = {}

@@ -27,7 +27,6 @@ from policy_server.gateway.policy.wire import (
     space_batch_model,
     space_model,
 )
-from policy_server.policies.served import mask_width
 from policy_server.policies.spaces import ActionSample
 from policy_server.schema.space_inputs import json_schema
 
@@ -230,7 +229,7 @@ def _inputs(service: PolicyService, max_batch: int) -> tuple[Any, Any, Read, Rea
         )
     if policy.obs_space is None:
         return None
-    schema, width = json_schema(policy.obs_space), mask_width(policy.space)
+    schema, width = json_schema(policy.obs_space), policy.space.mask_width or None
     return (
         space_model(policy.model_prefix, schema, width), space_batch_model(policy.model_prefix, schema, width, max_batch),
         lambda body: service.from_space(body.obs, "body.obs", body.action_mask),

@@ -21,7 +21,7 @@ from policy_server.experience_log.writer import ExperienceLog
 from policy_server.gateway.policy.candidate import PolicyVersions
 from policy_server.gateway.policy.versions import Variant
 from policy_server.gateway.request_ids import asker
-from policy_server.policies.served import ServedPolicy, mask_width
+from policy_server.policies.served import ServedPolicy
 from policy_server.policies.spaces import ActionSample
 from policy_server.policies.torch_policy import PolicyOutput
 from policy_server.schema.observations import flatten
@@ -126,7 +126,7 @@ class PolicyService:
 
     def _action_mask(self, masks: list[list[bool]], rows: int, batch: bool, field: str = "body.action_mask") -> np.ndarray:
         """The request's ``action_mask`` rows (booleans already checked) as ``(B, k)`` bool."""
-        width = mask_width(self.policy.space)
+        width = self.policy.space.mask_width or None
         if width is None:
             raise InvalidRequest.at(field, f"a {self.policy.space.kind} action space takes no mask")
         if len(masks) != rows:
