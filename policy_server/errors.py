@@ -122,6 +122,13 @@ class SettingsError(PolicyServerError):
     code = "settings_error"
 
 
+class UnsupportedMediaType(PolicyServerError):
+    """A request body of a ``Content-Type`` the route does not read."""
+
+    status = 415
+    code = "unsupported_media_type"
+
+
 class Unauthorized(PolicyServerError):
     """No credentials, or (on the OpenAI routes) wrong ones. Answered with a ``WWW-Authenticate``
     header carrying ``challenge`` (RFC 9110 §11.6.1), e.g. ``Bearer realm="policy-server"``."""

@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 from fastapi import APIRouter, Request, Response
 from fastapi.routing import APIRoute
 
+from policy_server.errors import UnsupportedMediaType
 from policy_server.gateway.policy.binary import BINARY_TYPES, NPY, SAFETENSORS, media_type
 
 Endpoint = TypeVar("Endpoint", bound=Callable[..., Any])
@@ -40,8 +41,12 @@ def binary_route(
             json_handler, binary_handler = super().get_route_handler(), self.binary.get_route_handler()
 
             async def handler(request: Request) -> Response:
-                if media_type(request.headers.get("content-type")) in BINARY_TYPES:
+                media = media_type(request.headers.get("content-type"))
+                if media in BINARY_TYPES:
                     return await binary_handler(request)
+                if media and media != "application/json" and not media.endswith("+json"):
+                    raise UnsupportedMediaType(
+                        f"Content-Type {media}: this route reads application/json, {NPY} or {SAFETENSORS}")
                 return await json_handler(request)
 
             return handler

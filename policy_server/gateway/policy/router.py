@@ -37,6 +37,7 @@ ERRORS = error_docs({
     **AUTH_ERRORS,
     409: "`no_candidate`: `X-Policy-Version: canary` for a policy without a candidate version.",
     413: "Body too large.",
+    415: "A `Content-Type` other than application/json, application/x-npy and application/safetensors.",
     422: "Invalid observation: the envelope names each bad field (a binary body: the tensor; an action mask of "
          "the wrong width, or one that allows no action in a component). Code `model_overflow`: valid "
          "values that overflow the model's float32 layers (a bound of its weights).",

@@ -402,3 +402,9 @@ def test_bad_binary_experience_is_a_422_naming_the_tensor(trainer: TestClient, c
     assert answer.status_code == 422, answer.text
     error = answer.json()["error"]
     assert error["fields"][0]["field"] == field and words in error["fields"][0]["message"], error
+
+
+def test_a_body_of_another_content_type_is_415_naming_the_accepted_ones(client: TestClient) -> None:
+    answer = post(client, "/predict", b"\x00" * 16, "application/octet-stream")
+    assert answer.status_code == 415 and answer.json()["error"]["code"] == "unsupported_media_type"
+    assert "application/json, application/x-npy or application/safetensors" in answer.json()["error"]["message"]
