@@ -476,7 +476,7 @@ def llm_training_server(
     """One server on the session's Ray Serve for tests/integration/test_llm_training.py (GRPO and x1
     training on their own deployments, replicas killed) and tests/monitoring/test_prometheus_scrape.py
     (a Prometheus scrapes it): ``training_schema``'s `cart` (PPO updates of 32 samples) and `lpoc`,
-    and an LLM policy on the transformers engine with its training. Its six Serve apps and the
+    and an LLM policy on the transformers engine with its training. Its seven Serve apps and the
     trainer start once per session instead of twice (35 s of two cores): neither module needs a
     server of its own, and neither looks at what the other does (its policies, its counters)."""
     folder = tmp_path_factory.mktemp("llm-training-server")
