@@ -13,7 +13,6 @@ import threading
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -454,45 +453,6 @@ def vllm_server(llm_dirs: dict[str, Path], tmp_path_factory: pytest.TempPathFact
     path.write_text(yaml.safe_dump(schema, sort_keys=False))
     with running_server(build_app(Settings(schema_path=path, backend="local", gateway_metrics_port=0))) as url:
         yield url
-
-
-LLM_TRAINING_PREFIX = "it-llm-train"
-"""``llm_training_server``'s Serve apps are ``<LLM_TRAINING_PREFIX>-<name>``."""
-
-
-@dataclass(frozen=True)
-class LLMTrainingServer:
-    url: str
-    save_dir: Path
-    """The LLM policy's ``training.save_dir`` (GRPO runs, x1 training)."""
-    metrics_port: int
-    """The gateway's own metrics port."""
-
-
-@pytest.fixture(scope="session")
-def llm_training_server(
-    ray_session: int, model_dir: Path, llm_dirs: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[LLMTrainingServer]:
-    """One server on the session's Ray Serve for tests/integration/test_llm_training.py (GRPO and x1
-    training on their own deployments, replicas killed) and tests/monitoring/test_prometheus_scrape.py
-    (a Prometheus scrapes it): ``training_schema``'s `cart` (PPO updates of 32 samples) and `lpoc`,
-    and an LLM policy on the transformers engine with its training. Its seven Serve apps and the
-    trainer start once per session instead of twice (35 s of two cores): neither module needs a
-    server of its own, and neither looks at what the other does (its policies, its counters)."""
-    folder = tmp_path_factory.mktemp("llm-training-server")
-    ppo = {"rollout_samples": 32, "num_minibatches": 2, "update_epochs": 1}
-    schema = training_schema(model_dir, folder / "ckpt", ppo=ppo, return_window=2)
-    schema["llm"] = {"policy": {"path": str(llm_dirs["policy"]), "engine": "transformers", "resources": {"num_cpus": 0.5},
-                                "training": {"save_dir": str(folder / "trained"), "num_cpus": 0.5}}}
-    path = folder / "schema.yaml"
-    path.write_text(yaml.safe_dump(schema, sort_keys=False))
-    metrics_port = free_port()
-    settings = Settings(schema_path=path, backend="serve", ray_metrics_port=ray_session, gateway_metrics_port=metrics_port,
-                        serve_app_prefix=LLM_TRAINING_PREFIX, seed=0)
-    from policy_server.gateway.app import build_app
-
-    with running_server(build_app(settings)) as url:
-        yield LLMTrainingServer(url, folder / "trained", metrics_port)
 
 
 def make_client(tmp_path: Path, schema: dict[str, Any]) -> Any:

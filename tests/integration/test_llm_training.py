@@ -13,25 +13,33 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import API_KEY, LLM_TRAINING_PREFIX, LLMTrainingServer
+import yaml
+from conftest import API_KEY, running_server
 from support import live_actors, wait_until
+
+from policy_server.gateway.app import build_app
+from policy_server.settings import Settings
 
 AUTH = {"access-token": API_KEY}
 
 
-PREFIX = LLM_TRAINING_PREFIX
+PREFIX = "it-llm-train"
 
 
 @pytest.fixture(scope="module")
-def save_dir(llm_training_server: LLMTrainingServer) -> Path:
-    return llm_training_server.save_dir
+def save_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("llm-train") / "trained"
 
 
 @pytest.fixture(scope="module")
-def client(llm_training_server: LLMTrainingServer) -> Iterator[httpx.Client]:
-    """The session's server of an LLM policy with its training on Serve (``llm_training_server``,
-    which tests/monitoring/test_prometheus_scrape.py scrapes too)."""
-    with httpx.Client(base_url=llm_training_server.url, headers=AUTH, timeout=120) as c:
+def client(ray_session: int, llm_dirs: dict[str, Path], save_dir: Path) -> Iterator[httpx.Client]:
+    schema = {"parameters": {"api_key": API_KEY},
+              "llm": {"policy": {"path": str(llm_dirs["policy"]), "engine": "transformers", "resources": {"num_cpus": 0.5},
+                                 "training": {"save_dir": str(save_dir), "num_cpus": 0.5}}}}
+    path = save_dir.parent / "schema.yaml"
+    path.write_text(yaml.safe_dump(schema, sort_keys=False))
+    settings = Settings(schema_path=path, gateway_metrics_port=0, serve_app_prefix=PREFIX)
+    with running_server(build_app(settings)) as url, httpx.Client(base_url=url, headers=AUTH, timeout=120) as c:
         yield c
 
 

@@ -20,14 +20,17 @@ from typing import Any
 import httpx
 import pytest
 import yaml
-from conftest import API_KEY, LLM_TRAINING_PREFIX, LPOC_OBS, LLMTrainingServer, cart_fragment
+from conftest import API_KEY, LPOC_OBS, cart_fragment, running_server, training_schema
 from support import wait_until
 
+from policy_server.gateway.app import build_app
 from policy_server.net import free_port
+from policy_server.settings import Settings
 
 ROOT = Path(__file__).parents[2]
 AUTH = {"access-token": API_KEY}
 OBS = {"cart_position": 0.0, "cart_velocity": 0.1, "pole_angle": -0.02, "pole_angular_velocity": 0.0}
+PPO = {"rollout_samples": 32, "num_minibatches": 2, "update_epochs": 1}
 # Grafana's variables, as the dashboard would fill them in; 1m spans the test's whole scrape history.
 GRAFANA_VARIABLES = {"$__rate_interval": "1m", "$__interval": "1m", "$policy": ".*"}
 TIMEOUT_S = 60
@@ -46,9 +49,13 @@ def prometheus_config(ray_port: int, gateway_port: int) -> dict[str, Any]:
 
 
 @pytest.fixture()
-def prometheus(ray_session: int, llm_training_server: LLMTrainingServer, tmp_path: Path) -> Iterator[httpx.Client]:
-    """A Prometheus scraping the session's Ray and ``llm_training_server``'s gateway (it starts at
-    once; `wait_ready` before asking it)."""
+def gateway_port() -> int:
+    return free_port()
+
+
+@pytest.fixture()
+def prometheus(ray_session: int, gateway_port: int, tmp_path: Path) -> Iterator[httpx.Client]:
+    """A Prometheus scraping this test's ports (it starts at once; `wait_ready` before asking it)."""
     binary = shutil.which("prometheus")
     if binary is None:
         pytest.fail(
@@ -56,7 +63,7 @@ def prometheus(ray_session: int, llm_training_server: LLMTrainingServer, tmp_pat
             ".ci/packages.txt lists it, see the README's 'Set up')"
         )
     config = tmp_path / "prometheus.yml"
-    config.write_text(yaml.safe_dump(prometheus_config(ray_session, llm_training_server.metrics_port)))
+    config.write_text(yaml.safe_dump(prometheus_config(ray_session, gateway_port)))
     port = free_port()
     command = [binary, f"--config.file={config}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
                f"--web.listen-address=127.0.0.1:{port}"]
@@ -151,17 +158,26 @@ def targets_down(prometheus: httpx.Client) -> list[str]:
 
 
 def test_prometheus_scrapes_the_server_and_every_dashboard_query_has_data(
-    llm_training_server: LLMTrainingServer, prometheus: httpx.Client, tmp_path: Path
+    ray_session: int, gateway_port: int, prometheus: httpx.Client, model_dir: Path, llm_dirs: dict[str, Path],
+    tmp_path: Path,
 ) -> None:
-    """The server is the session's ``llm_training_server`` (tests/integration/test_llm_training.py
-    trains its LLM and kills its replicas first; nothing there asks its policies or their trainer)."""
-    with httpx.Client(base_url=llm_training_server.url, headers=AUTH, timeout=60) as client:
+    schema = training_schema(model_dir, tmp_path / "ckpt", ppo=PPO, return_window=2)
+    schema["llm"] = {"policy": {"path": str(llm_dirs["policy"]), "engine": "transformers", "resources": {"num_cpus": 0.5},
+                                "training": {"save_dir": str(tmp_path / "llm"), "num_cpus": 0.5}}}
+    path = tmp_path / "schema.yaml"
+    path.write_text(yaml.safe_dump(schema, sort_keys=False))
+    settings = Settings(
+        schema_path=path, backend="serve", ray_metrics_port=ray_session, gateway_metrics_port=gateway_port,
+        serve_app_prefix="it-monitoring", seed=0,
+    )
+    server = running_server(build_app(settings))
+    with server as url, httpx.Client(base_url=url, headers=AUTH, timeout=60) as client:
         wait_ready(prometheus, tmp_path / "prometheus.log")
         exercise(client)
         deadline = time.monotonic() + TIMEOUT_S
         poll("targets not up", lambda: targets_down(prometheus), deadline)
         # the session's Ray also holds the series of other tests' servers: pick this server's own
-        mine = f'application="{LLM_TRAINING_PREFIX}-cart"'
+        mine = 'application="it-monitoring-cart"'
         counters = [
             'sum(policy_server_requests_total{endpoint="/predict", status="200"})',  # the gateway's
             f"sum(ray_policy_server_replica_batch_rows_count{{{mine}}})",  # the replicas'
