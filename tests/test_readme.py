@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 README = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-BLOCKS = [(README[: m.start()].count("\n") + 1, m.group(1)) for m in re.finditer(r"```yaml\n(.*?)```", README, re.S)]
+BLOCKS = [(README[: m.start()].count("\n") + 1, m.group(1)) for m in re.finditer(r"```yaml\n(.*?)```", README, re.DOTALL)]
 
 
 @pytest.mark.parametrize(("line", "block"), BLOCKS, ids=[f"line-{line}" for line, _ in BLOCKS])
