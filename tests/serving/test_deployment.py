@@ -27,8 +27,9 @@ def test_resources_come_from_the_schema_and_gpus_only_when_present(gpus_availabl
     assert deployment.name == "policy-arm"
     assert deployment.num_replicas == 3
     assert deployment.ray_actor_options == {"num_cpus": 0.5, "num_gpus": 1.0 if gpus_available else 0.0}
-    # init args: policy name, model bytes (not a path: nodes share no files), format, use_gpu
-    assert deployment.init_args == ("arm", b"model", "export", gpus_available)
+    # init args: policy name, model bytes (not a path: nodes share no files), format, use_gpu, and
+    # a recurrent policy's state section (None: feed-forward)
+    assert deployment.init_args == ("arm", b"model", "export", gpus_available, None)
 
 
 def test_replicas_accept_every_batch_the_gateway_may_have_in_flight() -> None:
