@@ -15,6 +15,7 @@ from minari.serialization import deserialize_space, serialize_space
 
 from policy_server.policies.served import ServedPolicy
 from policy_server.policies.spaces import ActionSpace
+from policy_server.schema.gym_spaces import default_bounds
 
 
 def action_space(space: ActionSpace) -> gs.Space[Any]:
@@ -37,10 +38,8 @@ def action_space(space: ActionSpace) -> gs.Space[Any]:
 
 def model_input_box(shape: tuple[int, ...], dtype: np.dtype[Any]) -> gs.Box:
     """The model input as a Box: unbounded for floats, the dtype's range for integers."""
-    if np.issubdtype(dtype, np.integer):
-        info = np.iinfo(dtype)
-        return gs.Box(int(info.min), int(info.max), shape, dtype)
-    return gs.Box(-np.inf, np.inf, shape, dtype)
+    low, high = default_bounds(np.dtype(dtype))
+    return gs.Box(low, high, shape, dtype)
 
 
 def spaces_doc(policy: ServedPolicy) -> dict[str, Any]:

@@ -142,13 +142,12 @@ def _box(node: _Box, where: str) -> gs.Box:
         raise SchemaError(f"{where}.dtype: unknown dtype {node.dtype!r}; expected one of {', '.join(BOX_DTYPES)}")
     dtype = np.dtype(node.dtype)
     shape = tuple(node.shape)
+    default_low, default_high = default_bounds(dtype)
     if dtype.kind == "f":
         info = np.finfo(dtype)
-        default_low, default_high = -np.inf, np.inf
         lo_limit, hi_limit = float(info.min), float(info.max)
     else:
-        iinfo = np.iinfo(dtype)
-        default_low, default_high = lo_limit, hi_limit = int(iinfo.min), int(iinfo.max)
+        lo_limit, hi_limit = default_low, default_high
     low = _bound(node.low, default_low, shape, dtype, (lo_limit, hi_limit), f"{where}.low")
     high = _bound(node.high, default_high, shape, dtype, (lo_limit, hi_limit), f"{where}.high")
     bad = np.argwhere(low > high)
@@ -156,6 +155,15 @@ def _box(node: _Box, where: str) -> gs.Box:
         index = tuple(int(i) for i in bad[0])
         raise SchemaError(f"{where}.low: {low[index].item()} > high {high[index].item()} at index {list(index)}")
     return gs.Box(low=low, high=high, shape=shape, dtype=dtype)
+
+
+def default_bounds(dtype: np.dtype[Any]) -> tuple[float, float]:
+    """A Box's bounds where the schema gives none: unbounded for a float dtype, the dtype's range
+    (as Python ints) for an integer one."""
+    if dtype.kind == "f":
+        return -np.inf, np.inf
+    info = np.iinfo(dtype)
+    return int(info.min), int(info.max)
 
 
 def _bound(
@@ -248,10 +256,7 @@ def _describe_box(space: gs.Box) -> dict[str, Any]:
     described: dict[str, Any] = {"type": "box", "shape": [int(d) for d in space.shape]}
     if dtype != np.float32:
         described["dtype"] = dtype.name
-    if dtype.kind == "f":
-        defaults: tuple[float, float] = (-np.inf, np.inf)
-    else:
-        defaults = (int(np.iinfo(dtype).min), int(np.iinfo(dtype).max))
+    defaults = default_bounds(dtype)
     for key, bound, default in (("low", space.low, defaults[0]), ("high", space.high, defaults[1])):
         if not np.all(bound == default):
             described[key] = _bound_value(bound, dtype)
