@@ -301,8 +301,10 @@ def ray_session() -> Iterator[int]:
 
 
 @contextmanager
-def running_server(app: Any) -> Iterator[str]:
+def running_server(app: Any, start_timeout_s: float = 120) -> Iterator[str]:
     """Serve ``app`` with a real uvicorn on a free port in a thread; yields the base URL.
+
+    ``start_timeout_s`` bounds the app's start-up, which waits for every Serve app it deploys.
 
     The socket is bound here and handed to uvicorn, so no other process (a Ray worker picking
     ports, say) can take the port between choosing it and listening on it.
@@ -320,7 +322,7 @@ def running_server(app: Any) -> Iterator[str]:
             raise RuntimeError("uvicorn exited while starting")
         return server.started
 
-    wait_until(started, 120, message="uvicorn did not start")
+    wait_until(started, start_timeout_s, message="uvicorn did not start")
     try:
         yield f"http://127.0.0.1:{port}"
     finally:

@@ -170,7 +170,9 @@ def test_prometheus_scrapes_the_server_and_every_dashboard_query_has_data(
         schema_path=path, backend="serve", ray_metrics_port=ray_session, gateway_metrics_port=gateway_port,
         serve_app_prefix="it-monitoring", seed=0,
     )
-    server = running_server(build_app(settings))
+    # seven Serve apps start (two policies, a trainer, four for the LLM); on CI's 2 cores Ray starts
+    # their replicas' processes a few at a time and each imports torch: 107-121 s measured there
+    server = running_server(build_app(settings), start_timeout_s=300)
     with server as url, httpx.Client(base_url=url, headers=AUTH, timeout=60) as client:
         wait_ready(prometheus, tmp_path / "prometheus.log")
         exercise(client)
