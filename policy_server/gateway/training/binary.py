@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections import Counter
 from typing import Any
 
 import gymnasium.spaces as gs
@@ -49,11 +50,11 @@ def experience(body: bytes, policy: ServedPolicy, max_rows: int) -> tuple[Experi
         if required not in tensors:
             raise InvalidRequest.at(f"body.{required}", "missing: one row per step")
     rewards = tensors["rewards"]
-    n = rewards.shape[0] if rewards.ndim == 1 else 0
+    n = step_count(tensors, space)
     if not 1 <= n <= max_rows:
         raise InvalidRequest.at("body.rewards", f"shape {list(rewards.shape)}: (N,) with N from 1 to {max_rows} steps")
-    obs = _rows(tensors, space, "obs", n)
-    next_obs = _rows(tensors, space, "next_obs", n)
+    obs = model_input(tensors, space, "body", True, n, name="obs")
+    next_obs = model_input(tensors, space, "body", True, n, name="next_obs")
     flags = {name: check_tensor(tensors[name], _FLAG, f"body.{name}", n).astype(bool) if name in tensors
              else np.zeros(n, dtype=bool) for name in ("terminated", "truncated")}
     log_probs = (check_tensor(tensors["log_probs"], _REAL, "body.log_probs", n) if "log_probs" in tensors
@@ -71,11 +72,26 @@ def experience(body: bytes, policy: ServedPolicy, max_rows: int) -> tuple[Experi
     return batch, variant
 
 
-def _rows(tensors: dict[str, np.ndarray], space: gs.Space[Any], name: str, n: int) -> np.ndarray:
-    rows = model_input(tensors, space, "body", True, n, name=name)
-    if len(rows) != n:
-        raise InvalidRequest.at(f"body.{leaves(space, name)[0][0]}", f"{len(rows)} rows for {n} rewards")
-    return rows
+def step_count(tensors: dict[str, np.ndarray], space: gs.Space[Any]) -> int:
+    """``N``, the number of steps of a body: the row count most of its step tensors share (the
+    observations' first, on a tie); 0 when no tensor has the rank of rows.
+
+    Raises InvalidRequest naming each tensor whose rows differ from ``N`` (the one tensor that is
+    wrong, not the others: 8 observations with 7 rewards name ``body.rewards``). A tensor of the
+    wrong rank is left to its own check, which names it."""
+    ranks = {name: (len(sub.shape) + 1,) for prefix in ("obs", "next_obs") for name, sub in leaves(space, prefix)}
+    ranks |= {name: (1,) for name in _STEP_TENSORS} | {"actions": (1, 2)}
+    rows = {name: tensors[name].shape[0] for name, allowed in ranks.items()
+            if name in tensors and tensors[name].ndim in allowed}
+    if not rows:
+        return 0
+    n = Counter(rows.values()).most_common(1)[0][0]  # Counter keeps first-seen order on ties
+    agreeing = ", ".join(name for name, count in rows.items() if count == n)
+    wrong = [FieldError(f"body.{name}", f"{count} rows, but {agreeing} have {n}: one row per step")
+             for name, count in rows.items() if count != n]
+    if wrong:
+        raise InvalidRequest(f"{wrong[0].field}: {wrong[0].message}", wrong)
+    return n
 
 
 def _actions(actions: np.ndarray, policy: ServedPolicy, n: int) -> np.ndarray:

@@ -386,7 +386,7 @@ BAD_EXPERIENCE = {
     "nan reward": (lambda t, m: safetensors.numpy.save(t | {"rewards": t["rewards"] * np.nan}, metadata=m),
                    SAFETENSORS, "body.rewards", "not finite"),
     "short next_obs": (lambda t, m: safetensors.numpy.save(t | {"next_obs": t["next_obs"][:3]}, metadata=m),
-                       SAFETENSORS, "body.next_obs", "3 rows for 8 rewards"),
+                       SAFETENSORS, "body.next_obs", "3 rows, but obs, actions, rewards"),
     "no rewards": (lambda t, m: safetensors.numpy.save({k: v for k, v in t.items() if k != "rewards"}, metadata=m),
                    SAFETENSORS, "body.rewards", "missing"),
     "terminated as floats": (lambda t, m: safetensors.numpy.save(t | {"terminated": np.zeros(8)}, metadata=m),
