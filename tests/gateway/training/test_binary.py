@@ -3,7 +3,6 @@ tensor whose rows differ from the other step tensors' is the one named."""
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import numpy as np
