@@ -41,6 +41,7 @@ import safetensors
 import safetensors.numpy
 
 from policy_server.errors import InvalidRequest
+from policy_server.gateway.policy.masks import combine_masks
 from policy_server.policies.served import ServedPolicy
 from policy_server.schema.space_inputs import input_space
 
@@ -256,7 +257,7 @@ def observations(
         masks = mask_tensors(policy)
         unknown_tensors(tensors, [name for name, _ in leaves(space)] + list(masks), "body")
         obs = model_input(tensors, space, "body", batched, max_batch)
-        field, mask = "body.obs", _mask(tensors, masks, policy.mask_key, len(obs) if batched else None)
+        field, mask = "body.obs", _mask(tensors, masks, policy, len(obs) if batched else None)
     return obs, mask, ([f"{field}.{i}" for i in range(len(obs))] if batched else [field])
 
 
@@ -273,14 +274,18 @@ def mask_tensors(policy: ServedPolicy) -> dict[str, gs.MultiBinary]:
 
 
 def _mask(
-    tensors: dict[str, np.ndarray], masks: dict[str, gs.MultiBinary], mask_key: str | None, batch: int | None
+    tensors: dict[str, np.ndarray], masks: dict[str, gs.MultiBinary], policy: ServedPolicy, batch: int | None
 ) -> np.ndarray | None:
-    """The action mask ``(B, k)`` bool of the mask tensors sent (the Dict entry is required)."""
+    """The action mask ``(B, k)`` bool of the mask tensors sent (the Dict entry is required); one
+    that allows no action is named as its tensor (``body.action_mask``; a batch's row
+    ``body.action_mask.3``), as ``masks.combine_masks`` names it."""
+    mask_key = policy.mask_key
     if mask_key is not None and f"obs.{mask_key}" in masks and f"obs.{mask_key}" not in tensors:
         raise InvalidRequest.at(f"body.obs.{mask_key}", "missing: the action mask entry of the observation")
-    rows = [check_tensor(tensors[name], sub, f"body.{name}", batch).reshape(batch or 1, -1).astype(bool)
-            for name, sub in masks.items() if name in tensors]
-    return np.logical_and.reduce(rows) if rows else None
+    parts = [(check_tensor(tensors[name], sub, f"body.{name}", batch).reshape(batch or 1, -1).astype(bool),
+              [f"body.{name}.{i}" for i in range(batch)] if batch is not None else [f"body.{name}"])
+             for name, sub in masks.items() if name in tensors]
+    return combine_masks(policy.space, parts)
 
 
 def observation_space(policy: ServedPolicy) -> gs.Space[Any]:

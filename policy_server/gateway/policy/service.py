@@ -19,6 +19,7 @@ from policy_server.errors import BackendUnavailable, FieldError, InvalidRequest,
 from policy_server.experience_log.records import Decisions, Outcomes
 from policy_server.experience_log.writer import ExperienceLog
 from policy_server.gateway.policy.candidate import PolicyVersions
+from policy_server.gateway.policy.masks import check_mask, combine_masks
 from policy_server.gateway.policy.versions import Variant
 from policy_server.gateway.request_ids import asker
 from policy_server.policies.served import ServedPolicy
@@ -79,13 +80,8 @@ class PolicyService:
     def check_mask(self, mask: np.ndarray | None, where: Sequence[str], mask_at: Sequence[str] | None = None) -> None:
         """Raise InvalidRequest (422) naming each row's mask that allows no action in a component;
         ``mask_at``: where each row's mask is (default: ``<where>.<mask field>``)."""
-        if mask is None:
-            return
-        problems = self.policy.space.mask_problems(mask)
-        if problems:
-            at = mask_at or [f"{w}.{self.policy.mask_name}" for w in where]
-            fields = [FieldError(at[row], message) for row, message in problems[:10]]
-            raise InvalidRequest(f"{fields[0].field}: {fields[0].message}", fields)
+        if mask is not None:
+            check_mask(self.policy.space, mask, mask_at or [f"{w}.{self.policy.mask_name}" for w in where])
 
     def from_raw(self, rows: list[list[float]], field: str = "body.obs") -> np.ndarray:
         """Flat input vectors (each value already checked finite as float32) → float32 ``(B, obs_dim)``;
@@ -114,15 +110,18 @@ class PolicyService:
     def from_space(self, obs: Any, field: str, action_mask: Any = None, batch: bool = False) -> Inputs:
         """A space policy's observation at ``field`` (``batch``: a list of them) → the model input
         and the action mask: the space's mask entry and the request's ``action_mask`` combined (an
-        action is allowed when both allow it). Raises InvalidRequest naming the first bad value."""
+        action is allowed when both allow it). Raises InvalidRequest naming the first bad value, and
+        the mask that allows no action (``masks.combine_masks``: ``body.obs.3.legal``,
+        ``body.action_mask.3``, or both when only together they allow none)."""
         space = self.policy.obs_space
         assert space is not None, "a policy with an observation_space"
         read = read_batch if batch else read_one
-        rows, mask = read(space, obs, field, self.policy.mask_key)
+        rows, entry = read(space, obs, field, self.policy.mask_key)
+        parts = [] if entry is None else [(entry, _at(field, len(rows), batch, f".{self.policy.mask_key}"))]
         if action_mask is not None:
             given = self._action_mask(action_mask if batch else [action_mask], len(rows), batch)
-            mask = given if mask is None else mask & given
-        return rows, mask
+            parts.append((given, _at("body.action_mask", len(rows), batch)))
+        return rows, combine_masks(self.policy.space, parts)
 
     def _action_mask(self, masks: list[list[bool]], rows: int, batch: bool, field: str = "body.action_mask") -> np.ndarray:
         """The request's ``action_mask`` rows (booleans already checked) as ``(B, k)`` bool."""
@@ -215,6 +214,11 @@ class PolicyService:
         self.check_mask(mask, where)
         out, variant = await self.forward(obs, where, policy_id, forced)
         return self.policy.space.distribution(out.heads, mask), out.version, variant
+
+
+def _at(field: str, rows: int, batch: bool, suffix: str = "") -> list[str]:
+    """Where each row's mask is: ``body.obs.legal``; in a batch ``body.obs.3.legal``, ``body.action_mask.3``."""
+    return [f"{field}.{i}{suffix}" for i in range(rows)] if batch else [f"{field}{suffix}"]
 
 
 def masks_of(rows: Sequence[list[bool] | None], width: int) -> np.ndarray | None:

@@ -4,18 +4,29 @@ observation and a request's top-level `action_mask`; multi_binary and tanh-squas
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
+import numpy as np
 import pytest
+import safetensors.numpy
 import torch
 import yaml
 from fastapi.testclient import TestClient
 
+from policy_server.errors import InvalidRequest
 from policy_server.export import MLPPolicy, export_module
 from policy_server.gateway.app import build_app
+from policy_server.gateway.policy.masks import combine_masks
+from policy_server.policies.spaces import TupleSpace
 from policy_server.settings import Settings
 
 KEY = {"access-token": "mask-key"}
 BOARD = {"cells": [0.0, 1.0, 0.0], "legal": [True, False, True, False]}
+ROBOT = {"type": "dict", "spaces": {"pos": {"type": "box", "shape": [2], "low": -1, "high": 1},
+                                    "gear": {"type": "discrete", "n": 3}}}
+POSE = {"pos": [0.5, -0.5], "gear": 2}
+NONE_OF_3 = "the mask allows none of the 3 actions"
+BOTH = "(an action must be allowed by both)"
 
 
 @pytest.fixture(scope="module")
@@ -26,6 +37,7 @@ def client(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestClient]:
     export_module(MLPPolicy(3, [8], nvec=[3, 2]), 3, root / "md.pt2")
     export_module(MLPPolicy(3, [8], nvec=[5]), 3, root / "bits.pt2")
     export_module(MLPPolicy(3, [8], box_dim=2), 3, root / "squashed.pt2")
+    export_module(MLPPolicy(5, [8], nvec=[3]), 5, root / "robot.pt2")
     vec = {"v": {"type": "List[float]", "min_items": 3, "max_items": 3}}
     schema = {
         "parameters": {"api_key": KEY["access-token"], "default_policy": "board"},
@@ -37,6 +49,10 @@ def client(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestClient]:
             "bits": {"model": "bits.pt2", "action_space": {"type": "multi_binary", "n": 5}, "observations": vec},
             "squashed": {"model": "squashed.pt2", "observations": vec,
                          "action_space": {"type": "box", "low": [-1, 0], "high": [1, 4], "squash": "tanh"}},
+            "robot": {"model": "robot.pt2", "observation_space": ROBOT},
+            "legal": {"model": "robot.pt2", "action_space": {"type": "discrete", "mask": "legal"},
+                      "observation_space": {"type": "dict", "spaces": ROBOT["spaces"] | {
+                          "legal": {"type": "multi_binary", "n": 3}}}},
         },
     }
     (root / "schema.yaml").write_text(yaml.safe_dump(schema))
@@ -99,3 +115,70 @@ def test_multi_binary_and_tanh_box_answers(client: TestClient) -> None:
     assert -1 <= act["action"][0] <= 1 and 0 <= act["action"][1] <= 4 and "probability" not in act
     dist = client.post("/policies/squashed/distribution", json={"v": [0.1, 0.2, 0.3]}, headers=KEY).json()
     assert dist["squash"] == "tanh" and dist["low"] == [-1.0, 0.0] and dist["high"] == [1.0, 4.0]
+
+
+def fields_of(answer: Any) -> list[dict[str, str]]:
+    assert answer.status_code == 422, answer.text
+    return answer.json()["error"]["fields"]  # type: ignore[no-any-return]
+
+
+@pytest.mark.parametrize("path", ["predict", "predict_deterministic", "distribution"])
+def test_a_request_mask_that_allows_nothing_is_named_as_body_action_mask(client: TestClient, path: str) -> None:
+    """Beside a space observation, with or without a Dict mask entry that allows something: the
+    request's own mask is named, not ``body.obs.action_mask`` (no such field) nor ``body.obs.legal``."""
+    none = [False] * 3
+    for policy, obs in (("robot", POSE), ("legal", POSE | {"legal": [True] * 3})):
+        one = client.post(f"/policies/{policy}/{path}", json={"obs": obs, "action_mask": none}, headers=KEY)
+        assert fields_of(one) == [{"field": "body.action_mask", "message": NONE_OF_3}], policy
+        batch = client.post(f"/policies/{policy}/{path}/batch", headers=KEY,
+                            json={"obs": [obs, obs], "action_mask": [[True] * 3, none]})
+        assert fields_of(batch) == [{"field": "body.action_mask.1", "message": NONE_OF_3}], policy
+
+
+def test_a_dict_mask_entry_that_allows_nothing_is_named_as_itself(client: TestClient) -> None:
+    empty = POSE | {"legal": [False] * 3}
+    one = client.post("/policies/legal/predict", json={"obs": empty, "action_mask": [True] * 3}, headers=KEY)
+    assert fields_of(one) == [{"field": "body.obs.legal", "message": NONE_OF_3}]
+    batch = client.post("/policies/legal/predict/batch", json={"obs": [POSE | {"legal": [True] * 3}, empty]},
+                        headers=KEY)
+    assert fields_of(batch) == [{"field": "body.obs.1.legal", "message": NONE_OF_3}]
+    collect = client.post("/policies/legal/collect_experience", json={"observation": empty}, headers=KEY)
+    assert fields_of(collect) == [{"field": "body.observation.legal", "message": NONE_OF_3}]
+
+
+def test_two_masks_that_only_together_allow_nothing_are_both_named(client: TestClient) -> None:
+    body = {"obs": POSE | {"legal": [True, False, False]}, "action_mask": [False, True, True]}
+    assert fields_of(client.post("/policies/legal/predict", json=body, headers=KEY)) == [
+        {"field": "body.obs.legal", "message": f"{NONE_OF_3} that body.action_mask allows {BOTH}"},
+        {"field": "body.action_mask", "message": f"{NONE_OF_3} that body.obs.legal allows {BOTH}"},
+    ]
+
+
+def test_binary_masks_are_named_as_their_tensors(client: TestClient) -> None:
+    tensors = {"obs.pos": np.array([0.5, -0.5], np.float32), "obs.gear": np.array(2), "obs.legal": np.ones(3, bool)}
+    none = np.zeros(3, bool)
+    for body, field in (
+        (tensors | {"action_mask": none}, "body.action_mask"),
+        (tensors | {"obs.legal": none}, "body.obs.legal"),
+    ):
+        answer = client.post("/policies/legal/predict", content=safetensors.numpy.save(body),
+                             headers=KEY | {"content-type": "application/safetensors"})
+        assert fields_of(answer) == [{"field": field, "message": NONE_OF_3}]
+    batch = {k: np.stack([v, v]) for k, v in tensors.items()} | {"action_mask": np.stack([np.ones(3, bool), none])}
+    answer = client.post("/policies/legal/predict/batch", content=safetensors.numpy.save(batch),
+                         headers=KEY | {"content-type": "application/safetensors"})
+    assert fields_of(answer) == [{"field": "body.action_mask.1", "message": NONE_OF_3}]
+
+
+def test_combine_masks_names_the_part_at_fault_per_component() -> None:
+    space = TupleSpace([3, 2])
+    at = ["body.obs.0.legal", "body.obs.1.legal"]
+    entry = np.array([[True, True, True, True, True], [True, True, True, True, True]])
+    given = np.array([[True, False, False, True, False], [True, True, True, False, False]])
+    with pytest.raises(InvalidRequest) as caught:
+        combine_masks(space, [(entry, at), (given, ["body.action_mask.0", "body.action_mask.1"])])
+    assert [(f.field, f.message) for f in caught.value.fields] == [
+        ("body.action_mask.1", "component 1 of the action: the mask allows none of its 2 actions")]
+    allowed = combine_masks(space, [(entry, at), (given[:1].repeat(2, axis=0), ["a.0", "a.1"])])
+    assert allowed is not None and allowed.tolist() == [[True, False, False, True, False]] * 2
+    assert combine_masks(space, []) is None
