@@ -23,7 +23,7 @@ from policy_server.gateway.policy.versions import (
     Variant,
     VariantStats,
     VersionRouter,
-    agreements,
+    mode_agreements,
 )
 from policy_server.policies.served import ServedPolicy
 from policy_server.serving.api import PolicyModel, PolicyTrainer
@@ -88,27 +88,29 @@ class PolicyVersions:
 
     # --- shadow -------------------------------------------------------------------------------
 
-    def run_shadow(self, obs: np.ndarray, stable_heads: list[np.ndarray]) -> None:
-        """Run the candidate on ``obs`` (float32 ``(B, obs_dim)``) off the request path and record
-        whether its most likely actions agree with the stable model's (``stable_heads``). Never
-        raises; skipped (counted) while too many runs are in flight or the candidate starts."""
+    def run_shadow(self, obs: np.ndarray, stable_heads: list[np.ndarray], mask: np.ndarray | None = None) -> None:
+        """Run the candidate on ``obs`` (the model input ``(B, *obs_shape)``) off the request path
+        and record whether its most likely allowed actions (under the request's ``mask``, bool
+        ``(B, mask_width)``) agree with the stable model's (``stable_heads``). Never raises;
+        skipped (counted) while too many runs are in flight or the candidate starts."""
         limit = SHADOW_REQUESTS_PER_SLOT * self.policy.spec.resources.concurrent_batches
         if self._batcher is None or len(self._shadow_runs) >= limit:
             self.shadow_skipped += 1
             return
-        task = asyncio.get_running_loop().create_task(self._shadow(self._batcher, obs, stable_heads))
+        task = asyncio.get_running_loop().create_task(self._shadow(self._batcher, obs, stable_heads, mask))
         self._shadow_runs.add(task)
         task.add_done_callback(self._shadow_runs.discard)
 
-    async def _shadow(self, batcher: MicroBatcher, obs: np.ndarray, stable_heads: list[np.ndarray]) -> None:
+    async def _shadow(
+        self, batcher: MicroBatcher, obs: np.ndarray, stable_heads: list[np.ndarray], mask: np.ndarray | None
+    ) -> None:
         try:
             out = await batcher.submit(obs)
         except Exception as exc:  # noqa: BLE001 - a shadow run fails nothing: the request it copies was answered
             self.shadow.failures += 1
             log.warning("policy %s: the shadow candidate failed: %s", self.policy.name, summary(exc))
             return
-        space = self.policy.space
-        agreed = agreements(space.mode(stable_heads), space.mode(out.heads))
+        agreed = mode_agreements(self.policy.space, stable_heads, out.heads, mask)
         self.shadow.compared(agreed)
         if self.metrics is not None:
             self.metrics.shadowed(sum(agreed), len(agreed))

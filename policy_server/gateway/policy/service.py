@@ -145,12 +145,14 @@ class PolicyService:
         return await self._batcher.submit(obs)
 
     async def forward(
-        self, obs: np.ndarray, where: Sequence[str], policy_id: str | None = None, forced: Variant | None = None
+        self, obs: np.ndarray, where: Sequence[str], policy_id: str | None = None, forced: Variant | None = None,
+        mask: np.ndarray | None = None,
     ) -> tuple[PolicyOutput, Variant]:
         """The outputs for float32 ``(B, obs_dim)`` rows of the version that answers them (``forced``,
         or as the policy's versions route the request), and that version; ``where`` names each
         row's field (``body.observations.3``); ``policy_id`` picks the model of a ``policies_dir``
-        policy (which has no candidate). In shadow mode the candidate also runs, off the request path.
+        policy (which has no candidate). In shadow mode the candidate also runs, off the request
+        path, and its actions are compared with stable's under the request's action ``mask``.
 
         Raises ModelOverflow naming each row whose outputs are not finite: the weights are
         (replicas refuse others), so a finite input that overflows the model's float32 layers
@@ -174,7 +176,7 @@ class PolicyService:
             fields = [FieldError(where[i], message) for i in np.flatnonzero(~finite)[:10]]
             raise ModelOverflow(f"{fields[0].field}: {message}", fields)
         if variant == "stable" and self.versions.router.shadows:
-            self.versions.run_shadow(obs, out.heads)
+            self.versions.run_shadow(obs, out.heads, mask)
         return out, variant
 
     async def act(
@@ -188,7 +190,7 @@ class PolicyService:
         experience log, the decisions are queued for it (named by the request's id, ``client_id``
         and episode id)."""
         self.check_mask(mask, where, mask_at)
-        out, variant = await self.forward(obs, where, policy_id, forced)
+        out, variant = await self.forward(obs, where, policy_id, forced, mask)
         space = self.policy.space
         samples = space.sample(out.heads, self.rng, mask) if mode == "sample" else space.mode(out.heads, mask)
         if self.experience_log is not None:
@@ -212,7 +214,7 @@ class PolicyService:
     ) -> tuple[list[dict[str, Any]], int, Variant]:
         """The exact distributions (masked actions: probability 0); raises as ``act``."""
         self.check_mask(mask, where)
-        out, variant = await self.forward(obs, where, policy_id, forced)
+        out, variant = await self.forward(obs, where, policy_id, forced, mask)
         return self.policy.space.distribution(out.heads, mask), out.version, variant
 
 

@@ -18,7 +18,7 @@ from typing import Literal
 import numpy as np
 
 from policy_server.errors import NoCandidate
-from policy_server.policies.spaces import ActionSample
+from policy_server.policies.spaces import ActionSample, ActionSpace
 from policy_server.schema.canary import CanarySpec
 
 Variant = Literal["stable", "canary"]
@@ -118,6 +118,17 @@ class ShadowStats:
     @property
     def agreement(self) -> float | None:
         return self.agreed / self.rows if self.rows else None
+
+
+def mode_agreements(
+    space: ActionSpace, stable: list[np.ndarray], candidate: list[np.ndarray], mask: np.ndarray | None = None
+) -> list[bool]:
+    """Per observation, whether the two versions' heads (each ``(B, ...)``) answer the same
+    deterministic action: the modes of the *allowed* actions under ``mask`` (bool ``(B,
+    mask_width)``, None: every action), what each version would answer ``/predict_deterministic``.
+    Unmasked modes would count a candidate that prefers an illegal action as disagreeing, though it
+    answers what stable does."""
+    return agreements(space.mode(stable, mask), space.mode(candidate, mask))
 
 
 def agreements(stable: list[ActionSample], candidate: list[ActionSample]) -> list[bool]:

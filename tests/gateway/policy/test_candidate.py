@@ -204,3 +204,17 @@ def test_a_trained_policy_serves_a_checkpoint_of_its_trainer_as_candidate(model_
         assert missing.status_code == 404, missing.text
         untrained = client.post("/policies/lpoc/versions/candidate", json={"checkpoint": saved})
         assert untrained.status_code == 404 and untrained.json()["error"]["code"] == "not_trainable"
+
+
+def test_shadow_agreement_compares_the_actions_each_version_would_answer_under_the_mask(
+    fixed_models: dict[str, Path], tmp_path: Path
+) -> None:
+    """Stable prefers 0 and the candidate 3; a mask that allows only 1 makes both answer 1."""
+    with client_for(tmp_path, canary_schema(fixed_models, mode="shadow")) as client:
+        only_1 = LPOC_OBS | {"action_mask": [False, True, False, False]}
+        for _ in range(5):
+            answer = client.post("/predict_deterministic/batch", json={"observations": [only_1] * 4}).json()
+            assert {r["action"] for r in answer["results"]} == {1}
+        client.portal.call(client.app.state.services["lpoc"].versions.drain_shadow)  # type: ignore[attr-defined]
+        shadow = client.get("/policies/lpoc/versions").json()["shadow"]
+        assert shadow["observations"] > 0 and shadow["agreed"] == shadow["observations"], shadow

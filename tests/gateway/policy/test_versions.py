@@ -15,8 +15,9 @@ from policy_server.gateway.policy.versions import (
     VariantStats,
     VersionRouter,
     agreements,
+    mode_agreements,
 )
-from policy_server.policies.spaces import ActionSample
+from policy_server.policies.spaces import ActionSample, DiscreteSpace, TupleSpace
 from policy_server.schema.canary import CanarySpec
 
 
@@ -88,6 +89,20 @@ def test_agreement_compares_actions_exactly_for_indices_and_within_a_tolerance_f
     assert agreements(samples([0.5, -0.25]), samples([0.51, -0.25])) == [False]
     with pytest.raises(ValueError):
         agreements(samples(1), samples(1, 2))
+
+
+def test_shadow_agreement_compares_the_modes_of_the_allowed_actions() -> None:
+    """Stable prefers action 0, the candidate action 3, both action 1 next: with 0 and 3 masked
+    both answer 1 (they agree); unmasked they would not."""
+    space = DiscreteSpace(4)
+    stable, candidate = [np.array([[5.0, 2.0, 0.0, 0.0]] * 2)], [np.array([[0.0, 2.0, 0.0, 5.0]] * 2)]
+    mask = np.array([[False, True, True, False], [True, True, True, True]])
+    assert mode_agreements(space, stable, candidate) == [False, False]
+    assert mode_agreements(space, stable, candidate, mask) == [True, False]
+    tuple_space = TupleSpace([2, 3])  # per component: the second is masked to one action
+    heads = [np.array([[1.0, 0.0]]), np.array([[3.0, 0.0, 0.0]])], [np.array([[1.0, 0.0]]), np.array([[0.0, 0.0, 3.0]])]
+    assert mode_agreements(tuple_space, *heads) == [False]
+    assert mode_agreements(tuple_space, *heads, np.array([[True, True, False, True, False]])) == [True]
 
 
 def test_an_episode_stays_with_the_version_that_acted_its_first_step() -> None:
