@@ -19,6 +19,7 @@ from policy_server.gateway.policy.binary import (
     read_safetensors,
     unknown_tensors,
 )
+from policy_server.gateway.policy.masks import check_mask
 from policy_server.gateway.training.experience import CLIENT_ID_PATTERN, to_actions
 from policy_server.policies.served import ServedPolicy
 from policy_server.training.experience import ExperienceBatch
@@ -36,21 +37,25 @@ def experience(body: bytes, policy: ServedPolicy, max_rows: int) -> tuple[Experi
     One row per step (``N`` from 1 to ``max_rows``): ``obs`` and ``next_obs`` (``obs.<key>`` /
     ``next_obs.<key>`` for a Dict space) ``(N, ...)``, ``actions`` ``(N,)`` or ``(N, k)`` (indices,
     or a Box's values), ``rewards`` ``(N,)``, optional ``terminated`` and ``truncated`` ``(N,)``
-    (bool; false when absent) and ``log_probs`` ``(N,)``; metadata ``client_id``, ``model_version``
-    (decimal text) and optional ``variant``. As in the JSON form, consecutive steps whose next
-    observation is the following observation form one fragment. Raises InvalidRequest naming the
-    tensor or ``body.__metadata__.<key>``.
+    (bool; false when absent) and ``log_probs`` ``(N,)``, optional action masks ``action_mask``
+    and ``next_action_mask`` ``(N, mask_width)`` (bool or 0/1; a Dict space's mask entry may come
+    as ``obs.<key>`` / ``next_obs.<key>`` instead; ``action_mask`` wins, as a step's does in JSON);
+    metadata ``client_id``, ``model_version`` (decimal text) and optional ``variant``. As in the
+    JSON form, consecutive steps whose next observation is the following observation form one
+    fragment. Raises InvalidRequest naming the tensor (``body.action_mask.3``: that row allows no
+    action) or ``body.__metadata__.<key>``.
     """
     tensors, metadata = read_safetensors(body)
     client_id, version, variant = _metadata(metadata)
     space = observation_space(policy)
     obs_names = [name for prefix in ("obs", "next_obs") for name, _ in leaves(space, prefix)]
-    unknown_tensors(tensors, [*obs_names, *_STEP_TENSORS], "body")
+    masks = mask_tensors(policy)
+    unknown_tensors(tensors, [*obs_names, *_STEP_TENSORS, *masks], "body")
     for required in ("actions", "rewards"):
         if required not in tensors:
             raise InvalidRequest.at(f"body.{required}", "missing: one row per step")
     rewards = tensors["rewards"]
-    n = step_count(tensors, space)
+    n = step_count(tensors, space, masks)
     if not 1 <= n <= max_rows:
         raise InvalidRequest.at("body.rewards", f"shape {list(rewards.shape)}: (N,) with N from 1 to {max_rows} steps")
     obs = model_input(tensors, space, "body", True, n, name="obs")
@@ -68,11 +73,43 @@ def experience(body: bytes, policy: ServedPolicy, max_rows: int) -> tuple[Experi
         rewards=check_tensor(rewards, _REAL, "body.rewards", n), terminated=terminated, truncated=truncated,
         segment_end=terminated | truncated | ~follows, log_probs=log_probs,
         versions=np.full(n, version, dtype=np.int64), client_id=client_id,
+        masks=_step_masks(tensors, masks, policy, n, "obs", "action_mask"),
+        next_masks=_step_masks(tensors, masks, policy, n, "next_obs", "next_action_mask"),
     )
     return batch, variant
 
 
-def step_count(tensors: dict[str, np.ndarray], space: gs.Space[Any]) -> int:
+def mask_tensors(policy: ServedPolicy) -> dict[str, gs.Space[Any]]:
+    """The optional tensors of an experience body that hold action masks, and each row's space:
+    ``action_mask``, ``next_action_mask`` and a Dict space's mask entry ``obs.<key>`` /
+    ``next_obs.<key>`` (none for an action space that takes no mask)."""
+    width = policy.space.mask_width
+    if not width:
+        return {}
+    found: dict[str, gs.Space[Any]] = {"action_mask": gs.MultiBinary(width), "next_action_mask": gs.MultiBinary(width)}
+    if isinstance(policy.obs_space, gs.Dict) and policy.mask_key is not None:
+        entry = policy.obs_space.spaces[policy.mask_key]
+        found |= {f"obs.{policy.mask_key}": entry, f"next_obs.{policy.mask_key}": entry}
+    return found
+
+
+def _step_masks(
+    tensors: dict[str, np.ndarray], masks: dict[str, gs.Space[Any]], policy: ServedPolicy, n: int, obs: str, given: str
+) -> np.ndarray | None:
+    """The masks at ``obs`` (``obs`` or ``next_obs``) as bool ``(N, mask_width)``: the ``given``
+    tensor, else the observation's mask entry, else None. At ``obs``, where an action was chosen,
+    a row that allows no action (in a component) is refused naming it; a next state may allow none
+    (a terminal one)."""
+    name = next((t for t in (given, f"{obs}.{policy.mask_key}") if t in tensors and t in masks), None)
+    if name is None:
+        return None
+    rows = check_tensor(tensors[name], masks[name], f"body.{name}", n).reshape(n, -1).astype(bool)
+    if obs == "obs":
+        check_mask(policy.space, rows, [f"body.{name}.{i}" for i in range(n)])
+    return rows
+
+
+def step_count(tensors: dict[str, np.ndarray], space: gs.Space[Any], masks: dict[str, gs.Space[Any]] | None = None) -> int:
     """``N``, the number of steps of a body: the row count most of its step tensors share (the
     observations' first, on a tie); 0 when no tensor has the rank of rows.
 
@@ -81,6 +118,7 @@ def step_count(tensors: dict[str, np.ndarray], space: gs.Space[Any]) -> int:
     wrong rank is left to its own check, which names it."""
     ranks = {name: (len(sub.shape) + 1,) for prefix in ("obs", "next_obs") for name, sub in leaves(space, prefix)}
     ranks |= {name: (1,) for name in _STEP_TENSORS} | {"actions": (1, 2)}
+    ranks |= {name: (len(sub.shape) + 1,) for name, sub in (masks or {}).items()}
     rows = {name: tensors[name].shape[0] for name, allowed in ranks.items()
             if name in tensors and tensors[name].ndim in allowed}
     if not rows:

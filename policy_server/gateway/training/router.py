@@ -41,8 +41,9 @@ TRAINING_ERRORS = ERRORS | error_docs({
 EXPERIENCE_DOC = binary_doc(None, (
     "Steps as safetensors (safetensors.numpy.save), one row per step: tensors `obs` and `next_obs` "
     "(N, ...) (a Dict space: `obs.<key>`), `actions` (N,) or (N, k), `rewards` (N,), optional "
-    "`terminated`, `truncated` (bool, N) and `log_probs` (N,); metadata `client_id`, `model_version` "
-    "(decimal) and optional `variant`."))
+    "`terminated`, `truncated` (bool, N) and `log_probs` (N,), optional action masks `action_mask` and "
+    "`next_action_mask` (N, k) bool or 0/1 (a Dict space's mask entry: `obs.<key>`, `next_obs.<key>`); "
+    "metadata `client_id`, `model_version` (decimal) and optional `variant`."))
 
 
 

@@ -1,5 +1,6 @@
 """A safetensors ``/train/experience`` body read without HTTP (``gateway.training.binary``): a
-tensor whose rows differ from the other step tensors' is the one named."""
+tensor whose rows differ from the other step tensors' is the one named; action masks travel as
+tensors and read as the JSON form's."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from conftest import CART_OBSERVATIONS, cart_fragment
 from policy_server.errors import InvalidRequest
 from policy_server.export import MLPPolicy, export_module
 from policy_server.gateway.training.binary import experience
+from policy_server.gateway.training.experience import ExperienceRequest, to_batch
 from policy_server.policies.served import ServedPolicy, resolve_policy
 from policy_server.schema.config import parse_schema
 
@@ -24,7 +26,8 @@ ROBOT = {"type": "dict", "spaces": {"pos": {"type": "box", "shape": [2], "low": 
 
 @pytest.fixture(scope="module")
 def policies(tmp_path_factory: pytest.TempPathFactory) -> dict[str, ServedPolicy]:
-    """``cart``: Pathmind observations (4 floats), 2 actions; ``robot``: a Dict space, 3 actions."""
+    """``cart``: Pathmind observations (4 floats), 2 actions; ``robot``: a Dict space, 3 actions;
+    ``legal``: the robot with a Dict mask entry ``legal``."""
     root = tmp_path_factory.mktemp("binary-experience")
     torch.manual_seed(0)
     export_module(MLPPolicy(4, [8], nvec=[2]), 4, root / "cart.pt2")
@@ -32,6 +35,8 @@ def policies(tmp_path_factory: pytest.TempPathFactory) -> dict[str, ServedPolicy
     schema = {"policies": {
         "cart": {"observations": CART_OBSERVATIONS, "model": "cart.pt2", "action_space": {"type": "discrete", "n": 2}},
         "robot": {"observation_space": ROBOT, "model": "robot.pt2"},
+        "legal": {"model": "robot.pt2", "action_space": {"type": "discrete", "mask": "legal"},
+                  "observation_space": {"type": "dict", "spaces": ROBOT["spaces"] | {"legal": {"type": "multi_binary", "n": 3}}}},
     }}
     parsed = parse_schema(schema, root).policies
     return {name: resolve_policy(spec)[0] for name, spec in parsed.items()}
@@ -91,3 +96,49 @@ def test_a_tensor_of_the_wrong_rank_is_named_by_its_own_check(policies: dict[str
     tensors = cart_steps()
     tensors["rewards"] = tensors["rewards"][:, None]
     assert refusal(tensors, policies["cart"]) == [{"field": "body.rewards", "message": "shape [8, 1], expected [8]"}]
+
+
+MASKS = np.array([[1, 0, 1], [0, 1, 0], [1, 1, 1], [0, 0, 1]], bool)
+
+
+def test_masks_travel_as_tensors_and_read_as_the_json_steps_do(policies: dict[str, ServedPolicy]) -> None:
+    tensors = robot_steps(4) | {"action_mask": MASKS, "next_action_mask": np.roll(MASKS, 1, axis=0)}
+    tensors["next_action_mask"][3] = False  # a next state may allow nothing (a terminal one)
+    batch, _ = experience(safetensors.numpy.save(tensors, metadata=META), policies["robot"], 4096)
+    json_steps = [{"obs": {"pos": tensors["obs.pos"][i].tolist(), "gear": int(tensors["obs.gear"][i])},
+                   "next_obs": {"pos": tensors["next_obs.pos"][i].tolist(), "gear": int(tensors["next_obs.gear"][i])},
+                   "action": int(tensors["actions"][i]), "reward": 1.0, "model_version": 0,
+                   "action_mask": tensors["action_mask"][i].tolist(),
+                   "next_action_mask": tensors["next_action_mask"][i].tolist()} for i in range(4)]
+    expected = to_batch(ExperienceRequest.model_validate({"client_id": "c1", "steps": json_steps}), policies["robot"], 4096)
+    assert batch.masks is not None and batch.next_masks is not None and expected.masks is not None
+    assert (batch.masks == expected.masks).all() and (batch.next_masks == expected.next_masks).all()
+    unmasked, _ = experience(safetensors.numpy.save(robot_steps(4), metadata=META), policies["robot"], 4096)
+    assert unmasked.masks is None and unmasked.next_masks is None
+
+
+def test_a_dict_mask_entry_is_a_mask_and_action_mask_wins_over_it(policies: dict[str, ServedPolicy]) -> None:
+    entry = robot_steps(4) | {"obs.legal": MASKS.astype(np.uint8), "next_obs.legal": MASKS[::-1].astype(np.uint8)}
+    batch, _ = experience(safetensors.numpy.save(entry, metadata=META), policies["legal"], 4096)
+    assert batch.masks.tolist() == MASKS.tolist() and batch.next_masks.tolist() == MASKS[::-1].tolist()  # type: ignore[union-attr]
+    given = np.ones((4, 3), bool)
+    batch, _ = experience(safetensors.numpy.save(entry | {"action_mask": given}, metadata=META), policies["legal"], 4096)
+    assert batch.masks.tolist() == given.tolist()  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("name, value, field, words", [
+    ("action_mask", MASKS[[0, 1, 2, 2]] * [[1], [1], [1], [0]], "body.action_mask.3", "allows none of the 3 actions"),
+    ("action_mask", MASKS[:3], "body.action_mask", "3 rows, but"),
+    ("next_action_mask", MASKS[:, :2], "body.next_action_mask", "shape [4, 2], expected [4, 3]"),
+    ("action_mask", MASKS * 2, "body.action_mask", "value 2 at [0, 0]"),
+    ("obs.legal", MASKS[:3], "body.obs.legal", "3 rows, but"),
+    ("obs.legal", np.zeros((4, 3), bool), "body.obs.legal.0", "allows none of the 3 actions"),
+])
+def test_a_bad_mask_tensor_is_the_one_named(policies: dict[str, ServedPolicy], name: str, value: np.ndarray,
+                                            field: str, words: str) -> None:
+    fields = refusal(robot_steps(4) | {name: value}, policies["legal"])
+    assert fields[0]["field"] == field and words in fields[0]["message"], fields
+
+
+def test_a_mask_tensor_is_unknown_where_no_mask_is_taken(policies: dict[str, ServedPolicy]) -> None:
+    assert refusal(robot_steps(4) | {"obs.legal": MASKS}, policies["robot"])[0]["field"] == "body.obs.legal"
