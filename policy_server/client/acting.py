@@ -15,6 +15,7 @@ import httpx
 import numpy as np
 
 from policy_server.client.http import HttpSession, PolicyClientError
+from policy_server.client.masks import both, epsilon_greedy, observation_mask, stacked
 from policy_server.client.spaces import model_rows, served_observation_space, space_json
 from policy_server.policies.codec import decode_weights
 from policy_server.policies.spaces import ActionSpace, BoxSpace, DiscreteSpace, MultiBinarySpace, TupleSpace
@@ -71,28 +72,18 @@ class _LocalModel:
         """A Pathmind observation that holds the action mask (``action_space.mask``): no model input."""
         self.fields = [name for name in fields if name != self.mask_field]
 
-    def heads(self, observations: Sequence[Observation]) -> tuple[list[np.ndarray], np.ndarray | None]:
-        """The model's heads for a batch of observations, one row each, and the action mask
-        ``(B, mask_width)`` bool that an observation holds under ``action_space.mask`` (left out
-        of the model input, as the server leaves it out), or None."""
+    def heads(self, observations: Sequence[Observation]) -> list[np.ndarray]:
+        """The model's heads for a batch of observations, one row each (the observation that holds
+        the action mask under ``action_space.mask`` is left out of the model input, as the server
+        leaves it out)."""
         if self.obs_space is None:
-            rows = np.stack([_flat(obs, self.fields) for obs in observations])
-            return self.policy.forward(rows).heads, self._field_mask(observations)
+            return self.policy.forward(np.stack([_flat(obs, self.fields) for obs in observations])).heads
         if self.mask_key is None:
-            return self.policy.forward(model_rows(self.obs_space, observations)).heads, None
+            return self.policy.forward(model_rows(self.obs_space, observations)).heads
         assert isinstance(self.obs_space, gs.Dict)
         rest = gs.Dict({k: v for k, v in self.obs_space.spaces.items() if k != self.mask_key})
         rows = model_rows(rest, [{k: obs[k] for k in rest.spaces} for obs in observations])  # type: ignore[index]
-        mask = np.stack([np.asarray(obs[self.mask_key], dtype=bool).ravel() for obs in observations])  # type: ignore[index]
-        return self.policy.forward(rows).heads, mask
-
-
-    def _field_mask(self, observations: Sequence[Observation]) -> np.ndarray | None:
-        """The mask field of Pathmind observation objects, bool ``(B, mask_width)``; None without
-        one (a flat vector is the model input alone, every action allowed)."""
-        if self.mask_field is None or not all(isinstance(obs, Mapping) for obs in observations):
-            return None
-        return np.stack([np.asarray(obs[self.mask_field], dtype=bool).ravel() for obs in observations])  # type: ignore[index]
+        return self.policy.forward(rows).heads
 
 
 class ActingClient:
@@ -187,43 +178,61 @@ class ActingClient:
 
     # --- acting ---------------------------------------------------------------------------
 
-    def act(self, obs: Observation) -> ActResult:
+    def act(self, obs: Observation, action_mask: Sequence[bool] | np.ndarray | None = None) -> ActResult:
         """Choose an action for one observation: a flat vector or the schema's observation object,
         or an observation of the policy's ``observation_space``.
 
         A DQN policy acts epsilon-greedily (the server's epsilon); others sample from the policy.
+        Never a masked action: the mask is the one the observation holds (``action_space.mask``;
+        a Pathmind object's ``action_mask``) and ``action_mask`` (one bool per action, all
+        components' side by side; sent as the request's ``action_mask``), an action allowed where
+        both allow it; a DQN's random actions are drawn among the allowed ones.
         """
         if self.algorithm is None:
             self.algorithm = (self.describe().get("training") or {}).get("algorithm", "")
+        mask = both(self._observation_mask(obs), action_mask)
+        obs, action_mask = self._fold(obs, mask, action_mask)
         if self.inference == "local":
-            result, self.last_variant = self._act_local([obs])[0], "stable"
+            result, self.last_variant = self._act_local([obs], [mask])[0], "stable"
         elif self.algorithm == "dqn":
-            answer = self._predict(obs, "predict_deterministic")
-            result, self.last_variant = self._epsilon_greedy(answer["action"], answer["model_version"]), answer["variant"]
+            answer = self._predict(obs, "predict_deterministic", action_mask)
+            result = self._epsilon_greedy(answer["action"], answer["model_version"], mask)
+            self.last_variant = answer["variant"]
         else:
-            answer = self._predict(obs, "predict")
+            answer = self._predict(obs, "predict", action_mask)
             result = ActResult(answer["action"], answer["log_prob"], answer["model_version"])
             self.last_variant = answer["variant"]
         self._last_act_version = result.model_version
         self._maybe_heartbeat()
         return result
 
-    def act_batch(self, observations: Sequence[Observation]) -> list[ActResult]:
+    def act_batch(
+        self, observations: Sequence[Observation], action_masks: Sequence[Sequence[bool] | np.ndarray] | None = None
+    ) -> list[ActResult]:
         """Choose one action per observation with one request (``/predict/batch``, or the raw or
-        deterministic batch form) or one local forward pass; as ``act`` otherwise. The policy's
-        version that answered is ``last_variant`` (one for the whole batch)."""
+        deterministic batch form) or one local forward pass; as ``act`` otherwise (``action_masks``:
+        one per observation, or None). The policy's version that answered is ``last_variant`` (one
+        for the whole batch)."""
         if not observations:  # every sub-environment of a vector env resetting at once: nothing to ask
             return []
         if self.algorithm is None:
             self.algorithm = (self.describe().get("training") or {}).get("algorithm", "")
+        given = list(action_masks) if action_masks is not None else [None] * len(observations)
+        masks = [both(self._observation_mask(obs), m) for obs, m in zip(observations, given, strict=True)]
+        folded = [self._fold(obs, mask, m) for obs, mask, m in zip(observations, masks, given, strict=True)]
+        observations = [obs for obs, _ in folded]
+        sent = [None if m is None else np.asarray(m, dtype=bool).reshape(-1) for _, m in folded]
+        width = next((len(m) for m in sent if m is not None), 0)
+        action_masks = stacked(sent, width)  # a row whose object carries its mask: all allowed beside it
         if self.inference == "local":
-            results, self.last_variant = self._act_local(observations), "stable"
+            results, self.last_variant = self._act_local(observations, masks), "stable"
         else:
             endpoint = "predict_deterministic" if self.algorithm == "dqn" else "predict"
-            answer = self._predict_batch(observations, endpoint)
+            answer = self._predict_batch(observations, endpoint, action_masks)
             version, self.last_variant = int(answer["model_version"]), answer["variant"]
             if self.algorithm == "dqn":
-                results = [self._epsilon_greedy(row["action"], version) for row in answer["results"]]
+                results = [self._epsilon_greedy(row["action"], version, mask)
+                           for row, mask in zip(answer["results"], masks, strict=True)]
             else:
                 results = [ActResult(row["action"], row["log_prob"], version) for row in answer["results"]]
         self._last_act_version = results[-1].model_version if results else self._last_act_version
@@ -240,31 +249,58 @@ class ActingClient:
     def _obs_space(self) -> gs.Space[Any] | None:
         return served_observation_space(self.describe())
 
-    def _predict(self, obs: Observation, endpoint: str) -> dict[str, Any]:
+    def _observation_mask(self, obs: Observation) -> np.ndarray | None:
+        """The action mask ``obs`` holds, as the server reads it (``masks.observation_mask``)."""
+        mask = self.describe().get("mask")
+        keys = [mask] if mask else []
+        return observation_mask(obs, keys if self._obs_space is not None else [*keys, "action_mask"])
+
+    def _fold(self, obs: Observation, mask: np.ndarray | None, action_mask: Any) -> tuple[Observation, Any]:
+        """A Pathmind observation object carries a given ``action_mask`` as its mask field (the
+        schema's ``action_space.mask``, else ``action_mask``): the server reads the one mask the
+        client acts on. Anything else keeps it beside (sent as the request's ``action_mask``)."""
+        if action_mask is None or mask is None or self._obs_space is not None or not isinstance(obs, Mapping):
+            return obs, action_mask
+        return {**obs, self._mask_field(): mask.tolist()}, None
+
+    def _mask_field(self) -> str:
+        """The field of a Pathmind observation object that carries the action mask."""
+        return str(self.describe().get("mask") or "action_mask")
+
+    def _predict(self, obs: Observation, endpoint: str, action_mask: Any = None) -> dict[str, Any]:
         # an episode begun by one version of a policy with a candidate stays with it
         pin = {"X-Policy-Version": self._episode_variant} if self._episode_variant else None
+        masked = {} if action_mask is None else {"action_mask": plain(np.asarray(action_mask, dtype=bool))}
         if self._obs_space is not None:
-            return self._post(f"/{endpoint}", {"obs": self.wire(obs)}, pin)
+            return self._post(f"/{endpoint}", {"obs": self.wire(obs)} | masked, pin)
         if isinstance(obs, Mapping):
-            return self._post(f"/{endpoint}", wire_obs(obs), pin)
+            return self._post(f"/{endpoint}", wire_obs(obs) | masked, pin)
         array = np.asarray(obs)
-        if self.binary or (self.binary is None and array.size > BINARY_ABOVE):
+        if not masked and (self.binary or (self.binary is None and array.size > BINARY_ABOVE)):
             headers = (pin or {}) | {"content-type": NPY}
             path = f"{self.prefix}/{'predict_raw' if endpoint == 'predict' else endpoint}"
             return self.request("POST", path, headers=headers, content=npy_obs(array)).json()
         if endpoint == "predict":
-            return self._post("/predict_raw", {"obs": wire_obs(obs)}, pin)
+            return self._post("/predict_raw", {"obs": wire_obs(obs)} | masked, pin)
         # no raw form of the deterministic endpoint: the batch form takes flat vectors
-        answer = self._post(f"/{endpoint}/batch", {"observations": [self._as_object(obs)]}, pin)
+        carried = {self._mask_field(): masked["action_mask"]} if masked else {}
+        answer = self._post(f"/{endpoint}/batch", {"observations": [self._as_object(obs) | carried]}, pin)
         return answer["results"][0] | {"model_version": answer["model_version"], "variant": answer["variant"]}
 
-    def _predict_batch(self, observations: Sequence[Observation], endpoint: str) -> dict[str, Any]:
-        """One batch request for ``observations`` (no version pinned: a batch is one variant's)."""
+    def _predict_batch(self, observations: Sequence[Observation], endpoint: str, action_masks: Any = None) -> dict[str, Any]:
+        """One batch request for ``observations`` (no version pinned: a batch is one variant's);
+        ``action_masks``: one per observation (None: none sent)."""
+        masks = None if action_masks is None else [plain(np.asarray(m, dtype=bool)) for m in action_masks]
+        masked = {} if masks is None else {"action_mask": masks}
         if self._obs_space is not None:
-            return self._post(f"/{endpoint}/batch", {SPACE_BATCH_KEY: [self.wire(obs) for obs in observations]})
+            return self._post(f"/{endpoint}/batch", {SPACE_BATCH_KEY: [self.wire(obs) for obs in observations]} | masked)
         if endpoint == "predict" and not any(isinstance(obs, Mapping) for obs in observations):
-            return self._post("/predict_raw/batch", {"obs": [wire_obs(obs) for obs in observations]})
-        objects = [wire_obs(obs) if isinstance(obs, Mapping) else self._as_object(obs) for obs in observations]
+            return self._post("/predict_raw/batch", {"obs": [wire_obs(obs) for obs in observations]} | masked)
+        # an object carries its own mask (``_fold``); a vector made an object carries the one given
+        given = masks or [None] * len(observations)
+        objects = [wire_obs(obs) if isinstance(obs, Mapping)
+                   else self._as_object(obs) | ({} if m is None else {self._mask_field(): m})
+                   for obs, m in zip(observations, given, strict=True)]
         return self._post(f"/{endpoint}/batch", {"observations": objects})
 
     def _as_object(self, obs: Observation) -> dict[str, Any]:
@@ -276,8 +312,9 @@ class ActingClient:
             i += width or 1
         return out
 
-    def _act_local(self, observations: Sequence[Observation]) -> list[ActResult]:
-        """Actions for a batch of observations from one forward pass of the local model."""
+    def _act_local(self, observations: Sequence[Observation], masks: list[np.ndarray | None]) -> list[ActResult]:
+        """Actions for a batch of observations from one forward pass of the local model, never a
+        masked one (``masks``: each observation's, None: every action allowed)."""
         if self._local is None:
             self.load_model()
         elif self._acts_since_check >= self.refresh_every:
@@ -285,23 +322,18 @@ class ActingClient:
         self._acts_since_check += 1
         local = self._local
         assert local is not None
-        heads, mask = local.heads(observations)
-        version = local.policy.version
+        heads, version = local.heads(observations), local.policy.version
+        mask = stacked(masks, local.space.mask_width)
         if self.algorithm == "dqn":
-            return [self._epsilon_greedy(greedy.action, version) for greedy in local.space.mode(heads, mask)]
+            return [self._epsilon_greedy(greedy.action, version, row)  # type: ignore[arg-type]
+                    for greedy, row in zip(local.space.mode(heads, mask), masks, strict=True)]
         return [ActResult(s.action, s.log_prob, version) for s in local.space.sample(heads, self._rng, mask)]
 
-    def _epsilon_greedy(self, greedy: ActionValue, version: int) -> ActResult:
-        """With probability epsilon a uniformly random action, else the greedy one; the log-prob
-        is that of the behaviour policy: ``eps / |A| + (1 - eps) [a = greedy]``."""
-        eps = self.epsilon or 0.0
-        sizes = self._action_sizes()
-        action: ActionValue = greedy
-        if self._rng.random() < eps:
-            drawn = [int(self._rng.integers(n)) for n in sizes]
-            action = drawn[0] if isinstance(greedy, int) else drawn
-        p = eps / float(np.prod(sizes)) + (1 - eps) * (action == greedy)
-        return ActResult(action, float(np.log(p)), version)
+    def _epsilon_greedy(self, greedy: int | list[int], version: int, mask: np.ndarray | None = None) -> ActResult:
+        """With probability epsilon a uniformly random allowed action, else the greedy one, and its
+        log-prob under that behaviour policy (``masks.epsilon_greedy``)."""
+        action, log_prob = epsilon_greedy(greedy, self._action_sizes(), self.epsilon or 0.0, self._rng, mask)
+        return ActResult(action, log_prob, version)
 
     def _action_sizes(self) -> list[int]:
         space = self.describe()["action_space"]

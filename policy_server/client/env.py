@@ -53,6 +53,12 @@ def run_env(
     ``DISABLED``: ended sub-environments are reset with ``reset_mask``). ``steps`` counts
     sub-environment steps.
 
+    Action masks: an environment with sb3-contrib's ``action_masks()`` (reached through wrappers;
+    ``call("action_masks")`` for a vector environment) against a policy whose observations hold no
+    mask has its masks sent with each action request (``action_mask``) and with the experience
+    (``action_mask`` / ``next_action_mask`` of each step); no action is ever a masked one, a DQN's
+    random ones included.
+
     Runs until ``max_steps`` steps, ``max_episodes`` episodes, or ``stop()`` is true (checked
     every step; a vector step may pass ``max_steps`` by fewer than ``num_envs``), whichever comes
     first; then flushes. ``seed`` seeds the first ``reset``; ``on_episode`` is called with the stats
@@ -75,13 +81,34 @@ def run_env(
                 or (stop is not None and stop()))
 
     if vector:
-        _play_vector(client, env, stats, done, seed, on_episode, train)
+        _play_vector(client, env, stats, done, seed, on_episode, train, described)
     else:
-        _play(client, env, stats, done, seed, on_episode, train)
+        _play(client, env, stats, done, seed, on_episode, train, described)
     if train:
         client.flush()
     stats.wall_s = time.monotonic() - start
     return stats
+
+
+Legal = Callable[[], Any] | None
+"""The environment's ``action_masks()`` (a vector environment's: one per sub-environment), or None."""
+
+
+def _legal_actions(env: gym.Env[Any, Any] | VectorEnv[Any, Any, Any], described: dict[str, Any], vector: bool) -> Legal:
+    """The environment's masks (sb3-contrib's ``action_masks()``) when the policy's observations
+    hold none (no ``action_space.mask``) and its actions are discrete; None otherwise."""
+    if described.get("mask") or described["action_space"]["type"] not in ("discrete", "tuple", "multi_discrete"):
+        return None
+    if vector:  # of each sub-environment (a vector wrapper has no `call`: the vector env's own)
+        call = env.unwrapped.call  # type: ignore[attr-defined]
+        # asked first: a missing attribute would stop an async vector env's worker
+        if not all(call("has_wrapper_attr", "action_masks")):
+            return None
+        return lambda: call("action_masks")
+    if not env.has_wrapper_attr("action_masks"):  # type: ignore[union-attr]
+        return None
+    masks = env.get_wrapper_attr("action_masks")  # type: ignore[union-attr]
+    return masks if callable(masks) else None
 
 
 def _end_episode(stats: EnvStats, ep_return: float, ep_len: int, on_episode: Callable[[EnvStats], None] | None) -> None:
@@ -94,28 +121,33 @@ def _end_episode(stats: EnvStats, ep_return: float, ep_len: int, on_episode: Cal
 
 def _play(
     client: PolicyClient, env: gym.Env[Any, Any], stats: EnvStats, done: Callable[[], bool], seed: int | None,
-    on_episode: Callable[[EnvStats], None] | None, train: bool,
+    on_episode: Callable[[EnvStats], None] | None, train: bool, described: dict[str, Any],
 ) -> None:
     obs, _ = env.reset(seed=seed)
+    legal = _legal_actions(env, described, vector=False)
+    mask = legal() if legal else None
     ep_return, ep_len = 0.0, 0
     while not done():
-        action, log_prob, version = client.act(obs)
+        action, log_prob, version = client.act(obs, action_mask=mask)
         next_obs, reward, terminated, truncated, _ = env.step(env_action(env.action_space, action))
+        next_mask = legal() if legal else None
         if train:
-            client.log_step(obs, action, float(reward), terminated, truncated, next_obs, log_prob, version)
+            client.log_step(obs, action, float(reward), terminated, truncated, next_obs, log_prob, version,
+                            action_mask=mask, next_action_mask=next_mask)
         stats.steps += 1
         ep_return, ep_len = ep_return + float(reward), ep_len + 1
         if terminated or truncated:
             _end_episode(stats, ep_return, ep_len, on_episode)
             ep_return, ep_len = 0.0, 0
             obs, _ = env.reset()
+            mask = legal() if legal else None
         else:
-            obs = next_obs
+            obs, mask = next_obs, next_mask
 
 
 def _play_vector(
     client: PolicyClient, env: VectorEnv[Any, Any, Any], stats: EnvStats, done: Callable[[], bool],
-    seed: int | None, on_episode: Callable[[EnvStats], None] | None, train: bool,
+    seed: int | None, on_episode: Callable[[EnvStats], None] | None, train: bool, described: dict[str, Any],
 ) -> None:
     """One batch request per vector step for the sub-environments that step (a sub-environment
     resetting under ``NEXT_STEP`` ignores its action: it is not asked for one, nor logged)."""
@@ -123,24 +155,31 @@ def _play_vector(
     n = env.num_envs
     batch, _ = env.reset(seed=seed)
     observations = list(iterate(env.observation_space, batch))
+    legal = _legal_actions(env, described, vector=True)
+    masks = legal() if legal else None
     resetting = np.zeros(n, dtype=bool)  # NEXT_STEP: this step of the sub-environment is its reset
     actions = [env.single_action_space.sample() for _ in range(n)]  # what a resetting one is handed
     ep_return, ep_len = np.zeros(n), np.zeros(n, dtype=int)
     while not done():
         acting = [i for i in range(n) if not resetting[i]]
-        results = dict(zip(acting, client.act_batch([observations[i] for i in acting]), strict=True))
+        asked = None if masks is None else [masks[i] for i in acting]
+        results = dict(zip(acting, client.act_batch([observations[i] for i in acting], asked), strict=True))
         for i, result in results.items():
             actions[i] = env_action(env.single_action_space, result.action)
         batch, rewards, terminated, truncated, info = env.step(_batched(env, actions))
         next_observations = list(iterate(env.observation_space, batch))
         ended = np.logical_or(terminated, truncated)
+        next_masks = legal() if legal else None
         for i, (action, log_prob, version) in results.items():
             last = next_observations[i]
             if mode is AutoresetMode.SAME_STEP and ended[i]:
                 last = info["final_obs"][i]  # the observation returned is the next episode's first
             if train:
+                # SAME_STEP: the sub-environment has reset, so its masks are the next episode's
+                after = None if next_masks is None or (mode is AutoresetMode.SAME_STEP and ended[i]) else next_masks[i]
                 client.log_step(observations[i], action, float(rewards[i]), bool(terminated[i]), bool(truncated[i]),
-                                last, log_prob, version, client.last_variant, stream=i)
+                                last, log_prob, version, client.last_variant, stream=i,
+                                action_mask=None if masks is None else masks[i], next_action_mask=after)
             stats.steps += 1
             ep_return[i] += float(rewards[i])
             ep_len[i] += 1
@@ -150,8 +189,9 @@ def _play_vector(
         if mode is AutoresetMode.DISABLED and ended.any():
             batch, _ = env.reset(options={"reset_mask": ended})
             next_observations = list(iterate(env.observation_space, batch))
+            next_masks = legal() if legal else None
         resetting = ended if mode is AutoresetMode.NEXT_STEP else np.zeros(n, dtype=bool)
-        observations = next_observations
+        observations, masks = next_observations, next_masks
 
 
 def _batched(env: VectorEnv[Any, Any, Any], actions: list[Any]) -> Any:
