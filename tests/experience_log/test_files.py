@@ -92,10 +92,7 @@ def test_another_gateways_open_files_survive_retention_and_keep_every_row(tmp_pa
             assert b._namer._n > 3 and len(log_files(tmp_path / fmt)) < 1 + b._namer._n, fmt  # B's retention ran
             assert open_files[fmt][0].exists(), f"{fmt}: B's retention deleted A's open file"
     finally:
-        assert a.stdin is not None
-        a.stdin.write("close\n")
-        a.stdin.close()
-        a.wait(timeout=60)
+        a.communicate("close\n", timeout=60)  # A closes its files
     assert a.returncode == 0
     for fmt in FORMATS:
         assert ids(tmp_path / fmt, "a") == list(range(20)), fmt  # every row of A, after A closed
@@ -106,7 +103,7 @@ def test_another_gateways_open_files_survive_retention_and_keep_every_row(tmp_pa
 def test_a_killed_writers_files_are_reclaimed(tmp_path: Path) -> None:
     a = gateway_a(tmp_path, requests=2)
     os.kill(a.pid, signal.SIGKILL)  # its locks die with it
-    a.wait()
+    a.communicate(timeout=30)
     for fmt in FORMATS:
         (leftover,) = log_files(tmp_path / fmt)
         gateway_b(tmp_path / fmt, fmt, requests=20)
