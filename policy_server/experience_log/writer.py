@@ -10,17 +10,16 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import queue
 import threading
 import time
-from pathlib import Path
 from typing import Any, Literal
 
 import pyarrow as pa
 
 from policy_server.experience_log.files import FileNamer, LogFile, enforce_total, open_file
 from policy_server.experience_log.records import Entry
+from policy_server.files import atomic_write_text
 from policy_server.schema.experience_log import ExperienceLogSpec
 
 log = logging.getLogger(__name__)
@@ -58,7 +57,8 @@ class ExperienceLog:
         try:
             self.spec.path.mkdir(parents=True, exist_ok=True)
             if self.spaces is not None:
-                _write_atomically(self.spec.path / f"{self.policy}.spaces.json", json.dumps(self.spaces))
+                # a temporary of its own (not ``<name>.<pid>.tmp``: gateways in containers on other hosts share pids)
+                atomic_write_text(self.spec.path / f"{self.policy}.spaces.json", json.dumps(self.spaces))
         except OSError as exc:
             self._disk_error(exc)
         self._thread = threading.Thread(target=self._run, name=f"experience-log-{self.policy}", daemon=True)
@@ -152,9 +152,3 @@ class ExperienceLog:
 
 
 _TICK: Any = object()  # the flush timer ran out with nothing queued
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    partial = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    partial.write_text(text, encoding="utf-8")
-    os.replace(partial, path)

@@ -25,7 +25,8 @@ class ExperienceLogSpec(BaseModel):
     max_file_mb: float = Field(64.0, gt=0)
     """A file is closed and a new one started at this size (MiB)."""
     max_total_mb: float = Field(1024.0, gt=0)
-    """The folder's log files are kept under this size (MiB): the oldest are deleted."""
+    """The folder's log files are kept under this size (MiB): the oldest are deleted, but not one that a
+    live writer (of any process sharing the folder) still has open."""
     flush_s: float = Field(1.0, gt=0)
     """Seconds between writes: records wait in memory at most this long (a Parquet row group each)."""
     rotate_s: float = Field(60.0, gt=0)

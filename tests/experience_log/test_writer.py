@@ -3,6 +3,7 @@ bound, a full queue, a failing disk, and a writer killed mid-write."""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -74,6 +75,17 @@ def test_files_rotate_at_their_size_and_the_folder_keeps_its_bound(tmp_path: Pat
     assert sum(sizes[:-1]) <= 0.1 * 2**20  # the bound (the newest file is always kept)
     ids = [int(r.request_id[1:]) for r in read_log(tmp_path)[::4]]
     assert ids == list(range(ids[0], 150)) and ids[0] > 0  # the oldest went, the newest stayed, in order
+
+
+def test_the_spaces_file_leaves_another_writers_temporary_alone(tmp_path: Path) -> None:
+    other = tmp_path / f"p.spaces.json.{os.getpid()}.tmp"  # a gateway on another host, with our pid, writing
+    other.write_text("half of a spaces fi")
+    log = ExperienceLog(spec(tmp_path), "p", {"policy": "p"})
+    log.open()
+    log.close()
+    assert json.loads((tmp_path / "p.spaces.json").read_text()) == {"policy": "p"}
+    assert other.read_text() == "half of a spaces fi"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["p.spaces.json", other.name]  # and no temporary of ours
 
 
 def test_a_full_queue_drops_and_counts_without_waiting(tmp_path: Path) -> None:
