@@ -30,6 +30,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import schemathesis
@@ -56,6 +57,11 @@ OPENAI_ROUTES = re.compile(r"(^|/)v1/")
 SCHEMA_FIXED_ROUTES = re.compile(r"/(predict|predict_raw|predict_deterministic|distribution)(/batch)?$")
 # the binary bodies (`format: binary`) travel as the bytes drawn for them, as octet-stream's do
 schemathesis.serializer.alias(list(BINARY_TYPES), "application/octet-stream")
+# The LLM policies' generation limits while fuzzed. The contract (and so what schemathesis draws)
+# follows the limits, so every bound is still probed. But schemathesis sends ~600 completions to the
+# OpenAI routes, a random-weight tiny model seldom ends a sample early, and a token takes ~0.1 s on
+# CI's 2 cores: at the llm example's 256 new tokens and 16 samples that case took 80 s.
+FUZZ_LIMITS = {"max_new_tokens": 2, "max_num_samples": 4}
 FUZZ = settings(
     deadline=None,
     derandomize=True,
@@ -194,6 +200,14 @@ def llm_example_schema(name: str, llm_dirs: dict[str, Path], tmp: Path, engine: 
         policy["training"]["save_dir"] = str(tmp / "runs")
     if "value" in doc["llm"]:
         doc["llm"]["value"]["path"] = str(llm_dirs["value"])
+    return write_fuzzed(doc, tmp)
+
+
+def write_fuzzed(doc: dict[str, Any], tmp: Path) -> Path:
+    """``doc`` with its LLM policy's generation limits lowered to ``FUZZ_LIMITS``, written under ``tmp``."""
+    policy = doc.get("llm", {}).get("policy")
+    if policy is not None:
+        policy["limits"] = policy.get("limits", {}) | FUZZ_LIMITS
     path = tmp / "schema.yaml"
     path.write_text(yaml.safe_dump(doc, sort_keys=False))
     return path
@@ -206,9 +220,7 @@ def every_router_schema(model_dir: Path, llm_dirs: dict[str, Path], tmp: Path) -
         "policy": {"path": str(llm_dirs["policy"]), "engine": "transformers", "training": {"save_dir": str(tmp / "runs")}},
         "value": {"path": str(llm_dirs["value"])},
     }
-    path = tmp / "schema.yaml"
-    path.write_text(yaml.safe_dump(doc, sort_keys=False))
-    return path
+    return write_fuzzed(doc, tmp)
 
 
 @pytest.fixture(scope="module")
