@@ -122,10 +122,10 @@ def priorities_only(scheduler: ModuleType) -> gym.Env[Any, Any]:
 @pytest.mark.parametrize("form", ["pathmind", "space", "box"])
 def test_run_env_explores_among_the_legal_jobs_only(scheduler: ModuleType, tmp_path: Path, form: str,
                                                     inference: str) -> None:
-    """1,000 random steps of the scheduler (300 for remote ``space`` and ``box``), which raises on
+    """300 random steps of the scheduler (1,000 local Pathmind ones), which raises on
     an illegal job; the masks reach the server with the experience, in the observations or
     (``box``) beside them."""
-    steps = FEWER if inference == "remote" and form != "pathmind" else DRAWS
+    steps = DRAWS if (form, inference) == ("pathmind", "local") else FEWER
     app = local_app(dqn_schema(tmp_path, scheduler, form), tmp_path)
     env = priorities_only(scheduler) if form == "box" else scheduler.JobScheduler()
     with running_server(app) as url, PolicyClient(url, "1234567asdfgh", inference=inference, seed=0) as client:  # type: ignore[arg-type]
@@ -155,7 +155,7 @@ def test_act_sends_an_action_mask_and_explores_within_it(scheduler: ModuleType, 
     with running_server(app) as url, PolicyClient(url, "1234567asdfgh", inference=inference, seed=0) as client:  # type: ignore[arg-type]
         client.epsilon = 1.0
         obs, _ = env.reset(seed=0)
-        for step in range(DRAWS):
+        for step in range(FEWER):
             action, log_prob, _ = client.act(obs["priority"], action_mask=env.action_masks())
             assert log_prob == pytest.approx(-math.log(env.action_masks().sum())), step
             obs, _, terminated, _, _ = env.step(action)  # raises on an illegal job
