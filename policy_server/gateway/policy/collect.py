@@ -43,9 +43,10 @@ ClientId = Annotated[str, Field(min_length=1, max_length=128, pattern=CLIENT_ID_
 
 
 def collect_model(policy: ServedPolicy) -> type[BaseModel]:
-    """The body: ``observation`` (the schema's observation object, or a flat list of
-    ``obs_dim`` numbers when the schema names no observations), ``reward``, ``done``, and an
-    optional ``client_id``."""
+    """The body: ``observation`` (the schema's observation object, one observation of the
+    policy's ``observation_space``, or a flat list of ``obs_dim`` numbers when the schema names
+    neither), ``reward``, ``done``, an optional ``client_id``, and, beside an observation that is no
+    object of the schema's (whose model holds the mask itself), an optional ``action_mask``."""
     mask: dict[str, Any] = {}
     if policy.observation_model is not None:
         observation: Any = (policy.observation_model, Field(description="What the client sees now."))
@@ -55,10 +56,10 @@ def collect_model(policy: ServedPolicy) -> type[BaseModel]:
     else:
         flat = Annotated[list[Float32], Field(min_length=policy.obs_dim, max_length=policy.obs_dim)]
         observation = (flat, Field(description="What the client sees now: the flat input vector."))
-        width = policy.space.mask_width
-        if width:
-            mask["action_mask"] = (Annotated[list[StrictBool], Field(min_length=width, max_length=width)] | None,
-                                   Field(None, description=MASK_DOC.format(width=width)))
+    width = policy.space.mask_width
+    if width and policy.observation_model is None:
+        mask["action_mask"] = (Annotated[list[StrictBool], Field(min_length=width, max_length=width)] | None,
+                               Field(None, description=MASK_DOC.format(width=width)))
     return create_model(  # type: ignore[call-overload, no-any-return]
         _model_name(policy),
         __config__=STRICT,
@@ -99,7 +100,7 @@ def collect_router(service: PolicyService, training: TrainingService | None, aut
     async def collect_experience(body: Body, request: Request, forced: ForcedVariant = None) -> JSONResponse:  # type: ignore[valid-type]
         obs, mask = body.observation, None  # type: ignore[attr-defined]
         if service.policy.obs_space is not None:
-            rows, mask = service.from_space(obs, "body.observation")
+            rows, mask = service.from_space(obs, "body.observation", getattr(body, "action_mask", None))
         else:
             rows = service.from_raw([obs], "body.observation") if isinstance(obs, list) else service.from_observations([obs])
         client_id = body.client_id or client_key(request)  # type: ignore[attr-defined]

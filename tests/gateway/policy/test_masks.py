@@ -146,6 +146,21 @@ def test_a_dict_mask_entry_that_allows_nothing_is_named_as_itself(client: TestCl
     assert fields_of(collect) == [{"field": "body.observation.legal", "message": NONE_OF_3}]
 
 
+def test_collect_experience_beside_a_space_observation_takes_the_request_mask(client: TestClient) -> None:
+    """The request's ``action_mask`` beside a Dict observation with no mask entry (``robot``), and
+    and-ed with the entry where there is one (``legal``): the one allowed action every time."""
+    cases = (("robot", POSE, [False, True, False]), ("legal", POSE | {"legal": [True, True, False]}, [False, True, True]))
+    for policy, obs, mask in cases:
+        for step in range(20):
+            answer = client.post(f"/policies/{policy}/collect_experience", headers=KEY,
+                                 json={"observation": obs, "action_mask": mask, "client_id": "m"})
+            assert answer.status_code == 200, answer.text
+            assert answer.json()["action"] == 1, (policy, step)
+    none = client.post("/policies/robot/collect_experience", json={"observation": POSE, "action_mask": [False] * 3},
+                       headers=KEY)
+    assert fields_of(none) == [{"field": "body.action_mask", "message": NONE_OF_3}]
+
+
 def test_two_masks_that_only_together_allow_nothing_are_both_named(client: TestClient) -> None:
     body = {"obs": POSE | {"legal": [True, False, False]}, "action_mask": [False, True, True]}
     assert fields_of(client.post("/policies/legal/predict", json=body, headers=KEY)) == [
