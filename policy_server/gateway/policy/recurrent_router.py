@@ -4,7 +4,9 @@ A request row (an observation, or a raw vector's body) may carry ``state`` (the 
 from, as an answer returned it), ``episode_id`` (start from the state this gateway kept for the
 episode) and ``episode_start`` (start from the zero state). Every answer row adds ``state`` (the
 new state) and ``state_reset`` (true: the episode id was unknown or expired, so the row started
-from the zero state). See ``gateway.policy.state``.
+from the zero state). See ``gateway.policy.state``. Action masks apply as on the feed-forward
+routes: the schema's mask observation, the observation model's optional ``action_mask``, or a
+raw body's ``action_mask``; a masked action has probability 0, and the log-prob is the masked one.
 """
 
 # No `from __future__ import annotations`: FastAPI must see the generated models as real types.
@@ -18,7 +20,7 @@ from pydantic import BaseModel, Field, create_model
 from policy_server.fields import Float32
 from policy_server.gateway.auth import Auth
 from policy_server.gateway.policy.router import ERRORS, Pick, SelectId, _action, _answer, _versioned, rows_at
-from policy_server.gateway.policy.service import Mode, PolicyService
+from policy_server.gateway.policy.service import Mode, PolicyService, masks_of
 from policy_server.gateway.policy.state import RecurrentService, Step
 from policy_server.gateway.policy.wire import (
     Action,
@@ -29,6 +31,7 @@ from policy_server.gateway.policy.wire import (
     VariantName,
     _Request,
     _Wire,
+    raw_model,
 )
 from policy_server.policies.recurrent import StateLayout
 
@@ -118,21 +121,21 @@ def recurrent_router(service: PolicyService, auth: Auth, max_batch: int, prefix:
 
     Picked = Annotated[Pick, Depends(pick)]
     State = state_model(policy.model_prefix, policy.recurrent)
-    Raw = with_steps(create_model(f"{policy.model_prefix}RecurrentRawBase", __base__=_Request, obs=(
-        Annotated[list[Float32], Field(min_length=policy.obs_dim, max_length=policy.obs_dim)],
-        Field(description=f"The flat input vector of {policy.obs_dim} values, in schema order."))),
-        f"{policy.model_prefix}RecurrentRawObservation", State)
+    width = policy.space.mask_width
+    Raw = with_steps(raw_model(policy.model_prefix, policy.obs_dim, width),
+                     f"{policy.model_prefix}RecurrentRawObservation", State)
 
-    async def act(obs: Any, rows: list[Any], mode: Mode, chosen: Pick, where: list[str], batch: bool) -> JSONResponse:
+    async def act(obs: Any, rows: list[Any], mode: Mode, chosen: Pick, where: list[str], batch: bool,
+                  mask: Any = None, mask_at: list[str] | None = None) -> JSONResponse:
         samples, answers, version, variant = await steps.act(
-            obs, [_step(r) for r in rows], mode, where, chosen.policy_id, chosen.forced)
+            obs, [_step(r) for r in rows], mode, where, chosen.policy_id, chosen.forced, mask, mask_at)
         results = [_action(s) | a for s, a in zip(samples, answers, strict=True)]
         named = _versioned(version, variant, chosen.policy_id)
         return _answer({"results": results} | named if batch else results[0] | named)
 
-    async def distribution(obs: Any, rows: list[Any], chosen: Pick, where: list[str], batch: bool) -> JSONResponse:
+    async def distribution(obs: Any, rows: list[Any], chosen: Pick, where: list[str], batch: bool, mask: Any) -> JSONResponse:
         dists, answers, version, variant = await steps.distribution(
-            obs, [_step(r) for r in rows], where, chosen.policy_id, chosen.forced)
+            obs, [_step(r) for r in rows], where, chosen.policy_id, chosen.forced, mask)
         results = [d | a for d, a in zip(dists, answers, strict=True)]
         named = _versioned(version, variant, chosen.policy_id)
         return _answer({"results": results} | named if batch else results[0] | named)
@@ -140,7 +143,9 @@ def recurrent_router(service: PolicyService, auth: Auth, max_batch: int, prefix:
     @router.post("/predict_raw", response_model=RecurrentActionResponse)
     async def predict_raw(body: Raw, chosen: Picked) -> JSONResponse:  # type: ignore[valid-type]
         """Sample an action for a flat input vector, from the step's state; answers the new state."""
-        return await act(service.from_raw([body.obs]), [body], "sample", chosen, ["body"], False)  # type: ignore[attr-defined]
+        mask = masks_of([getattr(body, "action_mask", None)], width)
+        return await act(service.from_raw([body.obs]), [body], "sample", chosen, ["body"], False,  # type: ignore[attr-defined]
+                         mask, ["body.action_mask"])
 
     if policy.observation_model is None:
         return router
@@ -154,34 +159,37 @@ def recurrent_router(service: PolicyService, auth: Auth, max_batch: int, prefix:
     @router.post("/predict", response_model=RecurrentActionResponse)
     async def predict(obs: Observation, chosen: Picked) -> JSONResponse:  # type: ignore[valid-type]
         """Sample an action from the step's state; answers the new state."""
-        return await act(rows([obs]), [obs], "sample", chosen, ["body"], False)
+        return await act(rows([obs]), [obs], "sample", chosen, ["body"], False, service.mask_of([obs]))
 
     @router.post("/predict_deterministic", response_model=RecurrentActionResponse)
     async def predict_deterministic(obs: Observation, chosen: Picked) -> JSONResponse:  # type: ignore[valid-type]
         """The most likely action from the step's state; answers the new state."""
-        return await act(rows([obs]), [obs], "deterministic", chosen, ["body"], False)
+        return await act(rows([obs]), [obs], "deterministic", chosen, ["body"], False, service.mask_of([obs]))
 
     @router.post("/distribution", response_model=RecurrentDistributionResponse)
     async def distribution_one(obs: Observation, chosen: Picked) -> JSONResponse:  # type: ignore[valid-type]
         """The exact action distribution from the step's state; answers the new state."""
-        return await distribution(rows([obs]), [obs], chosen, ["body"], False)
+        return await distribution(rows([obs]), [obs], chosen, ["body"], False, service.mask_of([obs]))
 
     @router.post("/predict/batch", response_model=RecurrentBatchActionResponse)
     async def predict_batch(body: Batch, chosen: Picked) -> JSONResponse:  # type: ignore[valid-type]
         """Sample one action per observation, each from its own state, in one forward pass."""
         obs = body.observations  # type: ignore[attr-defined]
-        return await act(rows(obs), obs, "sample", chosen, rows_at("body.observations", len(obs)), True)
+        return await act(rows(obs), obs, "sample", chosen, rows_at("body.observations", len(obs)), True,
+                         service.mask_of(obs))
 
     @router.post("/predict_deterministic/batch", response_model=RecurrentBatchActionResponse)
     async def predict_deterministic_batch(body: Batch, chosen: Picked) -> JSONResponse:  # type: ignore[valid-type]
         """The most likely action per observation, each from its own state, in one forward pass."""
         obs = body.observations  # type: ignore[attr-defined]
-        return await act(rows(obs), obs, "deterministic", chosen, rows_at("body.observations", len(obs)), True)
+        return await act(rows(obs), obs, "deterministic", chosen, rows_at("body.observations", len(obs)), True,
+                         service.mask_of(obs))
 
     @router.post("/distribution/batch", response_model=RecurrentBatchDistributionResponse)
     async def distribution_batch(body: Batch, chosen: Picked) -> JSONResponse:  # type: ignore[valid-type]
         """The exact action distribution per observation, each from its own state, in one forward pass."""
         obs = body.observations  # type: ignore[attr-defined]
-        return await distribution(rows(obs), obs, chosen, rows_at("body.observations", len(obs)), True)
+        return await distribution(rows(obs), obs, chosen, rows_at("body.observations", len(obs)), True,
+                                  service.mask_of(obs))
 
     return router

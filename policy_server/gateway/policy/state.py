@@ -112,16 +112,23 @@ class RecurrentService:
 
     async def act(
         self, obs: np.ndarray, steps: Sequence[Step], mode: Mode, where: Sequence[str],
-        policy_id: str | None = None, forced: Variant | None = None,
+        policy_id: str | None = None, forced: Variant | None = None, mask: np.ndarray | None = None,
+        mask_at: Sequence[str] | None = None,
     ) -> tuple[list[ActionSample], list[dict[str, Any]], int, Variant]:
+        """As ``PolicyService.act``: never a masked action (``mask`` bool ``(B, mask_width)``; the
+        log-prob is the masked distribution's); a mask that allows no action is refused before the
+        model runs, so it advances no episode's state."""
+        self.service.check_mask(mask, where, mask_at)
         heads, answers, version, variant = await self.forward(obs, steps, where, policy_id, forced)
         space, rng = self.service.policy.space, self.service.rng
-        samples = space.sample(heads, rng) if mode == "sample" else space.mode(heads)
+        samples = space.sample(heads, rng, mask) if mode == "sample" else space.mode(heads, mask)
         return samples, answers, version, variant
 
     async def distribution(
         self, obs: np.ndarray, steps: Sequence[Step], where: Sequence[str], policy_id: str | None = None,
-        forced: Variant | None = None,
+        forced: Variant | None = None, mask: np.ndarray | None = None, mask_at: Sequence[str] | None = None,
     ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], int, Variant]:
+        """The exact distributions (masked actions: probability 0); raises as ``act``."""
+        self.service.check_mask(mask, where, mask_at)
         heads, answers, version, variant = await self.forward(obs, steps, where, policy_id, forced)
-        return self.service.policy.space.distribution(heads), answers, version, variant
+        return self.service.policy.space.distribution(heads, mask), answers, version, variant

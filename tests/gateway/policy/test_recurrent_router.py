@@ -1,5 +1,6 @@
 """A recurrent policy over HTTP (TestClient, local backend): the state round trip, the state kept per
-episode id, its expiry, batch rows with their own states, and states of the wrong shape."""
+episode id, its expiry, batch rows with their own states, states of the wrong shape, and action
+masks (a schema's mask observation, `action_mask`) applied on every route as on the feed-forward ones."""
 
 from __future__ import annotations
 
@@ -148,3 +149,101 @@ def test_experience_of_packed_observation_and_state_rows_trains_the_recurrent_po
         assert sent.status_code == 200, sent.text
     wait_until(lambda: client.get("/policies/learn/train/status").json()["model_version"] >= 1, 30, 0.05, "no update")
     assert client.post("/policies/learn/predict", json={"x": OBS[0]}).json()["model_version"] >= 1
+
+
+# --- action masks: as on the feed-forward routes (a schema's mask observation, `action_mask`) ---
+
+LEGAL = [False, True, False, True]  # board: actions 1 and 3 only
+MD_MASK = [False, True, True, True, False]  # md, nvec [3, 2]: component 0 in {1, 2}, component 1 = 0
+DRAWS = 200
+
+
+class TwoHeads(torch.nn.Module):
+    """A multi_discrete (nvec [3, 2]) recurrent policy: the LSTM's 5 logits split in two heads."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lstm = LSTMPolicy(3, H, 5)
+
+    def forward(self, obs: torch.Tensor, h: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        logits, h1, c1 = self.lstm(obs, h, c)
+        return logits[:, :3], logits[:, 3:], h1, c1
+
+
+@pytest.fixture(scope="module")
+def masked(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[TestClient, LSTMPolicy]]:
+    torch.manual_seed(1)
+    folder = tmp_path_factory.mktemp("masked")
+    board, two = LSTMPolicy(3, H, 4), TwoHeads()
+    state = board.state_shapes()
+    x = {"x": {"type": "List[float]", "min_items": 3, "max_items": 3}}
+    schema = {"parameters": {"api_key": API_KEY, "default_policy": "board"}, "policies": {
+        "board": {"model": str(export_recurrent(board, 3, state, folder / "board.pt", "torchscript")),
+                  "observations": x | {"legal": {"type": "List[bool]"}},
+                  "action_space": {"type": "discrete", "mask": "legal"}, "recurrent": {"state": state}},
+        "md": {"model": str(export_recurrent(two, 3, state, folder / "md.pt", "torchscript")), "observations": x,
+               "action_space": {"type": "multi_discrete"}, "recurrent": {"state": state}}}}
+    (folder / "schema.yaml").write_text(yaml.safe_dump(schema, sort_keys=False))
+    app = build_app(Settings(schema_path=folder / "schema.yaml", backend="local", gateway_metrics_port=0, seed=0))
+    with TestClient(app, headers={"access-token": API_KEY}) as c:
+        yield c, board
+
+
+def test_a_recurrent_policy_answers_only_actions_its_mask_allows_on_every_route(masked) -> None:
+    client, module = masked
+    (p, h), = reference(module, [OBS[0]])
+    dist = client.post("/distribution", json={"x": OBS[0], "legal": LEGAL}).json()
+    assert dist["probabilities"]["0"] == dist["probabilities"]["2"] == 0.0  # exactly, as feed-forward
+    allowed = p[1] + p[3]
+    assert dist["probabilities"]["1"] == pytest.approx(p[1] / allowed, abs=1e-5)
+    np.testing.assert_allclose(dist["state"]["h"], h, atol=1e-5)  # the state advances as without a mask
+    body = {"x": OBS[1], "legal": LEGAL, "state": dist["state"]}
+    expected = client.post("/distribution", json=body).json()["probabilities"]
+    for _ in range(DRAWS):  # from one carried state: each draw from the same masked distribution
+        answer = client.post("/predict", json=body).json()
+        assert answer["action"] in (1, 3)
+        assert answer["log_prob"] == pytest.approx(np.log(expected[str(answer["action"])]), abs=1e-5)
+    raw = {"obs": OBS[1], "action_mask": LEGAL, "state": dist["state"]}
+    assert {client.post("/predict_raw", json=raw).json()["action"] for _ in range(DRAWS)} <= {1, 3}
+    best = client.post("/predict_deterministic", json=body).json()
+    assert best["action"] == max((1, 3), key=lambda a: expected[str(a)])
+    rng = np.random.default_rng(0)
+    rows = [{"x": rng.normal(size=3).tolist(), "legal": LEGAL} for _ in range(DRAWS)]
+    for route in ("/predict/batch", "/predict_deterministic/batch"):
+        results = client.post(route, json={"observations": rows}).json()["results"]
+        assert {r["action"] for r in results} <= {1, 3}
+    dists = client.post("/distribution/batch", json={"observations": rows}).json()["results"]
+    assert all(d["probabilities"]["0"] == d["probabilities"]["2"] == 0.0 for d in dists)
+
+
+def test_a_multi_discrete_recurrent_policy_masks_each_component(masked) -> None:
+    client, _ = masked
+    body = {"x": OBS[2], "action_mask": MD_MASK}
+    dist = client.post("/policies/md/distribution", json=body).json()
+    assert dist["components"][0]["0"] == dist["components"][1]["1"] == 0.0
+    assert dist["components"][1]["0"] == 1.0
+    for route in ("predict", "predict_deterministic"):
+        results = client.post(f"/policies/md/{route}/batch", json={"observations": [body] * DRAWS}).json()["results"]
+        assert all(r["action"][0] in (1, 2) and r["action"][1] == 0 for r in results)
+    drawn = client.post("/policies/md/predict", json=body).json()
+    assert drawn["probability"] == pytest.approx(dist["components"][0][str(drawn["action"][0])], abs=1e-6)
+    raw = client.post("/policies/md/predict_raw", json={"obs": OBS[2], "action_mask": MD_MASK}).json()
+    assert raw["action"][0] in (1, 2) and raw["action"][1] == 0
+
+
+def test_a_mask_that_allows_nothing_is_a_422_naming_it_and_advances_no_state(masked) -> None:
+    client, _ = masked
+    nothing = {"x": OBS[0], "legal": [False] * 4}
+    for route in ("/predict", "/predict_deterministic", "/distribution"):
+        assert_422_naming(client.post(route, json=nothing | {"episode_id": "refused"}), "body.legal")
+    kept = client.post("/distribution", json={"x": OBS[0], "legal": LEGAL, "episode_id": "refused"}).json()
+    assert kept["state_reset"] is True  # the refused steps kept no state for the episode
+    rows = [{"x": OBS[0], "legal": LEGAL}, nothing]
+    for route in ("/predict/batch", "/predict_deterministic/batch", "/distribution/batch"):
+        assert_422_naming(client.post(route, json={"observations": rows}), "body.observations.1.legal")
+    assert_422_naming(client.post("/predict_raw", json={"obs": OBS[0], "action_mask": [False] * 4}), "body.action_mask")
+    error = assert_422_naming(client.post("/policies/md/predict", json={
+        "x": OBS[0], "action_mask": [True, True, True, False, False]}), "body.action_mask")
+    assert "component 1" in error["message"]
+    short = client.post("/predict_raw", json={"obs": OBS[0], "action_mask": [True] * 3})
+    assert short.status_code == 422 and "body.action_mask" in short.text
