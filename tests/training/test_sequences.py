@@ -3,7 +3,11 @@ feed-forward policy cannot solve (local, no Ray)."""
 
 from __future__ import annotations
 
+import copy
+import dataclasses
+
 import numpy as np
+import pytest
 import torch
 
 from policy_server.policies.lstm import LSTMPolicy
@@ -102,3 +106,48 @@ def test_recurrent_ppo_learns_to_recall_a_cue_beyond_the_feed_forward_ceiling() 
             break
     assert returns[0] < 0.7, returns  # an untrained policy guesses
     assert min(returns[-3:]) > 0.9, returns  # a feed-forward policy's ceiling is 0.5
+
+
+def test_recurrent_ppo_evaluates_masked_logits_so_served_masked_log_probs_give_ratio_one() -> None:
+    """Steps acted as a recurrent policy is served under action masks (``space.sample`` with the
+    mask: the masked log-probs); the learner's unrolled log-probs must use the batch's masks too."""
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    actor, layout, space = LSTMPolicy(3, 8, 4), StateLayout({"h": (1, 8), "c": (1, 8)}), DiscreteSpace(4)
+    n, length = 6, 5
+    obs = rng.normal(size=(n, length + 1, 3)).astype(np.float32)
+    masks = rng.random((n, length + 1, 4)) < 0.5
+    masks[..., 0] = True  # at least one legal action
+    state = layout.zeros(n)
+    packed, after, actions, log_probs = [], [], [], []
+    for t in range(length):
+        rows = np.concatenate([obs[:, t], state], axis=1)
+        with torch.no_grad():
+            logits, h, c = actor(*layout.model_inputs(torch.from_numpy(rows)))
+        answers = space.sample([logits.numpy()], rng, masks[:, t])
+        state = np.concatenate([h.reshape(n, -1).numpy(), c.reshape(n, -1).numpy()], axis=1)
+        packed.append(rows)
+        after.append(np.concatenate([obs[:, t + 1], state], axis=1))
+        actions.append(np.array([a.action for a in answers]))
+        log_probs.append(np.array([a.log_prob for a in answers], dtype=np.float32))
+
+    def rows_of(steps: list[np.ndarray]) -> np.ndarray:  # (length, n, ...) → episode-major (n * length, ...)
+        return np.stack(steps, axis=1).reshape(n * length, *steps[0].shape[1:])
+
+    last = np.zeros((n, length), dtype=bool)
+    last[:, -1] = True
+    batch = ExperienceBatch(
+        obs=rows_of(packed), next_obs=rows_of(after), actions=rows_of(actions)[:, None],
+        rewards=rng.normal(size=n * length).astype(np.float32), terminated=last.reshape(-1),
+        truncated=np.zeros(n * length, dtype=bool), segment_end=last.reshape(-1), log_probs=rows_of(log_probs),
+        versions=np.zeros(n * length, dtype=np.int64),
+        masks=masks[:, :length].reshape(-1, 4), next_masks=masks[:, 1:].reshape(-1, 4))  # already episode-major
+    config = PPOConfig(rollout_samples=n * length, num_minibatches=1, update_epochs=1, critic_hidden=[8])
+    unmasked_actor = copy.deepcopy(actor)
+    learner = RecurrentPPOLearner(actor, 3, layout, space, config, bptt_steps=3, seed=0)
+    learner.add(batch)
+    stats = learner.update()  # the first step at unchanged weights: the ratio is 1 for every step
+    assert stats["approx_kl"] == pytest.approx(0.0, abs=1e-6) and stats["clipfrac"] == 0.0
+    unmasked = RecurrentPPOLearner(unmasked_actor, 3, layout, space, config, bptt_steps=3, seed=0)
+    unmasked.add(dataclasses.replace(batch, masks=None, next_masks=None))
+    assert unmasked.update()["approx_kl"] > 1e-3  # without the masks, the served log-probs disagree
