@@ -4,6 +4,7 @@
   ``policy_server.fields`` and ``schema/`` itself, never llm/, training/, policies/, serving/, gateway/.
 - The domain (policies, training, llm, schema) never reaches fastapi or starlette: HTTP stays in
   the gateway.
+- The Python client (``client/``) never reaches Ray: it runs where the environments run.
 - No module is over 500 lines.
 """
 
@@ -86,6 +87,12 @@ def test_the_domain_never_imports_http(module: str) -> None:
         f"{m} imports {name}" for m in reachable(module) for name in imports(m) if in_package(name, HTTP)
     )
     assert http == [], f"{module} reaches the HTTP layer: {http}"
+
+
+@pytest.mark.parametrize("module", sorted(m for m in MODULES if in_package(m, ("policy_server.client",))))
+def test_the_client_never_imports_ray(module: str) -> None:
+    ray = sorted(f"{m} imports {name}" for m in reachable(module) for name in imports(m) if in_package(name, ("ray",)))
+    assert ray == [], f"{module} reaches Ray: {ray}"
 
 
 def test_no_module_is_over_500_lines() -> None:
