@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import inspect
 import ssl
 import subprocess
+import sys
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from types import ModuleType
 from typing import TypeVar
 
 import httpx
@@ -168,3 +171,14 @@ def write_policy_files(folder: Path, ids: list[str], obs_dim: int = 4, actions: 
                 for p in params:
                     p.copy_(torch.randn(p.shape, generator=generator))
                 torch.jit.save(scripted, folder / f"{policy_id}.pt")
+
+
+def load_script(path: Path, name: str) -> ModuleType:
+    """The Python file ``path`` (an example's script, not a package module) imported as ``name``;
+    registered in ``sys.modules`` first, where dataclasses look their module up while it executes."""
+    spec = importlib.util.spec_from_file_location(name, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module

@@ -4,9 +4,7 @@ the masked example's job scheduler, which raises on an illegal action."""
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import sys
 from collections import Counter
 from pathlib import Path
 from types import ModuleType
@@ -18,6 +16,7 @@ import pytest
 import yaml
 from client_support import local_app
 from conftest import running_server
+from support import load_script
 
 from policy_server.client import PolicyClient, run_env
 from policy_server.client.masks import epsilon_greedy, observation_mask
@@ -81,12 +80,7 @@ def test_the_observation_mask_is_the_schemas_entry_else_action_mask() -> None:
 
 
 def load_scheduler() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("masked_scheduler", ROOT / "examples" / "masked" / "scheduler.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["masked_scheduler"] = module  # dataclasses look their module up while the file executes
-    spec.loader.exec_module(module)
-    return module
+    return load_script(ROOT / "examples" / "masked" / "scheduler.py", "masked_scheduler")
 
 
 def dqn_schema(folder: Path, scheduler: ModuleType, form: str) -> dict[str, Any]:

@@ -3,9 +3,7 @@ action is ever answered. In-process (local backend), a fresh actor built as `cop
 
 from __future__ import annotations
 
-import importlib.util
 import shutil
-import sys
 from pathlib import Path
 from types import ModuleType
 
@@ -13,6 +11,7 @@ import numpy as np
 import pytest
 from conftest import running_server
 from fastapi.testclient import TestClient
+from support import load_script
 
 from policy_server.client import PolicyClient
 from policy_server.gateway.app import build_app
@@ -23,12 +22,7 @@ KEY = {"access-token": "1234567asdfgh"}
 
 
 def load_example() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("masked_scheduler", ROOT / "examples" / "masked" / "scheduler.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["masked_scheduler"] = module  # dataclasses look their module up while the file executes
-    spec.loader.exec_module(module)
-    return module
+    return load_script(ROOT / "examples" / "masked" / "scheduler.py", "masked_scheduler")
 
 
 def test_the_env_masks_illegal_jobs_and_refuses_them() -> None:
