@@ -238,7 +238,8 @@ def _steps(steps: list[Step], policy: ServedPolicy, errors: list[FieldError]) ->
     truncated = np.array([s.truncated and not s.terminated for s in steps])
     # consecutive steps form one piece when each one's next observation is the following obs
     follows = np.zeros(len(steps), dtype=bool)
-    follows[:-1] = (next_obs[:-1] == obs[1:]).reshape(len(steps) - 1, -1).all(axis=1)
+    if len(steps) > 1:  # numpy cannot reshape 0 rows to (0, -1)
+        follows[:-1] = (next_obs[:-1] == obs[1:]).reshape(len(steps) - 1, -1).all(axis=1)
     return ExperienceBatch(
         obs=obs,
         next_obs=next_obs,

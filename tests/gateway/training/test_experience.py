@@ -256,3 +256,9 @@ def test_the_experience_model_declares_the_raw_width(tuple_policy: ServedPolicy,
         assert raw["minItems"] == raw["maxItems"] == width and named["type"] == "object"
         step_raw = defs[f"{prefix}Step"]["properties"]["next_obs"]["oneOf"][0]
         assert step_raw["minItems"] == step_raw["maxItems"] == width
+
+
+def test_one_step_is_a_batch_of_one(box_policy: ServedPolicy) -> None:
+    step = {"obs": [0.0, 0.1, 0.2], "action": [0.5, -0.5], "reward": 1.0, "next_obs": [1.0, 1.1, 1.2], "model_version": 0}
+    batch = _batch(box_policy, steps=[step])  # numpy could not compare 0 pairs of neighbours: a ValueError, a 500
+    assert len(batch) == 1 and batch.segment_end.tolist() == [True]
