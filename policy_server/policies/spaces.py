@@ -57,6 +57,13 @@ class ActionSpace(ABC):
         component (nothing could be answered)."""
         return []
 
+    def forbidden_actions(self, mask: np.ndarray, actions: np.ndarray) -> list[tuple[int, list[int]]]:
+        """``(row, components)`` for each row whose action (int64 ``(B, k)`` indices, as
+        ``ExperienceBatch.actions``) its mask (bool ``(B, mask_width)``) forbids, with the indices of
+        the forbidden components (``[0]`` for a discrete action); rows in order. Spaces that take no
+        mask forbid nothing."""
+        return []
+
 
 def _labels(names: list[str] | None, n: int) -> list[str]:
     return list(names) if names else [str(i) for i in range(n)]
@@ -106,6 +113,11 @@ class TupleSpace(ActionSpace):
     def mask_problems(self, mask):
         empty = np.stack([~m.any(axis=-1) for m in self._masks(mask)], axis=1)  # (B, k)
         return [(int(b), self._empty(int(i))) for b, i in zip(*np.nonzero(empty))]
+
+    def forbidden_actions(self, mask, actions):
+        columns = actions + np.concatenate([[0], self._splits]).astype(np.int64)  # each component's column
+        forbidden = ~np.take_along_axis(mask, columns, axis=1)  # (B, k)
+        return [(int(b), np.flatnonzero(forbidden[b]).tolist()) for b in np.flatnonzero(forbidden.any(axis=1))]
 
     def _empty(self, component: int) -> str:
         return f"component {component} of the action: the mask allows none of its {self.nvec[component]} actions"

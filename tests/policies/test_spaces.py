@@ -387,3 +387,18 @@ def test_a_component_with_every_action_masked_is_named() -> None:
     assert space.mask_problems(mask) == [(0, "component 1 of the action: the mask allows none of its 2 actions")]
     assert DiscreteSpace(2).mask_problems(np.array([[False, False]])) == [
         (0, "the mask allows none of the 2 actions")]
+
+
+def test_the_rows_whose_action_their_mask_forbids_are_found() -> None:
+    mask = np.array([[False, True, True], [True, True, False], [True, False, True]])
+    assert DiscreteSpace(3).forbidden_actions(mask, np.array([[0], [1], [1]])) == [(0, [0]), (2, [0])]
+    assert DiscreteSpace(3).forbidden_actions(mask, np.array([[1], [0], [2]])) == []
+
+
+def test_a_multi_discrete_action_is_forbidden_per_component() -> None:
+    space = TupleSpace([3, 2], kind="multi_discrete")  # the mask: 3 columns, then 2, side by side
+    mask = np.array([[True, True, False, False, True], [False, True, True, True, False], [True] * 5])
+    actions = np.array([[2, 0], [0, 1], [2, 1]])
+    assert space.forbidden_actions(mask, actions) == [(0, [0, 1]), (1, [0, 1])]
+    assert space.forbidden_actions(mask, np.array([[1, 1], [2, 0], [0, 0]])) == []
+    assert space.forbidden_actions(mask[:1], np.array([[0, 0]])) == [(0, [1])]
