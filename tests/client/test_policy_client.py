@@ -118,7 +118,7 @@ def test_action_masks_travel_with_the_experience(trainable: tuple[str, Any]) -> 
     masks = [[True, True], [True, True], [True, False], [True, True]]  # as an env's action_masks() gives them
     with PolicyClient(url, API_KEY, inference="remote", fragment_steps=100, client_id="masked-1") as client:
         for t in range(3):
-            action = client.act(obs).action
+            action = client.act(obs, action_mask=masks[t]).action  # a masked action would be refused (422)
             next_obs, reward, terminated, truncated, _ = env.step(action)
             client.log_step(obs, action, float(reward), terminated, truncated, next_obs,
                             action_mask=masks[t], next_action_mask=masks[t + 1])

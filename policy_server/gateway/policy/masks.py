@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from policy_server.errors import FieldError, InvalidRequest
-from policy_server.policies.spaces import ActionSpace
+from policy_server.policies.spaces import ActionSpace, DiscreteSpace
 
 MaskPart = tuple[np.ndarray, Sequence[str]]
 """A bool ``(B, mask_width)`` mask and where each of its rows is in the request (``body.action_mask.3``)."""
@@ -28,6 +28,26 @@ def check_mask(space: ActionSpace, mask: np.ndarray | None, at: Sequence[str]) -
     problems = space.mask_problems(mask)
     if problems:
         _refuse([FieldError(at[row], message) for row, message in problems[:10]])
+
+
+def forbidden_fields(
+    space: ActionSpace, mask: np.ndarray | None, actions: np.ndarray | None, action_at: Sequence[str], mask_at: Sequence[str]
+) -> list[FieldError]:
+    """A FieldError naming ``action_at[row]`` for each row (the first 10) whose action (int64
+    ``(N, k)`` indices) its own mask (bool, at least ``N`` rows: a fragment's T+1 masks are cut to
+    its T actions) forbids, the message naming ``mask_at[row]``; none when either is None. A client
+    that sends such a step has a bug: the trainers would learn from an impossible step."""
+    if mask is None or actions is None:
+        return []
+    fields = []
+    for row, components in space.forbidden_actions(mask[: len(actions)], actions)[:10]:
+        if not isinstance(space, DiscreteSpace):  # multi_discrete: each forbidden component
+            parts = ", ".join(f"component {c} = {actions[row, c]}" for c in components)
+            message = f"action {actions[row].tolist()}: its action mask ({mask_at[row]}) forbids {parts}"
+        else:
+            message = f"action {actions[row, 0]} is one its action mask ({mask_at[row]}) forbids"
+        fields.append(FieldError(action_at[row], message))
+    return fields
 
 
 def combine_masks(space: ActionSpace, parts: Sequence[MaskPart]) -> np.ndarray | None:

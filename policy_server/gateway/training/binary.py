@@ -19,7 +19,7 @@ from policy_server.gateway.policy.binary import (
     read_safetensors,
     unknown_tensors,
 )
-from policy_server.gateway.policy.masks import check_mask
+from policy_server.gateway.policy.masks import check_mask, forbidden_fields
 from policy_server.gateway.training.experience import CLIENT_ID_PATTERN, to_actions
 from policy_server.policies.served import ServedPolicy
 from policy_server.training.experience import ExperienceBatch
@@ -43,7 +43,8 @@ def experience(body: bytes, policy: ServedPolicy, max_rows: int) -> tuple[Experi
     metadata ``client_id``, ``model_version`` (decimal text) and optional ``variant``. As in the
     JSON form, consecutive steps whose next observation is the following observation form one
     fragment. Raises InvalidRequest naming the tensor (``body.action_mask.3``: that row allows no
-    action) or ``body.__metadata__.<key>``.
+    action; ``body.actions.3``: its action is one that row's mask forbids) or
+    ``body.__metadata__.<key>``.
     """
     tensors, metadata = read_safetensors(body)
     client_id, version, variant = _metadata(metadata)
@@ -68,12 +69,20 @@ def experience(body: bytes, policy: ServedPolicy, max_rows: int) -> tuple[Experi
     if n > 1:
         follows[:-1] = (next_obs[:-1] == obs[1:]).reshape(n - 1, -1).all(axis=1)
     terminated, truncated = flags["terminated"], flags["truncated"] & ~flags["terminated"]
+    actions = _actions(tensors["actions"], policy, n)
+    acted_masks = _step_masks(tensors, masks, policy, n, "obs", "action_mask")
+    if acted_masks is not None:
+        name = _mask_name(tensors, masks, policy, "obs", "action_mask")
+        forbidden = forbidden_fields(policy.space, acted_masks, actions, [f"body.actions.{i}" for i in range(n)],
+                                     [f"body.{name}.{i}" for i in range(n)])
+        if forbidden:
+            raise InvalidRequest(f"{forbidden[0].field}: {forbidden[0].message}", forbidden)
     batch = ExperienceBatch(
-        obs=obs, next_obs=next_obs, actions=_actions(tensors["actions"], policy, n),
+        obs=obs, next_obs=next_obs, actions=actions,
         rewards=check_tensor(rewards, _REAL, "body.rewards", n), terminated=terminated, truncated=truncated,
         segment_end=terminated | truncated | ~follows, log_probs=log_probs,
         versions=np.full(n, version, dtype=np.int64), client_id=client_id,
-        masks=_step_masks(tensors, masks, policy, n, "obs", "action_mask"),
+        masks=acted_masks,
         next_masks=_step_masks(tensors, masks, policy, n, "next_obs", "next_action_mask"),
     )
     return batch, variant
@@ -100,13 +109,20 @@ def _step_masks(
     tensor, else the observation's mask entry, else None. At ``obs``, where an action was chosen,
     a row that allows no action (in a component) is refused naming it; a next state may allow none
     (a terminal one)."""
-    name = next((t for t in (given, f"{obs}.{policy.mask_key}") if t in tensors and t in masks), None)
+    name = _mask_name(tensors, masks, policy, obs, given)
     if name is None:
         return None
     rows = check_tensor(tensors[name], masks[name], f"body.{name}", n).reshape(n, -1).astype(bool)
     if obs == "obs":
         check_mask(policy.space, rows, [f"body.{name}.{i}" for i in range(n)])
     return rows
+
+
+def _mask_name(
+    tensors: dict[str, np.ndarray], masks: dict[str, gs.Space[Any]], policy: ServedPolicy, obs: str, given: str
+) -> str | None:
+    """The tensor that holds the masks at ``obs``: ``given`` if sent, else the observation's mask entry."""
+    return next((t for t in (given, f"{obs}.{policy.mask_key}") if t in tensors and t in masks), None)
 
 
 def step_count(tensors: dict[str, np.ndarray], space: gs.Space[Any], masks: dict[str, gs.Space[Any]] | None = None) -> int:

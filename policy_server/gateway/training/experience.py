@@ -26,6 +26,7 @@ from pydantic import (
 
 from policy_server.errors import FieldError, InvalidRequest
 from policy_server.fields import STRICT, ExactInt, Float32, StrictBool, field_errors
+from policy_server.gateway.policy.masks import forbidden_fields
 from policy_server.policies.served import ServedPolicy
 from policy_server.policies.spaces import BoxSpace, DiscreteSpace, TupleSpace
 from policy_server.schema.observations import flatten
@@ -201,6 +202,8 @@ def _fragment(f: Fragment, where: str, policy: ServedPolicy, errors: list[FieldE
     rows = given + [None] * (len(f.observations) - len(given)) if given is not None else named  # type: ignore[operator]
     at = f"{where}.action_masks.*" if given is not None else f"{where}.observations.*.{policy.mask_name}"
     masks = _masks(rows, at, policy, errors, acted=len(f.actions))
+    errors.extend(forbidden_fields(policy.space, masks, actions, [f"{where}.actions.{i}" for i in range(len(f.actions))],
+                                   [at.replace("*", str(i)) for i in range(len(f.actions))]))
     if obs is None or actions is None or (masks is None and any(r is not None for r in rows)):
         return None
     t = len(f.actions)
@@ -232,6 +235,8 @@ def _steps(steps: list[Step], policy: ServedPolicy, errors: list[FieldError]) ->
     next_rows = [s.next_action_mask if s.next_action_mask is not None else m for s, m in zip(steps, next_named)]
     masks = _masks(rows, "body.steps.*.action_mask", policy, errors, acted=len(rows))
     next_masks = _masks(next_rows, "body.steps.*.next_action_mask", policy, errors, acted=0)
+    errors.extend(forbidden_fields(policy.space, masks, actions, [f"body.steps.{i}.action" for i in range(len(steps))],
+                                   [f"body.steps.{i}.action_mask" for i in range(len(steps))]))
     if obs is None or next_obs is None or actions is None:
         return None
     terminated = np.array([s.terminated for s in steps])

@@ -16,8 +16,8 @@ from fastapi.testclient import TestClient
 from policy_server.errors import InvalidRequest
 from policy_server.export import MLPPolicy, export_module
 from policy_server.gateway.app import build_app
-from policy_server.gateway.policy.masks import combine_masks
-from policy_server.policies.spaces import TupleSpace
+from policy_server.gateway.policy.masks import combine_masks, forbidden_fields
+from policy_server.policies.spaces import DiscreteSpace, TupleSpace
 from policy_server.settings import Settings
 
 KEY = {"access-token": "mask-key"}
@@ -197,3 +197,15 @@ def test_combine_masks_names_the_part_at_fault_per_component() -> None:
     allowed = combine_masks(space, [(entry, at), (given[:1].repeat(2, axis=0), ["a.0", "a.1"])])
     assert allowed is not None and allowed.tolist() == [[True, False, False, True, False]] * 2
     assert combine_masks(space, []) is None
+
+
+def test_forbidden_fields_name_the_first_10_rows_and_cut_the_masks_to_the_actions() -> None:
+    space = DiscreteSpace(2)
+    masks = np.array([[False, True]] * 13)  # a fragment's T+1 masks: the last one's row took no action
+    fields = forbidden_fields(space, masks, np.zeros((12, 1), np.int64), [f"a.{i}" for i in range(12)],
+                              [f"m.{i}" for i in range(13)])
+    assert [f.field for f in fields] == [f"a.{i}" for i in range(10)]
+    assert fields[0].message == "action 0 is one its action mask (m.0) forbids"
+    assert forbidden_fields(space, None, np.zeros((1, 1), np.int64), ["a.0"], ["m.0"]) == []
+    assert forbidden_fields(TupleSpace([2, 2]), np.array([[True, False, False, True]]), np.array([[1, 0]]), ["a.0"],
+                            ["m.0"])[0].message == "action [1, 0]: its action mask (m.0) forbids component 0 = 1, component 1 = 0"

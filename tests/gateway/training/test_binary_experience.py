@@ -142,3 +142,12 @@ def test_a_bad_mask_tensor_is_the_one_named(policies: dict[str, ServedPolicy], n
 
 def test_a_mask_tensor_is_unknown_where_no_mask_is_taken(policies: dict[str, ServedPolicy]) -> None:
     assert refusal(robot_steps(4) | {"obs.legal": MASKS}, policies["robot"])[0]["field"] == "body.obs.legal"
+
+
+@pytest.mark.parametrize("name", ["action_mask", "obs.legal"])
+def test_an_action_its_own_mask_forbids_is_refused_naming_the_row(policies: dict[str, ServedPolicy], name: str) -> None:
+    tensors = robot_steps(4) | {name: MASKS}  # the actions [2, 1, 0, 2] are legal (the tests above read them)
+    tensors["actions"] = np.array([0, 0, 0, 1])  # rows 1 and 3 forbid them; the next states' masks do not matter
+    assert refusal(tensors | {"next_action_mask": np.zeros((4, 3), bool)}, policies["legal"]) == [
+        {"field": f"body.actions.{i}", "message": f"action {a} is one its action mask (body.{name}.{i}) forbids"}
+        for i, a in ((1, 0), (3, 1))]

@@ -7,7 +7,15 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest import BIG_INT, BOX_OBSERVATIONS, ODD_OBS, ONEHOT_OBS, TUPLE_OBSERVATIONS, inputs_schema
+from conftest import (
+    BIG_INT,
+    BOX_OBSERVATIONS,
+    CART_OBSERVATIONS,
+    ODD_OBS,
+    ONEHOT_OBS,
+    TUPLE_OBSERVATIONS,
+    inputs_schema,
+)
 from pydantic import ValidationError
 
 from policy_server.errors import InvalidRequest
@@ -256,6 +264,28 @@ def test_the_experience_model_declares_the_raw_width(tuple_policy: ServedPolicy,
         assert raw["minItems"] == raw["maxItems"] == width and named["type"] == "object"
         step_raw = defs[f"{prefix}Step"]["properties"]["next_obs"]["oneOf"][0]
         assert step_raw["minItems"] == step_raw["maxItems"] == width
+
+
+def test_a_fragment_action_its_own_mask_forbids_is_refused_per_component(tuple_policy: ServedPolicy) -> None:
+    # masks of [3, 2] side by side; the last (after the last action) may allow nothing: no action was taken there
+    legal = [[True, True, True, False, True], [True, True, True, True, True], [False] * 5]
+    assert _batch(tuple_policy, fragments=[_fragment(action_masks=legal)]).masks is not None
+    forbids = [legal[0], [False, True, True, True, True], legal[2]]  # the second action, [0, 0], is 0 in component 0
+    with pytest.raises(InvalidRequest) as info:
+        _batch(tuple_policy, fragments=[_fragment(), _fragment(action_masks=forbids)])
+    assert [(f.field, f.message) for f in info.value.fields] == [("body.fragments.1.actions.1",
+        "action [0, 0]: its action mask (body.fragments.1.action_masks.1) forbids component 0 = 0")]
+
+
+def test_a_step_whose_action_its_own_mask_forbids_is_refused_and_nothing_is_accepted(model_dir: Path) -> None:
+    cart = _policy(model_dir, "cart.pt2", CART_OBSERVATIONS, "discrete")  # 2 actions
+    steps = [{"obs": [0.0, 0.1, 0.2, 0.3], "action": a, "reward": 1.0, "next_obs": [1.0, 1.1, 1.2, 1.3],
+              "model_version": 0, "action_mask": [False, True], "next_action_mask": [False, False]} for a in (1, 0, 0)]
+    assert _batch(cart, steps=steps[:1]).masks.tolist() == [[False, True]]  # type: ignore[union-attr]
+    with pytest.raises(InvalidRequest) as info:
+        _batch(cart, steps=steps, fragments=[_fragment(actions=[[0], [1]], observations=[[0.0] * 4] * 3)])
+    assert [(f.field, f.message) for f in info.value.fields] == [
+        (f"body.steps.{i}.action", f"action 0 is one its action mask (body.steps.{i}.action_mask) forbids") for i in (1, 2)]
 
 
 def test_one_step_is_a_batch_of_one(box_policy: ServedPolicy) -> None:

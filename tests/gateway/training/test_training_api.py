@@ -62,11 +62,14 @@ def test_malformed_experience_is_422_and_never_reaches_the_trainer(client: TestC
         cart_fragment(observations=[[0.0] * 3] * 17),  # wrong width
         cart_fragment(rewards=[1.0] * 15),  # length mismatch
         cart_fragment(version=5),  # newer than the current version
+        cart_fragment(actions=[1] * 15 + [0], action_masks=[[False, True]] * 17),  # its own mask forbids action 0
     ]
     for body in bad:
         response = send(client, body)
         assert response.status_code == 422, response.text
         assert response.json()["error"]["code"] == "invalid_request"
+    assert response.json()["error"]["fields"] == [{"field": "body.fragments.0.actions.15",
+        "message": "action 0 is one its action mask (body.fragments.0.action_masks.15) forbids"}]
     nan = client.post(
         "/train/experience",
         content=b'{"client_id": "c1", "fragments": [{"model_version": 0, "observations": [[NaN, 0, 0, 0], [0, 0, 0, 0]], '
@@ -75,7 +78,7 @@ def test_malformed_experience_is_422_and_never_reaches_the_trainer(client: TestC
     )
     assert nan.status_code == 422
     status = client.get("/train/status").json()
-    assert status["samples_received"] == 0 and status["samples_rejected"]["malformed"] == 4 * 16 + 1
+    assert status["samples_received"] == 0 and status["samples_rejected"]["malformed"] == 5 * 16 + 1
 
 
 CART_OBS = {"cart_position": 0.0, "cart_velocity": 0.0, "pole_angle": 0.01, "pole_angular_velocity": 0.0}
