@@ -182,7 +182,9 @@ class ActingClient:
         """Choose an action for one observation: a flat vector or the schema's observation object,
         or an observation of the policy's ``observation_space``.
 
-        A DQN policy acts epsilon-greedily (the server's epsilon); others sample from the policy.
+        A DQN policy acts epsilon-greedily with the server's epsilon (read from ``/train/status``
+        at the first action, then kept up to date by ``register`` and its heartbeats); others
+        sample from the policy.
         Never a masked action: the mask is the one the observation holds (``action_space.mask``;
         a Pathmind object's ``action_mask``) and ``action_mask`` (one bool per action, all
         components' side by side; sent as the request's ``action_mask``), an action allowed where
@@ -332,7 +334,9 @@ class ActingClient:
     def _epsilon_greedy(self, greedy: int | list[int], version: int, mask: np.ndarray | None = None) -> ActResult:
         """With probability epsilon a uniformly random allowed action, else the greedy one, and its
         log-prob under that behaviour policy (``masks.epsilon_greedy``)."""
-        action, log_prob = epsilon_greedy(greedy, self._action_sizes(), self.epsilon or 0.0, self._rng, mask)
+        if self.epsilon is None:  # neither registered nor heartbeat yet: the trainer's epsilon now
+            self.epsilon = float(self._get("/train/status").get("exploration", {}).get("epsilon", 0.0))
+        action, log_prob = epsilon_greedy(greedy, self._action_sizes(), self.epsilon, self._rng, mask)
         return ActResult(action, log_prob, version)
 
     def _action_sizes(self) -> list[int]:

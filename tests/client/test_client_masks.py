@@ -147,7 +147,7 @@ def test_act_sends_an_action_mask_and_explores_within_it(scheduler: ModuleType, 
     app = local_app(dqn_schema(tmp_path, scheduler, "box"), tmp_path)
     env = scheduler.JobScheduler()
     with running_server(app) as url, PolicyClient(url, "1234567asdfgh", inference=inference, seed=0) as client:  # type: ignore[arg-type]
-        client.epsilon = 1.0
+        assert client.epsilon is None  # never registered: the first DQN action reads the trainer's
         obs, _ = env.reset(seed=0)
         for step in range(FEWER):
             action, log_prob, _ = client.act(obs["priority"], action_mask=env.action_masks())

@@ -132,7 +132,7 @@ def check_tensor(array: np.ndarray, space: gs.Space[Any], field: str, batch: int
     want = _dtype_of(space)
     if isinstance(space, gs.Box):
         if not np.can_cast(array.dtype, want, "safe"):
-            raise InvalidRequest.at(field, f"dtype {array.dtype} does not cast to the space's {want} without "
+            raise InvalidRequest.at(field, f"dtype {array.dtype} does not cast to {want} without "
                                     f"rounding; send {want}")
     elif array.dtype.kind not in "biu" or array.dtype == np.uint64:
         raise InvalidRequest.at(field, f"dtype {array.dtype}: a {type(space).__name__} takes bool or integers "
