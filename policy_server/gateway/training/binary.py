@@ -20,7 +20,7 @@ from policy_server.gateway.policy.binary import (
     unknown_tensors,
 )
 from policy_server.gateway.policy.masks import check_mask, forbidden_fields
-from policy_server.gateway.training.experience import CLIENT_ID_PATTERN, to_actions
+from policy_server.gateway.training.experience import CLIENT_ID_PATTERN, next_is_following, to_actions
 from policy_server.policies.served import ServedPolicy
 from policy_server.training.experience import ExperienceBatch
 
@@ -65,9 +65,7 @@ def experience(body: bytes, policy: ServedPolicy, max_rows: int) -> tuple[Experi
              else np.zeros(n, dtype=bool) for name in ("terminated", "truncated")}
     log_probs = (check_tensor(tensors["log_probs"], _REAL, "body.log_probs", n) if "log_probs" in tensors
                  else np.full(n, np.nan, dtype=np.float32))
-    follows = np.zeros(n, dtype=bool)
-    if n > 1:
-        follows[:-1] = (next_obs[:-1] == obs[1:]).reshape(n - 1, -1).all(axis=1)
+    follows = next_is_following(obs, next_obs)
     terminated, truncated = flags["terminated"], flags["truncated"] & ~flags["terminated"]
     actions = _actions(tensors["actions"], policy, n)
     acted_masks = _step_masks(tensors, masks, policy, n, "obs", "action_mask")

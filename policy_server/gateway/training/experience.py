@@ -225,6 +225,15 @@ def _fragment(f: Fragment, where: str, policy: ServedPolicy, errors: list[FieldE
     )
 
 
+def next_is_following(obs: np.ndarray, next_obs: np.ndarray) -> np.ndarray:
+    """Bool ``(N,)``: step ``i``'s next observation is step ``i + 1``'s observation (consecutive steps
+    of one piece of an episode); False for the last step. ``obs``, ``next_obs``: ``(N, ...)``."""
+    follows = np.zeros(len(obs), dtype=bool)
+    if len(obs) > 1:  # numpy cannot reshape 0 rows to (0, -1)
+        follows[:-1] = (next_obs[:-1] == obs[1:]).reshape(len(obs) - 1, -1).all(axis=1)
+    return follows
+
+
 def _steps(steps: list[Step], policy: ServedPolicy, errors: list[FieldError]) -> ExperienceBatch | None:
     named: list[list[bool] | None] = []
     next_named: list[list[bool] | None] = []
@@ -241,10 +250,7 @@ def _steps(steps: list[Step], policy: ServedPolicy, errors: list[FieldError]) ->
         return None
     terminated = np.array([s.terminated for s in steps])
     truncated = np.array([s.truncated and not s.terminated for s in steps])
-    # consecutive steps form one piece when each one's next observation is the following obs
-    follows = np.zeros(len(steps), dtype=bool)
-    if len(steps) > 1:  # numpy cannot reshape 0 rows to (0, -1)
-        follows[:-1] = (next_obs[:-1] == obs[1:]).reshape(len(steps) - 1, -1).all(axis=1)
+    follows = next_is_following(obs, next_obs)
     return ExperienceBatch(
         obs=obs,
         next_obs=next_obs,
